@@ -1,0 +1,116 @@
+"""Shared report pieces: results files written run by run, summaries, markdown, plots."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import defaultdict
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from jtransfer.errors import InputError
+
+
+class ResultsDir:
+  """An experiment's output directory with one JSON record per finished run.
+
+  Records are appended to `results.jsonl` as each run ends (a killed grid keeps them);
+  `results.json` is rewritten from them. An existing directory with results is refused unless
+  `resume` (skip finished runs) or `overwrite` (start afresh) is given.
+  """
+
+  def __init__(self, path: str, *, resume: bool = False, overwrite: bool = False):
+    if resume and overwrite:
+      raise InputError("--resume and --overwrite conflict: choose one")
+    self.path = os.path.abspath(path)
+    self.jsonl = os.path.join(self.path, "results.jsonl")
+    has_results = os.path.exists(self.jsonl) or os.path.exists(
+        os.path.join(self.path, "results.json"))
+    if has_results and not (resume or overwrite):
+      raise InputError(f"output directory {self.path} already holds results; pass --resume to "
+                       "continue it or --overwrite to replace it")
+    if has_results and overwrite:
+      shutil.rmtree(self.path)
+    try:
+      os.makedirs(self.path, exist_ok=True)
+      probe = os.path.join(self.path, ".write-test")
+      with open(probe, "w"):
+        pass
+      os.remove(probe)
+    except OSError as e:
+      raise InputError(f"output directory {self.path} is not writable: {e.strerror}") from None
+    self.records: list[dict[str, Any]] = []
+    if os.path.exists(self.jsonl):
+      with open(self.jsonl) as f:
+        for line in f:
+          line = line.strip()
+          if line:
+            try:
+              self.records.append(json.loads(line))
+            except json.JSONDecodeError:
+              pass  # a line cut by a kill mid-write: that run is simply redone
+
+  def done(self, key_fields: Sequence[str]) -> set[tuple]:
+    return {tuple(r[k] for k in key_fields) for r in self.records}
+
+  def add(self, record: dict[str, Any]) -> None:
+    self.records.append(record)
+    with open(self.jsonl, "a") as f:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+  def write_json(self, name: str, obj: Any) -> str:
+    path = os.path.join(self.path, name)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+  def write_text(self, name: str, text: str) -> str:
+    path = os.path.join(self.path, name)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+  v = np.asarray(list(values), np.float64)
+  return float(v.mean()), float(v.std())
+
+
+def best_over_lr(records: list[dict], group: Sequence[str]) -> dict[tuple, dict]:
+  """Per group: the LR with the best mean test accuracy over repeats (the paper's figure),
+  and the validation-selected figure (per repeat, the LR with the best validation accuracy).
+
+  Returns:
+    group key -> {'best_lr', 'test_mean', 'test_std', 'val_sel_mean', 'val_sel_std', 'n'}.
+  """
+  by_group: dict[tuple, list[dict]] = defaultdict(list)
+  for r in records:
+    if r.get("status", "ok") == "ok":
+      by_group[tuple(r[k] for k in group)].append(r)
+  out = {}
+  for key, rs in by_group.items():
+    by_lr: dict[float, list[float]] = defaultdict(list)
+    by_repeat: dict[int, list[dict]] = defaultdict(list)
+    for r in rs:
+      by_lr[r["lr"]].append(r["test_acc"])
+      by_repeat[r["repeat"]].append(r)
+    best_lr = max(sorted(by_lr), key=lambda lr: np.mean(by_lr[lr]))
+    m, s = mean_std(by_lr[best_lr])
+    # Ties in validation accuracy go to the smaller LR (sorted order, first max).
+    chosen = [max(sorted(rr, key=lambda r: r["lr"]), key=lambda r: r["val_acc"])["test_acc"]
+              for rr in by_repeat.values()]
+    vm, vs = mean_std(chosen)
+    out[key] = dict(best_lr=best_lr, test_mean=m, test_std=s, val_sel_mean=vm, val_sel_std=vs,
+                    n=len(by_lr[best_lr]))
+  return out
+
+
+def pct(mean: float, std: float) -> str:
+  return f"{100 * mean:.1f} ({100 * std:.1f})"

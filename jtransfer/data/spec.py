@@ -1,0 +1,89 @@
+"""Dataset specs as users write them on the command line.
+
+  fmnist[:c1,c2,...]        Fashion-MNIST (IDX files), optional class subset (indices or names)
+  digits[:c1,c2,...]        scikit-learn digits upsampled to the requested size
+  tfds:NAME[:c1,c2,...]     a TFDS catalog dataset through tfds.data_source (no TensorFlow)
+  folder:PATH               an image folder root/<class>/*.jpg (optionally root/train, root/test)
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional
+
+from jtransfer.data.base import Dataset
+from jtransfer.errors import InputError
+
+KINDS = ("fmnist", "digits", "tfds", "folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  kind: str
+  name: str = ""
+  classes: Optional[tuple[str, ...]] = None
+
+  def __str__(self) -> str:
+    parts = [self.kind] + ([self.name] if self.name else [])
+    if self.classes is not None:
+      parts.append(",".join(self.classes))
+    return ":".join(parts)
+
+
+def parse_spec(spec: str, *, flag: str = "dataset") -> DataSpec:
+  """Parses a spec string; raises InputError with the accepted forms when malformed."""
+  forms = "fmnist[:c1,c2,..], digits[:c1,..], tfds:NAME[:c1,..], folder:PATH"
+  if not isinstance(spec, str) or not spec.strip():
+    raise InputError(f"{flag} spec is empty; expected one of {forms}")
+  kind, _, rest = spec.strip().partition(":")
+  if kind not in KINDS:
+    raise InputError(f"{flag} spec {spec!r} has unknown kind {kind!r}; expected one of {forms}")
+  if kind == "folder":
+    if not rest:
+      raise InputError(f"{flag} spec {spec!r} needs a path: folder:/path/to/root")
+    return DataSpec(kind, rest)
+  name = ""
+  if kind == "tfds":
+    name, _, rest = rest.partition(":")
+    if not re.fullmatch(r"[a-z0-9_]+(/[\w.]+)?(:[\d.]+)?", name or "!"):
+      raise InputError(f"{flag} spec {spec!r} needs a TFDS name: tfds:oxford_flowers102")
+  classes = None
+  if rest:
+    classes = tuple(c.strip() for c in rest.split(","))
+    if any(not c for c in classes):
+      raise InputError(f"{flag} spec {spec!r} has an empty class in its list {rest!r}")
+  return DataSpec(kind, name, classes)
+
+
+def load_spec(spec: str | DataSpec, image_shape: tuple[int, int, int], *, flag: str = "dataset",
+              data_dir: Optional[str] = None) -> Dataset:
+  """Loads a spec as uint8 images of `image_shape` (H, W, C), class subset applied."""
+  from jtransfer.data import digits, fewshot, fmnist
+  s = parse_spec(spec, flag=flag) if isinstance(spec, str) else spec
+  h, w, c = image_shape
+  if s.kind == "fmnist":
+    data = fmnist.load_fmnist(data_dir)
+  elif s.kind == "digits":
+    if h != w:
+      raise InputError(f"digits are square; requested image shape {image_shape}")
+    data = digits.load_digits(h)
+  elif s.kind == "tfds":
+    from jtransfer.data import tfds_source
+    data = tfds_source.load_tfds(s.name, image_size=(h, w), channels=c, data_dir=data_dir)
+  else:
+    from jtransfer.data import folder
+    data = folder.load_folder(s.name, image_size=(h, w), channels=c)
+  if s.classes is not None:
+    data = fewshot.subset_classes(data, s.classes)
+  if data.image_shape != (h, w, c):
+    data = _resize(data, (h, w, c))
+  return data
+
+
+def _resize(data: Dataset, shape: tuple[int, int, int]) -> Dataset:
+  from jtransfer.data import images
+  from jtransfer.data.base import ImageSet
+  def conv(s):
+    return ImageSet(images.resize_batch(s.images, shape[:2], channels=shape[2]), s.labels,
+                    s.class_names)
+  return Dataset(data.name, conv(data.train), conv(data.test))

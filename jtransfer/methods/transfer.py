@@ -1,0 +1,257 @@
+"""Transfer a pretrained source to a new task: the source model, strategies, and one run.
+
+A `Strategy` turns (source, number of target classes, learning rate) into a `Setup`: the target
+model, its initial variables, an `Optimizer` (which params train) and a `loss_fn` for the generic
+train step. Method files (cwl, delta, ...) add strategies with `register`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from jtransfer import models, surgery
+from jtransfer.data.preprocess import normalize
+from jtransfer.errors import InputError
+from jtransfer.train import evaluate, optim
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A pretrained model and what it needs from its inputs.
+
+  Attributes:
+    arch: registered architecture name.
+    config: the model config (as `models.model_config`), head sized for the source classes.
+    variables: {'params', maybe 'batch_stats'} as numpy trees.
+    input_shape: (H, W, C) the model was trained at.
+    mean, std: per-channel normalisation in [0, 1] units.
+    meta: everything else saved with it (source spec, accuracy, ...).
+  """
+  arch: str
+  config: dict
+  variables: dict
+  input_shape: tuple[int, int, int]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  meta: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def model(self) -> nn.Module:
+    return models.from_config(self.arch, self.config)
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a strategy trains, built once per (strategy, source, target) and reused across runs.
+
+  The learning rate is not baked in (the optimizer has `injected_lr`), so one compiled train
+  step and one compiled eval forward serve every run of a grid.
+
+  Attributes:
+    model: the target model.
+    init: seed -> (params, batch_stats), source weights loaded, new layers seeded.
+    optimizer: which params train and how; `optimizer.init(params, lr)`.
+    loss_fn: for the generic train step.
+    forward: (params, batch_stats, uint8 images) -> logits, eval mode, jitted.
+  """
+  model: nn.Module
+  init: Callable[[int], tuple[Any, Any]]
+  optimizer: optim.Optimizer
+  loss_fn: Callable
+  forward: Callable
+
+
+def target_model(source: Source, num_classes: int, **overrides) -> nn.Module:
+  """The source architecture with a new `num_classes` head on the conv features.
+
+  As in the CWL paper, the target keeps all conv layers and adds one fully connected layer:
+  hidden dense layers of the source (fc6, fc7) are dropped.
+  """
+  config = dict(source.config, num_classes=num_classes, **overrides)
+  if "dense_widths" in config:
+    config["dense_widths"] = []
+  return models.from_config(source.arch, config)
+
+
+def init_target(source: Source, model: nn.Module, seed: int,
+                dont_load: tuple[str, ...] = ("head/.*",)) -> tuple[Any, Any]:
+  """Fresh variables for `model` with every source param loaded except `dont_load`."""
+  fresh = models.init_model(model, jax.random.PRNGKey(seed), source.input_shape)
+  # Source layers the target does not have (fc6, fc7) are dropped by restrict_to; every target
+  # param must come from the source unless `dont_load` says otherwise.
+  params = surgery.merge_params(
+      fresh["params"], surgery.restrict_to(source.variables["params"], fresh["params"]),
+      dont_load, what="source model")
+  stats = fresh.get("batch_stats", {})
+  if stats:
+    stats = surgery.merge_params(stats, surgery.restrict_to(source.variables["batch_stats"],
+                                                            stats), what="source BN stats")
+  return params, stats
+
+
+def ce_loss_fn(model: nn.Module, mean, std, *, bn_train: bool = False) -> Callable:
+  """Cross-entropy loss_fn for the generic step. BN in eval mode unless `bn_train`."""
+
+  def loss_fn(params, batch_stats, batch, rng):
+    x = normalize(batch["image"], mean, std)
+    logits, new_stats, _ = models.apply_model(model, params, batch_stats, x, train=bn_train,
+                                              rng=rng)
+    ce = evaluate.cross_entropy(logits, batch["label"])
+    return ce, ({"ce": ce}, new_stats if bn_train else batch_stats)
+
+  return loss_fn
+
+
+def eval_forward(model: nn.Module, mean, std) -> Callable:
+  """Jitted eval-mode forward from uint8 images to logits."""
+  @jax.jit
+  def forward(params, batch_stats, images):
+    logits, _, _ = models.apply_model(model, params, batch_stats, normalize(images, mean, std))
+    return logits
+  return forward
+
+
+# ----------------------------------------------------------------------------- strategies
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """A transfer strategy.
+
+  Attributes:
+    name: flag value in `--strategies`.
+    paper_lrs: the learning-rate grid of `--lrs paper`.
+    build: (source, num_classes) -> Setup.
+    head_only: trains only a new head on a frozen backbone with BN in eval mode, so backbone
+      features can be computed once and cached (same accuracies as the full forward).
+    description: one line for reports.
+  """
+  name: str
+  paper_lrs: tuple[float, ...]
+  build: Callable[[Source, int], Setup]
+  head_only: bool = False
+  description: str = ""
+
+
+STRATEGIES: dict[str, Strategy] = {}
+FINETUNE_LRS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3)  # CWL paper, finetuning runs
+FREEZE_LRS = (1e-3, 5e-3, 1e-2, 5e-2)  # CWL paper, freeze runs
+
+
+def register(strategy: Strategy) -> Strategy:
+  """Adds a strategy to `STRATEGIES` (name must be new)."""
+  if strategy.name in STRATEGIES:
+    raise ValueError(f"strategy {strategy.name!r} registered twice")
+  STRATEGIES[strategy.name] = strategy
+  return strategy
+
+
+def get_strategy(name: str) -> Strategy:
+  if name not in STRATEGIES:
+    raise InputError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
+  return STRATEGIES[name]
+
+
+def rule_setup(source: Source, num_classes: int, rules: list[tuple[str, str]],
+               groups: dict, loss_fn: Optional[Callable] = None) -> Setup:
+  """A Setup from optimizer rules over the standard target model (CE loss by default)."""
+  model = target_model(source, num_classes)
+  params, _ = init_target(source, model, 0)
+  optimizer = optim.make_optimizer(params, rules, groups, injected_lr=True)
+  return Setup(model, lambda seed: init_target(source, model, seed), optimizer,
+               loss_fn or ce_loss_fn(model, source.mean, source.std),
+               eval_forward(model, source.mean, source.std))
+
+
+def _build_freeze(source, num_classes):
+  return rule_setup(source, num_classes, [("head/.*", "head"), (".*", optim.FROZEN)],
+                    {"head": optim.adam(1.0)})
+
+
+def _build_finetune(source, num_classes):
+  return rule_setup(source, num_classes, [(".*", "all")], {"all": optim.adam(1.0)})
+
+
+register(Strategy("freeze", FREEZE_LRS, _build_freeze, head_only=True,
+                  description="conv layers frozen (BN running stats), new linear head, Adam"))
+register(Strategy("finetune", FINETUNE_LRS, _build_finetune,
+                  description="all layers trained, BN running stats, new linear head, Adam"))
+
+
+# ----------------------------------------------------------------------------- features
+def extract_features(source: Source, num_classes: int, images: np.ndarray,
+                     batch_size: int = 500) -> np.ndarray:
+  """Input of the target head (the 'features' tap) for uint8 `images`, eval mode."""
+  model = target_model(source, num_classes)
+  params, stats = init_target(source, model, 0)
+
+  @jax.jit
+  def feats(params, stats, x):
+    _, _, taps = models.apply_model(model, params, stats, normalize(x, source.mean, source.std),
+                                    taps=("features",))
+    return taps["features"]
+
+  return evaluate.predict_logits(feats, params, stats, images, batch_size)
+
+
+def head_loss_fn() -> Callable:
+  """CE loss of a linear head (params {'head': {kernel, bias}}) applied to cached features."""
+
+  def loss_fn(params, batch_stats, batch, rng):
+    logits = batch["image"] @ params["head"]["kernel"] + params["head"]["bias"]
+    ce = evaluate.cross_entropy(logits, batch["label"])
+    return ce, ({"ce": ce}, batch_stats)
+
+  return loss_fn
+
+
+def head_forward(params, batch_stats, feats):
+  return feats @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+def validate_source_input(source: Source, image_shape: tuple[int, ...], what: str) -> None:
+  if tuple(image_shape) != tuple(source.input_shape):
+    raise InputError(f"{what} images are {tuple(image_shape)} but the source model takes "
+                     f"{tuple(source.input_shape)}")
+
+
+def lr_grid(strategy: Strategy, lrs: Optional[str]) -> tuple[float, ...]:
+  """`--lrs` value: 'paper' (the strategy's grid) or a comma list of floats."""
+  if lrs in (None, "paper"):
+    return strategy.paper_lrs
+  try:
+    values = tuple(float(v) for v in lrs.split(","))
+  except ValueError:
+    raise InputError(f"--lrs {lrs!r}: expected 'paper' or a comma list of numbers") from None
+  if any(v <= 0 for v in values):
+    raise InputError(f"--lrs {lrs!r}: learning rates must be > 0")
+  return values
+
+
+# ----------------------------------------------------------------------------- persistence
+def save_source(directory: str, source: Source) -> None:
+  """Saves a source model with its config (no pickled classes), atomically."""
+  from jtransfer.train import checkpoint
+  meta = dict(source.meta, arch=source.arch, config=source.config,
+              input_shape=list(source.input_shape), mean=list(source.mean), std=list(source.std))
+  checkpoint.save_model(directory, source.variables, meta)
+
+
+def load_source(directory: str) -> Source:
+  """Loads a source saved by `save_source` (or converted from torchvision weights)."""
+  from jtransfer.train import checkpoint
+  variables, meta = checkpoint.load_model(directory)
+  meta = dict(meta)
+  try:
+    arch, config = meta.pop("arch"), meta.pop("config")
+    shape, mean, std = meta.pop("input_shape"), meta.pop("mean"), meta.pop("std")
+  except KeyError as e:
+    raise InputError(f"model checkpoint {directory} lacks {e} in meta.json") from None
+  source = Source(arch, config, variables, tuple(shape), tuple(mean), tuple(std), meta)
+  model = source.model
+  fresh = jax.eval_shape(lambda: models.init_model(model, jax.random.PRNGKey(0), tuple(shape)))
+  surgery.merge_params(fresh["params"], variables["params"], what=f"checkpoint {directory}")
+  return source

@@ -1,0 +1,85 @@
+"""Building blocks shared by every model: conv units, torch-style padding and pooling, taps.
+
+Naming is the contract the rest of the library relies on:
+  * every convolution lives in a `ConvUnit` submodule with children `conv` (and `bn` when the
+    unit has batch norm), so parameter paths read `<unit>/conv/kernel`, `<unit>/bn/scale`;
+  * CWL, pruning and weight import find conv units by those paths, never by module classes;
+  * each unit sows its raw conv output (before BN and activation) as the tap `<unit>`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torchvision initialises convs with kaiming_normal(mode='fan_out', nonlinearity='relu').
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def tap(module: nn.Module, name: str, value: jax.Array) -> None:
+  """Records `value` as the feature tap `name` (no-op unless 'intermediates' is mutable)."""
+  # Overwrite rather than append, so a module called once gives a single array, not a tuple.
+  module.sow("intermediates", name, value, reduce_fn=lambda _, x: x, init_fn=lambda: None)
+
+
+def torch_padding(kernel: int, padding: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Explicit symmetric padding, as torch applies it (SAME pads asymmetrically at stride 2)."""
+  del kernel
+  return ((padding, padding), (padding, padding))
+
+
+class ConvUnit(nn.Module):
+  """Conv, optional BatchNorm, optional ReLU; taps the raw conv output.
+
+  Attributes:
+    features: output channels.
+    kernel: square kernel size.
+    stride: square stride.
+    padding: symmetric zero padding on each side (torch convention).
+    use_bn: add BatchNorm after the conv (then the conv has no bias, as in torchvision).
+    relu: apply ReLU at the end.
+  """
+  features: int
+  kernel: int = 3
+  stride: int = 1
+  padding: int = 1
+  use_bn: bool = False
+  relu: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    y = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
+                padding=torch_padding(self.kernel, self.padding), use_bias=not self.use_bn,
+                kernel_init=conv_init, name="conv")(x)
+    tap(self, "out", y)
+    if self.use_bn:
+      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(y)
+    return nn.relu(y) if self.relu else y
+
+
+def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
+  """Max pooling with torch's symmetric -inf padding."""
+  return nn.max_pool(x, (kernel, kernel), strides=(stride, stride),
+                     padding=((padding, padding), (padding, padding)))
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: Sequence[int]) -> jax.Array:
+  """torch.nn.AdaptiveAvgPool2d on NHWC: cell i spans [floor(i*H/o), ceil((i+1)*H/o))."""
+  h, w = x.shape[1], x.shape[2]
+  oh, ow = output_size
+  if (h, w) == (oh, ow):
+    return x
+  if h % oh == 0 and w % ow == 0:  # equal cells: one reshape, no gather
+    n, c = x.shape[0], x.shape[3]
+    return x.reshape(n, oh, h // oh, ow, w // ow, c).mean(axis=(2, 4))
+  rows = []
+  for i in range(oh):
+    r0, r1 = (i * h) // oh, -(-((i + 1) * h) // oh)
+    cols = []
+    for j in range(ow):
+      c0, c1 = (j * w) // ow, -(-((j + 1) * w) // ow)
+      cols.append(x[:, r0:r1, c0:c1, :].mean(axis=(1, 2)))
+    rows.append(jnp.stack(cols, axis=1))
+  return jnp.stack(rows, axis=1)

@@ -1,0 +1,78 @@
+"""Models by name, and their configs as plain data (what checkpoints store instead of classes)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+
+from jtransfer.errors import InputError
+from jtransfer.models import alexnet, resnet, vgg
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "vgg_s": vgg.vgg_s,
+    "resnet_s": resnet.resnet_s,
+    "vgg16": vgg.vgg16,
+    "resnet18": resnet.resnet18,
+    "resnet50": resnet.resnet50,
+    "resnet101": resnet.resnet101,
+    "alexnet": alexnet.alexnet,
+}
+
+SMALL_ARCHS = ("vgg_s", "resnet_s")
+
+
+def names() -> tuple[str, ...]:
+  """Registered architecture names."""
+  return tuple(_BUILDERS)
+
+
+def get_model(arch: str, num_classes: int, **overrides) -> nn.Module:
+  """Builds a registered architecture.
+
+  Args:
+    arch: a name from `names()`.
+    num_classes: output units of the `head` layer.
+    **overrides: config fields (widths, pooling, ...) replacing the architecture's defaults.
+
+  Raises:
+    InputError: unknown architecture, or an override the architecture does not have.
+  """
+  if arch not in _BUILDERS:
+    raise InputError(f"unknown arch {arch!r}; expected one of {', '.join(_BUILDERS)}")
+  if num_classes < 1:
+    raise InputError(f"num_classes must be >= 1, got {num_classes}")
+  try:
+    return _BUILDERS[arch](num_classes=num_classes, **_as_tuples(overrides))
+  except TypeError as e:
+    raise InputError(f"arch {arch!r} does not take config {sorted(overrides)}: {e}") from None
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+  """The model's config fields as JSON-able data (tuples become lists)."""
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.name not in ("parent", "name")}
+  return _as_lists(fields)
+
+
+def from_config(arch: str, config: dict[str, Any]) -> nn.Module:
+  """Inverse of `model_config`: rebuilds the module from stored data."""
+  config = dict(config)
+  num_classes = config.pop("num_classes")
+  return get_model(arch, num_classes, **config)
+
+
+def _as_tuples(x):
+  if isinstance(x, dict):
+    return {k: _as_tuples(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return tuple(_as_tuples(v) for v in x)
+  return x
+
+
+def _as_lists(x):
+  if isinstance(x, dict):
+    return {k: _as_lists(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_as_lists(v) for v in x]
+  return x
