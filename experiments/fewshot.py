@@ -146,11 +146,11 @@ class TargetRuns:
     """(Setup, compiled step, head-only optimizer or None) per strategy, built once."""
     if name not in self._setups:
       strategy = transfer.get_strategy(name)
-      setup = strategy.build(self.source, self.num_classes)
+      setup = strategy.build(self.source, self.num_classes, self.args.steps)
       head_only = strategy.head_only and not self.args.no_feature_cache
       if head_only:
         label = setup.optimizer.labels["head"]["kernel"]
-        params, _ = setup.init(0)
+        params, _ = setup.init(0, self.pool.images[:1], self.pool.labels[:1])
         opt = make_optimizer({"head": params["head"]}, [(".*", label)],
                              {label: setup.optimizer.groups[label]}, injected_lr=True)
         step = make_train_step(transfer.head_loss_fn(), opt)
@@ -161,7 +161,7 @@ class TargetRuns:
 
   def run(self, name: str, train_idx, val_idx, lr: float, seed: int) -> dict:
     setup, step, opt, head_only = self.setup(name)
-    params, stats = setup.init(seed)
+    params, stats = setup.init(seed, self.pool.images[train_idx], self.pool.labels[train_idx])
     if head_only:
       pool_f, test_f = self.features()
       params, stats = {"head": params["head"]}, {}

@@ -54,13 +54,16 @@ class Setup:
 
   Attributes:
     model: the target model.
-    init: seed -> (params, batch_stats), source weights loaded, new layers seeded.
+    init: (seed, train_images, train_labels) -> (params, batch_stats): source weights loaded,
+      new layers seeded. The run's training images (uint8) and labels are given for
+      strategies that derive per-run constants from them (e.g. DELTA's attention weights,
+      stored as frozen params so they reach `loss_fn` like any other leaf).
     optimizer: which params train and how; `optimizer.init(params, lr)`.
     loss_fn: for the generic train step.
     forward: (params, batch_stats, uint8 images) -> logits, eval mode, jitted.
   """
   model: nn.Module
-  init: Callable[[int], tuple[Any, Any]]
+  init: Callable[[int, np.ndarray, np.ndarray], tuple[Any, Any]]
   optimizer: optim.Optimizer
   loss_fn: Callable
   forward: Callable
@@ -124,19 +127,29 @@ class Strategy:
   Attributes:
     name: flag value in `--strategies`.
     paper_lrs: the learning-rate grid of `--lrs paper`.
-    build: (source, num_classes) -> Setup.
+    build: (source, num_classes, total_steps) -> Setup; total_steps is the length of every
+      run, for schedules.
     head_only: trains only a new head on a frozen backbone with BN in eval mode, so backbone
       features can be computed once and cached (same accuracies as the full forward).
     description: one line for reports.
   """
   name: str
   paper_lrs: tuple[float, ...]
-  build: Callable[[Source, int], Setup]
+  build: Callable[[Source, int, int], Setup]
   head_only: bool = False
   description: str = ""
 
 
 STRATEGIES: dict[str, Strategy] = {}
+
+
+def _import_methods() -> None:
+  # Each method module registers its strategies when imported; import them all once.
+  import importlib
+  import pkgutil
+  import jtransfer.methods as pkg
+  for info in pkgutil.iter_modules(pkg.__path__):
+    importlib.import_module(f"jtransfer.methods.{info.name}")
 FINETUNE_LRS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3)  # CWL paper, finetuning runs
 FREEZE_LRS = (1e-3, 5e-3, 1e-2, 5e-2)  # CWL paper, freeze runs
 
@@ -150,6 +163,8 @@ def register(strategy: Strategy) -> Strategy:
 
 
 def get_strategy(name: str) -> Strategy:
+  """The registered strategy `name` (method modules register theirs on import)."""
+  _import_methods()
   if name not in STRATEGIES:
     raise InputError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
   return STRATEGIES[name]
@@ -161,17 +176,17 @@ def rule_setup(source: Source, num_classes: int, rules: list[tuple[str, str]],
   model = target_model(source, num_classes)
   params, _ = init_target(source, model, 0)
   optimizer = optim.make_optimizer(params, rules, groups, injected_lr=True)
-  return Setup(model, lambda seed: init_target(source, model, seed), optimizer,
+  return Setup(model, lambda seed, images, labels: init_target(source, model, seed), optimizer,
                loss_fn or ce_loss_fn(model, source.mean, source.std),
                eval_forward(model, source.mean, source.std))
 
 
-def _build_freeze(source, num_classes):
+def _build_freeze(source, num_classes, total_steps):
   return rule_setup(source, num_classes, [("head/.*", "head"), (".*", optim.FROZEN)],
                     {"head": optim.adam(1.0)})
 
 
-def _build_finetune(source, num_classes):
+def _build_finetune(source, num_classes, total_steps):
   return rule_setup(source, num_classes, [(".*", "all")], {"all": optim.adam(1.0)})
 
 

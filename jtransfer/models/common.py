@@ -24,6 +24,22 @@ def tap(module: nn.Module, name: str, value: jax.Array) -> None:
   module.sow("intermediates", name, value, reduce_fn=lambda _, x: x, init_fn=lambda: None)
 
 
+def check_truncation(name, valid: Sequence[str]) -> None:
+  """Raises InputError unless `name` is None or one of the model's truncation points."""
+  if name is not None and name not in valid:
+    from jtransfer.errors import InputError
+    raise InputError(f"truncate_after {name!r} is not a layer of this model; expected one of "
+                     f"{', '.join(valid)}")
+
+
+def truncated_head(module: nn.Module, x: jax.Array) -> jax.Array:
+  """Global average pool of a truncated network's last map, then the `head` Dense layer."""
+  tap(module, "last_conv", x)
+  x = jnp.mean(x, axis=(1, 2))
+  tap(module, "features", x)
+  return nn.Dense(module.num_classes, name="head")(x)
+
+
 def torch_padding(kernel: int, padding: int) -> tuple[tuple[int, int], tuple[int, int]]:
   """Explicit symmetric padding, as torch applies it (SAME pads asymmetrically at stride 2)."""
   del kernel

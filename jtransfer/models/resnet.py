@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtransfer.models.common import ConvUnit, max_pool, tap
+from jtransfer.models.common import ConvUnit, check_truncation, max_pool, tap, truncated_head
 
 
 class BasicBlock(nn.Module):
@@ -71,6 +71,9 @@ class ResNet(nn.Module):
       max pool (torchvision: 64, 7, 2, True).
     inner_widths: optional per-block inner widths, a tuple per stage of a tuple per block
       (basic: (w1,), bottleneck: (w1, w2)); defaults to the stage width.
+    truncate_after: 'stem' or a block name ('stage2/block0'): the network stops after it,
+      global average pools that map and feeds it to the head (base-model selection, App. A.2;
+      blocks are the unit, since cutting inside one would drop its shortcut).
   """
   num_classes: int
   stage_sizes: tuple[int, ...] = (2, 2, 2)
@@ -81,6 +84,12 @@ class ResNet(nn.Module):
   stem_stride: int = 2
   stem_pool: bool = False
   inner_widths: Optional[tuple[tuple[tuple[int, ...], ...], ...]] = None
+  truncate_after: Optional[str] = None
+
+  def unit_names(self) -> list[str]:
+    """Truncation points: the stem and every block."""
+    return ["stem"] + [f"stage{s + 1}/block{b}" for s, size in enumerate(self.stage_sizes)
+                       for b in range(size)]
 
   def block_inner(self, stage: int, index: int) -> tuple[int, ...]:
     if self.inner_widths is not None:
@@ -90,8 +99,11 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    check_truncation(self.truncate_after, self.unit_names())
     x = ConvUnit(self.stem_width, self.stem_kernel, self.stem_stride, self.stem_kernel // 2,
                  use_bn=True, name="stem")(x, train)
+    if self.truncate_after == "stem":
+      return truncated_head(self, x)
     if self.stem_pool:
       x = max_pool(x, 3, 2, 1)
     block_cls = BLOCKS[self.block]
@@ -100,6 +112,8 @@ class ResNet(nn.Module):
         stride = 2 if (b == 0 and s > 0) else 1
         x = block_cls(width, self.block_inner(s, b), stride, name=f"stage{s + 1}/block{b}")(
             x, train)
+        if self.truncate_after == f"stage{s + 1}/block{b}":
+          return truncated_head(self, x)
     tap(self, "last_conv", x)
     x = jnp.mean(x, axis=(1, 2))
     tap(self, "features", x)

@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtransfer.models.common import ConvUnit, adaptive_avg_pool, max_pool, tap
+from jtransfer.models.common import (ConvUnit, adaptive_avg_pool, check_truncation, max_pool,
+                                     tap, truncated_head)
 
 
 class VGG(nn.Module):
@@ -28,6 +29,8 @@ class VGG(nn.Module):
       (global average).
     adaptive_pool: torch's AdaptiveAvgPool2d output size before flattening (VGG-16: 7x7).
     dropout: dropout rate before each hidden Dense layer's successor (torchvision: 0.5).
+    truncate_after: a conv unit name (e.g. 'conv2_1'): the network stops there, global
+      average pools that map and feeds it to the head (base-model selection, App. A.2).
   """
   num_classes: int
   conv_widths: tuple[tuple[int, ...], ...] = ((32, 32), (64, 64), (128, 128))
@@ -35,12 +38,20 @@ class VGG(nn.Module):
   pool: str = "flatten"
   adaptive_pool: Optional[tuple[int, int]] = None
   dropout: float = 0.0
+  truncate_after: Optional[str] = None
+
+  def unit_names(self) -> list[str]:
+    return [f"conv{s}_{i}" for s, stage in enumerate(self.conv_widths, start=1)
+            for i in range(1, len(stage) + 1)]
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    check_truncation(self.truncate_after, self.unit_names())
     for s, stage in enumerate(self.conv_widths, start=1):
       for i, width in enumerate(stage, start=1):
         x = ConvUnit(width, name=f"conv{s}_{i}")(x, train)
+        if self.truncate_after == f"conv{s}_{i}":
+          return truncated_head(self, x)
       x = max_pool(x, 2, 2)
     tap(self, "last_conv", x)
     if self.pool == "avg":
