@@ -124,7 +124,8 @@ def cap_per_class(s: ImageSet, n: int) -> ImageSet:
 class TargetRuns:
   """Everything shared by the runs of one (arch, target): data, cached features, compiled fns."""
 
-  def __init__(self, source: transfer.Source, spec: str, args, data_cache: dict):
+  def __init__(self, source: transfer.Source, spec: str, args, data_cache: dict,
+               setup_cache: dict):
     key = (spec, source.input_shape)
     if key not in data_cache:
       data_cache[key] = load_spec(spec, source.input_shape, flag="--target")
@@ -133,7 +134,8 @@ class TargetRuns:
     self.pool = data.train
     self.test = cap_per_class(data.test, args.test_per_class)
     self.num_classes = data.train.num_classes
-    self._setups: dict[str, tuple] = {}
+    # Setups (and so compiled steps) are shared by every target with the same class count.
+    self._setups = setup_cache.setdefault((id(source), self.num_classes), {})
     self._features = None
 
   def features(self):
@@ -190,8 +192,9 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
   for arch in plan["archs"]:
     source = pretrain.source_for(arch, args.source, epochs=args.source_epochs, seed=args.seed,
                                  progress=not args.quiet)
+    setup_cache: dict = {}
     for spec in plan["targets"]:
-      runs = TargetRuns(source, spec, args, data_cache)
+      runs = TargetRuns(source, spec, args, data_cache, setup_cache)
       for shots in plan["shots"]:
         for repeat in range(args.repeats):
           # One draw per (shots, repeat), shared by all strategies and LRs: paired comparison.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 import time
@@ -21,8 +22,8 @@ from jtransfer import models
 from jtransfer.data import Batches, channel_stats, load_spec, parse_spec
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
-from jtransfer.train import (MetricsWriter, accuracy, fit, init_state, make_optimizer,
-                             make_train_step, predict_logits, schedules, sgd)
+from jtransfer.train import (MetricsWriter, RunCheckpointer, accuracy, fit, init_state,
+                             make_optimizer, make_train_step, predict_logits, schedules, sgd)
 
 DEFAULT_SOURCE = "fmnist:0,2,3,4,6"
 DEFAULT_SHAPE = (28, 28, 1)
@@ -32,15 +33,33 @@ CACHE_ROOT = os.environ.get("JTRANSFER_CACHE", ".cache")
 def pretrain(arch: str, source_spec: str = DEFAULT_SOURCE, *, epochs: float = 2.0,
              batch_size: int = 128, lr: float = 0.05, weight_decay: float = 5e-4, seed: int = 0,
              image_shape=DEFAULT_SHAPE, max_train: int | None = None, progress: bool = True,
-             log_path: str | None = None) -> transfer.Source:
-  """Trains `arch` from scratch on `source_spec` (SGD momentum, cosine lr, BN in train mode)."""
+             log_path: str | None = None, model_config: dict | None = None,
+             checkpoint_dir: str | None = None, checkpoint_every: int = 100
+             ) -> transfer.Source:
+  """Trains `arch` from scratch on `source_spec` (SGD momentum, cosine lr, BN in train mode).
+
+  Args:
+    arch: registered architecture.
+    source_spec: dataset spec (see jtransfer.data.spec).
+    epochs, batch_size, lr, weight_decay, seed: the schedule (cosine decay, 10% warm-up
+      capped at 100 steps).
+    image_shape: (H, W, C) the model is trained at.
+    max_train: cap on training images (a seeded subset), for quick sources.
+    progress: progress bar on stderr.
+    log_path: JSON-lines metrics file.
+    model_config: config overrides (widths...) for `models.get_model`.
+    checkpoint_dir: save the train state there every `checkpoint_every` steps and resume from
+      the latest complete checkpoint; a resumed run ends with the same params as an
+      uninterrupted one.
+    checkpoint_every: steps between checkpoints.
+  """
   data = load_spec(source_spec, tuple(image_shape), flag="--source")
   train = data.train
   if max_train is not None and len(train) > max_train:
     keep = np.random.default_rng(seed).permutation(len(train))[:max_train]
     train = train.take(np.sort(keep))
   mean, std = channel_stats(train.images)
-  model = models.get_model(arch, data.train.num_classes)
+  model = models.get_model(arch, data.train.num_classes, **(model_config or {}))
   variables = models.init_model(model, __import__("jax").random.PRNGKey(seed), image_shape)
   batches = Batches(train.images, train.labels, batch_size, seed)
   num_steps = max(1, int(round(epochs * batches.steps_per_epoch)))
@@ -50,8 +69,13 @@ def pretrain(arch: str, source_spec: str = DEFAULT_SOURCE, *, epochs: float = 2.
   state = init_state(variables["params"], variables.get("batch_stats", {}), optimizer, seed)
   step = make_train_step(transfer.ce_loss_fn(model, mean, std, bn_train=True), optimizer)
   t0 = time.time()
-  state = fit(state, step, batches.at, num_steps, metrics=MetricsWriter(log_path),
-              progress=progress, desc=f"pretrain {arch}")
+  ckpt = RunCheckpointer(checkpoint_dir, checkpoint_every) if checkpoint_dir else None
+  try:
+    state = fit(state, step, batches.at, num_steps, metrics=MetricsWriter(log_path),
+                progress=progress, desc=f"pretrain {arch}", checkpointer=ckpt)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
   forward = transfer.eval_forward(model, mean, std)
   test_acc = accuracy(predict_logits(forward, state.params, state.batch_stats,
                                      data.test.images), data.test.labels)
@@ -101,13 +125,24 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--image-shape", default="28,28,1", help="H,W,C")
   p.add_argument("--max-train", type=int, default=None, help="cap on training images")
+  p.add_argument("--config", default=None,
+                 help='model config overrides as JSON, e.g. \'{"stage_widths": [16, 32, 64]}\'')
+  p.add_argument("--ckpt-dir", default=None, help="checkpoint (and resume) directory")
+  p.add_argument("--ckpt-every", type=int, default=100)
+  p.add_argument("--quiet", action="store_true")
   p.add_argument("--out", required=True, help="directory to save the model in")
   args = p.parse_args(argv)
   try:
-    shape = tuple(int(v) for v in args.image_shape.split(","))
+    try:
+      shape = tuple(int(v) for v in args.image_shape.split(","))
+      config = json.loads(args.config) if args.config else None
+    except ValueError as e:
+      raise InputError(f"--image-shape/--config could not be parsed: {e}") from None
     source = pretrain(args.arch, args.source, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, seed=args.seed, image_shape=shape, max_train=args.max_train,
-                      log_path=os.path.join(args.out + ".metrics.jsonl"))
+                      log_path=args.out + ".metrics.jsonl", model_config=config,
+                      checkpoint_dir=args.ckpt_dir, checkpoint_every=args.ckpt_every,
+                      progress=not args.quiet)
     transfer.save_source(args.out, source)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)

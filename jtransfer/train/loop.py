@@ -37,6 +37,15 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
               mininterval=1.0)
 
 
+def _nonfinite_terms(m: dict) -> list[str]:
+  """Names the culprit: the loss terms that are non-finite, else 'loss', else 'gradient'."""
+  terms = [k for k, v in m.items() if k not in ("loss", "finite", "grads_finite")
+           and not np.all(np.isfinite(np.asarray(v)))]
+  if terms:
+    return terms
+  return ["loss"] if not np.isfinite(float(m["loss"])) else ["gradient"]
+
+
 def fit(state: TrainState, step_fn: Callable, batch_at: Callable[[int], Any], num_steps: int, *,
         checkpointer: Optional[RunCheckpointer] = None, metrics: Optional[MetricsWriter] = None,
         log_every: int = 50, progress: bool = False, desc: str = "train") -> TrainState:
@@ -66,14 +75,10 @@ def fit(state: TrainState, step_fn: Callable, batch_at: Callable[[int], Any], nu
     for step in range(start, num_steps):
       state, m = step_fn(state, batch_at(step))
       if not bool(m["finite"]):
-        bad = [k for k, v in m.items() if k not in ("finite", "grads_finite")
-               and not np.all(np.isfinite(np.asarray(v)))]
-        if not bad and not bool(m["grads_finite"]):
-          bad = ["gradient"]
+        bad = _nonfinite_terms(m)
         if checkpointer is not None:
           checkpointer.maybe_save(step, state, force=True)
-        raise NonFiniteError(step, bad or ["loss"],
-                             f"non-finite {', '.join(bad or ['loss'])} at step {step}; the run "
+        raise NonFiniteError(step, bad, f"non-finite {', '.join(bad)} at step {step}; the run "
                              "stopped and kept the last good state")
       if metrics is not None and ((step + 1) % log_every == 0 or step + 1 == num_steps):
         metrics.write({"step": step + 1, **{k: float(v) for k, v in m.items()

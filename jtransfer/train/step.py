@@ -25,9 +25,15 @@ LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, tuple[dict, Any]]
 
 def init_state(params, batch_stats, optimizer: Optimizer, seed: int,
                lr: float | None = None) -> TrainState:
-  """A fresh TrainState at step 0 (`lr` for optimizers built with `injected_lr`)."""
+  """A fresh TrainState at step 0 (`lr` for optimizers built with `injected_lr`).
+
+  Params and stats are copied into buffers the state owns: the jitted step donates the state,
+  which would otherwise delete arrays the caller still holds (e.g. a shared initialisation).
+  """
+  own = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+  params = own(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=batch_stats if batch_stats is not None else {},
+                    batch_stats=own(batch_stats) if batch_stats is not None else {},
                     opt_state=optimizer.init(params, lr), rng=jax.random.PRNGKey(seed))
 
 

@@ -1,0 +1,13 @@
+"""Checkpoint import: torchvision / timm state dicts into jtransfer variables.
+
+  sd = weights.load_state_dict("resnet50.pth")          # .pth/.pt, .safetensors, .npz
+  variables = weights.import_torchvision("resnet50", sd)  # {'params', 'batch_stats'}
+
+`experiments.convert_weights` turns a checkpoint into a saved `Source` for the experiments.
+"""
+from jtransfer.weights.io import load_state_dict
+from jtransfer.weights.torchvision import (ARCHS, Entry, head_key, import_torchvision, name_map,
+                                           torch_param_count)
+
+__all__ = ["ARCHS", "Entry", "head_key", "import_torchvision", "load_state_dict", "name_map",
+           "torch_param_count"]

@@ -1,0 +1,188 @@
+"""Convert a torchvision / timm checkpoint into a jtransfer source model.
+
+  python -m experiments.convert_weights --arch resnet50 --weights resnet50.pth \
+      --out sources/resnet50-imagenet [--input-shape 224,224,3] [--mean ... --std ...]
+  python -m experiments.fewshot --arch resnet50 --source ckpt:sources/resnet50-imagenet \
+      --target folder:/data/my_images --shots 1,5,10
+
+Reads `.pth`/`.pt` (torch.load with weights_only=True: no arbitrary objects are unpickled),
+`.safetensors` or `.npz`, maps every key to a jtransfer parameter path (see
+`jtransfer.weights.torchvision`), and saves a `Source` (params, BN statistics, model config,
+input shape, normalisation) with `transfer.save_source`. Every key of the checkpoint must be
+used: otherwise the error lists the missing, unused and shape-mismatched keys. The default
+normalisation is ImageNet's (mean 0.485,0.456,0.406, std 0.229,0.224,0.225, in [0, 1] units),
+which torchvision's and most timm ResNet weights expect. The classification layer is kept
+(its class count must match `--num-classes` when given) unless `--drop-head`, which gives
+the source a freshly initialised head instead; few-shot strategies replace the head anyway.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from jtransfer import models, surgery, weights
+from jtransfer.errors import InputError
+from jtransfer.methods import transfer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in text.split(","))
+  except ValueError:
+    raise InputError(f"{flag} {text!r}: expected a comma list of numbers") from None
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+  """'H,W,C' -> (H, W, C); InputError unless three positive integers with C in {1, 3}."""
+  try:
+    shape = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    shape = ()
+  if len(shape) != 3 or min(shape) < 1 or shape[2] not in (1, 3):
+    raise InputError(f"--input-shape {text!r}: expected H,W,C with C 1 or 3, e.g. 224,224,3")
+  return shape
+
+
+def _check_input_shape(model, arch: str, shape: tuple[int, int, int]) -> None:
+  """InputError when `shape` shrinks some feature map of `arch` to nothing."""
+  try:
+    taps = models.available_taps(model, shape)
+    too_small = any(0 in s[1:] for s in taps.values())
+  except InputError:
+    raise
+  except Exception:  # a negative spatial size inside a conv
+    too_small = True
+  if too_small:
+    raise InputError(f"--input-shape {','.join(map(str, shape))} is too small for {arch} (a "
+                     "feature map becomes empty); use at least 64 px (ImageNet weights were "
+                     "trained at 224)")
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def convert(arch: str, weights_path: str, *, input_shape=(224, 224, 3),
+            mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+            num_classes: Optional[int] = None, drop_head: bool = False,
+            config: Optional[dict] = None, seed: int = 0) -> transfer.Source:
+  """Reads a torchvision/timm checkpoint and returns it as a jtransfer `Source`.
+
+  Args:
+    arch: one of `weights.ARCHS`.
+    weights_path: a .pth/.pt, .safetensors or .npz file.
+    input_shape: (H, W, C) the source will take (targets are loaded at this size).
+    mean, std: per-channel normalisation in [0, 1] units, one value per channel.
+    num_classes: head size; default the checkpoint's.
+    drop_head: replace the checkpoint's head by a freshly initialised one (seeded).
+    config: model config overrides (widths) for non-standard checkpoints.
+    seed: initialisation of a dropped head.
+
+  Raises:
+    InputError: bad file, a checkpoint that does not fit `arch`, or bad shape/mean/std.
+  """
+  input_shape = tuple(input_shape)
+  if len(mean) != input_shape[2] or len(std) != input_shape[2]:
+    raise InputError(f"--mean/--std need {input_shape[2]} value(s), one per input channel; got "
+                     f"{len(mean)} and {len(std)}")
+  if min(std) <= 0:
+    raise InputError(f"--std values must be > 0, got {list(std)}")
+  state_dict = weights.load_state_dict(weights_path)
+  imported = weights.import_torchvision(arch, state_dict, num_classes, keep_head=not drop_head,
+                                        config=config, what=f"checkpoint {weights_path}")
+  kernel = imported["params"]["stem" if arch.startswith("resnet") else
+                              ("conv1_1" if arch == "vgg16" else "conv1")]["conv"]["kernel"]
+  if kernel.shape[2] != input_shape[2]:
+    raise InputError(f"checkpoint {weights_path} takes {kernel.shape[2]}-channel inputs but "
+                     f"--input-shape has {input_shape[2]} channel(s)")
+  head_key = weights.head_key(arch, config) + ".weight"
+  ckpt_classes = int(state_dict[head_key].shape[0]) if head_key in state_dict else None
+  classes = num_classes or ckpt_classes or 1000
+  model = models.get_model(arch, classes, **dict(config or {}))
+  _check_input_shape(model, arch, input_shape)
+  if drop_head:  # only then is anything initialised (compiling a big model's init is slow)
+    fresh = models.init_model(model, jax.random.PRNGKey(seed), input_shape)
+    params = surgery.merge_params(fresh["params"], imported["params"], ("head/.*",),
+                                  what=f"checkpoint {weights_path}")
+  else:
+    params = imported["params"]
+  variables = {"params": params}
+  if "batch_stats" in imported:
+    variables["batch_stats"] = imported["batch_stats"]
+  variables = jax.tree.map(np.asarray, variables)
+  meta = dict(weights=os.path.abspath(weights_path), weights_sha256=_sha256(weights_path),
+              checkpoint_classes=ckpt_classes, head="random init" if drop_head else "imported",
+              converted_by="experiments.convert_weights")
+  return transfer.Source(arch, models.model_config(model), variables, input_shape,
+                         tuple(float(m) for m in mean), tuple(float(s) for s in std), meta)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--arch", required=True, choices=weights.ARCHS)
+  p.add_argument("--weights", required=True, help=".pth/.pt, .safetensors or .npz file")
+  p.add_argument("--out", required=True, help="directory for the source model")
+  p.add_argument("--input-shape", default="224,224,3", help="H,W,C the source will take")
+  p.add_argument("--mean", default=",".join(map(str, IMAGENET_MEAN)),
+                 help="per-channel mean in [0, 1] units (default ImageNet)")
+  p.add_argument("--std", default=",".join(map(str, IMAGENET_STD)),
+                 help="per-channel std in [0, 1] units (default ImageNet)")
+  p.add_argument("--num-classes", type=int, default=None,
+                 help="head size (default: the checkpoint's)")
+  p.add_argument("--drop-head", action="store_true",
+                 help="do not import the classification layer; initialise a new one")
+  p.add_argument("--config", default=None,
+                 help="JSON model config overrides for non-standard widths, e.g. "
+                      "'{\"dense_widths\": [1024, 1024]}'")
+  p.add_argument("--seed", type=int, default=0)
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  t0 = time.time()
+  try:
+    config = None
+    if args.config:
+      try:
+        config = json.loads(args.config)
+      except json.JSONDecodeError as e:
+        raise InputError(f"--config {args.config!r} is not valid JSON ({e})") from None
+      if not isinstance(config, dict):
+        raise InputError(f"--config {args.config!r}: expected a JSON object")
+    if args.num_classes is not None and args.num_classes < 1:
+      raise InputError(f"--num-classes must be >= 1, got {args.num_classes}")
+    source = convert(args.arch, args.weights, input_shape=parse_shape(args.input_shape),
+                     mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
+                     num_classes=args.num_classes, drop_head=args.drop_head, config=config,
+                     seed=args.seed)
+    transfer.save_source(args.out, source)
+    transfer.load_source(args.out)  # fails loudly now rather than in the first experiment
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  n = surgery.count(source.variables["params"])
+  print(f"saved {args.arch} ({n:,} params, head {source.meta['head']}, input "
+        f"{','.join(map(str, source.input_shape))}) to {args.out} in {time.time() - t0:.1f} s; "
+        f"use: --arch {args.arch} --source ckpt:{args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,657 @@
+"""DELTA (Li et al., ICLR 2019) and its baselines L2, L2-SP, L2-FE: regularisers and strategies.
+
+Faithful to the authors' PyTorch code (github.com/lixingjian/DELTA, train.py, channel_eval.py):
+  * every strategy but L2 minimises CE + alpha * Omega + beta * 0.5 * ||head||^2, with no
+    weight decay; L2 is plain SGD with weight decay 1e-4 on every parameter;
+  * Omega: L2-SP `0.5 * ||w - w0||^2` over every source-initialised parameter (BN scale and
+    bias included; BN running stats are not parameters; the new head is excluded);
+    DELTA w/o ATT `0.5 * sum_l ||FM_t - FM_s||^2`; DELTA
+    `sum_l 0.5 * sum_{b,c} C * w_c * ||FM_t[b,c] - FM_s[b,c]||^2 / (H*W)` (summed over the
+    batch, not averaged);
+  * FM = the raw conv output (before BN) of the last conv of the last block of each stage;
+    source maps come from the frozen source (running BN stats) under stop_gradient;
+  * attention w (one vector per tapped layer): a linear head trained on frozen source features
+    (L2-FE), then per channel the CE increase when that channel's kernel slice is zeroed,
+    averaged over a few training batches, z-scored (ddof=0), softmax(z / 5);
+  * SGD momentum 0.9; lr decays x0.1 at 67% of training, exponentially (explr, default) or in
+    one step (steplr); the target trains with BN in train mode (batch statistics), as
+    `model.train()` does in the authors' code.
+
+Strategies registered here: 'l2fe', 'l2', 'l2sp', 'delta_noatt', 'delta'. The attention weights
+are per-run constants in params['frozen']['attention'], computed in `Setup.init` from that run's
+training images only, and cached per (source, images, labels). `configure()` (or the
+JTRANSFER_DELTA_ALPHA / _BETA / _SCHEDULE environment variables) overrides the defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtransfer import models, surgery
+from jtransfer.data import Batches
+from jtransfer.data.preprocess import normalize
+from jtransfer.errors import InputError
+from jtransfer.methods import transfer
+from jtransfer.train import evaluate, optim, schedules
+
+FROZEN_KEY = "frozen"  # top-level params key of per-run constants (never trained)
+SCHEDULES = ("exp", "step", "constant")
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Hyper-parameters of the DELTA family (defaults: the paper and the authors' code).
+
+  Attributes:
+    alpha: weight of Omega (0.01; the authors use 0.1 on Stanford Dogs).
+    beta: weight of 0.5 * ||head||^2.
+    weight_decay: the L2 baseline's SGD weight decay.
+    schedule: 'exp' (lr x exp(log 0.1 / D) per epoch), 'step' (x0.1 at D) or 'constant',
+      with D = int(decay_fraction * epochs) + 1 as the authors.
+    decay_fraction: where the lr reaches x0.1 (0.67: 6000 of 9000 iterations).
+    steps_per_epoch: train steps per epoch for the schedules (1: a k-shot set fits a batch).
+    momentum: SGD momentum.
+    bn_train: the target's BN uses batch statistics while training (the authors' code).
+    taps: arch -> tapped conv-unit names, overriding `default_taps`.
+    temperature: softmax temperature of the attention.
+    att_batch_size, att_batches: the attention averages over at most this many batches.
+    att_head_epochs, att_head_min_steps: the L2-FE probe trains this many epochs (SGD lr
+      0.01, momentum 0.9, weight decay 1e-4, x0.1 at 60%), but at least this many steps: on a
+      k-shot set an epoch is one step, and 10 steps leave the head at its random init.
+    att_max_images: channels ablated per vectorised call times batch size stays below this.
+    source_cache_mb: the source maps of a run's training images are computed once and looked
+      up in the loss when they fit in this many MB (0: a live source forward every step).
+  """
+  alpha: float = 0.01
+  beta: float = 0.01
+  weight_decay: float = 1e-4
+  schedule: str = "exp"
+  decay_fraction: float = 0.67
+  steps_per_epoch: int = 1
+  momentum: float = 0.9
+  bn_train: bool = True
+  taps: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  temperature: float = 5.0
+  att_batch_size: int = 32
+  att_batches: int = 4
+  att_head_epochs: int = 10
+  att_head_min_steps: int = 200
+  att_max_images: int = 4096
+  source_cache_mb: float = 256.0
+
+  def validate(self) -> "Config":
+    for name in ("alpha", "beta", "weight_decay"):
+      if not getattr(self, name) >= 0:
+        raise InputError(f"DELTA {name} must be a number >= 0, got {getattr(self, name)!r}")
+    if self.schedule not in SCHEDULES:
+      raise InputError(f"DELTA schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+    if not 0 < self.decay_fraction <= 1:
+      raise InputError(f"DELTA decay_fraction must be in (0, 1], got {self.decay_fraction}")
+    if self.temperature <= 0:
+      raise InputError(f"DELTA temperature must be > 0, got {self.temperature}")
+    for name in ("steps_per_epoch", "att_batch_size", "att_batches", "att_head_epochs",
+                 "att_max_images"):
+      if int(getattr(self, name)) < 1:
+        raise InputError(f"DELTA {name} must be an integer >= 1, got {getattr(self, name)}")
+    return self
+
+
+def _from_env() -> Config:
+  env = {}
+  for field, cast in (("alpha", float), ("beta", float), ("schedule", str)):
+    value = os.environ.get(f"JTRANSFER_DELTA_{field.upper()}")
+    if value is not None:
+      try:
+        env[field] = cast(value)
+      except ValueError:
+        raise InputError(f"JTRANSFER_DELTA_{field.upper()}={value!r} is not a number") from None
+  return Config(**env).validate()
+
+
+_CONFIG = _from_env()
+
+
+def configure(**changes: Any) -> Config:
+  """Changes the module defaults used by the registered strategies; returns the old Config.
+
+  Example: `old = delta.configure(alpha=0.1, schedule='step')`, later `delta.set_config(old)`.
+  Strategies read the config when a Setup is built.
+  """
+  global _CONFIG
+  unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(Config)})
+  if unknown:
+    raise InputError(f"delta.configure: unknown option(s) {unknown}")
+  old, _CONFIG = _CONFIG, dataclasses.replace(_CONFIG, **changes).validate()
+  return old
+
+
+def set_config(config: Config) -> None:
+  """Restores a Config returned by `configure`."""
+  global _CONFIG
+  _CONFIG = config.validate()
+
+
+def get_config() -> Config:
+  return _CONFIG
+
+
+# ----------------------------------------------------------------------------- regularisers
+def l2(params) -> jax.Array:
+  """0.5 * sum of squares of every leaf (SGD weight decay wd is the gradient of wd * this)."""
+  return 0.5 * sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params))
+
+
+def starting_point(source_params, target_params, exclude: Sequence[str] = ("head/.*",)) -> dict:
+  """w0: the source values of every target param the source initialised.
+
+  Params matching `exclude` (the new head) and the per-run constants under 'frozen' are left
+  out; BN running statistics live in 'batch_stats', never in params, so they are excluded by
+  construction. What remains (conv kernels and biases, BN scale and bias) is what L2-SP pulls
+  back to the source.
+  """
+  net = _network(target_params)
+  dropped = set(surgery.select(net, exclude, what="L2-SP exclude"))
+  keep, _ = surgery.split(net, surgery.map_with_path(lambda p, _: p not in dropped, net))
+  return surgery.restrict_to(source_params, keep)
+
+
+def private_subtree(params, w0) -> dict:
+  """The target's own params, those not in the source's starting point w0: the new head."""
+  have = set(surgery.paths(w0))
+  own, _ = surgery.split(_network(params),
+                         surgery.map_with_path(lambda p, _: p not in have, _network(params)))
+  return own
+
+
+def private_l2(params, w0) -> jax.Array:
+  """0.5 * ||w||^2 over the params the source does not have (the paper's Omega'')."""
+  return l2(private_subtree(params, w0))
+
+
+def l2sp(params, w0) -> jax.Array:
+  """L2-SP: 0.5 * sum over the paths of w0 of ||w - w0||^2 (w0 under stop_gradient)."""
+  flat, ref = surgery.flatten(params), surgery.flatten(w0)
+  missing = [p for p in ref if p not in flat]
+  if missing:
+    raise InputError(f"L2-SP starting point has params the target lacks: {missing[:4]}")
+  return 0.5 * sum(jnp.sum(jnp.square(flat[p] - jax.lax.stop_gradient(ref[p]))) for p in ref)
+
+
+def feature_distance(target_maps: Mapping[str, jax.Array], source_maps: Mapping[str, jax.Array]
+                     ) -> jax.Array:
+  """DELTA w/o ATT: 0.5 * sum over layers of ||FM_t - FM_s||^2 (no C, no H*W, batch summed)."""
+  _check_maps(target_maps, source_maps)
+  return sum(0.5 * jnp.sum(jnp.square(target_maps[k] - jax.lax.stop_gradient(source_maps[k])))
+             for k in target_maps)
+
+
+def attention_distance(target_maps: Mapping[str, jax.Array], source_maps: Mapping[str, jax.Array],
+                       weights: Mapping[str, jax.Array]) -> jax.Array:
+  """DELTA: sum_l 0.5 * sum_{b,c} C * w_c * ||FM_t[b,:,:,c] - FM_s[b,:,:,c]||^2 / (H*W).
+
+  Maps are NHWC; `weights[l]` has one entry per channel of layer l (they sum to 1, so C * w_c
+  is 1 on average).
+  """
+  _check_maps(target_maps, source_maps)
+  total = 0.0
+  for k, t in target_maps.items():
+    _, h, w, c = t.shape
+    wk = jax.lax.stop_gradient(jnp.asarray(weights[k]))
+    if wk.shape != (c,):
+      raise InputError(f"attention weights of {k!r} have shape {wk.shape}, expected ({c},)")
+    per_channel = jnp.sum(jnp.square(t - jax.lax.stop_gradient(source_maps[k])), axis=(1, 2))
+    total = total + 0.5 * jnp.sum(c * wk * per_channel / (h * w))
+  return total
+
+
+def _check_maps(target_maps, source_maps) -> None:
+  if set(target_maps) != set(source_maps):
+    raise InputError(f"target taps {sorted(target_maps)} differ from source taps "
+                     f"{sorted(source_maps)}")
+  for k in target_maps:
+    if target_maps[k].shape != source_maps[k].shape:
+      raise InputError(f"tap {k!r}: target {target_maps[k].shape} vs source "
+                       f"{source_maps[k].shape}")
+
+
+def source_maps(model, source_params, source_stats, x: jax.Array, taps: Sequence[str]) -> dict:
+  """Tapped maps of the frozen source (eval mode, running BN stats) under stop_gradient."""
+  _, _, maps = models.apply_model(model, source_params, source_stats, x, taps=tuple(taps))
+  return jax.lax.stop_gradient(maps)
+
+
+def _network(params) -> dict:
+  """params without the per-run constants."""
+  return {k: v for k, v in params.items() if k != FROZEN_KEY}
+
+
+# ----------------------------------------------------------------------------- taps
+def default_taps(arch: str, config: Mapping[str, Any]) -> tuple[str, ...]:
+  """The last conv of the last block of each ResNet stage, or the last conv of each VGG stage.
+
+  ResNet-50: stage{1..4}/block{2,3,5,2}/conv3 (torchvision layer1.2 ... layer4.2 conv3).
+  """
+  if "stage_sizes" in config:
+    last = "conv3" if config.get("block") == "bottleneck" else "conv2"
+    return tuple(f"stage{s}/block{n - 1}/{last}"
+                 for s, n in enumerate(config["stage_sizes"], start=1))
+  if "conv_widths" in config:
+    return tuple(f"conv{s}_{len(ws)}" for s, ws in enumerate(config["conv_widths"], start=1))
+  raise InputError(f"no default DELTA taps for arch {arch!r}; pass taps= (conv unit names)")
+
+
+def resolve_taps(source: transfer.Source, model, config: Config) -> tuple[str, ...]:
+  """Configured or default taps, checked against the conv units the target model has."""
+  taps = tuple(config.taps.get(source.arch) or default_taps(source.arch, source.config))
+  available = models.available_taps(model, source.input_shape)
+  units = set(surgery.conv_units(jax.eval_shape(
+      lambda: models.init_model(model, jax.random.PRNGKey(0), source.input_shape))["params"]))
+  if not config.taps.get(source.arch):
+    taps = tuple(t for t in taps if t in available)  # a truncated model loses later stages
+  bad = [t for t in taps if t not in units]
+  if bad or not taps:
+    raise InputError(f"DELTA taps {list(bad or taps)} are not conv units of this "
+                     f"{source.arch}; expected names from {sorted(units)}")
+  return taps
+
+
+# ----------------------------------------------------------------------------- attention
+def attention_from_losses(increase: np.ndarray, temperature: float = 5.0) -> np.ndarray:
+  """softmax(zscore(increase) / temperature), z-score with ddof=0 (uniform if all equal)."""
+  d = np.asarray(increase, np.float64)
+  std = d.std()
+  z = (d - d.mean()) / std if std > 0 else np.zeros_like(d)
+  e = np.exp(z / temperature - np.max(z / temperature))
+  return (e / e.sum()).astype(np.float32)
+
+
+def _weighted_ce(logits, labels, weights):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  ce = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  return jnp.sum(ce * weights) / jnp.sum(weights)
+
+
+def ablation_fn(model, kernel_path: str) -> Callable:
+  """Jitted `(params, stats, x, labels, weights, masks (M, C)) -> (M,)` CE increases.
+
+  Row m of `masks` multiplies the kernel's output channels (0 = the channel ablated); the M
+  forward passes are one vmapped call, whose part before the ablated layer does not depend on
+  the mask and so runs once.
+  """
+  def ce_of(params, stats, x, labels, weights):
+    logits, _, _ = models.apply_model(model, params, stats, x)
+    return _weighted_ce(logits, labels, weights)
+
+  @jax.jit
+  def fn(params, stats, x, labels, weights, masks):
+    base = ce_of(params, stats, x, labels, weights)
+
+    def ablated(mask):
+      p = surgery.map_with_path(lambda path, v: v * mask if path == kernel_path else v, params)
+      return ce_of(p, stats, x, labels, weights)
+
+    return jax.vmap(ablated)(masks) - base
+
+  return fn
+
+
+def channel_loss_increase(fn: Callable, params, stats, x, labels, weights, channels: int,
+                          max_images: int) -> np.ndarray:
+  """CE increase per ablated channel on one batch, in chunks of equal shape (one compile)."""
+  chunk = int(max(1, min(channels, max_images // max(1, x.shape[0]))))
+  out = []
+  for start in range(0, channels, chunk):
+    idx = np.arange(start, start + chunk)
+    masks = np.ones((chunk, channels), np.float32)
+    valid = idx < channels
+    masks[np.flatnonzero(valid), idx[valid]] = 0.0  # padded rows ablate nothing
+    out.append(np.asarray(fn(params, stats, x, labels, weights, masks))[valid])
+  return np.concatenate(out)
+
+
+def attention_weights(model, params, stats, batches: Sequence[tuple[np.ndarray, np.ndarray,
+                                                                    np.ndarray]],
+                      taps: Sequence[str], *, temperature: float = 5.0, max_images: int = 4096,
+                      fns: Optional[dict] = None) -> dict[str, np.ndarray]:
+  """DELTA's supervised attention per tapped layer.
+
+  Args:
+    model: the target model (source backbone + the L2-FE head in `params`).
+    params, stats: its variables (eval mode, running BN stats).
+    batches: (normalised images, labels, per-image weights) triples; weights are 0 on padding.
+    taps: conv unit names; the kernel `<tap>/conv/kernel` of each is ablated channel by channel.
+    temperature: softmax temperature.
+    max_images: bound on (channels per call) x (batch size).
+    fns: cache of `ablation_fn`s per tap (reuse across calls to compile once).
+
+  Returns:
+    tap -> float32 (C,) weights summing to 1.
+  """
+  fns = {} if fns is None else fns
+  flat = surgery.flatten(params)
+  out = {}
+  for tap in taps:
+    path = f"{tap}/conv/kernel"
+    if path not in flat:
+      raise InputError(f"DELTA tap {tap!r} has no kernel {path!r}")
+    if tap not in fns:
+      fns[tap] = ablation_fn(model, path)
+    channels = flat[path].shape[-1]
+    increase = np.mean([channel_loss_increase(fns[tap], params, stats, x, y, w, channels,
+                                              max_images) for x, y, w in batches], axis=0)
+    out[tap] = attention_from_losses(increase, temperature)
+  return out
+
+
+def _attention_batches(images: np.ndarray, labels: np.ndarray, mean, std, config: Config
+                       ) -> list[tuple]:
+  """At most `att_batches` batches of `att_batch_size` training images (seeded order), each
+  padded to the full batch size with zero-weight copies so one compiled shape serves all."""
+  n = len(labels)
+  bs = min(config.att_batch_size, n)
+  order = np.random.default_rng(0).permutation(n)[:bs * config.att_batches]
+  out = []
+  for start in range(0, len(order), bs):
+    idx = order[start:start + bs]
+    pad = bs - len(idx)
+    weights = np.concatenate([np.ones(len(idx)), np.zeros(pad)]).astype(np.float32)
+    idx = np.concatenate([idx, np.repeat(idx[:1], pad)])
+    out.append((normalize(images[idx], mean, std), labels[idx].astype(np.int32), weights))
+  return out
+
+
+def _probe_step(momentum: float, weight_decay: float):
+  @jax.jit
+  def step(head, velocity, feats, labels, lr):
+    def loss(h):
+      logits = feats @ h["kernel"] + h["bias"]
+      return evaluate.cross_entropy(logits, labels) + weight_decay * l2(h)
+    grads = jax.grad(loss)(head)
+    velocity = jax.tree.map(lambda v, g: momentum * v + g, velocity, grads)
+    return jax.tree.map(lambda p, v: p - lr * v, head, velocity), velocity
+  return step
+
+
+def train_probe(head, feats: np.ndarray, labels: np.ndarray, config: Config, step=None) -> dict:
+  """The L2-FE head of the attention (channel_eval.py's train_classifier): SGD lr 0.01,
+  momentum 0.9, weight decay 1e-4, batch `att_batch_size`, `att_head_epochs` epochs (at least
+  `att_head_min_steps` steps), lr x0.1 at 60% of them, exponentially."""
+  step = step or _probe_step(0.9, 1e-4)
+  batches = Batches(feats, labels.astype(np.int32), config.att_batch_size, seed=0)
+  total = max(config.att_head_epochs * batches.steps_per_epoch, config.att_head_min_steps)
+  head = jax.tree.map(jnp.asarray, head)
+  velocity = jax.tree.map(jnp.zeros_like, head)
+  for t in range(total):
+    b = batches.at(t)
+    lr = 0.01 * 0.1 ** (t / (0.6 * total))
+    head, velocity = step(head, velocity, b["image"], b["label"], jnp.float32(lr))
+  return head
+
+
+_ATTENTION_CACHE: dict[str, dict[str, np.ndarray]] = {}
+_CACHE_SIZE = 256
+
+
+def _digest(*arrays) -> str:
+  h = hashlib.sha1()
+  for a in arrays:
+    a = np.ascontiguousarray(np.asarray(a))
+    h.update(str((a.shape, a.dtype.str)).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def source_fingerprint(source: transfer.Source) -> str:
+  """A content hash of the source's variables (the attention cache key)."""
+  flat = surgery.flatten(source.variables)
+  return _digest(*[np.frombuffer(p.encode(), np.uint8) for p in flat], *flat.values())
+
+
+class AttentionComputer:
+  """Computes (and caches) DELTA's attention for one (source, target model, taps).
+
+  Built once per Setup: the feature extractor, the probe step and the ablation functions are
+  compiled once and reused by every run.
+  """
+
+  def __init__(self, source: transfer.Source, model, taps: Sequence[str], config: Config):
+    self.source, self.model, self.taps, self.config = source, model, tuple(taps), config
+    self.params, self.stats = transfer.init_target(source, model, 0)
+    self.fingerprint = source_fingerprint(source)
+    self._fns: dict = {}
+    self._probe = _probe_step(0.9, 1e-4)
+
+    @jax.jit
+    def features(params, stats, images):
+      _, _, t = models.apply_model(model, params, stats, normalize(images, source.mean,
+                                                                   source.std),
+                                   taps=("features",))
+      return t["features"]
+    self._features = features
+
+  def key(self, images: np.ndarray, labels: np.ndarray) -> str:
+    c = self.config
+    return "|".join([self.fingerprint, _digest(images, labels), str(self.taps),
+                     str(jax.tree.leaves(self.params["head"])[0].shape),
+                     str((c.temperature, c.att_batch_size, c.att_batches, c.att_head_epochs,
+                          c.att_head_min_steps))])
+
+  def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    key = self.key(images, labels)
+    if key not in _ATTENTION_CACHE:
+      feats = evaluate.predict_logits(self._features, self.params, self.stats, images)
+      head = train_probe(self.params["head"], feats, labels, self.config, self._probe)
+      params = dict(self.params, head=head)
+      batches = _attention_batches(images, labels, self.source.mean, self.source.std,
+                                   self.config)
+      weights = attention_weights(self.model, params, self.stats, batches, self.taps,
+                                  temperature=self.config.temperature,
+                                  max_images=self.config.att_max_images, fns=self._fns)
+      if len(_ATTENTION_CACHE) >= _CACHE_SIZE:
+        _ATTENTION_CACHE.pop(next(iter(_ATTENTION_CACHE)))
+      _ATTENTION_CACHE[key] = weights
+    return {k: v.copy() for k, v in _ATTENTION_CACHE[key].items()}
+
+
+# ----------------------------------------------------------------------------- strategies
+KINDS = ("l2", "l2sp", "fm", "att")
+
+
+def lr_schedule(config: Config, total_steps: int) -> optim.Schedule:
+  """The unit-lr schedule (the run's lr multiplies it): x0.1 at `decay_fraction` of training."""
+  epochs = max(1, total_steps // config.steps_per_epoch)
+  decay_epochs = int(config.decay_fraction * epochs) + 1
+  if config.schedule == "exp":
+    return schedules.exponential_per_epoch(1.0, config.steps_per_epoch, decay_epochs)
+  if config.schedule == "step":
+    return schedules.milestones(1.0, [decay_epochs * config.steps_per_epoch])
+  return schedules.constant(1.0)
+
+
+class SourceMaps:
+  """The frozen source's tapped maps, live or looked up from a run's training images.
+
+  The source is frozen, in eval mode, and the pipeline has no augmentation, so the maps of a
+  training image never change: `table` computes them once per run (a per-run constant kept in
+  params['frozen']) and `__call__` gathers them by image instead of running the source
+  forward each step. A batch holding any image not in the table (matched exactly, pixel for
+  pixel) takes the live forward instead, so the numbers are those of the live forward always.
+  """
+
+  def __init__(self, model, source: transfer.Source, params, stats, taps: Sequence[str],
+               budget_mb: float):
+    self.taps, self.budget = tuple(taps), budget_mb * 2 ** 20
+    self.mean, self.std = source.mean, source.std
+    params = jax.tree.map(jnp.asarray, params)
+    stats = jax.tree.map(jnp.asarray, stats)
+    self.live = lambda x: source_maps(model, params, stats, x, self.taps)
+    shapes = jax.eval_shape(self.live, jnp.zeros((1, *source.input_shape)))
+    self.floats_per_image = sum(int(np.prod(v.shape)) for v in shapes.values())
+    self.proj = np.random.default_rng(0).normal(
+        size=(int(np.prod(source.input_shape)), 8)).astype(np.float32)
+    self._maps = jax.jit(lambda images: self.live(normalize(images, self.mean, self.std)))
+
+  def keys(self, images):
+    flat = images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0
+    return flat @ self.proj
+
+  def table(self, images: np.ndarray) -> Optional[dict]:
+    """{'images', 'keys', 'maps'} for `images`, or None when over the memory budget."""
+    if len(images) * self.floats_per_image * 4 > self.budget:
+      return None
+    maps = [self._maps(images[i:i + 256]) for i in range(0, len(images), 256)]
+    return {"images": np.asarray(images), "keys": np.asarray(self.keys(images)),
+            "maps": {t: np.concatenate([np.asarray(m[t]) for m in maps]) for t in self.taps}}
+
+  def __call__(self, table: Optional[dict], images, x) -> dict:
+    if table is None:
+      return self.live(x)
+    d = jnp.sum(jnp.square(self.keys(images)[:, None] - table["keys"][None]), axis=-1)
+    idx = jnp.argmin(d, axis=1)
+    exact = jnp.all(table["images"][idx] == images)
+    return jax.lax.stop_gradient(jax.lax.cond(
+        exact, lambda: {t: table["maps"][t][idx] for t in self.taps}, lambda: self.live(x)))
+
+
+def make_loss_fn(model, source: transfer.Source, kind: str, w0, taps: Sequence[str],
+                 config: Config, source_fn: Optional[SourceMaps] = None) -> Callable:
+  """loss_fn for the generic train step: CE (+ alpha * Omega + beta * 0.5 ||head||^2).
+
+  Args:
+    model: the target model.
+    source: the source (its BN running stats feed the frozen source forward).
+    kind: 'l2' (CE only; weight decay is in the optimizer), 'l2sp', 'fm' (DELTA w/o ATT) or
+      'att' (DELTA; reads params['frozen']['attention']).
+    w0: the starting point (`starting_point`), closed over as constants.
+    taps: conv units whose raw outputs are regularised.
+    config: alpha, beta, bn_train.
+    source_fn: the source maps ('fm', 'att'); built from `source` and `w0` when not given.
+      It reads params['frozen']['source'] (a `SourceMaps.table`) when there is one.
+  """
+  if kind not in KINDS:
+    raise InputError(f"DELTA loss kind {kind!r}: expected one of {', '.join(KINDS)}")
+  w0 = jax.tree.map(jnp.asarray, w0)
+  mean, std, taps = source.mean, source.std, tuple(taps)
+  feature_kind = kind in ("fm", "att")
+  if feature_kind and source_fn is None:
+    source_fn = _source_maps_for(model, source, w0, taps, config)
+
+  def loss_fn(params, batch_stats, batch, rng):
+    net = _network(params)
+    x = normalize(batch["image"], mean, std)
+    logits, new_stats, maps = models.apply_model(
+        model, net, batch_stats, x, train=config.bn_train,
+        taps=taps if feature_kind else None, rng=rng)
+    ce = evaluate.cross_entropy(logits, batch["label"])
+    terms = {"ce": ce}
+    if kind == "l2":
+      return ce, (terms, new_stats)
+    if kind == "l2sp":
+      reg = l2sp(net, w0)
+    else:
+      src = source_fn(params.get(FROZEN_KEY, {}).get("source"), batch["image"], x)
+      reg = (feature_distance(maps, src) if kind == "fm" else
+             attention_distance(maps, src, params[FROZEN_KEY]["attention"]))
+    head = private_l2(net, w0)
+    terms.update(reg=reg, head=head)
+    return ce + config.alpha * reg + config.beta * head, (terms, new_stats)
+
+  return loss_fn
+
+
+def _source_maps_for(model, source: transfer.Source, w0, taps, config: Config) -> SourceMaps:
+  # The source forward runs the full model, so it needs the target's own layers (the head,
+  # at its seed-0 init); their output is unused and compiled away. init_target loads the
+  # source's running BN stats: they are the frozen source's statistics.
+  params, stats = transfer.init_target(source, model, 0)
+  full = surgery.combine(w0, private_subtree(params, w0))
+  return SourceMaps(model, source, full, stats, taps, config.source_cache_mb)
+
+
+def _forward(model, source: transfer.Source) -> Callable:
+  @jax.jit
+  def forward(params, batch_stats, images):
+    logits, _, _ = models.apply_model(model, _network(params), batch_stats,
+                                      normalize(images, source.mean, source.std))
+    return logits
+  return forward
+
+
+def build_setup(source: transfer.Source, num_classes: int, total_steps: int, kind: str,
+                config: Optional[Config] = None) -> transfer.Setup:
+  """A Setup for 'l2', 'l2sp', 'fm' (DELTA w/o ATT) or 'att' (DELTA) with `config`.
+
+  `init(seed, images, labels)` loads the source, seeds the head and, for 'att' and 'fm', puts
+  the run's constants under params['frozen'] (never trained): 'attention' (computed from the
+  run's training images only) and 'source' (their source maps, see `SourceMaps`).
+  """
+  config = (config or _CONFIG).validate()
+  model = transfer.target_model(source, num_classes)
+  params, _ = transfer.init_target(source, model, 0)
+  w0 = starting_point(source.variables["params"], params)
+  taps = resolve_taps(source, model, config) if kind in ("fm", "att") else ()
+  sgd = optim.sgd(lr_schedule(config, total_steps), momentum=config.momentum,
+                  weight_decay=config.weight_decay if kind == "l2" else 0.0)
+  source_fn = _source_maps_for(model, source, w0, taps, config) if taps else None
+  attention = AttentionComputer(source, model, taps, config) if kind == "att" else None
+
+  def init(seed, images, labels):
+    p, stats = transfer.init_target(source, model, seed)
+    frozen = {}
+    if attention is not None:
+      frozen["attention"] = attention(images, labels)
+    table = source_fn.table(images) if source_fn is not None else None
+    if table is not None:
+      frozen["source"] = table
+    return (dict(p, **{FROZEN_KEY: frozen}) if frozen else p), stats
+
+  rules = [(".*", "all")]
+  if taps:
+    # Every path the per-run constants can have, so the 'frozen' rule matches; their shapes
+    # depend on the run and do not matter to the labels.
+    rules.insert(0, (f"{FROZEN_KEY}/.*", optim.FROZEN))
+    frozen = {"source": {"images": np.zeros(0, np.uint8), "keys": np.zeros(0, np.float32),
+                         "maps": {t: np.zeros(0, np.float32) for t in taps}}}
+    if attention is not None:
+      frozen["attention"] = {t: np.zeros(0, np.float32) for t in taps}
+    params = dict(params, **{FROZEN_KEY: frozen})
+  optimizer = optim.make_optimizer(params, rules, {"all": sgd}, injected_lr=True)
+  loss_fn = make_loss_fn(model, source, kind, w0, taps, config, source_fn)
+  return transfer.Setup(model, init, optimizer, loss_fn, _forward(model, source))
+
+
+def build_l2fe(source: transfer.Source, num_classes: int, total_steps: int,
+               config: Optional[Config] = None) -> transfer.Setup:
+  """L2-FE: frozen source features (BN running stats), a linear head trained by SGD with
+  CE + beta * 0.5 * ||head||^2, the beta term as coupled weight decay (the same gradient)."""
+  config = (config or _CONFIG).validate()
+  sgd = optim.sgd(lr_schedule(config, total_steps), momentum=config.momentum,
+                  weight_decay=config.beta)
+  return transfer.rule_setup(source, num_classes, [("head/.*", "head"), (".*", optim.FROZEN)],
+                             {"head": sgd})
+
+
+PAPER_LRS = (0.01,)  # ResNet-101 in the paper and the authors' run.sh
+
+transfer.register(transfer.Strategy(
+    "l2fe", PAPER_LRS, build_l2fe, head_only=True,
+    description="L2-FE: frozen features, linear head, SGD, beta * 0.5 ||head||^2"))
+transfer.register(transfer.Strategy(
+    "l2", PAPER_LRS, lambda s, k, t: build_setup(s, k, t, "l2"),
+    description="L2: all layers, SGD weight decay 1e-4, BN batch stats"))
+transfer.register(transfer.Strategy(
+    "l2sp", PAPER_LRS, lambda s, k, t: build_setup(s, k, t, "l2sp"),
+    description="L2-SP: CE + alpha 0.5||w - w0||^2 + beta 0.5||head||^2, SGD"))
+transfer.register(transfer.Strategy(
+    "delta_noatt", PAPER_LRS, lambda s, k, t: build_setup(s, k, t, "fm"),
+    description="DELTA w/o ATT: CE + alpha 0.5 sum ||FM_t - FM_s||^2 + beta head term, SGD"))
+transfer.register(transfer.Strategy(
+    "delta", PAPER_LRS, lambda s, k, t: build_setup(s, k, t, "att"),
+    description="DELTA: attention-weighted feature-map distance + beta head term, SGD"))

@@ -1,0 +1,25 @@
+"""Shared fixtures. JAX runs on CPU in tests, whatever the machine has."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_source_dir(tmp_path_factory):
+  """Directory factory: a tiny pretrained source per arch (a few seconds each), saved once."""
+  from experiments import pretrain
+  from jtransfer.methods import transfer
+  made = {}
+
+  def get(arch: str = "vgg_s") -> str:
+    if arch not in made:
+      path = str(tmp_path_factory.mktemp(f"src-{arch}") / "model")
+      source = pretrain.pretrain(arch, "fmnist:0,2,3,4,6", epochs=0.02, max_train=256,
+                                 batch_size=64, progress=False)
+      transfer.save_source(path, source)
+      made[arch] = path
+    return made[arch]
+
+  return get

@@ -1,0 +1,96 @@
+"""The main command end to end on tiny settings, its outputs, resume, and its input errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import fewshot
+
+TINY = ["--shots", "1,2", "--repeats", "1", "--steps", "3", "--test-per-class", "5",
+        "--val-per-class", "2", "--lrs", "0.001", "--quiet"]
+
+
+def _run(argv):
+  return fewshot.main(argv)
+
+
+def test_fewshot_smoke_both_archs_outputs(tiny_source_dir, tmp_path, capsys):
+  for arch in ("vgg_s", "resnet_s"):
+    out = tmp_path / arch
+    code = _run(["--arch", arch, "--source", f"ckpt:{tiny_source_dir(arch)}", "--target",
+                 "fmnist:1,5,7", "--target", "digits:0,1,2", "--out", str(out), *TINY])
+    assert code == 0
+    records = json.loads((out / "results.json").read_text())
+    assert len(records) == 2 * 2 * 2  # targets x shots x strategies
+    r = records[0]
+    for field in ("strategy", "arch", "target", "shots", "repeat", "lr", "test_acc", "val_acc"):
+      assert field in r
+    assert all(0 <= r["test_acc"] <= 1 for r in records)
+    report = (out / "report.md").read_text()
+    assert "Best over LR" in report and "Validation-selected" in report
+    assert (out / "accuracy_vs_shots.png").stat().st_size > 1000
+
+
+def test_cached_features_equal_full_forward(tiny_source_dir, tmp_path):
+  src = f"ckpt:{tiny_source_dir('resnet_s')}"
+  base = ["--arch", "resnet_s", "--source", src, "--target", "digits:0,1,2",
+          "--strategies", "freeze", *TINY]
+  assert _run([*base, "--out", str(tmp_path / "fast")]) == 0
+  assert _run([*base, "--out", str(tmp_path / "slow"), "--no-feature-cache"]) == 0
+  fast = json.loads((tmp_path / "fast" / "results.json").read_text())
+  slow = json.loads((tmp_path / "slow" / "results.json").read_text())
+  for a, b in zip(fast, slow):
+    assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1e-9)
+    assert a["val_acc"] == pytest.approx(b["val_acc"], abs=1e-9)
+
+
+def test_existing_results_refused_then_resumed(tiny_source_dir, tmp_path, capsys):
+  argv = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
+          "digits:0,1", "--strategies", "freeze", "--out", str(tmp_path / "o"), *TINY]
+  assert _run(argv) == 0
+  first = json.loads((tmp_path / "o" / "results.json").read_text())
+  assert _run(argv) == 2
+  assert "already holds results" in capsys.readouterr().err
+  assert _run([*argv, "--resume"]) == 0  # nothing left to do: same records
+  assert json.loads((tmp_path / "o" / "results.json").read_text()) == first
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--arch", "resnet7"], "--arch 'resnet7' is unknown"),
+    (["--strategies", "freeze,magic"], "unknown strategy 'magic'"),
+    (["--target", "mnist:1,2"], "--target spec 'mnist:1,2' has unknown kind"),
+    (["--source", "fmnist:1,,2"], "empty class"),
+    (["--shots", "0"], "--shots '0': values must be integers >= 1"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--lrs", "fast"], "expected 'paper' or a comma list"),
+    (["--resume", "--overwrite"], "--resume and --overwrite conflict"),
+])
+def test_bad_flags_give_one_clear_error(extra, message, tmp_path, capsys):
+  argv = ["--arch", "vgg_s", "--target", "digits", "--out", str(tmp_path / "o"), "--quiet",
+          *extra]
+  assert _run(argv) == 2
+  err = capsys.readouterr().err
+  assert message in err and "Traceback" not in err
+
+
+def test_kshot_larger_than_class(tiny_source_dir, tmp_path, capsys):
+  argv = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
+          "digits:0,1", "--shots", "500", "--out", str(tmp_path / "o"), "--quiet"]
+  assert _run(argv) == 2
+  assert "k-shot 500 is larger than class 0" in capsys.readouterr().err
+
+
+def test_missing_data_path(tiny_source_dir, tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("JTRANSFER_FMNIST_DIR", str(tmp_path / "nowhere"))
+  argv = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
+          "fmnist:1,2", "--out", str(tmp_path / "o"), "--quiet"]
+  assert _run(argv) == 2
+  assert "nowhere does not exist" in capsys.readouterr().err
+
+
+def test_source_checkpoint_of_another_arch(tiny_source_dir, tmp_path, capsys):
+  argv = ["--arch", "resnet_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
+          "digits", "--out", str(tmp_path / "o"), "--quiet"]
+  assert _run(argv) == 2
+  assert "holds a vgg_s model, not --arch resnet_s" in capsys.readouterr().err
