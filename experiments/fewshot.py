@@ -61,6 +61,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--val-per-class", type=int, default=10)
   p.add_argument("--test-per-class", type=int, default=300,
                  help="cap on test images per class (0 = all)")
+  p.add_argument("--data-dir", default=None,
+                 help="TFDS data_dir (default $TFDS_DATA_DIR) or the Fashion-MNIST IDX directory")
   p.add_argument("--source-epochs", type=float, default=2.0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no-feature-cache", action="store_true",
@@ -128,7 +130,8 @@ class TargetRuns:
                setup_cache: dict):
     key = (spec, source.input_shape)
     if key not in data_cache:
-      data_cache[key] = load_spec(spec, source.input_shape, flag="--target")
+      data_cache[key] = load_spec(spec, source.input_shape, flag="--target",
+                                  data_dir=args.data_dir)
     data = data_cache[key]
     self.source, self.spec, self.args = source, spec, args
     self.pool = data.train

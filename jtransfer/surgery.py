@@ -150,19 +150,20 @@ def merge_params(init: Tree, loaded: Tree, dont_load: Sequence[str] = (),
   skip = _compile(dont_load, "dont_load")
   init_flat, loaded_flat = _flat_keys(init), _flat_keys(loaded)
   skipped = lambda k: any(rx.fullmatch("/".join(k)) for rx in skip)
+  shape = lambda x: tuple(getattr(x, "shape", np.shape(x)))  # arrays or ShapeDtypeStructs
   missing = [k for k in init_flat if k not in loaded_flat and not skipped(k)]
   unexpected = [k for k in loaded_flat if k not in init_flat and not skipped(k)]
   mismatched = [k for k in init_flat if k in loaded_flat and not skipped(k)
-                and np.shape(init_flat[k]) != np.shape(loaded_flat[k])]
+                and shape(init_flat[k]) != shape(loaded_flat[k])]
   for pattern, rx in zip(dont_load, skip):
     if not any(rx.fullmatch("/".join(k)) for k in list(init_flat) + list(loaded_flat)):
       raise InputError(f"dont_load rule {pattern!r} matches no parameter path")
   if missing or unexpected or mismatched:
     lines = [f"{what} does not fit the model:"]
-    lines += [f"  missing in {what}: {'/'.join(k)} {np.shape(init_flat[k])}" for k in missing]
-    lines += [f"  not in model: {'/'.join(k)} {np.shape(loaded_flat[k])}" for k in unexpected]
-    lines += [f"  shape: {'/'.join(k)} model {np.shape(init_flat[k])} vs {what} "
-              f"{np.shape(loaded_flat[k])}" for k in mismatched]
+    lines += [f"  missing in {what}: {'/'.join(k)} {shape(init_flat[k])}" for k in missing]
+    lines += [f"  not in model: {'/'.join(k)} {shape(loaded_flat[k])}" for k in unexpected]
+    lines += [f"  shape: {'/'.join(k)} model {shape(init_flat[k])} vs {what} "
+              f"{shape(loaded_flat[k])}" for k in mismatched]
     raise InputError("\n".join(lines))
   merged = {k: (v if skipped(k) or k not in loaded_flat else loaded_flat[k])
             for k, v in init_flat.items()}

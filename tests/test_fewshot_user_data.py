@@ -73,11 +73,11 @@ def converted_resnet18(tmp_path_factory):
   src = tmp / "src"
   assert convert_weights.main(["--arch", "resnet18", "--weights", str(tmp / "resnet18.pth"),
                                "--out", str(src), "--input-shape", "32,32,3"]) == 0
-  return src, _image_tree(tmp / "images", 32)
+  return src, _image_tree(tmp / "images", 32), tmp / "resnet18.pth"
 
 
 def _fewshot_on_converted(converted, out, strategy):
-  src, root = converted
+  src, root, _ = converted
   argv = ["--arch", "resnet18", "--source", f"ckpt:{src}", "--target", f"folder:{root}",
           "--strategies", strategy, "--out", str(out), *TINY, "--steps", "1"]
   assert fewshot.main(argv) == 0
@@ -90,6 +90,23 @@ def test_converted_torchvision_resnet18_as_source(converted_resnet18, tmp_path):
   assert source.input_shape == (32, 32, 3) and source.config["num_classes"] == 1000
   assert source.mean == convert_weights.IMAGENET_MEAN and source.meta["head"] == "imported"
   _fewshot_on_converted(converted_resnet18, tmp_path / "out", "freeze")
+
+
+def test_converter_drop_head(converted_resnet18, tmp_path):
+  pth = converted_resnet18[2]
+  assert convert_weights.main(["--arch", "resnet18", "--weights", str(pth), "--out",
+                               str(tmp_path / "src"), "--input-shape", "40,40,3",
+                               "--num-classes", "5", "--drop-head"]) == 0
+  source = transfer.load_source(str(tmp_path / "src"))
+  params = source.variables["params"]
+  assert source.meta["head"] == "random init" and source.meta["checkpoint_classes"] == 1000
+  assert params["head"]["kernel"].shape == (512, 5) and params["head"]["kernel"].std() > 0
+  np.testing.assert_array_equal(params["head"]["bias"], np.zeros(5))
+  sd = torch.load(pth, weights_only=True)
+  np.testing.assert_array_equal(params["stage4/block1"]["conv2"]["conv"]["kernel"],
+                                sd["layer4.1.conv2.weight"].numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(source.variables["batch_stats"]["stem"]["bn"]["mean"],
+                                sd["bn1.running_mean"].numpy())
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ JTRANSFER_DELTA_ALPHA / _BETA / _SCHEDULE environment variables) overrides the d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -278,12 +279,13 @@ def _weighted_ce(logits, labels, weights):
   return jnp.sum(ce * weights) / jnp.sum(weights)
 
 
+@functools.lru_cache(maxsize=64)
 def ablation_fn(model, kernel_path: str) -> Callable:
   """Jitted `(params, stats, x, labels, weights, masks (M, C)) -> (M,)` CE increases.
 
   Row m of `masks` multiplies the kernel's output channels (0 = the channel ablated); the M
   forward passes are one vmapped call, whose part before the ablated layer does not depend on
-  the mask and so runs once.
+  the mask and so runs once. Cached per (model, layer): one compile serves every run.
   """
   def ce_of(params, stats, x, labels, weights):
     logits, _, _ = models.apply_model(model, params, stats, x)
@@ -318,8 +320,8 @@ def channel_loss_increase(fn: Callable, params, stats, x, labels, weights, chann
 
 def attention_weights(model, params, stats, batches: Sequence[tuple[np.ndarray, np.ndarray,
                                                                     np.ndarray]],
-                      taps: Sequence[str], *, temperature: float = 5.0, max_images: int = 4096,
-                      fns: Optional[dict] = None) -> dict[str, np.ndarray]:
+                      taps: Sequence[str], *, temperature: float = 5.0, max_images: int = 4096
+                      ) -> dict[str, np.ndarray]:
   """DELTA's supervised attention per tapped layer.
 
   Args:
@@ -329,22 +331,18 @@ def attention_weights(model, params, stats, batches: Sequence[tuple[np.ndarray, 
     taps: conv unit names; the kernel `<tap>/conv/kernel` of each is ablated channel by channel.
     temperature: softmax temperature.
     max_images: bound on (channels per call) x (batch size).
-    fns: cache of `ablation_fn`s per tap (reuse across calls to compile once).
 
   Returns:
     tap -> float32 (C,) weights summing to 1.
   """
-  fns = {} if fns is None else fns
   flat = surgery.flatten(params)
   out = {}
   for tap in taps:
     path = f"{tap}/conv/kernel"
     if path not in flat:
       raise InputError(f"DELTA tap {tap!r} has no kernel {path!r}")
-    if tap not in fns:
-      fns[tap] = ablation_fn(model, path)
     channels = flat[path].shape[-1]
-    increase = np.mean([channel_loss_increase(fns[tap], params, stats, x, y, w, channels,
+    increase = np.mean([channel_loss_increase(ablation_fn(model, path), params, stats, x, y, w, channels,
                                               max_images) for x, y, w in batches], axis=0)
     out[tap] = attention_from_losses(increase, temperature)
   return out
@@ -367,6 +365,7 @@ def _attention_batches(images: np.ndarray, labels: np.ndarray, mean, std, config
   return out
 
 
+@functools.lru_cache(maxsize=8)
 def _probe_step(momentum: float, weight_decay: float):
   @jax.jit
   def step(head, velocity, feats, labels, lr):
@@ -379,11 +378,11 @@ def _probe_step(momentum: float, weight_decay: float):
   return step
 
 
-def train_probe(head, feats: np.ndarray, labels: np.ndarray, config: Config, step=None) -> dict:
+def train_probe(head, feats: np.ndarray, labels: np.ndarray, config: Config) -> dict:
   """The L2-FE head of the attention (channel_eval.py's train_classifier): SGD lr 0.01,
   momentum 0.9, weight decay 1e-4, batch `att_batch_size`, `att_head_epochs` epochs (at least
   `att_head_min_steps` steps), lr x0.1 at 60% of them, exponentially."""
-  step = step or _probe_step(0.9, 1e-4)
+  step = _probe_step(0.9, 1e-4)
   batches = Batches(feats, labels.astype(np.int32), config.att_batch_size, seed=0)
   total = max(config.att_head_epochs * batches.steps_per_epoch, config.att_head_min_steps)
   head = jax.tree.map(jnp.asarray, head)
@@ -414,6 +413,16 @@ def source_fingerprint(source: transfer.Source) -> str:
   return _digest(*[np.frombuffer(p.encode(), np.uint8) for p in flat], *flat.values())
 
 
+@functools.lru_cache(maxsize=16)
+def _features_fn(model, mean: tuple, std: tuple) -> Callable:
+  @jax.jit
+  def features(params, stats, images):
+    _, _, t = models.apply_model(model, params, stats, normalize(images, mean, std),
+                                 taps=("features",))
+    return t["features"]
+  return features
+
+
 class AttentionComputer:
   """Computes (and caches) DELTA's attention for one (source, target model, taps).
 
@@ -425,16 +434,7 @@ class AttentionComputer:
     self.source, self.model, self.taps, self.config = source, model, tuple(taps), config
     self.params, self.stats = transfer.init_target(source, model, 0)
     self.fingerprint = source_fingerprint(source)
-    self._fns: dict = {}
-    self._probe = _probe_step(0.9, 1e-4)
-
-    @jax.jit
-    def features(params, stats, images):
-      _, _, t = models.apply_model(model, params, stats, normalize(images, source.mean,
-                                                                   source.std),
-                                   taps=("features",))
-      return t["features"]
-    self._features = features
+    self._features = _features_fn(model, tuple(source.mean), tuple(source.std))
 
   def key(self, images: np.ndarray, labels: np.ndarray) -> str:
     c = self.config
@@ -447,13 +447,13 @@ class AttentionComputer:
     key = self.key(images, labels)
     if key not in _ATTENTION_CACHE:
       feats = evaluate.predict_logits(self._features, self.params, self.stats, images)
-      head = train_probe(self.params["head"], feats, labels, self.config, self._probe)
+      head = train_probe(self.params["head"], feats, labels, self.config)
       params = dict(self.params, head=head)
       batches = _attention_batches(images, labels, self.source.mean, self.source.std,
                                    self.config)
       weights = attention_weights(self.model, params, self.stats, batches, self.taps,
                                   temperature=self.config.temperature,
-                                  max_images=self.config.att_max_images, fns=self._fns)
+                                  max_images=self.config.att_max_images)
       if len(_ATTENTION_CACHE) >= _CACHE_SIZE:
         _ATTENTION_CACHE.pop(next(iter(_ATTENTION_CACHE)))
       _ATTENTION_CACHE[key] = weights

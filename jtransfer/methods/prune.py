@@ -236,6 +236,9 @@ def _keep_downsample(groups: Sequence[Group], flat: dict, masks: dict, scores) -
       raise InputError("these masks give stage1/block0 equal input and output widths, so the "
                        "pruned model would have no downsample there; keep one more channel")
     src = in_group if (~masks[in_group.name]).any() else out_group
+    if masks[src.name].all():
+      raise InputError("stage1/block0 has equal input and output widths in the unpruned model "
+                       "yet a downsample; this config cannot be pruned")
     n = int(masks[src.name].sum()) + src.multiple
     masks[src.name] = _round_up(masks[src.name], src.multiple, _group_score(src, flat, scores),
                                 src.name, at_least=n)

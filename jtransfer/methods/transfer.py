@@ -84,13 +84,18 @@ def target_model(source: Source, num_classes: int, **overrides) -> nn.Module:
 def init_target(source: Source, model: nn.Module, seed: int,
                 dont_load: tuple[str, ...] = ("head/.*",)) -> tuple[Any, Any]:
   """Fresh variables for `model` with every source param loaded except `dont_load`."""
-  fresh = models.init_model(model, jax.random.PRNGKey(seed), source.input_shape)
+  abstract = models.abstract_variables(model, tuple(source.input_shape))
+  new_paths = surgery.select(abstract["params"], dont_load, what="dont_load")
+  fresh = models.init_params_subset(model, jax.random.PRNGKey(seed), source.input_shape,
+                                    new_paths)
   # Source layers the target does not have (fc6, fc7) are dropped by restrict_to; every target
   # param must come from the source unless `dont_load` says otherwise.
-  params = surgery.merge_params(
-      fresh["params"], surgery.restrict_to(source.variables["params"], fresh["params"]),
+  loaded = surgery.merge_params(
+      abstract["params"], surgery.restrict_to(source.variables["params"], abstract["params"]),
       dont_load, what="source model")
-  stats = fresh.get("batch_stats", {})
+  fresh_flat = surgery.flatten(fresh)
+  params = surgery.map_with_path(lambda p, v: fresh_flat[p] if p in fresh_flat else v, loaded)
+  stats = abstract.get("batch_stats", {})
   if stats:
     stats = surgery.merge_params(stats, surgery.restrict_to(source.variables["batch_stats"],
                                                             stats), what="source BN stats")

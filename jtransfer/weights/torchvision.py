@@ -273,5 +273,6 @@ def _check_fit(arch, entries, shapes, state_dict, ignored, what) -> None:
             if k not in used and not (k.endswith(".num_batches_tracked")
                                       and k[:-len(".num_batches_tracked")] in bn_prefixes)]
   if missing or unused or mismatched:
-    raise InputError("\n".join([f"{what} does not fit torchvision {arch}:"] + missing + unused
-                               + mismatched))
+    head = (f"{what} does not fit torchvision {arch} ({len(missing)} missing, {len(unused)} "
+            f"unused, {len(mismatched)} mismatched keys):")
+    raise InputError("\n".join([head] + missing + unused + mismatched))

@@ -1,0 +1,360 @@
+"""Table III analogue of the CWL paper: MAC retrieval after transferring on the query images.
+
+  python -m experiments.cwl_retrieval --out results/cwl_retrieval
+
+As in the paper (sec. V-B), each strategy (freeze, freeze_cwl, finetune, finetune_cwl) is
+trained as a classifier on the labelled query images only; the head is then dropped and images
+are described by MAC (global max-pool of the 'last_conv' tap, i.e. the last conv map after
+ReLU, l2-normalised), the database ranked by cosine similarity and scored by mAP. Freeze leaves
+the conv layers as they are, so its row is the original source's MAC (the paper's
+"Original / Freeze"). Per strategy the LR with the best mean mAP is reported (the paper grid
+searches the LR as for classification), with every LR in results.json.
+
+Embedded task (default): database = the target's test images (`--db-per-class` per class),
+queries = `--queries` labelled images per class from the target's train split (disjoint),
+`--repeats` query draws; positives = database images of the query's class (Easy = Medium;
+Hard has none). mAP uses revisitop's trapezoid AP.
+
+Revisited Oxford/Paris (the paper's Table III): pass the ground truth as JSON (convert
+revisitop's pickle once with `jtransfer.methods.retrieval.gnd_pickle_to_json`, or pass the
+.pkl with --allow-pickle) and the image folder:
+
+  python -m experiments.cwl_retrieval --arch resnet50 --source ckpt:PATH \
+      --gnd gnd_roxford5k.json --images roxford5k/jpg --image-size 224,224 --out results/rox
+
+Queries are cropped to their bounding box, labelled by their landmark (name without the
+trailing _NNNNNN), and Easy / Medium / Hard mAP is reported as in Table III. The image size
+must suit the model (small VGGs flatten a fixed-size map; ResNets and VGG-16 take any size).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from experiments import pretrain
+from experiments.report import ResultsDir, mean_std
+from jtransfer import models
+from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
+from jtransfer.data.preprocess import normalize
+from jtransfer.errors import InputError
+from jtransfer.methods import cwl, retrieval, transfer
+from jtransfer.train import fit, init_state, make_train_step
+
+STRATEGIES = ("freeze", "freeze_cwl", "finetune", "finetune_cwl")
+LABELS = {"freeze": "Original / Freeze", "freeze_cwl": "Freeze + CWL", "finetune": "Finetune",
+          "finetune_cwl": "Finetune + CWL", "finetune_lowconv": "Alg. 1 (low-lr conv) + CWL"}
+REDUCED = {"freeze": (1e-2,), "finetune": (1e-4,)}
+KEY = ("strategy", "repeat", "lr")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--arch", default="vgg_s", choices=models.names())
+  p.add_argument("--source", default=pretrain.DEFAULT_SOURCE, help="dataset spec or ckpt:PATH")
+  p.add_argument("--source-epochs", type=float, default=2.0)
+  p.add_argument("--target", default="fmnist:1,5,7,8,9", help="embedded task's dataset")
+  p.add_argument("--queries", type=int, default=5, help="labelled queries per class")
+  p.add_argument("--db-per-class", type=int, default=300, help="database images per class")
+  p.add_argument("--repeats", type=int, default=3, help="query draws (embedded task)")
+  p.add_argument("--strategies", default=",".join(STRATEGIES))
+  p.add_argument("--lrs", default="reduced",
+                 help="'paper' (each strategy's grid), 'reduced' (one per family) or a list")
+  p.add_argument("--steps", type=int, default=100)
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--gnd", default=None, help="revisited ground truth (.json, or .pkl)")
+  p.add_argument("--allow-pickle", action="store_true", help="allow reading a .pkl --gnd")
+  p.add_argument("--images", default=None, help="folder of the --gnd images")
+  p.add_argument("--ext", default=".jpg", help="image file extension for --images")
+  p.add_argument("--image-size", default=None, help="H,W for --images (default: the source's)")
+  p.add_argument("--data-dir", default=None,
+                 help="TFDS data_dir or the Fashion-MNIST IDX directory")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="results/cwl_retrieval")
+  p.add_argument("--resume", action="store_true")
+  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--quiet", action="store_true")
+  return p.parse_args(argv)
+
+
+def validate(args) -> dict:
+  strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+  lrs = {}
+  for s in strategies:
+    strategy = transfer.get_strategy(s)
+    if args.lrs == "reduced":
+      fam = "freeze" if strategy.paper_lrs == transfer.FREEZE_LRS else "finetune"
+      lrs[s] = REDUCED[fam]
+    else:
+      lrs[s] = transfer.lr_grid(strategy, args.lrs)
+    if s == "freeze":
+      lrs[s] = (0.0,)  # conv layers untouched: the source's MAC, nothing to train
+  if not args.source.startswith("ckpt:"):
+    parse_spec(args.source, flag="--source")
+  if args.gnd is None:
+    parse_spec(args.target, flag="--target")
+  elif args.images is None:
+    raise InputError("--gnd needs --images (the folder holding the listed images)")
+  for flag, v in (("--queries", args.queries), ("--repeats", args.repeats),
+                  ("--steps", args.steps), ("--batch-size", args.batch_size),
+                  ("--db-per-class", args.db_per_class)):
+    if v < 1:
+      raise InputError(f"{flag} must be >= 1, got {v}")
+  size = None
+  if args.image_size:
+    try:
+      size = tuple(int(v) for v in args.image_size.split(","))
+    except ValueError:
+      size = ()
+    if len(size) != 2 or min(size) < 1:
+      raise InputError(f"--image-size {args.image_size!r}: expected H,W")
+  return dict(strategies=strategies, lrs=lrs, size=size)
+
+
+# ----------------------------------------------------------------------------- model pieces
+class Trainer:
+  """Per strategy, one Setup and one compiled train step, reused for every LR and draw."""
+
+  def __init__(self, source, num_classes: int, args):
+    self.source, self.num_classes, self.args = source, num_classes, args
+    self._built: dict = {}
+
+  def __call__(self, name: str, images, labels, lr: float):
+    """(model, effective params, stats) after training `name` on the labelled queries."""
+    if name not in self._built:
+      setup = transfer.get_strategy(name).build(self.source, self.num_classes, self.args.steps)
+      self._built[name] = (setup, make_train_step(setup.loss_fn, setup.optimizer))
+    setup, step = self._built[name]
+    params, stats = setup.init(self.args.seed, images, labels)
+    if lr > 0:
+      state = init_state(params, stats, setup.optimizer, self.args.seed, lr)
+      state = fit(state, step, Batches(images, labels, self.args.batch_size, self.args.seed).at,
+                  self.args.steps)
+      params, stats = state.params, state.batch_stats
+    return setup.model, cwl.effective_params(params), stats
+
+
+def mac_fn(model, mean, std):
+  """Jitted uint8 images -> l2-normalised MAC of the 'last_conv' tap (the head is unused)."""
+  @jax.jit
+  def fn(params, stats, images):
+    _, _, taps = models.apply_model(model, params, stats, normalize(images, mean, std),
+                                    taps=("last_conv",))
+    return retrieval.l2_normalize(taps["last_conv"].max(axis=(1, 2)))
+  return fn
+
+
+def describe(fn, params, stats, images: np.ndarray, batch: int = 256) -> np.ndarray:
+  out = []
+  for i in range(0, len(images), batch):
+    chunk = images[i:i + batch]
+    pad = batch - len(chunk) if len(images) > batch else 0
+    if pad:  # one compiled shape for every batch
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+    out.append(np.asarray(fn(params, stats, chunk))[:len(chunk) - pad])
+  return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- tasks
+def embedded_task(data, args, seed: int):
+  """(query images, labels, database images, labels, num_classes) of the embedded task."""
+  db_idx = np.concatenate([np.flatnonzero(data.test.labels == c)[:args.db_per_class]
+                           for c in range(data.test.num_classes)])
+  q_idx, _ = sample_kshot(data.train.labels, args.queries, seed,
+                          num_classes=data.train.num_classes)
+  return (data.train.images[q_idx], data.train.labels[q_idx], data.test.images[db_idx],
+          data.test.labels[db_idx], data.train.num_classes)
+
+
+def landmark(name: str) -> str:
+  """Landmark of a revisited query name: 'all_souls_000013' -> 'all_souls'."""
+  return re.sub(r"_\d+$", "", os.path.splitext(os.path.basename(name))[0])
+
+
+def revisited_task(args, shape):
+  """Queries (bbx-cropped), their landmark labels, database images and the gnd list."""
+  from jtransfer.data import images as imgs
+  from PIL import Image
+  gnd = retrieval.load_gnd(args.gnd, allow_pickle=args.allow_pickle)
+  path = lambda n: os.path.join(args.images, n + args.ext)
+  size, channels = shape[:2], shape[2]
+  db = imgs.decode_images([path(n) for n in gnd["imlist"]], size=size, channels=channels,
+                          mode="resize").images
+  queries = []
+  for name, g in zip(gnd["qimlist"], gnd["gnd"]):
+    try:
+      with Image.open(path(name)) as im:
+        im.load()
+        if g.get("bbx"):
+          im = im.crop(tuple(int(round(v)) for v in g["bbx"][:4]))
+        queries.append(imgs.decode_image(im, size=size, channels=channels, mode="resize"))
+    except OSError as e:
+      raise InputError(f"query image {path(name)!r} cannot be read: {e}") from None
+  names = sorted({landmark(n) for n in gnd["qimlist"]})
+  labels = np.array([names.index(landmark(n)) for n in gnd["qimlist"]], np.int32)
+  return np.stack(queries), labels, db, gnd["gnd"], len(names)
+
+
+def check_image_size(source, size) -> tuple[int, int, int]:
+  """The input shape to use; raises if the target model's params depend on it."""
+  shape = tuple(source.input_shape) if not size else (*size, source.input_shape[2])
+  if shape == tuple(source.input_shape):
+    return shape
+  model = transfer.target_model(source, 2)
+  shapes = lambda s: jax.tree.map(lambda a: a.shape, jax.eval_shape(
+      lambda: models.init_model(model, jax.random.PRNGKey(0), s)))
+  try:
+    fits = shapes(shape) == shapes(tuple(source.input_shape))
+  except Exception as e:  # pylint: disable=broad-except  (Flax raises many types)
+    raise InputError(f"--image-size {shape[:2]} does not fit {source.arch}: {e}") from None
+  if not fits:
+    raise InputError(f"--image-size {shape[:2]}: {source.arch} flattens its last map into the "
+                     f"head, so it needs the source's input size {source.input_shape[:2]}")
+  return shape
+
+
+# ----------------------------------------------------------------------------- main
+def run(args, plan, results: ResultsDir) -> None:
+  done = results.done(KEY)
+  source = pretrain.source_for(args.arch, args.source, epochs=args.source_epochs,
+                               seed=args.seed, progress=not args.quiet)
+  revisited = args.gnd is not None
+  repeats = 1 if revisited else args.repeats
+  if revisited:
+    shape = check_image_size(source, plan["size"])
+    # The shape only changes the maps' size; train and describe at it.
+    source = transfer.Source(source.arch, source.config, source.variables, shape, source.mean,
+                             source.std, source.meta)
+    q_img, q_lab, db_img, gnd, k = revisited_task(args, shape)
+  else:
+    data = load_spec(args.target, source.input_shape, flag="--target",
+                   data_dir=args.data_dir)
+  mac = None
+  for repeat in range(repeats):
+    if not revisited:
+      q_img, q_lab, db_img, db_lab, k = embedded_task(data, args, args.seed + repeat)
+    if mac is None:
+      trainer = Trainer(source, k, args)
+      mac = mac_fn(transfer.target_model(source, k), source.mean, source.std)
+    for name in plan["strategies"]:
+      for lr in plan["lrs"][name]:
+        if (name, repeat, lr) in done:
+          continue
+        t0 = time.time()
+        _, params, stats = trainer(name, q_img, q_lab, lr)
+        q_desc, db_desc = describe(mac, params, stats, q_img), describe(mac, params, stats, db_img)
+        ranks = retrieval.rank_database(q_desc, db_desc)
+        record = dict(strategy=name, repeat=repeat, lr=lr, n_queries=len(q_img),
+                      n_db=len(db_img))
+        if revisited:
+          res = retrieval.evaluate_revisited(ranks, gnd)
+          record.update({s: r.map for s, r in res.items()})
+        else:
+          g = retrieval.labels_to_gnd(q_lab, db_lab)
+          record["map"] = retrieval.compute_map(ranks, retrieval.revisited_setup(g, "easy")).map
+        record["seconds"] = round(time.time() - t0, 2)
+        results.add(record)
+        if not args.quiet:
+          scores = {k_: f"{v:.4f}" for k_, v in record.items() if k_ in ("map", "easy",
+                                                                         "medium", "hard")}
+          print(f"[cwl_retrieval] r={repeat} {name} lr={lr:g} {scores} "
+                f"({record['seconds']:.1f}s)", file=sys.stderr)
+
+
+def summarize(records: list[dict], metrics: Sequence[str]) -> dict:
+  """Per strategy: the LR with the best mean of the first metric; mean/std of each metric."""
+  out = {}
+  for name in dict.fromkeys(r["strategy"] for r in records):
+    rs = [r for r in records if r["strategy"] == name]
+    lrs = sorted({r["lr"] for r in rs})
+    score = lambda lr: np.mean([np.mean([r[m] for m in metrics]) for r in rs if r["lr"] == lr])
+    best = max(lrs, key=score)
+    sel = [r for r in rs if r["lr"] == best]
+    out[name] = dict(best_lr=best, n=len(sel), **{m: mean_std(r[m] for r in sel)
+                                                  for m in metrics})
+  return out
+
+
+def make_report(records: list[dict], args) -> tuple[str, dict]:
+  revisited = args.gnd is not None
+  metrics = list(retrieval.SETUPS) if revisited else ["map"]
+  summary = summarize(records, metrics)
+  order = [s.strip() for s in args.strategies.split(",")]
+  summary = {n: summary[n] for n in sorted(summary, key=lambda n: (
+      order.index(n) if n in order else len(order), n))}
+  lines = ["# CWL retrieval (Table III analogue)", "",
+           f"{args.arch} from `{args.source}`; MAC of 'last_conv' (head removed), cosine "
+           f"ranking, revisitop trapezoid AP; strategies trained on the labelled queries "
+           f"({args.steps} Adam steps, BN eval mode). Best LR per strategy (mean mAP).", ""]
+  if revisited:
+    lines += [f"Ground truth `{args.gnd}`, images `{args.images}`.", "",
+              "| strategy | Easy | Medium | Hard | Mean | LR |", "|---|---|---|---|---|---|"]
+    for name, v in summary.items():
+      mean = np.mean([v[s][0] for s in retrieval.SETUPS])
+      lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(
+          f"{100 * v[s][0]:.2f}" for s in retrieval.SETUPS) + f" | {100 * mean:.2f} | "
+          f"{v['best_lr']:g} |")
+  else:
+    lines += [f"Embedded task: `{args.target}`, database {args.db_per_class}/class of the test "
+              f"split, {args.queries} queries/class from the train split, {args.repeats} "
+              "query draws; mean (std) over draws, in %.", "",
+              "| strategy | mAP | LR |", "|---|---|---|"]
+    for name, v in summary.items():
+      lines.append(f"| {LABELS.get(name, name)} | {100 * v['map'][0]:.2f} "
+                   f"({100 * v['map'][1]:.2f}) | {v['best_lr']:g} |")
+  return "\n".join(lines + [""]), summary
+
+
+def plot(summary: dict, metrics: Sequence[str], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  names = list(summary)
+  fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names) * len(metrics) / 2, 3.4))
+  width = 0.8 / len(metrics)
+  for j, m in enumerate(metrics):
+    ax.bar(np.arange(len(names)) + j * width - 0.4 + width / 2,
+           [100 * summary[n][m][0] for n in names], width,
+           yerr=[100 * summary[n][m][1] for n in names], capsize=3, label=m)
+  ax.set_xticks(range(len(names)), [LABELS.get(n, n) for n in names], rotation=20, ha="right",
+                fontsize=8)
+  ax.set_ylabel("mAP (%)")
+  if len(metrics) > 1:
+    ax.legend(fontsize=8)
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  t0 = time.time()
+  try:
+    plan = validate(args)
+    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
+    run(args, plan, results)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  records = sorted(results.records, key=lambda r: tuple(str(r[k]) for k in KEY))
+  results.write_json("results.json", records)
+  text, summary = make_report(records, args)
+  results.write_text("report.md", text)
+  results.write_json("summary.json", summary)
+  metrics = list(retrieval.SETUPS) if args.gnd else ["map"]
+  plot(summary, metrics, os.path.join(results.path, "map.png"))
+  print(text)
+  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,132 @@
+"""Smoke tests: each CWL experiment module's main() end to end with tiny flags."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import cwl_kronecker, cwl_pruning, cwl_retrieval, cwl_tables
+from jtransfer import models, surgery
+from jtransfer.methods import transfer
+
+
+def _fast_init(model, rng, shape):
+  """models.init_model without its jitted Flax init (~3-8 CPU-s of threefry compile per
+  config); only shapes matter to these smoke tests."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
+  gen = np.random.default_rng(0)
+  fill = lambda p, a: (np.ones(a.shape, np.float32) if p.endswith("var") else
+                       (0.1 * gen.normal(size=a.shape)).astype(np.float32))
+  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+
+
+@pytest.fixture(scope="module")
+def source_dir(tiny_source_dir):
+  """The session's tiny vgg_s source (conftest: pretrain(..., epochs=0.02, max_train=256))."""
+  return tiny_source_dir("vgg_s")
+
+
+@pytest.fixture(autouse=True)
+def fast_init(monkeypatch):
+  monkeypatch.setattr(models, "init_model", _fast_init)
+
+
+def _outputs(out, *names):
+  for n in names:
+    assert os.path.getsize(os.path.join(out, n)) > 0, n
+
+
+def test_tables(source_dir, tmp_path):
+  out = str(tmp_path / "t")
+  argv = ["--arch", "vgg_s", "--source", f"ckpt:{source_dir}", "--target", "digits",
+          "--shots", "1", "--repeats", "2", "--strategies", "freeze,freeze_cwl",
+          "--lrs", "0.01", "--steps", "2", "--test-per-class", "3", "--val-per-class", "1",
+          "--out", out, "--quiet"]
+  assert cwl_tables.main(argv) == 0
+  _outputs(out, "report.md", "results.json", "results.jsonl", "accuracy_vs_shots.png")
+  report = open(os.path.join(out, "report.md")).read()
+  assert "Table I" in report and "Freeze + CWL" in report and "Δ Freeze + CWL" in report
+  assert "Table II" not in report  # neither finetune strategy ran
+  records = json.load(open(os.path.join(out, "results.json")))
+  assert len(records) == 4 and {r["strategy"] for r in records} == {"freeze", "freeze_cwl"}
+  # resume skips finished runs; a second run without --resume refuses the directory
+  assert cwl_tables.main(argv + ["--resume"]) == 0
+  assert len(json.load(open(os.path.join(out, "results.json")))) == 4
+  assert cwl_tables.main(argv) == 2
+
+
+def test_pruning(source_dir, tmp_path):
+  out = str(tmp_path / "p")
+  argv = ["--source", f"ckpt:{source_dir}", "--target", "digits", "--shots", "1",
+          "--steps", "2", "--lr", "0.05", "--taus", "0,0.97", "--ft-epochs", "1",
+          "--latency-runs", "1", "--latency-batches", "2", "--test-per-class", "3",
+          "--out", out, "--quiet"]
+  assert cwl_pruning.main(argv) == 0
+  _outputs(out, "report.md", "results.json", "compression_per_layer.png", "sigma_hist.png")
+  records = json.load(open(os.path.join(out, "results.json")))
+  by_tau = {r["tau"]: r for r in records}
+  assert set(by_tau) == {None, 0.0, 0.97}
+  # tau = 0 prunes nothing: same accuracy as the unpruned model, all params kept
+  assert by_tau[0.0]["params_frac"] == 1.0 and by_tau[0.0]["acc"] == by_tau[None]["acc"]
+  assert by_tau[0.97]["feat_frac"] < 1.0
+  saved = transfer.load_source(os.path.join(out, "models", "tau_0.97"))
+  widths = [w for stage in saved.config["conv_widths"] for w in stage]
+  assert widths == [k for k, _ in by_tau[0.97]["kept"].values()]
+
+
+def test_retrieval_embedded(source_dir, tmp_path):
+  out = str(tmp_path / "r")
+  argv = ["--source", f"ckpt:{source_dir}", "--target", "digits", "--queries", "1",
+          "--db-per-class", "4", "--repeats", "1", "--strategies", "freeze,freeze_cwl",
+          "--steps", "2", "--out", out, "--quiet"]
+  assert cwl_retrieval.main(argv) == 0
+  _outputs(out, "report.md", "results.json", "map.png")
+  records = json.load(open(os.path.join(out, "results.json")))
+  assert {r["strategy"] for r in records} == {"freeze", "freeze_cwl"}
+  assert all(0 < r["map"] <= 1 for r in records)
+
+
+def test_retrieval_revisited_path(source_dir, tmp_path):
+  # A fake revisited dataset: 6 database images, 2 queries of 2 landmarks, with bbx crops.
+  folder = tmp_path / "jpg"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  names = [f"img_{i}" for i in range(6)] + ["tower_000001", "bridge_000002"]
+  for n in names:
+    Image.fromarray(rng.integers(0, 255, (40, 36), dtype=np.uint8)).save(folder / f"{n}.png")
+  gnd = {"imlist": names[:6], "qimlist": names[6:],
+         "gnd": [{"easy": [0, 1], "hard": [2], "junk": [3], "bbx": [2, 3, 30, 33]},
+                 {"easy": [4], "hard": [5], "junk": [], "bbx": None}]}
+  gnd_path = tmp_path / "gnd.json"
+  gnd_path.write_text(json.dumps(gnd))
+  out = str(tmp_path / "rv")
+  argv = ["--source", f"ckpt:{source_dir}", "--gnd", str(gnd_path), "--images", str(folder),
+          "--ext", ".png", "--strategies", "freeze,freeze_cwl", "--steps", "1",
+          "--out", out, "--quiet"]
+  assert cwl_retrieval.main(argv) == 0
+  report = open(os.path.join(out, "report.md")).read()
+  assert "| Easy | Medium | Hard | Mean |" in report
+  records = json.load(open(os.path.join(out, "results.json")))
+  assert all(0 < r[s] <= 1 for r in records for s in ("easy", "medium", "hard"))
+  # a flatten head cannot take another input size
+  assert cwl_retrieval.main(argv[:-3] + ["--image-size", "32,32", "--out", out + "2"]) == 2
+
+
+def test_kronecker(source_dir, tmp_path):
+  out = str(tmp_path / "k")
+  assert cwl_kronecker.main(["--source", f"ckpt:{source_dir}", "--layers", "2", "--out", out,
+                             "--quiet"]) == 0
+  _outputs(out, "report.md", "results.json", "filter_gram.png", "kron_error.png")
+  layers = json.load(open(os.path.join(out, "results.json")))["layers"]
+  assert list(layers)[:2] == ["conv1_1", "conv1_2"]
+  assert all(r["relative_error"][-1] < 1e-6 for r in layers.values())  # full rank is exact
+
+
+def test_bad_flags(tmp_path):
+  assert cwl_pruning.main(["--taus", "-1", "--out", str(tmp_path / "a")]) == 2
+  assert cwl_tables.main(["--strategies", "nope", "--out", str(tmp_path / "b")]) == 2
+  assert cwl_retrieval.main(["--gnd", "x.json", "--out", str(tmp_path / "c")]) == 2
+  assert cwl_kronecker.main(["--ranks", "a", "--out", str(tmp_path / "d")]) == 2
