@@ -331,7 +331,10 @@ def curve_lines(curves: dict) -> list[str]:
            f"{c['arch']} -> {c['target']}, k={c['shots']}, {c['steps']} iterations, lr "
            f"{c['lr']:g}.", "", "| schedule | strategy | final train CE | final test acc (%) |",
            "|---|---|---|---|"]
-  for key, cv in curves["curves"].items():
+  for key in (f"{s}|{n}" for s in c["schedules"] for n in CURVE_STRATEGIES):
+    cv = curves["curves"].get(key)
+    if cv is None:
+      continue
     schedule, name = key.split("|")
     ce = f"{cv['ce'][-1]:.4f}" if cv["ce"] else "-"
     acc = f"{100 * cv['test_acc'][-1]:.1f}" if cv["test_acc"] else "-"

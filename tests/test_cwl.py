@@ -108,13 +108,6 @@ def _random_variables(model, seed=1, shape=SHAPE):
   return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
 
 
-@pytest.fixture
-def fast_init(monkeypatch):
-  """models.init_model without the slow compile (for strategy setups)."""
-  monkeypatch.setattr(models, "init_model", lambda model, rng, shape: _random_variables(
-      model, int(np.asarray(jax.random.key_data(rng)).ravel()[-1]), tuple(shape)))
-
-
 def _ce(logits):
   labels = jnp.array([0, 1, 3])
   return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
@@ -274,7 +267,7 @@ def _one_step(name, arch, lr):
   return setup, before, after
 
 
-def test_freeze_cwl_trains_only_scales_and_head(fast_init):
+def test_freeze_cwl_trains_only_scales_and_head():
   setup, before, after = _one_step("freeze_cwl", "resnet_s", 1e-2)
   assert "cwl/stem" in before and "cwl/stage1/block0/conv1" in before
   for path in before:
@@ -288,7 +281,7 @@ def test_freeze_cwl_trains_only_scales_and_head(fast_init):
   assert not np.allclose(base, setup.forward(params, setup.init(0)[1], x))
 
 
-def test_finetune_cwl_trains_everything(fast_init):
+def test_finetune_cwl_trains_everything():
   setup = transfer.get_strategy("finetune_cwl").build(_source("vgg_s"), 4, 1)
   trainable = surgery.flatten(setup.optimizer.trainable)
   assert "cwl/conv1_1" in trainable and "conv1_1/conv/kernel" in trainable
@@ -296,7 +289,7 @@ def test_finetune_cwl_trains_everything(fast_init):
   assert all(trainable.values())
 
 
-def test_lowconv_lr_multiplier(fast_init):
+def test_lowconv_lr_multiplier():
   lr = 1e-2
   _, before, after = _one_step("finetune_lowconv", "vgg_s", lr)
   # Adam's first step moves each weight with a nonzero gradient by lr * mult (up to eps).

@@ -2,25 +2,12 @@
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from experiments import cwl_kronecker, cwl_pruning, cwl_retrieval, cwl_tables
-from jtransfer import models, surgery
 from jtransfer.methods import transfer
-
-
-def _fast_init(model, rng, shape):
-  """models.init_model without its jitted Flax init (~3-8 CPU-s of threefry compile per
-  config); only shapes matter to these smoke tests."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
-  gen = np.random.default_rng(0)
-  fill = lambda p, a: (np.ones(a.shape, np.float32) if p.endswith("var") else
-                       (0.1 * gen.normal(size=a.shape)).astype(np.float32))
-  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +16,12 @@ def source_dir(tiny_source_dir):
   return tiny_source_dir("vgg_s")
 
 
-@pytest.fixture(autouse=True)
-def fast_init(monkeypatch):
-  monkeypatch.setattr(models, "init_model", _fast_init)
-
-
 def _outputs(out, *names):
   for n in names:
     assert os.path.getsize(os.path.join(out, n)) > 0, n
 
 
+@pytest.mark.slow
 def test_tables(source_dir, tmp_path):
   out = str(tmp_path / "t")
   argv = ["--arch", "vgg_s", "--source", f"ckpt:{source_dir}", "--target", "digits",
@@ -61,17 +44,16 @@ def test_tables(source_dir, tmp_path):
 def test_pruning(source_dir, tmp_path):
   out = str(tmp_path / "p")
   argv = ["--source", f"ckpt:{source_dir}", "--target", "digits", "--shots", "1",
-          "--steps", "2", "--lr", "0.05", "--taus", "0,0.97", "--ft-epochs", "1",
+          "--steps", "2", "--lr", "0.05", "--taus", "0.97", "--ft-epochs", "1",
           "--latency-runs", "1", "--latency-batches", "2", "--test-per-class", "3",
           "--out", out, "--quiet"]
   assert cwl_pruning.main(argv) == 0
   _outputs(out, "report.md", "results.json", "compression_per_layer.png", "sigma_hist.png")
   records = json.load(open(os.path.join(out, "results.json")))
   by_tau = {r["tau"]: r for r in records}
-  assert set(by_tau) == {None, 0.0, 0.97}
-  # tau = 0 prunes nothing: same accuracy as the unpruned model, all params kept
-  assert by_tau[0.0]["params_frac"] == 1.0 and by_tau[0.0]["acc"] == by_tau[None]["acc"]
-  assert by_tau[0.97]["feat_frac"] < 1.0
+  assert set(by_tau) == {None, 0.97}
+  assert by_tau[0.97]["feat_frac"] < 1.0 and by_tau[0.97]["params_frac"] < 1.0
+  assert set(by_tau[0.97]["ft"]) == {"1"}
   saved = transfer.load_source(os.path.join(out, "models", "tau_0.97"))
   widths = [w for stage in saved.config["conv_widths"] for w in stage]
   assert widths == [k for k, _ in by_tau[0.97]["kept"].values()]
@@ -89,6 +71,7 @@ def test_retrieval_embedded(source_dir, tmp_path):
   assert all(0 < r["map"] <= 1 for r in records)
 
 
+@pytest.mark.slow
 def test_retrieval_revisited_path(source_dir, tmp_path):
   # A fake revisited dataset: 6 database images, 2 queries of 2 landmarks, with bbx crops.
   folder = tmp_path / "jpg"
@@ -130,3 +113,43 @@ def test_bad_flags(tmp_path):
   assert cwl_tables.main(["--strategies", "nope", "--out", str(tmp_path / "b")]) == 2
   assert cwl_retrieval.main(["--gnd", "x.json", "--out", str(tmp_path / "c")]) == 2
   assert cwl_kronecker.main(["--ranks", "a", "--out", str(tmp_path / "d")]) == 2
+
+
+def _records():
+  """Synthetic grid: freeze / freeze_cwl, 2 LRs, 2 repeats, k=1; accuracies chosen by hand."""
+  acc = {("freeze", 0.01): (0.50, 0.60), ("freeze", 0.05): (0.40, 0.40),
+         ("freeze_cwl", 0.01): (0.55, 0.50), ("freeze_cwl", 0.05): (0.70, 0.80)}
+  out = []
+  for (s, lr), accs in acc.items():
+    for rep, a in enumerate(accs):
+      out.append(dict(strategy=s, arch="vgg_s", target="digits", shots=1, repeat=rep, lr=lr,
+                      test_acc=a, val_acc=a if lr == 0.01 else 0.0, status="ok"))
+  return out
+
+
+def test_tables_report_by_hand():
+  args = cwl_tables.parse_args(["--strategies", "freeze,freeze_cwl", "--repeats", "2"])
+  plan = dict(archs=["vgg_s"], targets=["digits"], shots=[1],
+              strategies=["freeze", "freeze_cwl"], lrs={"freeze": (0.01, 0.05),
+                                                        "freeze_cwl": (0.01, 0.05)})
+  text, summary = cwl_tables.make_report(_records(), plan, args)
+  best, val = text.split("## Validation")
+  # best over LR: freeze at 0.01 -> 0.55 (0.05); freeze_cwl at 0.05 -> 0.75 (0.05)
+  assert "| Freeze | 0.550 (0.050) |" in best
+  assert "| Freeze + CWL | 0.750 (0.050) |" in best
+  # paired: (0.70 - 0.50, 0.80 - 0.60) = +0.20 (0.00), CWL wins both repeats
+  assert "+0.200 (0.000) 2/2" in best
+  # validation picks lr 0.01 for both (val acc 0 at 0.05): freeze_cwl 0.525 (0.025)
+  assert "| Freeze + CWL | 0.525 (0.025) |" in val
+  assert "Table II" not in text
+  assert summary["vgg_s|digits|freeze_cwl|1"]["best_lr"] == 0.05
+
+
+def test_retrieval_helpers():
+  assert cwl_retrieval.landmark("all_souls_000013") == "all_souls"
+  assert cwl_retrieval.landmark("jpg/defense_000041.jpg") == "defense"
+  recs = [dict(strategy="a", lr=1.0, map=0.2), dict(strategy="a", lr=1.0, map=0.4),
+          dict(strategy="a", lr=2.0, map=0.1), dict(strategy="b", lr=0.0, map=0.5)]
+  s = cwl_retrieval.summarize(recs, ["map"])
+  assert s["a"]["best_lr"] == 1.0 and s["a"]["map"] == pytest.approx((0.3, 0.1))
+  assert s["b"]["map"] == pytest.approx((0.5, 0.0))

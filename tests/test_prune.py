@@ -141,8 +141,9 @@ def test_param_count_by_hand_vgg():
   keep = {"conv1_1": np.arange(32) >= 5, "conv3_2": np.arange(128) % 2 == 0}
   new, _, cfg = prune.prune_channels(params, {}, models.model_config(model), keep)
   a, b = 27, 64  # conv1_1 keeps 27 of 32, conv3_2 keeps 64 of 128
+  # head: 16 px -> 2x2 last map, so P=4 flatten rows per kept channel, 4 classes
   want = (9 * 1 * a + a) + (9 * a * 32 + 32) + (9 * 32 * 64 + 64) + (9 * 64 * 64 + 64) \
-      + (9 * 64 * 128 + 128) + (9 * 128 * b + b) + (4 * b * 4 + 4)  # 16 px -> 2x2 map: P=4 rows per channel
+      + (9 * 64 * 128 + 128) + (9 * 128 * b + b) + (4 * b * 4 + 4)
   assert surgery.count(new) == want
   assert cfg["conv_widths"] == [[a, 32], [64, 64], [128, b]]
   # flatten rows: channel c at position p is row p*C + c

@@ -1,0 +1,86 @@
+"""Crash-safety of experiment grids: NaN runs marked failed, kill/resume, determinism, outputs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import pytest
+
+from experiments import fewshot
+from jtransfer.methods import transfer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--shots", "1,2", "--repeats", "2", "--steps", "3", "--test-per-class", "5",
+        "--val-per-class", "2", "--lrs", "0.001", "--quiet", "--target", "digits:0,1,2"]
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  argv = ["--arch", "vgg_s", "--out", str(blocker / "sub"), "--quiet"]
+  assert fewshot.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "is not writable" in err and "Traceback" not in err
+
+
+def test_nan_run_is_marked_failed_and_grid_continues(tiny_source_dir, tmp_path):
+  def build(source, num_classes, total_steps):
+    setup = transfer.rule_setup(source, num_classes, [(".*", "all")],
+                                {"all": transfer.optim.adam(1.0)})
+    base = setup.loss_fn
+
+    def poisoned(params, stats, batch, rng):
+      loss, (terms, st) = base(params, stats, batch, rng)
+      reg = jnp.where(batch["label"].shape[0] > 3, jnp.nan, 0.0)  # NaN for k=2 (6 images)
+      return loss + reg, ({**terms, "reg": reg}, st)
+
+    setup.loss_fn = poisoned
+    return setup
+
+  transfer.register(transfer.Strategy("test_nan", (1e-3,), build))
+  try:
+    out = tmp_path / "o"
+    assert fewshot.main(["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}",
+                         "--strategies", "test_nan,freeze", "--out", str(out), *TINY]) == 0
+  finally:
+    del transfer.STRATEGIES["test_nan"]
+  records = json.loads((out / "results.json").read_text())
+  failed = [r for r in records if r["status"] == "failed"]
+  assert failed and all(r["shots"] == 2 and r["strategy"] == "test_nan" for r in failed)
+  assert "non-finite reg at step 0" in failed[0]["error"]
+  assert sum(r["status"] == "ok" for r in records) == len(records) - len(failed)
+  assert "run(s) failed" in (out / "report.md").read_text()
+
+
+def test_same_seed_gives_identical_results_json(tiny_source_dir, tmp_path):
+  argv = ["--arch", "resnet_s", "--source", f"ckpt:{tiny_source_dir('resnet_s')}", *TINY]
+  assert fewshot.main([*argv, "--out", str(tmp_path / "a")]) == 0
+  assert fewshot.main([*argv, "--out", str(tmp_path / "b")]) == 0
+  assert (tmp_path / "a" / "results.json").read_bytes() == \
+      (tmp_path / "b" / "results.json").read_bytes()
+
+
+def test_grid_killed_and_resumed_equals_uninterrupted(tiny_source_dir, tmp_path):
+  argv = [sys.executable, "-m", "experiments.fewshot", "--arch", "vgg_s", "--source",
+          f"ckpt:{tiny_source_dir('vgg_s')}", "--strategies", "freeze,finetune", *TINY]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  subprocess.run([*argv, "--out", str(tmp_path / "ref")], check=True, env=env, cwd=ROOT,
+                 capture_output=True, timeout=300)
+  out = tmp_path / "killed"
+  proc = subprocess.Popen([*argv, "--out", str(out)], env=env, cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  jsonl = out / "results.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if jsonl.exists() and len(jsonl.read_text().splitlines()) >= 2:
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL, "the grid finished before it could be killed"
+  assert not (out / "results.json").exists()
+  subprocess.run([*argv, "--out", str(out), "--resume"], check=True, env=env, cwd=ROOT,
+                 capture_output=True, timeout=300)
+  assert (out / "results.json").read_bytes() == (tmp_path / "ref" / "results.json").read_bytes()
