@@ -17,7 +17,8 @@ tau) and sigma_hist.png.
 
 The paper (VGG-16 ImageNet -> Kvasir, 50 shots) keeps 0.905 accuracy down to tau=0.2 with 95%
 of the params, and loses accuracy from tau=0.8 on, most of which 1 epoch of finetuning
-recovers. About 1-2 minutes on 2 CPU cores with the defaults once the source is cached.
+recovers. Measured: 1.6 CPU-minutes with --taus 0.4,0.8,1.0,1.2 --test-per-class 200 once the
+source is cached. Latencies are only meaningful on an otherwise idle machine.
 """
 from __future__ import annotations
 
@@ -36,9 +37,8 @@ from jtransfer import models, surgery
 from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError
 from jtransfer.methods import cwl, prune, transfer
-from jtransfer.train import (accuracy, fit, init_state, make_optimizer, make_train_step,
+from jtransfer.train import (accuracy, adam, fit, init_state, make_optimizer, make_train_step,
                              predict_logits)
-from jtransfer.train import optim
 
 CWL_STRATEGIES = ("freeze_cwl", "finetune_cwl", "finetune_lowconv")
 DEFAULT_LR = {"freeze_cwl": 1e-2, "finetune_cwl": 1e-4, "finetune_lowconv": 1e-2}
@@ -121,7 +121,7 @@ def transfer_cwl(source, data, args, plan):
 
 def finetune_curve(model, params, stats, source, images, labels, test, args, epochs):
   """Test accuracy after each of `epochs` epochs of finetuning every layer (BN eval mode)."""
-  opt = make_optimizer(params, [(".*", "all")], {"all": optim.adam(args.ft_lr)})
+  opt = make_optimizer(params, [(".*", "all")], {"all": adam(args.ft_lr)})
   step = make_train_step(transfer.ce_loss_fn(model, source.mean, source.std), opt)
   forward = transfer.eval_forward(model, source.mean, source.std)
   batches = Batches(images, labels, args.batch_size, args.seed + 1)

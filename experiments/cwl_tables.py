@@ -15,10 +15,11 @@ writes report.md with
   * the same tables with the LR picked per repeat on a disjoint validation set;
   * accuracy_vs_shots.png.
 
-The full grid is ~2,900 runs (hours on 2 CPU cores). A reduced run:
+The full grid is 2,880 runs (hours on 2 CPU cores). A reduced run (2.8 CPU-minutes once the
+source is cached):
 
-  python -m experiments.cwl_tables --shots 1,5,10 --repeats 3 --lrs reduced \
-      --test-per-class 200 --out results/cwl_tables_reduced
+  python -m experiments.cwl_tables --arch vgg_s --target fmnist:1,5,7,8,9 --shots 1,5 \
+      --repeats 3 --lrs reduced --steps 50 --test-per-class 200 --out results/cwl_tables_reduced
 
 Paper claims to check: CWL beats Freeze at few shots, more on VGG (no BN) than on ResNet.
 """

@@ -16,11 +16,17 @@ report.md, accuracy_vs_shots.png, learning_curves.png and filter_distance.png.
 Protocol (the paper and the authors' code, see jtransfer/methods/delta.py): SGD momentum 0.9,
 lr 0.01 (`--lrs`), batch 64 (a k-shot set smaller than that is one full batch), `--steps`
 iterations, lr x0.1 at 67% of them (exponentially per epoch by default, `--schedule step` for
-StepLR); alpha = beta = 0.01; BN in train mode for the fine-tuned strategies. The full grid
-(2 archs x 2 targets x 3 k x 5 repeats x 5 strategies, 200 steps) takes about an hour on 2 CPU
-cores; a reduced one (`--shots 5,10 --repeats 3 --steps 100`) about 10 minutes. Smoke test:
-  python -m experiments.delta_table --arch resnet_s --source ckpt:DIR --target digits \
-      --shots 2 --repeats 1 --steps 2 --test-per-class 5 --val-per-class 1 \
+StepLR); alpha = beta = 0.01 (`--alpha-noatt` sets DELTA w/o ATT's alpha apart: with 0.01
+its unnormalised sum diverges at lr 0.01 here); BN in train mode for the fine-tuned
+strategies. The full grid (2 archs x 2 targets x 3 k x 5 repeats x 5 strategies, 200 steps) is
+about 50k SGD steps: hours on 2 CPU cores. Measured, reduced (vgg_s, both targets, 40 runs +
+4 curves, 7 CPU-minutes, 21 min wall on a shared 2-core machine):
+  python -m experiments.delta_table --arch vgg_s --shots 5,10 --repeats 2 --steps 50 \
+      --test-per-class 200 --val-per-class 5 --alpha-noatt 1e-4 --curve-arch vgg_s \
+      --curve-shots 10 --curve-steps 50 --curve-every 10 --out results/delta_table_vgg_reduced
+Smoke test (a few CPU-seconds per strategy, mostly compilation):
+  python -m experiments.delta_table --arch vgg_s --curve-arch vgg_s --source ckpt:DIR \
+      --target digits --shots 2 --repeats 1 --steps 2 --test-per-class 5 --val-per-class 0 \
       --curve-steps 2 --curve-every 1 --curve-shots 2 --curve-schedules exp --out /tmp/d
 """
 from __future__ import annotations
@@ -72,6 +78,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--source-epochs", type=float, default=2.0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--alpha", type=float, default=None, help="weight of Omega (default 0.01)")
+  p.add_argument("--alpha-noatt", type=float, default=None,
+                 help="alpha of DELTA w/o ATT (default: --alpha)")
   p.add_argument("--beta", type=float, default=None, help="weight of the head term (0.01)")
   p.add_argument("--schedule", choices=delta.SCHEDULES, default=None,
                  help="lr schedule of the table's runs (default exp, as the authors' run.sh)")
@@ -112,7 +120,7 @@ def parse_taps(values: Sequence[str] | None) -> dict[str, tuple[str, ...]]:
 def validate(args: argparse.Namespace) -> dict:
   """Checks every flag (fewshot's checks plus ours) before anything is loaded or compiled."""
   plan = fewshot.validate(args)
-  changes = {k: getattr(args, k) for k in ("alpha", "beta", "schedule")
+  changes = {k: getattr(args, k) for k in ("alpha", "alpha_noatt", "beta", "schedule")
              if getattr(args, k) is not None}
   taps = parse_taps(args.taps)
   if taps:
@@ -293,13 +301,16 @@ def make_report(records: list[dict], plan: dict, args, curves: dict | None
                 ) -> tuple[str, dict]:
   summary = best_over_lr(records, ("arch", "target", "strategy", "shots"))
   config = delta.get_config()
+  noatt = (f" (DELTA w/o ATT {config.alpha_noatt:g})" if config.alpha_noatt is not None
+           else "")
   lines = ["# DELTA: Table 1, Fig. 2, Fig. 3 on the embedded benchmark", "",
            f"Source `{args.source}`; {args.repeats} repeats (one k-shot draw each, shared by "
            f"every strategy); {args.steps} SGD iterations (momentum {config.momentum}), batch "
            f"{args.batch_size} (a smaller k-shot set is one batch); lr x0.1 at "
-           f"{config.decay_fraction:.0%} of training ({config.schedule}); alpha {config.alpha:g}, "
-           f"beta {config.beta:g}; L2 weight decay {config.weight_decay:g}; BN in train mode for "
-           f"fine-tuned strategies: {config.bn_train}. Test: "
+           f"{config.decay_fraction:.0%} of training ({config.schedule}); alpha "
+           f"{config.alpha:g}{noatt}, beta {config.beta:g}; L2 weight decay "
+           f"{config.weight_decay:g}; BN in train mode for fine-tuned strategies: "
+           f"{config.bn_train}. Test: "
            f"{'all' if not args.test_per_class else f'<= {args.test_per_class}/class'} of the "
            "target's test split.", ""]
   multi_lr = any(len(v) > 1 for v in plan["lrs"].values())

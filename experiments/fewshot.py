@@ -38,6 +38,7 @@ from jtransfer.train import (accuracy, fit, init_state, make_optimizer, make_tra
 
 KEY = ("strategy", "arch", "target", "shots", "repeat", "lr")
 DEFAULT_TARGETS = ("fmnist:1,5,7,8,9", "digits")
+FEATURE_BATCH = 256
 REDUCED_LRS = {"freeze": (1e-2, 5e-2), "finetune": (1e-4, 1e-3)}
 
 
@@ -141,11 +142,27 @@ class TargetRuns:
     self._setups = setup_cache.setdefault((id(source), self.num_classes), {})
     self._features = None
 
-  def features(self):
+  def features(self, idx: np.ndarray):
+    """Head inputs for pool rows `idx` and for the test set, computed once per image.
+
+    Only the rows runs ask for are computed (k-shot and validation draws, not the whole pool),
+    in fixed-size batches so one compiled forward serves every call.
+    """
     if self._features is None:
-      f = lambda im: transfer.extract_features(self.source, self.num_classes, im)
-      self._features = (f(self.pool.images), f(self.test.images))
-    return self._features
+      extract = lambda im: transfer.extract_features(self.source, self.num_classes, im,
+                                                     batch_size=FEATURE_BATCH)
+      test = extract(self.test.images)
+      self._features = (np.zeros((len(self.pool), test.shape[1]), test.dtype),
+                        np.zeros(len(self.pool), bool), test)
+    pool, have, test = self._features
+    todo = np.unique(idx[~have[idx]])
+    if todo.size:
+      padded = np.resize(todo, -(-todo.size // FEATURE_BATCH) * FEATURE_BATCH)
+      pool[padded] = transfer.extract_features(self.source, self.num_classes,
+                                               self.pool.images[padded],
+                                               batch_size=FEATURE_BATCH)
+      have[todo] = True
+    return pool[idx], test
 
   def setup(self, name: str):
     """(Setup, compiled step, head-only optimizer or None) per strategy, built once."""
@@ -168,9 +185,9 @@ class TargetRuns:
     setup, step, opt, head_only = self.setup(name)
     params, stats = setup.init(seed, self.pool.images[train_idx], self.pool.labels[train_idx])
     if head_only:
-      pool_f, test_f = self.features()
+      rows, test_f = self.features(np.concatenate([train_idx, val_idx]))
       params, stats = {"head": params["head"]}, {}
-      x_train, x_val, x_test = pool_f[train_idx], pool_f[val_idx], test_f
+      x_train, x_val, x_test = rows[:len(train_idx)], rows[len(train_idx):], test_f
       forward = transfer.head_forward
     else:
       x_train, x_val, x_test = (self.pool.images[train_idx], self.pool.images[val_idx],

@@ -72,6 +72,32 @@ def test_global_masks_exact_total_and_one_threshold(s):
       min(k, w.size - n2))
 
 
+def test_erk_allocation_formula():
+  shapes = {"conv1": (3, 3, 1, 8), "conv2": (3, 3, 8, 16), "fc": (256, 64), "head": (64, 3)}
+  rates = sparsity.erk_sparsities(shapes, 0.8)
+  # by hand: sizes 72, 1152, 16384, 192 (17800); raw densities 15/72, 30/1152, 320/16384,
+  # 67/192; eps = 0.2 * 17800 / (15 + 30 + 320 + 67) = 8.24 puts conv1 (1.72) and head (2.87)
+  # above 1: both dense; then eps = (3560 - 72 - 192) / (30 + 320) for conv2 and fc
+  assert rates["fc"] == pytest.approx(1 - 3296 / 350 * 320 / 16384)
+  assert rates["conv2"] == pytest.approx(1 - 3296 / 350 * 30 / 1152)
+  size = {p: int(np.prod(s)) for p, s in shapes.items()}
+  raw = {p: sum(s) / size[p] for p, s in shapes.items()}
+  kept = sum((1 - rates[p]) * size[p] for p in shapes)
+  assert kept == pytest.approx(0.2 * sum(size.values()))
+  sparse = [p for p in shapes if rates[p] > 0]
+  eps = [(1 - rates[p]) / raw[p] for p in sparse]  # one eps for every non-dense layer
+  assert max(eps) == pytest.approx(min(eps))
+  for p in shapes:
+    if rates[p] == 0:  # kept dense only because eps * raw would exceed 1
+      assert eps[0] * raw[p] > 1
+  assert rates["conv1"] == 0 and rates["fc"] > rates["conv2"] > 0
+  masks = sparsity.magnitude_masks({p: {"kernel": np.random.default_rng(0).normal(size=s)}
+                                    for p, s in shapes.items()}, 0.8, scope="erk")
+  for p in shapes:
+    assert (~masks[p]["kernel"]).sum() == round(rates[p] * size[p])
+  assert sparsity.erk_sparsities(shapes, 0.0) == dict.fromkeys(shapes, 0.0)
+
+
 def test_previous_masks_stay_pruned_even_when_large():
   params = _params(2)
   prev = {"l1": {"kernel": np.ones((8, 16), bool)}}

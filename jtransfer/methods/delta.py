@@ -51,7 +51,11 @@ class Config:
   """Hyper-parameters of the DELTA family (defaults: the paper and the authors' code).
 
   Attributes:
-    alpha: weight of Omega (0.01; the authors use 0.1 on Stanford Dogs).
+    alpha: weight of Omega (0.01; the authors use 0.1 on Stanford Dogs; the paper picks it
+      per experiment by 5-fold cross-validation).
+    alpha_noatt: alpha of DELTA w/o ATT when set (None: `alpha`). Its plain sum over batch,
+      positions and channels is about H*W times DELTA's per-element weight, so the same alpha
+      makes it far stiffer (at lr 0.01 it diverges on the small nets here).
     beta: weight of 0.5 * ||head||^2.
     weight_decay: the L2 baseline's SGD weight decay.
     schedule: 'exp' (lr x exp(log 0.1 / D) per epoch), 'step' (x0.1 at D) or 'constant',
@@ -71,6 +75,7 @@ class Config:
       up in the loss when they fit in this many MB (0: a live source forward every step).
   """
   alpha: float = 0.01
+  alpha_noatt: Optional[float] = None
   beta: float = 0.01
   weight_decay: float = 1e-4
   schedule: str = "exp"
@@ -88,9 +93,11 @@ class Config:
   source_cache_mb: float = 256.0
 
   def validate(self) -> "Config":
-    for name in ("alpha", "beta", "weight_decay"):
-      if not getattr(self, name) >= 0:
-        raise InputError(f"DELTA {name} must be a number >= 0, got {getattr(self, name)!r}")
+    weights = {"alpha": self.alpha, "alpha_noatt": self.alpha_noatt, "beta": self.beta,
+               "weight_decay": self.weight_decay}
+    for name, value in weights.items():
+      if value is not None and not value >= 0:
+        raise InputError(f"DELTA {name} must be a number >= 0, got {value!r}")
     if self.schedule not in SCHEDULES:
       raise InputError(f"DELTA schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
     if not 0 < self.decay_fraction <= 1:
@@ -250,12 +257,12 @@ def default_taps(arch: str, config: Mapping[str, Any]) -> tuple[str, ...]:
 
 def resolve_taps(source: transfer.Source, model, config: Config) -> tuple[str, ...]:
   """Configured or default taps, checked against the conv units the target model has."""
-  taps = tuple(config.taps.get(source.arch) or default_taps(source.arch, source.config))
-  available = models.available_taps(model, source.input_shape)
   units = set(surgery.conv_units(jax.eval_shape(
       lambda: models.init_model(model, jax.random.PRNGKey(0), source.input_shape))["params"]))
-  if not config.taps.get(source.arch):
-    taps = tuple(t for t in taps if t in available)  # a truncated model loses later stages
+  configured = config.taps.get(source.arch)
+  # A truncated model lacks the later stages: their default taps are dropped.
+  taps = (tuple(configured) if configured else
+          tuple(t for t in default_taps(source.arch, source.config) if t in units))
   bad = [t for t in taps if t not in units]
   if bad or not taps:
     raise InputError(f"DELTA taps {list(bad or taps)} are not conv units of this "
@@ -341,9 +348,9 @@ def attention_weights(model, params, stats, batches: Sequence[tuple[np.ndarray, 
     path = f"{tap}/conv/kernel"
     if path not in flat:
       raise InputError(f"DELTA tap {tap!r} has no kernel {path!r}")
-    channels = flat[path].shape[-1]
-    increase = np.mean([channel_loss_increase(ablation_fn(model, path), params, stats, x, y, w, channels,
-                                              max_images) for x, y, w in batches], axis=0)
+    fn, channels = ablation_fn(model, path), flat[path].shape[-1]
+    increase = np.mean([channel_loss_increase(fn, params, stats, x, y, w, channels, max_images)
+                        for x, y, w in batches], axis=0)
     out[tap] = attention_from_losses(increase, temperature)
   return out
 
@@ -475,6 +482,13 @@ def lr_schedule(config: Config, total_steps: int) -> optim.Schedule:
   return schedules.constant(1.0)
 
 
+@functools.lru_cache(maxsize=16)
+def _maps_fn(model, mean: tuple, std: tuple, taps: tuple) -> Callable:
+  """Jitted source maps of uint8 images, shared by every setup of the model."""
+  return jax.jit(lambda params, stats, images: source_maps(
+      model, params, stats, normalize(images, mean, std), taps))
+
+
 class SourceMaps:
   """The frozen source's tapped maps, live or looked up from a run's training images.
 
@@ -488,25 +502,26 @@ class SourceMaps:
   def __init__(self, model, source: transfer.Source, params, stats, taps: Sequence[str],
                budget_mb: float):
     self.taps, self.budget = tuple(taps), budget_mb * 2 ** 20
-    self.mean, self.std = source.mean, source.std
-    params = jax.tree.map(jnp.asarray, params)
-    stats = jax.tree.map(jnp.asarray, stats)
-    self.live = lambda x: source_maps(model, params, stats, x, self.taps)
+    self.params = jax.tree.map(jnp.asarray, params)
+    self.stats = jax.tree.map(jnp.asarray, stats)
+    self.live = lambda x: source_maps(model, self.params, self.stats, x, self.taps)
     shapes = jax.eval_shape(self.live, jnp.zeros((1, *source.input_shape)))
     self.floats_per_image = sum(int(np.prod(v.shape)) for v in shapes.values())
+    # Images are matched by a random projection, then checked pixel for pixel.
     self.proj = np.random.default_rng(0).normal(
         size=(int(np.prod(source.input_shape)), 8)).astype(np.float32)
-    self._maps = jax.jit(lambda images: self.live(normalize(images, self.mean, self.std)))
+    self._maps = _maps_fn(model, tuple(source.mean), tuple(source.std), self.taps)
 
   def keys(self, images):
-    flat = images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0
-    return flat @ self.proj
+    """(N, 8) projections of uint8 images (numpy or traced)."""
+    return (images.reshape(images.shape[0], -1).astype(np.float32) / 255.0) @ self.proj
 
   def table(self, images: np.ndarray) -> Optional[dict]:
     """{'images', 'keys', 'maps'} for `images`, or None when over the memory budget."""
     if len(images) * self.floats_per_image * 4 > self.budget:
       return None
-    maps = [self._maps(images[i:i + 256]) for i in range(0, len(images), 256)]
+    maps = [self._maps(self.params, self.stats, images[i:i + 256])
+            for i in range(0, len(images), 256)]
     return {"images": np.asarray(images), "keys": np.asarray(self.keys(images)),
             "maps": {t: np.concatenate([np.asarray(m[t]) for m in maps]) for t in self.taps}}
 
@@ -531,7 +546,7 @@ def make_loss_fn(model, source: transfer.Source, kind: str, w0, taps: Sequence[s
       'att' (DELTA; reads params['frozen']['attention']).
     w0: the starting point (`starting_point`), closed over as constants.
     taps: conv units whose raw outputs are regularised.
-    config: alpha, beta, bn_train.
+    config: alpha (alpha_noatt for 'fm'), beta, bn_train.
     source_fn: the source maps ('fm', 'att'); built from `source` and `w0` when not given.
       It reads params['frozen']['source'] (a `SourceMaps.table`) when there is one.
   """
@@ -540,6 +555,8 @@ def make_loss_fn(model, source: transfer.Source, kind: str, w0, taps: Sequence[s
   w0 = jax.tree.map(jnp.asarray, w0)
   mean, std, taps = source.mean, source.std, tuple(taps)
   feature_kind = kind in ("fm", "att")
+  alpha = (config.alpha_noatt if kind == "fm" and config.alpha_noatt is not None
+           else config.alpha)
   if feature_kind and source_fn is None:
     source_fn = _source_maps_for(model, source, w0, taps, config)
 
@@ -561,7 +578,7 @@ def make_loss_fn(model, source: transfer.Source, kind: str, w0, taps: Sequence[s
              attention_distance(maps, src, params[FROZEN_KEY]["attention"]))
     head = private_l2(net, w0)
     terms.update(reg=reg, head=head)
-    return ce + config.alpha * reg + config.beta * head, (terms, new_stats)
+    return ce + alpha * reg + config.beta * head, (terms, new_stats)
 
   return loss_fn
 
@@ -575,13 +592,16 @@ def _source_maps_for(model, source: transfer.Source, w0, taps, config: Config) -
   return SourceMaps(model, source, full, stats, taps, config.source_cache_mb)
 
 
+@functools.lru_cache(maxsize=16)
+def _eval_forward(model, mean: tuple, std: tuple) -> Callable:
+  return transfer.eval_forward(model, mean, std)
+
+
 def _forward(model, source: transfer.Source) -> Callable:
-  @jax.jit
-  def forward(params, batch_stats, images):
-    logits, _, _ = models.apply_model(model, _network(params), batch_stats,
-                                      normalize(images, source.mean, source.std))
-    return logits
-  return forward
+  """Eval forward without the per-run constants, so every setup of the model (and every run,
+  whatever its constants' shapes) shares one compiled function per input shape."""
+  jitted = _eval_forward(model, tuple(source.mean), tuple(source.std))
+  return lambda params, batch_stats, images: jitted(_network(params), batch_stats, images)
 
 
 def build_setup(source: transfer.Source, num_classes: int, total_steps: int, kind: str,

@@ -128,19 +128,34 @@ def augment(images: jax.Array, rng: jax.Array, mode: str, pad: int = 2) -> jax.A
 
 
 # ----------------------------------------------------------------------------- teacher
-def teacher_fn(model: nn.Module, params, batch_stats, mean, std) -> Callable:
-  """(uint8 images) -> teacher logits, eval mode, under stop_gradient.
+def teacher_fn(forward: Callable | nn.Module, params, batch_stats, mean=None,
+               std=None) -> Callable:
+  """(uint8 images) -> teacher logits under stop_gradient, variables closed over.
 
-  The variables are put on the device once and closed over: they are constants of whatever
-  function calls this, never arguments of a differentiated function.
+  Args:
+    forward: (params, batch_stats, uint8 images) -> logits in eval mode, e.g. a strategy's
+      `Setup.forward` (which knows e.g. CWL scales) or `transfer.eval_forward(model, mean,
+      std)`; or the teacher's model itself, then run in eval mode on images normalised with
+      `mean`, `std`.
+    params, batch_stats: the fine-tuned teacher's variables. They are put on the device once
+      and closed over: constants of whatever function calls the result, never arguments of a
+      differentiated function.
+    mean, std: input normalisation, only with a model as `forward`.
   """
+  if isinstance(forward, nn.Module):
+    if mean is None or std is None:
+      raise InputError("teacher_fn with a model needs the teacher's input mean and std")
+    model = forward
+
+    def forward(p, s, images):
+      return models.apply_model(model, p, s, normalize(images, mean, std))[0]
+
   params, batch_stats = jax.device_put(params), jax.device_put(batch_stats or {})
 
-  def forward(images):
-    logits, _, _ = models.apply_model(model, params, batch_stats, normalize(images, mean, std))
-    return jax.lax.stop_gradient(logits)
+  def teacher(images):
+    return jax.lax.stop_gradient(forward(params, batch_stats, images))
 
-  return forward
+  return teacher
 
 
 def cached_teacher_logits(teacher: Callable, images: np.ndarray,
@@ -181,11 +196,11 @@ def student_model(arch: str, num_classes: int, config: Mapping[str, Any]) -> nn.
   Hidden dense layers are dropped, as `transfer.target_model` does for the teacher, so a
   student fine-tuned from a compact source and one trained from scratch are the same net.
   """
-  config = dict(config)
-  config.pop("num_classes", None)
-  if "dense_widths" in config or arch.startswith("vgg"):
-    config["dense_widths"] = []
-  return models.get_model(arch, num_classes, **config)
+  config = {k: v for k, v in config.items() if k != "num_classes"}
+  model = models.get_model(arch, num_classes, **config)
+  if getattr(model, "dense_widths", None):
+    model = models.get_model(arch, num_classes, **{**config, "dense_widths": []})
+  return model
 
 
 def distill_loss_fn(student: nn.Module, mean, std, teacher: Optional[Callable] = None, *,

@@ -44,7 +44,7 @@ from jtransfer.data.preprocess import normalize
 from jtransfer.errors import InputError
 from jtransfer.methods import sparsity, transfer
 from jtransfer.models.common import max_pool
-from jtransfer.train import evaluate, fit, init_state, make_optimizer, make_train_step, optim
+from jtransfer.train import evaluate, init_state, make_optimizer, make_train_step, optim
 
 VARIANTS = {"standard": (False, False), "S+K-": (True, False), "S-K+": (False, True),
             "hybrid": (True, True)}
@@ -319,26 +319,23 @@ def drop_knowledge(params) -> dict:
 
 @dataclasses.dataclass
 class Trainer:
-  """A compiled step, its optimizer and data for one hybrid model shape (reused across runs)."""
-  hybrid: Hybrid
+  """A masked optimizer and its compiled step for one hybrid structure.
+
+  The step depends only on the structure (layer shapes, which branches, which paths are
+  masked), not on mask values or data, so one Trainer serves every variant and run of that
+  structure: `state` installs the run's masks in the optimiser state.
+  """
   optimizer: sparsity.MaskedOptimizer
   step: Callable
-  batch_at: Callable
 
-  def state(self, params, seed: int):
-    return init_state(params, {}, self.optimizer, seed)
-
-  def fit(self, state, steps: int):
-    return fit(state, self.step, self.batch_at, int(state.step) + steps)
+  def state(self, params, masks, seed: int):
+    return sparsity.replace_masks(init_state(params, {}, self.optimizer, seed), masks)
 
 
-def trainer(hybrid: Hybrid, params, masks, tx, images, labels, ref_logits, batch_size: int,
-            seed: int, lam: Optional[float] = None) -> Trainer:
-  """A Trainer for `params` (K- when params have no 'extra')."""
+def make_trainer(hybrid: Hybrid, params, masks, tx, lam: Optional[float] = None) -> Trainer:
+  """A Trainer for params shaped like `params` (K- when they have no 'extra')."""
   opt = make_masked_optimizer(params, masks, tx)
-  step = make_train_step(loss_fn(hybrid, lam), opt)
-  refs = ref_logits if "extra" in params else None
-  return Trainer(hybrid, opt, step, knowledge_batches(images, labels, refs, batch_size, seed))
+  return Trainer(opt, make_train_step(loss_fn(hybrid, lam), opt))
 
 
 def main_sparsity(params) -> dict:

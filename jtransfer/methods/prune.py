@@ -44,7 +44,7 @@ class Group:
     units: conv unit paths whose outputs are these channels.
     consumers: (kind, layer path) with kind 'conv' (kernel input axis), 'flatten' (dense rows
       p*C + c) or 'gap' (dense rows c).
-    config_key: where the width lives in the config (see `_set_width`).
+    config_key: where the width lives in the config (see `_new_config`).
     residual: True for a residual (stage) group.
     multiple: the kept count must be a multiple of this (4 for bottleneck stages).
   """

@@ -31,11 +31,12 @@ from jtransfer.train import optim
 
 # Han et al. prune connections, i.e. weights; biases are few and left alone.
 KERNELS = (r".*kernel",)
-SCOPES = ("layer", "global")
+SCOPES = ("layer", "global", "erk")
 
 
 # ----------------------------------------------------------------------------- masks
 def check_fraction(value: float, what: str) -> float:
+  """`value` as a float in [0, 1], else InputError naming `what` (NaN fails too)."""
   if not (isinstance(value, (int, float, np.floating)) and 0.0 <= float(value) <= 1.0):
     raise InputError(f"{what} must be a fraction in [0, 1], got {value!r}")
   return float(value)
@@ -53,14 +54,18 @@ def magnitude_masks(params, sparsity: float, *, patterns: Sequence[str] = KERNEL
 
   Args:
     params: the params tree (arrays).
-    sparsity: fraction of the matched entries to prune: of each leaf with scope 'layer' (every
-      leaf gets round(sparsity * size) zeros), of all matched entries together with scope
-      'global' (round(sparsity * total) zeros; one magnitude threshold across layers, which
-      prunes wide layers harder, as Han et al.'s per-layer rates did for AlexNet's FC layers).
+    sparsity: fraction of the matched entries to prune, allotted by `scope`:
+      'layer': every leaf gets round(sparsity * size) zeros;
+      'global': round(sparsity * total) zeros under one magnitude threshold across layers
+        (prunes layers of small weights, i.e. wide fan-in, hardest; it can empty a layer);
+      'erk': per-layer rates from the Erdos-Renyi-Kernel rule (`erk_sparsities`, Evci et al.
+        2020), then magnitude pruning within each layer: small layers stay denser, large
+        ones sparser, and the total is `sparsity` up to rounding.
     patterns: regexes over param paths selecting the prunable leaves (default: kernels).
-    scope: 'layer' or 'global'.
+    scope: 'layer', 'global' or 'erk'.
     previous: masks of an earlier round: entries pruned there stay pruned (they rank below
-      every kept entry), so iterative rounds only ever add zeros.
+      every kept entry, and stay pruned when `sparsity` is below the earlier rate), so
+      iterative rounds only ever add zeros.
 
   Returns:
     A mask tree with a bool leaf for every matched path and nothing elsewhere.
@@ -83,9 +88,11 @@ def magnitude_masks(params, sparsity: float, *, patterns: Sequence[str] = KERNEL
       s = np.where(prev[p].ravel(), s, -1.0)
     scores[p] = s
   out = {}
-  if scope == "layer":
+  if scope in ("layer", "erk"):
+    rates = (erk_sparsities({p: np.shape(flat[p]) for p in chosen}, sparsity)
+             if scope == "erk" else dict.fromkeys(chosen, sparsity))
     for p in chosen:
-      out[p] = _keep_largest(scores[p], int(round(sparsity * scores[p].size)))
+      out[p] = _keep_largest(scores[p], int(round(rates[p] * scores[p].size)))
   else:
     allscores = np.concatenate([scores[p] for p in chosen])
     keep = _keep_largest(allscores, int(round(sparsity * allscores.size)))
@@ -93,7 +100,35 @@ def magnitude_masks(params, sparsity: float, *, patterns: Sequence[str] = KERNEL
     for p in chosen:
       n = scores[p].size
       out[p], start = keep[start:start + n], start + n
-  return _unflatten_like(params, {p: out[p].reshape(np.shape(flat[p])) for p in chosen})
+  # Entries pruned earlier stay pruned even when `sparsity` is below the earlier rate.
+  out = {p: out[p].reshape(np.shape(flat[p])) & prev.get(p, True) for p in chosen}
+  return _unflatten_like(params, out)
+
+
+def erk_sparsities(shapes: Mapping[str, Sequence[int]], sparsity: float) -> dict[str, float]:
+  """Per-layer sparsities of the Erdos-Renyi-Kernel rule with `sparsity` overall.
+
+  Layer l keeps density eps * sum(shape_l) / prod(shape_l) (a conv kernel (kh, kw, in, out)
+  gives (kh + kw + in + out) / (kh kw in out), a dense (in, out) gives (in + out) / (in out)),
+  eps chosen so the kept entries total (1 - sparsity) * all; layers whose density would pass
+  1 are kept dense and eps is solved again over the rest (RigL's allocation).
+  """
+  sparsity = check_fraction(sparsity, "sparsity")
+  size = {p: int(np.prod(s)) for p, s in shapes.items()}
+  raw = {p: float(np.sum(s)) / size[p] for p, s in shapes.items()}
+  budget = (1.0 - sparsity) * sum(size.values())
+  dense: set[str] = set()
+  while True:
+    rest = [p for p in shapes if p not in dense]
+    left = budget - sum(size[p] for p in dense)
+    weight = sum(raw[p] * size[p] for p in rest)
+    eps = left / weight if weight > 0 else 0.0
+    over = [p for p in rest if eps * raw[p] > 1.0]
+    if not over:
+      break
+    dense.update(over)
+  return {p: 0.0 if p in dense else float(np.clip(1.0 - eps * raw[p], 0.0, 1.0))
+          for p in shapes}
 
 
 def _keep_largest(scores: np.ndarray, num_pruned: int) -> np.ndarray:
@@ -313,6 +348,14 @@ def full_masks(params, patterns: Sequence[str] = KERNELS,
   leaves = {p: given.get(p, np.ones(np.shape(flat[p]), bool))
             for p in surgery.select(params, patterns, what="prune")}
   return _unflatten_like(params, leaves)
+
+
+def masks_from_zeros(params, patterns: Sequence[str] = KERNELS) -> dict:
+  """Masks of a pruned model read back from its exact zeros (a trained weight is never
+  exactly 0.0 in practice), e.g. after loading a saved sparse model."""
+  flat = surgery.flatten(params)
+  return _unflatten_like(params, {p: np.asarray(flat[p]) != 0
+                                  for p in surgery.select(params, patterns, what="prune")})
 
 
 # ----------------------------------------------------------------------------- prune-retrain

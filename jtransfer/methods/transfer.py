@@ -204,17 +204,27 @@ register(Strategy("finetune", FINETUNE_LRS, _build_finetune,
 # ----------------------------------------------------------------------------- features
 def extract_features(source: Source, num_classes: int, images: np.ndarray,
                      batch_size: int = 500) -> np.ndarray:
-  """Input of the target head (the 'features' tap) for uint8 `images`, eval mode."""
-  model = target_model(source, num_classes)
-  params, stats = init_target(source, model, 0)
+  """Input of the target head (the 'features' tap) for uint8 `images`, eval mode.
 
-  @jax.jit
-  def feats(params, stats, x):
-    _, _, taps = models.apply_model(model, params, stats, normalize(x, source.mean, source.std),
-                                    taps=("features",))
-    return taps["features"]
+  The jitted extractor is built once per (source, num_classes) and reused across calls.
+  """
+  key = (id(source), num_classes)
+  if key not in _EXTRACTORS or _EXTRACTORS[key][0] is not source:
+    model = target_model(source, num_classes)
+    params, stats = init_target(source, model, 0)
 
+    @jax.jit
+    def feats(params, stats, x):
+      _, _, taps = models.apply_model(model, params, stats,
+                                      normalize(x, source.mean, source.std), taps=("features",))
+      return taps["features"]
+
+    _EXTRACTORS[key] = (source, feats, params, stats)
+  _, feats, params, stats = _EXTRACTORS[key]
   return evaluate.predict_logits(feats, params, stats, images, batch_size)
+
+
+_EXTRACTORS: dict = {}
 
 
 def head_loss_fn() -> Callable:

@@ -1,0 +1,585 @@
+"""Base-model selection (base-model-selection-metrics, Figs. 2 and 3): do S1..S6 rank a zoo?
+
+  python -m experiments.model_selection --out results/model_selection
+
+For each target (default: Fashion-MNIST {1,5,7,8,9} and digits; any `--target` spec works) and
+each base model of the zoo (experiments.model_zoo, trained and cached on first use):
+  1. one forward of the source model over the target's labelled training images gives the
+     'last_conv' map (after ReLU), the 'features' (the source's penultimate layer: the head
+     input; fc7 for vgg_s) and the source softmax over its own source classes;
+  2. from those, once per (model, target): S1..S6 on 'last_conv', LogME and H-score on
+     'features', LEEP and NCE on the source softmax / its argmax; and the target-blind
+     baselines: source test accuracy and parameter count (what a target inherits);
+  3. fine-tuning the base model (all layers, new head) gives the ground-truth accuracy on the
+     target's test split.
+One record per finished (model, target) goes to results.jsonl (--resume skips them).
+
+Report (report.md, summary.json, spearman.png, alpha_curves.png):
+  * Spearman's rho and weighted Kendall tau between each scorer and fine-tuned accuracy, per
+    (family, target) as the paper's Fig. 2 (per (architecture, task), ranking that
+    architecture's models), with every score oriented so that larger means predicted better
+    (S2, S4, S5, S6 negated), and pooled over families per target;
+  * C_ij(alpha) = (1 - alpha) S_i + alpha S_j on metrics scaled to [-1, 1] over all models and
+    targets, alpha step 0.001 (Fig. 3): the best (i, j, alpha) with the mean and variance of rho
+    over groups (paper: C_56(0.574), mean 0.7514, variance 0.005993), and C_56(0.574) as
+    published;
+  * LogME, LEEP, NCE, H-score and the target-blind baselines side by side.
+
+Fine-tuning protocol (shortened for CPU): `--train-per-class` labelled images per class (a
+seeded draw from the target's train split; the same images feed the metrics, as the paper
+computes them on the target training set), `--steps` SGD steps of `--ft-batch-size`, lr 0.01
+x0.1 at 7/30, 14/30, 21/30, 28/30 of the run (the paper's schedule, compressed), momentum 0.9,
+weight decay 5e-4, BN running statistics frozen; test on at most `--test-per-class` images per
+class of the target's test split. Zoo training: see experiments.model_zoo.
+
+Cost: a reduced run, 15 models x 2 targets,
+  --epochs 3 --per-class 300 --zoo-lr 0.01 --train-per-class 20 --steps 30 --ft-batch-size 50 \
+  --test-per-class 100
+took 14 min wall (zoo included; 6 CPU-min) on a shared 2-core machine. Its result: C_56(0.765)
+mean rho 0.75 in-sample, 0.42 when alpha is chosen on the other groups; S1..S6 alone 0.37 at
+best; source accuracy 0.25. The defaults (bigger zoo and fine-tuning sets) cost ~3x that.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from experiments import model_zoo
+from experiments.fewshot import cap_per_class
+from experiments.model_zoo import Compiled, TrainConfig, prenormalize
+from experiments.report import ResultsDir
+from jtransfer.data import ImageSet, load_spec, parse_spec, sample_kshot
+from jtransfer.errors import InputError
+from jtransfer.methods import selection, transfer
+
+KEY = ("model", "target")
+DEFAULT_TARGETS = ("fmnist:1,5,7,8,9", "digits")
+S_METRICS = selection.METRIC_NAMES
+LABEL_SCORES = ("LogME", "LEEP", "NCE", "H-score")
+BLIND = ("source_accuracy", "param_count")
+PAPER_ALPHA = 0.574
+_ONE_CHUNK_ELEMENTS = 1 << 24
+# --tiny: seconds-long fine-tuning for smoke tests (with model_zoo.TINY for the zoo).
+TINY_FINETUNE = dict(train_per_class=4, test_per_class=5, steps=2, ft_batch_size=8)
+
+
+# ----------------------------------------------------------------------------- targets
+@dataclasses.dataclass(frozen=True)
+class TargetTask:
+  """A target: labelled training images (fine-tuning and metrics) and test images."""
+  spec: str
+  train: ImageSet
+  test: ImageSet
+
+  @property
+  def num_classes(self) -> int:
+    return self.train.num_classes
+
+
+def load_target(spec: str, image_shape, train_per_class: int, test_per_class: int,
+                seed: int = 0, data_dir: str | None = None) -> TargetTask:
+  """Loads `spec`, draws `train_per_class` training images per class, caps the test split.
+
+  Raises:
+    InputError: a bad spec, or a class with fewer than `train_per_class` training images.
+  """
+  data = load_spec(spec, tuple(image_shape), flag="--target", data_dir=data_dir)
+  idx, _ = sample_kshot(data.train.labels, train_per_class, seed,
+                        num_classes=data.train.num_classes)
+  return TargetTask(spec, data.train.take(idx), cap_per_class(data.test, test_per_class))
+
+
+# ----------------------------------------------------------------------------- scores
+def model_outputs(model, params, stats, x: np.ndarray, taps: Sequence[str], compiled: Compiled,
+                  batch_size: int = 250) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """(logits, {tap: array}) of `model` in eval mode over pre-normalised images, in batches.
+
+  The last batch is padded to `batch_size` so one shape compiles once.
+  """
+  forward = compiled.forward(model, tuple(taps))
+  bs = min(batch_size, len(x))
+  logits, got = [], {t: [] for t in taps}
+  for start in range(0, len(x), bs):
+    chunk = x[start:start + bs]
+    n = len(chunk)
+    if n < bs:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, axis=0)])
+    out, t = forward(params, stats, chunk)
+    logits.append(np.asarray(out)[:n])
+    for name in taps:
+      got[name].append(np.asarray(t[name])[:n])
+  return np.concatenate(logits), {k: np.concatenate(v) for k, v in got.items()}
+
+
+def score_outputs(labels: np.ndarray, last_conv: np.ndarray, features: np.ndarray | None = None,
+                  source_logits: np.ndarray | None = None) -> dict[str, float]:
+  """Every transferability score of one (model, target) from the model's outputs.
+
+  Args:
+    labels: (N,) target labels.
+    last_conv: (N, H, W, C) last conv map after ReLU: S1..S6.
+    features: (N, D) penultimate features: LogME, H-score (skipped when None).
+    source_logits: (N, K_src) source-head logits: LEEP on their softmax, NCE on their argmax
+      (skipped when None).
+
+  Returns:
+    {'S1'..'S6', 'LogME', 'H-score', 'LEEP', 'NCE'} raw values (S2, S4, S5, S6 smaller is
+    better; the others larger).
+  """
+  # One chunk when it fits (one compilation per map shape and image count); else bounded chunks.
+  chunk = None if np.size(last_conv) <= _ONE_CHUNK_ELEMENTS else 256
+  out = selection.feature_map_metrics(last_conv, labels, chunk_size=chunk)
+  if features is not None:
+    out["LogME"] = selection.logme(features, labels)
+    out["H-score"] = selection.h_score(features, labels)
+  if source_logits is not None:
+    z = np.asarray(source_logits, np.float64)
+    probs = np.exp(z - z.max(axis=1, keepdims=True))
+    out["LEEP"] = selection.leep(probs / probs.sum(axis=1, keepdims=True), labels)
+    out["NCE"] = selection.nce(np.argmax(z, axis=1), labels)
+  return out
+
+
+def source_scores(source: transfer.Source, images: np.ndarray, labels: np.ndarray,
+                  compiled: Compiled) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Scores of a base model on labelled target images from one forward of the source model.
+
+  Returns:
+    (scores as `score_outputs`, the outputs {'last_conv', 'features', 'logits'} they came from).
+  """
+  x = prenormalize(images, source.mean, source.std)
+  v = source.variables
+  logits, taps = model_outputs(source.model, v["params"], v.get("batch_stats", {}), x,
+                               ("last_conv", "features"), compiled)
+  outputs = dict(taps, logits=logits)
+  return score_outputs(labels, taps["last_conv"], taps["features"], logits), outputs
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def finetune(source: transfer.Source, task: TargetTask, steps: int, config: TrainConfig,
+             compiled: Compiled, seed: int = 0, **overrides) -> float:
+  """Test accuracy after fine-tuning every layer of `source` with a new head on `task`.
+
+  Args:
+    source: the base model.
+    task: target data.
+    steps: SGD steps.
+    config: schedule (BN mode included).
+    compiled: shared compilations (one per target model config).
+    seed: head init, batch order.
+    **overrides: target model config overrides, e.g. truncate_after='stage2/block0' (source
+      params the truncated model lacks are dropped).
+
+  Returns:
+    Top-1 accuracy on `task.test`.
+  """
+  model = transfer.target_model(source, task.num_classes, **overrides)
+  params, stats = transfer.init_target(source, model, seed)
+  x = prenormalize(task.train.images, source.mean, source.std)
+  params, stats = model_zoo.train_classifier(model, {"params": params, "batch_stats": stats}, x,
+                                             task.train.labels, steps, config, compiled, seed)
+  return model_zoo.evaluate(model, params, stats,
+                            prenormalize(task.test.images, source.mean, source.std),
+                            task.test.labels, compiled)
+
+
+# ----------------------------------------------------------------------------- analysis
+def group_label(record: dict) -> str:
+  """The paper's group: one architecture (zoo family) on one target."""
+  return f"{record['family']} @ {record['target']}"
+
+
+def oriented_scores(records: Sequence[dict]) -> dict[str, np.ndarray]:
+  """Scores with larger = predicted better: S1..S6 scaled to [-1, 1] over all records (S2, S4,
+  S5, S6 negated, as the paper does before combining), the others as they are."""
+  stacked = selection.stack_metrics([{k: r[k] for k in S_METRICS} for r in records])
+  out = dict(selection.normalize_metrics(stacked))
+  for name in LABEL_SCORES + BLIND:
+    if all(name in r for r in records):
+      out[name] = np.array([r[name] for r in records], np.float64)
+  return out
+
+
+def _summary(rank: selection.RankSummary) -> dict:
+  rho, tau = rank.spearman, rank.weighted_tau
+  ok = np.isfinite(rho)
+  return dict(
+      spearman_mean=float(np.mean(rho[ok])) if ok.any() else None,
+      spearman_var=float(np.var(rho[ok])) if ok.any() else None,
+      weighted_tau_mean=float(np.nanmean(tau)) if np.isfinite(tau).any() else None,
+      groups_defined=int(ok.sum()),
+      per_group={str(g): dict(spearman=_num(r), weighted_tau=_num(t))
+                 for g, r, t in zip(rank.groups, rho, tau)})
+
+
+def _num(x: float) -> float | None:
+  return float(x) if np.isfinite(x) else None
+
+
+def held_out_combination(norm: dict[str, np.ndarray], acc: np.ndarray, groups: Sequence[str],
+                         step: float) -> dict | None:
+  """Leave-one-group-out estimate of the best C_ij(alpha): (i, j, alpha) chosen on the other
+  groups, rho measured on the held-out one. The in-sample best is optimistic, the more so with
+  few models per group; this is the figure a new (architecture, target) could expect.
+
+  Returns:
+    {'per_group': {group: {'pair', 'alpha', 'spearman'}}, 'spearman_mean', 'spearman_var'}, or
+    None with fewer than 2 groups.
+  """
+  labels = list(dict.fromkeys(groups))
+  if len(labels) < 2:
+    return None
+  groups = np.asarray(groups, dtype=object)
+  per_group = {}
+  for g in labels:
+    fit_on, test_on = groups != g, groups == g
+    sweeps = selection.sweep_pairs({k: v[fit_on] for k, v in norm.items()}, acc[fit_on],
+                                   list(groups[fit_on]), step=step)
+    finite = {k: sw for k, sw in sweeps.items() if np.isfinite(sw.best_mean)}
+    if not finite:
+      continue
+    (a, b), sw = max(finite.items(), key=lambda kv: kv[1].best_mean)
+    rho = selection.spearman(selection.combine(norm[a][test_on], norm[b][test_on],
+                                               sw.best_alpha), acc[test_on])
+    per_group[g] = dict(pair=f"{a}+{b}", alpha=sw.best_alpha, spearman=_num(rho))
+  rhos = np.array([v["spearman"] for v in per_group.values() if v["spearman"] is not None])
+  return dict(per_group=per_group,
+              spearman_mean=float(rhos.mean()) if rhos.size else None,
+              spearman_var=float(rhos.var()) if rhos.size else None)
+
+
+def analyze(records: Sequence[dict], *, step: float = 0.001) -> dict:
+  """Rank correlations of every scorer with fine-tuned accuracy, and the C_ij(alpha) sweep.
+
+  Args:
+    records: one per (model, target) with 'family', 'target', 'test_acc', S1..S6 and
+      optionally LogME, LEEP, NCE, H-score, source_accuracy, param_count.
+    step: alpha increment of the sweep.
+
+  Returns:
+    JSON-ready dict: 'groups', 'scorers' ({name: summary per (family, target)}), 'pooled'
+    ({name: summary per target, all families together}), 'pairs' ({'S5+S6': best alpha, mean,
+    var, mean curve}), 'best_pair', 'held_out' (see `held_out_combination`).
+
+  Raises:
+    InputError: a (family, target) group with fewer than 2 models.
+  """
+  records = sorted(records, key=lambda r: (r["family"], r["target"], r["model"]))
+  acc = np.array([r["test_acc"] for r in records], np.float64)
+  groups = [group_label(r) for r in records]
+  scores = oriented_scores(records)
+  norm = {k: scores[k] for k in S_METRICS}
+  sweeps = selection.sweep_pairs(norm, acc, groups, step=step)
+  pairs = {}
+  for (a, b), sw in sweeps.items():
+    at_paper = int(np.argmin(np.abs(sw.alphas - PAPER_ALPHA)))
+    pairs[f"{a}+{b}"] = dict(
+        i=a, j=b, best_alpha=sw.best_alpha, best_mean=_num(sw.best_mean),
+        best_var=_num(sw.best_var), mean_curve=[_num(v) for v in sw.mean],
+        groups=[str(g) for g in sw.groups], per_group_at_best=[
+            _num(v) for v in sw.spearman[int(np.argmin(np.abs(sw.alphas - sw.best_alpha)))]],
+        mean_at_paper_alpha=_num(sw.mean[at_paper]), var_at_paper_alpha=_num(sw.var[at_paper]))
+  finite = {k: v for k, v in pairs.items() if v["best_mean"] is not None}
+  best = max(finite, key=lambda k: finite[k]["best_mean"]) if finite else None
+  if best is not None:
+    p = pairs[best]
+    scores[f"C_{p['i'][1]}{p['j'][1]}({p['best_alpha']:.3f})"] = selection.combine(
+        norm[p["i"]], norm[p["j"]], p["best_alpha"])
+  scores[f"C_56({PAPER_ALPHA})"] = selection.combine(norm["S5"], norm["S6"], PAPER_ALPHA)
+  per_group = selection.rank_correlations(scores, acc, groups)
+  targets = [r["target"] for r in records]
+  pooled = {}
+  if len({r["family"] for r in records}) > 1:
+    pooled = {k: _summary(v) for k, v in
+              selection.rank_correlations(scores, acc, targets).items()}
+  return dict(groups=list(dict.fromkeys(groups)), scorers={k: _summary(v)
+                                                           for k, v in per_group.items()},
+              pooled=pooled, pairs=pairs, best_pair=best, alphas_step=step,
+              held_out=held_out_combination(norm, acc, groups, step),
+              n_models=len({r["model"] for r in records}), n_records=len(records))
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(x) -> str:
+  return "n/a" if x is None else f"{x:+.3f}"
+
+
+def scorer_table(summary: dict, key: str = "scorers") -> list[str]:
+  """Markdown: rho per group for each scorer, mean and variance over the groups where defined."""
+  block = summary[key]
+  if not block:
+    return []
+  groups = list(next(iter(block.values()))["per_group"])
+  lines = ["| scorer | " + " | ".join(groups) + " | mean rho | var rho | mean tau_w |",
+           "|---|" + "---|" * (len(groups) + 3)]
+  for name, s in block.items():
+    cells = [_fmt(s["per_group"][g]["spearman"]) for g in groups]
+    var = "n/a" if s["spearman_var"] is None else f"{s['spearman_var']:.4f}"
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(s['spearman_mean'])} | {var} | "
+                 f"{_fmt(s['weighted_tau_mean'])} |")
+  return lines
+
+
+def verdict(summary: dict, key: str = "scorers") -> str:
+  """A few sentences: do the paper's metrics beat the target-blind baselines in `summary[key]`?"""
+  sc = summary[key]
+  mean = lambda names: {n: sc[n]["spearman_mean"] for n in names
+                        if n in sc and sc[n]["spearman_mean"] is not None}
+  paper = mean([n for n in sc if n in S_METRICS or n.startswith("C_")])
+  single = mean(S_METRICS)
+  blind = mean(BLIND)
+  if not single:
+    return "No feature-map metric had a defined Spearman here."
+  best_s = max(single, key=single.get)
+  best_p = max(paper, key=paper.get)
+  text = (f"Best single metric {best_s}: mean rho {single[best_s]:+.3f}; best including the "
+          f"combinations fitted in-sample: {best_p} {paper[best_p]:+.3f}.")
+  held = summary.get("held_out") if key == "scorers" else None
+  if held and held["spearman_mean"] is not None:
+    text += (" The best C_ij(alpha) chosen on the other groups scores "
+             f"{held['spearman_mean']:+.3f} on the held-out group (mean over groups).")
+  if not blind:
+    return text + " The target-blind baselines are constant within every group here."
+  best_b = max(blind, key=blind.get)
+  text += f" Best target-blind baseline: {best_b}, {blind[best_b]:+.3f}:"
+  for name, value in (("the best single metric", single[best_s]),
+                      ("the best in-sample combination", paper[best_p])):
+    diff = value - blind[best_b]
+    # Spearman over a few models is coarse: call differences under 0.05 a draw.
+    word = "beats" if diff >= 0.05 else ("matches" if diff > -0.05 else "does not beat")
+    text += f" {name} {word} it{',' if name.endswith('metric') else '.'}"
+  return text
+
+
+def make_report(records: Sequence[dict], summary: dict, args, zoo_lines: list[str]) -> str:
+  best = summary["best_pair"]
+  lines = ["# Base-model selection (Figs. 2, 3)", "",
+           f"{summary['n_models']} base models x {len(set(r['target'] for r in records))} "
+           f"targets. Fine-tuning: {args.train_per_class} images/class, {args.steps} SGD steps of "
+           f"{args.ft_batch_size}, lr {args.ft_lr:g} x0.1 at 7/30..28/30 of the run, momentum 0.9,"
+           " weight decay 5e-4, BN stats frozen (the paper's 30-epoch schedule, shortened). "
+           f"Test: <= {args.test_per_class} images/class.", "",
+           "## Zoo", ""] + zoo_lines + ["", "## Fine-tuned test accuracy", ""]
+  targets = list(dict.fromkeys(r["target"] for r in records))
+  by = {(r["model"], r["target"]): r["test_acc"] for r in records}
+  lines += ["| model | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+  for m in dict.fromkeys(r["model"] for r in records):
+    lines.append(f"| {m} | " + " | ".join(f"{by[(m, t)]:.4f}" if (m, t) in by else "-"
+                                          for t in targets) + " |")
+  lines += ["", "## Spearman rho per (family, target) (Fig. 2)", "",
+            "Scores oriented so that larger = predicted better (S2, S4, S5, S6 negated); rho of "
+            "the raw S2, S4, S5, S6 is the negative. n/a: the score is constant in that group "
+            "(e.g. parameter count within a family). tau_w: weighted Kendall tau.", ""]
+  lines += scorer_table(summary)
+  if summary["pooled"]:
+    lines += ["", "## Pooled over families, per target", ""] + scorer_table(summary, "pooled")
+  lines += ["", "## C_ij(alpha), alpha step 0.001 (Fig. 3)", "",
+            "| pair | best alpha | mean rho | var rho | mean rho at alpha 0.574 |",
+            "|---|---|---|---|---|"]
+  for k, p in summary["pairs"].items():
+    var = "n/a" if p["best_var"] is None else f"{p['best_var']:.5f}"
+    lines.append(f"| C_{p['i'][1]}{p['j'][1]} | {p['best_alpha']:.3f} | {_fmt(p['best_mean'])} | "
+                 f"{var} | {_fmt(p['mean_at_paper_alpha'])} |")
+  if best:
+    p = summary["pairs"][best]
+    lines += ["", f"Best: **C_{p['i'][1]}{p['j'][1]}({p['best_alpha']:.3f})**, mean rho "
+              f"{_fmt(p['best_mean'])}, variance {p['best_var']:.5f} over "
+              f"{len(p['groups'])} groups (paper: C_56(0.574), mean 0.7514, variance 0.005993)."]
+  held = summary.get("held_out")
+  if held and held["spearman_mean"] is not None:
+    lines += ["", "Leave-one-group-out (pair and alpha chosen on the other groups, rho on the "
+              "held-out group):", "", "| held-out group | chosen | rho |", "|---|---|---|"]
+    for g, v in held["per_group"].items():
+      lines.append(f"| {g} | C_{v['pair'][1]}{v['pair'][4]}({v['alpha']:.3f}) | "
+                   f"{_fmt(v['spearman'])} |")
+    lines.append(f"| mean (var) | | {_fmt(held['spearman_mean'])} "
+                 f"({held['spearman_var']:.4f}) |")
+  lines += ["", "## Verdict", "", "Per (family, target): " + verdict(summary)]
+  if summary["pooled"]:
+    lines += ["", "Pooled over families, per target: " + verdict(summary, "pooled")]
+  lines += ["", "Spearman over a handful of models per group moves in steps of 0.1 or more, and "
+            "each accuracy is one fine-tuning run: read differences below ~0.2 as noise.", ""]
+  return "\n".join(lines)
+
+
+def plot_spearman(summary: dict, path: str) -> None:
+  """Fig. 2 analogue: rho per group, one bar per scorer (feature-map metrics on top)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  sc = summary["scorers"]
+  panels = [[n for n in sc if n in S_METRICS], [n for n in sc if n not in S_METRICS]]
+  groups = summary["groups"]
+  fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(groups)), 8))
+  for ax, names in zip(axes, panels):
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+      vals = [sc[name]["per_group"][g]["spearman"] for g in groups]
+      ax.bar(np.arange(len(groups)) + i * width - 0.4 + width / 2,
+             [np.nan if v is None else v for v in vals], width, label=name)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(np.arange(len(groups)), groups, fontsize=7, rotation=15, ha="right")
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_ylabel("Spearman rho")
+    ax.legend(fontsize=7, ncol=min(6, len(names)))
+    ax.grid(axis="y", alpha=0.3)
+  axes[0].set_title("Rank correlation with fine-tuned accuracy (larger score = predicted better)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_alpha_curves(records: Sequence[dict], summary: dict, path: str, step: float) -> None:
+  """Fig. 3 analogue: rho of C_ij(alpha) per group (thin) and its mean (black), every pair."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  records = sorted(records, key=lambda r: (r["family"], r["target"], r["model"]))
+  acc = np.array([r["test_acc"] for r in records])
+  groups = [group_label(r) for r in records]
+  norm = {k: v for k, v in oriented_scores(records).items() if k in S_METRICS}
+  sweeps = selection.sweep_pairs(norm, acc, groups, step=step)
+  fig, axes = plt.subplots(3, 5, figsize=(18, 9), sharey=True)
+  for ax, ((a, b), sw) in zip(axes.ravel(), sweeps.items()):
+    for g, label in enumerate(sw.groups):
+      ax.plot(sw.alphas, sw.spearman[:, g], lw=0.8, alpha=0.7, label=label)
+    ax.plot(sw.alphas, sw.mean, color="k", lw=2, label="mean")
+    ax.axvline(sw.best_alpha, color="r", lw=0.6, ls="--")
+    ax.set_title(f"(1-a)*{a} + a*{b}: best a={sw.best_alpha:.3f}, {sw.best_mean:+.2f}",
+                 fontsize=8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=6)
+  fig.supxlabel("alpha")
+  fig.supylabel("Spearman rho")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command line
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  model_zoo.add_zoo_args(p)
+  add_finetune_args(p)
+  p.add_argument("--target", action="append", default=None,
+                 help="target dataset spec; repeat the flag (or separate with ';') for several")
+  p.add_argument("--alpha-step", type=float, default=0.001)
+  p.add_argument("--save-features", action="store_true",
+                 help="save each (model, target)'s outputs as features/<model>__<target>.npz")
+  p.add_argument("--out", default="results/model_selection")
+  p.add_argument("--resume", action="store_true", help="skip finished (model, target) pairs")
+  p.add_argument("--overwrite", action="store_true", help="replace existing results")
+  p.add_argument("--quiet", action="store_true")
+  return p.parse_args(argv)
+
+
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+  """Fine-tuning and target flags, shared with experiments.truncation."""
+  g = p.add_argument_group("fine-tuning")
+  g.add_argument("--train-per-class", type=int, default=50,
+                 help="labelled target images per class (fine-tuning and metrics)")
+  g.add_argument("--test-per-class", type=int, default=200)
+  g.add_argument("--steps", type=int, default=100, help="fine-tuning SGD steps")
+  g.add_argument("--ft-lr", type=float, default=0.01)
+  g.add_argument("--ft-batch-size", type=int, default=50)
+  g.add_argument("--data-dir", default=None, help="TFDS data_dir or Fashion-MNIST directory")
+
+
+def finetune_config(args) -> TrainConfig:
+  """The fine-tuning schedule from `add_finetune_args` flags (validated; `--tiny` shrinks them
+  to TINY_FINETUNE)."""
+  if getattr(args, "tiny", False):
+    for k, v in TINY_FINETUNE.items():
+      setattr(args, k, v)
+  if args.train_per_class < 2 or args.steps < 1 or args.ft_batch_size < 1 or args.ft_lr <= 0:
+    raise InputError("--train-per-class must be >= 2 and --steps, --ft-batch-size, --ft-lr > 0")
+  return TrainConfig(lr=args.ft_lr, batch_size=args.ft_batch_size, bn_train=False)
+
+
+def target_specs(args, default=DEFAULT_TARGETS) -> list[str]:
+  specs = [t for flag in (args.target or default) for t in flag.split(";") if t]
+  for t in specs:
+    parse_spec(t, flag="--target")
+  return specs
+
+
+def _safe(text: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def run(args, members: Sequence[model_zoo.Member], specs: Sequence[str], config: TrainConfig,
+        results: ResultsDir) -> None:
+  """Scores and fine-tunes every (model, target) not yet in `results`."""
+  done = results.done(KEY)
+  compiled = Compiled()
+  shape = members[0].source.input_shape
+  total, count = len(members) * len(specs), len(done)
+  for spec in specs:
+    if all((m.name, spec) in done for m in members):
+      continue
+    task = load_target(spec, shape, args.train_per_class, args.test_per_class, args.seed,
+                       args.data_dir)
+    for m in members:
+      if (m.name, spec) in done:
+        continue
+      t0 = time.time()
+      scores, outputs = source_scores(m.source, task.train.images, task.train.labels, compiled)
+      if args.save_features:
+        os.makedirs(os.path.join(results.path, "features"), exist_ok=True)
+        np.savez(os.path.join(results.path, "features", f"{m.name}__{_safe(spec)}.npz"),
+                 labels=task.train.labels, **outputs)
+      t1 = time.time()
+      acc = finetune(m.source, task, args.steps, config, compiled, args.seed)
+      record = dict(model=m.name, target=spec, family=m.spec.family, arch=m.spec.arch,
+                    test_acc=acc, source_accuracy=m.source.meta["source_test_acc"],
+                    param_count=model_zoo.param_count(m.source), n_train=len(task.train),
+                    n_test=len(task.test), steps=args.steps, score_seconds=round(t1 - t0, 3),
+                    finetune_seconds=round(time.time() - t1, 3), **scores)
+      results.add(record)
+      count += 1
+      if not args.quiet:
+        print(f"[{count}/{total}] {m.name} -> {spec}: acc {acc:.4f} S6 {scores['S6']:.4g} "
+              f"LogME {scores['LogME']:.4g} ({time.time() - t0:.1f}s)", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  t0 = time.time()
+  log = None if args.quiet else (lambda s: print(s, file=sys.stderr))
+  try:
+    specs = target_specs(args)
+    config = finetune_config(args)
+    zoo, settings = model_zoo.zoo_from_args(args)
+    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
+    members = model_zoo.build_zoo(zoo, settings, args.zoo_root, log=log)
+    run(args, members, specs, config, results)
+    names = {m.name for m in members}
+    records = [r for r in results.records if r["model"] in names and r["target"] in specs]
+    summary = analyze(records, step=args.alpha_step)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  records = sorted(records, key=lambda r: (r["target"], r["model"]))
+  results.write_json("results.json", records)
+  results.write_json("summary.json", summary)
+  text = make_report(records, summary, args, model_zoo.zoo_table(members))
+  results.write_text("report.md", text)
+  plot_spearman(summary, os.path.join(results.path, "spearman.png"))
+  plot_alpha_curves(records, summary, os.path.join(results.path, "alpha_curves.png"),
+                    args.alpha_step)
+  print(text)
+  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

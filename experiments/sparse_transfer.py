@@ -1,0 +1,669 @@
+"""Tables 1-3 and Fig. 3 of Sparse Deep Transfer Learning (Liu et al., AAAI 2017), embedded.
+
+  python -m experiments.sparse_transfer --out results/sparse_transfer
+
+Pipeline (jtransfer.methods.hybrid, jtransfer.methods.sparsity) on vgg_s (conv1_1..conv3_2,
+fc6, fc7, head):
+1. Reference-SourceNet: vgg_s pretrained on Fashion-MNIST {0,2,3,4,6} (`--source`).
+   Sparse-SourceNet: iterative magnitude pruning of every kernel (per-layer rates by the
+   Erdos-Renyi-Kernel rule by default, `--scope`; a single global threshold empties fc6) to
+   `--source-sparsity` in `--source-rounds` rounds (Zhu & Gupta's polynomial targets),
+   `--source-steps` SGD steps of retraining on the source data per round; source test
+   accuracy vs sparsity (Table S).
+2. Per target (Fashion-MNIST {1,5,7,8,9}, digits; `--train-per-class` images per class, the
+   paper is not few-shot) and seed, the four nets of Table 1, each trained `--steps` Adam steps:
+   Standard-TransferNet (dense, S-K-), Hybrid(S+K-), Hybrid(S-K+), Hybrid (S+K+). Every main
+   branch re-initialises its top N_m = 2 layers (fc7, head; the paper's AlexNet setting) and
+   keeps the rest; the extra branch is a copy of the reference's top N_e = 2 layers (fc7 and
+   the *source* head) attached to the main branch's fc6 output; knowledge loss
+   lam * CE(softmax(a_extra/tau), softmax(a_R/tau)), tau = 4, lam = `--lam` (paper 1), over
+   the source classes.
+3. Sparse-TargetNet (Fig. 3): from the trained Hybrid, connection pruning of the main branch's
+   kernels to each rate in `--target-rates` (cumulative, global magnitude), retrained
+   `--target-steps` steps per rate with the total loss (K+) or CE alone (K-).
+4. Neuron pruning (Table 2): from the K+ net at `--neuron-from` (default: the sparsest
+   one whose validation accuracy reaches the Standard-TransferNet's), fc6 then fc7
+   (`--neuron-layers`): each iteration removes `--neuron-frac` of the layer's original
+   neurons with the lowest mean post-ReLU activation over `--neuron-images-per-class`
+   training images per class (removal slices the arrays and shrinks `dense_widths`), retrains
+   `--neuron-steps` steps with the total loss, and stops (undoing that iteration) when
+   validation accuracy falls below the Standard-TransferNet's validation accuracy (the paper
+   stops at the standard level; it does not say on which split).
+5. Table 3: accuracy and main-branch connection pruning rate (zero kernel entries / kernel
+   entries of the dense main branch; removed neurons count as pruned; biases excluded).
+
+Writes results.jsonl (one record per finished piece), results.json, report.md (Tables S, 1,
+2, 3, the paper's claims checked), source_sparsity.png and fig3_pruning.png. `--resume` skips
+finished (target, seed) units; the Sparse-SourceNet is saved under models/ and reloaded.
+Accuracies are test accuracies of the main branch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from experiments import pretrain
+from experiments.fewshot import cap_per_class
+from experiments.report import ResultsDir, mean_std
+from jtransfer import surgery
+from jtransfer.data import load_spec, parse_spec, sample_kshot
+from jtransfer.errors import InputError
+from jtransfer.methods import hybrid, sparsity, transfer
+from jtransfer.train import accuracy, adam, fit, predict_logits, sgd
+
+DEFAULT_TARGETS = ("fmnist:1,5,7,8,9", "digits")
+VARIANTS = tuple(hybrid.VARIANTS)
+MAIN_KERNELS = (r"main/.*kernel",)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--source", default=pretrain.DEFAULT_SOURCE,
+                 help="dataset spec (trained once, cached) or ckpt:PATH of a vgg_s source")
+  p.add_argument("--source-epochs", type=float, default=2.0)
+  p.add_argument("--source-data", default=None,
+                 help="source dataset for pruning (default: the source's own spec)")
+  p.add_argument("--source-sparsity", type=float, default=0.85)
+  p.add_argument("--source-rounds", type=int, default=4)
+  p.add_argument("--source-schedule", default="polynomial",
+                 choices=("polynomial", "linear", "geometric"))
+  p.add_argument("--source-steps", type=int, default=100, help="retrain steps per round")
+  p.add_argument("--source-lr", type=float, default=0.01, help="SGD, momentum 0.9")
+  p.add_argument("--source-batch-size", type=int, default=128)
+  p.add_argument("--source-max-train", type=int, default=6000,
+                 help="cap on source images used for retraining (0 = all)")
+  p.add_argument("--source-test-per-class", type=int, default=500, help="0 = all")
+  p.add_argument("--scope", default="erk", choices=sparsity.SCOPES,
+                 help="how a sparsity target is shared among layers (source and target "
+                      "pruning); 'global' can empty fc6, whose weights are smallest")
+  p.add_argument("--target", action="append", default=None,
+                 help=f"target spec (repeatable); default {' and '.join(DEFAULT_TARGETS)}")
+  p.add_argument("--train-per-class", type=int, default=100)
+  p.add_argument("--val-per-class", type=int, default=20)
+  p.add_argument("--test-per-class", type=int, default=300, help="0 = all")
+  p.add_argument("--seeds", default="0", help="comma list; one data draw and init per seed")
+  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--steps", type=int, default=300, help="transfer steps per variant")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (transfer)")
+  p.add_argument("--lam", type=float, default=1.0)
+  p.add_argument("--tau", type=float, default=4.0)
+  p.add_argument("--n-m", type=int, default=2, help="top main layers re-initialised dense")
+  p.add_argument("--n-e", type=int, default=2, help="top reference layers in the extra branch")
+  p.add_argument("--target-rates", default="0.8,0.9,0.95,0.975")
+  p.add_argument("--target-steps", type=int, default=100, help="retrain steps per rate")
+  p.add_argument("--neuron-from", type=float, default=None,
+                 help="connection rate whose K+ net is neuron-pruned (default: the highest "
+                      "rate whose validation accuracy reaches the Standard-TransferNet's, "
+                      "else the lowest)")
+  p.add_argument("--neuron-frac", type=float, default=0.125,
+                 help="fraction of a layer's neurons removed per iteration (paper 512/4096)")
+  p.add_argument("--neuron-steps", type=int, default=50)
+  p.add_argument("--neuron-images-per-class", type=int, default=50)
+  p.add_argument("--neuron-layers", default="fc6,fc7", help="FC layers pruned, in order")
+  p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX directory / TFDS dir")
+  p.add_argument("--out", default="results/sparse_transfer")
+  p.add_argument("--resume", action="store_true")
+  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--quiet", action="store_true")
+  return p.parse_args(argv)
+
+
+def _floats(text: str, flag: str, lo: float, hi: float) -> list[float]:
+  try:
+    values = [float(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise InputError(f"{flag} {text!r}: expected a comma list of numbers") from None
+  if not values or any(not lo <= v <= hi for v in values):
+    raise InputError(f"{flag} {text!r}: values must lie in [{lo}, {hi}]")
+  return values
+
+
+def validate(args) -> dict:
+  """Checks every flag before anything is loaded; returns the parsed plan."""
+  targets = args.target or list(DEFAULT_TARGETS)
+  for t in targets:
+    parse_spec(t, flag="--target")
+  if not args.source.startswith("ckpt:"):
+    parse_spec(args.source, flag="--source")
+  for flag in ("source_rounds", "source_steps", "source_batch_size", "train_per_class",
+               "steps", "batch_size", "target_steps", "neuron_steps",
+               "neuron_images_per_class"):
+    if getattr(args, flag) < 1:
+      raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+  for flag in ("val_per_class", "test_per_class", "source_max_train", "source_test_per_class"):
+    if getattr(args, flag) < 0:
+      raise InputError(f"--{flag.replace('_', '-')} must be >= 0")
+  sparsity.check_fraction(args.source_sparsity, "--source-sparsity")
+  if not 0 < args.neuron_frac < 1:
+    raise InputError(f"--neuron-frac must be in (0, 1), got {args.neuron_frac}")
+  if not (args.lr > 0 and args.source_lr > 0 and args.tau > 0 and args.lam >= 0):
+    raise InputError("--lr, --source-lr and --tau must be > 0, --lam >= 0")
+  variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+  bad = [v for v in variants if v not in VARIANTS]
+  if bad or not variants:
+    raise InputError(f"--variants {args.variants!r}: expected some of {', '.join(VARIANTS)}")
+  if "hybrid" not in variants or "standard" not in variants:
+    raise InputError("--variants must include 'hybrid' (pruned into the Sparse-TargetNet) and "
+                     "'standard' (its accuracy is the neuron-pruning stop level)")
+  rates = sorted(set(_floats(args.target_rates, "--target-rates", 0.0, 0.999)))
+  neuron_from = args.neuron_from
+  if neuron_from is not None and neuron_from not in rates:
+    raise InputError(f"--neuron-from {neuron_from} is not one of --target-rates {rates}")
+  layers = [l.strip() for l in args.neuron_layers.split(",") if l.strip()]
+  if not layers or any(l not in ("fc6", "fc7") for l in layers):
+    raise InputError(f"--neuron-layers {args.neuron_layers!r}: expected fc6 and/or fc7")
+  try:
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  except ValueError:
+    raise InputError(f"--seeds {args.seeds!r}: expected a comma list of integers") from None
+  if not seeds:
+    raise InputError("--seeds is empty")
+  return dict(targets=targets, variants=[v for v in VARIANTS if v in variants], rates=rates,
+              neuron_from=neuron_from, seeds=seeds, neuron_layers=layers,
+              source_targets=sparsity.round_sparsities(args.source_sparsity,
+                                                       args.source_rounds,
+                                                       kind=args.source_schedule))
+
+
+# ----------------------------------------------------------------------------- helpers
+class Evaluator:
+  """Main-branch accuracy on fixed image sets, one compiled forward per hybrid structure."""
+
+  def __init__(self):
+    self._fwd: dict[str, Any] = {}
+
+  def forward(self, hy: hybrid.Hybrid):
+    key = json.dumps([hy.config, hy.mean, hy.std], sort_keys=True)
+    if key not in self._fwd:
+      self._fwd[key] = hybrid.main_forward(hy)
+    return self._fwd[key]
+
+  def acc(self, hy, params, images, labels) -> float:
+    return accuracy(predict_logits(self.forward(hy), {"main": params["main"]}, {}, images),
+                    labels)
+
+
+def _host(tree):
+  # Copies: the train step donates its state's buffers, which a zero-copy view would share.
+  return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def main_rate(params, dense_total: int) -> float:
+  """Connection pruning rate of the main branch: 1 - non-zero kernel entries / dense count."""
+  nonzero = sum(int(np.count_nonzero(v)) for p, v in surgery.flatten(params["main"]).items()
+                if p.endswith("kernel"))
+  return 1.0 - nonzero / dense_total
+
+
+def _kernel_total(params) -> int:
+  return sum(int(np.size(v)) for p, v in surgery.flatten(params["main"]).items()
+             if p.endswith("kernel"))
+
+
+# ----------------------------------------------------------------------------- source
+def sparse_source(args, plan, source, results: ResultsDir, log):
+  """Sparse-SourceNet: prunes the reference on source data, recording each round."""
+  path = os.path.join(results.path, "models", "sparse_source")
+  done = [r for r in results.records if r["kind"] == "source"]
+  if len(done) == len(plan["source_targets"]) + 1 and os.path.isdir(path):
+    sp = _host(transfer.load_source(path).variables["params"])
+    return sp, sparsity.masks_from_zeros(sp)
+  spec = args.source_data or source.meta.get("source_spec")
+  if not spec:
+    raise InputError("the source checkpoint has no source_spec in its meta: pass --source-data")
+  data = load_spec(spec, source.input_shape, flag="--source-data", data_dir=args.data_dir)
+  train = data.train
+  if args.source_max_train and len(train) > args.source_max_train:
+    keep = np.random.default_rng(0).permutation(len(train))[:args.source_max_train]
+    train = train.take(np.sort(keep))
+  test = cap_per_class(data.test, args.source_test_per_class)
+  fwd = transfer.eval_forward(source.model, source.mean, source.std)
+  acc = lambda p: accuracy(predict_logits(fwd, p, {}, test.images), test.labels)
+  _drop(results, lambda r: r["kind"] == "source")  # an incomplete stage is redone whole
+  ref = source.variables["params"]
+  results.add(dict(kind="source", round=0, target=0.0, sparsity=0.0, acc_pruned=None,
+                   acc=acc(ref), layers={}))
+  counter = iter(range(1, 1000))
+
+  def on_round(rnd, state):
+    rep = sparsity.sparsity_report(_host(state.params))
+    results.add(dict(kind="source", round=next(counter), target=rnd.target,
+                     sparsity=rnd.sparsity, acc_pruned=rnd.metric_pruned,
+                     acc=rnd.metric_retrained,
+                     layers={p: l["sparsity"] for p, l in rep["layers"].items()}))
+    log(f"[sparse_source] target {rnd.target:.3f}: sparsity {rnd.sparsity:.3f}, acc pruned "
+        f"{rnd.metric_pruned:.4f} -> retrained {rnd.metric_retrained:.4f}")
+
+  params, masks, _ = hybrid.sparse_source_net(
+      source, train.images, train.labels, plan["source_targets"], args.source_steps,
+      tx=sgd(args.source_lr, momentum=0.9), batch_size=args.source_batch_size,
+      scope=args.scope, evaluate_fn=acc,
+      on_round=on_round)
+  transfer.save_source(path, transfer.Source(
+      source.arch, source.config, {"params": params}, source.input_shape, source.mean,
+      source.std, dict(source.meta, sparse_source=True)))
+  return params, masks
+
+
+# ----------------------------------------------------------------------------- target unit
+class Unit:
+  """One (target, seed): data, the four transfer nets, connection and neuron pruning."""
+
+  def __init__(self, args, plan, source, sparse, data, seed, trainers, evaluator, log):
+    self.args, self.plan, self.source, self.sparse = args, plan, source, sparse
+    self.seed, self.trainers, self.ev, self.log = seed, trainers, evaluator, log
+    k = data.train.num_classes
+    # A small target (digits: ~89 train images per class) gets what it has after validation.
+    smallest = int(np.bincount(data.train.labels, minlength=k).min())
+    self.shots = min(args.train_per_class, smallest - args.val_per_class)
+    if self.shots < 1:
+      raise InputError(f"--val-per-class {args.val_per_class} leaves no training images in a "
+                       f"class of {smallest}")
+    if self.shots < args.train_per_class:
+      log(f"[unit] {data.name}: {self.shots} training images per class (smallest class has "
+          f"{smallest}, {args.val_per_class} go to validation)")
+    train_idx, val_idx = sample_kshot(data.train.labels, self.shots, seed,
+                                      val_per_class=args.val_per_class, num_classes=k)
+    self.num_classes = k
+    self.images, self.labels = data.train.images[train_idx], data.train.labels[train_idx]
+    self.val = data.train.take(val_idx) if len(val_idx) else None
+    self.test = cap_per_class(data.test, args.test_per_class)
+    self.tx = adam(args.lr)
+    self.ref_logits = None
+
+  def hcfg(self, variant: str) -> hybrid.HybridConfig:
+    a = self.args
+    return hybrid.variant_config(variant, n_m=a.n_m, n_e=a.n_e, tau=a.tau, lam=a.lam)
+
+  def accs(self, hy, params) -> dict:
+    val = (self.ev.acc(hy, params, self.val.images, self.val.labels) if self.val is not None
+           else float("nan"))
+    return dict(val_acc=val, test_acc=self.ev.acc(hy, params, self.test.images,
+                                                  self.test.labels))
+
+  def trainer(self, hy, params, masks) -> hybrid.Trainer:
+    key = json.dumps([hy.config, sorted(params), hy.hcfg.lam, hy.hcfg.tau, hy.cut],
+                     sort_keys=True)
+    if key not in self.trainers:
+      self.trainers[key] = hybrid.make_trainer(hy, params, masks, self.tx)
+    return self.trainers[key]
+
+  def train(self, hy, params, masks, steps: int, state=None):
+    tr = self.trainer(hy, params, masks)
+    refs = self.ref_logits if "extra" in params else None
+    batch_at = hybrid.knowledge_batches(self.images, self.labels, refs, self.args.batch_size,
+                                        self.seed)
+    state = tr.state(params, masks, self.seed) if state is None else state
+    return tr, fit(state, tr.step, batch_at, int(state.step) + steps), batch_at
+
+  def transfer(self, variant: str):
+    """Trains one Table 1 net; returns (hybrid, params, masks, record)."""
+    t0 = time.time()
+    hy, params, masks = hybrid.init_hybrid(self.source, self.num_classes, self.hcfg(variant),
+                                           self.seed, *self.sparse)
+    if self.ref_logits is None and "reference" in params:
+      self.ref_logits = hybrid.reference_logits(hy, params["reference"], self.images)
+    _, state, _ = self.train(hy, params, masks, self.args.steps)
+    params = _host(state.params)
+    record = dict(kind="transfer", variant=variant, rate=main_rate(params,
+                                                                    _kernel_total(params)),
+                  seconds=round(time.time() - t0, 1), **self.accs(hy, params))
+    return hy, params, masks, record
+
+  def connection_pruning(self, hy, params, masks, knowledge: bool, on_point):
+    """Sparse-TargetNet connection pruning: one record per rate; returns {rate: params}."""
+    params = params if knowledge else hybrid.drop_knowledge(params)
+    dense_total = _kernel_total(params)
+    tr, state, batch_at = self.train(hy, params, masks, 0)
+    kept = {}
+
+    def on_round(rnd, st):
+      p = _host(st.params)
+      kept[rnd.target] = (p, sparsity.current_masks(st))
+      on_point(dict(kind="target_prune", knowledge="K+" if knowledge else "K-",
+                    rate=rnd.target, sparsity=main_rate(p, dense_total),
+                    acc_pruned=rnd.metric_pruned, **self.accs(hy, p)))
+
+    sparsity.prune_retrain(state, tr.step, batch_at, self.plan["rates"],
+                           self.args.target_steps, patterns=MAIN_KERNELS, scope=self.args.scope,
+                           evaluate=lambda p: self.ev.acc(hy, p, self.test.images,
+                                                          self.test.labels),
+                           on_round=on_round)
+    return kept
+
+  def neuron_pruning(self, hy, params, masks, level: float) -> dict:
+    """Prunes fc6 then fc7 neurons until validation accuracy drops below `level`."""
+    a = self.args
+    dense_total = _kernel_total(params)
+    start_params, start = params, self.accs(hy, params)
+    per = a.neuron_images_per_class
+    subset = np.concatenate([np.flatnonzero(self.labels == c)[:per]
+                             for c in range(self.num_classes)])
+    metric = "val_acc" if self.val is not None else "test_acc"
+    history, current = [], start
+    layers = [n for n, kind in hy.plan if kind == "dense"]
+    for layer in self.plan["neuron_layers"]:
+      step_n = max(1, int(round(a.neuron_frac * params["main"][layer]["bias"].size)))
+      while params["main"][layer]["bias"].size > step_n:
+        acts = hybrid.neuron_activations(hy, params, self.images[subset], layers=[layer])
+        keep = hybrid.lowest_neurons(acts[layer], step_n)
+        hy2, p2, m2 = hybrid.prune_neurons(hy, params, masks, {layer: keep})
+        _, state, _ = self.train(hy2, p2, m2, a.neuron_steps)
+        p2 = _host(state.params)
+        got = self.accs(hy2, p2)
+        ok = got[metric] >= level
+        history.append(dict(layer=layer, neurons=int(keep.size), accepted=bool(ok),
+                            rate=main_rate(p2, dense_total), **got))
+        self.log(f"[neurons] {layer} -> {keep.size}: {metric} {got[metric]:.4f} "
+                 f"(level {level:.4f}) {'kept' if ok else 'undone, next layer'}")
+        if not ok:
+          break
+        hy, params, masks, current = hy2, p2, m2, got
+    table = hybrid.fc_table(start_params, params, layers + ["head"])
+    return dict(kind="neuron", history=history, widths=list(hy.config["dense_widths"]),
+                table={k: {"neurons": list(v["neurons"]), "weights": list(v["weights"])}
+                       for k, v in table.items()},
+                rate=main_rate(params, dense_total), rate_before=main_rate(start_params,
+                                                                           dense_total),
+                level=level, stop_metric=metric, start=start, **current)
+
+  def run(self, add) -> None:
+    """Runs every piece, calling add(record) as each finishes."""
+    nets, recs = {}, {}
+    for variant in self.plan["variants"]:
+      hy, params, masks, rec = self.transfer(variant)
+      nets[variant], recs[variant] = (hy, params, masks), rec
+      add(rec)
+      self.log(f"[transfer] {variant}: test {rec['test_acc']:.4f} val {rec['val_acc']:.4f} "
+               f"rate {rec['rate']:.3f} ({rec['seconds']} s)")
+    hy, params, masks = nets["hybrid"]
+    log_point = lambda r: (add(r), self.log(
+        f"[target_prune] {r['knowledge']} rate {r['rate']:.3f}: test {r['test_acc']:.4f}"))
+    points = []
+    kept = self.connection_pruning(hy, params, masks, True,
+                                   lambda r: (points.append(r), log_point(r)))
+    self.connection_pruning(hy, params, masks, False, log_point)
+    metric = "val_acc" if self.val is not None else "test_acc"
+    level = recs["standard"][metric]
+    rate = self.plan["neuron_from"]
+    if rate is None:  # as the paper: the sparsest net still at the standard level
+      good = [r["rate"] for r in points if r[metric] >= level]
+      rate = max(good) if good else min(self.plan["rates"])
+    p_n, m_n = kept[rate]
+    add(dict(self.neuron_pruning(hy, p_n, m_n, level), from_rate=rate))
+
+
+def _drop(results: ResultsDir, pred) -> None:
+  """Removes records (in memory and in results.jsonl), e.g. of a unit cut short by a kill."""
+  results.records = [r for r in results.records if not pred(r)]
+  results.write_text("results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n"
+                                              for r in results.records))
+
+
+def run(args, plan, results: ResultsDir, log) -> None:
+  source = pretrain.source_for("vgg_s", args.source, epochs=args.source_epochs,
+                               progress=not args.quiet)
+  if source.arch != "vgg_s":
+    raise InputError(f"--source must be a vgg_s model, got {source.arch}")
+  sparse = sparse_source(args, plan, source, results, log)
+  trainers, evaluator = {}, Evaluator()
+  for spec in plan["targets"]:
+    data = load_spec(spec, source.input_shape, flag="--target", data_dir=args.data_dir)
+    for seed in plan["seeds"]:
+      in_unit = lambda r: r.get("target") == spec and r.get("seed") == seed
+      if any(in_unit(r) and r["kind"] == "neuron" for r in results.records):
+        continue  # the neuron record is a unit's last: the unit is complete
+      _drop(results, in_unit)
+      t0 = time.time()
+      unit = Unit(args, plan, source, sparse, data, seed, trainers, evaluator, log)
+      unit.run(lambda rec: results.add(dict(rec, target=spec, seed=seed,
+                                            train_per_class=unit.shots)))
+      log(f"[unit] {spec} seed {seed} done in {time.time() - t0:.0f} s")
+
+
+# ----------------------------------------------------------------------------- report
+def _ms(values) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  m, s = mean_std(values)
+  return f"{100 * m:.1f}" + (f" ({100 * s:.1f})" if len(values) > 1 else "")
+
+
+def summarise(records: list[dict], plan: dict) -> dict:
+  """Means over seeds: per target, Table 1 / Fig. 3 / Table 3 numbers."""
+  out: dict = {}
+  for t in plan["targets"]:
+    rs = [r for r in records if r.get("target") == t]
+    if not rs:
+      continue
+    tr = defaultdict(list)
+    for r in rs:
+      if r["kind"] == "transfer":
+        tr[r["variant"]].append(r)
+    curve = defaultdict(list)
+    for r in rs:
+      if r["kind"] == "target_prune":
+        curve[(r["knowledge"], r["rate"])].append(r)
+    out[t] = dict(
+        transfer={v: dict(test=mean_std([r["test_acc"] for r in x])[0],
+                          rate=mean_std([r["rate"] for r in x])[0],
+                          tests=[r["test_acc"] for r in x]) for v, x in tr.items()},
+        curve={f"{k}@{rate}": dict(knowledge=k, rate=rate,
+                                   sparsity=mean_std([r["sparsity"] for r in x])[0],
+                                   test=mean_std([r["test_acc"] for r in x])[0],
+                                   tests=[r["test_acc"] for r in x])
+               for (k, rate), x in sorted(curve.items())},
+        neuron=[r for r in rs if r["kind"] == "neuron"])
+  return out
+
+
+def make_report(records: list[dict], args, plan: dict) -> str:
+  summ = summarise(records, plan)
+  lines = ["# Sparse deep transfer (Liu et al. 2017): Tables 1-3, Fig. 3", "",
+           f"vgg_s (conv1_1..conv3_2, fc6, fc7, head) from `{args.source}`; "
+           f"{_shots(records, args)} training images per class, validation "
+           f"{args.val_per_class}/class (disjoint), test "
+           f"{'all' if not args.test_per_class else f'<= {args.test_per_class}/class'}; "
+           f"seeds {plan['seeds']} (mean (std) over seeds). Transfer: {args.steps} Adam steps, "
+           f"lr {args.lr:g}, batch {args.batch_size}; N_m = {args.n_m} (fc7, head re-initialised "
+           f"dense), N_e = {args.n_e} (extra branch = reference fc7 + source head on main fc6), "
+           f"tau = {args.tau:g}, lambda = {args.lam:g}. Accuracy = main-branch test accuracy (%); "
+           "pruning rate = zero main-branch kernel entries / dense kernel entries.", ""]
+  lines += _table_source(records, args, plan)
+  lines += _table1(summ, plan)
+  lines += _table2(summ)
+  lines += _table3(summ, plan)
+  lines += _claims(summ, plan)
+  return "\n".join(lines + [""])
+
+
+def _shots(records, args) -> str:
+  per = {}
+  for r in records:
+    if "train_per_class" in r:
+      per[r["target"]] = r["train_per_class"]
+  if not per or all(v == args.train_per_class for v in per.values()):
+    return str(args.train_per_class)
+  return ", ".join(f"{v} ({t})" for t, v in per.items())
+
+
+def _table_source(records, args, plan) -> list[str]:
+  rs = sorted((r for r in records if r["kind"] == "source"), key=lambda r: r["round"])
+  lines = ["## Sparse-SourceNet (source test accuracy vs connection sparsity)", "",
+           f"Magnitude pruning of every kernel ({args.scope} scope), "
+           f"{args.source_schedule} targets, {args.source_steps} SGD steps (lr "
+           f"{args.source_lr:g}, momentum 0.9, batch {args.source_batch_size}) of retraining per "
+           "round on "
+           f"{args.source_max_train or 'all'} source images.", "",
+           "| round | target | sparsity | acc pruned | acc retrained |", "|---|---|---|---|---|"]
+  for r in rs:
+    pr = "-" if r["acc_pruned"] is None else f"{100 * r['acc_pruned']:.1f}"
+    lines.append(f"| {r['round']} | {100 * r['target']:.1f}% | {100 * r['sparsity']:.1f}% | "
+                 f"{pr} | {100 * r['acc']:.1f} |")
+  if rs and rs[-1]["layers"]:
+    lines += ["", "Per-layer sparsity of the Sparse-SourceNet: " + ", ".join(
+        f"{p.split('/')[0]} {100 * v:.0f}%" for p, v in rs[-1]["layers"].items())]
+  return lines + [""]
+
+
+def _table1(summ, plan) -> list[str]:
+  ts = list(summ)
+  lines = ["## Table 1: model sparsity (S) and implicit knowledge (K)", "",
+           "| net | " + " | ".join(f"{t} acc | rate" for t in ts) + " |",
+           "|---|" + "---|---|" * len(ts)]
+  for v in plan["variants"]:
+    cells = []
+    for t in ts:
+      x = summ[t]["transfer"].get(v)
+      cells += [_ms(x["tests"]) if x else "-", f"{100 * x['rate']:.1f}%" if x else "-"]
+    lines.append(f"| {hybrid.VARIANT_NAMES[v]} | " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
+def _table2(summ) -> list[str]:
+  lines = ["## Table 2: neuron pruning of fc6 / fc7 (Sparse-TargetNet_N)", ""]
+  for t, s in summ.items():
+    for r in s["neuron"]:
+      lines += [f"{t}, seed {r['seed']}: from Sparse-TargetNet_C{100 * r['from_rate']:g}, "
+                f"stop when {r['stop_metric']} < {100 * r['level']:.1f} (Standard-TransferNet); "
+                f"{sum(h['accepted'] for h in r['history'])} iteration(s) kept; final test "
+                f"{100 * r['test_acc']:.1f} (before {100 * r['start']['test_acc']:.1f}).", "",
+                "| layer | neurons before/after | weights before/after | neurons pruned | "
+                "weights pruned |", "|---|---|---|---|---|"]
+      for layer, row in r["table"].items():
+        (nb, na), (wb, wa) = row["neurons"], row["weights"]
+        name = "Output" if layer == "head" else layer
+        lines.append(f"| {name} | {nb}/{na} | {wb}/{wa} | {100 * (1 - na / nb):.1f}% | "
+                     f"{100 * (1 - wa / max(wb, 1)):.1f}% |")
+      lines.append("")
+  return lines
+
+
+def _table3(summ, plan) -> list[str]:
+  lines = ["## Table 3 (and Fig. 3): summary", ""]
+  for t, s in summ.items():
+    lines += [f"**{t}**", "", "| net | acc | prune rate |", "|---|---|---|"]
+    for v in ("standard", "hybrid"):
+      x = s["transfer"].get(v)
+      if x:
+        lines.append(f"| {hybrid.VARIANT_NAMES[v]} | {_ms(x['tests'])} | "
+                     f"{100 * x['rate']:.1f}% |")
+    for key, c in s["curve"].items():
+      name = "Sparse-TargetNet" if c["knowledge"] == "K+" else "Sparse-TargetNet(K-)"
+      lines.append(f"| {name}_C{100 * c['rate']:g} | {_ms(c['tests'])} | "
+                   f"{100 * c['sparsity']:.1f}% |")
+    if s["neuron"]:
+      lines.append(f"| Sparse-TargetNet_N | {_ms([r['test_acc'] for r in s['neuron']])} | "
+                   f"{100 * np.mean([r['rate'] for r in s['neuron']]):.1f}% |")
+    lines.append("")
+  return lines
+
+
+def _claims(summ, plan) -> list[str]:
+  lines = ["## The paper's claims here", ""]
+  for t, s in summ.items():
+    tr = {v: x["test"] for v, x in s["transfer"].items()}
+    if not {"standard", "hybrid"} <= set(tr):
+      continue
+    d = lambda v: 100 * (tr[v] - tr["standard"])
+    lines.append(f"- {t}: " + "; ".join(
+        f"{hybrid.VARIANT_NAMES[v]} {'beats' if d(v) > 0 else 'does not beat'} Standard "
+        f"({d(v):+.1f} pts)" for v in ("S+K-", "S-K+", "hybrid") if v in tr) +
+        f"; Hybrid is {'' if tr['hybrid'] >= max(tr.values()) else 'not '}the best of Table 1.")
+    kp = {c["rate"]: c["test"] for c in s["curve"].values() if c["knowledge"] == "K+"}
+    km = {c["rate"]: c["test"] for c in s["curve"].values() if c["knowledge"] == "K-"}
+    both = sorted(set(kp) & set(km))
+    if both:
+      wins = sum(kp[r] >= km[r] for r in both)
+      above = [r for r in sorted(kp) if kp[r] > tr["standard"]]
+      lines.append(f"  Fig. 3: K+ >= K- at {wins}/{len(both)} rates; Sparse-TargetNet beats "
+                   f"Standard at rates {[f'{100 * r:g}%' for r in above] or 'none'}.")
+    for r in s["neuron"]:
+      (nb, na) = r["table"]["total"]["neurons"]
+      lines.append(f"  Neurons (seed {r['seed']}): {nb - na}/{nb} fc neurons removed "
+                   f"({100 * (1 - na / nb):.1f}%), test {100 * r['test_acc']:.1f} vs Standard "
+                   f"{100 * tr['standard']:.1f}, prune rate {100 * r['rate']:.1f}%.")
+  return lines + ["", "Single-seed differences of a point or two are within run-to-run noise "
+                  "at this data size; judge the claims by the sign over seeds and targets."]
+
+
+def plot(records: list[dict], plan: dict, path_source: str, path_fig3: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rs = sorted((r for r in records if r["kind"] == "source"), key=lambda r: r["round"])
+  fig, ax = plt.subplots(figsize=(4.5, 3.2))
+  ax.plot([100 * r["sparsity"] for r in rs], [100 * r["acc"] for r in rs], "o-",
+          label="retrained")
+  ax.plot([100 * r["sparsity"] for r in rs[1:]], [100 * r["acc_pruned"] for r in rs[1:]], "x:",
+          label="just pruned")
+  ax.set_xlabel("connection sparsity (%)")
+  ax.set_ylabel("source test accuracy (%)")
+  ax.set_title("Sparse-SourceNet")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path_source, dpi=110)
+  plt.close(fig)
+  summ = summarise(records, plan)
+  fig, axes = plt.subplots(1, max(1, len(summ)), figsize=(4.6 * max(1, len(summ)), 3.4),
+                           squeeze=False)
+  for ax, (t, s) in zip(axes[0], summ.items()):
+    hyb = s["transfer"].get("hybrid")
+    for k, style in (("K+", "o-"), ("K-", "s--")):
+      pts = sorted((c["sparsity"], c["test"]) for c in s["curve"].values() if c["knowledge"] == k)
+      if hyb:
+        pts = [(hyb["rate"], hyb["test"])] + pts
+      if pts:
+        name = "Sparse-TargetNet" + ("" if k == "K+" else "(K-)")
+        ax.plot([100 * a for a, _ in pts], [100 * b for _, b in pts], style, label=name)
+    std = s["transfer"].get("standard")
+    if std:
+      ax.axhline(100 * std["test"], color="gray", ls=":", label="Standard-TransferNet")
+    ax.set_title(t)
+    ax.set_xlabel("connection pruning rate (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path_fig3, dpi=110)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+  t0 = time.time()
+  try:
+    plan = validate(args)
+    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
+    run(args, plan, results, log)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  records = results.records
+  results.write_json("results.json", records)
+  text = make_report(records, args, plan)
+  results.write_text("report.md", text)
+  plot(records, plan, os.path.join(results.path, "source_sparsity.png"),
+       os.path.join(results.path, "fig3_pruning.png"))
+  if not args.quiet:
+    print(text)
+  log(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

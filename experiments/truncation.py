@@ -1,0 +1,233 @@
+"""Truncate fine-tuning (base-model-selection-metrics, App. A.2, Figs. 4 and 5).
+
+  python -m experiments.truncation --arch resnet_s --out results/truncation
+
+For one source model and each truncation point l (resnet: 'stem', 'stage1/block0', ...,
+'stage3/block1'; vgg: every conv unit), the network is cut after l, global average pooling and
+a new head are put on the cut map (config `truncate_after`; source params the truncated model
+lacks are dropped by `transfer.init_target`'s restrict_to), and the truncated model is
+fine-tuned on each target. Before fine-tuning, S1..S6 are computed on the map at the cut (the
+truncated model's 'last_conv' tap, after ReLU) and LogME / H-score on its pooled features,
+from the same labelled training images.
+
+Writes results.jsonl (one record per finished (target, point); --resume skips them),
+results.json, summary.json, report.md (accuracy per point, Spearman per target between every
+metric and the truncate-fine-tune accuracy over the points, the point S6 picks),
+truncation_accuracy.png (Fig. 4) and truncation_spearman.png (Fig. 5).
+
+The source: `--source ckpt:PATH` (e.g. a zoo model, .cache/zoo/resnet_s-c0_2_3_4_6-f100) or a
+dataset spec, pretrained once and cached by experiments.pretrain (default: the embedded
+Fashion-MNIST {0,2,3,4,6} source). Fine-tuning: as experiments.model_selection (SGD, the
+paper's step decay compressed to `--steps`, BN statistics frozen).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from experiments import model_selection as ms
+from experiments import pretrain
+from experiments.model_zoo import Compiled, TrainConfig, prenormalize
+from experiments.report import ResultsDir
+from jtransfer import models
+from jtransfer.errors import InputError
+from jtransfer.methods import selection, transfer
+
+KEY = ("target", "point")
+SCORES = selection.METRIC_NAMES + ("LogME", "H-score")
+
+
+def truncation_points(source: transfer.Source) -> list[str]:
+  """Every truncation point of the source's architecture, input to output."""
+  return list(source.model.unit_names())
+
+
+def point_scores(source: transfer.Source, task: ms.TargetTask, point: str, compiled: Compiled
+                 ) -> tuple[dict[str, float], tuple[int, ...]]:
+  """S1..S6 on the map at `point` and LogME / H-score on its pooled features.
+
+  Returns:
+    (scores, map shape (H, W, C)).
+  """
+  model = transfer.target_model(source, task.num_classes, truncate_after=point)
+  params, stats = transfer.init_target(source, model, 0)
+  x = prenormalize(task.train.images, source.mean, source.std)
+  _, taps = ms.model_outputs(model, params, stats, x, ("last_conv", "features"), compiled)
+  scores = ms.score_outputs(task.train.labels, taps["last_conv"], taps["features"])
+  return scores, tuple(taps["last_conv"].shape[1:])
+
+
+def run(args, source: transfer.Source, specs: Sequence[str], points: Sequence[str],
+        config: TrainConfig, results: ResultsDir) -> None:
+  """Scores and truncate-fine-tunes every (target, point) not yet in `results`."""
+  done = results.done(KEY)
+  compiled = Compiled()
+  total, count = len(specs) * len(points), len(done)
+  for spec in specs:
+    if all((spec, p) in done for p in points):
+      continue
+    task = ms.load_target(spec, source.input_shape, args.train_per_class, args.test_per_class,
+                          args.seed, args.data_dir)
+    for index, point in enumerate(points):
+      if (spec, point) in done:
+        continue
+      t0 = time.time()
+      scores, shape = point_scores(source, task, point, compiled)
+      acc = ms.finetune(source, task, args.steps, config, compiled, args.seed,
+                        truncate_after=point)
+      results.add(dict(target=spec, point=point, index=index, map_shape=list(shape),
+                       test_acc=acc, n_train=len(task.train), n_test=len(task.test),
+                       steps=args.steps, seconds=round(time.time() - t0, 3), **scores))
+      count += 1
+      if not args.quiet:
+        print(f"[{count}/{total}] {spec} cut after {point}: acc {acc:.4f} S6 {scores['S6']:.4g}"
+              f" ({time.time() - t0:.1f}s)", file=sys.stderr)
+
+
+def analyze(records: Sequence[dict], points: Sequence[str]) -> dict:
+  """Spearman / weighted tau per target between each oriented score and accuracy over points.
+
+  Returns:
+    JSON-ready {'scorers': {name: summary}, 'accuracy': {target: [acc per point]},
+    's6_pick': {target: {point, acc, best_point, best_acc}}}.
+  """
+  order = {p: i for i, p in enumerate(points)}
+  records = sorted(records, key=lambda r: (r["target"], order[r["point"]]))
+  acc = np.array([r["test_acc"] for r in records])
+  targets = [r["target"] for r in records]
+  scores = {name: np.array([r[name] for r in records], np.float64) *
+            (-1.0 if name in selection.SMALLER_IS_BETTER else 1.0) for name in SCORES}
+  ranks = selection.rank_correlations(scores, acc, targets)
+  by_target: dict[str, list[dict]] = {}
+  for r in records:
+    by_target.setdefault(r["target"], []).append(r)
+  picks = {}
+  for t, rs in by_target.items():
+    s6 = min(rs, key=lambda r: r["S6"])
+    best = max(rs, key=lambda r: r["test_acc"])
+    picks[t] = dict(point=s6["point"], acc=s6["test_acc"], best_point=best["point"],
+                    best_acc=best["test_acc"])
+  return dict(scorers={k: ms._summary(v) for k, v in ranks.items()},
+              accuracy={t: {r["point"]: r["test_acc"] for r in rs} for t, rs in by_target.items()},
+              s6_pick=picks, points=list(points))
+
+
+def make_report(summary: dict, args, source: transfer.Source) -> str:
+  points, acc = summary["points"], summary["accuracy"]
+  lines = ["# Truncate fine-tuning (App. A.2, Figs. 4 and 5)", "",
+           f"Source: {source.arch} `{source.meta.get('source_spec', args.source)}` (source acc "
+           f"{source.meta.get('source_test_acc', float('nan')):.4f}). Each point: cut there, "
+           f"global average pool + new head, fine-tune {args.steps} SGD steps of "
+           f"{args.ft_batch_size} on {args.train_per_class} images/class (lr {args.ft_lr:g}, x0.1 "
+           "at 7/30..28/30 of the run, BN stats frozen).", "",
+           "## Accuracy per truncation point (Fig. 4)", "",
+           "| target | " + " | ".join(points) + " |", "|---|" + "---|" * len(points)]
+  for t, row in acc.items():
+    lines.append(f"| {t} | " + " | ".join(f"{row[p]:.4f}" if p in row else "-" for p in points)
+                 + " |")
+  lines += ["", "## Spearman rho between metric and truncate-fine-tune accuracy (Fig. 5)", "",
+            "Scores oriented so that larger = predicted better (S2, S4, S5, S6 negated).", ""]
+  lines += ms.scorer_table(summary)
+  lines += ["", "## The point S6 picks (smallest S6)", "",
+            "| target | S6 picks | its acc | best point | best acc |", "|---|---|---|---|---|"]
+  for t, p in summary["s6_pick"].items():
+    lines.append(f"| {t} | {p['point']} | {p['acc']:.4f} | {p['best_point']} | "
+                 f"{p['best_acc']:.4f} |")
+  return "\n".join(lines + [""])
+
+
+def plot(summary: dict, out_dir: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  points = summary["points"]
+  fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(points)), 4))
+  for t, row in summary["accuracy"].items():
+    ax.plot([i for i, p in enumerate(points) if p in row], [row[p] for p in points if p in row],
+            marker="o", label=t)
+  ax.set_xticks(range(len(points)), points, rotation=30, fontsize=7)
+  ax.set_xlabel("truncated after")
+  ax.set_ylabel("truncate-fine-tune test accuracy")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "truncation_accuracy.png"), dpi=110)
+  plt.close(fig)
+  sc = summary["scorers"]
+  targets = list(summary["accuracy"])
+  fig, ax = plt.subplots(figsize=(max(6, 2.5 * len(targets)), 4))
+  width = 0.8 / len(sc)
+  for i, (name, s) in enumerate(sc.items()):
+    vals = [s["per_group"][t]["spearman"] for t in targets]
+    ax.bar(np.arange(len(targets)) + i * width - 0.4 + width / 2,
+           [np.nan if v is None else v for v in vals], width, label=name)
+  ax.axhline(0, color="k", lw=0.5)
+  ax.set_xticks(range(len(targets)), targets, fontsize=8)
+  ax.set_ylim(-1.05, 1.05)
+  ax.set_ylabel("Spearman rho")
+  ax.legend(fontsize=7, ncol=4)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "truncation_spearman.png"), dpi=110)
+  plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--arch", default="resnet_s", choices=models.names())
+  p.add_argument("--source", default=pretrain.DEFAULT_SOURCE,
+                 help="ckpt:PATH, or a dataset spec to pretrain on (cached)")
+  p.add_argument("--source-epochs", type=float, default=2.0)
+  p.add_argument("--points", default="all", help="comma list of truncation points, or 'all'")
+  p.add_argument("--target", action="append", default=None,
+                 help="target dataset spec; repeat the flag (or separate with ';') for several")
+  p.add_argument("--seed", type=int, default=0)
+  ms.add_finetune_args(p)
+  p.add_argument("--tiny", action="store_true",
+                 help="seconds-long fine-tuning for smoke tests: " + str(ms.TINY_FINETUNE))
+  p.add_argument("--out", default="results/truncation")
+  p.add_argument("--resume", action="store_true", help="skip finished (target, point) pairs")
+  p.add_argument("--overwrite", action="store_true", help="replace existing results")
+  p.add_argument("--quiet", action="store_true")
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  t0 = time.time()
+  try:
+    specs = ms.target_specs(args)
+    config = ms.finetune_config(args)
+    source = pretrain.source_for(args.arch, args.source, epochs=args.source_epochs,
+                                 seed=args.seed, progress=not args.quiet)
+    valid = truncation_points(source)
+    points = valid if args.points == "all" else [p.strip() for p in args.points.split(",")]
+    bad = [p for p in points if p not in valid]
+    if bad or len(points) < 2:
+      raise InputError(f"--points {args.points!r}: expected 'all' or at least 2 of "
+                       f"{', '.join(valid)}")
+    # Only now, with every flag checked, may an existing output directory be replaced.
+    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
+    run(args, source, specs, points, config, results)
+    records = [r for r in results.records if r["target"] in specs and r["point"] in points]
+    summary = analyze(records, points)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  results.write_json("results.json", records)
+  results.write_json("summary.json", summary)
+  text = make_report(summary, args, source)
+  results.write_text("report.md", text)
+  plot(summary, results.path)
+  print(text)
+  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,250 @@
+"""Tests for the base-model zoo, model_selection and truncation experiments.
+
+Scores are checked against direct jtransfer.methods.selection calls (and a forward pass written
+out by hand); the analysis against scipy; the lr schedule against its closed form; the modules
+end to end with a 3-model tiny zoo (one family, one class count: one compilation).
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special
+import scipy.stats
+
+from experiments import model_selection as ms
+from experiments import model_zoo, truncation
+from jtransfer import models, surgery
+from jtransfer.data import ImageSet, normalize
+from jtransfer.errors import InputError
+from jtransfer.methods import selection, transfer
+from jtransfer.train import init_state, make_optimizer, make_train_step, sgd
+
+
+def _fast_init(model, rng, shape):
+  """models.init_model without its jitted Flax init (seconds of compile per config)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
+  gen = np.random.default_rng(0)
+  fill = lambda p, a: (np.ones(a.shape, np.float32) if p.endswith("var") else
+                       (0.1 * gen.normal(size=a.shape)).astype(np.float32))
+  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+
+
+# ---------------------------------------------------------------- scores
+
+
+def test_score_outputs_equal_direct_selection_calls():
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(4), 6)
+  maps = np.maximum(rng.normal(size=(24, 3, 3, 5)) * 2, 0).astype(np.float32)
+  feats = rng.normal(size=(24, 7))
+  logits = rng.normal(size=(24, 3)) * 3
+  got = ms.score_outputs(labels, maps, feats, logits)
+  want = selection.feature_map_metrics(maps, labels)
+  want.update({"LogME": selection.logme(feats, labels), "H-score": selection.h_score(feats, labels),
+               "LEEP": selection.leep(scipy.special.softmax(logits, axis=1), labels),
+               "NCE": selection.nce(np.argmax(logits, axis=1), labels)})
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)
+  # Without features / logits only S1..S6 are computed.
+  assert set(ms.score_outputs(labels, maps)) == set(selection.METRIC_NAMES)
+
+
+def _random_source(arch="resnet_s", classes=3, **config):
+  model = models.get_model(arch, classes, **config)
+  variables = jax.tree.map(np.asarray, _fast_init(model, None, (28, 28, 1)))
+  return transfer.Source(arch, models.model_config(model), variables, (28, 28, 1), (0.3,), (0.4,),
+                         {"source_test_acc": 0.5})
+
+
+def test_source_scores_equal_a_hand_written_forward_and_selection_calls():
+  source = _random_source(stage_widths=(8, 8, 16), stem_width=8)
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, size=(12, 28, 28, 1), dtype=np.uint8)
+  labels = np.repeat(np.arange(3), 4).astype(np.int32)
+  got, outputs = ms.source_scores(source, images, labels, model_zoo.Compiled())
+  v = source.variables
+  logits, _, taps = models.apply_model(source.model, v["params"], v["batch_stats"],
+                                       normalize(images, source.mean, source.std),
+                                       taps=("last_conv", "features"))
+  np.testing.assert_allclose(outputs["last_conv"], taps["last_conv"], rtol=1e-5, atol=1e-6)
+  assert outputs["last_conv"].shape == (12, 4, 4, 16) and outputs["logits"].shape == (12, 3)
+  want = selection.feature_map_metrics(np.asarray(taps["last_conv"]), labels)
+  want["LogME"] = selection.logme(np.asarray(taps["features"]), labels)
+  want["LEEP"] = selection.leep(scipy.special.softmax(np.asarray(logits, np.float64), 1), labels)
+  for k, w in want.items():
+    np.testing.assert_allclose(got[k], w, rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+def test_fit_step_decay_follows_the_papers_shape():
+  # loss = w with plain SGD: each step moves w by exactly -lr_t, so w_end = -sum(lr_t).
+  params = {"w": jnp.zeros(())}
+  opt = make_optimizer(params, [(".*", "all")], {"all": sgd(1.0, momentum=0.0)},
+                       injected_lr=True)
+  step = make_train_step(lambda p, s, b, r: (p["w"], ({}, s)), opt)
+  config = model_zoo.TrainConfig(lr=0.5)
+  state = init_state(params, {}, opt, 0, config.lr)
+  state = model_zoo.fit_step_decay(state, step, lambda i: {}, 30, config)
+  lrs = [0.5 * 0.1 ** sum(i >= b for b in (7, 14, 21, 28)) for i in range(30)]
+  assert int(state.step) == 30
+  np.testing.assert_allclose(float(state.params["w"]), -sum(lrs), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- zoo pieces
+
+
+def _kept(s, per_class, fraction):
+  """Indices kept by horizontal_subset (each image holds its own index as its pixel)."""
+  marked = ImageSet(np.arange(len(s)).astype(np.uint8).reshape(-1, 1, 1, 1), s.labels,
+                    s.class_names)
+  kept = model_zoo.horizontal_subset(marked, per_class, fraction, seed=3)
+  return kept.images.ravel().tolist(), np.bincount(kept.labels).tolist()
+
+
+def test_horizontal_subset_is_stratified_and_nested():
+  labels = np.repeat(np.arange(3), [10, 20, 7]).astype(np.int32)
+  s = ImageSet(np.zeros((37, 1, 1, 1), np.uint8), labels, ("a", "b", "c"))
+  full, full_counts = _kept(s, 10, 1.0)
+  part, part_counts = _kept(s, 10, 0.3)
+  assert full_counts == [10, 10, 7]           # capped at per_class, all of the small class
+  assert part_counts == [3, 3, 2]             # round(0.3 * min(10, n_c))
+  assert set(part) <= set(full)               # smaller fractions are subsets of larger ones
+  assert len(set(full)) == len(full)
+
+
+def test_zoo_specs_and_bad_flags():
+  specs = model_zoo.zoo_specs(["vgg_s", "resnet_s_narrow"], [(0, 2, 3, 4, 6), (0, 2, 4)],
+                              [1.0, 0.3])
+  assert [s.name for s in specs] == [
+      "vgg_s-c0_2_3_4_6-f100", "vgg_s-c0_2_3_4_6-f30", "vgg_s-c0_2_4-f100",
+      "resnet_s_narrow-c0_2_3_4_6-f100", "resnet_s_narrow-c0_2_3_4_6-f30",
+      "resnet_s_narrow-c0_2_4-f100"]
+  assert specs[3].arch == "resnet_s" and specs[3].config["stage_widths"] == (16, 32, 64)
+  assert len(model_zoo.zoo_specs(list(model_zoo.FAMILIES), [(0, 2, 3, 4, 6), (0, 2, 4),
+                                                            (3, 4, 6)], [1, 0.3, 0.1])) == 15
+  with pytest.raises(InputError, match="families"):
+    model_zoo.zoo_specs(["alexnet_s"], [(0, 1)], [1.0])
+  with pytest.raises(InputError, match="fraction"):
+    model_zoo.zoo_specs(["vgg_s"], [(0, 1)], [1.5])
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def _records(seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for fam in ("fa", "fb"):
+    for target in ("t1", "t2"):
+      for m in range(5):
+        r = dict(model=f"{fam}-{m}", family=fam, target=target, test_acc=float(rng.uniform()),
+                 source_accuracy=float(rng.uniform()), param_count=100 if fam == "fa" else 200,
+                 LogME=float(rng.normal()), LEEP=float(rng.normal()), NCE=float(rng.normal()),
+                 **{"H-score": float(rng.normal())})
+        r.update({k: float(rng.uniform(0.1, 2)) for k in selection.METRIC_NAMES})
+        out.append(r)
+  return out
+
+
+def test_analyze_matches_scipy_and_alpha_sweep():
+  records = _records()
+  summary = ms.analyze(records, step=0.01)
+  group = "fa @ t2"
+  rs = [r for r in records if r["family"] == "fa" and r["target"] == "t2"]
+  acc = [r["test_acc"] for r in rs]
+  sc = summary["scorers"]
+  for name, sign in (("S1", 1), ("S6", -1), ("LogME", 1)):
+    want = scipy.stats.spearmanr([sign * r[name] for r in rs], acc).statistic
+    np.testing.assert_allclose(sc[name]["per_group"][group]["spearman"], want, rtol=1e-12)
+  # Parameter count is constant within a family: undefined there, defined when pooled.
+  assert sc["param_count"]["spearman_mean"] is None
+  assert summary["pooled"]["param_count"]["groups_defined"] == 2
+  # The best pair's alpha is what selection.alpha_sweep finds on the same normalised metrics.
+  ordered = sorted(records, key=lambda r: (r["family"], r["target"], r["model"]))
+  norm = selection.normalize_metrics(selection.stack_metrics(
+      [{k: r[k] for k in selection.METRIC_NAMES} for r in ordered]))
+  best = summary["pairs"][summary["best_pair"]]
+  sweep = selection.alpha_sweep(norm[best["i"]], norm[best["j"]],
+                                [r["test_acc"] for r in ordered],
+                                [ms.group_label(r) for r in ordered], step=0.01)
+  assert best["best_alpha"] == pytest.approx(sweep.best_alpha)
+  assert best["best_mean"] == pytest.approx(sweep.best_mean)
+  assert all(best["best_mean"] >= p["best_mean"] for p in summary["pairs"].values())
+  assert len(summary["pairs"]) == 15 and len(best["mean_curve"]) == 101
+  assert "beat" in ms.verdict(summary) or "ties" in ms.verdict(summary)
+
+
+# ---------------------------------------------------------------- end to end
+# One test builds the tiny zoo and runs the three commands on it: split into several tests, each
+# pytest-xdist worker would train its own copy of the zoo.
+
+
+def test_zoo_model_selection_and_truncation_commands(tmp_path, monkeypatch):
+  root = str(tmp_path / "zoo")
+  with monkeypatch.context() as mp:
+    mp.setattr(models, "init_model", _fast_init)
+    _check_zoo_command(root, str(tmp_path / "zoo-out"))
+  _check_model_selection_main(root, str(tmp_path / "ms"))
+  _check_truncation_main(root, str(tmp_path / "tr"))
+
+
+def _check_zoo_command(root, out):
+  assert model_zoo.main(["--tiny", "--zoo-root", root, "--out", out, "--quiet"]) == 0
+  names = sorted(os.listdir(root))
+  assert names == ["resnet_s_narrow-c0_2_3-f100", "resnet_s_narrow-c0_2_3-f50",
+                   "resnet_s_narrow-c4_6_8-f100"]
+  records = json.load(open(os.path.join(out, "results.json")))
+  assert {r["model"] for r in records} == set(names)
+  half = next(r for r in records if r["model"].endswith("f50"))
+  assert half["n_train"] == 30 and half["fraction"] == 0.5        # 0.5 x 20 images x 3 classes
+  source = transfer.load_source(os.path.join(root, names[0]))
+  assert source.config["stage_widths"] == [16, 32, 64]
+  assert source.meta["zoo"]["settings"]["per_class"] == 20
+  # A second build finds every model in the cache and trains nothing.
+  specs, settings = model_zoo.zoo_from_args(_zoo_args(root))
+  logs = []
+  model_zoo.build_zoo(specs, settings, root, log=logs.append)
+  assert len(logs) == 3 and all("cached" in line for line in logs)
+
+
+def _zoo_args(root):
+  import argparse
+  p = argparse.ArgumentParser()
+  model_zoo.add_zoo_args(p)
+  return p.parse_args(["--tiny", "--zoo-root", root])
+
+
+def _check_model_selection_main(root, out):
+  argv = ["--tiny", "--zoo-root", root, "--target", "fmnist:1,5,7", "--alpha-step", "0.01",
+          "--out", out, "--quiet"]
+  assert ms.main(argv) == 0
+  for name in ("report.md", "results.json", "results.jsonl", "summary.json", "spearman.png",
+               "alpha_curves.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  records = json.load(open(os.path.join(out, "results.json")))
+  assert len(records) == 3 and {r["n_train"] for r in records} == {12}
+  assert all(set(selection.METRIC_NAMES + ms.LABEL_SCORES) <= set(r) for r in records)
+  report = open(os.path.join(out, "report.md")).read()
+  assert "C_56(0.574)" in report and "source_accuracy" in report and "Verdict" in report
+  assert ms.main(argv + ["--resume"]) == 0
+  assert len(json.load(open(os.path.join(out, "results.json")))) == 3
+  assert ms.main(argv) == 2      # existing results without --resume / --overwrite
+
+
+def _check_truncation_main(root, out):
+  ckpt = os.path.join(root, "resnet_s_narrow-c0_2_3-f100")
+  argv = ["--tiny", "--source", f"ckpt:{ckpt}", "--points", "stem,stage2/block1",
+          "--target", "fmnist:1,5,7", "--out", out, "--quiet"]
+  assert truncation.main(argv) == 0
+  records = json.load(open(os.path.join(out, "results.json")))
+  assert [r["point"] for r in records] == ["stem", "stage2/block1"]
+  assert records[0]["map_shape"] == [14, 14, 16] and records[1]["map_shape"] == [7, 7, 32]
+  for name in ("truncation_accuracy.png", "truncation_spearman.png", "report.md"):
+    assert os.path.getsize(os.path.join(out, name)) > 0
+  bad = ["--tiny", "--source", f"ckpt:{ckpt}", "--points", "stem,nope", "--target",
+         "fmnist:1,5,7", "--out", out, "--overwrite", "--quiet"]
+  assert truncation.main(bad) == 2
+  assert os.path.exists(os.path.join(out, "results.json"))  # refused before touching --out
