@@ -7,9 +7,9 @@
 writes results.jsonl (one record per finished run), results.json, report.md (mean (std) of the
 best-over-LR test accuracy, as the CWL paper reports, and of the validation-selected LR) and
 accuracy_vs_shots.png. With no flags it runs the embedded default: both small archs, both
-embedded targets, freeze and finetune, a reduced grid (shots 1,5,10; 3 repeats; 2 LRs per
-strategy; 300 test images per class), in about 4 minutes on 2 cores once the sources are cached
-(they are pretrained on first use, about 5 more minutes).
+embedded targets, freeze and finetune, a reduced grid (shots 1,5,10; 2 repeats; 2 LRs per
+strategy; 50 steps per run; 300 test images per class). BUILD_NOTES.md has its timings, with
+and without the sources cached (they are pretrained on first use).
 
 Protocol: for each (arch, target, shots, repeat) one stratified k-shot draw plus a disjoint
 validation draw (`--val-per-class`) from the target's train split, shared by every strategy and
@@ -52,12 +52,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--target", action="append", default=None,
                  help="target dataset spec; repeat the flag (or separate with ';') for several")
   p.add_argument("--shots", default="1,5,10", help="comma list of k (images per class)")
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--strategies", default="freeze,finetune")
   p.add_argument("--lrs", default="reduced",
                  help="'paper' (the CWL paper's grid per strategy), 'reduced' (2 per strategy) "
                       "or a comma list")
-  p.add_argument("--steps", type=int, default=100, help="train steps per run")
+  p.add_argument("--steps", type=int, default=50, help="train steps per run")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--val-per-class", type=int, default=10)
   p.add_argument("--test-per-class", type=int, default=300,
