@@ -203,9 +203,35 @@ class TargetRuns:
     return dict(test_acc=test_acc, val_acc=val_acc)
 
 
+def source_input_shape(source_spec: str) -> tuple[int, ...]:
+  """The input shape a source takes, read without loading or training it."""
+  if not source_spec.startswith("ckpt:"):
+    return tuple(pretrain.DEFAULT_SHAPE)
+  import json
+  path = os.path.join(source_spec[len("ckpt:"):], "meta.json")
+  try:
+    with open(path) as f:
+      return tuple(int(v) for v in json.load(f)["input_shape"])
+  except (OSError, ValueError, KeyError, TypeError):
+    raise InputError(f"--source {source_spec}: {path} is missing or has no input_shape; "
+                     "expected a model saved by experiments.pretrain or convert_weights") from None
+
+
+def check_targets(args: argparse.Namespace, plan: dict, data_cache: dict) -> None:
+  """Loads every target and checks the largest k against each class, before any training."""
+  shape = source_input_shape(args.source)
+  for spec in plan["targets"]:
+    key = (spec, shape)
+    if key not in data_cache:
+      data_cache[key] = load_spec(spec, shape, flag="--target", data_dir=args.data_dir)
+    train = data_cache[key].train
+    sample_kshot(train.labels, max(plan["shots"]), 0, num_classes=train.num_classes)
+
+
 def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
   done = results.done(KEY)
   data_cache: dict = {}
+  check_targets(args, plan, data_cache)
   total = sum(len(plan["lrs"][s]) for s in plan["strategies"]) * len(plan["shots"]) \
       * args.repeats * len(plan["targets"]) * len(plan["archs"])
   finished = len(done)

@@ -94,3 +94,16 @@ def test_source_checkpoint_of_another_arch(tiny_source_dir, tmp_path, capsys):
           "digits", "--out", str(tmp_path / "o"), "--quiet"]
   assert _run(argv) == 2
   assert "holds a vgg_s model, not --arch resnet_s" in capsys.readouterr().err
+
+
+def test_kshot_too_large_is_caught_before_any_training(tmp_path, capsys, monkeypatch):
+  # No source is cached under this cache root: the error must come before pretraining starts.
+  from experiments import pretrain
+  monkeypatch.setattr(pretrain, "CACHE_ROOT", str(tmp_path / "cache"))
+  called = []
+  monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: called.append(1))
+  argv = ["--arch", "vgg_s", "--target", "digits:0,1", "--shots", "500",
+          "--out", str(tmp_path / "o"), "--quiet"]
+  assert fewshot.main(argv) == 2
+  assert "k-shot 500 is larger than class 0" in capsys.readouterr().err
+  assert not called
