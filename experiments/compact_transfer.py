@@ -51,7 +51,7 @@ import jax
 import numpy as np
 
 from experiments import pretrain
-from experiments.report import ResultsDir, mean_std
+from experiments.report import ResultsDir, mean_std, positive_ints
 from jtransfer import models, surgery
 from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError
@@ -134,16 +134,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def _ints(text: str, flag: str) -> list[int]:
-  try:
-    values = [int(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise InputError(f"{flag} {text!r}: expected a comma list of integers") from None
-  if not values or any(v < 1 for v in values):
-    raise InputError(f"{flag} {text!r}: values must be integers >= 1")
-  return values
-
-
 def validate(args: argparse.Namespace) -> dict:
   """Checks every flag before loading anything; returns the plan."""
   variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -195,7 +185,8 @@ def validate(args: argparse.Namespace) -> dict:
     if not isinstance(config, dict):
       raise InputError("--student-config must be a JSON object of model config fields")
   return dict(variants=variants, targets=targets, student_source=student_source,
-              student_config=config, batches=_ints(args.latency_batches, "--latency-batches"),
+              student_config=config,
+              batches=positive_ints(args.latency_batches, "--latency-batches"),
               notes=notes)
 
 

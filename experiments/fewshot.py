@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from experiments import pretrain
-from experiments.report import ResultsDir, best_over_lr, pct
+from experiments.report import ResultsDir, best_over_lr, pct, positive_ints
 from jtransfer import models
 from jtransfer.data import Batches, ImageSet, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError, NonFiniteError
@@ -75,16 +75,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-  try:
-    values = [int(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise InputError(f"{flag} {text!r}: expected a comma list of integers") from None
-  if not values or any(v < 1 for v in values):
-    raise InputError(f"{flag} {text!r}: values must be integers >= 1")
-  return values
-
-
 def validate(args: argparse.Namespace) -> dict:
   """Checks every flag before any data is loaded or anything compiled."""
   archs = [a.strip() for a in args.arch.split(",") if a.strip()]
@@ -113,7 +103,7 @@ def validate(args: argparse.Namespace) -> dict:
     else:
       lrs[s] = transfer.lr_grid(strategy, args.lrs)
   return dict(archs=archs, strategies=strategies, targets=targets,
-              shots=_int_list(args.shots, "--shots"), lrs=lrs)
+              shots=positive_ints(args.shots, "--shots"), lrs=lrs)
 
 
 def cap_per_class(s: ImageSet, n: int) -> ImageSet:

@@ -78,6 +78,17 @@ class ResultsDir:
     return path
 
 
+def positive_ints(text: str, flag: str) -> list[int]:
+  """A comma list of integers >= 1 from flag `flag`, or InputError naming it."""
+  try:
+    values = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise InputError(f"{flag} {text!r}: expected a comma list of integers") from None
+  if not values or any(v < 1 for v in values):
+    raise InputError(f"{flag} {text!r}: values must be integers >= 1")
+  return values
+
+
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
   v = np.asarray(list(values), np.float64)
   return float(v.mean()), float(v.std())
