@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,12 +141,59 @@ def with_scales(params: Mapping[str, Any], scales: Mapping[str, Any] | None = No
   return {CWL_KEY: scales, **params}
 
 
+def _scale_conv_outputs(scales: Mapping[str, Any]):
+  """A Flax method interceptor multiplying the output of `<unit>/conv` by scales[unit]."""
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, nn.Conv):
+      return out
+    unit = "/".join(module.path[:-1])
+    if module.path[-1] != "conv" or unit not in scales:
+      return out
+    return out * jnp.asarray(scales[unit], out.dtype)
+  return interceptor
+
+
+def apply_model_cwl(model, params: Mapping[str, Any], batch_stats, x: jax.Array, **kwargs):
+  """`models.apply_model` with the CWL scales of params['cwl'] applied as layers.
+
+  Same outputs as `apply_model(model, effective_params(params), ...)` (float rounding
+  aside), but cheaper to differentiate when the conv kernels are frozen: for a unit without
+  BN, scaling the kernel makes d/dsigma go through the conv's weight gradient (a second
+  backward convolution per layer), while scaling the conv output, as eq. 6 writes the
+  layer, needs only sum_{n,h,w}(y * dy). BN units fold sigma into the BN affine (a per-
+  channel product either way). The raw-conv tap `<unit>` sees the scaled output, as with
+  `effective_params`.
+
+  Args:
+    model: a Flax module from `jtransfer.models`.
+    params: a params tree holding its scales under 'cwl' (identity if there is none).
+    batch_stats: the 'batch_stats' tree (or None).
+    x: normalised inputs (N, H, W, C).
+    **kwargs: train, taps, rng, as `apply_model`.
+
+  Returns:
+    (logits, new_batch_stats, taps), as `apply_model`.
+  """
+  if CWL_KEY not in params:
+    return models.apply_model(model, params, batch_stats, x, **kwargs)
+  scales, rest = split_cwl(params)
+  check_scales(rest, scales)
+  flat = surgery.flatten(rest)
+  bn_units = {u: s for u, s in scales.items() if f"{u}/bn/scale" in flat}
+  conv_units = {u: s for u, s in scales.items() if u not in bn_units}
+  folded = apply_cwl(rest, bn_units)
+  with nn.intercept_methods(_scale_conv_outputs(conv_units)):
+    return models.apply_model(model, folded, batch_stats, x, **kwargs)
+
+
 # ----------------------------------------------------------------------------- strategies
 def cwl_loss_fn(model, mean, std) -> Callable:
   """CE loss_fn reading scales from params['cwl'] (BN in eval mode)."""
   def loss_fn(params, batch_stats, batch, rng):
     x = normalize(batch["image"], mean, std)
-    logits, _, _ = models.apply_model(model, effective_params(params), batch_stats, x, rng=rng)
+    logits, _, _ = apply_model_cwl(model, params, batch_stats, x, rng=rng)
     ce = evaluate.cross_entropy(logits, batch["label"])
     return ce, ({"ce": ce}, batch_stats)
   return loss_fn
@@ -155,8 +203,7 @@ def cwl_forward(model, mean, std) -> Callable:
   """Jitted eval forward (uint8 images -> logits) reading scales from params['cwl']."""
   @jax.jit
   def forward(params, batch_stats, images):
-    logits, _, _ = models.apply_model(model, effective_params(params), batch_stats,
-                                      normalize(images, mean, std))
+    logits, _, _ = apply_model_cwl(model, params, batch_stats, normalize(images, mean, std))
     return logits
   return forward
 
