@@ -306,3 +306,29 @@ def test_strategies_registered_with_paper_grids():
   assert transfer.get_strategy("freeze_cwl").paper_lrs == transfer.FREEZE_LRS
   assert transfer.get_strategy("finetune_cwl").paper_lrs == transfer.FINETUNE_LRS
   assert not transfer.get_strategy("freeze_cwl").head_only
+
+
+@pytest.mark.parametrize("arch", ["vgg_s", "resnet_s"])
+def test_scales_as_layers_equal_folded_params_in_outputs_taps_and_gradients(arch):
+  """apply_model_cwl (output scaling) == apply_model(effective_params) (kernel folding)."""
+  m = models.get_model(arch, num_classes=5)
+  v = models.init_model(m, jax.random.PRNGKey(0), (28, 28, 1))
+  p = cwl.with_scales(v["params"])
+  p["cwl"] = {k: jax.random.uniform(jax.random.PRNGKey(i), s.shape, minval=0.2, maxval=2.0)
+              for i, (k, s) in enumerate(p["cwl"].items())}
+  stats = v.get("batch_stats")
+  x = jax.random.normal(jax.random.PRNGKey(3), (4, 28, 28, 1))
+  taps = ["last_conv", sorted(p["cwl"])[0]]
+  want, _, want_taps = models.apply_model(m, cwl.effective_params(p), stats, x, taps=taps)
+  got, _, got_taps = cwl.apply_model_cwl(m, p, stats, x, taps=taps)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for t in taps:
+    np.testing.assert_allclose(got_taps[t], want_taps[t], rtol=1e-5, atol=1e-5)
+
+  def loss(apply, s):
+    return jnp.sum(apply({**p, "cwl": s}) ** 2)
+  g_want = jax.grad(lambda s: loss(lambda q: models.apply_model(
+      m, cwl.effective_params(q), stats, x)[0], s))(p["cwl"])
+  g_got = jax.grad(lambda s: loss(lambda q: cwl.apply_model_cwl(m, q, stats, x)[0], s))(p["cwl"])
+  for k in g_want:
+    np.testing.assert_allclose(g_got[k], g_want[k], rtol=1e-4, atol=1e-5)
