@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import pretrain
+from experiments import cli, pretrain
 from experiments.report import ResultsDir
 from jtransfer import models, surgery
 from jtransfer.data import parse_spec
@@ -56,6 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--resume", action="store_true")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--quiet", action="store_true")
+  cli.add_devices_flag(p)
   return p.parse_args(argv)
 
 
@@ -84,6 +85,7 @@ def plot_errors(report: dict, path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  cli.apply_devices(args)
   t0 = time.time()
   try:
     if not args.source.startswith("ckpt:"):

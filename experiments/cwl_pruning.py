@@ -31,7 +31,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from experiments import pretrain
+from experiments import cli, pretrain
 from experiments.report import ResultsDir
 from jtransfer import models, surgery
 from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
@@ -73,6 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--resume", action="store_true")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--quiet", action="store_true")
+  cli.add_devices_flag(p)
   return p.parse_args(argv)
 
 
@@ -280,6 +281,7 @@ def run(args, plan, results: ResultsDir) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  cli.apply_devices(args)
   t0 = time.time()
   try:
     plan = validate(args)

@@ -38,7 +38,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from experiments import pretrain
+from experiments import cli, pretrain
 from experiments.report import ResultsDir, mean_std
 from jtransfer import models
 from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
@@ -81,6 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--resume", action="store_true")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--quiet", action="store_true")
+  cli.add_devices_flag(p)
   return p.parse_args(argv)
 
 
@@ -336,6 +337,7 @@ def plot(summary: dict, metrics: Sequence[str], path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  cli.apply_devices(args)
   t0 = time.time()
   try:
     plan = validate(args)

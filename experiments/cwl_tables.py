@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import fewshot, pretrain
+from experiments import cli, fewshot, pretrain
 from experiments.report import ResultsDir, best_over_lr
 from jtransfer import models
 from jtransfer.errors import InputError
@@ -78,6 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--quiet", action="store_true")
   # fewshot's defaults first, so flags fewshot adds later still have a value here.
+  cli.add_devices_flag(p)
   return argparse.Namespace(**{**vars(fewshot.parse_args([])), **vars(p.parse_args(argv))})
 
 
@@ -175,6 +176,7 @@ def make_report(records: list[dict], plan: dict, args) -> tuple[str, dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  cli.apply_devices(args)
   t0 = time.time()
   try:
     plan = make_plan(args)

@@ -42,7 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import fewshot, pretrain
+from experiments import cli, fewshot, pretrain
 from experiments.report import ResultsDir, best_over_lr
 from jtransfer import models, surgery
 from jtransfer.data import Batches, parse_spec, sample_kshot
@@ -99,6 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--resume", action="store_true", help="continue, skipping finished runs")
   p.add_argument("--overwrite", action="store_true", help="replace existing results")
   p.add_argument("--quiet", action="store_true", help="no progress output")
+  cli.add_devices_flag(p)
   args = p.parse_args(argv)
   # fewshot's grid runner reads its own flags: take its defaults for any not set here.
   return argparse.Namespace(**{**vars(fewshot.parse_args([])), **vars(args),
@@ -395,6 +396,7 @@ def write_outputs(results: ResultsDir, plan: dict, args, curves: dict | None) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  cli.apply_devices(args)
   t0 = time.time()
   old = delta.get_config()
   try:

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import pretrain
+from experiments import cli, pretrain
 from experiments.report import ResultsDir, best_over_lr, pct, positive_ints
 from jtransfer import models
 from jtransfer.data import Batches, ImageSet, load_spec, parse_spec, sample_kshot
@@ -72,6 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--resume", action="store_true", help="continue a grid, skipping finished runs")
   p.add_argument("--overwrite", action="store_true", help="replace existing results")
   p.add_argument("--quiet", action="store_true", help="no progress output")
+  cli.add_devices_flag(p)
   return p.parse_args(argv)
 
 
@@ -324,6 +325,7 @@ def plot(summary: dict, plan: dict, path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  cli.apply_devices(args)
   t0 = time.time()
   try:
     plan = validate(args)

@@ -51,7 +51,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import model_zoo
+from experiments import cli, model_zoo
 from experiments.fewshot import cap_per_class
 from experiments.model_zoo import Compiled, TrainConfig, prenormalize
 from experiments.report import ResultsDir
@@ -479,6 +479,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--resume", action="store_true", help="skip finished (model, target) pairs")
   p.add_argument("--overwrite", action="store_true", help="replace existing results")
   p.add_argument("--quiet", action="store_true")
+  cli.add_devices_flag(p)
   return p.parse_args(argv)
 
 
@@ -553,6 +554,7 @@ def run(args, members: Sequence[model_zoo.Member], specs: Sequence[str], config:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  cli.apply_devices(args)
   t0 = time.time()
   log = None if args.quiet else (lambda s: print(s, file=sys.stderr))
   try:

@@ -47,6 +47,7 @@ import numpy as np
 
 from experiments.fewshot import cap_per_class
 from experiments.report import ResultsDir
+from experiments import cli
 from jtransfer import models, surgery
 from jtransfer.data import Batches, ImageSet, channel_stats, load_spec, parse_spec
 from jtransfer.data.fewshot import subset_classes
@@ -473,7 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--resume", action="store_true", help="keep the records of an earlier run")
   p.add_argument("--overwrite", action="store_true", help="replace existing results")
   p.add_argument("--quiet", action="store_true")
+  cli.add_devices_flag(p)
   args = p.parse_args(argv)
+  cli.apply_devices(args)
   t0 = time.time()
   try:
     specs, settings = zoo_from_args(args)

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from experiments import cli
 from jtransfer import models
 from jtransfer.data import Batches, channel_stats, load_spec, parse_spec
 from jtransfer.errors import InputError
@@ -131,7 +132,9 @@ def main(argv=None) -> int:
   p.add_argument("--ckpt-every", type=int, default=100)
   p.add_argument("--quiet", action="store_true")
   p.add_argument("--out", required=True, help="directory to save the model in")
+  cli.add_devices_flag(p)
   args = p.parse_args(argv)
+  cli.apply_devices(args)
   try:
     try:
       shape = tuple(int(v) for v in args.image_shape.split(","))

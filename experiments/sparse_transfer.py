@@ -50,7 +50,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from experiments import pretrain
+from experiments import cli, pretrain
 from experiments.fewshot import cap_per_class
 from experiments.report import ResultsDir, mean_std
 from jtransfer import surgery
@@ -115,6 +115,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--resume", action="store_true")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--quiet", action="store_true")
+  cli.add_devices_flag(p)
   return p.parse_args(argv)
 
 
@@ -644,6 +645,7 @@ def plot(records: list[dict], plan: dict, path_source: str, path_fig3: str) -> N
 # ----------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  cli.apply_devices(args)
   log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
   t0 = time.time()
   try:

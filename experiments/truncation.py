@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import model_selection as ms
+from experiments import cli, model_selection as ms
 from experiments import pretrain
 from experiments.model_zoo import Compiled, TrainConfig, prenormalize
 from experiments.report import ResultsDir
@@ -194,11 +194,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--resume", action="store_true", help="skip finished (target, point) pairs")
   p.add_argument("--overwrite", action="store_true", help="replace existing results")
   p.add_argument("--quiet", action="store_true")
+  cli.add_devices_flag(p)
   return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  cli.apply_devices(args)
   t0 = time.time()
   try:
     specs = ms.target_specs(args)

@@ -10,13 +10,15 @@ so frozen parameters get no gradient, no optimiser state and no update, by const
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from jtransfer import surgery
+from jtransfer.train import parallel
 from jtransfer.train.optim import Optimizer
 from jtransfer.train.state import TrainState
 
@@ -69,15 +71,35 @@ def train_step_fn(loss_fn: LossFn, optimizer: Optimizer):
   return step
 
 
-def make_train_step(loss_fn: LossFn, optimizer: Optimizer, donate: bool = True):
+def make_train_step(loss_fn: LossFn, optimizer: Optimizer, donate: bool = True,
+                    mesh: Optional[Mesh] = None):
   """Jit-compiles the generic step for `loss_fn` and `optimizer`.
 
   Args:
     loss_fn: `(params, batch_stats, batch, rng) -> (loss, (terms, new_batch_stats))`.
     optimizer: from `make_optimizer`; its `trainable` tree decides what is differentiated.
     donate: donate the input state's buffers (in-place update; the caller must not reuse it).
+    mesh: data-parallel mesh (`parallel.make_mesh`); default `parallel.default_mesh()`, which
+      the experiment modules' `--devices` flag sets. With more than one device the batch is
+      split over the 'data' axis and the state replicated (see `jtransfer.train.parallel`).
 
   Returns:
     `step(state, batch) -> (state, metrics)`, metrics holding 'loss', each term, 'finite'.
   """
-  return jax.jit(train_step_fn(loss_fn, optimizer), donate_argnums=(0,) if donate else ())
+  mesh = parallel.default_mesh() if mesh is None else mesh
+  donate_argnums = (0,) if donate else ()
+  fn = train_step_fn(loss_fn, optimizer)
+  if mesh is None or mesh.size == 1:
+    return jax.jit(fn, donate_argnums=donate_argnums)
+  rep = parallel.replicated(mesh)
+  jitted = jax.jit(fn, donate_argnums=donate_argnums, out_shardings=(rep, rep))
+
+  def sharded_step(state: TrainState, batch):
+    # A state from this step is already replicated; a fresh one (one device) is placed once.
+    if not parallel.is_replicated_on(state.step, mesh):
+      state = parallel.replicate(state, mesh)
+    return jitted(state, parallel.shard_batch(batch, mesh))
+
+  sharded_step.jitted = jitted
+  sharded_step.mesh = mesh
+  return sharded_step
