@@ -8,3 +8,14 @@ def test_bench_runs_tiny(tmp_path):
   text = out.read_text()
   for strategy in run.STRATEGIES:
     assert f"| vgg_s | {strategy} |" in text
+
+
+def test_bench_pruning_runs_tiny(tmp_path):
+  from bench import bench_pruning
+  out = tmp_path / "p.md"
+  assert bench_pruning.main(["--keep", "0.5", "--runs", "1", "--batches", "2", "--shape",
+                             "16,16,1", "--out", str(out)]) == 0
+  text = out.read_text()
+  for row in ("| vgg_s | unpruned |", "| vgg_s | channels, x8 |", "| vgg_s | fc neurons |",
+              "| resnet_s | channels, x1 |"):
+    assert row in text

@@ -190,3 +190,34 @@ def test_empty_unit_keeps_its_best_channel():
   res = prune.prune_by_sigma(params, {}, models.model_config(model), scales, 1.0)
   assert all(k == 1 for k, _ in res.kept.values())
   assert np.flatnonzero(res.masks["conv2_1"]).tolist() == [17]
+
+
+@pytest.mark.parametrize("arch", ["vgg_s", "resnet_s"])
+def test_multiple_rounds_kept_counts_up_by_sigma(arch):
+  model, params, stats, scales, x = _setup(arch, seed=3)
+  config = models.model_config(model)
+  tau = 0.7
+  plain = prune.prune_by_sigma(params, stats, config, scales, tau)
+  res = prune.prune_by_sigma(params, stats, config, scales, tau, multiple=8)
+  for u, s in scales.items():
+    kept, total = res.kept[u]
+    assert kept % 8 == 0 or kept == total, (u, kept)
+    # a superset of the plain rule's channels, the extras being the largest |sigma| removed
+    assert np.all(res.masks[u] >= plain.masks[u])
+    extra = res.masks[u] & ~plain.masks[u]
+    if extra.any():
+      dropped = ~res.masks[u]
+      group_score = np.abs(s)  # vgg units are their own group; resnet groups share masks
+      if arch == "vgg_s" and dropped.any():
+        assert group_score[extra].min() >= group_score[dropped].max()
+  # still exactly the masked model
+  masked = {u: s * res.masks[u] for u, s in scales.items()}
+  want = _logits(arch, config, cwl.apply_cwl(params, masked), stats, x)
+  got = _logits(arch, res.config, res.params, res.batch_stats, x)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_multiple_must_be_positive_int():
+  model, params, stats, scales, _ = _setup("vgg_s")
+  with pytest.raises(InputError, match="multiple"):
+    prune.prune_by_sigma(params, stats, models.model_config(model), scales, 0.5, multiple=0)

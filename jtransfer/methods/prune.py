@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -157,12 +158,14 @@ def _width(flat: dict, unit: str) -> int:
 
 def group_masks(groups: Sequence[Group], flat: dict, keep: Mapping[str, Any],
                 scores: Optional[Mapping[str, Any]] = None,
-                residual: str = "group") -> dict[str, np.ndarray]:
+                residual: str = "group", multiple: int = 1) -> dict[str, np.ndarray]:
   """One boolean keep-mask per group from per-unit masks.
 
   A group keeps a channel if any of its units keeps it (units missing from `keep` keep all).
   With `scores` ({unit: per-channel importance, e.g. |sigma|}) an empty group keeps its best
-  channel and a bottleneck stage is rounded up to a multiple of 4; without scores both raise.
+  channel and a bottleneck stage is rounded up to a multiple of 4 (of lcm(4, `multiple`)),
+  every other group to a multiple of `multiple`, restoring the best-scored removed channels;
+  without scores a count that needs rounding raises.
 
   Raises:
     InputError: unknown residual mode, a mask of the wrong shape, an empty group or a bad
@@ -170,6 +173,8 @@ def group_masks(groups: Sequence[Group], flat: dict, keep: Mapping[str, Any],
   """
   if residual not in RESIDUAL_MODES:
     raise InputError(f"residual={residual!r}: expected one of {RESIDUAL_MODES}")
+  if not (isinstance(multiple, int) and multiple >= 1):
+    raise InputError(f"multiple must be an int >= 1, got {multiple!r}")
   known = {u for g in groups for u in g.units}
   unknown = sorted(set(keep) - known)
   if unknown:
@@ -185,7 +190,8 @@ def group_masks(groups: Sequence[Group], flat: dict, keep: Mapping[str, Any],
       mask |= m
     if g.residual and residual == "keep":
       mask[:] = True
-    out[g.name] = _round_up(mask, g.multiple, _group_score(g, flat, scores), g.name)
+    out[g.name] = _round_up(mask, math.lcm(g.multiple, multiple), _group_score(g, flat, scores),
+                            g.name)
   _keep_downsample(groups, flat, out, scores)
   return out
 
@@ -196,7 +202,7 @@ def _round_up(mask: np.ndarray, multiple: int, score, name: str,
   channels (ties: lower index)."""
   n = int(mask.sum())
   want = max(at_least, n, 1)
-  want = -(-want // multiple) * multiple
+  want = min(-(-want // multiple) * multiple, mask.size)
   if want == n:
     return mask
   if score is None:
@@ -341,13 +347,13 @@ def prune_channels(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | N
   return _prune(params, batch_stats, config, keep, None, residual)[:3]
 
 
-def _prune(params, batch_stats, config, keep, scores, residual):
+def _prune(params, batch_stats, config, keep, scores, residual, multiple=1):
   if cwl.CWL_KEY in params:
     raise InputError("params still hold CWL scales under 'cwl'; fold them with "
                      "cwl.apply_cwl (prune_by_sigma does) before pruning")
   groups = channel_groups(params, config)
   flat, stats = _to_flat_numpy(params), _to_flat_numpy(batch_stats)
-  masks = group_masks(groups, flat, keep, scores, residual)
+  masks = group_masks(groups, flat, keep, scores, residual, multiple)
   _slice_flat(flat, stats, groups, masks)
   new_params = _rebuild(params, flat)
   new_stats = _rebuild(batch_stats, stats)
@@ -380,7 +386,7 @@ class PruneResult(NamedTuple):
 
 def prune_by_sigma(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | None,
                    config: Mapping[str, Any], scales: Mapping[str, Any] | None, tau: float,
-                   residual: str = "group") -> PruneResult:
+                   residual: str = "group", multiple: int = 1) -> PruneResult:
   """Folds the CWL scales into the params, then removes channels with |sigma| < tau.
 
   Args:
@@ -391,6 +397,9 @@ def prune_by_sigma(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | N
     tau: threshold on |sigma| (0 removes nothing).
     residual: 'group' or 'keep', see `prune_channels`. Empty groups keep their largest
       |sigma|, bottleneck stages round up to multiples of 4 by |sigma|.
+    multiple: round every kept channel count up to a multiple of this (restoring the largest
+      |sigma| first); 8 or 16 keeps convolutions on SIMD-friendly widths, which is what makes
+      pruning pay in latency on CPU (bench/bench_pruning.py). 1 = the paper's rule.
 
   Returns:
     A `PruneResult`; the pruned model needs no scales.
@@ -405,7 +414,7 @@ def prune_by_sigma(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | N
   scores = {u: np.abs(np.asarray(s, np.float64)) for u, s in scales.items()}
   keep = {u: s >= tau for u, s in scores.items()}
   new_params, new_stats, new_config, masks = _prune(folded, batch_stats, config, keep, scores,
-                                                    residual)
+                                                    residual, multiple)
   kept = {u: (int(m.sum()), int(m.size)) for u, m in masks.items()}
   return PruneResult(new_params, new_stats, new_config, kept, masks, surgery.count(new_params),
                      surgery.count(params))
