@@ -72,6 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="TFDS data_dir or the Fashion-MNIST IDX directory (as fewshot)")
   p.add_argument("--source-epochs", type=float, default=2.0)
   p.add_argument("--seed", type=int, default=0)
+  fewshot.add_batch_runs_flag(p)
   p.add_argument("--no-feature-cache", action="store_true")
   p.add_argument("--out", default="results/cwl_tables")
   p.add_argument("--resume", action="store_true")

@@ -33,13 +33,42 @@ from jtransfer import models
 from jtransfer.data import Batches, ImageSet, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import transfer
-from jtransfer.train import (accuracy, fit, init_state, make_optimizer, make_train_step,
-                             predict_logits)
+from jtransfer.train import (accuracy, batched, fit, init_state, make_optimizer,
+                             make_train_step, parallel, predict_logits)
+from jtransfer.train.loop import nonfinite_error
 
 KEY = ("strategy", "arch", "target", "shots", "repeat", "lr")
 DEFAULT_TARGETS = ("fmnist:1,5,7,8,9", "digits")
 FEATURE_BATCH = 256
 REDUCED_LRS = {"freeze": (1e-2, 5e-2), "finetune": (1e-4, 1e-3)}
+
+
+# Runs of a frozen-backbone strategy trained together per vmapped step (jtransfer.train.batched).
+# Measured on the 2-core CPU: 0.75-0.89x the speed of one run at a time (the runs are already
+# compute-bound there; BUILD_NOTES.md), so 'auto' batches only on accelerators, where a k-shot
+# batch of 5-64 images leaves the device idle.
+BATCH_RUNS_ACCELERATOR = 64
+
+
+def add_batch_runs_flag(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--batch-runs", default="auto",
+                 help="train up to this many runs of a frozen-backbone strategy (freeze, "
+                      "freeze_cwl) together as one vmapped step; 1 = one at a time; 'auto' = "
+                      f"1 on CPU, {BATCH_RUNS_ACCELERATOR} on GPU/TPU")
+
+
+def resolve_batch_runs(value) -> int:
+  """--batch-runs as an int ('auto' by backend)."""
+  if value == "auto":
+    import jax
+    return 1 if jax.default_backend() == "cpu" else BATCH_RUNS_ACCELERATOR
+  try:
+    n = int(value)
+  except (TypeError, ValueError):
+    n = 0
+  if n < 1:
+    raise InputError(f"--batch-runs must be 'auto' or an int >= 1, got {value!r}")
+  return n
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -66,6 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="TFDS data_dir (default $TFDS_DATA_DIR) or the Fashion-MNIST IDX directory")
   p.add_argument("--source-epochs", type=float, default=2.0)
   p.add_argument("--seed", type=int, default=0)
+  add_batch_runs_flag(p)
   p.add_argument("--no-feature-cache", action="store_true",
                  help="train head-only strategies through the full forward (slow path)")
   p.add_argument("--out", default="results/fewshot")
@@ -96,6 +126,7 @@ def validate(args: argparse.Namespace) -> dict:
     raise InputError(f"--steps must be >= 1, got {args.steps}")
   if args.batch_size < 1:
     raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+  resolve_batch_runs(args.batch_runs)
   lrs = {}
   for s in strategies:
     strategy = transfer.get_strategy(s)
@@ -172,8 +203,9 @@ class TargetRuns:
       self._setups[name] = (setup, step, opt, head_only)
     return self._setups[name]
 
-  def run(self, name: str, train_idx, val_idx, lr: float, seed: int) -> dict:
-    setup, step, opt, head_only = self.setup(name)
+  def _prepare(self, name: str, train_idx, val_idx, lr: float, seed: int):
+    """(initial state, batches, x_val, x_test, forward) of one run."""
+    setup, _, opt, head_only = self.setup(name)
     params, stats = setup.init(seed, self.pool.images[train_idx], self.pool.labels[train_idx])
     if head_only:
       rows, test_f = self.features(np.concatenate([train_idx, val_idx]))
@@ -185,13 +217,63 @@ class TargetRuns:
                                 self.test.images)
       forward = setup.forward
     batches = Batches(x_train, self.pool.labels[train_idx], self.args.batch_size, seed)
-    state = init_state(params, stats, opt, seed, lr)
-    state = fit(state, step, batches.at, self.args.steps)
+    return init_state(params, stats, opt, seed, lr), batches, x_val, x_test, forward
+
+  def _evaluate(self, state, forward, x_val, val_idx, x_test) -> dict:
     val_acc = (accuracy(predict_logits(forward, state.params, state.batch_stats, x_val),
                         self.pool.labels[val_idx]) if len(val_idx) else float("nan"))
     test_acc = accuracy(predict_logits(forward, state.params, state.batch_stats, x_test),
                         self.test.labels)
     return dict(test_acc=test_acc, val_acc=val_acc)
+
+  def run(self, name: str, train_idx, val_idx, lr: float, seed: int) -> dict:
+    """One run, alone (the plain path). Raises NonFiniteError if a step is not finite."""
+    _, step, _, _ = self.setup(name)
+    state, batches, x_val, x_test, forward = self._prepare(name, train_idx, val_idx, lr, seed)
+    state = fit(state, step, batches.at, self.args.steps)
+    return self._evaluate(state, forward, x_val, val_idx, x_test)
+
+  def batchable(self, name: str) -> bool:
+    """Whether runs of `name` can train together (`jtransfer.train.batched`)."""
+    setup, _, opt, head_only = self.setup(name)
+    if head_only:
+      return True
+    params, _ = setup.init(0, self.pool.images[:1], self.pool.labels[:1])
+    return batched.batchable(opt, params)
+
+  def run_many(self, name: str, jobs: Sequence[tuple]) -> list:
+    """Runs sharing their frozen params, trained as one batched step; same results as `run`.
+
+    Args:
+      name: a strategy for which `batchable(name)`.
+      jobs: (train_idx, val_idx, lr, seed) per run; every train set of the same size.
+
+    Returns:
+      Per job, the dict `run` returns, or the NonFiniteError `run` would have raised.
+    """
+    setup, _, opt, head_only = self.setup(name)
+    key = ("batched", name)
+    if key not in self._setups:
+      loss = transfer.head_loss_fn() if head_only else setup.loss_fn
+      self._setups[key] = batched.make_batched_train_step(loss, opt)
+    bstep = self._setups[key]
+    prepared = [self._prepare(name, *job) for job in jobs]
+    bstate, frozen = batched.stack_states([p[0] for p in prepared], opt)
+    errors: list = [None] * len(jobs)
+    for step in range(self.args.steps):
+      bstate, m = bstep(bstate, frozen, batched.stack_batches([p[1].at(step) for p in prepared]))
+      finite = np.asarray(m["finite"])
+      for r in np.flatnonzero(~finite):
+        if errors[r] is None:  # the plain path stops at its first non-finite step
+          errors[r] = nonfinite_error(step, {k: np.asarray(v)[r] for k, v in m.items()})
+    out = []
+    for r, (_, _, x_val, x_test, forward) in enumerate(prepared):
+      if errors[r] is not None:
+        out.append(errors[r])
+        continue
+      state = batched.unstack_state(bstate, frozen, r)
+      out.append(self._evaluate(state, forward, x_val, jobs[r][1], x_test))
+    return out
 
 
 def source_input_shape(source_spec: str) -> tuple[int, ...]:
@@ -219,13 +301,42 @@ def check_targets(args: argparse.Namespace, plan: dict, data_cache: dict) -> Non
     sample_kshot(train.labels, max(plan["shots"]), 0, num_classes=train.num_classes)
 
 
+def _record(key, train_idx, val_idx, runs: "TargetRuns", args) -> dict:
+  return dict(zip(KEY, key), status="ok", n_train=int(len(train_idx)), n_val=int(len(val_idx)),
+              n_test=len(runs.test), steps=args.steps)
+
+
+def _outcome(result) -> dict:
+  """Record fields from a run's result dict or its NonFiniteError."""
+  if isinstance(result, NonFiniteError):
+    return dict(status="failed", error=str(result), test_acc=None, val_acc=None)
+  return result
+
+
 def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
   done = results.done(KEY)
   data_cache: dict = {}
   check_targets(args, plan, data_cache)
   total = sum(len(plan["lrs"][s]) for s in plan["strategies"]) * len(plan["shots"]) \
       * args.repeats * len(plan["targets"]) * len(plan["archs"])
-  finished = len(done)
+  progress = {"finished": len(done)}
+
+  def add(key, train_idx, val_idx, runs, result, seconds):
+    record = _record(key, train_idx, val_idx, runs, args)
+    record.update(_outcome(result))
+    record["seconds"] = round(seconds, 3)
+    results.add(record)
+    progress["finished"] += 1
+    if not args.quiet:
+      name, arch, spec, shots, repeat, lr = key
+      acc = record["test_acc"]
+      print(f"[{progress['finished']}/{total}] {arch} {spec} k={shots} r={repeat} {name} "
+            f"lr={lr:g} test={'failed' if acc is None else f'{acc:.4f}'} "
+            f"({record['seconds']:.1f}s)", file=sys.stderr)
+
+  # Runs of a frozen-backbone strategy train together (one batched step per group of up to
+  # --batch-runs runs); the others, and every run under --devices > 1, one at a time.
+  batch_runs = resolve_batch_runs(args.batch_runs) if parallel.default_mesh() is None else 1
   for arch in plan["archs"]:
     source = pretrain.source_for(arch, args.source, epochs=args.source_epochs, seed=args.seed,
                                  progress=not args.quiet)
@@ -233,32 +344,34 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
     for spec in plan["targets"]:
       runs = TargetRuns(source, spec, args, data_cache, setup_cache)
       for shots in plan["shots"]:
+        # One draw per (shots, repeat), shared by all strategies and LRs: paired comparison.
+        draws = []
         for repeat in range(args.repeats):
-          # One draw per (shots, repeat), shared by all strategies and LRs: paired comparison.
           seed = (args.seed * 1_000_003 + shots * 1009 + repeat) % (2 ** 31)
-          train_idx, val_idx = sample_kshot(runs.pool.labels, shots, seed,
+          draws.append((seed, *sample_kshot(runs.pool.labels, shots, seed,
                                             val_per_class=args.val_per_class,
-                                            num_classes=runs.num_classes)
-          for name in plan["strategies"]:
-            for lr in plan["lrs"][name]:
-              key = (name, arch, spec, shots, repeat, lr)
-              if key in done:
-                continue
+                                            num_classes=runs.num_classes)))
+        for name in plan["strategies"]:
+          todo = [((name, arch, spec, shots, repeat, lr), train_idx, val_idx, lr, seed)
+                  for repeat, (seed, train_idx, val_idx) in enumerate(draws)
+                  for lr in plan["lrs"][name]
+                  if (name, arch, spec, shots, repeat, lr) not in done]
+          if batch_runs > 1 and len(todo) > 1 and runs.batchable(name):
+            for i in range(0, len(todo), batch_runs):
+              group = todo[i:i + batch_runs]
               t0 = time.time()
-              record = dict(zip(KEY, key), status="ok", n_train=int(len(train_idx)),
-                            n_val=int(len(val_idx)), n_test=len(runs.test), steps=args.steps)
-              try:
-                record.update(runs.run(name, train_idx, val_idx, lr, seed))
-              except NonFiniteError as e:
-                record.update(status="failed", error=str(e), test_acc=None, val_acc=None)
-              record["seconds"] = round(time.time() - t0, 3)
-              results.add(record)
-              finished += 1
-              if not args.quiet:
-                acc = record["test_acc"]
-                print(f"[{finished}/{total}] {arch} {spec} k={shots} r={repeat} {name} lr={lr:g}"
-                      f" test={'failed' if acc is None else f'{acc:.4f}'} "
-                      f"({record['seconds']:.1f}s)", file=sys.stderr)
+              outs = runs.run_many(name, [job[1:] for job in group])
+              seconds = (time.time() - t0) / len(group)
+              for (key, train_idx, val_idx, _, _), out in zip(group, outs):
+                add(key, train_idx, val_idx, runs, out, seconds)
+            continue
+          for key, train_idx, val_idx, lr, seed in todo:
+            t0 = time.time()
+            try:
+              out = runs.run(name, train_idx, val_idx, lr, seed)
+            except NonFiniteError as e:
+              out = e
+            add(key, train_idx, val_idx, runs, out, time.time() - t0)
 
 
 def make_report(records: list[dict], plan: dict, args) -> tuple[str, dict]:

@@ -19,3 +19,14 @@ def test_bench_pruning_runs_tiny(tmp_path):
   for row in ("| vgg_s | unpruned |", "| vgg_s | channels, x8 |", "| vgg_s | fc neurons |",
               "| resnet_s | channels, x1 |"):
     assert row in text
+
+
+def test_bench_grid_runs_tiny(tmp_path):
+  from bench import bench_grid
+  out = tmp_path / "g.md"
+  assert bench_grid.main(["--archs", "vgg_s", "--targets", "digits", "--shots", "1", "--steps",
+                          "2", "--test-per-class", "3", "--paths", "default,plain,torch",
+                          "--out", str(out)]) == 0
+  text = out.read_text()
+  assert "| jtransfer default | 8 |" in text and "| PyTorch loop" in text
+  assert "default vs plain over 8 runs: 0.00e+00" in text

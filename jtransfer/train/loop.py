@@ -46,6 +46,13 @@ def _nonfinite_terms(m: dict) -> list[str]:
   return ["loss"] if not np.isfinite(float(m["loss"])) else ["gradient"]
 
 
+def nonfinite_error(step: int, metrics: dict) -> NonFiniteError:
+  """The error for a step whose metrics say it was not finite, naming the offending terms."""
+  bad = _nonfinite_terms(metrics)
+  return NonFiniteError(step, bad, f"non-finite {', '.join(bad)} at step {step}; the run "
+                        "stopped and kept the last good state")
+
+
 def fit(state: TrainState, step_fn: Callable, batch_at: Callable[[int], Any], num_steps: int, *,
         checkpointer: Optional[RunCheckpointer] = None, metrics: Optional[MetricsWriter] = None,
         log_every: int = 50, progress: bool = False, desc: str = "train") -> TrainState:
@@ -75,11 +82,9 @@ def fit(state: TrainState, step_fn: Callable, batch_at: Callable[[int], Any], nu
     for step in range(start, num_steps):
       state, m = step_fn(state, batch_at(step))
       if not bool(m["finite"]):
-        bad = _nonfinite_terms(m)
         if checkpointer is not None:
           checkpointer.maybe_save(step, state, force=True)
-        raise NonFiniteError(step, bad, f"non-finite {', '.join(bad)} at step {step}; the run "
-                             "stopped and kept the last good state")
+        raise nonfinite_error(step, m)
       if metrics is not None and ((step + 1) % log_every == 0 or step + 1 == num_steps):
         metrics.write({"step": step + 1, **{k: float(v) for k, v in m.items()
                                             if np.ndim(v) == 0}})
