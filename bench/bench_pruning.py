@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import time
 
 import jax
 import numpy as np
 
 from jtransfer import models, surgery
 from jtransfer.methods import prune
+from jtransfer.train.evaluate import median_latency_ms
 
 
 def _forward(model):
@@ -37,16 +37,8 @@ def _forward(model):
 
 def latency_ms(model, params, stats, x, runs: int) -> float:
   """Median wall time of the jitted forward, after 3 warm-up calls."""
-  f = _forward(model)
-  params, stats, x = jax.device_put((params, stats, x))
-  for _ in range(3):
-    jax.block_until_ready(f(params, stats, x))
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(params, stats, x))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times))
+  return median_latency_ms(_forward(model), *jax.device_put((params, stats, x)), runs=runs,
+                           warmup=3)
 
 
 def macs(model, params, stats, x) -> float:

@@ -58,6 +58,7 @@ from jtransfer.errors import InputError
 from jtransfer.methods import distill, transfer
 from jtransfer.train import (accuracy, adam, fit, init_state, make_optimizer, make_train_step,
                              predict_logits)
+from jtransfer.train.evaluate import median_latency_ms
 
 try:  # CWL channel pruning (another method module); the pruned variants need it.
   from jtransfer.methods import prune as prune_lib
@@ -240,14 +241,7 @@ def cost(forward: Callable, params, stats, shape, batches: Sequence[int], runs: 
       analysis = compiled.cost_analysis()
       analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
       out["flops"] = float(analysis["flops"]) / b
-    for _ in range(2):
-      jax.block_until_ready(compiled(params, stats, x))
-    times = []
-    for _ in range(runs):
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled(params, stats, x))
-      times.append(time.perf_counter() - t0)
-    out["latency_ms"][str(b)] = 1000 * float(np.median(times))
+    out["latency_ms"][str(b)] = median_latency_ms(compiled, params, stats, x, runs=runs)
   return out
 
 

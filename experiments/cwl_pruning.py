@@ -39,6 +39,7 @@ from jtransfer.errors import InputError
 from jtransfer.methods import cwl, prune, transfer
 from jtransfer.train import (accuracy, adam, fit, init_state, make_optimizer, make_train_step,
                              predict_logits)
+from jtransfer.train.evaluate import median_latency_ms
 
 CWL_STRATEGIES = ("freeze_cwl", "finetune_cwl", "finetune_lowconv")
 DEFAULT_LR = {"freeze_cwl": 1e-2, "finetune_cwl": 1e-4, "finetune_lowconv": 1e-2}
@@ -141,16 +142,8 @@ def finetune_curve(model, params, stats, source, images, labels, test, args, epo
 def latency_ms(model, params, stats, source, batch: int, runs: int) -> float:
   """Median wall time (ms) of the jitted eval forward on one batch, after two warm-up calls."""
   forward = transfer.eval_forward(model, source.mean, source.std)
-  x = np.zeros((batch, *source.input_shape), np.uint8)
-  params, stats = jax.device_put(params), jax.device_put(stats)
-  for _ in range(2):
-    jax.block_until_ready(forward(params, stats, x))
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    jax.block_until_ready(forward(params, stats, x))
-    times.append(time.perf_counter() - t0)
-  return 1000 * float(np.median(times))
+  x = jax.device_put(np.zeros((batch, *source.input_shape), np.uint8))
+  return median_latency_ms(forward, jax.device_put(params), jax.device_put(stats), x, runs=runs)
 
 
 def _test_set(data, n: int):

@@ -1,6 +1,7 @@
 """Batched, jit-compiled evaluation (running BN statistics, no dropout)."""
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import jax
@@ -37,3 +38,21 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy with integer labels."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32))
   return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+
+def median_latency_ms(fn: Callable, *args, runs: int = 20, warmup: int = 2) -> float:
+  """Median wall time (ms) of `fn(*args)` to a ready result, after `warmup` calls.
+
+  `fn` is a jitted function or a compiled executable; `args` should already be on device so
+  the host-to-device copy is not timed.
+  """
+  if runs < 1:
+    raise ValueError(f"runs must be >= 1, got {runs}")
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1000 * float(np.median(times))
