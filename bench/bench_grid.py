@@ -29,6 +29,7 @@ import time
 import jax
 import numpy as np
 
+from bench.common import command, emit
 from experiments import cwl_tables, fewshot, pretrain
 from jtransfer.data import Batches, load_spec, sample_kshot
 from jtransfer.methods import transfer
@@ -128,8 +129,9 @@ def main(argv=None) -> int:
     seconds, n = _torch_grid(args)
     rows.append(("PyTorch loop (one run at a time)", seconds, n))
   torch_s = next((s for n, s, _ in rows if n.startswith("PyTorch")), float("nan"))
-  lines = [f"# Table I grid wall time\n", f"Command: `python -m bench.bench_grid "
-           f"{' '.join(argv) if argv else ''}`; {platform.machine()}, {os.cpu_count()} cores, "
+  lines = ["# Table I grid wall time\n",
+           f"Command: `{command('bench_grid', argv)}`; {platform.machine()}, "
+           f"{os.cpu_count()} cores, "
            f"backend {jax.default_backend()}, jax {jax.__version__}. Grid: {args.archs} x "
            f"{args.targets} x k={args.shots} x 4 LRs x {args.repeats} repeat(s) x "
            f"{{freeze, freeze_cwl}}, {args.steps} Adam steps per run.\n",
@@ -141,11 +143,7 @@ def main(argv=None) -> int:
       if name in results:
         d, n = _max_diff(results["plain"], results[name])
         lines.append(f"\nmax |test accuracy difference| {name} vs plain over {n} runs: {d:.2e}")
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
+  emit("\n".join(lines) + "\n", args.out)
   return 0
 
 

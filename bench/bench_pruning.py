@@ -23,6 +23,7 @@ import platform
 import jax
 import numpy as np
 
+from bench.common import command, emit
 from jtransfer import models, surgery
 from jtransfer.methods import prune
 from jtransfer.train.evaluate import median_latency_ms
@@ -141,15 +142,12 @@ def main(argv=None) -> int:
   shape = tuple(int(s) for s in args.shape.split(","))
   batches = [int(b) for b in args.batches.split(",")]
   rows = run(keeps, shape, args.runs, batches, args.archs.split(","), args.passes)
-  text = (f"# Pruned-model forward latency\n\nCommand: `python -m bench.bench_pruning "
-          f"{' '.join(argv) if argv else ''}`; {platform.processor() or platform.machine()}, "
+  text = (f"# Pruned-model forward latency\n\nCommand: `{command('bench_pruning', argv)}`; "
+          f"{platform.processor() or platform.machine()}, "
           f"{jax.device_count()} {jax.default_backend()} device(s), jax {jax.__version__}; input "
           f"{shape}; best of {args.passes} interleaved medians of {args.runs} runs.\n\n"
           + table(rows, batches) + "\n")
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
+  emit(text, args.out)
   return 0
 
 

@@ -101,7 +101,7 @@ def main(argv=None) -> None:
   cold, warm = timed(lambda: box.update(records=score_all(pairs)), args.repeats)
   a_cold, a_warm = timed(lambda: ms.analyze(box["records"]), args.repeats)
   print(f"{len(pairs)} (model, target) pairs, {n_img} images in all")
-  print(f"| step | cold s | warm s | warm ms per pair |\n|---|---|---|---|")
+  print("| step | cold s | warm s | warm ms per pair |\n|---|---|---|---|")
   print(f"| all metrics (S1..S6, LogME, H-score, LEEP, NCE) | {cold:.2f} | {warm:.2f} | "
         f"{1000 * warm / len(pairs):.0f} |")
   print(f"| analysis (normalise, 15 alpha sweeps at 0.001, rank correlations) | {a_cold:.2f} | "

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import emit
 from jtransfer import models
 from jtransfer.methods import transfer
 from jtransfer.train import init_state, make_train_step
@@ -132,12 +133,7 @@ def main(argv=None) -> int:
           row[f"torch_{fmt}_ips"] = args.batch / tsecs
       rows.append(row)
       print(_fmt_row(row), file=sys.stderr)
-  text = report(rows, args, shape, peak)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      f.write(text)
-  print(text)
+  emit(report(rows, args, shape, peak), args.out)
   return 0
 
 

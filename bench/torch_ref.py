@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn

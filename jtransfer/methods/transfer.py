@@ -12,7 +12,6 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 
 from jtransfer import models, surgery
 from jtransfer.data.preprocess import normalize

@@ -6,7 +6,6 @@ import os
 import sys
 from typing import Any, Callable, Optional
 
-import jax
 import numpy as np
 
 from jtransfer.errors import NonFiniteError
