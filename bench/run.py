@@ -29,20 +29,20 @@ from jtransfer.train import init_state, make_train_step
 STRATEGIES = ("finetune", "freeze", "freeze_cwl", "l2sp", "delta", "masked_sparse", "distill")
 
 
-def random_source(arch: str, shape, classes: int = 5) -> transfer.Source:
-  model = models.get_model(arch, classes)
+def random_source(arch: str, shape, classes: int = 5, dtype=None) -> transfer.Source:
+  model = models.get_model(arch, classes, dtype=dtype)
   variables = jax.tree.map(np.asarray, models.init_model(model, jax.random.PRNGKey(0), shape))
   return transfer.Source(arch, models.model_config(model), variables, tuple(shape),
                          (0.5,) * shape[2], (0.25,) * shape[2])
 
 
-def jax_step(arch: str, strategy: str, shape, batch: int, classes: int = 5):
+def jax_step(arch: str, strategy: str, shape, batch: int, classes: int = 5, dtype=None):
   """(step, state, batch) for a registered strategy, or one of the method-specific steps."""
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (batch, *shape), dtype=np.uint8)
   labels = (np.arange(batch) % classes).astype(np.int32)
   data = {"image": images, "label": labels}
-  source = random_source(arch, shape, classes)
+  source = random_source(arch, shape, classes, dtype)
   if strategy == "masked_sparse":
     from bench import method_steps
     return method_steps.masked_sparse(source, classes, data)
@@ -90,6 +90,12 @@ def time_jax(step, state, data, warmup: int, windows: int, steps: int) -> list[f
   return out
 
 
+def torch_archs() -> tuple[str, ...]:
+  """Archs bench/torch_ref.py implements."""
+  from bench import torch_ref
+  return torch_ref.ARCHS
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--archs", default="vgg_s,resnet_s")
@@ -99,7 +105,10 @@ def main(argv=None) -> int:
   p.add_argument("--windows", type=int, default=5)
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--dtype", default=None, choices=models.COMPUTE_DTYPES,
+                 help="JAX compute dtype (mixed precision: params stay float32)")
+  p.add_argument("--no-torch", action="store_true",
+                 help="JAX only (also implied for archs without a torch reference)")
   p.add_argument("--tiny", action="store_true", help="batch 8, 1 window of 1 step")
   p.add_argument("--out", default="bench/RESULTS.md")
   args = p.parse_args(argv)
@@ -112,7 +121,7 @@ def main(argv=None) -> int:
   for arch in args.archs.split(","):
     base = None
     for strategy in args.strategies.split(","):
-      step, state, data = jax_step(arch, strategy, shape, args.batch)
+      step, state, data = jax_step(arch, strategy, shape, args.batch, dtype=args.dtype)
       flops = step_flops(step, state, data)
       secs = statistics.median(time_jax(step, state, data, args.warmup, args.windows,
                                         args.steps))
@@ -120,7 +129,8 @@ def main(argv=None) -> int:
       row = dict(arch=arch, strategy=strategy, jax_ips=args.batch / secs,
                  vs_finetune=secs / base if base else float("nan"), gflops=flops / 1e9,
                  peak_frac=flops / secs / peak)
-      if not args.no_torch:
+      # The PyTorch reference has the small nets only, on CPU, in float32.
+      if not args.no_torch and arch in torch_archs() and args.dtype in (None, "float32"):
         import torch
         from bench import torch_ref
         torch.set_num_threads(os.cpu_count() or 1)
@@ -159,7 +169,7 @@ def report(rows, args, shape, peak) -> str:
            f"Command: `python -m bench.run {' '.join(args.argv)}`; machine: {cpu}, "
            f"{os.cpu_count()} cores, backend {jax.default_backend()}; jax {jax.__version__}, "
            f"jaxlib {jaxlib.__version__}, torch {tv}.",
-           f"Input {shape}, batch {args.batch}; median of {args.windows} windows x {args.steps} "
+           f"Input {shape}, batch {args.batch}, JAX compute dtype {args.dtype or 'float32'}; median of {args.windows} windows x {args.steps} "
            f"steps after {args.warmup} warm-up steps. Measured GEMM peak: {peak / 1e9:.1f} "
            "GFLOP/s (f32, XLA).", "",
            "| arch | strategy | JAX img/s | step time / finetune | XLA GFLOP/step | "

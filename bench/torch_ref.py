@@ -85,11 +85,16 @@ class ResNetS(nn.Module):
     return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+ARCHS = ("vgg_s", "resnet_s")
+
+
 def make(arch: str, shape, classes: int, cwl: bool = False) -> nn.Module:
   h, w, c = shape
   if arch == "vgg_s":
     return VGGS(c, classes, hw=h, cwl=cwl)
-  return ResNetS(c, classes, cwl=cwl)
+  if arch == "resnet_s":
+    return ResNetS(c, classes, cwl=cwl)
+  raise ValueError(f"no PyTorch reference for {arch!r}; have {ARCHS}")
 
 
 def _taps(model, x):

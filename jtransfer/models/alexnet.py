@@ -1,10 +1,13 @@
 """torchvision's AlexNet (the one-GPU variant of its `features`/`classifier` layout)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 
-from jtransfer.models.common import ConvUnit, adaptive_avg_pool, max_pool, tap
+from jtransfer.models.common import (ConvUnit, adaptive_avg_pool, compute_dtype, head, max_pool,
+                                     tap, to_compute)
 
 
 class AlexNet(nn.Module):
@@ -20,23 +23,25 @@ class AlexNet(nn.Module):
   conv_widths: tuple[int, ...] = (64, 192, 384, 256, 256)
   dense_widths: tuple[int, ...] = (4096, 4096)
   dropout: float = 0.5
+  dtype: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    w = self.conv_widths
-    x = max_pool(ConvUnit(w[0], 11, 4, 2, name="conv1")(x, train), 3, 2)
-    x = max_pool(ConvUnit(w[1], 5, 1, 2, name="conv2")(x, train), 3, 2)
-    x = ConvUnit(w[2], 3, 1, 1, name="conv3")(x, train)
-    x = ConvUnit(w[3], 3, 1, 1, name="conv4")(x, train)
-    x = max_pool(ConvUnit(w[4], 3, 1, 1, name="conv5")(x, train), 3, 2)
+    w, d = self.conv_widths, self.dtype
+    x = to_compute(self, x)
+    x = max_pool(ConvUnit(w[0], 11, 4, 2, dtype=d, name="conv1")(x, train), 3, 2)
+    x = max_pool(ConvUnit(w[1], 5, 1, 2, dtype=d, name="conv2")(x, train), 3, 2)
+    x = ConvUnit(w[2], 3, 1, 1, dtype=d, name="conv3")(x, train)
+    x = ConvUnit(w[3], 3, 1, 1, dtype=d, name="conv4")(x, train)
+    x = max_pool(ConvUnit(w[4], 3, 1, 1, dtype=d, name="conv5")(x, train), 3, 2)
     tap(self, "last_conv", x)
     x = adaptive_avg_pool(x, (6, 6)).reshape(x.shape[0], -1)
     for i, width in enumerate(self.dense_widths):
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-      x = nn.relu(nn.Dense(width, name=f"fc{6 + i}")(x))
+      x = nn.relu(nn.Dense(width, dtype=compute_dtype(d), name=f"fc{6 + i}")(x))
       tap(self, f"fc{6 + i}_act", x)
     tap(self, "features", x)
-    return nn.Dense(self.num_classes, name="head")(x)
+    return head(self, x)
 
 
 def alexnet(num_classes: int = 1000, **overrides) -> AlexNet:

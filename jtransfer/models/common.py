@@ -8,7 +8,7 @@ Naming is the contract the rest of the library relies on:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -16,6 +16,30 @@ import jax.numpy as jnp
 
 # torchvision initialises convs with kaiming_normal(mode='fan_out', nonlinearity='relu').
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(name: Optional[str]):
+  """The jnp dtype for a model's `dtype` config field (None: float32 throughout).
+
+  Mixed precision: params stay float32 (Flax's param_dtype); convolutions, BN and Dense layers
+  compute in this dtype (BN statistics reduce in float32, as Flax does); logits come back as
+  float32. Kept as a name in the config so saved configs stay JSON.
+  """
+  if name is None:
+    return None
+  if name not in COMPUTE_DTYPES:
+    from jtransfer.errors import InputError
+    raise InputError(f"dtype {name!r}: expected one of {', '.join(COMPUTE_DTYPES)} or None")
+  return jnp.dtype(name)
+
+
+def to_compute(module: nn.Module, x: jax.Array) -> jax.Array:
+  """Casts the model input to the module's compute dtype (a no-op without one)."""
+  dtype = compute_dtype(module.dtype)
+  return x if dtype is None else x.astype(dtype)
 
 
 def tap(module: nn.Module, name: str, value: jax.Array) -> None:
@@ -37,7 +61,13 @@ def truncated_head(module: nn.Module, x: jax.Array) -> jax.Array:
   tap(module, "last_conv", x)
   x = jnp.mean(x, axis=(1, 2))
   tap(module, "features", x)
-  return nn.Dense(module.num_classes, name="head")(x)
+  return head(module, x)
+
+
+def head(module: nn.Module, x: jax.Array) -> jax.Array:
+  """The `head` Dense layer, in the module's compute dtype, returning float32 logits."""
+  return nn.Dense(module.num_classes, dtype=compute_dtype(module.dtype), name="head")(x).astype(
+      jnp.float32)
 
 
 def torch_padding(kernel: int, padding: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -56,6 +86,7 @@ class ConvUnit(nn.Module):
     padding: symmetric zero padding on each side (torch convention).
     use_bn: add BatchNorm after the conv (then the conv has no bias, as in torchvision).
     relu: apply ReLU at the end.
+    dtype: compute dtype name (see `compute_dtype`); None = float32.
   """
   features: int
   kernel: int = 3
@@ -63,15 +94,17 @@ class ConvUnit(nn.Module):
   padding: int = 1
   use_bn: bool = False
   relu: bool = True
+  dtype: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     y = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
                 padding=torch_padding(self.kernel, self.padding), use_bias=not self.use_bn,
-                kernel_init=conv_init, name="conv")(x)
+                kernel_init=conv_init, dtype=compute_dtype(self.dtype), name="conv")(x)
     tap(self, "out", y)
     if self.use_bn:
-      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(y)
+      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       dtype=compute_dtype(self.dtype), name="bn")(y)
     return nn.relu(y) if self.relu else y
 
 

@@ -8,6 +8,7 @@ import flax.linen as nn
 
 from jtransfer.errors import InputError
 from jtransfer.models import alexnet, resnet, vgg
+from jtransfer.models.common import compute_dtype
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "vgg_s": vgg.vgg_s,
@@ -42,6 +43,7 @@ def get_model(arch: str, num_classes: int, **overrides) -> nn.Module:
     raise InputError(f"unknown arch {arch!r}; expected one of {', '.join(_BUILDERS)}")
   if num_classes < 1:
     raise InputError(f"num_classes must be >= 1, got {num_classes}")
+  compute_dtype(overrides.get("dtype"))  # a bad compute dtype is named here, not at trace time
   try:
     return _BUILDERS[arch](num_classes=num_classes, **_as_tuples(overrides))
   except TypeError as e:

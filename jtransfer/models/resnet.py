@@ -8,13 +8,15 @@ conv1; bottleneck: conv1 and conv2), which can be pruned freely.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtransfer.models.common import ConvUnit, check_truncation, max_pool, tap, truncated_head
+from jtransfer.models.common import (ConvUnit, check_truncation, head, max_pool, tap,
+                                     to_compute, truncated_head)
 
 
 class BasicBlock(nn.Module):
@@ -22,12 +24,14 @@ class BasicBlock(nn.Module):
   width: int
   inner: tuple[int, ...]
   stride: int = 1
+  dtype: Optional[str] = None
   expansion = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    y = ConvUnit(self.inner[0], 3, self.stride, 1, use_bn=True, name="conv1")(x, train)
-    y = ConvUnit(self.width, 3, 1, 1, use_bn=True, relu=False, name="conv2")(y, train)
+    unit = functools.partial(ConvUnit, use_bn=True, dtype=self.dtype)
+    y = unit(self.inner[0], 3, self.stride, 1, name="conv1")(x, train)
+    y = unit(self.width, 3, 1, 1, relu=False, name="conv2")(y, train)
     return _merge_shortcut(self, x, y, train)
 
 
@@ -36,20 +40,22 @@ class Bottleneck(nn.Module):
   width: int
   inner: tuple[int, ...]
   stride: int = 1
+  dtype: Optional[str] = None
   expansion = 4
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    y = ConvUnit(self.inner[0], 1, 1, 0, use_bn=True, name="conv1")(x, train)
-    y = ConvUnit(self.inner[1], 3, self.stride, 1, use_bn=True, name="conv2")(y, train)
-    y = ConvUnit(self.width * 4, 1, 1, 0, use_bn=True, relu=False, name="conv3")(y, train)
+    unit = functools.partial(ConvUnit, use_bn=True, dtype=self.dtype)
+    y = unit(self.inner[0], 1, 1, 0, name="conv1")(x, train)
+    y = unit(self.inner[1], 3, self.stride, 1, name="conv2")(y, train)
+    y = unit(self.width * 4, 1, 1, 0, relu=False, name="conv3")(y, train)
     return _merge_shortcut(self, x, y, train)
 
 
 def _merge_shortcut(block: nn.Module, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
   out_width = y.shape[-1]
   if block.stride != 1 or x.shape[-1] != out_width:
-    x = ConvUnit(out_width, 1, block.stride, 0, use_bn=True, relu=False,
+    x = ConvUnit(out_width, 1, block.stride, 0, use_bn=True, relu=False, dtype=block.dtype,
                  parent=block, name="downsample")(x, train)
   out = nn.relu(x + y)
   tap(block, "out", out)
@@ -85,6 +91,7 @@ class ResNet(nn.Module):
   stem_pool: bool = False
   inner_widths: Optional[tuple[tuple[tuple[int, ...], ...], ...]] = None
   truncate_after: Optional[str] = None
+  dtype: Optional[str] = None
 
   def unit_names(self) -> list[str]:
     """Truncation points: the stem and every block."""
@@ -101,7 +108,7 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     check_truncation(self.truncate_after, self.unit_names())
     x = ConvUnit(self.stem_width, self.stem_kernel, self.stem_stride, self.stem_kernel // 2,
-                 use_bn=True, name="stem")(x, train)
+                 use_bn=True, dtype=self.dtype, name="stem")(to_compute(self, x), train)
     if self.truncate_after == "stem":
       return truncated_head(self, x)
     if self.stem_pool:
@@ -110,14 +117,14 @@ class ResNet(nn.Module):
     for s, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
       for b in range(size):
         stride = 2 if (b == 0 and s > 0) else 1
-        x = block_cls(width, self.block_inner(s, b), stride, name=f"stage{s + 1}/block{b}")(
-            x, train)
+        x = block_cls(width, self.block_inner(s, b), stride, dtype=self.dtype,
+                      name=f"stage{s + 1}/block{b}")(x, train)
         if self.truncate_after == f"stage{s + 1}/block{b}":
           return truncated_head(self, x)
     tap(self, "last_conv", x)
     x = jnp.mean(x, axis=(1, 2))
     tap(self, "features", x)
-    return nn.Dense(self.num_classes, name="head")(x)
+    return head(self, x)
 
 
 def resnet_s(num_classes: int, **overrides) -> ResNet:

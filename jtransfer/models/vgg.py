@@ -12,8 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtransfer.models.common import (ConvUnit, adaptive_avg_pool, check_truncation, max_pool,
-                                     tap, truncated_head)
+from jtransfer.models.common import (ConvUnit, adaptive_avg_pool, check_truncation,
+                                     compute_dtype, head, max_pool, tap, to_compute,
+                                     truncated_head)
 
 
 class VGG(nn.Module):
@@ -39,6 +40,7 @@ class VGG(nn.Module):
   adaptive_pool: Optional[tuple[int, int]] = None
   dropout: float = 0.0
   truncate_after: Optional[str] = None
+  dtype: Optional[str] = None
 
   def unit_names(self) -> list[str]:
     return [f"conv{s}_{i}" for s, stage in enumerate(self.conv_widths, start=1)
@@ -47,9 +49,10 @@ class VGG(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     check_truncation(self.truncate_after, self.unit_names())
+    x = to_compute(self, x)
     for s, stage in enumerate(self.conv_widths, start=1):
       for i, width in enumerate(stage, start=1):
-        x = ConvUnit(width, name=f"conv{s}_{i}")(x, train)
+        x = ConvUnit(width, dtype=self.dtype, name=f"conv{s}_{i}")(x, train)
         if self.truncate_after == f"conv{s}_{i}":
           return truncated_head(self, x)
       x = max_pool(x, 2, 2)
@@ -61,12 +64,12 @@ class VGG(nn.Module):
         x = adaptive_avg_pool(x, self.adaptive_pool)
       x = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.dense_widths):
-      x = nn.relu(nn.Dense(width, name=f"fc{6 + i}")(x))
+      x = nn.relu(nn.Dense(width, dtype=compute_dtype(self.dtype), name=f"fc{6 + i}")(x))
       tap(self, f"fc{6 + i}_act", x)
       if self.dropout:
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
     tap(self, "features", x)
-    return nn.Dense(self.num_classes, name="head")(x)
+    return head(self, x)
 
 
 def vgg_s(num_classes: int, **overrides) -> VGG:
