@@ -169,7 +169,8 @@ def report(rows, args, shape, peak) -> str:
            f"Command: `python -m bench.run {' '.join(args.argv)}`; machine: {cpu}, "
            f"{os.cpu_count()} cores, backend {jax.default_backend()}; jax {jax.__version__}, "
            f"jaxlib {jaxlib.__version__}, torch {tv}.",
-           f"Input {shape}, batch {args.batch}, JAX compute dtype {args.dtype or 'float32'}; median of {args.windows} windows x {args.steps} "
+           f"Input {shape}, batch {args.batch}, JAX compute dtype {args.dtype or 'float32'}; "
+           f"median of {args.windows} windows x {args.steps} "
            f"steps after {args.warmup} warm-up steps. Measured GEMM peak: {peak / 1e9:.1f} "
            "GFLOP/s (f32, XLA).", "",
            "| arch | strategy | JAX img/s | step time / finetune | XLA GFLOP/step | "
