@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from typing import Callable
 
 from jtransfer.errors import InputError
 from jtransfer.train import parallel
@@ -22,3 +24,29 @@ def apply_devices(args: argparse.Namespace) -> None:
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from e
+
+
+def start(args: argparse.Namespace, validate: Callable, run: Callable):
+  """The front half of an experiment's main(): check every flag, then open and fill --out.
+
+  Calls `validate(args) -> plan`, only then opens the results directory (so a bad flag never
+  touches existing results), then `run(args, plan, results)`.
+
+  Returns:
+    (plan, results, run's return value), or None after printing an InputError (exit code 2).
+  """
+  from experiments.report import ResultsDir
+  try:
+    plan = validate(args)
+    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
+    return plan, results, run(args, plan, results)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return None
+
+
+def finish(results, text: str, t0: float) -> int:
+  """The back half: prints the report and where it went; returns exit code 0."""
+  print(text)
+  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
+  return 0

@@ -605,13 +605,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   cli.apply_devices(args)
   t0 = time.time()
-  try:
-    plan = validate(args)
-    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
-    run(args, plan, results)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
+  started = cli.start(args, validate, run)
+  if started is None:
     return 2
+  plan, results, _ = started
   order = {v: i for i, v in enumerate(VARIANTS)}
   records = sorted(results.records, key=lambda r: (r["target"], order[r["variant"]],
                                                    r["repeat"]))
@@ -620,9 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   results.write_text("report.md", text)
   results.write_json("summary.json", summary)
   plot(summary, plan, os.path.join(results.path, "accuracy_vs_flops.png"))
-  print(text)
-  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
-  return 0
+  return cli.finish(results, text, t0)
 
 
 if __name__ == "__main__":

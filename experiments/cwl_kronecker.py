@@ -132,9 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{errs[k]:.3f}" if k in errs else "-" for k in all_ranks) + " |")
   text = "\n".join(lines + [""])
   results.write_text("report.md", text)
-  print(text)
-  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
-  return 0
+  return cli.finish(results, text, t0)
 
 
 if __name__ == "__main__":

@@ -281,22 +281,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   cli.apply_devices(args)
   t0 = time.time()
-  try:
-    plan = validate(args)
-    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
-    scales = run(args, plan, results)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
+  started = cli.start(args, validate, run)
+  if started is None:
     return 2
+  plan, results, scales = started
   records = results.records
   results.write_json("results.json", records)
   text = make_report(records, args, plan)
   results.write_text("report.md", text)
   plot(records, scales, os.path.join(results.path, "compression_per_layer.png"),
        os.path.join(results.path, "sigma_hist.png"))
-  print(text)
-  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
-  return 0
+  return cli.finish(results, text, t0)
 
 
 if __name__ == "__main__":

@@ -339,13 +339,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   cli.apply_devices(args)
   t0 = time.time()
-  try:
-    plan = validate(args)
-    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
-    run(args, plan, results)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
+  started = cli.start(args, validate, run)
+  if started is None:
     return 2
+  plan, results, _ = started
   records = sorted(results.records, key=lambda r: tuple(str(r[k]) for k in KEY))
   results.write_json("results.json", records)
   text, summary = make_report(records, args)
@@ -353,9 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   results.write_json("summary.json", summary)
   metrics = list(retrieval.SETUPS) if args.gnd else ["map"]
   plot(summary, metrics, os.path.join(results.path, "map.png"))
-  print(text)
-  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
-  return 0
+  return cli.finish(results, text, t0)
 
 
 if __name__ == "__main__":

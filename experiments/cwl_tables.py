@@ -34,9 +34,8 @@ from typing import Sequence
 import numpy as np
 
 from experiments import cli, fewshot, pretrain
-from experiments.report import ResultsDir, best_over_lr
+from experiments.report import best_over_lr
 from jtransfer import models
-from jtransfer.errors import InputError
 from jtransfer.methods import transfer
 
 STRATEGIES = ("freeze", "freeze_cwl", "finetune", "finetune_cwl")
@@ -179,22 +178,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   cli.apply_devices(args)
   t0 = time.time()
-  try:
-    plan = make_plan(args)
-    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
-    fewshot.run_grid(args, plan, results)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
+  started = cli.start(args, make_plan, fewshot.run_grid)
+  if started is None:
     return 2
+  plan, results, _ = started
   records = sorted(results.records, key=lambda r: tuple(str(r[k]) for k in fewshot.KEY))
   results.write_json("results.json", records)
   text, summary = make_report(records, plan, args)
   results.write_text("report.md", text)
   results.write_json("summary.json", summary)
   fewshot.plot(summary, plan, os.path.join(results.path, "accuracy_vs_shots.png"))
-  print(text)
-  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
-  return 0
+  return cli.finish(results, text, t0)
 
 
 if __name__ == "__main__":

@@ -411,9 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   finally:
     delta.set_config(old)   # main() may run in-process (tests): leave the defaults as found
-  print(text)
-  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
-  return 0
+  return cli.finish(results, text, t0)
 
 
 if __name__ == "__main__":

@@ -440,13 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   cli.apply_devices(args)
   t0 = time.time()
-  try:
-    plan = validate(args)
-    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
-    run_grid(args, plan, results)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
+  started = cli.start(args, validate, run_grid)
+  if started is None:
     return 2
+  plan, results, _ = started
   records = sorted(results.records, key=lambda r: tuple(str(r[k]) for k in KEY))
   # results.json holds only what the seed determines (timings stay in results.jsonl), so two
   # runs of the same config give identical files.
@@ -456,9 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   results.write_text("report.md", text)
   results.write_json("summary.json", summary)
   plot(summary, plan, os.path.join(results.path, "accuracy_vs_shots.png"))
-  print(text)
-  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
-  return 0
+  return cli.finish(results, text, t0)
 
 
 if __name__ == "__main__":

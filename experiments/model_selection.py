@@ -578,9 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   plot_spearman(summary, os.path.join(results.path, "spearman.png"))
   plot_alpha_curves(records, summary, os.path.join(results.path, "alpha_curves.png"),
                     args.alpha_step)
-  print(text)
-  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
-  return 0
+  return cli.finish(results, text, t0)
 
 
 if __name__ == "__main__":

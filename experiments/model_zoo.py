@@ -500,9 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "the run (the paper's 30-epoch schedule, shortened).", ""]
                    + zoo_table(members) + [""])
   results.write_text("report.md", text)
-  print(text)
-  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
-  return 0
+  return cli.finish(results, text, t0)
 
 
 if __name__ == "__main__":

@@ -226,9 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   text = make_report(summary, args, source)
   results.write_text("report.md", text)
   plot(summary, results.path)
-  print(text)
-  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
-  return 0
+  return cli.finish(results, text, t0)
 
 
 if __name__ == "__main__":
