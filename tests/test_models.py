@@ -97,3 +97,50 @@ def test_adaptive_avg_pool_matches_torch_cells():
   for i, (r0, r1) in enumerate(rows):
     for j, (c0, c1) in enumerate(cols):
       np.testing.assert_allclose(out[:, i, j, 0], x[:, r0:r1, c0:c1, 0].mean(axis=(1, 2)))
+
+
+def _numpy_max_pool(x, g, kernel, stride, padding):
+  """Max pool and its gradient by loops: each window's gradient goes to its first maximum."""
+  n, h, w, c = x.shape
+  xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+              constant_values=-np.inf)
+  oh, ow = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+  out = np.empty((n, oh, ow, c), x.dtype)
+  dxp = np.zeros(xp.shape, x.dtype)
+  for b in range(n):
+    for i in range(oh):
+      for j in range(ow):
+        for ch in range(c):
+          win = xp[b, i * stride:i * stride + kernel, j * stride:j * stride + kernel, ch]
+          a = np.argmax(win)  # first maximum in row-major order
+          out[b, i, j, ch] = win.flat[a]
+          dxp[b, i * stride + a // kernel, j * stride + a % kernel, ch] += g[b, i, j, ch]
+  return out, dxp[:, padding:padding + h, padding:padding + w]
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding",
+                         [((2, 6, 6, 3), 2, 2, 0), ((2, 7, 5, 2), 2, 2, 0),
+                          ((2, 9, 9, 2), 3, 2, 1), ((1, 8, 7, 2), 3, 2, 0)])
+def test_max_pool_values_and_first_max_gradient_with_ties(shape, kernel, stride, padding):
+  from jtransfer.models.common import max_pool
+  rng = np.random.default_rng(0)
+  x = rng.integers(-1, 2, shape).astype(np.float32)  # three values: most windows have ties
+  out = np.asarray(max_pool(jnp.asarray(x), kernel, stride, padding))
+  g = rng.normal(size=out.shape).astype(np.float32)
+  want_out, want_dx = _numpy_max_pool(x, g, kernel, stride, padding)
+  dx = jax.grad(lambda x: (max_pool(x, kernel, stride, padding) * g).sum())(jnp.asarray(x))
+  np.testing.assert_array_equal(out, want_out)
+  np.testing.assert_allclose(np.asarray(dx), want_dx, atol=1e-6)
+  # the same as Flax's select_and_scatter pooling, which it replaces
+  import flax.linen as nn
+  pads = ((padding, padding), (padding, padding))
+  ref = jax.grad(lambda x: (nn.max_pool(x, (kernel,) * 2, (stride,) * 2, pads) * g).sum())
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(ref(jnp.asarray(x))), atol=1e-6)
+
+
+def test_max_pool_rejects_bad_input():
+  from jtransfer.models.common import max_pool
+  with pytest.raises(ValueError, match="NHWC"):
+    max_pool(jnp.zeros((4, 4, 3)), 2, 2)
+  with pytest.raises(ValueError, match="kernel 5"):
+    max_pool(jnp.zeros((1, 3, 3, 1)), 5, 1)

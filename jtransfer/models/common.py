@@ -109,9 +109,72 @@ class ConvUnit(nn.Module):
 
 
 def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
-  """Max pooling with torch's symmetric -inf padding."""
-  return nn.max_pool(x, (kernel, kernel), strides=(stride, stride),
-                     padding=((padding, padding), (padding, padding)))
+  """Max pooling on NHWC with torch's symmetric -inf padding (floor output size).
+
+  Same values and gradients as `nn.max_pool` (the gradient of each window goes to its first
+  maximum in row-major order, as XLA's select_and_scatter and torch do), but the backward
+  pass is kernel^2 strided compares and pads that XLA fuses, instead of select_and_scatter:
+  on the CPU backend that op took 40 ms for one 128x28x28x32 pool, more than the conv before
+  it (BUILD_NOTES.md, "Single step").
+  """
+  if x.ndim != 4:
+    raise ValueError(f"max_pool expects NHWC input, got shape {x.shape}")
+  return _max_pool(x, int(kernel), int(stride), int(padding))
+
+
+def _pool_windows(x, kernel, stride, padding):
+  """Each window offset's strided slice of the -inf-padded input, offsets in row-major order."""
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+               constant_values=-jnp.inf)
+  oh = (xp.shape[1] - kernel) // stride + 1
+  ow = (xp.shape[2] - kernel) // stride + 1
+  if oh < 1 or ow < 1:
+    raise ValueError(f"max_pool: kernel {kernel} larger than the padded input {xp.shape[1:3]}")
+  return [xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+          for i in range(kernel) for j in range(kernel)]
+
+
+def _max_pool_argmax(x, kernel, stride, padding):
+  """Pooled values and, per output, the offset index of its window's first maximum."""
+  slices = _pool_windows(x, kernel, stride, padding)
+  out, index = slices[0], jnp.zeros(slices[0].shape, jnp.int32)
+  for k, s in enumerate(slices[1:], start=1):
+    better = s > out  # strict: ties keep the earlier offset
+    out = jnp.where(better, s, out)
+    index = jnp.where(better, k, index)
+  return out, index
+
+
+def _max_pool_values(x, kernel, stride, padding):
+  return _max_pool_argmax(x, kernel, stride, padding)[0]
+
+
+def _max_pool_fwd(x, kernel, stride, padding):
+  out, index = _max_pool_argmax(x, kernel, stride, padding)
+  # The winner's index is the residual, not x: re-deriving it in the backward pass by comparing
+  # x with the output would break wherever XLA recomputes x with different rounding.
+  # (the input's height and width ride along as a zero-size array: residuals must be arrays)
+  return out, (index, jnp.zeros((x.shape[1], x.shape[2], 0), jnp.int8))
+
+
+def _max_pool_bwd(kernel, stride, padding, res, g):
+  index, hw = res
+  (n, oh, ow, c), (h, w) = g.shape, hw.shape[:2]
+  hp, wp = h + 2 * padding, w + 2 * padding
+  zero = jnp.zeros((), g.dtype)
+  dxp = jnp.zeros((n, hp, wp, c), g.dtype)
+  for k in range(kernel * kernel):
+    i, j = divmod(k, kernel)
+    # scatter g to this offset's strided positions: a pad with (stride - 1) interior zeros
+    rows = (i, hp - i - stride * (oh - 1) - 1, stride - 1)
+    cols = (j, wp - j - stride * (ow - 1) - 1, stride - 1)
+    contrib = jnp.where(index == k, g, zero)
+    dxp = dxp + jax.lax.pad(contrib, zero, ((0, 0, 0), rows, cols, (0, 0, 0)))
+  return (dxp[:, padding:padding + h, padding:padding + w, :],)
+
+
+_max_pool = jax.custom_vjp(_max_pool_values, nondiff_argnums=(1, 2, 3))
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def adaptive_avg_pool(x: jax.Array, output_size: Sequence[int]) -> jax.Array:
