@@ -108,7 +108,8 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default=None, choices=models.COMPUTE_DTYPES,
                  help="JAX compute dtype (mixed precision: params stay float32)")
   p.add_argument("--no-torch", action="store_true",
-                 help="JAX only (also implied for archs without a torch reference)")
+                 help="JAX only (also implied for archs without a torch reference, and for "
+                      "float16)")
   p.add_argument("--tiny", action="store_true", help="batch 8, 1 window of 1 step")
   p.add_argument("--out", default="bench/RESULTS.md")
   args = p.parse_args(argv)
@@ -129,15 +130,16 @@ def main(argv=None) -> int:
       row = dict(arch=arch, strategy=strategy, jax_ips=args.batch / secs,
                  vs_finetune=secs / base if base else float("nan"), gflops=flops / 1e9,
                  peak_frac=flops / secs / peak)
-      # The PyTorch reference has the small nets only, on CPU, in float32.
-      if not args.no_torch and arch in torch_archs() and args.dtype in (None, "float32"):
+      # PyTorch on its default device (CUDA when there is one), float32 or bf16 autocast.
+      if not args.no_torch and arch in torch_archs() and args.dtype != "float16":
         import torch
         from bench import torch_ref
         torch.set_num_threads(os.cpu_count() or 1)
         for fmt, cl in (("nchw", False), ("cl", True)):
           if cl and strategy != "finetune":
             continue
-          tstep = torch_ref.make_step(arch, strategy, shape, args.batch, channels_last=cl)
+          tstep = torch_ref.make_step(arch, strategy, shape, args.batch, channels_last=cl,
+                                      bf16=args.dtype == "bfloat16")
           tsecs = statistics.median(torch_ref.time_step(tstep, args.warmup, args.windows,
                                                         args.steps))
           row[f"torch_{fmt}_ips"] = args.batch / tsecs
@@ -156,7 +158,7 @@ def report(rows, args, shape, peak) -> str:
   import jaxlib
   try:
     import torch
-    tv = torch.__version__
+    tv = f"{torch.__version__} on {'cuda' if torch.cuda.is_available() else 'cpu'}"
   except ImportError:
     tv = "not installed"
   cpu = platform.processor() or platform.machine()

@@ -1,7 +1,8 @@
-"""PyTorch reference of the small nets and train steps, for side-by-side timing in bench/run.py.
+"""PyTorch reference nets and train steps, for side-by-side timing in bench/run.py.
 
-Same architectures as jtransfer's vgg_s / resnet_s (widths, strides, padding, BN), NCHW or
-channels_last, the same losses as the JAX strategies (CE; + CWL scales; + L2-SP; + DELTA
+Same architectures as jtransfer's vgg_s / resnet_s (widths, strides, padding, BN) and resnet50
+(torchvision's layout: stride on the 3x3 conv), NCHW or channels_last, on CPU or CUDA, float32
+or bf16 autocast; the same losses as the JAX strategies (CE; + CWL scales; + L2-SP; + DELTA
 feature-map distance with a frozen source copy; + masks; + distillation).
 """
 from __future__ import annotations
@@ -85,7 +86,42 @@ class ResNetS(nn.Module):
     return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-ARCHS = ("vgg_s", "resnet_s")
+class Bottleneck(nn.Module):
+  def __init__(self, cin, width, stride, cwl):
+    super().__init__()
+    cout = 4 * width
+    self.conv1 = _unit(cin, width, 1, 1, bn=True, cwl=cwl)
+    self.conv2 = _unit(width, width, 3, stride, bn=True, cwl=cwl)
+    self.conv3 = _unit(width, cout, 1, 1, bn=True, relu=False, cwl=cwl)
+    self.down = (_unit(cin, cout, 1, stride, bn=True, relu=False, cwl=cwl)
+                 if stride != 1 or cin != cout else None)
+
+  def forward(self, x):
+    y = self.conv3(self.conv2(self.conv1(x)))
+    return F.relu(y + (self.down(x) if self.down is not None else x))
+
+
+class ResNet50(nn.Module):
+  """torchvision's resnet50 (v1.5), the GPU comparison of bench/run.py."""
+
+  def __init__(self, cin=3, classes=1000, cwl=False):
+    super().__init__()
+    self.stem = nn.Sequential(_unit(cin, 64, 7, 2, bn=True, cwl=cwl), nn.MaxPool2d(3, 2, 1))
+    blocks, c = [], 64
+    for s, (n, w) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
+      for b in range(n):
+        blocks.append(Bottleneck(c, w, 2 if (b == 0 and s > 0) else 1, cwl))
+        c = 4 * w
+    self.blocks = nn.Sequential(*blocks)
+    ends = (2, 6, 12, 15)  # last block of each stage
+    self.taps = [blocks[i].conv3[0] for i in ends]
+    self.head = nn.Linear(c, classes)
+
+  def forward(self, x):
+    return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+ARCHS = ("vgg_s", "resnet_s", "resnet50")
 
 
 def make(arch: str, shape, classes: int, cwl: bool = False) -> nn.Module:
@@ -94,7 +130,13 @@ def make(arch: str, shape, classes: int, cwl: bool = False) -> nn.Module:
     return VGGS(c, classes, hw=h, cwl=cwl)
   if arch == "resnet_s":
     return ResNetS(c, classes, cwl=cwl)
+  if arch == "resnet50":
+    return ResNet50(c, classes, cwl=cwl)
   raise ValueError(f"no PyTorch reference for {arch!r}; have {ARCHS}")
+
+
+def default_device() -> str:
+  return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _taps(model, x):
@@ -107,14 +149,21 @@ def _taps(model, x):
 
 
 def make_step(arch: str, strategy: str, shape, batch: int, classes: int = 5,
-              channels_last: bool = False):
-  """Returns a zero-arg callable running one train step on a fixed random batch."""
+              channels_last: bool = False, device: str | None = None, bf16: bool = False):
+  """Returns a zero-arg callable running one train step on a fixed random batch.
+
+  Args:
+    device: 'cpu' or 'cuda' (default: cuda when there is one).
+    bf16: run forward and loss under bf16 autocast (mixed precision; params stay float32),
+      the counterpart of the JAX models' dtype='bfloat16'.
+  """
   torch.manual_seed(0)
+  device = device or default_device()
   model = make(arch, shape, classes, cwl=strategy == "freeze_cwl")
   fmt = torch.channels_last if channels_last else torch.contiguous_format
-  model = model.to(memory_format=fmt)
-  x = torch.randn(batch, shape[2], shape[0], shape[1]).to(memory_format=fmt)
-  y = torch.randint(0, classes, (batch,))
+  model = model.to(device=device, memory_format=fmt)
+  x = torch.randn(batch, shape[2], shape[0], shape[1], device=device).to(memory_format=fmt)
+  y = torch.randint(0, classes, (batch,), device=device)
   source = None
   if strategy in ("l2sp", "delta", "distill"):
     source = copy.deepcopy(model).eval()
@@ -134,6 +183,17 @@ def make_step(arch: str, strategy: str, shape, batch: int, classes: int = 5,
 
   def step():
     opt.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+      loss = _loss()
+    loss.backward()
+    opt.step()
+    if masks is not None:
+      with torch.no_grad():
+        for p, m in zip(params, masks):
+          p.mul_(m)
+    return loss
+
+  def _loss():
     if strategy == "delta":
       logits, feats = _taps(model, x)
       with torch.no_grad():
@@ -150,25 +210,23 @@ def make_step(arch: str, strategy: str, shape, batch: int, classes: int = 5,
           t = source(x)
         kl = F.kl_div(F.log_softmax(logits / 4, -1), F.softmax(t / 4, -1), reduction="batchmean")
         loss = 0.5 * loss + 0.5 * 16 * kl
-    loss.backward()
-    opt.step()
-    if masks is not None:
-      with torch.no_grad():
-        for p, m in zip(params, masks):
-          p.mul_(m)
     return loss
 
+  step.device = device
   return step
 
 
 def time_step(step, warmup: int, windows: int, steps_per_window: int) -> list[float]:
-  """Seconds per step in each window (after warm-up)."""
+  """Seconds per step in each window (after warm-up); waits for CUDA work to finish."""
+  sync = torch.cuda.synchronize if getattr(step, "device", "cpu") == "cuda" else (lambda: None)
   for _ in range(warmup):
     step()
+  sync()
   out = []
   for _ in range(windows):
     t0 = time.perf_counter()
     for _ in range(steps_per_window):
       step()
+    sync()
     out.append((time.perf_counter() - t0) / steps_per_window)
   return out

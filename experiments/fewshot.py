@@ -235,11 +235,15 @@ class TargetRuns:
 
   def batchable(self, name: str) -> bool:
     """Whether runs of `name` can train together (`jtransfer.train.batched`)."""
-    setup, _, opt, head_only = self.setup(name)
-    if head_only:
-      return True
-    params, _ = setup.init(0, self.pool.images[:1], self.pool.labels[:1])
-    return batched.batchable(opt, params)
+    key = ("batchable", name)
+    if key not in self._setups:  # asked once per (target, k) group: initialise params once
+      setup, _, opt, head_only = self.setup(name)
+      if head_only:
+        self._setups[key] = True
+      else:
+        params, _ = setup.init(0, self.pool.images[:1], self.pool.labels[:1])
+        self._setups[key] = batched.batchable(opt, params)
+    return self._setups[key]
 
   def run_many(self, name: str, jobs: Sequence[tuple]) -> list:
     """Runs sharing their frozen params, trained as one batched step; same results as `run`.

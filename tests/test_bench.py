@@ -1,4 +1,6 @@
 """The benchmark code runs on a tiny setting (timings are not tested)."""
+import numpy as np
+
 from bench import run
 
 
@@ -30,3 +32,20 @@ def test_bench_grid_runs_tiny(tmp_path):
   text = out.read_text()
   assert "| jtransfer default | 8 |" in text and "| PyTorch loop" in text
   assert "default vs plain over 8 runs: 0.00e+00" in text
+
+
+def test_torch_resnet50_reference_is_torchvisions_net():
+  """Same parameter count as jtransfer's resnet50 (torchvision's 25,557,032), and it steps."""
+  import jax
+  import torch
+  from bench import torch_ref
+  from jtransfer import models
+  net = torch_ref.make("resnet50", (32, 32, 3), 1000)
+  n_torch = sum(p.numel() for p in net.parameters())
+  v = jax.eval_shape(lambda: models.init_model(models.get_model("resnet50", 1000),
+                                               jax.random.PRNGKey(0), (32, 32, 3)))
+  n_jax = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v["params"]))
+  assert n_torch == n_jax == 25_557_032
+  step = torch_ref.make_step("resnet50", "finetune", (32, 32, 3), 2, device="cpu", bf16=True)
+  assert torch.isfinite(step())
+  assert len(torch_ref.time_step(step, 0, 1, 1)) == 1
