@@ -119,6 +119,9 @@ def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Ar
   """
   if x.ndim != 4:
     raise ValueError(f"max_pool expects NHWC input, got shape {x.shape}")
+  if min(x.shape[1], x.shape[2]) + 2 * padding < kernel:
+    raise ValueError(f"max_pool: kernel {kernel} larger than the padded input "
+                     f"{tuple(d + 2 * padding for d in x.shape[1:3])}")
   return _max_pool(x, int(kernel), int(stride), int(padding))
 
 
@@ -128,8 +131,6 @@ def _pool_windows(x, kernel, stride, padding):
                constant_values=-jnp.inf)
   oh = (xp.shape[1] - kernel) // stride + 1
   ow = (xp.shape[2] - kernel) // stride + 1
-  if oh < 1 or ow < 1:
-    raise ValueError(f"max_pool: kernel {kernel} larger than the padded input {xp.shape[1:3]}")
   return [xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
           for i in range(kernel) for j in range(kernel)]
 
@@ -146,7 +147,9 @@ def _max_pool_argmax(x, kernel, stride, padding):
 
 
 def _max_pool_values(x, kernel, stride, padding):
-  return _max_pool_argmax(x, kernel, stride, padding)[0]
+  # Undifferentiated (frozen features, evaluation): XLA's reduce_window is the fastest forward.
+  pads = ((padding, padding), (padding, padding))
+  return nn.max_pool(x, (kernel, kernel), strides=(stride, stride), padding=pads)
 
 
 def _max_pool_fwd(x, kernel, stride, padding):
