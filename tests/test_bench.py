@@ -49,3 +49,13 @@ def test_torch_resnet50_reference_is_torchvisions_net():
   step = torch_ref.make_step("resnet50", "finetune", (32, 32, 3), 2, device="cpu", bf16=True)
   assert torch.isfinite(step())
   assert len(torch_ref.time_step(step, 0, 1, 1)) == 1
+
+
+def test_bench_pool_runs_tiny(tmp_path):
+  from bench import bench_pool
+  from jtransfer.models import common, vgg
+  out = tmp_path / "pool.md"
+  assert bench_pool.main(["--tiny", "--strategies", "finetune", "--out", str(out)]) == 0
+  text = out.read_text()
+  assert "| finetune | nn.max_pool" in text and "| finetune | models.common.max_pool" in text
+  assert vgg.max_pool is common.max_pool  # the swap is undone
