@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import emit
+from bench.common import command, emit
 from jtransfer import models
 from jtransfer.methods import transfer
 from jtransfer.train import init_state, make_train_step
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
   p.add_argument("--tiny", action="store_true", help="batch 8, 1 window of 1 step")
   p.add_argument("--out", default="bench/RESULTS.md")
   args = p.parse_args(argv)
-  args.argv = list(sys.argv[1:] if argv is None else argv)
+  args.command = command("run", argv)
   if args.tiny:
     args.batch, args.windows, args.steps, args.warmup = 8, 1, 1, 1
   shape = tuple(int(v) for v in args.shape.split(","))
@@ -168,7 +168,7 @@ def report(rows, args, shape, peak) -> str:
   except (OSError, StopIteration):
     pass
   lines = ["# Train-step benchmark", "",
-           f"Command: `python -m bench.run {' '.join(args.argv)}`; machine: {cpu}, "
+           f"Command: `{args.command}`; machine: {cpu}, "
            f"{os.cpu_count()} cores, backend {jax.default_backend()}; jax {jax.__version__}, "
            f"jaxlib {jaxlib.__version__}, torch {tv}.",
            f"Input {shape}, batch {args.batch}, JAX compute dtype {args.dtype or 'float32'}; "
