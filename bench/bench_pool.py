@@ -4,7 +4,9 @@
   python -m bench.bench_pool --tiny               # seconds; what the test suite runs
 
 Both variants run in one process, interleaved (old, new, old, new, ...), so that machine
-drift hits both alike; each figure is the median step time of one round.
+drift hits both alike; each figure is the median step time of one round. A second table
+times the pooling op alone (forward, and forward + gradient) at vgg_s's and ResNet-50's
+pooling shapes.
 """
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import statistics
 import sys
 
 import flax.linen as nn
+import jax
 
 from bench import run
-from bench.common import emit
+from bench.common import command, emit
 from jtransfer.models import common, vgg
+from jtransfer.train.evaluate import median_latency_ms
 
 
 def flax_max_pool(x, kernel, stride, padding=0):
@@ -26,6 +30,20 @@ def flax_max_pool(x, kernel, stride, padding=0):
 
 VARIANTS = (("nn.max_pool (select_and_scatter)", flax_max_pool),
             ("models.common.max_pool (fused VJP)", common.max_pool))
+# (input NHWC, kernel, stride, padding): vgg_s's three 2x2 pools at batch 128, ResNet-50's stem
+# pool (3x3/2/1) at batch 32 on 224px input.
+OP_SHAPES = (((128, 28, 28, 32), 2, 2, 0), ((128, 14, 14, 64), 2, 2, 0),
+             ((128, 7, 7, 128), 2, 2, 0), ((32, 112, 112, 64), 3, 2, 1))
+
+
+def op_times(pool, shape, kernel, stride, padding, runs: int):
+  """(forward ms, forward + gradient ms) of one pooling op, medians over `runs` calls."""
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  w = jax.random.normal(jax.random.PRNGKey(1), pool(x, kernel, stride, padding).shape)
+  fwd = jax.jit(lambda x: pool(x, kernel, stride, padding))
+  grad = jax.jit(jax.grad(lambda x: (pool(x, kernel, stride, padding) * w).sum()))
+  return (median_latency_ms(fwd, x, runs=runs, warmup=3),
+          median_latency_ms(grad, x, runs=runs, warmup=3))
 
 
 def main(argv=None) -> int:
@@ -37,8 +55,10 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=None, help="also write the table here")
   args = p.parse_args(argv)
   windows, steps, warmup = (1, 1, 1) if args.tiny else (5, 3, 3)
+  op_shapes, op_runs = OP_SHAPES, 20
   if args.tiny:
     args.batch, args.rounds = 8, 1
+    op_shapes, op_runs = (((2, 8, 8, 4), 2, 2, 0), ((2, 9, 9, 4), 3, 2, 1)), 1
   times: dict = {}
   try:
     for _ in range(args.rounds):
@@ -53,8 +73,16 @@ def main(argv=None) -> int:
   lines = ["| strategy | pooling | ms/step, per round |", "|---|---|---|"]
   for (strategy, label), ms in times.items():
     lines.append(f"| {strategy} | {label} | {', '.join(f'{m:.1f}' for m in ms)} |")
-  text = (f"vgg_s, batch {args.batch}, 28x28x1; median of {windows} windows x {steps} steps "
-          f"per round.\n\n" + "\n".join(lines) + "\n")
+  ops = ["| input | pool | pooling | forward ms | forward + gradient ms |", "|---|---|---|---|---|"]
+  for shape, kernel, stride, padding in op_shapes:
+    for label, pool in VARIANTS:
+      f, g = op_times(pool, shape, kernel, stride, padding, op_runs)
+      ops.append(f"| {'x'.join(map(str, shape))} | {kernel}x{kernel}/{stride}/{padding} | "
+                 f"{label} | {f:.2f} | {g:.2f} |")
+  text = (f"# Max-pool gradient\n\nCommand: `{command('bench_pool', argv)}`.\n\n"
+          f"Train steps: vgg_s, batch {args.batch}, 28x28x1; median of {windows} windows x "
+          f"{steps} steps per round.\n\n" + "\n".join(lines) + "\n\n"
+          f"The pooling op alone (median of {op_runs} calls):\n\n" + "\n".join(ops) + "\n")
   emit(text, args.out)
   return 0
 
