@@ -59,3 +59,16 @@ def test_bench_pool_runs_tiny(tmp_path):
   text = out.read_text()
   assert "| finetune | nn.max_pool" in text and "| finetune | models.common.max_pool" in text
   assert vgg.max_pool is common.max_pool  # the swap is undone
+
+
+def test_bench_convs_runs_tiny(tmp_path):
+  from bench import bench_convs
+  # The interceptor finds every conv of the net with its real input shape.
+  configs = bench_convs.conv_configs("vgg_s", 2)
+  assert [c[0] for c in configs[:2]] == [(2, 28, 28, 1), (2, 28, 28, 32)]
+  assert len(configs) == 6 and all(c[1][:2] == (3, 3) for c in configs)
+  out = tmp_path / "convs.md"
+  assert bench_convs.main(["--tiny", "--archs", "vgg_s", "--out", str(out)]) == 0
+  text = out.read_text()
+  assert "| vgg_s | finetune |" in text and "| vgg_s | freeze_cwl |" in text
+  assert "| vgg_s | 4x28x28x32 | 3x3x32x32 | 1 | 1 |" in text
