@@ -17,6 +17,17 @@ def add_devices_flag(p: argparse.ArgumentParser) -> None:
                       "batch split, params replicated); multi-host: see README")
 
 
+def add_results_flags(p: argparse.ArgumentParser, out: str,
+                      resume_help: str = "continue, skipping the runs already recorded") -> None:
+  """--out, --resume, --overwrite, --quiet and --devices: the flags of every module writing a
+  results directory (experiments.report.ResultsDir)."""
+  p.add_argument("--out", default=out, help="results directory")
+  p.add_argument("--resume", action="store_true", help=resume_help)
+  p.add_argument("--overwrite", action="store_true", help="replace existing results")
+  p.add_argument("--quiet", action="store_true", help="no progress output")
+  add_devices_flag(p)
+
+
 def apply_devices(args: argparse.Namespace) -> None:
   """Sets the default training mesh from args.devices; exits 2 with a message if impossible."""
   try:

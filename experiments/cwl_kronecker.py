@@ -52,11 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       "(1, H*W*I), i.e. the plain low-rank SVD of V")
   p.add_argument("--ranks", default="", help="comma list of k (default 1, 2, 4, ..., max)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="results/cwl_kronecker")
-  p.add_argument("--resume", action="store_true")
-  p.add_argument("--overwrite", action="store_true")
-  p.add_argument("--quiet", action="store_true")
-  cli.add_devices_flag(p)
+  cli.add_results_flags(p, "results/cwl_kronecker")
   return p.parse_args(argv)
 
 

@@ -77,11 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--data-dir", default=None,
                  help="TFDS data_dir or the Fashion-MNIST IDX directory")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="results/cwl_retrieval")
-  p.add_argument("--resume", action="store_true")
-  p.add_argument("--overwrite", action="store_true")
-  p.add_argument("--quiet", action="store_true")
-  cli.add_devices_flag(p)
+  cli.add_results_flags(p, "results/cwl_retrieval")
   return p.parse_args(argv)
 
 

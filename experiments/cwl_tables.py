@@ -73,12 +73,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   fewshot.add_batch_runs_flag(p)
   p.add_argument("--no-feature-cache", action="store_true")
-  p.add_argument("--out", default="results/cwl_tables")
-  p.add_argument("--resume", action="store_true")
-  p.add_argument("--overwrite", action="store_true")
-  p.add_argument("--quiet", action="store_true")
   # fewshot's defaults first, so flags fewshot adds later still have a value here.
-  cli.add_devices_flag(p)
+  cli.add_results_flags(p, "results/cwl_tables")
   return argparse.Namespace(**{**vars(fewshot.parse_args([])), **vars(p.parse_args(argv))})
 
 

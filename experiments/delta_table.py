@@ -95,11 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--curve-test-per-class", type=int, default=100)
   p.add_argument("--curve-lr", type=float, default=0.01)
   p.add_argument("--curve-schedules", default="step,exp")
-  p.add_argument("--out", default="results/delta_table")
-  p.add_argument("--resume", action="store_true", help="continue, skipping finished runs")
-  p.add_argument("--overwrite", action="store_true", help="replace existing results")
-  p.add_argument("--quiet", action="store_true", help="no progress output")
-  cli.add_devices_flag(p)
+  cli.add_results_flags(p, "results/delta_table")
   args = p.parse_args(argv)
   # fewshot's grid runner reads its own flags: take its defaults for any not set here.
   return argparse.Namespace(**{**vars(fewshot.parse_args([])), **vars(args),

@@ -98,11 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   add_batch_runs_flag(p)
   p.add_argument("--no-feature-cache", action="store_true",
                  help="train head-only strategies through the full forward (slow path)")
-  p.add_argument("--out", default="results/fewshot")
-  p.add_argument("--resume", action="store_true", help="continue a grid, skipping finished runs")
-  p.add_argument("--overwrite", action="store_true", help="replace existing results")
-  p.add_argument("--quiet", action="store_true", help="no progress output")
-  cli.add_devices_flag(p)
+  cli.add_results_flags(p, "results/fewshot", resume_help="continue a grid, skipping finished runs")
   return p.parse_args(argv)
 
 

@@ -475,11 +475,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--alpha-step", type=float, default=0.001)
   p.add_argument("--save-features", action="store_true",
                  help="save each (model, target)'s outputs as features/<model>__<target>.npz")
-  p.add_argument("--out", default="results/model_selection")
-  p.add_argument("--resume", action="store_true", help="skip finished (model, target) pairs")
-  p.add_argument("--overwrite", action="store_true", help="replace existing results")
-  p.add_argument("--quiet", action="store_true")
-  cli.add_devices_flag(p)
+  cli.add_results_flags(p, "results/model_selection",
+                        resume_help="skip finished (model, target) pairs")
   return p.parse_args(argv)
 
 

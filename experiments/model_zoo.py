@@ -470,11 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   add_zoo_args(p)
-  p.add_argument("--out", default="results/model_zoo")
-  p.add_argument("--resume", action="store_true", help="keep the records of an earlier run")
-  p.add_argument("--overwrite", action="store_true", help="replace existing results")
-  p.add_argument("--quiet", action="store_true")
-  cli.add_devices_flag(p)
+  cli.add_results_flags(p, "results/model_zoo", resume_help="keep the records of an earlier run")
   args = p.parse_args(argv)
   cli.apply_devices(args)
   t0 = time.time()

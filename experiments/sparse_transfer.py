@@ -111,11 +111,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--neuron-images-per-class", type=int, default=50)
   p.add_argument("--neuron-layers", default="fc6,fc7", help="FC layers pruned, in order")
   p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX directory / TFDS dir")
-  p.add_argument("--out", default="results/sparse_transfer")
-  p.add_argument("--resume", action="store_true")
-  p.add_argument("--overwrite", action="store_true")
-  p.add_argument("--quiet", action="store_true")
-  cli.add_devices_flag(p)
+  cli.add_results_flags(p, "results/sparse_transfer")
   return p.parse_args(argv)
 
 

@@ -190,11 +190,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   ms.add_finetune_args(p)
   p.add_argument("--tiny", action="store_true",
                  help="seconds-long fine-tuning for smoke tests: " + str(ms.TINY_FINETUNE))
-  p.add_argument("--out", default="results/truncation")
-  p.add_argument("--resume", action="store_true", help="skip finished (target, point) pairs")
-  p.add_argument("--overwrite", action="store_true", help="replace existing results")
-  p.add_argument("--quiet", action="store_true")
-  cli.add_devices_flag(p)
+  cli.add_results_flags(p, "results/truncation", resume_help="skip finished (target, point) pairs")
   return p.parse_args(argv)
 
 
