@@ -11,6 +11,8 @@ k in {1,3,5,10}, the paper's freeze LR grid (4 values), `--repeats` draws (the p
     (`--no-feature-cache --batch-runs 1`);
   * jtransfer batched: `--batch-runs 64` (Freeze+CWL runs of a (target, k) trained together as
     one vmapped step; what 'auto' picks on GPU/TPU);
+  * jtransfer processes: the default path split by target over one single-threaded process
+    per core, each pinned to its core (XLA intra-op threads 1), run at the same time;
   * PyTorch loop: the same runs (same k-shot draws, batches, steps, Adam) one at a time with
     bench/torch_ref.py's nets (NCHW, explicit CWL layer), each ending in an eval forward over
     the validation and test images.
@@ -23,6 +25,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -48,6 +52,34 @@ def _jax_grid(args, extra, out) -> tuple[float, list]:
   seconds = time.perf_counter() - t0
   with open(os.path.join(out, "results.json")) as f:
     return seconds, json.load(f)
+
+
+def _process_grid(args, out) -> tuple[float, list]:
+  """The default path split by target over one single-threaded, pinned process per core."""
+  workers = min(os.cpu_count() or 1, len(args.targets.split(";")))
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false",
+                               "intra_op_parallelism_threads=1"]).strip()
+  procs = []
+  t0 = time.perf_counter()
+  for w in range(workers):
+    argv = [sys.executable, "-m", "experiments.cwl_tables", "--arch", args.archs,
+            "--shots", args.shots, "--repeats", str(args.repeats), "--steps", str(args.steps),
+            "--strategies", "freeze,freeze_cwl", "--lrs", "paper", "--test-per-class",
+            str(args.test_per_class), "--out", os.path.join(out, str(w)), "--overwrite", "--quiet"]
+    for t in args.targets.split(";")[w::workers]:
+      argv += ["--target", t]
+    pin = (lambda core=w: os.sched_setaffinity(0, {core})) if hasattr(os, "sched_setaffinity") \
+        else None
+    procs.append(subprocess.Popen(argv, env=env, preexec_fn=pin, stdout=subprocess.DEVNULL))
+  if any(p.wait() != 0 for p in procs):
+    raise RuntimeError("a bench_grid worker process failed")
+  seconds = time.perf_counter() - t0
+  records = []
+  for w in range(workers):
+    with open(os.path.join(out, str(w), "results.json")) as f:
+      records += json.load(f)
+  return seconds, records
 
 
 def _torch_grid(args) -> tuple[float, int]:
@@ -112,7 +144,7 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=1)
   p.add_argument("--steps", type=int, default=100)
   p.add_argument("--test-per-class", type=int, default=300)
-  p.add_argument("--paths", default="default,plain,batched,torch")
+  p.add_argument("--paths", default="default,plain,batched,processes,torch")
   p.add_argument("--out", default="bench/GRID.md")
   args = p.parse_args(argv)
   paths = args.paths.split(",")
@@ -125,6 +157,10 @@ def main(argv=None) -> int:
       if name in paths:
         seconds, results[name] = _jax_grid(args, extra, os.path.join(tmp, name))
         rows.append((f"jtransfer {name}", seconds, len(results[name])))
+    if "processes" in paths:
+      seconds, results["processes"] = _process_grid(args, os.path.join(tmp, "processes"))
+      rows.append((f"jtransfer processes ({min(os.cpu_count() or 1, len(args.targets.split(';')))}"
+                   " x 1 core)", seconds, len(results["processes"])))
   if "torch" in paths:
     seconds, n = _torch_grid(args)
     rows.append(("PyTorch loop (one run at a time)", seconds, n))
@@ -139,7 +175,7 @@ def main(argv=None) -> int:
   for name, s, n in rows:
     lines.append(f"| {name} | {n} | {s:.1f} | {s / n:.3f} | {torch_s / s:.2f}x |")
   if "plain" in results:
-    for name in ("default", "batched"):
+    for name in ("default", "batched", "processes"):
       if name in results:
         d, n = _max_diff(results["plain"], results[name])
         lines.append(f"\nmax |test accuracy difference| {name} vs plain over {n} runs: {d:.2e}")

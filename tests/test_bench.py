@@ -27,11 +27,13 @@ def test_bench_grid_runs_tiny(tmp_path):
   from bench import bench_grid
   out = tmp_path / "g.md"
   assert bench_grid.main(["--archs", "vgg_s", "--targets", "digits", "--shots", "1", "--steps",
-                          "2", "--test-per-class", "3", "--paths", "default,plain,torch",
+                          "2", "--test-per-class", "3", "--paths", "default,plain,processes,torch",
                           "--out", str(out)]) == 0
   text = out.read_text()
   assert "| jtransfer default | 8 |" in text and "| PyTorch loop" in text
   assert "default vs plain over 8 runs: 0.00e+00" in text
+  assert "| jtransfer processes (1 x 1 core) | 8 |" in text  # one target: one worker
+  assert "processes vs plain over 8 runs" in text
 
 
 def test_torch_resnet50_reference_is_torchvisions_net():
