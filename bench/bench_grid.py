@@ -63,15 +63,17 @@ def _process_grid(args, out) -> tuple[float, list]:
   procs = []
   t0 = time.perf_counter()
   for w in range(workers):
-    argv = [sys.executable, "-m", "experiments.cwl_tables", "--arch", args.archs,
+    # The child pins itself (no preexec_fn: forking this multithreaded process is unsafe).
+    pin = f"import os, runpy, sys; os.sched_setaffinity(0, {{{w}}}) if hasattr(os, " \
+          "'sched_setaffinity') else None; sys.argv[0] = 'cwl_tables'; " \
+          "runpy.run_module('experiments.cwl_tables', run_name='__main__')"
+    argv = [sys.executable, "-c", pin, "--arch", args.archs,
             "--shots", args.shots, "--repeats", str(args.repeats), "--steps", str(args.steps),
             "--strategies", "freeze,freeze_cwl", "--lrs", "paper", "--test-per-class",
             str(args.test_per_class), "--out", os.path.join(out, str(w)), "--overwrite", "--quiet"]
     for t in args.targets.split(";")[w::workers]:
       argv += ["--target", t]
-    pin = (lambda core=w: os.sched_setaffinity(0, {core})) if hasattr(os, "sched_setaffinity") \
-        else None
-    procs.append(subprocess.Popen(argv, env=env, preexec_fn=pin, stdout=subprocess.DEVNULL))
+    procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL))
   if any(p.wait() != 0 for p in procs):
     raise RuntimeError("a bench_grid worker process failed")
   seconds = time.perf_counter() - t0
