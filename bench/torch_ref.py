@@ -56,20 +56,42 @@ class VGGS(nn.Module):
     return self.head(torch.flatten(self.features(x), 1))
 
 
-class Block(nn.Module):
+class _Residual(nn.Module):
+  """relu(units(x) + shortcut(x)); subclasses set `self.units` (names, in order) and `down`."""
+  units: tuple[str, ...] = ()
+
+  def forward(self, x):
+    y = x
+    for name in self.units:
+      y = getattr(self, name)(y)
+    return F.relu(y + (self.down(x) if self.down is not None else x))
+
+
+def _shortcut(cin, cout, stride, cwl):
+  """A 1x1 conv + BN projection where shape changes, else identity (None)."""
+  if stride != 1 or cin != cout:
+    return _unit(cin, cout, 1, stride, bn=True, relu=False, cwl=cwl)
+  return None
+
+
+class _ResNet(nn.Module):
+  """stem -> blocks -> global average pool -> head."""
+
+  def forward(self, x):
+    return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class Block(_Residual):
+  units = ("conv1", "conv2")
+
   def __init__(self, cin, cout, stride, cwl):
     super().__init__()
     self.conv1 = _unit(cin, cout, 3, stride, bn=True, cwl=cwl)
     self.conv2 = _unit(cout, cout, 3, 1, bn=True, relu=False, cwl=cwl)
-    self.down = (_unit(cin, cout, 1, stride, bn=True, relu=False, cwl=cwl)
-                 if stride != 1 or cin != cout else None)
-
-  def forward(self, x):
-    y = self.conv2(self.conv1(x))
-    return F.relu(y + (self.down(x) if self.down is not None else x))
+    self.down = _shortcut(cin, cout, stride, cwl)
 
 
-class ResNetS(nn.Module):
+class ResNetS(_ResNet):
   def __init__(self, cin=1, classes=5, widths=(32, 64, 128), stem=32, stem_stride=2, cwl=False):
     super().__init__()
     self.stem = _unit(cin, stem, 3, stem_stride, bn=True, cwl=cwl)
@@ -82,26 +104,20 @@ class ResNetS(nn.Module):
     self.taps = [blocks[1].conv2[0], blocks[3].conv2[0], blocks[5].conv2[0]]
     self.head = nn.Linear(c, classes)
 
-  def forward(self, x):
-    return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
+class Bottleneck(_Residual):
+  units = ("conv1", "conv2", "conv3")
 
-class Bottleneck(nn.Module):
   def __init__(self, cin, width, stride, cwl):
     super().__init__()
     cout = 4 * width
     self.conv1 = _unit(cin, width, 1, 1, bn=True, cwl=cwl)
     self.conv2 = _unit(width, width, 3, stride, bn=True, cwl=cwl)
     self.conv3 = _unit(width, cout, 1, 1, bn=True, relu=False, cwl=cwl)
-    self.down = (_unit(cin, cout, 1, stride, bn=True, relu=False, cwl=cwl)
-                 if stride != 1 or cin != cout else None)
-
-  def forward(self, x):
-    y = self.conv3(self.conv2(self.conv1(x)))
-    return F.relu(y + (self.down(x) if self.down is not None else x))
+    self.down = _shortcut(cin, cout, stride, cwl)
 
 
-class ResNet50(nn.Module):
+class ResNet50(_ResNet):
   """torchvision's resnet50 (v1.5), the GPU comparison of bench/run.py."""
 
   def __init__(self, cin=3, classes=1000, cwl=False):
@@ -116,9 +132,6 @@ class ResNet50(nn.Module):
     ends = (2, 6, 12, 15)  # last block of each stage
     self.taps = [blocks[i].conv3[0] for i in ends]
     self.head = nn.Linear(c, classes)
-
-  def forward(self, x):
-    return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
 ARCHS = ("vgg_s", "resnet_s", "resnet50")
