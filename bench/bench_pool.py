@@ -14,7 +14,6 @@ import argparse
 import statistics
 import sys
 
-import flax.linen as nn
 import jax
 
 from bench import run
@@ -23,12 +22,7 @@ from jtransfer.models import common, vgg
 from jtransfer.train.evaluate import median_latency_ms
 
 
-def flax_max_pool(x, kernel, stride, padding=0):
-  pads = ((padding, padding), (padding, padding))
-  return nn.max_pool(x, (kernel, kernel), strides=(stride, stride), padding=pads)
-
-
-VARIANTS = (("nn.max_pool (select_and_scatter)", flax_max_pool),
+VARIANTS = (("nn.max_pool (select_and_scatter)", common.max_pool_reduce_window),
             ("models.common.max_pool (fused VJP)", common.max_pool))
 # (input NHWC, kernel, stride, padding): vgg_s's three 2x2 pools at batch 128, ResNet-50's stem
 # pool (3x3/2/1) at batch 32 on 224px input.

@@ -146,8 +146,10 @@ def _max_pool_argmax(x, kernel, stride, padding):
   return out, index
 
 
-def _max_pool_values(x, kernel, stride, padding):
-  # Undifferentiated (frozen features, evaluation): XLA's reduce_window is the fastest forward.
+def max_pool_reduce_window(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
+  """`max_pool` through Flax's `nn.max_pool` (XLA reduce_window; its gradient is XLA's
+  select_and_scatter). `max_pool`'s undifferentiated forward (frozen features, evaluation),
+  where reduce_window is the fastest; bench/bench_pool.py times the two gradients."""
   pads = ((padding, padding), (padding, padding))
   return nn.max_pool(x, (kernel, kernel), strides=(stride, stride), padding=pads)
 
@@ -176,7 +178,7 @@ def _max_pool_bwd(kernel, stride, padding, res, g):
   return (dxp[:, padding:padding + h, padding:padding + w, :],)
 
 
-_max_pool = jax.custom_vjp(_max_pool_values, nondiff_argnums=(1, 2, 3))
+_max_pool = jax.custom_vjp(max_pool_reduce_window, nondiff_argnums=(1, 2, 3))
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
