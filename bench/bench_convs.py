@@ -16,6 +16,7 @@ kernels or around them.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 
@@ -72,8 +73,6 @@ def jax_times(x_shape, w_shape, strides, padding, runs: int) -> tuple[float, flo
 
 def torch_times(x_shape, w_shape, strides, padding, runs: int) -> tuple[float, float, float]:
   """(forward, backward-data, backward-filter) ms of the same conv in PyTorch, channels_last."""
-  import time
-
   import torch
   import torch.nn.functional as F
   n, h, w_, c = x_shape
@@ -82,26 +81,17 @@ def torch_times(x_shape, w_shape, strides, padding, runs: int) -> tuple[float, f
   x = torch.randn(n, c, h, w_).contiguous(memory_format=cl)
   w = (torch.randn(co, ci, kh, kw) * 0.1).contiguous(memory_format=cl)
   pad = [p[0] for p in padding]
-  y = F.conv2d(x, w, stride=list(strides), padding=pad)
-  g = torch.ones_like(y).contiguous(memory_format=cl)
+  conv = lambda: F.conv2d(x, w, stride=list(strides), padding=pad)
+  g = torch.ones_like(conv()).contiguous(memory_format=cl)
 
   def backward(mask):
     return lambda: torch.ops.aten.convolution_backward(
         g, x, w, None, list(strides), pad, [1, 1], False, [0, 0], 1, mask)
 
-  def median_ms(fn):
-    with torch.no_grad():
-      for _ in range(2):
-        fn()
-      out = []
-      for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        out.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(out)
-
-  return (median_ms(lambda: F.conv2d(x, w, stride=list(strides), padding=pad)),
-          median_ms(backward([True, False, False])), median_ms(backward([False, True, False])))
+  # CPU aten calls return finished tensors: the shared latency helper times them as they are.
+  return (median_latency_ms(conv, runs=runs),
+          median_latency_ms(backward([True, False, False]), runs=runs),
+          median_latency_ms(backward([False, True, False]), runs=runs))
 
 
 def step_ms(arch: str, strategy: str, batch: int, windows: int, steps: int):
@@ -128,8 +118,6 @@ def main(argv=None) -> int:
   p.add_argument("--tiny", action="store_true", help="batch 4, 2 calls, 1 step")
   p.add_argument("--out", default=None, help="also write the report here")
   args = p.parse_args(argv)
-  import os
-
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
   windows, steps = (5, 3) if not args.tiny else (1, 1)

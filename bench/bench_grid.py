@@ -41,12 +41,18 @@ from jtransfer.methods import transfer
 TARGETS = ("fmnist:1,5,7,8,9", "digits")
 
 
-def _jax_grid(args, extra, out) -> tuple[float, list]:
+def _grid_argv(args, targets, out) -> list[str]:
+  """`experiments.cwl_tables` flags of the timed grid over `targets`, writing to `out`."""
   argv = ["--arch", args.archs, "--shots", args.shots, "--repeats", str(args.repeats),
           "--steps", str(args.steps), "--strategies", "freeze,freeze_cwl", "--lrs", "paper",
           "--test-per-class", str(args.test_per_class), "--out", out, "--overwrite", "--quiet"]
-  for t in args.targets.split(";"):
+  for t in targets:
     argv += ["--target", t]
+  return argv
+
+
+def _jax_grid(args, extra, out) -> tuple[float, list]:
+  argv = _grid_argv(args, args.targets.split(";"), out)
   t0 = time.perf_counter()
   assert cwl_tables.main(argv + extra) == 0
   seconds = time.perf_counter() - t0
@@ -54,12 +60,13 @@ def _jax_grid(args, extra, out) -> tuple[float, list]:
     return seconds, json.load(f)
 
 
-def _process_grid(args, out) -> tuple[float, list]:
-  """The default path split by target over one single-threaded, pinned process per core."""
-  workers = min(os.cpu_count() or 1, len(args.targets.split(";")))
+def _process_grid(args, out, workers: int) -> tuple[float, list]:
+  """The default path split by target over `workers` single-threaded processes, each pinned to
+  its own core."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false",
                                "intra_op_parallelism_threads=1"]).strip()
+  targets = args.targets.split(";")
   procs = []
   t0 = time.perf_counter()
   for w in range(workers):
@@ -67,12 +74,8 @@ def _process_grid(args, out) -> tuple[float, list]:
     pin = f"import os, runpy, sys; os.sched_setaffinity(0, {{{w}}}) if hasattr(os, " \
           "'sched_setaffinity') else None; sys.argv[0] = 'cwl_tables'; " \
           "runpy.run_module('experiments.cwl_tables', run_name='__main__')"
-    argv = [sys.executable, "-c", pin, "--arch", args.archs,
-            "--shots", args.shots, "--repeats", str(args.repeats), "--steps", str(args.steps),
-            "--strategies", "freeze,freeze_cwl", "--lrs", "paper", "--test-per-class",
-            str(args.test_per_class), "--out", os.path.join(out, str(w)), "--overwrite", "--quiet"]
-    for t in args.targets.split(";")[w::workers]:
-      argv += ["--target", t]
+    argv = [sys.executable, "-c", pin, *_grid_argv(args, targets[w::workers],
+                                                   os.path.join(out, str(w)))]
     procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL))
   if any(p.wait() != 0 for p in procs):
     raise RuntimeError("a bench_grid worker process failed")
@@ -159,10 +162,11 @@ def main(argv=None) -> int:
       if name in paths:
         seconds, results[name] = _jax_grid(args, extra, os.path.join(tmp, name))
         rows.append((f"jtransfer {name}", seconds, len(results[name])))
-    if "processes" in paths:
-      seconds, results["processes"] = _process_grid(args, os.path.join(tmp, "processes"))
-      rows.append((f"jtransfer processes ({min(os.cpu_count() or 1, len(args.targets.split(';')))}"
-                   " x 1 core)", seconds, len(results["processes"])))
+    if "processes" in paths:  # one worker per core, at most one per target
+      workers = min(os.cpu_count() or 1, len(args.targets.split(";")))
+      seconds, results["processes"] = _process_grid(args, os.path.join(tmp, "processes"), workers)
+      rows.append((f"jtransfer processes ({workers} x 1 core)", seconds,
+                   len(results["processes"])))
   if "torch" in paths:
     seconds, n = _torch_grid(args)
     rows.append(("PyTorch loop (one run at a time)", seconds, n))
