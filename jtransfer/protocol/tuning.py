@@ -1,0 +1,123 @@
+"""Hyper-parameter selection on validation data, never on test.
+
+`tune` evaluates a grid of hyper-parameter points with a caller's score (mean validation accuracy
+over tuning draws, or over cross-validation folds), picks the best, and when the best sits on
+the edge of a geometric axis extends that axis one step outward and scores the new points, up
+to `max_extend` times per side; an axis whose choice is still on an edge is reported, so the
+report can say so (protocol rule 2, DESIGN.md section 8).
+
+`kfold` gives the stratified folds for cross-validation on a training pool (DELTA's paper picks
+alpha by 5-fold cross-validation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from jtransfer.errors import InputError
+
+
+@dataclasses.dataclass
+class Tuned:
+  """What `tune` chose and why.
+
+  Attributes:
+    choice: axis name -> chosen value.
+    score: the chosen point's score.
+    scores: every scored point (a tuple of values in axis order) -> score.
+    grid: axis name -> values, as extended.
+    edges: axes whose chosen value is still the first or last of the (extended) grid:
+      'lr:low' or 'lr:high'.
+  """
+  choice: dict
+  score: float
+  scores: dict
+  grid: dict
+  edges: list
+
+  def to_dict(self) -> dict:
+    return dict(choice=self.choice, score=self.score, grid=self.grid, edges=self.edges,
+                scores=[[list(k), v] for k, v in self.scores.items()])
+
+
+def _extend(values: Sequence[float], side: str) -> float:
+  """One more value past the low or high end of a geometric (or arithmetic at 0) axis."""
+  lo, hi = values[0], values[-1]
+  if side == "low":
+    ratio = values[1] / values[0] if values[0] > 0 else math.nan
+    return lo / ratio if ratio > 1 else lo - (values[1] - values[0])
+  ratio = values[-1] / values[-2] if values[-2] > 0 else math.nan
+  return hi * ratio if ratio > 1 else hi + (values[-1] - values[-2])
+
+
+def tune(grid: Mapping[str, Sequence[float]], score: Callable[[dict], float],
+         max_extend: int = 2) -> Tuned:
+  """Picks the point of `grid` with the highest score, extending axes whose best is an edge.
+
+  Args:
+    grid: axis name -> candidate values, sorted ascending. Axes with one value are fixed;
+      axes with two or more are extended geometrically (by the ratio of the two end values).
+    score: point (axis name -> value) -> validation score; higher is better. It must not
+      read test data: this function only ever sees what it returns.
+    max_extend: how many extra values each side of each axis may receive.
+
+  Returns:
+    A `Tuned`. Ties go to the point first in grid order (smaller values first); an edge is
+    extended only when it scores strictly higher than its neighbour on that axis.
+  """
+  names = list(grid)
+  axes = {n: sorted(float(v) for v in grid[n]) for n in names}
+  for n, v in axes.items():
+    if not v or len(set(v)) != len(v) or not all(math.isfinite(x) for x in v):
+      raise InputError(f"tuning grid {n!r} must hold distinct finite values, got {grid[n]!r}")
+  scores: dict = {}
+  extended = {(n, s): 0 for n in names for s in ("low", "high")}
+  while True:
+    for point in itertools.product(*(axes[n] for n in names)):
+      if point not in scores:
+        scores[point] = float(score(dict(zip(names, point))))
+    order = list(itertools.product(*(axes[n] for n in names)))
+    best = max(order, key=lambda p: (scores[p], -order.index(p)))
+    grew = False
+    for i, n in enumerate(names):
+      values = axes[n]
+      if len(values) < 2:
+        continue
+      for side, at, inner in (("low", values[0], values[1]), ("high", values[-1], values[-2])):
+        # Extend only when the edge beats its neighbour: a tie says nothing about beyond it.
+        neighbour = best[:i] + (inner,) + best[i + 1:]
+        if best[i] == at and extended[(n, side)] < max_extend and \
+            scores[best] > scores[neighbour]:
+          new = float(f"{_extend(values, side):.12g}")  # 1e-3 / 10 is 1e-4, not 1.0000000000000002e-4
+          if math.isfinite(new) and (new > 0 or values[0] <= 0):
+            axes[n] = sorted(values + [new])
+            extended[(n, side)] += 1
+            grew = True
+    if not grew:
+      break
+  edges = [f"{n}:{side}" for i, n in enumerate(names) if len(axes[n]) >= 2
+           for side, at in (("low", axes[n][0]), ("high", axes[n][-1])) if best[i] == at]
+  return Tuned(dict(zip(names, best)), scores[best], scores, axes, edges)
+
+
+def kfold(labels: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Stratified folds of a labelled pool: [(train_idx, val_idx)] per fold.
+
+  Raises:
+    InputError: a class has fewer images than folds.
+  """
+  from sklearn.model_selection import StratifiedKFold
+  labels = np.asarray(labels)
+  counts = np.bincount(labels)
+  present = counts[counts > 0]
+  if n_folds < 2:
+    raise InputError(f"cross-validation needs at least 2 folds, got {n_folds}")
+  if present.min() < n_folds:
+    raise InputError(f"{n_folds}-fold cross-validation needs {n_folds} images of each class; "
+                     f"the smallest class has {present.min()}")
+  skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+  return [(np.sort(tr), np.sort(va)) for tr, va in skf.split(np.zeros(len(labels)), labels)]
