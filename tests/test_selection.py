@@ -178,6 +178,66 @@ def test_logme_matches_reference_loop(n, d):
   np.testing.assert_allclose(sel.logme(f, y), _logme_reference(f, y), rtol=1e-7)
 
 
+def _logme_published_reference(f, y):
+  """The published LogME algorithm (thuml/LogME, LogME._fit_fixed_point) re-derived here: one
+  class at a time, in the basis of the singular vectors it keeps (all min(N, D) of a thin SVD
+  when N <= D; for N > D those of F^T F's eigenvectors with sqrt(eigenvalue) > 1e-10), with the
+  log-determinant over the kept singular values only."""
+  f = f.astype(np.float64)
+  n, d = f.shape
+  if n > d:
+    lam, v = np.linalg.eigh(f.T @ f)
+    sv = np.sqrt(np.clip(lam, 0, None))
+    kept = sv > 1e-10
+    sv, v = sv[kept], v[:, kept]
+    basis = f @ v / sv
+  else:
+    basis, sv, _ = np.linalg.svd(f, full_matrices=False)
+  out = []
+  for k in range(int(y.max()) + 1):
+    t_k = (y == k).astype(np.float64)
+    proj = basis.T @ t_k                       # coordinates of y on the kept directions
+    outside = t_k @ t_k - proj @ proj          # residual energy no direction reaches
+    alpha = beta = 1.0
+    for _ in range(11):
+      lam_ratio = alpha / beta
+      shrink = sv ** 2 / (sv ** 2 + lam_ratio)
+      gamma = shrink.sum()
+      m_coef = sv * proj / (sv ** 2 + lam_ratio)          # m in the right singular basis
+      m2 = m_coef @ m_coef
+      res2 = np.sum((proj * (1 - shrink)) ** 2) + outside
+      alpha, beta = gamma / (m2 + 1e-5), (n - gamma) / (res2 + 1e-5)
+      if abs(alpha / beta - lam_ratio) / lam_ratio <= 1e-3:
+        break
+    ev = (d / 2 * np.log(alpha) + n / 2 * np.log(beta)
+          - 0.5 * np.sum(np.log(alpha + beta * sv ** 2)) - beta / 2 * res2 - alpha / 2 * m2
+          - n / 2 * np.log(2 * np.pi))
+    out.append(ev / n)
+  return np.mean(out)
+
+
+@pytest.mark.parametrize("n,d,dead", [(12, 20, 0), (30, 30, 0), (60, 8, 0), (60, 10, 3)])
+def test_logme_published_matches_a_rederivation_of_the_published_code(n, d, dead):
+  rng = np.random.default_rng(7)
+  y = np.arange(n) % 3
+  f = rng.normal(size=(n, d)) + 1.5 * np.eye(3, d)[y]
+  f[:, d - dead:] = 0.0                # dead units: rank < D although N > D
+  np.testing.assert_allclose(sel.logme(f, y, variant="published"),
+                             _logme_published_reference(f, y), rtol=1e-7)
+
+
+def test_logme_variants_agree_for_full_rank_n_above_d_and_differ_below():
+  rng = np.random.default_rng(8)
+  y = np.arange(80) % 4
+  f = rng.normal(size=(80, 12)) + np.eye(4, 12)[y]
+  np.testing.assert_allclose(sel.logme(f, y, variant="published"), sel.logme(f, y), rtol=1e-9)
+  # N < D: the published value lacks (D - N) log(alpha) / 2 in the log-determinant.
+  small, ys = f[:10], y[:10]
+  assert abs(sel.logme(small, ys, variant="published") - sel.logme(small, ys)) > 0.1
+  with pytest.raises(InputError, match="variant"):
+    sel.logme(f, y, variant="truncated")
+
+
 def test_logme_prefers_informative_features():
   rng = np.random.default_rng(5)
   y = rng.integers(0, 3, size=80)
@@ -290,3 +350,39 @@ def test_rank_correlations_and_target_blind_baselines():
   np.testing.assert_array_equal(sel.ranks([0.2, 0.9, 0.5]), [3, 1, 2])
   with pytest.raises(InputError, match="at least 2"):
     sel.rank_correlations(scores, acc, groups=["a"] * 5 + ["b"])
+
+
+# ---------------------------------------------------------------- which map is read
+
+
+def test_conv_tap_is_the_last_conv_output_before_the_pool():
+  import jax
+  import jax.numpy as jnp
+  from jtransfer import models
+  model = models.get_model("vgg_s", 3, conv_widths=((4,), (6,)), dense_widths=(5,))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12, 12, 1)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  _, got = sel.apply_with_taps(model, params, {}, x, (sel.map_tap_name("conv"),
+                                                      sel.map_tap_name("pooled"), "conv2_1"))
+  conv = np.asarray(got[sel.LAST_CONV_OUTPUT])
+  # vgg_s has no BN: the last conv unit's output is ReLU of its raw conv tap, at full 6x6 size.
+  np.testing.assert_allclose(conv, np.maximum(np.asarray(got["conv2_1"]), 0.0), rtol=1e-6)
+  assert conv.shape == (2, 6, 6, 6) and got["last_conv"].shape == (2, 3, 3, 6)
+  pooled = conv.reshape(2, 3, 2, 3, 2, 6).max(axis=(2, 4))          # the 2x2 max pool after it
+  np.testing.assert_allclose(np.asarray(got["last_conv"]), pooled, rtol=1e-6)
+  with pytest.raises(InputError, match="map tap"):
+    sel.map_tap_name("fc7")
+
+
+def test_conv_tap_equals_last_conv_for_resnet_with_bn():
+  import jax
+  import jax.numpy as jnp
+  from jtransfer import models
+  model = models.get_model("resnet_s", 3, stage_widths=(4, 4, 8), stem_width=4)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 1)), jnp.float32)
+  v = model.init(jax.random.PRNGKey(0), x)
+  logits, got = sel.apply_with_taps(model, v["params"], v["batch_stats"], x,
+                                    (sel.LAST_CONV_OUTPUT, "last_conv"))
+  np.testing.assert_array_equal(got[sel.LAST_CONV_OUTPUT], got["last_conv"])
+  np.testing.assert_allclose(logits, models.apply_model(model, v["params"], v["batch_stats"], x)[0],
+                             rtol=1e-6)

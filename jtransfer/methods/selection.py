@@ -37,17 +37,116 @@ import jax.numpy as jnp
 import numpy as np
 import numpy.typing as npt
 import scipy.stats
+from flax import traverse_util
 
 from jtransfer.errors import InputError
 
 METRIC_NAMES = ("S1", "S2", "S3", "S4", "S5", "S6")
 # Raw S2, S4, S5, S6 are better when smaller; `normalize_metrics` negates them.
 SMALLER_IS_BETTER = ("S2", "S4", "S5", "S6")
+# S6's sign is an open reading of the paper. Its text (sec. 3.6: "The smaller the S6 value, the
+# better it is"; sec. 5.3 inverts S6 before combining) makes smaller raw S6 better, which is how
+# "S6" is oriented everywhere (SMALLER_IS_BETTER). Its App. A.2 (Fig. 5) reports Spearman's rho
+# between S6 and truncate-fine-tune accuracy above 0.7 for every target, i.e. larger raw S6 went
+# with higher accuracy. Reports list S6 under that second sign as this extra scorer too.
+S6_APPENDIX = "S6 (App. A.2 sign)"
+S6_SIGNS = {"S6": -1.0, S6_APPENDIX: 1.0}     # oriented score = sign * raw S6
+
+# Which map S1..S6 (and MAC retrieval) read: 'conv' = the last conv layer's output after its
+# activation, as the selection paper says ("featuremaps of the last convolutional layer") and
+# MAC is defined (Tolias et al.); 'pooled' = the model's 'last_conv' tap, which for VGG and
+# AlexNet comes after the last max pool (vgg_s: 7x7 -> 3x3, the last row and column dropped).
+# For ResNets both are the last block's output.
+MAP_TAPS = ("conv", "pooled")
+# Pseudo-tap name for `apply_with_taps`: the output of the model's last conv unit (or block).
+LAST_CONV_OUTPUT = "last_conv_output"
 
 # LogME constants from the authors' reference code (thuml/LogME, fixed-point version).
 _LOGME_MAX_ITERS = 11
 _LOGME_TOL = 1e-3
 _LOGME_EPS = 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# Which map: the last conv layer's output, or the model's 'last_conv' tap
+# ------------------------------------------------------------------------------------------------
+
+
+def map_tap_name(map_tap: str) -> str:
+  """The tap name `apply_with_taps` takes for a `MAP_TAPS` choice.
+
+  Args:
+    map_tap: 'conv' (the last conv layer's output, the default everywhere) or 'pooled' (the
+      model's 'last_conv' tap, after the last max pool in VGG / AlexNet).
+
+  Returns:
+    `LAST_CONV_OUTPUT` or 'last_conv'.
+
+  Raises:
+    InputError: an unknown choice.
+  """
+  if map_tap not in MAP_TAPS:
+    raise InputError(f"map tap {map_tap!r} is not one of {', '.join(MAP_TAPS)}")
+  return LAST_CONV_OUTPUT if map_tap == "conv" else "last_conv"
+
+
+def _conv_unit_classes() -> tuple[type, ...]:
+  from jtransfer.models.common import ConvUnit
+  from jtransfer.models.resnet import BLOCKS
+  return (ConvUnit, *BLOCKS.values())
+
+
+def apply_with_taps(model, params, batch_stats, x: jax.Array, taps: Sequence[str]
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Eval-mode forward (running BN statistics) returning logits and feature taps; jit-able.
+
+  As `jtransfer.models.apply_model(..., taps=taps)`, plus the pseudo-tap `LAST_CONV_OUTPUT`: the
+  output of the model's last top-level conv unit or residual block, i.e. the last conv layer
+  after its BN and ReLU, before any pooling. It is captured with Flax's capture_intermediates
+  (the unit's `__call__` result), so the models need no extra tap. For vgg_s that is conv3_2's
+  (N, 7, 7, 128) output at 28x28 input, where 'last_conv' is its 3x3 max pool; for a ResNet it
+  equals 'last_conv'; for a truncated model (`truncate_after`) it is the map at the cut.
+
+  Args:
+    model: a Flax module from `jtransfer.models`.
+    params: its 'params' tree.
+    batch_stats: its 'batch_stats' tree, or None / {} without BN.
+    x: (N, H, W, C) normalised inputs.
+    taps: tap names (see `jtransfer.models.available_taps`) and/or `LAST_CONV_OUTPUT`.
+
+  Returns:
+    (logits, {tap: array}).
+
+  Raises:
+    InputError: an unknown tap name, or a model without conv units.
+  """
+  taps = tuple(taps)
+  if LAST_CONV_OUTPUT not in taps:
+    from jtransfer import models
+    logits, _, got = models.apply_model(model, params, batch_stats, x, taps=taps or None)
+    return logits, got
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  units = _conv_unit_classes()
+  logits, state = model.apply(
+      variables, x, train=False, mutable=["intermediates"],
+      capture_intermediates=lambda mdl, method: (method == "__call__" and len(mdl.path) == 1
+                                                 and isinstance(mdl, units)))
+  flat = traverse_util.flatten_dict(state["intermediates"], sep="/")
+  # Units run (and are recorded) in call order: the last captured one is the last conv unit.
+  called = [k for k in flat if k.endswith("/__call__")]
+  if not called:
+    raise InputError(f"{type(model).__name__} has no conv unit whose output could be tapped")
+  got = {LAST_CONV_OUTPUT: flat[called[-1]][0]}
+  sown = {k[:-len("/out")] if k.endswith("/out") else k: v for k, v in flat.items()
+          if not k.endswith("/__call__")}
+  missing = [t for t in taps if t != LAST_CONV_OUTPUT and t not in sown]
+  if missing:
+    raise InputError(f"unknown tap name(s) {missing} for {type(model).__name__}; available: "
+                     f"{sorted(sown) + [LAST_CONV_OUTPUT]}")
+  got.update({t: sown[t] for t in taps if t != LAST_CONV_OUTPUT})
+  return logits, got
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,33 +414,62 @@ def _sum64(x) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-def logme(features: npt.ArrayLike, labels: npt.ArrayLike) -> float:
+LOGME_VARIANTS = ("exact", "published")
+
+
+def logme(features: npt.ArrayLike, labels: npt.ArrayLike, *, variant: str = "exact") -> float:
   """LogME (You et al. 2021): mean over classes of the maximum log evidence per sample.
 
   For each class k, y = 1[label == k] is modelled as y = F w + noise with w ~ N(0, 1/alpha),
   noise ~ N(0, 1/beta). alpha and beta are found by the fixed-point iteration of the authors' code
   (start 1, 1; at most 11 steps; stop when alpha/beta changes by <= 1e-3 relatively; 1e-5 added to
-  the denominators), using one thin SVD of F shared by all classes. The evidence is
-    L = D/2 log alpha + N/2 log beta - 1/2 sum_{i<=D} log(alpha + beta s_i^2)
+  the denominators), using one SVD of F shared by all classes. The evidence is
+    L = D/2 log alpha + N/2 log beta - 1/2 sum_i log(alpha + beta s_i^2)
         - beta/2 ||y - F m||^2 - alpha/2 ||m||^2 - N/2 log 2 pi,   divided by N.
-  The log-determinant runs over all D eigenvalues of F^T F, zeros included. The reference code's
-  fixed-point variant drops the zero ones when rank(F) < D (e.g. N < D), which shifts its value by
-  (D - rank) / (2N) * log alpha; this function keeps the exact evidence.
+
+  Two variants differ only in which eigenvalues s_i^2 of F^T F the log-determinant runs over:
+
+  * 'exact' (default): all D of them, zeros included, i.e. log det(alpha I + beta F^T F), the
+    evidence as the paper defines it.
+  * 'published': what the authors' published code computes (github.com/thuml/LogME, LogME.py,
+    `LogME._fit_fixed_point`, the default `_fit`): it works in the SVD basis of F and sums over
+    only the singular values it keeps, min(N, D) of them when N <= D (`np.linalg.svd(f,
+    full_matrices=False)`), and for N > D those of the eigendecomposition of F^T F whose square
+    root exceeds 1e-10 (`truncated_svd`). When fewer than D values are kept (N < D, or dead
+    units / collinear features when N > D) it lacks (D - kept) * log(alpha) in the
+    log-determinant, so its value is (D - kept) / (2N) * log(alpha) above the exact one (alpha,
+    beta and m are the same). Published LogME numbers were computed this way: use it to compare
+    with them. With N > D and F of full column rank the two agree to rounding.
+
+  Classes are the distinct label values; the published code loops over 0..max(label) instead, so
+  with labels 0..K-1 (as here everywhere) both loop over the same classes.
 
   Args:
     features: (N, D) penultimate features (computed in float64).
     labels: (N,) integer target labels; classes are the distinct values present.
+    variant: 'exact' or 'published' (see above).
 
   Returns:
     The LogME score (larger is better).
 
   Raises:
-    InputError: wrong rank, label count mismatch, fewer than 2 classes, non-finite features.
+    InputError: wrong rank, label count mismatch, fewer than 2 classes, non-finite features,
+      unknown variant.
   """
+  if variant not in LOGME_VARIANTS:
+    raise InputError(f"logme: variant {variant!r} is not one of {', '.join(LOGME_VARIANTS)}")
   f, y_idx, k = _check_features(features, labels, "logme")
   n, d = f.shape
-  u, s, _ = np.linalg.svd(f, full_matrices=False)
-  sigma = (s ** 2)[:, None]                                   # (r, 1), r = min(N, D)
+  if variant == "published" and n > d:
+    # The published code's route for N > D: eigen-decompose F^T F, keep sqrt(eig) > 1e-10.
+    lam, vecs = np.linalg.eigh(f.T @ f)
+    s = np.sqrt(np.clip(lam, 0.0, None))
+    keep = s > 1e-10
+    s, vecs = s[keep], vecs[:, keep]
+    u = (f @ vecs) / s
+  else:
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+  sigma = (s ** 2)[:, None]                                   # (r, 1), r kept directions
   y = np.eye(k)[y_idx]                                        # (N, K) one-vs-rest targets
   x2 = (u.T @ y) ** 2                                         # (r, K) energy along each direction
   # Energy of y outside F's column space: reached by no w, always part of the residual.
@@ -362,7 +490,9 @@ def logme(features: npt.ArrayLike, labels: npt.ArrayLike) -> float:
     active &= np.abs(new_alpha / new_beta - t) / t > _LOGME_TOL
     if not active.any():
       break
-  logdet = np.sum(np.log(alpha + beta * sigma), axis=0) + (d - sigma.shape[0]) * np.log(alpha)
+  logdet = np.sum(np.log(alpha + beta * sigma), axis=0)
+  if variant == "exact":
+    logdet = logdet + (d - sigma.shape[0]) * np.log(alpha)    # the zero eigenvalues of F^T F
   evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - logdet / 2 - beta / 2 * res2
               - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi))
   return float(np.mean(evidence / n))
