@@ -5,11 +5,19 @@
 For each target (default: Fashion-MNIST {1,5,7,8,9} and digits; any `--target` spec works) and
 each base model of the zoo (experiments.model_zoo, trained and cached on first use):
   1. one forward of the source model over the target's labelled training images gives the
-     'last_conv' map (after ReLU), the 'features' (the source's penultimate layer: the head
-     input; fc7 for vgg_s) and the source softmax over its own source classes;
-  2. from those, once per (model, target): S1..S6 on 'last_conv', LogME and H-score on
-     'features', LEEP and NCE on the source softmax / its argmax; and the target-blind
-     baselines: source test accuracy and parameter count (what a target inherits);
+     map S1..S6 read (`--map-tap`: 'conv', the default, is the last conv layer's output after
+     ReLU, as the paper says; 'pooled' is the 'last_conv' tap, which for vgg_s comes after the
+     last max pool), the selection features (`--selection-features`: 'target', the default, is
+     the head input of the fine-tuned target, i.e. what fine-tuning keeps; for vgg_s the
+     flattened pooled conv map, since the target drops fc6/fc7 (transfer.target_model), which
+     takes a second forward of the target model; 'source' is the source's penultimate layer,
+     fc7 for vgg_s) and the source softmax over its own source classes;
+  2. from those, once per (model, target): S1..S6 on the map, LogME and H-score on the
+     selection features (LogME as the authors' published code computes it, `--logme
+     published`, the default, so values compare with published LogME numbers; `--logme exact`
+     for the exact evidence, see selection.logme), LEEP and NCE on the source softmax / its
+     argmax; and the target-blind baselines: source test accuracy and parameter count (what a
+     target inherits);
   3. fine-tuning the base model (all layers, new head) gives the ground-truth accuracy on the
      target's test split.
 One record per finished (model, target) goes to results.jsonl (--resume skips them).
@@ -18,7 +26,9 @@ Report (report.md, summary.json, spearman.png, alpha_curves.png):
   * Spearman's rho and weighted Kendall tau between each scorer and fine-tuned accuracy, per
     (family, target) as the paper's Fig. 2 (per (architecture, task), ranking that
     architecture's models), with every score oriented so that larger means predicted better
-    (S2, S4, S5, S6 negated), and pooled over families per target;
+    (S2, S4, S5, S6 negated), and pooled over families per target; S6 also under the other
+    sign, as selection.S6_APPENDIX (the paper's text says smaller is better, its App. A.2
+    reports positive correlations of raw S6 with accuracy);
   * C_ij(alpha) = (1 - alpha) S_i + alpha S_j on metrics scaled to [-1, 1] over all models and
     targets, alpha step 0.001 (Fig. 3): the best (i, j, alpha) with the mean and variance of rho
     over groups (paper: C_56(0.574), mean 0.7514, variance 0.005993), and C_56(0.574) as
@@ -63,6 +73,11 @@ KEY = ("model", "target")
 DEFAULT_TARGETS = ("fmnist:1,5,7,8,9", "digits")
 S_METRICS = selection.METRIC_NAMES
 LABEL_SCORES = ("LogME", "LEEP", "NCE", "H-score")
+SELECTION_FEATURES = ("target", "source")
+# Settings that change the scores; stored in every record. Records written before they existed
+# were computed with the values in LEGACY_SETTINGS.
+SCORE_SETTINGS = dict(map_tap="conv", selection_features="target", logme_variant="published")
+LEGACY_SETTINGS = dict(map_tap="pooled", selection_features="source", logme_variant="exact")
 BLIND = ("source_accuracy", "param_count")
 PAPER_ALPHA = 0.574
 _ONE_CHUNK_ELEMENTS = 1 << 24
@@ -101,7 +116,8 @@ def model_outputs(model, params, stats, x: np.ndarray, taps: Sequence[str], comp
                   batch_size: int = 250) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """(logits, {tap: array}) of `model` in eval mode over pre-normalised images, in batches.
 
-  The last batch is padded to `batch_size` so one shape compiles once.
+  Taps are model taps or `selection.LAST_CONV_OUTPUT`. The last batch is padded to
+  `batch_size` so one shape compiles once.
   """
   forward = compiled.forward(model, tuple(taps))
   bs = min(batch_size, len(x))
@@ -119,15 +135,18 @@ def model_outputs(model, params, stats, x: np.ndarray, taps: Sequence[str], comp
 
 
 def score_outputs(labels: np.ndarray, last_conv: np.ndarray, features: np.ndarray | None = None,
-                  source_logits: np.ndarray | None = None) -> dict[str, float]:
+                  source_logits: np.ndarray | None = None, *,
+                  logme_variant: str = SCORE_SETTINGS["logme_variant"]) -> dict[str, float]:
   """Every transferability score of one (model, target) from the model's outputs.
 
   Args:
     labels: (N,) target labels.
     last_conv: (N, H, W, C) last conv map after ReLU: S1..S6.
-    features: (N, D) penultimate features: LogME, H-score (skipped when None).
+    features: (N, D) selection features: LogME, H-score (skipped when None).
     source_logits: (N, K_src) source-head logits: LEEP on their softmax, NCE on their argmax
       (skipped when None).
+    logme_variant: `selection.logme`'s variant; 'published' (default) as the LogME authors'
+      code, whose numbers the literature reports.
 
   Returns:
     {'S1'..'S6', 'LogME', 'H-score', 'LEEP', 'NCE'} raw values (S2, S4, S5, S6 smaller is
@@ -137,7 +156,7 @@ def score_outputs(labels: np.ndarray, last_conv: np.ndarray, features: np.ndarra
   chunk = None if np.size(last_conv) <= _ONE_CHUNK_ELEMENTS else 256
   out = selection.feature_map_metrics(last_conv, labels, chunk_size=chunk)
   if features is not None:
-    out["LogME"] = selection.logme(features, labels)
+    out["LogME"] = selection.logme(features, labels, variant=logme_variant)
     out["H-score"] = selection.h_score(features, labels)
   if source_logits is not None:
     z = np.asarray(source_logits, np.float64)
@@ -148,18 +167,51 @@ def score_outputs(labels: np.ndarray, last_conv: np.ndarray, features: np.ndarra
 
 
 def source_scores(source: transfer.Source, images: np.ndarray, labels: np.ndarray,
-                  compiled: Compiled) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-  """Scores of a base model on labelled target images from one forward of the source model.
+                  compiled: Compiled, *, map_tap: str = SCORE_SETTINGS["map_tap"],
+                  selection_features: str = SCORE_SETTINGS["selection_features"],
+                  logme_variant: str = SCORE_SETTINGS["logme_variant"]
+                  ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Scores of a base model on labelled target images, from eval-mode forwards.
+
+  Args:
+    source: the base model.
+    images: (N, H, W, C) uint8 labelled target images.
+    labels: (N,) their labels.
+    compiled: shared compilations.
+    map_tap: the map S1..S6 read (`selection.MAP_TAPS`): 'conv' (default), the last conv layer's
+      output after ReLU, as the paper says; 'pooled', the 'last_conv' tap (after the last max
+      pool in VGG / AlexNet; the same map for ResNets).
+    selection_features: what LogME and H-score read: 'target' (default), the head input of the
+      fine-tuned target (`transfer.target_model`, which drops the source's fc6/fc7), i.e. the
+      features fine-tuning builds on; 'source', the source's own penultimate layer (fc7 for
+      vgg_s; the same as 'target' for ResNets).
+    logme_variant: see `score_outputs`.
 
   Returns:
-    (scores as `score_outputs`, the outputs {'last_conv', 'features', 'logits'} they came from).
+    (scores as `score_outputs`, the outputs they came from: {map tap name, 'features',
+    'logits'}, the map under the name of the tap read, `selection.LAST_CONV_OUTPUT` or
+    'last_conv').
+
+  Raises:
+    InputError: an unknown map tap or selection_features value.
   """
+  tap = selection.map_tap_name(map_tap)
+  if selection_features not in SELECTION_FEATURES:
+    raise InputError(f"selection features {selection_features!r}: expected one of "
+                     f"{', '.join(SELECTION_FEATURES)}")
   x = prenormalize(images, source.mean, source.std)
   v = source.variables
   logits, taps = model_outputs(source.model, v["params"], v.get("batch_stats", {}), x,
-                               ("last_conv", "features"), compiled)
+                               (tap, "features"), compiled)
+  if selection_features == "target" and source.config.get("dense_widths"):
+    # The target drops the source's hidden dense layers: its head reads another vector.
+    model = transfer.target_model(source, len(np.unique(labels)))
+    params, stats = transfer.init_target(source, model, 0)
+    _, target_taps = model_outputs(model, params, stats, x, ("features",), compiled)
+    taps["features"] = target_taps["features"]
   outputs = dict(taps, logits=logits)
-  return score_outputs(labels, taps["last_conv"], taps["features"], logits), outputs
+  scores = score_outputs(labels, taps[tap], taps["features"], logits, logme_variant=logme_variant)
+  return scores, outputs
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -198,9 +250,12 @@ def group_label(record: dict) -> str:
 
 def oriented_scores(records: Sequence[dict]) -> dict[str, np.ndarray]:
   """Scores with larger = predicted better: S1..S6 scaled to [-1, 1] over all records (S2, S4,
-  S5, S6 negated, as the paper does before combining), the others as they are."""
+  S5, S6 negated, as the paper does before combining), then S6 under App. A.2's sign
+  (`selection.S6_APPENDIX`: raw S6 larger = better, the scaled value not negated), then the
+  others as they are."""
   stacked = selection.stack_metrics([{k: r[k] for k in S_METRICS} for r in records])
   out = dict(selection.normalize_metrics(stacked))
+  out[selection.S6_APPENDIX] = -out["S6"]
   for name in LABEL_SCORES + BLIND:
     if all(name in r for r in records):
       out[name] = np.array([r[name] for r in records], np.float64)
@@ -358,6 +413,40 @@ def verdict(summary: dict, key: str = "scorers") -> str:
   return text
 
 
+def score_settings(records: Sequence[dict]) -> dict:
+  """The score settings (SCORE_SETTINGS keys) of `records`, which must all share them.
+
+  Raises:
+    InputError: records computed with different settings.
+  """
+  seen = {tuple(r.get(k, LEGACY_SETTINGS[k]) for k in SCORE_SETTINGS) for r in records}
+  if len(seen) > 1:
+    raise InputError(f"records were scored with different settings {sorted(seen)} "
+                     f"({', '.join(SCORE_SETTINGS)}); rerun with --overwrite")
+  return dict(zip(SCORE_SETTINGS, seen.pop())) if seen else dict(SCORE_SETTINGS)
+
+
+def score_settings_text(settings: dict) -> str:
+  """One paragraph for the report: which map, which features, which LogME."""
+  maps = {"conv": "the last conv layer's output after ReLU (before any pooling), as the paper",
+          "pooled": "the 'last_conv' tap (for vgg_s after the last max pool, not the paper's "
+                    "last conv layer output)"}
+  feats = {"target": "the head input of the fine-tuned target (the features fine-tuning keeps: "
+                     "for vgg_s the flattened pooled conv map, fc6/fc7 dropped)",
+           "source": "the source's penultimate layer (fc7 for vgg_s, which the fine-tuned target "
+                     "drops)"}
+  logme = {"published": "as the LogME authors' published code (github.com/thuml/LogME) computes "
+                        "it, which is what published LogME numbers are: with fewer samples than "
+                        "feature dimensions it truncates the log-determinant to the nonzero "
+                        "singular values (see selection.logme)",
+           "exact": "the exact evidence (selection.logme variant 'exact'), which differs from "
+                    "the published code's value when N < D or features are rank-deficient"}
+  return (f"S1..S6 read {maps[settings['map_tap']]} (--map-tap {settings['map_tap']}). LogME "
+          f"and H-score read {feats[settings['selection_features']]} (--selection-features "
+          f"{settings['selection_features']}). LogME is computed "
+          f"{logme[settings['logme_variant']]} (--logme {settings['logme_variant']}).")
+
+
 def make_report(records: Sequence[dict], summary: dict, args, zoo_lines: list[str]) -> str:
   best = summary["best_pair"]
   lines = ["# Base-model selection (Figs. 2, 3)", "",
@@ -373,10 +462,18 @@ def make_report(records: Sequence[dict], summary: dict, args, zoo_lines: list[st
   for m in dict.fromkeys(r["model"] for r in records):
     lines.append(f"| {m} | " + " | ".join(f"{by[(m, t)]:.4f}" if (m, t) in by else "-"
                                           for t in targets) + " |")
+  settings = score_settings(records)
+  lines += ["", "## Scores", "", score_settings_text(settings)]
   lines += ["", "## Spearman rho per (family, target) (Fig. 2)", "",
             "Scores oriented so that larger = predicted better (S2, S4, S5, S6 negated); rho of "
             "the raw S2, S4, S5, S6 is the negative. n/a: the score is constant in that group "
-            "(e.g. parameter count within a family). tau_w: weighted Kendall tau.", ""]
+            "(e.g. parameter count within a family). tau_w: weighted Kendall tau.", "",
+            f"S6's sign is an open reading: row S6 follows the paper's text (sec. 3.6, \"the "
+            f"smaller the S6 value, the better\"; sec. 5.3 inverts S6 before combining, and so "
+            f"do the C_ij below), row '{selection.S6_APPENDIX}' takes larger raw S6 as better, "
+            "as the paper's App. A.2 (Fig. 5) reports rho > 0.7 between raw S6 and accuracy. "
+            "Its rho is the negative of row S6's; tau_w is not symmetric and differs. The "
+            "verdict below uses the text's sign.", ""]
   lines += scorer_table(summary)
   if summary["pooled"]:
     lines += ["", "## Pooled over families, per target", ""] + scorer_table(summary, "pooled")
@@ -415,7 +512,8 @@ def plot_spearman(summary: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   sc = summary["scorers"]
-  panels = [[n for n in sc if n in S_METRICS], [n for n in sc if n not in S_METRICS]]
+  top = S_METRICS + (selection.S6_APPENDIX,)
+  panels = [[n for n in sc if n in top], [n for n in sc if n not in top]]
   groups = summary["groups"]
   fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(groups)), 8))
   for ax, names in zip(axes, panels):
@@ -473,11 +571,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--target", action="append", default=None,
                  help="target dataset spec; repeat the flag (or separate with ';') for several")
   p.add_argument("--alpha-step", type=float, default=0.001)
+  add_score_args(p)
   p.add_argument("--save-features", action="store_true",
                  help="save each (model, target)'s outputs as features/<model>__<target>.npz")
   cli.add_results_flags(p, "results/model_selection",
                         resume_help="skip finished (model, target) pairs")
   return p.parse_args(argv)
+
+
+def add_score_args(p: argparse.ArgumentParser, *, maps: bool = True) -> None:
+  """Score flags (the open readings of the papers), shared with experiments.truncation."""
+  g = p.add_argument_group("scores")
+  if maps:
+    g.add_argument("--map-tap", choices=selection.MAP_TAPS, default=SCORE_SETTINGS["map_tap"],
+                   help="map S1..S6 read: 'conv', the last conv layer's output (the paper), or "
+                        "'pooled', the 'last_conv' tap (after vgg_s's last max pool)")
+    g.add_argument("--selection-features", choices=SELECTION_FEATURES,
+                   default=SCORE_SETTINGS["selection_features"],
+                   help="LogME / H-score features: 'target', the fine-tuned target's head input, "
+                        "or 'source', the source's penultimate layer (fc7 for vgg_s)")
+  g.add_argument("--logme", choices=selection.LOGME_VARIANTS,
+                 default=SCORE_SETTINGS["logme_variant"],
+                 help="LogME as the authors' published code ('published', comparable with "
+                      "published numbers) or the exact evidence ('exact')")
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
@@ -516,8 +632,18 @@ def _safe(text: str) -> str:
 
 def run(args, members: Sequence[model_zoo.Member], specs: Sequence[str], config: TrainConfig,
         results: ResultsDir) -> None:
-  """Scores and fine-tunes every (model, target) not yet in `results`."""
+  """Scores and fine-tunes every (model, target) not yet in `results`.
+
+  Raises:
+    InputError: `results` holds records scored with other score flags.
+  """
   done = results.done(KEY)
+  settings = dict(map_tap=args.map_tap, selection_features=args.selection_features,
+                  logme_variant=args.logme)
+  old = score_settings(results.records) if results.records else settings
+  if old != settings:
+    raise InputError(f"--out holds records scored with {old}, not {settings}: use the same "
+                     "flags or --overwrite")
   compiled = Compiled()
   shape = members[0].source.input_shape
   total, count = len(members) * len(specs), len(done)
@@ -530,7 +656,8 @@ def run(args, members: Sequence[model_zoo.Member], specs: Sequence[str], config:
       if (m.name, spec) in done:
         continue
       t0 = time.time()
-      scores, outputs = source_scores(m.source, task.train.images, task.train.labels, compiled)
+      scores, outputs = source_scores(m.source, task.train.images, task.train.labels, compiled,
+                                      **settings)
       if args.save_features:
         os.makedirs(os.path.join(results.path, "features"), exist_ok=True)
         np.savez(os.path.join(results.path, "features", f"{m.name}__{_safe(spec)}.npz"),
@@ -541,7 +668,7 @@ def run(args, members: Sequence[model_zoo.Member], specs: Sequence[str], config:
                     test_acc=acc, source_accuracy=m.source.meta["source_test_acc"],
                     param_count=model_zoo.param_count(m.source), n_train=len(task.train),
                     n_test=len(task.test), steps=args.steps, score_seconds=round(t1 - t0, 3),
-                    finetune_seconds=round(time.time() - t1, 3), **scores)
+                    finetune_seconds=round(time.time() - t1, 3), **settings, **scores)
       results.add(record)
       count += 1
       if not args.quiet:

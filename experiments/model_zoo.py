@@ -52,7 +52,7 @@ from jtransfer import models, surgery
 from jtransfer.data import Batches, ImageSet, channel_stats, load_spec, parse_spec
 from jtransfer.data.fewshot import subset_classes
 from jtransfer.errors import InputError
-from jtransfer.methods import transfer
+from jtransfer.methods import selection, transfer
 from jtransfer.train import (cross_entropy, fit, init_state, make_optimizer, make_train_step,
                              predict_logits, sgd)
 
@@ -115,7 +115,8 @@ class Compiled:
     return self._steps[key]
 
   def forward(self, model, taps: tuple[str, ...] = ()) -> Callable:
-    """Jitted eval forward: (params, stats, x) -> logits, or (logits, {tap: array}) with taps."""
+    """Jitted eval forward: (params, stats, x) -> logits, or (logits, {tap: array}) with taps
+    (any model tap, or `selection.LAST_CONV_OUTPUT`)."""
     key = (model, taps)
     if key not in self._forwards:
       if taps:
@@ -127,8 +128,8 @@ class Compiled:
 
 
 def _logits_taps(model, params, stats, x, taps):
-  logits, _, got = models.apply_model(model, params, stats, x, taps=taps)
-  return logits, got
+  # selection.apply_with_taps: models.apply_model's taps plus the last conv unit's output.
+  return selection.apply_with_taps(model, params, stats, x, taps)
 
 
 def _ce_loss(model, bn_train: bool) -> Callable:

@@ -7,8 +7,15 @@ For one source model and each truncation point l (resnet: 'stem', 'stage1/block0
 a new head are put on the cut map (config `truncate_after`; source params the truncated model
 lacks are dropped by `transfer.init_target`'s restrict_to), and the truncated model is
 fine-tuned on each target. Before fine-tuning, S1..S6 are computed on the map at the cut (the
-truncated model's 'last_conv' tap, after ReLU) and LogME / H-score on its pooled features,
-from the same labelled training images.
+truncated model's 'last_conv' tap, after ReLU: the cut conv layer's own output, before any
+pooling) and LogME / H-score on its pooled features (the truncated target's head input), from
+the same labelled training images. LogME is the authors' published variant by default
+(`--logme`, see selection.logme), as in experiments.model_selection.
+
+S6's sign is an open reading: the paper's text (sec. 3.6) says smaller S6 is better, its App.
+A.2 (Fig. 5, this experiment) reports rho > 0.7 between raw S6 and truncate-fine-tune
+accuracy, i.e. larger is better. The report gives S6 under both signs (rows 'S6' and
+selection.S6_APPENDIX) and the point each sign picks (smallest / largest S6).
 
 Writes results.jsonl (one record per finished (target, point); --resume skips them),
 results.json, summary.json, report.md (accuracy per point, Spearman per target between every
@@ -40,6 +47,8 @@ from jtransfer.methods import selection, transfer
 
 KEY = ("target", "point")
 SCORES = selection.METRIC_NAMES + ("LogME", "H-score")
+# S6 sign -> (its report name, which point it picks): the text's smallest, App. A.2's largest.
+S6_PICKS = {"text": ("S6", min), "appendix": (selection.S6_APPENDIX, max)}
 
 
 def truncation_points(source: transfer.Source) -> list[str]:
@@ -47,9 +56,10 @@ def truncation_points(source: transfer.Source) -> list[str]:
   return list(source.model.unit_names())
 
 
-def point_scores(source: transfer.Source, task: ms.TargetTask, point: str, compiled: Compiled
+def point_scores(source: transfer.Source, task: ms.TargetTask, point: str, compiled: Compiled,
+                 logme_variant: str = ms.SCORE_SETTINGS["logme_variant"]
                  ) -> tuple[dict[str, float], tuple[int, ...]]:
-  """S1..S6 on the map at `point` and LogME / H-score on its pooled features.
+  """S1..S6 on the map at `point` and LogME (`logme_variant`) / H-score on its pooled features.
 
   Returns:
     (scores, map shape (H, W, C)).
@@ -58,7 +68,8 @@ def point_scores(source: transfer.Source, task: ms.TargetTask, point: str, compi
   params, stats = transfer.init_target(source, model, 0)
   x = prenormalize(task.train.images, source.mean, source.std)
   _, taps = ms.model_outputs(model, params, stats, x, ("last_conv", "features"), compiled)
-  scores = ms.score_outputs(task.train.labels, taps["last_conv"], taps["features"])
+  scores = ms.score_outputs(task.train.labels, taps["last_conv"], taps["features"],
+                           logme_variant=logme_variant)
   return scores, tuple(taps["last_conv"].shape[1:])
 
 
@@ -66,6 +77,10 @@ def run(args, source: transfer.Source, specs: Sequence[str], points: Sequence[st
         config: TrainConfig, results: ResultsDir) -> None:
   """Scores and truncate-fine-tunes every (target, point) not yet in `results`."""
   done = results.done(KEY)
+  old = {r.get("logme_variant", "exact") for r in results.records}
+  if old - {args.logme}:
+    raise InputError(f"--out holds records with LogME variant {sorted(old)}, not {args.logme!r}:"
+                     " use the same --logme or --overwrite")
   compiled = Compiled()
   total, count = len(specs) * len(points), len(done)
   for spec in specs:
@@ -77,12 +92,13 @@ def run(args, source: transfer.Source, specs: Sequence[str], points: Sequence[st
       if (spec, point) in done:
         continue
       t0 = time.time()
-      scores, shape = point_scores(source, task, point, compiled)
+      scores, shape = point_scores(source, task, point, compiled, args.logme)
       acc = ms.finetune(source, task, args.steps, config, compiled, args.seed,
                         truncate_after=point)
       results.add(dict(target=spec, point=point, index=index, map_shape=list(shape),
                        test_acc=acc, n_train=len(task.train), n_test=len(task.test),
-                       steps=args.steps, seconds=round(time.time() - t0, 3), **scores))
+                       steps=args.steps, seconds=round(time.time() - t0, 3),
+                       logme_variant=args.logme, **scores))
       count += 1
       if not args.quiet:
         print(f"[{count}/{total}] {spec} cut after {point}: acc {acc:.4f} S6 {scores['S6']:.4g}"
@@ -94,27 +110,34 @@ def analyze(records: Sequence[dict], points: Sequence[str]) -> dict:
 
   Returns:
     JSON-ready {'scorers': {name: summary}, 'accuracy': {target: [acc per point]},
-    's6_pick': {target: {point, acc, best_point, best_acc}}}.
+    's6_pick': {target: {point, acc, best_point, best_acc}} (smallest S6, the paper's text),
+    's6_pick_appendix': the same for the largest S6 (App. A.2's sign)}. Scorers: S1..S6
+    oriented larger = better (S2, S4, S5, S6 negated), `selection.S6_APPENDIX` (raw S6),
+    LogME, H-score.
   """
   order = {p: i for i, p in enumerate(points)}
   records = sorted(records, key=lambda r: (r["target"], order[r["point"]]))
   acc = np.array([r["test_acc"] for r in records])
   targets = [r["target"] for r in records]
-  scores = {name: np.array([r[name] for r in records], np.float64) *
-            (-1.0 if name in selection.SMALLER_IS_BETTER else 1.0) for name in SCORES}
+  raw = lambda name: np.array([r[name] for r in records], np.float64)
+  scores = {name: raw(name) * (-1.0 if name in selection.SMALLER_IS_BETTER else 1.0)
+            for name in selection.METRIC_NAMES}
+  scores[selection.S6_APPENDIX] = selection.S6_SIGNS[selection.S6_APPENDIX] * raw("S6")
+  scores.update({name: raw(name) for name in SCORES if name not in scores})
   ranks = selection.rank_correlations(scores, acc, targets)
   by_target: dict[str, list[dict]] = {}
   for r in records:
     by_target.setdefault(r["target"], []).append(r)
-  picks = {}
+  picks = {sign: {} for sign in S6_PICKS}
   for t, rs in by_target.items():
-    s6 = min(rs, key=lambda r: r["S6"])
     best = max(rs, key=lambda r: r["test_acc"])
-    picks[t] = dict(point=s6["point"], acc=s6["test_acc"], best_point=best["point"],
-                    best_acc=best["test_acc"])
+    for sign, (_, choose) in S6_PICKS.items():
+      s6 = choose(rs, key=lambda r: r["S6"])
+      picks[sign][t] = dict(point=s6["point"], acc=s6["test_acc"], best_point=best["point"],
+                            best_acc=best["test_acc"])
   return dict(scorers={k: ms._summary(v) for k, v in ranks.items()},
               accuracy={t: {r["point"]: r["test_acc"] for r in rs} for t, rs in by_target.items()},
-              s6_pick=picks, points=list(points))
+              s6_pick=picks["text"], s6_pick_appendix=picks["appendix"], points=list(points))
 
 
 def make_report(summary: dict, args, source: transfer.Source) -> str:
@@ -131,13 +154,21 @@ def make_report(summary: dict, args, source: transfer.Source) -> str:
     lines.append(f"| {t} | " + " | ".join(f"{row[p]:.4f}" if p in row else "-" for p in points)
                  + " |")
   lines += ["", "## Spearman rho between metric and truncate-fine-tune accuracy (Fig. 5)", "",
-            "Scores oriented so that larger = predicted better (S2, S4, S5, S6 negated).", ""]
+            "Scores oriented so that larger = predicted better (S2, S4, S5, S6 negated). S6's "
+            "sign is an open reading: row S6 follows the paper's text (sec. 3.6, smaller is "
+            f"better); row '{selection.S6_APPENDIX}' is raw S6 (larger is better), the sign of "
+            "the paper's App. A.2, which reports rho > 0.7 for it on every target. LogME: "
+            + ("the LogME authors' published code's variant (thuml/LogME)."
+               if getattr(args, "logme", "published") == "published" else
+               "the exact evidence (selection.logme variant 'exact')."), ""]
   lines += ms.scorer_table(summary)
-  lines += ["", "## The point S6 picks (smallest S6)", "",
-            "| target | S6 picks | its acc | best point | best acc |", "|---|---|---|---|---|"]
-  for t, p in summary["s6_pick"].items():
-    lines.append(f"| {t} | {p['point']} | {p['acc']:.4f} | {p['best_point']} | "
-                 f"{p['best_acc']:.4f} |")
+  for sign, title in (("s6_pick", "smallest S6, the paper's text"),
+                      ("s6_pick_appendix", "largest S6, App. A.2's sign")):
+    lines += ["", f"## The point S6 picks ({title})", "",
+              "| target | S6 picks | its acc | best point | best acc |", "|---|---|---|---|---|"]
+    for t, p in summary[sign].items():
+      lines.append(f"| {t} | {p['point']} | {p['acc']:.4f} | {p['best_point']} | "
+                   f"{p['best_acc']:.4f} |")
   return "\n".join(lines + [""])
 
 
@@ -188,6 +219,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="target dataset spec; repeat the flag (or separate with ';') for several")
   p.add_argument("--seed", type=int, default=0)
   ms.add_finetune_args(p)
+  ms.add_score_args(p, maps=False)
   p.add_argument("--tiny", action="store_true",
                  help="seconds-long fine-tuning for smoke tests: " + str(ms.TINY_FINETUNE))
   cli.add_results_flags(p, "results/truncation", resume_help="skip finished (target, point) pairs")

@@ -70,13 +70,51 @@ def test_source_scores_equal_a_hand_written_forward_and_selection_calls():
   logits, _, taps = models.apply_model(source.model, v["params"], v["batch_stats"],
                                        normalize(images, source.mean, source.std),
                                        taps=("last_conv", "features"))
-  np.testing.assert_allclose(outputs["last_conv"], taps["last_conv"], rtol=1e-5, atol=1e-6)
-  assert outputs["last_conv"].shape == (12, 4, 4, 16) and outputs["logits"].shape == (12, 3)
+  # For a ResNet the last conv output is the 'last_conv' tap.
+  conv = outputs[selection.LAST_CONV_OUTPUT]
+  np.testing.assert_allclose(conv, taps["last_conv"], rtol=1e-5, atol=1e-6)
+  assert conv.shape == (12, 4, 4, 16) and outputs["logits"].shape == (12, 3)
   want = selection.feature_map_metrics(np.asarray(taps["last_conv"]), labels)
-  want["LogME"] = selection.logme(np.asarray(taps["features"]), labels)
+  want["LogME"] = selection.logme(np.asarray(taps["features"]), labels, variant="published")
   want["LEEP"] = selection.leep(scipy.special.softmax(np.asarray(logits, np.float64), 1), labels)
   for k, w in want.items():
     np.testing.assert_allclose(got[k], w, rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+def test_vgg_source_scores_read_the_chosen_map_and_features():
+  source = _random_source("vgg_s", conv_widths=((4,), (6,)), dense_widths=(5, 5))
+  rng = np.random.default_rng(2)
+  images = rng.integers(0, 256, size=(12, 28, 28, 1), dtype=np.uint8)
+  labels = np.repeat(np.arange(3), 4).astype(np.int32)
+  v = source.variables
+  _, _, taps = models.apply_model(source.model, v["params"], {},
+                                  normalize(images, source.mean, source.std),
+                                  taps=("conv2_1", "last_conv", "features"))
+  conv = np.maximum(np.asarray(taps["conv2_1"]), 0.0)         # last conv, ReLU, no pool: 14x14
+  pooled = np.asarray(taps["last_conv"])                       # after the last 2x2 max pool
+  assert conv.shape == (12, 14, 14, 6) and pooled.shape == (12, 7, 7, 6)
+  compiled = model_zoo.Compiled()
+  # Defaults: S1..S6 on the last conv output; LogME (published) / H-score on what the target
+  # keeps, the flattened pooled map (the target drops fc6, fc7).
+  got, outputs = ms.source_scores(source, images, labels, compiled)
+  want = selection.feature_map_metrics(conv, labels)
+  flat = pooled.reshape(12, -1)
+  want.update(LogME=selection.logme(flat, labels, variant="published"),
+              **{"H-score": selection.h_score(flat, labels)})
+  for k, w in want.items():
+    np.testing.assert_allclose(got[k], w, rtol=1e-3, atol=1e-6, err_msg=k)
+  np.testing.assert_allclose(outputs["features"], flat, rtol=1e-5, atol=1e-6)
+  # The old choices: the pooled map, the source's fc7, exact LogME.
+  got, outputs = ms.source_scores(source, images, labels, compiled, map_tap="pooled",
+                                  selection_features="source", logme_variant="exact")
+  fc7 = np.asarray(taps["features"])
+  want = selection.feature_map_metrics(pooled, labels)
+  want.update(LogME=selection.logme(fc7, labels), **{"H-score": selection.h_score(fc7, labels)})
+  for k, w in want.items():
+    np.testing.assert_allclose(got[k], w, rtol=1e-3, atol=1e-6, err_msg=k)
+  assert set(outputs) == {"last_conv", "features", "logits"}
+  with pytest.raises(InputError, match="selection features"):
+    ms.source_scores(source, images, labels, compiled, selection_features="fc6")
 
 
 def test_fit_step_decay_follows_the_papers_shape():
@@ -175,6 +213,35 @@ def test_analyze_matches_scipy_and_alpha_sweep():
   assert all(best["best_mean"] >= p["best_mean"] for p in summary["pairs"].values())
   assert len(summary["pairs"]) == 15 and len(best["mean_curve"]) == 101
   assert "beat" in ms.verdict(summary) or "ties" in ms.verdict(summary)
+  # S6 under App. A.2's sign: raw S6 larger = better, so rho is the text sign's negative.
+  app = sc[selection.S6_APPENDIX]["per_group"][group]["spearman"]
+  np.testing.assert_allclose(app, scipy.stats.spearmanr([r["S6"] for r in rs], acc).statistic,
+                             rtol=1e-12)
+  np.testing.assert_allclose(app, -sc["S6"]["per_group"][group]["spearman"], rtol=1e-12)
+
+
+def test_score_settings_must_agree():
+  records = _records()
+  assert ms.score_settings(records) == ms.LEGACY_SETTINGS        # records without the fields
+  fresh = [dict(r, **ms.SCORE_SETTINGS) for r in records]
+  assert ms.score_settings(fresh) == ms.SCORE_SETTINGS
+  with pytest.raises(InputError, match="different settings"):
+    ms.score_settings(fresh[:3] + records[3:])
+
+
+def test_truncation_reports_both_s6_signs():
+  points = ["a", "b", "c"]
+  s6, acc = [0.5, 2.0, 1.0], [0.2, 0.9, 0.5]      # larger S6, higher accuracy (App. A.2)
+  records = [dict(target="t", point=p, test_acc=a, LogME=0.0, **{"H-score": 0.0},
+                  **{k: 1.0 for k in selection.METRIC_NAMES[:5]}, S6=v)
+             for p, v, a in zip(points, s6, acc)]
+  summary = truncation.analyze(records, points)
+  sc = summary["scorers"]
+  assert sc["S6"]["per_group"]["t"]["spearman"] == pytest.approx(-1.0)
+  assert sc[selection.S6_APPENDIX]["per_group"]["t"]["spearman"] == pytest.approx(1.0)
+  assert summary["s6_pick"]["t"]["point"] == "a"              # smallest S6 (the text)
+  assert summary["s6_pick_appendix"]["t"]["point"] == "b"     # largest S6 (App. A.2)
+  assert summary["s6_pick_appendix"]["t"]["best_point"] == "b"
 
 
 # ---------------------------------------------------------------- end to end
@@ -227,8 +294,11 @@ def _check_model_selection_main(root, out):
   records = json.load(open(os.path.join(out, "results.json")))
   assert len(records) == 3 and {r["n_train"] for r in records} == {12}
   assert all(set(selection.METRIC_NAMES + ms.LABEL_SCORES) <= set(r) for r in records)
+  assert all(r["map_tap"] == "conv" and r["logme_variant"] == "published" for r in records)
   report = open(os.path.join(out, "report.md")).read()
   assert "C_56(0.574)" in report and "source_accuracy" in report and "Verdict" in report
+  assert selection.S6_APPENDIX in report and "--logme published" in report
+  assert ms.main(argv + ["--resume", "--logme", "exact"]) == 2   # other score flags: refused
   assert ms.main(argv + ["--resume"]) == 0
   assert len(json.load(open(os.path.join(out, "results.json")))) == 3
   assert ms.main(argv) == 2      # existing results without --resume / --overwrite
