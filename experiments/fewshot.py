@@ -33,6 +33,7 @@ from jtransfer import models
 from jtransfer.data import Batches, ImageSet, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import transfer
+from jtransfer.protocol import Budget, claims, fit_converged, tuning
 from jtransfer.train import (accuracy, batched, fit, init_state, make_optimizer,
                              make_train_step, parallel, predict_logits)
 from jtransfer.train.loop import nonfinite_error
@@ -71,6 +72,40 @@ def resolve_batch_runs(value) -> int:
   return n
 
 
+def add_protocol_flags(p: argparse.ArgumentParser, steps: int = 500, patience: int = 100,
+                       tune_repeats: int = 2, val_per_class: int = 20) -> None:
+  """The protocol's flags (DESIGN.md section 8): run budget, validation, tuning draws."""
+  p.add_argument("--steps", type=int, default=steps,
+                 help="step cap per run (with --patience 0: the exact number of steps)")
+  p.add_argument("--patience", type=int, default=patience,
+                 help="stop a run once its validation accuracy has not improved for this many "
+                      "steps and keep its best validation state; 0 = train every run for "
+                      "--steps and keep the last state")
+  p.add_argument("--eval-every", type=int, default=10,
+                 help="steps between validation evaluations of a run")
+  p.add_argument("--val-per-class", type=int, default=val_per_class,
+                 help="validation images per class, disjoint from the k-shot set and from test")
+  p.add_argument("--tune-repeats", type=int, default=tune_repeats,
+                 help="tuning draws per (arch, target, k), not among the evaluation draws, on "
+                      "which each strategy's LR is chosen by mean validation accuracy; 0 = no "
+                      "tuning draws (the LR grid runs on every draw and is chosen per draw on "
+                      "validation)")
+  p.add_argument("--tune-extend", type=int, default=2,
+                 help="when the chosen LR is the grid's first or last, extend the grid by up to "
+                      "this many values on that side")
+  p.add_argument("--paper-grid", action=argparse.BooleanOptionalAction, default=True,
+                 help="also run the whole LR grid on the evaluation draws, for the papers' "
+                      "test-selected 'best over LR' figure (reported apart, labelled)")
+
+
+def budget_of(args: argparse.Namespace) -> Budget | None:
+  """The run budget from the flags: None = fixed --steps, keep the last state."""
+  if args.patience == 0:
+    return None
+  return Budget(cap=args.steps, eval_every=min(args.eval_every, args.steps),
+                patience=args.patience)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,9 +121,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--lrs", default="reduced",
                  help="'paper' (the CWL paper's grid per strategy), 'reduced' (2 per strategy) "
                       "or a comma list")
-  p.add_argument("--steps", type=int, default=50, help="train steps per run")
+  add_protocol_flags(p)
   p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--val-per-class", type=int, default=10)
   p.add_argument("--test-per-class", type=int, default=300,
                  help="cap on test images per class (0 = all)")
   p.add_argument("--data-dir", default=None,
@@ -120,6 +154,19 @@ def validate(args: argparse.Namespace) -> dict:
     raise InputError(f"--repeats must be >= 1, got {args.repeats}")
   if args.steps < 1:
     raise InputError(f"--steps must be >= 1, got {args.steps}")
+  for flag, v in (("--patience", args.patience), ("--tune-repeats", args.tune_repeats),
+                  ("--tune-extend", args.tune_extend), ("--val-per-class", args.val_per_class),
+                  ("--test-per-class", args.test_per_class)):
+    if v < 0:
+      raise InputError(f"{flag} must be >= 0, got {v}")
+  if args.eval_every < 1:
+    raise InputError(f"--eval-every must be >= 1, got {args.eval_every}")
+  if args.patience and not args.val_per_class:
+    raise InputError("--patience needs validation images: set --val-per-class >= 1 or "
+                     "--patience 0")
+  if args.tune_repeats and not args.val_per_class:
+    raise InputError("--tune-repeats needs validation images: set --val-per-class >= 1 or "
+                     "--tune-repeats 0")
   if args.batch_size < 1:
     raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
   resolve_batch_runs(args.batch_runs)
@@ -215,19 +262,43 @@ class TargetRuns:
     batches = Batches(x_train, self.pool.labels[train_idx], self.args.batch_size, seed)
     return init_state(params, stats, opt, seed, lr), batches, x_val, x_test, forward
 
-  def _evaluate(self, state, forward, x_val, val_idx, x_test) -> dict:
+  def _evaluate(self, state, forward, x_val, val_idx, x_test, test: bool = True) -> dict:
     val_acc = (accuracy(predict_logits(forward, state.params, state.batch_stats, x_val),
                         self.pool.labels[val_idx]) if len(val_idx) else float("nan"))
-    test_acc = accuracy(predict_logits(forward, state.params, state.batch_stats, x_test),
-                        self.test.labels)
+    # Tuning runs never see the test split (test=False): they only choose hyper-parameters.
+    test_acc = (accuracy(predict_logits(forward, state.params, state.batch_stats, x_test),
+                         self.test.labels) if test else None)
     return dict(test_acc=test_acc, val_acc=val_acc)
 
-  def run(self, name: str, train_idx, val_idx, lr: float, seed: int) -> dict:
-    """One run, alone (the plain path). Raises NonFiniteError if a step is not finite."""
+  def run(self, name: str, train_idx, val_idx, lr: float, seed: int,
+          budget: Budget | None = None, test: bool = True) -> dict:
+    """One run, alone (the plain path).
+
+    Args:
+      name, train_idx, val_idx, lr, seed: the strategy, the k-shot and validation rows of the
+        pool, the learning rate and the run's seed.
+      budget: stop by validation patience (`jtransfer.protocol.budget`) and keep the best
+        validation state; None trains `--steps` steps and keeps the last state.
+      test: evaluate on the test split (False for tuning runs).
+
+    Returns:
+      {'test_acc', 'val_acc', 'steps' (trained), 'best_step' (kept), 'stopped'}.
+
+    Raises:
+      NonFiniteError: a step was not finite.
+    """
     _, step, _, _ = self.setup(name)
     state, batches, x_val, x_test, forward = self._prepare(name, train_idx, val_idx, lr, seed)
-    state = fit(state, step, batches.at, self.args.steps)
-    return self._evaluate(state, forward, x_val, val_idx, x_test)
+    if budget is None or not len(val_idx):
+      state = fit(state, step, batches.at, self.args.steps)
+      info = dict(steps=self.args.steps, best_step=self.args.steps, stopped="fixed")
+    else:
+      labels = self.pool.labels[val_idx]
+      val = lambda st: accuracy(predict_logits(forward, st.params, st.batch_stats, x_val),
+                                labels)
+      state, info = fit_converged(state, step, batches.at, val, budget)
+      info.pop("curve")
+    return dict(self._evaluate(state, forward, x_val, val_idx, x_test, test), **info)
 
   def batchable(self, name: str) -> bool:
     """Whether runs of `name` can train together (`jtransfer.train.batched`)."""
@@ -272,7 +343,8 @@ class TargetRuns:
         out.append(errors[r])
         continue
       state = batched.unstack_state(bstate, frozen, r)
-      out.append(self._evaluate(state, forward, x_val, jobs[r][1], x_test))
+      out.append(dict(self._evaluate(state, forward, x_val, jobs[r][1], x_test),
+                      steps=self.args.steps, best_step=self.args.steps, stopped="fixed"))
     return out
 
 
@@ -303,7 +375,7 @@ def check_targets(args: argparse.Namespace, plan: dict, data_cache: dict) -> Non
 
 def _record(key, train_idx, val_idx, runs: "TargetRuns", args) -> dict:
   return dict(zip(KEY, key), status="ok", n_train=int(len(train_idx)), n_val=int(len(val_idx)),
-              n_test=len(runs.test), steps=args.steps)
+              n_test=len(runs.test), cap=args.steps, role="tune" if key[4] < 0 else "eval")
 
 
 def _outcome(result) -> dict:
@@ -313,12 +385,88 @@ def _outcome(result) -> dict:
   return result
 
 
+def draw_seed(args, shots: int, repeat: int) -> int:
+  """The seed of a k-shot draw. Evaluation draws have repeat >= 0, tuning draws repeat < 0,
+  so the two never share a draw."""
+  return (args.seed * 1_000_003 + shots * 1009 + repeat) % (2 ** 31)
+
+
+def tune_score(records: dict, key_of, lr: float) -> float | None:
+  """Mean validation accuracy of one LR over the tuning draws; None if a run is missing.
+
+  A failed (non-finite) run scores 0: that LR is not chosen while another trains.
+  Only 'val_acc' is read: tuning records hold no test accuracy at all.
+  """
+  vals = []
+  for k in key_of(lr):
+    r = records.get(k)
+    if r is None:
+      return None
+    vals.append(r["val_acc"] if r["status"] == "ok" else 0.0)
+  return float(np.mean(vals))
+
+
+def choose_lrs(records: list[dict], plan: dict, args, run_missing=None) -> dict:
+  """The LR each (arch, target, shots, strategy) uses on its evaluation draws.
+
+  Tuning (`--tune-repeats` > 0) scores each LR of the strategy's grid by its mean validation
+  accuracy over the tuning draws, extending the grid at an edge (`jtransfer.protocol.tuning`).
+  From records alone (the report) or, with `run_missing(key) -> record`, training what is
+  missing (the grid runner); both give the same choice for the same records.
+
+  Returns:
+    (arch, target, shots, strategy) -> Tuned.to_dict(), or {} without tuning draws.
+  """
+  if not args.tune_repeats:
+    return {}
+  by_key = {tuple(r[k] for k in KEY): r for r in records}
+  out = {}
+  for arch in plan["archs"]:
+    for spec in plan["targets"]:
+      for shots in plan["shots"]:
+        for name in plan["strategies"]:
+          key_of = lambda lr: [(name, arch, spec, shots, -1 - t, lr)
+                               for t in range(args.tune_repeats)]
+
+          def score(point):
+            v = tune_score(by_key, key_of, point["lr"])
+            if v is None:
+              if run_missing is None:
+                raise KeyError(f"tuning run missing for {name} {arch} {spec} k={shots} "
+                               f"lr={point['lr']:g}")
+              for k in key_of(point["lr"]):
+                if k not in by_key:
+                  by_key[k] = run_missing(k)
+              v = tune_score(by_key, key_of, point["lr"])
+            return v
+
+          try:
+            out[(arch, spec, shots, name)] = tuning.tune({"lr": plan["lrs"][name]}, score,
+                                                         args.tune_extend).to_dict()
+          except KeyError:
+            if run_missing is not None:
+              raise
+  return out
+
+
+def eval_lrs(plan: dict, args, tuned: dict, cell: tuple) -> list[float]:
+  """LRs run on a cell's evaluation draws: the tuned one, plus the grid under --paper-grid."""
+  arch, spec, shots, name = cell
+  lrs = list(plan["lrs"][name]) if (args.paper_grid or not args.tune_repeats) else []
+  if cell in tuned and tuned[cell]["choice"]["lr"] not in lrs:
+    lrs.append(tuned[cell]["choice"]["lr"])
+  return lrs
+
+
 def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
   done = results.done(KEY)
   data_cache: dict = {}
   check_targets(args, plan, data_cache)
-  total = sum(len(plan["lrs"][s]) for s in plan["strategies"]) * len(plan["shots"]) \
-      * args.repeats * len(plan["targets"]) * len(plan["archs"])
+  budget = budget_of(args)
+  per_cell = len(plan["shots"]) * len(plan["targets"]) * len(plan["archs"])
+  total = per_cell * sum(len(plan["lrs"][s]) * (args.tune_repeats + (
+      args.repeats if args.paper_grid or not args.tune_repeats else 0)) + (
+      args.repeats if args.tune_repeats else 0) for s in plan["strategies"])
   progress = {"finished": len(done)}
 
   def add(key, train_idx, val_idx, runs, result, seconds):
@@ -329,14 +477,19 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
     progress["finished"] += 1
     if not args.quiet:
       name, arch, spec, shots, repeat, lr = key
-      acc = record["test_acc"]
-      print(f"[{progress['finished']}/{total}] {arch} {spec} k={shots} r={repeat} {name} "
-            f"lr={lr:g} test={'failed' if acc is None else f'{acc:.4f}'} "
-            f"({record['seconds']:.1f}s)", file=sys.stderr)
+      acc = record["val_acc" if repeat < 0 else "test_acc"]
+      what = "val" if repeat < 0 else "test"
+      print(f"[{progress['finished']}/~{total}] {arch} {spec} k={shots} r={repeat} {name} "
+            f"lr={lr:g} {what}={'failed' if acc is None else f'{acc:.4f}'} "
+            f"steps={record.get('steps', '-')} ({record['seconds']:.1f}s)", file=sys.stderr)
+    return record
 
-  # Runs of a frozen-backbone strategy train together (one batched step per group of up to
-  # --batch-runs runs); the others, and every run under --devices > 1, one at a time.
+  # Without early stopping, runs of a frozen-backbone strategy may train together (one batched
+  # step per group of up to --batch-runs runs); the rest, and every run under --devices > 1,
+  # one at a time.
   batch_runs = resolve_batch_runs(args.batch_runs) if parallel.default_mesh() is None else 1
+  if budget is not None:
+    batch_runs = 1
   for arch in plan["archs"]:
     source = pretrain.source_for(arch, args.source, epochs=args.source_epochs, seed=args.seed,
                                  progress=not args.quiet)
@@ -345,16 +498,30 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
       runs = TargetRuns(source, spec, args, data_cache, setup_cache)
       for shots in plan["shots"]:
         # One draw per (shots, repeat), shared by all strategies and LRs: paired comparison.
-        draws = []
-        for repeat in range(args.repeats):
-          seed = (args.seed * 1_000_003 + shots * 1009 + repeat) % (2 ** 31)
-          draws.append((seed, *sample_kshot(runs.pool.labels, shots, seed,
-                                            val_per_class=args.val_per_class,
-                                            num_classes=runs.num_classes)))
+        draws = {}
+        for repeat in range(-args.tune_repeats, args.repeats):
+          seed = draw_seed(args, shots, repeat)
+          draws[repeat] = (seed, *sample_kshot(runs.pool.labels, shots, seed,
+                                               val_per_class=args.val_per_class,
+                                               num_classes=runs.num_classes))
+
+        def run_one(key):
+          name, _, _, _, repeat, lr = key
+          seed, train_idx, val_idx = draws[repeat]
+          t0 = time.time()
+          try:
+            out = runs.run(name, train_idx, val_idx, lr, seed, budget, test=repeat >= 0)
+          except NonFiniteError as e:
+            out = e
+          return add(key, train_idx, val_idx, runs, out, time.time() - t0)
+
+        one_cell = dict(plan, archs=[arch], targets=[spec], shots=[shots])
+        tuned = choose_lrs(results.records, one_cell, args, run_missing=run_one)
         for name in plan["strategies"]:
-          todo = [((name, arch, spec, shots, repeat, lr), train_idx, val_idx, lr, seed)
-                  for repeat, (seed, train_idx, val_idx) in enumerate(draws)
-                  for lr in plan["lrs"][name]
+          todo = [((name, arch, spec, shots, repeat, lr), *draws[repeat][1:], lr,
+                   draws[repeat][0])
+                  for repeat in range(args.repeats)
+                  for lr in eval_lrs(plan, args, tuned, (arch, spec, shots, name))
                   if (name, arch, spec, shots, repeat, lr) not in done]
           if batch_runs > 1 and len(todo) > 1 and runs.batchable(name):
             for i in range(0, len(todo), batch_runs):
@@ -365,49 +532,159 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
               for (key, train_idx, val_idx, _, _), out in zip(group, outs):
                 add(key, train_idx, val_idx, runs, out, seconds)
             continue
-          for key, train_idx, val_idx, lr, seed in todo:
-            t0 = time.time()
-            try:
-              out = runs.run(name, train_idx, val_idx, lr, seed)
-            except NonFiniteError as e:
-              out = e
-            add(key, train_idx, val_idx, runs, out, time.time() - t0)
+          for job in todo:
+            run_one(job[0])
 
 
-def make_report(records: list[dict], plan: dict, args) -> tuple[str, dict]:
+def tuned_records(records: list[dict], tuned: dict) -> list[dict]:
+  """Evaluation records at each cell's tuned LR (the protocol's figure)."""
+  return [r for r in records if r.get("role", "eval") == "eval" and
+          (r["arch"], r["target"], r["shots"], r["strategy"]) in tuned and
+          r["lr"] == tuned[(r["arch"], r["target"], r["shots"], r["strategy"])]["choice"]["lr"]]
+
+
+def tuned_summary(records: list[dict], tuned: dict) -> dict:
+  """(arch, target, strategy, shots) -> {'mean', 'std', 'n', 'steps', 'lr', 'edges'} at the
+  tuned LR, over evaluation draws (failed runs left out and counted)."""
+  out: dict = {}
+  for r in tuned_records(records, tuned):
+    cell = (r["arch"], r["target"], r["strategy"], r["shots"])
+    out.setdefault(cell, []).append(r)
+  summary = {}
+  for cell, rs in out.items():
+    ok = [r for r in rs if r["status"] == "ok"]
+    t = tuned[(cell[0], cell[1], cell[3], cell[2])]
+    acc = np.array([r["test_acc"] for r in ok]) if ok else np.array([np.nan])
+    summary[cell] = dict(mean=float(acc.mean()), std=float(acc.std()), n=len(ok),
+                         failed=len(rs) - len(ok), lr=t["choice"]["lr"], edges=t["edges"],
+                         steps=float(np.mean([r["steps"] for r in ok])) if ok else None)
+  return summary
+
+
+# The CWL paper's reading of its Table II (section 4): fine-tuning pays on a domain far from
+# the source (digits from clothes), not on a near one (other clothes).
+CLAIMS = (
+    claims.Claim("CWL", "fine-tuning beats freezing on a far domain", "finetune", "freeze",
+                 where={"target": ("digits",)}, source="Table II, section 4"),
+    claims.Claim("CWL", "fine-tuning does not beat freezing on a near domain", "freeze",
+                 "finetune", at_least=True, margin=0.01,
+                 where={"target": ("fmnist:1,5,7,8,9",)}, source="Table II, section 4"),
+)
+
+
+def protocol_text(args) -> str:
+  """One paragraph saying how runs were budgeted and tuned."""
+  if args.patience:
+    run = (f"each run trains until its validation accuracy has not improved for "
+           f"{args.patience} steps (checked every {args.eval_every}), at most {args.steps} "
+           "steps, and keeps its best validation state")
+  else:
+    run = f"each run trains {args.steps} steps and keeps its last state"
+  tune = (f"each strategy's LR is chosen per (arch, target, k) by mean validation accuracy over "
+          f"{args.tune_repeats} tuning draws that are not evaluation draws (grid extended up to "
+          f"{args.tune_extend} values at an edge)" if args.tune_repeats else
+          "the LR is chosen per draw on that draw's validation set")
+  return (f"Protocol: {run}; {tune}. Validation: {args.val_per_class}/class, disjoint from the "
+          f"k-shot set and from test; test: "
+          f"{'all' if not args.test_per_class else f'<= {args.test_per_class}/class'} of the "
+          "target's test split; the test split reaches no selection.")
+
+
+def tuned_table(summary: dict, plan: dict, rows: Sequence[str], labels: dict | None = None
+                ) -> list[str]:
+  """The protocol's table: mean (std) test accuracy at the tuned LR, chosen LR, mean steps."""
+  shots, labels = plan["shots"], labels or {}
+  out = ["| arch | target | strategy | " + " | ".join(f"k={k}" for k in shots) + " |",
+         "|---|---|---|" + "---|" * len(shots)]
+  edges = []
+  for arch in plan["archs"]:
+    for target in plan["targets"]:
+      for strat in rows:
+        cells = []
+        for k in shots:
+          v = summary.get((arch, target, strat, k))
+          if not v:
+            cells.append("-")
+            continue
+          cells.append(f"{pct(v['mean'], v['std'])} lr {v['lr']:g}, "
+                       f"{v['steps']:.0f} st" if v["n"] else "failed")
+          if v["edges"]:
+            edges.append(f"{arch}/{target}/{strat}/k={k}: {', '.join(v['edges'])}")
+        out.append(f"| {arch} | {target} | {labels.get(strat, strat)} | " + " | ".join(cells)
+                   + " |")
+  out.append("")
+  if edges:
+    out += ["Chosen LR still on a grid edge after extension (the optimum may lie beyond): "
+            + "; ".join(edges) + ".", ""]
+  return out
+
+
+def make_report(records: list[dict], plan: dict, args, title: str = "# Few-shot transfer",
+                claim_list: Sequence = CLAIMS, tables=None, labels: dict | None = None
+                ) -> tuple[str, dict]:
+  """report.md text and summary.json content, from the records alone.
+
+  Args:
+    records: every run's record (tuning and evaluation draws).
+    plan, args: the grid and flags that made them.
+    title: the report's first line.
+    claim_list: claims tested on the tuned evaluation runs.
+    tables: [(heading, strategies)] of the tuned table; default one table of every strategy.
+    labels: display names of strategies.
+  """
+  tuned = choose_lrs(records, plan, args)
   summary = best_over_lr(records, ("arch", "target", "strategy", "shots"))
   shots = plan["shots"]
-  lines = ["# Few-shot transfer", "",
-           f"Source `{args.source}`; {args.repeats} repeats; {args.steps} Adam steps per run; "
-           f"validation {args.val_per_class}/class disjoint from the k-shot set; test "
-           f"{'all' if not args.test_per_class else f'<= {args.test_per_class}/class'} of the "
-           "target's test split.", "",
-           "Cells: mean (std) test accuracy in %. **Best over LR** picks, per cell, the LR with "
-           "the best mean *test* accuracy (the paper's protocol, optimistic); **val-selected** "
-           "picks, per repeat, the LR with the best validation accuracy.", ""]
-  failed = [r for r in records if r.get("status") != "ok"]
-  for title, m, s in (("Best over LR (test-selected, as the paper)", "test_mean", "test_std"),
-                      ("Validation-selected LR", "val_sel_mean", "val_sel_std")):
-    lines += [f"## {title}", "", "| arch | target | strategy | " +
-              " | ".join(f"k={k}" for k in shots) + " |",
-              "|---|---|---|" + "---|" * len(shots)]
-    for arch in plan["archs"]:
-      for target in plan["targets"]:
-        for strat in plan["strategies"]:
-          cells = []
-          for k in shots:
-            v = summary.get((arch, target, strat, k))
-            cells.append(pct(v[m], v[s]) if v else "-")
-          lines.append(f"| {arch} | {target} | {strat} | " + " | ".join(cells) + " |")
-    lines.append("")
+  lines = [title, "", f"Source `{args.source}`; {args.repeats} evaluation draws per cell.",
+           "", protocol_text(args), ""]
+  out_summary: dict = {"best_over_lr": {"|".join(map(str, k)): v for k, v in summary.items()}}
+  if tuned:
+    ts = tuned_summary(records, tuned)
+    out_summary["tuned"] = {"|".join(map(str, k)): v for k, v in ts.items()}
+    out_summary["tuning"] = {"|".join(map(str, k)): v for k, v in tuned.items()}
+    lines += ["## Tuned on validation (the protocol's figure)", "",
+              "Cells: mean (std) test accuracy in % over evaluation draws at the LR chosen on "
+              "the tuning draws; the chosen LR; mean steps trained.", ""]
+    for heading, rows in (tables or [("", plan["strategies"])]):
+      rows = [r for r in rows if r in plan["strategies"]]
+      if heading:
+        lines += [f"### {heading}", ""]
+      lines += tuned_table(ts, plan, rows, labels)
+    results = [claims.evaluate(c, tuned_records(records, tuned), ("arch", "target", "shots"))
+               for c in claim_list if {c.a, c.b} <= set(plan["strategies"])]
+    results = [r for r in results if r["cells"]]
+    if results:
+      lines += claims.section(results, labels or {})
+    out_summary["claims"] = results
+  grid_runs = args.paper_grid or not args.tune_repeats
+  if grid_runs:
+    for title2, m, sd in (("Best over LR (test-selected, as the paper; optimistic)", "test_mean",
+                           "test_std"),
+                          ("Validation-selected LR per draw", "val_sel_mean", "val_sel_std")):
+      lines += [f"## {title2}", "", "| arch | target | strategy | " +
+                " | ".join(f"k={k}" for k in shots) + " |",
+                "|---|---|---|" + "---|" * len(shots)]
+      for arch in plan["archs"]:
+        for target in plan["targets"]:
+          for strat in plan["strategies"]:
+            cells = []
+            for k in shots:
+              v = summary.get((arch, target, strat, k))
+              cells.append(pct(v[m], v[sd]) if v else "-")
+            lines.append(f"| {arch} | {target} | {(labels or {}).get(strat, strat)} | "
+                         + " | ".join(cells) + " |")
+      lines.append("")
   lines += ["LR grids: " + "; ".join(f"{s}: {', '.join(f'{v:g}' for v in plan['lrs'][s])}"
                                      for s in plan["strategies"]), ""]
+  failed = [r for r in records if r.get("status") != "ok"]
   if failed:
     lines += [f"{len(failed)} run(s) failed (non-finite loss); see results.json.", ""]
-  return "\n".join(lines), {"|".join(map(str, k)): v for k, v in summary.items()}
+  return "\n".join(lines), out_summary
 
 
 def plot(summary: dict, plan: dict, path: str) -> None:
+  """Accuracy vs k per (arch, target): the tuned figure when there is one, else best over LR."""
+  summary = summary.get("tuned") or summary.get("best_over_lr") or summary
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -421,8 +698,9 @@ def plot(summary: dict, plan: dict, path: str) -> None:
         pts = [(k, summary.get(f"{arch}|{target}|{strat}|{k}")) for k in plan["shots"]]
         pts = [(k, v) for k, v in pts if v]
         if pts:
-          ax.errorbar([k for k, _ in pts], [100 * v["test_mean"] for _, v in pts],
-                      yerr=[100 * v["test_std"] for _, v in pts], marker="o", capsize=3,
+          m, sd = ("mean", "std") if "mean" in pts[0][1] else ("test_mean", "test_std")
+          ax.errorbar([k for k, _ in pts], [100 * v[m] for _, v in pts],
+                      yerr=[100 * v[sd] for _, v in pts], marker="o", capsize=3,
                       label=strat)
       ax.set_title(f"{arch} -> {target}", fontsize=9)
       ax.set_xlabel("images per class (k)")

@@ -103,7 +103,8 @@ def best_over_lr(records: list[dict], group: Sequence[str]) -> dict[tuple, dict]
   """
   by_group: dict[tuple, list[dict]] = defaultdict(list)
   for r in records:
-    if r.get("status", "ok") == "ok":
+    # Tuning draws (role 'tune') are never tested: they only choose hyper-parameters.
+    if r.get("status", "ok") == "ok" and r.get("role", "eval") == "eval":
       by_group[tuple(r[k] for k in group)].append(r)
   out = {}
   for key, rs in by_group.items():

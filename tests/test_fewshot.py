@@ -22,13 +22,20 @@ def test_fewshot_smoke_both_archs_outputs(tiny_source_dir, tmp_path, capsys):
                  "fmnist:1,5,7", "--target", "digits:0,1,2", "--out", str(out), *TINY])
     assert code == 0
     records = json.loads((out / "results.json").read_text())
-    assert len(records) == 2 * 2 * 2  # targets x shots x strategies
+    evals = [r for r in records if r["role"] == "eval"]
+    tunes = [r for r in records if r["role"] == "tune"]
+    assert len(evals) == 2 * 2 * 2  # targets x shots x strategies
+    assert len(tunes) == 2 * 2 * 2 * 2  # ... x 2 tuning draws (the default), one LR each
     r = records[0]
-    for field in ("strategy", "arch", "target", "shots", "repeat", "lr", "test_acc", "val_acc"):
+    for field in ("strategy", "arch", "target", "shots", "repeat", "lr", "test_acc", "val_acc",
+                  "steps", "best_step", "stopped", "cap"):
       assert field in r
-    assert all(0 <= r["test_acc"] <= 1 for r in records)
+    assert all(0 <= r["test_acc"] <= 1 for r in evals)
+    assert all(r["test_acc"] is None and r["repeat"] < 0 for r in tunes)  # never tested
+    assert all(1 <= r["best_step"] <= r["steps"] <= 3 for r in records)
     report = (out / "report.md").read_text()
     assert "Best over LR" in report and "Validation-selected" in report
+    assert "Tuned on validation" in report
     assert (out / "accuracy_vs_shots.png").stat().st_size > 1000
 
 

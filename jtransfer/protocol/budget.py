@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
+import jax
+
 from jtransfer.errors import InputError
 from jtransfer.train.loop import nonfinite_error
 
@@ -70,6 +72,11 @@ def stopping_point(curve: Sequence[tuple[int, float]], budget: Budget) -> tuple[
   return best_step, curve[-1][0] if curve else 0
 
 
+def _snapshot(state: Any) -> Any:
+  # The train step donates its input state's buffers, so the best state must be a copy.
+  return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+
+
 def fit_converged(state: Any, step_fn: Callable, batch_at: Callable[[int], Any],
                   val_acc: Optional[Callable[[Any], float]], budget: Budget
                   ) -> tuple[Any, dict]:
@@ -104,7 +111,7 @@ def fit_converged(state: Any, step_fn: Callable, batch_at: Callable[[int], Any],
     acc = float(val_acc(state))
     curve.append([step, acc])
     if acc > best + budget.min_delta:
-      best_state, best_step, best = state, step, acc
+      best_state, best_step, best = _snapshot(state), step, acc
     if step - best_step >= budget.patience:
       return best_state, dict(steps=step, best_step=best_step, stopped="patience", curve=curve)
   if val_acc is None:
