@@ -4,8 +4,10 @@
 
 As in the paper (sec. V-B), each strategy (freeze, freeze_cwl, finetune, finetune_cwl) is
 trained as a classifier on the labelled query images only; the head is then dropped and images
-are described by MAC (global max-pool of the 'last_conv' tap, i.e. the last conv map after
-ReLU, l2-normalised), the database ranked by cosine similarity and scored by mAP. Freeze leaves
+are described by MAC (global max-pool of the last conv layer's output after ReLU,
+l2-normalised; `--mac-tap pooled` pools the 'last_conv' tap instead, which for vgg_s comes
+after the last 2x2 max pool, so one row and column of the 7x7 map never reach it), the
+database ranked by cosine similarity and scored by mAP. Freeze leaves
 the conv layers as they are, so its row is the original source's MAC (the paper's
 "Original / Freeze"). Per strategy the LR with the best mean mAP is reported (the paper grid
 searches the LR as for classification), with every LR in results.json.
@@ -52,6 +54,9 @@ LABELS = {"freeze": "Original / Freeze", "freeze_cwl": "Freeze + CWL", "finetune
           "finetune_cwl": "Finetune + CWL", "finetune_lowconv": "Alg. 1 (low-lr conv) + CWL"}
 REDUCED = {"freeze": (1e-2,), "finetune": (1e-4,)}
 KEY = ("strategy", "repeat", "lr")
+MAC_TAP_TEXT = {"conv": "the last conv layer's output after ReLU (`--mac-tap conv`)",
+                "pooled": "the 'last_conv' tap, after the last max pool for VGGs (`--mac-tap "
+                          "pooled`)"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -76,6 +81,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--image-size", default=None, help="H,W for --images (default: the source's)")
   p.add_argument("--data-dir", default=None,
                  help="TFDS data_dir or the Fashion-MNIST IDX directory")
+  p.add_argument("--mac-tap", choices=retrieval.MAC_TAPS, default="conv",
+                 help="map MAC pools: 'conv', the last conv layer's output (default), or "
+                      "'pooled', the 'last_conv' tap (after vgg_s's last max pool)")
   p.add_argument("--seed", type=int, default=0)
   cli.add_results_flags(p, "results/cwl_retrieval")
   return p.parse_args(argv)
@@ -138,13 +146,21 @@ class Trainer:
     return setup.model, cwl.effective_params(params), stats
 
 
-def mac_fn(model, mean, std):
-  """Jitted uint8 images -> l2-normalised MAC of the 'last_conv' tap (the head is unused)."""
+def mac_fn(model, mean, std, tap: str = "conv"):
+  """Jitted uint8 images -> l2-normalised MAC (the head is unused).
+
+  Args:
+    model: the target model.
+    mean, std: the source's input normalisation.
+    tap: 'conv' (default), the last conv layer's output, or 'pooled', the 'last_conv' tap (see
+      `retrieval.mac_from_model`).
+  """
+  if tap not in retrieval.MAC_TAPS:
+    raise InputError(f"MAC tap {tap!r} is not one of {', '.join(retrieval.MAC_TAPS)}")
+
   @jax.jit
   def fn(params, stats, images):
-    _, _, taps = models.apply_model(model, params, stats, normalize(images, mean, std),
-                                    taps=("last_conv",))
-    return retrieval.l2_normalize(taps["last_conv"].max(axis=(1, 2)))
+    return retrieval.mac_from_model(model, params, stats, normalize(images, mean, std), tap=tap)
   return fn
 
 
@@ -220,6 +236,11 @@ def check_image_size(source, size) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------- main
 def run(args, plan, results: ResultsDir) -> None:
   done = results.done(KEY)
+  # Records from before --mac-tap existed pooled the 'last_conv' tap.
+  taps = {r.get("mac_tap", "pooled") for r in results.records}
+  if taps - {args.mac_tap}:
+    raise InputError(f"--out holds records with MAC of {sorted(taps)}, not {args.mac_tap!r}: use "
+                     "the same --mac-tap or --overwrite")
   source = pretrain.source_for(args.arch, args.source, epochs=args.source_epochs,
                                seed=args.seed, progress=not args.quiet)
   revisited = args.gnd is not None
@@ -239,7 +260,7 @@ def run(args, plan, results: ResultsDir) -> None:
       q_img, q_lab, db_img, db_lab, k = embedded_task(data, args, args.seed + repeat)
     if mac is None:
       trainer = Trainer(source, k, args)
-      mac = mac_fn(transfer.target_model(source, k), source.mean, source.std)
+      mac = mac_fn(transfer.target_model(source, k), source.mean, source.std, args.mac_tap)
     for name in plan["strategies"]:
       for lr in plan["lrs"][name]:
         if (name, repeat, lr) in done:
@@ -249,7 +270,7 @@ def run(args, plan, results: ResultsDir) -> None:
         q_desc, db_desc = describe(mac, params, stats, q_img), describe(mac, params, stats, db_img)
         ranks = retrieval.rank_database(q_desc, db_desc)
         record = dict(strategy=name, repeat=repeat, lr=lr, n_queries=len(q_img),
-                      n_db=len(db_img))
+                      n_db=len(db_img), mac_tap=args.mac_tap)
         if revisited:
           res = retrieval.evaluate_revisited(ranks, gnd)
           record.update({s: r.map for s, r in res.items()})
@@ -287,7 +308,8 @@ def make_report(records: list[dict], args) -> tuple[str, dict]:
   summary = {n: summary[n] for n in sorted(summary, key=lambda n: (
       order.index(n) if n in order else len(order), n))}
   lines = ["# CWL retrieval (Table III analogue)", "",
-           f"{args.arch} from `{args.source}`; MAC of 'last_conv' (head removed), cosine "
+           f"{args.arch} from `{args.source}`; MAC of {MAC_TAP_TEXT[args.mac_tap]} (head "
+           "removed), cosine "
            f"ranking, revisitop trapezoid AP; strategies trained on the labelled queries "
            f"({args.steps} Adam steps, BN eval mode). Best LR per strategy (mean mAP).", ""]
   if revisited:

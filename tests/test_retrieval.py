@@ -38,6 +38,43 @@ def test_mac_hand_made_map():
   np.testing.assert_allclose(np.asarray(jax.jit(R.mac_descriptor)(fm)), out, atol=1e-7)
 
 
+def _one_conv_vgg():
+  """vgg_s with one 2-channel 3x3 conv unit: channel 0 copies the input, channel 1 negates it;
+  then a 2x2 max pool (the 'last_conv' tap) and no dense layer."""
+  from jtransfer import models
+  model = models.get_model("vgg_s", 2, conv_widths=((2,),), dense_widths=())
+  kernel = np.zeros((3, 3, 1, 2), np.float32)
+  kernel[1, 1, 0] = [1.0, -1.0]
+  params = {"conv1_1": {"conv": {"kernel": kernel, "bias": np.zeros(2, np.float32)}},
+            "head": {"kernel": np.zeros((18, 2), np.float32), "bias": np.zeros(2, np.float32)}}
+  return model, params
+
+
+def test_mac_from_model_reads_the_last_conv_output_not_the_pooled_map():
+  from experiments import cwl_retrieval
+  model, params = _one_conv_vgg()
+  x = np.zeros((1, 7, 7, 1), np.float32)
+  x[0, 6, 6, 0] = 5.0    # last row and column: the 2x2 pool of the 7x7 map (-> 3x3) drops it
+  x[0, 0, 0, 0] = -2.0   # channel 1 = ReLU(-x) = 2 here, inside the pooled area
+  # Last conv output = (ReLU(x), ReLU(-x)): channel maxima (5, 2); pooled map: (0, 2).
+  conv = np.asarray(R.mac_from_model(model, params, {}, x))
+  np.testing.assert_allclose(conv, [[5 / np.sqrt(29), 2 / np.sqrt(29)]], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(R.mac_from_model(model, params, {}, x, tap="pooled")),
+                             [[0.0, 1.0]], atol=1e-7)
+  # The experiment's jitted descriptor honours the same choice (mean 2/255, std 1/255: the
+  # normalised image is pixels - 2, i.e. x again).
+  images = np.full((1, 7, 7, 1), 2, np.uint8)
+  images[0, 6, 6, 0], images[0, 0, 0, 0] = 7, 0
+  for tap, want in (("conv", [[5, 2]]), ("pooled", [[0, 2]])):
+    fn = cwl_retrieval.mac_fn(model, (2 / 255,), (1 / 255,), tap)
+    got = np.asarray(fn(params, {}, images))
+    np.testing.assert_allclose(got, np.asarray(want) / np.linalg.norm(want), rtol=1e-5, atol=1e-6)
+  with pytest.raises(InputError, match="tap"):
+    R.mac_from_model(model, params, {}, x, tap="fc7")
+  with pytest.raises(InputError, match="tap"):
+    cwl_retrieval.mac_fn(model, (0.0,), (1.0,), "fc7")
+
+
 def test_mac_rejects_wrong_rank():
   with pytest.raises(InputError):
     R.mac_descriptor(np.zeros((2, 3, 4)))

@@ -1,7 +1,8 @@
 """Image retrieval with MAC descriptors and the revisited Oxford/Paris evaluation protocol.
 
 Paper (cwl-weighting-convolution, sec. V-B, Table III): MAC = global max-pool of the last conv map,
-l2-normalised; database ranked by cosine similarity for each query; mAP under the revisited
+l2-normalised (`mac_from_model` reads the last conv layer's output by default, before any pooling
+layer of the network; see its `tap`); database ranked by cosine similarity for each query; mAP under the revisited
 ROxford5k / RParis6k protocol (Radenovic et al., CVPR 2018) with its Easy / Medium / Hard setups.
 
 The evaluation follows the `revisitop` reference code (`python/evaluate.py`: `compute_ap`,
@@ -35,8 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtransfer.errors import InputError
+from jtransfer.methods import selection
 
 SETUPS = ("easy", "medium", "hard")
+# Which map MAC pools (see `mac_from_model`): 'conv', the last conv layer's output (default), or
+# 'pooled', the model's 'last_conv' tap (after VGG's / AlexNet's last max pool).
+MAC_TAPS = selection.MAP_TAPS
 AP_KINDS = ("trapezoid", "plain")
 _EPS = 1e-12
 
@@ -80,6 +85,34 @@ def mac_descriptor(feature_map: jax.Array) -> jax.Array:
     raise InputError(f"mac_descriptor expects an (N, H, W, C) feature map, got shape "
                      f"{jnp.shape(feature_map)}")
   return _mac(jnp.asarray(feature_map))
+
+
+def mac_from_model(model, params, batch_stats, x: jax.Array, *, tap: str = "conv") -> jax.Array:
+  """MAC descriptors of normalised images under a model (eval mode); jit-able.
+
+  MAC is the spatial max of the last conv layer's activations (Tolias et al. 2016, and the CWL
+  paper's "last conv map"). With tap='conv' (default) that is the output of the model's last conv
+  unit after ReLU (`selection.LAST_CONV_OUTPUT`). tap='pooled' reads the 'last_conv' tap, which
+  for VGG and AlexNet comes after the last max pool: for vgg_s at 28x28, a 2x2 pool of the 7x7
+  map keeps 3x3, so the last row and column never reach the descriptor. For ResNets the two are
+  the same map.
+
+  Args:
+    model: a Flax module from `jtransfer.models` (its head is not used).
+    params: its 'params' tree (for CWL: the effective params).
+    batch_stats: its 'batch_stats' tree, or None / {}.
+    x: (N, H, W, C) normalised images.
+    tap: 'conv' or 'pooled' (`MAC_TAPS`).
+
+  Returns:
+    (N, C) l2-normalised descriptors.
+
+  Raises:
+    InputError: an unknown tap.
+  """
+  name = selection.map_tap_name(tap)
+  _, taps = selection.apply_with_taps(model, params, batch_stats, x, (name,))
+  return l2_normalize(jnp.max(taps[name], axis=(1, 2)))
 
 
 @functools.partial(jax.jit, static_argnames=("top_k",))
