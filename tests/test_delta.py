@@ -387,3 +387,100 @@ def test_total_loss_is_ce_plus_alpha_reg_plus_beta_head(kind, alpha):
   assert float(terms["reg"]) > 1e-3
   np.testing.assert_allclose(
       float(loss), float(terms["ce"] + alpha * terms["reg"] + 0.3 * terms["head"]), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- attention BN mode
+def _loop_attention_batch_stats(model, params, stats, batches, taps, temperature=5.0):
+  """`_loop_attention` with every forward (base and ablated) in train mode: BN normalises with
+  the batch's own statistics."""
+  out = {}
+  forward = jax.jit(lambda p, x: models.apply_model(model, p, stats, x, train=True)[0])
+  for tap in taps:
+    path = f"{tap}/conv/kernel"
+    channels = surgery.flatten(params)[path].shape[-1]
+
+    def ce(p, x, y):
+      logp = np.asarray(jax.nn.log_softmax(forward(p, x)), np.float64)
+      return -np.mean(logp[np.arange(len(y)), y])
+
+    inc = np.zeros(channels)
+    for x, y, _ in batches:
+      base = ce(params, x, y)
+      for j in range(channels):
+        kernel = np.array(surgery.flatten(params)[path])
+        kernel[..., j] = 0.0
+        ablated = surgery.map_with_path(lambda q, v: kernel if q == path else v, params)
+        inc[j] += (ce(ablated, x, y) - base) / len(batches)
+    z = (inc - inc.mean()) / inc.std()
+    e = np.exp(z / temperature)
+    out[tap] = e / e.sum()
+  return out
+
+
+def _attention(mode, images, labels, **changes):
+  source = _tiny_source()
+  model = transfer.target_model(source, 2)
+  config = delta.Config(att_bn=mode, att_batch_size=4, att_batches=2, att_head_min_steps=5,
+                        att_max_images=16, **changes)
+  return delta.AttentionComputer(source, model, delta.default_taps("resnet_s", source.config),
+                                 config)(images, labels)
+
+
+def test_attention_bn_mode_is_honoured():
+  import dataclasses
+  from jtransfer.train import evaluate
+  images, labels = _images(7, seed=3), np.array([0, 1, 1, 0, 1, 0, 0])
+  source = _tiny_source()
+  model = transfer.target_model(source, 2)
+  taps = delta.default_taps("resnet_s", source.config)
+  config = delta.Config(att_bn="train", att_batch_size=4, att_batches=2, att_head_min_steps=5,
+                        att_max_images=16)
+  got = {mode: _attention(mode, images, labels) for mode in delta.ATT_BN_MODES}
+  for a, b in (("eval", "train"), ("eval", "authors"), ("authors", "train")):
+    assert any(not np.allclose(got[a][t], got[b][t], rtol=1e-3) for t in taps), (a, b)
+  # 'train': the probe in train mode, then every ablation forward with batch statistics, on
+  # unpadded batches (4 + 3 images): a plain loop over channels gives the same weights.
+  params, stats = transfer.init_target(source, model, 0)
+  head, probe_stats = delta.train_probe_bn_train(model, params, stats, images, labels,
+                                                 source.mean, source.std, config)
+  batches = delta._attention_batches(images, labels, source.mean, source.std, config, pad=False)
+  assert [len(y) for _, y, _ in batches] == [4, 3]
+  want = _loop_attention_batch_stats(model, dict(params, head=head), stats, batches, taps)
+  for t in taps:
+    np.testing.assert_allclose(got["train"][t], want[t], rtol=2e-4, atol=1e-6, err_msg=t)
+  # 'authors': the same probe, then eval-mode ablation with the running statistics the probe's
+  # train-mode forwards left (padded batches: eval mode ignores the zero-weight copies).
+  padded = delta._attention_batches(images, labels, source.mean, source.std, config)
+  want = _loop_attention(model, dict(params, head=head), probe_stats, padded, taps)
+  for t in taps:
+    np.testing.assert_allclose(got["authors"][t], want[t], rtol=2e-4, atol=1e-6, err_msg=t)
+  # 'eval': the source's running statistics, as before the option existed.
+  feats = evaluate.predict_logits(delta._features_fn(model, source.mean, source.std), params,
+                                  stats, images)
+  eval_head = delta.train_probe(params["head"], feats, labels,
+                                dataclasses.replace(config, att_bn="eval"))
+  want = _loop_attention(model, dict(params, head=eval_head), stats, padded, taps)
+  for t in taps:
+    np.testing.assert_allclose(got["eval"][t], want[t], rtol=2e-4, atol=1e-6, err_msg=t)
+  with pytest.raises(InputError, match="att_bn"):
+    delta.Config(att_bn="running").validate()
+
+
+def test_authors_probe_moves_running_stats_by_torch_momentum():
+  # One probe step over all 6 images: the stem's running mean becomes 0.9 * source mean + 0.1 *
+  # the batch mean of the stem's raw conv output (torch momentum 0.1), which the ablation then
+  # uses in eval mode.
+  source = _tiny_source()
+  model = transfer.target_model(source, 2)
+  params, stats = transfer.init_target(source, model, 0)
+  images, labels = _images(6, seed=4), np.array([0, 1, 0, 1, 0, 1])
+  config = delta.Config(att_batch_size=6, att_head_epochs=1, att_head_min_steps=1)
+  _, new_stats = delta.train_probe_bn_train(model, params, stats, images, labels, source.mean,
+                                            source.std, config)
+  _, _, taps = models.apply_model(model, params, stats,
+                                  normalize(images, source.mean, source.std), taps=("stem",))
+  raw = np.asarray(taps["stem"], np.float64)
+  want = 0.9 * np.asarray(stats["stem"]["bn"]["mean"]) + 0.1 * raw.mean(axis=(0, 1, 2))
+  np.testing.assert_allclose(new_stats["stem"]["bn"]["mean"], want, rtol=1e-5, atol=1e-6)
+  want_var = 0.9 * np.asarray(stats["stem"]["bn"]["var"]) + 0.1 * raw.var(axis=(0, 1, 2))
+  np.testing.assert_allclose(new_stats["stem"]["bn"]["var"], want_var, rtol=1e-4, atol=1e-6)

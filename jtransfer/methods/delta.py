@@ -12,7 +12,10 @@ Faithful to the authors' PyTorch code (github.com/lixingjian/DELTA, train.py, ch
     source maps come from the frozen source (running BN stats) under stop_gradient;
   * attention w (one vector per tapped layer): a linear head trained on frozen source features
     (L2-FE), then per channel the CE increase when that channel's kernel slice is zeroed,
-    averaged over a few training batches, z-scored (ddof=0), softmax(z / 5);
+    averaged over a few training batches, z-scored (ddof=0), softmax(z / 5); BatchNorm as
+    channel_eval.py by default (Config.att_bn 'authors': the head trains with the backbone in
+    train mode, whose passes move the running statistics to the target images; the ablation
+    runs in eval mode with those statistics);
   * SGD momentum 0.9; lr decays x0.1 at 67% of training, exponentially (explr, default) or in
     one step (steplr); the target trains with BN in train mode (batch statistics), as
     `model.train()` does in the authors' code.
@@ -43,6 +46,8 @@ from jtransfer.train import evaluate, optim, schedules
 
 FROZEN_KEY = "frozen"  # top-level params key of per-run constants (never trained)
 SCHEDULES = ("exp", "step", "constant")
+# BatchNorm during the attention probe (Config.att_bn); see `AttentionComputer`.
+ATT_BN_MODES = ("authors", "eval", "train")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -71,6 +76,15 @@ class Config:
       0.01, momentum 0.9, weight decay 1e-4, x0.1 at 60%), but at least this many steps: on a
       k-shot set an epoch is one step, and 10 steps leave the head at its random init.
     att_max_images: channels ablated per vectorised call times batch size stays below this.
+    att_bn: BatchNorm in the attention probe (no effect on models without BN):
+      'authors' (default), as the authors' channel_eval.py: the L2-FE head trains with the
+        backbone in train mode (`model.train()`: features from each probe batch's own
+        statistics, and those forward passes update the running statistics, torch momentum
+        0.1), then the channel ablation runs in eval mode (`model.eval()` in feature_weight)
+        with the running statistics so updated on the target images;
+      'eval': source running statistics throughout (probe features and ablation);
+      'train': batch statistics throughout: the probe as 'authors', and each ablation forward
+        normalises with its own attention batch's statistics (batches are not padded then).
     source_cache_mb: the source maps of a run's training images are computed once and looked
       up in the loss when they fit in this many MB (0: a live source forward every step).
   """
@@ -90,6 +104,7 @@ class Config:
   att_head_epochs: int = 10
   att_head_min_steps: int = 200
   att_max_images: int = 4096
+  att_bn: str = "authors"
   source_cache_mb: float = 256.0
 
   def validate(self) -> "Config":
@@ -102,6 +117,8 @@ class Config:
       raise InputError(f"DELTA schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
     if not 0 < self.decay_fraction <= 1:
       raise InputError(f"DELTA decay_fraction must be in (0, 1], got {self.decay_fraction}")
+    if self.att_bn not in ATT_BN_MODES:
+      raise InputError(f"DELTA att_bn {self.att_bn!r}: expected one of {', '.join(ATT_BN_MODES)}")
     if self.temperature <= 0:
       raise InputError(f"DELTA temperature must be > 0, got {self.temperature}")
     for name in ("steps_per_epoch", "att_batch_size", "att_batches", "att_head_epochs",
@@ -287,15 +304,17 @@ def _weighted_ce(logits, labels, weights):
 
 
 @functools.lru_cache(maxsize=64)
-def ablation_fn(model, kernel_path: str) -> Callable:
+def ablation_fn(model, kernel_path: str, bn_train: bool = False) -> Callable:
   """Jitted `(params, stats, x, labels, weights, masks (M, C)) -> (M,)` CE increases.
 
   Row m of `masks` multiplies the kernel's output channels (0 = the channel ablated); the M
   forward passes are one vmapped call, whose part before the ablated layer does not depend on
-  the mask and so runs once. Cached per (model, layer): one compile serves every run.
+  the mask and so runs once. Cached per (model, layer, BN mode): one compile serves every run.
+  With `bn_train`, BN normalises every forward (base and ablated) with the batch's own
+  statistics (and `weights` should be all 1: padding would enter the statistics).
   """
   def ce_of(params, stats, x, labels, weights):
-    logits, _, _ = models.apply_model(model, params, stats, x)
+    logits, _, _ = models.apply_model(model, params, stats, x, train=bn_train)
     return _weighted_ce(logits, labels, weights)
 
   @jax.jit
@@ -327,17 +346,18 @@ def channel_loss_increase(fn: Callable, params, stats, x, labels, weights, chann
 
 def attention_weights(model, params, stats, batches: Sequence[tuple[np.ndarray, np.ndarray,
                                                                     np.ndarray]],
-                      taps: Sequence[str], *, temperature: float = 5.0, max_images: int = 4096
-                      ) -> dict[str, np.ndarray]:
+                      taps: Sequence[str], *, temperature: float = 5.0, max_images: int = 4096,
+                      bn_train: bool = False) -> dict[str, np.ndarray]:
   """DELTA's supervised attention per tapped layer.
 
   Args:
     model: the target model (source backbone + the L2-FE head in `params`).
-    params, stats: its variables (eval mode, running BN stats).
+    params, stats: its variables (running BN stats, used unless `bn_train`).
     batches: (normalised images, labels, per-image weights) triples; weights are 0 on padding.
     taps: conv unit names; the kernel `<tap>/conv/kernel` of each is ablated channel by channel.
     temperature: softmax temperature.
     max_images: bound on (channels per call) x (batch size).
+    bn_train: BN uses each batch's statistics (pass unpadded batches) instead of `stats`.
 
   Returns:
     tap -> float32 (C,) weights summing to 1.
@@ -348,24 +368,25 @@ def attention_weights(model, params, stats, batches: Sequence[tuple[np.ndarray, 
     path = f"{tap}/conv/kernel"
     if path not in flat:
       raise InputError(f"DELTA tap {tap!r} has no kernel {path!r}")
-    fn, channels = ablation_fn(model, path), flat[path].shape[-1]
+    fn, channels = ablation_fn(model, path, bool(bn_train)), flat[path].shape[-1]
     increase = np.mean([channel_loss_increase(fn, params, stats, x, y, w, channels, max_images)
                         for x, y, w in batches], axis=0)
     out[tap] = attention_from_losses(increase, temperature)
   return out
 
 
-def _attention_batches(images: np.ndarray, labels: np.ndarray, mean, std, config: Config
-                       ) -> list[tuple]:
+def _attention_batches(images: np.ndarray, labels: np.ndarray, mean, std, config: Config,
+                       pad: bool = True) -> list[tuple]:
   """At most `att_batches` batches of `att_batch_size` training images (seeded order), each
-  padded to the full batch size with zero-weight copies so one compiled shape serves all."""
+  padded to the full batch size with zero-weight copies so one compiled shape serves all
+  (unless not `pad`: with BN in train mode copies would change the batch statistics)."""
   n = len(labels)
   bs = min(config.att_batch_size, n)
   order = np.random.default_rng(0).permutation(n)[:bs * config.att_batches]
   out = []
   for start in range(0, len(order), bs):
     idx = order[start:start + bs]
-    pad = bs - len(idx)
+    pad = bs - len(idx) if pad else 0
     weights = np.concatenate([np.ones(len(idx)), np.zeros(pad)]).astype(np.float32)
     idx = np.concatenate([idx, np.repeat(idx[:1], pad)])
     out.append((normalize(images[idx], mean, std), labels[idx].astype(np.int32), weights))
@@ -401,6 +422,42 @@ def train_probe(head, feats: np.ndarray, labels: np.ndarray, config: Config) -> 
   return head
 
 
+@functools.lru_cache(maxsize=16)
+def _train_features_fn(model, mean: tuple, std: tuple) -> Callable:
+  @jax.jit
+  def features(params, stats, images):
+    _, new_stats, t = models.apply_model(model, params, stats, normalize(images, mean, std),
+                                         train=True, taps=("features",))
+    return t["features"], new_stats
+  return features
+
+
+def train_probe_bn_train(model, params, stats, images: np.ndarray, labels: np.ndarray,
+                         mean: tuple, std: tuple, config: Config) -> tuple[dict, Any]:
+  """`train_probe` with the frozen backbone in train mode, as channel_eval.py's
+  train_classifier (`model.train()` with every non-head parameter frozen): each probe step
+  reads features normalised with its own batch's statistics, and each forward updates the BN
+  running statistics (Flax momentum 0.9 = torch's 0.1; Flax's running variance takes the
+  biased batch variance, torch's the unbiased one). Same batches, steps and SGD as
+  `train_probe`.
+
+  Returns:
+    (trained head, running BN statistics after the probe's forwards).
+  """
+  step = _probe_step(0.9, 1e-4)
+  features = _train_features_fn(model, tuple(mean), tuple(std))
+  batches = Batches(images, labels.astype(np.int32), config.att_batch_size, seed=0)
+  total = max(config.att_head_epochs * batches.steps_per_epoch, config.att_head_min_steps)
+  head = jax.tree.map(jnp.asarray, params["head"])
+  velocity = jax.tree.map(jnp.zeros_like, head)
+  for t in range(total):
+    b = batches.at(t)
+    feats, stats = features(params, stats, b["image"])
+    lr = 0.01 * 0.1 ** (t / (0.6 * total))
+    head, velocity = step(head, velocity, feats, b["label"], jnp.float32(lr))
+  return head, stats
+
+
 _ATTENTION_CACHE: dict[str, dict[str, np.ndarray]] = {}
 _CACHE_SIZE = 256
 
@@ -433,6 +490,9 @@ def _features_fn(model, mean: tuple, std: tuple) -> Callable:
 class AttentionComputer:
   """Computes (and caches) DELTA's attention for one (source, target model, taps).
 
+  BatchNorm follows `Config.att_bn` (default 'authors': probe trained in train mode, which
+  moves the running statistics to the target images; ablation in eval mode with them).
+
   Built once per Setup: the feature extractor, the probe step and the ablation functions are
   compiled once and reused by every run.
   """
@@ -448,19 +508,26 @@ class AttentionComputer:
     return "|".join([self.fingerprint, _digest(images, labels), str(self.taps),
                      str(jax.tree.leaves(self.params["head"])[0].shape),
                      str((c.temperature, c.att_batch_size, c.att_batches, c.att_head_epochs,
-                          c.att_head_min_steps))])
+                          c.att_head_min_steps, c.att_bn))])
 
   def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     key = self.key(images, labels)
     if key not in _ATTENTION_CACHE:
-      feats = evaluate.predict_logits(self._features, self.params, self.stats, images)
-      head = train_probe(self.params["head"], feats, labels, self.config)
+      mode = self.config.att_bn if self.stats else "eval"    # no BN: the modes coincide
+      stats = self.stats
+      if mode == "eval":
+        feats = evaluate.predict_logits(self._features, self.params, self.stats, images)
+        head = train_probe(self.params["head"], feats, labels, self.config)
+      else:
+        head, stats = train_probe_bn_train(self.model, self.params, self.stats, images, labels,
+                                           self.source.mean, self.source.std, self.config)
       params = dict(self.params, head=head)
       batches = _attention_batches(images, labels, self.source.mean, self.source.std,
-                                   self.config)
-      weights = attention_weights(self.model, params, self.stats, batches, self.taps,
+                                   self.config, pad=mode != "train")
+      weights = attention_weights(self.model, params, stats, batches, self.taps,
                                   temperature=self.config.temperature,
-                                  max_images=self.config.att_max_images)
+                                  max_images=self.config.att_max_images,
+                                  bn_train=mode == "train")
       if len(_ATTENTION_CACHE) >= _CACHE_SIZE:
         _ATTENTION_CACHE.pop(next(iter(_ATTENTION_CACHE)))
       _ATTENTION_CACHE[key] = weights
