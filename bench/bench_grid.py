@@ -134,7 +134,7 @@ def _torch_grid(args) -> tuple[float, int]:
 
 def _max_diff(a: list, b: list) -> tuple[float, int]:
   """(max |test_acc difference|, runs compared) over runs both paths finished."""
-  key = lambda r: tuple(str(r[k]) for k in fewshot.KEY)
+  key = lambda r: tuple(map(str, fewshot.record_key(r)))
   bb = {key(r): r for r in b}
   diffs = [abs(r["test_acc"] - bb[key(r)]["test_acc"]) for r in a
            if r["status"] == "ok" and bb.get(key(r), {}).get("status") == "ok"]

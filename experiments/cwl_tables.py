@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if started is None:
     return 2
   plan, results, _ = started
-  records = sorted(results.records, key=lambda r: tuple(str(r[k]) for k in fewshot.KEY))
+  records = sorted(results.records, key=lambda r: tuple(map(str, fewshot.record_key(r))))
   results.write_json("results.json", records)
   text, summary = make_report(records, plan, args)
   results.write_text("report.md", text)

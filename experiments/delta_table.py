@@ -377,7 +377,7 @@ def curves_for(args, plan: dict, results: ResultsDir) -> dict | None:
 
 
 def write_outputs(results: ResultsDir, plan: dict, args, curves: dict | None) -> str:
-  records = sorted(results.records, key=lambda r: tuple(str(r[k]) for k in fewshot.KEY))
+  records = sorted(results.records, key=lambda r: tuple(map(str, fewshot.record_key(r))))
   results.write_json("results.json", records)
   text, summary = make_report(records, plan, args, curves)
   results.write_text("report.md", text)

@@ -38,7 +38,9 @@ from jtransfer.train import (accuracy, batched, fit, init_state, make_optimizer,
                              make_train_step, parallel, predict_logits)
 from jtransfer.train.loop import nonfinite_error
 
-KEY = ("strategy", "arch", "target", "shots", "repeat", "lr")
+KEY = ("strategy", "arch", "target", "shots", "repeat", "lr", "hp", "fold")
+# Fields older records lack: the knob values ('' = none) and the cross-validation fold (-1).
+KEY_DEFAULTS = {"hp": "", "fold": -1}
 DEFAULT_TARGETS = ("fmnist:1,5,7,8,9", "digits")
 FEATURE_BATCH = 256
 REDUCED_LRS = {"freeze": (1e-2, 5e-2), "finetune": (1e-4, 1e-3)}
@@ -93,6 +95,10 @@ def add_protocol_flags(p: argparse.ArgumentParser, steps: int = 500, patience: i
   p.add_argument("--tune-extend", type=int, default=2,
                  help="when the chosen LR is the grid's first or last, extend the grid by up to "
                       "this many values on that side")
+  p.add_argument("--cv-folds", default="auto",
+                 help="choose a strategy's knobs (and LR) by this many-fold cross-validation on "
+                      "each tuning draw's labelled pool (k-shot + validation images); 'auto' = "
+                      "as its paper (DELTA, L2-SP: 5; others: the validation set); 0 = never")
   p.add_argument("--paper-grid", action=argparse.BooleanOptionalAction, default=True,
                  help="also run the whole LR grid on the evaluation draws, for the papers' "
                       "test-selected 'best over LR' figure (reported apart, labelled)")
@@ -159,6 +165,9 @@ def validate(args: argparse.Namespace) -> dict:
                   ("--test-per-class", args.test_per_class)):
     if v < 0:
       raise InputError(f"{flag} must be >= 0, got {v}")
+  if args.cv_folds != "auto" and not (str(args.cv_folds).isdigit() and
+                                      int(args.cv_folds) != 1):
+    raise InputError(f"--cv-folds must be 'auto', 0 or an integer >= 2, got {args.cv_folds!r}")
   if args.eval_every < 1:
     raise InputError(f"--eval-every must be >= 1, got {args.eval_every}")
   if args.patience and not args.val_per_class:
@@ -229,11 +238,13 @@ class TargetRuns:
       have[todo] = True
     return pool[idx], test
 
-  def setup(self, name: str):
-    """(Setup, compiled step, head-only optimizer or None) per strategy, built once."""
-    if name not in self._setups:
+  def setup(self, name: str, hp: str = ""):
+    """(Setup, compiled step, head-only optimizer or None) per (strategy, knob values), built
+    once."""
+    if (name, hp) not in self._setups:
       strategy = transfer.get_strategy(name)
-      setup = strategy.build(self.source, self.num_classes, self.args.steps)
+      setup = strategy.build(self.source, self.num_classes, self.args.steps,
+                             **transfer.parse_hp(hp))
       head_only = strategy.head_only and not self.args.no_feature_cache
       if head_only:
         label = setup.optimizer.labels["head"]["kernel"]
@@ -243,12 +254,12 @@ class TargetRuns:
         step = make_train_step(transfer.head_loss_fn(), opt)
       else:
         opt, step = setup.optimizer, make_train_step(setup.loss_fn, setup.optimizer)
-      self._setups[name] = (setup, step, opt, head_only)
-    return self._setups[name]
+      self._setups[(name, hp)] = (setup, step, opt, head_only)
+    return self._setups[(name, hp)]
 
-  def _prepare(self, name: str, train_idx, val_idx, lr: float, seed: int):
+  def _prepare(self, name: str, train_idx, val_idx, lr: float, seed: int, hp: str = ""):
     """(initial state, batches, x_val, x_test, forward) of one run."""
-    setup, _, opt, head_only = self.setup(name)
+    setup, _, opt, head_only = self.setup(name, hp)
     params, stats = setup.init(seed, self.pool.images[train_idx], self.pool.labels[train_idx])
     if head_only:
       rows, test_f = self.features(np.concatenate([train_idx, val_idx]))
@@ -271,7 +282,7 @@ class TargetRuns:
     return dict(test_acc=test_acc, val_acc=val_acc)
 
   def run(self, name: str, train_idx, val_idx, lr: float, seed: int,
-          budget: Budget | None = None, test: bool = True) -> dict:
+          budget: Budget | None = None, test: bool = True, hp: str = "") -> dict:
     """One run, alone (the plain path).
 
     Args:
@@ -280,6 +291,7 @@ class TargetRuns:
       budget: stop by validation patience (`jtransfer.protocol.budget`) and keep the best
         validation state; None trains `--steps` steps and keeps the last state.
       test: evaluate on the test split (False for tuning runs).
+      hp: the strategy's knob values (`transfer.hp_string`), '' for its defaults.
 
     Returns:
       {'test_acc', 'val_acc', 'steps' (trained), 'best_step' (kept), 'stopped'}.
@@ -287,8 +299,9 @@ class TargetRuns:
     Raises:
       NonFiniteError: a step was not finite.
     """
-    _, step, _, _ = self.setup(name)
-    state, batches, x_val, x_test, forward = self._prepare(name, train_idx, val_idx, lr, seed)
+    _, step, _, _ = self.setup(name, hp)
+    state, batches, x_val, x_test, forward = self._prepare(name, train_idx, val_idx, lr, seed,
+                                                           hp)
     if budget is None or not len(val_idx):
       state = fit(state, step, batches.at, self.args.steps)
       info = dict(steps=self.args.steps, best_step=self.args.steps, stopped="fixed")
@@ -378,6 +391,11 @@ def _record(key, train_idx, val_idx, runs: "TargetRuns", args) -> dict:
               n_test=len(runs.test), cap=args.steps, role="tune" if key[4] < 0 else "eval")
 
 
+def record_key(r: dict) -> tuple:
+  """A record's KEY tuple (older records get KEY_DEFAULTS)."""
+  return tuple(r.get(k, KEY_DEFAULTS.get(k)) for k in KEY)
+
+
 def _outcome(result) -> dict:
   """Record fields from a run's result dict or its NonFiniteError."""
   if isinstance(result, NonFiniteError):
@@ -391,82 +409,93 @@ def draw_seed(args, shots: int, repeat: int) -> int:
   return (args.seed * 1_000_003 + shots * 1009 + repeat) % (2 ** 31)
 
 
-def tune_score(records: dict, key_of, lr: float) -> float | None:
-  """Mean validation accuracy of one LR over the tuning draws; None if a run is missing.
-
-  A failed (non-finite) run scores 0: that LR is not chosen while another trains.
-  Only 'val_acc' is read: tuning records hold no test accuracy at all.
-  """
-  vals = []
-  for k in key_of(lr):
-    r = records.get(k)
-    if r is None:
-      return None
-    vals.append(r["val_acc"] if r["status"] == "ok" else 0.0)
-  return float(np.mean(vals))
+def cv_folds(args, name: str) -> int:
+  """Cross-validation folds for a strategy's tuning: --cv-folds, or with 'auto' the folds its
+  paper uses for its knobs (DELTA, L2-SP: 5) and 0 (the tuning draw's validation set) else."""
+  if args.cv_folds == "auto":
+    return transfer.get_strategy(name).cv_folds
+  return int(args.cv_folds)
 
 
-def choose_lrs(records: list[dict], plan: dict, args, run_missing=None) -> dict:
-  """The LR each (arch, target, shots, strategy) uses on its evaluation draws.
+def fold_split(pool_labels: np.ndarray, train_idx, val_idx, n_folds: int, fold: int, seed: int):
+  """(train, validation) rows of fold `fold` of a draw's labelled pool (k-shot + validation)."""
+  pool = np.concatenate([train_idx, val_idx])
+  tr, va = tuning.kfold(pool_labels[pool], n_folds, seed)[fold]
+  return pool[tr], pool[va]
 
-  Tuning (`--tune-repeats` > 0) scores each LR of the strategy's grid by its mean validation
-  accuracy over the tuning draws, extending the grid at an edge (`jtransfer.protocol.tuning`).
+
+def tuning_keys(args, cell: tuple, lr: float, hp: str) -> list[tuple]:
+  """The runs that score one point: each tuning draw, on each fold when cross-validating."""
+  arch, spec, shots, name = cell
+  folds = cv_folds(args, name)
+  return [(name, arch, spec, shots, -1 - t, lr, hp, f) for t in range(args.tune_repeats)
+          for f in (range(folds) if folds else (-1,))]
+
+
+def choose(records: list[dict], plan: dict, args, run_missing=None) -> dict:
+  """The LR and knob values each (arch, target, shots, strategy) uses on its evaluation draws.
+
+  Tuning (`--tune-repeats` > 0) scores each point of the strategy's grid (its LRs x its knobs'
+  grids) by mean validation accuracy over the tuning draws (and their cross-validation folds,
+  `--cv-folds`), extending an axis at an edge (`jtransfer.protocol.tuning`). A failed
+  (non-finite) run scores 0. Only 'val_acc' is read: tuning records hold no test accuracy.
   From records alone (the report) or, with `run_missing(key) -> record`, training what is
   missing (the grid runner); both give the same choice for the same records.
 
   Returns:
-    (arch, target, shots, strategy) -> Tuned.to_dict(), or {} without tuning draws.
+    (arch, target, shots, strategy) -> Tuned.to_dict() plus 'hp', or {} without tuning draws.
   """
   if not args.tune_repeats:
     return {}
-  by_key = {tuple(r[k] for k in KEY): r for r in records}
+  by_key = {record_key(r): r for r in records}
   out = {}
   for arch in plan["archs"]:
     for spec in plan["targets"]:
       for shots in plan["shots"]:
         for name in plan["strategies"]:
-          key_of = lambda lr: [(name, arch, spec, shots, -1 - t, lr)
-                               for t in range(args.tune_repeats)]
+          cell = (arch, spec, shots, name)
+          strategy = transfer.get_strategy(name)
 
           def score(point):
-            v = tune_score(by_key, key_of, point["lr"])
-            if v is None:
-              if run_missing is None:
-                raise KeyError(f"tuning run missing for {name} {arch} {spec} k={shots} "
-                               f"lr={point['lr']:g}")
-              for k in key_of(point["lr"]):
-                if k not in by_key:
-                  by_key[k] = run_missing(k)
-              v = tune_score(by_key, key_of, point["lr"])
-            return v
+            hp = transfer.hp_string({k: v for k, v in point.items() if k != "lr"})
+            keys = tuning_keys(args, cell, point["lr"], hp)
+            for k in keys:
+              if k not in by_key:
+                if run_missing is None:
+                  raise KeyError(k)
+                by_key[k] = run_missing(k)
+            return float(np.mean([by_key[k]["val_acc"] if by_key[k]["status"] == "ok" else 0.0
+                                  for k in keys]))
 
           try:
-            out[(arch, spec, shots, name)] = tuning.tune({"lr": plan["lrs"][name]}, score,
-                                                         args.tune_extend).to_dict()
-          except KeyError:
+            t = tuning.tune({"lr": plan["lrs"][name], **strategy.knobs}, score,
+                            args.tune_extend).to_dict()
+          except KeyError:  # the report of an unfinished grid: that cell is not tuned yet
             if run_missing is not None:
               raise
+            continue
+          t["hp"] = transfer.hp_string({k: v for k, v in t["choice"].items() if k != "lr"})
+          out[cell] = t
   return out
 
 
-def eval_lrs(plan: dict, args, tuned: dict, cell: tuple) -> list[float]:
-  """LRs run on a cell's evaluation draws: the tuned one, plus the grid under --paper-grid."""
-  arch, spec, shots, name = cell
-  lrs = list(plan["lrs"][name]) if (args.paper_grid or not args.tune_repeats) else []
-  if cell in tuned and tuned[cell]["choice"]["lr"] not in lrs:
-    lrs.append(tuned[cell]["choice"]["lr"])
-  return lrs
+def eval_points(plan: dict, args, tuned: dict, cell: tuple) -> list[tuple[float, str]]:
+  """(lr, hp) run on a cell's evaluation draws: the tuned point, plus under --paper-grid every
+  LR of the grid at the paper's knob values."""
+  name = cell[3]
+  hp0 = transfer.hp_string(transfer.get_strategy(name).knob_defaults)
+  points = ([(lr, hp0) for lr in plan["lrs"][name]]
+            if (args.paper_grid or not args.tune_repeats) else [])
+  if cell in tuned and (tuned[cell]["choice"]["lr"], tuned[cell]["hp"]) not in points:
+    points.append((tuned[cell]["choice"]["lr"], tuned[cell]["hp"]))
+  return points
 
 
 def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
-  done = results.done(KEY)
+  done = {record_key(r) for r in results.records}
   data_cache: dict = {}
   check_targets(args, plan, data_cache)
   budget = budget_of(args)
-  per_cell = len(plan["shots"]) * len(plan["targets"]) * len(plan["archs"])
-  total = per_cell * sum(len(plan["lrs"][s]) * (args.tune_repeats + (
-      args.repeats if args.paper_grid or not args.tune_repeats else 0)) + (
-      args.repeats if args.tune_repeats else 0) for s in plan["strategies"])
   progress = {"finished": len(done)}
 
   def add(key, train_idx, val_idx, runs, result, seconds):
@@ -476,11 +505,12 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
     results.add(record)
     progress["finished"] += 1
     if not args.quiet:
-      name, arch, spec, shots, repeat, lr = key
+      name, arch, spec, shots, repeat, lr, hp, fold = key
       acc = record["val_acc" if repeat < 0 else "test_acc"]
       what = "val" if repeat < 0 else "test"
-      print(f"[{progress['finished']}/~{total}] {arch} {spec} k={shots} r={repeat} {name} "
-            f"lr={lr:g} {what}={'failed' if acc is None else f'{acc:.4f}'} "
+      where = f" fold={fold}" if fold >= 0 else ""
+      print(f"[{progress['finished']}] {arch} {spec} k={shots} r={repeat}{where} {name} "
+            f"lr={lr:g} {hp} {what}={'failed' if acc is None else f'{acc:.4f}'} "
             f"steps={record.get('steps', '-')} ({record['seconds']:.1f}s)", file=sys.stderr)
     return record
 
@@ -506,24 +536,28 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
                                                num_classes=runs.num_classes))
 
         def run_one(key):
-          name, _, _, _, repeat, lr = key
+          name, _, _, _, repeat, lr, hp, fold = key
           seed, train_idx, val_idx = draws[repeat]
+          if fold >= 0:
+            train_idx, val_idx = fold_split(runs.pool.labels, train_idx, val_idx,
+                                            cv_folds(args, name), fold, seed)
           t0 = time.time()
           try:
-            out = runs.run(name, train_idx, val_idx, lr, seed, budget, test=repeat >= 0)
+            out = runs.run(name, train_idx, val_idx, lr, seed, budget, test=repeat >= 0, hp=hp)
           except NonFiniteError as e:
             out = e
           return add(key, train_idx, val_idx, runs, out, time.time() - t0)
 
         one_cell = dict(plan, archs=[arch], targets=[spec], shots=[shots])
-        tuned = choose_lrs(results.records, one_cell, args, run_missing=run_one)
+        tuned = choose(results.records, one_cell, args, run_missing=run_one)
         for name in plan["strategies"]:
-          todo = [((name, arch, spec, shots, repeat, lr), *draws[repeat][1:], lr,
+          todo = [((name, arch, spec, shots, repeat, lr, hp, -1), *draws[repeat][1:], lr,
                    draws[repeat][0])
                   for repeat in range(args.repeats)
-                  for lr in eval_lrs(plan, args, tuned, (arch, spec, shots, name))
-                  if (name, arch, spec, shots, repeat, lr) not in done]
-          if batch_runs > 1 and len(todo) > 1 and runs.batchable(name):
+                  for lr, hp in eval_points(plan, args, tuned, (arch, spec, shots, name))
+                  if (name, arch, spec, shots, repeat, lr, hp, -1) not in done]
+          if batch_runs > 1 and len(todo) > 1 and runs.batchable(name) and \
+              not transfer.get_strategy(name).knobs:
             for i in range(0, len(todo), batch_runs):
               group = todo[i:i + batch_runs]
               t0 = time.time()
@@ -536,27 +570,39 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
             run_one(job[0])
 
 
+def paper_grid_records(records: list[dict], plan: dict) -> list[dict]:
+  """Evaluation records on the LR grid at the paper's knob values (for 'best over LR')."""
+  hp0 = {s: transfer.hp_string(transfer.get_strategy(s).knob_defaults)
+         for s in plan["strategies"]}
+  return [r for r in records if r["strategy"] in hp0 and r.get("hp", "") == hp0[r["strategy"]]
+          and r.get("fold", -1) == -1 and r["lr"] in plan["lrs"][r["strategy"]]]
+
+
 def tuned_records(records: list[dict], tuned: dict) -> list[dict]:
-  """Evaluation records at each cell's tuned LR (the protocol's figure)."""
-  return [r for r in records if r.get("role", "eval") == "eval" and
-          (r["arch"], r["target"], r["shots"], r["strategy"]) in tuned and
-          r["lr"] == tuned[(r["arch"], r["target"], r["shots"], r["strategy"])]["choice"]["lr"]]
+  """Evaluation records at each cell's tuned point (the protocol's figure)."""
+  out = []
+  for r in records:
+    t = tuned.get((r["arch"], r["target"], r["shots"], r["strategy"]))
+    if t and r.get("role", "eval") == "eval" and r["lr"] == t["choice"]["lr"] and \
+        r.get("hp", "") == t["hp"]:
+      out.append(r)
+  return out
 
 
 def tuned_summary(records: list[dict], tuned: dict) -> dict:
-  """(arch, target, strategy, shots) -> {'mean', 'std', 'n', 'steps', 'lr', 'edges'} at the
-  tuned LR, over evaluation draws (failed runs left out and counted)."""
+  """(arch, target, strategy, shots) -> {'mean', 'std', 'n', 'failed', 'lr', 'hp', 'edges',
+  'steps'} at the tuned point, over evaluation draws (failed runs left out and counted)."""
   out: dict = {}
   for r in tuned_records(records, tuned):
-    cell = (r["arch"], r["target"], r["strategy"], r["shots"])
-    out.setdefault(cell, []).append(r)
+    out.setdefault((r["arch"], r["target"], r["strategy"], r["shots"]), []).append(r)
   summary = {}
   for cell, rs in out.items():
     ok = [r for r in rs if r["status"] == "ok"]
     t = tuned[(cell[0], cell[1], cell[3], cell[2])]
     acc = np.array([r["test_acc"] for r in ok]) if ok else np.array([np.nan])
     summary[cell] = dict(mean=float(acc.mean()), std=float(acc.std()), n=len(ok),
-                         failed=len(rs) - len(ok), lr=t["choice"]["lr"], edges=t["edges"],
+                         failed=len(rs) - len(ok), lr=t["choice"]["lr"], hp=t["hp"],
+                         edges=t["edges"],
                          steps=float(np.mean([r["steps"] for r in ok])) if ok else None)
   return summary
 
@@ -606,7 +652,8 @@ def tuned_table(summary: dict, plan: dict, rows: Sequence[str], labels: dict | N
           if not v:
             cells.append("-")
             continue
-          cells.append(f"{pct(v['mean'], v['std'])} lr {v['lr']:g}, "
+          hp = f" {v['hp']}" if v["hp"] else ""
+          cells.append(f"{pct(v['mean'], v['std'])} lr {v['lr']:g}{hp}, "
                        f"{v['steps']:.0f} st" if v["n"] else "failed")
           if v["edges"]:
             edges.append(f"{arch}/{target}/{strat}/k={k}: {', '.join(v['edges'])}")
@@ -632,8 +679,9 @@ def make_report(records: list[dict], plan: dict, args, title: str = "# Few-shot 
     tables: [(heading, strategies)] of the tuned table; default one table of every strategy.
     labels: display names of strategies.
   """
-  tuned = choose_lrs(records, plan, args)
-  summary = best_over_lr(records, ("arch", "target", "strategy", "shots"))
+  tuned = choose(records, plan, args)
+  summary = best_over_lr(paper_grid_records(records, plan), ("arch", "target", "strategy",
+                                                             "shots"))
   shots = plan["shots"]
   lines = [title, "", f"Source `{args.source}`; {args.repeats} evaluation draws per cell.",
            "", protocol_text(args), ""]
@@ -722,7 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if started is None:
     return 2
   plan, results, _ = started
-  records = sorted(results.records, key=lambda r: tuple(str(r[k]) for k in KEY))
+  records = sorted(results.records, key=lambda r: tuple(map(str, record_key(r))))
   # results.json holds only what the seed determines (timings stay in results.jsonl), so two
   # runs of the same config give identical files.
   results.write_json("results.json", [{k: v for k, v in r.items() if k != "seconds"}

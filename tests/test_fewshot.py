@@ -72,6 +72,15 @@ def test_existing_results_refused_then_resumed(tiny_source_dir, tmp_path, capsys
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--lrs", "fast"], "expected 'paper' or a comma list"),
     (["--resume", "--overwrite"], "--resume and --overwrite conflict"),
+    (["--lrs", "nan"], "learning rates must be finite numbers > 0"),
+    (["--lrs", "1e-3,inf"], "learning rates must be finite numbers > 0"),
+    (["--test-per-class", "-5"], "--test-per-class must be >= 0, got -5"),
+    (["--target", "fmnist:"], "has an empty class list after ':'"),
+    (["--target", "tfds:mnist:"], "has an empty class list after ':'"),
+    (["--patience", "-1"], "--patience must be >= 0"),
+    (["--val-per-class", "0"], "--patience needs validation images"),
+    (["--val-per-class", "0", "--patience", "0"], "--tune-repeats needs validation images"),
+    (["--eval-every", "0"], "--eval-every must be >= 1"),
 ])
 def test_bad_flags_give_one_clear_error(extra, message, tmp_path, capsys):
   argv = ["--arch", "vgg_s", "--target", "digits", "--out", str(tmp_path / "o"), "--quiet",

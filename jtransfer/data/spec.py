@@ -48,6 +48,9 @@ def parse_spec(spec: str, *, flag: str = "dataset") -> DataSpec:
     if not re.fullmatch(r"[a-z0-9_]+(/[\w.]+)?(:[\d.]+)?", name or "!"):
       raise InputError(f"{flag} spec {spec!r} needs a TFDS name: tfds:oxford_flowers102")
   classes = None
+  if spec.strip().endswith(":") and not rest:
+    raise InputError(f"{flag} spec {spec!r} has an empty class list after ':'; list classes "
+                     f"(e.g. {kind}{':' + name if name else ''}:0,1,2) or drop the ':'")
   if rest:
     classes = tuple(c.strip() for c in rest.split(","))
     if any(not c for c in classes):

@@ -7,7 +7,7 @@ train step. Method files (cwl, delta, ...) add strategies with `register`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -136,12 +136,20 @@ class Strategy:
     head_only: trains only a new head on a frozen backbone with BN in eval mode, so backbone
       features can be computed once and cached (same accuracies as the full forward).
     description: one line for reports.
+    knobs: the method's own hyper-parameters besides the LR, name -> validation grid (sorted);
+      `build` takes each as a keyword argument.
+    knob_defaults: the paper's value of each knob (what `build` uses when not given).
+    cv_folds: the paper chooses the knobs by this many-fold cross-validation on the training
+      pool (0: on a validation set).
   """
   name: str
   paper_lrs: tuple[float, ...]
-  build: Callable[[Source, int, int], Setup]
+  build: Callable[..., Setup]
   head_only: bool = False
   description: str = ""
+  knobs: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+  knob_defaults: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  cv_folds: int = 0
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -247,6 +255,16 @@ def validate_source_input(source: Source, image_shape: tuple[int, ...], what: st
                      f"{tuple(source.input_shape)}")
 
 
+def hp_string(knobs: Mapping[str, float]) -> str:
+  """Canonical text of knob values ('alpha=0.01,beta=0.01'; '' for none), a record field."""
+  return ",".join(f"{k}={float(v):.6g}" for k, v in sorted(knobs.items()))
+
+
+def parse_hp(text: str) -> dict[str, float]:
+  """Inverse of `hp_string`."""
+  return {k: float(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
+
+
 def lr_grid(strategy: Strategy, lrs: Optional[str]) -> tuple[float, ...]:
   """`--lrs` value: 'paper' (the strategy's grid) or a comma list of floats."""
   if lrs in (None, "paper"):
@@ -255,8 +273,8 @@ def lr_grid(strategy: Strategy, lrs: Optional[str]) -> tuple[float, ...]:
     values = tuple(float(v) for v in lrs.split(","))
   except ValueError:
     raise InputError(f"--lrs {lrs!r}: expected 'paper' or a comma list of numbers") from None
-  if any(v <= 0 for v in values):
-    raise InputError(f"--lrs {lrs!r}: learning rates must be > 0")
+  if any(not np.isfinite(v) or v <= 0 for v in values):
+    raise InputError(f"--lrs {lrs!r}: learning rates must be finite numbers > 0")
   return values
 
 
