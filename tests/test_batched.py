@@ -64,7 +64,8 @@ def test_runs_with_other_frozen_params_are_refused(tiny_source_dir):
 
 
 TINY = ["--arch", "vgg_s", "--target", "fmnist:1,5,7", "--shots", "1,2", "--repeats", "2",
-        "--steps", "3", "--test-per-class", "5", "--val-per-class", "2", "--quiet"]
+        "--steps", "3", "--test-per-class", "5", "--val-per-class", "2", "--quiet",
+        "--patience", "0", "--tune-repeats", "0"]  # batching needs fixed-length runs
 
 
 def test_fewshot_grid_batched_equals_plain(tiny_source_dir, tmp_path):

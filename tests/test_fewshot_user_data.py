@@ -37,6 +37,9 @@ def _image_tree(root, size, per_class=4):
 def _records(out):
   records = json.loads((out / "results.json").read_text())
   assert (out / "report.md").is_file() and (out / "results.jsonl").is_file()
+  tunes = [r for r in records if r["role"] == "tune"]
+  records = [r for r in records if r["role"] == "eval"]
+  assert all(r["test_acc"] is None for r in tunes)  # tuning draws never see test
   assert records and all(r["status"] == "ok" and 0 <= r["test_acc"] <= 1 for r in records)
   return records
 
