@@ -1,0 +1,81 @@
+"""The protocol inside the few-shot grid: no test image reaches LR or alpha selection, the
+stopping rule's steps are recorded, and the report carries its claims."""
+import json
+
+import numpy as np
+import pytest
+
+from experiments import fewshot
+from jtransfer.data.base import ImageSet
+
+TINY = ["--shots", "2", "--repeats", "2", "--steps", "12", "--eval-every", "3",
+        "--patience", "6", "--test-per-class", "6", "--val-per-class", "2", "--quiet",
+        "--tune-repeats", "2", "--tune-extend", "1"]
+
+
+def _records(out):
+  return json.loads((out / "results.json").read_text())
+
+
+def _selection(records):
+  """Everything selection reads or writes: the tuning records (minus timings)."""
+  return sorted((json.dumps({k: v for k, v in r.items() if k != "seconds"}, sort_keys=True)
+                 for r in records if r["role"] == "tune"))
+
+
+@pytest.mark.parametrize("strategies,extra", [
+    ("freeze,finetune", []),
+    ("l2sp", ["--cv-folds", "2", "--target", "digits:0,1,2"]),  # alpha by 2-fold CV
+])
+def test_no_test_image_reaches_selection(tiny_source_dir, tmp_path, monkeypatch, strategies,
+                                         extra):
+  src = ["--arch", "resnet_s", "--source", f"ckpt:{tiny_source_dir('resnet_s')}",
+         "--strategies", strategies, "--lrs", "1e-4,1e-3,1e-2", *TINY]
+  src += extra or ["--target", "digits:0,1,2"]
+  assert fewshot.main([*src, "--out", str(tmp_path / "real")]) == 0
+  real = _records(tmp_path / "real")
+
+  # The same grid with the test split replaced by other images and other labels.
+  original = fewshot.cap_per_class
+
+  def poisoned(s, n):
+    t = original(s, n)
+    rng = np.random.default_rng(1)
+    return ImageSet(rng.integers(0, 256, t.images.shape, dtype=np.uint8),
+                    rng.permutation(t.labels), t.class_names)
+
+  monkeypatch.setattr(fewshot, "cap_per_class", poisoned)
+  assert fewshot.main([*src, "--out", str(tmp_path / "poisoned")]) == 0
+  other = _records(tmp_path / "poisoned")
+  assert _selection(real) and _selection(real) == _selection(other)
+  tuned = lambda rs: sorted((r["strategy"], r["lr"], r["hp"]) for r in rs
+                            if r["role"] == "eval" and r["repeat"] == 0)
+  assert tuned(real) == tuned(other)
+  test_accs = lambda rs: [r["test_acc"] for r in rs if r["role"] == "eval"]
+  assert test_accs(real) != test_accs(other)  # the test split did change
+  assert all(r["test_acc"] is None for r in real if r["role"] == "tune")
+  if "--cv-folds" in extra:
+    folds = {r["fold"] for r in real if r["role"] == "tune"}
+    assert folds == {0, 1} and all(r["hp"].startswith("alpha=") for r in real)
+
+
+def test_steps_recorded_and_claims_reported(tiny_source_dir, tmp_path):
+  out = tmp_path / "o"
+  argv = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
+          "digits", "--strategies", "freeze,finetune", "--lrs", "1e-3", "--out", str(out),
+          *TINY, "--tune-repeats", "1"]
+  assert fewshot.main(argv) == 0
+  records = _records(out)
+  for r in records:
+    assert r["stopped"] in ("patience", "cap") and r["cap"] == 12
+    assert r["best_step"] % 3 == 0 and r["best_step"] <= r["steps"] <= 12
+    assert r["stopped"] == "cap" or r["steps"] - r["best_step"] >= 6
+  report = (out / "report.md").read_text()
+  assert "## Claims" in report and "fine-tuning beats freezing on a far domain" in report
+  assert "| **all cells** |" in report
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["claims"][0]["cells"][0]["paired"]["n"] == 2
+  # the report regenerates from results.json alone
+  args = fewshot.parse_args(argv)
+  text, _ = fewshot.make_report(records, fewshot.validate(args), args)
+  assert text == report
