@@ -575,7 +575,7 @@ def paper_grid_records(records: list[dict], plan: dict) -> list[dict]:
   hp0 = {s: transfer.hp_string(transfer.get_strategy(s).knob_defaults)
          for s in plan["strategies"]}
   return [r for r in records if r["strategy"] in hp0 and r.get("hp", "") == hp0[r["strategy"]]
-          and r.get("fold", -1) == -1 and r["lr"] in plan["lrs"][r["strategy"]]]
+          and r.get("role", "eval") == "eval" and r["lr"] in plan["lrs"][r["strategy"]]]
 
 
 def tuned_records(records: list[dict], tuned: dict) -> list[dict]:
@@ -667,8 +667,8 @@ def tuned_table(summary: dict, plan: dict, rows: Sequence[str], labels: dict | N
 
 
 def make_report(records: list[dict], plan: dict, args, title: str = "# Few-shot transfer",
-                claim_list: Sequence = CLAIMS, tables=None, labels: dict | None = None
-                ) -> tuple[str, dict]:
+                claim_list: Sequence = CLAIMS, tables=None, labels: dict | None = None,
+                extra_claims=None, paper_tables=None) -> tuple[str, dict]:
   """report.md text and summary.json content, from the records alone.
 
   Args:
@@ -678,6 +678,10 @@ def make_report(records: list[dict], plan: dict, args, title: str = "# Few-shot 
     claim_list: claims tested on the tuned evaluation runs.
     tables: [(heading, strategies)] of the tuned table; default one table of every strategy.
     labels: display names of strategies.
+    extra_claims: tuned evaluation records -> more claim results (`claims.evaluate` dicts),
+      for claims that are not one strategy against another within a cell.
+    paper_tables: (paper-grid records, best_over_lr summary) -> report lines replacing the
+      default 'best over LR' and per-draw validation-selected tables.
   """
   tuned = choose(records, plan, args)
   summary = best_over_lr(paper_grid_records(records, plan), ("arch", "target", "strategy",
@@ -700,12 +704,16 @@ def make_report(records: list[dict], plan: dict, args, title: str = "# Few-shot 
       lines += tuned_table(ts, plan, rows, labels)
     results = [claims.evaluate(c, tuned_records(records, tuned), ("arch", "target", "shots"))
                for c in claim_list if {c.a, c.b} <= set(plan["strategies"])]
+    if extra_claims is not None:
+      results += extra_claims(tuned_records(records, tuned))
     results = [r for r in results if r["cells"]]
     if results:
       lines += claims.section(results, labels or {})
     out_summary["claims"] = results
   grid_runs = args.paper_grid or not args.tune_repeats
-  if grid_runs:
+  if grid_runs and paper_tables is not None:
+    lines += paper_tables(paper_grid_records(records, plan), summary)
+  elif grid_runs:
     for title2, m, sd in (("Best over LR (test-selected, as the paper; optimistic)", "test_mean",
                            "test_std"),
                           ("Validation-selected LR per draw", "val_sel_mean", "val_sel_std")):

@@ -142,7 +142,37 @@ def test_tables_report_by_hand():
   # validation picks lr 0.01 for both (val acc 0 at 0.05): freeze_cwl 0.525 (0.025)
   assert "| Freeze + CWL | 0.525 (0.025) |" in val
   assert "Table II" not in text
-  assert summary["vgg_s|digits|freeze_cwl|1"]["best_lr"] == 0.05
+  assert summary["best_over_lr"]["vgg_s|digits|freeze_cwl|1"]["best_lr"] == 0.05
+
+
+def test_tables_claims_by_hand():
+  """Tuned records (one tuning draw choosing lr 0.01) -> claims, including 'more without BN'."""
+  args = cwl_tables.parse_args(["--strategies", "freeze,freeze_cwl", "--repeats", "3",
+                                "--tune-repeats", "1", "--cv-folds", "0"])
+  plan = dict(archs=["vgg_s", "resnet_s"], targets=["digits"], shots=[1],
+              strategies=["freeze", "freeze_cwl"], lrs={"freeze": (0.01,),
+                                                        "freeze_cwl": (0.01,)})
+  base = dict(target="digits", shots=1, lr=0.01, hp="", fold=-1, status="ok", steps=10)
+  gain = {"vgg_s": (0.10, 0.12, 0.08), "resnet_s": (0.01, -0.01, 0.03)}
+  recs = []
+  for arch in ("vgg_s", "resnet_s"):
+    for s in ("freeze", "freeze_cwl"):
+      recs.append(dict(base, arch=arch, strategy=s, repeat=-1, role="tune", val_acc=0.5,
+                       test_acc=None))
+      for rep in range(3):
+        acc = 0.6 + (gain[arch][rep] if s == "freeze_cwl" else 0.0)
+        recs.append(dict(base, arch=arch, strategy=s, repeat=rep, role="eval", val_acc=acc,
+                         test_acc=acc))
+  text, summary = cwl_tables.make_report(recs, plan, args)
+  res = {c["claim"]["text"]: c for c in summary["claims"]}
+  table1 = res["weighting convolutions beats frozen convolutions"]
+  assert table1["pooled"]["paired"]["n"] == 6
+  assert table1["pooled"]["paired"]["mean"] == pytest.approx((0.30 + 0.03) / 6)
+  more = res["weighting helps more without BN (VGG) than with it (ResNet)"]
+  # per draw: 0.10-0.01, 0.12+0.01, 0.08-0.03 = 0.09, 0.13, 0.05: all above 0
+  assert more["pooled"]["paired"]["mean"] == pytest.approx(0.09)
+  assert more["pooled"]["paired"]["wins"] == 3
+  assert "## Claims" in text and "Tuned on validation" in text
 
 
 def test_retrieval_helpers():
