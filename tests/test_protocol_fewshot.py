@@ -79,3 +79,24 @@ def test_steps_recorded_and_claims_reported(tiny_source_dir, tmp_path):
   args = fewshot.parse_args(argv)
   text, _ = fewshot.make_report(records, fewshot.validate(args), args)
   assert text == report
+
+
+def test_budget_study_smoke_and_report(tiny_source_dir, tmp_path):
+  from experiments import budget_study
+  out = tmp_path / "b"
+  argv = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
+          "digits:0,1,2", "--shots", "2", "--repeats", "2", "--steps", "6", "--patience", "3",
+          "--eval-every", "3", "--test-per-class", "5", "--val-per-class", "2",
+          "--strategies", "freeze", "--lrs", "1e-3,1e-2", "--out", str(out), "--quiet"]
+  assert budget_study.main(argv) == 0
+  records = _records(out)
+  assert sorted({r["factor"] for r in records}) == [1, 2, 4]
+  for f in (1, 2, 4):
+    assert all(r["cap"] == 6 * f for r in records if r["factor"] == f)
+    assert (out / f"x{f}" / "results.jsonl").is_file()
+  report = (out / "report.md").read_text()
+  assert "| vgg_s | digits:0,1,2 | freeze | 2 |" in report and "4x - 1x" in report
+  args = budget_study.parse_args(argv)
+  text, _ = budget_study.make_report(records, budget_study.validate(args), args)
+  assert text == report  # regenerated from results.json
+  assert budget_study.main([*argv, "--factors", "2,4", "--overwrite"]) == 2
