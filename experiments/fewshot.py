@@ -4,18 +4,23 @@
       --target 'fmnist:1,5,7,8,9' --target digits --shots 1,3,5,10 --repeats 10 \
       --strategies freeze,finetune --lrs paper --out results/fewshot
 
-writes results.jsonl (one record per finished run), results.json, report.md (mean (std) of the
-best-over-LR test accuracy, as the CWL paper reports, and of the validation-selected LR) and
+writes results.jsonl (one record per finished run), results.json, report.md and
 accuracy_vs_shots.png. With no flags it runs the embedded default: both small archs, both
-embedded targets, freeze and finetune, a reduced grid (shots 1,5,10; 2 repeats; 2 LRs per
-strategy; 50 steps per run; 300 test images per class). BUILD_NOTES.md has its timings, with
-and without the sources cached (they are pretrained on first use).
+embedded targets, freeze and finetune, shots 1,5,10, 2 evaluation draws, 2 LRs per strategy,
+300 test images per class.
 
-Protocol: for each (arch, target, shots, repeat) one stratified k-shot draw plus a disjoint
-validation draw (`--val-per-class`) from the target's train split, shared by every strategy and
-LR; `--steps` Adam steps on full batches of the k-shot set (at most `--batch-size`); test on
-the target's test split. Frozen-backbone strategies with BN in eval mode train their head on
-backbone features computed once per (arch, target).
+Protocol (DESIGN.md section 8, `jtransfer.protocol`): for each (arch, target, k) and draw one
+stratified k-shot set plus a disjoint validation set (`--val-per-class`) from the target's train
+split, shared by every strategy and LR (paired comparison). Every run trains full batches of the
+k-shot set (at most `--batch-size`) until its validation accuracy has not improved for
+`--patience` steps (at most `--steps`) and keeps its best validation state. Each strategy's LR
+(and its own knobs, e.g. DELTA's alpha) is chosen on `--tune-repeats` tuning draws that are
+never evaluation draws and never see the test split (by k-fold CV where the paper does); the
+evaluation draws run at that choice and, under `--paper-grid`, over the whole LR grid too. The
+report gives the tuned figure with its claims (per-draw differences, 95% CI, verdict), then the
+paper's test-selected best over LR, labelled, and the LR chosen per draw on validation.
+Frozen-backbone strategies with BN in eval mode train their head on backbone features computed
+once per (arch, target).
 """
 from __future__ import annotations
 
