@@ -40,18 +40,39 @@ def sources(tiny_source_dir, tmp_path_factory):
   return tiny_source_dir("vgg_s"), path
 
 
+# Tiny protocol settings: converged runs on 2 validation images per class, one tuning draw.
+TINY = ["--teacher-steps", "3", "--student-steps", "3", "--patience", "2", "--eval-every", "1",
+        "--val-per-class", "2", "--tune-repeats", "1", "--tune-extend", "0",
+        "--teacher-lr", "1e-3", "--student-lr", "2e-3", "--ft-lr", "1e-3", "--temperature", "4",
+        "--lam", "0.7", "--latency-batches", "1", "--latency-runs", "1", "--test-per-class", "3",
+        "--quiet"]
+
+
 def _tiny(big, small, out, *extra):
   return ["--arch", "vgg_s", "--source", f"ckpt:{big}", "--student-source", f"ckpt:{small}",
-          "--target", "digits", "--shots", "2", "--repeats", "1", "--teacher-steps", "2",
-          "--student-steps", "2", "--latency-batches", "1", "--latency-runs", "1",
-          "--test-per-class", "3", "--out", out, "--quiet", *extra]
+          "--target", "digits", "--shots", "2", "--repeats", "1", *TINY, "--out", out, *extra]
+
+
+def _regenerated(argv, out) -> str:
+  """report.md made again from results.json alone."""
+  args = ct.parse_args(argv)
+  records = json.load(open(os.path.join(out, "results.json")))
+  return ct.make_report(records, args, ct.validate(args))[0]
 
 
 # ----------------------------------------------------------------------------- flags
 @pytest.mark.parametrize("extra,match", [
     (["--variants", "teacher,bogus"], "--variants"),
-    (["--lam", "1.5"], "lambda"),
+    (["--lam", "1.5"], "lambda must be in [0, 1]"),
+    (["--lam", "0,0.5"], "must lie in (0, 1)"),
     (["--temperature", "0"], "temperature"),
+    (["--temperature", "2,2"], "distinct"),
+    (["--student-lr", "nan"], "--student-lr"),
+    (["--teacher-lr", "1e-3,x"], "--teacher-lr"),
+    (["--tune-repeats", "0"], "--tune-repeats 0 leaves no draws"),
+    (["--patience", "-1"], "--patience"),
+    (["--val-per-class", "0"], "--patience needs validation"),
+    (["--approach-margin", "2"], "--approach-margin"),
     (["--prune-keep", "0"], "--prune-keep"),
     (["--student-steps", "0"], "--student-steps"),
     (["--latency-batches", "1,x"], "--latency-batches"),
@@ -103,40 +124,187 @@ def test_prune_teacher_keeps_top_channels():
   np.testing.assert_array_equal(ct.channel_scores(bn)["u"], [3.0, 1.0, 2.0])
 
 
+def test_converge_stops_by_patience_or_trains_the_cap():
+  """Runner.converge: the protocol's stopping rule keeps the best validation state; --patience
+  0 trains exactly the cap and keeps the last."""
+  from types import SimpleNamespace as NS
+  acc = [0.0, 0.2, 0.6, 0.4, 0.4, 0.9, 0.9, 0.9]  # validation accuracy after each step
+
+  def step_fn(state, batch):
+    return NS(step=state.step + 1, params={"t": state.step + 1}, batch_stats={}), {"finite": 1}
+
+  def forward(params, stats, images):  # the first acc[t] of the images right (class 0)
+    out = np.zeros((len(images), 2), np.float32)
+    out[int(round(acc[params["t"]] * len(images))):, 1] = 1
+    return out
+
+  val = (np.zeros((10, 2, 2, 1), np.uint8), np.zeros(10, np.int64))
+  start = NS(step=0, params={"t": 0}, batch_stats={})
+  runner = NS(args=NS(patience=2, eval_every=1))
+  state, info = ct.Runner.converge(runner, start, step_fn, lambda i: None, forward, val, 7)
+  assert info == dict(steps=4, best_step=2, stopped="patience") and state.params["t"] == 2
+  runner.args.patience = 0
+  state, info = ct.Runner.converge(runner, start, step_fn, lambda i: None, forward, val, 7)
+  assert info == dict(steps=7, best_step=7, stopped="fixed") and state.params["t"] == 7
+
+
+# ----------------------------------------------------------------------------- tuning
+def test_choose_tunes_lr_t_lambda_on_tuning_draws_only():
+  """choose(): the teacher first, then each student's LR, T and lambda jointly, on the tuning
+  draws' validation accuracy; lambda's grid extends on the odds scale (stays in (0, 1)); the
+  same choice again from the records alone."""
+  argv = ["--target", "digits", "--variants", "teacher,scratch,distill", "--tune-repeats", "2",
+          "--teacher-lr", "1e-4,1e-3", "--student-lr", "1e-3,1e-2", "--temperature", "2,4,8",
+          "--lam", "0.5,0.75", "--tune-extend", "1", "--shots", "5"]
+  args = ct.parse_args(argv)
+  plan = ct.validate(args)
+  assert ct.variant_grid(plan, "distill") == {"lr": (1e-3, 1e-2), "T": (2.0, 4.0, 8.0),
+                                              "lam_odds": (1.0, 3.0)}
+  assert ct.variant_grid(plan, "scratch") == {"lr": (1e-3, 1e-2)}
+  made = []
+
+  def run_missing(key, chosen):
+    spec, shots, variant, repeat, lr, hp = key
+    assert repeat < 0 and shots == 5  # tuning draws only
+    if variant != "teacher":  # students learn from the teacher at its chosen point
+      assert chosen[(spec, "teacher")]["lr"] == 1e-3
+    knobs = dict(kv.split("=") for kv in hp.split(",") if kv)
+    # best: teacher lr 1e-3; students lr 1e-2, T 4, lambda as high as the grid goes
+    val = -abs(np.log10(lr) - (-3 if variant == "teacher" else -2))
+    if "T" in knobs:
+      val += -abs(np.log2(float(knobs["T"])) - 2) + float(knobs["lam"])
+    r = dict(target=spec, shots=shots, variant=variant, repeat=repeat, lr=lr, hp=hp,
+             role="tune", status="ok", val_acc=float(val) + 0.01 * repeat, test_acc=None)
+    made.append(r)
+    return r
+
+  tuned = ct.choose([], plan, args, run_missing=run_missing)
+  t, s, d = (tuned[("digits", v)] for v in ("teacher", "scratch", "distill"))
+  # an LR on the grid's top edge extends it; the new value scores lower: no edge left
+  assert t["lr"] == 1e-3 and t["grid"]["lr"] == [1e-4, 1e-3, 1e-2] and t["edges"] == []
+  assert t["hp"] == "" and s["lr"] == 1e-2 and s["grid"]["lr"] == [1e-3, 1e-2, 0.1]
+  # lambda 0.75 (odds 3) on the edge -> odds 9 (lambda 0.9) tried and chosen, still an edge
+  # after the one extension allowed: flagged
+  assert d["lr"] == 1e-2 and d["knobs"] == {"T": 4.0, "lam": 0.9} and d["hp"] == "T=4,lam=0.9"
+  assert d["edges"] == ["lam_odds:high"]
+  assert d["grid"]["lam_odds"] == [1.0, 3.0, 9.0]
+  assert all(0 < ct.point_knobs({"lr": 1, "lam_odds": o})["lam"] < 1
+             for o in d["grid"]["lam_odds"])
+  assert len({ct.record_key(r) for r in made}) == len(made)  # each run once
+  assert {r["repeat"] for r in made} == {-1, -2}
+  # from the records alone (the report), the same choices, nothing run
+  assert ct.choose(made, plan, args) == tuned
+  # an unfinished grid: the missing cells are left out, not guessed
+  partial = ct.choose([r for r in made if r["variant"] != "distill"], plan, args)
+  assert set(partial) == {("digits", "teacher"), ("digits", "scratch")}
+
+
+def test_single_values_are_fixed_not_tuned():
+  args = ct.parse_args(["--target", "digits", "--tune-repeats", "0", "--teacher-lr", "1e-3",
+                        "--student-lr", "2e-3", "--ft-lr", "1e-3", "--temperature", "4",
+                        "--lam", "1"])
+  plan = ct.validate(args)
+  tuned = ct.choose([], plan, args)  # nothing to score: no run asked for
+  assert tuned[("digits", "distill")]["knobs"] == {"T": 4.0, "lam": 1.0}
+  assert tuned[("digits", "teacher")]["lr"] == 1e-3 and tuned[("digits", "scratch")]["hp"] == ""
+  assert "fixed, not tuned" in ct.protocol_text(args, plan)
+
+
 # ----------------------------------------------------------------------------- end to end
-def test_main_minimal(tiny_source_dir, tmp_path):
-  """Teacher and distilled student with augmentation (the teacher closed over in the loss)."""
+class _GuardedTest:
+  """A test split that fails the test when read during tuning (only its size may be asked)."""
+
+  def __init__(self, inner):
+    self._inner, self.tuning = inner, False
+
+  def __len__(self):
+    return len(self._inner)
+
+  def __getattr__(self, name):
+    if self.tuning:
+      raise AssertionError(f"the test split's {name!r} was read by a tuning run")
+    return getattr(self._inner, name)
+
+
+def test_main_minimal(tiny_source_dir, tmp_path, monkeypatch):
+  """Teacher, scratch and distilled student under the protocol: converged runs, the students'
+  LR chosen on a tuning draw that never reads the test split, claims, report from results.json
+  alone."""
+  init, tuning_run = ct.TargetRuns.__init__, ct.TargetRuns.run_tuning
+
+  def guarded_init(self, *a, **k):
+    init(self, *a, **k)
+    self.test = _GuardedTest(self.test)
+
+  def guarded_tuning(self, *a, **k):
+    self.test.tuning = True
+    try:
+      return tuning_run(self, *a, **k)
+    finally:
+      self.test.tuning = False
+
+  monkeypatch.setattr(ct.TargetRuns, "__init__", guarded_init)
+  monkeypatch.setattr(ct.TargetRuns, "run_tuning", guarded_tuning)
   big = tiny_source_dir("vgg_s")
   out = str(tmp_path / "m")
   argv = ["--arch", "vgg_s", "--source", f"ckpt:{big}", "--target", "digits", "--shots", "2",
-          "--repeats", "1", "--teacher-steps", "2", "--student-steps", "2",
-          "--latency-batches", "1", "--latency-runs", "1", "--test-per-class", "3",
-          "--variants", "teacher,distill", "--augment", "crop", "--out", out, "--quiet"]
+          "--repeats", "2", *TINY, "--student-lr", "1e-3,1e-2",
+          "--variants", "teacher,scratch,distill", "--out", out]
   assert ct.main(argv) == 0
-  records = {r["variant"]: r for r in json.load(open(os.path.join(out, "results.json")))}
-  assert set(records) == {"teacher", "distill"}
-  t, s = records["teacher"], records["distill"]
+  records = json.load(open(os.path.join(out, "results.json")))
+  tune = [r for r in records if r["repeat"] < 0]
+  ev = [r for r in records if r["repeat"] >= 0]
+  # tuning: the teacher at its one LR, each student at both LRs, on the one tuning draw
+  assert sorted((r["variant"], r["lr"]) for r in tune) == [
+      ("distill", 1e-3), ("distill", 1e-2), ("scratch", 1e-3), ("scratch", 1e-2),
+      ("teacher", 1e-3)]
+  for r in tune:  # never tested
+    assert r["role"] == "tune" and r["test_acc"] is None and 0 <= r["val_acc"] <= 1
+    assert not {"agreement", "flops", "acc_before_ft"} & set(r)
+  assert sorted((r["variant"], r["repeat"]) for r in ev) == [
+      (v, i) for v in ("distill", "scratch", "teacher") for i in (0, 1)]
+  for r in records:  # converged runs: steps recorded
+    assert r["stopped"] in ("patience", "cap") and r["cap"] == 3
+    assert 0 <= r["best_step"] <= r["steps"] <= 3 and r["n_val"] == 20 and r["n_train"] == 20
+  by = {(r["variant"], r["repeat"]): r for r in ev}
+  t, s = by[("teacher", 0)], by[("distill", 0)]
   assert s["params"] < t["params"] / 3 and s["flops"] < t["flops"] / 2
   assert s["config"]["conv_widths"] == [[16, 16], [32, 32], [64, 64]]
   assert s["config"]["dense_widths"] == [] and t["config"]["dense_widths"] == []
-  assert 0 <= s["agreement"] <= 1 and "agreement" not in t
+  assert 0 <= s["agreement"] <= 1 and "agreement" not in t and "agreement" not in by[
+      ("scratch", 0)]
+  assert s["temperature"] == 4 and s["lam"] == 0.7 and s["teacher_lr"] == 1e-3
+  # both students run their evaluation draws at the LR chosen on the tuning draw
+  val = {r["lr"]: r["val_acc"] for r in tune if r["variant"] == "distill"}
+  assert s["lr"] == max(sorted(val), key=lambda lr: val[lr])
   report = open(os.path.join(out, "report.md")).read()
-  assert "| teacher |" in report and "| distill |" in report
+  assert "| teacher |" in report and "| distill |" in report and "## Claims" in report
+  assert "the jointly learned compact net beats the same net trained on labels alone" in report
+  assert "Tested as distill >= teacher, margin 2 pt." in report
+  assert "distill_ft" not in report.split("## Claims")[1]  # not run: not claimed
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert [c["claim"]["b"] for c in summary["claims"]] == ["scratch", "teacher"]
+  assert summary["claims"][0]["pooled"]["paired"]["n"] == 2
+  assert _regenerated(argv, out) == report  # byte for byte, from results.json alone
   assert os.path.getsize(os.path.join(out, "accuracy_vs_flops.png")) > 0
 
 
 @pytest.mark.slow
 def test_main_all_variants(sources, tmp_path):
+  """Every variant, crop augmentation (the teacher closed over in the loss), resume."""
   big, small = sources
   out = str(tmp_path / "a")
-  argv = _tiny(big, small, out, "--repeats", "2", "--latency-batches", "1,2")
+  argv = _tiny(big, small, out, "--repeats", "2", "--latency-batches", "1,2",
+               "--augment", "crop")
   assert ct.main(argv) == 0
   for name in ("report.md", "results.json", "results.jsonl", "summary.json",
                "accuracy_vs_flops.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
   records = json.load(open(os.path.join(out, "results.json")))
-  assert len(records) == 2 * len(ct.VARIANTS)
-  by = {(r["variant"], r["repeat"]): r for r in records}
+  ev = [r for r in records if r["role"] == "eval"]
+  assert len(ev) == 2 * len(ct.VARIANTS)
+  assert not [r for r in records if r["role"] == "tune"]  # one value per flag: nothing to tune
+  by = {(r["variant"], r["repeat"]): r for r in ev}
   teacher = by[("teacher", 0)]
   for v in ct.VARIANTS[1:]:
     r = by[(v, 0)]
@@ -147,9 +315,11 @@ def test_main_all_variants(sources, tmp_path):
   report = open(os.path.join(out, "report.md")).read()
   for v in ct.VARIANTS:
     assert f"| {v} |" in report
-  for line in ("distill vs scratch", "distill_ft vs finetune", "pruned_distill vs pruned"):
+  for line in ("distill vs scratch", "distill_ft vs finetune", "pruned_distill vs pruned",
+               "Tested as distill_ft > finetune.", "Tested as distill_ft >= teacher"):
     assert line in report
+  assert _regenerated(argv, out) == report
   # --resume skips every finished run; without it the directory is refused
   assert ct.main(argv + ["--resume"]) == 0
-  assert len(json.load(open(os.path.join(out, "results.json")))) == 2 * len(ct.VARIANTS)
+  assert len(json.load(open(os.path.join(out, "results.json")))) == len(records)
   assert ct.main(argv) == 2
