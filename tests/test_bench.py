@@ -1,6 +1,8 @@
 """The benchmark code runs on a tiny setting (timings are not tested)."""
 import numpy as np
 
+from jtransfer.data.preprocess import normalize
+
 from bench import run
 
 
@@ -74,3 +76,32 @@ def test_bench_convs_runs_tiny(tmp_path):
   text = out.read_text()
   assert "| vgg_s | finetune |" in text and "| vgg_s | freeze_cwl |" in text
   assert "| vgg_s | 4x28x28x32 | 3x3x32x32 | 1 | 1 |" in text
+
+
+def test_parity_torch_net_equals_jtransfer_net():
+  """bench.parity copies jtransfer params and BN stats into bench/torch_ref's net: the same
+  logits, for both resnet_s stems (vgg_s: checked by test_parity_runs_tiny, whose run fails
+  when the two nets' logits differ before training)."""
+  from bench import parity
+  from jtransfer import models
+  images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+  for stride in (2, 1):
+    source = parity.random_source("resnet_s", {"stem_stride": stride})
+    v = source.variables  # BN scale, bias, mean and var all random
+    net = parity.torch_net("resnet_s", dict(source.config), 5, (28, 28, 1), v["params"],
+                           v["batch_stats"])
+    want, _, _ = models.apply_model(source.model, v["params"], v["batch_stats"],
+                                    normalize(images, source.mean, source.std))
+    got = parity.torch_logits(net, images, source.mean, source.std)
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-5, rtol=1e-4)
+
+
+def test_parity_runs_tiny(tmp_path):
+  from bench import parity
+  out = tmp_path / "parity.md"
+  assert parity.main(["--source", "random", "--archs", "vgg_s", "--targets", "digits",
+                      "--draws", "1", "--steps", "2", "--test-per-class", "3",
+                      "--no-stem-study", "--out", str(out)]) == 0
+  text = out.read_text()
+  assert text.startswith("# PyTorch accuracy parity\n\n```\npython -m bench.parity --source")
+  assert "| vgg_s | digits | freeze | " in text and "| vgg_s | digits | finetune | " in text
