@@ -2,47 +2,77 @@
 
   python -m experiments.cwl_pruning --out results/cwl_pruning
 
-Transfers the source (default vgg_s pretrained on fmnist:0,2,3,4,6) to a k-shot target
-(default fmnist:1,5,7,8,9, k=10) with Freeze+CWL (`--strategy finetune_cwl` for Finetune+CWL),
-then for each tau removes every conv channel with |sigma| < tau (`prune.prune_by_sigma`: the
-scales are folded into the weights, so the pruned model has none; ResNet stage channels are
-removed only when all coupled units are below tau, see `jtransfer.methods.prune`) and reports,
-as Table IV: test accuracy before finetuning, after 1 and 30 epochs of finetuning on the
-k-shot set (all layers, Adam `--ft-lr`, BN in eval mode), % params and % feature maps kept,
-and the measured forward latency (jitted, batch 1 and 128, median of `--latency-runs` after
-warm-up) of the pruned and unpruned models. Each pruned model is saved with its widths config
-under models/tau_<tau> (`transfer.load_source` reads it back). Writes results.json(l),
-report.md, compression_per_layer.png (Fig. 3: % filters removed per conv layer, one bar per
-tau) and sigma_hist.png.
+Per k-shot draw (`--repeats`, default 3; draw seeds as experiments.fewshot's, so the draws
+match cwl_tables' at the same k and --seed) of the target (default fmnist:1,5,7,8,9, k=10) with
+`--val-per-class` validation images disjoint from the k-shot set and from test: transfers the
+source (default vgg_s pretrained on fmnist:0,2,3,4,6) with Freeze+CWL (`--strategy
+finetune_cwl` for Finetune+CWL) until the validation accuracy has not improved for
+`--patience` steps (at most `--steps`; best validation state kept), then for each tau removes
+every conv channel with |sigma| < tau (`prune.prune_by_sigma`: the scales are folded into the
+weights, so the pruned model has none; ResNet stage channels are removed only when all coupled
+units are below tau, see `jtransfer.methods.prune`) and reports, as Table IV: test accuracy
+before finetuning, after 1 and 30 epochs of finetuning on the k-shot set (the paper's rows,
+`--ft-epochs`; all layers, Adam, BN in eval mode), % params and % feature maps kept, and the
+measured forward latency (jitted, batch 1 and 128, median of `--latency-runs` after warm-up) of
+draw 0's pruned and unpruned models. The finetuning LR is chosen per draw, tau and epoch count
+on that draw's validation set from `--ft-lrs` (extended at an edge, `--tune-extend`); the test
+split reaches no choice. The unpruned model is finetuned the same way, as a control.
+
+Claims (report.md's "Claims" section, paired by draw, per tau and epoch count): pruned and
+finetuned >= unpruned within 1 point (Table IV's reading), and >= the unpruned model finetuned
+alike within 1 point (the control). Claims need >= 2 draws for an interval.
+
+Draw 0's pruned models are saved with their widths config under models/tau_<tau>
+(`transfer.load_source` reads them back). Writes results.jsonl, results.json (the same without
+timings; `make_report` regenerates report.md from it), report.md, summary.json (claims),
+compression_per_layer.png (Fig. 3: % filters removed per conv layer, draw 0, one bar per tau)
+and sigma_hist.png.
+
+A reduced run (2 draws, 4 thresholds, 200 test images per class):
+
+  python -m experiments.cwl_pruning --repeats 2 --taus 0.4,0.8,1.0,1.2 --test-per-class 200 \
+      --out results/cwl_pruning_reduced
 
 The paper (VGG-16 ImageNet -> Kvasir, 50 shots) keeps 0.905 accuracy down to tau=0.2 with 95%
 of the params, and loses accuracy from tau=0.8 on, most of which 1 epoch of finetuning
-recovers. Measured: 1.6 CPU-minutes with --taus 0.4,0.8,1.0,1.2 --test-per-class 200 once the
-source is cached. Latencies are only meaningful on an otherwise idle machine.
+recovers. Latencies are only meaningful on an otherwise idle machine.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from collections import defaultdict
 from typing import Sequence
 
 import jax
 import numpy as np
 
 from experiments import cli, pretrain
-from experiments.report import ResultsDir
+from experiments.fewshot import budget_of, cap_per_class, draw_seed
+from experiments.report import ResultsDir, mean_std
 from jtransfer import models, surgery
 from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError
 from jtransfer.methods import cwl, prune, transfer
+from jtransfer.protocol import claims, fit_converged, tuning
 from jtransfer.train import (accuracy, adam, fit, init_state, make_optimizer, make_train_step,
                              predict_logits)
 from jtransfer.train.evaluate import median_latency_ms
 
 CWL_STRATEGIES = ("freeze_cwl", "finetune_cwl", "finetune_lowconv")
 DEFAULT_LR = {"freeze_cwl": 1e-2, "finetune_cwl": 1e-4, "finetune_lowconv": 1e-2}
+CLAIMS = (
+    claims.Claim("CWL", "pruning by |sigma| keeps accuracy after finetuning", "pruned_ft",
+                 "unpruned", at_least=True, margin=0.01, source="Table IV, Fig. 3"),
+    claims.Claim("CWL", "pruning by |sigma| keeps accuracy after finetuning, against the "
+                 "unpruned model finetuned alike (a control the paper does not report)",
+                 "pruned_ft", "unpruned_ft", at_least=True, margin=0.01, source="Table IV"),
+)
+LABELS = {"pruned_ft": "pruned + finetuned", "unpruned": "unpruned",
+          "unpruned_ft": "unpruned + finetuned"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -53,10 +83,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--source-epochs", type=float, default=2.0)
   p.add_argument("--target", default="fmnist:1,5,7,8,9")
   p.add_argument("--shots", type=int, default=10, help="k-shot training images per class")
+  p.add_argument("--repeats", type=int, default=3,
+                 help="k-shot draws (the claims pair pruned and unpruned by draw; an interval "
+                      "needs >= 2)")
+  p.add_argument("--val-per-class", type=int, default=20,
+                 help="validation images per class, disjoint from the k-shot set and test")
   p.add_argument("--strategy", default="freeze_cwl", choices=CWL_STRATEGIES)
   p.add_argument("--lr", type=float, default=None,
                  help="transfer learning rate (default: 1e-2 freeze_cwl, 1e-4 finetune_cwl)")
-  p.add_argument("--steps", type=int, default=200, help="transfer steps")
+  p.add_argument("--steps", type=int, default=500,
+                 help="transfer step cap (with --patience 0: the exact number of steps)")
+  p.add_argument("--patience", type=int, default=100,
+                 help="stop the transfer once its validation accuracy has not improved for this "
+                      "many steps and keep its best validation state; 0 = train --steps")
+  p.add_argument("--eval-every", type=int, default=10,
+                 help="steps between validation evaluations of the transfer")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--taus", default="0.2,0.4,0.6,0.8,1.0,1.2")
   p.add_argument("--multiple", type=int, default=1,
@@ -64,8 +105,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       "pruned models faster on CPU; 1 = the paper's threshold rule)")
   p.add_argument("--residual", default="group", choices=prune.RESIDUAL_MODES,
                  help="ResNet stage channels: prune as one group, or keep them")
-  p.add_argument("--ft-epochs", default="1,30", help="finetuning epochs at which to evaluate")
-  p.add_argument("--ft-lr", type=float, default=1e-4, help="finetuning learning rate (Adam)")
+  p.add_argument("--ft-epochs", default="1,30",
+                 help="finetuning epochs at which to evaluate (the paper: 1 and 30)")
+  p.add_argument("--ft-lrs", default="1e-5,1e-4,1e-3",
+                 help="finetuning learning rates (Adam), comma list; chosen per draw, tau and "
+                      "epoch count on the draw's validation set")
+  p.add_argument("--tune-extend", type=int, default=1,
+                 help="when the chosen finetuning LR is the grid's first or last, extend the "
+                      "grid by up to this many values on that side")
   p.add_argument("--test-per-class", type=int, default=300, help="0 = all")
   p.add_argument("--latency-runs", type=int, default=20)
   p.add_argument("--latency-batches", default="1,128")
@@ -77,13 +124,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def _floats(text: str, flag: str, minimum: float = 0.0) -> list[float]:
+def _floats(text: str, flag: str, minimum: float = 0.0, positive: bool = False) -> list[float]:
   try:
     values = [float(v) for v in text.split(",") if v.strip()]
   except ValueError:
     raise InputError(f"{flag} {text!r}: expected a comma list of numbers") from None
-  if not values or any(not np.isfinite(v) or v < minimum for v in values):
-    raise InputError(f"{flag} {text!r}: values must be finite and >= {minimum}")
+  if not values or any(not np.isfinite(v) or v < minimum or (positive and v <= 0)
+                       for v in values):
+    raise InputError(f"{flag} {text!r}: values must be finite and "
+                     f"{'> 0' if positive else f'>= {minimum}'}")
   return values
 
 
@@ -93,46 +142,133 @@ def validate(args) -> dict:
   if not args.source.startswith("ckpt:"):
     parse_spec(args.source, flag="--source")
   for flag, v in (("--shots", args.shots), ("--steps", args.steps),
-                  ("--batch-size", args.batch_size), ("--latency-runs", args.latency_runs)):
+                  ("--batch-size", args.batch_size), ("--latency-runs", args.latency_runs),
+                  ("--repeats", args.repeats), ("--eval-every", args.eval_every)):
     if v < 1:
       raise InputError(f"{flag} must be >= 1, got {v}")
+  for flag, v in (("--patience", args.patience), ("--val-per-class", args.val_per_class),
+                  ("--tune-extend", args.tune_extend), ("--test-per-class",
+                                                        args.test_per_class)):
+    if v < 0:
+      raise InputError(f"{flag} must be >= 0, got {v}")
   epochs = sorted({int(e) for e in _floats(args.ft_epochs, "--ft-epochs", 1)})
   batches = [int(b) for b in _floats(args.latency_batches, "--latency-batches", 1)]
+  ft_lrs = sorted(set(_floats(args.ft_lrs, "--ft-lrs", positive=True)))
   lr = args.lr if args.lr is not None else DEFAULT_LR[args.strategy]
-  if not lr > 0 or not args.ft_lr > 0:
-    raise InputError("--lr and --ft-lr must be > 0")
+  if not lr > 0:
+    raise InputError("--lr must be > 0")
+  if not args.val_per_class and (args.patience or len(ft_lrs) > 1):
+    raise InputError("early stopping (--patience) and choosing the finetuning LR (several "
+                     "--ft-lrs) need validation images: set --val-per-class >= 1")
   return dict(taus=sorted(set(_floats(args.taus, "--taus"))), epochs=epochs,
-              batches=batches, lr=lr)
+              batches=batches, lr=lr, ft_lrs=ft_lrs)
 
 
 # ----------------------------------------------------------------------------- pieces
-def transfer_cwl(source, data, args, plan):
-  """Trains the CWL strategy on one k-shot draw; returns (params with 'cwl', stats, idx)."""
-  train_idx, _ = sample_kshot(data.train.labels, args.shots, args.seed,
-                              num_classes=data.train.num_classes)
-  setup = transfer.get_strategy(args.strategy).build(source, data.train.num_classes, args.steps)
-  images, labels = data.train.images[train_idx], data.train.labels[train_idx]
-  params, stats = setup.init(args.seed, images, labels)
-  state = init_state(params, stats, setup.optimizer, args.seed, plan["lr"])
-  state = fit(state, make_train_step(setup.loss_fn, setup.optimizer),
-              Batches(images, labels, args.batch_size, args.seed).at, args.steps)
+class Draw:
+  """One k-shot draw: its training, validation and test images."""
+
+  def __init__(self, data, args, repeat: int):
+    self.repeat, self.seed = repeat, draw_seed(args, args.shots, repeat)
+    train_idx, val_idx = sample_kshot(data.train.labels, args.shots, self.seed,
+                                      val_per_class=args.val_per_class,
+                                      num_classes=data.train.num_classes)
+    self.images, self.labels = data.train.images[train_idx], data.train.labels[train_idx]
+    self.val = data.train.take(val_idx) if len(val_idx) else None
+    self.test = cap_per_class(data.test, args.test_per_class)
+
+  def accs(self, forward, params, stats) -> dict:
+    acc = lambda s: accuracy(predict_logits(forward, params, stats, s.images), s.labels)
+    return dict(val_acc=acc(self.val) if self.val is not None else None,
+                test_acc=acc(self.test))
+
+
+class Compiled:
+  """Compiled train steps and forwards, one per model structure (shared by draws and LRs)."""
+
+  def __init__(self, source, num_classes: int, args, plan):
+    self.source, self.args, self.plan = source, args, plan
+    self.setup = transfer.get_strategy(args.strategy).build(source, num_classes, args.steps)
+    self.transfer_step = make_train_step(self.setup.loss_fn, self.setup.optimizer)
+    self._ft: dict = {}
+
+  def finetune(self, config: dict, params):
+    """(model, Adam step with the LR set per run, eval forward) of a pruned structure."""
+    key = json.dumps(config, sort_keys=True, default=str)
+    if key not in self._ft:
+      model = models.from_config(self.source.arch, config)
+      opt = make_optimizer(params, [(".*", "all")], {"all": adam(1.0)}, injected_lr=True)
+      step = make_train_step(transfer.ce_loss_fn(model, self.source.mean, self.source.std), opt)
+      self._ft[key] = (model, opt, step, transfer.eval_forward(model, self.source.mean,
+                                                               self.source.std))
+    return self._ft[key]
+
+
+def transfer_cwl(compiled: Compiled, draw: Draw, args, plan):
+  """Trains the CWL strategy on one draw under the run budget.
+
+  Returns:
+    (params with 'cwl', batch stats, info {'steps', 'best_step', 'stopped'}).
+  """
+  setup = compiled.setup
+  params, stats = setup.init(draw.seed, draw.images, draw.labels)
+  state = init_state(params, stats, setup.optimizer, draw.seed, plan["lr"])
+  batches = Batches(draw.images, draw.labels, args.batch_size, draw.seed)
+  budget = budget_of(args)
+  if budget is None or draw.val is None:
+    state = fit(state, compiled.transfer_step, batches.at, args.steps)
+    info = dict(steps=args.steps, best_step=args.steps, stopped="fixed")
+  else:
+    val = lambda st: accuracy(predict_logits(setup.forward, st.params, st.batch_stats,
+                                             draw.val.images), draw.val.labels)
+    state, info = fit_converged(state, compiled.transfer_step, batches.at, val, budget)
+    info.pop("curve")
   return jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, state.batch_stats), \
-      train_idx
+      info
 
 
-def finetune_curve(model, params, stats, source, images, labels, test, args, epochs):
-  """Test accuracy after each of `epochs` epochs of finetuning every layer (BN eval mode)."""
-  opt = make_optimizer(params, [(".*", "all")], {"all": adam(args.ft_lr)})
-  step = make_train_step(transfer.ce_loss_fn(model, source.mean, source.std), opt)
-  forward = transfer.eval_forward(model, source.mean, source.std)
-  batches = Batches(images, labels, args.batch_size, args.seed + 1)
-  state = init_state(params, stats, opt, args.seed)
+def finetune_curve(compiled: Compiled, config, params, stats, draw: Draw, args, epochs,
+                   lr: float) -> dict:
+  """Validation and test accuracy after each of `epochs` epochs of finetuning every layer
+  (BN eval mode) at `lr`: {epoch: {'val_acc', 'test_acc'}}."""
+  _, opt, step, forward = compiled.finetune(config, params)
+  batches = Batches(draw.images, draw.labels, args.batch_size, draw.seed + 1)
+  state = init_state(params, stats, opt, draw.seed, lr)
   out = {}
   for e in epochs:
     state = fit(state, step, batches.at, e * batches.steps_per_epoch)
-    out[e] = accuracy(predict_logits(forward, state.params, state.batch_stats, test.images),
-                      test.labels)
+    out[e] = draw.accs(forward, state.params, state.batch_stats)
   return out
+
+
+def finetune_chosen(compiled: Compiled, config, params, stats, draw: Draw, args, plan
+                    ) -> dict:
+  """Finetunes over the LR grid and picks, per epoch count, the LR with the best validation
+  accuracy (`tuning.tune`, extended at an edge); test accuracy is read only at the choice.
+
+  Returns:
+    {'ft': {epochs: {'lr', 'val_acc', 'test_acc', 'edges'}}, 'ft_grid': [[lr, {epochs:
+    {'val_acc', 'test_acc'}}], ...]}.
+  """
+  runs: dict = {}
+
+  def at(lr: float) -> dict:
+    if lr not in runs:
+      runs[lr] = finetune_curve(compiled, config, params, stats, draw, args, plan["epochs"], lr)
+    return runs[lr]
+
+  ft = {}
+  for e in plan["epochs"]:
+    if draw.val is None:  # one LR (validate() refuses a grid without validation images)
+      t = dict(choice={"lr": plan["ft_lrs"][0]}, edges=[])
+      at(plan["ft_lrs"][0])
+    else:
+      t = tuning.tune({"lr": plan["ft_lrs"]}, lambda p: at(p["lr"])[e]["val_acc"],
+                      args.tune_extend).to_dict()
+    lr = t["choice"]["lr"]
+    ft[str(e)] = dict(lr=lr, edges=t["edges"], **runs[lr][e])
+  grid = [[lr, {str(e): v for e, v in r.items()}] for lr, r in sorted(runs.items())]
+  return dict(ft=ft, ft_grid=grid)
 
 
 def latency_ms(model, params, stats, source, batch: int, runs: int) -> float:
@@ -142,55 +278,138 @@ def latency_ms(model, params, stats, source, batch: int, runs: int) -> float:
   return median_latency_ms(forward, jax.device_put(params), jax.device_put(stats), x, runs=runs)
 
 
-def _test_set(data, n: int):
-  if n <= 0:
-    return data.test
-  keep = np.concatenate([np.flatnonzero(data.test.labels == c)[:n]
-                         for c in range(data.test.num_classes)])
-  return data.test.take(np.sort(keep))
-
-
 # ----------------------------------------------------------------------------- report
+def _ms(values, digits: int = 3) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  m, s = mean_std(values)
+  return f"{m:.{digits}f}" + (f" ({s:.{digits}f})" if len(values) > 1 else "")
+
+
+def claim_records(records: list[dict]) -> list[dict]:
+  """Per draw, tau and epoch count: the pruned + finetuned model, the unpruned model and the
+  unpruned model finetuned alike (the arms of CLAIMS), for `claims.evaluate`."""
+  base = {r.get("repeat", 0): r for r in records if r["tau"] is None}
+  out = []
+  for r in records:
+    b = base.get(r.get("repeat", 0))
+    if r["tau"] is None or b is None:
+      continue
+    for e, ft in r["ft"].items():
+      cell = dict(tau=r["tau"], epochs=int(e), repeat=r.get("repeat", 0))
+      out += [dict(cell, arm="pruned_ft", test_acc=ft["test_acc"]),
+              dict(cell, arm="unpruned", test_acc=b["acc"])]
+      if e in b.get("ft", {}):
+        out.append(dict(cell, arm="unpruned_ft", test_acc=b["ft"][e]["test_acc"]))
+  return out
+
+
+def claim_results(records: list[dict]) -> list[dict]:
+  recs = claim_records(records)
+  out = [claims.evaluate(c, recs, ("tau", "epochs"), arm_field="arm") for c in CLAIMS]
+  return [r for r in out if r["cells"]]
+
+
 def make_report(records: list[dict], args, plan) -> str:
-  base = next((r for r in records if r["tau"] is None), None)
-  rows = sorted((r for r in records if r["tau"] is not None), key=lambda r: r["tau"])
+  """report.md from the records alone (results.json), the flags and the plan."""
+  bases = [r for r in records if r["tau"] is None]
+  base0 = next((r for r in bases if r.get("repeat", 0) == 0), None)
+  by_tau = defaultdict(list)
+  for r in records:
+    if r["tau"] is not None:
+      by_tau[r["tau"]].append(r)
   e = plan["epochs"]
+  reps = sorted({r.get("repeat", 0) for r in records})
   head = ["τ", "Acc."] + [f"FT@{k}" for k in e] + ["#Param", "#Feat"] + \
       [f"latency b={b} (ms)" for b in plan["batches"]]
+  if args.patience:
+    budget = (f"until its validation accuracy has not improved for {args.patience} steps "
+              f"(checked every {args.eval_every}, at most {args.steps}; best validation state "
+              "kept)")
+  else:
+    budget = f"{args.steps} steps"
+  steps = [b["transfer"]["steps"] for b in bases if "transfer" in b]
   lines = ["# CWL pruning (Table IV)", "",
            f"{args.arch} from `{args.source}` -> `{args.target}`, k={args.shots}, "
-           f"{args.strategy} (lr {plan['lr']:g}, {args.steps} steps), residual={args.residual}, "
-           f"multiple={args.multiple}; "
-           f"finetuning: all layers, Adam {args.ft_lr:g}, epochs of the k-shot set. "
-           "Latency: jitted forward, median of "
-           f"{args.latency_runs} runs, pruned (unpruned in brackets).", "",
+           f"{len(reps)} k-shot draw(s) (repeats {reps}), validation {args.val_per_class}/class "
+           "disjoint from the k-shot set and from test, test "
+           f"{'all' if not args.test_per_class else f'<= {args.test_per_class}/class'}. "
+           f"Transfer: {args.strategy} (lr {plan['lr']:g}, fixed) {budget}"
+           + (f"; {np.mean(steps):.0f} steps on average" if steps else "") +
+           f". Pruning: residual={args.residual}, multiple={args.multiple}. Finetuning: all "
+           "layers, Adam, epochs of the k-shot set (the paper's rows); LR chosen per draw, tau "
+           "and epoch count on the draw's validation set from {"
+           + ", ".join(f"{v:g}" for v in plan["ft_lrs"]) +
+           f"}} (extended up to {args.tune_extend} value(s) at an edge); the test split reaches "
+           "no choice.", "",
+           "Cells: mean (std) test accuracy over draws. The unpruned row's FT columns are the "
+           "unpruned model finetuned alike (a control; the paper leaves them empty). Latency: "
+           f"draw 0's models, jitted forward, median of {args.latency_runs} runs, pruned "
+           "(unpruned in brackets).", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  if base:
-    lines.append("| - | " + f"{base['acc']:.3f} | " + " | ".join("-" for _ in e) +
-                 " | 100% | 100% | " + " | ".join(f"{base['latency_ms'][str(b)]:.2f}"
-                                                  for b in plan["batches"]) + " |")
-  for r in rows:
-    ft = [f"{r['ft'].get(str(k), float('nan')):.3f}" for k in e]
-    lat = [f"{r['latency_ms'][str(b)]:.2f} ({base['latency_ms'][str(b)]:.2f})" if base else
-           f"{r['latency_ms'][str(b)]:.2f}" for b in plan["batches"]]
-    lines.append(f"| {r['tau']:g} | {r['acc']:.3f} | " + " | ".join(ft) +
-                 f" | {100 * r['params_frac']:.0f}% | {100 * r['feat_frac']:.0f}% | " +
-                 " | ".join(lat) + " |")
-  lines += ["", "Per-layer filters kept (kept/total):", ""]
-  if rows:
-    units = list(rows[0]["kept"])
+  lat0 = (base0 or {}).get("latency_ms", {})
+  if bases:
+    ft = [_ms([b.get("ft", {}).get(str(k), {}).get("test_acc") for b in bases]) for k in e]
+    lat = [f"{lat0[str(b)]:.2f}" if str(b) in lat0 else "-" for b in plan["batches"]]
+    lines.append("| - | " + f"{_ms([b['acc'] for b in bases])} | " + " | ".join(ft) +
+                 " | 100% | 100% | " + " | ".join(lat) + " |")
+  for tau in sorted(by_tau):
+    rs = by_tau[tau]
+    ft = [_ms([r["ft"].get(str(k), {}).get("test_acc") for r in rs]) for k in e]
+    r0 = next((r for r in rs if r.get("repeat", 0) == 0), {})
+    lat = []
+    for b in plan["batches"]:
+      v = r0.get("latency_ms", {}).get(str(b))
+      lat.append("-" if v is None else f"{v:.2f}" + (f" ({lat0[str(b)]:.2f})"
+                                                      if str(b) in lat0 else ""))
+    lines.append(f"| {tau:g} | {_ms([r['acc'] for r in rs])} | " + " | ".join(ft) +
+                 f" | {100 * np.mean([r['params_frac'] for r in rs]):.0f}% | "
+                 f"{100 * np.mean([r['feat_frac'] for r in rs]):.0f}% | " + " | ".join(lat) +
+                 " |")
+  lines += ["", "Finetuning LR chosen on validation, per draw (in repeat order):", "",
+            "| τ | " + " | ".join(f"FT@{k}" for k in e) + " |", "|---|" + "---|" * len(e)]
+  edges = []
+  for tau, rs in ([(None, bases)] + sorted(by_tau.items())):
+    cells = []
+    for k in e:
+      chosen = [r["ft"][str(k)] for r in sorted(rs, key=lambda r: r.get("repeat", 0))
+                if str(k) in r.get("ft", {})]
+      cells.append(", ".join(f"{c['lr']:g}" for c in chosen) or "-")
+      edges += [f"τ={'-' if tau is None else f'{tau:g}'} FT@{k} draw {i}: "
+                + ", ".join(c["edges"]) for i, c in enumerate(chosen) if c.get("edges")]
+    lines.append(f"| {'-' if tau is None else f'{tau:g}'} | " + " | ".join(cells) + " |")
+  lines.append("")
+  if edges:
+    lines += ["Chosen LR still on a grid edge after extension (the optimum may lie beyond): "
+              + "; ".join(edges) + ".", ""]
+  rows0 = sorted((r for r in records if r["tau"] is not None and r.get("repeat", 0) == 0),
+                 key=lambda r: r["tau"])
+  lines += ["Per-layer filters kept (kept/total), draw 0:", ""]
+  if rows0:
+    units = list(rows0[0]["kept"])
     lines += ["| τ | " + " | ".join(units) + " |", "|" + "---|" * (len(units) + 1)]
-    for r in rows:
+    for r in rows0:
       lines.append(f"| {r['tau']:g} | " + " | ".join(f"{r['kept'][u][0]}/{r['kept'][u][1]}"
                                                      for u in units) + " |")
-  return "\n".join(lines + [""])
+  lines.append("")
+  results = claim_results(records)
+  if results:
+    lines += claims.section(results, LABELS)
+    lines += ["Claim cells: τ, finetuning epochs; 'all cells' pools them.", ""]
+    if len(reps) < 2:
+      lines += [f"Only {len(reps)} k-shot draw: a confidence interval needs at least 2 "
+                "paired draws, so every verdict above is inconclusive; rerun with --repeats 3 "
+                "or more.", ""]
+  return "\n".join(lines)
 
 
 def plot(records: list[dict], scales: dict, path_bars: str, path_hist: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = sorted((r for r in records if r["tau"] is not None), key=lambda r: r["tau"])
+  rows = sorted((r for r in records if r["tau"] is not None and r.get("repeat", 0) == 0),
+                key=lambda r: r["tau"])
   if rows:
     units = list(rows[0]["kept"])
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(units) * max(1, len(rows)) / 2), 3.8))
@@ -219,58 +438,80 @@ def plot(records: list[dict], scales: dict, path_bars: str, path_hist: str) -> N
 
 # ----------------------------------------------------------------------------- main
 def run(args, plan, results: ResultsDir) -> dict:
-  done = {r["tau"] for r in results.records}
+  """Every draw, unpruned and at each tau; returns draw 0's CWL scales (for the histogram)."""
+  done = {(r.get("repeat", 0), r["tau"]) for r in results.records}
   log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
   source = pretrain.source_for(args.arch, args.source, epochs=args.source_epochs,
                                seed=args.seed, progress=not args.quiet)
   data = load_spec(args.target, source.input_shape, flag="--target",
                    data_dir=args.data_dir)
-  test = _test_set(data, args.test_per_class)
-  t0 = time.time()
-  params, stats, train_idx = transfer_cwl(source, data, args, plan)
-  log(f"[cwl_pruning] {args.strategy} transfer done in {time.time() - t0:.1f} s")
-  scales, rest = cwl.split_cwl(params)
+  compiled = Compiled(source, data.train.num_classes, args, plan)
   config = models.model_config(transfer.target_model(source, data.train.num_classes))
-  model = models.from_config(source.arch, config)
-  folded = jax.tree.map(np.asarray, cwl.apply_cwl(rest, scales))
-  images, labels = data.train.images[train_idx], data.train.labels[train_idx]
-  forward = transfer.eval_forward(model, source.mean, source.std)
-  if None not in done:
-    lat = {str(b): latency_ms(model, folded, stats, source, b, args.latency_runs)
-           for b in plan["batches"]}
-    acc = accuracy(predict_logits(forward, folded, stats, test.images), test.labels)
-    results.add(dict(tau=None, acc=acc, latency_ms=lat, params=surgery.count(rest),
-                     feature_maps=int(sum(np.size(s) for s in scales.values()))))
-    log(f"[cwl_pruning] unpruned: acc {acc:.4f}, latency {lat} ms")
-  for tau in plan["taus"]:
-    if tau in done:
+  scales0 = None
+  for repeat in range(args.repeats):
+    todo = [t for t in [None] + plan["taus"] if (repeat, t) not in done]
+    if not todo and repeat > 0:  # draw 0 always transfers: its scales make sigma_hist.png
       continue
-    t1 = time.time()
-    res = prune.prune_by_sigma(rest, stats, config, scales, tau, args.residual,
-                               args.multiple)
-    small = models.from_config(source.arch, res.config)
-    fwd = transfer.eval_forward(small, source.mean, source.std)
-    acc = accuracy(predict_logits(fwd, res.params, res.batch_stats, test.images), test.labels)
-    ft = finetune_curve(small, res.params, res.batch_stats, source, images, labels, test,
-                        args, plan["epochs"])
-    lat = {str(b): latency_ms(small, res.params, res.batch_stats, source, b, args.latency_runs)
-           for b in plan["batches"]}
-    kept_maps, total_maps = res.feature_maps_kept
-    record = dict(tau=tau, acc=acc, ft={str(k): v for k, v in ft.items()}, latency_ms=lat,
-                  params=res.params_kept, params_frac=res.params_kept / res.params_total,
-                  feat_frac=kept_maps / total_maps, kept={u: list(v) for u, v in res.kept.items()},
-                  config=res.config, seconds=round(time.time() - t1, 2))
-    if not args.no_save_models:
-      variables = {"params": res.params, **({"batch_stats": res.batch_stats}
-                                            if res.batch_stats else {})}
-      transfer.save_source(os.path.join(results.path, "models", f"tau_{tau:g}"), transfer.Source(
-          source.arch, res.config, variables, source.input_shape, source.mean, source.std,
-          dict(tau=tau, strategy=args.strategy, target=args.target, shots=args.shots,
-               test_acc=acc, kept=record["kept"])))
-    results.add(record)
-    log(f"[cwl_pruning] tau={tau:g}: acc {acc:.4f} ft {ft} params "
-        f"{100 * record['params_frac']:.0f}% maps {100 * record['feat_frac']:.0f}%")
-  return scales
+    draw = Draw(data, args, repeat)
+    t0 = time.time()
+    params, stats, info = transfer_cwl(compiled, draw, args, plan)
+    log(f"[cwl_pruning] draw {repeat}: {args.strategy} transfer, {info['steps']} steps "
+        f"({info['stopped']}) in {time.time() - t0:.1f} s")
+    scales, rest = cwl.split_cwl(params)
+    if repeat == 0:
+      scales0 = scales
+    folded = jax.tree.map(np.asarray, cwl.apply_cwl(rest, scales))
+    first = repeat == 0
+    if None in todo:
+      model, _, _, forward = compiled.finetune(config, folded)
+      accs = draw.accs(forward, folded, stats)
+      record = dict(tau=None, repeat=repeat, seed=draw.seed, acc=accs["test_acc"],
+                    val_acc=accs["val_acc"], transfer=dict(info, lr=plan["lr"]),
+                    params=surgery.count(rest),
+                    feature_maps=int(sum(np.size(s) for s in scales.values())),
+                    **finetune_chosen(compiled, config, folded, stats, draw, args, plan))
+      if first:
+        record["latency_ms"] = {str(b): latency_ms(model, folded, stats, source, b,
+                                                   args.latency_runs) for b in plan["batches"]}
+      results.add(record)
+      log(f"[cwl_pruning] draw {repeat} unpruned: acc {record['acc']:.4f}, finetuned "
+          f"{ {e: round(v['test_acc'], 4) for e, v in record['ft'].items()} }")
+    for tau in plan["taus"]:
+      if tau not in todo:
+        continue
+      t1 = time.time()
+      res = prune.prune_by_sigma(rest, stats, config, scales, tau, args.residual,
+                                 args.multiple)
+      small, _, _, fwd = compiled.finetune(res.config, res.params)
+      accs = draw.accs(fwd, res.params, res.batch_stats)
+      kept_maps, total_maps = res.feature_maps_kept
+      record = dict(tau=tau, repeat=repeat, seed=draw.seed, acc=accs["test_acc"],
+                    val_acc=accs["val_acc"],
+                    **finetune_chosen(compiled, res.config, res.params, res.batch_stats, draw,
+                                      args, plan),
+                    params=res.params_kept, params_frac=res.params_kept / res.params_total,
+                    feat_frac=kept_maps / total_maps,
+                    kept={u: list(v) for u, v in res.kept.items()}, config=res.config)
+      if first:
+        record["latency_ms"] = {str(b): latency_ms(small, res.params, res.batch_stats, source,
+                                                   b, args.latency_runs)
+                                for b in plan["batches"]}
+      if first and not args.no_save_models:
+        variables = {"params": res.params, **({"batch_stats": res.batch_stats}
+                                              if res.batch_stats else {})}
+        transfer.save_source(os.path.join(results.path, "models", f"tau_{tau:g}"),
+                             transfer.Source(source.arch, res.config, variables,
+                                             source.input_shape, source.mean, source.std,
+                                             dict(tau=tau, strategy=args.strategy,
+                                                  target=args.target, shots=args.shots,
+                                                  test_acc=record["acc"],
+                                                  kept=record["kept"])))
+      record["seconds"] = round(time.time() - t1, 2)
+      results.add(record)
+      log(f"[cwl_pruning] draw {repeat} tau={tau:g}: acc {record['acc']:.4f} ft "
+          f"{ {e: (v['lr'], round(v['test_acc'], 4)) for e, v in record['ft'].items()} } "
+          f"params {100 * record['params_frac']:.0f}% maps {100 * record['feat_frac']:.0f}%")
+  return scales0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -281,10 +522,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   if started is None:
     return 2
   plan, results, scales = started
-  records = results.records
+  # results.json holds what the seeds determine (timings stay in results.jsonl); the report is
+  # made from exactly what it holds, so make_report(json.load(results.json)) regenerates it.
+  records = sorted(results.records, key=lambda r: (r.get("repeat", 0), r["tau"] is not None,
+                                                   r["tau"] or 0.0))
+  records = json.loads(json.dumps([{k: v for k, v in r.items() if k != "seconds"}
+                                   for r in records], sort_keys=True))
   results.write_json("results.json", records)
   text = make_report(records, args, plan)
   results.write_text("report.md", text)
+  results.write_json("summary.json", dict(claims=claim_results(records)))
   plot(records, scales, os.path.join(results.path, "compression_per_layer.png"),
        os.path.join(results.path, "sigma_hist.png"))
   return cli.finish(results, text, t0)

@@ -44,19 +44,65 @@ def test_tables(source_dir, tmp_path):
 def test_pruning(source_dir, tmp_path):
   out = str(tmp_path / "p")
   argv = ["--source", f"ckpt:{source_dir}", "--target", "digits", "--shots", "1",
-          "--steps", "2", "--lr", "0.05", "--taus", "0.97", "--ft-epochs", "1",
-          "--latency-runs", "1", "--latency-batches", "2", "--test-per-class", "3",
-          "--out", out, "--quiet"]
+          "--repeats", "2", "--val-per-class", "2", "--steps", "4", "--patience", "2",
+          "--eval-every", "2", "--lr", "0.05", "--taus", "0.97", "--ft-epochs", "1",
+          "--ft-lrs", "1e-4,1e-3", "--tune-extend", "0", "--latency-runs", "1",
+          "--latency-batches", "2", "--test-per-class", "3", "--out", out, "--quiet"]
   assert cwl_pruning.main(argv) == 0
-  _outputs(out, "report.md", "results.json", "compression_per_layer.png", "sigma_hist.png")
+  _outputs(out, "report.md", "results.json", "summary.json", "compression_per_layer.png",
+           "sigma_hist.png")
   records = json.load(open(os.path.join(out, "results.json")))
-  by_tau = {r["tau"]: r for r in records}
-  assert set(by_tau) == {None, 0.97}
-  assert by_tau[0.97]["feat_frac"] < 1.0 and by_tau[0.97]["params_frac"] < 1.0
-  assert set(by_tau[0.97]["ft"]) == {"1"}
+  by_key = {(r["repeat"], r["tau"]): r for r in records}
+  assert set(by_key) == {(0, None), (0, 0.97), (1, None), (1, 0.97)}
+  r0 = by_key[(0, 0.97)]
+  assert r0["feat_frac"] < 1.0 and r0["params_frac"] < 1.0
+  assert set(r0["ft"]) == {"1"} and "latency_ms" in r0 and "latency_ms" not in by_key[(1, 0.97)]
+  # the finetuning LR is the grid point with the best validation accuracy, per draw
+  for r in records:
+    grid = {lr: v["1"] for lr, v in r["ft_grid"]}
+    assert set(grid) == {1e-4, 1e-3}
+    best = max(sorted(grid), key=lambda lr: grid[lr]["val_acc"])
+    assert r["ft"]["1"]["lr"] == best and r["ft"]["1"]["test_acc"] == grid[best]["test_acc"]
+  base = by_key[(0, None)]
+  assert base["transfer"]["stopped"] in ("patience", "cap") and base["transfer"]["steps"] <= 4
   saved = transfer.load_source(os.path.join(out, "models", "tau_0.97"))
   widths = [w for stage in saved.config["conv_widths"] for w in stage]
-  assert widths == [k for k, _ in by_tau[0.97]["kept"].values()]
+  assert widths == [k for k, _ in r0["kept"].values()]
+  report = open(os.path.join(out, "report.md")).read()
+  assert "## Claims" in report and "pruning by |sigma| keeps accuracy" in report
+  claims = json.load(open(os.path.join(out, "summary.json")))["claims"]
+  assert claims[0]["cells"][0]["paired"]["n"] == 2
+  # the report regenerates from results.json alone, byte for byte
+  args = cwl_pruning.parse_args(argv)
+  assert cwl_pruning.make_report(records, args, cwl_pruning.validate(args)) == report
+
+
+def test_pruning_claims_by_hand():
+  """Claims pair the pruned + finetuned model with the unpruned one (and its finetuned
+  control) by draw, per tau and epoch count."""
+  args = cwl_pruning.parse_args(["--ft-epochs", "1,30", "--taus", "0.4,0.8"])
+  plan = cwl_pruning.validate(args)
+  recs = []
+  for rep, shift in ((0, 0.0), (1, 0.02), (2, 0.01)):
+    ft = lambda a1, a30: {"1": dict(lr=1e-4, edges=[], val_acc=0.5, test_acc=a1 + shift),
+                          "30": dict(lr=1e-4, edges=[], val_acc=0.5, test_acc=a30 + shift)}
+    recs.append(dict(tau=None, repeat=rep, acc=0.90 + shift, val_acc=0.9, ft=ft(0.91, 0.92),
+                     transfer=dict(steps=100, best_step=50, stopped="patience")))
+    for tau, (a0, a1, a30) in ((0.4, (0.89, 0.90, 0.91)), (0.8, (0.50, 0.80, 0.86))):
+      recs.append(dict(tau=tau, repeat=rep, acc=a0 + shift, val_acc=0.5, ft=ft(a1, a30),
+                       params_frac=0.5, feat_frac=0.7, kept={"conv1_1": [3, 8]}))
+  res = cwl_pruning.claim_results(recs)
+  cells = {(c["cell"]["tau"], c["cell"]["epochs"]): c for c in res[0]["cells"]}
+  assert cells[(0.4, 30)]["paired"]["mean"] == pytest.approx(0.01)
+  assert cells[(0.4, 30)]["verdict"] == "reproduced"  # +1 point, every draw
+  assert cells[(0.8, 1)]["paired"]["mean"] == pytest.approx(-0.10)
+  assert cells[(0.8, 1)]["verdict"] == "refuted"
+  control = {(c["cell"]["tau"], c["cell"]["epochs"]): c for c in res[1]["cells"]}
+  assert control[(0.4, 1)]["paired"]["mean"] == pytest.approx(-0.01)
+  text = cwl_pruning.make_report(recs, args, plan)
+  assert "| 0.4 | 0.900 (0.008) | 0.910 (0.008) | 0.920 (0.008) | 50% | 70% | - | - |" in text
+  assert "| - | 0.910 (0.008) | 0.920 (0.008) | 0.930 (0.008) | 100% | 100% | - | - |" in text
+  assert "Only 1 k-shot draw" not in text and "## Claims" in text
 
 
 def test_retrieval_embedded(source_dir, tmp_path):
@@ -110,6 +156,8 @@ def test_kronecker(source_dir, tmp_path):
 
 def test_bad_flags(tmp_path):
   assert cwl_pruning.main(["--taus", "-1", "--out", str(tmp_path / "a")]) == 2
+  assert cwl_pruning.main(["--ft-lrs", "0,1e-4", "--out", str(tmp_path / "a")]) == 2
+  assert cwl_pruning.main(["--val-per-class", "0", "--out", str(tmp_path / "a")]) == 2
   assert cwl_tables.main(["--strategies", "nope", "--out", str(tmp_path / "b")]) == 2
   assert cwl_retrieval.main(["--gnd", "x.json", "--out", str(tmp_path / "c")]) == 2
   assert cwl_kronecker.main(["--ranks", "a", "--out", str(tmp_path / "d")]) == 2

@@ -10,7 +10,9 @@ from jtransfer.methods import sparsity, transfer
 
 def _argv(source_dir, out):
   return ["--source", f"ckpt:{source_dir}", "--target", "digits", "--train-per-class", "3",
-          "--val-per-class", "2", "--test-per-class", "3", "--steps", "2", "--batch-size", "16",
+          "--val-per-class", "2", "--test-per-class", "3", "--steps", "6", "--patience", "3",
+          "--eval-every", "3", "--lrs", "1e-4,1e-3", "--lam", "1", "--tune-seeds", "7",
+          "--seeds", "0", "--batch-size", "16",
           "--source-rounds", "2", "--source-sparsity", "0.6", "--source-steps", "2",
           "--source-max-train", "64", "--source-test-per-class", "5", "--target-rates",
           "0.7,0.9", "--target-steps", "2", "--neuron-frac", "0.5", "--neuron-steps", "1",
@@ -31,18 +33,36 @@ def small_source_dir(tmp_path_factory):
   return path
 
 
-@pytest.mark.slow  # ~30 CPU-s: four XLA compiles of vgg_s train steps
+@pytest.mark.slow  # ~25 CPU-s: a few XLA compiles of vgg_s train steps
 def test_main_tiny(small_source_dir, tmp_path):
   src = small_source_dir
   out = str(tmp_path / "s")
   assert sparse_transfer.main(_argv(src, out)) == 0
-  for name in ("report.md", "results.json", "results.jsonl", "source_sparsity.png",
-               "fig3_pruning.png"):
+  for name in ("report.md", "results.json", "results.jsonl", "summary.json",
+               "source_sparsity.png", "fig3_pruning.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
   records = json.load(open(os.path.join(out, "results.json")))
-  kinds = [r["kind"] for r in records]
+  kinds = [r["kind"] for r in records if r.get("role", "eval") == "eval"]
   assert kinds.count("source") == 3 and kinds.count("transfer") == 4
   assert kinds.count("target_prune") == 4 and kinds.count("neuron") == 1
+  # tuning: every net's LR grid on tuning seed 7 only, validation only, never tested
+  tune = [r for r in records if r.get("role") == "tune"]
+  assert {r["variant"] for r in tune} == set(sparse_transfer.VARIANTS)
+  assert all(r["seed"] == 7 and r["test_acc"] is None and r["val_acc"] is not None
+             for r in tune)
+  assert {r["lr"] for r in tune} >= {1e-4, 1e-3}
+  assert all((r["lam"] is None) == (r["variant"] in ("standard", "S+K-")) for r in tune)
+  # converged runs: steps, best step and why each stopped are recorded
+  for r in records:
+    if r["kind"] == "transfer" and r.get("status", "ok") == "ok":
+      assert r["stopped"] in ("patience", "cap") and r["cap"] == 6
+      assert r["best_step"] % 3 == 0 and r["best_step"] <= r["steps"] <= 6
+  # each evaluation net ran at its tuned choice (the tuning table's)
+  tuned = sparse_transfer.choose(records, sparse_transfer.validate(
+      sparse_transfer.parse_args(_argv(src, out))), sparse_transfer.parse_args(_argv(src, out)))
+  for r in records:
+    if r["kind"] == "transfer" and r["role"] == "eval":
+      assert tuned[("digits", r["variant"])]["choice"]["lr"] == r["lr"]
   src_recs = [r for r in records if r["kind"] == "source"]
   assert [r["target"] for r in src_recs[1:]] == pytest.approx(
       sparsity.round_sparsities(0.6, 2))
@@ -57,8 +77,11 @@ def test_main_tiny(small_source_dir, tmp_path):
   assert neuron["table"]["fc6"]["neurons"][0] == 32 and neuron["rate"] >= neuron["rate_before"]
   report = open(os.path.join(out, "report.md")).read()
   for part in ("Sparse-SourceNet", "Table 1", "Table 2", "Table 3", "Hybrid-TransferNet(S+K-)",
-               "Sparse-TargetNet_N", "claims"):
+               "Sparse-TargetNet_N", "## Tuning", "## Claims", "Only 1 evaluation seed"):
     assert part in report, part
+  # the report regenerates from results.json alone, byte for byte
+  args = sparse_transfer.parse_args(_argv(src, out))
+  assert sparse_transfer.make_report(records, args, sparse_transfer.validate(args)) == report
   # the saved Sparse-SourceNet has the recorded sparsity
   saved = transfer.load_source(os.path.join(out, "models", "sparse_source"))
   rep = sparsity.sparsity_report(saved.variables["params"])
@@ -75,6 +98,10 @@ def test_bad_flags(tmp_path):
   assert sparse_transfer.main(base + ["--target-rates", "0.5,1.5"]) == 2
   assert sparse_transfer.main(base + ["--neuron-from", "0.3"]) == 2
   assert sparse_transfer.main(base + ["--neuron-layers", "fc8"]) == 2
+  assert sparse_transfer.main(base + ["--seeds", "0,1", "--tune-seeds", "1"]) == 2  # overlap
+  assert sparse_transfer.main(base + ["--lrs", "0,1e-3"]) == 2
+  assert sparse_transfer.main(base + ["--tau", "0"]) == 2
+  assert sparse_transfer.main(base + ["--val-per-class", "0"]) == 2  # patience needs validation
   assert not os.path.exists(tmp_path / "x")
 
 
@@ -84,11 +111,19 @@ def _records():
                layers={}),
           dict(kind="source", round=1, target=0.5, sparsity=0.5, acc_pruned=0.7, acc=0.88,
                layers={"fc6/kernel": 0.6})]
+  # tuning seed 9: lr 1e-3 best on validation for every net (test accuracy never recorded)
+  for v in ("standard", "S+K-", "S-K+", "hybrid"):
+    k = v in ("S-K+", "hybrid")
+    for lr, val in ((1e-4, 0.5), (1e-3, 0.7)):
+      recs.append(dict(kind="transfer", role="tune", variant=v, lr=lr, lam=1.0 if k else None,
+                       tau=4.0 if k else None, val_acc=val, test_acc=None, target=t, seed=9,
+                       steps=40, best_step=20, stopped="patience", rate=0.0))
   for seed, shift in ((0, 0.0), (1, 0.02)):
     for v, acc, rate in (("standard", 0.75, 0.0), ("S+K-", 0.77, 0.7), ("S-K+", 0.74, 0.0),
                          ("hybrid", 0.80, 0.7)):
-      recs.append(dict(kind="transfer", variant=v, test_acc=acc + shift, val_acc=acc,
-                       rate=rate, target=t, seed=seed))
+      recs.append(dict(kind="transfer", role="eval", variant=v, test_acc=acc + shift,
+                       val_acc=acc, rate=rate, target=t, seed=seed, lr=1e-3,
+                       steps=100 + 20 * seed, best_step=50, stopped="patience" if seed else "cap"))
     for k, accs in (("K+", (0.82, 0.78)), ("K-", (0.79, 0.79))):
       for rate, acc in zip((0.8, 0.9), accs):
         recs.append(dict(kind="target_prune", knowledge=k, rate=rate, sparsity=rate,
@@ -96,26 +131,68 @@ def _records():
                          seed=seed))
     recs.append(dict(kind="neuron", target=t, seed=seed, from_rate=0.8, level=0.75,
                      stop_metric="val_acc", history=[{"accepted": True}], rate=0.85,
-                     test_acc=0.76, start={"test_acc": 0.82}, table={
+                     test_acc=0.76 + shift / 2, start={"test_acc": 0.82}, table={
                          "fc6": {"neurons": [256, 128], "weights": [1000, 500]},
-                         "fc7": {"neurons": [256, 256], "weights": [800, 700]},
+                         "fc7": {"neurons": [256, 64], "weights": [800, 700]},
                          "head": {"neurons": [10, 10], "weights": [300, 300]},
-                         "total": {"neurons": [522, 394], "weights": [2100, 1500]}}))
+                         "total": {"neurons": [522, 202], "weights": [2100, 1500]}}))
   return recs
 
 
+def _claim(summary, text):
+  return next(c for c in summary if c["claim"]["text"].startswith(text))
+
+
 def test_report_from_records(tmp_path):
-  args = sparse_transfer.parse_args(["--target", "digits", "--seeds", "0,1"])
+  argv = ["--target", "digits", "--seeds", "0,1", "--tune-seeds", "9", "--lrs", "1e-4,1e-3",
+          "--lam", "1", "--tune-extend", "0"]
+  args = sparse_transfer.parse_args(argv)
   plan = sparse_transfer.validate(args)
   text = sparse_transfer.make_report(_records(), args, plan)
-  # Table 1: mean (std) over the two seeds (shift 0 and 2 points)
-  assert "| Hybrid-TransferNet | 81.0 (1.0) | 70.0% |" in text
-  assert "| Standard-TransferNet | 76.0 (1.0) | 0.0% |" in text
+  # Table 1: mean (std) over the two seeds (shift 0 and 2 points); steps and early stops
+  assert "| Hybrid-TransferNet | 81.0 (1.0) | 70.0% | 110 (1/2 early) |" in text
+  assert "| Standard-TransferNet | 76.0 (1.0) | 0.0% | 110 (1/2 early) |" in text
   assert "| 1 | 50.0% | 50.0% | 70.0 | 88.0 |" in text  # Sparse-SourceNet round
   assert "| fc6 | 256/128 | 1000/500 | 50.0% | 50.0% |" in text  # Table 2
   assert "| Sparse-TargetNet_C80 | 83.0 (1.0) | 80.0% |" in text  # Table 3
-  assert "Hybrid-TransferNet(S-K+) does not beat Standard (-1.0 pts)" in text
-  assert "Hybrid-TransferNet beats Standard (+5.0 pts)" in text and "Hybrid is the best" in text
-  assert "K+ >= K- at 1/2 rates" in text and "rates ['80%', '90%']" in text
+  # tuning table: lr 1e-3 chosen on validation, on the grid's upper edge (no extension)
+  assert "| digits | Hybrid-TransferNet | 0.001 | 1 | 4 | 70.0 | 2 | lr:high |" in text
+  assert "| digits | Standard-TransferNet | 0.001 | - | - | 70.0 | 2 | lr:high |" in text
+  res = sparse_transfer.claim_results(_records(), plan)
+  # Table 1: hybrid - standard = +5 points on both seeds
+  c = _claim(res, "Hybrid-TransferNet (S+K+)")
+  assert c["pooled"]["paired"]["mean"] == pytest.approx(0.05)
+  assert c["pooled"]["paired"]["wins"] == 2 and c["pooled"]["verdict"] == "reproduced"
+  assert _claim(res, "model sparsity contributes")["pooled"]["paired"]["mean"] == \
+      pytest.approx(0.06)
+  # Fig. 3 vs the dense Hybrid: +2 at 0.8, -2 at 0.9 (margin 1 point: refuted there)
+  fig3 = _claim(res, "Sparse-TargetNet keeps")
+  cells = {c["cell"]["rate"]: c for c in fig3["cells"]}
+  assert cells[0.8]["paired"]["mean"] == pytest.approx(0.02)
+  assert cells[0.8]["verdict"] == "reproduced" and cells[0.9]["verdict"] == "refuted"
+  # neuron pruning vs Standard: 0.76 + s/2 - (0.75 + s) = +1.0, +0.0 points
+  neuron = _claim(res, "neuron pruning")
+  assert neuron["pooled"]["paired"]["mean"] == pytest.approx(0.005)
+  assert "## Claims" in text and "Only 1 evaluation seed" not in text
+  assert "- digits: 62.5% of fc6 + fc7 neurons removed on average" in text
   sparse_transfer.plot(_records(), plan, str(tmp_path / "a.png"), str(tmp_path / "b.png"))
   assert os.path.getsize(tmp_path / "b.png") > 0
+
+
+def test_choice_reads_validation_only():
+  """Tuning records carry no test accuracy; rewriting any test accuracy changes no choice,
+  and a record of an evaluation seed never enters selection."""
+  argv = ["--target", "digits", "--seeds", "0,1", "--tune-seeds", "9", "--lrs", "1e-4,1e-3",
+          "--lam", "0.5,1", "--tune-extend", "0"]
+  args = sparse_transfer.parse_args(argv)
+  plan = sparse_transfer.validate(args)
+  recs = _records()
+  recs += [dict(r, lam=0.5, val_acc=0.9 if r["lr"] == 1e-4 else 0.1)  # K+ nets at lam 0.5
+           for r in recs if r.get("role") == "tune" and r["lam"] is not None]
+  tuned = sparse_transfer.choose(recs, plan, args)
+  assert tuned[("digits", "hybrid")]["choice"] == dict(lr=1e-4, lam=0.5, tau=4.0)
+  assert tuned[("digits", "standard")]["choice"] == dict(lr=1e-3, lam=None, tau=None)
+  poisoned = [dict(r, test_acc=1.0 - (r.get("test_acc") or 0.0)) for r in recs] + [
+      dict(r, val_acc=1.0, lr=1e-4) for r in recs if r.get("role") == "eval"
+      and r["kind"] == "transfer"]
+  assert sparse_transfer.choose(poisoned, plan, args) == tuned
