@@ -1,39 +1,63 @@
-"""DELTA's Table 1, Fig. 2 and Fig. 3 on the embedded few-shot benchmark.
+"""DELTA's Table 1, Fig. 2 and Fig. 3 on the embedded few-shot benchmark, under the protocol.
 
   python -m experiments.delta_table --out results/delta_table
 
-reproduces, for both small archs (vgg_s without BN, resnet_s with BN) pretrained on
-Fashion-MNIST {0,2,3,4,6}, on both embedded targets (Fashion-MNIST {1,5,7,8,9}, digits):
-  * Table 1's layout: L2-FE, L2, L2-SP, DELTA w/o ATT, DELTA; mean +- std test accuracy over 5
-    repeats (one k-shot draw per repeat, shared by every strategy), at k = 5, 10, 30 per class;
+runs, for both small archs (vgg_s without BN, resnet_s with BN) pretrained on Fashion-MNIST
+{0,2,3,4,6}, on both embedded targets (Fashion-MNIST {1,5,7,8,9}, digits), at k = 5, 10, 30
+per class:
+  * Table 1: L2-FE, L2, L2-SP, DELTA w/o ATT, DELTA, each at its alpha chosen by 5-fold
+    cross-validation (as the paper) on one tuning draw per (arch, target, k) that is never
+    tested; mean (std) test accuracy over 5 evaluation draws (one k-shot draw each, shared by
+    every strategy), then a Claims section testing Table 1's orderings per draw (paired
+    difference, 95% CI, wins, verdict) per cell and pooled: DELTA >= DELTA w/o ATT >= L2-SP
+    >= L2 (non-inferiority, 1-point margin), DELTA > L2-SP, and each of them > L2-FE;
+  * beside it, labelled, the paper's protocol: lr 0.01 at the paper's alpha, no tuning;
   * Fig. 2: training CE and test accuracy vs iteration, L2-SP vs DELTA, with StepLR and
-    ExponentialLR (resnet_s on the first target by default);
+    ExponentialLR (resnet_s on the first target, k=30 by default), fixed --curve-steps;
   * Fig. 3: the distance of every conv filter from its starting point, sorted, per stage,
     L2-SP vs DELTA (from the ExponentialLR runs of Fig. 2).
-It writes results.jsonl / results.json (one record per run), summary.json, curves.json,
-report.md, accuracy_vs_shots.png, learning_curves.png and filter_distance.png.
+  Figs. 2 and 3 use the alpha tuned for their (arch, target, k) cell when the table has it,
+  else the paper's (the report says which).
+It writes results.jsonl / results.json (one record per run, tuning runs included),
+summary.json, curves.json, report.md, accuracy_vs_shots.png, learning_curves.png and
+filter_distance.png.
 
-Protocol (the paper and the authors' code, see jtransfer/methods/delta.py): SGD momentum 0.9,
-lr 0.01 (`--lrs`), batch 64 (a k-shot set smaller than that is one full batch), `--steps`
-iterations, lr x0.1 at 67% of them (exponentially per epoch by default, `--schedule step` for
-StepLR); alpha = beta = 0.01 (`--alpha-noatt` sets DELTA w/o ATT's alpha apart: with 0.01
-its unnormalised sum diverges at lr 0.01 here); BN in train mode for the fine-tuned
-strategies. The full grid (2 archs x 2 targets x 3 k x 5 repeats x 5 strategies, 200 steps) is
-about 50k SGD steps: hours on 2 CPU cores. Measured, reduced (vgg_s, both targets, 40 runs +
-4 curves, 7 CPU-minutes, 21 min wall on a shared 2-core machine):
-  python -m experiments.delta_table --arch vgg_s --shots 5,10 --repeats 2 --steps 50 \
-      --test-per-class 200 --val-per-class 5 --alpha-noatt 1e-4 --curve-arch vgg_s \
-      --curve-shots 10 --curve-steps 50 --curve-every 10 --out results/delta_table_vgg_reduced
-Smoke test (a few CPU-seconds per strategy, mostly compilation):
-  python -m experiments.delta_table --arch vgg_s --curve-arch vgg_s --source ckpt:DIR \
-      --target digits --shots 2 --repeats 1 --steps 2 --test-per-class 5 --val-per-class 0 \
-      --curve-steps 2 --curve-every 1 --curve-shots 2 --curve-schedules exp --out /tmp/d
+Recipe (the paper and the authors' code, see jtransfer/methods/delta.py): SGD momentum 0.9,
+batch 64 (a smaller k-shot set is one batch), beta = 0.01, BN in train mode for the fine-tuned
+strategies, lr 0.01 (`--lrs`; a list is tuned too, extended at an edge), lr x0.1 at 67% of the
+step cap `--steps` (exponentially per epoch by default, `--schedule step` for StepLR): the
+schedule is defined over the cap, so a run stopped early by `--patience` stops before its lr has
+fully decayed, and keeps its best validation state. Budget: cap 200 steps, stop after 100 steps
+without a validation gain (checked every 10). alpha: tuned over delta.ALPHAS (1e-3, 1e-2, 1e-1)
+for L2-SP and DELTA, delta.ALPHAS_NOATT (1e-5, 1e-4, 1e-3) for DELTA w/o ATT (its unnormalised
+sum is ~H*W times stiffer; at 0.01 it diverges here), each extended by up to `--tune-extend`
+values at an edge. `--alpha 0.01` (one value) fixes alpha, no alpha tuning, and the paper-grid
+rows use it too; `--alpha 0.001,0.01` sets the grid. Same for `--alpha-noatt`. The paper's
+alpha (0.01; 1e-4 for DELTA w/o ATT) gives the paper-grid rows. `--att-bn` sets BatchNorm in
+DELTA's attention probe (delta.ATT_BN_MODES; 'authors' = channel_eval.py).
+
+Cost. Per (arch, target, k) cell: tuning 5 folds x 3 alphas (plus extensions) for each of L2-SP,
+DELTA w/o ATT and DELTA (45+ runs, each of DELTA's computing its attention), one validation run
+for L2 and L2-FE, then 5 evaluation draws x (paper point + tuned point) per strategy: ~80-110
+runs of <= 200 SGD steps. The full grid (12 cells) is ~1000-1300 runs, up to ~250k steps: about
+a day on 2 CPU cores (not measured on a GPU). Reduced (vgg_s, digits, k = 10, alpha fixed, so
+one tuning run per strategy on the tuning draw's validation set, 2 evaluation draws; 15 runs +
+4 curves; measured: 6.5 CPU-minutes, 16 min wall on a shared, loaded 2-core machine):
+  python -m experiments.delta_table --arch vgg_s --target digits --shots 10 --repeats 2 \
+      --alpha 0.01 --alpha-noatt 1e-4 --cv-folds 0 --test-per-class 200 --curve-arch vgg_s \
+      --curve-shots 10 --curve-steps 100 --curve-every 20 --out results/delta_table_reduced
+Measured there: every run finite, stopped after 130-200 steps; test accuracy (mean of 2 draws)
+L2-FE 84.8, L2 83.1, L2-SP 83.1 (L2-SP = L2: at alpha 0.01 its penalty hardly acts), DELTA w/o
+ATT 86.2, DELTA 85.5; every claim inconclusive on 2 draws (CIs of several points).
+Smoke tests (tiny source, a few steps; mostly XLA compilation): tests/test_delta_experiment.py.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -43,17 +67,39 @@ from typing import Sequence
 import numpy as np
 
 from experiments import cli, fewshot, pretrain
-from experiments.report import ResultsDir, best_over_lr
+from experiments.report import ResultsDir
 from jtransfer import models, surgery
 from jtransfer.data import Batches, parse_spec, sample_kshot
 from jtransfer.errors import InputError
-from jtransfer.methods import delta
+from jtransfer.methods import delta, transfer
+from jtransfer.protocol import claims
 from jtransfer.train import accuracy, init_state, predict_logits
 
 STRATEGIES = ("l2fe", "l2", "l2sp", "delta_noatt", "delta")
 TITLES = {"l2fe": "L2-FE", "l2": "L2", "l2sp": "L2-SP", "delta_noatt": "DELTA w/o ATT",
           "delta": "DELTA"}
 CURVE_STRATEGIES = ("l2sp", "delta")
+# Which strategies each alpha flag sets.
+ALPHA_FLAGS = {"alpha": ("l2sp", "delta"), "alpha_noatt": ("delta_noatt",)}
+# The protocol's defaults for DELTA's SGD recipe: the cap is the schedule's length (lr x0.1 at
+# 67% of it); one tuning draw, on which alpha is chosen by 5-fold cross-validation.
+STEP_CAP, PATIENCE, TUNE_REPEATS, VAL_PER_CLASS = 200, 100, 1, 20
+
+
+def _claim(text: str, a: str, b: str, at_least: bool) -> claims.Claim:
+  return claims.Claim("DELTA", text, a, b, at_least=at_least, margin=0.01 if at_least else 0.0,
+                      source="Table 1")
+
+
+# DELTA's Table 1 orderings; '>=' as non-inferiority within one point, '>' strictly.
+CLAIMS = (
+    _claim("DELTA >= DELTA w/o ATT", "delta", "delta_noatt", True),
+    _claim("DELTA w/o ATT >= L2-SP", "delta_noatt", "l2sp", True),
+    _claim("L2-SP >= L2", "l2sp", "l2", True),
+    _claim("DELTA > L2-SP", "delta", "l2sp", False),
+    *(_claim(f"{TITLES[s]} > L2-FE", s, "l2fe", False)
+      for s in ("l2", "l2sp", "delta_noatt", "delta")),
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -66,23 +112,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="target dataset spec; repeat the flag for several (default: both "
                       "embedded targets)")
   p.add_argument("--shots", default="5,10,30", help="comma list of k (images per class)")
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=5, help="evaluation draws per cell")
   p.add_argument("--strategies", default=",".join(STRATEGIES))
-  p.add_argument("--lrs", default="paper", help="'paper' (0.01) or a comma list")
-  p.add_argument("--steps", type=int, default=200, help="SGD iterations per run")
+  p.add_argument("--lrs", default="paper",
+                 help="'paper' (0.01) or a comma list (tuned on validation with the knobs)")
+  fewshot.add_protocol_flags(p, steps=STEP_CAP, patience=PATIENCE, tune_repeats=TUNE_REPEATS,
+                             val_per_class=VAL_PER_CLASS)
   p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--val-per-class", type=int, default=10)
   p.add_argument("--test-per-class", type=int, default=300,
                  help="cap on test images per class (0 = all)")
   p.add_argument("--data-dir", default=None, help="TFDS data_dir or Fashion-MNIST directory")
   p.add_argument("--source-epochs", type=float, default=2.0)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--alpha", type=float, default=None, help="weight of Omega (default 0.01)")
-  p.add_argument("--alpha-noatt", type=float, default=None,
-                 help="alpha of DELTA w/o ATT (default: --alpha)")
+  p.add_argument("--alpha", default=None, metavar="A[,A...]",
+                 help="alpha of L2-SP and DELTA: one value fixes it (no alpha tuning; the "
+                      "paper-grid rows use it too), several are the grid tuned over "
+                      f"(default: tuned over {', '.join(f'{a:g}' for a in delta.ALPHAS)}; "
+                      "paper rows at 0.01)")
+  p.add_argument("--alpha-noatt", default=None, metavar="A[,A...]",
+                 help="the same for DELTA w/o ATT (default: tuned over "
+                      f"{', '.join(f'{a:g}' for a in delta.ALPHAS_NOATT)}; paper rows at "
+                      f"{delta.ALPHAS_NOATT[1]:g})")
   p.add_argument("--beta", type=float, default=None, help="weight of the head term (0.01)")
   p.add_argument("--schedule", choices=delta.SCHEDULES, default=None,
-                 help="lr schedule of the table's runs (default exp, as the authors' run.sh)")
+                 help="lr schedule of the table's runs over the step cap (default exp, as the "
+                      "authors' run.sh)")
+  p.add_argument("--att-bn", choices=delta.ATT_BN_MODES, default=None,
+                 help="BatchNorm in DELTA's attention probe (default 'authors': as "
+                      "channel_eval.py, probe head trained in train mode, ablation in eval "
+                      "mode with the running statistics so moved; see delta.Config.att_bn)")
   p.add_argument("--taps", action="append", default=None, metavar="ARCH=UNIT,UNIT",
                  help="DELTA's tapped conv units for an arch (default: the last conv of each "
                       "stage); repeat for several archs")
@@ -90,7 +148,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--curve-arch", default="resnet_s")
   p.add_argument("--curve-target", default=None, help="default: the first target")
   p.add_argument("--curve-shots", type=int, default=30)
-  p.add_argument("--curve-steps", type=int, default=300)
+  p.add_argument("--curve-steps", type=int, default=300,
+                 help="fixed steps of each Fig. 2 run (no early stopping: a learning curve)")
   p.add_argument("--curve-every", type=int, default=25, help="test accuracy every N steps")
   p.add_argument("--curve-test-per-class", type=int, default=100)
   p.add_argument("--curve-lr", type=float, default=0.01)
@@ -114,16 +173,87 @@ def parse_taps(values: Sequence[str] | None) -> dict[str, tuple[str, ...]]:
   return taps
 
 
+def parse_alphas(text: str | None, flag: str) -> tuple[float, ...] | None:
+  """A comma list of distinct alphas >= 0, sorted; None when the flag is not given."""
+  if text is None:
+    return None
+  try:
+    values = [float(v) for v in str(text).split(",") if v.strip()]
+  except ValueError:
+    values = []
+  if not values or any(not (math.isfinite(v) and v >= 0) for v in values) or \
+      len(set(values)) != len(values):
+    raise InputError(f"{flag} {text!r}: expected distinct numbers >= 0, e.g. 0.01 or "
+                     "0.001,0.01,0.1")
+  return tuple(sorted(values))
+
+
+def alpha_overrides(args) -> dict[str, tuple[tuple[float, ...], float]]:
+  """strategy -> (alpha grid, paper-grid alpha) for the strategies an alpha flag sets."""
+  out = {}
+  for field, names in ALPHA_FLAGS.items():
+    grid = parse_alphas(getattr(args, field), "--" + field.replace("_", "-"))
+    if grid is None:
+      continue
+    for name in names:
+      default = transfer.get_strategy(name).knob_defaults["alpha"]
+      out[name] = (grid, grid[0] if len(grid) == 1 else default)
+  return out
+
+
+@contextlib.contextmanager
+def strategy_knobs(overrides: dict):
+  """The registered strategies with their alpha grid and paper value replaced, for the grid
+  runner and the report (both read `Strategy.knobs` / `knob_defaults`); restored on exit."""
+  saved = {}
+  try:
+    for name, (grid, default) in overrides.items():
+      saved[name] = transfer.get_strategy(name)
+      transfer.STRATEGIES[name] = dataclasses.replace(
+          saved[name], knobs={**saved[name].knobs, "alpha": grid},
+          knob_defaults={**saved[name].knob_defaults, "alpha": default})
+    yield
+  finally:
+    transfer.STRATEGIES.update(saved)
+
+
+def settings_of(config: delta.Config) -> dict:
+  """The DELTA settings a record depends on besides its key (lr and alpha are in the key)."""
+  return dict(beta=config.beta, schedule=config.schedule, att_bn=config.att_bn,
+              weight_decay=config.weight_decay, bn_train=config.bn_train,
+              taps={k: list(v) for k, v in sorted(config.taps.items())})
+
+
+class DeltaResults(ResultsDir):
+  """A ResultsDir whose records carry the DELTA settings they were made with ('delta'); a
+  resume with other settings is refused."""
+
+  def __init__(self, path: str, settings: dict, **kw):
+    super().__init__(path, **kw)
+    self.settings = settings
+    seen = {json.dumps(r.get("delta"), sort_keys=True) for r in self.records}
+    if seen - {json.dumps(settings, sort_keys=True)}:
+      raise InputError(f"--out {path} holds runs made with other DELTA settings "
+                       f"({', '.join(sorted(seen))}), not {json.dumps(settings, sort_keys=True)}"
+                       ": use the same --beta/--schedule/--att-bn/--taps, or another --out")
+
+  def add(self, record: dict) -> None:
+    record["delta"] = self.settings
+    super().add(record)
+
+
 def validate(args: argparse.Namespace) -> dict:
   """Checks every flag (fewshot's checks plus ours) before anything is loaded or compiled."""
   plan = fewshot.validate(args)
-  changes = {k: getattr(args, k) for k in ("alpha", "alpha_noatt", "beta", "schedule")
+  changes = {k: getattr(args, k) for k in ("beta", "schedule", "att_bn")
              if getattr(args, k) is not None}
   taps = parse_taps(args.taps)
   if taps:
     changes["taps"] = taps
-  dataclasses.replace(delta.get_config(), **changes).validate()
+  config = dataclasses.replace(delta.get_config(), **changes).validate()
   plan["delta"] = changes
+  plan["settings"] = settings_of(config)
+  plan["alphas"] = alpha_overrides(args)
   plan["curves"] = None
   if not args.no_curves:
     schedules = [s.strip() for s in args.curve_schedules.split(",") if s.strip()]
@@ -133,6 +263,8 @@ def validate(args: argparse.Namespace) -> dict:
     for flag in ("curve_shots", "curve_steps", "curve_every"):
       if getattr(args, flag) < 1:
         raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not (math.isfinite(args.curve_lr) and args.curve_lr > 0):
+      raise InputError(f"--curve-lr must be a finite number > 0, got {args.curve_lr}")
     target = args.curve_target or plan["targets"][0]
     parse_spec(target, flag="--curve-target")
     if args.curve_arch not in models.names():
@@ -164,9 +296,10 @@ def filter_distances(params, w0) -> dict[str, list[float]]:
 
 
 def learning_curve(runs: fewshot.TargetRuns, name: str, train_idx, seed: int, lr: float,
-                   every: int) -> tuple[dict, dict]:
-  """One run of `name` with its train CE at every step and test accuracy every `every`."""
-  setup, step, opt, _ = runs.setup(name)
+                   every: int, hp: str = "") -> tuple[dict, dict]:
+  """One run of `name` (knob values `hp`) for exactly --steps steps, with its train CE at every
+  step and test accuracy every `every`."""
+  setup, step, opt, _ = runs.setup(name, hp)
   images, labels = runs.pool.images[train_idx], runs.pool.labels[train_idx]
   params, stats = setup.init(seed, images, labels)
   batches = Batches(images, labels, runs.args.batch_size, seed)
@@ -187,14 +320,34 @@ def learning_curve(runs: fewshot.TargetRuns, name: str, train_idx, seed: int, lr
   return curve, state.params
 
 
-def run_curves(args, plan: dict) -> dict:
+def curve_knobs(records: list[dict], plan: dict, args) -> dict[str, dict]:
+  """Per Fig. 2 strategy, its knob values and where they come from: 'fixed' (a one-value alpha
+  grid), 'tuned' (chosen for the curves' (arch, target, k) cell by the table's tuning), else
+  'paper' (`Strategy.knob_defaults`: the cell is not in the table or not tuned)."""
+  c = plan["curves"]
+  tuned = fewshot.choose(records, plan, args)
+  out = {}
+  for name in CURVE_STRATEGIES:
+    strategy = transfer.get_strategy(name)
+    t = tuned.get((c["arch"], c["target"], c["shots"], name))
+    if all(len(v) == 1 for v in strategy.knobs.values()):
+      out[name] = dict(hp=transfer.hp_string({k: v[0] for k, v in strategy.knobs.items()}),
+                       origin="fixed")
+    elif t:
+      out[name] = dict(hp=t["hp"], origin="tuned")
+    else:
+      out[name] = dict(hp=transfer.hp_string(strategy.knob_defaults), origin="paper")
+  return out
+
+
+def run_curves(args, plan: dict, knobs: dict) -> dict:
   """Fig. 2 runs (L2-SP, DELTA per schedule) and Fig. 3 distances (from the exp runs)."""
   c = plan["curves"]
   source = pretrain.source_for(c["arch"], args.source, epochs=args.source_epochs,
                                seed=args.seed, progress=not args.quiet)
   curve_args = argparse.Namespace(**{**vars(args), "steps": c["steps"],
                                      "test_per_class": c["test_per_class"]})
-  out = dict(config=c, curves={}, distances={})
+  out = dict(config=curve_config(plan, knobs), curves={}, distances={})
   data_cache: dict = {}
   for schedule in c["schedules"]:
     old = delta.configure(schedule=schedule)
@@ -204,17 +357,23 @@ def run_curves(args, plan: dict) -> dict:
                                   num_classes=runs.num_classes)
       for name in CURVE_STRATEGIES:
         t0 = time.time()
-        curve, params = learning_curve(runs, name, train_idx, args.seed, c["lr"], c["every"])
+        curve, params = learning_curve(runs, name, train_idx, args.seed, c["lr"], c["every"],
+                                       knobs[name]["hp"])
         out["curves"][f"{schedule}|{name}"] = curve
         if schedule == "exp" or len(c["schedules"]) == 1:
           out["distances"][name] = filter_distances(params, source.variables["params"])
         if not args.quiet:
           acc = curve["test_acc"][-1] if curve["test_acc"] else float("nan")
-          print(f"[curves] {schedule} {name}: test {acc:.4f} ({time.time() - t0:.1f}s)",
-                file=sys.stderr)
+          print(f"[curves] {schedule} {name} {knobs[name]['hp']}: test {acc:.4f} "
+                f"({time.time() - t0:.1f}s)", file=sys.stderr)
     finally:
       delta.set_config(old)
   return out
+
+
+def curve_config(plan: dict, knobs: dict) -> dict:
+  """What determines the curves (a finished curves.json is reused only when it matches)."""
+  return dict(plan["curves"], knobs=knobs, settings=plan["settings"])
 
 
 def plot_curves(curves: dict, path: str) -> None:
@@ -268,76 +427,58 @@ def plot_distances(distances: dict, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- report
-def table_lines(summary: dict, plan: dict, mean_key: str, std_key: str) -> tuple[list, list]:
-  """Table 1's layout per arch, and per row whether DELTA >= L2-SP >= L2 held."""
-  strategies = [s for s in STRATEGIES if s in plan["strategies"]]
-  lines, orders = [], []
-  for arch in plan["archs"]:
-    lines += [f"**{arch}**", "", "| target | k | " + " | ".join(TITLES[s] for s in strategies)
-              + " |", "|---|---|" + "---|" * len(strategies)]
-    for target in plan["targets"]:
-      for k in plan["shots"]:
-        cells, means = [], {}
-        for s in strategies:
-          v = summary.get((arch, target, s, k))
-          if v:
-            means[s] = v[mean_key]
-          cells.append(f"{100 * v[mean_key]:.1f} ± {100 * v[std_key]:.1f}" if v else "-")
-        if means:
-          best = max(means.values())
-          cells = [f"**{c}**" if means.get(s) == best else c for s, c in zip(strategies, cells)]
-        lines.append(f"| {target} | {k} | " + " | ".join(cells) + " |")
-        if all(s in means for s in ("delta", "l2sp", "l2")):
-          orders.append(((arch, target, k), means["delta"] >= means["l2sp"] >= means["l2"],
-                         means["delta"] >= means["l2sp"]))
-    lines.append("")
-  return lines, orders
+def recipe_text(plan: dict, args) -> str:
+  """One paragraph: DELTA's recipe, its alpha grids and how alpha was chosen."""
+  config = dataclasses.replace(delta.get_config(), **plan["delta"])
+  grids = []
+  for name in ("l2sp", "delta_noatt", "delta"):
+    if name in plan["strategies"]:
+      s = transfer.get_strategy(name)
+      grids.append(f"{TITLES[name]} {{{', '.join(f'{a:g}' for a in s.knobs['alpha'])}}} "
+                   f"(paper rows {s.knob_defaults['alpha']:g})")
+  folds = {fewshot.cv_folds(args, n) for n in plan["strategies"] if n in ALPHA_FLAGS["alpha"]
+           + ALPHA_FLAGS["alpha_noatt"]}
+  how = (f"by {'/'.join(map(str, sorted(folds)))}-fold cross-validation on each tuning draw's "
+         "labelled pool (k-shot + validation images)" if folds - {0} else
+         "on each tuning draw's validation set")
+  if not grids:
+    alpha = ""
+  elif args.tune_repeats:
+    alpha = (f" alpha grids: {'; '.join(grids)}; chosen {how} (a one-value grid fixes "
+             "alpha).")
+  else:
+    alpha = f" alpha (no tuning draws: the paper-row values): {'; '.join(grids)}."
+  return (f"DELTA recipe: SGD momentum {config.momentum}, batch {args.batch_size} (a smaller "
+          f"k-shot set is one batch), lr x0.1 at {config.decay_fraction:.0%} of the "
+          f"{args.steps}-step cap ({config.schedule}); beta {config.beta:g}; L2 weight decay "
+          f"{config.weight_decay:g}; BN in train mode for fine-tuned strategies: "
+          f"{config.bn_train}; attention probe BN: {config.att_bn}.{alpha}")
 
 
 def make_report(records: list[dict], plan: dict, args, curves: dict | None
                 ) -> tuple[str, dict]:
-  summary = best_over_lr(records, ("arch", "target", "strategy", "shots"))
-  config = delta.get_config()
-  noatt = (f" (DELTA w/o ATT {config.alpha_noatt:g})" if config.alpha_noatt is not None
-           else "")
-  lines = ["# DELTA: Table 1, Fig. 2, Fig. 3 on the embedded benchmark", "",
-           f"Source `{args.source}`; {args.repeats} repeats (one k-shot draw each, shared by "
-           f"every strategy); {args.steps} SGD iterations (momentum {config.momentum}), batch "
-           f"{args.batch_size} (a smaller k-shot set is one batch); lr x0.1 at "
-           f"{config.decay_fraction:.0%} of training ({config.schedule}); alpha "
-           f"{config.alpha:g}{noatt}, beta {config.beta:g}; L2 weight decay "
-           f"{config.weight_decay:g}; BN in train mode for fine-tuned strategies: "
-           f"{config.bn_train}. Test: "
-           f"{'all' if not args.test_per_class else f'<= {args.test_per_class}/class'} of the "
-           "target's test split.", ""]
-  multi_lr = any(len(v) > 1 for v in plan["lrs"].values())
-  heading = ("Best over LR (test-selected, as the paper)" if multi_lr else
-             f"Test accuracy (%), mean ± std over {args.repeats} repeats")
-  table, orders = table_lines(summary, plan, "test_mean", "test_std")
-  lines += [f"## Table 1 layout: {heading}", ""] + table
-  if multi_lr:
-    val_table, _ = table_lines(summary, plan, "val_sel_mean", "val_sel_std")
-    lines += ["## Validation-selected LR", ""] + val_table
-  if orders:
-    held = sum(o[1] for o in orders)
-    held_delta = sum(o[2] for o in orders)
-    lines += [f"DELTA >= L2-SP >= L2 (means) held in {held} of {len(orders)} rows; "
-              f"DELTA >= L2-SP in {held_delta} of {len(orders)}.", ""]
-  lines += ["LR grids: " + "; ".join(f"{s}: {', '.join(f'{v:g}' for v in plan['lrs'][s])}"
-                                     for s in plan["strategies"]), ""]
-  failed = [r for r in records if r.get("status") != "ok"]
-  if failed:
-    lines += [f"{len(failed)} run(s) failed (non-finite loss); see results.json.", ""]
+  """report.md text and summary.json content, from the records (and curves) alone; call it
+  under `strategy_knobs(plan['alphas'])`."""
+  title = "\n".join(["# DELTA: Table 1, Fig. 2, Fig. 3 on the embedded benchmark", "",
+                     recipe_text(plan, args)])
+  text, summary = fewshot.make_report(
+      records, plan, args, title=title, claim_list=CLAIMS,
+      tables=[("Table 1 layout", [s for s in STRATEGIES if s in plan["strategies"]])],
+      labels=TITLES)
   if curves:
-    lines += curve_lines(curves)
-  return "\n".join(lines), {"|".join(map(str, k)): v for k, v in summary.items()}
+    text = "\n".join([text.rstrip("\n"), ""] + curve_lines(curves))
+  return text, summary
 
 
 def curve_lines(curves: dict) -> list[str]:
   c = curves["config"]
   lines = ["## Fig. 2: learning curves (learning_curves.png)", "",
-           f"{c['arch']} -> {c['target']}, k={c['shots']}, {c['steps']} iterations, lr "
-           f"{c['lr']:g}.", "", "| schedule | strategy | final train CE | final test acc (%) |",
+           f"{c['arch']} -> {c['target']}, k={c['shots']}, {c['steps']} iterations (fixed), "
+           f"lr {c['lr']:g}; "
+           + "; ".join(f"{TITLES[n]} {c['knobs'][n]['hp'] or 'no knobs'} "
+                       f"({c['knobs'][n]['origin']})"
+                       for n in CURVE_STRATEGIES if n in c.get("knobs", {})) + ".", "",
+           "| schedule | strategy | final train CE | final test acc (%) |",
            "|---|---|---|---|"]
   for key in (f"{s}|{n}" for s in c["schedules"] for n in CURVE_STRATEGIES):
     cv = curves["curves"].get(key)
@@ -365,20 +506,23 @@ def curves_for(args, plan: dict, results: ResultsDir) -> dict | None:
   """Fig. 2 / Fig. 3 data: run, or reuse a finished curves.json with the same config."""
   if not plan["curves"]:
     return None
+  knobs = curve_knobs(results.records, plan, args)
   path = os.path.join(results.path, "curves.json")
   if args.resume and os.path.exists(path):
     with open(path) as f:
       curves = json.load(f)
-    if curves.get("config") == plan["curves"]:
+    if curves.get("config") == json.loads(json.dumps(curve_config(plan, knobs))):
       return curves
-  curves = run_curves(args, plan)
+  curves = run_curves(args, plan, knobs)
   results.write_json("curves.json", curves)
   return curves
 
 
 def write_outputs(results: ResultsDir, plan: dict, args, curves: dict | None) -> str:
   records = sorted(results.records, key=lambda r: tuple(map(str, fewshot.record_key(r))))
-  results.write_json("results.json", records)
+  # results.json holds only what the seed determines (timings stay in results.jsonl).
+  results.write_json("results.json", [{k: v for k, v in r.items() if k != "seconds"}
+                                      for r in records])
   text, summary = make_report(records, plan, args, curves)
   results.write_text("report.md", text)
   results.write_json("summary.json", summary)
@@ -397,11 +541,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   old = delta.get_config()
   try:
     plan = validate(args)
-    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
+    results = DeltaResults(args.out, plan["settings"], resume=args.resume,
+                           overwrite=args.overwrite)
     delta.configure(**plan["delta"])
-    fewshot.run_grid(args, plan, results)
-    curves = curves_for(args, plan, results)
-    text = write_outputs(results, plan, args, curves)
+    with strategy_knobs(plan["alphas"]):
+      fewshot.run_grid(args, plan, results)
+      curves = curves_for(args, plan, results)
+      text = write_outputs(results, plan, args, curves)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,4 +1,5 @@
-"""Smoke test of experiments.delta_table end to end, on a tiny pretrained source.
+"""experiments.delta_table end to end on a tiny pretrained source, its flags, and DELTA w/o
+ATT's default staying finite (issue 16).
 
 The source is conftest's session-wide vgg_s (pretrain(..., epochs=0.02, max_train=256) saved
 with transfer.save_source): vgg_s has no BN, so its train steps compile faster than
@@ -11,31 +12,78 @@ import os
 import numpy as np
 import pytest
 
-from experiments import delta_table
+from experiments import delta_table, fewshot
+from jtransfer.data import Batches, load_spec, sample_kshot
 from jtransfer.errors import InputError
-from jtransfer.methods import delta
+from jtransfer.methods import delta, transfer
+from jtransfer.train import init_state, make_train_step
 
 TINY = ["--arch", "vgg_s", "--curve-arch", "vgg_s", "--target", "digits", "--shots", "2",
-        "--repeats", "1", "--steps", "2", "--test-per-class", "5", "--val-per-class", "0",
+        "--repeats", "2", "--steps", "4", "--patience", "2", "--eval-every", "2",
+        "--test-per-class", "5", "--val-per-class", "3", "--tune-repeats", "1", "--cv-folds", "0",
         "--curve-steps", "2", "--curve-every", "1", "--curve-shots", "2",
         "--curve-schedules", "exp", "--curve-test-per-class", "5", "--quiet"]
 
 
 def test_delta_table_smoke(tiny_source_dir, tmp_path):
+  """Table 1 under the protocol: tuning draws, tuned table, claims, paper grid, resume."""
   out = str(tmp_path / "d")
   before = delta.get_config()
-  argv = TINY + ["--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--out", out, "--alpha", "0.02"]
+  registered = {s: transfer.get_strategy(s) for s in delta_table.STRATEGIES}
+  # alpha fixed (one value: no alpha tuning; test_alpha_flags_set_the_tuning_grid covers grids
+  # and folds without training), tuning on the tuning draw's validation set (--cv-folds 0):
+  # fewer XLA compiles.
+  argv = TINY + ["--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--out", out, "--no-curves",
+                 "--alpha", "0.02", "--alpha-noatt", "1e-4"]
   assert delta_table.main(argv) == 0
   assert delta.get_config() == before  # flags do not leak into the module defaults
-  for name in ("results.json", "results.jsonl", "summary.json", "curves.json", "report.md",
-               "accuracy_vs_shots.png", "learning_curves.png", "filter_distance.png"):
+  assert {s: transfer.get_strategy(s) for s in delta_table.STRATEGIES} == registered
+  for name in ("results.json", "results.jsonl", "summary.json", "report.md",
+               "accuracy_vs_shots.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
   with open(os.path.join(out, "results.json")) as f:
     records = json.load(f)
-  assert sorted(r["strategy"] for r in records) == sorted(delta_table.STRATEGIES)
-  assert all(r["status"] == "ok" and 0.0 <= r["test_acc"] <= 1.0 for r in records)
+  assert all(r["status"] == "ok" for r in records)
+  assert all(r["delta"]["att_bn"] == "authors" for r in records)
+  tune = [r for r in records if r["role"] == "tune"]
+  evals = [r for r in records if r["role"] == "eval"]
+  # Tuning runs are never tested; alpha as the flags say.
+  assert tune and all(r["test_acc"] is None and r["repeat"] < 0 for r in tune)
+  assert {r["hp"] for r in tune if r["strategy"] in ("l2sp", "delta")} == {"alpha=0.02"}
+  assert {r["hp"] for r in tune if r["strategy"] == "delta_noatt"} == {"alpha=0.0001"}
+  assert sorted(r["strategy"] for r in tune) == sorted(delta_table.STRATEGIES)
+  assert sorted(r["strategy"] for r in evals) == sorted(delta_table.STRATEGIES * 2)
+  assert all(0.0 <= r["test_acc"] <= 1.0 and r["steps"] <= 4 and r["cap"] == 4
+             for r in evals)
   report = open(os.path.join(out, "report.md")).read()
-  assert "| digits | 2 |" in report and "DELTA w/o ATT" in report and "alpha 0.02" in report
+  assert "## Tuned on validation" in report and "### Table 1 layout" in report
+  assert "| vgg_s | digits | DELTA w/o ATT |" in report and "alpha=0.02" in report
+  assert "## Claims" in report and "DELTA: DELTA >= DELTA w/o ATT (Table 1)" in report
+  assert "Tested as L2-SP >= L2, margin 1 pt" in report
+  assert "Tested as DELTA > L2-FE." in report
+  assert "attention probe BN: authors" in report and "Best over LR" in report
+  with open(os.path.join(out, "summary.json")) as f:
+    summary = json.load(f)
+  assert len(summary["claims"]) == len(delta_table.CLAIMS)
+  assert all(len(c["cells"]) == 1 and c["pooled"]["paired"]["n"] == 2
+             for c in summary["claims"])
+  # --resume finds every run done and rewrites the same report ...
+  assert delta_table.main(argv + ["--resume"]) == 0
+  assert open(os.path.join(out, "report.md")).read() == report
+  # ... but not with other DELTA settings.
+  assert delta_table.main(argv + ["--resume", "--att-bn", "eval"]) == 2
+
+
+def test_delta_table_curves(tiny_source_dir, tmp_path):
+  """Fig. 2 and Fig. 3: fixed-step runs of L2-SP and DELTA at the alpha the table tuned."""
+  out = str(tmp_path / "c")
+  argv = TINY + ["--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--out", out,
+                 "--strategies", "l2sp,delta", "--alpha", "0.02", "--repeats", "1"]
+  assert delta_table.main(argv) == 0
+  for name in ("curves.json", "learning_curves.png", "filter_distance.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  report = open(os.path.join(out, "report.md")).read()
+  assert "## Fig. 2" in report and "L2-SP alpha=0.02 (fixed); DELTA alpha=0.02 (fixed)" in report
   with open(os.path.join(out, "curves.json")) as f:
     curves = json.load(f)
   assert set(curves["curves"]) == {"exp|l2sp", "exp|delta"}
@@ -44,8 +92,10 @@ def test_delta_table_smoke(tiny_source_dir, tmp_path):
   d = curves["distances"]["delta"]
   assert {k: len(v) for k, v in d.items()} == {"stage1": 64, "stage2": 128, "stage3": 256}
   assert all(np.diff(d["stage3"]) <= 0) and d["stage3"][0] > 0
-  # --resume finds every run done (and reuses the curves) and rewrites the same report.
+  # --resume reuses the curves (same config) and rewrites the same report.
+  mtime = os.path.getmtime(os.path.join(out, "curves.json"))
   assert delta_table.main(argv + ["--resume"]) == 0
+  assert os.path.getmtime(os.path.join(out, "curves.json")) == mtime
   assert open(os.path.join(out, "report.md")).read() == report
 
 
@@ -55,6 +105,10 @@ def test_delta_table_flag_errors(tmp_path, capsys):
   assert "--taps" in capsys.readouterr().err
   assert delta_table.main(["--alpha", "-1", "--out", out]) == 2
   assert delta_table.main(["--curve-schedules", "cosine", "--out", out]) == 2
+  assert delta_table.main(["--alpha-noatt", "1e-4,nan", "--out", out]) == 2
+  assert delta_table.main(["--alpha", "0.01,0.01", "--out", out]) == 2
+  with pytest.raises(SystemExit):
+    delta_table.main(["--att-bn", "batch", "--out", out])
   assert not os.path.exists(os.path.join(out, "results.jsonl"))
 
 
@@ -74,3 +128,96 @@ def test_filter_distances_by_hand():
 def test_parse_taps_rejects(value):
   with pytest.raises(InputError):
     delta_table.parse_taps([value])
+
+
+def test_alpha_flags_set_the_tuning_grid():
+  """--alpha / --alpha-noatt reach the grid fewshot tunes over (no training: a stub scores)."""
+  argv = ["--arch", "vgg_s", "--target", "digits", "--shots", "5", "--strategies",
+          "l2,l2sp,delta_noatt", "--alpha", "0.02", "--alpha-noatt", "1e-5,1e-4"]
+  args = delta_table.parse_args(argv)
+  assert (args.steps, args.patience, args.tune_repeats, args.cv_folds) == (200, 100, 1, "auto")
+  plan = delta_table.validate(args)
+  assert plan["alphas"] == {"l2sp": ((0.02,), 0.02), "delta": ((0.02,), 0.02),
+                            "delta_noatt": ((1e-5, 1e-4), 1e-4)}
+  registered = transfer.get_strategy("delta_noatt")
+  seen = []
+
+  def run_missing(key):  # alpha 1e-4 scores best: on the grid's top edge, so it extends once
+    seen.append(key)
+    return {"status": "ok", "val_acc": 0.6 if key[6] == "alpha=0.0001" else 0.5}
+
+  with delta_table.strategy_knobs(plan["alphas"]):
+    assert transfer.get_strategy("l2sp").knobs == {"alpha": (0.02,)}
+    tuned = fewshot.choose([], plan, args, run_missing=run_missing)
+  assert transfer.get_strategy("delta_noatt") is registered
+  noatt = [k for k in seen if k[0] == "delta_noatt"]
+  assert {k[6] for k in noatt} == {"alpha=1e-05", "alpha=0.0001", "alpha=0.001"}
+  assert sorted({k[7] for k in noatt}) == [0, 1, 2, 3, 4]      # the paper's 5-fold CV
+  assert {k[6] for k in seen if k[0] == "l2sp"} == {"alpha=0.02"}
+  assert [k[7] for k in seen if k[0] == "l2"] == [-1]           # no knobs: validation set
+  assert all(k[4] < 0 for k in seen)                            # tuning draws only
+  assert tuned[("vgg_s", "digits", 5, "delta_noatt")]["hp"] == "alpha=0.0001"
+  # Fig. 2 takes the alpha tuned for its cell (here from tuning records alone), or the fixed
+  # one, else the paper's.
+  records = [{"strategy": name, "arch": "vgg_s", "target": "digits", "shots": 5, "repeat": -1,
+              "lr": 0.01, "hp": f"alpha={a:g}", "fold": -1, "status": "ok", "val_acc": acc}
+             for name in ("l2sp", "delta") for a, acc in ((1e-3, 0.5), (1e-2, 0.6), (0.1, 0.4))]
+  curve_argv = argv[:6] + ["--strategies", "l2sp,delta", "--cv-folds", "0", "--curve-arch",
+                           "vgg_s", "--curve-shots", "5"]
+  for extra, knobs in (([], {"hp": "alpha=0.01", "origin": "tuned"}),
+                       (["--alpha", "0.02"], {"hp": "alpha=0.02", "origin": "fixed"})):
+    args = delta_table.parse_args(curve_argv + extra)
+    plan = delta_table.validate(args)
+    with delta_table.strategy_knobs(plan["alphas"]):
+      assert delta_table.curve_knobs(records, plan, args) == {"l2sp": knobs, "delta": knobs}
+  plan["curves"]["shots"] = 10  # a cell the table did not tune
+  args = delta_table.parse_args(curve_argv)
+  assert delta_table.curve_knobs(records, plan, args)["delta"] == {"hp": "alpha=0.01",
+                                                                    "origin": "paper"}
+  # Without the flags: the registered grids and paper values.
+  plan = delta_table.validate(delta_table.parse_args(argv[:6]))
+  assert plan["alphas"] == {}
+  assert transfer.get_strategy("delta").knobs["alpha"] == delta.ALPHAS
+
+
+def test_delta_noatt_defaults_stay_finite(tiny_source_dir):
+  """Issue 16's divergent default, on a tiny resnet_s source and the swapped split: DELTA w/o
+  ATT at its default alpha trains 100 SGD steps at lr 0.01 with finite losses, where the old
+  shared alpha = 0.01 blows up within a few steps."""
+  source = transfer.load_source(tiny_source_dir("resnet_s"))  # pretrained on fmnist 0,2,3,4,6
+  data = load_spec("fmnist:1,5,7,8,9", source.input_shape)
+  idx, _ = sample_kshot(data.train.labels, 10, 0, num_classes=data.train.num_classes)
+  images, labels = data.train.images[idx], data.train.labels[idx]
+  strategy = transfer.get_strategy("delta_noatt")
+
+  def losses(steps, **knobs):
+    setup = strategy.build(source, data.train.num_classes, 100, **knobs)
+    params, stats = setup.init(0, images, labels)
+    step = make_train_step(setup.loss_fn, setup.optimizer)
+    state = init_state(params, stats, setup.optimizer, 0, 0.01)
+    batches = Batches(images, labels, 64, 0)
+    out = []
+    for t in range(steps):
+      state, m = step(state, batches.at(t))
+      out.append(float(m["loss"]) if bool(m["finite"]) else float("nan"))
+    return np.array(out)
+
+  default = losses(100)
+  assert np.all(np.isfinite(default)) and default[-1] < default[0]
+  assert not np.all(np.isfinite(losses(10, alpha=0.01)))
+
+
+@pytest.mark.slow
+def test_issue_delta_noatt_command(tmp_path):
+  """Issue 16's command (a source pretrained on fmnist 1,5,7,8,9: minutes on first use, then
+  cached), one run of 100 steps: every run finite."""
+  out = str(tmp_path / "n")
+  argv = ["--arch", "resnet_s", "--source", "fmnist:1,5,7,8,9", "--target",
+          "fmnist:0,2,3,4,6", "--shots", "10", "--strategies", "delta_noatt", "--lrs", "0.01",
+          "--repeats", "1", "--tune-repeats", "0", "--patience", "0", "--steps", "100",
+          "--out", out, "--quiet"]
+  assert fewshot.main(argv) == 0
+  with open(os.path.join(out, "results.json")) as f:
+    records = json.load(f)
+  assert records and all(r["status"] == "ok" and r["steps"] == 100 for r in records)
+  assert all(0.0 <= r["test_acc"] <= 1.0 for r in records)
