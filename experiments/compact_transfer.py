@@ -983,7 +983,8 @@ def make_report(records: list[dict], args, plan) -> tuple[str, dict]:
   if edges:
     lines += ["Chosen value still on a grid edge after extension (the optimum may lie beyond): "
               + "; ".join(edges) + ".", ""]
-  results = [claims.evaluate(c, ev, CELL_FIELDS, arm_field="variant")
+  results = [claims.evaluate(c, ev, CELL_FIELDS, arm_field="variant",
+                             draw_fields=("target", "shots", "repeat"))
              for c in paper_claims(args.approach_margin)
              if {c.a, c.b} <= set(plan["variants"])]
   results = [r for r in results if r["cells"]]

@@ -307,7 +307,9 @@ def claim_records(records: list[dict]) -> list[dict]:
 
 def claim_results(records: list[dict]) -> list[dict]:
   recs = claim_records(records)
-  out = [claims.evaluate(c, recs, ("tau", "epochs"), arm_field="arm") for c in CLAIMS]
+  # Every tau and epoch count of a draw prunes the same transferred model: one draw, pooled once.
+  out = [claims.evaluate(c, recs, ("tau", "epochs"), arm_field="arm", draw_fields=("repeat",))
+         for c in CLAIMS]
   return [r for r in out if r["cells"]]
 
 
@@ -396,7 +398,8 @@ def make_report(records: list[dict], args, plan) -> str:
   results = claim_results(records)
   if results:
     lines += claims.section(results, LABELS)
-    lines += ["Claim cells: τ, finetuning epochs; 'all cells' pools them.", ""]
+    lines += ["Claim cells: τ, finetuning epochs; 'all cells' pools them, each draw once (its "
+              "cells averaged).", ""]
     if len(reps) < 2:
       lines += [f"Only {len(reps)} k-shot draw: a confidence interval needs at least 2 "
                 "paired draws, so every verdict above is inconclusive; rerun with --repeats 3 "

@@ -707,7 +707,9 @@ def make_report(records: list[dict], plan: dict, args, title: str = "# Few-shot 
       if heading:
         lines += [f"### {heading}", ""]
       lines += tuned_table(ts, plan, rows, labels)
-    results = [claims.evaluate(c, tuned_records(records, tuned), ("arch", "target", "shots"))
+    # Archs share their k-shot draws (the seed depends on k and the repeat): pooled per draw.
+    results = [claims.evaluate(c, tuned_records(records, tuned), ("arch", "target", "shots"),
+                               draw_fields=("target", "shots", "repeat"))
                for c in claim_list if {c.a, c.b} <= set(plan["strategies"])]
     if extra_claims is not None:
       results += extra_claims(tuned_records(records, tuned))

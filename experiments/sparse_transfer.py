@@ -759,10 +759,11 @@ def claim_results(records: list[dict], plan: dict) -> list[dict]:
       base = dict(target=r["target"], seed=r["seed"], rate=r["rate"])
       vs_dense += [dict(base, arm="sparse_target", test_acc=r["test_acc"]),
                    dict(base, arm="hybrid", test_acc=hyb[(r["target"], r["seed"])])]
+  # The rates of one (target, seed) prune one trained net in sequence: pooled once per draw.
   out.append(claims.evaluate(FIG3_CLAIMS[0], vs_dense, ("target", "rate"), arm_field="arm",
-                             draw_field="seed"))
+                             draw_field="seed", draw_fields=("target", "seed")))
   out.append(claims.evaluate(FIG3_CLAIMS[1], prune, ("target", "rate"), arm_field="knowledge",
-                             draw_field="seed"))
+                             draw_field="seed", draw_fields=("target", "seed")))
   neuron = []
   for r in ev:
     if r["kind"] == "neuron" and (r["target"], r["seed"]) in std:

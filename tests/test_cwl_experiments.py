@@ -214,13 +214,14 @@ def test_tables_claims_by_hand():
   text, summary = cwl_tables.make_report(recs, plan, args)
   res = {c["claim"]["text"]: c for c in summary["claims"]}
   table1 = res["weighting convolutions beats frozen convolutions"]
-  assert table1["pooled"]["paired"]["n"] == 6
+  assert table1["pooled"]["paired"]["n"] == 3  # the archs share their 3 draws: each once
   assert table1["pooled"]["paired"]["mean"] == pytest.approx((0.30 + 0.03) / 6)
   more = res["weighting helps more without BN (VGG) than with it (ResNet)"]
   # per draw: 0.10-0.01, 0.12+0.01, 0.08-0.03 = 0.09, 0.13, 0.05: all above 0
   assert more["pooled"]["paired"]["mean"] == pytest.approx(0.09)
   assert more["pooled"]["paired"]["wins"] == 3
   assert "## Claims" in text and "Tuned on validation" in text
+  assert table1["pooled"]["paired"]["lo"] == table1["pooled"]["paired"]["hi"]  # 0.055 each draw
 
 
 def test_retrieval_helpers():

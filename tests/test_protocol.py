@@ -147,10 +147,19 @@ def test_claims_evaluate_and_section():
   assert res["missing"] == 1 and res["pooled"]["paired"]["n"] == 19
   ref = stats.paired(A[1:] + A, B[1:] + B)
   assert res["pooled"]["paired"]["mean"] == pytest.approx(ref.mean)
+  # The two archs share their draws: pooled per repeat, each draw once (mean over archs).
+  shared = claims.evaluate(claim, recs, ("arch",), draw_fields=("repeat",))
+  assert shared["pooled"]["paired"]["n"] == 10
+  d = np.subtract(A, B)
+  per_draw = np.concatenate([[d[0]], (d[1:] + d[1:]) / 2])  # vgg_s draw 0 failed: resnet only
+  assert shared["pooled"]["paired"]["mean"] == pytest.approx(per_draw.mean())
+  assert shared["cells"] == res["cells"]
+  with pytest.raises(ValueError, match="draw_fields"):
+    claims.evaluate(claim, recs, ("arch",), draw_fields=("seed",))
   only = claims.evaluate(claims.Claim("CWL", "t", "cwl", "base", where={"arch": ("resnet_s",)}),
                          recs, ("arch",))
   assert [c["cell"]["arch"] for c in only["cells"]] == ["resnet_s"]
   text = "\n".join(claims.section([res], {"cwl": "Freeze + CWL"}))
-  assert "Freeze + CWL > base" in text and "| **all cells** |" in text and "left out" in text
+  assert "Freeze + CWL > base" in text and "| **all cells** (per arch, repeat) |" in text and "left out" in text
   with pytest.raises(ValueError, match="two records"):
     claims.evaluate(claim, recs + recs[:2], ("arch",))

@@ -72,7 +72,7 @@ def test_steps_recorded_and_claims_reported(tiny_source_dir, tmp_path):
     assert r["stopped"] == "cap" or r["steps"] - r["best_step"] >= 6
   report = (out / "report.md").read_text()
   assert "## Claims" in report and "fine-tuning beats freezing on a far domain" in report
-  assert "| **all cells** |" in report
+  assert "| **all cells** (per target, shots, repeat) |" in report
   summary = json.loads((out / "summary.json").read_text())
   assert summary["claims"][0]["cells"][0]["paired"]["n"] == 2
   # the report regenerates from results.json alone

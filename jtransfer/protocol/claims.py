@@ -42,7 +42,8 @@ class Claim:
 
 def evaluate(claim: Claim, records: Iterable[dict], cell_fields: Sequence[str],
              arm_field: str = "strategy", draw_field: str = "repeat", value: str = "test_acc",
-             keep: Optional[Callable[[dict], bool]] = None) -> dict:
+             keep: Optional[Callable[[dict], bool]] = None,
+             draw_fields: Optional[Sequence[str]] = None) -> dict:
   """Paired comparison of a claim's arms per cell and pooled.
 
   Args:
@@ -52,6 +53,11 @@ def evaluate(claim: Claim, records: Iterable[dict], cell_fields: Sequence[str],
     arm_field, draw_field, value: record fields of the arm, the draw and the compared value.
     keep: which records count (e.g. the tuned hyper-parameters on evaluation draws); at most
       one record per (cell, arm, draw) may pass it.
+    draw_fields: the fields that identify an independent draw, for the pooled row (default:
+      the cell fields and the draw field, i.e. every cell has its own draws). Cells that share
+      a draw (two archs trained on the same k-shot images, several pruning rates of one run)
+      are averaged within the draw before pooling, so the pooled interval counts each draw
+      once instead of treating correlated cells as independent.
 
   Returns:
     {'claim': dataclass dict, 'cells': [{'cell': {...}, 'paired': {...}, 'verdict': str}],
@@ -70,26 +76,37 @@ def evaluate(claim: Claim, records: Iterable[dict], cell_fields: Sequence[str],
       raise ValueError(f"two records for {claim.a if r[arm_field] == claim.a else claim.b} at "
                        f"{dict(zip(cell_fields, cell))} draw {r[draw_field]}")
     vals[slot][r[arm_field]] = r.get(value) if r.get("status", "ok") == "ok" else None
-  per_cell: dict = defaultdict(lambda: ([], []))
+  per_cell: dict = defaultdict(lambda: ([], [], []))
   missing = 0
-  for (cell, _), arms in sorted(vals.items(), key=lambda kv: tuple(map(str, kv[0]))):
+  for (cell, draw), arms in sorted(vals.items(), key=lambda kv: tuple(map(str, kv[0]))):
     va, vb = arms.get(claim.a), arms.get(claim.b)
     if va is None or vb is None:
       missing += 1
       continue
     per_cell[cell][0].append(va)
     per_cell[cell][1].append(vb)
-  cells, all_a, all_b = [], [], []
-  for cell, (a, b) in per_cell.items():
+    per_cell[cell][2].append(draw)
+  fields = list(cell_fields) + [draw_field]
+  draw_fields = fields if draw_fields is None else list(draw_fields)
+  if not set(draw_fields) <= set(fields):
+    raise ValueError(f"draw_fields {draw_fields} must be among {fields}")
+  cells = []
+  by_draw: dict = defaultdict(lambda: ([], []))
+  for cell, (a, b, draws) in per_cell.items():
     c = stats.paired(a, b)
     cells.append(dict(cell=dict(zip(cell_fields, cell)), paired=c.to_dict(),
                       verdict=stats.verdict(c, claim.margin, claim.at_least)))
-    all_a += a
-    all_b += b
+    for va, vb, draw in zip(a, b, draws):
+      where = dict(zip(fields, (*cell, draw)))
+      slot = by_draw[tuple(where[f] for f in draw_fields)]
+      slot[0].append(va)
+      slot[1].append(vb)
   pooled = None
-  if all_a:
-    c = stats.paired(all_a, all_b)
-    pooled = dict(paired=c.to_dict(), verdict=stats.verdict(c, claim.margin, claim.at_least))
+  if by_draw:
+    c = stats.paired([sum(a) / len(a) for a, _ in by_draw.values()],
+                     [sum(b) / len(b) for _, b in by_draw.values()])
+    pooled = dict(paired=c.to_dict(), verdict=stats.verdict(c, claim.margin, claim.at_least),
+                  draw_fields=draw_fields)
   return dict(claim=dataclasses.asdict(claim), cells=cells, pooled=pooled, missing=missing)
 
 
@@ -117,8 +134,8 @@ def section(results: Sequence[dict], labels: Mapping[str, str] = {}) -> list[str
       out.append(f"| {cell} | {_fmt(c['paired'])} | {c['paired']['p']:.3g} | {c['verdict']} |")
     if res["pooled"]:
       p = res["pooled"]
-      out.append(f"| **all cells** | {_fmt(p['paired'])} | {p['paired']['p']:.3g} | "
-                 f"**{p['verdict']}** |")
+      out.append(f"| **all cells** (per {', '.join(p['draw_fields'])}) | {_fmt(p['paired'])} | "
+                 f"{p['paired']['p']:.3g} | **{p['verdict']}** |")
     if res["missing"]:
       out.append(f"| ({res['missing']} draw(s) left out: a run failed or is missing) | | | |")
     out.append("")
