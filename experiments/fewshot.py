@@ -422,11 +422,21 @@ def cv_folds(args, name: str) -> int:
   return int(args.cv_folds)
 
 
-def fold_split(pool_labels: np.ndarray, train_idx, val_idx, n_folds: int, fold: int, seed: int):
-  """(train, validation) rows of fold `fold` of a draw's labelled pool (k-shot + validation)."""
+def fold_split(pool_labels: np.ndarray, train_idx, val_idx, n_folds: int, fold: int, seed: int,
+               shots: int):
+  """(train, validation) rows of fold `fold` of a draw's labelled pool (k-shot + validation).
+
+  Stratified k-fold over the pool; each fold's training part is cut to `shots` images per class
+  (seeded), so a knob is chosen at the shot count it is evaluated at, not at the 4/5 of
+  k + validation images a plain fold would train on. The fold's held-out part validates.
+  """
   pool = np.concatenate([train_idx, val_idx])
   tr, va = tuning.kfold(pool_labels[pool], n_folds, seed)[fold]
-  return pool[tr], pool[va]
+  rng = np.random.default_rng([seed, fold])
+  labels = pool_labels[pool[tr]]
+  keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:shots]
+                         for c in np.unique(labels)])
+  return np.sort(pool[tr][keep]), pool[va]
 
 
 def tuning_keys(args, cell: tuple, lr: float, hp: str) -> list[tuple]:
@@ -472,9 +482,15 @@ def choose(records: list[dict], plan: dict, args, run_missing=None) -> dict:
             return float(np.mean([by_key[k]["val_acc"] if by_key[k]["status"] == "ok" else 0.0
                                   for k in keys]))
 
+          grid = {"lr": plan["lrs"][name], **strategy.knobs}
+          if all(len(v) == 1 for v in grid.values()):  # nothing to choose: no tuning runs
+            choice = {k: float(v[0]) for k, v in grid.items()}
+            out[cell] = dict(choice=choice, score=None, grid={k: list(v) for k, v in grid.items()},
+                             edges=[], scores=[],
+                             hp=transfer.hp_string({k: v for k, v in choice.items() if k != "lr"}))
+            continue
           try:
-            t = tuning.tune({"lr": plan["lrs"][name], **strategy.knobs}, score,
-                            args.tune_extend).to_dict()
+            t = tuning.tune(grid, score, args.tune_extend).to_dict()
           except KeyError:  # the report of an unfinished grid: that cell is not tuned yet
             if run_missing is not None:
               raise
@@ -545,7 +561,7 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
           seed, train_idx, val_idx = draws[repeat]
           if fold >= 0:
             train_idx, val_idx = fold_split(runs.pool.labels, train_idx, val_idx,
-                                            cv_folds(args, name), fold, seed)
+                                            cv_folds(args, name), fold, seed, shots)
           t0 = time.time()
           try:
             out = runs.run(name, train_idx, val_idx, lr, seed, budget, test=repeat >= 0, hp=hp)

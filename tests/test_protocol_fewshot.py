@@ -100,3 +100,22 @@ def test_budget_study_smoke_and_report(tiny_source_dir, tmp_path):
   text, _ = budget_study.make_report(records, budget_study.validate(args), args)
   assert text == report  # regenerated from results.json
   assert budget_study.main([*argv, "--factors", "2,4", "--overwrite"]) == 2
+
+
+def test_cv_folds_train_at_k_and_single_points_skip_tuning(tiny_source_dir, tmp_path):
+  labels = np.repeat(np.arange(3), 12)
+  train_idx = np.concatenate([np.flatnonzero(labels == c)[:2] for c in range(3)])
+  val_idx = np.concatenate([np.flatnonzero(labels == c)[2:12] for c in range(3)])
+  seen = []
+  for fold in range(5):
+    tr, va = fewshot.fold_split(labels, train_idx, val_idx, 5, fold, seed=3, shots=2)
+    assert np.array_equal(np.bincount(labels[tr]), [2, 2, 2])  # k per class, as evaluated
+    assert not set(tr) & set(va) and set(tr) | set(va) <= set(train_idx) | set(val_idx)
+    seen += list(va)
+  assert sorted(seen) == sorted(np.concatenate([train_idx, val_idx]))
+  out = tmp_path / "one"
+  argv = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
+          "digits:0,1", "--strategies", "finetune", "--lrs", "1e-3", "--out", str(out), *TINY]
+  assert fewshot.main(argv) == 0
+  records = _records(out)
+  assert records and all(r["role"] == "eval" for r in records)  # one LR: nothing tuned
