@@ -19,6 +19,14 @@ The report gives, per cell, jtransfer minus PyTorch test accuracy per draw (mean
 ties / losses, `jtransfer.protocol.stats.paired`) and how far the two runs of a draw are apart
 (test predictions that agree, largest |test accuracy difference|).
 
+Rounding control (`--rounding-control`, on by default): every Finetune run of the parity table
+is trained once more in PyTorch with each batch's rows reversed -- the same batch, the same mean
+loss, summed in another order -- and PyTorch-reversed minus PyTorch is reported per cell beside
+jtransfer minus PyTorch. It measures how far float rounding alone moves a PyTorch run's test
+accuracy, and sets the equivalence margin of each cell's parity verdict: "equal within rounding"
+when the jtransfer - PyTorch 95% interval lies within +-max(0.5 pt, the largest |PyTorch-reversed
+- PyTorch| of the cell's draws), "different" otherwise.
+
 Stem study (`--stem-study`, on by default): resnet_s with its default stride-2 stem against a
 stride-1 stem (a second source, pretrained the same way and cached), Freeze and Finetune on the
 same draws and head inits, jtransfer only, with the train-step and eval-forward time ratio.
@@ -40,6 +48,7 @@ from bench.common import command, emit
 TARGETS = ("fmnist:1,5,7,8,9", "digits")
 SOURCE = "fmnist:0,2,3,4,6"
 LRS = {"freeze": 1e-2, "finetune": 1e-4}
+MARGIN_FLOOR = 0.005  # the equivalence margin's floor, accuracy (0.5 pt)
 
 
 def parse_args(argv):
@@ -65,6 +74,11 @@ def parse_args(argv):
   p.add_argument("--stem-draws", type=int, default=None,
                  help="draws of the stem study (the first ones of the parity table's; default "
                       "--draws): a stride-1 finetune run costs ~3.5x a stride-2 one")
+  p.add_argument("--rounding-control", dest="rounding_control", action="store_true",
+                 default=True,
+                 help="train each Finetune run's PyTorch arm again with each batch's rows "
+                      "reversed (on by default)")
+  p.add_argument("--no-rounding-control", dest="rounding_control", action="store_false")
   p.add_argument("--logit-tol", type=float, default=1e-3,
                  help="largest |logit| difference of the two nets before training (relative "
                       "to the largest |logit|) accepted as the same net")
@@ -197,8 +211,16 @@ def torch_logits(net, images: np.ndarray, mean, std, batch: int = 500) -> np.nda
   return np.concatenate(out)
 
 
-def torch_run(net, strategy: str, batches, steps: int, lr: float, mean, std):
-  """Trains `net` in place: Adam on the head (freeze) or all params (finetune), BN eval mode."""
+def reversed_rows(batch: dict) -> dict:
+  """The same batch with its rows in reverse order: the same mean loss, summed in another
+  order (BN uses running statistics, so every row's forward is unchanged)."""
+  return {k: np.ascontiguousarray(v[::-1]) for k, v in batch.items()}
+
+
+def torch_run(net, strategy: str, batches, steps: int, lr: float, mean, std,
+              reverse_rows: bool = False):
+  """Trains `net` in place: Adam on the head (freeze) or all params (finetune), BN eval mode;
+  `reverse_rows`: each batch's rows in reverse order (the rounding control)."""
   import torch
   import torch.nn.functional as F
   from jtransfer.data.preprocess import normalize
@@ -209,6 +231,8 @@ def torch_run(net, strategy: str, batches, steps: int, lr: float, mean, std):
                          betas=(0.9, 0.999), eps=1e-8)
   for step in range(steps):
     b = batches.at(step)
+    if reverse_rows:
+      b = reversed_rows(b)
     x = to_nchw(normalize(b["image"], mean, std))
     y = torch.from_numpy(b["label"].astype(np.int64))
     opt.zero_grad(set_to_none=True)
@@ -328,7 +352,8 @@ class OutOfTime(Exception):
 
 def run_target(source, stem: int, spec: str, args, lrs: dict, with_torch: bool,
                data_cache: dict, records: Records, deadline: float) -> None:
-  """Every strategy's runs on every draw of one (source, target), skipping recorded ones."""
+  """Every strategy's runs on every draw of one (source, target), skipping recorded ones;
+  with the rounding control, each Finetune draw's PyTorch run again with rows reversed."""
   from jtransfer.data import Batches
   pool, test = load_target(spec, source.input_shape, args, data_cache)
   jax_arm = JaxArm(source, pool.num_classes, args)
@@ -336,37 +361,59 @@ def run_target(source, stem: int, spec: str, args, lrs: dict, with_torch: bool,
   for name in args.strategies.split(","):
     setup = None
     n = args.draws if stem == 2 else args.stem_draws
-    for i, (seed, train_idx, val_idx) in enumerate(draws(pool.labels, pool.num_classes, args, n)):
-      key = ("run", arch, stem, spec, name, i)
-      if records.get(key) is not None:
-        continue
-      if time.time() > deadline:
-        raise OutOfTime()
-      setup = setup or jax_arm.setup(name)[0]
-      images, labels = pool.images[train_idx], pool.labels[train_idx]
+
+    def torch_trained(seed, images, labels, reverse_rows=False):
+      """The torch net with this draw's source weights and head init, trained; its test
+      predictions and seconds."""
+      params, stats = setup.init(seed, images, labels)
+      net = torch_net(arch, dict(source.config), pool.num_classes, source.input_shape,
+                      params, stats)
+      check = ("check", arch, stem, spec)
+      if records.get(check) is None:  # the same net: equal logits before training
+        lj = np.asarray(setup.forward(params, stats, test.images))
+        lt = torch_logits(net, test.images, source.mean, source.std)
+        records.add(check, diff=float(np.abs(lj - lt).max()), scale=float(np.abs(lj).max()))
       t0 = time.perf_counter()
-      pred_j = np.argmax(jax_arm.run(name, images, labels, test.images, lrs[name], seed), -1)
-      rec = dict(seed=int(seed), jax=float(np.mean(pred_j == test.labels)),
-                 jax_s=time.perf_counter() - t0)
-      if with_torch:
-        params, stats = setup.init(seed, images, labels)
-        net = torch_net(arch, dict(source.config), pool.num_classes, source.input_shape,
-                        params, stats)
-        check = ("check", arch, stem, spec)
-        if records.get(check) is None:  # the same net: equal logits before training
-          lj = np.asarray(setup.forward(params, stats, test.images))
-          lt = torch_logits(net, test.images, source.mean, source.std)
-          records.add(check, diff=float(np.abs(lj - lt).max()), scale=float(np.abs(lj).max()))
+      torch_run(net, name, Batches(images, labels, args.batch_size, seed), args.steps,
+                lrs[name], source.mean, source.std, reverse_rows=reverse_rows)
+      pred = np.argmax(torch_logits(net, test.images, source.mean, source.std), -1)
+      return pred, time.perf_counter() - t0
+
+    for i, (seed, train_idx, val_idx) in enumerate(draws(pool.labels, pool.num_classes, args, n)):
+      images, labels = pool.images[train_idx], pool.labels[train_idx]
+      key = ("run", arch, stem, spec, name, i)
+      if records.get(key) is None:
+        if time.time() > deadline:
+          raise OutOfTime()
+        setup = setup or jax_arm.setup(name)[0]
         t0 = time.perf_counter()
-        torch_run(net, name, Batches(images, labels, args.batch_size, seed), args.steps,
-                  lrs[name], source.mean, source.std)
-        pred_t = np.argmax(torch_logits(net, test.images, source.mean, source.std), -1)
-        rec.update(torch=float(np.mean(pred_t == test.labels)),
-                   agree=float(np.mean(pred_t == pred_j)), torch_s=time.perf_counter() - t0)
-      records.add(key, **rec)
-      print(f"[parity] {arch} stem{stem} {spec} {name} draw {i}: jtransfer {rec['jax']:.4f}"
-            + (f" torch {rec['torch']:.4f} agree {rec['agree']:.4f}" if with_torch else ""),
-            file=sys.stderr)
+        pred_j = np.argmax(jax_arm.run(name, images, labels, test.images, lrs[name], seed), -1)
+        rec = dict(seed=int(seed), jax=float(np.mean(pred_j == test.labels)),
+                   jax_s=time.perf_counter() - t0)
+        if with_torch:
+          pred_t, secs = torch_trained(seed, images, labels)
+          rec.update(torch=float(np.mean(pred_t == test.labels)),
+                     agree=float(np.mean(pred_t == pred_j)), torch_s=secs)
+        records.add(key, **rec)
+        print(f"[parity] {arch} stem{stem} {spec} {name} draw {i}: jtransfer {rec['jax']:.4f}"
+              + (f" torch {rec['torch']:.4f} agree {rec['agree']:.4f}" if with_torch else ""),
+              file=sys.stderr)
+      rev_key = ("rev", arch, stem, spec, name, i)
+      if with_torch and controlled(args, name) and records.get(rev_key) is None:
+        if time.time() > deadline:
+          raise OutOfTime()
+        setup = setup or jax_arm.setup(name)[0]
+        pred_r, secs = torch_trained(seed, images, labels, reverse_rows=True)
+        rec = records.add(rev_key, seed=int(seed), torch_rev=float(np.mean(pred_r == test.labels)),
+                          torch_rev_s=secs)
+        print(f"[parity] {arch} stem{stem} {spec} {name} draw {i}: torch, rows reversed "
+              f"{rec['torch_rev']:.4f}", file=sys.stderr)
+
+
+def controlled(args, name: str) -> bool:
+  """Whether the rounding control retrains this strategy's PyTorch runs (Finetune only:
+  Freeze's runs classify every test image the same)."""
+  return args.rounding_control and name == "finetune"
 
 
 def step_times(source, spec: str, args, data_cache: dict) -> dict:
@@ -409,6 +456,117 @@ def _pct(v: float) -> str:
 
 def _cell(records: Records, arch, stem, spec, name, n) -> list:
   return [records.get(("run", arch, stem, spec, name, i)) for i in range(n)]
+
+
+EQUAL, DIFFERENT = "equal within rounding", "different"
+
+
+def within(pr, margin: float) -> Optional[bool]:
+  """Whether a paired interval lies within +-margin (ends included); None without an interval
+  (fewer than 2 draws)."""
+  if pr.n < 2 or math.isnan(pr.lo):
+    return None
+  eps = 1e-12  # accuracies are k/n: a bound equal to the margin is inside
+  return -margin - eps <= pr.lo and pr.hi <= margin + eps
+
+
+def control_row(arch: str, spec: str, name: str, runs: list, revs: Optional[list],
+                floor: float = MARGIN_FLOOR) -> tuple:
+  """One row of the rounding-control table and the cell's verdict.
+
+  Args:
+    runs: the cell's parity records (`jax`, `torch` accuracies), draw by draw.
+    revs: the same draws' rounding-control records (`torch_rev`; None where a draw has none),
+      or None for a cell without a control.
+    floor: the smallest equivalence margin (accuracy, 0.005 = 0.5 pt).
+
+  Returns:
+    (markdown row, verdict: EQUAL, DIFFERENT or None without an interval).
+  """
+  from jtransfer.protocol import stats
+  pr = stats.paired([r["jax"] for r in runs], [r["torch"] for r in runs])
+  holds = (pr.lo <= 0 <= pr.hi) if not math.isnan(pr.lo) else pr.mean == 0
+  pairs = [(r, v) for r, v in zip(runs, revs or []) if v is not None]
+  margin, rev_txt, wtl, moved, maxd = floor, "-", "-", "-", "-"
+  if pairs:
+    rev = stats.paired([v["torch_rev"] for _, v in pairs], [r["torch"] for r, _ in pairs])
+    d = [v["torch_rev"] - r["torch"] for r, v in pairs]
+    margin = max(floor, max(abs(x) for x in d))
+    rev_txt = stats.format_paired(rev, digits=2)
+    wtl = f"{rev.wins}/{rev.ties}/{rev.losses}"
+    on_jax = sum(1 for r, v in pairs if v["torch_rev"] != r["torch"] and v["torch_rev"] == r["jax"])
+    moved = f"{on_jax}/{sum(1 for x in d if x != 0)}"
+    maxd = f"{100 * max(abs(x) for x in d):.2f}"
+  ok = within(pr, margin)
+  verdict = None if ok is None else (EQUAL if ok else DIFFERENT)
+  shown = "-" if verdict is None else (f"**{verdict}**" if verdict == DIFFERENT else verdict)
+  row = (f"| {arch} | {spec} | {name} | {stats.format_paired(pr, digits=2)} | {rev_txt} | {wtl} "
+         f"| {moved} | {maxd} | +-{100 * margin:.2f} | {'yes' if holds else 'NO'} | {shown} |")
+  return row, verdict
+
+
+def control_section(args, records: Records, plan: dict) -> list:
+  """The rounding-control table (PyTorch-reversed - PyTorch beside jtransfer - PyTorch) and
+  each parity cell's equivalence verdict."""
+  n = args.draws
+  pct = f"{100 * MARGIN_FLOOR:.1f}"
+  lines = ["## Rounding control and parity verdict", ""]
+  if args.rounding_control:
+    lines += ["PyTorch against itself: each Finetune draw's PyTorch run trained again with each "
+              "batch's rows reversed -- the same batches, head init and steps, the same mean "
+              "loss summed in another order (BN uses running statistics, so each row's forward "
+              "is unchanged). rev = PyTorch-reversed - PyTorch per draw, in points: mean [95% "
+              "CI] wins/n (`jtransfer.protocol.stats.paired`), beside jtransfer - PyTorch from "
+              "the table above; rev w/t/l = wins/ties/losses; onto jtransfer = of the draws whose "
+              "reversed run's accuracy differs from PyTorch's, those where it equals "
+              "jtransfer's; max |rev| = the largest per-draw |rev|, points. Freeze "
+              "cells have no control (their runs classify every test image the same).", ""]
+  else:
+    lines += ["No rounding control in this run (`--no-rounding-control`): every margin is the "
+              "floor.", ""]
+  lines += [f"Verdict rule: a cell's parity is **{EQUAL}** when its jtransfer - PyTorch 95% "
+            f"interval lies within +-m, m = max({pct} pt, the largest |PyTorch-reversed - "
+            f"PyTorch| of the cell's draws) ({pct} pt where a cell has no control); "
+            f"**{DIFFERENT}** otherwise; no verdict with fewer than 2 draws. \"CI holds 0\" "
+            "is the table above's column, kept for reference: it asks for a difference of "
+            "exactly 0, which rounding alone can miss.", "",
+            "| arch | target | strategy | jtransfer - PyTorch [95% CI] wins/n | PyTorch-reversed "
+            "- PyTorch [95% CI] wins/n | rev w/t/l | onto jtransfer | max abs rev | "
+            "margin m, pt | CI holds 0 | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+  verdicts, complete, spread = [], True, 0
+  for arch in plan["archs"]:
+    for spec in plan["targets"]:
+      for name in plan["strategies"]:
+        cell = _cell(records, arch, 2, spec, name, n)
+        idx = [i for i, r in enumerate(cell) if r]
+        if not idx:
+          complete = False
+          continue
+        revs = None
+        if controlled(args, name):
+          revs = [records.get(("rev", arch, 2, spec, name, i)) for i in idx]
+          complete &= all(v is not None for v in revs)
+        complete &= len(idx) == n
+        row, verdict = control_row(arch, spec, name, [cell[i] for i in idx], revs)
+        lines.append(row)
+        verdicts.append(verdict)
+        js = [cell[i]["jax"] - cell[i]["torch"] for i in idx]
+        spread += len(set(js)) > 1  # an interval wider than a point
+  so_far = "" if complete else " so far"
+  n_eq = sum(v == EQUAL for v in verdicts)
+  lines += ["", f"Parity{so_far}: **{n_eq} of {len(verdicts)} cells {EQUAL}**"
+            + (f"; {DIFFERENT}: {sum(v == DIFFERENT for v in verdicts)}" if
+               any(v == DIFFERENT for v in verdicts) else "")
+            + (f"; no verdict: {sum(v is None for v in verdicts)}" if None in verdicts else "")
+            + "."]
+  if spread:
+    lines += ["", f"{spread} cell(s) of the table above have an interval wider than a point "
+              "(the others' draws all differ by the same amount, mostly 0): were they independent "
+              f"and every true difference 0, at least one of {spread} 95% intervals would miss "
+              f"0 with probability 1 - 0.95^{spread} = {1 - 0.95 ** spread:.2f}."]
+  lines.append("")
+  return lines
 
 
 def report(args, argv, records: Records, plan: dict, missing: int) -> str:
@@ -479,6 +637,7 @@ def report(args, argv, records: Records, plan: dict, missing: int) -> str:
             "running RMS, so rounding-level differences in the gradients of weights whose "
             "gradient is near zero become full-size steps. Its runs should therefore disagree "
             "on a few test images near a decision boundary, in either direction.", ""]
+  lines += control_section(args, records, plan)
   if plan["stem"]:
     lines += ["## resnet_s stem: stride 1 against stride 2", "",
               f"jtransfer only; the first {args.stem_draws} draws of the table above, with the "
@@ -507,7 +666,9 @@ def report(args, argv, records: Records, plan: dict, missing: int) -> str:
                 "ratios are the figure to read):", "",
                 "| what | stride 2 (ms) | stride 1 (ms) | stride 1 / stride 2 |",
                 "|---|---|---|---|"]
-      for what in t2["times"]:
+      # the records' JSON has sorted keys: steps by batch size, then the forward
+      for what in sorted(t2["times"], key=lambda w: (w.startswith("eval"),
+                                                     int("".join(filter(str.isdigit, w))))):
         a, b = t2["times"][what], t1["times"][what]
         lines.append(f"| {what} | {1000 * a:.1f} | {1000 * b:.1f} | {b / a:.2f}x |")
       lines.append(f"| source pretraining (2 epochs), s | {t2['pretrain_s']:.0f} | "
@@ -560,6 +721,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   have = sum(1 for k in records.items if k[0] == "run" and k[1] in archs and k[3] in targets
              and k[4] in strategies and k[5] < (args.draws if k[2] == 2 else args.stem_draws)
              and (k[2] == 2 or stem))
+  controls = [s for s in strategies if controlled(args, s)]
+  want += len(archs) * len(targets) * len(controls) * args.draws
+  have += sum(1 for k in records.items if k[0] == "rev" and k[1] in archs and k[2] == 2
+              and k[3] in targets and k[4] in controls and k[5] < args.draws)
   if stem:  # the two step-time measurements count as runs
     want += 2
     have += sum(records.get(("timing", stride)) is not None for stride in (1, 2))

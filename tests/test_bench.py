@@ -105,3 +105,38 @@ def test_parity_runs_tiny(tmp_path):
   text = out.read_text()
   assert text.startswith("# PyTorch accuracy parity\n\n```\npython -m bench.parity --source")
   assert "| vgg_s | digits | freeze | " in text and "| vgg_s | digits | finetune | " in text
+  assert "## Rounding control and parity verdict" in text  # on by default: a reversed run
+
+
+def test_parity_rounding_control_reverses_rows_and_renders():
+  """The rounding control's batch: the same rows reversed, so the same mean loss to rounding;
+  its report row gives both differences, the margin and the verdict."""
+  import torch
+  import torch.nn.functional as F
+  from bench import parity
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8),
+           "label": rng.integers(0, 5, 8).astype(np.int32)}
+  rev = parity.reversed_rows(batch)
+  assert np.array_equal(rev["image"], batch["image"][::-1])
+  assert np.array_equal(rev["label"], batch["label"][::-1])
+  source = parity.random_source("resnet_s")
+  v = source.variables
+  net = parity.torch_net("resnet_s", dict(source.config), 5, (28, 28, 1), v["params"],
+                         v["batch_stats"])
+  losses = []
+  for b in (batch, rev):
+    x = parity.to_nchw(normalize(b["image"], source.mean, source.std))
+    with torch.no_grad():
+      losses.append(float(F.cross_entropy(net(x), torch.from_numpy(b["label"].astype(np.int64)))))
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+  runs = [dict(jax=0.9, torch=0.9), dict(jax=0.902, torch=0.9), dict(jax=0.9, torch=0.9)]
+  revs = [dict(torch_rev=0.9), dict(torch_rev=0.902), None]
+  row, verdict = parity.control_row("vgg_s", "digits", "finetune", runs, revs)
+  assert verdict == parity.EQUAL  # [-0.22, +0.35] pt within the 0.5 pt floor
+  assert row.startswith("| vgg_s | digits | finetune | +0.07 [-0.22, +0.35] 1/3 | "
+                        "+0.10 [-1.17, +1.37] 1/2 | 1/1/0 | 1/1 | 0.20 | +-0.50 | yes | ")
+  wide = [dict(jax=0.93, torch=0.9), dict(jax=0.94, torch=0.9)]  # [-2.85, +9.85] holds 0
+  row, verdict = parity.control_row("vgg_s", "digits", "finetune", wide, None)
+  assert verdict == parity.DIFFERENT and row.endswith("| - | - | - | - | +-0.50 | yes | "
+                                                      "**different** |")
