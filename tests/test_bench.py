@@ -25,17 +25,51 @@ def test_bench_pruning_runs_tiny(tmp_path):
     assert row in text
 
 
-def test_bench_grid_runs_tiny(tmp_path):
+def test_bench_grid_runs_tiny(tmp_path, tiny_source_dir):
+  """Both arms of the protocol grid run the same runs; on a tiny grid they agree run by run."""
   from bench import bench_grid
   out = tmp_path / "g.md"
-  assert bench_grid.main(["--archs", "vgg_s", "--targets", "digits", "--shots", "1", "--steps",
-                          "2", "--test-per-class", "3", "--paths", "default,plain,processes,torch",
-                          "--out", str(out)]) == 0
+  assert bench_grid.main(["--archs", "vgg_s", "--targets", "digits", "--shots", "1",
+                          "--tune-repeats", "1", "--tune-extend", "0", "--steps", "4",
+                          "--patience", "2", "--eval-every", "2", "--val-per-class", "3",
+                          "--test-per-class", "3", "--torch-threads", "1",
+                          "--source", "ckpt:" + tiny_source_dir("vgg_s"), "--out", str(out)]) == 0
   text = out.read_text()
-  assert "| jtransfer default | 8 |" in text and "| PyTorch loop" in text
-  assert "default vs plain over 8 runs: 0.00e+00" in text
-  assert "| jtransfer processes (1 x 1 core) | 8 |" in text  # one target: one worker
-  assert "processes vs plain over 8 runs" in text
+  assert text.startswith("# Table I grid wall time under the protocol\n\n```\n"
+                         "python -m bench.bench_grid --archs vgg_s")
+  # 4 LRs x 1 tuning draw + 1 evaluation run at the chosen LR, per strategy, in both arms.
+  assert "| jtransfer (`cwl_tables`, Freeze on cached features) | 10 (8 + 2) |" in text
+  assert "| PyTorch loop (full forward every step, one run at a time) | 10 (8 + 2) |" in text
+  assert "| evaluation runs, each arm at its own chosen LR: test accuracy | 2 |" in text
+  assert "| tuning runs, same draw and LR: validation accuracy | 8 |" in text
+  assert "Chosen LR equal in 2/2 cells" in text and "Failed runs: jtransfer 0, torch 0." in text
+
+
+def test_bench_grid_cwl_twin_is_torch_refs_cwl_net():
+  """bench_grid.with_cwl puts the scale layers where torch_ref's cwl=True nets have them (same
+  state-dict names), and the copy computes sigma * unit output (after BN where there is one)."""
+  import copy
+
+  import torch
+  from bench import bench_grid, torch_ref
+  for arch in ("vgg_s", "resnet_s"):
+    torch.manual_seed(0)
+    plain = torch_ref.make(arch, (28, 28, 1), 5).eval()
+    twin = bench_grid.with_cwl(plain)
+    assert list(twin.state_dict()) == list(torch_ref.make(arch, (28, 28, 1), 5,
+                                                          cwl=True).state_dict())
+    folded = copy.deepcopy(plain)  # sigma folded into the conv (no BN) or the BN affine
+    with torch.no_grad():
+      for name, unit in folded.named_modules():
+        if isinstance(unit, torch.nn.Sequential) and isinstance(unit[0], torch.nn.Conv2d):
+          sigma = next(m for m in twin.get_submodule(name)
+                       if isinstance(m, torch_ref.Scale)).sigma
+          sigma.uniform_(0.5, 1.5)
+          bn = isinstance(unit[1], torch.nn.BatchNorm2d)
+          unit[int(bn)].weight.mul_(sigma if bn else sigma.view(-1, 1, 1, 1))
+          unit[int(bn)].bias.mul_(sigma)
+      x = torch.randn(3, 1, 28, 28)
+      torch.testing.assert_close(twin(x), folded(x), rtol=1e-4, atol=1e-5)
 
 
 def test_torch_resnet50_reference_is_torchvisions_net():
