@@ -24,14 +24,14 @@ def _selection(records):
 
 
 @pytest.mark.parametrize("strategies,extra", [
-    ("freeze,finetune", []),
-    ("l2sp", ["--cv-folds", "2", "--target", "digits:0,1,2"]),  # alpha by 2-fold CV
+    ("freeze,finetune", ["--lrs", "1e-3,1e-2"]),
+    # alpha by 2-fold CV on one tuning draw, the LR fixed
+    ("l2sp", ["--cv-folds", "2", "--lrs", "1e-2", "--tune-repeats", "1"]),
 ])
 def test_no_test_image_reaches_selection(tiny_source_dir, tmp_path, monkeypatch, strategies,
                                          extra):
   src = ["--arch", "resnet_s", "--source", f"ckpt:{tiny_source_dir('resnet_s')}",
-         "--strategies", strategies, "--lrs", "1e-4,1e-3,1e-2", *TINY]
-  src += extra or ["--target", "digits:0,1,2"]
+         "--strategies", strategies, *TINY, *extra, "--target", "digits:0,1,2"]
   assert fewshot.main([*src, "--out", str(tmp_path / "real")]) == 0
   real = _records(tmp_path / "real")
 
