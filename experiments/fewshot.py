@@ -6,8 +6,8 @@
 
 writes results.jsonl (one record per finished run), results.json, report.md and
 accuracy_vs_shots.png. With no flags it runs the embedded default: both small archs, both
-embedded targets, freeze and finetune, shots 1,5,10, 2 evaluation draws, 2 LRs per strategy,
-300 test images per class.
+embedded targets, freeze and finetune, shots 1,5,10, 2 evaluation draws and 1 tuning draw,
+2 LRs per strategy (extended at an edge), runs capped at 500 steps, 300 test images per class.
 
 Protocol (DESIGN.md section 8, `jtransfer.protocol`): for each (arch, target, k) and draw one
 stratified k-shot set plus a disjoint validation set (`--val-per-class`) from the target's train
@@ -132,7 +132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--lrs", default="reduced",
                  help="'paper' (the CWL paper's grid per strategy), 'reduced' (2 per strategy) "
                       "or a comma list")
-  add_protocol_flags(p)
+  add_protocol_flags(p, tune_repeats=1)  # one tuning draw keeps the embedded demo short
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--test-per-class", type=int, default=300,
                  help="cap on test images per class (0 = all)")
