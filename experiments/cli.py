@@ -28,6 +28,15 @@ def add_results_flags(p: argparse.ArgumentParser, out: str,
   add_devices_flag(p)
 
 
+def check_validation_needs(args: argparse.Namespace) -> None:
+  """Early stopping (--patience) and tuning draws (--tune-repeats) read validation images:
+  refuse either without them, naming the flag to change."""
+  for flag, value in (("--patience", args.patience), ("--tune-repeats", args.tune_repeats)):
+    if value and not args.val_per_class:
+      raise InputError(f"{flag} needs validation images: set --val-per-class >= 1 or "
+                       f"{flag} 0")
+
+
 def apply_devices(args: argparse.Namespace) -> None:
   """Sets the default training mesh from args.devices; exits 2 with a message if impossible."""
   try:

@@ -272,12 +272,7 @@ def validate(args: argparse.Namespace) -> dict:
     raise InputError(f"--lam {args.lam!r}: a grid of distillation lambda must lie in (0, 1) "
                      "(it is tuned on the odds scale lambda / (1 - lambda)); one value may be "
                      "0 or 1")
-  if args.patience and not args.val_per_class:
-    raise InputError("--patience needs validation images: set --val-per-class >= 1 or "
-                     "--patience 0")
-  if args.tune_repeats and not args.val_per_class:
-    raise InputError("--tune-repeats needs validation images: set --val-per-class >= 1 or "
-                     "--tune-repeats 0")
+  cli.check_validation_needs(args)
   if not args.tune_repeats:
     multi = [f for f, g in (("--teacher-lr", grids["teacher"]["lr"]),
                             ("--student-lr", grids["student_lr"]), ("--ft-lr", grids["ft_lr"]),
@@ -467,9 +462,9 @@ class Runner:
       (state, {'steps', 'best_step', 'stopped'}).
     """
     a = self.args
-    if a.patience == 0:
+    budget = Budget.from_flags(cap, a.eval_every, a.patience)
+    if budget is None:
       return fit(state, step, batch_at, cap), dict(steps=cap, best_step=cap, stopped="fixed")
-    budget = Budget(cap=cap, eval_every=min(a.eval_every, cap), patience=a.patience)
     images, labels = val
     val_acc = lambda st: accuracy(predict_logits(forward, st.params, st.batch_stats, images),
                                   labels)
@@ -794,16 +789,12 @@ def choose(records: list[dict], plan: dict, args, run_missing=None,
         return float(np.mean([by_key[k]["val_acc"] if by_key[k]["status"] == "ok" else 0.0
                               for k in keys]))
 
-      if all(len(v) == 1 for v in grid.values()):
-        t = dict(choice={n: float(v[0]) for n, v in grid.items()}, score=None,
-                 grid={n: list(v) for n, v in grid.items()}, edges=[], scores=[])
-      else:
-        try:
-          t = tuning.tune(grid, score, args.tune_extend).to_dict()
-        except KeyError:  # the report of an unfinished grid: that cell is not tuned yet
-          if run_missing is not None:
-            raise
-          continue
+      try:  # a one-point grid is chosen without tuning runs
+        t = tuning.tune(grid, score, args.tune_extend).to_dict()
+      except KeyError:  # the report of an unfinished grid: that cell is not tuned yet
+        if run_missing is not None:
+          raise
+        continue
       t["lr"] = t["choice"]["lr"]
       t["knobs"] = point_knobs(t["choice"])
       t["hp"] = transfer.hp_string(t["knobs"])

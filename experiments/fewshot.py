@@ -111,10 +111,7 @@ def add_protocol_flags(p: argparse.ArgumentParser, steps: int = 500, patience: i
 
 def budget_of(args: argparse.Namespace) -> Budget | None:
   """The run budget from the flags: None = fixed --steps, keep the last state."""
-  if args.patience == 0:
-    return None
-  return Budget(cap=args.steps, eval_every=min(args.eval_every, args.steps),
-                patience=args.patience)
+  return Budget.from_flags(args.steps, args.eval_every, args.patience)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -175,12 +172,7 @@ def validate(args: argparse.Namespace) -> dict:
     raise InputError(f"--cv-folds must be 'auto', 0 or an integer >= 2, got {args.cv_folds!r}")
   if args.eval_every < 1:
     raise InputError(f"--eval-every must be >= 1, got {args.eval_every}")
-  if args.patience and not args.val_per_class:
-    raise InputError("--patience needs validation images: set --val-per-class >= 1 or "
-                     "--patience 0")
-  if args.tune_repeats and not args.val_per_class:
-    raise InputError("--tune-repeats needs validation images: set --val-per-class >= 1 or "
-                     "--tune-repeats 0")
+  cli.check_validation_needs(args)
   if args.batch_size < 1:
     raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
   resolve_batch_runs(args.batch_runs)
@@ -483,13 +475,7 @@ def choose(records: list[dict], plan: dict, args, run_missing=None) -> dict:
                                   for k in keys]))
 
           grid = {"lr": plan["lrs"][name], **strategy.knobs}
-          if all(len(v) == 1 for v in grid.values()):  # nothing to choose: no tuning runs
-            choice = {k: float(v[0]) for k, v in grid.items()}
-            out[cell] = dict(choice=choice, score=None, grid={k: list(v) for k, v in grid.items()},
-                             edges=[], scores=[],
-                             hp=transfer.hp_string({k: v for k, v in choice.items() if k != "lr"}))
-            continue
-          try:
+          try:  # a one-point grid is chosen without tuning runs
             t = tuning.tune(grid, score, args.tune_extend).to_dict()
           except KeyError:  # the report of an unfinished grid: that cell is not tuned yet
             if run_missing is not None:

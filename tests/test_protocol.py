@@ -118,6 +118,9 @@ def test_tune_two_axes_ties_and_fixed_axes():
   assert len(calls) == len(t.scores) == 3 * 3
   with pytest.raises(InputError, match="distinct finite"):
     tuning.tune({"lr": [1e-3, float("nan")]}, score)
+  calls.clear()
+  one = tuning.tune({"lr": [1e-3], "alpha": [0.1]}, score)
+  assert one.choice == {"lr": 1e-3, "alpha": 0.1} and one.score is None and not calls
 
 
 def test_kfold_is_stratified_and_disjoint():

@@ -42,6 +42,15 @@ class Budget:
     if not self.min_delta >= 0:
       raise InputError(f"budget min_delta must be >= 0, got {self.min_delta!r}")
 
+  @classmethod
+  def from_flags(cls, cap: int, eval_every: int, patience: int) -> Optional["Budget"]:
+    """The budget of the experiment flags --steps (cap), --eval-every, --patience; None when
+    patience is 0 (train exactly `cap` steps, keep the last state). eval_every is clipped to
+    the cap so a short run is evaluated at least once."""
+    if patience == 0:
+      return None
+    return cls(cap=cap, eval_every=min(eval_every, cap), patience=patience)
+
   def scaled(self, factor: int) -> "Budget":
     """The same rule with cap and patience times `factor` (the budget study's 2x, 4x)."""
     return dataclasses.replace(self, cap=self.cap * factor, patience=self.patience * factor)

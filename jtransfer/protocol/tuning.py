@@ -27,7 +27,7 @@ class Tuned:
 
   Attributes:
     choice: axis name -> chosen value.
-    score: the chosen point's score.
+    score: the chosen point's score (None for a one-point grid, which is never scored).
     scores: every scored point (a tuple of values in axis order) -> score.
     grid: axis name -> values, as extended.
     edges: axes whose chosen value is still the first or last of the (extended) grid:
@@ -67,13 +67,16 @@ def tune(grid: Mapping[str, Sequence[float]], score: Callable[[dict], float],
 
   Returns:
     A `Tuned`. Ties go to the point first in grid order (smaller values first); an edge is
-    extended only when it scores strictly higher than its neighbour on that axis.
+    extended only when it scores strictly higher than its neighbour on that axis. A grid of
+    one point is returned as chosen without calling `score`.
   """
   names = list(grid)
   axes = {n: sorted(float(v) for v in grid[n]) for n in names}
   for n, v in axes.items():
     if not v or len(set(v)) != len(v) or not all(math.isfinite(x) for x in v):
       raise InputError(f"tuning grid {n!r} must hold distinct finite values, got {grid[n]!r}")
+  if all(len(v) == 1 for v in axes.values()):  # nothing to choose: score nothing, train nothing
+    return Tuned({n: v[0] for n, v in axes.items()}, None, {}, axes, [])
   scores: dict = {}
   extended = {(n, s): 0 for n in names for s in ("low", "high")}
   while True:
