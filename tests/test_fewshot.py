@@ -122,3 +122,32 @@ def test_kshot_too_large_is_caught_before_any_training(tmp_path, capsys, monkeyp
   assert fewshot.main(argv) == 2
   assert "k-shot 500 is larger than class 0" in capsys.readouterr().err
   assert not called
+
+
+def test_finetune_bn_uses_batch_statistics_and_updates_running_ones(tiny_source_dir):
+  """finetune_bn: the loss equals a hand forward with BN in train mode (batch statistics), and
+  the step moves the running averages, which finetune leaves at the source's."""
+  import jax
+  from jtransfer import models
+  from jtransfer.data.preprocess import normalize
+  from jtransfer.methods import transfer
+  from jtransfer.train import evaluate, init_state, make_train_step
+  source = transfer.load_source(tiny_source_dir("resnet_s"))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (6, *source.input_shape), dtype=np.uint8),
+           "label": np.array([0, 1, 2, 0, 1, 2], np.int32)}
+  stats_after = {}
+  for name in ("finetune", "finetune_bn"):
+    setup = transfer.get_strategy(name).build(source, 3, 10)
+    params, stats = setup.init(0, batch["image"], batch["label"])
+    logits, _, _ = models.apply_model(setup.model, params, stats,
+                                      normalize(batch["image"], source.mean, source.std),
+                                      train=name == "finetune_bn")
+    want = float(evaluate.cross_entropy(logits, batch["label"]))
+    state = init_state(params, stats, setup.optimizer, 0, 1e-3)  # the step donates `state`
+    new, m = make_train_step(setup.loss_fn, setup.optimizer)(state, batch)
+    assert float(m["ce"]) == pytest.approx(want, rel=1e-5)
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                         new.batch_stats, stats)
+    stats_after[name] = max(jax.tree.leaves(moved))
+  assert stats_after["finetune"] == 0.0 and stats_after["finetune_bn"] > 0.0

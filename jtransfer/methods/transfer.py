@@ -202,10 +202,21 @@ def _build_finetune(source, num_classes, total_steps):
   return rule_setup(source, num_classes, [(".*", "all")], {"all": optim.adam(1.0)})
 
 
+def _build_finetune_bn(source, num_classes, total_steps):
+  model = target_model(source, num_classes)
+  return rule_setup(source, num_classes, [(".*", "all")], {"all": optim.adam(1.0)},
+                    ce_loss_fn(model, source.mean, source.std, bn_train=True))
+
+
 register(Strategy("freeze", FREEZE_LRS, _build_freeze, head_only=True,
                   description="conv layers frozen (BN running stats), new linear head, Adam"))
 register(Strategy("finetune", FINETUNE_LRS, _build_finetune,
                   description="all layers trained, BN running stats, new linear head, Adam"))
+# BN in train mode: batch statistics in the forward, running averages updated (evaluation uses
+# them), as torchvision's finetuning recipes and the independent PyTorch run of issue 16 do.
+register(Strategy("finetune_bn", FINETUNE_LRS, _build_finetune_bn,
+                  description="all layers trained, BN batch stats while training (running "
+                              "averages updated), new linear head, Adam"))
 
 
 # ----------------------------------------------------------------------------- features
