@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import cli, fewshot, pretrain
+from experiments import cli, fewshot, pretrain, publish
 from experiments.report import ResultsDir, pct, positive_ints
 from jtransfer import models
 from jtransfer.errors import InputError
@@ -142,6 +142,20 @@ def make_report(records: list[dict], plan: dict, args) -> tuple[str, dict]:
   return "\n".join(lines), summary
 
 
+def record_key(r: dict) -> tuple:
+  """A gathered record's key: its factor, then its few-shot key."""
+  return (r["factor"], *map(str, fewshot.record_key(r)))
+
+
+def grid_keys(records: list[dict], plan: dict, args) -> set[tuple]:
+  """Every run of every factor's grid (`fewshot.grid_keys` at that factor's budget)."""
+  keys = set()
+  for f in plan["factors"]:
+    mine = [r for r in records if r["factor"] == f]
+    keys |= {(f, *map(str, k)) for k in fewshot.grid_keys(mine, plan, scaled(args, f))}
+  return keys
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   cli.apply_devices(args)
@@ -150,12 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   if started is None:
     return 2
   plan, results, records = started
-  records = sorted(records, key=lambda r: (r["factor"], *map(str, fewshot.record_key(r))))
-  results.write_json("results.json", records)
-  text, summary = make_report(records, plan, args)
-  results.write_text("report.md", text)
-  results.write_json("summary.json", summary)
+  records = sorted(records, key=record_key)
+  text, _ = publish.save(results, PUBLISHER, argv, records, plan, args, t0)
   return cli.finish(results, text, t0)
+
+
+PUBLISHER = publish.Publisher(
+    "experiments.budget_study", parse_args, validate,
+    lambda records, plan, args, _: make_report(records, plan, args), grid_keys, record_key)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,35 @@ def add_results_flags(p: argparse.ArgumentParser, out: str,
   add_devices_flag(p)
 
 
+def add_stopping_flags(p: argparse.ArgumentParser, patience: int = 100, what: str = "a run",
+                       steps: int | None = None) -> None:
+  """--patience and --eval-every (and --steps when given a default): the stopping rule of
+  `jtransfer.protocol.budget` (DESIGN.md section 8, rule 1), for modules whose runs stop early.
+
+  Args:
+    p: the parser.
+    patience: default of --patience.
+    what: the runs the flags govern, for the help text ("a run", "the transfer", ...).
+    steps: default of --steps; None = the module declares its own cap flags.
+  """
+  if steps is not None:
+    p.add_argument("--steps", type=int, default=steps,
+                   help=f"step cap of {what} (with --patience 0: the exact number of steps)")
+  p.add_argument("--patience", type=int, default=patience,
+                 help=f"stop {what} once its validation accuracy has not improved for this "
+                      "many steps and keep its best validation state; 0 = train to the cap and "
+                      "keep the last state")
+  p.add_argument("--eval-every", type=int, default=10,
+                 help=f"steps between validation evaluations of {what}")
+
+
+def add_tune_extend_flag(p: argparse.ArgumentParser, default: int = 2) -> None:
+  """--tune-extend: how far `jtransfer.protocol.tuning.tune` may extend a grid at an edge."""
+  p.add_argument("--tune-extend", type=int, default=default,
+                 help="when a chosen value is the first or last of its grid, extend that grid "
+                      "by up to this many values on that side")
+
+
 def check_validation_needs(args: argparse.Namespace) -> None:
   """Early stopping (--patience) and tuning draws (--tune-repeats) read validation images:
   refuse either without them, naming the flag to change."""

@@ -174,21 +174,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   # The protocol (DESIGN.md section 8).
   p.add_argument("--teacher-steps", type=int, default=500, help="step cap of a teacher run")
   p.add_argument("--student-steps", type=int, default=1000, help="step cap of a student run")
-  p.add_argument("--patience", type=int, default=100,
-                 help="stop a run once its validation accuracy has not improved for this many "
-                      "steps and keep its best validation state; 0 = train every run for its "
-                      "cap and keep the last state")
-  p.add_argument("--eval-every", type=int, default=10,
-                 help="steps between validation evaluations of a run")
+  cli.add_stopping_flags(p, 100, "a run")
   p.add_argument("--val-per-class", type=int, default=20,
                  help="validation images per class, disjoint from the k-shot set and from test")
   p.add_argument("--tune-repeats", type=int, default=2,
                  help="tuning draws per target (not evaluation draws, never tested) on which "
                       "every grid is chosen by mean validation accuracy; 0 = no tuning (every "
                       "hyper-parameter flag must then hold one value)")
-  p.add_argument("--tune-extend", type=int, default=2,
-                 help="when a chosen value is its grid's first or last, extend the grid by up "
-                      "to this many values on that side")
+  cli.add_tune_extend_flag(p)
   p.add_argument("--approach-margin", type=float, default=DEFAULT_MARGIN,
                  help="'approaches the teacher' is tested as student >= teacher - this margin "
                       "(accuracy units: 0.02 = 2 points)")
@@ -778,23 +771,16 @@ def choose(records: list[dict], plan: dict, args, run_missing=None,
         continue  # the teacher is not chosen yet (unfinished grid): nor are its students
       grid = variant_grid(plan, variant)
 
-      def score(point, spec=spec, variant=variant):
-        hp = transfer.hp_string(point_knobs(point))
-        keys = tuning_keys(args, spec, variant, point["lr"], hp)
-        for k in keys:
-          if k not in by_key:
-            if run_missing is None:
-              raise KeyError(k)
-            by_key[k] = run_missing(k, out)
-        return float(np.mean([by_key[k]["val_acc"] if by_key[k]["status"] == "ok" else 0.0
-                              for k in keys]))
+      def keys_of(point, spec=spec, variant=variant):
+        return tuning_keys(args, spec, variant, point["lr"],
+                           transfer.hp_string(point_knobs(point)))
 
-      try:  # a one-point grid is chosen without tuning runs
-        t = tuning.tune(grid, score, args.tune_extend).to_dict()
-      except KeyError:  # the report of an unfinished grid: that cell is not tuned yet
-        if run_missing is not None:
-          raise
+      found = tuning.tune_records(
+          grid, keys_of, by_key, None if run_missing is None else lambda k: run_missing(k, out),
+          args.tune_extend)
+      if found is None:  # the report of an unfinished grid: that cell is not tuned yet
         continue
+      t = found.to_dict()
       t["lr"] = t["choice"]["lr"]
       t["knobs"] = point_knobs(t["choice"])
       t["hp"] = transfer.hp_string(t["knobs"])

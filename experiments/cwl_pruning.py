@@ -91,13 +91,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--strategy", default="freeze_cwl", choices=CWL_STRATEGIES)
   p.add_argument("--lr", type=float, default=None,
                  help="transfer learning rate (default: 1e-2 freeze_cwl, 1e-4 finetune_cwl)")
-  p.add_argument("--steps", type=int, default=500,
-                 help="transfer step cap (with --patience 0: the exact number of steps)")
-  p.add_argument("--patience", type=int, default=100,
-                 help="stop the transfer once its validation accuracy has not improved for this "
-                      "many steps and keep its best validation state; 0 = train --steps")
-  p.add_argument("--eval-every", type=int, default=10,
-                 help="steps between validation evaluations of the transfer")
+  cli.add_stopping_flags(p, 100, "the transfer", steps=500)
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--taus", default="0.2,0.4,0.6,0.8,1.0,1.2")
   p.add_argument("--multiple", type=int, default=1,
@@ -110,9 +104,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--ft-lrs", default="1e-5,1e-4,1e-3",
                  help="finetuning learning rates (Adam), comma list; chosen per draw, tau and "
                       "epoch count on the draw's validation set")
-  p.add_argument("--tune-extend", type=int, default=1,
-                 help="when the chosen finetuning LR is the grid's first or last, extend the "
-                      "grid by up to this many values on that side")
+  cli.add_tune_extend_flag(p, 1)
   p.add_argument("--test-per-class", type=int, default=300, help="0 = all")
   p.add_argument("--latency-runs", type=int, default=20)
   p.add_argument("--latency-batches", default="1,128")

@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import cli, fewshot, pretrain
+from experiments import cli, fewshot, pretrain, publish
 from experiments.report import best_over_lr
 from jtransfer import models
 from jtransfer.methods import transfer
@@ -198,15 +198,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   if started is None:
     return 2
   plan, results, _ = started
-  records = sorted(results.records, key=lambda r: tuple(map(str, fewshot.record_key(r))))
-  # Timings stay in results.jsonl: results.json holds what the seed determines.
-  results.write_json("results.json", [{k: v for k, v in r.items() if k != "seconds"}
-                                      for r in records])
-  text, summary = make_report(records, plan, args)
-  results.write_text("report.md", text)
-  results.write_json("summary.json", summary)
+  text, summary = publish.save(results, PUBLISHER, argv,
+                               fewshot.results_records(results.records), plan, args, t0)
   fewshot.plot(summary, plan, os.path.join(results.path, "accuracy_vs_shots.png"))
   return cli.finish(results, text, t0)
+
+
+PUBLISHER = publish.Publisher(
+    "experiments.cwl_tables", parse_args, make_plan,
+    lambda records, plan, args, _: make_report(records, plan, args), fewshot.grid_keys,
+    fewshot.record_key)
 
 
 if __name__ == "__main__":

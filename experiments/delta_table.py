@@ -66,7 +66,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import cli, fewshot, pretrain
+from experiments import cli, fewshot, pretrain, publish
 from experiments.report import ResultsDir
 from jtransfer import models, surgery
 from jtransfer.data import Batches, parse_spec, sample_kshot
@@ -518,14 +518,34 @@ def curves_for(args, plan: dict, results: ResultsDir) -> dict | None:
   return curves
 
 
-def write_outputs(results: ResultsDir, plan: dict, args, curves: dict | None) -> str:
-  records = sorted(results.records, key=lambda r: tuple(map(str, fewshot.record_key(r))))
-  # results.json holds only what the seed determines (timings stay in results.jsonl).
-  results.write_json("results.json", [{k: v for k, v in r.items() if k != "seconds"}
-                                      for r in records])
-  text, summary = make_report(records, plan, args, curves)
-  results.write_text("report.md", text)
-  results.write_json("summary.json", summary)
+def read_curves(folder: str) -> dict | None:
+  path = os.path.join(folder, "curves.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def publish_report(records: list[dict], plan: dict, args, folder: str) -> tuple[str, dict]:
+  """The report from a folder's records and curves.json, under the plan's DELTA settings."""
+  old = delta.get_config()
+  try:
+    delta.configure(**plan["delta"])
+    with strategy_knobs(plan["alphas"]):
+      return make_report(records, plan, args, read_curves(folder) if plan["curves"] else None)
+  finally:
+    delta.set_config(old)
+
+
+def grid_keys(records: list[dict], plan: dict, args) -> set[tuple]:
+  with strategy_knobs(plan["alphas"]):
+    return fewshot.grid_keys(records, plan, args)
+
+
+def write_outputs(results: ResultsDir, plan: dict, args, curves: dict | None, argv,
+                  t0: float) -> str:
+  text, summary = publish.save(results, PUBLISHER, argv,
+                               fewshot.results_records(results.records), plan, args, t0)
   fewshot.plot(summary, plan, os.path.join(results.path, "accuracy_vs_shots.png"))
   if curves:
     plot_curves(curves, os.path.join(results.path, "learning_curves.png"))
@@ -547,13 +567,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with strategy_knobs(plan["alphas"]):
       fewshot.run_grid(args, plan, results)
       curves = curves_for(args, plan, results)
-      text = write_outputs(results, plan, args, curves)
+      text = write_outputs(results, plan, args, curves, argv, t0)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   finally:
     delta.set_config(old)   # main() may run in-process (tests): leave the defaults as found
   return cli.finish(results, text, t0)
+
+
+PUBLISHER = publish.Publisher("experiments.delta_table", parse_args, validate, publish_report,
+                              grid_keys, fewshot.record_key)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import cli, pretrain
+from experiments import cli, pretrain, publish
 from experiments.report import ResultsDir, best_over_lr, pct, positive_ints
 from jtransfer import models
 from jtransfer.data import Batches, ImageSet, load_spec, parse_spec, sample_kshot
@@ -82,14 +82,7 @@ def resolve_batch_runs(value) -> int:
 def add_protocol_flags(p: argparse.ArgumentParser, steps: int = 500, patience: int = 100,
                        tune_repeats: int = 2, val_per_class: int = 20) -> None:
   """The protocol's flags (DESIGN.md section 8): run budget, validation, tuning draws."""
-  p.add_argument("--steps", type=int, default=steps,
-                 help="step cap per run (with --patience 0: the exact number of steps)")
-  p.add_argument("--patience", type=int, default=patience,
-                 help="stop a run once its validation accuracy has not improved for this many "
-                      "steps and keep its best validation state; 0 = train every run for "
-                      "--steps and keep the last state")
-  p.add_argument("--eval-every", type=int, default=10,
-                 help="steps between validation evaluations of a run")
+  cli.add_stopping_flags(p, patience, "a run", steps=steps)
   p.add_argument("--val-per-class", type=int, default=val_per_class,
                  help="validation images per class, disjoint from the k-shot set and from test")
   p.add_argument("--tune-repeats", type=int, default=tune_repeats,
@@ -97,9 +90,7 @@ def add_protocol_flags(p: argparse.ArgumentParser, steps: int = 500, patience: i
                       "which each strategy's LR is chosen by mean validation accuracy; 0 = no "
                       "tuning draws (the LR grid runs on every draw and is chosen per draw on "
                       "validation)")
-  p.add_argument("--tune-extend", type=int, default=2,
-                 help="when the chosen LR is the grid's first or last, extend the grid by up to "
-                      "this many values on that side")
+  cli.add_tune_extend_flag(p)
   p.add_argument("--cv-folds", default="auto",
                  help="choose a strategy's knobs (and LR) by this many-fold cross-validation on "
                       "each tuning draw's labelled pool (k-shot + validation images); 'auto' = "
@@ -439,7 +430,8 @@ def tuning_keys(args, cell: tuple, lr: float, hp: str) -> list[tuple]:
           for f in (range(folds) if folds else (-1,))]
 
 
-def choose(records: list[dict], plan: dict, args, run_missing=None) -> dict:
+def choose(records: list[dict], plan: dict, args, run_missing=None,
+           requested: set | None = None) -> dict:
   """The LR and knob values each (arch, target, shots, strategy) uses on its evaluation draws.
 
   Tuning (`--tune-repeats` > 0) scores each point of the strategy's grid (its LRs x its knobs'
@@ -463,24 +455,16 @@ def choose(records: list[dict], plan: dict, args, run_missing=None) -> dict:
           cell = (arch, spec, shots, name)
           strategy = transfer.get_strategy(name)
 
-          def score(point):
+          def keys_of(point, cell=cell):
             hp = transfer.hp_string({k: v for k, v in point.items() if k != "lr"})
-            keys = tuning_keys(args, cell, point["lr"], hp)
-            for k in keys:
-              if k not in by_key:
-                if run_missing is None:
-                  raise KeyError(k)
-                by_key[k] = run_missing(k)
-            return float(np.mean([by_key[k]["val_acc"] if by_key[k]["status"] == "ok" else 0.0
-                                  for k in keys]))
+            return tuning_keys(args, cell, point["lr"], hp)
 
           grid = {"lr": plan["lrs"][name], **strategy.knobs}
-          try:  # a one-point grid is chosen without tuning runs
-            t = tuning.tune(grid, score, args.tune_extend).to_dict()
-          except KeyError:  # the report of an unfinished grid: that cell is not tuned yet
-            if run_missing is not None:
-              raise
+          found = tuning.tune_records(grid, keys_of, by_key, run_missing, args.tune_extend,
+                                      requested)
+          if found is None:  # the report of an unfinished grid: that cell is not tuned yet
             continue
+          t = found.to_dict()
           t["hp"] = transfer.hp_string({k: v for k, v in t["choice"].items() if k != "lr"})
           out[cell] = t
   return out
@@ -496,6 +480,31 @@ def eval_points(plan: dict, args, tuned: dict, cell: tuple) -> list[tuple[float,
   if cell in tuned and (tuned[cell]["choice"]["lr"], tuned[cell]["hp"]) not in points:
     points.append((tuned[cell]["choice"]["lr"], tuned[cell]["hp"]))
   return points
+
+
+def grid_keys(records: list[dict], plan: dict, args) -> set[tuple]:
+  """The keys of every run the grid holds, given its records: the tuning runs the choices read
+  (edge extensions included) and each cell's evaluation runs at its chosen point. A cell whose
+  tuning is unfinished counts the tuning run it lacks and no evaluation runs beyond the paper
+  grid's."""
+  requested: set = set()
+  tuned = choose(records, plan, args, requested=requested)
+  keys = set(requested)
+  for arch in plan["archs"]:
+    for spec in plan["targets"]:
+      for shots in plan["shots"]:
+        for name in plan["strategies"]:
+          for lr, hp in eval_points(plan, args, tuned, (arch, spec, shots, name)):
+            keys |= {(name, arch, spec, shots, repeat, lr, hp, -1)
+                     for repeat in range(args.repeats)}
+  return keys
+
+
+def results_records(records: list[dict]) -> list[dict]:
+  """What results.json holds: the records sorted by key, without timings (they are not
+  determined by the seed; results.jsonl keeps them), so two runs of one config are equal."""
+  return [{k: v for k, v in r.items() if k != "seconds"}
+          for r in sorted(records, key=lambda r: tuple(map(str, record_key(r))))]
 
 
 def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
@@ -787,16 +796,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   if started is None:
     return 2
   plan, results, _ = started
-  records = sorted(results.records, key=lambda r: tuple(map(str, record_key(r))))
-  # results.json holds only what the seed determines (timings stay in results.jsonl), so two
-  # runs of the same config give identical files.
-  results.write_json("results.json", [{k: v for k, v in r.items() if k != "seconds"}
-                                      for r in records])
-  text, summary = make_report(records, plan, args)
-  results.write_text("report.md", text)
-  results.write_json("summary.json", summary)
+  text, summary = publish.save(results, PUBLISHER, argv, results_records(results.records), plan,
+                               args, t0)
   plot(summary, plan, os.path.join(results.path, "accuracy_vs_shots.png"))
   return cli.finish(results, text, t0)
+
+
+PUBLISHER = publish.Publisher(
+    "experiments.fewshot", parse_args, validate,
+    lambda records, plan, args, _: make_report(records, plan, args), grid_keys, record_key)
 
 
 if __name__ == "__main__":

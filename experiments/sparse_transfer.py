@@ -126,14 +126,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="evaluation seeds, comma list; one data draw and init per seed (the "
                       "claims pair the nets by seed and need >= 2 seeds for an interval)")
   p.add_argument("--variants", default=",".join(VARIANTS))
-  p.add_argument("--steps", type=int, default=1000,
-                 help="step cap per transfer run (with --patience 0: the exact number)")
-  p.add_argument("--patience", type=int, default=100,
-                 help="stop a transfer run once its validation accuracy has not improved for "
-                      "this many steps and keep its best validation state; 0 = train --steps "
-                      "and keep the last state")
-  p.add_argument("--eval-every", type=int, default=10,
-                 help="steps between validation evaluations of a transfer run")
+  cli.add_stopping_flags(p, 100, "a transfer run", steps=1000)
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--lrs", default="1e-4,3e-4,1e-3",
                  help="Adam learning rates (transfer), comma list; chosen per (target, net) on "
@@ -146,9 +139,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--tune-seeds", default="100",
                  help="seeds of the tuning draws (comma list, disjoint from --seeds): their "
                       "validation accuracy chooses LR, lambda and tau; they are never tested")
-  p.add_argument("--tune-extend", type=int, default=1,
-                 help="when a chosen value is the first or last of its grid, extend that grid "
-                      "by up to this many values on that side")
+  cli.add_tune_extend_flag(p, 1)
   p.add_argument("--n-m", type=int, default=2, help="top main layers re-initialised dense")
   p.add_argument("--n-e", type=int, default=2, help="top reference layers in the extra branch")
   p.add_argument("--target-rates", default="0.8,0.9,0.95,0.975")

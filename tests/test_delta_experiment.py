@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import delta_table, fewshot
+from experiments import delta_table, fewshot, publish
 from jtransfer.data import Batches, load_spec, sample_kshot
 from jtransfer.errors import InputError
 from jtransfer.methods import delta, transfer
@@ -69,6 +69,7 @@ def test_delta_table_smoke(tiny_source_dir, tmp_path):
   # --resume finds every run done and rewrites the same report ...
   assert delta_table.main(argv + ["--resume"]) == 0
   assert open(os.path.join(out, "report.md")).read() == report
+  assert publish.check(out) == []
   # ... but not with other DELTA settings.
   assert delta_table.main(argv + ["--resume", "--att-bn", "eval"]) == 2
 
@@ -96,6 +97,7 @@ def test_delta_table_curves(tiny_source_dir, tmp_path):
   assert delta_table.main(argv + ["--resume"]) == 0
   assert os.path.getmtime(os.path.join(out, "curves.json")) == mtime
   assert open(os.path.join(out, "report.md")).read() == report
+  assert publish.check(out) == []  # the report, Fig. 2 included, regenerates from the folder
 
 
 def test_delta_table_flag_errors(tmp_path, capsys):

@@ -107,6 +107,49 @@ def tune(grid: Mapping[str, Sequence[float]], score: Callable[[dict], float],
   return Tuned(dict(zip(names, best)), scores[best], scores, axes, edges)
 
 
+class _Missing(Exception):
+  """A tuning record the caller has not got (an unfinished grid, read without training)."""
+
+
+def tune_records(grid: Mapping[str, Sequence[float]], keys_of: Callable[[dict], list],
+                 by_key: dict, run_missing: Callable | None = None, max_extend: int = 2,
+                 requested: set | None = None) -> Tuned | None:
+  """`tune` scored from run records: a point's score is the mean validation accuracy of its
+  runs (a failed run scores 0), read from `by_key` or, when missing, trained by `run_missing`.
+
+  The report (from records alone) and the grid runner (training what is missing) call this
+  with the same records and so make the same choice. Only 'val_acc' is read: tuning records
+  hold no test accuracy.
+
+  Args:
+    grid: axis name -> candidate values, as `tune`.
+    keys_of: point -> the keys of the runs that score it (tuning draws, or their CV folds).
+    by_key: run key -> record with 'status' and 'val_acc'; runs trained here are added.
+    run_missing: key -> record, training a missing run; None = read records only.
+    max_extend: as `tune`.
+    requested: if given, collects every run key the choice read (the grid's tuning runs).
+
+  Returns:
+    A `Tuned`, or None when a run is missing and `run_missing` is None (an unfinished grid).
+  """
+  def score(point):
+    keys = keys_of(point)
+    for k in keys:
+      if requested is not None:
+        requested.add(k)
+      if k not in by_key:
+        if run_missing is None:
+          raise _Missing(k)
+        by_key[k] = run_missing(k)
+    return float(np.mean([by_key[k]["val_acc"] if by_key[k]["status"] == "ok" else 0.0
+                          for k in keys]))
+
+  try:
+    return tune(grid, score, max_extend)
+  except _Missing:
+    return None
+
+
 def kfold(labels: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
   """Stratified folds of a labelled pool: [(train_idx, val_idx)] per fold.
 

@@ -1,0 +1,309 @@
+"""Published results: the command beside every results folder, reports regenerated from
+results.json, a check of each folder against its grid, and the RESULTS.md summary page.
+
+An experiment module that publishes declares a `PUBLISHER` (how to parse its flags, build its
+plan, write its report from records, and list the runs its grid holds). Its main() ends with
+`save`, which writes results.json, report.md (the command line under the title), summary.json
+and run.json (module, argv, the command, wall time of each invocation). Then
+
+  python -m experiments.publish check published        # every folder parses, matches its grid
+                                                       # and regenerates its report byte for byte
+  python -m experiments.publish regenerate published/X # rewrite report.md from results.json
+  python -m experiments.publish results                # RESULTS.md from every published folder
+
+A folder of `published/` is a copy of a module's `--out` directory (results.jsonl included), so
+copying it back and passing `--resume` continues the grid where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from jtransfer.errors import InputError
+from jtransfer.protocol import claims as claims_lib
+from jtransfer.protocol import stats
+
+RUN_FILE = "run.json"
+PUBLISHED = "published"
+RESULTS_PAGE = "RESULTS.md"
+# Flags that change how a grid is run, not what it computes: left out of the shown command.
+NOT_RESULT_FLAGS = ("--resume", "--overwrite", "--quiet")
+TABLE_BEGIN, TABLE_END = "<!-- claims table: begin (generated) -->", \
+    "<!-- claims table: end -->"
+
+
+@dataclasses.dataclass(frozen=True)
+class Publisher:
+  """How `save`, `regenerate` and `check` read one experiment module.
+
+  Attributes:
+    module: the module's import name ('experiments.cwl_tables').
+    parse_args: argv -> flags.
+    validate: flags -> plan (checks only; loads no data).
+    report: (records, plan, args, folder) -> (report text, summary dict); `folder` is the
+      results directory, for modules whose report also reads a side file (DELTA's curves).
+    grid_keys: (records, plan, args) -> the keys of every run the grid holds given these
+      records (tuning choices decide which runs follow), or None when not enumerable.
+    key: record -> its key.
+  """
+  module: str
+  parse_args: Callable[[Sequence[str]], argparse.Namespace]
+  validate: Callable[[argparse.Namespace], dict]
+  report: Callable[[list, dict, argparse.Namespace, str], tuple[str, dict]]
+  grid_keys: Callable[[list, dict, argparse.Namespace], set] | None
+  key: Callable[[dict], tuple]
+
+
+def command_line(module: str, argv: Sequence[str]) -> str:
+  """The shell command that makes a folder (flags that only steer resumption left out)."""
+  kept = [a for a in argv if a not in NOT_RESULT_FLAGS]
+  return " ".join(["python", "-m", module] + [shlex.quote(a) for a in kept])
+
+
+def with_command(text: str, command: str) -> str:
+  """The report with the command that made it under its first (title) line."""
+  title, _, rest = text.partition("\n")
+  return f"{title}\n\nCommand: `{command}`\n{rest}"
+
+
+def save(results, publisher: Publisher, argv: Sequence[str] | None, records: list[dict],
+         plan: dict, args: argparse.Namespace, t0: float) -> tuple[str, dict]:
+  """Writes results.json, run.json, report.md and summary.json of a finished invocation.
+
+  Args:
+    results: the `ResultsDir`.
+    publisher: the module's `PUBLISHER`.
+    argv: the invocation's flags (None = sys.argv[1:]).
+    records: what results.json holds (timings left out: they are not determined by the seed).
+    plan, args: the invocation's plan and flags.
+    t0: when the invocation started (time.time()), for its wall time in run.json.
+
+  Returns:
+    (report text, summary).
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  results.write_json("results.json", records)
+  text, summary = publisher.report(records, plan, args, results.path)
+  run = read_run(results.path) or {}
+  invocations = run.get("invocations", []) + [dict(
+      argv=argv, wall_s=round(time.time() - t0, 1),
+      finished=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
+  command = command_line(publisher.module, argv)
+  missing = None
+  if publisher.grid_keys is not None:
+    missing = len(publisher.grid_keys(records, plan, args) - {publisher.key(r) for r in records})
+  results.write_json(RUN_FILE, dict(
+      module=publisher.module, argv=argv, command=command, invocations=invocations,
+      wall_s=round(sum(i["wall_s"] for i in invocations), 1), complete=missing == 0,
+      records=len(records)))
+  text = with_command(text, command)
+  results.write_text("report.md", text)
+  results.write_json("summary.json", summary)
+  return text, summary
+
+
+def read_run(path: str) -> dict | None:
+  f = os.path.join(path, RUN_FILE)
+  if not os.path.exists(f):
+    return None
+  with open(f) as fh:
+    return json.load(fh)
+
+
+def load(path: str) -> tuple[Publisher, dict, argparse.Namespace, dict, list[dict]]:
+  """(publisher, run.json, flags, plan, records) of a published folder.
+
+  Raises:
+    InputError: the folder, its run.json or results.json is missing or unreadable, or its
+      module publishes nothing.
+  """
+  run = read_run(path)
+  if run is None:
+    raise InputError(f"{path} has no {RUN_FILE}: not a published results folder")
+  try:
+    module = importlib.import_module(run["module"])
+  except (KeyError, ImportError) as e:
+    raise InputError(f"{path}/{RUN_FILE}: module {run.get('module')!r} does not import "
+                     f"({e})") from None
+  publisher = getattr(module, "PUBLISHER", None)
+  if publisher is None:
+    raise InputError(f"{run['module']} declares no PUBLISHER: its results cannot be checked")
+  try:
+    with open(os.path.join(path, "results.json")) as f:
+      records = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise InputError(f"{path}/results.json is missing or corrupt: {e}") from None
+  if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+    raise InputError(f"{path}/results.json: expected a list of run records")
+  args = publisher.parse_args(run["argv"])
+  return publisher, run, args, publisher.validate(args), records
+
+
+def regenerate(path: str) -> tuple[str, dict]:
+  """report.md text and summary of a published folder, from its results.json alone."""
+  publisher, run, args, plan, records = load(path)
+  text, summary = publisher.report(records, plan, args, path)
+  return with_command(text, run["command"]), summary
+
+
+def check(path: str) -> list[str]:
+  """Everything wrong with a published folder (empty = sound).
+
+  Checks: results.json parses into run records, one per key; the keys are exactly the runs
+  its grid holds (tuning runs included, as the recorded tuning choices decide them; a folder
+  marked incomplete may lack runs but holds none outside the grid); run.json's count and
+  completeness agree; report.md and summary.json regenerate from results.json byte for byte.
+  """
+  try:
+    publisher, run, args, plan, records = load(path)
+  except InputError as e:
+    return [str(e)]
+  problems = []
+  keys = [publisher.key(r) for r in records]
+  if len(set(keys)) != len(keys):
+    problems.append(f"{len(keys) - len(set(keys))} duplicate run record(s)")
+  if run.get("records") != len(records):
+    problems.append(f"run.json counts {run.get('records')} records, results.json holds "
+                    f"{len(records)}")
+  if publisher.grid_keys is not None:
+    expected = publisher.grid_keys(records, plan, args)
+    stray, missing = set(keys) - expected, expected - set(keys)
+    if stray:
+      problems.append(f"{len(stray)} record(s) outside the grid, e.g. {sorted(stray)[0]}")
+    if missing and run.get("complete", True):
+      problems.append(f"marked complete but {len(missing)} run(s) of the grid are missing, "
+                      f"e.g. {sorted(missing, key=str)[0]}")
+    if not missing and not run.get("complete", True):
+      problems.append("marked incomplete but every run of the grid is present")
+  text, summary = regenerate(path)
+  with open(os.path.join(path, "report.md")) as f:
+    if f.read() != text:
+      problems.append("report.md differs from the report regenerated from results.json")
+  with open(os.path.join(path, "summary.json")) as f:
+    if json.load(f) != json.loads(json.dumps(summary)):
+      problems.append("summary.json differs from the summary regenerated from results.json")
+  return problems
+
+
+def folders(root: str = PUBLISHED) -> list[str]:
+  """Every published results folder under root (those holding a run.json), sorted."""
+  out = []
+  for dirpath, _, files in os.walk(root):
+    if RUN_FILE in files:
+      out.append(dirpath)
+  return sorted(out)
+
+
+def claim_rows(root: str = PUBLISHED) -> list[dict]:
+  """One row per (published folder, claim): the pooled verdict and effect, and the cells."""
+  rows = []
+  for path in folders(root):
+    run = read_run(path)
+    with open(os.path.join(path, "summary.json")) as f:
+      summary = json.load(f)
+    for res in summary.get("claims", []) if isinstance(summary, dict) else []:
+      if not res.get("pooled"):
+        continue
+      verdicts = [c["verdict"] for c in res["cells"]]
+      rows.append(dict(folder=os.path.relpath(path),
+                       claim=res["claim"], pooled=res["pooled"],
+                       cells={v: verdicts.count(v) for v in sorted(set(verdicts))},
+                       command=run["command"], wall_s=run["wall_s"],
+                       complete=run.get("complete", True)))
+  return rows
+
+
+def claims_table(rows: Sequence[dict]) -> list[str]:
+  """RESULTS.md's generated table: one row per claim and folder."""
+  out = ["| paper | claim (source) | tested as | verdict (all cells) | effect: mean [95% CI] "
+         "wins/N, points | cells by verdict | folder | wall |",
+         "|---|---|---|---|---|---|---|---|"]
+  for r in sorted(rows, key=lambda r: (r["claim"]["paper"], r["claim"]["source"],
+                                      r["claim"]["text"], r["folder"])):
+    cl = r["claim"]
+    rel = ">=" if cl["at_least"] else ">"
+    margin = f" (margin {100 * cl['margin']:g} pt)" if cl["margin"] else ""
+    cells = ", ".join(f"{n} {v}" for v, n in r["cells"].items())
+    effect = stats.format_paired(stats.Paired(**r["pooled"]["paired"]))
+    partial = "" if r["complete"] else " (partial grid)"
+    out.append(f"| {cl['paper']} | {cl['text']} ({cl['source']}) | {cl['a']} {rel} {cl['b']}"
+               f"{margin} | **{r['pooled']['verdict']}** | {effect} | {cells} | "
+               f"[{r['folder']}]({r['folder']}/report.md){partial} | "
+               f"{r['wall_s'] / 60:.0f} min |")
+  return out
+
+
+def commands_list(root: str = PUBLISHED) -> list[str]:
+  out = []
+  for path in folders(root):
+    run = read_run(path)
+    rel = os.path.relpath(path)
+    out += [f"- [{rel}]({rel}/report.md): `{run['command']}` ({run['wall_s'] / 60:.0f} min, "
+            f"{run['records']} runs{'' if run.get('complete', True) else ', partial grid'})"]
+  return out
+
+
+def results_page(current: str, root: str = PUBLISHED) -> str:
+  """RESULTS.md with its generated part (between the markers) rebuilt from `root`; the text
+  outside the markers (the verdict paragraphs) is kept as written."""
+  generated = [TABLE_BEGIN, ""] + claims_table(claim_rows(root)) + \
+      ["", "Commands (each folder's report.md starts with its own):", ""] + \
+      commands_list(root) + ["", TABLE_END]
+  if TABLE_BEGIN in current and TABLE_END in current:
+    head, rest = current.split(TABLE_BEGIN, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+  else:
+    head, tail = current + ("\n" if current and not current.endswith("\n") else ""), "\n"
+  return head + "\n".join(generated) + tail
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  sub = p.add_subparsers(dest="cmd", required=True)
+  c = sub.add_parser("check", help="check every published folder under a root")
+  c.add_argument("root", nargs="?", default=PUBLISHED)
+  g = sub.add_parser("regenerate", help="rewrite a folder's report.md and summary.json")
+  g.add_argument("folder")
+  r = sub.add_parser("results", help="rebuild RESULTS.md's generated table")
+  r.add_argument("--root", default=PUBLISHED)
+  r.add_argument("--page", default=RESULTS_PAGE)
+  args = p.parse_args(argv)
+  try:
+    if args.cmd == "check":
+      found = folders(args.root)
+      if not found:
+        raise InputError(f"no published folder (with {RUN_FILE}) under {args.root}")
+      bad = 0
+      for path in found:
+        problems = check(path)
+        bad += bool(problems)
+        print(f"{path}: " + ("ok" if not problems else "; ".join(problems)))
+      return 1 if bad else 0
+    if args.cmd == "regenerate":
+      text, summary = regenerate(args.folder)
+      for name, body in (("report.md", text), ("summary.json",
+                                                json.dumps(summary, indent=1, sort_keys=True))):
+        with open(os.path.join(args.folder, name), "w") as f:
+          f.write(body)
+      print(f"wrote {args.folder}/report.md and summary.json")
+      return 0
+    current = open(args.page).read() if os.path.exists(args.page) else ""
+    with open(args.page, "w") as f:
+      f.write(results_page(current, args.root))
+    print(f"wrote {args.page}")
+    return 0
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

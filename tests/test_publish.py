@@ -1,0 +1,135 @@
+"""Published results: every committed folder parses, matches its grid and regenerates its
+report byte for byte; the check catches each way a folder can go wrong; RESULTS.md's generated
+table is rebuilt without touching the written verdicts."""
+import json
+import os
+import shutil
+
+import pytest
+
+from experiments import cwl_tables, fewshot, publish
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PUBLISHED = os.path.join(REPO, "published")
+
+
+def test_every_committed_results_folder_checks_out():
+  found = publish.folders(PUBLISHED)
+  assert found, "published/ holds no results folder"
+  for path in found:
+    assert publish.check(path) == [], path
+    run = publish.read_run(path)
+    # The command in run.json is the one at the top of the report.
+    with open(os.path.join(path, "report.md")) as f:
+      assert f"Command: `{run['command']}`" in f.read().split("\n")[2]
+
+
+def test_results_page_is_current():
+  """RESULTS.md's generated table equals the one built from published/ now."""
+  with open(os.path.join(REPO, "RESULTS.md")) as f:
+    page = f.read()
+  cwd = os.getcwd()
+  os.chdir(REPO)  # folder links in the table are relative to the repository root
+  try:
+    assert publish.results_page(page, "published") == page
+  finally:
+    os.chdir(cwd)
+  assert publish.TABLE_BEGIN in page
+
+
+def test_command_line_leaves_out_resumption_flags():
+  cmd = publish.command_line("experiments.fewshot", ["--target", "fmnist:1,5", "--resume",
+                                                     "--target", "a b", "--quiet"])
+  assert cmd == "python -m experiments.fewshot --target fmnist:1,5 --target 'a b'"
+  assert publish.with_command("# T\n\nbody\n", "x") == "# T\n\nCommand: `x`\n\nbody\n"
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_source_dir, tmp_path_factory):
+  out = tmp_path_factory.mktemp("pub") / "f"
+  argv = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
+          "digits:0,1,2", "--shots", "2", "--repeats", "2", "--steps", "6", "--eval-every",
+          "3", "--patience", "3", "--test-per-class", "4", "--val-per-class", "2",
+          "--strategies", "freeze,freeze_cwl", "--lrs", "1e-3,1e-2", "--tune-extend", "0",
+          "--no-paper-grid", "--out", str(out), "--quiet"]
+  assert cwl_tables.main(argv + ["--tune-repeats", "1"]) == 0
+  return str(out)
+
+
+def _copy(folder, tmp_path):
+  dst = str(tmp_path / "copy")
+  shutil.copytree(folder, dst)
+  return dst
+
+
+def _edit_records(path, edit):
+  with open(os.path.join(path, "results.json")) as f:
+    records = json.load(f)
+  records = edit(records)
+  with open(os.path.join(path, "results.json"), "w") as f:
+    json.dump(records, f)
+
+
+def test_fresh_folder_is_sound(folder):
+  assert publish.check(folder) == []
+  run = publish.read_run(folder)
+  # 2 strategies x 2 LRs on the tuning draw, then 2 strategies x 2 evaluation draws.
+  assert run["records"] == 8 and run["complete"] and run["module"] == "experiments.cwl_tables"
+  assert "--quiet" not in run["command"] and run["wall_s"] > 0
+
+
+def test_check_catches_a_missing_run(folder, tmp_path):
+  path = _copy(folder, tmp_path)
+  _edit_records(path, lambda rs: [r for r in rs if r["repeat"] != 1 or r["strategy"] != "freeze"])
+  problems = publish.check(path)
+  assert any("marked complete but 1 run(s)" in p for p in problems)
+  assert any("run.json counts 8 records" in p for p in problems)
+  assert any("report.md differs" in p for p in problems)
+
+
+def test_check_catches_a_stray_and_a_duplicate_run(folder, tmp_path):
+  path = _copy(folder, tmp_path)
+  _edit_records(path, lambda rs: rs + [dict(rs[-1], lr=0.5), rs[0]])
+  problems = publish.check(path)
+  assert any("1 record(s) outside the grid" in p for p in problems)
+  assert any("1 duplicate run record(s)" in p for p in problems)
+
+
+def test_check_catches_an_edited_report_and_a_corrupt_file(folder, tmp_path):
+  path = _copy(folder, tmp_path)
+  with open(os.path.join(path, "report.md"), "a") as f:
+    f.write("hand edit\n")
+  assert publish.check(path) == ["report.md differs from the report regenerated from "
+                                 "results.json"]
+  assert publish.main(["regenerate", path]) == 0 and publish.check(path) == []
+  with open(os.path.join(path, "results.json"), "w") as f:
+    f.write('[{"arch": ')
+  assert "results.json is missing or corrupt" in publish.check(path)[0]
+  os.remove(os.path.join(path, "run.json"))
+  assert "has no run.json" in publish.check(path)[0]
+
+
+def test_a_tuning_choice_read_from_a_changed_record_is_caught(folder, tmp_path):
+  """Lowering the chosen LR's validation score moves the choice: the evaluation runs on disk
+  are then at the wrong LR, so the grid check fails."""
+  path = _copy(folder, tmp_path)
+  _, _, args, plan, records = publish.load(path)
+  tuned = fewshot.choose(records, plan, args)
+  lr = tuned[("vgg_s", "digits:0,1,2", 2, "freeze")]["choice"]["lr"]
+  _edit_records(path, lambda rs: [dict(r, val_acc=-1.0) if r["role"] == "tune" and
+                                  r["strategy"] == "freeze" and r["lr"] == lr else r
+                                  for r in rs])
+  assert any("outside the grid" in p for p in publish.check(path))
+
+
+def test_results_page_keeps_written_text(folder, tmp_path):
+  root = tmp_path / "root"
+  shutil.copytree(folder, root / "f")
+  page = publish.results_page("# Results\n\nwritten above\n", str(root))
+  assert page.startswith("# Results\n\nwritten above\n" + publish.TABLE_BEGIN)
+  row = [line for line in page.split("\n") if "beats frozen convolutions" in line]
+  assert len(row) == 1 and "freeze_cwl > freeze" in row[0] and "/2 |" in row[0]
+  edited = page.replace("written above", "changed above") + "\nwritten below\n"
+  again = publish.results_page(edited, str(root))
+  assert again == edited  # rebuilding changes nothing when published/ did not change
+  assert "python -m experiments.cwl_tables" in page and "8 runs" in page
