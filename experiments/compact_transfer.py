@@ -75,7 +75,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from experiments import cli, pretrain
+from experiments import cli, pretrain, publish
 from experiments.report import ResultsDir, mean_std, positive_ints
 from jtransfer import models, surgery
 from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
@@ -1050,12 +1050,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   plan, results, _ = started
   # results.json holds no timings (those stay in results.jsonl); the report reads it alone.
   records = [{k: v for k, v in r.items() if k != "seconds"} for r in sort_records(results.records)]
-  results.write_json("results.json", records)
-  text, summary = make_report(records, args, plan)
-  results.write_text("report.md", text)
-  results.write_json("summary.json", summary)
+  text, summary = publish.save(results, PUBLISHER, argv, records, plan, args, t0)
   plot(summary, plan, os.path.join(results.path, "accuracy_vs_flops.png"))
   return cli.finish(results, text, t0)
+
+
+PUBLISHER = publish.Publisher(
+    "experiments.compact_transfer", parse_args, validate,
+    lambda records, plan, args, _: make_report(records, args, plan), key=record_key)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from experiments import cli, pretrain
+from experiments import cli, pretrain, publish
 from experiments.fewshot import budget_of, cap_per_class, draw_seed
 from experiments.report import ResultsDir, mean_std
 from jtransfer import models, surgery
@@ -523,13 +523,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                    r["tau"] or 0.0))
   records = json.loads(json.dumps([{k: v for k, v in r.items() if k != "seconds"}
                                    for r in records], sort_keys=True))
-  results.write_json("results.json", records)
-  text = make_report(records, args, plan)
-  results.write_text("report.md", text)
-  results.write_json("summary.json", dict(claims=claim_results(records)))
+  text, _ = publish.save(results, PUBLISHER, argv, records, plan, args, t0)
   plot(records, scales, os.path.join(results.path, "compression_per_layer.png"),
        os.path.join(results.path, "sigma_hist.png"))
   return cli.finish(results, text, t0)
+
+
+PUBLISHER = publish.Publisher(
+    "experiments.cwl_pruning", parse_args, validate,
+    lambda records, plan, args, _: (make_report(records, args, plan),
+                                    dict(claims=claim_results(records))))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from experiments import cli, pretrain
+from experiments import cli, pretrain, publish
 from experiments.report import ResultsDir, mean_std
 from jtransfer import models
 from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
@@ -362,13 +362,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   plan, results, _ = started
   records = sorted(results.records, key=lambda r: tuple(str(r[k]) for k in KEY))
-  results.write_json("results.json", records)
-  text, summary = make_report(records, args)
-  results.write_text("report.md", text)
-  results.write_json("summary.json", summary)
+  text, summary = publish.save(results, PUBLISHER, argv, records, plan, args, t0)
   metrics = list(retrieval.SETUPS) if args.gnd else ["map"]
   plot(summary, metrics, os.path.join(results.path, "map.png"))
   return cli.finish(results, text, t0)
+
+
+PUBLISHER = publish.Publisher(
+    "experiments.cwl_retrieval", parse_args, validate,
+    lambda records, plan, args, _: make_report(records, args),
+    key=lambda r: tuple(str(r[k]) for k in KEY))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from typing import Sequence
 import numpy as np
 
 from experiments import cli, fewshot, pretrain, publish
-from experiments.report import best_over_lr
 from jtransfer import models
 from jtransfer.methods import transfer
 from jtransfer.protocol import claims

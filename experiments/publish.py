@@ -25,10 +25,9 @@ import os
 import shlex
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from jtransfer.errors import InputError
-from jtransfer.protocol import claims as claims_lib
 from jtransfer.protocol import stats
 
 RUN_FILE = "run.json"
@@ -52,14 +51,15 @@ class Publisher:
       results directory, for modules whose report also reads a side file (DELTA's curves).
     grid_keys: (records, plan, args) -> the keys of every run the grid holds given these
       records (tuning choices decide which runs follow), or None when not enumerable.
-    key: record -> its key.
+    key: record -> its key (the run it records), or None when records have no key: the
+      duplicate and grid checks are then skipped.
   """
   module: str
   parse_args: Callable[[Sequence[str]], argparse.Namespace]
   validate: Callable[[argparse.Namespace], dict]
   report: Callable[[list, dict, argparse.Namespace, str], tuple[str, dict]]
-  grid_keys: Callable[[list, dict, argparse.Namespace], set] | None
-  key: Callable[[dict], tuple]
+  grid_keys: Callable[[list, dict, argparse.Namespace], set] | None = None
+  key: Callable[[dict], tuple] | None = None
 
 
 def command_line(module: str, argv: Sequence[str]) -> str:
@@ -98,7 +98,7 @@ def save(results, publisher: Publisher, argv: Sequence[str] | None, records: lis
       finished=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
   command = command_line(publisher.module, argv)
   missing = None
-  if publisher.grid_keys is not None:
+  if publisher.grid_keys is not None and publisher.key is not None:
     missing = len(publisher.grid_keys(records, plan, args) - {publisher.key(r) for r in records})
   results.write_json(RUN_FILE, dict(
       module=publisher.module, argv=argv, command=command, invocations=invocations,
@@ -167,13 +167,13 @@ def check(path: str) -> list[str]:
   except InputError as e:
     return [str(e)]
   problems = []
-  keys = [publisher.key(r) for r in records]
+  keys = [publisher.key(r) for r in records] if publisher.key is not None else []
   if len(set(keys)) != len(keys):
     problems.append(f"{len(keys) - len(set(keys))} duplicate run record(s)")
   if run.get("records") != len(records):
     problems.append(f"run.json counts {run.get('records')} records, results.json holds "
                     f"{len(records)}")
-  if publisher.grid_keys is not None:
+  if publisher.grid_keys is not None and publisher.key is not None:
     expected = publisher.grid_keys(records, plan, args)
     stray, missing = set(keys) - expected, expected - set(keys)
     if stray:

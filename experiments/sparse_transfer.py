@@ -79,7 +79,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from experiments import cli, pretrain
+from experiments import cli, pretrain, publish
 from experiments.fewshot import budget_of, cap_per_class
 from experiments.report import ResultsDir, mean_std
 from jtransfer import surgery
@@ -376,25 +376,15 @@ def choose(records: list[dict], plan: dict, args, run_missing=None) -> dict:
                                       score=None, grid=g, edges=[], scores=[], fixed=True)
         continue
 
-      def score(point, target=target, variant=variant):
+      def keys_of(point, target=target, variant=variant):
         p = _point(variant, point)
-        vals = []
-        for seed in plan["tune_seeds"]:
-          key = (target, variant, seed, p["lr"], p["lam"], p["tau"])
-          if key not in by_key:
-            if run_missing is None:
-              raise KeyError(key)
-            by_key[key] = run_missing(key)
-          r = by_key[key]
-          vals.append(r["val_acc"] if r.get("status", "ok") == "ok" else 0.0)
-        return float(np.mean(vals))
+        return [(target, variant, seed, p["lr"], p["lam"], p["tau"])
+                for seed in plan["tune_seeds"]]
 
-      try:
-        t = tuning.tune(g, score, args.tune_extend).to_dict()
-      except KeyError:
-        if run_missing is not None:
-          raise
+      found = tuning.tune_records(g, keys_of, by_key, run_missing, args.tune_extend)
+      if found is None:  # the report of an unfinished grid: that cell is not tuned yet
         continue
+      t = found.to_dict()
       t["choice"] = _point(variant, t["choice"])
       out[(target, variant)] = dict(t, fixed=False)
   return out
@@ -983,19 +973,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   # made from exactly what it holds, so make_report(json.load(results.json)) regenerates it.
   records = json.loads(json.dumps([{k: v for k, v in r.items() if k != "seconds"}
                                    for r in results.records], sort_keys=True))
-  results.write_json("results.json", records)
-  text = make_report(records, args, plan)
-  results.write_text("report.md", text)
-  tuned = choose(records, plan, args)
-  results.write_json("summary.json", dict(
-      claims=claim_results(records, plan),
-      tuning={"|".join(k): v for k, v in tuned.items()}))
+  text, _ = publish.save(results, PUBLISHER, argv, records, plan, args, t0)
   plot(records, plan, os.path.join(results.path, "source_sparsity.png"),
        os.path.join(results.path, "fig3_pruning.png"))
   if not args.quiet:
     print(text)
   log(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s")
   return 0
+
+
+def publish_report(records: list[dict], plan: dict, args) -> tuple[str, dict]:
+  tuned = choose(records, plan, args)
+  return make_report(records, args, plan), dict(
+      claims=claim_results(records, plan), tuning={"|".join(k): v for k, v in tuned.items()})
+
+
+PUBLISHER = publish.Publisher(
+    "experiments.sparse_transfer", parse_args, validate,
+    lambda records, plan, args, _: publish_report(records, plan, args))
 
 
 if __name__ == "__main__":

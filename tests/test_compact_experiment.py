@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import compact_transfer as ct
-from experiments import pretrain
+from experiments import pretrain, publish
 from jtransfer import models, surgery
 from jtransfer.methods import distill, transfer
 
@@ -54,10 +54,8 @@ def _tiny(big, small, out, *extra):
 
 
 def _regenerated(argv, out) -> str:
-  """report.md made again from results.json alone."""
-  args = ct.parse_args(argv)
-  records = json.load(open(os.path.join(out, "results.json")))
-  return ct.make_report(records, args, ct.validate(args))[0]
+  """report.md made again from results.json alone (and run.json's command)."""
+  return publish.regenerate(str(out))[0]
 
 
 # ----------------------------------------------------------------------------- flags

@@ -77,8 +77,8 @@ def test_steps_recorded_and_claims_reported(tiny_source_dir, tmp_path):
   assert summary["claims"][0]["cells"][0]["paired"]["n"] == 2
   # the command heads the report, which regenerates from results.json alone; the records are
   # exactly the grid's runs
-  assert report.startswith(f"# Few-shot transfer\n\nCommand: `python -m experiments.fewshot "
-                           f"--arch vgg_s --source ckpt:")
+  assert report.startswith("# Few-shot transfer\n\nCommand: `python -m experiments.fewshot "
+                           "--arch vgg_s --source ckpt:")
   assert publish.check(str(out)) == []
 
 

@@ -141,7 +141,7 @@ def tune_records(grid: Mapping[str, Sequence[float]], keys_of: Callable[[dict], 
         if run_missing is None:
           raise _Missing(k)
         by_key[k] = run_missing(k)
-    return float(np.mean([by_key[k]["val_acc"] if by_key[k]["status"] == "ok" else 0.0
+    return float(np.mean([by_key[k]["val_acc"] if by_key[k].get("status", "ok") == "ok" else 0.0
                           for k in keys]))
 
   try:
