@@ -52,7 +52,7 @@ CLAIMS = (
                  "freeze", source="Table I"),
     claims.Claim("CWL", "weighting convolutions does not hurt finetuning", "finetune_cwl",
                  "finetune", at_least=True, margin=0.01, source="Table II"),
-)
+) + fewshot.CLAIMS  # finetune > freeze on the far domain, not on the near one
 # 'reduced': two LRs per family, the same for a strategy and its CWL variant (paired).
 REDUCED = {"freeze": (1e-2, 5e-2), "finetune": (1e-4, 1e-3)}
 

@@ -30,6 +30,7 @@ paper's step decay compressed to `--steps`, BN statistics frozen).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -37,13 +38,14 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import cli, model_selection as ms
+from experiments import cli, model_selection as ms, publish
 from experiments import pretrain
 from experiments.model_zoo import Compiled, TrainConfig, prenormalize
 from experiments.report import ResultsDir
 from jtransfer import models
 from jtransfer.errors import InputError
 from jtransfer.methods import selection, transfer
+from jtransfer.protocol import claims
 
 KEY = ("target", "point")
 SCORES = selection.METRIC_NAMES + ("LogME", "H-score")
@@ -140,11 +142,43 @@ def analyze(records: Sequence[dict], points: Sequence[str]) -> dict:
               s6_pick=picks["text"], s6_pick_appendix=picks["appendix"], points=list(points))
 
 
-def make_report(summary: dict, args, source: transfer.Source) -> str:
+S6_RHO = "raw S6 rho"
+CLAIMS = (
+    claims.Claim("Selection", "raw S6 correlates with truncate-fine-tune accuracy over the "
+                 "truncation points, rho > 0.7 (App. A.2's sign; effect: rho x 100 against 70)",
+                 S6_RHO, "0.7", source="App. A.2, Fig. 5"),
+    claims.Claim("Selection", "the truncation point S6 picks (largest raw S6) is as accurate as "
+                 "the best point", "S6 pick", "best point", at_least=True, margin=0.01,
+                 source="App. A.2, Fig. 4"),
+)
+
+
+def claim_results(summary: dict) -> list[dict]:
+  """The claims over targets (each target one draw: its own fine-tuning runs and scores)."""
+  rows = []
+  for t, pick in summary["s6_pick_appendix"].items():
+    rho = summary["scorers"][selection.S6_APPENDIX]["per_group"].get(t, {}).get("spearman")
+    if rho is not None:
+      rows += [dict(arm=S6_RHO, target=t, test_acc=rho), dict(arm="0.7", target=t, test_acc=0.7)]
+    rows += [dict(arm="S6 pick", target=t, test_acc=pick["acc"]),
+             dict(arm="best point", target=t, test_acc=pick["best_acc"])]
+  out = [claims.evaluate(c, rows, (), arm_field="arm", draw_field="target") for c in CLAIMS]
+  return [r for r in out if r["cells"]]
+
+
+def source_info(source: transfer.Source, args) -> dict:
+  """What the report says about the source (written to source.json, read back by the report)."""
+  return dict(arch=source.arch, spec=source.meta.get("source_spec", args.source),
+              test_acc=source.meta.get("source_test_acc"))
+
+
+def make_report(summary: dict, args, source: dict) -> str:
+  """report.md from the summary, the flags and `source_info`."""
   points, acc = summary["points"], summary["accuracy"]
+  src_acc = float("nan") if source["test_acc"] is None else source["test_acc"]
   lines = ["# Truncate fine-tuning (App. A.2, Figs. 4 and 5)", "",
-           f"Source: {source.arch} `{source.meta.get('source_spec', args.source)}` (source acc "
-           f"{source.meta.get('source_test_acc', float('nan')):.4f}). Each point: cut there, "
+           f"Source: {source['arch']} `{source['spec']}` (source acc "
+           f"{src_acc:.4f}). Each point: cut there, "
            f"global average pool + new head, fine-tune {args.steps} SGD steps of "
            f"{args.ft_batch_size} on {args.train_per_class} images/class (lr {args.ft_lr:g}, x0.1 "
            "at 7/30..28/30 of the run, BN stats frozen).", "",
@@ -169,7 +203,19 @@ def make_report(summary: dict, args, source: transfer.Source) -> str:
     for t, p in summary[sign].items():
       lines.append(f"| {t} | {p['point']} | {p['acc']:.4f} | {p['best_point']} | "
                    f"{p['best_acc']:.4f} |")
+  if summary.get("claims"):
+    lines += [""] + claims.section(summary["claims"], {})
+    lines += ["Draws are the targets (each with its own fine-tuning runs): with two targets an "
+              "interval is wide. The rho claim's effect is rho x 100 minus 70.", ""]
   return "\n".join(lines + [""])
+
+
+def publish_report(records: list[dict], plan: dict, args, folder: str) -> tuple[str, dict]:
+  with open(os.path.join(folder, "source.json")) as f:
+    info = json.load(f)
+  summary = analyze(records, info["points"])
+  summary["claims"] = claim_results(summary)
+  return make_report(summary, args, info), summary
 
 
 def plot(summary: dict, out_dir: str) -> None:
@@ -249,12 +295,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  results.write_json("results.json", records)
-  results.write_json("summary.json", summary)
-  text = make_report(summary, args, source)
-  results.write_text("report.md", text)
+  results.write_json("source.json", dict(source_info(source, args), points=list(points)))
+  text, summary = publish.save(results, PUBLISHER, argv, records, validate(args), args, t0)
   plot(summary, results.path)
   return cli.finish(results, text, t0)
+
+
+def validate(args) -> dict:
+  """The flags' checks that need no source (the points are checked against it in main)."""
+  return dict(specs=ms.target_specs(args), config=ms.finetune_config(args))
+
+
+PUBLISHER = publish.Publisher("experiments.truncation", parse_args, validate, publish_report,
+                              key=lambda r: (r["target"], r["point"]))
 
 
 if __name__ == "__main__":

@@ -107,13 +107,21 @@ def test_pruning_claims_by_hand():
 def test_retrieval_embedded(source_dir, tmp_path):
   out = str(tmp_path / "r")
   argv = ["--source", f"ckpt:{source_dir}", "--target", "digits", "--queries", "1",
-          "--db-per-class", "4", "--repeats", "1", "--strategies", "freeze,freeze_cwl",
+          "--db-per-class", "4", "--repeats", "2", "--strategies", "freeze,freeze_cwl",
           "--steps", "2", "--out", out, "--quiet"]
   assert cwl_retrieval.main(argv) == 0
   _outputs(out, "report.md", "results.json", "map.png")
   records = json.load(open(os.path.join(out, "results.json")))
   assert {r["strategy"] for r in records} == {"freeze", "freeze_cwl"}
   assert all(0 < r["map"] <= 1 for r in records)
+  # Table III's claim, paired by query draw
+  claim = json.load(open(os.path.join(out, "summary.json")))["claims"][0]
+  by = {(r["strategy"], r["repeat"]): r["map"] for r in records}
+  diffs = [by[("freeze_cwl", i)] - by[("freeze", i)] for i in (0, 1)]
+  assert claim["pooled"]["paired"]["n"] == 2
+  assert claim["pooled"]["paired"]["mean"] == pytest.approx(np.mean(diffs))
+  assert "One LR per strategy" in open(os.path.join(out, "report.md")).read()
+  assert publish.check(out) == []
 
 
 @pytest.mark.slow

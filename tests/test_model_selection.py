@@ -15,7 +15,7 @@ import scipy.special
 import scipy.stats
 
 from experiments import model_selection as ms
-from experiments import model_zoo, truncation
+from experiments import model_zoo, publish, truncation
 from jtransfer import models, surgery
 from jtransfer.data import ImageSet, normalize
 from jtransfer.errors import InputError
@@ -220,6 +220,27 @@ def test_analyze_matches_scipy_and_alpha_sweep():
   np.testing.assert_allclose(app, -sc["S6"]["per_group"][group]["spearman"], rtol=1e-12)
 
 
+def test_selection_claims_pair_groups_by_hand():
+  """Held-out C_ij against the best single metric and the paper's rho, paired by group."""
+  groups = ["a @ t", "b @ t", "c @ t"]
+  held = [0.9, 0.5, 0.7]
+  single = {"S1": [0.2, 0.4, 0.3], "S2": [0.6, 0.1, 0.8]}   # S2 has the best mean (0.5)
+  summary = dict(
+      held_out=dict(per_group={g: dict(pair="S5+S6", alpha=0.5, spearman=v)
+                               for g, v in zip(groups, held)}),
+      scorers={n: dict(spearman_mean=float(np.mean(v)),
+                       per_group={g: dict(spearman=x) for g, x in zip(groups, v)})
+               for n, v in single.items()})
+  res = ms.claim_results(summary)
+  assert res[0]["best_single"] == "S2"
+  d = np.array(held) - np.array(single["S2"])
+  p = res[0]["pooled"]["paired"]
+  assert p["mean"] == pytest.approx(d.mean()) and p["n"] == 3 and p["wins"] == 2
+  half = scipy.stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+  assert p["lo"] == pytest.approx(d.mean() - half)
+  assert res[1]["pooled"]["paired"]["mean"] == pytest.approx(np.mean(held) - ms.PAPER_RHO)
+
+
 def test_score_settings_must_agree():
   records = _records()
   assert ms.score_settings(records) == ms.LEGACY_SETTINGS        # records without the fields
@@ -242,6 +263,13 @@ def test_truncation_reports_both_s6_signs():
   assert summary["s6_pick"]["t"]["point"] == "a"              # smallest S6 (the text)
   assert summary["s6_pick_appendix"]["t"]["point"] == "b"     # largest S6 (App. A.2)
   assert summary["s6_pick_appendix"]["t"]["best_point"] == "b"
+  # the claims, one draw per target: rho of raw S6 against 0.7, the pick against the best point
+  two = truncation.analyze(records + [dict(r, target="u", test_acc=a) for r, a in
+                                      zip(records, [0.5, 0.6, 0.7])], points)
+  res = truncation.claim_results(two)
+  assert res[0]["pooled"]["paired"]["n"] == 2
+  assert res[0]["pooled"]["paired"]["mean"] == pytest.approx(((1.0 - 0.7) + (0.5 - 0.7)) / 2)
+  assert res[1]["pooled"]["paired"]["mean"] == pytest.approx(((0.9 - 0.9) + (0.6 - 0.7)) / 2)
 
 
 # ---------------------------------------------------------------- end to end
@@ -301,6 +329,7 @@ def _check_model_selection_main(root, out):
   assert ms.main(argv + ["--resume", "--logme", "exact"]) == 2   # other score flags: refused
   assert ms.main(argv + ["--resume"]) == 0
   assert len(json.load(open(os.path.join(out, "results.json")))) == 3
+  assert publish.check(out) == []  # the report regenerates from results.json and zoo.json
   assert ms.main(argv) == 2      # existing results without --resume / --overwrite
 
 
@@ -314,6 +343,7 @@ def _check_truncation_main(root, out):
   assert records[0]["map_shape"] == [14, 14, 16] and records[1]["map_shape"] == [7, 7, 32]
   for name in ("truncation_accuracy.png", "truncation_spearman.png", "report.md"):
     assert os.path.getsize(os.path.join(out, name)) > 0
+  assert publish.check(out) == []  # regenerates from results.json and source.json
   bad = ["--tiny", "--source", f"ckpt:{ckpt}", "--points", "stem,nope", "--target",
          "fmnist:1,5,7", "--out", out, "--overwrite", "--quiet"]
   assert truncation.main(bad) == 2
