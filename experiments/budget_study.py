@@ -169,9 +169,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   return cli.finish(results, text, t0)
 
 
+def collect(path: str) -> list[dict]:
+  """Every factor's records (for `publish snapshot`), as main gathers them."""
+  records = []
+  for sub in sorted(d for d in os.listdir(path) if d.startswith("x") and d[1:].isdigit()):
+    records += [dict(r, factor=int(sub[1:]))
+                for r in publish.jsonl_records(os.path.join(path, sub))]
+  return sorted(records, key=record_key)
+
+
 PUBLISHER = publish.Publisher(
     "experiments.budget_study", parse_args, validate,
-    lambda records, plan, args, _: make_report(records, plan, args), grid_keys, record_key)
+    lambda records, plan, args, _: make_report(records, plan, args), grid_keys, record_key,
+    collect)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ and run.json (module, argv, the command, wall time of each invocation). Then
                                                        # and regenerates its report byte for byte
   python -m experiments.publish regenerate published/X # rewrite report.md from results.json
   python -m experiments.publish results                # RESULTS.md from every published folder
+  python -m experiments.publish snapshot OUT -- FLAGS  # publish a stopped grid as it stands
+
+`snapshot` writes what `save` would from the runs recorded so far (results.jsonl), marked
+incomplete when the grid lacks runs, so a grid stopped for lack of time is published from its
+partial results and resumed later with `--resume`.
 
 A folder of `published/` is a copy of a module's `--out` directory (results.jsonl included), so
 copying it back and passing `--resume` continues the grid where it stopped.
@@ -53,6 +58,8 @@ class Publisher:
       records (tuning choices decide which runs follow), or None when not enumerable.
     key: record -> its key (the run it records), or None when records have no key: the
       duplicate and grid checks are then skipped.
+    collect: results directory -> the records results.json holds (`snapshot` only; default:
+      results.jsonl without timings, sorted by `key`).
   """
   module: str
   parse_args: Callable[[Sequence[str]], argparse.Namespace]
@@ -60,6 +67,7 @@ class Publisher:
   report: Callable[[list, dict, argparse.Namespace, str], tuple[str, dict]]
   grid_keys: Callable[[list, dict, argparse.Namespace], set] | None = None
   key: Callable[[dict], tuple] | None = None
+  collect: Callable[[str], list] | None = None
 
 
 def command_line(module: str, argv: Sequence[str]) -> str:
@@ -108,6 +116,28 @@ def save(results, publisher: Publisher, argv: Sequence[str] | None, records: lis
   results.write_text("report.md", text)
   results.write_json("summary.json", summary)
   return text, summary
+
+
+def jsonl_records(path: str, key: Callable[[dict], tuple] | None = None) -> list[dict]:
+  """The records of `path`/results.jsonl without timings (sorted by `key` when given)."""
+  from experiments.report import ResultsDir
+  records = [{k: v for k, v in r.items() if k != "seconds"}
+             for r in ResultsDir(path, resume=True).records]
+  return sorted(records, key=lambda r: tuple(map(str, key(r)))) if key else records
+
+
+def snapshot(path: str, module: str, argv: Sequence[str]) -> tuple[str, dict]:
+  """Publishes a results directory as it stands (e.g. a grid stopped before its end)."""
+  from experiments.report import ResultsDir
+  publisher = getattr(importlib.import_module(module), "PUBLISHER", None)
+  if publisher is None:
+    raise InputError(f"{module} declares no PUBLISHER")
+  args = publisher.parse_args(list(argv))
+  plan = publisher.validate(args)
+  records = (publisher.collect or (lambda p: jsonl_records(p, publisher.key)))(path)
+  if not records:
+    raise InputError(f"{path} holds no recorded runs")
+  return save(ResultsDir(path, resume=True), publisher, argv, records, plan, args, time.time())
 
 
 def read_run(path: str) -> dict | None:
@@ -272,10 +302,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   c.add_argument("root", nargs="?", default=PUBLISHED)
   g = sub.add_parser("regenerate", help="rewrite a folder's report.md and summary.json")
   g.add_argument("folder")
+  s = sub.add_parser("snapshot", help="publish a results directory's runs so far")
+  s.add_argument("folder")
+  s.add_argument("--module", required=True, help="e.g. experiments.cwl_tables")
+  s.epilog = "after the options: -- and the module's flags, as the grid was run"
   r = sub.add_parser("results", help="rebuild RESULTS.md's generated table")
   r.add_argument("--root", default=PUBLISHED)
   r.add_argument("--page", default=RESULTS_PAGE)
-  args = p.parse_args(argv)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  flags = argv[argv.index("--") + 1:] if "--" in argv else []
+  args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
   try:
     if args.cmd == "check":
       found = folders(args.root)
@@ -287,6 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad += bool(problems)
         print(f"{path}: " + ("ok" if not problems else "; ".join(problems)))
       return 1 if bad else 0
+    if args.cmd == "snapshot":
+      snapshot(args.folder, args.module, flags)
+      run = read_run(args.folder)
+      print(f"wrote {args.folder}: {run['records']} runs, "
+            f"{'complete' if run['complete'] else 'incomplete'}")
+      return 0
     if args.cmd == "regenerate":
       text, summary = regenerate(args.folder)
       for name, body in (("report.md", text), ("summary.json",

@@ -133,3 +133,19 @@ def test_results_page_keeps_written_text(folder, tmp_path):
   again = publish.results_page(edited, str(root))
   assert again == edited  # rebuilding changes nothing when published/ did not change
   assert "python -m experiments.cwl_tables" in page and "8 runs" in page
+
+
+def test_snapshot_publishes_a_stopped_grid_as_incomplete(folder, tmp_path):
+  path = _copy(folder, tmp_path)
+  argv = publish.read_run(path)["argv"]
+  for name in ("run.json", "report.md", "summary.json", "results.json"):
+    os.remove(os.path.join(path, name))
+  with open(os.path.join(path, "results.jsonl")) as f:
+    lines = f.readlines()
+  with open(os.path.join(path, "results.jsonl"), "w") as f:
+    f.writelines(lines[:-3])  # the grid stopped three runs before its end
+  assert publish.main(["snapshot", path, "--module", "experiments.cwl_tables", "--", *argv]) == 0
+  run = publish.read_run(path)
+  assert run["records"] == 5 and not run["complete"]
+  assert publish.check(path) == []
+  assert "5 runs, partial grid" in publish.results_page("", str(tmp_path))
