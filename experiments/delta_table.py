@@ -285,12 +285,8 @@ def stage_of(unit: str) -> str:
 
 def filter_distances(params, w0) -> dict[str, list[float]]:
   """Per stage, the L2 distance of every conv filter (output channel) from w0, sorted down."""
-  flat, ref = surgery.flatten(params), surgery.flatten(w0)
   out: dict[str, list[float]] = {}
-  for unit in surgery.conv_units(w0):
-    k = f"{unit}/conv/kernel"
-    diff = np.asarray(flat[k], np.float64) - np.asarray(ref[k], np.float64)
-    d = np.sqrt(np.sum(diff.reshape(-1, diff.shape[-1]) ** 2, axis=0))
+  for unit, d in surgery.filter_distances(params, w0).items():
     out.setdefault(stage_of(unit), []).extend(d.tolist())
   return {s: sorted(v, reverse=True) for s, v in out.items()}
 
@@ -455,6 +451,19 @@ def recipe_text(plan: dict, args) -> str:
           f"{config.bn_train}; attention probe BN: {config.att_bn}.{alpha}")
 
 
+FIG3_CLAIM = claims.Claim(
+    "DELTA", "DELTA's filters move farther from the starting point than L2-SP's (effect: mean "
+    "conv-filter L2 distance x 100)", "delta", "l2sp", source="Fig. 3")
+
+
+def fig3_claim(tuned_records: list[dict]) -> list[dict]:
+  """Fig. 3 as a paired claim: each evaluation run's mean filter distance from the source
+  (`surgery.mean_filter_distance`), DELTA against L2-SP, each at its tuned alpha."""
+  rows = [r for r in tuned_records if r.get("filter_distance") is not None]
+  return [claims.evaluate(FIG3_CLAIM, rows, ("arch", "target", "shots"),
+                          value="filter_distance", draw_fields=("target", "shots", "repeat"))]
+
+
 def make_report(records: list[dict], plan: dict, args, curves: dict | None
                 ) -> tuple[str, dict]:
   """report.md text and summary.json content, from the records (and curves) alone; call it
@@ -464,7 +473,8 @@ def make_report(records: list[dict], plan: dict, args, curves: dict | None
   text, summary = fewshot.make_report(
       records, plan, args, title=title, claim_list=CLAIMS,
       tables=[("Table 1 layout", [s for s in STRATEGIES if s in plan["strategies"]])],
-      labels=TITLES)
+      labels=TITLES,
+      extra_claims=fig3_claim if {"delta", "l2sp"} <= set(plan["strategies"]) else None)
   if curves:
     text = "\n".join([text.rstrip("\n"), ""] + curve_lines(curves))
   return text, summary

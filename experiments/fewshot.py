@@ -30,14 +30,15 @@ import sys
 import time
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from experiments import cli, pretrain, publish
 from experiments.report import ResultsDir, best_over_lr, pct, positive_ints
-from jtransfer import models
+from jtransfer import models, surgery
 from jtransfer.data import Batches, ImageSet, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError, NonFiniteError
-from jtransfer.methods import transfer
+from jtransfer.methods import delta, transfer
 from jtransfer.protocol import Budget, claims, fit_converged, tuning
 from jtransfer.train import (accuracy, batched, fit, init_state, make_optimizer,
                              make_train_step, parallel, predict_logits)
@@ -290,6 +291,10 @@ class TargetRuns:
     _, step, _, _ = self.setup(name, hp)
     state, batches, x_val, x_test, forward = self._prepare(name, train_idx, val_idx, lr, seed,
                                                            hp)
+    # The backbone's starting point, on the host (the step donates the state's buffers).
+    # Per-run constants (DELTA's frozen source copy and attention) are not filters it trains.
+    start = None if self.setup(name, hp)[3] else jax.tree.map(
+        np.array, {k: v for k, v in state.params.items() if k != delta.FROZEN_KEY})
     if budget is None or not len(val_idx):
       state = fit(state, step, batches.at, self.args.steps)
       info = dict(steps=self.args.steps, best_step=self.args.steps, stopped="fixed")
@@ -299,6 +304,8 @@ class TargetRuns:
                                 labels)
       state, info = fit_converged(state, step, batches.at, val, budget)
       info.pop("curve")
+    if start is not None:  # how far training moved the conv filters (DELTA's Fig. 3 measure)
+      info["filter_distance"] = surgery.mean_filter_distance(state.params, start)
     return dict(self._evaluate(state, forward, x_val, val_idx, x_test, test), **info)
 
   def batchable(self, name: str) -> bool:

@@ -190,3 +190,22 @@ def conv_units(params: Tree) -> list[str]:
   """Paths of the conv units (modules with a `conv/kernel` of rank 4), in tree order."""
   return [p[:-len("/conv/kernel")] for p, v in flatten(params).items()
           if p.endswith("/conv/kernel") and np.ndim(v) == 4]
+
+
+def filter_distances(params: Tree, start: Tree) -> dict[str, np.ndarray]:
+  """Per conv unit of `start`, the L2 distance of each filter (output channel) of `params`
+  from its value in `start` (DELTA's Fig. 3 measure). Units `params` lacks are skipped."""
+  flat, ref = flatten(params), flatten(start)
+  out = {}
+  for unit in conv_units(start):
+    k = f"{unit}/conv/kernel"
+    if k in flat:
+      diff = np.asarray(flat[k], np.float64) - np.asarray(ref[k], np.float64)
+      out[unit] = np.sqrt(np.sum(diff.reshape(-1, diff.shape[-1]) ** 2, axis=0))
+  return out
+
+
+def mean_filter_distance(params: Tree, start: Tree) -> float:
+  """The mean over every conv filter of `filter_distances` (one number per trained model)."""
+  d = list(filter_distances(params, start).values())
+  return float(np.concatenate(d).mean()) if d else float("nan")

@@ -63,7 +63,15 @@ def test_delta_table_smoke(tiny_source_dir, tmp_path):
   assert "attention probe BN: authors" in report and "Best over LR" in report
   with open(os.path.join(out, "summary.json")) as f:
     summary = json.load(f)
-  assert len(summary["claims"]) == len(delta_table.CLAIMS)
+  assert len(summary["claims"]) == len(delta_table.CLAIMS) + 1  # + Fig. 3's filter distance
+  fig3 = summary["claims"][-1]
+  assert fig3["claim"]["source"] == "Fig. 3"
+  dist = {(r["strategy"], r["repeat"]): r["filter_distance"] for r in evals
+          if r["strategy"] in ("delta", "l2sp")}
+  assert all(v > 0 for v in dist.values())  # every fine-tuned run moved its filters
+  assert fig3["pooled"]["paired"]["mean"] == pytest.approx(np.mean(
+      [dist[("delta", i)] - dist[("l2sp", i)] for i in (0, 1)]))
+  assert all("filter_distance" not in r for r in evals if r["strategy"] == "l2fe")
   assert all(len(c["cells"]) == 1 and c["pooled"]["paired"]["n"] == 2
              for c in summary["claims"])
   # --resume finds every run done and rewrites the same report ...

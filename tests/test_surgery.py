@@ -67,3 +67,15 @@ def test_restrict_and_count_and_conv_units():
   assert surgery.paths(small) == ["head/kernel", "head/bias"]
   assert surgery.count(TREE) == 9 * 4 + 4 + 9 * 16 + 8 + 2
   assert surgery.conv_units(TREE) == ["stem", "stage1/block0/conv1"]
+
+
+def test_filter_distances_by_hand():
+  """Per output channel, the L2 norm of the kernel's change; units only in `start` count."""
+  start = {"a": {"conv": {"kernel": np.zeros((1, 1, 2, 2))}},
+           "b": {"conv": {"kernel": np.ones((3, 3, 1, 1))}}, "head": {"kernel": np.zeros((2, 2))}}
+  moved = {"a": {"conv": {"kernel": np.array([[[[3.0, 0.0], [4.0, 1.0]]]])}},
+           "b": {"conv": {"kernel": np.ones((3, 3, 1, 1))}}, "head": {"kernel": np.ones((2, 2))}}
+  d = surgery.filter_distances(moved, start)
+  np.testing.assert_allclose(d["a"], [5.0, 1.0])   # channel 0: (3, 4); channel 1: (0, 1)
+  np.testing.assert_allclose(d["b"], [0.0])
+  assert surgery.mean_filter_distance(moved, start) == pytest.approx(2.0)  # (5 + 1 + 0) / 3
