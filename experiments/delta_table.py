@@ -273,6 +273,8 @@ def validate(args: argparse.Namespace) -> dict:
     plan["curves"] = dict(arch=args.curve_arch, target=target, shots=args.curve_shots,
                           steps=args.curve_steps, every=args.curve_every, lr=args.curve_lr,
                           test_per_class=args.curve_test_per_class, schedules=schedules)
+  if plan["curves"] and plan["shard"] and plan["shard"][0] != 0:
+    plan["curves"] = None  # Figs. 2 and 3 run once, in shard 0 (merge takes its curves.json)
   return plan
 
 

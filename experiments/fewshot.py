@@ -96,6 +96,10 @@ def add_protocol_flags(p: argparse.ArgumentParser, steps: int = 500, patience: i
                  help="choose a strategy's knobs (and LR) by this many-fold cross-validation on "
                       "each tuning draw's labelled pool (k-shot + validation images); 'auto' = "
                       "as its paper (DELTA, L2-SP: 5; others: the validation set); 0 = never")
+  p.add_argument("--shard", default=None, metavar="I/N",
+                 help="run only the grid's cells (arch, target, k) whose index modulo N is I "
+                      "(0 <= I < N), e.g. one scheduler job per shard; `python -m "
+                      "experiments.publish merge` joins the shards' folders into the grid's")
   p.add_argument("--paper-grid", action=argparse.BooleanOptionalAction, default=True,
                  help="also run the whole LR grid on the evaluation draws, for the papers' "
                       "test-selected 'best over LR' figure (reported apart, labelled)")
@@ -176,7 +180,33 @@ def validate(args: argparse.Namespace) -> dict:
     else:
       lrs[s] = transfer.lr_grid(strategy, args.lrs)
   return dict(archs=archs, strategies=strategies, targets=targets,
-              shots=positive_ints(args.shots, "--shots"), lrs=lrs)
+              shots=positive_ints(args.shots, "--shots"), lrs=lrs,
+              shard=parse_shard(getattr(args, "shard", None)))
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+  """'I/N' -> (I, N), or None for the whole grid."""
+  if text is None:
+    return None
+  try:
+    i, n = (int(v) for v in text.split("/"))
+  except ValueError:
+    raise InputError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+  if not (n >= 1 and 0 <= i < n):
+    raise InputError(f"--shard {text!r}: needs N >= 1 and 0 <= I < N")
+  return i, n
+
+
+def cells(plan: dict) -> list[tuple[str, str, int]]:
+  """The (arch, target, k) cells this invocation runs: all of them, or its --shard's share.
+
+  Cells are the grid's unit of work: a cell's tuning and evaluation runs, and its k-shot
+  draws, depend on nothing outside it, so shards run independently and merge exactly."""
+  every = [(a, t, k) for a in plan["archs"] for t in plan["targets"] for k in plan["shots"]]
+  if not plan.get("shard"):
+    return every
+  i, n = plan["shard"]
+  return [c for j, c in enumerate(every) if j % n == i]
 
 
 def cap_per_class(s: ImageSet, n: int) -> ImageSet:
@@ -495,16 +525,15 @@ def grid_keys(records: list[dict], plan: dict, args) -> set[tuple]:
   tuning is unfinished counts the tuning run it lacks and no evaluation runs beyond the paper
   grid's."""
   requested: set = set()
-  tuned = choose(records, plan, args, requested=requested)
-  keys = set(requested)
-  for arch in plan["archs"]:
-    for spec in plan["targets"]:
-      for shots in plan["shots"]:
-        for name in plan["strategies"]:
-          for lr, hp in eval_points(plan, args, tuned, (arch, spec, shots, name)):
-            keys |= {(name, arch, spec, shots, repeat, lr, hp, -1)
-                     for repeat in range(args.repeats)}
-  return keys
+  keys = set()
+  for arch, spec, shots in cells(plan):
+    tuned = choose(records, dict(plan, archs=[arch], targets=[spec], shots=[shots]), args,
+                   requested=requested)
+    for name in plan["strategies"]:
+      for lr, hp in eval_points(plan, args, tuned, (arch, spec, shots, name)):
+        keys |= {(name, arch, spec, shots, repeat, lr, hp, -1)
+                 for repeat in range(args.repeats)}
+  return keys | requested
 
 
 def results_records(records: list[dict]) -> list[dict]:
@@ -543,13 +572,20 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
   batch_runs = resolve_batch_runs(args.batch_runs) if parallel.default_mesh() is None else 1
   if budget is not None:
     batch_runs = 1
+  mine = cells(plan)
   for arch in plan["archs"]:
+    if not any(c[0] == arch for c in mine):
+      continue
     source = pretrain.source_for(arch, args.source, epochs=args.source_epochs, seed=args.seed,
                                  progress=not args.quiet)
     setup_cache: dict = {}
     for spec in plan["targets"]:
+      if not any(c[:2] == (arch, spec) for c in mine):
+        continue
       runs = TargetRuns(source, spec, args, data_cache, setup_cache)
       for shots in plan["shots"]:
+        if (arch, spec, shots) not in mine:
+          continue
         # One draw per (shots, repeat), shared by all strategies and LRs: paired comparison.
         draws = {}
         for repeat in range(-args.tune_repeats, args.repeats):

@@ -11,6 +11,8 @@ and run.json (module, argv, the command, wall time of each invocation). Then
   python -m experiments.publish regenerate published/X # rewrite report.md from results.json
   python -m experiments.publish results                # RESULTS.md from every published folder
   python -m experiments.publish snapshot OUT -- FLAGS  # publish a stopped grid as it stands
+  python -m experiments.publish merge OUT SHARD... --module M -- FLAGS
+                                                       # join --shard I/N folders into one grid
 
 `snapshot` writes what `save` would from the runs recorded so far (results.jsonl), marked
 incomplete when the grid lacks runs, so a grid stopped for lack of time is published from its
@@ -138,6 +140,64 @@ def snapshot(path: str, module: str, argv: Sequence[str]) -> tuple[str, dict]:
   if not records:
     raise InputError(f"{path} holds no recorded runs")
   return save(ResultsDir(path, resume=True), publisher, argv, records, plan, args, time.time())
+
+
+SIDE_FILES = ("curves.json", "zoo.json", "source.json")
+
+
+def merge(out: str, shards: Sequence[str], module: str, argv: Sequence[str]) -> tuple[str, dict]:
+  """Joins the folders of a grid run in shards (`--shard I/N`) into one folder `out` and
+  publishes it as the grid `argv` (the flags without --shard).
+
+  Every results.jsonl (the top one and, e.g., a budget study's x<factor>/ ones) is the union of
+  the shards' at the same relative path; the side files the report reads (DELTA's curves, the
+  zoo table) come from the first shard holding them. A run recorded by two shards must agree.
+
+  Raises:
+    InputError: `out` already holds results, a shard is missing, argv still has --shard, or
+      two shards disagree about a run.
+  """
+  from experiments.report import ResultsDir
+  if "--shard" in argv:
+    raise InputError("merge: pass the grid's flags without --shard")
+  if not shards:
+    raise InputError("merge: name at least one shard folder")
+  for s in shards:
+    if not os.path.isdir(s):
+      raise InputError(f"merge: shard folder {s} does not exist")
+  ResultsDir(out)  # refuses an `out` that already holds results
+  rels = sorted({os.path.relpath(d, s) for s in shards for d, _, f in os.walk(s)
+                 if "results.jsonl" in f})
+  for rel in rels:
+    merged: dict[str, dict] = {}
+    for s in shards:
+      path = os.path.join(s, rel)
+      if not os.path.exists(os.path.join(path, "results.jsonl")):
+        continue
+      for r in ResultsDir(path, resume=True).records:
+        k = json.dumps({a: b for a, b in r.items() if a != "seconds"}, sort_keys=True)
+        ident = json.dumps(_identity(r), sort_keys=True)
+        if ident in merged and json.dumps({a: b for a, b in merged[ident].items()
+                                           if a != "seconds"}, sort_keys=True) != k:
+          raise InputError(f"merge: shards disagree about run {ident}")
+        merged.setdefault(ident, r)
+    target = ResultsDir(os.path.join(out, rel), resume=True)
+    for r in merged.values():
+      target.add(r)
+  for name in SIDE_FILES:
+    for s in shards:
+      if os.path.exists(os.path.join(s, name)):
+        with open(os.path.join(s, name)) as f, open(os.path.join(out, name), "w") as g:
+          g.write(f.read())
+        break
+  return snapshot(out, module, argv)
+
+
+def _identity(record: dict) -> dict:
+  """What names a run across shards: everything but its outcome and timing."""
+  outcome = {"seconds", "test_acc", "val_acc", "steps", "best_step", "stopped", "status",
+             "error", "filter_distance"}
+  return {k: v for k, v in record.items() if k not in outcome}
 
 
 def read_run(path: str) -> dict | None:
@@ -306,6 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   s.add_argument("folder")
   s.add_argument("--module", required=True, help="e.g. experiments.cwl_tables")
   s.epilog = "after the options: -- and the module's flags, as the grid was run"
+  m = sub.add_parser("merge", help="join --shard folders into the grid's folder")
+  m.add_argument("folder", help="the merged folder (must not hold results)")
+  m.add_argument("shards", nargs="+")
+  m.add_argument("--module", required=True)
+  m.epilog = "after the options: -- and the grid's flags, without --shard"
   r = sub.add_parser("results", help="rebuild RESULTS.md's generated table")
   r.add_argument("--root", default=PUBLISHED)
   r.add_argument("--page", default=RESULTS_PAGE)
@@ -327,6 +392,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       snapshot(args.folder, args.module, flags)
       run = read_run(args.folder)
       print(f"wrote {args.folder}: {run['records']} runs, "
+            f"{'complete' if run['complete'] else 'incomplete'}")
+      return 0
+    if args.cmd == "merge":
+      merge(args.folder, args.shards, args.module, flags)
+      run = read_run(args.folder)
+      print(f"wrote {args.folder}: {run['records']} runs from {len(args.shards)} shard(s), "
             f"{'complete' if run['complete'] else 'incomplete'}")
       return 0
     if args.cmd == "regenerate":

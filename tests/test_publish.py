@@ -149,3 +149,35 @@ def test_snapshot_publishes_a_stopped_grid_as_incomplete(folder, tmp_path):
   assert run["records"] == 5 and not run["complete"]
   assert publish.check(path) == []
   assert "5 runs, partial grid" in publish.results_page("", str(tmp_path))
+
+
+def test_shards_merge_into_the_whole_grid(tiny_source_dir, tmp_path):
+  """--shard 0/2 and 1/2 run disjoint cells; merged, they are the unsharded grid byte for byte
+  (records, report, summary), and a shard alone checks out as a complete shard."""
+  whole = str(tmp_path / "whole")
+  argv = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
+          "digits:0,1,2", "--shots", "2,3", "--repeats", "2", "--steps", "6", "--eval-every",
+          "3", "--patience", "3", "--test-per-class", "4", "--val-per-class", "2",
+          "--strategies", "freeze", "--lrs", "1e-3,1e-2", "--tune-extend", "0",
+          "--no-paper-grid", "--quiet", "--out", whole]
+  assert fewshot.main(argv) == 0
+  shards = [str(tmp_path / f"s{i}") for i in range(2)]
+  for i, s in enumerate(shards):
+    assert fewshot.main(argv[:-1] + [s, "--shard", f"{i}/2"]) == 0
+    assert publish.check(s) == [] and publish.read_run(s)["complete"]
+  got = [{r["shots"] for r in json.load(open(os.path.join(s, "results.json")))} for s in shards]
+  assert got == [{2}, {3}]
+  merged = str(tmp_path / "merged")
+  assert publish.main(["merge", merged, *shards, "--module", "experiments.fewshot", "--",
+                       *argv]) == 0
+  for name in ("results.json", "report.md", "summary.json"):
+    assert open(os.path.join(merged, name)).read() == open(os.path.join(whole, name)).read()
+  assert publish.check(merged) == []
+  # flags still holding --shard, a merged folder that exists, a missing shard: refused
+  assert publish.main(["merge", str(tmp_path / "m2"), *shards, "--module",
+                       "experiments.fewshot", "--", *argv, "--shard", "0/2"]) == 2
+  assert publish.main(["merge", merged, *shards, "--module", "experiments.fewshot", "--",
+                       *argv]) == 2
+  assert publish.main(["merge", str(tmp_path / "m3"), str(tmp_path / "nope"), "--module",
+                       "experiments.fewshot", "--", *argv]) == 2
+  assert fewshot.main(argv[:-1] + [str(tmp_path / "bad"), "--shard", "2/2"]) == 2
