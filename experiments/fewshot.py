@@ -321,10 +321,10 @@ class TargetRuns:
     _, step, _, _ = self.setup(name, hp)
     state, batches, x_val, x_test, forward = self._prepare(name, train_idx, val_idx, lr, seed,
                                                            hp)
-    # The backbone's starting point, on the host (the step donates the state's buffers).
-    # Per-run constants (DELTA's frozen source copy and attention) are not filters it trains.
-    start = None if self.setup(name, hp)[3] else jax.tree.map(
-        np.array, {k: v for k, v in state.params.items() if k != delta.FROZEN_KEY})
+    setup, _, _, head_only = self.setup(name, hp)
+    # The starting point, on the host (the step donates the state's buffers).
+    initial = (jax.tree.map(np.array, state.params)
+               if setup.finalize is not None or not head_only else None)
     if budget is None or not len(val_idx):
       state = fit(state, step, batches.at, self.args.steps)
       info = dict(steps=self.args.steps, best_step=self.args.steps, stopped="fixed")
@@ -334,7 +334,11 @@ class TargetRuns:
                                 labels)
       state, info = fit_converged(state, step, batches.at, val, budget)
       info.pop("curve")
-    if start is not None:  # how far training moved the conv filters (DELTA's Fig. 3 measure)
+    if setup.finalize is not None:  # e.g. WiSE-FT: the weights interpolated toward the start
+      state = state.replace(params=setup.finalize(state.params, initial))
+    if not head_only:  # how far training moved the conv filters (DELTA's Fig. 3 measure)
+      # Per-run constants (DELTA's frozen source copy and attention) are not trained filters.
+      start = {k: v for k, v in initial.items() if k != delta.FROZEN_KEY}
       info["filter_distance"] = surgery.mean_filter_distance(state.params, start)
     return dict(self._evaluate(state, forward, x_val, val_idx, x_test, test), **info)
 
@@ -345,6 +349,8 @@ class TargetRuns:
       setup, _, opt, head_only = self.setup(name)
       if head_only:
         self._setups[key] = True
+      elif setup.finalize is not None:  # the batched path has no finalize step
+        self._setups[key] = False
       else:
         params, _ = setup.init(0, self.pool.images[:1], self.pool.labels[:1])
         self._setups[key] = batched.batchable(opt, params)
@@ -498,7 +504,7 @@ def choose(records: list[dict], plan: dict, args, run_missing=None,
 
           grid = {"lr": plan["lrs"][name], **strategy.knobs}
           found = tuning.tune_records(grid, keys_of, by_key, run_missing, args.tune_extend,
-                                      requested)
+                                      requested, strategy.knob_bounds)
           if found is None:  # the report of an unfinished grid: that cell is not tuned yet
             continue
           t = found.to_dict()

@@ -60,12 +60,16 @@ class Setup:
     optimizer: which params train and how; `optimizer.init(params, lr)`.
     loss_fn: for the generic train step.
     forward: (params, batch_stats, uint8 images) -> logits, eval mode, jitted.
+    finalize: optional (trained params, initial params) -> the params evaluated and kept, for
+      strategies that transform the trained weights (WiSE-FT's interpolation); None = as
+      trained.
   """
   model: nn.Module
   init: Callable[[int, np.ndarray, np.ndarray], tuple[Any, Any]]
   optimizer: optim.Optimizer
   loss_fn: Callable
   forward: Callable
+  finalize: Optional[Callable] = None
 
 
 def target_model(source: Source, num_classes: int, **overrides) -> nn.Module:
@@ -141,6 +145,7 @@ class Strategy:
     knob_defaults: the paper's value of each knob (what `build` uses when not given).
     cv_folds: the paper chooses the knobs by this many-fold cross-validation on the training
       pool (0: on a validation set).
+    knob_bounds: knob -> (low, high): tuning never extends that knob's grid past them.
   """
   name: str
   paper_lrs: tuple[float, ...]
@@ -150,18 +155,28 @@ class Strategy:
   knobs: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
   knob_defaults: Mapping[str, float] = dataclasses.field(default_factory=dict)
   cv_folds: int = 0
+  knob_bounds: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
+_IMPORTED = []
+
+
 def _import_methods() -> None:
-  # Each method module registers its strategies when imported; import them all once.
+  # Each method module registers its strategies when imported; import them all, once per
+  # process: a long grid must not pick up a method file added to the tree while it runs.
+  if _IMPORTED:
+    return
   import importlib
   import pkgutil
   import jtransfer.methods as pkg
   for info in pkgutil.iter_modules(pkg.__path__):
     importlib.import_module(f"jtransfer.methods.{info.name}")
+  _IMPORTED.append(True)
+
+
 FINETUNE_LRS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3)  # CWL paper, finetuning runs
 FREEZE_LRS = (1e-3, 5e-3, 1e-2, 5e-2)  # CWL paper, freeze runs
 

@@ -55,7 +55,7 @@ def _extend(values: Sequence[float], side: str) -> float:
 
 
 def tune(grid: Mapping[str, Sequence[float]], score: Callable[[dict], float],
-         max_extend: int = 2) -> Tuned:
+         max_extend: int = 2, bounds: Mapping[str, tuple[float, float]] | None = None) -> Tuned:
   """Picks the point of `grid` with the highest score, extending axes whose best is an edge.
 
   Args:
@@ -64,6 +64,8 @@ def tune(grid: Mapping[str, Sequence[float]], score: Callable[[dict], float],
     score: point (axis name -> value) -> validation score; higher is better. It must not
       read test data: this function only ever sees what it returns.
     max_extend: how many extra values each side of each axis may receive.
+    bounds: axis -> (low, high): an extension never goes below low or above high (e.g. a
+      mixing weight in (0, 1]).
 
   Returns:
     A `Tuned`. Ties go to the point first in grid order (smaller values first); an edge is
@@ -96,7 +98,8 @@ def tune(grid: Mapping[str, Sequence[float]], score: Callable[[dict], float],
         if best[i] == at and extended[(n, side)] < max_extend and \
             scores[best] > scores[neighbour]:
           new = float(f"{_extend(values, side):.12g}")  # 1e-3 / 10 is 1e-4, not 1.0000000000000002e-4
-          if math.isfinite(new) and (new > 0 or values[0] <= 0):
+          lo, hi = (bounds or {}).get(n, (-math.inf, math.inf))
+          if math.isfinite(new) and (new > 0 or values[0] <= 0) and lo <= new <= hi:
             axes[n] = sorted(values + [new])
             extended[(n, side)] += 1
             grew = True
@@ -113,7 +116,8 @@ class _Missing(Exception):
 
 def tune_records(grid: Mapping[str, Sequence[float]], keys_of: Callable[[dict], list],
                  by_key: dict, run_missing: Callable | None = None, max_extend: int = 2,
-                 requested: set | None = None) -> Tuned | None:
+                 requested: set | None = None,
+                 bounds: Mapping[str, tuple[float, float]] | None = None) -> Tuned | None:
   """`tune` scored from run records: a point's score is the mean validation accuracy of its
   runs (a failed run scores 0), read from `by_key` or, when missing, trained by `run_missing`.
 
@@ -128,6 +132,7 @@ def tune_records(grid: Mapping[str, Sequence[float]], keys_of: Callable[[dict], 
     run_missing: key -> record, training a missing run; None = read records only.
     max_extend: as `tune`.
     requested: if given, collects every run key the choice read (the grid's tuning runs).
+    bounds: as `tune`.
 
   Returns:
     A `Tuned`, or None when a run is missing and `run_missing` is None (an unfinished grid).
@@ -145,7 +150,7 @@ def tune_records(grid: Mapping[str, Sequence[float]], keys_of: Callable[[dict], 
                           for k in keys]))
 
   try:
-    return tune(grid, score, max_extend)
+    return tune(grid, score, max_extend, bounds)
   except _Missing:
     return None
 

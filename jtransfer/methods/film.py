@@ -1,0 +1,99 @@
+"""FiLM-style per-channel scale and shift after every conv unit, as in FiT (Shysheya et al.,
+ICLR 2023): the backbone frozen, gamma (init 1) and beta (init 0) per output channel of every
+conv unit trained with the new head.
+
+Like CWL (`methods/cwl.py`, which is FiLM without the shift) the layer is a reparametrisation
+folded into the unit's own params, exact for any input: after BN, gamma * BN(x) + beta is BN
+with scale * gamma and bias * gamma + beta; without BN, gamma * (conv(x) + b) + beta is the conv
+with kernel * gamma and bias b * gamma + beta. The FiLM params live under the top-level key
+'film' ({'film': {'scale': {unit: gamma}, 'shift': {unit: beta}}, ...}), so the generic train
+step and the optimizer rules handle them like any other leaf.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jtransfer import models, surgery
+from jtransfer.data.preprocess import normalize
+from jtransfer.errors import InputError
+from jtransfer.methods import cwl, transfer
+from jtransfer.train import evaluate, optim
+
+FILM_KEY = "film"
+
+
+def init_film(params: Mapping[str, Any]) -> dict:
+  """{'scale': ones, 'shift': zeros} per conv unit, sized by its output channels."""
+  scales = cwl.init_scales({k: v for k, v in params.items() if k != FILM_KEY})
+  return {"scale": scales, "shift": {u: jnp.zeros_like(s) for u, s in scales.items()}}
+
+
+def apply_film(params: Mapping[str, Any], film: Mapping[str, Any]) -> dict:
+  """Effective params with FiLM folded in (pure, jit-able).
+
+  Raises:
+    InputError: a unit without BN has no conv bias to carry the shift.
+  """
+  scaled = cwl.apply_cwl(params, film["scale"])
+  flat = surgery.flatten(scaled)
+  targets = {}
+  for unit in film["shift"]:
+    for tail in ("bn/bias", "conv/bias"):
+      if f"{unit}/{tail}" in flat:
+        targets[f"{unit}/{tail}"] = unit
+        break
+    else:
+      raise InputError(f"FiLM: conv unit {unit!r} has neither a BN nor a conv bias to shift")
+  return surgery.map_with_path(
+      lambda path, v: v + jnp.asarray(film["shift"][targets[path]], v.dtype)
+      if path in targets else v, scaled)
+
+
+def effective_params(params: Mapping[str, Any]) -> dict:
+  """`apply_film` of a tree holding its FiLM params under 'film' (identity without)."""
+  if FILM_KEY not in params:
+    return dict(params)
+  return apply_film({k: v for k, v in params.items() if k != FILM_KEY}, params[FILM_KEY])
+
+
+def film_loss_fn(model, mean, std) -> Callable:
+  def loss_fn(params, batch_stats, batch, rng):
+    logits, _, _ = models.apply_model(model, effective_params(params), batch_stats,
+                                      normalize(batch["image"], mean, std), rng=rng)
+    ce = evaluate.cross_entropy(logits, batch["label"])
+    return ce, ({"ce": ce}, batch_stats)
+  return loss_fn
+
+
+def film_forward(model, mean, std) -> Callable:
+  @jax.jit
+  def forward(params, batch_stats, images):
+    logits, _, _ = models.apply_model(model, effective_params(params), batch_stats,
+                                      normalize(images, mean, std))
+    return logits
+  return forward
+
+
+def build_freeze_film(source: transfer.Source, num_classes: int,
+                      total_steps: int) -> transfer.Setup:
+  model = transfer.target_model(source, num_classes)
+
+  def init(seed, images=None, labels=None):
+    params, stats = transfer.init_target(source, model, seed)
+    return {FILM_KEY: init_film(params), **params}, stats
+
+  params, _ = init(0)
+  optimizer = optim.make_optimizer(
+      params, [(f"{FILM_KEY}/.*", "train"), ("head/.*", "train"), (".*", optim.FROZEN)],
+      {"train": optim.adam(1.0)}, injected_lr=True)
+  return transfer.Setup(model, init, optimizer, film_loss_fn(model, source.mean, source.std),
+                        film_forward(model, source.mean, source.std))
+
+
+transfer.register(transfer.Strategy(
+    "freeze_film", transfer.FREEZE_LRS, build_freeze_film,
+    description="conv/BN frozen (running stats), per-channel scale and shift after every conv "
+                "unit + new head trained (FiLM, as FiT), Adam"))
