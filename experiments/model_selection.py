@@ -33,7 +33,8 @@ Report (report.md, summary.json, spearman.png, alpha_curves.png):
     targets, alpha step 0.001 (Fig. 3): the best (i, j, alpha) with the mean and variance of rho
     over groups (paper: C_56(0.574), mean 0.7514, variance 0.005993), and C_56(0.574) as
     published;
-  * LogME, LEEP, NCE, H-score and the target-blind baselines side by side.
+  * LogME, LEEP, NCE, H-score, TransRate (methods/transrate.py) and SFDA (methods/sfda.py)
+    and the target-blind baselines side by side.
 
 Fine-tuning protocol (shortened for CPU): `--train-per-class` labelled images per class (a
 seeded draw from the target's train split; the same images feed the metrics, as the paper
@@ -68,13 +69,13 @@ from experiments.model_zoo import Compiled, TrainConfig, prenormalize
 from experiments.report import ResultsDir
 from jtransfer.data import ImageSet, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError
-from jtransfer.methods import selection, transfer
+from jtransfer.methods import selection, sfda, transfer, transrate
 from jtransfer.protocol import claims
 
 KEY = ("model", "target")
 DEFAULT_TARGETS = ("fmnist:1,5,7,8,9", "digits")
 S_METRICS = selection.METRIC_NAMES
-LABEL_SCORES = ("LogME", "LEEP", "NCE", "H-score")
+LABEL_SCORES = ("LogME", "LEEP", "NCE", "H-score", "TransRate", "SFDA")
 SELECTION_FEATURES = ("target", "source")
 # Settings that change the scores; stored in every record. Records written before they existed
 # were computed with the values in LEGACY_SETTINGS.
@@ -144,15 +145,15 @@ def score_outputs(labels: np.ndarray, last_conv: np.ndarray, features: np.ndarra
   Args:
     labels: (N,) target labels.
     last_conv: (N, H, W, C) last conv map after ReLU: S1..S6.
-    features: (N, D) selection features: LogME, H-score (skipped when None).
+    features: (N, D) selection features: LogME, H-score, TransRate, SFDA (skipped when None).
     source_logits: (N, K_src) source-head logits: LEEP on their softmax, NCE on their argmax
       (skipped when None).
     logme_variant: `selection.logme`'s variant; 'published' (default) as the LogME authors'
       code, whose numbers the literature reports.
 
   Returns:
-    {'S1'..'S6', 'LogME', 'H-score', 'LEEP', 'NCE'} raw values (S2, S4, S5, S6 smaller is
-    better; the others larger).
+    {'S1'..'S6', 'LogME', 'H-score', 'TransRate', 'SFDA', 'LEEP', 'NCE'} raw values (S2, S4,
+    S5, S6 smaller is better; the others larger).
   """
   # One chunk when it fits (one compilation per map shape and image count); else bounded chunks.
   chunk = None if np.size(last_conv) <= _ONE_CHUNK_ELEMENTS else 256
@@ -160,6 +161,8 @@ def score_outputs(labels: np.ndarray, last_conv: np.ndarray, features: np.ndarra
   if features is not None:
     out["LogME"] = selection.logme(features, labels, variant=logme_variant)
     out["H-score"] = selection.h_score(features, labels)
+    out["TransRate"] = transrate.transrate(features, labels)
+    out["SFDA"] = sfda.sfda(features, labels)
   if source_logits is not None:
     z = np.asarray(source_logits, np.float64)
     probs = np.exp(z - z.max(axis=1, keepdims=True))

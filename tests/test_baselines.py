@@ -31,6 +31,10 @@ def test_coding_rate_equals_its_eigenvalue_form():
   lam = np.linalg.eigvalsh(x.T @ x)
   want = 0.5 * np.sum(np.log1p(lam / (len(x) * 1e-2)))
   assert transrate.coding_rate(x, 1e-2) == pytest.approx(want, rel=1e-10)
+  wide = x[:5]  # fewer rows than columns: computed on the 5 x 5 Gram matrix
+  lam = np.linalg.eigvalsh(wide.T @ wide)
+  want = 0.5 * np.sum(np.log1p(np.clip(lam, 0, None) / (5 * 1e-2)))
+  assert transrate.coding_rate(wide, 1e-2) == pytest.approx(want, rel=1e-8)
 
 
 def test_transrate_by_definition_and_its_properties():
@@ -74,6 +78,31 @@ def test_sfda_first_stage_is_shrinkage_lda_and_the_score_follows_its_steps():
   assert sfda.sfda(x, y) > sfda.sfda(x, np.random.default_rng(1).permutation(y))
   with pytest.raises(InputError, match="at least 2 classes"):
     sfda.sfda(x, np.zeros_like(y))
+
+
+def _sfda_by_steps(x, y, lam):
+  """SFDA step by step with scikit-learn's shrinkage LDA, in the features' full dimension."""
+  lda = lambda a: LinearDiscriminantAnalysis(solver="eigen", shrinkage=lam).fit(a, y)
+  p = lda(x).predict_proba(x)
+  p = np.exp(p) / np.exp(p).sum(axis=1, keepdims=True)
+  k = y.max() + 1
+  means = np.stack([x[y == c].mean(axis=0) for c in range(k)])
+  others = np.stack([(means.sum(axis=0) - means[c]) / (k - 1) for c in range(k)])
+  pt = p[np.arange(len(y)), y][:, None]
+  mixed = pt * x + (1 - pt) * others[y]
+  return lda(mixed).predict_proba(mixed)[np.arange(len(y)), y].mean()
+
+
+def test_sfda_with_fewer_images_than_dimensions_is_exact():
+  """n < d: computed in the row space of the features, equal to the full-dimension steps (the
+  features are scaled small so that lam is far from 0 and the full problem well posed)."""
+  x, y = _blobs(n=8, d=40, k=3, sep=0.1)
+  x = 0.05 * x
+  sw = sum(np.mean(y == c) * np.cov(x[y == c].T, bias=True) for c in range(3))
+  lam = max(np.exp(-5 * np.linalg.eigvalsh(sw)[-1]), 1e-10)
+  assert sfda.shrinkage(x, y) == pytest.approx(lam)
+  assert 0.1 < lam < 1
+  assert sfda.sfda(x, y) == pytest.approx(_sfda_by_steps(x, y, lam), rel=1e-7)
 
 
 # ----------------------------------------------------------------------------- BSS

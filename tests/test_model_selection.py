@@ -19,7 +19,7 @@ from experiments import model_zoo, publish, truncation
 from jtransfer import models, surgery
 from jtransfer.data import ImageSet, normalize
 from jtransfer.errors import InputError
-from jtransfer.methods import selection, transfer
+from jtransfer.methods import selection, sfda, transfer, transrate
 from jtransfer.train import init_state, make_optimizer, make_train_step, sgd
 
 
@@ -45,7 +45,8 @@ def test_score_outputs_equal_direct_selection_calls():
   want = selection.feature_map_metrics(maps, labels)
   want.update({"LogME": selection.logme(feats, labels), "H-score": selection.h_score(feats, labels),
                "LEEP": selection.leep(scipy.special.softmax(logits, axis=1), labels),
-               "NCE": selection.nce(np.argmax(logits, axis=1), labels)})
+               "NCE": selection.nce(np.argmax(logits, axis=1), labels),
+               "TransRate": transrate.transrate(feats, labels), "SFDA": sfda.sfda(feats, labels)})
   assert set(got) == set(want)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)

@@ -18,7 +18,9 @@ A transferability score from features X (n x d) and labels y, larger = better:
 Follows the authors' code (TencentARC/SFDA, metrics.py `SFDA_Score`), read, not copied, with one
 difference: sigma_max(S_w) is the exact largest eigenvalue, where their `iterative_A` runs 3
 power iterations (equal once converged). Stage 1 equals scikit-learn's
-`LinearDiscriminantAnalysis(solver='eigen', shrinkage=lam)` (the test checks it).
+`LinearDiscriminantAnalysis(solver='eigen', shrinkage=lam)` (the test checks it). With fewer
+images than feature dimensions (few-shot targets) both stages separate the training images
+almost perfectly and the score saturates near 1: it ranks nothing there.
 """
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ from jtransfer.errors import InputError
 ADAPTIVE_A = 5.0  # the paper's a in lam = exp(-a sigma_max(S_w))
 
 
-def _shrunk(cov: np.ndarray, lam: float) -> np.ndarray:
+def _shrunk(cov: np.ndarray, lam: float, dim: int | None = None) -> np.ndarray:
+  """(1 - lam) cov + lam (tr cov / dim) I, dim the features' full dimension."""
   d = cov.shape[0]
-  return (1.0 - lam) * cov + lam * (np.trace(cov) / d) * np.eye(d)
+  return (1.0 - lam) * cov + lam * (np.trace(cov) / (dim or d)) * np.eye(d)
 
 
 def _softmax(s: np.ndarray) -> np.ndarray:
@@ -49,18 +52,20 @@ def shrinkage(x: np.ndarray, y: np.ndarray) -> float:
   return max(float(np.exp(-ADAPTIVE_A * np.linalg.eigvalsh(sw)[-1])), 1e-10)
 
 
-def fda_proba(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
+def fda_proba(x: np.ndarray, y: np.ndarray, lam: float, dim: int | None = None) -> np.ndarray:
   """Class probabilities (n x C, classes in sorted order) of shrinkage-regularised FDA fitted
-  and evaluated on x."""
+  and evaluated on x.
+
+  With every generalised eigenvector kept, as the authors do, W = M V V^T = M S_w^-1 (V^T S_w V
+  = I): the class scores need S_w alone, solved here directly. `dim` is the features' full
+  dimension when x holds coordinates in a subspace containing every row (see `sfda`).
+  """
   classes, yi = np.unique(y, return_inverse=True)
   d = x.shape[1]
   priors = np.bincount(yi) / len(yi)
   means = np.stack([x[yi == c].mean(axis=0) for c in range(len(classes))])
   sw = sum(p * np.cov(x[yi == c].T, bias=True).reshape(d, d) for c, p in enumerate(priors))
-  sw = _shrunk(sw, lam)
-  sb = _shrunk(np.cov(x.T, bias=True).reshape(d, d), lam) - sw
-  _, vecs = linalg.eigh(sb, sw)
-  coef = means @ vecs @ vecs.T
+  coef = linalg.solve(_shrunk(sw, lam, dim), means.T, assume_a="pos").T
   intercept = -0.5 * np.sum(means * coef, axis=1) + np.log(priors)
   return _softmax(x @ coef.T + intercept)
 
@@ -78,11 +83,19 @@ def sfda(features: np.ndarray, labels: np.ndarray) -> float:
   classes, yi = np.unique(y, return_inverse=True)
   if classes.size < 2:
     raise InputError("sfda: needs at least 2 classes")
-  lam = shrinkage(x, y)
-  prob = _softmax(fda_proba(x, y, lam))  # softened once more, as the authors do
+  dim = x.shape[1]
+  if x.shape[0] < dim:
+    # Fewer images than dimensions: every row (and every class mean, and every ConfMix point)
+    # lies in the row space of x, and the shrunk S_w is block diagonal between that space and
+    # its complement, so the scores equal those computed in an orthonormal basis of it (with
+    # the shrinkage target's tr / dim kept over the full dimension): exact, and d x d -> n x n.
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    x = x @ vt[s > s[0] * 1e-12].T
+  lam = shrinkage(x, y)  # S_w's largest eigenvalue is the same in the row space
+  prob = _softmax(fda_proba(x, y, lam, dim))  # softened once more, as the authors do
   means = np.stack([x[yi == c].mean(axis=0) for c in range(len(classes))])
   others = (means.sum(axis=0, keepdims=True) - means) / (len(classes) - 1)
   p_true = prob[np.arange(len(yi)), yi][:, None]
   mixed = p_true * x + (1.0 - p_true) * others[yi]
-  final = fda_proba(mixed, y, lam)
+  final = fda_proba(mixed, y, lam, dim)
   return float(final[np.arange(len(yi)), yi].mean())

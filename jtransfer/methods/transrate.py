@@ -22,7 +22,9 @@ def coding_rate(z: np.ndarray, eps: float = 1e-4) -> float:
   """R(Z, eps) = 1/2 logdet(I_d + Z^T Z / (n eps)) of rows Z (n x d)."""
   z = np.asarray(z, np.float64)
   n, d = z.shape
-  sign, logdet = np.linalg.slogdet(np.eye(d) + z.T @ z / (n * eps))
+  # det(I_d + Z^T Z c) = det(I_n + Z Z^T c) (Sylvester): the smaller Gram matrix.
+  gram = z.T @ z if d <= n else z @ z.T
+  sign, logdet = np.linalg.slogdet(np.eye(gram.shape[0]) + gram / (n * eps))
   if sign <= 0:
     raise InputError("coding rate: the matrix I + Z^T Z / (n eps) is not positive definite")
   return 0.5 * float(logdet)
