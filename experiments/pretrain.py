@@ -31,8 +31,11 @@ DEFAULT_SHAPE = (28, 28, 1)
 CACHE_ROOT = os.environ.get("JTRANSFER_CACHE", ".cache")
 
 
+DEFAULT_LR = 0.05
+
+
 def pretrain(arch: str, source_spec: str = DEFAULT_SOURCE, *, epochs: float = 2.0,
-             batch_size: int = 128, lr: float = 0.05, weight_decay: float = 5e-4, seed: int = 0,
+             batch_size: int = 128, lr: float = DEFAULT_LR, weight_decay: float = 5e-4, seed: int = 0,
              image_shape=DEFAULT_SHAPE, max_train: int | None = None, progress: bool = True,
              log_path: str | None = None, model_config: dict | None = None,
              checkpoint_dir: str | None = None, checkpoint_every: int = 100
@@ -95,9 +98,29 @@ def cache_dir(arch: str, source_spec: str, epochs: float, seed: int) -> str:
   return os.path.join(CACHE_ROOT, "sources", f"{arch}-{key}")
 
 
+CHANCE_MARGIN = 0.05  # a source within this of chance accuracy has not learned
+RETRIES = 3            # pretraining attempts at half the lr each, after the first
+
+
+def learned(source: transfer.Source) -> bool:
+  """Whether a source's test accuracy is clearly above chance (1 / number of classes)."""
+  k = len(source.meta.get("class_names") or []) or None
+  acc = source.meta.get("source_test_acc")
+  return acc is None or k is None or acc > 1.0 / k + CHANCE_MARGIN
+
+
 def source_for(arch: str, source_spec: str, *, epochs: float = 2.0, seed: int = 0,
                progress: bool = True) -> transfer.Source:
-  """A source model: `ckpt:PATH` loads it, a dataset spec trains it once and caches it."""
+  """A source model: `ckpt:PATH` loads it, a dataset spec trains it once and caches it.
+
+  A pretraining that ends at chance accuracy (SGD at lr 0.05 can kill every ReLU of a net
+  without BN: vgg_s on fmnist:1,5,7,8,9 did) is retried at half the lr, up to `RETRIES` times,
+  deterministically (same seed), and the lr that worked goes into the source's meta; a source
+  that never learns, or a cached one at chance, is refused.
+
+  Raises:
+    InputError: the source does not learn, or the cached one is at chance.
+  """
   if source_spec.startswith("ckpt:"):
     source = transfer.load_source(source_spec[len("ckpt:"):])
     if source.arch != arch:
@@ -106,10 +129,26 @@ def source_for(arch: str, source_spec: str, *, epochs: float = 2.0, seed: int = 
   parse_spec(source_spec, flag="--source")
   path = cache_dir(arch, source_spec, epochs, seed)
   if os.path.isdir(path):
-    return transfer.load_source(path)
+    source = transfer.load_source(path)
+    if not learned(source):
+      raise InputError(f"the cached {arch} source {path} is at chance accuracy "
+                       f"({source.meta['source_test_acc']:.3f}): delete it to pretrain again")
+    return source
   print(f"[pretrain] no cached {arch} source for {source_spec}: training it once "
         f"({epochs} epochs), cache {path}", file=sys.stderr)
-  source = pretrain(arch, source_spec, epochs=epochs, seed=seed, progress=progress)
+  lr = DEFAULT_LR
+  for attempt in range(RETRIES + 1):
+    source = pretrain(arch, source_spec, epochs=epochs, seed=seed, progress=progress, lr=lr)
+    source.meta["lr"] = lr
+    if learned(source):
+      break
+    print(f"[pretrain] {arch} on {source_spec} at lr {lr:g} ended at chance accuracy "
+          f"({source.meta['source_test_acc']:.3f}); retrying at lr {lr / 2:g}", file=sys.stderr)
+    lr /= 2
+  else:
+    raise InputError(f"pretraining {arch} on {source_spec} never learned (lr {DEFAULT_LR:g} "
+                     f"down to {2 * lr:g}): pretrain it with experiments.pretrain and pass "
+                     "--source ckpt:DIR")
   transfer.save_source(path, source)
   print(f"[pretrain] {arch}: source test accuracy {source.meta['source_test_acc']:.4f} in "
         f"{source.meta['train_seconds']} s", file=sys.stderr)

@@ -84,3 +84,41 @@ def test_grid_killed_and_resumed_equals_uninterrupted(tiny_source_dir, tmp_path)
   subprocess.run([*argv, "--out", str(out), "--resume"], check=True, env=env, cwd=ROOT,
                  capture_output=True, timeout=300)
   assert (out / "results.json").read_bytes() == (tmp_path / "ref" / "results.json").read_bytes()
+
+
+def test_a_source_at_chance_is_retrained_at_half_the_lr_then_refused(monkeypatch, tmp_path):
+  """vgg_s (no BN) pretrained at lr 0.05 on fmnist:1,5,7,8,9 ended at chance (0.2): the grid
+  used it silently. Now a dead pretraining is retried at half the lr, and a dead cached source
+  is refused."""
+  from experiments import pretrain
+  from jtransfer.errors import InputError
+  from jtransfer.methods import transfer
+  calls = []
+
+  def fake(arch, spec, *, epochs, seed, progress, lr):
+    calls.append(lr)
+    acc = 0.2 if len(calls) < 3 else 0.9
+    return transfer.Source(arch, {}, {}, (28, 28, 1), (0.0,), (1.0,),
+                           dict(source_test_acc=acc, class_names=list("abcde"), train_seconds=1))
+
+  saved = {}
+  monkeypatch.setattr(pretrain, "pretrain", fake)
+  monkeypatch.setattr(pretrain, "CACHE_ROOT", str(tmp_path))
+  monkeypatch.setattr(transfer, "save_source", lambda path, s: saved.update({path: s}))
+  source = pretrain.source_for("vgg_s", "fmnist:1,5,7,8,9", progress=False)
+  assert calls == [0.05, 0.025, 0.0125] and source.meta["lr"] == 0.0125
+  assert list(saved.values()) == [source]
+  # never learning: refused with one sentence, nothing cached
+  saved.clear()
+  dead = transfer.Source("vgg_s", {}, {}, (28, 28, 1), (0.,), (1.,),
+                         dict(source_test_acc=0.21, class_names=list("abcde")))
+  monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: dead)
+  with pytest.raises(InputError, match="never learned"):
+    pretrain.source_for("vgg_s", "fmnist:0,1", progress=False, seed=1)
+  assert not saved
+  # a cached source at chance is refused
+  path = pretrain.cache_dir("vgg_s", "fmnist:0,1", 2.0, 2)
+  os.makedirs(path)
+  monkeypatch.setattr(transfer, "load_source", lambda p: dead)
+  with pytest.raises(InputError, match="at chance accuracy"):
+    pretrain.source_for("vgg_s", "fmnist:0,1", progress=False, seed=2)
