@@ -42,16 +42,35 @@ from jtransfer.protocol import claims
 
 STRATEGIES = ("freeze", "freeze_cwl", "finetune", "finetune_cwl")
 LABELS = {"freeze": "Freeze", "freeze_cwl": "Freeze + CWL", "finetune": "Finetune",
-          "finetune_cwl": "Finetune + CWL", "finetune_lowconv": "Alg. 1 (low-lr conv) + CWL"}
+          "finetune_cwl": "Finetune + CWL", "finetune_lowconv": "Alg. 1 (low-lr conv) + CWL",
+          "freeze_film": "Freeze + FiLM", "bitfit": "BitFit", "lpft": "LP-FT",
+          "wise_ft": "WiSE-FT", "bss": "BSS"}
+# The later baselines (issue 20) are rows of the table they compare with, when --strategies
+# names them: FiLM and BitFit beside CWL's per-channel scales, LP-FT, WiSE-FT, BSS beside
+# finetuning.
 TABLES = (("Table I: frozen convolutions vs weighting convolutions",
-           ("freeze", "freeze_cwl", "finetune_lowconv"), ("freeze_cwl", "freeze")),
+           ("freeze", "freeze_cwl", "finetune_lowconv", "freeze_film", "bitfit"),
+           ("freeze_cwl", "freeze")),
           ("Table II: finetuning vs finetuning with weighting convolutions",
-           ("finetune", "finetune_cwl", "freeze"), ("finetune_cwl", "finetune")))
+           ("finetune", "finetune_cwl", "freeze", "lpft", "wise_ft", "bss"),
+           ("finetune_cwl", "finetune")))
 CLAIMS = (
     claims.Claim("CWL", "weighting convolutions beats frozen convolutions", "freeze_cwl",
                  "freeze", source="Table I"),
     claims.Claim("CWL", "weighting convolutions does not hurt finetuning", "finetune_cwl",
                  "finetune", at_least=True, margin=0.01, source="Table II"),
+    # The later baselines against CWL and finetuning (evaluated when both arms run).
+    claims.Claim("FiT", "FiLM (per-channel scale and shift) at least matches CWL (scale only)",
+                 "freeze_film", "freeze_cwl", at_least=True, margin=0.01,
+                 source="Shysheya et al. 2023"),
+    claims.Claim("BitFit", "training only the biases beats frozen convolutions", "bitfit",
+                 "freeze", source="Ben Zaken et al. 2022"),
+    claims.Claim("LP-FT", "LP-FT at least matches fine-tuning", "lpft", "finetune",
+                 at_least=True, margin=0.01, source="Kumar et al. 2022 (in-distribution)"),
+    claims.Claim("WiSE-FT", "WiSE-FT at least matches the fine-tuned model it interpolates",
+                 "wise_ft", "lpft", at_least=True, margin=0.01, source="Wortsman et al. 2022"),
+    claims.Claim("BSS", "BSS beats fine-tuning at few shots", "bss", "finetune",
+                 source="Chen et al. 2019, Table 1"),
 ) + fewshot.CLAIMS  # finetune > freeze on the far domain, not on the near one
 # 'reduced': two LRs per family, the same for a strategy and its CWL variant (paired).
 REDUCED = {"freeze": (1e-2, 5e-2), "finetune": (1e-4, 1e-3)}

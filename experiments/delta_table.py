@@ -76,8 +76,11 @@ from jtransfer.protocol import claims
 from jtransfer.train import accuracy, init_state, predict_logits
 
 STRATEGIES = ("l2fe", "l2", "l2sp", "delta_noatt", "delta")
+# Later baselines of the same family (issue 20), rows of the table when --strategies names them;
+# each keeps its own recipe (Adam, its LR grid), not DELTA's SGD one.
+BASELINES = ("bss", "lpft", "wise_ft")
 TITLES = {"l2fe": "L2-FE", "l2": "L2", "l2sp": "L2-SP", "delta_noatt": "DELTA w/o ATT",
-          "delta": "DELTA"}
+          "delta": "DELTA", "bss": "BSS", "lpft": "LP-FT", "wise_ft": "WiSE-FT"}
 CURVE_STRATEGIES = ("l2sp", "delta")
 # Which strategies each alpha flag sets.
 ALPHA_FLAGS = {"alpha": ("l2sp", "delta"), "alpha_noatt": ("delta_noatt",)}
@@ -99,6 +102,12 @@ CLAIMS = (
     _claim("DELTA > L2-SP", "delta", "l2sp", False),
     *(_claim(f"{TITLES[s]} > L2-FE", s, "l2fe", False)
       for s in ("l2", "l2sp", "delta_noatt", "delta")),
+    claims.Claim("BSS", "BSS beats plain L2 fine-tuning at few shots", "bss", "l2",
+                 source="Chen et al. 2019, Table 1"),
+    claims.Claim("LP-FT", "LP-FT at least matches fine-tuning", "lpft", "l2", at_least=True,
+                 margin=0.01, source="Kumar et al. 2022 (in-distribution)"),
+    claims.Claim("DELTA", "DELTA beats the later baselines: DELTA > BSS", "delta", "bss",
+                 source="issue 20 (not in the paper)"),
 )
 
 
@@ -474,7 +483,8 @@ def make_report(records: list[dict], plan: dict, args, curves: dict | None
                      recipe_text(plan, args)])
   text, summary = fewshot.make_report(
       records, plan, args, title=title, claim_list=CLAIMS,
-      tables=[("Table 1 layout", [s for s in STRATEGIES if s in plan["strategies"]])],
+      tables=[("Table 1 layout", [s for s in STRATEGIES + BASELINES
+                                  if s in plan["strategies"]])],
       labels=TITLES,
       extra_claims=fig3_claim if {"delta", "l2sp"} <= set(plan["strategies"]) else None)
   if curves:

@@ -247,3 +247,22 @@ def test_new_strategies_run_the_fewshot_grid(tiny_source_dir, tmp_path, strategi
       assert r["hp"].startswith("alpha=") and 0 < float(r["hp"].split("=")[1]) <= 1
     if r["strategy"] in ("bss", "lpft", "wise_ft"):
       assert r["filter_distance"] >= 0
+
+
+def test_baseline_rows_and_claims_in_the_cwl_tables(tiny_source_dir, tmp_path):
+  from experiments import cwl_tables
+  out = tmp_path / "t"
+  argv = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
+          "digits:0,1,2", "--shots", "2", "--repeats", "2", "--steps", "4", "--eval-every", "2",
+          "--patience", "2", "--test-per-class", "4", "--val-per-class", "2", "--lrs", "1e-3",
+          "--tune-repeats", "1", "--tune-extend", "0", "--no-paper-grid", "--strategies",
+          "freeze_cwl,freeze_film,bitfit,freeze", "--out", str(out), "--quiet"]
+  assert cwl_tables.main(argv) == 0
+  report = (out / "report.md").read_text()
+  assert "| vgg_s | digits:0,1,2 | Freeze + FiLM |" in report
+  assert "| vgg_s | digits:0,1,2 | BitFit |" in report
+  summary = json.loads((out / "summary.json").read_text())
+  texts = {c["claim"]["text"] for c in summary["claims"]}
+  assert "FiLM (per-channel scale and shift) at least matches CWL (scale only)" in texts
+  assert "training only the biases beats frozen convolutions" in texts
+  assert not any("LP-FT" in t for t in texts)  # its arms did not run
