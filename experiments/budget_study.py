@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections import defaultdict
 from typing import Sequence
 
@@ -157,16 +156,7 @@ def grid_keys(records: list[dict], plan: dict, args) -> set[tuple]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  cli.apply_devices(args)
-  t0 = time.time()
-  started = cli.start(args, validate, run)
-  if started is None:
-    return 2
-  plan, results, records = started
-  records = sorted(records, key=record_key)
-  text, _ = publish.save(results, PUBLISHER, argv, records, plan, args, t0)
-  return cli.finish(results, text, t0)
+  return cli.main(argv, PUBLISHER, run, lambda _, records: sorted(records, key=record_key))
 
 
 def collect(path: str) -> list[dict]:

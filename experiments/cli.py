@@ -94,6 +94,39 @@ def start(args: argparse.Namespace, validate: Callable, run: Callable):
     return None
 
 
+def main(argv, publisher, run: Callable, records_of: Callable,
+         plot: Callable | None = None) -> int:
+  """The main() of an experiment module that publishes its results.
+
+  Parses and checks the flags (`publisher.parse_args`, `publisher.validate`), sets the device
+  mesh, opens --out (`start`), runs the grid, then writes results.json, report.md, summary.json
+  and run.json (`experiments.publish.save`) and the plots.
+
+  Args:
+    argv: the flags (None = sys.argv[1:]).
+    publisher: the module's `experiments.publish.Publisher`.
+    run: (args, plan, results) -> what the grid returns.
+    records_of: (results, what run returned) -> the records results.json holds.
+    plot: optional (summary, plan, args, results, what run returned) -> None.
+
+  Returns:
+    The exit code: 0, or 2 after printing a bad-input sentence.
+  """
+  from experiments import publish
+  args = publisher.parse_args(argv)
+  apply_devices(args)
+  t0 = time.time()
+  started = start(args, publisher.validate, run)
+  if started is None:
+    return 2
+  plan, results, ran = started
+  text, summary = publish.save(results, publisher, argv, records_of(results, ran), plan, args,
+                               t0)
+  if plot is not None:
+    plot(summary, plan, args, results, ran)
+  return finish(results, text, t0)
+
+
 def finish(results, text: str, t0: float) -> int:
   """The back half: prints the report and where it went; returns exit code 0."""
   print(text)

@@ -1041,18 +1041,13 @@ def sort_records(records: list[dict]) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  cli.apply_devices(args)
-  t0 = time.time()
-  started = cli.start(args, validate, run)
-  if started is None:
-    return 2
-  plan, results, _ = started
   # results.json holds no timings (those stay in results.jsonl); the report reads it alone.
-  records = [{k: v for k, v in r.items() if k != "seconds"} for r in sort_records(results.records)]
-  text, summary = publish.save(results, PUBLISHER, argv, records, plan, args, t0)
-  plot(summary, plan, os.path.join(results.path, "accuracy_vs_flops.png"))
-  return cli.finish(results, text, t0)
+  return cli.main(
+      argv, PUBLISHER, run,
+      lambda results, _: [{k: v for k, v in r.items() if k != "seconds"}
+                          for r in sort_records(results.records)],
+      lambda summary, plan, args, results, _: plot(
+          summary, plan, os.path.join(results.path, "accuracy_vs_flops.png")))
 
 
 PUBLISHER = publish.Publisher(

@@ -509,24 +509,21 @@ def run(args, plan, results: ResultsDir) -> dict:
   return scales0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  cli.apply_devices(args)
-  t0 = time.time()
-  started = cli.start(args, validate, run)
-  if started is None:
-    return 2
-  plan, results, scales = started
-  # results.json holds what the seeds determine (timings stay in results.jsonl); the report is
-  # made from exactly what it holds, so make_report(json.load(results.json)) regenerates it.
+def records_of(results, _) -> list[dict]:
+  """results.json: what the seeds determine (timings stay in results.jsonl), in draw and tau
+  order; the report is made from exactly what it holds."""
   records = sorted(results.records, key=lambda r: (r.get("repeat", 0), r["tau"] is not None,
                                                    r["tau"] or 0.0))
-  records = json.loads(json.dumps([{k: v for k, v in r.items() if k != "seconds"}
-                                   for r in records], sort_keys=True))
-  text, _ = publish.save(results, PUBLISHER, argv, records, plan, args, t0)
-  plot(records, scales, os.path.join(results.path, "compression_per_layer.png"),
-       os.path.join(results.path, "sigma_hist.png"))
-  return cli.finish(results, text, t0)
+  return json.loads(json.dumps([{k: v for k, v in r.items() if k != "seconds"}
+                                for r in records], sort_keys=True))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.main(argv, PUBLISHER, run, records_of,
+                  lambda summary, plan, args, results, scales: plot(
+                      records_of(results, scales), scales,
+                      os.path.join(results.path, "compression_per_layer.png"),
+                      os.path.join(results.path, "sigma_hist.png")))
 
 
 PUBLISHER = publish.Publisher(

@@ -387,18 +387,12 @@ def plot(summary: dict, metrics: Sequence[str], path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  cli.apply_devices(args)
-  t0 = time.time()
-  started = cli.start(args, validate, run)
-  if started is None:
-    return 2
-  plan, results, _ = started
-  records = sorted(results.records, key=lambda r: tuple(str(r[k]) for k in KEY))
-  text, summary = publish.save(results, PUBLISHER, argv, records, plan, args, t0)
-  metrics = list(retrieval.SETUPS) if args.gnd else ["map"]
-  plot(summary["strategies"], metrics, os.path.join(results.path, "map.png"))
-  return cli.finish(results, text, t0)
+  return cli.main(
+      argv, PUBLISHER, run,
+      lambda results, _: sorted(results.records, key=lambda r: tuple(str(r[k]) for k in KEY)),
+      lambda summary, plan, args, results, _: plot(
+          summary["strategies"], list(retrieval.SETUPS) if args.gnd else ["map"],
+          os.path.join(results.path, "map.png")))
 
 
 def grid_keys(records: list[dict], plan: dict, args) -> set[tuple]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Sequence
 
 import numpy as np
@@ -209,17 +208,10 @@ def make_report(records: list[dict], plan: dict, args) -> tuple[str, dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  cli.apply_devices(args)
-  t0 = time.time()
-  started = cli.start(args, make_plan, fewshot.run_grid)
-  if started is None:
-    return 2
-  plan, results, _ = started
-  text, summary = publish.save(results, PUBLISHER, argv,
-                               fewshot.results_records(results.records), plan, args, t0)
-  fewshot.plot(summary, plan, os.path.join(results.path, "accuracy_vs_shots.png"))
-  return cli.finish(results, text, t0)
+  return cli.main(argv, PUBLISHER, fewshot.run_grid,
+                  lambda results, _: fewshot.results_records(results.records),
+                  lambda summary, plan, args, results, _: fewshot.plot(
+                      summary, plan, os.path.join(results.path, "accuracy_vs_shots.png")))
 
 
 PUBLISHER = publish.Publisher(

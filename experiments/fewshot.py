@@ -841,17 +841,9 @@ def plot(summary: dict, plan: dict, path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  cli.apply_devices(args)
-  t0 = time.time()
-  started = cli.start(args, validate, run_grid)
-  if started is None:
-    return 2
-  plan, results, _ = started
-  text, summary = publish.save(results, PUBLISHER, argv, results_records(results.records), plan,
-                               args, t0)
-  plot(summary, plan, os.path.join(results.path, "accuracy_vs_shots.png"))
-  return cli.finish(results, text, t0)
+  return cli.main(argv, PUBLISHER, run_grid, lambda results, _: results_records(results.records),
+                  lambda summary, plan, args, results, _: plot(
+                      summary, plan, os.path.join(results.path, "accuracy_vs_shots.png")))
 
 
 PUBLISHER = publish.Publisher(
