@@ -174,6 +174,9 @@ def test_film_fold_equals_scale_and_shift_layers(tiny_source_dir, arch):
   with nn.intercept_methods(interceptor):
     layered, _, _ = models.apply_model(setup.model, rest, stats, x)
   np.testing.assert_allclose(folded, layered, rtol=1e-4, atol=1e-4)
+  # the train path (fold at BN, a layer after convs without BN) computes the same logits
+  as_used, _, _ = film.apply_model_film(setup.model, {film.FILM_KEY: fp, **rest}, stats, x)
+  np.testing.assert_allclose(as_used, folded, rtol=1e-4, atol=1e-4)
   # at its init (gamma 1, beta 0) FiLM is the identity
   plain, _, _ = models.apply_model(setup.model, rest, stats, x)
   ident, _, _ = models.apply_model(setup.model, film.effective_params(params), stats, x)

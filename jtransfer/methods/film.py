@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -59,10 +60,41 @@ def effective_params(params: Mapping[str, Any]) -> dict:
   return apply_film({k: v for k, v in params.items() if k != FILM_KEY}, params[FILM_KEY])
 
 
+def _film_conv_outputs(film: Mapping[str, Any]):
+  """A Flax method interceptor: gamma * out + beta on the output of `<unit>/conv`."""
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    unit = "/".join(module.path[:-1])
+    if context.method_name != "__call__" or not isinstance(module, nn.Conv) or \
+        module.path[-1] != "conv" or unit not in film["scale"]:
+      return out
+    return out * jnp.asarray(film["scale"][unit], out.dtype) + jnp.asarray(
+        film["shift"][unit], out.dtype)
+  return interceptor
+
+
+def apply_model_film(model, params: Mapping[str, Any], batch_stats, x, **kwargs):
+  """`models.apply_model` with the FiLM of params['film'] applied, equal to
+  `apply_model(model, effective_params(params), ...)`: BN units fold it into their affine;
+  units without BN scale and shift the conv output as a layer, which spares the conv's weight
+  gradient when the kernels are frozen (as `cwl.apply_model_cwl`)."""
+  if FILM_KEY not in params:
+    return models.apply_model(model, params, batch_stats, x, **kwargs)
+  film, rest = params[FILM_KEY], {k: v for k, v in params.items() if k != FILM_KEY}
+  flat = surgery.flatten(rest)
+  bn = {u for u in film["scale"] if f"{u}/bn/scale" in flat}
+  pick = lambda units: {part: {u: v for u, v in film[part].items() if u in units}
+                        for part in ("scale", "shift")}
+  folded = apply_film(rest, pick(bn))
+  with nn.intercept_methods(_film_conv_outputs(pick(set(film["scale"]) - bn))):
+    return models.apply_model(model, folded, batch_stats, x, **kwargs)
+
+
 def film_loss_fn(model, mean, std) -> Callable:
   def loss_fn(params, batch_stats, batch, rng):
-    logits, _, _ = models.apply_model(model, effective_params(params), batch_stats,
-                                      normalize(batch["image"], mean, std), rng=rng)
+    logits, _, _ = apply_model_film(model, params, batch_stats,
+                                    normalize(batch["image"], mean, std), rng=rng)
     ce = evaluate.cross_entropy(logits, batch["label"])
     return ce, ({"ce": ce}, batch_stats)
   return loss_fn
@@ -71,8 +103,7 @@ def film_loss_fn(model, mean, std) -> Callable:
 def film_forward(model, mean, std) -> Callable:
   @jax.jit
   def forward(params, batch_stats, images):
-    logits, _, _ = models.apply_model(model, effective_params(params), batch_stats,
-                                      normalize(images, mean, std))
+    logits, _, _ = apply_model_film(model, params, batch_stats, normalize(images, mean, std))
     return logits
   return forward
 
