@@ -36,7 +36,7 @@ import numpy as np
 from experiments import cli, pretrain, publish
 from experiments.report import ResultsDir, best_over_lr, pct, positive_ints
 from jtransfer import models, surgery
-from jtransfer.data import Batches, ImageSet, load_spec, parse_spec, sample_kshot
+from jtransfer.data import Batches, ImageSet, augment, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import delta, transfer
 from jtransfer.protocol import Budget, claims, fit_converged, tuning
@@ -96,6 +96,11 @@ def add_protocol_flags(p: argparse.ArgumentParser, steps: int = 500, patience: i
                  help="choose a strategy's knobs (and LR) by this many-fold cross-validation on "
                       "each tuning draw's labelled pool (k-shot + validation images); 'auto' = "
                       "as its paper (DELTA, L2-SP: 5; others: the validation set); 0 = never")
+  p.add_argument("--augment", default="none",
+                 help="training augmentation, on device, per example, from each step's rng "
+                      "(jtransfer.data.augment): none, flip, crop (shorter side to 32/28 of "
+                      "the input, random crop), rrc (random-resized crop), crop+flip, rrc+flip; "
+                      "frozen-feature caching is off when augmenting")
   p.add_argument("--shard", default=None, metavar="I/N",
                  help="run only the grid's cells (arch, target, k) whose index modulo N is I "
                       "(0 <= I < N), e.g. one scheduler job per shard; `python -m "
@@ -179,9 +184,19 @@ def validate(args: argparse.Namespace) -> dict:
       lrs[s] = REDUCED_LRS.get(s, strategy.paper_lrs[1::2] or strategy.paper_lrs)
     else:
       lrs[s] = transfer.lr_grid(strategy, args.lrs)
+  recipe = augment.parse(getattr(args, "augment", "none"))
+  live = [s for s in strategies if s in NO_AUGMENT]
+  if recipe.active and live:
+    raise InputError(f"--augment {args.augment} with {', '.join(live)}: their source feature "
+                     "maps are cached per stored image, and the live source forward on "
+                     "augmented batches is not built yet")
   return dict(archs=archs, strategies=strategies, targets=targets,
               shots=positive_ints(args.shots, "--shots"), lrs=lrs,
               shard=parse_shard(getattr(args, "shard", None)))
+
+
+# Strategies whose per-image constants (DELTA's source maps) assume unaugmented images.
+NO_AUGMENT = ("delta", "delta_noatt")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -264,7 +279,11 @@ class TargetRuns:
       strategy = transfer.get_strategy(name)
       setup = strategy.build(self.source, self.num_classes, self.args.steps,
                              **transfer.parse_hp(hp))
-      head_only = strategy.head_only and not self.args.no_feature_cache
+      recipe = augment.parse(getattr(self.args, "augment", "none"))
+      head_only = strategy.head_only and not self.args.no_feature_cache and not recipe.active
+      if strategy.head_only and recipe.active and not self.args.quiet:
+        print(f"[fewshot] {name}: frozen features not cached (--augment {recipe}): every step "
+              "runs the full forward", file=sys.stderr)
       if head_only:
         label = setup.optimizer.labels["head"]["kernel"]
         params, _ = setup.init(0, self.pool.images[:1], self.pool.labels[:1])
@@ -272,7 +291,8 @@ class TargetRuns:
                              {label: setup.optimizer.groups[label]}, injected_lr=True)
         step = make_train_step(transfer.head_loss_fn(), opt)
       else:
-        opt, step = setup.optimizer, make_train_step(setup.loss_fn, setup.optimizer)
+        opt = setup.optimizer
+        step = make_train_step(augment.wrap_loss(setup.loss_fn, recipe), opt)
       self._setups[(name, hp)] = (setup, step, opt, head_only)
     return self._setups[(name, hp)]
 
@@ -351,6 +371,8 @@ class TargetRuns:
         self._setups[key] = True
       elif setup.finalize is not None:  # the batched path has no finalize step
         self._setups[key] = False
+      elif augment.parse(getattr(self.args, "augment", "none")).active:  # nor augmentation
+        self._setups[key] = False
       else:
         params, _ = setup.init(0, self.pool.images[:1], self.pool.labels[:1])
         self._setups[key] = batched.batchable(opt, params)
@@ -418,8 +440,12 @@ def check_targets(args: argparse.Namespace, plan: dict, data_cache: dict) -> Non
 
 
 def _record(key, train_idx, val_idx, runs: "TargetRuns", args) -> dict:
-  return dict(zip(KEY, key), status="ok", n_train=int(len(train_idx)), n_val=int(len(val_idx)),
-              n_test=len(runs.test), cap=args.steps, role="tune" if key[4] < 0 else "eval")
+  out = dict(zip(KEY, key), status="ok", n_train=int(len(train_idx)), n_val=int(len(val_idx)),
+             n_test=len(runs.test), cap=args.steps, role="tune" if key[4] < 0 else "eval")
+  recipe = str(augment.parse(getattr(args, "augment", "none")))
+  if recipe != "none":  # unaugmented records keep their old form
+    out["augment"] = recipe
+  return out
 
 
 def record_key(r: dict) -> tuple:
@@ -551,6 +577,12 @@ def results_records(records: list[dict]) -> list[dict]:
 
 def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
   done = {record_key(r) for r in results.records}
+  recipe = str(augment.parse(getattr(args, "augment", "none")))
+  other = {r.get("augment", "none") for r in results.records} - {recipe}
+  if other:
+    raise InputError(f"--out {results.path} holds runs made with --augment "
+                     f"{', '.join(sorted(other))}, not {recipe}: use the same --augment or "
+                     "another --out")
   data_cache: dict = {}
   check_targets(args, plan, data_cache)
   budget = budget_of(args)
@@ -698,7 +730,9 @@ def protocol_text(args) -> str:
           f"{args.tune_repeats} tuning draws that are not evaluation draws (grid extended up to "
           f"{args.tune_extend} values at an edge)" if args.tune_repeats else
           "the LR is chosen per draw on that draw's validation set")
-  return (f"Protocol: {run}; {tune}. Validation: {args.val_per_class}/class, disjoint from the "
+  recipe = str(augment.parse(getattr(args, "augment", "none")))
+  aug = f" Training images augmented on device: {recipe}." if recipe != "none" else ""
+  return (f"Protocol: {run}; {tune}.{aug} Validation: {args.val_per_class}/class, disjoint from the "
           f"k-shot set and from test; test: "
           f"{'all' if not args.test_per_class else f'<= {args.test_per_class}/class'} of the "
           "target's test split; the test split reaches no selection.")

@@ -1,0 +1,106 @@
+"""Augmentation (issue 18 item 1): the crop boxes and flips follow their recipe's ranges on a
+fixed seed, crops resample the stored pixels exactly, and the stream is a pure function of the
+step's rng (so a resumed run sees the same batches)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jtransfer.data import augment as aug
+from jtransfer.errors import InputError
+
+
+def test_parse_recipes_and_refuse_the_rest():
+  assert str(aug.parse("rrc+flip")) == "rrc+flip" and aug.parse("none").active is False
+  assert aug.parse("flip") == aug.Recipe(flip=True) and aug.parse("crop").kind == "crop"
+  for bad in ("rrc+crop", "blur", "", "none+flip"):
+    with pytest.raises(InputError, match="--augment"):
+      aug.parse(bad)
+
+
+def test_rrc_boxes_lie_in_the_scale_and_ratio_ranges():
+  r = aug.parse("rrc")
+  boxes = np.asarray(aug.crop_boxes(jax.random.PRNGKey(0), 4000, 28, 28, r))
+  y0, x0, h, w = boxes.T
+  area, ratio = h * w / 28 ** 2, w / h
+  whole = (h == 28) & (w == 28)  # the fallback when no candidate fits
+  assert whole.mean() < 0.01
+  ok = ~whole
+  assert area[ok].min() >= 0.08 - 1e-6 and area[ok].max() <= 1 + 1e-6
+  assert ratio[ok].min() >= 3 / 4 - 1e-6 and ratio[ok].max() <= 4 / 3 + 1e-6
+  assert (y0 >= 0).all() and (x0 >= 0).all() and (y0 + h <= 28 + 1e-4).all() and \
+      (x0 + w <= 28 + 1e-4).all()
+  # log-uniform ratio: as many boxes wider than tall as taller than wide
+  assert abs(np.mean(ratio[ok] > 1) - 0.5) < 0.03
+
+
+def test_crop_boxes_are_the_resized_image_cropped():
+  boxes = np.asarray(aug.crop_boxes(jax.random.PRNGKey(1), 1000, 28, 28, aug.parse("crop")))
+  np.testing.assert_allclose(boxes[:, 2:], 28 * 28 / 32, rtol=1e-6)  # 32 px shorter side -> 28
+  assert boxes[:, :2].min() >= 0 and boxes[:, :2].max() <= 28 - 28 * 28 / 32 + 1e-5
+  assert boxes[:, 0].std() > 0.8  # positions spread over the free range (uniform: 1.0)
+
+
+def test_crops_resample_exactly_and_flips_half_the_images():
+  ramp = jnp.tile(jnp.arange(28, dtype=jnp.float32)[None, :, None], (28, 1, 1))
+  out = aug._resample(ramp, jnp.array([0.0, 4.0, 28.0, 14.0]))
+  x = np.arange(28)
+  np.testing.assert_allclose(out[10, 1:-1, 0], (4 + (x + 0.5) * 14 / 28 - 0.5)[1:-1], atol=1e-5)
+  images = jnp.tile(ramp[None], (2000, 1, 1, 1))
+  flipped = aug.augment(images, jax.random.PRNGKey(2), aug.parse("flip"))
+  is_flipped = np.asarray(flipped[:, 0, 0, 0] == 27.0)
+  assert abs(is_flipped.mean() - 0.5) < 0.04
+  np.testing.assert_array_equal(flipped[is_flipped][:, :, ::-1], images[is_flipped])
+  np.testing.assert_array_equal(flipped[~is_flipped], images[~is_flipped])
+  np.testing.assert_array_equal(aug.augment(images[:3], jax.random.PRNGKey(0), aug.parse("none")),
+                                images[:3])
+
+
+def test_the_stream_is_a_pure_function_of_the_rng():
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (8, 28, 28, 1)), jnp.uint8)
+  r = aug.parse("rrc+flip")
+  a = aug.augment(images, jax.random.PRNGKey(5), r)
+  np.testing.assert_array_equal(a, aug.augment(images, jax.random.PRNGKey(5), r))
+  assert not np.array_equal(a, aug.augment(images, jax.random.PRNGKey(6), r))
+  assert a.dtype == jnp.float32 and float(a.min()) >= 0 and float(a.max()) <= 255
+
+
+def test_wrap_loss_feeds_augmented_images_and_a_fresh_key():
+  seen = {}
+
+  def loss_fn(params, stats, batch, rng):
+    seen["image"], seen["rng"] = batch["image"], rng
+    return jnp.float32(0), ({}, stats)
+
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (4, 28, 28, 1)), jnp.uint8)
+  r = aug.parse("crop+flip")
+  aug.wrap_loss(loss_fn, r)({}, {}, {"image": images}, jax.random.PRNGKey(3))
+  k_aug, k_loss = jax.random.split(jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(seen["image"], aug.augment(images, k_aug, r))
+  np.testing.assert_array_equal(seen["rng"], k_loss)
+  assert aug.wrap_loss(loss_fn, aug.parse("none")) is loss_fn
+
+
+def test_fewshot_grid_with_augmentation(tiny_source_dir, tmp_path, capsys):
+  """Every strategy trains on augmented batches (the frozen-feature cache off, and said so);
+  the grid is deterministic, so a grid resumed after a kill (runs are redone whole) equals the
+  uninterrupted one; a resume with another recipe, or DELTA with one, is refused."""
+  import json
+  from experiments import fewshot
+  base = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
+          "digits:0,1,2", "--shots", "2", "--repeats", "1", "--steps", "4", "--eval-every", "2",
+          "--patience", "2", "--test-per-class", "4", "--val-per-class", "2", "--lrs", "1e-3",
+          "--tune-repeats", "0", "--no-paper-grid"]
+  argv = base + ["--strategies", "freeze,finetune", "--augment", "rrc+flip"]
+  a, b = tmp_path / "a", tmp_path / "b"
+  assert fewshot.main(argv + ["--out", str(a)]) == 0
+  assert "frozen features not cached (--augment rrc+flip)" in capsys.readouterr().err
+  assert fewshot.main(argv + ["--out", str(b), "--quiet"]) == 0
+  ra = json.loads((a / "results.json").read_text())
+  assert ra == json.loads((b / "results.json").read_text())
+  assert all(r["augment"] == "rrc+flip" and r["status"] == "ok" for r in ra)
+  assert "Training images augmented on device: rrc+flip." in (a / "report.md").read_text()
+  assert fewshot.main(argv[:-2] + ["--augment", "flip", "--out", str(a), "--resume",
+                                   "--quiet"]) == 2
+  assert fewshot.main(base + ["--strategies", "delta", "--augment", "flip", "--out",
+                              str(tmp_path / "d"), "--quiet"]) == 2
