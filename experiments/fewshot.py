@@ -184,19 +184,10 @@ def validate(args: argparse.Namespace) -> dict:
       lrs[s] = REDUCED_LRS.get(s, strategy.paper_lrs[1::2] or strategy.paper_lrs)
     else:
       lrs[s] = transfer.lr_grid(strategy, args.lrs)
-  recipe = augment.parse(getattr(args, "augment", "none"))
-  live = [s for s in strategies if s in NO_AUGMENT]
-  if recipe.active and live:
-    raise InputError(f"--augment {args.augment} with {', '.join(live)}: their source feature "
-                     "maps are cached per stored image, and the live source forward on "
-                     "augmented batches is not built yet")
+  augment.parse(getattr(args, "augment", "none"))  # refuses an unknown recipe
   return dict(archs=archs, strategies=strategies, targets=targets,
               shots=positive_ints(args.shots, "--shots"), lrs=lrs,
               shard=parse_shard(getattr(args, "shard", None)))
-
-
-# Strategies whose per-image constants (DELTA's source maps) assume unaugmented images.
-NO_AUGMENT = ("delta", "delta_noatt")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -84,7 +84,7 @@ def test_wrap_loss_feeds_augmented_images_and_a_fresh_key():
 def test_fewshot_grid_with_augmentation(tiny_source_dir, tmp_path, capsys):
   """Every strategy trains on augmented batches (the frozen-feature cache off, and said so);
   the grid is deterministic, so a grid resumed after a kill (runs are redone whole) equals the
-  uninterrupted one; a resume with another recipe, or DELTA with one, is refused."""
+  uninterrupted one; a resume with another recipe, or an unknown recipe, is refused."""
   import json
   from experiments import fewshot
   base = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
@@ -102,5 +102,39 @@ def test_fewshot_grid_with_augmentation(tiny_source_dir, tmp_path, capsys):
   assert "Training images augmented on device: rrc+flip." in (a / "report.md").read_text()
   assert fewshot.main(argv[:-2] + ["--augment", "flip", "--out", str(a), "--resume",
                                    "--quiet"]) == 2
-  assert fewshot.main(base + ["--strategies", "delta", "--augment", "flip", "--out",
+  assert fewshot.main(base + ["--strategies", "freeze", "--augment", "blur", "--out",
                               str(tmp_path / "d"), "--quiet"]) == 2
+
+
+@pytest.mark.parametrize("name", ["delta", "delta_noatt"])
+def test_delta_on_augmented_batches_uses_the_live_source_forward(tiny_source_dir, name):
+  """DELTA keeps its training images' source maps in a table; an augmented batch matches no
+  stored image, so its maps come from the live source forward: the loss equals the one
+  computed with no table at all."""
+  from jtransfer.methods import delta, transfer
+  source = transfer.load_source(tiny_source_dir("vgg_s"))
+  setup = transfer.get_strategy(name).build(source, 3, 10)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (6, 28, 28, 1), dtype=np.uint8)
+  labels = np.array([0, 1, 2, 0, 1, 2])
+  params, stats = setup.init(0, images, labels)
+  assert params[delta.FROZEN_KEY].get("source") is not None  # the table is there
+  # move the network away from the source, so the feature term is not 0
+  params = {k: (v if k == delta.FROZEN_KEY else jax.tree.map(lambda a: a * 1.2, v))
+            for k, v in params.items()}
+  no_table = dict(params, **{delta.FROZEN_KEY: {k: v for k, v in
+                                                params[delta.FROZEN_KEY].items()
+                                                if k != "source"}})
+  batch = {"image": images, "label": labels}
+  loss = aug.wrap_loss(setup.loss_fn, aug.parse("rrc+flip"))
+  key = jax.random.PRNGKey(4)
+  with_table = loss(params, stats, batch, key)
+  live = loss(no_table, stats, batch, key)
+  assert float(with_table[1][0]["reg"]) > 0
+  np.testing.assert_allclose(float(with_table[0]), float(live[0]), rtol=1e-5)
+  np.testing.assert_allclose(float(with_table[1][0]["reg"]), float(live[1][0]["reg"]), rtol=1e-5)
+  # unaugmented, the batch is found in the table: same numbers as the live forward too
+  plain_table = setup.loss_fn(params, stats, batch, key)
+  plain_live = setup.loss_fn(no_table, stats, batch, key)
+  np.testing.assert_allclose(float(plain_table[0]), float(plain_live[0]), rtol=1e-5)
+  assert abs(float(plain_table[1][0]["reg"]) - float(with_table[1][0]["reg"])) > 1e-6
