@@ -23,6 +23,7 @@ import numpy as np
 
 from bench.common import command, emit
 from jtransfer import models
+from jtransfer.data import augment as aug
 from jtransfer.methods import transfer
 from jtransfer.train import init_state, make_train_step
 
@@ -36,8 +37,11 @@ def random_source(arch: str, shape, classes: int = 5, dtype=None) -> transfer.So
                          (0.5,) * shape[2], (0.25,) * shape[2])
 
 
-def jax_step(arch: str, strategy: str, shape, batch: int, classes: int = 5, dtype=None):
-  """(step, state, batch) for a registered strategy, or one of the method-specific steps."""
+def jax_step(arch: str, strategy: str, shape, batch: int, classes: int = 5, dtype=None,
+             augment: str = "none"):
+  """(step, state, batch) for a registered strategy, or one of the method-specific steps;
+  `augment` wraps a strategy's loss in `jtransfer.data.augment` (a step then augments its
+  batch on device first)."""
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (batch, *shape), dtype=np.uint8)
   labels = (np.arange(batch) % classes).astype(np.int32)
@@ -52,7 +56,8 @@ def jax_step(arch: str, strategy: str, shape, batch: int, classes: int = 5, dtyp
   setup = transfer.get_strategy(strategy).build(source, classes, 100)
   params, stats = setup.init(0, images, labels)
   state = init_state(params, stats, setup.optimizer, 0, lr=1e-3)
-  return make_train_step(setup.loss_fn, setup.optimizer), state, data
+  loss_fn = aug.wrap_loss(setup.loss_fn, aug.parse(augment))
+  return make_train_step(loss_fn, setup.optimizer), state, data
 
 
 def gemm_peak(n: int = 2048, reps: int = 5) -> float:
@@ -110,6 +115,9 @@ def main(argv=None) -> int:
   p.add_argument("--no-torch", action="store_true",
                  help="JAX only (also implied for archs without a torch reference, and for "
                       "float16)")
+  p.add_argument("--augment", default="none",
+                 help="augment every step's batch on device first (jtransfer.data.augment "
+                      "recipe); the torch reference does not")
   p.add_argument("--tiny", action="store_true", help="batch 8, 1 window of 1 step")
   p.add_argument("--out", default="bench/RESULTS.md")
   args = p.parse_args(argv)
@@ -122,7 +130,8 @@ def main(argv=None) -> int:
   for arch in args.archs.split(","):
     base = None
     for strategy in args.strategies.split(","):
-      step, state, data = jax_step(arch, strategy, shape, args.batch, dtype=args.dtype)
+      step, state, data = jax_step(arch, strategy, shape, args.batch, dtype=args.dtype,
+                                   augment=args.augment)
       flops = step_flops(step, state, data)
       secs = statistics.median(time_jax(step, state, data, args.warmup, args.windows,
                                         args.steps))
