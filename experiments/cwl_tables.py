@@ -43,7 +43,7 @@ STRATEGIES = ("freeze", "freeze_cwl", "finetune", "finetune_cwl")
 LABELS = {"freeze": "Freeze", "freeze_cwl": "Freeze + CWL", "finetune": "Finetune",
           "finetune_cwl": "Finetune + CWL", "finetune_lowconv": "Alg. 1 (low-lr conv) + CWL",
           "freeze_film": "Freeze + FiLM", "bitfit": "BitFit", "lpft": "LP-FT",
-          "wise_ft": "WiSE-FT", "bss": "BSS"}
+          "wise_ft": "WiSE-FT", "bss": "BSS", "cotuning": "Co-Tuning"}
 # The later baselines (issue 20) are rows of the table they compare with, when --strategies
 # names them: FiLM and BitFit beside CWL's per-channel scales, LP-FT, WiSE-FT, BSS beside
 # finetuning.
@@ -51,7 +51,7 @@ TABLES = (("Table I: frozen convolutions vs weighting convolutions",
            ("freeze", "freeze_cwl", "finetune_lowconv", "freeze_film", "bitfit"),
            ("freeze_cwl", "freeze")),
           ("Table II: finetuning vs finetuning with weighting convolutions",
-           ("finetune", "finetune_cwl", "freeze", "lpft", "wise_ft", "bss"),
+           ("finetune", "finetune_cwl", "freeze", "lpft", "wise_ft", "bss", "cotuning"),
            ("finetune_cwl", "finetune")))
 CLAIMS = (
     claims.Claim("CWL", "weighting convolutions beats frozen convolutions", "freeze_cwl",
@@ -70,6 +70,8 @@ CLAIMS = (
                  "wise_ft", "lpft", at_least=True, margin=0.01, source="Wortsman et al. 2022"),
     claims.Claim("BSS", "BSS beats fine-tuning at few shots", "bss", "finetune",
                  source="Chen et al. 2019, Table 1"),
+    claims.Claim("Co-Tuning", "Co-Tuning beats fine-tuning", "cotuning", "finetune",
+                 source="You et al. 2020, Table 1"),
 ) + fewshot.CLAIMS  # finetune > freeze on the far domain, not on the near one
 # 'reduced': two LRs per family, the same for a strategy and its CWL variant (paired).
 REDUCED = {"freeze": (1e-2, 5e-2), "finetune": (1e-4, 1e-3)}

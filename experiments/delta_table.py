@@ -78,9 +78,10 @@ from jtransfer.train import accuracy, init_state, predict_logits
 STRATEGIES = ("l2fe", "l2", "l2sp", "delta_noatt", "delta")
 # Later baselines of the same family (issue 20), rows of the table when --strategies names them;
 # each keeps its own recipe (Adam, its LR grid), not DELTA's SGD one.
-BASELINES = ("bss", "lpft", "wise_ft")
+BASELINES = ("bss", "lpft", "wise_ft", "cotuning")
 TITLES = {"l2fe": "L2-FE", "l2": "L2", "l2sp": "L2-SP", "delta_noatt": "DELTA w/o ATT",
-          "delta": "DELTA", "bss": "BSS", "lpft": "LP-FT", "wise_ft": "WiSE-FT"}
+          "delta": "DELTA", "bss": "BSS", "lpft": "LP-FT", "wise_ft": "WiSE-FT",
+          "cotuning": "Co-Tuning"}
 CURVE_STRATEGIES = ("l2sp", "delta")
 # Which strategies each alpha flag sets.
 ALPHA_FLAGS = {"alpha": ("l2sp", "delta"), "alpha_noatt": ("delta_noatt",)}

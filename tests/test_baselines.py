@@ -14,7 +14,7 @@ from experiments import fewshot
 from jtransfer import models, surgery
 from jtransfer.data.preprocess import normalize
 from jtransfer.errors import InputError
-from jtransfer.methods import bss, film, lpft, sfda, transfer, transrate
+from jtransfer.methods import bss, cotuning, film, lpft, sfda, transfer, transrate
 from jtransfer.protocol import tuning
 
 
@@ -229,8 +229,38 @@ def test_tuning_never_extends_a_bounded_knob_past_its_bound():
   assert bounded.edges == ["alpha:high"]
 
 
+# ----------------------------------------------------------------------------- Co-Tuning
+def test_cotuning_relationship_and_loss_by_hand(tiny_source_dir):
+  source = transfer.load_source(tiny_source_dir("vgg_s"))
+  setup = cotuning.build_cotuning(source, 3, 10, lam=0.7)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (9, 28, 28, 1), dtype=np.uint8)
+  labels = np.repeat(np.arange(3), 3)
+  params, stats = setup.init(0, images, labels)
+  # at init the source branch is the source model itself (fc6, fc7 and its head kept)
+  want = surgery.flatten(source.variables["params"])
+  got = surgery.flatten(cotuning.source_branch_params(params))
+  assert set(got) == set(want)
+  assert all(np.array_equal(np.asarray(got[k]), np.asarray(want[k])) for k in want)
+  src = np.asarray(transfer.eval_forward(source.model, source.mean, source.std)(
+      source.variables["params"], source.variables.get("batch_stats", {}), images), np.float64)
+  p = np.exp(src - src.max(axis=1, keepdims=True))
+  p /= p.sum(axis=1, keepdims=True)
+  r = np.stack([p[labels == t].mean(axis=0) for t in range(3)])
+  np.testing.assert_allclose(params["frozen"]["relationship"], r, rtol=1e-5)
+  loss, (aux, _) = setup.loss_fn(params, stats, {"image": images, "label": labels}, None)
+  logits = np.asarray(setup.forward(params, stats, images), np.float64)
+  lsm = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+  ce = -lsm[np.arange(9), labels].mean()
+  co = -np.mean(np.sum(r[labels] * np.log(p), axis=1))
+  assert float(loss) == pytest.approx(ce + 0.7 * co, rel=1e-4)
+  assert float(aux["cotuning"]) == pytest.approx(co, rel=1e-4)
+  with pytest.raises(InputError, match="every target class"):
+    cotuning.relationship(src, np.zeros(9, int), 3)
+
+
 # ----------------------------------------------------------------------------- end to end
-@pytest.mark.parametrize("strategies", ["bitfit,freeze_film,bss", "lpft,wise_ft"])
+@pytest.mark.parametrize("strategies", ["bitfit,freeze_film,bss", "lpft,wise_ft,cotuning"])
 def test_new_strategies_run_the_fewshot_grid(tiny_source_dir, tmp_path, strategies):
   out = tmp_path / "o"
   argv = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
@@ -248,8 +278,10 @@ def test_new_strategies_run_the_fewshot_grid(tiny_source_dir, tmp_path, strategi
       assert r["hp"].startswith("eta=")
     if r["strategy"] == "wise_ft":
       assert r["hp"].startswith("alpha=") and 0 < float(r["hp"].split("=")[1]) <= 1
-    if r["strategy"] in ("bss", "lpft", "wise_ft"):
+    if r["strategy"] in ("bss", "lpft", "wise_ft", "cotuning"):
       assert r["filter_distance"] >= 0
+    if r["strategy"] == "cotuning":
+      assert r["hp"].startswith("lam=")
 
 
 def test_baseline_rows_and_claims_in_the_cwl_tables(tiny_source_dir, tmp_path):
