@@ -112,8 +112,9 @@ def save(results, publisher: Publisher, argv: Sequence[str] | None, records: lis
     missing = len(publisher.grid_keys(records, plan, args) - {publisher.key(r) for r in records})
   results.write_json(RUN_FILE, dict(
       module=publisher.module, argv=argv, command=command, invocations=invocations,
-      wall_s=round(sum(i["wall_s"] for i in invocations), 1), complete=missing == 0,
-      records=len(records)))
+      wall_s=round(sum(i["wall_s"] for i in invocations), 1),
+      # None: the module lists no grid keys, so completeness is not checked
+      complete=None if missing is None else missing == 0, records=len(records)))
   text = with_command(text, command)
   results.write_text("report.md", text)
   results.write_json("summary.json", summary)
@@ -307,7 +308,7 @@ def claim_rows(root: str = PUBLISHED) -> list[dict]:
                        claim=res["claim"], pooled=res["pooled"],
                        cells={v: verdicts.count(v) for v in sorted(set(verdicts))},
                        command=run["command"], wall_s=run["wall_s"],
-                       complete=run.get("complete", True)))
+                       complete=run.get("complete")))
   return rows
 
 
@@ -323,7 +324,7 @@ def claims_table(rows: Sequence[dict]) -> list[str]:
     margin = f" (margin {100 * cl['margin']:g} pt)" if cl["margin"] else ""
     cells = ", ".join(f"{n} {v}" for v, n in r["cells"].items())
     effect = stats.format_paired(stats.Paired(**r["pooled"]["paired"]))
-    partial = "" if r["complete"] else " (partial grid)"
+    partial = " (partial grid)" if r["complete"] is False else ""
     out.append(f"| {cl['paper']} | {cl['text']} ({cl['source']}) | {cl['a']} {rel} {cl['b']}"
                f"{margin} | **{r['pooled']['verdict']}** | {effect} | {cells} | "
                f"[{r['folder']}]({r['folder']}/report.md){partial} | "
@@ -337,7 +338,7 @@ def commands_list(root: str = PUBLISHED) -> list[str]:
     run = read_run(path)
     rel = os.path.relpath(path)
     out += [f"- [{rel}]({rel}/report.md): `{run['command']}` ({run['wall_s'] / 60:.0f} min, "
-            f"{run['records']} runs{'' if run.get('complete', True) else ', partial grid'})"]
+            f"{run['records']} runs{', partial grid' if run.get('complete') is False else ''})"]
   return out
 
 
