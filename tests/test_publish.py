@@ -181,3 +181,23 @@ def test_shards_merge_into_the_whole_grid(tiny_source_dir, tmp_path):
   assert publish.main(["merge", str(tmp_path / "m3"), str(tmp_path / "nope"), "--module",
                        "experiments.fewshot", "--", *argv]) == 2
   assert fewshot.main(argv[:-1] + [str(tmp_path / "bad"), "--shard", "2/2"]) == 2
+
+
+def test_merge_refuses_shards_that_disagree_about_a_run(folder, tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  shutil.copytree(folder, a)
+  shutil.copytree(folder, b)
+  with open(os.path.join(b, "results.jsonl")) as f:
+    lines = f.readlines()
+  first = json.loads(lines[0])
+  first["val_acc"] = -1.0  # the same run, another outcome
+  lines[0] = json.dumps(first) + "\n"
+  with open(os.path.join(b, "results.jsonl"), "w") as f:
+    f.writelines(lines)
+  argv = publish.read_run(folder)["argv"]
+  assert publish.main(["merge", str(tmp_path / "m"), a, b, "--module", "experiments.cwl_tables",
+                       "--", *argv]) == 2
+  # the same runs twice (a shard copied) merge into the grid itself
+  assert publish.main(["merge", str(tmp_path / "m2"), a, a, "--module", "experiments.cwl_tables",
+                       "--", *argv]) == 0
+  assert publish.check(str(tmp_path / "m2")) == []
