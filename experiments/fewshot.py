@@ -184,10 +184,15 @@ def validate(args: argparse.Namespace) -> dict:
       lrs[s] = REDUCED_LRS.get(s, strategy.paper_lrs[1::2] or strategy.paper_lrs)
     else:
       lrs[s] = transfer.lr_grid(strategy, args.lrs)
-  augment.parse(getattr(args, "augment", "none"))  # refuses an unknown recipe
+  augment_recipe(args)  # refuses an unknown recipe
   return dict(archs=archs, strategies=strategies, targets=targets,
               shots=positive_ints(args.shots, "--shots"), lrs=lrs,
               shard=parse_shard(getattr(args, "shard", None)))
+
+
+def augment_recipe(args) -> augment.Recipe:
+  """The --augment recipe of `args` (none for modules without the flag)."""
+  return augment.parse(getattr(args, "augment", "none"))
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -270,7 +275,7 @@ class TargetRuns:
       strategy = transfer.get_strategy(name)
       setup = strategy.build(self.source, self.num_classes, self.args.steps,
                              **transfer.parse_hp(hp))
-      recipe = augment.parse(getattr(self.args, "augment", "none"))
+      recipe = augment_recipe(self.args)
       head_only = strategy.head_only and not self.args.no_feature_cache and not recipe.active
       if strategy.head_only and recipe.active and not self.args.quiet:
         print(f"[fewshot] {name}: frozen features not cached (--augment {recipe}): every step "
@@ -329,10 +334,9 @@ class TargetRuns:
     Raises:
       NonFiniteError: a step was not finite.
     """
-    _, step, _, _ = self.setup(name, hp)
+    setup, step, _, head_only = self.setup(name, hp)
     state, batches, x_val, x_test, forward = self._prepare(name, train_idx, val_idx, lr, seed,
                                                            hp)
-    setup, _, _, head_only = self.setup(name, hp)
     # The starting point, on the host (the step donates the state's buffers).
     initial = (jax.tree.map(np.array, state.params)
                if setup.finalize is not None or not head_only else None)
@@ -362,7 +366,7 @@ class TargetRuns:
         self._setups[key] = True
       elif setup.finalize is not None:  # the batched path has no finalize step
         self._setups[key] = False
-      elif augment.parse(getattr(self.args, "augment", "none")).active:  # nor augmentation
+      elif augment_recipe(self.args).active:  # nor augmentation
         self._setups[key] = False
       else:
         params, _ = setup.init(0, self.pool.images[:1], self.pool.labels[:1])
@@ -433,7 +437,7 @@ def check_targets(args: argparse.Namespace, plan: dict, data_cache: dict) -> Non
 def _record(key, train_idx, val_idx, runs: "TargetRuns", args) -> dict:
   out = dict(zip(KEY, key), status="ok", n_train=int(len(train_idx)), n_val=int(len(val_idx)),
              n_test=len(runs.test), cap=args.steps, role="tune" if key[4] < 0 else "eval")
-  recipe = str(augment.parse(getattr(args, "augment", "none")))
+  recipe = str(augment_recipe(args))
   if recipe != "none":  # unaugmented records keep their old form
     out["augment"] = recipe
   return out
@@ -568,7 +572,7 @@ def results_records(records: list[dict]) -> list[dict]:
 
 def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
   done = {record_key(r) for r in results.records}
-  recipe = str(augment.parse(getattr(args, "augment", "none")))
+  recipe = str(augment_recipe(args))
   other = {r.get("augment", "none") for r in results.records} - {recipe}
   if other:
     raise InputError(f"--out {results.path} holds runs made with --augment "
@@ -721,7 +725,7 @@ def protocol_text(args) -> str:
           f"{args.tune_repeats} tuning draws that are not evaluation draws (grid extended up to "
           f"{args.tune_extend} values at an edge)" if args.tune_repeats else
           "the LR is chosen per draw on that draw's validation set")
-  recipe = str(augment.parse(getattr(args, "augment", "none")))
+  recipe = str(augment_recipe(args))
   aug = f" Training images augmented on device: {recipe}." if recipe != "none" else ""
   return (f"Protocol: {run}; {tune}.{aug} Validation: {args.val_per_class}/class, disjoint from the "
           f"k-shot set and from test; test: "

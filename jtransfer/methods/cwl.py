@@ -33,10 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtransfer import models, surgery
-from jtransfer.data.preprocess import normalize
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
-from jtransfer.train import evaluate, optim
+from jtransfer.train import optim
 
 CWL_KEY = "cwl"
 LOWCONV_LR_MULT = 0.1  # Algorithm 1 step 1: "decreasing the learning rate for convolution layers"
@@ -191,21 +190,12 @@ def apply_model_cwl(model, params: Mapping[str, Any], batch_stats, x: jax.Array,
 # ----------------------------------------------------------------------------- strategies
 def cwl_loss_fn(model, mean, std) -> Callable:
   """CE loss_fn reading scales from params['cwl'] (BN in eval mode)."""
-  def loss_fn(params, batch_stats, batch, rng):
-    x = normalize(batch["image"], mean, std)
-    logits, _, _ = apply_model_cwl(model, params, batch_stats, x, rng=rng)
-    ce = evaluate.cross_entropy(logits, batch["label"])
-    return ce, ({"ce": ce}, batch_stats)
-  return loss_fn
+  return transfer.ce_loss_fn(model, mean, std, apply=apply_model_cwl)
 
 
 def cwl_forward(model, mean, std) -> Callable:
   """Jitted eval forward (uint8 images -> logits) reading scales from params['cwl']."""
-  @jax.jit
-  def forward(params, batch_stats, images):
-    logits, _, _ = apply_model_cwl(model, params, batch_stats, normalize(images, mean, std))
-    return logits
-  return forward
+  return transfer.eval_forward(model, mean, std, apply=apply_model_cwl)
 
 
 def cwl_setup(source: transfer.Source, num_classes: int, mode: str,

@@ -11,17 +11,15 @@ step and the optimizer rules handle them like any other leaf.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jtransfer import models, surgery
-from jtransfer.data.preprocess import normalize
 from jtransfer.errors import InputError
 from jtransfer.methods import cwl, transfer
-from jtransfer.train import evaluate, optim
+from jtransfer.train import optim
 
 FILM_KEY = "film"
 
@@ -91,23 +89,6 @@ def apply_model_film(model, params: Mapping[str, Any], batch_stats, x, **kwargs)
     return models.apply_model(model, folded, batch_stats, x, **kwargs)
 
 
-def film_loss_fn(model, mean, std) -> Callable:
-  def loss_fn(params, batch_stats, batch, rng):
-    logits, _, _ = apply_model_film(model, params, batch_stats,
-                                    normalize(batch["image"], mean, std), rng=rng)
-    ce = evaluate.cross_entropy(logits, batch["label"])
-    return ce, ({"ce": ce}, batch_stats)
-  return loss_fn
-
-
-def film_forward(model, mean, std) -> Callable:
-  @jax.jit
-  def forward(params, batch_stats, images):
-    logits, _, _ = apply_model_film(model, params, batch_stats, normalize(images, mean, std))
-    return logits
-  return forward
-
-
 def build_freeze_film(source: transfer.Source, num_classes: int,
                       total_steps: int) -> transfer.Setup:
   model = transfer.target_model(source, num_classes)
@@ -120,8 +101,10 @@ def build_freeze_film(source: transfer.Source, num_classes: int,
   optimizer = optim.make_optimizer(
       params, [(f"{FILM_KEY}/.*", "train"), ("head/.*", "train"), (".*", optim.FROZEN)],
       {"train": optim.adam(1.0)}, injected_lr=True)
-  return transfer.Setup(model, init, optimizer, film_loss_fn(model, source.mean, source.std),
-                        film_forward(model, source.mean, source.std))
+  return transfer.Setup(
+      model, init, optimizer,
+      transfer.ce_loss_fn(model, source.mean, source.std, apply=apply_model_film),
+      transfer.eval_forward(model, source.mean, source.std, apply=apply_model_film))
 
 
 transfer.register(transfer.Strategy(

@@ -43,12 +43,19 @@ def _softmax(s: np.ndarray) -> np.ndarray:
   return e / e.sum(axis=1, keepdims=True)
 
 
+def _within_scatter(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(S_w = sum_c prior_c Cov(X_c), class means (C x d), priors (C,)), classes sorted."""
+  classes, yi = np.unique(y, return_inverse=True)
+  d = x.shape[1]
+  priors = np.bincount(yi) / len(yi)
+  means = np.stack([x[yi == c].mean(axis=0) for c in range(len(classes))])
+  sw = sum(p * np.cov(x[yi == c].T, bias=True).reshape(d, d) for c, p in enumerate(priors))
+  return sw, means, priors
+
+
 def shrinkage(x: np.ndarray, y: np.ndarray) -> float:
   """lam = max(exp(-a sigma_max(S_w)), 1e-10)."""
-  classes, yi = np.unique(y, return_inverse=True)
-  priors = np.bincount(yi) / len(yi)
-  sw = sum(p * np.cov(x[yi == c].T, bias=True).reshape(x.shape[1], x.shape[1])
-           for c, p in enumerate(priors))
+  sw, _, _ = _within_scatter(x, y)
   return max(float(np.exp(-ADAPTIVE_A * np.linalg.eigvalsh(sw)[-1])), 1e-10)
 
 
@@ -60,11 +67,7 @@ def fda_proba(x: np.ndarray, y: np.ndarray, lam: float, dim: int | None = None) 
   = I): the class scores need S_w alone, solved here directly. `dim` is the features' full
   dimension when x holds coordinates in a subspace containing every row (see `sfda`).
   """
-  classes, yi = np.unique(y, return_inverse=True)
-  d = x.shape[1]
-  priors = np.bincount(yi) / len(yi)
-  means = np.stack([x[yi == c].mean(axis=0) for c in range(len(classes))])
-  sw = sum(p * np.cov(x[yi == c].T, bias=True).reshape(d, d) for c, p in enumerate(priors))
+  sw, means, priors = _within_scatter(x, y)
   coef = linalg.solve(_shrunk(sw, lam, dim), means.T, assume_a="pos").T
   intercept = -0.5 * np.sum(means * coef, axis=1) + np.log(priors)
   return _softmax(x @ coef.T + intercept)

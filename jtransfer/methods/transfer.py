@@ -105,24 +105,25 @@ def init_target(source: Source, model: nn.Module, seed: int,
   return params, stats
 
 
-def ce_loss_fn(model: nn.Module, mean, std, *, bn_train: bool = False) -> Callable:
-  """Cross-entropy loss_fn for the generic step. BN in eval mode unless `bn_train`."""
+def ce_loss_fn(model: nn.Module, mean, std, *, bn_train: bool = False,
+               apply: Callable = models.apply_model) -> Callable:
+  """Cross-entropy loss_fn for the generic step. BN in eval mode unless `bn_train`; `apply`
+  runs the model (`models.apply_model`, or a reparametrised one such as CWL's or FiLM's)."""
 
   def loss_fn(params, batch_stats, batch, rng):
     x = normalize(batch["image"], mean, std)
-    logits, new_stats, _ = models.apply_model(model, params, batch_stats, x, train=bn_train,
-                                              rng=rng)
+    logits, new_stats, _ = apply(model, params, batch_stats, x, train=bn_train, rng=rng)
     ce = evaluate.cross_entropy(logits, batch["label"])
     return ce, ({"ce": ce}, new_stats if bn_train else batch_stats)
 
   return loss_fn
 
 
-def eval_forward(model: nn.Module, mean, std) -> Callable:
-  """Jitted eval-mode forward from uint8 images to logits."""
+def eval_forward(model: nn.Module, mean, std, apply: Callable = models.apply_model) -> Callable:
+  """Jitted eval-mode forward from uint8 images to logits (`apply` as in `ce_loss_fn`)."""
   @jax.jit
   def forward(params, batch_stats, images):
-    logits, _, _ = models.apply_model(model, params, batch_stats, normalize(images, mean, std))
+    logits, _, _ = apply(model, params, batch_stats, normalize(images, mean, std))
     return logits
   return forward
 
