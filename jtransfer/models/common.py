@@ -70,42 +70,82 @@ def head(module: nn.Module, x: jax.Array) -> jax.Array:
       jnp.float32)
 
 
-def torch_padding(kernel: int, padding: int) -> tuple[tuple[int, int], tuple[int, int]]:
-  """Explicit symmetric padding, as torch applies it (SAME pads asymmetrically at stride 2)."""
+def _pair(v) -> tuple[int, int]:
+  return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def torch_padding(kernel, padding) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Explicit symmetric padding, as torch applies it (SAME pads asymmetrically at stride 2).
+
+  `padding` is an int or an (H, W) pair (Inception's 1x7 / 7x1 convs pad (0, 3) / (3, 0)).
+  """
   del kernel
-  return ((padding, padding), (padding, padding))
+  ph, pw = _pair(padding)
+  return ((ph, ph), (pw, pw))
+
+
+def hard_sigmoid(x: jax.Array) -> jax.Array:
+  """torch.nn.Hardsigmoid: relu6(x + 3) / 6 (jax.nn.hard_sigmoid is the same function)."""
+  return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
+# torch activation -> function. 'hardswish' is x * relu6(x + 3) / 6 (torch.nn.Hardswish).
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "relu6": lambda x: jnp.clip(x, 0.0, 6.0),
+    "hardswish": lambda x: x * hard_sigmoid(x),
+    "silu": nn.silu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # torch.nn.GELU() is the exact erf form
+}
+
+
+def activation(name: str):
+  """The function registered as `name` in `ACTIVATIONS`."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
 
 
 class ConvUnit(nn.Module):
-  """Conv, optional BatchNorm, optional ReLU; taps the raw conv output.
+  """Conv, optional BatchNorm, optional activation; taps the raw conv output.
 
   Attributes:
     features: output channels.
-    kernel: square kernel size.
+    kernel: kernel size, an int (square) or an (H, W) pair.
     stride: square stride.
-    padding: symmetric zero padding on each side (torch convention).
+    padding: symmetric zero padding on each side (torch convention), int or (H, W) pair.
     use_bn: add BatchNorm after the conv (then the conv has no bias, as in torchvision).
-    relu: apply ReLU at the end.
+    relu: apply the activation `act` at the end (the name predates other activations).
     dtype: compute dtype name (see `compute_dtype`); None = float32.
+    groups: torch's `groups` (feature_group_count): `groups == in channels` is a depthwise
+      conv. The kernel is (kH, kW, in / groups, features), as Flax stores grouped kernels.
+    act: the activation applied when `relu` is set, a name in `ACTIVATIONS`.
+    bn_eps, bn_momentum: BatchNorm epsilon and Flax momentum (= 1 - torch's momentum);
+      torchvision's MobileNetV3 / EfficientNet use eps 1e-3, Inception-V3 eps 1e-3.
   """
   features: int
-  kernel: int = 3
+  kernel: int | tuple[int, int] = 3
   stride: int = 1
-  padding: int = 1
+  padding: int | tuple[int, int] = 1
   use_bn: bool = False
   relu: bool = True
   dtype: Optional[str] = None
+  groups: int = 1
+  act: str = "relu"
+  bn_eps: float = 1e-5
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    y = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
+    y = nn.Conv(self.features, _pair(self.kernel), strides=(self.stride, self.stride),
                 padding=torch_padding(self.kernel, self.padding), use_bias=not self.use_bn,
-                kernel_init=conv_init, dtype=compute_dtype(self.dtype), name="conv")(x)
+                feature_group_count=self.groups, kernel_init=conv_init,
+                dtype=compute_dtype(self.dtype), name="conv")(x)
     tap(self, "out", y)
     if self.use_bn:
-      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                       dtype=compute_dtype(self.dtype), name="bn")(y)
-    return nn.relu(y) if self.relu else y
+      y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                       epsilon=self.bn_eps, dtype=compute_dtype(self.dtype), name="bn")(y)
+    return activation(self.act)(y) if self.relu else y
 
 
 def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:

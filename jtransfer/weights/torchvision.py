@@ -26,7 +26,6 @@ from flax import traverse_util
 from jtransfer import models
 from jtransfer.errors import InputError
 
-ARCHS = ("vgg16", "resnet18", "resnet50", "resnet101", "alexnet")
 _BN_STATS = ("running_mean", "running_var")
 _ABSTRACT_SHAPE = (224, 224)  # parameter shapes do not depend on it (adaptive pools)
 
@@ -133,14 +132,24 @@ def alexnet_map(model) -> list[Entry]:
   return entries + _classifier(indices, (model.conv_widths[-1], 6, 6))
 
 
+# arch -> function(model) -> entries. A new architecture adds its map here (its own module
+# when the map is long), and its name is then importable.
+MAPS = {
+    "vgg16": vgg_map,
+    "resnet18": resnet_map,
+    "resnet50": resnet_map,
+    "resnet101": resnet_map,
+    "alexnet": alexnet_map,
+}
+ARCHS = tuple(MAPS)
+
+
 def name_map(arch: str, model) -> list[Entry]:
   """The explicit torchvision -> jtransfer map of `model` (built for `arch`)."""
-  if arch not in ARCHS:
+  if arch not in MAPS:
     raise InputError(f"no torchvision weight map for arch {arch!r}; expected one of "
-                     f"{', '.join(ARCHS)}")
-  if arch.startswith("resnet"):
-    return resnet_map(model)
-  return vgg_map(model) if arch == "vgg16" else alexnet_map(model)
+                     f"{', '.join(MAPS)}")
+  return MAPS[arch](model)
 
 
 # ----------------------------------------------------------------------------- layouts
