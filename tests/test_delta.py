@@ -484,3 +484,32 @@ def test_authors_probe_moves_running_stats_by_torch_momentum():
   np.testing.assert_allclose(new_stats["stem"]["bn"]["mean"], want, rtol=1e-5, atol=1e-6)
   want_var = 0.9 * np.asarray(stats["stem"]["bn"]["var"]) + 0.1 * raw.var(axis=(0, 1, 2))
   np.testing.assert_allclose(new_stats["stem"]["bn"]["var"], want_var, rtol=1e-4, atol=1e-6)
+
+
+def test_authors_probe_closed_form_equals_the_step_loop():
+  # Every probe batch holds all 6 images: 40 identical steps; the closed form (2 forwards)
+  # must give the loop's head and running statistics.
+  import dataclasses
+  source = _tiny_source()
+  model = transfer.target_model(source, 2)
+  params, stats = transfer.init_target(source, model, 0)
+  images, labels = _images(6, seed=5), np.array([0, 1, 0, 1, 0, 1])
+  config = delta.Config(att_batch_size=8, att_head_epochs=1, att_head_min_steps=40)
+  got = delta.train_probe_bn_train(model, params, stats, images, labels, source.mean,
+                                   source.std, config)
+  want = delta.train_probe_bn_train(model, params, stats, images, labels, source.mean,
+                                    source.std, dataclasses.replace(config, att_probe_loop=True))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+  # The statistics did move (40 steps of momentum 0.9: within 1.5% of the batch statistics).
+  assert not np.allclose(got[1]["stem"]["bn"]["mean"], stats["stem"]["bn"]["mean"])
+
+
+def test_channel_chunks_are_even_and_bounded():
+  assert delta.channel_chunk(256, 20, 4096) == 128      # room for 204: two calls of 128
+  assert delta.channel_chunk(64, 20, 4096) == 64
+  assert delta.channel_chunk(512, 20, 4096) == 171      # 3 calls, 1 padded row
+  assert delta.channel_chunk(10, 1000, 100) == 1        # at least one channel per call
+  for c, b, m in [(960, 32, 4096), (7, 3, 10), (2048, 64, 4096)]:
+    k = delta.channel_chunk(c, b, m)
+    assert k * b <= max(m, b) and -(-c // k) * k - c < k

@@ -33,6 +33,7 @@ import hashlib
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,7 +76,10 @@ class Config:
     att_head_epochs, att_head_min_steps: the L2-FE probe trains this many epochs (SGD lr
       0.01, momentum 0.9, weight decay 1e-4, x0.1 at 60%), but at least this many steps: on a
       k-shot set an epoch is one step, and 10 steps leave the head at its random init.
-    att_max_images: channels ablated per vectorised call times batch size stays below this.
+    att_max_images: channels ablated per vectorised call times batch size stays below this
+      (it bounds the ablation's memory: the suffix after a tap runs on that many images).
+    att_probe_loop: run the 'authors' probe step by step even when every batch holds all the
+      images (the closed form of `_probe_one_batch` gives the same result in 2 forwards).
     att_bn: BatchNorm in the attention probe (no effect on models without BN):
       'authors' (default), as the authors' channel_eval.py: the L2-FE head trains with the
         backbone in train mode (`model.train()`: features from each probe batch's own
@@ -104,6 +108,7 @@ class Config:
   att_head_epochs: int = 10
   att_head_min_steps: int = 200
   att_max_images: int = 4096
+  att_probe_loop: bool = False
   att_bn: str = "authors"
   source_cache_mb: float = 256.0
 
@@ -303,15 +308,38 @@ def _weighted_ce(logits, labels, weights):
   return jnp.sum(ce * weights) / jnp.sum(weights)
 
 
+def _ablate_output(tap: str, mask: jax.Array, bias: Optional[jax.Array]):
+  """A Flax method interceptor zeroing the kernel slices of `tap`'s conv where mask is 0.
+
+  Zeroing output channel j's kernel slice leaves that channel's conv output at its bias (0
+  without one) and changes nothing before the layer, so the ablation is applied to the conv's
+  output instead: `y * mask + bias * (1 - mask)`. Under `jax.vmap` over masks, the network up
+  to and including this conv then does not depend on the mask and runs once; only the rest
+  (the suffix) runs once per ablated channel.
+  """
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if (context.method_name != "__call__" or not isinstance(module, nn.Conv)
+        or module.path[-1] != "conv" or "/".join(module.path[:-1]) != tap):
+      return out
+    m = mask.astype(out.dtype)
+    kept = out * m
+    return kept if bias is None else kept + bias.astype(out.dtype) * (1 - m)
+  return interceptor
+
+
 @functools.lru_cache(maxsize=64)
-def ablation_fn(model, kernel_path: str, bn_train: bool = False) -> Callable:
+def ablation_fn(model, tap: str, bn_train: bool = False) -> Callable:
   """Jitted `(params, stats, x, labels, weights, masks (M, C)) -> (M,)` CE increases.
 
-  Row m of `masks` multiplies the kernel's output channels (0 = the channel ablated); the M
-  forward passes are one vmapped call, whose part before the ablated layer does not depend on
-  the mask and so runs once. Cached per (model, layer, BN mode): one compile serves every run.
-  With `bn_train`, BN normalises every forward (base and ablated) with the batch's own
-  statistics (and `weights` should be all 1: padding would enter the statistics).
+  Row m of `masks` multiplies the output channels of `tap`'s conv kernel (0 = the channel
+  ablated: its kernel slice zeroed, as channel_eval.py does). The M ablated forwards are one
+  vmapped call whose prefix, up to the tap's conv output, runs once (`_ablate_output`); the
+  cost per channel is one forward of the suffix after the tap (bench/bench_delta.py measures
+  it). Cached per (model, tap, BN mode): one compile serves every run. With `bn_train`, BN
+  normalises every forward (base and ablated) with the batch's own statistics (and
+  `weights` should be all 1: padding would enter the statistics).
   """
   def ce_of(params, stats, x, labels, weights):
     logits, _, _ = models.apply_model(model, params, stats, x, train=bn_train)
@@ -320,20 +348,33 @@ def ablation_fn(model, kernel_path: str, bn_train: bool = False) -> Callable:
   @jax.jit
   def fn(params, stats, x, labels, weights, masks):
     base = ce_of(params, stats, x, labels, weights)
+    bias = surgery.flatten(params).get(f"{tap}/conv/bias")
 
     def ablated(mask):
-      p = surgery.map_with_path(lambda path, v: v * mask if path == kernel_path else v, params)
-      return ce_of(p, stats, x, labels, weights)
+      with nn.intercept_methods(_ablate_output(tap, mask, bias)):
+        return ce_of(params, stats, x, labels, weights)
 
     return jax.vmap(ablated)(masks) - base
 
   return fn
 
 
+def channel_chunk(channels: int, batch: int, max_images: int) -> int:
+  """Channels per vectorised ablation call: (chunk x batch) <= max_images, split evenly.
+
+  Equal chunks (the last one padded) keep one compiled shape per tap; choosing the chunk as
+  ceil(C / calls) rather than the largest that fits keeps the padding under one chunk
+  (C=256, room for 204: two calls of 128, not 204 + 52 real and 152 wasted).
+  """
+  room = int(max(1, min(channels, max_images // max(1, batch))))
+  calls = -(-channels // room)
+  return -(-channels // calls)
+
+
 def channel_loss_increase(fn: Callable, params, stats, x, labels, weights, channels: int,
                           max_images: int) -> np.ndarray:
   """CE increase per ablated channel on one batch, in chunks of equal shape (one compile)."""
-  chunk = int(max(1, min(channels, max_images // max(1, x.shape[0]))))
+  chunk = channel_chunk(channels, x.shape[0], max_images)
   out = []
   for start in range(0, channels, chunk):
     idx = np.arange(start, start + chunk)
@@ -368,7 +409,7 @@ def attention_weights(model, params, stats, batches: Sequence[tuple[np.ndarray, 
     path = f"{tap}/conv/kernel"
     if path not in flat:
       raise InputError(f"DELTA tap {tap!r} has no kernel {path!r}")
-    fn, channels = ablation_fn(model, path, bool(bn_train)), flat[path].shape[-1]
+    fn, channels = ablation_fn(model, tap, bool(bn_train)), flat[path].shape[-1]
     increase = np.mean([channel_loss_increase(fn, params, stats, x, y, w, channels, max_images)
                         for x, y, w in batches], axis=0)
     out[tap] = attention_from_losses(increase, temperature)
@@ -444,10 +485,12 @@ def train_probe_bn_train(model, params, stats, images: np.ndarray, labels: np.nd
   Returns:
     (trained head, running BN statistics after the probe's forwards).
   """
-  step = _probe_step(0.9, 1e-4)
   features = _train_features_fn(model, tuple(mean), tuple(std))
   batches = Batches(images, labels.astype(np.int32), config.att_batch_size, seed=0)
   total = max(config.att_head_epochs * batches.steps_per_epoch, config.att_head_min_steps)
+  if batches.batch_size == len(labels) and not config.att_probe_loop:
+    return _probe_one_batch(features, params, stats, images, labels, total, config)
+  step = _probe_step(0.9, 1e-4)
   head = jax.tree.map(jnp.asarray, params["head"])
   velocity = jax.tree.map(jnp.zeros_like, head)
   for t in range(total):
@@ -455,6 +498,31 @@ def train_probe_bn_train(model, params, stats, images: np.ndarray, labels: np.nd
     feats, stats = features(params, stats, b["image"])
     lr = 0.01 * 0.1 ** (t / (0.6 * total))
     head, velocity = step(head, velocity, feats, b["label"], jnp.float32(lr))
+  return head, stats
+
+
+def _probe_one_batch(features, params, stats, images, labels, total: int, config: Config):
+  """`train_probe_bn_train` when every probe batch holds all the images (few-shot sets).
+
+  Each of the `total` steps then normalises the same image set with the same batch
+  statistics, so its features are the same and its running-statistics update is the same
+  affine map s -> m * s + (1 - m) * batch_stat. One forward gives the features (the head then
+  trains on them as `train_probe` does, same batch order); a second, from stats + 1, gives the
+  momentum m of every statistic (its derivative), and the T-fold map is applied in closed
+  form: s_T = m^T s_0 + (s_1 - m s_0) (1 - m^T) / (1 - m). Equal to the step-by-step loop up
+  to float rounding (tested), at 2 forwards instead of `total`.
+  """
+  feats, s1 = features(params, stats, images)
+  _, shifted = features(params, jax.tree.map(lambda v: v + 1.0, stats), images)
+
+  def closed_form(s0, s1, s1_shifted):
+    m = s1_shifted - s1
+    mt = m ** total
+    gain = jnp.where(m < 1.0, (1.0 - mt) / jnp.where(m < 1.0, 1.0 - m, 1.0), float(total))
+    return mt * s0 + (s1 - m * s0) * gain
+
+  stats = jax.tree.map(closed_form, stats, s1, shifted)
+  head = train_probe(params["head"], np.asarray(feats), labels, config)
   return head, stats
 
 
