@@ -101,6 +101,11 @@ def add_protocol_flags(p: argparse.ArgumentParser, steps: int = 500, patience: i
                       "(jtransfer.data.augment): none, flip, crop (shorter side to 32/28 of "
                       "the input, random crop), rrc (random-resized crop), crop+flip, rrc+flip; "
                       "frozen-feature caching is off when augmenting")
+  p.add_argument("--stored-size", type=int, default=0,
+                 help="store the target's images as squares of this side (cover, centre "
+                      "crop; e.g. 256 for 224 px inputs) so --augment crops real pixels; the "
+                      "network sees Resize(32/28 x input) + CenterCrop(input) views of them "
+                      "for validation, test and unaugmented training; 0 = the input size")
   p.add_argument("--shard", default=None, metavar="I/N",
                  help="run only the grid's cells (arch, target, k) whose index modulo N is I "
                       "(0 <= I < N), e.g. one scheduler job per shard; `python -m "
@@ -195,6 +200,24 @@ def augment_recipe(args) -> augment.Recipe:
   return augment.parse(getattr(args, "augment", "none"))
 
 
+def stored_shape(args, input_shape: Sequence[int]) -> tuple[int, int, int]:
+  """The (H, W, C) the target images are stored at: --stored-size squares, else the input's.
+
+  Raises:
+    InputError: a stored size below the input size, or with a non-square input.
+  """
+  h, w, c = (int(v) for v in input_shape)
+  size = int(getattr(args, "stored_size", 0) or 0)
+  if size == 0 or (size, size) == (h, w):
+    return (h, w, c)
+  if h != w:
+    raise InputError(f"--stored-size needs a square input; the source's is {h}x{w}")
+  if size < h:
+    raise InputError(f"--stored-size {size} is smaller than the {h} px input: crops would "
+                     "come from upsampled pixels")
+  return (size, size, c)
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
   """'I/N' -> (I, N), or None for the whole grid."""
   if text is None:
@@ -233,14 +256,22 @@ class TargetRuns:
 
   def __init__(self, source: transfer.Source, spec: str, args, data_cache: dict,
                setup_cache: dict):
-    key = (spec, source.input_shape)
+    shape = stored_shape(args, source.input_shape)
+    key = (spec, shape)
     if key not in data_cache:
-      data_cache[key] = load_spec(spec, source.input_shape, flag="--target",
-                                  data_dir=args.data_dir)
+      data_cache[key] = load_spec(spec, shape, flag="--target", data_dir=args.data_dir)
     data = data_cache[key]
     self.source, self.spec, self.args = source, spec, args
     self.pool = data.train
     self.test = cap_per_class(data.test, args.test_per_class)
+    # Stored larger than the input: the network sees test-time views (Resize + CenterCrop);
+    # `stored` keeps the pixels the augmentation crops from.
+    self.stored, self.out_hw = None, tuple(source.input_shape[:2])
+    if shape[:2] != self.out_hw:
+      self.stored = self.pool
+      view = lambda s: ImageSet(augment.center_view(s.images, self.out_hw), s.labels,
+                                s.class_names)
+      self.pool, self.test = view(self.pool), view(self.test)
     self.num_classes = data.train.num_classes
     # Setups (and so compiled steps) are shared by every target with the same class count.
     self._setups = setup_cache.setdefault((id(source), self.num_classes), {})
@@ -288,7 +319,9 @@ class TargetRuns:
         step = make_train_step(transfer.head_loss_fn(), opt)
       else:
         opt = setup.optimizer
-        step = make_train_step(augment.wrap_loss(setup.loss_fn, recipe), opt)
+        crops_stored = self.stored is not None and recipe.active
+        step = make_train_step(augment.wrap_loss(setup.loss_fn, recipe,
+                                                 self.out_hw if crops_stored else None), opt)
       self._setups[(name, hp)] = (setup, step, opt, head_only)
     return self._setups[(name, hp)]
 
@@ -302,7 +335,10 @@ class TargetRuns:
       x_train, x_val, x_test = rows[:len(train_idx)], rows[len(train_idx):], test_f
       forward = transfer.head_forward
     else:
-      x_train, x_val, x_test = (self.pool.images[train_idx], self.pool.images[val_idx],
+      # Augmented runs crop the stored pixels (their step brings them to the input size).
+      train_from = (self.stored if self.stored is not None and augment_recipe(self.args).active
+                    else self.pool)
+      x_train, x_val, x_test = (train_from.images[train_idx], self.pool.images[val_idx],
                                 self.test.images)
       forward = setup.forward
     batches = Batches(x_train, self.pool.labels[train_idx], self.args.batch_size, seed)
@@ -425,7 +461,7 @@ def source_input_shape(source_spec: str) -> tuple[int, ...]:
 
 def check_targets(args: argparse.Namespace, plan: dict, data_cache: dict) -> None:
   """Loads every target and checks the largest k against each class, before any training."""
-  shape = source_input_shape(args.source)
+  shape = stored_shape(args, source_input_shape(args.source))
   for spec in plan["targets"]:
     key = (spec, shape)
     if key not in data_cache:
@@ -440,6 +476,8 @@ def _record(key, train_idx, val_idx, runs: "TargetRuns", args) -> dict:
   recipe = str(augment_recipe(args))
   if recipe != "none":  # unaugmented records keep their old form
     out["augment"] = recipe
+  if runs.stored is not None:
+    out["stored_size"] = int(runs.stored.images.shape[1])
   return out
 
 
@@ -578,6 +616,12 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
     raise InputError(f"--out {results.path} holds runs made with --augment "
                      f"{', '.join(sorted(other))}, not {recipe}: use the same --augment or "
                      "another --out")
+  stored = int(getattr(args, "stored_size", 0) or 0)
+  sizes = {r["stored_size"] for r in results.records if "stored_size" in r}
+  if sizes - {stored} or (sizes and any("stored_size" not in r for r in results.records)):
+    raise InputError(f"--out {results.path} holds runs with target images stored at "
+                     f"{sorted(sizes)} px, not --stored-size {stored or 'input size'}: use the "
+                     "same --stored-size or another --out")
   data_cache: dict = {}
   check_targets(args, plan, data_cache)
   budget = budget_of(args)
@@ -727,6 +771,10 @@ def protocol_text(args) -> str:
           "the LR is chosen per draw on that draw's validation set")
   recipe = str(augment_recipe(args))
   aug = f" Training images augmented on device: {recipe}." if recipe != "none" else ""
+  if getattr(args, "stored_size", 0):
+    aug += (f" Target images stored at {args.stored_size} px; the network sees "
+            "Resize + CenterCrop views of them" + (" and crops of the stored pixels in "
+                                                   "training." if recipe != "none" else "."))
   return (f"Protocol: {run}; {tune}.{aug} Validation: {args.val_per_class}/class, disjoint from the "
           f"k-shot set and from test; test: "
           f"{'all' if not args.test_per_class else f'<= {args.test_per_class}/class'} of the "

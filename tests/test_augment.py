@@ -43,7 +43,7 @@ def test_crop_boxes_are_the_resized_image_cropped():
 
 def test_crops_resample_exactly_and_flips_half_the_images():
   ramp = jnp.tile(jnp.arange(28, dtype=jnp.float32)[None, :, None], (28, 1, 1))
-  out = aug._resample(ramp, jnp.array([0.0, 4.0, 28.0, 14.0]))
+  out = aug._resample(ramp, jnp.array([0.0, 4.0, 28.0, 14.0]), (28, 28))
   x = np.arange(28)
   np.testing.assert_allclose(out[10, 1:-1, 0], (4 + (x + 0.5) * 14 / 28 - 0.5)[1:-1], atol=1e-5)
   images = jnp.tile(ramp[None], (2000, 1, 1, 1))
@@ -138,3 +138,65 @@ def test_delta_on_augmented_batches_uses_the_live_source_forward(tiny_source_dir
   plain_live = setup.loss_fn(no_table, stats, batch, key)
   np.testing.assert_allclose(float(plain_table[0]), float(plain_live[0]), rtol=1e-5)
   assert abs(float(plain_table[1][0]["reg"]) - float(with_table[1][0]["reg"])) > 1e-6
+
+
+# ----------------------------------------------------------------------------- stored size
+def test_center_view_is_resize_then_center_crop():
+  rng = np.random.default_rng(1)
+  stored = rng.integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
+  # 256 stored, 224 input, resize 256/224: the shorter side is already 256, so the view is
+  # the exact centre 224 x 224 (torchvision's Resize(256) + CenterCrop(224)).
+  np.testing.assert_array_equal(aug.center_view(stored, (224, 224), 256 / 224),
+                                stored[:, 16:240, 16:240])
+  # 64 stored, 28 input, resize 32/28: an antialiased resize to 32, then the centre 28.
+  small = rng.integers(0, 256, (5, 64, 64, 1), dtype=np.uint8)
+  resized = jax.image.resize(small.astype(np.float32), (5, 32, 32, 1), "linear", antialias=True)
+  want = np.clip(np.round(np.asarray(resized)[:, 2:30, 2:30]), 0, 255)
+  got = aug.center_view(small, (28, 28), 32 / 28, batch_size=2)  # padded last batch
+  assert got.dtype == np.uint8 and got.shape == (5, 28, 28, 1)
+  assert np.abs(got.astype(int) - want).max() <= 1
+  assert aug.center_view(small, (64, 64)) is small  # stored = input: unchanged
+
+
+def test_crops_of_larger_stored_images_have_the_input_size():
+  rng = np.random.default_rng(2)
+  stored = jnp.asarray(rng.integers(0, 256, (64, 40, 40, 1)), jnp.uint8)
+  key = jax.random.PRNGKey(3)
+  for recipe in ("rrc+flip", "crop", "flip", "none"):
+    out = aug.augment(stored, key, aug.parse(recipe), (28, 28))
+    assert out.shape == (64, 28, 28, 1) and float(out.min()) >= 0 and float(out.max()) <= 255
+  # 'crop': the stored shorter side resized to 32/28 x 28 = 32 px, then a 28 px crop: boxes
+  # of 28 * 40 / 32 = 35 stored pixels, inside the image.
+  boxes = np.asarray(aug.crop_boxes(key, 64, 40, 40, aug.parse("crop"), (28, 28)))
+  np.testing.assert_allclose(boxes[:, 2:], 35.0)
+  assert (boxes[:, :2] >= 0).all() and (boxes[:, :2] <= 5.0 + 1e-5).all()
+  # rrc boxes stay inside the stored image, their area within the scale range of it
+  r = aug.parse("rrc")
+  boxes = np.asarray(aug.crop_boxes(key, 2000, 40, 40, r, (28, 28)))
+  assert (boxes[:, 0] + boxes[:, 2] <= 40 + 1e-4).all() and (boxes[:, 1] + boxes[:, 3] <= 40 + 1e-4).all()
+  area = boxes[:, 2] * boxes[:, 3] / 1600
+  assert area.min() >= r.scale[0] - 1e-5 and area.max() <= r.scale[1] + 1e-5
+  # no crop recipe: the test-time view, so 'none' at a new size equals center_view
+  np.testing.assert_allclose(np.asarray(aug.augment(stored, key, aug.parse("none"), (28, 28))),
+                             aug.center_view(np.asarray(stored), (28, 28)), atol=0.5 + 1e-4)
+
+
+def test_fewshot_with_stored_size(tiny_source_dir, tmp_path):
+  """Targets stored at 36 px for the 28 px source: runs train on crops of the stored pixels,
+  evaluate on centre views, record the stored size, and refuse a resume at another size."""
+  import json
+  from experiments import fewshot
+  argv = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
+          "digits:0,1,2", "--shots", "2", "--repeats", "1", "--steps", "4", "--eval-every", "2",
+          "--patience", "2", "--test-per-class", "4", "--val-per-class", "2", "--lrs", "1e-3",
+          "--tune-repeats", "0", "--no-paper-grid", "--strategies", "freeze,finetune",
+          "--augment", "rrc+flip", "--stored-size", "36", "--quiet"]
+  out = tmp_path / "s"
+  assert fewshot.main(argv + ["--out", str(out)]) == 0
+  records = json.loads((out / "results.json").read_text())
+  assert records and all(r["stored_size"] == 36 and r["status"] == "ok" for r in records)
+  assert "stored at 36 px" in (out / "report.md").read_text()
+  assert fewshot.main(argv[:-3] + ["--stored-size", "40", "--quiet", "--out", str(out),
+                                   "--resume"]) == 2
+  assert fewshot.main(argv[:-3] + ["--stored-size", "20", "--quiet", "--out",
+                                   str(tmp_path / "t")]) == 2

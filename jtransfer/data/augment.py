@@ -7,20 +7,28 @@ in `scale`, aspect ratio in `ratio` log-uniform, resized to the input size, as t
 RandomResizedCrop: ten candidate boxes, the first that fits, else the whole image); joined with
 '+' ('crop+flip', 'rrc+flip').
 
-Crops are bilinear resamplings of the stored pixels (`jax.image.scale_and_translate`), so a
+Images may be stored larger than the network's input (`out_hw`), e.g. at 256 px for 224 px
+inputs, so crops come from real pixels rather than upsampled inputs: crop boxes are in stored
+pixels and every crop is resampled to `out_hw`. 'crop' then resizes the stored shorter side to
+`resize` x the input's shorter side before its random crop, and the test-time view
+(`center_view`, also the training view of unaugmented runs) is torchvision's
+Resize(resize x input) + CenterCrop(input): with stored = input size it is the identity.
+
+Crops are bilinear resamplings of the stored pixels (`jax.image.scale_and_translate`, with
+antialiasing when a box is larger than the output, as torchvision's antialiased resize), so a
 crop box need not be whole pixels. The rng is the train step's (split per step from the
 state's, which checkpoints hold), so a resumed run sees the same stream as an uninterrupted one.
-At test time the images are used as stored (stored size = input size here: the centre crop of
-'Resize + CenterCrop' is the identity).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jtransfer.errors import InputError
 
@@ -70,13 +78,36 @@ def parse(text: str) -> Recipe:
   return Recipe(kind=kinds[0] if kinds else "none", flip="flip" in parts)
 
 
-def crop_boxes(rng: jax.Array, n: int, h: int, w: int, recipe: Recipe) -> jax.Array:
-  """(n, 4) boxes (y0, x0, height, width) in stored-pixel units, one per example."""
-  if recipe.kind == "none":
+def _view_size(h: int, w: int, out_hw, resize: float) -> tuple[float, float]:
+  """The (height, width), in stored pixels, of an out_hw crop after the stored shorter side is
+  resized to `resize` x the output's shorter side (Resize(resize * out) then a crop of out)."""
+  oh, ow = out_hw
+  per_pixel = min(h, w) / (resize * min(oh, ow))  # stored pixels per resized pixel
+  return oh * per_pixel, ow * per_pixel
+
+
+def center_boxes(n: int, h: int, w: int, out_hw, resize: float) -> jax.Array:
+  """(n, 4) boxes of the test-time view: Resize(resize x out) + CenterCrop(out).
+
+  With stored = output size that is the whole image (the identity view).
+  """
+  if (h, w) == tuple(out_hw):
     return jnp.tile(jnp.array([0.0, 0.0, h, w], jnp.float32), (n, 1))
+  bh, bw = _view_size(h, w, out_hw, resize)
+  return jnp.tile(jnp.array([(h - bh) / 2, (w - bw) / 2, bh, bw], jnp.float32), (n, 1))
+
+
+def crop_boxes(rng: jax.Array, n: int, h: int, w: int, recipe: Recipe,
+               out_hw=None) -> jax.Array:
+  """(n, 4) boxes (y0, x0, height, width) in stored-pixel units, one per example.
+
+  `out_hw` is the network's input size (default: the stored size (h, w)).
+  """
+  out_hw = (h, w) if out_hw is None else tuple(out_hw)
+  if recipe.kind == "none":
+    return center_boxes(n, h, w, out_hw, recipe.resize)
   if recipe.kind == "crop":
-    f = recipe.resize  # the shorter side resized to resize x the input size
-    bh, bw = h / f, w / f
+    bh, bw = _view_size(h, w, out_hw, recipe.resize)
     u = jax.random.uniform(rng, (n, 2))
     return jnp.stack([u[:, 0] * (h - bh), u[:, 1] * (w - bw), jnp.full((n,), bh),
                       jnp.full((n,), bw)], axis=1)
@@ -97,38 +128,82 @@ def crop_boxes(rng: jax.Array, n: int, h: int, w: int, recipe: Recipe) -> jax.Ar
   return jnp.stack([u[:, 0] * (h - bh), u[:, 1] * (w - bw), bh, bw], axis=1)
 
 
-def _resample(image: jax.Array, box: jax.Array) -> jax.Array:
-  """The box of one (H, W, C) image resampled (bilinear) to (H, W, C)."""
-  h, w = image.shape[:2]
-  scale = jnp.array([h / box[2], w / box[3]])
-  return jax.image.scale_and_translate(image, image.shape, (0, 1), scale, -box[:2] * scale,
-                                       method="linear", antialias=False)
+def _resample(image: jax.Array, box: jax.Array, out_hw) -> jax.Array:
+  """The box of one (H, W, C) image resampled (bilinear, antialiased) to (*out_hw, C)."""
+  scale = jnp.array([out_hw[0] / box[2], out_hw[1] / box[3]])
+  return jax.image.scale_and_translate(image, (*out_hw, image.shape[-1]), (0, 1), scale,
+                                       -box[:2] * scale, method="linear", antialias=True)
 
 
-def augment(images: jax.Array, rng: jax.Array, recipe: Recipe) -> jax.Array:
-  """Augmented float32 copies of (N, H, W, C) images (uint8 or float, values kept in range)."""
+def _resample_all(x: jax.Array, boxes: jax.Array, out_hw) -> jax.Array:
+  return jax.vmap(lambda im, b: _resample(im, b, tuple(out_hw)))(x, boxes)
+
+
+def augment(images: jax.Array, rng: jax.Array, recipe: Recipe, out_hw=None) -> jax.Array:
+  """Augmented float32 copies of (N, H, W, C) images (uint8 or float, values kept in range).
+
+  Args:
+    images: the stored images.
+    rng: this step's key.
+    recipe: what to do.
+    out_hw: the network's input (height, width); default the stored size. Without a crop
+      recipe the images are brought to it by the test-time view (`center_boxes`).
+  """
   x = images.astype(jnp.float32)
-  if not recipe.active:
-    return x
   n, h, w = x.shape[:3]
+  out_hw = (h, w) if out_hw is None else tuple(int(v) for v in out_hw)
+  if not recipe.active and out_hw == (h, w):
+    return x
   k_box, k_flip = jax.random.split(rng)
-  if recipe.kind != "none":
-    x = jax.vmap(_resample)(x, crop_boxes(k_box, n, h, w, recipe))
+  if recipe.kind != "none" or out_hw != (h, w):
+    x = _resample_all(x, crop_boxes(k_box, n, h, w, recipe, out_hw), out_hw)
   if recipe.flip:
     flip = jax.random.bernoulli(k_flip, 0.5, (n,))
     x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
   return x
 
 
-def wrap_loss(loss_fn: Callable, recipe: Recipe) -> Callable:
-  """A loss_fn that augments its batch's images first, with a key split from the step's rng."""
-  if not recipe.active:
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _center_view_batch(images: jax.Array, out_hw: tuple[int, int], resize: float) -> jax.Array:
+  x = images.astype(jnp.float32)
+  n, h, w = x.shape[:3]
+  y = _resample_all(x, center_boxes(n, h, w, out_hw, resize), out_hw)
+  return jnp.clip(jnp.round(y), 0, 255).astype(jnp.uint8)
+
+
+def center_view(images: np.ndarray, out_hw, resize: float = Recipe.resize,
+                batch_size: int = 256) -> np.ndarray:
+  """uint8 (N, H, W, C) stored images -> their test-time views (N, *out_hw, C), uint8.
+
+  Resize(resize x out) + CenterCrop(out), computed in batches of `batch_size` (one compile;
+  the last batch is padded). Stored = output size returns the images unchanged.
+  """
+  out_hw = tuple(int(v) for v in out_hw)
+  if tuple(images.shape[1:3]) == out_hw:
+    return images
+  n = len(images)
+  out = np.empty((n, *out_hw, images.shape[-1]), np.uint8)
+  bs = max(1, min(batch_size, n))
+  for start in range(0, n, bs):
+    chunk = images[start:start + bs]
+    padded = np.concatenate([chunk, np.repeat(chunk[:1], bs - len(chunk), 0)])
+    out[start:start + len(chunk)] = np.asarray(_center_view_batch(padded, out_hw,
+                                                                  float(resize)))[:len(chunk)]
+  return out
+
+
+def wrap_loss(loss_fn: Callable, recipe: Recipe, out_hw=None) -> Callable:
+  """A loss_fn that augments its batch's images first, with a key split from the step's rng.
+
+  `out_hw`: the network's input size when the batches hold larger stored images.
+  """
+  if not recipe.active and out_hw is None:
     return loss_fn
 
   def augmented(params, batch_stats, batch, rng):
     rng = jax.random.PRNGKey(0) if rng is None else rng
     k_aug, k_loss = jax.random.split(rng)
-    return loss_fn(params, batch_stats, dict(batch, image=augment(batch["image"], k_aug, recipe)),
-                   k_loss)
+    images = augment(batch["image"], k_aug, recipe, out_hw)
+    return loss_fn(params, batch_stats, dict(batch, image=images), k_loss)
 
   return augmented
