@@ -37,6 +37,7 @@ from experiments import cli, pretrain, publish
 from experiments.report import ResultsDir, best_over_lr, pct, positive_ints
 from jtransfer import models, surgery
 from jtransfer.data import Batches, ImageSet, augment, load_spec, parse_spec, sample_kshot
+from jtransfer.data.stream import StreamOptions
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import delta, transfer
 from jtransfer.protocol import Budget, claims, fit_converged, tuning
@@ -106,6 +107,12 @@ def add_protocol_flags(p: argparse.ArgumentParser, steps: int = 500, patience: i
                       "crop; e.g. 256 for 224 px inputs) so --augment crops real pixels; the "
                       "network sees Resize(32/28 x input) + CenterCrop(input) views of them "
                       "for validation, test and unaugmented training; 0 = the input size")
+  p.add_argument("--stream-threads", type=int, default=0,
+                 help="decode an image-folder target on demand with this many threads through "
+                      "grain (folders larger than memory; jtransfer.data.stream) instead of "
+                      "loading it; 0 = load into memory")
+  p.add_argument("--stream-workers", type=int, default=0,
+                 help="with --stream-threads: grain worker processes decoding (0: threads only)")
   p.add_argument("--shard", default=None, metavar="I/N",
                  help="run only the grid's cells (arch, target, k) whose index modulo N is I "
                       "(0 <= I < N), e.g. one scheduler job per shard; `python -m "
@@ -200,6 +207,19 @@ def augment_recipe(args) -> augment.Recipe:
   return augment.parse(getattr(args, "augment", "none"))
 
 
+def stream_options(args):
+  """The --stream-threads/--stream-workers options, or None to load targets into memory."""
+  threads = int(getattr(args, "stream_threads", 0) or 0)
+  if not threads:
+    if getattr(args, "stream_workers", 0):
+      raise InputError("--stream-workers needs --stream-threads")
+    return None
+  if getattr(args, "stored_size", 0):
+    raise InputError("--stored-size with --stream-threads is not supported: the centre views "
+                     "would decode the whole folder; store the folder at the input size")
+  return StreamOptions(threads=threads, workers=int(getattr(args, "stream_workers", 0) or 0))
+
+
 def stored_shape(args, input_shape: Sequence[int]) -> tuple[int, int, int]:
   """The (H, W, C) the target images are stored at: --stored-size squares, else the input's.
 
@@ -259,7 +279,8 @@ class TargetRuns:
     shape = stored_shape(args, source.input_shape)
     key = (spec, shape)
     if key not in data_cache:
-      data_cache[key] = load_spec(spec, shape, flag="--target", data_dir=args.data_dir)
+      data_cache[key] = load_spec(spec, shape, flag="--target", data_dir=args.data_dir,
+                                  stream=stream_options(args))
     data = data_cache[key]
     self.source, self.spec, self.args = source, spec, args
     self.pool = data.train
@@ -465,7 +486,8 @@ def check_targets(args: argparse.Namespace, plan: dict, data_cache: dict) -> Non
   for spec in plan["targets"]:
     key = (spec, shape)
     if key not in data_cache:
-      data_cache[key] = load_spec(spec, shape, flag="--target", data_dir=args.data_dir)
+      data_cache[key] = load_spec(spec, shape, flag="--target", data_dir=args.data_dir,
+                                  stream=stream_options(args))
     train = data_cache[key].train
     sample_kshot(train.labels, max(plan["shots"]), 0, num_classes=train.num_classes)
 

@@ -37,7 +37,8 @@ class ImageSet:
 
   def take(self, index: np.ndarray) -> "ImageSet":
     """Returns the subset at integer `index` (same class names)."""
-    return ImageSet(self.images[index], self.labels[index], self.class_names)
+    from jtransfer.data import stream
+    return ImageSet(stream.take(self.images, index), self.labels[index], self.class_names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,9 @@ class Dataset:
 
 def validate_images(images, labels, num_classes: int, what: str = "images") -> None:
   """Checks an (images, labels) pair and raises `InputError` naming the problem."""
-  if not isinstance(images, np.ndarray) or not isinstance(labels, np.ndarray):
+  from jtransfer.data import stream
+  if not isinstance(images, np.ndarray) and not stream.is_lazy(images) or \
+      not isinstance(labels, np.ndarray):
     raise InputError(f"{what}: expected numpy arrays, got {type(images).__name__} and "
                      f"{type(labels).__name__}")
   if images.ndim != 4:

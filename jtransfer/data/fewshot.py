@@ -5,6 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jtransfer.data import stream
 from jtransfer.data.base import Dataset, ImageSet
 from jtransfer.errors import InputError
 
@@ -31,7 +32,8 @@ def subset_classes(data: Dataset, classes: Sequence[int | str]) -> Dataset:
 
   def pick(s: ImageSet) -> ImageSet:
     keep = lookup[s.labels] >= 0
-    return ImageSet(s.images[keep], lookup[s.labels[keep]].astype(np.int32), new_names)
+    return ImageSet(stream.take(s.images, keep), lookup[s.labels[keep]].astype(np.int32),
+                    new_names)
 
   return Dataset(data.name, pick(data.train), pick(data.test))
 

@@ -18,12 +18,14 @@ import dataclasses
 import logging
 import os
 import pathlib
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from jtransfer.data import images as images_lib
+from jtransfer.data import stream
 from jtransfer.data.base import Dataset, ImageSet
+from jtransfer.data.stream import StreamOptions
 from jtransfer.errors import InputError
 
 _TRAIN, _TEST = "train", "test"
@@ -139,24 +141,39 @@ def _decode_class(paths: list[str], folder: pathlib.Path, skipped: list,
 
 def _read_classes(parents: Sequence[pathlib.Path], names: Sequence[str], skipped: list,
                   decode_kwargs: dict) -> list[np.ndarray]:
-  """Decodes `parent/<name>` for each name, files of all parents merged (parents[0] first)."""
+  """Decodes `parent/<name>` for each name, files of all parents merged (parents[0] first).
+
+  Streaming (`decode_kwargs['stream']`): each class's file paths instead, decoded later.
+  """
   per_class = []
   for name in names:
     paths = []
     for parent in parents:
       if (parent / name).is_dir():
         paths += _list_files(parent / name, skipped)
-    per_class.append(_decode_class(paths, parents[0] / name, skipped, decode_kwargs))
+    if decode_kwargs.get("stream") is not None:
+      if not paths:
+        raise InputError(f"class folder {str(parents[0] / name)!r} contains no image files "
+                         f"(extensions {', '.join(images_lib.IMAGE_EXTENSIONS)})")
+      per_class.append(np.asarray(paths, dtype=object))
+    else:
+      kwargs = {k: v for k, v in decode_kwargs.items() if k != "stream"}
+      per_class.append(_decode_class(paths, parents[0] / name, skipped, kwargs))
   return per_class
 
 
 def _stack(per_class: Sequence[np.ndarray], class_names: tuple[str, ...],
            decode_kwargs: dict) -> ImageSet:
+  labels = np.concatenate([np.zeros(0, np.int32)] +
+                          [np.full(len(x), i, np.int32) for i, x in enumerate(per_class)])
+  options = decode_kwargs.get("stream")
+  if options is not None:
+    return ImageSet(stream.concat_paths(per_class, decode_kwargs["size"],
+                                        decode_kwargs["channels"], decode_kwargs["mode"],
+                                        options), labels, class_names)
   height, width = decode_kwargs["size"]
   empty = np.zeros((0, height, width, decode_kwargs["channels"]), np.uint8)
   images = np.concatenate([empty, *per_class])
-  labels = np.concatenate([np.zeros(0, np.int32)] +
-                          [np.full(len(x), i, np.int32) for i, x in enumerate(per_class)])
   return ImageSet(images, labels, class_names)
 
 
@@ -240,8 +257,9 @@ def _load_flat_layout(root: pathlib.Path, classes: Sequence[ClassRef] | None,
 def load_folder(root: str | os.PathLike, *, image_size: int | Sequence[int], channels: int,
                 classes: Sequence[ClassRef] | None = None, test_fraction: float = 0.2,
                 seed: int = 0, mode: str = "crop", num_threads: int | None = None,
-                return_stats: bool = False) -> Dataset | tuple[Dataset, FolderStats]:
-  """Loads an image-folder dataset into memory.
+                return_stats: bool = False, stream: Optional[StreamOptions] = None
+                ) -> Dataset | tuple[Dataset, FolderStats]:
+  """Loads an image-folder dataset into memory (or lists it, to decode on demand).
 
   Args:
     root: a folder holding `<class>/` folders, or `train/<class>/` and `test/<class>/` folders.
@@ -255,6 +273,9 @@ def load_folder(root: str | os.PathLike, *, image_size: int | Sequence[int], cha
     mode: 'crop' (cover then centre crop) or 'resize' (stretch), see `images.fit_image`.
     num_threads: decoding threads (default: `images.default_threads()`).
     return_stats: also return a `FolderStats` (skipped files, per-class counts).
+    stream: list the files only and hold the images as a `stream.LazyImages` decoded on demand
+      through grain with these options (folders larger than memory); the labels, split and
+      every draw from them are the in-memory path's.
 
   Returns:
     A `Dataset` named after the root folder, or `(Dataset, FolderStats)` with `return_stats`.
@@ -268,7 +289,7 @@ def load_folder(root: str | os.PathLike, *, image_size: int | Sequence[int], cha
     raise InputError(f"image folder {str(root)!r} does not exist or is not a directory")
   decode_kwargs = dict(size=images_lib.as_size(image_size),
                        channels=images_lib.check_channels(channels), mode=mode,
-                       num_threads=num_threads)
+                       num_threads=num_threads, stream=stream)
   skipped: list[tuple[str, str]] = []
   layout = _layout(root)
   if layout == "split":

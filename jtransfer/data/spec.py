@@ -59,11 +59,18 @@ def parse_spec(spec: str, *, flag: str = "dataset") -> DataSpec:
 
 
 def load_spec(spec: str | DataSpec, image_shape: tuple[int, int, int], *, flag: str = "dataset",
-              data_dir: Optional[str] = None) -> Dataset:
-  """Loads a spec as uint8 images of `image_shape` (H, W, C), class subset applied."""
+              data_dir: Optional[str] = None, stream=None) -> Dataset:
+  """Loads a spec as uint8 images of `image_shape` (H, W, C), class subset applied.
+
+  `stream` (a `stream.StreamOptions`): an image folder is listed, not decoded, and its images
+  are decoded on demand (`stream.LazyImages`); other kinds are refused with it.
+  """
   from jtransfer.data import digits, fewshot, fmnist
   s = parse_spec(spec, flag=flag) if isinstance(spec, str) else spec
   h, w, c = image_shape
+  if stream is not None and s.kind != "folder":
+    raise InputError(f"{flag} {spec}: decoding on demand (streaming) is for image folders; "
+                     f"{s.kind} data loads into memory")
   if s.kind == "fmnist":
     data = fmnist.load_fmnist(data_dir)
   elif s.kind == "digits":
@@ -75,7 +82,7 @@ def load_spec(spec: str | DataSpec, image_shape: tuple[int, int, int], *, flag: 
     data = tfds_source.load_tfds(s.name, image_size=(h, w), channels=c, data_dir=data_dir)
   else:
     from jtransfer.data import folder
-    data = folder.load_folder(s.name, image_size=(h, w), channels=c)
+    data = folder.load_folder(s.name, image_size=(h, w), channels=c, stream=stream)
   if s.classes is not None:
     data = fewshot.subset_classes(data, s.classes)
   if data.image_shape != (h, w, c):
