@@ -20,7 +20,7 @@ import numpy as np
 
 from experiments import cli
 from jtransfer import models
-from jtransfer.data import Batches, channel_stats, load_spec, parse_spec
+from jtransfer.data import Batches, augment, channel_stats, load_spec, parse_spec
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
 from jtransfer.train import (MetricsWriter, RunCheckpointer, accuracy, fit, init_state,
@@ -38,8 +38,8 @@ def pretrain(arch: str, source_spec: str = DEFAULT_SOURCE, *, epochs: float = 2.
              batch_size: int = 128, lr: float = DEFAULT_LR, weight_decay: float = 5e-4, seed: int = 0,
              image_shape=DEFAULT_SHAPE, max_train: int | None = None, progress: bool = True,
              log_path: str | None = None, model_config: dict | None = None,
-             checkpoint_dir: str | None = None, checkpoint_every: int = 100
-             ) -> transfer.Source:
+             checkpoint_dir: str | None = None, checkpoint_every: int = 100,
+             augment_recipe: str = "none") -> transfer.Source:
   """Trains `arch` from scratch on `source_spec` (SGD momentum, cosine lr, BN in train mode).
 
   Args:
@@ -56,7 +56,10 @@ def pretrain(arch: str, source_spec: str = DEFAULT_SOURCE, *, epochs: float = 2.
       the latest complete checkpoint; a resumed run ends with the same params as an
       uninterrupted one.
     checkpoint_every: steps between checkpoints.
+    augment_recipe: training augmentation (`jtransfer.data.augment`), drawn from each step's
+      rng: the checkpointed state carries the rng, so a resumed run sees the same crops.
   """
+  recipe = augment.parse(augment_recipe)
   data = load_spec(source_spec, tuple(image_shape), flag="--source")
   train = data.train
   if max_train is not None and len(train) > max_train:
@@ -71,7 +74,8 @@ def pretrain(arch: str, source_spec: str = DEFAULT_SOURCE, *, epochs: float = 2.
       "all": sgd(schedules.cosine(lr, num_steps, warmup_steps=min(100, num_steps // 10)),
                  momentum=0.9, weight_decay=weight_decay)})
   state = init_state(variables["params"], variables.get("batch_stats", {}), optimizer, seed)
-  step = make_train_step(transfer.ce_loss_fn(model, mean, std, bn_train=True), optimizer)
+  step = make_train_step(augment.wrap_loss(transfer.ce_loss_fn(model, mean, std, bn_train=True),
+                                           recipe), optimizer)
   t0 = time.time()
   ckpt = RunCheckpointer(checkpoint_dir, checkpoint_every) if checkpoint_dir else None
   try:
@@ -169,6 +173,9 @@ def main(argv=None) -> int:
                  help='model config overrides as JSON, e.g. \'{"stage_widths": [16, 32, 64]}\'')
   p.add_argument("--ckpt-dir", default=None, help="checkpoint (and resume) directory")
   p.add_argument("--ckpt-every", type=int, default=100)
+  p.add_argument("--augment", default="none",
+                 help="training augmentation (jtransfer.data.augment): none, flip, crop, rrc, "
+                      "crop+flip, rrc+flip")
   p.add_argument("--quiet", action="store_true")
   p.add_argument("--out", required=True, help="directory to save the model in")
   cli.add_devices_flag(p)
@@ -184,7 +191,7 @@ def main(argv=None) -> int:
                       lr=args.lr, seed=args.seed, image_shape=shape, max_train=args.max_train,
                       log_path=args.out + ".metrics.jsonl", model_config=config,
                       checkpoint_dir=args.ckpt_dir, checkpoint_every=args.ckpt_every,
-                      progress=not args.quiet)
+                      progress=not args.quiet, augment_recipe=args.augment)
     transfer.save_source(args.out, source)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)

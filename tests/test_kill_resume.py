@@ -15,10 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = '{"stage_widths": [8, 8, 16], "stem_width": 8}'
 
 
-def _cmd(out, ckpt):
+def _cmd(out, ckpt, augment="none"):
   return [sys.executable, "-m", "experiments.pretrain", "--arch", "resnet_s", "--source",
           "digits", "--epochs", "8", "--batch-size", "32", "--max-train", "256", "--config",
-          CONFIG, "--ckpt-dir", str(ckpt), "--ckpt-every", "2", "--quiet", "--out", str(out)]
+          CONFIG, "--ckpt-dir", str(ckpt), "--ckpt-every", "2", "--quiet", "--out", str(out),
+          "--augment", augment]
 
 
 def _env():
@@ -32,17 +33,26 @@ def _final_params(out):
   return [np.asarray(x) for x in jax.tree.leaves(variables)]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def _reference(tmp_path_factory, augment="none"):
   d = tmp_path_factory.mktemp("ref")
-  subprocess.run(_cmd(d / "model", d / "ckpt"), check=True, env=_env(), cwd=ROOT,
+  subprocess.run(_cmd(d / "model", d / "ckpt", augment), check=True, env=_env(), cwd=ROOT,
                  capture_output=True, timeout=300)
   return _final_params(d / "model")
 
 
-def _kill_and_resume(tmp_path, reference, seed):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  return _reference(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference_augmented(tmp_path_factory):
+  return _reference(tmp_path_factory, "rrc+flip")
+
+
+def _kill_and_resume(tmp_path, reference, seed, augment="none"):
   rng = random.Random(seed)
-  cmd = _cmd(tmp_path / "model", tmp_path / "ckpt")
+  cmd = _cmd(tmp_path / "model", tmp_path / "ckpt", augment)
   proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   # Wait until training has started saving (a checkpoint directory appears), then kill at a
@@ -64,6 +74,14 @@ def _kill_and_resume(tmp_path, reference, seed):
 @pytest.mark.parametrize("trial", range(3))
 def test_kill_resume_bitwise(tmp_path, reference, trial):
   _kill_and_resume(tmp_path, reference, trial)
+
+
+def test_kill_resume_augmented_bitwise(tmp_path, reference_augmented, reference):
+  # Augmented training (random-resized crops and flips drawn from each step's rng, which the
+  # checkpoint holds) resumes to the same params as its uninterrupted run, which differ from
+  # the unaugmented one's.
+  _kill_and_resume(tmp_path, reference_augmented, 100, "rrc+flip")
+  assert any(not np.array_equal(a, b) for a, b in zip(reference_augmented, reference))
 
 
 @pytest.mark.slow

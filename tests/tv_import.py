@@ -1,44 +1,14 @@
-"""torchvision's model code on the CPU torch wheel, for equivalence tests (no download).
-
-torchvision's wheel on PyPI is built against CUDA torch: its C extension (`torchvision::nms`,
-`roi_align`, ...) does not load beside the CPU wheel, and `import torchvision` fails where its
-Python code registers fake kernels for those ops. The model classes are pure Python and never
-call the ops, so declaring each missing op (a placeholder schema, no kernel) lets the package
-import; calling one of those ops would still fail, which no model test does.
-"""
+"""torchvision's model code for equivalence tests (see bench/tv_cpu.py); skips without it."""
 from __future__ import annotations
 
-import importlib
-import re
-import sys
-
 import pytest
-
-_LIBRARY = None  # the torch.library.Library owning the declarations (kept alive)
-
-
-def _forget_torchvision() -> None:
-  for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-    del sys.modules[name]  # a failed import leaves a half-initialised package behind
 
 
 def torchvision_models():
   """`torchvision.models`, importable on the CPU torch wheel; skips the test without it."""
-  global _LIBRARY
-  torch = pytest.importorskip("torch")
-  declared = set()
-  for _ in range(64):
-    try:
-      return importlib.import_module("torchvision.models")
-    except ModuleNotFoundError as e:
-      pytest.skip(f"torchvision is not installed: {e}")
-    except RuntimeError as e:
-      missing = re.search(r"operator torchvision::(\w+) does not exist", str(e))
-      if missing is None or missing.group(1) in declared:
-        pytest.skip(f"torchvision does not import on this torch: {e}")
-      if _LIBRARY is None:
-        _LIBRARY = torch.library.Library("torchvision", "DEF")
-      _LIBRARY.define(f"{missing.group(1)}(Tensor x) -> Tensor")
-      declared.add(missing.group(1))
-      _forget_torchvision()
-  pytest.skip("torchvision does not import on this torch: too many missing ops")
+  pytest.importorskip("torch")
+  from bench import tv_cpu
+  try:
+    return tv_cpu.torchvision_models()
+  except ImportError as e:
+    pytest.skip(str(e))
