@@ -96,7 +96,7 @@ def _check_torchvision(arch, size, tap_units):
     ref = got_torch[unit].transpose(0, 2, 3, 1)
     err = np.abs(np.asarray(taps[unit]) - ref).max() / np.abs(ref).max()
     assert err < 1e-4, (unit, err)
-  assert taps["features"].shape == (2, model.top_width)
+  assert taps["features"].shape == (2, model.hidden_width or model.top_width)
 
 
 def _drop_stats(out):
@@ -291,3 +291,36 @@ def test_sparsity_masks_on_depthwise_kernels():
     assert np.isfinite(np.asarray(models.apply_model(
         models.get_model(arch, 3, **TINY[arch]), pruned, v["batch_stats"],
         np.zeros((1, *SHAPE), np.float32))[0])).all()
+
+
+# ----------------------------------------------------------------------------- few-shot
+@pytest.mark.parametrize("arch,strategies", [("mobilenet_v2", "finetune"),
+                                             ("mobilenet_v3_large", "freeze"),
+                                             ("mobilenet_v3_small", "freeze"),
+                                             ("efficientnet_b0", "freeze")])
+def test_fewshot_end_to_end(arch, strategies, tmp_path):
+  """A tiny random source of each arch (28x28 grayscale, width-reduced) through fewshot."""
+  import json
+
+  from experiments import fewshot
+  from jtransfer.methods import transfer
+  shape = (28, 28, 1)
+  # two blocks: the few-shot machinery is under test here, the blocks are tested above
+  tiny = dict(TINY[_tiny_of(arch)])
+  tiny["blocks"] = tiny["blocks"][:2]
+  model = models.get_model(arch, 5, **tiny)
+  source = transfer.Source(arch, models.model_config(model), _random_variables(model, shape),
+                           shape, (0.5,), (0.25,))
+  transfer.save_source(str(tmp_path / "src"), source)
+  out = tmp_path / "out"
+  argv = ["--arch", arch, "--source", f"ckpt:{tmp_path / 'src'}", "--target", "digits:0,1,2",
+          "--strategies", strategies, "--out", str(out), "--steps", "2", "--repeats", "1",
+          "--shots", "1", "--test-per-class", "2", "--val-per-class", "1", "--lrs", "0.001",
+          "--quiet"]
+  assert fewshot.main(argv) == 0
+  records = [r for r in json.loads((out / "results.json").read_text()) if r["role"] == "eval"]
+  assert len(records) == len(strategies.split(",")) and all(r["status"] == "ok" and r["arch"] == arch for r in records)
+
+
+def _tiny_of(arch):
+  return "mobilenet_v3_small" if arch.startswith("mobilenet_v3") else arch

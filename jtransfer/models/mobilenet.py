@@ -104,7 +104,8 @@ class MobileNet(nn.Module):
     blocks: one tuple per block, `(kernel, stride, expand, out, se, residual, act)`.
     stem_width, stem_stride: the 3x3 `stem` unit (torchvision: stride 2).
     top_width: the 1x1 `top` unit's width (0: none, the last block feeds the pool).
-    hidden_width: MobileNetV3's hidden classifier Dense `fc1` (0: none).
+    hidden_width: MobileNetV3's hidden classifier Dense `fc1` (0: none); the pooled map is
+      then the tap `pooled` and `features` (the head's input) is fc1's activation.
     act: activation of the stem, `top` and `fc1`.
     se_act, se_gate: the SE's inner activation and gate ('hardsigmoid' or 'sigmoid').
     bn_eps, bn_momentum: BatchNorm epsilon and Flax momentum (1 - torch's momentum).
@@ -150,11 +151,13 @@ class MobileNet(nn.Module):
       x = ConvUnit(self.top_width, 1, 1, 0, name="top", **bn)(x, train)
     tap(self, "last_conv", x)
     x = jnp.mean(x, axis=(1, 2))
-    tap(self, "features", x)
     if self.hidden_width:
+      tap(self, "pooled", x)
       x = nn.Dense(self.hidden_width, dtype=compute_dtype(self.dtype), name="fc1")(x)
       x = activation(self.act)(x)
-      tap(self, "fc1_act", x)
+    # `features` is the head's input (as VGG's after its fc layers): cached-feature strategies
+    # train a new head on it
+    tap(self, "features", x)
     if self.dropout:
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return head(self, x)
