@@ -246,10 +246,12 @@ def test_truncation_points_and_features():
   for name in model.unit_names():
     cut = models.get_model(arch, 3, **TINY[arch], truncate_after=name)
     v = _random_variables(cut)
-    logits, _, taps = models.apply_model(cut, v["params"], v["batch_stats"], x,
-                                         taps=["last_conv", "features"])
+    # shapes only (abstract evaluation): the blocks' values are tested above
+    logits, _, taps = jax.eval_shape(lambda p, s: models.apply_model(
+        cut, p, s, x, taps=["last_conv", "features"]), v["params"], v["batch_stats"])
     assert logits.shape == (1, 3) and taps["features"].shape[-1] == taps["last_conv"].shape[-1]
     assert "top" not in v["params"] and "fc1" not in v["params"]
+    assert delta.default_taps(arch, models.model_config(cut))  # resolve_taps drops absent ones
   with pytest.raises(InputError, match="truncate_after"):
     models.get_model(arch, 3, **TINY[arch], truncate_after="top").init(
         jax.random.PRNGKey(0), x)
@@ -294,7 +296,7 @@ def test_sparsity_masks_on_depthwise_kernels():
 
 
 # ----------------------------------------------------------------------------- few-shot
-@pytest.mark.parametrize("arch,strategies", [("mobilenet_v2", "finetune"),
+@pytest.mark.parametrize("arch,strategies", [("mobilenet_v2", "freeze"),
                                              ("mobilenet_v3_large", "freeze"),
                                              ("mobilenet_v3_small", "freeze"),
                                              ("efficientnet_b0", "freeze")])
@@ -324,3 +326,40 @@ def test_fewshot_end_to_end(arch, strategies, tmp_path):
 
 def _tiny_of(arch):
   return "mobilenet_v3_small" if arch.startswith("mobilenet_v3") else arch
+
+
+# ----------------------------------------------------------------------------- distillation
+@pytest.mark.slow  # ~30 s on 2 loaded cores: teacher and student train steps, costs, latency
+def test_compact_transfer_resnet_teacher_mobilenet_student(tmp_path, monkeypatch):
+  """experiments.compact_transfer: a resnet_s teacher distilled into the compact MobileNetV2
+  (`--student-arch`, `distill.COMPACT_CONFIGS`)."""
+  import json
+  import os
+
+  # random values from shapes instead of compiling Flax's initialisers (as
+  # tests/test_compact_experiment.py does): only the flow is under test
+  monkeypatch.setattr(models, "init_model", lambda m, rng, shape: _random_variables(m, shape))
+
+  from experiments import compact_transfer as ct
+  from jtransfer.methods import distill, transfer
+  shape = (28, 28, 1)
+  teacher = models.get_model("resnet_s", 5, stage_sizes=(1, 1), stage_widths=(8, 16),
+                             stem_width=8)
+  transfer.save_source(str(tmp_path / "src"), transfer.Source(
+      "resnet_s", models.model_config(teacher), _random_variables(teacher, shape), shape,
+      (0.5,), (0.25,)))
+  out = str(tmp_path / "out")
+  argv = ["--arch", "resnet_s", "--student-arch", "mobilenet_v2", "--source",
+          f"ckpt:{tmp_path / 'src'}", "--target", "digits", "--shots", "2", "--repeats", "1",
+          "--variants", "teacher,distill", "--teacher-steps", "2", "--student-steps", "2",
+          "--patience", "2", "--eval-every", "1", "--val-per-class", "1", "--tune-repeats", "1",
+          "--tune-extend", "0", "--teacher-lr", "1e-3", "--student-lr", "2e-3", "--ft-lr",
+          "1e-3", "--temperature", "4", "--lam", "0.7", "--latency-batches", "1",
+          "--latency-runs", "1", "--test-per-class", "2", "--quiet", "--out", out]
+  assert ct.main(argv) == 0
+  records = [r for r in json.load(open(os.path.join(out, "results.json")))
+             if r["repeat"] >= 0]
+  student = next(r for r in records if r["variant"] == "distill")
+  assert student["config"]["blocks"] == distill.COMPACT_CONFIGS["mobilenet_v2"]["blocks"]
+  assert student["status"] == "ok" and 0 <= student["agreement"] <= 1
+  assert "compact student mobilenet_v2" in open(os.path.join(out, "report.md")).read()
