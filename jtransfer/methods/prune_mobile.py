@@ -14,6 +14,14 @@ A channel is removed only when every unit of its group drops it (`prune.group_ma
 the depthwise channel, its gate product and every summand are exactly zero in the masked net,
 so the pruned net computes what the masked one does.
 
+SE and CWL. The SE convs are conv units, so CWL gives them scales like any conv (exact either
+way): sigma on `fc1` is a gain on a squeeze unit (sigma 0 removes it: a genuine prunable
+channel), sigma on `fc2` a gain on the gate's logit (sigma 0 makes the gate a constant 0.5
+(hardsigmoid, sigmoid), not a dead channel). So `fc2`'s |sigma| is a weak importance score; it
+still votes in its group, which is the conservative choice: a channel goes only when expand,
+depthwise and `fc2` all fall below tau. (The depthwise scale alone would be enough for
+exactness, since the depthwise conv is the only reader of the expand channel.)
+
 Config keys are ('paths', path, ...): every nested config entry to set to the kept count,
 e.g. ('blocks', 3, OUT) for block 4's output width.
 """
