@@ -215,6 +215,24 @@ def test_pruned_equals_masked(arch):
   assert res.params_kept < res.params_total
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruning_full_torchvision_configs(arch):
+  """The torchvision configs prune (random sigmas) to params that fit the rebuilt model."""
+  model = models.get_model(arch, 10)
+  v = _random_variables(model, (32, 32, 3))
+  rng = np.random.default_rng(0)
+  scales = {u: rng.uniform(0, 1, s.shape).astype(np.float32)
+            for u, s in cwl.init_scales(v["params"]).items()}
+  res = prune.prune_by_sigma(v["params"], v["batch_stats"], models.model_config(model), scales,
+                             0.6)
+  fresh = jax.eval_shape(lambda: models.init_model(models.from_config(arch, res.config),
+                                                   jax.random.PRNGKey(0), (32, 32, 3)))
+  surgery.merge_params(fresh["params"], res.params)  # raises on any shape mismatch
+  surgery.merge_params(fresh["batch_stats"], res.batch_stats)
+  assert res.params_kept < res.params_total
+
+
 def test_pruning_residual_keep_and_truncated():
   arch = "efficientnet_b0"
   model = models.get_model(arch, 3, **TINY[arch], truncate_after="block3")
