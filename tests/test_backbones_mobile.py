@@ -136,6 +136,18 @@ def test_torchvision_stages_and_taps():
   assert mobilenet.make_divisible(72 // 4) == 24 and mobilenet.make_divisible(10) == 16
 
 
+@pytest.mark.parametrize("override,match", [
+    (dict(blocks=((3, 1, 0, 8, 0, 1),)), "block1 is"),
+    (dict(blocks=((3, 1, 0, 8, 0, 1, "tanh"),)), "block1 is"),
+    (dict(blocks=((3, 2, 0, 8, 0, 1, "relu"),)), "residual block needs stride 1"),
+    (dict(se_gate="softmax"), "se_gate"),
+])
+def test_bad_configs_are_named(override, match):
+  model = models.get_model("mobilenet_v2", 3, **{**TINY["mobilenet_v2"], **override})
+  with pytest.raises(InputError, match=match):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE))))
+
+
 def test_import_refuses_a_wrong_state_dict():
   model = models.get_model("mobilenet_v3_small", 10, **TINY["mobilenet_v3_small"])
   entries = weights.name_map("mobilenet_v3_small", model)

@@ -32,8 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtransfer.models.common import (ConvUnit, activation, check_truncation, compute_dtype,
-                                     head, tap, to_compute, truncated_head)
+from jtransfer.errors import InputError
+from jtransfer.models.common import (ACTIVATIONS, ConvUnit, activation, check_truncation,
+                                     compute_dtype, head, tap, to_compute, truncated_head)
 
 # Block tuple fields, in order.
 KERNEL, STRIDE, EXPAND, OUT, SE, RESIDUAL, ACT = range(7)
@@ -91,6 +92,9 @@ class InvertedResidual(nn.Module):
       y = SqueezeExcitation(se, self.se_act, self.se_gate, self.dtype, name="se")(y)
     y = unit(out, 1, 1, 0, relu=False, name="project")(y, train)
     if residual:
+      if stride != 1 or x.shape[-1] != out:
+        raise InputError(f"{self.name}: a residual block needs stride 1 and equal widths, got "
+                         f"stride {stride}, {x.shape[-1]} -> {out} channels")
       y = x + y  # stochastic depth (EfficientNet) is the identity here, see the module doc
     tap(self, "out", y)
     return y
@@ -133,9 +137,26 @@ class MobileNet(nn.Module):
     """Truncation points: the stem and every block (a cut inside one would drop its skip)."""
     return ["stem"] + [f"block{i}" for i in range(1, len(self.blocks) + 1)]
 
+  def check(self) -> None:
+    """Raises InputError for a malformed block tuple, activation or SE gate."""
+    if self.se_gate not in _GATES:
+      raise InputError(f"se_gate {self.se_gate!r}: expected one of {', '.join(_GATES)}")
+    for name in (self.act, self.se_act):
+      if name not in ACTIVATIONS:
+        raise InputError(f"activation {name!r}: expected one of {', '.join(ACTIVATIONS)}")
+    for i, b in enumerate(self.blocks, start=1):
+      ok = (isinstance(b, (tuple, list)) and len(b) == 7 and b[ACT] in ACTIVATIONS
+            and all(isinstance(v, int) for v in b[:6]) and b[KERNEL] >= 1
+            and b[STRIDE] >= 1 and b[EXPAND] >= 0 and b[OUT] >= 1 and b[SE] >= 0
+            and b[RESIDUAL] in (0, 1))
+      if not ok:
+        raise InputError(f"block{i} is {b!r}; expected (kernel, stride, expand >= 0, out >= 1, "
+                         f"se >= 0, residual 0/1, act in {', '.join(ACTIVATIONS)})")
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     check_truncation(self.truncate_after, self.unit_names())
+    self.check()
     bn = dict(use_bn=True, dtype=self.dtype, act=self.act, bn_eps=self.bn_eps,
               bn_momentum=self.bn_momentum)
     x = ConvUnit(self.stem_width, 3, self.stem_stride, 1, name="stem", **bn)(
