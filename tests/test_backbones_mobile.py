@@ -307,9 +307,10 @@ def test_delta_taps_and_attention():
   labels = np.array([0, 1, 0, 1, 1, 0])
   config = delta.Config(att_batch_size=3, att_batches=2, att_max_images=6)
   batches = delta._attention_batches(images, labels, source.mean, source.std, config)
-  att = delta.attention_weights(model, v["params"], v["batch_stats"], batches, taps,
+  # one tap inside a block (each tap compiles its own ablation)
+  att = delta.attention_weights(model, v["params"], v["batch_stats"], batches, taps[1:2],
                                 max_images=6)
-  for t in taps:
+  for t in taps[1:2]:
     assert att[t].shape == (model_width(v["params"], t),)
     np.testing.assert_allclose(att[t].sum(), 1.0, rtol=1e-5)
 
