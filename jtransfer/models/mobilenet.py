@@ -20,8 +20,13 @@ Each block is a tuple `(kernel, stride, expand, out, se, residual, act)`:
 Every width is explicit, so a width-reduced variant for 28-64 px inputs is a config override
 (e.g. `stem_stride=1` and fewer, narrower blocks) and pruning shrinks the tuples in place.
 EfficientNet's stochastic depth is the identity in eval mode; in train mode it is left off
-(no rows are dropped) so train-mode BN statistics need no extra rng: fine-tuning from
-pretrained weights at few-shot scale, where the regulariser matters little.
+(no residual branch is dropped; torchvision drops B0's with probability up to 0.2): a
+regulariser for training from scratch, little use when fine-tuning at few-shot scale, and
+it would need its own rng stream in every train step.
+
+MobileNetV3's hidden classifier layer `fc1` is a pretrained layer: transfer targets keep it
+(`transfer.target_model` drops only VGG-style `dense_widths`), and the `features` tap is the
+head's input, as for VGG (fc1's activation; the pooled map is the tap `pooled`).
 """
 from __future__ import annotations
 
@@ -34,12 +39,13 @@ import jax.numpy as jnp
 
 from jtransfer.errors import InputError
 from jtransfer.models.common import (ACTIVATIONS, ConvUnit, activation, check_truncation,
-                                     compute_dtype, head, tap, to_compute, truncated_head)
+                                     compute_dtype, hard_sigmoid, head, tap, to_compute,
+                                     truncated_head)
 
 # Block tuple fields, in order.
 KERNEL, STRIDE, EXPAND, OUT, SE, RESIDUAL, ACT = range(7)
 
-_GATES = {"hardsigmoid": lambda x: jnp.clip(x + 3.0, 0.0, 6.0) / 6.0, "sigmoid": nn.sigmoid}
+_GATES = {"hardsigmoid": hard_sigmoid, "sigmoid": nn.sigmoid}
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
