@@ -142,6 +142,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--source", default=pretrain.DEFAULT_SOURCE,
                  help="dataset spec to pretrain the teacher's source on (cached), or ckpt:PATH")
   p.add_argument("--source-epochs", type=float, default=2.0)
+  p.add_argument("--student-arch", default=None, choices=models.names(),
+                 help="the compact student's architecture (default --arch), e.g. mobilenet_v2 "
+                      "under a resnet_s teacher")
   p.add_argument("--student-source", default=None,
                  help="the compact source: ckpt:PATH, or a dataset spec to pretrain it on "
                       "(default: --source's data when that is a spec)")
@@ -339,13 +342,19 @@ def compact_cache_dir(arch: str, spec: str, config: dict, epochs: float, seed: i
   return os.path.join(pretrain.CACHE_ROOT, "sources", f"{arch}-compact-{key}")
 
 
+def student_arch(args) -> str:
+  """The student's architecture: --student-arch, else the teacher's --arch."""
+  return args.student_arch or args.arch
+
+
 def compact_source(arch: str, spec: str, config: dict, *, epochs: float, seed: int,
                    progress: bool) -> transfer.Source:
   """The compact arch pretrained on `spec` (cached), or loaded from `ckpt:PATH`."""
   if spec.startswith("ckpt:"):
     source = transfer.load_source(spec[len("ckpt:"):])
     if source.arch != arch:
-      raise InputError(f"--student-source {spec} holds a {source.arch} model, not --arch {arch}")
+      raise InputError(f"--student-source {spec} holds a {source.arch} model, not the student "
+                       f"arch {arch} (--student-arch, default --arch)")
     return source
   path = compact_cache_dir(arch, spec, config, epochs, seed)
   if os.path.isdir(path):
@@ -438,7 +447,7 @@ class Runner:
 
   def __init__(self, args, plan, source, student_src):
     self.args, self.plan, self.source, self.student_src = args, plan, source, student_src
-    self.config = _student_config(student_src, args.arch, plan["student_config"])
+    self.config = _student_config(student_src, student_arch(args), plan["student_config"])
     stats_from = student_src or source
     self.s_mean, self.s_std = stats_from.mean, stats_from.std
     self.shape = tuple(source.input_shape)
@@ -485,7 +494,7 @@ class Runner:
 
   # -- students
   def student(self, k: int):
-    return distill.student_model(self.args.arch, k, self.config)
+    return distill.student_model(student_arch(self.args), k, self.config)
 
   def student_init(self, k: int, seed: int, pretrained: bool):
     model = self.student(k)
@@ -800,9 +809,9 @@ def run(args, plan, results: ResultsDir) -> None:
   student_src = None
   if (NEEDS_COMPACT_SOURCE & set(variants)) or (plan["student_source"] or "").startswith("ckpt:"):
     config = (None if plan["student_source"].startswith("ckpt:")
-              else distill.compact_config(args.arch, plan["student_config"]))
+              else distill.compact_config(student_arch(args), plan["student_config"]))
     student_src = compact_source(
-        args.arch, plan["student_source"], config,
+        student_arch(args), plan["student_source"], config,
         epochs=args.student_source_epochs or args.source_epochs, seed=args.seed,
         progress=not args.quiet)
     if tuple(student_src.input_shape) != tuple(source.input_shape):
@@ -912,7 +921,7 @@ def make_report(records: list[dict], args, plan) -> tuple[str, dict]:
                          if r["variant"] == "teacher" and "config" in r), "-")
   lines = ["# Compact transfer by joint learning", "",
            f"{args.arch}: teacher = source `{args.source}` fine-tuned with `{args.strategy}` "
-           f"({teacher_widths}); compact student {widths}. Adam, batch {args.batch_size}, "
+           f"({teacher_widths}); compact student {_student_arch_text(args)}{widths}. Adam, batch {args.batch_size}, "
            "students' BN (if any) in train mode. Joint loss (1 - λ) CE(y, p_s) + "
            f"λ T² KL(p_t^T ‖ p_s^T), augmentation `{args.augment}`. {args.shots} training "
            f"images per class, {args.repeats} evaluation draws per target (a fresh draw each, "
@@ -976,8 +985,13 @@ def make_report(records: list[dict], args, plan) -> tuple[str, dict]:
   return text, out
 
 
+def _student_arch_text(args) -> str:
+  return f"{args.student_arch} " if args.student_arch else ""
+
+
 def _widths(config: dict) -> str:
-  keys = ("conv_widths", "stage_widths", "stem_width", "inner_widths", "dense_widths")
+  keys = ("conv_widths", "stage_widths", "stem_width", "inner_widths", "dense_widths", "blocks",
+          "top_width")
   return ", ".join(f"{k} {json.dumps(config[k])}" for k in keys if config.get(k) is not None)
 
 

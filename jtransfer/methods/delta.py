@@ -43,6 +43,7 @@ from jtransfer.data import Batches
 from jtransfer.data.preprocess import normalize
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
+from jtransfer.models import mobilenet
 from jtransfer.train import evaluate, optim, schedules
 
 FROZEN_KEY = "frozen"  # top-level params key of per-run constants (never trained)
@@ -264,7 +265,8 @@ def _network(params) -> dict:
 
 # ----------------------------------------------------------------------------- taps
 def default_taps(arch: str, config: Mapping[str, Any]) -> tuple[str, ...]:
-  """The last conv of the last block of each ResNet stage, or the last conv of each VGG stage.
+  """The last conv of the last block of each ResNet stage, the last conv of each VGG stage, or
+  for MobileNet / EfficientNet the unit before each stride-2 block and the final 1x1 `top`.
 
   ResNet-50: stage{1..4}/block{2,3,5,2}/conv3 (torchvision layer1.2 ... layer4.2 conv3).
   """
@@ -274,6 +276,8 @@ def default_taps(arch: str, config: Mapping[str, Any]) -> tuple[str, ...]:
                  for s, n in enumerate(config["stage_sizes"], start=1))
   if "conv_widths" in config:
     return tuple(f"conv{s}_{len(ws)}" for s, ws in enumerate(config["conv_widths"], start=1))
+  if mobilenet.is_config(config):  # the unit before each stride-2 block, and `top`
+    return tuple(mobilenet.stage_ends(config))
   raise InputError(f"no default DELTA taps for arch {arch!r}; pass taps= (conv unit names)")
 
 

@@ -42,6 +42,21 @@ TEACHER_KEY = "teacher_logits"  # batch entry holding cached teacher logits
 COMPACT_CONFIGS: dict[str, dict[str, Any]] = {
     "resnet_s": {"stage_widths": [16, 32, 64], "stem_width": 16},
     "vgg_s": {"conv_widths": [[16, 16], [32, 32], [64, 64]], "dense_widths": [128, 128]},
+    # Inverted-residual students for 28-64 px (28 px: 14, 7, 4 px maps), 40-100k params
+    # (resnet_s: 0.7M); blocks are (kernel, stride, expand, out, se, residual, act), see
+    # jtransfer.models.mobilenet.
+    "mobilenet_v2": {"stem_width": 16, "top_width": 256, "dropout": 0.0, "blocks": [
+        [3, 1, 0, 16, 0, 1, "relu6"], [3, 2, 64, 24, 0, 0, "relu6"],
+        [3, 1, 96, 24, 0, 1, "relu6"], [3, 2, 96, 32, 0, 0, "relu6"],
+        [3, 1, 128, 32, 0, 1, "relu6"]]},
+    "mobilenet_v3_small": {"stem_width": 16, "top_width": 192, "hidden_width": 256,
+                           "dropout": 0.0, "blocks": [
+        [3, 2, 0, 16, 8, 0, "relu"], [3, 1, 64, 24, 0, 0, "relu"],
+        [5, 2, 96, 32, 24, 0, "hardswish"], [5, 1, 128, 32, 32, 1, "hardswish"]]},
+    "efficientnet_b0": {"stem_width": 16, "top_width": 256, "dropout": 0.0, "blocks": [
+        [3, 1, 0, 16, 4, 1, "silu"], [3, 2, 64, 24, 4, 0, "silu"],
+        [5, 1, 96, 24, 6, 1, "silu"], [3, 2, 96, 32, 6, 0, "silu"],
+        [3, 1, 128, 32, 8, 1, "silu"]]},
 }
 
 

@@ -31,7 +31,8 @@ import numpy as np
 
 from jtransfer import surgery
 from jtransfer.errors import InputError
-from jtransfer.methods import cwl
+from jtransfer.methods import cwl, prune_mobile
+from jtransfer.models import mobilenet
 
 RESIDUAL_MODES = ("group", "keep")
 
@@ -136,13 +137,16 @@ def channel_groups(params: Mapping[str, Any], config: Mapping[str, Any]) -> list
   config = dict(config)
   if "stage_widths" in config:
     groups = _resnet_groups(flat, config)
+  elif mobilenet.is_config(config):
+    groups = prune_mobile.groups(flat, config)
   elif "conv_widths" in config and config["conv_widths"] and \
       isinstance(config["conv_widths"][0], (list, tuple)):
     groups = _vgg_groups(flat, config)
   elif "conv_widths" in config:
     groups = _alexnet_groups(flat, config)
   else:
-    raise InputError(f"pruning supports vgg, resnet and alexnet configs; got keys {sorted(config)}")
+    raise InputError(f"pruning supports vgg, resnet, alexnet and mobilenet/efficientnet configs; "
+                     f"got keys {sorted(config)}")
   units = set(surgery.conv_units({k: v for k, v in params.items() if k != cwl.CWL_KEY}))
   grouped = [u for g in groups for u in g.units]
   if set(grouped) != units or len(grouped) != len(units):
@@ -305,6 +309,8 @@ def _new_config(config: Mapping[str, Any], groups: Sequence[Group], masks: dict)
       new["stage_widths"][key[1]] = n // g.multiple
       if "stem" in g.units:
         new["stem_width"] = n
+    elif key[0] == "paths":
+      prune_mobile.set_width(new, key, n)
     elif key[0] == "stem_width":
       new["stem_width"] = n
     elif key[0] == "inner_widths":

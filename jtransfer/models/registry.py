@@ -7,7 +7,7 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from jtransfer.errors import InputError
-from jtransfer.models import alexnet, resnet, vgg
+from jtransfer.models import alexnet, mobilenet, resnet, vgg
 from jtransfer.models.common import compute_dtype
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -18,6 +18,10 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet.resnet50,
     "resnet101": resnet.resnet101,
     "alexnet": alexnet.alexnet,
+    "mobilenet_v2": mobilenet.mobilenet_v2,
+    "mobilenet_v3_large": mobilenet.mobilenet_v3_large,
+    "mobilenet_v3_small": mobilenet.mobilenet_v3_small,
+    "efficientnet_b0": mobilenet.efficientnet_b0,
 }
 
 SMALL_ARCHS = ("vgg_s", "resnet_s")

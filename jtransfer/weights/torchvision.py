@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from jtransfer import models
 from jtransfer.errors import InputError
+from jtransfer.weights import torchvision_mobile
 
 _BN_STATS = ("running_mean", "running_var")
 _ABSTRACT_SHAPE = (224, 224)  # parameter shapes do not depend on it (adaptive pools)
@@ -140,6 +141,10 @@ MAPS = {
     "resnet50": resnet_map,
     "resnet101": resnet_map,
     "alexnet": alexnet_map,
+    "mobilenet_v2": torchvision_mobile.mobilenet_v2_map,
+    "mobilenet_v3_large": torchvision_mobile.mobilenet_v3_map,
+    "mobilenet_v3_small": torchvision_mobile.mobilenet_v3_map,
+    "efficientnet_b0": torchvision_mobile.efficientnet_map,
 }
 ARCHS = tuple(MAPS)
 
