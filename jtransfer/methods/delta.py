@@ -269,6 +269,9 @@ def default_taps(arch: str, config: Mapping[str, Any]) -> tuple[str, ...]:
                  for s, n in enumerate(config["stage_sizes"], start=1))
   if "conv_widths" in config:
     return tuple(f"conv{s}_{len(ws)}" for s, ws in enumerate(config["conv_widths"], start=1))
+  if "mixed_5" in config:  # Inception-V3: see inception.default_taps
+    from jtransfer.models import inception
+    return inception.default_taps(config)
   raise InputError(f"no default DELTA taps for arch {arch!r}; pass taps= (conv unit names)")
 
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from jtransfer.errors import InputError
-from jtransfer.models import alexnet, resnet, vgg
+from jtransfer.models import alexnet, inception, resnet, vgg
 from jtransfer.models.common import compute_dtype
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -18,6 +18,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet.resnet50,
     "resnet101": resnet.resnet101,
     "alexnet": alexnet.alexnet,
+    "inception_v3": inception.inception_v3,
 }
 
 SMALL_ARCHS = ("vgg_s", "resnet_s")

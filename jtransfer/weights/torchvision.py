@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from jtransfer import models
 from jtransfer.errors import InputError
+from jtransfer.weights.torchvision_inception import inception_map
 
 _BN_STATS = ("running_mean", "running_var")
 _ABSTRACT_SHAPE = (224, 224)  # parameter shapes do not depend on it (adaptive pools)
@@ -140,6 +141,7 @@ MAPS = {
     "resnet50": resnet_map,
     "resnet101": resnet_map,
     "alexnet": alexnet_map,
+    "inception_v3": inception_map,
 }
 ARCHS = tuple(MAPS)
 
