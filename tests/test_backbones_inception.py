@@ -225,3 +225,57 @@ def test_cwl_layers_equal_reparametrisation_on_every_block_type():
   for t in taps:
     np.testing.assert_allclose(got[2][t], want[2][t], rtol=1e-5, atol=1e-5)
   assert np.abs(np.asarray(got[0])).max() > 1e-3
+
+
+# ------------------------------------------------------------------ pruning
+def _pruned_equals_masked(tau=0.5, seed=0, **overrides):
+  """The pruned smaller net's logits equal the full net's with removed channels' sigma at 0."""
+  model = _small(**overrides)
+  v = _variables(model, seed=seed)
+  rng = np.random.default_rng(seed + 100)
+  scales = {u: rng.uniform(0.0, 1.5, s.shape).astype(np.float32)
+            for u, s in cwl.init_scales(v["params"]).items()}
+  config = models.model_config(model)
+  res = prune.prune_by_sigma(v["params"], v["batch_stats"], config, scales, tau)
+  masked = {u: s * res.masks[u] for u, s in scales.items()}
+  x = _x(3)
+  want = _apply(model, cwl.apply_cwl(v["params"], masked), v["batch_stats"], x)[0]
+  got = _apply(models.from_config("inception_v3", res.config), res.params, res.batch_stats,
+               x)[0]
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+  assert np.abs(np.asarray(want)).max() > 1e-3
+  for u, s in scales.items():  # every unit is its own group
+    np.testing.assert_array_equal(res.masks[u], np.abs(s) >= tau)
+  assert res.params_kept < res.params_total
+  return res
+
+
+def test_pruned_equals_masked_through_concats_passthroughs_and_forks():
+  res = _pruned_equals_masked()
+  kept = {u: k for u, (k, _) in res.kept.items()}
+  # Mixed_6a (B) passes Mixed_5c's output through its max pool: Mixed_6b reads both
+  mixed_5c = sum(kept[f"Mixed_5c/{u}"] for u in ("branch1x1", "branch5x5_2", "branch3x3dbl_3",
+                                                  "branch_pool"))
+  mixed_6a = kept["Mixed_6a/branch3x3"] + kept["Mixed_6a/branch3x3dbl_3"] + mixed_5c
+  assert res.params["Mixed_6b"]["branch1x1"]["conv"]["kernel"].shape[2] == mixed_6a
+  assert res.config["mixed_6a"][0] == kept["Mixed_6a/branch3x3"]
+  # Mixed_7b (E): both forks of branch3x3_1 read it; the head reads the 6-way concat
+  assert res.params["Mixed_7b"]["branch3x3_2b"]["conv"]["kernel"].shape[2] == \
+      kept["Mixed_7b/branch3x3_1"]
+  assert res.params["head"]["kernel"].shape[0] == sum(
+      kept[f"Mixed_7b/{u}"] for u in inception.UNITS["E"] if u not in
+      ("branch3x3_1", "branch3x3dbl_1", "branch3x3dbl_2"))
+
+
+@pytest.mark.parametrize("cut", ["Mixed_7a", "Conv2d_4a_3x3"])
+def test_pruned_equals_masked_truncated(cut):
+  res = _pruned_equals_masked(tau=0.6, seed=1, truncate_after=cut)
+  assert res.config["truncate_after"] == cut
+
+
+def test_pruning_refuses_the_aux_head():
+  model = models.get_model("inception_v3", 10, aux_logits=True)
+  params = jax.eval_shape(lambda: models.init_model(model, jax.random.PRNGKey(0),
+                                                    (75, 75, 3)))["params"]
+  with pytest.raises(InputError, match="aux_logits=False"):
+    prune.channel_groups(params, models.model_config(model))

@@ -121,16 +121,22 @@ def avg_pool_3x3(x: jax.Array) -> jax.Array:
 
 def block_layout(config) -> list[tuple[str, str, tuple[int, ...]]]:
   """(block name, type, widths) of every Mixed block of a config (a dict or the module)."""
+  return [(name, kind, widths) for name, kind, widths, _ in _layout(config)]
+
+
+def _layout(config) -> list[tuple[str, str, tuple[int, ...], tuple]]:
+  """`block_layout` plus where each block's widths live in the config: (field,) or (field, i)."""
   get = config.get if isinstance(config, dict) else functools.partial(getattr, config)
   out, letters = [], {}
   for field, kind, stem in STAGE_FIELDS:
     value = get(field)
-    blocks = [value] if kind in ("B", "D") else list(value)
-    for widths in blocks:
+    single = kind in ("B", "D")
+    for b, widths in enumerate([value] if single else list(value)):
       # Mixed_5b..d, Mixed_6a then 6b..e, Mixed_7a then 7b, 7c: letters run on within a stage.
       index = letters.get(stem, 1 if stem == "Mixed_5" else 0)
       letters[stem] = index + 1
-      out.append((f"{stem}{chr(ord('a') + index)}", kind, tuple(widths)))
+      out.append((f"{stem}{chr(ord('a') + index)}", kind, tuple(widths),
+                  (field,) if single else (field, b)))
   return out
 
 
@@ -322,3 +328,72 @@ def default_taps(config) -> tuple[str, ...]:
   for name, kind, _ in block_layout(config):
     last[name[:len("Mixed_5")]] = (name, kind)
   return tuple(f"{name}/{u}" for name, kind in last.values() for u in _BRANCH_FINALS[kind])
+
+
+# ----------------------------------------------------------------------------- pruning graph
+def channel_graph(config) -> dict[str, tuple[tuple, list[tuple[str, str, int]]]]:
+  """Who reads each conv unit's output channels, for structural pruning (`methods.prune`).
+
+  Blocks concatenate their branches, so a map is a list of segments, one per unit that wrote
+  it (B / D blocks append their input's segments, passed through the max pool; average pools
+  are per channel too). Every layer reading a map reads each segment's channels at that
+  segment's offset in the concatenation.
+
+  Args:
+    config: an Inception3 config (dict), without the aux head.
+
+  Returns:
+    {unit path: (config key of its width, [(kind, layer, offset), ...])}, kind 'conv' (the
+    layer's kernel input axis) or 'gap' (the `head` Dense rows, after global average pooling).
+  """
+  graph, segments = {}, []
+
+  def read(kind, layer, segs):
+    offset = 0
+    for unit, width in segs:
+      graph[unit][1].append((kind, layer, offset))
+      offset += width
+
+  def write(unit, key, width, segs):
+    graph[unit] = (key, [])
+    read("conv", unit, segs)
+    return [(unit, width)]
+
+  cut = config.get("truncate_after")
+  for i, (name, width) in enumerate(zip(STEM_UNITS, config["stem_widths"])):
+    segments = write(name, ("stem_widths", i), width, segments)
+    if cut == name:
+      break
+  else:
+    for name, kind, widths, key in _layout(config):
+      w = dict(zip(UNITS[kind], widths))
+      index = {u: j for j, u in enumerate(UNITS[kind])}
+      out = []
+      for chain in BRANCHES[kind]:
+        cur = segments
+        for step in chain:
+          if step in ("pool", "maxpool"):
+            continue  # per-channel pools keep the segments
+          names = step if isinstance(step, tuple) else (step,)
+          cur = [seg for u in names
+                 for seg in write(f"{name}/{u}", (*key, index[u]), w[u], cur)]
+        out += cur
+      segments = out
+      if cut == name:
+        break
+  read("gap", "head", segments)
+  return graph
+
+
+def pruned_config(config, widths: dict[tuple, int]) -> dict:
+  """`config` with the widths at the config keys of `channel_graph` replaced."""
+  new = {k: v for k, v in config.items()}
+  new["stem_widths"] = list(new["stem_widths"])
+  for field, kind, _ in STAGE_FIELDS:
+    new[field] = list(new[field]) if kind in ("B", "D") else [list(b) for b in new[field]]
+  for key, n in widths.items():
+    target = new[key[0]]
+    for k in key[1:-1]:
+      target = target[k]
+    target[key[-1]] = int(n)
+  return new
