@@ -1,5 +1,7 @@
 """Inception-V3 (jtransfer.models.inception) against torchvision's own model, and the methods
 (CWL, pruning, DELTA taps, truncation, few-shot) on a narrow config at 28-32 px."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,8 +84,8 @@ def _close(ours, ref, what):
   assert float(np.abs(ours - ref).max()) <= 1e-4 * scale, what
 
 
-def _compare(size, taps, aux_logits=True, transform_input=True):
-  net = _torchvision_model(aux_logits=aux_logits, transform_input=transform_input)
+def _compare(size, taps, aux_logits=True, transform_input=True, net=None):
+  net = net or _torchvision_model(aux_logits=aux_logits, transform_input=transform_input)
   config = dict(aux_logits=aux_logits, transform_input=transform_input)
   variables = weights.import_torchvision("inception_v3", _state_dict(net), config=config)
   model = models.get_model("inception_v3", 1000, **config)
@@ -103,11 +105,19 @@ def _delta_taps():
       models.get_model("inception_v3", 1000)))
 
 
-def test_param_counts_match_torchvision():
-  tv = torchvision_models()
-  for aux, want in ((True, TV_PARAMS), (False, TV_PARAMS_NO_AUX)):
-    net = tv.inception_v3(weights=None, aux_logits=aux, init_weights=False)
-    assert sum(p.numel() for p in net.parameters()) == want
+@pytest.fixture(scope="module")
+def tv_net():
+  """torchvision's IMAGENET1K_V1 layout: aux_logits=True, transform_input=True."""
+  return _torchvision_model(aux_logits=True, transform_input=True)
+
+
+def test_param_counts_match_torchvision(tv_net):
+  aux_count = sum(p.numel() for n, p in tv_net.named_parameters() if n.startswith("AuxLogits."))
+  total = sum(p.numel() for p in tv_net.parameters())
+  for aux, want in ((True, total), (False, total - aux_count)):
+    assert want == (TV_PARAMS if aux else TV_PARAMS_NO_AUX)
+    state = {k: v for k, v in tv_net.state_dict().items()
+             if aux or not k.startswith("AuxLogits.")}
     model = models.get_model("inception_v3", 1000, aux_logits=aux)
     shapes = jax.eval_shape(lambda: models.init_model(model, jax.random.PRNGKey(0),
                                                       (75, 75, 3)))
@@ -115,17 +125,17 @@ def test_param_counts_match_torchvision():
     # the map uses every torchvision key (num_batches_tracked aside) exactly once
     keys = [e.key for e in weights.name_map("inception_v3", model)]
     assert len(keys) == len(set(keys))
-    assert set(keys) == {k for k in net.state_dict() if not k.endswith("num_batches_tracked")}
+    assert set(keys) == {k for k in state if not k.endswith("num_batches_tracked")}
 
 
-def test_matches_torchvision_75px_with_aux_and_transform_input():
+def test_matches_torchvision_75px_with_aux_and_transform_input(tv_net):
   """75 px (torchvision's minimum; Mixed_7 at 1x1), torchvision's IMAGENET1K_V1 layout
   (aux_logits=True, transform_input=True); eval logits and every conv and block tap."""
   stem = list(inception.STEM_UNITS)
   blocks = [name for name, _, _ in inception.block_layout(inception.Inception3(1000))]
   taps = tuple(stem + blocks + list(_delta_taps()) + ["Mixed_6a/branch3x3", "last_conv",
                                                        "features"])
-  net, variables = _compare(75, taps)
+  net, variables = _compare(75, taps, net=tv_net)
   # drop_aux: the same state dict imports into the default aux-free model, same params
   sd = _state_dict(net)
   with pytest.raises(InputError, match="AuxLogits"):
@@ -164,9 +174,18 @@ def _small(num_classes=4, **overrides):
   return models.get_model("inception_v3", num_classes, **{**SMALL, **overrides})
 
 
-def _apply(model, params, stats, x, taps=None, fn=models.apply_model):
-  """`fn` jitted (one XLA compile beats thousands of eager op dispatches)."""
-  return jax.jit(lambda p, s, x: fn(model, p, s, x, taps=taps))(params, stats, x)
+BLOCKS = tuple(name for name, _, _ in inception.block_layout(SMALL))
+
+
+def _apply(model, params, stats, x, taps=BLOCKS, fn=models.apply_model):
+  """`fn` jitted (one XLA compile beats thousands of eager op dispatches), compiled once per
+  (model, taps, fn): the tests share the full small model's forward with every block tapped."""
+  return _jitted(model, taps, fn)(params, stats, x)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(model, taps, fn):
+  return jax.jit(lambda p, s, x: fn(model, p, s, x, taps=taps))
 
 
 def _x(n=2, shape=SMALL_SHAPE, seed=1):
@@ -176,19 +195,18 @@ def _x(n=2, shape=SMALL_SHAPE, seed=1):
 def test_small_config_shapes_and_truncation():
   model = _small()
   shapes = models.available_taps(model, SMALL_SHAPE)
-  assert shapes["Mixed_5c"][1:3] == (9, 9) and shapes["Mixed_6c"][1:3] == (4, 4)
+  assert shapes["Mixed_5b"][1:3] == (9, 9) and shapes["Mixed_6b"][1:3] == (4, 4)
   assert shapes["last_conv"] == (1, 1, 1, 136) and shapes["features"] == (1, 136)
   v = _variables(model)
   x = _x()
-  full = _apply(model, v["params"], v["batch_stats"], x,
-                taps=tuple(n for n, _, _ in inception.block_layout(SMALL)))[2]
+  full = _apply(model, v["params"], v["batch_stats"], x)[2]
   for name in model.unit_names():
     cut = _small(truncate_after=name)
     fresh = _variables(cut)
     params = {**surgery.restrict_to(v["params"], fresh["params"]), "head": fresh["params"]["head"]}
     stats = surgery.restrict_to(v["batch_stats"], fresh["batch_stats"])
-    # every cut traces (shapes); two also run, their cut map equal to the full model's
-    if name in ("Mixed_6a", "Mixed_7a"):
+    # every cut traces (shapes); one also runs, its cut map equal to the full model's
+    if name == "Mixed_5b":
       logits, _, got = _apply(cut, params, stats, x, taps=("last_conv",))
       np.testing.assert_allclose(got["last_conv"], full[name], rtol=1e-5, atol=1e-5)
     else:
@@ -217,7 +235,7 @@ def test_cwl_layers_equal_reparametrisation_on_every_block_type():
   assert all(any(u.startswith(f"{name}/") for u in scales)
              for name, _, _ in inception.block_layout(SMALL))
   params = cwl.with_scales(v["params"], scales)
-  taps = ("Mixed_5c", "Mixed_6a", "Mixed_6b", "Mixed_7a", "Mixed_7b")
+  taps = BLOCKS
   x = _x()
   got = _apply(model, params, v["batch_stats"], x, taps, fn=cwl.apply_model_cwl)
   want = _apply(model, cwl.effective_params(params), v["batch_stats"], x, taps)
@@ -238,10 +256,11 @@ def _pruned_equals_masked(tau=0.5, seed=0, **overrides):
   config = models.model_config(model)
   res = prune.prune_by_sigma(v["params"], v["batch_stats"], config, scales, tau)
   masked = {u: s * res.masks[u] for u, s in scales.items()}
-  x = _x(3)
-  want = _apply(model, cwl.apply_cwl(v["params"], masked), v["batch_stats"], x)[0]
+  x = _x()
+  taps = BLOCKS if not overrides else None  # the untruncated net reuses the shared compile
+  want = _apply(model, cwl.apply_cwl(v["params"], masked), v["batch_stats"], x, taps)[0]
   got = _apply(models.from_config("inception_v3", res.config), res.params, res.batch_stats,
-               x)[0]
+               x, None)[0]
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
   assert np.abs(np.asarray(want)).max() > 1e-3
   for u, s in scales.items():  # every unit is its own group
@@ -253,10 +272,10 @@ def _pruned_equals_masked(tau=0.5, seed=0, **overrides):
 def test_pruned_equals_masked_through_concats_passthroughs_and_forks():
   res = _pruned_equals_masked()
   kept = {u: k for u, (k, _) in res.kept.items()}
-  # Mixed_6a (B) passes Mixed_5c's output through its max pool: Mixed_6b reads both
-  mixed_5c = sum(kept[f"Mixed_5c/{u}"] for u in ("branch1x1", "branch5x5_2", "branch3x3dbl_3",
+  # Mixed_6a (B) passes Mixed_5b's output through its max pool: Mixed_6b reads both
+  mixed_5b = sum(kept[f"Mixed_5b/{u}"] for u in ("branch1x1", "branch5x5_2", "branch3x3dbl_3",
                                                   "branch_pool"))
-  mixed_6a = kept["Mixed_6a/branch3x3"] + kept["Mixed_6a/branch3x3dbl_3"] + mixed_5c
+  mixed_6a = kept["Mixed_6a/branch3x3"] + kept["Mixed_6a/branch3x3dbl_3"] + mixed_5b
   assert res.params["Mixed_6b"]["branch1x1"]["conv"]["kernel"].shape[2] == mixed_6a
   assert res.config["mixed_6a"][0] == kept["Mixed_6a/branch3x3"]
   # Mixed_7b (E): both forks of branch3x3_1 read it; the head reads the 6-way concat
@@ -267,7 +286,7 @@ def test_pruned_equals_masked_through_concats_passthroughs_and_forks():
       ("branch3x3_1", "branch3x3dbl_1", "branch3x3dbl_2"))
 
 
-@pytest.mark.parametrize("cut", ["Mixed_7a", "Conv2d_4a_3x3"])
+@pytest.mark.parametrize("cut", ["Mixed_6a", "Conv2d_4a_3x3"])  # 6a: a pass-through to the head
 def test_pruned_equals_masked_truncated(cut):
   res = _pruned_equals_masked(tau=0.6, seed=1, truncate_after=cut)
   assert res.config["truncate_after"] == cut
@@ -279,3 +298,56 @@ def test_pruning_refuses_the_aux_head():
                                                     (75, 75, 3)))["params"]
   with pytest.raises(InputError, match="aux_logits=False"):
     prune.channel_groups(params, models.model_config(model))
+
+
+# ------------------------------------------------------------------ DELTA, few-shot
+def _source(**overrides):
+  from jtransfer.methods import transfer
+  model = _small(num_classes=5, **overrides)
+  return transfer.Source("inception_v3", models.model_config(model), _variables(model),
+                         SMALL_SHAPE, (0.5,), (0.25,), {"origin": "random test weights"})
+
+
+def test_delta_default_taps_resolve_and_attention_computes():
+  full = _delta_taps()
+  assert full[:4] == ("Mixed_5d/branch1x1", "Mixed_5d/branch5x5_2", "Mixed_5d/branch3x3dbl_3",
+                      "Mixed_5d/branch_pool")
+  assert full[-6:] == tuple(f"Mixed_7c/{u}" for u in ("branch1x1", "branch3x3_2a",
+                                                      "branch3x3_2b", "branch3x3dbl_3a",
+                                                      "branch3x3dbl_3b", "branch_pool"))
+  assert len(full) == 14
+  source = _source()
+  taps = delta.resolve_taps(source, source.model, delta.Config())
+  # the last block of each stage in the small config: Mixed_5b (A), Mixed_6b (C), Mixed_7b (E)
+  assert {t.split("/")[0] for t in taps} == {"Mixed_5b", "Mixed_6b", "Mixed_7b"}
+  shapes = models.available_taps(source.model, SMALL_SHAPE)
+  # the taps' channels together are the stage's last block output
+  for block in ("Mixed_5b", "Mixed_6b", "Mixed_7b"):
+    assert sum(shapes[t][-1] for t in taps if t.startswith(block)) == shapes[block][-1]
+  cut = _source(truncate_after="Mixed_6a")
+  assert delta.resolve_taps(cut, cut.model, delta.Config()) == taps[:4]
+  rng = np.random.default_rng(0)
+  batches = [(_x(4), rng.integers(0, 5, 4), np.ones(4, np.float32))]
+  chosen = ("Mixed_7b/branch3x3_2b",)  # one of E's forks: a unit inside a concat
+  params, stats = source.variables["params"], source.variables["batch_stats"]
+  att = delta.attention_weights(source.model, params, stats, batches, chosen, max_images=64)
+  for t in chosen:
+    assert att[t].shape == (shapes[t][-1],) and abs(float(att[t].sum()) - 1) < 1e-5
+    assert np.ptp(att[t]) > 0  # channels matter unequally
+
+
+def test_fewshot_end_to_end_small_config(tmp_path):
+  import json
+  from experiments import fewshot
+  from jtransfer.methods import transfer
+  src = str(tmp_path / "src")
+  transfer.save_source(src, _source())
+  out = tmp_path / "out"
+  argv = ["--arch", "inception_v3", "--source", f"ckpt:{src}", "--target", "digits:0,1,2",
+          "--strategies", "freeze", "--shots", "1", "--repeats", "1", "--steps",
+          "2", "--test-per-class", "4", "--val-per-class", "2", "--lrs", "0.001", "--quiet",
+          "--out", str(out)]
+  assert fewshot.main(argv) == 0
+  records = json.loads((out / "results.json").read_text())
+  assert {r["strategy"] for r in records} == {"freeze"}
+  assert all(r["arch"] == "inception_v3" and 0 <= r["test_acc"] <= 1 for r in records)
