@@ -9,7 +9,7 @@ import pytest
 
 from jtransfer import models, surgery, weights
 from jtransfer.errors import InputError
-from jtransfer.methods import cwl, delta, prune
+from jtransfer.methods import cwl, delta, prune, selection
 from jtransfer.models import inception
 from jtransfer.weights import torchvision_inception
 from tv_import import torchvision_models
@@ -206,9 +206,11 @@ def test_small_config_shapes_and_truncation():
     params = {**surgery.restrict_to(v["params"], fresh["params"]), "head": fresh["params"]["head"]}
     stats = surgery.restrict_to(v["batch_stats"], fresh["batch_stats"])
     # every cut traces (shapes); one also runs, its cut map equal to the full model's
-    if name == "Mixed_5b":
-      logits, _, got = _apply(cut, params, stats, x, taps=("last_conv",))
+    if name == "Mixed_5b":  # through selection's features: the last conv output is the cut's
+      logits, got = jax.jit(lambda p, s, x: selection.apply_with_taps(
+          cut, p, s, x, ("last_conv", selection.LAST_CONV_OUTPUT)))(params, stats, x)
       np.testing.assert_allclose(got["last_conv"], full[name], rtol=1e-5, atol=1e-5)
+      np.testing.assert_array_equal(got[selection.LAST_CONV_OUTPUT], got["last_conv"])
     else:
       logits, _, got = jax.eval_shape(
           lambda: models.apply_model(cut, params, stats, x, taps=("last_conv",)))
