@@ -23,6 +23,15 @@ SMALL_SHAPE = (28, 28, 1)
 
 
 # ------------------------------------------------------------------ torchvision reference
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+  """torch on one thread: on 2 shared cores its thread pool made the reference 10x slower."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
 def _torchvision_model(aux_logits=True, transform_input=False, seed=0):
   """torchvision Inception3 with He-normal convs, random BN affine AND running stats, eval."""
   tv = torchvision_models()
@@ -118,9 +127,10 @@ def test_param_counts_match_torchvision(tv_net):
     assert want == (TV_PARAMS if aux else TV_PARAMS_NO_AUX)
     state = {k: v for k, v in tv_net.state_dict().items()
              if aux or not k.startswith("AuxLogits.")}
-    model = models.get_model("inception_v3", 1000, aux_logits=aux)
+    # the config and shape import_torchvision traces, so the 75 px test reuses the trace
+    model = models.get_model("inception_v3", 1000, aux_logits=aux, transform_input=True)
     shapes = jax.eval_shape(lambda: models.init_model(model, jax.random.PRNGKey(0),
-                                                      (75, 75, 3)))
+                                                      (224, 224, 3)))
     assert surgery.count(shapes["params"]) == want
     # the map uses every torchvision key (num_batches_tracked aside) exactly once
     keys = [e.key for e in weights.name_map("inception_v3", model)]
@@ -220,10 +230,25 @@ def test_small_config_shapes_and_truncation():
         jax.random.PRNGKey(0), jnp.zeros((1, *SMALL_SHAPE))))
 
 
-def test_bad_widths_are_named():
+def _init_shapes(model, shape):
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
+
+
+def test_bad_config_or_input_is_named():
   with pytest.raises(InputError, match="Mixed_6a .*needs 4 widths"):
-    jax.eval_shape(lambda: _small(mixed_6a=(8, 8)).init(jax.random.PRNGKey(0),
-                                                        jnp.zeros((1, *SMALL_SHAPE))))
+    _init_shapes(_small(mixed_6a=(8, 8)), SMALL_SHAPE)
+  with pytest.raises(InputError, match="too small .*before Mixed_7a.*SMALL_CONFIG"):
+    _init_shapes(models.get_model("inception_v3", 10), (64, 64, 3))
+  with pytest.raises(InputError, match="transform_input re-normalises RGB"):
+    _init_shapes(_small(transform_input=True), SMALL_SHAPE)
+
+
+def test_mixed_precision_gives_float32_logits():
+  model = _small(dtype="bfloat16")
+  v = _variables(model)
+  logits = jax.eval_shape(lambda: models.apply_model(model, v["params"], v["batch_stats"],
+                                                     _x()))[0]
+  assert logits.dtype == jnp.float32 and logits.shape == (2, 4)
 
 
 def test_cwl_layers_equal_reparametrisation_on_every_block_type():

@@ -140,19 +140,14 @@ def _layout(config) -> list[tuple[str, str, tuple[int, ...], tuple]]:
   return out
 
 
-def block_out_width(kind: str, widths: tuple[int, ...], in_width: int) -> int:
-  """Channels of a block's concatenated output."""
-  w = dict(zip(UNITS[kind], widths))
-  if kind == "A":
-    return w["branch1x1"] + w["branch5x5_2"] + w["branch3x3dbl_3"] + w["branch_pool"]
-  if kind == "B":
-    return w["branch3x3"] + w["branch3x3dbl_3"] + in_width
-  if kind == "C":
-    return w["branch1x1"] + w["branch7x7_3"] + w["branch7x7dbl_5"] + w["branch_pool"]
-  if kind == "D":
-    return w["branch3x3_2"] + w["branch7x7x3_4"] + in_width
-  return (w["branch1x1"] + w["branch3x3_2a"] + w["branch3x3_2b"] + w["branch3x3dbl_3a"]
-          + w["branch3x3dbl_3b"] + w["branch_pool"])
+def _check_size(x: jax.Array, need: int, where: str) -> None:
+  """InputError unless the map is at least `need` px each way before `where`."""
+  if min(x.shape[1], x.shape[2]) < need:
+    from jtransfer.errors import InputError
+    raise InputError(f"inception_v3: the input is too small for this config, the map is "
+                     f"{x.shape[1]}x{x.shape[2]} before {where}, which needs {need} px; "
+                     "torchvision's layout needs >= 75 px, use inception.SMALL_CONFIG for "
+                     "28-74 px")
 
 
 class InceptionBlock(nn.Module):
@@ -169,6 +164,8 @@ class InceptionBlock(nn.Module):
                        f"{len(UNITS[self.kind])} widths ({', '.join(UNITS[self.kind])}), got "
                        f"{len(self.widths)}")
     widths = dict(zip(UNITS[self.kind], self.widths))
+    if self.kind in ("B", "D"):
+      _check_size(x, 3, f"{self.name} (its unpadded 3x3 stride-2 convs and max pool)")
 
     def unit(name, y):
       kernel, stride, padding = _GEOMETRY[self.kind][name]
@@ -265,16 +262,21 @@ class Inception3(nn.Module):
     for i, (name, width, (k, s, p)) in enumerate(zip(STEM_UNITS, self.stem_widths,
                                                       _STEM_GEOMETRY)):
       if self.stem_pool and i == 3:
+        _check_size(x, 3, "maxpool1")
         x = max_pool(x, 3, 2)  # maxpool1
+      _check_size(x, k - 2 * p, name)
       x = ConvUnit(width, k, s, p, use_bn=True, bn_eps=BN_EPS, dtype=self.dtype,
                    name=name)(x, train)
       if self.truncate_after == name:
         return truncated_head(self, x)
     if self.stem_pool:
+      _check_size(x, 3, "maxpool2")
       x = max_pool(x, 3, 2)  # maxpool2
-    for name, kind, widths in block_layout(self):
+    layout = block_layout(self)
+    last_c = [name for name, kind, _ in layout if kind == "C"][-1:]  # torchvision: Mixed_6e
+    for name, kind, widths in layout:
       x = InceptionBlock(kind, widths, dtype=self.dtype, name=name)(x, train)
-      if self.aux_logits and name == "Mixed_6e" and self.is_initializing():
+      if self.aux_logits and [name] == last_c and self.is_initializing():
         # Creates the aux head's params only (shapes do not depend on the map size).
         InceptionAux(self.num_classes, dtype=self.dtype, name="AuxLogits")(
             jnp.zeros((1, 17, 17, x.shape[-1]), x.dtype), False)

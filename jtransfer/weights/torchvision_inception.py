@@ -33,7 +33,7 @@ def inception_map(model) -> list:
   for block, kind, _ in inception.block_layout(model):
     for unit in inception.UNITS[kind]:
       entries += _conv_unit(f"{block}.{unit}.conv", f"{block}.{unit}.bn", (block, unit))
-  if model.aux_logits:
+  if model.aux_logits and any(kind == "C" for _, kind, _ in inception.block_layout(model)):
     for unit in inception.AUX_UNITS:
       entries += _conv_unit(f"AuxLogits.{unit}.conv", f"AuxLogits.{unit}.bn",
                             ("AuxLogits", unit))
