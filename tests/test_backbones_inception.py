@@ -272,6 +272,22 @@ def test_cwl_layers_equal_reparametrisation_on_every_block_type():
   assert np.abs(np.asarray(got[0])).max() > 1e-3
 
 
+def test_sparse_masks_on_every_kernel():
+  """Magnitude masks (ERK allotment: its shapes include the 1x7 / 7x1 / 1x3 kernels) zero
+  half the kernels; the masked net still runs (the shared compiled forward)."""
+  from jtransfer.methods import sparsity
+  model = _small()
+  v = _variables(model)
+  masks = sparsity.magnitude_masks(v["params"], 0.5, scope="erk")
+  masked = sparsity.apply_masks(v["params"], masks)
+  report = sparsity.sparsity_report(masked)
+  assert abs(report["sparsity"] - 0.5) < 0.01
+  assert "Mixed_6b/branch7x7dbl_2/conv/kernel" in report["layers"]
+  assert report["layers"]["Mixed_7b/branch3x3_2a/conv/kernel"]["zeros"] > 0
+  logits = _apply(model, masked, v["batch_stats"], _x())[0]
+  assert np.isfinite(np.asarray(logits)).all()
+
+
 # ------------------------------------------------------------------ pruning
 def _pruned_equals_masked(tau=0.5, seed=0, **overrides):
   """The pruned smaller net's logits equal the full net's with removed channels' sigma at 0."""
@@ -363,7 +379,7 @@ def test_delta_default_taps_resolve_and_attention_computes():
     assert np.ptp(att[t]) > 0  # channels matter unequally
 
 
-def test_fewshot_end_to_end_small_config(tmp_path):
+def _fewshot(tmp_path, strategies):
   import json
   from experiments import fewshot
   from jtransfer.methods import transfer
@@ -371,10 +387,23 @@ def test_fewshot_end_to_end_small_config(tmp_path):
   transfer.save_source(src, _source())
   out = tmp_path / "out"
   argv = ["--arch", "inception_v3", "--source", f"ckpt:{src}", "--target", "digits:0,1,2",
-          "--strategies", "freeze", "--shots", "1", "--repeats", "1", "--steps",
+          "--strategies", ",".join(strategies), "--shots", "1", "--repeats", "1", "--steps",
           "2", "--test-per-class", "4", "--val-per-class", "2", "--lrs", "0.001", "--quiet",
+          "--cv-folds", "0",
           "--out", str(out)]
   assert fewshot.main(argv) == 0
   records = json.loads((out / "results.json").read_text())
-  assert {r["strategy"] for r in records} == {"freeze"}
-  assert all(r["arch"] == "inception_v3" and 0 <= r["test_acc"] <= 1 for r in records)
+  assert {r["strategy"] for r in records} == set(strategies)
+  assert all(r["arch"] == "inception_v3" for r in records)
+  assert all(0 <= r["test_acc"] <= 1 for r in records if r["role"] == "eval")
+
+
+def test_fewshot_end_to_end_small_config(tmp_path):
+  _fewshot(tmp_path, ["freeze"])
+
+
+@pytest.mark.slow
+def test_fewshot_finetune_cwl_and_delta_small_config(tmp_path):
+  """Strategies that differentiate through the backbone; DELTA's attention on the concat
+  taps, its alpha tuning draws (~4 min on 2 shared cores, mostly compiles)."""
+  _fewshot(tmp_path, ["finetune_cwl", "delta"])

@@ -27,7 +27,13 @@ exist (so that state dict imports whole and the parameter count is torchvision's
 but it is never run: jtransfer's strategies use no auxiliary loss, and it needs >= 299 px
 input. Its params are created at init on a 17x17 zero map (their shapes do not depend on the
 input size). The default `aux_logits=False` drops it; import such state dicts into it with
-`jtransfer.weights.torchvision_inception.drop_aux`.
+`jtransfer.weights.torchvision_inception.drop_aux`. Transfer from an aux-free source: a target
+built from an `aux_logits=True` source gets an aux `fc` of the target's class count, which the
+source's (1000 classes) does not fill.
+
+Methods: DELTA's default taps are the branch-final conv units of each stage's last block
+(`default_taps`); pruning couples a unit's channels to every reader of the concatenations they
+land in, at their offset (`channel_graph`, used by `jtransfer.methods.prune`).
 """
 from __future__ import annotations
 
@@ -222,6 +228,7 @@ class Inception3(nn.Module):
       input to (x - 0.5) / 0.5 per channel, as IMAGENET1K_V1's model does (default False, as
       torchvision's constructor).
     aux_logits: carry the AuxLogits head's params (never run; see the module docstring).
+    dropout: rate before the head in train mode (torchvision: 0.5, which `inception_v3` sets).
     truncate_after: a stem unit or a Mixed block name; the network stops after it, global
       average pools that map and feeds it to the head.
     dtype: compute dtype name, see `common.compute_dtype`.
@@ -239,6 +246,7 @@ class Inception3(nn.Module):
   mixed_7: tuple[tuple[int, ...], ...] = ((320, 384, 384, 384, 448, 384, 384, 384, 192),) * 2
   transform_input: bool = False
   aux_logits: bool = False
+  dropout: float = 0.0
   truncate_after: Optional[str] = None
   dtype: Optional[str] = None
 
@@ -283,15 +291,18 @@ class Inception3(nn.Module):
       if self.truncate_after == name:
         return truncated_head(self, x)
     tap(self, "last_conv", x)
-    x = jnp.mean(x, axis=(1, 2))  # torchvision: adaptive 1x1 average pool; dropout (eval: no-op)
+    x = jnp.mean(x, axis=(1, 2))  # torchvision: adaptive 1x1 average pool, then dropout
     tap(self, "features", x)
+    if self.dropout:
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return head(self, x)
 
 
 def inception_v3(num_classes: int = 1000, **overrides) -> Inception3:
   """torchvision Inception-V3: 23,834,568 params with 1000 classes without the aux head,
-  27,161,264 with it (`aux_logits=True`, torchvision's default); needs >= 75 px input."""
-  return Inception3(num_classes=num_classes, **overrides)
+  27,161,264 with it (`aux_logits=True`, torchvision's default); needs >= 75 px input
+  (`SMALL_CONFIG` below for less). Dropout 0.5 before the head, as torchvision."""
+  return Inception3(num_classes=num_classes, **{"dropout": 0.5, **overrides})
 
 
 # A narrow, shallow Inception-V3 for 28-64 px inputs: no stem pools (28 px -> Mixed_5 at 9x9,
