@@ -278,6 +278,9 @@ def default_taps(arch: str, config: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(f"conv{s}_{len(ws)}" for s, ws in enumerate(config["conv_widths"], start=1))
   if mobilenet.is_config(config):  # the unit before each stride-2 block, and `top`
     return tuple(mobilenet.stage_ends(config))
+  if "mixed_5" in config:  # Inception-V3: see inception.default_taps
+    from jtransfer.models import inception
+    return inception.default_taps(config)
   raise InputError(f"no default DELTA taps for arch {arch!r}; pass taps= (conv unit names)")
 
 

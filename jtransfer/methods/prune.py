@@ -17,6 +17,10 @@ ResNet convs inside blocks, a stem followed by a downsample) are pruned. Bottlen
 4x their `stage_widths` entry, so a group keeps a multiple of 4 channels (rounded up by
 restoring the removed channels with the largest score). Every group keeps at least one channel.
 
+Concatenations (Inception-V3): each conv unit is its own group, and a layer reading a block's
+concatenated output reads the unit's channels at the unit's offset in it (B / D blocks also pass
+their input's channels through); `Group.concat` lists those readers, sliced by `_slice_concat`.
+
 A pruned channel whose map was zero in the masked model (its sigma set to 0) contributes
 nothing downstream, so the pruned model computes exactly what the masked unpruned model does.
 """
@@ -49,6 +53,8 @@ class Group:
     config_key: where the width lives in the config (see `_new_config`).
     residual: True for a residual (stage) group.
     multiple: the kept count must be a multiple of this (4 for bottleneck stages).
+    concat: (kind, layer, offset) consumers that read these channels inside a concatenated
+      map (Inception), at that offset of the unpruned map; see `_slice_concat`.
   """
   name: str
   units: list[str]
@@ -56,6 +62,7 @@ class Group:
   config_key: tuple
   residual: bool = False
   multiple: int = 1
+  concat: list = dataclasses.field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- graph
@@ -127,8 +134,19 @@ def _resnet_groups(flat: dict, config: dict) -> list[Group]:
   return ([stem] if stem is not None else []) + groups
 
 
+def _inception_groups(config: dict) -> list[Group]:
+  """Inception-V3: every conv unit is free (no sums); concatenated maps couple by offset."""
+  from jtransfer.models import inception
+  if config.get("aux_logits"):
+    raise InputError("pruning inception_v3 needs aux_logits=False: the aux head's params are "
+                     "not part of the channel graph (import with drop_aux)")
+  return [Group(unit, [unit], [], key, concat=readers)
+          for unit, (key, readers) in inception.channel_graph(config).items()]
+
+
 def channel_groups(params: Mapping[str, Any], config: Mapping[str, Any]) -> list[Group]:
-  """The prunable channel groups of a vgg / resnet / alexnet params tree and its config.
+  """The prunable channel groups of a vgg / resnet / alexnet / inception_v3 params tree and
+  its config.
 
   Raises:
     InputError: for a config of another architecture, or params that do not match it.
@@ -144,6 +162,8 @@ def channel_groups(params: Mapping[str, Any], config: Mapping[str, Any]) -> list
     groups = _vgg_groups(flat, config)
   elif "conv_widths" in config:
     groups = _alexnet_groups(flat, config)
+  elif "mixed_5" in config:
+    groups = _inception_groups(config)
   else:
     raise InputError(f"pruning supports vgg, resnet, alexnet and mobilenet/efficientnet configs; "
                      f"got keys {sorted(config)}")
@@ -283,6 +303,21 @@ def _slice_flat(flat: dict, stats: dict, groups: Sequence[Group], masks: dict) -
             raise InputError(f"{path} has {w.shape[0]} inputs, not a multiple of the {c} "
                              "channels it flattens")
           flat[path] = w.reshape(w.shape[0] // c, c, w.shape[1])[:, idx].reshape(-1, w.shape[1])
+  _slice_concat(flat, groups, masks)
+
+
+def _slice_concat(flat: dict, groups: Sequence[Group], masks: dict) -> None:
+  """Slices the layers reading concatenated maps: one input mask per layer, filled at each
+  writer's offset in the unpruned map, applied once (so no offset shifts under another's cut)."""
+  keep = {}
+  for g in groups:
+    for kind, layer, offset in g.concat:
+      path, axis = (f"{layer}/conv/kernel", 2) if kind == "conv" else (f"{layer}/kernel", 0)
+      mask = keep.setdefault((path, axis), np.ones(np.shape(flat[path])[axis], bool))
+      mask[offset:offset + masks[g.name].size] = masks[g.name]
+  for (path, axis), mask in keep.items():
+    if not mask.all():
+      flat[path] = np.take(flat[path], np.flatnonzero(mask), axis=axis)
 
 
 def _resnet_inner(config: dict) -> list:
@@ -295,6 +330,10 @@ def _resnet_inner(config: dict) -> list:
 
 
 def _new_config(config: Mapping[str, Any], groups: Sequence[Group], masks: dict) -> dict:
+  if "mixed_5" in config:
+    from jtransfer.models import inception
+    return inception.pruned_config(copy.deepcopy(dict(config)),
+                                   {g.config_key: int(masks[g.name].sum()) for g in groups})
   new = copy.deepcopy(dict(config))
   if "stage_widths" in new:
     new["inner_widths"] = _resnet_inner(new)

@@ -92,9 +92,10 @@ def map_tap_name(map_tap: str) -> str:
 
 def _conv_unit_classes() -> tuple[type, ...]:
   from jtransfer.models.common import ConvUnit
+  from jtransfer.models.inception import InceptionBlock
   from jtransfer.models.mobilenet import InvertedResidual
   from jtransfer.models.resnet import BLOCKS
-  return (ConvUnit, *BLOCKS.values(), InvertedResidual)
+  return (ConvUnit, InceptionBlock, *BLOCKS.values(), InvertedResidual)
 
 
 def apply_with_taps(model, params, batch_stats, x: jax.Array, taps: Sequence[str]

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from jtransfer.errors import InputError
-from jtransfer.models import alexnet, mobilenet, resnet, vgg
+from jtransfer.models import alexnet, inception, mobilenet, resnet, vgg
 from jtransfer.models.common import compute_dtype
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -22,6 +22,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v3_large": mobilenet.mobilenet_v3_large,
     "mobilenet_v3_small": mobilenet.mobilenet_v3_small,
     "efficientnet_b0": mobilenet.efficientnet_b0,
+    "inception_v3": inception.inception_v3,
 }
 
 SMALL_ARCHS = ("vgg_s", "resnet_s")

@@ -26,6 +26,7 @@ from flax import traverse_util
 from jtransfer import models
 from jtransfer.errors import InputError
 from jtransfer.weights import torchvision_mobile
+from jtransfer.weights.torchvision_inception import inception_map
 
 _BN_STATS = ("running_mean", "running_var")
 _ABSTRACT_SHAPE = (224, 224)  # parameter shapes do not depend on it (adaptive pools)
@@ -145,6 +146,7 @@ MAPS = {
     "mobilenet_v3_large": torchvision_mobile.mobilenet_v3_map,
     "mobilenet_v3_small": torchvision_mobile.mobilenet_v3_map,
     "efficientnet_b0": torchvision_mobile.efficientnet_map,
+    "inception_v3": inception_map,
 }
 ARCHS = tuple(MAPS)
 
