@@ -114,6 +114,15 @@ def convert(arch: str, weights_path: str, *, input_shape=(224, 224, 3),
   if min(std) <= 0:
     raise InputError(f"--std values must be > 0, got {list(std)}")
   state_dict = weights.load_state_dict(weights_path)
+  if arch == "inception_v3" and not dict(config or {}).get("aux_logits"):
+    # torchvision's Inception-V3 checkpoints carry the auxiliary classifier (AuxLogits.*),
+    # which transfer never runs: drop it unless the config keeps the aux head.
+    from jtransfer.weights.torchvision_inception import drop_aux
+    before = len(state_dict)
+    state_dict = drop_aux(state_dict)
+    if len(state_dict) < before:
+      print(f"inception_v3: dropped the {before - len(state_dict)} AuxLogits.* keys (the "
+            "auxiliary classifier; --config '{\"aux_logits\": true}' keeps it)")
   imported = weights.import_torchvision(arch, state_dict, num_classes, keep_head=not drop_head,
                                         config=config, what=f"checkpoint {weights_path}")
   head_key = weights.head_key(arch, config) + ".weight"

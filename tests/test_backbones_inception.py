@@ -407,3 +407,16 @@ def test_fewshot_finetune_cwl_and_delta_small_config(tmp_path):
   """Strategies that differentiate through the backbone; DELTA's attention on the concat
   taps, its alpha tuning draws (~4 min on 2 shared cores, mostly compiles)."""
   _fewshot(tmp_path, ["finetune_cwl", "delta"])
+
+
+def test_convert_weights_drops_the_aux_head(tv_net, tmp_path, capsys):
+  # torchvision's Inception-V3 checkpoint layout (aux head included) converts to a source
+  # without it by default, as a user with IMAGENET1K_V1 weights would run it.
+  import torch
+  from experiments import convert_weights
+  pth = tmp_path / "inception_v3.pth"
+  torch.save(tv_net.state_dict(), pth)
+  source = convert_weights.convert("inception_v3", str(pth), input_shape=(75, 75, 3))
+  assert "dropped the" in capsys.readouterr().out
+  assert not any(k.startswith("AuxLogits") for k in source.variables["params"])
+  assert source.config["aux_logits"] is False
