@@ -122,6 +122,8 @@ class ConvUnit(nn.Module):
     act: the activation applied when `relu` is set, a name in `ACTIVATIONS`.
     bn_eps, bn_momentum: BatchNorm epsilon and Flax momentum (= 1 - torch's momentum);
       torchvision's MobileNetV3 / EfficientNet use eps 1e-3, Inception-V3 eps 1e-3.
+    use_bias: the conv's bias; None (default) = without BN. DenseNet's convs are followed by
+      the next layer's pre-norm, not their own BN, and have no bias.
   """
   features: int
   kernel: int | tuple[int, int] = 3
@@ -134,11 +136,13 @@ class ConvUnit(nn.Module):
   act: str = "relu"
   bn_eps: float = 1e-5
   bn_momentum: float = 0.9
+  use_bias: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     y = nn.Conv(self.features, _pair(self.kernel), strides=(self.stride, self.stride),
-                padding=torch_padding(self.kernel, self.padding), use_bias=not self.use_bn,
+                padding=torch_padding(self.kernel, self.padding),
+                use_bias=(not self.use_bn) if self.use_bias is None else self.use_bias,
                 feature_group_count=self.groups, kernel_init=conv_init,
                 dtype=compute_dtype(self.dtype), name="conv")(x)
     tap(self, "out", y)

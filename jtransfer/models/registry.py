@@ -7,7 +7,7 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from jtransfer.errors import InputError
-from jtransfer.models import alexnet, resnet, vgg
+from jtransfer.models import alexnet, convnext, densenet, resnet, vgg
 from jtransfer.models.common import compute_dtype
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -18,6 +18,10 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet.resnet50,
     "resnet101": resnet.resnet101,
     "alexnet": alexnet.alexnet,
+    "resnext50_32x4d": resnet.resnext50_32x4d,
+    "wide_resnet50_2": resnet.wide_resnet50_2,
+    "densenet121": densenet.densenet121,
+    "convnext_tiny": convnext.convnext_tiny,
 }
 
 SMALL_ARCHS = ("vgg_s", "resnet_s")
