@@ -113,3 +113,143 @@ def test_param_count_logits_and_taps_equal_torchvision_small(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_and_taps_equal_torchvision_224(arch):
   _compare(arch, 224)
+
+
+# ----------------------------------------------------------------------------- tiny configs
+SHAPE = (32, 32, 3)
+
+
+def _variables(model, seed=0, shape=SHAPE):
+  """Random weights, norm affines, BN stats and layer scales (numpy, from eval_shape)."""
+  shapes = models.abstract_variables(model, shape)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, a):
+    if path.endswith("var"):
+      return rng.uniform(0.5, 2.0, a.shape).astype(np.float32)
+    if path.endswith(("scale", "layer_scale")):
+      return rng.uniform(0.5, 1.5, a.shape).astype(np.float32)
+    fan_in = int(np.prod(a.shape[:-1])) if len(a.shape) > 1 else 25
+    return (rng.normal(size=a.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+
+
+def _tiny(arch, num_classes=5, **extra):
+  model = models.get_model(arch, num_classes, **{**TINY[arch], **extra})
+  v = _variables(model)
+  x = np.random.default_rng(7).normal(size=(2, *SHAPE)).astype(np.float32)
+  return model, v["params"], v.get("batch_stats", {}), x
+
+
+def _forward(model, params, stats, x, taps=None, interceptor=None):
+  def run(p, s, x):
+    if interceptor is None:
+      return models.apply_model(model, p, s, x, taps=taps)[::2]
+    with nn.intercept_methods(interceptor):
+      return models.apply_model(model, p, s, x, taps=taps)[::2]
+  return jax.jit(run)(params, stats, x)
+
+
+def _explicit_cwl(scales, flat):
+  """The CWL as a layer: multiplies the unit's norm output (bn / LayerNorm `norm`) when it has
+  one, else its conv output, by sigma; an independent reference for the folding."""
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    path = context.module.path
+    if context.method_name != "__call__" or not path:
+      return out
+    unit, child = "/".join(path[:-1]), path[-1]
+    if unit not in scales:
+      return out
+    has_norm = f"{unit}/bn/scale" in flat or f"{unit}/norm/scale" in flat
+    if (child in ("bn", "norm")) == has_norm and child in ("bn", "norm", "conv"):
+      return out * jnp.asarray(scales[unit], out.dtype)
+    return out
+  return interceptor
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cwl_layers_equal_reparametrisation(arch):
+  model, params, stats, x = _tiny(arch)
+  rng = np.random.default_rng(3)
+  scales = {u: rng.uniform(0.2, 2.0, s.shape).astype(np.float32)
+            for u, s in cwl.init_scales(params).items()}
+  kinds = {u.rsplit("/", 1)[-1] for u in scales}
+  want_kinds = {"densenet121": {"stem", "conv1", "conv2", "conv"},
+                "convnext_tiny": {"stem", "dwconv", "pwconv1", "pwconv2", "downsample"}}
+  assert want_kinds.get(arch, {"stem", "conv1", "conv2", "conv3", "downsample"}) <= kinds
+  taps = ["last_conv", *delta.default_taps(arch, models.model_config(model))]
+  want, want_taps = _forward(model, params, stats, x, taps,
+                             _explicit_cwl(scales, surgery.flatten(params)))
+  folded, folded_taps = _forward(model, cwl.apply_cwl(params, scales), stats, x, taps)
+  layers, layer_taps = jax.jit(lambda p, s, x: cwl.apply_model_cwl(model, p, s, x, taps=taps)[::2])(
+      cwl.with_scales(params, scales), stats, x)
+  tol = 1e-5 * float(np.abs(want).max())
+  np.testing.assert_allclose(folded, want, atol=tol, rtol=1e-5)
+  np.testing.assert_allclose(layers, want, atol=tol, rtol=1e-5)
+  np.testing.assert_allclose(folded_taps["last_conv"], want_taps["last_conv"], rtol=1e-4,
+                             atol=1e-5 * float(np.abs(want_taps["last_conv"]).max()))
+  # the folded model must differ from the base one (the scales do something)
+  base, _ = _forward(model, params, stats, x)
+  assert np.abs(np.asarray(base) - np.asarray(want)).max() > 10 * tol
+
+
+# ----------------------------------------------------------------------------- pruning
+def _pruned_equals_masked(arch, model, params, stats, x, scales, tau):
+  config = models.model_config(model)
+  res = prune.prune_by_sigma(params, stats, config, scales, tau)
+  masked = {u: s * res.masks[u] for u, s in scales.items()}
+  want, _ = _forward(model, cwl.apply_cwl(params, masked), stats, x)
+  small = models.from_config(arch, res.config)
+  got, _ = _forward(small, res.params, res.batch_stats, x)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5 * float(np.abs(want).max()))
+  assert res.params_kept < res.params_total
+  return res
+
+
+def _scales(params, seed=1):
+  rng = np.random.default_rng(seed)
+  return {u: rng.uniform(0.0, 1.5, s.shape).astype(np.float32)
+          for u, s in cwl.init_scales(params).items()}
+
+
+@pytest.mark.parametrize("cut", [None, "transition1", "denseblock2"])
+def test_densenet_pruned_equals_masked(cut):
+  """Every coupling kind: stem / growth / transition channels read at offsets by later
+  pre-norms, the 1x1 bottleneck, norm5 + head (or a truncated GAP head)."""
+  model, params, stats, x = _tiny("densenet121", truncate_after=cut)
+  res = _pruned_equals_masked("densenet121", model, params, stats, x, _scales(params), 0.6)
+  assert res.kept["stem"][0] < 8 and res.kept["denseblock1/layer1/conv2"][0] < 4
+  if cut is None:
+    assert res.kept["transition1/conv"][0] < res.kept["transition1/conv"][1]
+    assert np.asarray(res.params["denseblock2/layer2"]["norm1"]["scale"]).shape[0] == (
+        res.config["transition_widths"][0] + res.config["layer_widths"][1][0][1])
+
+
+def test_convnext_prunes_hidden_widths_only():
+  model, params, stats, x = _tiny("convnext_tiny")
+  res = _pruned_equals_masked("convnext_tiny", model, params, stats, x, _scales(params), 0.6)
+  for unit, (kept, total) in res.kept.items():
+    assert (kept < total) == unit.endswith("pwconv1"), unit
+  assert res.config["stage_widths"] == [8, 16]
+  assert res.config["hidden_widths"][1][1] == res.kept["stage2/block1/pwconv1"][0]
+
+
+def test_resnext_pruning_keeps_equal_counts_per_group():
+  model, params, stats, x = _tiny("resnext50_32x4d")
+  res = _pruned_equals_masked("resnext50_32x4d", model, params, stats, x, _scales(params), 0.6)
+  for unit in ("stage1/block0/conv1", "stage1/block0/conv2", "stage2/block0/conv2"):
+    counts = res.masks[unit].reshape(4, -1).sum(axis=1)
+    assert (counts == counts[0]).all() and counts[0] < res.masks[unit].size // 4, unit
+  flat = surgery.flatten(params)
+  keep = {"stage1/block0/conv1": np.arange(16) != 0}  # one group loses a channel, the others not
+  with pytest.raises(InputError, match="same number of channels kept in each of its 4 groups"):
+    prune.prune_channels(params, stats, models.model_config(model), keep)
+  del flat
+
+
+def test_wide_resnet_pruned_equals_masked():
+  model, params, stats, x = _tiny("wide_resnet50_2")
+  assert surgery.flatten(params)["stage1/block0/conv2/conv/kernel"].shape == (3, 3, 8, 8)
+  _pruned_equals_masked("wide_resnet50_2", model, params, stats, x, _scales(params), 0.6)

@@ -48,6 +48,8 @@ class Group:
     config_key: where the width lives in the config (see `_new_config`).
     residual: True for a residual (stage) group.
     multiple: the kept count must be a multiple of this (4 for bottleneck stages).
+    fixed: never pruned (channels that enter a LayerNorm or a depthwise conv, see
+      `prune_dense`).
   """
   name: str
   units: list[str]
@@ -55,6 +57,7 @@ class Group:
   config_key: tuple
   residual: bool = False
   multiple: int = 1
+  fixed: bool = False
 
 
 # ----------------------------------------------------------------------------- graph
@@ -134,7 +137,10 @@ def channel_groups(params: Mapping[str, Any], config: Mapping[str, Any]) -> list
   """
   flat = surgery.flatten({k: v for k, v in params.items() if k != cwl.CWL_KEY})
   config = dict(config)
-  if "stage_widths" in config:
+  family = _family(config)
+  if family is not None:
+    groups = family.groups(flat, config)
+  elif "stage_widths" in config:
     groups = _resnet_groups(flat, config)
   elif "conv_widths" in config and config["conv_widths"] and \
       isinstance(config["conv_widths"][0], (list, tuple)):
@@ -188,7 +194,7 @@ def group_masks(groups: Sequence[Group], flat: dict, keep: Mapping[str, Any],
       if m.shape != (c,):
         raise InputError(f"keep-mask of {u!r} has shape {m.shape}; the unit has {c} channels")
       mask |= m
-    if g.residual and residual == "keep":
+    if g.fixed or (g.residual and residual == "keep"):
       mask[:] = True
     out[g.name] = _round_up(mask, math.lcm(g.multiple, multiple), _group_score(g, flat, scores),
                             g.name)
@@ -347,18 +353,28 @@ def prune_channels(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | N
   return _prune(params, batch_stats, config, keep, None, residual)[:3]
 
 
+def _family(config: Mapping[str, Any]):
+  """Pruning rules of an architecture with its own couplings (`prune_dense`), or None."""
+  from jtransfer.methods import prune_dense  # it builds on this module's Group and helpers
+  return prune_dense.family_of(config)
+
+
 def _prune(params, batch_stats, config, keep, scores, residual, multiple=1):
   if cwl.CWL_KEY in params:
     raise InputError("params still hold CWL scales under 'cwl'; fold them with "
                      "cwl.apply_cwl (prune_by_sigma does) before pruning")
   groups = channel_groups(params, config)
+  family = _family(config)
   flat, stats = _to_flat_numpy(params), _to_flat_numpy(batch_stats)
   masks = group_masks(groups, flat, keep, scores, residual, multiple)
-  _slice_flat(flat, stats, groups, masks)
+  if family is not None:
+    masks = family.fix_masks(groups, flat, masks, scores)
+  (family.slice_flat if family is not None else _slice_flat)(flat, stats, groups, masks)
   new_params = _rebuild(params, flat)
   new_stats = _rebuild(batch_stats, stats)
   unit_masks = {u: masks[g.name] for g in groups for u in g.units}
-  return new_params, new_stats, _new_config(config, groups, masks), unit_masks
+  new_config = (family.new_config if family is not None else _new_config)(config, groups, masks)
+  return new_params, new_stats, new_config, unit_masks
 
 
 class PruneResult(NamedTuple):
