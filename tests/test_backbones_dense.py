@@ -253,3 +253,84 @@ def test_wide_resnet_pruned_equals_masked():
   model, params, stats, x = _tiny("wide_resnet50_2")
   assert surgery.flatten(params)["stage1/block0/conv2/conv/kernel"].shape == (3, 3, 8, 8)
   _pruned_equals_masked("wide_resnet50_2", model, params, stats, x, _scales(params), 0.6)
+
+
+# ----------------------------------------------------------------------------- DELTA, truncation
+@pytest.mark.parametrize("arch", ARCHS)
+def test_delta_default_taps_resolve_and_attention_computes(arch):
+  from jtransfer.methods import transfer
+  model, params, stats, _ = _tiny(arch, num_classes=2)
+  config = models.model_config(model)
+  source = transfer.Source(arch, config, {"params": params, "batch_stats": stats}, SHAPE,
+                           (0.5,) * 3, (0.25,) * 3)
+  taps = delta.resolve_taps(source, model, delta.Config())
+  assert taps == delta.default_taps(arch, config) and len(taps) == 2
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4, *SHAPE), dtype=np.uint8)
+  batches = delta._attention_batches(images, np.array([0, 1, 0, 1]), source.mean, source.std,
+                                     delta.Config(att_batch_size=4, att_batches=1))
+  att = delta.attention_weights(model, params, stats, batches, taps[-1:], max_images=64)
+  w = att[taps[-1]]
+  assert w.shape == (surgery.flatten(params)[f"{taps[-1]}/conv/kernel"].shape[-1],)
+  assert np.isfinite(w).all() and abs(float(w.sum()) - 1) < 1e-5
+
+
+def test_default_taps_full_size():
+  def taps(arch):
+    return delta.default_taps(arch, models.model_config(models.get_model(arch, 5)))
+  assert taps("densenet121") == ("transition1/conv", "transition2/conv", "transition3/conv",
+                                 "denseblock4/layer16/conv2")
+  assert taps("convnext_tiny") == tuple(f"stage{s}/block{b}/pwconv2"
+                                        for s, b in ((1, 2), (2, 2), (3, 8), (4, 2)))
+  assert taps("resnext50_32x4d") == taps("resnet50") == taps("wide_resnet50_2")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_truncation_at_every_unit_pools_the_cut_map(arch):
+  model, params, stats, x = _tiny(arch)
+  names = model.unit_names()
+  assert names[0] == "stem" and len(names) >= 3
+  _, full_taps = _forward(model, params, stats, x, taps=names)
+  for name in names:
+    cut = models.get_model(arch, 5, **{**TINY[arch], "truncate_after": name})
+    shapes = models.abstract_variables(cut, SHAPE)
+    cut_params = surgery.restrict_to(params, shapes["params"])
+    head = np.asarray(shapes["params"]["head"]["kernel"].shape)
+    rng = np.random.default_rng(0)
+    cut_params["head"] = {"kernel": rng.normal(size=head).astype(np.float32),
+                          "bias": np.zeros(head[1], np.float32)}
+    _, got = _forward(cut, cut_params, surgery.restrict_to(stats, shapes.get("batch_stats", {})),
+                      x, taps=["features"])
+    if name == "stem":  # the unit's tap is its raw conv output, the cut is after its norm
+      assert got["features"].shape == (2, full_taps[name].shape[-1])
+      continue
+    np.testing.assert_allclose(got["features"], np.asarray(full_taps[name]).mean(axis=(1, 2)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_too_small_input_is_named():
+  for arch in ("densenet121", "convnext_tiny"):
+    with pytest.raises(InputError, match="input is too small"):
+      models.abstract_variables(models.get_model(arch, 5), (28, 28, 1))
+
+
+# ----------------------------------------------------------------------------- few-shot
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fewshot_tiny_run_28px_grayscale(arch, tmp_path):
+  """fmnist is 28x28x1: the full-size DenseNet / ConvNeXt maps vanish there (see
+  test_too_small_input_is_named), the width- and depth-reduced configs run."""
+  from experiments import fewshot
+  from jtransfer.methods import transfer
+  shape = (28, 28, 1)
+  model = models.get_model(arch, 3, **TINY[arch])
+  source = transfer.Source(arch, models.model_config(model), _variables(model, shape=shape),
+                           shape, (0.3,), (0.3,), {"source_spec": "random"})
+  transfer.save_source(str(tmp_path / "src"), source)
+  out = tmp_path / "out"
+  argv = ["--arch", arch, "--source", f"ckpt:{tmp_path / 'src'}", "--target", "fmnist:1,5,7",
+          "--strategies", "finetune", "--out", str(out), "--shots", "1", "--repeats", "1",
+          "--steps", "2", "--test-per-class", "2", "--val-per-class", "1", "--lrs", "0.001",
+          "--quiet"]
+  assert fewshot.main(argv) == 0
+  records = [r for r in json.loads((out / "results.json").read_text()) if r["role"] == "eval"]
+  assert records and all(r["status"] == "ok" and r["arch"] == arch for r in records)

@@ -64,6 +64,15 @@ def truncated_head(module: nn.Module, x: jax.Array) -> jax.Array:
   return head(module, x)
 
 
+def check_spatial(x: jax.Array, arch: str, where: str) -> None:
+  """Raises InputError when a downsampling left an empty map (the input is too small)."""
+  if x.shape[1] < 1 or x.shape[2] < 1:
+    from jtransfer.errors import InputError
+    raise InputError(f"{arch}: the input is too small, the map after {where} is "
+                     f"{x.shape[1]}x{x.shape[2]}; use larger images or a config with fewer "
+                     "stages (e.g. a shorter block_config / stage_sizes)")
+
+
 def head(module: nn.Module, x: jax.Array) -> jax.Array:
   """The `head` Dense layer, in the module's compute dtype, returning float32 logits."""
   return nn.Dense(module.num_classes, dtype=compute_dtype(module.dtype), name="head")(x).astype(

@@ -23,9 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtransfer.models.common import (ConvUnit, activation, check_truncation, compute_dtype,
-                                     conv_init, head, tap, to_compute, torch_padding,
-                                     truncated_head)
+from jtransfer.models.common import (ConvUnit, activation, check_spatial, check_truncation,
+                                     compute_dtype, conv_init, head, tap, to_compute,
+                                     torch_padding, truncated_head)
 
 LN_EPS = 1e-6
 
@@ -126,6 +126,7 @@ class ConvNeXt(nn.Module):
     check_truncation(self.truncate_after, self.unit_names())
     x = LNConvUnit(self.stage_widths[0], 4, 4, 0, dtype=self.dtype, name="stem")(
         to_compute(self, x))
+    check_spatial(x, "ConvNeXt", "the 4x4/4 stem")
     if self.truncate_after == "stem":
       return truncated_head(self, x)
     total, index = sum(self.stage_sizes), 0
@@ -134,6 +135,7 @@ class ConvNeXt(nn.Module):
         x = _ln(self, f"stage{s + 1}/downsample_norm")(x)
         x = ConvUnit(width, 2, 2, 0, relu=False, dtype=self.dtype,
                      name=f"stage{s + 1}/downsample")(x)
+        check_spatial(x, "ConvNeXt", f"stage{s + 1}/downsample")
       for b in range(size):
         drop = self.stochastic_depth_prob * index / max(total - 1.0, 1.0)
         x = CNBlock(self.block_hidden(s, b), drop, self.layer_scale, dtype=self.dtype,

@@ -25,8 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtransfer.models.common import (ConvUnit, check_truncation, compute_dtype, head, max_pool,
-                                     tap, to_compute, truncated_head)
+from jtransfer.models.common import (ConvUnit, check_spatial, check_truncation, compute_dtype,
+                                     head, max_pool, tap, to_compute, truncated_head)
 
 
 def _bn(module: nn.Module, name: str, train: bool) -> nn.BatchNorm:
@@ -128,6 +128,7 @@ class DenseNet(nn.Module):
       if b + 1 < len(self.block_config):
         x = Transition(self.transition_width(b, x.shape[-1]), dtype=self.dtype,
                        name=f"transition{b + 1}")(x, train)
+        check_spatial(x, "DenseNet", f"transition{b + 1}")
         if self.truncate_after == f"transition{b + 1}":
           return truncated_head(self, x)
     x = nn.relu(_bn(self, "norm5", train)(x))
