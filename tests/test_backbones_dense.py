@@ -73,6 +73,24 @@ def _torch_taps(arch, net, names):
   return out
 
 
+# One jitted call, compiled without XLA's expensive CPU passes: several times faster to build
+# than DenseNet's ~600 eager ops (each its own compile) or a fully optimised compile.
+_FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+_COMPILED = {}
+
+
+def _fast_jit(fn, *args, key=None):
+  """`jax.jit(fn)(*args)` compiled with `_FAST`; with a `key`, the executable is reused."""
+  if key is None or key not in _COMPILED:
+    compiled = jax.jit(fn).lower(*args).compile(_FAST)
+    if key is None:
+      return compiled(*args)
+    _COMPILED[key] = compiled
+  return _COMPILED[key](*args)
+
+
 def _compare(arch, size, seed=0):
   net = _torch_model(arch, seed)
   sd = {k: v.numpy() for k, v in net.state_dict().items()}
@@ -91,10 +109,9 @@ def _compare(arch, size, seed=0):
     want = net(torch.from_numpy(x)).numpy()
   for h in hooks:
     h.remove()
-  # Jitted: one compile is several times faster than DenseNet's ~600 eager ops.
-  forward = jax.jit(lambda p, s, x: models.apply_model(model, p, s, x, taps=taps)[::2])
-  logits, got = forward(variables["params"], variables.get("batch_stats"),
-                        jnp.asarray(x.transpose(0, 2, 3, 1)))
+  logits, got = _fast_jit(lambda p, s, x: models.apply_model(model, p, s, x, taps=taps)[::2],
+                          variables["params"], variables.get("batch_stats"),
+                          jnp.asarray(x.transpose(0, 2, 3, 1)))
   scale = np.abs(want).max()
   assert np.abs(np.asarray(logits) - want).max() / scale < 1e-4
   for name in taps:
@@ -148,7 +165,8 @@ def _forward(model, params, stats, x, taps=None, interceptor=None):
       return models.apply_model(model, p, s, x, taps=taps)[::2]
     with nn.intercept_methods(interceptor):
       return models.apply_model(model, p, s, x, taps=taps)[::2]
-  return jax.jit(run)(params, stats, x)
+  key = None if interceptor is not None else (model, tuple(taps or ()), x.shape)
+  return _fast_jit(run, params, stats, x, key=key)
 
 
 def _explicit_cwl(scales, flat):
@@ -169,7 +187,12 @@ def _explicit_cwl(scales, flat):
   return interceptor
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# Wide ResNet-50-2's blocks are ResNet-50's (only the inner width differs, which the
+# equivalence and pruning tests cover): the per-block-type method tests run the other three.
+BLOCK_TYPES = ("resnext50_32x4d", "densenet121", "convnext_tiny")
+
+
+@pytest.mark.parametrize("arch", BLOCK_TYPES)
 def test_cwl_layers_equal_reparametrisation(arch):
   model, params, stats, x = _tiny(arch)
   rng = np.random.default_rng(3)
@@ -183,8 +206,8 @@ def test_cwl_layers_equal_reparametrisation(arch):
   want, want_taps = _forward(model, params, stats, x, taps,
                              _explicit_cwl(scales, surgery.flatten(params)))
   folded, folded_taps = _forward(model, cwl.apply_cwl(params, scales), stats, x, taps)
-  layers, layer_taps = jax.jit(lambda p, s, x: cwl.apply_model_cwl(model, p, s, x, taps=taps)[::2])(
-      cwl.with_scales(params, scales), stats, x)
+  layers, _ = _fast_jit(lambda p, s, x: cwl.apply_model_cwl(model, p, s, x, taps=taps)[::2],
+                        cwl.with_scales(params, scales), stats, x)
   tol = 1e-5 * float(np.abs(want).max())
   np.testing.assert_allclose(folded, want, atol=tol, rtol=1e-5)
   np.testing.assert_allclose(layers, want, atol=tol, rtol=1e-5)
@@ -221,7 +244,15 @@ def test_densenet_pruned_equals_masked(cut):
   model, params, stats, x = _tiny("densenet121", truncate_after=cut)
   res = _pruned_equals_masked("densenet121", model, params, stats, x, _scales(params), 0.6)
   assert res.kept["stem"][0] < 8 and res.kept["denseblock1/layer1/conv2"][0] < 4
+  # A mask on one unit only: the other widths come from the config's defaults.
+  config = models.model_config(model)
+  new_params, _, new_config = prune.prune_channels(
+      params, stats, config, {"denseblock1/layer2/conv2": np.arange(4) != 1})
+  assert new_config["layer_widths"][0][1] == [8, 3]
+  shapes = models.abstract_variables(models.from_config("densenet121", new_config), SHAPE)
+  surgery.merge_params(shapes["params"], new_params)  # raises unless every shape fits
   if cut is None:
+    assert new_config["transition_widths"] == [8]  # (8 + 2 * 4) // 2, unpruned
     assert res.kept["transition1/conv"][0] < res.kept["transition1/conv"][1]
     assert np.asarray(res.params["denseblock2/layer2"]["norm1"]["scale"]).shape[0] == (
         res.config["transition_widths"][0] + res.config["layer_widths"][1][0][1])
@@ -242,21 +273,25 @@ def test_resnext_pruning_keeps_equal_counts_per_group():
   for unit in ("stage1/block0/conv1", "stage1/block0/conv2", "stage2/block0/conv2"):
     counts = res.masks[unit].reshape(4, -1).sum(axis=1)
     assert (counts == counts[0]).all() and counts[0] < res.masks[unit].size // 4, unit
-  flat = surgery.flatten(params)
   keep = {"stage1/block0/conv1": np.arange(16) != 0}  # one group loses a channel, the others not
   with pytest.raises(InputError, match="same number of channels kept in each of its 4 groups"):
     prune.prune_channels(params, stats, models.model_config(model), keep)
-  del flat
 
 
 def test_wide_resnet_pruned_equals_masked():
   model, params, stats, x = _tiny("wide_resnet50_2")
   assert surgery.flatten(params)["stage1/block0/conv2/conv/kernel"].shape == (3, 3, 8, 8)
   _pruned_equals_masked("wide_resnet50_2", model, params, stats, x, _scales(params), 0.6)
+  # Units left whole keep the model's doubled inner width in the new config.
+  keep = {"stage1/block0/conv1": np.arange(8) % 2 == 0}
+  new_params, _, config = prune.prune_channels(params, stats, models.model_config(model), keep)
+  assert config["inner_widths"] == [[[4, 8]], [[16, 16], [16, 16]]]
+  shapes = models.abstract_variables(models.from_config("wide_resnet50_2", config), SHAPE)
+  surgery.merge_params(shapes["params"], new_params)  # raises unless every shape fits
 
 
 # ----------------------------------------------------------------------------- DELTA, truncation
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", BLOCK_TYPES)
 def test_delta_default_taps_resolve_and_attention_computes(arch):
   from jtransfer.methods import transfer
   model, params, stats, _ = _tiny(arch, num_classes=2)
@@ -285,7 +320,7 @@ def test_default_taps_full_size():
   assert taps("resnext50_32x4d") == taps("resnet50") == taps("wide_resnet50_2")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", BLOCK_TYPES)
 def test_truncation_at_every_unit_pools_the_cut_map(arch):
   model, params, stats, x = _tiny(arch)
   names = model.unit_names()
@@ -315,8 +350,13 @@ def test_too_small_input_is_named():
 
 
 # ----------------------------------------------------------------------------- few-shot
-@pytest.mark.parametrize("arch", ARCHS)
-def test_fewshot_tiny_run_28px_grayscale(arch, tmp_path):
+@pytest.mark.parametrize("arch,strategy", [
+    ("resnext50_32x4d", "freeze"), ("densenet121", "freeze"), ("convnext_tiny", "freeze"),
+    # Wide ResNet is ResNet-50's code with wider inner widths (resnet_s runs in
+    # test_fewshot.py): slow, with the fine-tuning runs (backprop through each block type).
+    pytest.param("wide_resnet50_2", "freeze", marks=pytest.mark.slow),
+    *[pytest.param(a, "finetune", marks=pytest.mark.slow) for a in ARCHS]])
+def test_fewshot_tiny_run_28px_grayscale(arch, strategy, tmp_path):
   """fmnist is 28x28x1: the full-size DenseNet / ConvNeXt maps vanish there (see
   test_too_small_input_is_named), the width- and depth-reduced configs run."""
   from experiments import fewshot
@@ -328,7 +368,7 @@ def test_fewshot_tiny_run_28px_grayscale(arch, tmp_path):
   transfer.save_source(str(tmp_path / "src"), source)
   out = tmp_path / "out"
   argv = ["--arch", arch, "--source", f"ckpt:{tmp_path / 'src'}", "--target", "fmnist:1,5,7",
-          "--strategies", "finetune", "--out", str(out), "--shots", "1", "--repeats", "1",
+          "--strategies", strategy, "--out", str(out), "--shots", "1", "--repeats", "1",
           "--steps", "2", "--test-per-class", "2", "--val-per-class", "1", "--lrs", "0.001",
           "--quiet"]
   assert fewshot.main(argv) == 0

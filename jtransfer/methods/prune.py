@@ -130,7 +130,8 @@ def _resnet_groups(flat: dict, config: dict) -> list[Group]:
 
 
 def channel_groups(params: Mapping[str, Any], config: Mapping[str, Any]) -> list[Group]:
-  """The prunable channel groups of a vgg / resnet / alexnet params tree and its config.
+  """The prunable channel groups of a vgg / resnet / alexnet params tree and its config
+  (densenet, convnext and grouped ResNets: the rules of `prune_dense`).
 
   Raises:
     InputError: for a config of another architecture, or params that do not match it.
@@ -292,6 +293,11 @@ def _resnet_inner(config: dict) -> list:
   if config.get("inner_widths") is not None:
     return [[list(b) for b in stage] for stage in config["inner_widths"]]
   n = 2 if config.get("block", "basic") == "bottleneck" else 1
+  if n == 2:  # ResNeXt / Wide ResNet: the model's inner-width rule (`ResNet.block_inner`)
+    groups, per_group = int(config.get("groups", 1)), int(config.get("width_per_group", 64))
+    if (groups, per_group) != (1, 64):
+      return [[[int(w * (per_group / 64.0)) * groups] * n for _ in range(size)]
+              for size, w in zip(config["stage_sizes"], config["stage_widths"])]
   return [[[w] * n for _ in range(size)]
           for size, w in zip(config["stage_sizes"], config["stage_widths"])]
 
