@@ -343,6 +343,21 @@ def test_truncation_at_every_unit_pools_the_cut_map(arch):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", BLOCK_TYPES)
+def test_selection_taps_and_mixed_precision_shapes(arch):
+  """`last_conv` (the map before pooling) and `features` (the head's input) exist, and a
+  bfloat16 model returns float32 logits (shapes only: no compile)."""
+  model = models.get_model(arch, 5, **TINY[arch])
+  taps = models.available_taps(model, SHAPE)
+  head_in = models.abstract_variables(model, SHAPE)["params"]["head"]["kernel"].shape[0]
+  assert taps["features"] == (1, head_in) and taps["last_conv"][-1] == head_in
+  assert len(taps["last_conv"]) == 4
+  half = models.get_model(arch, 5, dtype="bfloat16", **TINY[arch])
+  v = models.abstract_variables(half, SHAPE)
+  out = jax.eval_shape(lambda v: half.apply(v, jnp.zeros((2, *SHAPE))), v)
+  assert out.dtype == jnp.float32 and out.shape == (2, 5)
+
+
 def test_too_small_input_is_named():
   for arch in ("densenet121", "convnext_tiny"):
     with pytest.raises(InputError, match="input is too small"):
