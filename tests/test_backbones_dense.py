@@ -112,13 +112,14 @@ def _compare(arch, size, seed=0):
   logits, got = _fast_jit(lambda p, s, x: models.apply_model(model, p, s, x, taps=taps)[::2],
                           variables["params"], variables.get("batch_stats"),
                           jnp.asarray(x.transpose(0, 2, 3, 1)))
-  scale = np.abs(want).max()
-  assert np.abs(np.asarray(logits) - want).max() / scale < 1e-4
+  errors = {"logits": np.abs(np.asarray(logits) - want).max() / np.abs(want).max()}
+  assert errors["logits"] < 1e-4
   for name in taps:
     # ConvNeXt's pwconv2 is a Linear on the channels-last permuted map: already NHWC.
     t = got_torch[name] if arch == "convnext_tiny" else got_torch[name].transpose(0, 2, 3, 1)
-    err = np.abs(np.asarray(got[name]) - t).max() / np.abs(t).max()
-    assert err < 1e-4, (name, err)
+    errors[name] = np.abs(np.asarray(got[name]) - t).max() / np.abs(t).max()
+    assert errors[name] < 1e-4, (name, errors[name])
+  return errors
 
 
 @pytest.mark.parametrize("arch", ARCHS)

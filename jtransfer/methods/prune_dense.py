@@ -11,7 +11,8 @@ outputs set to zero, e.g. by a CWL sigma of 0) in eval mode:
   a constant relu(bias - mean * scale / sqrt(var + eps)), not a zero: its contribution through
   the reader's 1x1 conv is folded into what follows (conv1's BN running mean; for a transition
   the running means of the next block's pre-norms, which read its pooled output unchanged,
-  or the head bias of a net truncated after it; for norm5 the head bias). Each layer's `conv1` is free (read by its `conv2` only).
+  or the head bias of a net truncated after it; for norm5 the head bias). Each layer's `conv1`
+  is free (read by its `conv2` only).
 * ConvNeXt. The residual stream of a stage (stem / downsample and every block's `pwconv2`) and
   each block's `dwconv` (depthwise, then a LayerNorm over channels) are fixed: removing a
   channel that enters a LayerNorm changes the other channels' normalisation, so it is not
