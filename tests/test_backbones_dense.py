@@ -20,6 +20,16 @@ from tv_import import torchvision_models
 
 torch = pytest.importorskip("torch")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+  """One intra-op thread here: on 2 shared cores torch's pool spins (40 ms per tiny conv)."""
+  before = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(before)
+
+
 ARCHS = ("resnext50_32x4d", "wide_resnet50_2", "densenet121", "convnext_tiny")
 PARAMS = {"resnext50_32x4d": 25_028_904, "wide_resnet50_2": 68_883_240,
           "densenet121": 7_978_856, "convnext_tiny": 28_589_128}
@@ -367,10 +377,8 @@ def test_too_small_input_is_named():
 
 # ----------------------------------------------------------------------------- few-shot
 @pytest.mark.parametrize("arch,strategy", [
-    ("resnext50_32x4d", "freeze"), ("densenet121", "freeze"), ("convnext_tiny", "freeze"),
-    # Wide ResNet is ResNet-50's code with wider inner widths (resnet_s runs in
-    # test_fewshot.py): slow, with the fine-tuning runs (backprop through each block type).
-    pytest.param("wide_resnet50_2", "freeze", marks=pytest.mark.slow),
+    *[(a, "freeze") for a in ARCHS],
+    # fine-tuning (backprop through each block type): slow
     *[pytest.param(a, "finetune", marks=pytest.mark.slow) for a in ARCHS]])
 def test_fewshot_tiny_run_28px_grayscale(arch, strategy, tmp_path):
   """fmnist is 28x28x1: the full-size DenseNet / ConvNeXt maps vanish there (see
