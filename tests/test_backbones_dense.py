@@ -369,10 +369,12 @@ def test_selection_taps_and_mixed_precision_shapes(arch):
   assert out.dtype == jnp.float32 and out.shape == (2, 5)
 
 
-def test_too_small_input_is_named():
+def test_too_small_input_and_grouped_basic_blocks_are_named():
   for arch in ("densenet121", "convnext_tiny"):
     with pytest.raises(InputError, match="input is too small"):
       models.abstract_variables(models.get_model(arch, 5), (28, 28, 1))
+  with pytest.raises(InputError, match="groups and width_per_group need block='bottleneck'"):
+    models.abstract_variables(models.get_model("resnet_s", 5, groups=2), (16, 16, 1))
 
 
 # ----------------------------------------------------------------------------- few-shot
