@@ -5,7 +5,8 @@ mean and var), the matching input channels of every conv that reads the map, and
 rows of the first dense layer after the convs: after flatten (VGG, AlexNet; NHWC order, so the
 input row of channel c at spatial position p is p*C + c) or after global average pooling
 (ResNet, truncated nets; row c). The config's widths shrink to match, so `models.from_config`
-builds the smaller model with the same code; no scales are needed at run time.
+builds the smaller model with the same code; no scales are needed at run time. DenseNet,
+ConvNeXt and grouped ResNets (ResNeXt) add their own couplings in `prune_dense`.
 
 Channel groups. Channels that are summed by a residual connection must be removed together:
 in a ResNet every block's last conv, every downsample of the stage and (when stage 1's first
