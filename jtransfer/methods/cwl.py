@@ -7,7 +7,8 @@ Here the layer is not a module: `apply_cwl(params, scales)` returns the effectiv
   * unit without BN (VGG): conv kernel[..., k] and bias[k] times sigma_k, so the unit's
     pre-activation is sigma_k * (conv(x)_k + b_k), eq. 6 exactly;
   * unit with BN (ResNet): BN scale[k] and bias[k] times sigma_k, so the BN output is
-    sigma_k * BN(conv(x))_k in both train and eval mode (the layer sits after BN).
+    sigma_k * BN(conv(x))_k in both train and eval mode (the layer sits after BN);
+  * unit with a LayerNorm `norm` after its conv (ConvNeXt): likewise its scale and bias.
 
 Both are exact for any input, so the model code is untouched and the same model runs with or
 without CWL. The scales live in the params tree under the top-level key 'cwl', one vector per
@@ -39,7 +40,8 @@ from jtransfer.train import optim
 
 CWL_KEY = "cwl"
 LOWCONV_LR_MULT = 0.1  # Algorithm 1 step 1: "decreasing the learning rate for convolution layers"
-_TARGETS = ("conv/kernel", "conv/bias", "bn/scale", "bn/bias")
+_TARGETS = ("conv/kernel", "conv/bias", "bn/scale", "bn/bias", "norm/scale", "norm/bias")
+_NORMS = ("bn/", "norm/")  # a unit's own normalisation after its conv: the CWL folds into it
 
 
 def init_scales(params: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -102,18 +104,22 @@ def apply_cwl(params: Mapping[str, Any], scales: Mapping[str, Any]) -> dict:
   """
   check_scales(params, scales)
   flat = surgery.flatten(params)
-  has_bn = {u: f"{u}/bn/scale" in flat for u in scales}
+  has_bn = {u: _has_norm(flat, u) for u in scales}
 
   def fold(path: str, leaf):
     unit, tail = _split_target(path)
     if unit not in scales:
       return leaf
     # BN units: scale the BN affine (the CWL sits after BN); others: the conv kernel and bias.
-    if has_bn[unit] == tail.startswith("bn/"):
+    if has_bn[unit] == tail.startswith(_NORMS):
       return leaf * jnp.asarray(scales[unit], leaf.dtype)  # broadcasts over the last axis
     return leaf
 
   return surgery.map_with_path(fold, params)
+
+
+def _has_norm(flat: Mapping[str, Any], unit: str) -> bool:
+  return f"{unit}/bn/scale" in flat or f"{unit}/norm/scale" in flat
 
 
 def split_cwl(params: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -180,7 +186,7 @@ def apply_model_cwl(model, params: Mapping[str, Any], batch_stats, x: jax.Array,
   scales, rest = split_cwl(params)
   check_scales(rest, scales)
   flat = surgery.flatten(rest)
-  bn_units = {u: s for u, s in scales.items() if f"{u}/bn/scale" in flat}
+  bn_units = {u: s for u, s in scales.items() if _has_norm(flat, u)}
   conv_units = {u: s for u, s in scales.items() if u not in bn_units}
   folded = apply_cwl(rest, bn_units)
   with nn.intercept_methods(_scale_conv_outputs(conv_units)):

@@ -270,6 +270,10 @@ def default_taps(arch: str, config: Mapping[str, Any]) -> tuple[str, ...]:
 
   ResNet-50: stage{1..4}/block{2,3,5,2}/conv3 (torchvision layer1.2 ... layer4.2 conv3).
   """
+  from jtransfer.models import convnext, densenet
+  for family in (densenet, convnext):
+    if family.is_config(config):
+      return family.delta_taps(config)
   if "stage_sizes" in config:
     last = "conv3" if config.get("block") == "bottleneck" else "conv2"
     return tuple(f"stage{s}/block{n - 1}/{last}"

@@ -5,7 +5,8 @@ mean and var), the matching input channels of every conv that reads the map, and
 rows of the first dense layer after the convs: after flatten (VGG, AlexNet; NHWC order, so the
 input row of channel c at spatial position p is p*C + c) or after global average pooling
 (ResNet, truncated nets; row c). The config's widths shrink to match, so `models.from_config`
-builds the smaller model with the same code; no scales are needed at run time.
+builds the smaller model with the same code; no scales are needed at run time. DenseNet,
+ConvNeXt and grouped ResNets (ResNeXt) add their own couplings in `prune_dense`.
 
 Channel groups. Channels that are summed by a residual connection must be removed together:
 in a ResNet every block's last conv, every downsample of the stage and (when stage 1's first
@@ -55,6 +56,8 @@ class Group:
     multiple: the kept count must be a multiple of this (4 for bottleneck stages).
     concat: (kind, layer, offset) consumers that read these channels inside a concatenated
       map (Inception), at that offset of the unpruned map; see `_slice_concat`.
+    fixed: never pruned (channels that enter a LayerNorm or a depthwise conv, see
+      `prune_dense`).
   """
   name: str
   units: list[str]
@@ -63,6 +66,7 @@ class Group:
   residual: bool = False
   multiple: int = 1
   concat: list = dataclasses.field(default_factory=list)
+  fixed: bool = False
 
 
 # ----------------------------------------------------------------------------- graph
@@ -145,15 +149,19 @@ def _inception_groups(config: dict) -> list[Group]:
 
 
 def channel_groups(params: Mapping[str, Any], config: Mapping[str, Any]) -> list[Group]:
-  """The prunable channel groups of a vgg / resnet / alexnet / inception_v3 params tree and
-  its config.
+  """The prunable channel groups of a vgg / resnet / alexnet / inception_v3 / mobile-family
+  params tree and its config (densenet, convnext and grouped ResNets: the rules of
+  `prune_dense`).
 
   Raises:
     InputError: for a config of another architecture, or params that do not match it.
   """
   flat = surgery.flatten({k: v for k, v in params.items() if k != cwl.CWL_KEY})
   config = dict(config)
-  if "stage_widths" in config:
+  family = _family(config)
+  if family is not None:
+    groups = family.groups(flat, config)
+  elif "stage_widths" in config:
     groups = _resnet_groups(flat, config)
   elif mobilenet.is_config(config):
     groups = prune_mobile.groups(flat, config)
@@ -212,7 +220,7 @@ def group_masks(groups: Sequence[Group], flat: dict, keep: Mapping[str, Any],
       if m.shape != (c,):
         raise InputError(f"keep-mask of {u!r} has shape {m.shape}; the unit has {c} channels")
       mask |= m
-    if g.residual and residual == "keep":
+    if g.fixed or (g.residual and residual == "keep"):
       mask[:] = True
     out[g.name] = _round_up(mask, math.lcm(g.multiple, multiple), _group_score(g, flat, scores),
                             g.name)
@@ -325,6 +333,11 @@ def _resnet_inner(config: dict) -> list:
   if config.get("inner_widths") is not None:
     return [[list(b) for b in stage] for stage in config["inner_widths"]]
   n = 2 if config.get("block", "basic") == "bottleneck" else 1
+  if n == 2:  # ResNeXt / Wide ResNet: the model's inner-width rule (`ResNet.block_inner`)
+    groups, per_group = int(config.get("groups", 1)), int(config.get("width_per_group", 64))
+    if (groups, per_group) != (1, 64):
+      return [[[int(w * (per_group / 64.0)) * groups] * n for _ in range(size)]
+              for size, w in zip(config["stage_sizes"], config["stage_widths"])]
   return [[[w] * n for _ in range(size)]
           for size, w in zip(config["stage_sizes"], config["stage_widths"])]
 
@@ -392,18 +405,28 @@ def prune_channels(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | N
   return _prune(params, batch_stats, config, keep, None, residual)[:3]
 
 
+def _family(config: Mapping[str, Any]):
+  """Pruning rules of an architecture with its own couplings (`prune_dense`), or None."""
+  from jtransfer.methods import prune_dense  # it builds on this module's Group and helpers
+  return prune_dense.family_of(config)
+
+
 def _prune(params, batch_stats, config, keep, scores, residual, multiple=1):
   if cwl.CWL_KEY in params:
     raise InputError("params still hold CWL scales under 'cwl'; fold them with "
                      "cwl.apply_cwl (prune_by_sigma does) before pruning")
   groups = channel_groups(params, config)
+  family = _family(config)
   flat, stats = _to_flat_numpy(params), _to_flat_numpy(batch_stats)
   masks = group_masks(groups, flat, keep, scores, residual, multiple)
-  _slice_flat(flat, stats, groups, masks)
+  if family is not None:
+    masks = family.fix_masks(groups, flat, masks, scores)
+  (family.slice_flat if family is not None else _slice_flat)(flat, stats, groups, masks)
   new_params = _rebuild(params, flat)
   new_stats = _rebuild(batch_stats, stats)
   unit_masks = {u: masks[g.name] for g in groups for u in g.units}
-  return new_params, new_stats, _new_config(config, groups, masks), unit_masks
+  new_config = (family.new_config if family is not None else _new_config)(config, groups, masks)
+  return new_params, new_stats, new_config, unit_masks
 
 
 class PruneResult(NamedTuple):

@@ -64,6 +64,15 @@ def truncated_head(module: nn.Module, x: jax.Array) -> jax.Array:
   return head(module, x)
 
 
+def check_spatial(x: jax.Array, arch: str, where: str) -> None:
+  """Raises InputError when a downsampling left an empty map (the input is too small)."""
+  if x.shape[1] < 1 or x.shape[2] < 1:
+    from jtransfer.errors import InputError
+    raise InputError(f"{arch}: the input is too small, the map after {where} is "
+                     f"{x.shape[1]}x{x.shape[2]}; use larger images or a config with fewer "
+                     "stages (e.g. a shorter block_config / stage_sizes)")
+
+
 def head(module: nn.Module, x: jax.Array) -> jax.Array:
   """The `head` Dense layer, in the module's compute dtype, returning float32 logits."""
   return nn.Dense(module.num_classes, dtype=compute_dtype(module.dtype), name="head")(x).astype(
@@ -122,6 +131,8 @@ class ConvUnit(nn.Module):
     act: the activation applied when `relu` is set, a name in `ACTIVATIONS`.
     bn_eps, bn_momentum: BatchNorm epsilon and Flax momentum (= 1 - torch's momentum);
       torchvision's MobileNetV3 / EfficientNet use eps 1e-3, Inception-V3 eps 1e-3.
+    use_bias: the conv's bias; None (default) = without BN. DenseNet's convs are followed by
+      the next layer's pre-norm, not their own BN, and have no bias.
   """
   features: int
   kernel: int | tuple[int, int] = 3
@@ -134,11 +145,13 @@ class ConvUnit(nn.Module):
   act: str = "relu"
   bn_eps: float = 1e-5
   bn_momentum: float = 0.9
+  use_bias: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     y = nn.Conv(self.features, _pair(self.kernel), strides=(self.stride, self.stride),
-                padding=torch_padding(self.kernel, self.padding), use_bias=not self.use_bn,
+                padding=torch_padding(self.kernel, self.padding),
+                use_bias=(not self.use_bn) if self.use_bias is None else self.use_bias,
                 feature_group_count=self.groups, kernel_init=conv_init,
                 dtype=compute_dtype(self.dtype), name="conv")(x)
     tap(self, "out", y)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from jtransfer.errors import InputError
-from jtransfer.models import alexnet, inception, mobilenet, resnet, vgg
+from jtransfer.models import alexnet, convnext, densenet, inception, mobilenet, resnet, vgg
 from jtransfer.models.common import compute_dtype
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -23,6 +23,10 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v3_small": mobilenet.mobilenet_v3_small,
     "efficientnet_b0": mobilenet.efficientnet_b0,
     "inception_v3": inception.inception_v3,
+    "resnext50_32x4d": resnet.resnext50_32x4d,
+    "wide_resnet50_2": resnet.wide_resnet50_2,
+    "densenet121": densenet.densenet121,
+    "convnext_tiny": convnext.convnext_tiny,
 }
 
 SMALL_ARCHS = ("vgg_s", "resnet_s")

@@ -36,18 +36,19 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-  """1x1, 3x3 (strided, as torchvision v1.5), 1x1 x4 expansion, and a shortcut."""
+  """1x1, 3x3 (strided, as torchvision v1.5; grouped in ResNeXt), 1x1 x4 expansion, shortcut."""
   width: int
   inner: tuple[int, ...]
   stride: int = 1
   dtype: Optional[str] = None
+  groups: int = 1
   expansion = 4
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     unit = functools.partial(ConvUnit, use_bn=True, dtype=self.dtype)
     y = unit(self.inner[0], 1, 1, 0, name="conv1")(x, train)
-    y = unit(self.inner[1], 3, self.stride, 1, name="conv2")(y, train)
+    y = unit(self.inner[1], 3, self.stride, 1, groups=self.groups, name="conv2")(y, train)
     y = unit(self.width * 4, 1, 1, 0, relu=False, name="conv3")(y, train)
     return _merge_shortcut(self, x, y, train)
 
@@ -80,6 +81,10 @@ class ResNet(nn.Module):
     truncate_after: 'stem' or a block name ('stage2/block0'): the network stops after it,
       global average pools that map and feeds it to the head (base-model selection, App. A.2;
       blocks are the unit, since cutting inside one would drop its shortcut).
+    groups, width_per_group: torchvision's ResNeXt / Wide ResNet knobs (bottleneck only): the
+      3x3 conv has `groups` groups and the default inner width is
+      int(planes * width_per_group / 64) * groups (ResNet: 1, 64; ResNeXt-50 32x4d: 32, 4;
+      Wide ResNet-50-2: 1, 128).
   """
   num_classes: int
   stage_sizes: tuple[int, ...] = (2, 2, 2)
@@ -92,6 +97,8 @@ class ResNet(nn.Module):
   inner_widths: Optional[tuple[tuple[tuple[int, ...], ...], ...]] = None
   truncate_after: Optional[str] = None
   dtype: Optional[str] = None
+  groups: int = 1
+  width_per_group: int = 64
 
   def unit_names(self) -> list[str]:
     """Truncation points: the stem and every block."""
@@ -101,8 +108,12 @@ class ResNet(nn.Module):
   def block_inner(self, stage: int, index: int) -> tuple[int, ...]:
     if self.inner_widths is not None:
       return tuple(self.inner_widths[stage][index])
-    n = 1 if self.block == "basic" else 2
-    return (self.stage_widths[stage],) * n
+    if self.block == "basic":
+      return (self.stage_widths[stage],)
+    width = self.stage_widths[stage]
+    if (self.groups, self.width_per_group) != (1, 64):  # torchvision's Bottleneck width rule
+      width = int(width * (self.width_per_group / 64.0)) * self.groups
+    return (width, width)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -114,6 +125,12 @@ class ResNet(nn.Module):
     if self.stem_pool:
       x = max_pool(x, 3, 2, 1)
     block_cls = BLOCKS[self.block]
+    if self.groups != 1 or self.width_per_group != 64:
+      if self.block != "bottleneck":
+        from jtransfer.errors import InputError
+        raise InputError("groups and width_per_group need block='bottleneck' (torchvision's "
+                         "BasicBlock supports only groups=1, width_per_group=64)")
+      block_cls = functools.partial(block_cls, groups=self.groups)
     for s, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
       for b in range(size):
         stride = 2 if (b == 0 and s > 0) else 1
@@ -156,3 +173,21 @@ def resnet50(num_classes: int = 1000, **overrides) -> ResNet:
 def resnet101(num_classes: int = 1000, **overrides) -> ResNet:
   """torchvision ResNet-101 (44,549,160 params with 1000 classes)."""
   return _torchvision((3, 4, 23, 3), "bottleneck", num_classes, overrides)
+
+
+def resnext50_32x4d(num_classes: int = 1000, **overrides) -> ResNet:
+  """torchvision ResNeXt-50 32x4d (25,028,904 params with 1000 classes).
+
+  torchvision/models/resnet.py: ResNet-50 with 32 groups of width 4 per 64 planes in the 3x3.
+  """
+  return _torchvision((3, 4, 6, 3), "bottleneck", num_classes,
+                      {"groups": 32, "width_per_group": 4, **overrides})
+
+
+def wide_resnet50_2(num_classes: int = 1000, **overrides) -> ResNet:
+  """torchvision Wide ResNet-50-2 (68,883,240 params with 1000 classes).
+
+  torchvision/models/resnet.py: ResNet-50 with the bottleneck's inner width doubled.
+  """
+  return _torchvision((3, 4, 6, 3), "bottleneck", num_classes,
+                      {"width_per_group": 128, **overrides})

@@ -41,7 +41,8 @@ class Entry:
     collection: 'params' or 'batch_stats'.
     path: the jtransfer path as dict keys (module names may contain '/').
     kind: 'conv' (OIHW -> HWIO), 'dense' ((out, in) -> (in, out)), 'dense_chw' (a Dense layer
-      after a (C, H, W) flatten, rows permuted to (H, W, C)), or 'vec' (copied).
+      after a (C, H, W) flatten, rows permuted to (H, W, C)), 'vec' (copied), 'dense_1x1'
+      (a Linear into a 1x1 conv kernel) or 'channel' ((C, 1, 1) -> (C,)).
     chw: (C, H, W) of the flattened map, for 'dense_chw'.
   """
   key: str
@@ -147,6 +148,10 @@ MAPS = {
     "mobilenet_v3_small": torchvision_mobile.mobilenet_v3_map,
     "efficientnet_b0": torchvision_mobile.efficientnet_map,
     "inception_v3": inception_map,
+    "resnext50_32x4d": resnet_map,
+    "wide_resnet50_2": resnet_map,
+    "densenet121": lambda model: torchvision_dense.densenet_map(model),
+    "convnext_tiny": lambda model: torchvision_dense.convnext_map(model),
 }
 ARCHS = tuple(MAPS)
 
@@ -159,6 +164,8 @@ def name_map(arch: str, model) -> list[Entry]:
   return MAPS[arch](model)
 
 
+from jtransfer.weights import torchvision_dense  # noqa: E402  (its maps use Entry, above)
+
 # ----------------------------------------------------------------------------- layouts
 def to_jtransfer(entry: Entry, value: np.ndarray) -> np.ndarray:
   """A torch array in the layout of `entry`'s jtransfer leaf."""
@@ -169,6 +176,10 @@ def to_jtransfer(entry: Entry, value: np.ndarray) -> np.ndarray:
   if entry.kind == "dense_chw":
     c, h, w = entry.chw
     return value.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1)
+  if entry.kind == "dense_1x1":
+    return value.T[None, None]
+  if entry.kind == "channel":
+    return value.reshape(-1)
   return value
 
 
@@ -179,6 +190,10 @@ def torch_shape(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (o, i, h, w)
   if entry.kind in ("dense", "dense_chw"):
     return tuple(reversed(shape))
+  if entry.kind == "dense_1x1":
+    return (shape[3], shape[2])
+  if entry.kind == "channel":
+    return (shape[0], 1, 1)
   return tuple(shape)
 
 
