@@ -14,8 +14,8 @@ from the tap's conv on, and on XLA:CPU it measured about one whole forward per c
 
 For each tap this prints the channels, the chunk (channels per vectorised call, bounded by
 `--max-images` = chunk x images), the warm time of one call with each implementation and the
-projected time for all the tap's channels, in units of one eval forward over the same images
-(measured in the same run, so the ratios hold on a loaded machine). Then the L2-FE probe of the
+projected time for all the tap's channels, in CPU seconds of this process (robust to other
+jobs' load, unlike wall time) and in units of one eval forward over the same images. Then the L2-FE probe of the
 'authors' BN mode: the step-by-step loop against the closed form (`_probe_one_batch`), and the
 peak resident memory of the process (`--calls` limits the timed calls per tap; the projection
 multiplies the mean call time by the number of calls the tap needs). Weights are random: the
@@ -57,13 +57,17 @@ def kernel_ablation_fn(model, kernel_path: str):
 
 
 def timed(fn, *args, repeats: int = 1) -> float:
-  """Median wall time of `repeats` warm calls (one call first to compile)."""
-  jax.block_until_ready(fn(*args))
+  """Median CPU seconds (all of this process's threads) of `repeats` warm calls.
+
+  CPU time rather than wall time: on a machine shared with other jobs, a call's wall time
+  depends on their load, its CPU time much less (XLA:CPU's threads are this process's).
+  """
+  jax.block_until_ready(fn(*args))  # compile
   times = []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
+    times.append(time.process_time() - t0)
   return statistics.median(times)
 
 
@@ -98,9 +102,9 @@ def main(argv=None) -> None:
   forward = jax.jit(lambda p, s, x: models.apply_model(model, p, s, x)[0])
   fwd = timed(forward, params, stats, x, repeats=3)
   print(f"{args.arch} {args.size}x{args.size}x3, {args.images} images, "
-        f"{jax.devices()[0].platform}; one eval forward {1000 * fwd:.0f} ms")
-  print("| tap | channels | chunk | calls | suffix-only: s/call | x forward, all channels | "
-        "kernel mask: s/call | x forward, all channels | speed-up |")
+        f"{jax.devices()[0].platform}; one eval forward {1000 * fwd:.0f} ms of CPU time")
+  print("| tap | channels | chunk | calls | suffix-only: CPU s/call | x forward, all channels | "
+        "kernel mask: CPU s/call | x forward, all channels | speed-up |")
   print("|---|---|---|---|---|---|---|---|---|")
   flat = surgery.flatten(params)
   totals = {"new": 0.0, "old": 0.0}
@@ -126,7 +130,7 @@ def main(argv=None) -> None:
     print(f"| {tap} | {channels} | {chunk} | {calls} | {fmt('new')} | {fmt('old')} | {speed} |",
           flush=True)
   print("\nall taps: " + "; ".join(
-      f"{label} {totals[k]:.1f} s = {totals[k] / fwd:.0f} forwards"
+      f"{label} {totals[k]:.1f} CPU s = {totals[k] / fwd:.0f} forwards"
       for k, label in (("new", "suffix-only"), ("old", "kernel mask")) if args.impl in ("both", k))
       + (f" ({totals['old'] / totals['new']:.1f}x)" if args.impl == "both" else ""))
   if not args.skip_probe:
@@ -138,15 +142,15 @@ def main(argv=None) -> None:
     config = delta.get_config()
     probe = functools.partial(delta.train_probe_bn_train, target, tparams, tstats, images,
                               labels, source.mean, source.std)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     jax.block_until_ready(probe(dataclasses.replace(config, att_probe_loop=True)))
-    loop = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    loop = time.process_time() - t0
+    t0 = time.process_time()
     jax.block_until_ready(probe(config))
-    closed = time.perf_counter() - t0
+    closed = time.process_time() - t0
     print(f"'authors' probe ({config.att_head_min_steps} steps, every batch all "
-          f"{args.images} images): loop {loop:.1f} s = {loop / fwd:.0f} forwards, closed form "
-          f"{closed:.1f} s = {closed / fwd:.1f} forwards")
+          f"{args.images} images): loop {loop:.1f} CPU s = {loop / fwd:.0f} forwards, closed form "
+          f"{closed:.1f} CPU s = {closed / fwd:.1f} forwards")
   print(f"peak resident memory of this process: {peak_rss_gb():.2f} GB")
 
 
