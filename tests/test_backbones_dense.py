@@ -15,7 +15,7 @@ import pytest
 
 from jtransfer import models, surgery, weights
 from jtransfer.errors import InputError
-from jtransfer.methods import cwl, delta, prune
+from jtransfer.methods import cwl, delta, prune, selection
 from tv_import import torchvision_models
 
 torch = pytest.importorskip("torch")
@@ -400,3 +400,21 @@ def test_fewshot_tiny_run_28px_grayscale(arch, strategy, tmp_path):
   assert fewshot.main(argv) == 0
   records = [r for r in json.loads((out / "results.json").read_text()) if r["role"] == "eval"]
   assert records and all(r["status"] == "ok" and r["arch"] == arch for r in records)
+
+
+@pytest.mark.parametrize("arch", ["densenet121", "convnext_tiny"])
+def test_selection_conv_map_is_the_map_before_pooling(arch):
+  """Base-model selection's default map (`LAST_CONV_OUTPUT`) is the map the head pools
+  (DenseNet's final norm5 + ReLU included): the `last_conv` tap, whose spatial mean is the
+  pooled vector (ConvNeXt's final LayerNorm comes after the pool)."""
+  model = models.get_model(arch, 5, **TINY[arch])
+  v = models.init_model(model, jax.random.PRNGKey(0), SHAPE)
+  x = np.random.default_rng(1).normal(size=(2, *SHAPE)).astype(np.float32)
+  _, got = selection.apply_with_taps(model, v["params"], v.get("batch_stats", {}), x,
+                                     [selection.LAST_CONV_OUTPUT, "features"])
+  _, _, want = models.apply_model(model, v["params"], v.get("batch_stats", {}), x,
+                                  taps=("last_conv",))
+  np.testing.assert_allclose(got[selection.LAST_CONV_OUTPUT], want["last_conv"], rtol=1e-6)
+  if arch == "densenet121":
+    np.testing.assert_allclose(np.asarray(want["last_conv"]).mean(axis=(1, 2)), got["features"],
+                               rtol=1e-5, atol=1e-6)

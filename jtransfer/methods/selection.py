@@ -98,6 +98,12 @@ def _conv_unit_classes() -> tuple[type, ...]:
   return (ConvUnit, InceptionBlock, *BLOCKS.values(), InvertedResidual)
 
 
+def _last_conv_is_the_map() -> tuple[type, ...]:
+  from jtransfer.models.convnext import ConvNeXt
+  from jtransfer.models.densenet import DenseNet
+  return (ConvNeXt, DenseNet)
+
+
 def apply_with_taps(model, params, batch_stats, x: jax.Array, taps: Sequence[str]
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Eval-mode forward (running BN statistics) returning logits and feature taps; jit-able.
@@ -123,10 +129,18 @@ def apply_with_taps(model, params, batch_stats, x: jax.Array, taps: Sequence[str
     InputError: an unknown tap name, or a model without conv units.
   """
   taps = tuple(taps)
+  from jtransfer import models
   if LAST_CONV_OUTPUT not in taps:
-    from jtransfer import models
     logits, _, got = models.apply_model(model, params, batch_stats, x, taps=taps or None)
     return logits, got
+  if isinstance(model, _last_conv_is_the_map()):
+    # The map before pooling follows a final norm (DenseNet's norm5 + ReLU) or sits inside
+    # blocks that are not conv units (ConvNeXt): the models tap it as 'last_conv', also at
+    # a truncation cut.
+    wanted = tuple(t for t in taps if t != LAST_CONV_OUTPUT) + ("last_conv",)
+    logits, _, got = models.apply_model(model, params, batch_stats, x, taps=wanted)
+    return logits, dict({t: got[t] for t in taps if t != LAST_CONV_OUTPUT},
+                        **{LAST_CONV_OUTPUT: got["last_conv"]})
   variables = {"params": params}
   if batch_stats:
     variables["batch_stats"] = batch_stats
