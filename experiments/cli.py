@@ -11,10 +11,18 @@ from jtransfer.train import parallel
 
 
 def add_devices_flag(p: argparse.ArgumentParser) -> None:
-  """--devices N: data-parallel train steps over N devices (default 1)."""
+  """--devices N: data-parallel train steps over N devices (default 1); the multi-host flags."""
   p.add_argument("--devices", type=int, default=1,
                  help="data-parallel training over this many devices (jax.sharding mesh, "
-                      "batch split, params replicated); multi-host: see README")
+                      "batch split, params replicated); with --num-processes > 1 the mesh "
+                      "spans every process's devices")
+  p.add_argument("--num-processes", type=int, default=1,
+                 help="multi-host: the number of processes (jax.distributed); each runs the "
+                      "same command with its own --process-id")
+  p.add_argument("--process-id", type=int, default=0, help="multi-host: this process's index")
+  p.add_argument("--coordinator", default=None,
+                 help="multi-host: host:port of process 0's coordinator (jax.distributed); "
+                      "on TPU / SLURM clusters leave it unset to auto-detect")
 
 
 def add_results_flags(p: argparse.ArgumentParser, out: str,
@@ -67,8 +75,27 @@ def check_validation_needs(args: argparse.Namespace) -> None:
 
 
 def apply_devices(args: argparse.Namespace) -> None:
-  """Sets the default training mesh from args.devices; exits 2 with a message if impossible."""
+  """Starts jax.distributed (--num-processes > 1) and sets the default training mesh from
+  args.devices; exits 2 with a message if impossible.
+
+  Multi-host, the mesh spans every process's devices (--devices must be 1, meaning all, or
+  their total) and every process holds whole global batches (`parallel.set_default_mesh`).
+  """
   try:
+    processes = getattr(args, "num_processes", 1)
+    if processes > 1:
+      if not 0 <= args.process_id < processes:
+        raise InputError(f"--process-id {args.process_id} is not in [0, {processes})")
+      kwargs = dict(num_processes=processes, process_id=args.process_id)
+      if args.coordinator:
+        kwargs["coordinator_address"] = args.coordinator
+      parallel.initialize_distributed(**kwargs)
+      total = len(__import__("jax").devices())
+      if args.devices not in (1, total):
+        raise InputError(f"--devices {args.devices}: with {processes} processes the mesh spans "
+                         f"all {total} devices; pass 1 or {total}")
+      parallel.set_default_mesh(parallel.make_mesh(total), global_batches=True)
+      return
     parallel.set_default_mesh(parallel.make_mesh(args.devices) if args.devices != 1 else None)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -87,7 +114,12 @@ def start(args: argparse.Namespace, validate: Callable, run: Callable):
   from experiments.report import ResultsDir
   try:
     plan = validate(args)
-    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
+    # Multi-host: every process runs the grid (its runs are collective), one writes it.
+    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite,
+                         writer=parallel.is_writer())
+    parallel.barrier("results directory opened")
+    if not results.writer:
+      results.reload()  # after the writer's --overwrite
     return plan, results, run(args, plan, results)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -122,13 +154,15 @@ def main(argv, publisher, run: Callable, records_of: Callable,
   plan, results, ran = started
   text, summary = publish.save(results, publisher, argv, records_of(results, ran), plan, args,
                                t0)
-  if plot is not None:
+  if plot is not None and results.writer:
     plot(summary, plan, args, results, ran)
   return finish(results, text, t0)
 
 
 def finish(results, text: str, t0: float) -> int:
   """The back half: prints the report and where it went; returns exit code 0."""
+  if not results.writer:
+    return 0
   print(text)
   print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
   return 0

@@ -406,6 +406,8 @@ class TargetRuns:
                                 labels)
       state, info = fit_converged(state, step, batches.at, val, budget)
       info.pop("curve")
+    if parallel.is_multiprocess():  # replicated over every process: a local copy to read
+      state = parallel.host_copy(state)
     if setup.finalize is not None:  # e.g. WiSE-FT: the weights interpolated toward the start
       state = state.replace(params=setup.finalize(state.params, initial))
     if not head_only:  # how far training moved the conv filters (DELTA's Fig. 3 measure)

@@ -20,7 +20,15 @@ class ResultsDir:
   `resume` (skip finished runs) or `overwrite` (start afresh) is given.
   """
 
-  def __init__(self, path: str, *, resume: bool = False, overwrite: bool = False):
+  def __init__(self, path: str, *, resume: bool = False, overwrite: bool = False,
+               writer: bool = True):
+    """Opens `path` (see the class docstring).
+
+    `writer=False` (a multi-host process other than the first): the same checks, but nothing
+    is created, removed or written; records are read (`reload` after the writer has opened
+    the directory) and `add` keeps them in memory only.
+    """
+    self.writer = writer
     if resume and overwrite:
       raise InputError("--resume and --overwrite conflict: choose one")
     self.path = os.path.abspath(path)
@@ -30,16 +38,21 @@ class ResultsDir:
     if has_results and not (resume or overwrite):
       raise InputError(f"output directory {self.path} already holds results; pass --resume to "
                        "continue it or --overwrite to replace it")
-    if has_results and overwrite:
+    if has_results and overwrite and writer:
       shutil.rmtree(self.path)
-    try:
-      os.makedirs(self.path, exist_ok=True)
-      probe = os.path.join(self.path, ".write-test")
-      with open(probe, "w"):
-        pass
-      os.remove(probe)
-    except OSError as e:
-      raise InputError(f"output directory {self.path} is not writable: {e.strerror}") from None
+    if writer:
+      try:
+        os.makedirs(self.path, exist_ok=True)
+        probe = os.path.join(self.path, ".write-test")
+        with open(probe, "w"):
+          pass
+        os.remove(probe)
+      except OSError as e:
+        raise InputError(f"output directory {self.path} is not writable: {e.strerror}") from None
+    self.reload()
+
+  def reload(self) -> None:
+    """(Re)reads the records of results.jsonl."""
     self.records: list[dict[str, Any]] = []
     if os.path.exists(self.jsonl):
       with open(self.jsonl) as f:
@@ -56,6 +69,8 @@ class ResultsDir:
 
   def add(self, record: dict[str, Any]) -> None:
     self.records.append(record)
+    if not self.writer:
+      return
     with open(self.jsonl, "a") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")
       f.flush()
@@ -63,6 +78,8 @@ class ResultsDir:
 
   def write_json(self, name: str, obj: Any) -> str:
     path = os.path.join(self.path, name)
+    if not self.writer:
+      return path
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
       json.dump(obj, f, indent=1, sort_keys=True)
@@ -71,6 +88,8 @@ class ResultsDir:
 
   def write_text(self, name: str, text: str) -> str:
     path = os.path.join(self.path, name)
+    if not self.writer:
+      return path
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
       f.write(text)

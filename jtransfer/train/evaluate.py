@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jtransfer.train import parallel
+
 
 def predict_logits(forward: Callable, params, batch_stats, images: np.ndarray,
                    batch_size: int = 500) -> np.ndarray:
@@ -19,14 +21,22 @@ def predict_logits(forward: Callable, params, batch_stats, images: np.ndarray,
   if n == 0:
     raise ValueError("predict_logits: no images")
   bs = min(batch_size, n)
-  out = []
-  for start in range(0, n, bs):
-    chunk = images[start:start + bs]
-    pad = bs - chunk.shape[0]
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    out.append(np.asarray(forward(params, batch_stats, chunk))[:bs - pad])
-  return np.concatenate(out)
+  if parallel.is_multiprocess():
+    # Each process predicts its share of the rows on its own copy of the (replicated) params;
+    # the logits are gathered (`parallel.gather_rows`).
+    params, batch_stats = parallel.host_copy(params), parallel.host_copy(batch_stats)
+
+  def rows(first: int, last: int) -> np.ndarray:
+    out = []
+    for start in range(first, last, bs):
+      chunk = images[start:min(start + bs, last)]
+      pad = bs - chunk.shape[0]
+      if pad:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+      out.append(np.asarray(forward(params, batch_stats, chunk))[:bs - pad])
+    return np.concatenate(out)
+
+  return parallel.gather_rows(rows, n)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
