@@ -1,5 +1,6 @@
 """The benchmark code runs on a tiny setting (timings are not tested)."""
 import numpy as np
+import pytest
 
 from jtransfer.data.preprocess import normalize
 
@@ -174,3 +175,27 @@ def test_parity_rounding_control_reverses_rows_and_renders():
   row, verdict = parity.control_row("vgg_s", "digits", "finetune", wide, None)
   assert verdict == parity.DIFFERENT and row.endswith("| - | - | - | - | +-0.50 | yes | "
                                                       "**different** |")
+
+
+def test_bench_attention_runs_tiny(capsys):
+  from bench import bench_attention
+  bench_attention.main(["--arch", "resnet_s", "--size", "16", "--images", "4", "--calls", "1",
+                        "--skip-probe"])
+  assert "all taps: suffix-only" in capsys.readouterr().out
+
+
+def test_bench_decode_runs_tiny(tmp_path, capsys):
+  from bench import bench_decode
+  bench_decode.main(["--folder", str(tmp_path / "jpeg"), "--make", "40", "--size", "32",
+                     "--arch", "resnet_s", "--step-batch", "4", "--steps", "1",
+                     "--decode-images", "20", "--threads", "2"])
+  out = capsys.readouterr().out
+  assert "per core" in out and "bottleneck" in out
+
+
+@pytest.mark.slow  # three MobileNetV2 compiles: about a minute on 2 loaded cores
+def test_bench_backbones_runs_tiny(capsys):
+  from bench import bench_backbones
+  bench_backbones.main(["--archs", "mobilenet_v3_small", "--size", "32", "--batches", "1",
+                        "--repeats", "1", "--pruned-batch", "2"])
+  assert "| pruned, multiple 8 |" in capsys.readouterr().out
