@@ -75,7 +75,7 @@ def median_times(calls: dict, repeats: int) -> dict:
 
 
 def latency_table(archs, size: int, batches, repeats: int) -> None:
-  print(f"| arch | px | params | GFLOPs/img | " + " | ".join(
+  print("| arch | px | params | GFLOPs/img | " + " | ".join(
       f"b{b} JAX ms | b{b} PyTorch ms | b{b} JAX/PyTorch" for b in batches) + " |")
   print("|---|---|---|---|" + "---|---|---|" * len(batches))
   for arch in archs:

@@ -5,7 +5,6 @@ Equivalence: a torchvision model with random weights, random BN running statisti
 random norm affines / layer scales, so every path is exercised), its state dict imported with
 `weights.import_torchvision`; logits and DELTA taps compared with the torch model in eval mode.
 """
-import json
 
 import flax.linen as nn
 import jax
@@ -17,6 +16,7 @@ from jtransfer import models, surgery, weights
 from jtransfer.errors import InputError
 from jtransfer.methods import cwl, delta, prune, selection
 from tv_import import torchvision_models
+from model_helpers import random_variables, tiny_fewshot_run
 
 torch = pytest.importorskip("torch")
 
@@ -148,19 +148,7 @@ SHAPE = (32, 32, 3)
 
 
 def _variables(model, seed=0, shape=SHAPE):
-  """Random weights, norm affines, BN stats and layer scales (numpy, from eval_shape)."""
-  shapes = models.abstract_variables(model, shape)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, a):
-    if path.endswith("var"):
-      return rng.uniform(0.5, 2.0, a.shape).astype(np.float32)
-    if path.endswith(("scale", "layer_scale")):
-      return rng.uniform(0.5, 1.5, a.shape).astype(np.float32)
-    fan_in = int(np.prod(a.shape[:-1])) if len(a.shape) > 1 else 25
-    return (rng.normal(size=a.shape) / np.sqrt(fan_in)).astype(np.float32)
-
-  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+  return random_variables(model, shape, seed)
 
 
 def _tiny(arch, num_classes=5, **extra):
@@ -385,21 +373,7 @@ def test_too_small_input_and_grouped_basic_blocks_are_named():
 def test_fewshot_tiny_run_28px_grayscale(arch, strategy, tmp_path):
   """fmnist is 28x28x1: the full-size DenseNet / ConvNeXt maps vanish there (see
   test_too_small_input_is_named), the width- and depth-reduced configs run."""
-  from experiments import fewshot
-  from jtransfer.methods import transfer
-  shape = (28, 28, 1)
-  model = models.get_model(arch, 3, **TINY[arch])
-  source = transfer.Source(arch, models.model_config(model), _variables(model, shape=shape),
-                           shape, (0.3,), (0.3,), {"source_spec": "random"})
-  transfer.save_source(str(tmp_path / "src"), source)
-  out = tmp_path / "out"
-  argv = ["--arch", arch, "--source", f"ckpt:{tmp_path / 'src'}", "--target", "fmnist:1,5,7",
-          "--strategies", strategy, "--out", str(out), "--shots", "1", "--repeats", "1",
-          "--steps", "2", "--test-per-class", "2", "--val-per-class", "1", "--lrs", "0.001",
-          "--quiet"]
-  assert fewshot.main(argv) == 0
-  records = [r for r in json.loads((out / "results.json").read_text()) if r["role"] == "eval"]
-  assert records and all(r["status"] == "ok" and r["arch"] == arch for r in records)
+  tiny_fewshot_run(tmp_path, arch, TINY[arch], strategy, "fmnist:1,5,7")
 
 
 @pytest.mark.parametrize("arch", ["densenet121", "convnext_tiny"])

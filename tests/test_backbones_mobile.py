@@ -13,6 +13,7 @@ from jtransfer import models, surgery, weights
 from jtransfer.errors import InputError
 from jtransfer.methods import cwl, delta, prune, sparsity
 from jtransfer.models import mobilenet
+from model_helpers import random_variables, tiny_fewshot_run
 
 ARCHS = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0")
 # torchvision's documented parameter counts (1000 classes).
@@ -37,17 +38,7 @@ SHAPE = (16, 16, 1)
 
 
 def _random_variables(model, shape=SHAPE, seed=0):
-  """Random weights and BN stats from eval_shape (no jitted Flax init)."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, a):
-    if path.endswith("var"):
-      return rng.uniform(0.5, 2.0, a.shape).astype(np.float32)
-    fan_in = int(np.prod(a.shape[:-1])) if len(a.shape) > 1 else 4
-    return (rng.normal(size=a.shape) / np.sqrt(fan_in)).astype(np.float32)
-
-  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+  return random_variables(model, shape, seed)
 
 
 # ----------------------------------------------------------------------------- torchvision
@@ -340,26 +331,12 @@ def test_sparsity_masks_on_depthwise_kernels():
                                              ("efficientnet_b0", "freeze")])
 def test_fewshot_end_to_end(arch, strategies, tmp_path):
   """A tiny random source of each arch (28x28 grayscale, width-reduced) through fewshot."""
-  import json
-
-  from experiments import fewshot
-  from jtransfer.methods import transfer
-  shape = (28, 28, 1)
   # two blocks: the few-shot machinery is under test here, the blocks are tested above
   tiny = dict(TINY[_tiny_of(arch)])
   tiny["blocks"] = tiny["blocks"][:2]
-  model = models.get_model(arch, 5, **tiny)
-  source = transfer.Source(arch, models.model_config(model), _random_variables(model, shape),
-                           shape, (0.5,), (0.25,))
-  transfer.save_source(str(tmp_path / "src"), source)
-  out = tmp_path / "out"
-  argv = ["--arch", arch, "--source", f"ckpt:{tmp_path / 'src'}", "--target", "digits:0,1,2",
-          "--strategies", strategies, "--out", str(out), "--steps", "2", "--repeats", "1",
-          "--shots", "1", "--test-per-class", "2", "--val-per-class", "1", "--lrs", "0.001",
-          "--quiet"]
-  assert fewshot.main(argv) == 0
-  records = [r for r in json.loads((out / "results.json").read_text()) if r["role"] == "eval"]
-  assert len(records) == len(strategies.split(",")) and all(r["status"] == "ok" and r["arch"] == arch for r in records)
+  records = tiny_fewshot_run(tmp_path, arch, tiny, strategies, "digits:0,1,2", classes=5,
+                             mean=(0.5,), std=(0.25,))
+  assert len(records) == len(strategies.split(","))
 
 
 def _tiny_of(arch):

@@ -1,6 +1,5 @@
 """The main command end to end on tiny settings, its outputs, resume, and its input errors."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -1,28 +1,18 @@
 """Tests for jtransfer.methods.prune: structural channel pruning by CWL scales."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jtransfer import models, surgery
 from jtransfer.errors import InputError
 from jtransfer.methods import cwl, prune
+from model_helpers import random_variables
 
 SHAPE = (16, 16, 1)
 
 
 def _variables(model, seed=0, shape=SHAPE):
-  """Random weights and BN stats from eval_shape (no slow jitted Flax init)."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, a):
-    if path.endswith("var"):
-      return rng.uniform(0.5, 2.0, a.shape).astype(np.float32)
-    fan_in = int(np.prod(a.shape[:-1])) if len(a.shape) > 1 else 4
-    return (rng.normal(size=a.shape) / np.sqrt(fan_in)).astype(np.float32)
-
-  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+  return random_variables(model, shape, seed)
 
 
 def _setup(arch, seed=0, shape=SHAPE, **cfg):

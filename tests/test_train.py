@@ -72,7 +72,6 @@ def test_step_jaxpr_has_no_frozen_gradient():
   _, v, batch, loss_fn = _setup("vgg_s")
   v = {"params": v["params"]} if "batch_stats" not in v else v
   opt = make_optimizer(v["params"], [("head/.*", "h"), (".*", "frozen")], {"h": optax.sgd(0.1)})
-  state = init_state(v["params"], v.get("batch_stats", {}), opt, 0)
   shapes = [tuple(x.shape) for x in jax.tree.leaves(opt.init(v["params"]))]
   conv_shape = tuple(v["params"]["conv3_2"]["conv"]["kernel"].shape)
   assert conv_shape not in shapes

@@ -1,0 +1,48 @@
+"""Helpers shared by the model and method tests: random variables without Flax's jitted init,
+and a tiny few-shot run on a random source of any architecture."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtransfer import models, surgery
+
+
+def random_variables(model, shape, seed: int = 0) -> dict:
+  """Random weights (normal / sqrt(fan in)) and BN running variances in [0.5, 2], drawn in
+  numpy on `jax.eval_shape`'s shapes: compiling Flax's random init costs seconds per model."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, a):
+    if path.endswith("var"):
+      return rng.uniform(0.5, 2.0, a.shape).astype(np.float32)
+    fan_in = int(np.prod(a.shape[:-1])) if len(a.shape) > 1 else 4
+    return (rng.normal(size=a.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+
+
+def tiny_fewshot_run(tmp_path, arch: str, config: dict, strategies: str, target: str,
+                     classes: int = 3, mean=(0.3,), std=(0.3,)) -> list[dict]:
+  """`experiments.fewshot` (1 shot, 2 steps) from a random 28x28x1 source of `arch` with
+  `config`; returns the evaluation records, each checked 'ok' and of `arch`."""
+  from experiments import fewshot
+  from jtransfer.methods import transfer
+  shape = (28, 28, 1)
+  model = models.get_model(arch, classes, **config)
+  source = transfer.Source(arch, models.model_config(model), random_variables(model, shape),
+                           shape, tuple(mean), tuple(std), {"source_spec": "random"})
+  transfer.save_source(str(tmp_path / "src"), source)
+  out = tmp_path / "out"
+  argv = ["--arch", arch, "--source", f"ckpt:{tmp_path / 'src'}", "--target", target,
+          "--strategies", strategies, "--out", str(out), "--shots", "1", "--repeats", "1",
+          "--steps", "2", "--test-per-class", "2", "--val-per-class", "1", "--lrs", "0.001",
+          "--quiet"]
+  assert fewshot.main(argv) == 0
+  records = [r for r in json.loads((out / "results.json").read_text()) if r["role"] == "eval"]
+  assert records and all(r["status"] == "ok" and r["arch"] == arch for r in records)
+  return records
