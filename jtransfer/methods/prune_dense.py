@@ -311,7 +311,7 @@ class GroupedResNetRules:
     plain = [Group(g.name, g.units, [c for c in g.consumers
                                      if not (g.config_key[:1] == ("inner_widths",)
                                              and g.config_key[3] == 0)],
-                   g.config_key, g.residual, g.multiple, g.fixed) for g in groups]
+                   g.config_key, g.residual, g.multiple, fixed=g.fixed) for g in groups]
     prune._slice_flat(flat, stats, plain, masks)
 
   new_config = staticmethod(prune._new_config)
