@@ -82,6 +82,8 @@ def main(argv=None) -> None:
   p.add_argument("--images", type=int, default=20, help="attention images (one batch)")
   p.add_argument("--classes", type=int, default=4)
   p.add_argument("--max-images", type=int, default=4096, help="delta.Config.att_max_images")
+  p.add_argument("--max-mb", type=float, default=delta.Config.att_max_mb,
+                 help="delta.Config.att_max_mb")
   p.add_argument("--calls", type=int, default=0,
                  help="timed calls per tap and implementation (0: all of the tap's chunks)")
   p.add_argument("--impl", default="both", choices=("both", "new", "old"),
@@ -107,10 +109,13 @@ def main(argv=None) -> None:
         "kernel mask: CPU s/call | x forward, all channels | speed-up |")
   print("|---|---|---|---|---|---|---|---|---|")
   flat = surgery.flatten(params)
+  maps = jax.eval_shape(lambda x: models.apply_model(model, params, stats, x, taps=taps)[2],
+                        jax.ShapeDtypeStruct((1, *shape), np.float32))
   totals = {"new": 0.0, "old": 0.0}
   for tap in taps:
     channels = flat[f"{tap}/conv/kernel"].shape[-1]
-    chunk = delta.channel_chunk(channels, args.images, args.max_images)
+    map_bytes = int(np.prod(maps[tap].shape)) * 4
+    chunk = delta.channel_chunk(channels, args.images, args.max_images, map_bytes, args.max_mb)
     calls = -(-channels // chunk)
     timed_calls = calls if args.calls <= 0 else min(calls, args.calls)
     masks = np.ones((chunk, channels), np.float32)

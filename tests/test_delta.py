@@ -510,6 +510,10 @@ def test_channel_chunks_are_even_and_bounded():
   assert delta.channel_chunk(64, 20, 4096) == 64
   assert delta.channel_chunk(512, 20, 4096) == 171      # 3 calls, 1 padded row
   assert delta.channel_chunk(10, 1000, 100) == 1        # at least one channel per call
+  # the memory bound: 4 images of a 3.2 MB map (resnet50's stage1 tap at 224 px) in 512 MB
+  # leave room for 160 images, 40 channels per call
+  assert delta.channel_chunk(256, 4, 4096, 56 * 56 * 256 * 4, 512.0) == 37  # 7 calls of 37
+  assert delta.channel_chunk(256, 4, 4096, 56 * 56 * 256 * 4, 1e9) == 256
   for c, b, m in [(960, 32, 4096), (7, 3, 10), (2048, 64, 4096)]:
     k = delta.channel_chunk(c, b, m)
     assert k * b <= max(m, b) and -(-c // k) * k - c < k

@@ -78,7 +78,11 @@ class Config:
       0.01, momentum 0.9, weight decay 1e-4, x0.1 at 60%), but at least this many steps: on a
       k-shot set an epoch is one step, and 10 steps leave the head at its random init.
     att_max_images: channels ablated per vectorised call times batch size stays below this
-      (it bounds the ablation's memory: the suffix after a tap runs on that many images).
+      (the suffix after a tap runs on that many images at once).
+    att_max_mb: and (channels per call) x (batch size) x (the tap's map, bytes per image)
+      stays below this many MB: the ablation's memory follows the suffix's activations, which
+      grow with the map (resnet50 at 224 px, 4 images: 17.0 GB peak at 4096 images per call,
+      BUILD_NOTES.md), so this bound, not the image count, keeps large inputs in memory.
     att_probe_loop: run the 'authors' probe step by step even when every batch holds all the
       images (the closed form of `_probe_one_batch` gives the same result in 2 forwards).
     att_bn: BatchNorm in the attention probe (no effect on models without BN):
@@ -109,6 +113,7 @@ class Config:
   att_head_epochs: int = 10
   att_head_min_steps: int = 200
   att_max_images: int = 4096
+  att_max_mb: float = 512.0
   att_probe_loop: bool = False
   att_bn: str = "authors"
   source_cache_mb: float = 256.0
@@ -131,6 +136,8 @@ class Config:
                  "att_max_images"):
       if int(getattr(self, name)) < 1:
         raise InputError(f"DELTA {name} must be an integer >= 1, got {getattr(self, name)}")
+    if not self.att_max_mb > 0:
+      raise InputError(f"DELTA att_max_mb must be > 0, got {self.att_max_mb}")
     return self
 
 
@@ -370,22 +377,28 @@ def ablation_fn(model, tap: str, bn_train: bool = False) -> Callable:
   return fn
 
 
-def channel_chunk(channels: int, batch: int, max_images: int) -> int:
-  """Channels per vectorised ablation call: (chunk x batch) <= max_images, split evenly.
+def channel_chunk(channels: int, batch: int, max_images: int, map_bytes: int = 0,
+                  max_mb: float = float("inf")) -> int:
+  """Channels per vectorised ablation call: (chunk x batch) <= max_images and
+  (chunk x batch x map_bytes) <= max_mb MB, split evenly.
 
   Equal chunks (the last one padded) keep one compiled shape per tap; choosing the chunk as
   ceil(C / calls) rather than the largest that fits keeps the padding under one chunk
   (C=256, room for 204: two calls of 128, not 204 + 52 real and 152 wasted).
   """
-  room = int(max(1, min(channels, max_images // max(1, batch))))
+  images = max_images
+  if map_bytes > 0 and np.isfinite(max_mb):
+    images = min(images, int(max_mb * 2 ** 20 // map_bytes))
+  room = int(max(1, min(channels, images // max(1, batch))))
   calls = -(-channels // room)
   return -(-channels // calls)
 
 
 def channel_loss_increase(fn: Callable, params, stats, x, labels, weights, channels: int,
-                          max_images: int) -> np.ndarray:
+                          max_images: int, map_bytes: int = 0,
+                          max_mb: float = float("inf")) -> np.ndarray:
   """CE increase per ablated channel on one batch, in chunks of equal shape (one compile)."""
-  chunk = channel_chunk(channels, x.shape[0], max_images)
+  chunk = channel_chunk(channels, x.shape[0], max_images, map_bytes, max_mb)
   out = []
   for start in range(0, channels, chunk):
     idx = np.arange(start, start + chunk)
@@ -399,6 +412,7 @@ def channel_loss_increase(fn: Callable, params, stats, x, labels, weights, chann
 def attention_weights(model, params, stats, batches: Sequence[tuple[np.ndarray, np.ndarray,
                                                                     np.ndarray]],
                       taps: Sequence[str], *, temperature: float = 5.0, max_images: int = 4096,
+                      max_mb: float = float("inf"),
                       bn_train: bool = False) -> dict[str, np.ndarray]:
   """DELTA's supervised attention per tapped layer.
 
@@ -409,19 +423,24 @@ def attention_weights(model, params, stats, batches: Sequence[tuple[np.ndarray, 
     taps: conv unit names; the kernel `<tap>/conv/kernel` of each is ablated channel by channel.
     temperature: softmax temperature.
     max_images: bound on (channels per call) x (batch size).
+    max_mb: bound on (channels per call) x (batch size) x (the tap's map, bytes per image).
     bn_train: BN uses each batch's statistics (pass unpadded batches) instead of `stats`.
 
   Returns:
     tap -> float32 (C,) weights summing to 1.
   """
   flat = surgery.flatten(params)
+  for tap in taps:
+    if f"{tap}/conv/kernel" not in flat:
+      raise InputError(f"DELTA tap {tap!r} has no kernel {tap}/conv/kernel")
+  maps = jax.eval_shape(lambda x: models.apply_model(model, params, stats, x, taps=taps)[2],
+                        jax.ShapeDtypeStruct((1, *batches[0][0].shape[1:]), jnp.float32))
   out = {}
   for tap in taps:
-    path = f"{tap}/conv/kernel"
-    if path not in flat:
-      raise InputError(f"DELTA tap {tap!r} has no kernel {path!r}")
-    fn, channels = ablation_fn(model, tap, bool(bn_train)), flat[path].shape[-1]
-    increase = np.mean([channel_loss_increase(fn, params, stats, x, y, w, channels, max_images)
+    fn, channels = ablation_fn(model, tap, bool(bn_train)), flat[f"{tap}/conv/kernel"].shape[-1]
+    map_bytes = int(np.prod(maps[tap].shape)) * 4
+    increase = np.mean([channel_loss_increase(fn, params, stats, x, y, w, channels, max_images,
+                                              map_bytes, max_mb)
                         for x, y, w in batches], axis=0)
     out[tap] = attention_from_losses(increase, temperature)
   return out
@@ -606,6 +625,7 @@ class AttentionComputer:
       weights = attention_weights(self.model, params, stats, batches, self.taps,
                                   temperature=self.config.temperature,
                                   max_images=self.config.att_max_images,
+                                  max_mb=self.config.att_max_mb,
                                   bn_train=mode == "train")
       if len(_ATTENTION_CACHE) >= _CACHE_SIZE:
         _ATTENTION_CACHE.pop(next(iter(_ATTENTION_CACHE)))
