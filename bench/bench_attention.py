@@ -109,13 +109,12 @@ def main(argv=None) -> None:
         "kernel mask: CPU s/call | x forward, all channels | speed-up |")
   print("|---|---|---|---|---|---|---|---|---|")
   flat = surgery.flatten(params)
-  maps = jax.eval_shape(lambda x: models.apply_model(model, params, stats, x, taps=taps)[2],
-                        jax.ShapeDtypeStruct((1, *shape), np.float32))
+  map_bytes = delta.tap_map_bytes(model, params, stats, shape, taps)
   totals = {"new": 0.0, "old": 0.0}
   for tap in taps:
     channels = flat[f"{tap}/conv/kernel"].shape[-1]
-    map_bytes = int(np.prod(maps[tap].shape)) * 4
-    chunk = delta.channel_chunk(channels, args.images, args.max_images, map_bytes, args.max_mb)
+    chunk = delta.channel_chunk(channels, args.images, args.max_images, map_bytes[tap],
+                                args.max_mb)
     calls = -(-channels // chunk)
     timed_calls = calls if args.calls <= 0 else min(calls, args.calls)
     masks = np.ones((chunk, channels), np.float32)

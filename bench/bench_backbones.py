@@ -16,13 +16,12 @@ pruned depthwise net against its MACs.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import round_robin_medians
 from jtransfer import models, surgery
 from jtransfer.methods import cwl, prune
 
@@ -62,18 +61,6 @@ def torch_forward(arch: str, size: int, batch: int):
   return call
 
 
-def median_times(calls: dict, repeats: int) -> dict:
-  for c in calls.values():
-    c()  # warm-up
-  times = {k: [] for k in calls}
-  for _ in range(repeats):
-    for k, c in calls.items():
-      t0 = time.perf_counter()
-      c()
-      times[k].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in times.items()}
-
-
 def latency_table(archs, size: int, batches, repeats: int) -> None:
   print("| arch | px | params | GFLOPs/img | " + " | ".join(
       f"b{b} JAX ms | b{b} PyTorch ms | b{b} JAX/PyTorch" for b in batches) + " |")
@@ -84,7 +71,7 @@ def latency_table(archs, size: int, batches, repeats: int) -> None:
     for b in batches:
       jcall, params, flops = jax_forward(arch, px, b)
       gflops = flops / 1e9
-      t = median_times({"jax": jcall, "torch": torch_forward(arch, px, b)}, repeats)
+      t = round_robin_medians({"jax": jcall, "torch": torch_forward(arch, px, b)}, repeats)
       cells += [f"{1000 * t['jax']:.0f}", f"{1000 * t['torch']:.0f}",
                 f"{t['jax'] / t['torch']:.2f}"]
     print(f"| {arch} | {px} | {params / 1e6:.2f}M | {gflops:.2f} | " + " | ".join(cells) + " |",
@@ -119,7 +106,7 @@ def pruned_table(repeats: int, batch: int = 64) -> None:
     compiled = f.lower(p, s, x).compile()
     calls[name] = (lambda c=compiled, p=p, s=s: c(p, s, x).block_until_ready())
     info[name] = (surgery.count(p), flops_per_image(compiled, batch) / 1e6, maps)
-  t = median_times(calls, repeats)
+  t = round_robin_medians(calls, repeats)
   base = t["unpruned"]
   print(f"\nMobileNetV2 x0.5 at 32 px, batch {batch}, pruned by |sigma| (random sigmas):")
   print("| net | feature maps kept | params | MFLOPs/img | latency ms | x unpruned |")

@@ -20,6 +20,7 @@ import time
 import jax
 import numpy as np
 
+from bench.common import round_robin_medians
 from jtransfer import models
 from jtransfer.methods import delta, transfer
 from jtransfer.train import init_state, make_train_step
@@ -69,13 +70,7 @@ def step_times(source, names, images, labels, repeats: int) -> dict[str, float]:
     steps[name] = make_step(source, base, images, labels)
     if old is not None:
       delta.set_config(old)
-  times = {name: [] for name in names}
-  for _ in range(repeats):
-    for name, one in steps.items():
-      t0 = time.perf_counter()
-      one()
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return round_robin_medians(steps, repeats, warmup=0)  # make_step warmed each up
 
 
 def attention_times(source, images, labels, repeats: int) -> dict:

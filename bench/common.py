@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import statistics
 import sys
-from typing import Optional, Sequence
+import time
+from typing import Callable, Mapping, Optional, Sequence
 
 
 def command(module: str, argv: Optional[Sequence[str]]) -> str:
@@ -19,3 +21,21 @@ def emit(text: str, out: Optional[str]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
       f.write(text)
+
+
+def round_robin_medians(calls: Mapping[str, Callable[[], object]], repeats: int,
+                        warmup: int = 1) -> dict[str, float]:
+  """Median wall time of each call, timed round-robin so load changes hit all alike.
+
+  Each call runs `warmup` times first (compiles, caches), then `repeats` timed rounds.
+  """
+  for c in calls.values():
+    for _ in range(warmup):
+      c()
+  times = {k: [] for k in calls}
+  for _ in range(repeats):
+    for k, c in calls.items():
+      t0 = time.perf_counter()
+      c()
+      times[k].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) for k, v in times.items()}

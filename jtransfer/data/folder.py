@@ -146,18 +146,19 @@ def _read_classes(parents: Sequence[pathlib.Path], names: Sequence[str], skipped
   Streaming (`decode_kwargs['stream']`): each class's file paths instead, decoded later.
   """
   per_class = []
+  streaming = decode_kwargs.get("stream") is not None
+  kwargs = {k: v for k, v in decode_kwargs.items() if k != "stream"}
   for name in names:
     paths = []
     for parent in parents:
       if (parent / name).is_dir():
         paths += _list_files(parent / name, skipped)
-    if decode_kwargs.get("stream") is not None:
+    if streaming:
       if not paths:
         raise InputError(f"class folder {str(parents[0] / name)!r} contains no image files "
                          f"(extensions {', '.join(images_lib.IMAGE_EXTENSIONS)})")
       per_class.append(np.asarray(paths, dtype=object))
     else:
-      kwargs = {k: v for k, v in decode_kwargs.items() if k != "stream"}
       per_class.append(_decode_class(paths, parents[0] / name, skipped, kwargs))
   return per_class
 

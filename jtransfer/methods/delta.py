@@ -409,6 +409,14 @@ def channel_loss_increase(fn: Callable, params, stats, x, labels, weights, chann
   return np.concatenate(out)
 
 
+def tap_map_bytes(model, params, stats, image_shape: Sequence[int],
+                  taps: Sequence[str]) -> dict[str, int]:
+  """float32 bytes of each tap's map for one image (shapes only: nothing is computed)."""
+  maps = jax.eval_shape(lambda x: models.apply_model(model, params, stats, x, taps=taps)[2],
+                        jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+  return {t: int(np.prod(maps[t].shape)) * 4 for t in taps}
+
+
 def attention_weights(model, params, stats, batches: Sequence[tuple[np.ndarray, np.ndarray,
                                                                     np.ndarray]],
                       taps: Sequence[str], *, temperature: float = 5.0, max_images: int = 4096,
@@ -433,12 +441,11 @@ def attention_weights(model, params, stats, batches: Sequence[tuple[np.ndarray, 
   for tap in taps:
     if f"{tap}/conv/kernel" not in flat:
       raise InputError(f"DELTA tap {tap!r} has no kernel {tap}/conv/kernel")
-  maps = jax.eval_shape(lambda x: models.apply_model(model, params, stats, x, taps=taps)[2],
-                        jax.ShapeDtypeStruct((1, *batches[0][0].shape[1:]), jnp.float32))
+  sizes = tap_map_bytes(model, params, stats, batches[0][0].shape[1:], taps)
   out = {}
   for tap in taps:
     fn, channels = ablation_fn(model, tap, bool(bn_train)), flat[f"{tap}/conv/kernel"].shape[-1]
-    map_bytes = int(np.prod(maps[tap].shape)) * 4
+    map_bytes = sizes[tap]
     increase = np.mean([channel_loss_increase(fn, params, stats, x, y, w, channels, max_images,
                                               map_bytes, max_mb)
                         for x, y, w in batches], axis=0)

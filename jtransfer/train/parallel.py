@@ -88,10 +88,10 @@ def gather_rows(fn, n: int) -> np.ndarray:
   p, i = jax.process_count(), jax.process_index()
   m = -(-n // p)
   start, stop = min(i * m, n), min((i + 1) * m, n)
-  part = fn(start, stop) if stop > start else fn(0, 1)[:0]
+  # An empty share (the last processes when n < processes * m) sends row 0 as padding.
+  part = fn(start, stop) if stop > start else fn(0, 1)
   if len(part) < m:
-    fill = part[-1:] if len(part) else fn(0, 1)
-    part = np.concatenate([part, np.repeat(fill, m - len(part), axis=0)])
+    part = np.concatenate([part, np.repeat(part[-1:], m - len(part), axis=0)])
   gathered = np.asarray(multihost_utils.process_allgather(part, tiled=True))
   return gathered.reshape(p * m, *part.shape[1:])[:n]
 
