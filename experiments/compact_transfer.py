@@ -78,7 +78,7 @@ import numpy as np
 from experiments import cli, pretrain, publish
 from experiments.report import ResultsDir, mean_std, positive_ints
 from jtransfer import models, surgery
-from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
+from jtransfer.data import Batches, augment, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import distill, transfer
 from jtransfer.protocol import Budget, claims, fit_converged, tuning
@@ -189,10 +189,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="'approaches the teacher' is tested as student >= teacher - this margin "
                       "(accuracy units: 0.02 = 2 points)")
   p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--augment", default="none", choices=distill.AUGMENTS,
-                 help="random crop (and flip) inside the loss, the same for teacher and "
-                      "student; 'none' caches the teacher's logits once")
-  p.add_argument("--pad", type=int, default=2, help="crop padding in pixels")
+  p.add_argument("--augment", default="none",
+                 help="training augmentation of the students (jtransfer.data.augment: none, "
+                      "flip, crop, rrc, pad[N], each optionally +flip; e.g. pad2+flip: zero-pad "
+                      "2 px, random crop, flip), inside the loss, so the teacher sees the "
+                      "student's very batch; 'none' caches the teacher's logits once")
   p.add_argument("--prune-keep", type=float, default=0.5,
                  help="fraction of each conv unit's channels the pruned variants keep")
   p.add_argument("--prune-residual", default="group", choices=("group", "keep"),
@@ -280,8 +281,7 @@ def validate(args: argparse.Namespace) -> dict:
                        "give one value each or --tune-repeats >= 1")
   if not 0 < args.prune_keep <= 1:
     raise InputError(f"--prune-keep must be in (0, 1], got {args.prune_keep}")
-  if args.pad < 0:
-    raise InputError(f"--pad must be >= 0, got {args.pad}")
+  augment.parse(args.augment)  # refuses an unknown recipe
   student_source = args.student_source
   if student_source is None:
     student_source = args.source if not args.source.startswith("ckpt:") else None
@@ -516,12 +516,12 @@ class Runner:
     a = self.args
     # With augmentation the teacher is closed over (so it sees the augmented batch), which
     # makes the step specific to that teacher: not cached.
-    closed = teacher if (lam > 0 and a.augment != "none") else None
+    closed = teacher if (lam > 0 and augment.parse(a.augment).active) else None
     full = None if (key is None or closed is not None) else (*key, temperature, lam)
     if full is not None and full in self._steps:
       return self._steps[full]
     loss_fn = distill.distill_loss_fn(model, mean, std, closed, temperature=temperature,
-                                      lam=lam, augment_mode=a.augment, pad=a.pad, bn_train=True)
+                                      lam=lam, recipe=a.augment, bn_train=True)
     params = models.abstract_variables(model, self.shape)["params"]
     opt = self._optimizer(params)
     out = (make_train_step(loss_fn, opt), opt)
@@ -549,7 +549,7 @@ class Runner:
     images, labels, logits = data
     step, opt = self.step_for(model, mean, std, temperature, lam, teacher, step_key)
     a = self.args
-    if lam > 0 and a.augment == "none":
+    if lam > 0 and not augment.parse(a.augment).active:
       batch_at = distill.cached_batches(images, labels, logits, a.batch_size, seed)
     else:
       batch_at = Batches(images, labels, a.batch_size, seed).at
@@ -639,7 +639,7 @@ class TargetRuns:
       raise
     fn = distill.teacher_fn(setup.forward, params, stats)
     t = dict(params=params, stats=stats, setup=setup, fn=fn, logits=None, pred=None)
-    if a.augment == "none":
+    if not augment.parse(a.augment).active:
       t["logits"] = distill.cached_teacher_logits(fn, images)
     res = dict(val_acc=accuracy(_logits(setup.forward, params, stats, val[0]), val[1]),
                test_acc=None)

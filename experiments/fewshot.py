@@ -100,7 +100,8 @@ def add_protocol_flags(p: argparse.ArgumentParser, steps: int = 500, patience: i
   p.add_argument("--augment", default="none",
                  help="training augmentation, on device, per example, from each step's rng "
                       "(jtransfer.data.augment): none, flip, crop (shorter side to 32/28 of "
-                      "the input, random crop), rrc (random-resized crop), crop+flip, rrc+flip; "
+                      "the input, random crop), rrc (random-resized crop), pad[N] (zero-pad N "
+                      "px, default 4, random crop back), each optionally +flip; "
                       "frozen-feature caching is off when augmenting")
   p.add_argument("--stored-size", type=int, default=0,
                  help="store the target's images as squares of this side (cover, centre "
@@ -196,7 +197,9 @@ def validate(args: argparse.Namespace) -> dict:
       lrs[s] = REDUCED_LRS.get(s, strategy.paper_lrs[1::2] or strategy.paper_lrs)
     else:
       lrs[s] = transfer.lr_grid(strategy, args.lrs)
-  augment_recipe(args)  # refuses an unknown recipe
+  if augment_recipe(args).kind == "pad" and getattr(args, "stored_size", 0):  # also parses
+    raise InputError(f"--augment {args.augment} crops back to the stored size, so it cannot "
+                     "be combined with --stored-size: use crop or rrc")
   return dict(archs=archs, strategies=strategies, targets=targets,
               shots=positive_ints(args.shots, "--shots"), lrs=lrs,
               shard=parse_shard(getattr(args, "shard", None)))

@@ -13,7 +13,9 @@ from jtransfer.errors import InputError
 def test_parse_recipes_and_refuse_the_rest():
   assert str(aug.parse("rrc+flip")) == "rrc+flip" and aug.parse("none").active is False
   assert aug.parse("flip") == aug.Recipe(flip=True) and aug.parse("crop").kind == "crop"
-  for bad in ("rrc+crop", "blur", "", "none+flip"):
+  assert aug.parse("pad2+flip") == aug.Recipe(kind="pad", flip=True, pad=2)
+  assert str(aug.parse("pad+flip")) == "pad4+flip" and str(aug.parse("pad0")) == "pad0"
+  for bad in ("rrc+crop", "blur", "", "none+flip", "pad+crop", "padx", "pad-1"):
     with pytest.raises(InputError, match="--augment"):
       aug.parse(bad)
 
@@ -54,6 +56,39 @@ def test_crops_resample_exactly_and_flips_half_the_images():
   np.testing.assert_array_equal(flipped[~is_flipped], images[~is_flipped])
   np.testing.assert_array_equal(aug.augment(images[:3], jax.random.PRNGKey(0), aug.parse("none")),
                                 images[:3])
+
+
+def test_pad_crop_matches_numpy():
+  """CIFAR's RandomCrop(padding=N): zero padding, then a whole-pixel crop of the stored size."""
+  g = np.random.default_rng(3)
+  images = g.integers(0, 255, (5, 6, 7, 2)).astype(np.uint8)
+  pad = 2
+  offsets = g.integers(0, 2 * pad + 1, (5, 2))
+  got = np.asarray(aug.pad_crop(jnp.asarray(images), jnp.asarray(offsets), pad))
+  assert got.dtype == np.uint8
+  for i in range(5):
+    padded = np.pad(images[i], ((pad, pad), (pad, pad), (0, 0)))
+    np.testing.assert_array_equal(
+        got[i], padded[offsets[i, 0]:offsets[i, 0] + 6, offsets[i, 1]:offsets[i, 1] + 7])
+
+
+def test_pad_recipe_shifts_within_its_padding_and_flips():
+  images = jnp.asarray(np.random.default_rng(4).integers(1, 255, (64, 6, 6, 1)), jnp.uint8)
+  rng = jax.random.PRNGKey(0)
+  np.testing.assert_array_equal(aug.augment(images, rng, aug.parse("pad0")), images)
+  shifted = np.asarray(aug.augment(images, rng, aug.parse("pad2")))
+  src = np.asarray(images, np.float32)
+  for out, im in zip(shifted, src):  # each output is its image shifted by (dy, dx) in [-2, 2]
+    padded = np.pad(im, ((2, 2), (2, 2), (0, 0)))
+    assert any(np.array_equal(out, padded[dy:dy + 6, dx:dx + 6])
+               for dy in range(5) for dx in range(5))
+  assert not np.array_equal(shifted, src)
+  flipped = np.asarray(aug.augment(images, rng, aug.parse("pad0+flip")))
+  mirror = [np.array_equal(f, i[:, ::-1]) for f, i in zip(flipped, src)]
+  same = [np.array_equal(f, i) for f, i in zip(flipped, src)]
+  assert all(a or b for a, b in zip(same, mirror)) and any(mirror) and any(same)
+  with pytest.raises(InputError, match="stored size"):
+    aug.augment(images, rng, aug.parse("pad2"), (4, 4))
 
 
 def test_the_stream_is_a_pure_function_of_the_rng():
@@ -200,3 +235,6 @@ def test_fewshot_with_stored_size(tiny_source_dir, tmp_path):
                                    "--resume"]) == 2
   assert fewshot.main(argv[:-3] + ["--stored-size", "20", "--quiet", "--out",
                                    str(tmp_path / "t")]) == 2
+  pad_argv = [a if a != "rrc+flip" else "pad2+flip" for a in argv]
+  assert fewshot.main(pad_argv + ["--out", str(tmp_path / "p")]) == 2  # crops to the stored size
+  assert not (tmp_path / "p" / "results.json").exists()

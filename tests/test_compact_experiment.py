@@ -72,6 +72,7 @@ def _regenerated(argv, out) -> str:
     (["--val-per-class", "0"], "--patience needs validation"),
     (["--approach-margin", "2"], "--approach-margin"),
     (["--prune-keep", "0"], "--prune-keep"),
+    (["--augment", "pad2+rotate"], "--augment"),
     (["--student-steps", "0"], "--student-steps"),
     (["--latency-batches", "1,x"], "--latency-batches"),
     (["--student-config", "[1, 2]"], "JSON object"),
@@ -289,11 +290,11 @@ def test_main_minimal(tiny_source_dir, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_main_all_variants(sources, tmp_path):
-  """Every variant, crop augmentation (the teacher closed over in the loss), resume."""
+  """Every variant, pad-and-crop augmentation with flips (the teacher closed over in the loss), resume."""
   big, small = sources
   out = str(tmp_path / "a")
   argv = _tiny(big, small, out, "--repeats", "2", "--latency-batches", "1,2",
-               "--augment", "crop")
+               "--augment", "pad2+flip")
   assert ct.main(argv) == 0
   for name in ("report.md", "results.json", "results.jsonl", "summary.json",
                "accuracy_vs_flops.png"):

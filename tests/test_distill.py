@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jtransfer import models
-from jtransfer.data import Batches
+from jtransfer.data import Batches, augment
 from jtransfer.errors import InputError
 from jtransfer.methods import distill, transfer
 from jtransfer.train import adam, evaluate, init_state, make_optimizer, make_train_step
@@ -89,42 +89,12 @@ def test_bad_hyperparameters():
     distill.distill_loss(jnp.asarray(s), None, jnp.asarray(y), 2.0, 0.5)
   with pytest.raises(InputError, match="shape"):
     distill.distill_loss(jnp.asarray(s), jnp.asarray(t[:, :3]), jnp.asarray(y), 2.0, 0.5)
-  with pytest.raises(InputError, match="augmentation"):
-    distill.augment(jnp.zeros((2, 4, 4, 1)), jax.random.PRNGKey(0), "rotate")
+  with pytest.raises(InputError, match="--augment"):
+    distill.distill_loss_fn(None, MEAN, STD, None, recipe="rotate")
+  with pytest.raises(InputError, match="needs a teacher"):
+    distill.distill_loss_fn(None, MEAN, STD, None, lam=0.5, recipe="pad2")
   with pytest.raises(InputError, match="compact config"):
     distill.compact_config("resnet18")
-
-
-# ----------------------------------------------------------------------------- augmentation
-def test_crop_flip_matches_numpy():
-  g = np.random.default_rng(3)
-  images = g.integers(0, 255, (5, 6, 7, 2)).astype(np.uint8)
-  pad = 2
-  offsets = g.integers(0, 2 * pad + 1, (5, 2))
-  flips = np.array([True, False, True, False, False])
-  got = np.asarray(distill.crop_flip(jnp.asarray(images), jnp.asarray(offsets),
-                                     jnp.asarray(flips), pad))
-  for i in range(5):
-    padded = np.pad(images[i], ((pad, pad), (pad, pad), (0, 0)))
-    want = padded[offsets[i, 0]:offsets[i, 0] + 6, offsets[i, 1]:offsets[i, 1] + 7]
-    if flips[i]:
-      want = want[:, ::-1]
-    np.testing.assert_array_equal(got[i], want)
-  assert got.dtype == np.uint8
-
-
-def test_augment_modes():
-  images = jnp.asarray(np.random.default_rng(4).integers(1, 255, (16, 6, 6, 1)), jnp.uint8)
-  rng = jax.random.PRNGKey(0)
-  assert distill.augment(images, rng, "none") is images
-  np.testing.assert_array_equal(distill.augment(images, rng, "crop", pad=0), images)
-  cropped = np.asarray(distill.augment(images, rng, "crop", pad=2))
-  assert cropped.shape == images.shape and not np.array_equal(cropped, images)
-  # pad 0 with flips: every image is itself or its mirror, and both occur
-  flipped = np.asarray(distill.augment(images, rng, "crop_flip", pad=0))
-  same = [np.array_equal(f, i) for f, i in zip(flipped, np.asarray(images))]
-  mirror = [np.array_equal(f, i[:, ::-1]) for f, i in zip(flipped, np.asarray(images))]
-  assert all(a or b for a, b in zip(same, mirror)) and any(mirror) and any(same)
 
 
 # ----------------------------------------------------------------------------- with models
@@ -168,7 +138,7 @@ def test_teacher_untouched_by_student_training():
   before = jax.tree.map(lambda x: np.array(x, copy=True), tp)
   t_fn = distill.teacher_fn(transfer.eval_forward(teacher, MEAN, STD), tp, {})
   loss_fn = distill.distill_loss_fn(student, MEAN, STD, t_fn, temperature=3.0, lam=0.5,
-                                    augment_mode="crop_flip")
+                                    recipe="pad2+flip")
   opt = make_optimizer(sp, [(".*", "all")], {"all": adam(1e-2)})
   state = init_state(sp, {}, opt, 0)
   step = make_train_step(loss_fn, opt)
@@ -200,7 +170,7 @@ def test_teacher_not_in_differentiated_tree():
   teacher, student, tp, sp = _nets()
   forward = transfer.eval_forward(teacher, MEAN, STD)
   loss_fn = distill.distill_loss_fn(student, MEAN, STD, distill.teacher_fn(forward, tp, {}),
-                                    temperature=2.0, lam=0.5, augment_mode="crop")
+                                    temperature=2.0, lam=0.5, recipe="pad2")
   batch, rng = _batch(), jax.random.PRNGKey(0)
   grad_fn = lambda p: jax.value_and_grad(loss_fn, has_aux=True)(p, {}, batch, rng)
   jaxpr = jax.make_jaxpr(grad_fn)(sp)
@@ -214,7 +184,7 @@ def test_teacher_not_in_differentiated_tree():
   # Control: with the teacher's params differentiated too, teacher-shaped outputs do appear.
   def both(p, t):
     fn = distill.distill_loss_fn(student, MEAN, STD, lambda im: forward(t, {}, im),
-                                 temperature=2.0, lam=0.5, augment_mode="crop")
+                                 temperature=2.0, lam=0.5, recipe="pad2")
     return fn(p, {}, batch, rng)[0]
   control = jax.make_jaxpr(jax.grad(both, argnums=(0, 1)))(sp, tp)
   assert t_only <= set(_out_shapes(control))
@@ -227,12 +197,12 @@ def test_teacher_sees_the_augmented_batch():
   t_fn = distill.teacher_fn(forward, sp, {})
   batch, rng = _batch(16), jax.random.PRNGKey(5)
   loss_fn = distill.distill_loss_fn(student, MEAN, STD, t_fn, temperature=2.0, lam=0.5,
-                                    augment_mode="crop_flip", pad=2)
+                                    recipe="pad2+flip")
   _, (terms, _) = jax.jit(loss_fn)(sp, {}, batch, rng)
   assert abs(float(terms["kd"])) < 1e-6
   # Control: the teacher on the un-augmented batch disagrees with the student on the crops.
   aug_rng, _ = jax.random.split(rng)
-  crops = distill.augment(jnp.asarray(batch["image"]), aug_rng, "crop_flip", 2)
+  crops = augment.augment(jnp.asarray(batch["image"]), aug_rng, augment.parse("pad2+flip"))
   kd = distill.soft_kl(forward(sp, {}, crops), forward(sp, {}, batch["image"]), 2.0)
   assert float(kd) > 1e-4
 

@@ -4,8 +4,10 @@ Recipes (`parse`): 'none'; 'flip' (horizontal flip, p = 0.5); 'crop' (resize the
 to `resize` x the input size, then a random crop of the input size: the classic
 "Resize(256) + RandomCrop(224)" at 28 px, 32 -> 28); 'rrc' (random-resized crop: area fraction
 in `scale`, aspect ratio in `ratio` log-uniform, resized to the input size, as torchvision's
-RandomResizedCrop: ten candidate boxes, the first that fits, else the whole image); joined with
-'+' ('crop+flip', 'rrc+flip').
+RandomResizedCrop: ten candidate boxes, the first that fits, else the whole image); 'pad'
+or 'padN' (zero-pad N pixels on each side, default 4, and crop back to the stored size at a
+random whole-pixel offset: torchvision's RandomCrop(size, padding=N), the CIFAR recipe; the
+crop is a slice, no resampling); joined with '+' ('crop+flip', 'rrc+flip', 'pad2+flip').
 
 Images may be stored larger than the network's input (`out_hw`), e.g. at 256 px for 224 px
 inputs, so crops come from real pixels rather than upsampled inputs: crop boxes are in stored
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Callable
 
 import jax
@@ -32,7 +35,7 @@ import numpy as np
 
 from jtransfer.errors import InputError
 
-KINDS = ("none", "crop", "rrc")
+KINDS = ("none", "crop", "rrc", "pad")
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries ten boxes
 
 
@@ -41,40 +44,45 @@ class Recipe:
   """What `augment` does.
 
   Attributes:
-    kind: 'none', 'crop' or 'rrc'.
+    kind: 'none', 'crop', 'rrc' or 'pad'.
     flip: horizontal flip with probability 0.5.
     resize: 'crop': the shorter side is resized to this multiple of the input size.
     scale: 'rrc': range of the crop's area as a fraction of the image's.
     ratio: 'rrc': range of the crop's aspect ratio (width / height).
+    pad: 'pad': zero padding on each side, in stored pixels.
   """
   kind: str = "none"
   flip: bool = False
   resize: float = 32 / 28
   scale: tuple[float, float] = (0.08, 1.0)
   ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  pad: int = 4
 
   @property
   def active(self) -> bool:
     return self.kind != "none" or self.flip
 
   def __str__(self) -> str:
-    parts = [p for p in (self.kind if self.kind != "none" else "", "flip" if self.flip else "")
-             if p]
+    kind = {"none": "", "pad": f"pad{self.pad}"}.get(self.kind, self.kind)
+    parts = [p for p in (kind, "flip" if self.flip else "") if p]
     return "+".join(parts) or "none"
 
 
 def parse(text: str) -> Recipe:
-  """'none', 'flip', 'crop', 'rrc', 'crop+flip' or 'rrc+flip' -> Recipe.
+  """'none', 'flip', 'crop', 'rrc' or 'pad[N]', alone or joined with '+flip' -> Recipe.
 
   Raises:
     InputError: anything else.
   """
   parts = [p.strip() for p in str(text).split("+") if p.strip()]
-  kinds = [p for p in parts if p in ("crop", "rrc")]
-  bad = [p for p in parts if p not in ("crop", "rrc", "flip", "none")]
+  pads = [p for p in parts if re.fullmatch(r"pad\d*", p)]
+  kinds = [p for p in parts if p in ("crop", "rrc")] + pads
+  bad = [p for p in parts if p not in ("crop", "rrc", "flip", "none") and p not in pads]
   if bad or len(kinds) > 1 or not parts or ("none" in parts and len(parts) > 1):
-    raise InputError(f"--augment {text!r}: expected none, flip, crop, rrc, crop+flip or "
-                     "rrc+flip")
+    raise InputError(f"--augment {text!r}: expected none, flip, crop, rrc or pad[N] (N pixels "
+                     "of zero padding, default 4), each optionally joined with +flip")
+  if pads:
+    return Recipe(kind="pad", flip="flip" in parts, pad=int(pads[0][3:] or Recipe.pad))
   return Recipe(kind=kinds[0] if kinds else "none", flip="flip" in parts)
 
 
@@ -104,6 +112,8 @@ def crop_boxes(rng: jax.Array, n: int, h: int, w: int, recipe: Recipe,
   `out_hw` is the network's input size (default: the stored size (h, w)).
   """
   out_hw = (h, w) if out_hw is None else tuple(out_hw)
+  if recipe.kind == "pad":
+    raise InputError("a 'pad' augmentation crops at whole-pixel offsets (pad_crop), not boxes")
   if recipe.kind == "none":
     return center_boxes(n, h, w, out_hw, recipe.resize)
   if recipe.kind == "crop":
@@ -126,6 +136,15 @@ def crop_boxes(rng: jax.Array, n: int, h: int, w: int, recipe: Recipe,
   bw = jnp.where(any_fit, pick(bw), float(w))
   u = jax.random.uniform(k_pos, (n, 2))
   return jnp.stack([u[:, 0] * (h - bh), u[:, 1] * (w - bw), bh, bw], axis=1)
+
+
+def pad_crop(images: jax.Array, offsets: jax.Array, pad: int) -> jax.Array:
+  """Zero-pads each (N, H, W, C) image by `pad` pixels and crops it back to (H, W) with its
+  top-left corner at `offsets` (N, 2) (row, col in [0, 2 * pad]); dtype kept."""
+  n, h, w, c = images.shape
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  crop = lambda img, off: jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
+  return jax.vmap(crop)(padded, offsets.astype(jnp.int32))
 
 
 def _resample(image: jax.Array, box: jax.Array, out_hw) -> jax.Array:
@@ -155,7 +174,12 @@ def augment(images: jax.Array, rng: jax.Array, recipe: Recipe, out_hw=None) -> j
   if not recipe.active and out_hw == (h, w):
     return x
   k_box, k_flip = jax.random.split(rng)
-  if recipe.kind != "none" or out_hw != (h, w):
+  if recipe.kind == "pad":
+    if out_hw != (h, w):
+      raise InputError(f"augmentation {recipe}: pads and crops back to the stored size "
+                       f"{h}x{w}, so it needs inputs of that size, not {out_hw[0]}x{out_hw[1]}")
+    x = pad_crop(x, jax.random.randint(k_box, (n, 2), 0, 2 * recipe.pad + 1), recipe.pad)
+  elif recipe.kind != "none" or out_hw != (h, w):
     x = _resample_all(x, crop_boxes(k_box, n, h, w, recipe, out_hw), out_hw)
   if recipe.flip:
     flip = jax.random.bernoulli(k_flip, 0.5, (n,))

@@ -17,8 +17,9 @@ The teacher is closed over by the loss (`teacher_fn`), run in eval mode (BN runn
 statistics) under `stop_gradient`; the train step differentiates only the student's params,
 so no teacher gradient exists. Without augmentation the teacher's logits are the same every
 epoch: compute them once (`cached_teacher_logits`) and pass them in the batch as
-'teacher_logits'. With augmentation (random crop after zero padding, optional horizontal flip,
-in jnp inside the loss) the teacher sees the very batch the student sees.
+'teacher_logits'. With augmentation (any `jtransfer.data.augment` recipe, e.g. 'pad2+flip':
+zero padding, random crop, horizontal flip; applied on device inside the loss) the teacher sees
+the very batch the student sees.
 """
 from __future__ import annotations
 
@@ -30,12 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtransfer import models
+from jtransfer.data import augment
 from jtransfer.data.loader import Batches
 from jtransfer.data.preprocess import normalize
 from jtransfer.errors import InputError
 from jtransfer.train import evaluate
 
-AUGMENTS = ("none", "crop", "crop_flip")
 TEACHER_KEY = "teacher_logits"  # batch entry holding cached teacher logits
 
 # Compact widths for the small archs: half the channels of the defaults (about 1/4 the FLOPs).
@@ -106,40 +107,6 @@ def distill_loss(student_logits: jax.Array, teacher_logits: Optional[jax.Array],
   kd = temperature ** 2 * soft_kl(student_logits, jax.lax.stop_gradient(teacher_logits),
                                   temperature)
   return (1.0 - lam) * ce + lam * kd, {"ce": ce, "kd": kd}
-
-
-# ----------------------------------------------------------------------------- augmentation
-def crop_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array, pad: int) -> jax.Array:
-  """Zero-pads each image by `pad` pixels, crops it back at `offsets`, flips where `flips`.
-
-  Args:
-    images: (N, H, W, C), any dtype (kept).
-    offsets: (N, 2) int top-left corner (row, col) of the crop in the padded image, in
-      [0, 2 * pad].
-    flips: (N,) bool, mirror left-right after the crop.
-    pad: padding on each side.
-  """
-  n, h, w, c = images.shape
-  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  crop = lambda img, off: jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
-  out = jax.vmap(crop)(padded, offsets.astype(jnp.int32))
-  return jnp.where(flips[:, None, None, None], out[:, :, ::-1], out)
-
-
-def augment(images: jax.Array, rng: jax.Array, mode: str, pad: int = 2) -> jax.Array:
-  """Random crop (and flip) of a batch, per image: `mode` in AUGMENTS ('none' is identity)."""
-  if mode not in AUGMENTS:
-    raise InputError(f"augmentation {mode!r}: expected one of {', '.join(AUGMENTS)}")
-  if mode == "none":
-    return images
-  if pad < 0:
-    raise InputError(f"augmentation pad must be >= 0, got {pad}")
-  k_off, k_flip = jax.random.split(rng)
-  n = images.shape[0]
-  offsets = jax.random.randint(k_off, (n, 2), 0, 2 * pad + 1)
-  flips = (jax.random.bernoulli(k_flip, 0.5, (n,)) if mode == "crop_flip"
-           else jnp.zeros((n,), bool))
-  return crop_flip(images, offsets, flips, pad)
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -219,8 +186,8 @@ def student_model(arch: str, num_classes: int, config: Mapping[str, Any]) -> nn.
 
 
 def distill_loss_fn(student: nn.Module, mean, std, teacher: Optional[Callable] = None, *,
-                    temperature: float = 4.0, lam: float = 0.5, augment_mode: str = "none",
-                    pad: int = 2, bn_train: bool = False) -> Callable:
+                    temperature: float = 4.0, lam: float = 0.5,
+                    recipe: augment.Recipe | str = "none", bn_train: bool = False) -> Callable:
   """loss_fn for the generic train step: the student's distillation loss (`distill_loss`).
 
   Args:
@@ -229,27 +196,26 @@ def distill_loss_fn(student: nn.Module, mean, std, teacher: Optional[Callable] =
     teacher: `teacher_fn(...)` of the fine-tuned large model (closed over, never
       differentiated), or None when batches carry cached 'teacher_logits' or lam == 0.
     temperature, lam: T and lambda of the loss.
-    augment_mode: 'none', 'crop' or 'crop_flip' (`augment`), applied once to the batch that
-      both teacher and student then see; needs `teacher` (cached logits would not match).
-    pad: crop padding.
+    recipe: training augmentation (`jtransfer.data.augment`, a Recipe or its text, e.g.
+      'pad2+flip'), applied once to the batch that both teacher and student then see; with
+      lam > 0 it needs `teacher` (cached logits would not match the augmented images).
     bn_train: BN with batch statistics (and running-stat updates) in the student, as a
       student trained from scratch needs; False keeps BN in eval mode.
   """
   check_hparams(temperature, lam)
-  if augment_mode not in AUGMENTS:
-    raise InputError(f"augmentation {augment_mode!r}: expected one of {', '.join(AUGMENTS)}")
+  recipe = augment.parse(recipe) if isinstance(recipe, str) else recipe
+  if recipe.active and lam > 0 and teacher is None:
+    raise InputError(f"distillation with augmentation {recipe} needs a teacher function: "
+                     f"cached '{TEACHER_KEY}' would not match the augmented images")
 
   def loss_fn(params, batch_stats, batch, rng):
     images = batch["image"]
-    aug_rng, rng = jax.random.split(rng)
-    if augment_mode != "none":
-      images = augment(images, aug_rng, augment_mode, pad)
     teacher_logits = None
     if lam > 0:
-      if augment_mode != "none" or TEACHER_KEY not in batch:
+      if recipe.active or TEACHER_KEY not in batch:
         if teacher is None:
           raise InputError("distillation with lambda > 0 needs a teacher function, or cached "
-                           f"'{TEACHER_KEY}' in the batch when there is no augmentation")
+                           f"'{TEACHER_KEY}' in the batch")
         teacher_logits = teacher(images)
       else:
         teacher_logits = batch[TEACHER_KEY]
@@ -259,4 +225,5 @@ def distill_loss_fn(student: nn.Module, mean, std, teacher: Optional[Callable] =
     loss, terms = distill_loss(logits, teacher_logits, batch["label"], temperature, lam)
     return loss, (terms, new_stats if bn_train else batch_stats)
 
-  return loss_fn
+  # The augmentation wraps the whole loss, so the teacher's images are the student's.
+  return augment.wrap_loss(loss_fn, recipe)
