@@ -199,3 +199,13 @@ def test_bench_backbones_runs_tiny(capsys):
   bench_backbones.main(["--archs", "mobilenet_v3_small", "--size", "32", "--batches", "1",
                         "--repeats", "1", "--pruned-batch", "2"])
   assert "| pruned, multiple 8 |" in capsys.readouterr().out
+
+
+def test_bench_depthwise_runs_tiny(capsys):
+  from bench import bench_depthwise
+  bench_depthwise.layer_table([(2, 8, 4, 3, 2)], repeats=1)
+  bench_depthwise.main(["--repeats", "1", "--size", "32", "--batch", "2", "--archs",
+                        "mobilenet_v3_small", "--layers", "none"])
+  out = capsys.readouterr().out
+  assert "| 2x8x8x4 | 3x3/2 |" in out and "| mobilenet_v3_small eval | 32 px, b2 |" in out
+  assert "compact MobileNetV2 student train step" in out

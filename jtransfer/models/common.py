@@ -115,6 +115,94 @@ def activation(name: str):
   return ACTIVATIONS[name]
 
 
+# How depthwise convolutions are computed: 'auto' (shifted sums on the CPU backend, XLA's grouped
+# convolution elsewhere), 'shift' or 'conv'. A module-level switch, not a config field, because
+# both give the same function of the same params: tests and benches flip it to compare them.
+DEPTHWISE_IMPL = "auto"
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
+                   padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """A depthwise convolution (torch `groups` = channels) as kH x kW shifted, scaled sums.
+
+  Args:
+    x: (N, H, W, C) input.
+    kernel: (kH, kW, 1, C), Flax's grouped-kernel layout.
+    stride: square stride.
+    padding: ((top, bottom), (left, right)) zero padding.
+
+  Returns:
+    (N, OH, OW, C), accumulated in float32 and cast back to the input's dtype.
+
+  Equal to `lax.conv_general_dilated(..., feature_group_count=C)` up to the order of the
+  sums. XLA:CPU runs grouped convolutions through a slow generic path: this form, which XLA
+  fuses into one loop over the output, was 3-20x faster forward and 3-20x faster for the
+  gradient on 2 CPU cores (MobileNet/ConvNeXt shapes, bench/bench_depthwise.py).
+  """
+  kh, kw = kernel.shape[:2]
+  (pt, pb), (pl, pr) = padding
+  xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  oh = (xp.shape[1] - kh) // stride + 1
+  ow = (xp.shape[2] - kw) // stride + 1
+  k = kernel.astype(jnp.float32)
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      window = xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+      term = window * k[i, j, 0]
+      out = term if out is None else out + term
+  return out.astype(x.dtype)
+
+
+def use_shifted_depthwise() -> bool:
+  """Whether depthwise units compute by `depthwise_conv` (see DEPTHWISE_IMPL)."""
+  if DEPTHWISE_IMPL not in ("auto", "shift", "conv"):
+    raise ValueError(f"DEPTHWISE_IMPL {DEPTHWISE_IMPL!r}: expected auto, shift or conv")
+  return DEPTHWISE_IMPL == "shift" or (DEPTHWISE_IMPL == "auto" and
+                                       jax.default_backend() == "cpu")
+
+
+class DepthwiseConv(nn.Module):
+  """nn.Conv with feature_group_count = features = input channels, computed by
+  `depthwise_conv`: the same params ('kernel' (kH, kW, 1, C), 'bias'), initialisers and
+  dtype handling, so checkpoints, CWL, pruning and weight import see no difference."""
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int]
+  padding: tuple[tuple[int, int], tuple[int, int]]
+  use_bias: bool = True
+  kernel_init: nn.initializers.Initializer = conv_init
+  dtype: Optional[jnp.dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.shape[-1] != self.features:
+      raise ValueError(f"depthwise conv: {x.shape[-1]} input channels, {self.features} outputs")
+    if self.strides[0] != self.strides[1]:
+      raise ValueError(f"depthwise conv: square strides only, got {self.strides}")
+    kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, 1, self.features),
+                        jnp.float32)
+    bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = depthwise_conv(x, kernel, self.strides[0], self.padding)
+    return y if bias is None else y + bias
+
+
+def conv_layer(x: jax.Array, features: int, kernel, stride: int, padding, use_bias: bool,
+               groups: int = 1, dtype: Optional[str] = None, name: str = "conv") -> jax.Array:
+  """The conv of a unit applied to `x`: nn.Conv, or `DepthwiseConv` for a depthwise conv
+  (groups = input channels = features) when `use_shifted_depthwise()`."""
+  kernel, strides = _pair(kernel), (int(stride), int(stride))
+  pads = torch_padding(kernel, padding)
+  if groups > 1 and groups == features == x.shape[-1] and use_shifted_depthwise():
+    return DepthwiseConv(features, kernel, strides, pads, use_bias=use_bias,
+                         dtype=compute_dtype(dtype), name=name)(x)
+  return nn.Conv(features, kernel, strides=strides, padding=pads, use_bias=use_bias,
+                 feature_group_count=groups, kernel_init=conv_init,
+                 dtype=compute_dtype(dtype), name=name)(x)
+
+
 class ConvUnit(nn.Module):
   """Conv, optional BatchNorm, optional activation; taps the raw conv output.
 
@@ -149,11 +237,9 @@ class ConvUnit(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    y = nn.Conv(self.features, _pair(self.kernel), strides=(self.stride, self.stride),
-                padding=torch_padding(self.kernel, self.padding),
-                use_bias=(not self.use_bn) if self.use_bias is None else self.use_bias,
-                feature_group_count=self.groups, kernel_init=conv_init,
-                dtype=compute_dtype(self.dtype), name="conv")(x)
+    y = conv_layer(x, self.features, self.kernel, self.stride, self.padding,
+                   (not self.use_bn) if self.use_bias is None else self.use_bias,
+                   self.groups, self.dtype)
     tap(self, "out", y)
     if self.use_bn:
       y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jtransfer.models.common import (ConvUnit, activation, check_spatial, check_truncation,
-                                     compute_dtype, conv_init, head, tap, to_compute,
-                                     torch_padding, truncated_head)
+                                     compute_dtype, conv_layer, head, tap, to_compute,
+                                     truncated_head)
 
 LN_EPS = 1e-6
 
@@ -53,9 +53,8 @@ class LNConvUnit(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     del train  # LayerNorm has no running statistics
-    y = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                padding=torch_padding(self.kernel, self.padding), feature_group_count=self.groups,
-                kernel_init=conv_init, dtype=compute_dtype(self.dtype), name="conv")(x)
+    y = conv_layer(x, self.features, self.kernel, self.stride, self.padding, True,
+                   self.groups, self.dtype)
     tap(self, "out", y)
     y = _ln(self, "norm")(y)
     return activation(self.act)(y) if self.act else y
