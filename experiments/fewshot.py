@@ -37,7 +37,7 @@ from experiments import cli, pretrain, publish
 from experiments.report import ResultsDir, best_over_lr, pct, positive_ints
 from jtransfer import models, surgery
 from jtransfer.data import Batches, ImageSet, augment, load_spec, parse_spec, sample_kshot
-from jtransfer.data.stream import StreamOptions
+from jtransfer.data.stream import StreamOptions, is_lazy
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import delta, transfer
 from jtransfer.protocol import Budget, claims, fit_converged, tuning
@@ -217,9 +217,6 @@ def stream_options(args):
     if getattr(args, "stream_workers", 0):
       raise InputError("--stream-workers needs --stream-threads")
     return None
-  if getattr(args, "stored_size", 0):
-    raise InputError("--stored-size with --stream-threads is not supported: the centre views "
-                     "would decode the whole folder; store the folder at the input size")
   return StreamOptions(threads=threads, workers=int(getattr(args, "stream_workers", 0) or 0))
 
 
@@ -293,7 +290,9 @@ class TargetRuns:
     self.stored, self.out_hw = None, tuple(source.input_shape[:2])
     if shape[:2] != self.out_hw:
       self.stored = self.pool
-      view = lambda s: ImageSet(augment.center_view(s.images, self.out_hw), s.labels,
+      # (a streamed folder stays lazy: each decoded batch is viewed as it is read)
+      view = lambda s: ImageSet(s.images.centre_view(self.out_hw) if is_lazy(s.images)
+                                else augment.center_view(s.images, self.out_hw), s.labels,
                                 s.class_names)
       self.pool, self.test = view(self.pool), view(self.test)
     self.num_classes = data.train.num_classes

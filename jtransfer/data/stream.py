@@ -87,18 +87,28 @@ class LazyImages:
 
   Indexing (an int, a slice, an integer array or a boolean mask) returns decoded numpy
   pixels; `subset(index)` returns another LazyImages without decoding anything.
+  `centre_view(out_hw)` gives the same rows seen through `augment.center_view` (test-time
+  Resize + CenterCrop of images stored larger than the input), applied per decoded batch.
   """
   dtype = np.dtype(np.uint8)
   ndim = 4
 
   def __init__(self, source: DecodeSource, rows: Optional[np.ndarray] = None,
-               options: StreamOptions = StreamOptions()):
+               options: StreamOptions = StreamOptions(),
+               view: Optional[tuple[int, int]] = None):
     self.source, self.options = source, options
     self.rows = np.arange(len(source)) if rows is None else np.asarray(rows, np.int64)
+    self.view = None if view is None or tuple(view) == tuple(source.size) else tuple(view)
 
   @property
   def shape(self) -> tuple[int, int, int, int]:
-    return (len(self.rows), *self.source.size, self.source.channels)
+    return (len(self.rows), *(self.view or self.source.size), self.source.channels)
+
+  def centre_view(self, out_hw: Sequence[int]) -> "LazyImages":
+    """These rows as their (out_hw) test-time views, still lazy (`augment.center_view`)."""
+    if self.view is not None:
+      raise InputError("centre_view of a LazyImages that is already a view")
+    return LazyImages(self.source, self.rows, self.options, tuple(int(v) for v in out_hw))
 
   def __len__(self) -> int:
     return len(self.rows)
@@ -108,21 +118,26 @@ class LazyImages:
 
   def subset(self, index: Any) -> "LazyImages":
     """The rows at `index` (as numpy indexes `rows`), still lazy."""
-    return LazyImages(self.source, self.rows[index], self.options)
+    return LazyImages(self.source, self.rows[index], self.options, self.view)
 
   def __getitem__(self, index: Any) -> np.ndarray:
     if isinstance(index, tuple):
       raise InputError("LazyImages take one index (rows); slice the decoded array further")
     rows = self.rows[index]
     if np.ndim(rows) == 0:
-      return self.source[int(rows)]
+      image = self.source[int(rows)]
+      return image if self.view is None else self._viewed(image[None])[0]
     return self.decode(np.asarray(rows))
 
+  def _viewed(self, stored: np.ndarray) -> np.ndarray:
+    from jtransfer.data import augment  # jax: imported only by views
+    return augment.center_view(stored, self.view)
+
   def decode(self, rows: np.ndarray) -> np.ndarray:
-    """Decoded pixels of source rows `rows`, in order, through grain."""
-    out = np.empty((len(rows), *self.shape[1:]), np.uint8)
+    """Decoded pixels of source rows `rows`, in order, through grain (then viewed)."""
+    out = np.empty((len(rows), *self.source.size, self.source.channels), np.uint8)
     if not len(rows):
-      return out
+      return out if self.view is None else np.empty((0, *self.shape[1:]), np.uint8)
     dataset = grain.MapDataset.source(_Rows(self.source, rows)).to_iter_dataset(
         grain.ReadOptions(num_threads=self.options.threads,
                           prefetch_buffer_size=self.options.prefetch))
@@ -132,7 +147,7 @@ class LazyImages:
           num_workers=self.options.workers, per_worker_buffer_size=1))
     for i, image in enumerate(dataset):
       out[i] = image
-    return out
+    return out if self.view is None else self._viewed(out)
 
   def __array__(self, dtype=None, copy=None):
     """Decodes every row (np.asarray on a LazyImages): only for sets that fit in memory."""
