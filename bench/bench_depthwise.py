@@ -105,15 +105,17 @@ def train_call(model, shape, batch):
   return call
 
 
-def model_table(archs, size: int, batch: int, repeats: int) -> None:
+def model_table(archs, size: int, batch: int, repeats: int,
+                student_batches: tuple[int, int] = (128, 50)) -> None:
   rows = [(f"{a} eval", lambda a=a: forward_call(models.get_model(a, 1000), (size, size, 3),
                                                  batch), f"{size} px, b{batch}")
           for a in archs]
   student = lambda: models.get_model("mobilenet_v2", 5, **COMPACT_CONFIGS["mobilenet_v2"])
-  rows += [("compact MobileNetV2 student eval", lambda: forward_call(student(), (28, 28, 1), 128),
-            "28 px, b128"),
+  be, bt = student_batches
+  rows += [("compact MobileNetV2 student eval", lambda: forward_call(student(), (28, 28, 1), be),
+            f"28 px, b{be}"),
            ("compact MobileNetV2 student train step",
-            lambda: train_call(student(), (28, 28, 1), 50), "28 px, b50")]
+            lambda: train_call(student(), (28, 28, 1), bt), f"28 px, b{bt}")]
   print("\n| model | input | conv ms | shift ms | shift/conv |")
   print("|---|---|---|---|---|")
   for name, build, where in rows:
@@ -130,11 +132,15 @@ def main(argv=None) -> None:
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--archs", default=",".join(DEPTHWISE_ARCHS))
   p.add_argument("--layers", default="all", help="'all', or 'none' to skip the layer table")
+  p.add_argument("--student-batches", default="128,50",
+                 help="eval and train-step batch sizes of the compact student rows")
   args = p.parse_args(argv)
   print(f"{jax.devices()[0].platform}, {jax.device_count()} device(s)\n")
   if args.layers != "none":
     layer_table(LAYERS, args.repeats)
-  model_table([a for a in args.archs.split(",") if a], args.size, args.batch, args.repeats)
+  be, bt = (int(b) for b in args.student_batches.split(","))
+  model_table([a for a in args.archs.split(",") if a], args.size, args.batch, args.repeats,
+              (be, bt))
 
 
 if __name__ == "__main__":

@@ -204,8 +204,8 @@ def test_bench_backbones_runs_tiny(capsys):
 def test_bench_depthwise_runs_tiny(capsys):
   from bench import bench_depthwise
   bench_depthwise.layer_table([(2, 8, 4, 3, 2)], repeats=1)
-  bench_depthwise.main(["--repeats", "1", "--size", "32", "--batch", "2", "--archs",
-                        "mobilenet_v3_small", "--layers", "none"])
+  bench_depthwise.main(["--repeats", "1", "--archs", "", "--layers", "none",
+                        "--student-batches", "2,2"])
   out = capsys.readouterr().out
-  assert "| 2x8x8x4 | 3x3/2 |" in out and "| mobilenet_v3_small eval | 32 px, b2 |" in out
-  assert "compact MobileNetV2 student train step" in out
+  assert "| 2x8x8x4 | 3x3/2 |" in out and "| compact MobileNetV2 student eval | 28 px, b2 |" in out
+  assert "| compact MobileNetV2 student train step | 28 px, b2 |" in out
