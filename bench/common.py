@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 from typing import Callable, Mapping, Optional, Sequence
 
 
@@ -25,17 +23,7 @@ def emit(text: str, out: Optional[str]) -> None:
 
 def round_robin_medians(calls: Mapping[str, Callable[[], object]], repeats: int,
                         warmup: int = 1) -> dict[str, float]:
-  """Median wall time of each call, timed round-robin so load changes hit all alike.
-
-  Each call runs `warmup` times first (compiles, caches), then `repeats` timed rounds.
-  """
-  for c in calls.values():
-    for _ in range(warmup):
-      c()
-  times = {k: [] for k in calls}
-  for _ in range(repeats):
-    for k, c in calls.items():
-      t0 = time.perf_counter()
-      c()
-      times[k].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in times.items()}
+  """Median wall time (seconds) of each call, timed round-robin so load changes hit all
+  alike (`jtransfer.train.evaluate.interleaved_latency_ms`)."""
+  from jtransfer.train.evaluate import interleaved_latency_ms
+  return {k: v / 1000 for k, v in interleaved_latency_ms(calls, repeats, warmup).items()}

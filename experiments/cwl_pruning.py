@@ -14,7 +14,8 @@ units are below tau, see `jtransfer.methods.prune`) and reports, as Table IV: te
 before finetuning, after 1 and 30 epochs of finetuning on the k-shot set (the paper's rows,
 `--ft-epochs`; all layers, Adam, BN in eval mode), % params and % feature maps kept, and the
 measured forward latency (jitted, batch 1 and 128, median of `--latency-runs` after warm-up) of
-draw 0's pruned and unpruned models. The finetuning LR is chosen per draw, tau and epoch count
+draw 0's pruned and unpruned models, timed together round-robin (so a load change on a shared
+machine hits them alike). The finetuning LR is chosen per draw, tau and epoch count
 on that draw's validation set from `--ft-lrs` (extended at an edge, `--tune-extend`); the test
 split reaches no choice. The unpruned model is finetuned the same way, as a control.
 
@@ -60,7 +61,7 @@ from jtransfer.methods import cwl, prune, transfer
 from jtransfer.protocol import claims, fit_converged, tuning
 from jtransfer.train import (accuracy, adam, fit, init_state, make_optimizer, make_train_step,
                              predict_logits)
-from jtransfer.train.evaluate import median_latency_ms
+from jtransfer.train.evaluate import interleaved_latency_ms
 
 CWL_STRATEGIES = ("freeze_cwl", "finetune_cwl", "finetune_lowconv")
 DEFAULT_LR = {"freeze_cwl": 1e-2, "finetune_cwl": 1e-4, "finetune_lowconv": 1e-2}
@@ -263,11 +264,22 @@ def finetune_chosen(compiled: Compiled, config, params, stats, draw: Draw, args,
   return dict(ft=ft, ft_grid=grid)
 
 
-def latency_ms(model, params, stats, source, batch: int, runs: int) -> float:
-  """Median wall time (ms) of the jitted eval forward on one batch, after two warm-up calls."""
-  forward = transfer.eval_forward(model, source.mean, source.std)
-  x = jax.device_put(np.zeros((batch, *source.input_shape), np.uint8))
-  return median_latency_ms(forward, jax.device_put(params), jax.device_put(stats), x, runs=runs)
+def latencies(nets, source, batches: Sequence[int], runs: int) -> list[dict[str, float]]:
+  """Per (model, params, stats) of `nets`: {batch: median ms} of its jitted eval forward.
+
+  All nets and batch sizes are timed round-robin (`interleaved_latency_ms`, two warm-up
+  calls each), so the pruned models' speed-ups are not a load change between measurements.
+  """
+  calls = {}
+  for i, (model, params, stats) in enumerate(nets):
+    forward = jax.jit(transfer.eval_forward(model, source.mean, source.std))
+    params, stats = jax.device_put(params), jax.device_put(stats)
+    for b in batches:
+      x = jax.device_put(np.zeros((b, *source.input_shape), np.uint8))
+      calls[(i, b)] = (lambda f=forward, p=params, s=stats, x=x:
+                       jax.block_until_ready(f(p, s, x)))
+  times = interleaved_latency_ms(calls, runs=runs)
+  return [{str(b): times[(i, b)] for b in batches} for i in range(len(nets))]
 
 
 # ----------------------------------------------------------------------------- report
@@ -339,8 +351,10 @@ def make_report(records: list[dict], args, plan) -> str:
            "no choice.", "",
            "Cells: mean (std) test accuracy over draws. The unpruned row's FT columns are the "
            "unpruned model finetuned alike (a control; the paper leaves them empty). Latency: "
-           f"draw 0's models, jitted forward, median of {args.latency_runs} runs, pruned "
-           "(unpruned in brackets).", "",
+           f"draw 0's models, jitted forward, median of {args.latency_runs} runs"
+           + (", all timed together round-robin" if any(r.get("latency_timing") == "interleaved"
+                                                        for r in records) else "")
+           + ", pruned (unpruned in brackets).", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   lat0 = (base0 or {}).get("latency_ms", {})
   if bases:
@@ -448,6 +462,7 @@ def run(args, plan, results: ResultsDir) -> dict:
     if not todo and repeat > 0:  # draw 0 always transfers: its scales make sigma_hist.png
       continue
     draw = Draw(data, args, repeat)
+    pending: list = []  # draw 0's records, added once their models are timed
     t0 = time.time()
     params, stats, info = transfer_cwl(compiled, draw, args, plan)
     log(f"[cwl_pruning] draw {repeat}: {args.strategy} transfer, {info['steps']} steps "
@@ -466,9 +481,9 @@ def run(args, plan, results: ResultsDir) -> dict:
                     feature_maps=int(sum(np.size(s) for s in scales.values())),
                     **finetune_chosen(compiled, config, folded, stats, draw, args, plan))
       if first:
-        record["latency_ms"] = {str(b): latency_ms(model, folded, stats, source, b,
-                                                   args.latency_runs) for b in plan["batches"]}
-      results.add(record)
+        pending.append((record, model, folded, stats))
+      else:
+        results.add(record)
       log(f"[cwl_pruning] draw {repeat} unpruned: acc {record['acc']:.4f}, finetuned "
           f"{ {e: round(v['test_acc'], 4) for e, v in record['ft'].items()} }")
     for tau in plan["taus"]:
@@ -488,9 +503,7 @@ def run(args, plan, results: ResultsDir) -> dict:
                     feat_frac=kept_maps / total_maps,
                     kept={u: list(v) for u, v in res.kept.items()}, config=res.config)
       if first:
-        record["latency_ms"] = {str(b): latency_ms(small, res.params, res.batch_stats, source,
-                                                   b, args.latency_runs)
-                                for b in plan["batches"]}
+        pending.append((record, small, res.params, res.batch_stats))
       if first and not args.no_save_models:
         variables = {"params": res.params, **({"batch_stats": res.batch_stats}
                                               if res.batch_stats else {})}
@@ -502,10 +515,16 @@ def run(args, plan, results: ResultsDir) -> dict:
                                                   test_acc=record["acc"],
                                                   kept=record["kept"])))
       record["seconds"] = round(time.time() - t1, 2)
-      results.add(record)
+      if not first:
+        results.add(record)
       log(f"[cwl_pruning] draw {repeat} tau={tau:g}: acc {record['acc']:.4f} ft "
           f"{ {e: (v['lr'], round(v['test_acc'], 4)) for e, v in record['ft'].items()} } "
           f"params {100 * record['params_frac']:.0f}% maps {100 * record['feat_frac']:.0f}%")
+    if pending:  # draw 0's models, timed together so load changes hit them alike
+      times = latencies([(m, p, st) for _, m, p, st in pending], source, plan["batches"],
+                        args.latency_runs)
+      for (record, *_), t in zip(pending, times):
+        results.add(dict(record, latency_ms=t, latency_timing="interleaved"))
   return scales0
 
 

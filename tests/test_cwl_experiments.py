@@ -57,6 +57,7 @@ def test_pruning(source_dir, tmp_path):
   r0 = by_key[(0, 0.97)]
   assert r0["feat_frac"] < 1.0 and r0["params_frac"] < 1.0
   assert set(r0["ft"]) == {"1"} and "latency_ms" in r0 and "latency_ms" not in by_key[(1, 0.97)]
+  assert by_key[(0, None)]["latency_timing"] == r0["latency_timing"] == "interleaved"
   # the finetuning LR is the grid point with the best validation accuracy, per draw
   for r in records:
     grid = {lr: v["1"] for lr, v in r["ft_grid"]}
@@ -70,6 +71,7 @@ def test_pruning(source_dir, tmp_path):
   assert widths == [k for k, _ in r0["kept"].values()]
   report = open(os.path.join(out, "report.md")).read()
   assert "## Claims" in report and "pruning by |sigma| keeps accuracy" in report
+  assert "all timed together round-robin" in report
   claims = json.load(open(os.path.join(out, "summary.json")))["claims"]
   assert claims[0]["cells"][0]["paired"]["n"] == 2
   # the report regenerates from results.json alone, byte for byte

@@ -131,3 +131,17 @@ def test_schedules():
   assert float(e(4)) == pytest.approx(0.01) and float(e(50)) == pytest.approx(0.001, rel=1e-4)
   m = schedules.milestones(0.01, [6000])
   assert float(m(5999)) == pytest.approx(0.01) and float(m(6000)) == pytest.approx(0.001)
+
+
+def test_interleaved_latency_times_calls_round_robin():
+  from jtransfer.train.evaluate import interleaved_latency_ms
+  order = []
+  calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+  ms = interleaved_latency_ms(calls, runs=3, warmup=1)
+  assert order == ["a", "b"] + ["a", "b"] * 3  # warm-ups, then alternating rounds
+  assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
+  import time
+  slow = interleaved_latency_ms({"sleep": lambda: time.sleep(0.01)}, runs=3, warmup=0)
+  assert 9 <= slow["sleep"] < 100
+  with pytest.raises(ValueError, match="runs"):
+    interleaved_latency_ms(calls, runs=0)

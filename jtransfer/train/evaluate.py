@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,28 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy with integer labels."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32))
   return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+
+def interleaved_latency_ms(calls: Mapping[str, Callable[[], Any]], runs: int = 20,
+                           warmup: int = 2) -> dict[str, float]:
+  """Median wall time (ms) of each call, timed round-robin: call 1, call 2, ..., call 1, ...
+
+  On a machine shared with other jobs a load change then slows every call alike, so the
+  ratios between them hold even when the absolute times do not. Each call runs `warmup`
+  times first (compiles, caches) and must block until its result is ready.
+  """
+  if runs < 1:
+    raise ValueError(f"runs must be >= 1, got {runs}")
+  for call in calls.values():
+    for _ in range(warmup):
+      call()
+  times: dict[str, list[float]] = {k: [] for k in calls}
+  for _ in range(runs):
+    for k, call in calls.items():
+      t0 = time.perf_counter()
+      call()
+      times[k].append(time.perf_counter() - t0)
+  return {k: 1000 * float(np.median(v)) for k, v in times.items()}
 
 
 def median_latency_ms(fn: Callable, *args, runs: int = 20, warmup: int = 2) -> float:
