@@ -84,7 +84,7 @@ from jtransfer.methods import distill, transfer
 from jtransfer.protocol import Budget, claims, fit_converged, tuning
 from jtransfer.train import (accuracy, adam, fit, init_state, make_optimizer, make_train_step,
                              predict_logits)
-from jtransfer.train.evaluate import median_latency_ms
+from jtransfer.train.evaluate import interleaved_latency_ms
 
 try:  # CWL channel pruning (another method module); the pruned variants need it.
   from jtransfer.methods import prune as prune_lib
@@ -374,23 +374,29 @@ def _student_config(source: Optional[transfer.Source], arch: str, config) -> dic
 
 
 # ----------------------------------------------------------------------------- measurement
-def cost(forward: Callable, params, stats, shape, batches: Sequence[int], runs: int) -> dict:
-  """FLOPs per image (XLA cost analysis) and median latency (ms) per batch size.
-
-  Each batch size is compiled once with `lower(...).compile()`; that compiled call is both
-  analysed and timed (two warm-up calls, then `runs` timed ones).
-  """
+def compiled_calls(forward: Callable, params, stats, shape,
+                   batches: Sequence[int]) -> tuple[float, dict[int, Callable[[], Any]]]:
+  """(FLOPs per image from XLA's cost analysis, {batch: a call of the compiled forward on a
+  zero batch that blocks until ready}); each batch size is compiled once."""
   params, stats = jax.device_put(params), jax.device_put(stats)
-  out: dict[str, Any] = {"latency_ms": {}}
+  flops, calls = float("nan"), {}
   for b in batches:
-    x = np.zeros((b, *shape), np.uint8)
+    x = jax.device_put(np.zeros((b, *shape), np.uint8))
     compiled = jax.jit(forward).lower(params, stats, x).compile()
-    if "flops" not in out:
+    if not calls:
       analysis = compiled.cost_analysis()
       analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-      out["flops"] = float(analysis["flops"]) / b
-    out["latency_ms"][str(b)] = median_latency_ms(compiled, params, stats, x, runs=runs)
-  return out
+      flops = float(analysis["flops"]) / b
+    calls[b] = (lambda c=compiled, x=x: jax.block_until_ready(c(params, stats, x)))
+  return flops, calls
+
+
+def cost(forward: Callable, params, stats, shape, batches: Sequence[int], runs: int) -> dict:
+  """FLOPs per image and median latency (ms) per batch size of one forward, its batch sizes
+  timed round-robin (two warm-up calls each, then `runs` rounds)."""
+  flops, calls = compiled_calls(forward, params, stats, shape, batches)
+  ms = interleaved_latency_ms(calls, runs=runs)
+  return {"flops": flops, "latency_ms": {str(b): ms[b] for b in batches}}
 
 
 # ----------------------------------------------------------------------------- pruning
@@ -455,6 +461,7 @@ class Runner:
     self._steps: dict = {}
     self._forwards: dict = {}
     self._costs: dict = {}
+    self._calls: dict = {}
 
   def converge(self, state, step, batch_at: Callable, forward, val, cap: int):
     """Trains one run by the protocol's rule (`fit_converged`: validation patience, best
@@ -537,12 +544,23 @@ class Runner:
     return self._forwards[key]
 
   def measure(self, forward, params, stats, key) -> dict:
-    if key is None or key not in self._costs:
-      c = cost(forward, params, stats, self.shape, self.plan["batches"], self.args.latency_runs)
-      if key is None:
-        return c
-      self._costs[key] = c
+    """{'flops', 'latency_ms'} of the model under `key`, compiled once per key. Its latency
+    is None until `retime` times it together with the other models of its draw."""
+    if key not in self._costs:
+      flops, self._calls[key] = compiled_calls(forward, params, stats, self.shape,
+                                               self.plan["batches"])
+      self._costs[key] = {"flops": flops, "latency_ms": None}
     return self._costs[key]
+
+  def retime(self, keys) -> None:
+    """Times the forwards of `keys` (every batch size) together, round-robin, so a load
+    change on a shared machine hits the teacher and its students alike; sets their
+    'latency_ms'."""
+    keys = list(dict.fromkeys(keys))
+    calls = {(key, b): call for key in keys for b, call in self._calls[key].items()}
+    ms = interleaved_latency_ms(calls, runs=self.args.latency_runs)
+    for key in keys:
+      self._costs[key]["latency_ms"] = {str(b): ms[(key, b)] for b in self._calls[key]}
 
   def train_student(self, model, params, stats, lr, mean, std, temperature, lam, teacher,
                     data, val, seed, step_key, forward):
@@ -576,6 +594,8 @@ class TargetRuns:
     self._draws: dict = {}
     self._teachers: dict = {}
     self.done = {record_key(r) for r in results.records}
+    # An evaluation draw's (record, cost key)s, written once its models are timed together.
+    self._deferred: Optional[list] = None
 
   def draw(self, repeat: int):
     """(seed, train rows, validation rows) of a draw; the same for every variant."""
@@ -601,17 +621,29 @@ class TargetRuns:
       out.update(temperature=knobs["T"], lam=knobs["lam"])
     return out
 
-  def _add(self, record: dict, t0: float) -> dict:
+  def _add(self, record: dict, t0: float, cost_key=None) -> dict:
     record["seconds"] = round(time.time() - t0, 2)
-    self.results.add(record)
     self.done.add(record_key(record))
+    if self._deferred is not None:
+      self._deferred.append((record, cost_key))
+    else:
+      self._write(record)
+    return record
+
+  def _write(self, record: dict) -> None:
+    self.results.add(record)
     r = record
     what = "val" if r["repeat"] < 0 else "test"
     acc = r["val_acc" if r["repeat"] < 0 else "test_acc"]
     self.log(f"{self.spec} r={r['repeat']} {r['variant']} lr={r['lr']:g} {r['hp']}: {what} "
              + ("failed" if acc is None else f"{acc:.4f}") + f" steps={r.get('steps', '-')}"
              + (f" (teacher agreement {r['agreement']:.3f})" if "agreement" in r else ""))
-    return record
+
+  def _record(self, key: tuple) -> dict:
+    """The record of run `key`, written or waiting in this draw's deferred list."""
+    pending = [r for r, _ in self._deferred or []]
+    return next(r for r in reversed(list(self.results.records) + pending)
+                if record_key(r) == key)
 
   # -- teacher
   def teacher(self, repeat: int, lr: float, hp: str) -> dict:
@@ -653,8 +685,8 @@ class TargetRuns:
       if repeat >= 0:
         c = runner.measure(setup.forward, params, stats, ("teacher", self.k))
         record.update(params=surgery.count(params), flops=c["flops"],
-                      latency_ms=c["latency_ms"], config=models.model_config(setup.model))
-      self._add(record, t0)
+                      config=models.model_config(setup.model))
+      self._add(record, t0, ("teacher", self.k) if repeat >= 0 else None)
     return t
 
   def drop_teachers(self, repeat: Optional[int] = None) -> None:
@@ -676,7 +708,7 @@ class TargetRuns:
         self.teacher(repeat, lr, hp)
       except NonFiniteError:
         pass
-      return next(r for r in reversed(self.results.records) if record_key(r) == key)
+      return self._record(key)
     a, runner = self.args, self.runner
     seed, train_idx, val_idx = self.draw(repeat)
     images, labels = self.pool.images[train_idx], self.pool.labels[train_idx]
@@ -727,9 +759,8 @@ class TargetRuns:
       if teacher is not None:
         record["agreement"] = float(np.mean(np.argmax(logits, -1) == teacher["pred"]))
       c = runner.measure(fwd, p, s, cost_key)
-      record.update(extra, params=surgery.count(p), flops=c["flops"],
-                    latency_ms=c["latency_ms"], config=cfg)
-    return self._add(record, t0)
+      record.update(extra, params=surgery.count(p), flops=c["flops"], config=cfg)
+    return self._add(record, t0, cost_key if test is not None else None)
 
   def run_tuning(self, key: tuple, tuned: dict) -> dict:
     """`choose`'s run_missing: a tuning run, learning from the teacher at its chosen point."""
@@ -737,14 +768,26 @@ class TargetRuns:
     return self.run(key, (t["lr"], t["hp"]) if t else None)
 
   def run_eval(self, repeat: int, tuned: dict) -> None:
-    """Every variant on evaluation draw `repeat`, each at its chosen point."""
+    """Every variant on evaluation draw `repeat`, each at its chosen point; the draw's
+    records are written together, after its models are timed round-robin (a kill loses at
+    most this draw, which a resume reruns)."""
     t = tuned.get((self.spec, "teacher"))
     teacher_point = (t["lr"], t["hp"]) if t else None
+    self._deferred = []
     for variant in self.plan["variants"]:
       c = tuned[(self.spec, variant)]
       key = (self.spec, self.args.shots, variant, repeat, c["lr"], c["hp"])
       if key not in self.done:
         self.run(key, teacher_point)
+    deferred, self._deferred = self._deferred, None
+    timed = [key for _, key in deferred if key is not None]
+    if timed:
+      self.runner.retime(timed)
+    for record, key in deferred:
+      if key is not None:
+        record.update(latency_ms=dict(self.runner._costs[key]["latency_ms"]),
+                      latency_timing="interleaved")
+      self._write(record)
     self.drop_teachers(repeat)
 
 
@@ -931,7 +974,9 @@ def make_report(records: list[dict], args, plan) -> tuple[str, dict]:
            "hyper-parameters. Agreement: fraction of test images on which the model predicts "
            "the teacher's class. FLOPs: XLA cost analysis of the jitted eval forward, per "
            f"image. Latency: median of {args.latency_runs} calls of the jitted forward after "
-           f"warm-up (first draw's model; pruned widths keep {args.prune_keep:g} of each unit's "
+           "warm-up" + (", the draw's models timed together round-robin" if any(
+               r.get("latency_timing") == "interleaved" for r in records) else "") +
+           f" (first draw's model; pruned widths keep {args.prune_keep:g} of each unit's "
            f"channels, residual={args.prune_residual}). Steps: mean steps trained, and how many "
            "runs stopped at the cap rather than by patience.", ""]
   lines += [f"- {v}: {DESCRIPTIONS[v]}" for v in plan["variants"]] + [""]

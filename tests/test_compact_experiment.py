@@ -273,11 +273,15 @@ def test_main_minimal(tiny_source_dir, tmp_path, monkeypatch):
   assert 0 <= s["agreement"] <= 1 and "agreement" not in t and "agreement" not in by[
       ("scratch", 0)]
   assert s["temperature"] == 4 and s["lam"] == 0.7 and s["teacher_lr"] == 1e-3
+  # each draw's models are timed together, after the draw: every eval record has latencies
+  for r in ev:
+    assert r["latency_timing"] == "interleaved" and set(r["latency_ms"]) == {"1"}
   # both students run their evaluation draws at the LR chosen on the tuning draw
   val = {r["lr"]: r["val_acc"] for r in tune if r["variant"] == "distill"}
   assert s["lr"] == max(sorted(val), key=lambda lr: val[lr])
   report = open(os.path.join(out, "report.md")).read()
   assert "| teacher |" in report and "| distill |" in report and "## Claims" in report
+  assert "the draw's models timed together round-robin" in report
   assert "the jointly learned compact net beats the same net trained on labels alone" in report
   assert "Tested as distill >= teacher, margin 2 pt." in report
   assert "distill_ft" not in report.split("## Claims")[1]  # not run: not claimed
