@@ -42,9 +42,11 @@ fc6, fc7, head):
    the K+ tuning runs (3 LRs x 3 lambdas = 9 per net and target already) and the paper fixes it;
    `--tau 2,4,8` tunes it.
 3. Sparse-TargetNet (Fig. 3): from the trained Hybrid, connection pruning of the main branch's
-   kernels to each rate in `--target-rates` (cumulative, global magnitude), retrained
-   `--target-steps` steps per rate (fixed, at the Hybrid's chosen LR, lambda, tau) with the
-   total loss (K+) or CE alone (K-).
+   kernels to each rate in `--target-rates` (cumulative, global magnitude), retrained at
+   each rate by the protocol's rule (validation patience `--patience`, at most
+   `--target-steps` steps, the best validation state kept; exactly `--target-steps` with
+   `--patience 0`), at the Hybrid's chosen LR, lambda, tau, with the total loss (K+) or CE
+   alone (K-). The records hold the steps each round trained (`retrain_steps`).
 4. Neuron pruning (Table 2): from the K+ net at `--neuron-from` (default: the sparsest
    one whose validation accuracy reaches the Standard-TransferNet's), fc6 then fc7
    (`--neuron-layers`): each iteration removes `--neuron-frac` of the layer's original
@@ -87,7 +89,7 @@ from jtransfer.data import load_spec, parse_spec, sample_kshot
 from jtransfer.data.preprocess import normalize
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import hybrid, sparsity, transfer
-from jtransfer.protocol import claims, fit_converged, tuning
+from jtransfer.protocol import Budget, claims, fit_converged, tuning
 from jtransfer.train import (FROZEN, accuracy, adam, cross_entropy, fit, init_state,
                              make_optimizer, make_train_step, predict_logits, sgd)
 
@@ -143,7 +145,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--n-m", type=int, default=2, help="top main layers re-initialised dense")
   p.add_argument("--n-e", type=int, default=2, help="top reference layers in the extra branch")
   p.add_argument("--target-rates", default="0.8,0.9,0.95,0.975")
-  p.add_argument("--target-steps", type=int, default=100, help="retrain steps per rate")
+  p.add_argument("--target-steps", type=int, default=300,
+                 help="most retrain steps per rate (under --patience on validation; exactly "
+                      "this many with --patience 0)")
   p.add_argument("--neuron-from", type=float, default=None,
                  help="connection rate whose K+ net is neuron-pruned (default: the highest "
                       "rate whose validation accuracy reaches the Standard-TransferNet's, "
@@ -496,18 +500,32 @@ class Unit:
     tr, state, batch_at = self.start(hy, params, masks, hp)
     kept = {}
 
+    a = self.args
+    val = lambda st: self.ev.acc(hy, st.params, self.val.images, self.val.labels)
+
+    def converged(st, cap):
+      # The protocol's rule inside each round: validation patience, at most --target-steps
+      # steps, the round's best validation state kept.
+      start = int(st.step)
+      st, info = fit_converged(st, tr.step, batch_at, val,
+                               Budget.from_flags(cap, a.eval_every, a.patience))
+      return st, info["steps"] - start
+
+    retrain = converged if budget_of(a) is not None and self.val is not None else None
+
     def on_round(rnd, st):
       p = _host(st.params)
       kept[rnd.target] = (p, sparsity.current_masks(st))
+      extra = {} if retrain is None else dict(retrain_steps=rnd.steps)
       on_point(dict(kind="target_prune", knowledge="K+" if knowledge else "K-",
                     rate=rnd.target, sparsity=main_rate(p, dense_total),
-                    acc_pruned=rnd.metric_pruned, **self.accs(hy, p)))
+                    acc_pruned=rnd.metric_pruned, **extra, **self.accs(hy, p)))
 
     sparsity.prune_retrain(state, tr.step, batch_at, self.plan["rates"],
                            self.args.target_steps, patterns=MAIN_KERNELS, scope=self.args.scope,
                            evaluate=lambda p: self.ev.acc(hy, p, self.test.images,
                                                           self.test.labels),
-                           on_round=on_round)
+                           on_round=on_round, retrain=retrain)
     return kept
 
   def neuron_pruning(self, hy, params, masks, level: float, hp: dict) -> dict:
@@ -671,7 +689,7 @@ def summarise(records: list[dict], plan: dict) -> dict:
   return out
 
 
-def protocol_text(args, plan: dict) -> str:
+def protocol_text(args, plan: dict, records: Sequence[dict] = ()) -> str:
   """How the Table 1 nets were budgeted and tuned, and what the pruning stages reuse."""
   if args.patience:
     run = (f"each Table 1 net trains (Adam, batch {args.batch_size}) until its validation "
@@ -689,9 +707,17 @@ def protocol_text(args, plan: dict) -> str:
           f"seed(s) {plan['tune_seeds']}, which are never evaluation seeds and never tested "
           f"(a grid extended up to {args.tune_extend} value(s) at an edge; lambda and tau apply "
           "to the K+ nets)" if tuned else f"{', '.join(axes)}: nothing tuned")
-  return (f"Protocol: {run}; {tune}. Connection pruning retrains {args.target_steps} steps per "
-          f"rate and neuron pruning {args.neuron_steps} steps per iteration (fixed), at the "
-          "Hybrid's chosen LR, lambda and tau.")
+  converged = [r["retrain_steps"] for r in records
+               if r.get("kind") == "target_prune" and "retrain_steps" in r]
+  if converged:
+    retrain = (f"Connection pruning retrains each rate until validation accuracy has not "
+               f"improved for {args.patience} steps, at most {args.target_steps} (mean "
+               f"{np.mean(converged):.0f} steps), keeping the best validation state; neuron "
+               f"pruning retrains {args.neuron_steps} steps per iteration (fixed)")
+  else:
+    retrain = (f"Connection pruning retrains {args.target_steps} steps per rate and neuron "
+               f"pruning {args.neuron_steps} steps per iteration (fixed)")
+  return (f"Protocol: {run}; {tune}. {retrain}, at the Hybrid's chosen LR, lambda and tau.")
 
 
 LABELS = dict(hybrid.VARIANT_NAMES, sparse_target="Sparse-TargetNet (at the cell's rate)",
@@ -787,7 +813,7 @@ def make_report(records: list[dict], args, plan: dict) -> str:
            f"head re-initialised dense), N_e = {args.n_e} (extra branch = reference fc7 + "
            "source head on main fc6). Accuracy = main-branch test accuracy (%); pruning rate = "
            "zero main-branch kernel entries / dense kernel entries.", "",
-           protocol_text(args, plan), ""]
+           protocol_text(args, plan, records), ""]
   lines += _table_source(records, args, plan)
   lines += _table_tuning(records, args, plan)
   lines += _table1(summ, plan)

@@ -231,3 +231,31 @@ def test_prune_retrain_rounds():
   assert seen == targets and int(state.step) == 21
   for r, t in zip(hist, targets):
     assert r.sparsity == pytest.approx(t, abs=0.01) and r.metric_retrained == 1.0
+
+
+def test_prune_retrain_with_a_converging_retrain():
+  """`retrain` decides each round's training (up to the round's cap) and its step count; the
+  masks hold through it: a best-state rollback keeps the round's pruning."""
+  from jtransfer.protocol import Budget, fit_converged
+  params = _params()
+  opt = sparsity.with_masks(_opt("sgd", params, False), sparsity.full_masks(params))
+  step = make_train_step(_loss_fn, opt)
+  state = init_state(params, {}, opt, 0)
+  targets = sparsity.round_sparsities(0.8, 3)
+  calls = []
+  # a validation score that peaks 2 steps into each round: patience 3 stops at +5, keeps +2
+  val = lambda st: -abs(int(st.step) - (calls[-1] + 2))
+
+  def retrain(st, cap):
+    calls.append(int(st.step))
+    start = int(st.step)
+    st, info = fit_converged(st, step, lambda i: _batch(i % 3), val,
+                             Budget(cap=cap, eval_every=1, patience=3))
+    return st, info["steps"] - start
+
+  state, hist = sparsity.prune_retrain(state, step, lambda i: _batch(i % 3), targets, 7,
+                                       scope="layer", retrain=retrain)
+  assert calls == [0, 2, 4] and int(state.step) == 6  # each round kept its step +2 state
+  assert [r.steps for r in hist] == [5, 5, 5]
+  for r, t in zip(hist, targets):
+    assert r.sparsity == pytest.approx(t, abs=0.01)

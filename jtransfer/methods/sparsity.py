@@ -373,7 +373,8 @@ def prune_retrain(state, step_fn: Callable, batch_at: Callable[[int], Any],
                   sparsities: Sequence[float], steps_per_round: int, *,
                   patterns: Sequence[str] = KERNELS, scope: str = "global",
                   evaluate: Optional[Callable[[Any], float]] = None,
-                  on_round: Optional[Callable[[PruneRound, Any], None]] = None):
+                  on_round: Optional[Callable[[PruneRound, Any], None]] = None,
+                  retrain: Optional[Callable[[Any, int], tuple[Any, int]]] = None):
   """Iterative magnitude pruning (Han et al. 2015): prune to each target, retrain, repeat.
 
   Args:
@@ -385,6 +386,9 @@ def prune_retrain(state, step_fn: Callable, batch_at: Callable[[int], Any],
     patterns, scope: see `magnitude_masks` (measured over the trainable params).
     evaluate: params -> metric (e.g. test accuracy), recorded after pruning and retraining.
     on_round: called with each finished round and the state (for incremental results).
+    retrain: `(state, cap) -> (state, steps trained)`, how each round retrains up to the
+      global step `cap` (e.g. `protocol.fit_converged` under validation patience, keeping
+      the best validation state); None trains exactly `steps_per_round` steps.
 
   Returns:
     (state, [PruneRound]).
@@ -396,10 +400,14 @@ def prune_retrain(state, step_fn: Callable, batch_at: Callable[[int], Any],
                             scope=scope, previous=current_masks(state))
     state = replace_masks(state, masks)
     pruned = evaluate(state.params) if evaluate else None
-    state = fit(state, step_fn, batch_at, int(state.step) + steps_per_round)
+    cap = int(state.step) + steps_per_round
+    if retrain is None:
+      state, trained = fit(state, step_fn, batch_at, cap), steps_per_round
+    else:
+      state, trained = retrain(state, cap)
     got = sparsity_report(jax.tree.map(np.asarray, state.params), patterns=patterns)
     rnd = PruneRound(target, got["sparsity"], pruned,
-                     evaluate(state.params) if evaluate else None, steps_per_round)
+                     evaluate(state.params) if evaluate else None, int(trained))
     history.append(rnd)
     if on_round is not None:
       on_round(rnd, state)
