@@ -138,8 +138,9 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
   sums, and so are its gradients (a custom VJP: the input's is the same shifted sum over the
   zero-dilated output gradient with the flipped kernel; the kernel's is accumulated one output
   row at a time, `_kernel_grad`). XLA:CPU runs grouped convolutions through a slow generic
-  path: this form, which XLA fuses into one loop over the output, was 8-25x faster forward on
-  2 CPU cores (MobileNet/ConvNeXt shapes, bench/bench_depthwise.py).
+  path: this form, which XLA fuses into one loop over the output, was 8-30x faster forward and
+  6-20x faster for both gradients on 2 CPU cores (MobileNet/ConvNeXt shapes,
+  bench/DEPTHWISE.md).
   """
   return _depthwise(x, kernel, int(stride), tuple(tuple(int(v) for v in p) for p in padding))
 
