@@ -138,10 +138,11 @@ def test_interleaved_latency_times_calls_round_robin():
   order = []
   calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
   ms = interleaved_latency_ms(calls, runs=3, warmup=1)
-  assert order == ["a", "b"] + ["a", "b"] * 3  # warm-ups, then alternating rounds
+  assert order == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]  # warm-ups, rotating rounds
   assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
   import time
   slow = interleaved_latency_ms({"sleep": lambda: time.sleep(0.01)}, runs=3, warmup=0)
   assert 9 <= slow["sleep"] < 100
   with pytest.raises(ValueError, match="runs"):
     interleaved_latency_ms(calls, runs=0)
+  assert interleaved_latency_ms({}, runs=2) == {}

@@ -141,6 +141,9 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
   path: this form, which XLA fuses into one loop over the output, was 8-30x faster forward and
   6-20x faster for both gradients on 2 CPU cores (MobileNet/ConvNeXt shapes,
   bench/DEPTHWISE.md).
+
+  Being a custom VJP, it supports reverse-mode differentiation (grad, vjp, grad of grad)
+  but not forward mode (jvp, jacfwd, linearize): set DEPTHWISE_IMPL = 'conv' for those.
   """
   return _depthwise(x, kernel, int(stride), tuple(tuple(int(v) for v in p) for p in padding))
 

@@ -52,7 +52,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def interleaved_latency_ms(calls: Mapping[str, Callable[[], Any]], runs: int = 20,
                            warmup: int = 2) -> dict[str, float]:
-  """Median wall time (ms) of each call, timed round-robin: call 1, call 2, ..., call 1, ...
+  """Median wall time (ms) of each call, timed round-robin (round r starts at call r mod n).
 
   On a machine shared with other jobs a load change then slows every call alike, so the
   ratios between them hold even when the absolute times do not. Each call runs `warmup`
@@ -63,11 +63,16 @@ def interleaved_latency_ms(calls: Mapping[str, Callable[[], Any]], runs: int = 2
   for call in calls.values():
     for _ in range(warmup):
       call()
+  if not calls:
+    return {}
   times: dict[str, list[float]] = {k: [] for k in calls}
-  for _ in range(runs):
-    for k, call in calls.items():
+  order = list(calls)
+  for r in range(runs):
+    # Each round starts one call later, so no call always follows the same (e.g. the
+    # largest) one and finds the caches it left.
+    for k in order[r % len(order):] + order[:r % len(order)]:
       t0 = time.perf_counter()
-      call()
+      calls[k]()
       times[k].append(time.perf_counter() - t0)
   return {k: 1000 * float(np.median(v)) for k, v in times.items()}
 
