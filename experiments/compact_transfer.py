@@ -84,7 +84,7 @@ from jtransfer.methods import distill, transfer
 from jtransfer.protocol import Budget, claims, fit_converged, tuning
 from jtransfer.train import (accuracy, adam, fit, init_state, make_optimizer, make_train_step,
                              predict_logits)
-from jtransfer.train.evaluate import interleaved_latency_ms
+from jtransfer.train.evaluate import forward_calls, interleaved_latency_ms
 
 try:  # CWL channel pruning (another method module); the pruned variants need it.
   from jtransfer.methods import prune as prune_lib
@@ -374,31 +374,6 @@ def _student_config(source: Optional[transfer.Source], arch: str, config) -> dic
 
 
 # ----------------------------------------------------------------------------- measurement
-def compiled_calls(forward: Callable, params, stats, shape,
-                   batches: Sequence[int]) -> tuple[float, dict[int, Callable[[], Any]]]:
-  """(FLOPs per image from XLA's cost analysis, {batch: a call of the compiled forward on a
-  zero batch that blocks until ready}); each batch size is compiled once."""
-  params, stats = jax.device_put(params), jax.device_put(stats)
-  flops, calls = float("nan"), {}
-  for b in batches:
-    x = jax.device_put(np.zeros((b, *shape), np.uint8))
-    compiled = jax.jit(forward).lower(params, stats, x).compile()
-    if not calls:
-      analysis = compiled.cost_analysis()
-      analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-      flops = float(analysis["flops"]) / b
-    calls[b] = (lambda c=compiled, x=x: jax.block_until_ready(c(params, stats, x)))
-  return flops, calls
-
-
-def cost(forward: Callable, params, stats, shape, batches: Sequence[int], runs: int) -> dict:
-  """FLOPs per image and median latency (ms) per batch size of one forward, its batch sizes
-  timed round-robin (two warm-up calls each, then `runs` rounds)."""
-  flops, calls = compiled_calls(forward, params, stats, shape, batches)
-  ms = interleaved_latency_ms(calls, runs=runs)
-  return {"flops": flops, "latency_ms": {str(b): ms[b] for b in batches}}
-
-
 # ----------------------------------------------------------------------------- pruning
 def channel_scores(params) -> dict[str, np.ndarray]:
   """Per conv unit: |BN scale| (BN nets: the channel's gain) or the filter's L1 norm."""
@@ -457,6 +432,8 @@ class Runner:
     stats_from = student_src or source
     self.s_mean, self.s_std = stats_from.mean, stats_from.std
     self.shape = tuple(source.input_shape)
+    # Augmented batches: the teacher runs inside the loss (no cached logits).
+    self.augmenting = augment.parse(args.augment).active
     self._setups: dict = {}
     self._steps: dict = {}
     self._forwards: dict = {}
@@ -523,7 +500,7 @@ class Runner:
     a = self.args
     # With augmentation the teacher is closed over (so it sees the augmented batch), which
     # makes the step specific to that teacher: not cached.
-    closed = teacher if (lam > 0 and augment.parse(a.augment).active) else None
+    closed = teacher if (lam > 0 and self.augmenting) else None
     full = None if (key is None or closed is not None) else (*key, temperature, lam)
     if full is not None and full in self._steps:
       return self._steps[full]
@@ -547,8 +524,8 @@ class Runner:
     """{'flops', 'latency_ms'} of the model under `key`, compiled once per key. Its latency
     is None until `retime` times it together with the other models of its draw."""
     if key not in self._costs:
-      flops, self._calls[key] = compiled_calls(forward, params, stats, self.shape,
-                                               self.plan["batches"])
+      flops, self._calls[key] = forward_calls(forward, params, stats, self.shape,
+                                              self.plan["batches"])
       self._costs[key] = {"flops": flops, "latency_ms": None}
     return self._costs[key]
 
@@ -567,7 +544,7 @@ class Runner:
     images, labels, logits = data
     step, opt = self.step_for(model, mean, std, temperature, lam, teacher, step_key)
     a = self.args
-    if lam > 0 and not augment.parse(a.augment).active:
+    if lam > 0 and not self.augmenting:
       batch_at = distill.cached_batches(images, labels, logits, a.batch_size, seed)
     else:
       batch_at = Batches(images, labels, a.batch_size, seed).at
@@ -671,7 +648,7 @@ class TargetRuns:
       raise
     fn = distill.teacher_fn(setup.forward, params, stats)
     t = dict(params=params, stats=stats, setup=setup, fn=fn, logits=None, pred=None)
-    if not augment.parse(a.augment).active:
+    if not runner.augmenting:
       t["logits"] = distill.cached_teacher_logits(fn, images)
     res = dict(val_acc=accuracy(_logits(setup.forward, params, stats, val[0]), val[1]),
                test_acc=None)

@@ -61,7 +61,7 @@ from jtransfer.methods import cwl, prune, transfer
 from jtransfer.protocol import claims, fit_converged, tuning
 from jtransfer.train import (accuracy, adam, fit, init_state, make_optimizer, make_train_step,
                              predict_logits)
-from jtransfer.train.evaluate import interleaved_latency_ms
+from jtransfer.train.evaluate import forward_calls, interleaved_latency_ms
 
 CWL_STRATEGIES = ("freeze_cwl", "finetune_cwl", "finetune_lowconv")
 DEFAULT_LR = {"freeze_cwl": 1e-2, "finetune_cwl": 1e-4, "finetune_lowconv": 1e-2}
@@ -272,12 +272,9 @@ def latencies(nets, source, batches: Sequence[int], runs: int) -> list[dict[str,
   """
   calls = {}
   for i, (model, params, stats) in enumerate(nets):
-    forward = jax.jit(transfer.eval_forward(model, source.mean, source.std))
-    params, stats = jax.device_put(params), jax.device_put(stats)
-    for b in batches:
-      x = jax.device_put(np.zeros((b, *source.input_shape), np.uint8))
-      calls[(i, b)] = (lambda f=forward, p=params, s=stats, x=x:
-                       jax.block_until_ready(f(p, s, x)))
+    _, per_batch = forward_calls(transfer.eval_forward(model, source.mean, source.std), params,
+                                 stats, source.input_shape, batches)
+    calls.update({(i, b): call for b, call in per_batch.items()})
   times = interleaved_latency_ms(calls, runs=runs)
   return [{str(b): times[(i, b)] for b in batches} for i in range(len(nets))]
 

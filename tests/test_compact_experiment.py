@@ -92,15 +92,17 @@ def test_checkpoint_flag_conflicts(capsys):
 
 
 # ----------------------------------------------------------------------------- pieces
-def test_cost_counts_matmul_flops():
+def test_forward_calls_count_matmul_flops():
   """FLOPs per image of x @ W are 2 * D * K (XLA counts a multiply-add as two)."""
+  from jtransfer.train.evaluate import forward_calls, interleaved_latency_ms
   w = np.ones((16, 3), np.float32)
   forward = lambda p, s, x: x.reshape(x.shape[0], -1).astype(jnp.float32) @ p["w"]
   for batches in ([1, 4], [4]):
-    c = ct.cost(forward, {"w": w}, {}, (4, 4, 1), batches, runs=2)
-    assert 2 * 16 * 3 <= c["flops"] <= 2 * 16 * 3 + 2 * 16
-    assert set(c["latency_ms"]) == {str(b) for b in batches}
-    assert all(v > 0 for v in c["latency_ms"].values())
+    flops, calls = forward_calls(forward, {"w": w}, {}, (4, 4, 1), batches)
+    latency_ms = interleaved_latency_ms(calls, runs=2)
+    assert 2 * 16 * 3 <= flops <= 2 * 16 * 3 + 2 * 16
+    assert set(latency_ms) == set(batches)
+    assert all(v > 0 for v in latency_ms.values())
 
 
 def test_prune_teacher_keeps_top_channels():

@@ -218,12 +218,16 @@ def test_masks_of_frozen_params_are_ignored_by_the_trained_subtree():
   assert np.all(np.asarray(state.params["l1"]["kernel"])[~masks["l1"]["kernel"]] == 0)
 
 
-def test_prune_retrain_rounds():
+def _masked_sgd_state():
+  """(state, compiled step, three round targets to 80%) of a masked SGD run."""
   params = _params()
   opt = sparsity.with_masks(_opt("sgd", params, False), sparsity.full_masks(params))
-  step = make_train_step(_loss_fn, opt)
-  state = init_state(params, {}, opt, 0)
-  targets = sparsity.round_sparsities(0.8, 3)
+  return (init_state(params, {}, opt, 0), make_train_step(_loss_fn, opt),
+          sparsity.round_sparsities(0.8, 3))
+
+
+def test_prune_retrain_rounds():
+  state, step, targets = _masked_sgd_state()
   seen = []
   state, hist = sparsity.prune_retrain(state, step, lambda i: _batch(i % 3), targets, 7,
                                        scope="layer", evaluate=lambda p: 1.0,
@@ -237,11 +241,7 @@ def test_prune_retrain_with_a_converging_retrain():
   """`retrain` decides each round's training (up to the round's cap) and its step count; the
   masks hold through it: a best-state rollback keeps the round's pruning."""
   from jtransfer.protocol import Budget, fit_converged
-  params = _params()
-  opt = sparsity.with_masks(_opt("sgd", params, False), sparsity.full_masks(params))
-  step = make_train_step(_loss_fn, opt)
-  state = init_state(params, {}, opt, 0)
-  targets = sparsity.round_sparsities(0.8, 3)
+  state, step, targets = _masked_sgd_state()
   calls = []
   # a validation score that peaks 2 steps into each round: patience 3 stops at +5, keeps +2
   val = lambda st: -abs(int(st.step) - (calls[-1] + 2))

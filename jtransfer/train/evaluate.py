@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,31 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy with integer labels."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32))
   return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+
+def forward_calls(forward: Callable, params, stats, image_shape: Sequence[int],
+                  batches: Sequence[int]) -> tuple[float, dict[int, Callable[[], Any]]]:
+  """A model's forward ready to time: (FLOPs per image from XLA's cost analysis,
+  {batch: a call of the forward, compiled once for that batch size, on a zero uint8 batch,
+  blocking until ready}), for `interleaved_latency_ms`.
+
+  Args:
+    forward: (params, stats, uint8 images) -> outputs, e.g. `transfer.eval_forward(...)`.
+    params, stats: its variables (put on the device once).
+    image_shape: (H, W, C) of one image.
+    batches: the batch sizes.
+  """
+  params, stats = jax.device_put(params), jax.device_put(stats)
+  flops, calls = float("nan"), {}
+  for b in batches:
+    x = jax.device_put(np.zeros((b, *image_shape), np.uint8))
+    compiled = jax.jit(forward).lower(params, stats, x).compile()
+    if not calls:
+      analysis = compiled.cost_analysis()
+      analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+      flops = float(analysis["flops"]) / b
+    calls[b] = (lambda c=compiled, x=x: jax.block_until_ready(c(params, stats, x)))
+  return flops, calls
 
 
 def interleaved_latency_ms(calls: Mapping[str, Callable[[], Any]], runs: int = 20,
