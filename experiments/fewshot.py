@@ -868,8 +868,12 @@ def make_report(records: list[dict], plan: dict, args, title: str = "# Few-shot 
     lines += ["## Tuned on validation (the protocol's figure)", "",
               "Cells: mean (std) test accuracy in % over evaluation draws at the LR chosen on "
               "the tuning draws; the chosen LR; mean steps trained.", ""]
+    shown: set = set()
     for heading, rows in (tables or [("", plan["strategies"])]):
       rows = [r for r in rows if r in plan["strategies"]]
+      if not set(rows) - shown:  # only reference rows an earlier table already has
+        continue
+      shown |= set(rows)
       if heading:
         lines += [f"### {heading}", ""]
       lines += tuned_table(ts, plan, rows, labels)
