@@ -24,15 +24,10 @@ import numpy as np
 from bench.common import round_robin_medians
 from jtransfer import models, surgery
 from jtransfer.methods import cwl, prune
+from jtransfer.train.evaluate import xla_flops
 
 NEW_ARCHS = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0",
              "densenet121", "inception_v3", "convnext_tiny", "resnext50_32x4d", "wide_resnet50_2")
-
-
-def flops_per_image(compiled, batch: int) -> float:
-  ca = compiled.cost_analysis()
-  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-  return float(ca.get("flops", float("nan"))) / batch
 
 
 def jax_forward(arch: str, size: int, batch: int):
@@ -42,26 +37,34 @@ def jax_forward(arch: str, size: int, batch: int):
   v = models.init_model(model, jax.random.PRNGKey(0), shape)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, *shape)), jnp.float32)
   f = jax.jit(lambda p, s, x: models.apply_model(model, p, s, x)[0])
-  compiled = f.lower(v["params"], v.get("batch_stats", {}), x).compile()
+  lowered = f.lower(v["params"], v.get("batch_stats", {}), x)
+  compiled = lowered.compile()
   call = lambda: compiled(v["params"], v.get("batch_stats", {}), x).block_until_ready()
-  return call, surgery.count(v["params"]), flops_per_image(compiled, batch)
+  return call, surgery.count(v["params"]), xla_flops(lowered) / batch
 
 
-def torch_forward(arch: str, size: int, batch: int):
+def torch_forward(arch: str, size: int, batch: int, device: str = "cpu"):
   import torch
 
   from bench import tv_cpu
   kwargs = dict(aux_logits=False, init_weights=False) if arch == "inception_v3" else {}
-  net = getattr(tv_cpu.torchvision_models(), arch)(weights=None, **kwargs).eval()
-  x = torch.randn(batch, 3, size, size)
+  net = getattr(tv_cpu.torchvision_models(), arch)(weights=None, **kwargs).eval().to(device)
+  x = torch.randn(batch, 3, size, size, device=device)
+  sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
   def call():
     with torch.inference_mode():
       net(x)
+    sync()  # CUDA runs asynchronously: wait, as JAX's block_until_ready does
   return call
 
 
-def latency_table(archs, size: int, batches, repeats: int) -> None:
+def _ms(seconds: float) -> str:
+  ms = 1000 * seconds
+  return f"{ms:.0f}" if ms >= 10 else f"{ms:.2f}"
+
+
+def latency_table(archs, size: int, batches, repeats: int, torch_device: str = "cpu") -> None:
   print("| arch | px | params | GFLOPs/img | " + " | ".join(
       f"b{b} JAX ms | b{b} PyTorch ms | b{b} JAX/PyTorch" for b in batches) + " |")
   print("|---|---|---|---|" + "---|---|---|" * len(batches))
@@ -71,8 +74,9 @@ def latency_table(archs, size: int, batches, repeats: int) -> None:
     for b in batches:
       jcall, params, flops = jax_forward(arch, px, b)
       gflops = flops / 1e9
-      t = round_robin_medians({"jax": jcall, "torch": torch_forward(arch, px, b)}, repeats)
-      cells += [f"{1000 * t['jax']:.0f}", f"{1000 * t['torch']:.0f}",
+      t = round_robin_medians({"jax": jcall, "torch": torch_forward(arch, px, b, torch_device)},
+                              repeats)
+      cells += [_ms(t["jax"]), _ms(t["torch"]),
                 f"{t['jax'] / t['torch']:.2f}"]
     print(f"| {arch} | {px} | {params / 1e6:.2f}M | {gflops:.2f} | " + " | ".join(cells) + " |",
           flush=True)
@@ -103,9 +107,10 @@ def pruned_table(repeats: int, batch: int = 64) -> None:
   calls, info = {}, {}
   for name, m, p, s, maps in rows:
     f = jax.jit(lambda p, s, x, m=m: models.apply_model(m, p, s, x)[0])
-    compiled = f.lower(p, s, x).compile()
+    lowered = f.lower(p, s, x)
+    compiled = lowered.compile()
     calls[name] = (lambda c=compiled, p=p, s=s: c(p, s, x).block_until_ready())
-    info[name] = (surgery.count(p), flops_per_image(compiled, batch) / 1e6, maps)
+    info[name] = (surgery.count(p), xla_flops(lowered) / batch / 1e6, maps)
   t = round_robin_medians(calls, repeats)
   base = t["unpruned"]
   print(f"\nMobileNetV2 x0.5 at 32 px, batch {batch}, pruned by |sigma| (random sigmas):")
@@ -113,7 +118,7 @@ def pruned_table(repeats: int, batch: int = 64) -> None:
   print("|---|---|---|---|---|---|")
   for name in calls:
     n, mflops, maps = info[name]
-    print(f"| {name} | {maps} | {n:,} | {mflops:.2f} | {1000 * t[name]:.0f} | "
+    print(f"| {name} | {maps} | {n:,} | {mflops:.2f} | {_ms(t[name])} | "
           f"{t[name] / base:.2f} |")
 
 
@@ -126,13 +131,19 @@ def main(argv=None) -> None:
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
   p.add_argument("--skip-latency", action="store_true")
   p.add_argument("--pruned-batch", type=int, default=64)
+  p.add_argument("--torch-device", default="cpu",
+                 help="where PyTorch runs: 'cpu', or 'cuda' beside JAX on a GPU (cuDNN autotuned, "
+                      "as XLA autotunes its convolutions)")
   args = p.parse_args(argv)
   import torch
   torch.set_num_threads(args.threads)
-  print(f"{jax.devices()[0].platform}, torch {torch.__version__} with {args.threads} threads")
+  if args.torch_device.startswith("cuda"):
+    torch.backends.cudnn.benchmark = True
+  print(f"JAX on {jax.devices()[0].device_kind} ({jax.default_backend()}, jax {jax.__version__}); "
+        f"torch {torch.__version__} on {args.torch_device} with {args.threads} threads")
   if not args.skip_latency:
-    latency_table([a for a in args.archs.split(",") if a],
-                  args.size, [int(b) for b in args.batches.split(",")], args.repeats)
+    latency_table([a for a in args.archs.split(",") if a], args.size,
+                  [int(b) for b in args.batches.split(",")], args.repeats, args.torch_device)
   pruned_table(max(args.repeats, 10), args.pruned_batch)
 
 

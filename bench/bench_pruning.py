@@ -26,7 +26,7 @@ import numpy as np
 from bench.common import command, emit
 from jtransfer import models, surgery
 from jtransfer.methods import prune
-from jtransfer.train.evaluate import median_latency_ms
+from jtransfer.train.evaluate import median_latency_ms, xla_flops
 
 
 def _forward(model):
@@ -43,9 +43,7 @@ def latency_ms(model, params, stats, x, runs: int) -> float:
 
 
 def macs(model, params, stats, x) -> float:
-  cost = _forward(model).lower(params, stats, x).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return float(cost["flops"]) / 2
+  return xla_flops(_forward(model).lower(params, stats, x)) / 2
 
 
 def channel_pruned(arch: str, model, variables, keep_frac: float, multiple: int):

@@ -26,6 +26,7 @@ from jtransfer import models
 from jtransfer.data import augment as aug
 from jtransfer.methods import transfer
 from jtransfer.train import init_state, make_train_step
+from jtransfer.train.evaluate import xla_flops
 
 STRATEGIES = ("finetune", "freeze", "freeze_cwl", "l2sp", "delta", "masked_sparse", "distill")
 
@@ -73,10 +74,7 @@ def gemm_peak(n: int = 2048, reps: int = 5) -> float:
 
 def step_flops(step, state, data) -> float:
   try:
-    cost = step.lower(state, data).compile().cost_analysis()
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0]
-    return float(cost.get("flops", float("nan")))
+    return xla_flops(step.lower(state, data))
   except Exception:  # cost analysis is best-effort across backends
     return float("nan")
 

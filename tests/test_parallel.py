@@ -43,7 +43,8 @@ print("RESULT" + json.dumps(out))
 
 
 def test_eight_devices_follow_one_device_trajectory_with_bn_averaged():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",  # simulated host devices, also on a GPU machine
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -95,7 +96,8 @@ print("RESULT" + json.dumps(accs))
 
 
 def test_devices_flag_gives_the_one_device_results():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",  # simulated host devices, also on a GPU machine
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.run([sys.executable, "-c", _CLI_PROBE], env=env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

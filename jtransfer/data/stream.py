@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Sequence
 
-import grain.python as grain
 import numpy as np
 
 from jtransfer.data import images as images_lib
@@ -138,6 +137,7 @@ class LazyImages:
     out = np.empty((len(rows), *self.source.size, self.source.channels), np.uint8)
     if not len(rows):
       return out if self.view is None else np.empty((0, *self.shape[1:]), np.uint8)
+    import grain.python as grain  # here: only streamed sets need grain (and its import)
     dataset = grain.MapDataset.source(_Rows(self.source, rows)).to_iter_dataset(
         grain.ReadOptions(num_threads=self.options.threads,
                           prefetch_buffer_size=self.options.prefetch))
