@@ -10,7 +10,8 @@ and run.json (module, argv, the command, wall time of each invocation). Then
                                                        # and regenerates its report byte for byte
   python -m experiments.publish regenerate published/X # rewrite report.md from results.json
   python -m experiments.publish results                # RESULTS.md from every published folder
-  python -m experiments.publish snapshot OUT -- FLAGS  # publish a stopped grid as it stands
+  python -m experiments.publish snapshot OUT [--wall-s S] -- FLAGS
+                                                       # publish a stopped grid as it stands
   python -m experiments.publish merge OUT SHARD... --module M -- FLAGS
                                                        # join --shard I/N folders into one grid
 
@@ -85,7 +86,8 @@ def with_command(text: str, command: str) -> str:
 
 
 def save(results, publisher: Publisher, argv: Sequence[str] | None, records: list[dict],
-         plan: dict, args: argparse.Namespace, t0: float) -> tuple[str, dict]:
+         plan: dict, args: argparse.Namespace, t0: float,
+         wall_s: float | None = None) -> tuple[str, dict]:
   """Writes results.json, run.json, report.md and summary.json of a finished invocation.
 
   Args:
@@ -95,6 +97,8 @@ def save(results, publisher: Publisher, argv: Sequence[str] | None, records: lis
     records: what results.json holds (timings left out: they are not determined by the seed).
     plan, args: the invocation's plan and flags.
     t0: when the invocation started (time.time()), for its wall time in run.json.
+    wall_s: the invocation's wall time when not `now - t0` (a snapshot of a stopped run:
+      0 = not timed).
 
   Returns:
     (report text, summary).
@@ -104,7 +108,7 @@ def save(results, publisher: Publisher, argv: Sequence[str] | None, records: lis
   text, summary = publisher.report(records, plan, args, results.path)
   run = read_run(results.path) or {}
   invocations = run.get("invocations", []) + [dict(
-      argv=argv, wall_s=round(time.time() - t0, 1),
+      argv=argv, wall_s=round(time.time() - t0 if wall_s is None else wall_s, 1),
       finished=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
   command = command_line(publisher.module, argv)
   missing = None
@@ -129,8 +133,13 @@ def jsonl_records(path: str, key: Callable[[dict], tuple] | None = None) -> list
   return sorted(records, key=lambda r: tuple(map(str, key(r)))) if key else records
 
 
-def snapshot(path: str, module: str, argv: Sequence[str]) -> tuple[str, dict]:
-  """Publishes a results directory as it stands (e.g. a grid stopped before its end)."""
+def snapshot(path: str, module: str, argv: Sequence[str],
+             wall_s: float = 0.0) -> tuple[str, dict]:
+  """Publishes a results directory as it stands (e.g. a grid stopped before its end).
+
+  `wall_s`: how long the stopped invocation ran (its log or the clock say; a killed run
+  cannot record it), kept in run.json's invocations; 0 = not timed, shown as such.
+  """
   from experiments.report import ResultsDir
   publisher = getattr(importlib.import_module(module), "PUBLISHER", None)
   if publisher is None:
@@ -140,7 +149,10 @@ def snapshot(path: str, module: str, argv: Sequence[str]) -> tuple[str, dict]:
   records = (publisher.collect or (lambda p: jsonl_records(p, publisher.key)))(path)
   if not records:
     raise InputError(f"{path} holds no recorded runs")
-  return save(ResultsDir(path, resume=True), publisher, argv, records, plan, args, time.time())
+  if not wall_s >= 0:
+    raise InputError(f"--wall-s must be >= 0 seconds, got {wall_s}")
+  return save(ResultsDir(path, resume=True), publisher, argv, records, plan, args, time.time(),
+              wall_s=wall_s)
 
 
 SIDE_FILES = ("curves.json", "zoo.json", "source.json")
@@ -307,9 +319,16 @@ def claim_rows(root: str = PUBLISHED) -> list[dict]:
       rows.append(dict(folder=os.path.relpath(path),
                        claim=res["claim"], pooled=res["pooled"],
                        cells={v: verdicts.count(v) for v in sorted(set(verdicts))},
-                       command=run["command"], wall_s=run["wall_s"],
+                       command=run["command"], wall=wall_text(run),
                        complete=run.get("complete")))
   return rows
+
+
+def wall_text(run: dict) -> str:
+  """run.json's wall time in minutes, '+' when an invocation was not timed (wall_s 0: a
+  snapshot of a killed run published without --wall-s)."""
+  untimed = any(i.get("wall_s", 0) == 0 for i in run.get("invocations", []))
+  return f"{run['wall_s'] / 60:.0f}{'+' if untimed else ''} min"
 
 
 def claims_table(rows: Sequence[dict]) -> list[str]:
@@ -328,7 +347,7 @@ def claims_table(rows: Sequence[dict]) -> list[str]:
     out.append(f"| {cl['paper']} | {cl['text']} ({cl['source']}) | {cl['a']} {rel} {cl['b']}"
                f"{margin} | **{r['pooled']['verdict']}** | {effect} | {cells} | "
                f"[{r['folder']}]({r['folder']}/report.md){partial} | "
-               f"{r['wall_s'] / 60:.0f} min |")
+               f"{r['wall']} |")
   return out
 
 
@@ -337,7 +356,7 @@ def commands_list(root: str = PUBLISHED) -> list[str]:
   for path in folders(root):
     run = read_run(path)
     rel = os.path.relpath(path)
-    out += [f"- [{rel}]({rel}/report.md): `{run['command']}` ({run['wall_s'] / 60:.0f} min, "
+    out += [f"- [{rel}]({rel}/report.md): `{run['command']}` ({wall_text(run)}, "
             f"{run['records']} runs{', partial grid' if run.get('complete') is False else ''})"]
   return out
 
@@ -366,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   s = sub.add_parser("snapshot", help="publish a results directory's runs so far")
   s.add_argument("folder")
   s.add_argument("--module", required=True, help="e.g. experiments.cwl_tables")
+  s.add_argument("--wall-s", type=float, default=0.0,
+                 help="seconds the stopped invocation ran (from its log); 0 = not timed")
   s.epilog = "after the options: -- and the module's flags, as the grid was run"
   m = sub.add_parser("merge", help="join --shard folders into the grid's folder")
   m.add_argument("folder", help="the merged folder (must not hold results)")
@@ -390,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{path}: " + ("ok" if not problems else "; ".join(problems)))
       return 1 if bad else 0
     if args.cmd == "snapshot":
-      snapshot(args.folder, args.module, flags)
+      snapshot(args.folder, args.module, flags, args.wall_s)
       run = read_run(args.folder)
       print(f"wrote {args.folder}: {run['records']} runs, "
             f"{'complete' if run['complete'] else 'incomplete'}")

@@ -148,7 +148,15 @@ def test_snapshot_publishes_a_stopped_grid_as_incomplete(folder, tmp_path):
   run = publish.read_run(path)
   assert run["records"] == 5 and not run["complete"]
   assert publish.check(path) == []
-  assert "5 runs, partial grid" in publish.results_page("", str(tmp_path))
+  # a killed run records no wall time: shown as a lower bound ('+') unless --wall-s says it
+  assert "(0+ min, 5 runs, partial grid)" in publish.results_page("", str(tmp_path))
+  os.remove(os.path.join(path, "run.json"))
+  assert publish.main(["snapshot", path, "--module", "experiments.cwl_tables", "--wall-s", "150",
+                       "--", *argv]) == 0
+  assert publish.read_run(path)["wall_s"] == 150
+  assert "(2 min, 5 runs, partial grid)" in publish.results_page("", str(tmp_path))
+  assert publish.main(["snapshot", path, "--module", "experiments.cwl_tables", "--wall-s", "-1",
+                       "--", *argv]) == 2
 
 
 def test_shards_merge_into_the_whole_grid(tiny_source_dir, tmp_path):
