@@ -76,7 +76,8 @@ import jax
 import numpy as np
 
 from experiments import cli, pretrain, publish
-from experiments.report import ResultsDir, mean_std, positive_ints
+from experiments.report import (TIMED_AFTER_RESUME, TIMED_TOGETHER, ResultsDir, mean_std,
+                                positive_ints, timing_text)
 from jtransfer import models, surgery
 from jtransfer.data import Batches, augment, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError, NonFiniteError
@@ -609,7 +610,9 @@ class TargetRuns:
 
   def _write(self, record: dict) -> None:
     self.results.add(record)
-    r = record
+    self._log_record(record)
+
+  def _log_record(self, r: dict) -> None:
     what = "val" if r["repeat"] < 0 else "test"
     acc = r["val_acc" if r["repeat"] < 0 else "test_acc"]
     self.log(f"{self.spec} r={r['repeat']} {r['variant']} lr={r['lr']:g} {r['hp']}: {what} "
@@ -750,10 +753,11 @@ class TargetRuns:
     most this draw, which a resume reruns)."""
     t = tuned.get((self.spec, "teacher"))
     teacher_point = (t["lr"], t["hp"]) if t else None
+    keys = [(self.spec, self.args.shots, variant, repeat, tuned[(self.spec, variant)]["lr"],
+             tuned[(self.spec, variant)]["hp"]) for variant in self.plan["variants"]]
+    resumed = any(key in self.done for key in keys)  # part of the draw recorded before a kill
     self._deferred = []
-    for variant in self.plan["variants"]:
-      c = tuned[(self.spec, variant)]
-      key = (self.spec, self.args.shots, variant, repeat, c["lr"], c["hp"])
+    for key in keys:
       if key not in self.done:
         self.run(key, teacher_point)
     deferred, self._deferred = self._deferred, None
@@ -763,8 +767,10 @@ class TargetRuns:
     for record, key in deferred:
       if key is not None:
         record.update(latency_ms=dict(self.runner._costs[key]["latency_ms"]),
-                      latency_timing="interleaved")
-      self._write(record)
+                      latency_timing=TIMED_AFTER_RESUME if resumed else TIMED_TOGETHER)
+    self.results.add_many([record for record, _ in deferred])
+    for record, _ in deferred:
+      self._log_record(record)
     self.drop_teachers(repeat)
 
 
@@ -951,8 +957,7 @@ def make_report(records: list[dict], args, plan) -> tuple[str, dict]:
            "hyper-parameters. Agreement: fraction of test images on which the model predicts "
            "the teacher's class. FLOPs: XLA cost analysis of the jitted eval forward, per "
            f"image. Latency: median of {args.latency_runs} calls of the jitted forward after "
-           "warm-up" + (", the draw's models timed together round-robin" if any(
-               r.get("latency_timing") == "interleaved" for r in records) else "") +
+           "warm-up" + timing_text(records, ", the draw's models timed together round-robin") +
            f" (first draw's model; pruned widths keep {args.prune_keep:g} of each unit's "
            f"channels, residual={args.prune_residual}). Steps: mean steps trained, and how many "
            "runs stopped at the cap rather than by patience.", ""]

@@ -53,7 +53,8 @@ import numpy as np
 
 from experiments import cli, pretrain, publish
 from experiments.fewshot import budget_of, cap_per_class, draw_seed
-from experiments.report import ResultsDir, mean_std
+from experiments.report import (TIMED_AFTER_RESUME, TIMED_TOGETHER, ResultsDir, mean_std,
+                                timing_text)
 from jtransfer import models, surgery
 from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError
@@ -349,8 +350,7 @@ def make_report(records: list[dict], args, plan) -> str:
            "Cells: mean (std) test accuracy over draws. The unpruned row's FT columns are the "
            "unpruned model finetuned alike (a control; the paper leaves them empty). Latency: "
            f"draw 0's models, jitted forward, median of {args.latency_runs} runs"
-           + (", all timed together round-robin" if any(r.get("latency_timing") == "interleaved"
-                                                        for r in records) else "")
+           + timing_text(records, ", all timed together round-robin")
            + ", pruned (unpruned in brackets).", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   lat0 = (base0 or {}).get("latency_ms", {})
@@ -456,6 +456,7 @@ def run(args, plan, results: ResultsDir) -> dict:
   scales0 = None
   for repeat in range(args.repeats):
     todo = [t for t in [None] + plan["taus"] if (repeat, t) not in done]
+    resumed = len(todo) < len(plan["taus"]) + 1  # part of the draw recorded before a kill
     if not todo and repeat > 0:  # draw 0 always transfers: its scales make sigma_hist.png
       continue
     draw = Draw(data, args, repeat)
@@ -520,8 +521,9 @@ def run(args, plan, results: ResultsDir) -> dict:
     if pending:  # draw 0's models, timed together so load changes hit them alike
       times = latencies([(m, p, st) for _, m, p, st in pending], source, plan["batches"],
                         args.latency_runs)
-      for (record, *_), t in zip(pending, times):
-        results.add(dict(record, latency_ms=t, latency_timing="interleaved"))
+      results.add_many([dict(record, latency_ms=t,
+                             latency_timing=TIMED_AFTER_RESUME if resumed else TIMED_TOGETHER)
+                        for (record, *_), t in zip(pending, times)])
   return scales0
 
 

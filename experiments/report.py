@@ -12,6 +12,23 @@ import numpy as np
 from jtransfer.errors import InputError
 
 
+# `latency_timing` of a record whose model was timed round-robin with the other models of its
+# draw (jtransfer.train.evaluate.interleaved_latency_ms); after a resume, the models a draw
+# reran were timed among themselves only, not with the ones recorded before the kill.
+TIMED_TOGETHER = "interleaved"
+TIMED_AFTER_RESUME = "interleaved, resumed draw"
+
+
+def timing_text(records: Iterable[dict], together: str) -> str:
+  """A report's latency-timing clause: `together` where records were timed together, with a
+  note when a resumed draw's models were timed only among themselves."""
+  labels = {r.get("latency_timing") for r in records}
+  text = together if labels & {TIMED_TOGETHER, TIMED_AFTER_RESUME} else ""
+  if TIMED_AFTER_RESUME in labels:
+    text += " (after a resume, the models a draw reran only among themselves)"
+  return text
+
+
 class ResultsDir:
   """An experiment's output directory with one JSON record per finished run.
 
@@ -68,11 +85,16 @@ class ResultsDir:
     return {tuple(r[k] for k in key_fields) for r in self.records}
 
   def add(self, record: dict[str, Any]) -> None:
-    self.records.append(record)
-    if not self.writer:
+    self.add_many([record])
+
+  def add_many(self, records: Sequence[dict[str, Any]]) -> None:
+    """Appends records in one write: the records of a draw whose models were timed together
+    land together (a kill mid-write can cut only the last line, which `reload` skips)."""
+    self.records.extend(records)
+    if not self.writer or not records:
       return
     with open(self.jsonl, "a") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
+      f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
       f.flush()
       os.fsync(f.fileno())
 

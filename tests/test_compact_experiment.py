@@ -312,6 +312,20 @@ def test_main_minimal(tiny_source_dir, tmp_path, monkeypatch):
   assert summary["claims"][0]["pooled"]["paired"]["n"] == 2
   assert _regenerated(argv, out) == report  # byte for byte, from results.json alone
   assert os.path.getsize(os.path.join(out, "accuracy_vs_flops.png")) > 0
+  # a kill left draw 1 half recorded (its distilled student's line lost): the resume reruns
+  # that student, times it alone, and labels it so
+  jsonl = os.path.join(out, "results.jsonl")
+  lines = open(jsonl).readlines()
+  lost = [l for l in lines if (json.loads(l)["variant"], json.loads(l)["repeat"]) == ("distill", 1)]
+  assert len(lost) == 1
+  open(jsonl, "w").writelines(l for l in lines if l not in lost)
+  assert ct.main(argv + ["--resume"]) == 0
+  by = {(r["variant"], r["repeat"]): r
+        for r in json.load(open(os.path.join(out, "results.json"))) if r["repeat"] >= 0}
+  assert by[("distill", 1)]["latency_timing"] == "interleaved, resumed draw"
+  assert by[("teacher", 1)]["latency_timing"] == "interleaved"
+  assert by[("distill", 0)]["latency_timing"] == "interleaved"
+  assert "only among themselves" in open(os.path.join(out, "report.md")).read()
 
 
 @pytest.mark.slow

@@ -76,6 +76,20 @@ def test_pruning(source_dir, tmp_path):
   assert claims[0]["cells"][0]["paired"]["n"] == 2
   # the report regenerates from results.json alone, byte for byte
   assert publish.check(out) == []
+  # a kill left draw 0 half recorded (its pruned net's line lost): the resume reruns that net
+  # and times it alone, and says so rather than claiming it was timed with the unpruned one
+  jsonl = os.path.join(out, "results.jsonl")
+  lines = open(jsonl).readlines()
+  kept = [l for l in lines if not ('"repeat": 0' in l and '"tau": 0.97' in l)]
+  assert len(kept) == len(lines) - 1
+  open(jsonl, "w").writelines(kept)
+  assert cwl_pruning.main(argv + ["--resume"]) == 0
+  records = json.load(open(os.path.join(out, "results.json")))
+  by_key = {(r["repeat"], r["tau"]): r for r in records}
+  assert by_key[(0, 0.97)]["latency_timing"] == "interleaved, resumed draw"
+  assert by_key[(0, None)]["latency_timing"] == "interleaved"
+  assert "only among themselves" in open(os.path.join(out, "report.md")).read()
+  assert publish.check(out) == []
 
 
 def test_pruning_claims_by_hand():
