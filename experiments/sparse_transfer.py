@@ -721,8 +721,8 @@ def protocol_text(args, plan: dict, records: Sequence[dict] = ()) -> str:
 
 
 LABELS = dict(hybrid.VARIANT_NAMES, sparse_target="Sparse-TargetNet (at the cell's rate)",
-              neuron="Sparse-TargetNet_N", **{"K+": "Sparse-TargetNet",
-                                              "K-": "Sparse-TargetNet(K-)"})
+              neuron="Sparse-TargetNet_N", removed="fc neurons removed (share)",
+              half="half of them", **{"K+": "Sparse-TargetNet", "K-": "Sparse-TargetNet(K-)"})
 TABLE1_CLAIMS = (
     claims.Claim("Sparse", "Hybrid-TransferNet (S+K+) is at least as accurate as "
                  "Standard-TransferNet (S-K-)", "hybrid", "standard", at_least=True,
@@ -743,9 +743,17 @@ FIG3_CLAIMS = (
     claims.Claim("Sparse", "implicit knowledge helps pruning: Sparse-TargetNet beats "
                  "Sparse-TargetNet(K-)", "K+", "K-", source="Fig. 3"),
 )
-NEURON_CLAIM = claims.Claim(
-    "Sparse", "neuron pruning removes most fc neurons within a point of Standard-TransferNet",
-    "neuron", "standard", at_least=True, margin=0.01, source="Tables 2-3")
+NEURON_CLAIMS = (
+    claims.Claim("Sparse", "neuron pruning keeps accuracy within a point of "
+                 "Standard-TransferNet", "neuron", "standard", at_least=True, margin=0.01,
+                 source="Tables 2-3"),
+    # The neurons removed as their own claim: a seed whose stopping rule kept no iteration
+    # passes the accuracy claim above trivially. The paper removes 44% (Indoor) and 50%
+    # (Flower) of fc6 + fc7 ("almost half", Table 2): non-inferiority to half, 10-point margin.
+    claims.Claim("Sparse", "neuron pruning removes almost half of the fc6 + fc7 neurons "
+                 "(effect: removed share x 100 against 50)", "removed", "half", at_least=True,
+                 margin=0.10, source="Tables 2-3"),
+)
 
 
 def claim_results(records: list[dict], plan: dict) -> list[dict]:
@@ -771,13 +779,20 @@ def claim_results(records: list[dict], plan: dict) -> list[dict]:
                              draw_field="seed", draw_fields=("target", "seed")))
   out.append(claims.evaluate(FIG3_CLAIMS[1], prune, ("target", "rate"), arm_field="knowledge",
                              draw_field="seed", draw_fields=("target", "seed")))
-  neuron = []
+  neuron, share = [], []
   for r in ev:
     if r["kind"] == "neuron" and (r["target"], r["seed"]) in std:
       base = dict(target=r["target"], seed=r["seed"])
       neuron += [dict(base, arm="neuron", test_acc=r["test_acc"]),
                  dict(base, arm="standard", test_acc=std[(r["target"], r["seed"])])]
-  out.append(claims.evaluate(NEURON_CLAIM, neuron, ("target",), arm_field="arm",
+    if r["kind"] == "neuron":
+      before, after = _fc_removed(r)
+      base = dict(target=r["target"], seed=r["seed"])
+      share += [dict(base, arm="removed", test_acc=1 - after / before),
+                dict(base, arm="half", test_acc=0.5)]
+  out.append(claims.evaluate(NEURON_CLAIMS[0], neuron, ("target",), arm_field="arm",
+                             draw_field="seed"))
+  out.append(claims.evaluate(NEURON_CLAIMS[1], share, ("target",), arm_field="arm",
                              draw_field="seed"))
   return [r for r in out if r["cells"]]
 
@@ -797,8 +812,8 @@ def _neuron_share(summ: dict) -> list[str]:
       lines.append(f"- {t}: {100 * np.mean(shares):.1f}% of fc6 + fc7 neurons removed on "
                    f"average (min {100 * min(shares):.1f}%, max {100 * max(shares):.1f}%); more "
                    f"than half on {sum(x > 0.5 for x in shares)}/{len(shares)} seeds.")
-  return (["Share of fc neurons the neuron pruning removed (the 'most' of the claim above; "
-           "the paper removes almost half):", ""] + lines + [""]) if lines else []
+  return (["Share of fc neurons the neuron pruning removed (the paper removes 44% and 50% of "
+           "fc6 + fc7, Table 2):", ""] + lines + [""]) if lines else []
 
 
 def make_report(records: list[dict], args, plan: dict) -> str:

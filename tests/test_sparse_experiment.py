@@ -171,8 +171,12 @@ def test_report_from_records(tmp_path):
   assert cells[0.8]["paired"]["mean"] == pytest.approx(0.02)
   assert cells[0.8]["verdict"] == "reproduced" and cells[0.9]["verdict"] == "refuted"
   # neuron pruning vs Standard: 0.76 + s/2 - (0.75 + s) = +1.0, +0.0 points
-  neuron = _claim(res, "neuron pruning")
+  neuron = _claim(res, "neuron pruning keeps accuracy")
   assert neuron["pooled"]["paired"]["mean"] == pytest.approx(0.005)
+  # neurons removed: (128 + 192) of 512 = 62.5% on both seeds, +12.5 points over half
+  removed = _claim(res, "neuron pruning removes almost half")
+  assert removed["pooled"]["paired"]["mean"] == pytest.approx(0.125)
+  assert removed["pooled"]["verdict"] == "reproduced"  # >= half - 10 points, no spread
   assert "## Claims" in text and "Only 1 evaluation seed" not in text
   assert "- digits: 62.5% of fc6 + fc7 neurons removed on average" in text
   sparse_transfer.plot(_records(), plan, str(tmp_path / "a.png"), str(tmp_path / "b.png"))
