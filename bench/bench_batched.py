@@ -40,13 +40,18 @@ def step_calls(source: transfer.Source, strategy: str, batch: int, runs: int) ->
   opt = setup.optimizer
   data = _batch(batch, 0)
   init = lambda s: setup.init(s, data["image"], data["label"])
+  if not batched.batchable(opt, init(0)[0]):
+    raise SystemExit(f"{strategy} trains conv kernels: experiments never batch its runs "
+                     "(batched.batchable)")
   single = [init_state(*init(0), opt, 0, 1e-2)]
   step = make_train_step(setup.loss_fn, opt)
   states = [init_state(*init(r), opt, r, 1e-2) for r in range(runs)]
   bstate, frozen = batched.stack_states(states, opt)
   held = [bstate]
   bstep = batched.make_batched_train_step(setup.loss_fn, opt)
-  bdata = batched.stack_batches([_batch(batch, r) for r in range(runs)])
+  # on the device once: the timed calls are the steps, not the host-to-device copies
+  data = jax.device_put(data)
+  bdata = jax.device_put(batched.stack_batches([_batch(batch, r) for r in range(runs)]))
 
   def one():
     single[0], m = step(single[0], data)

@@ -33,7 +33,9 @@ stage() {  # stage NAME DEFAULT_SECONDS CMD...: run under a limit, log to $OUT/N
   timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
   echo "=== $name: rc $rc after $((SECONDS - t0)) s (limit $secs)" | tee -a "$OUT/summary.log"
+  [ $rc = 0 ] || FAILED="$FAILED $name"
 }
+FAILED=""
 
 for s in $STAGES; do
   case $s in
@@ -57,3 +59,4 @@ numpy.__version__, torch.cuda.is_available())'"
   [ "$s" = pytest ] || [ "$s" = env ] || grep -v "cuda_timer" "$OUT/$s.log" | tail -n 16
 done
 cat "$OUT/summary.log"
+[ -z "$FAILED" ] || { echo "stages failed or stopped at their limit:$FAILED"; exit 1; }

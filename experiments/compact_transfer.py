@@ -755,7 +755,8 @@ class TargetRuns:
     teacher_point = (t["lr"], t["hp"]) if t else None
     keys = [(self.spec, self.args.shots, variant, repeat, tuned[(self.spec, variant)]["lr"],
              tuned[(self.spec, variant)]["hp"]) for variant in self.plan["variants"]]
-    resumed = any(key in self.done for key in keys)  # part of the draw recorded before a kill
+    # part of the draw was timed and recorded before a kill (failed runs carry no latency)
+    resumed = any(key in self.done and "latency_ms" in self._record(key) for key in keys)
     self._deferred = []
     for key in keys:
       if key not in self.done:
@@ -869,15 +870,24 @@ def eval_records(records: list[dict], tuned: dict) -> list[dict]:
   return out
 
 
+def _groups(records: list[dict]) -> dict:
+  """(target, variant) -> its records in draw order."""
+  groups: dict = {}
+  for r in sorted(records, key=lambda r: r["repeat"]):
+    groups.setdefault((r["target"], r["variant"]), []).append(r)
+  return groups
+
+
+def first_ok(records: list[dict]) -> Optional[dict]:
+  """The first finished draw's record (whose costs the report shows), None if none finished."""
+  return next((r for r in records if r["status"] == "ok"), None)
+
+
 def summarize(records: list[dict]) -> dict:
   """(target, variant) -> accuracy mean/std over evaluation draws (failed runs counted apart),
   agreement, steps, and the costs of the first finished draw."""
-  groups: dict = {}
-  for r in records:
-    groups.setdefault((r["target"], r["variant"]), []).append(r)
   out: dict = {}
-  for key, rs in groups.items():
-    rs = sorted(rs, key=lambda r: r["repeat"])
+  for key, rs in _groups(records).items():
     ok = [r for r in rs if r["status"] == "ok"]
     if not ok:
       out[key] = dict(n=0, failed=len(rs))
@@ -940,6 +950,7 @@ def make_report(records: list[dict], args, plan) -> tuple[str, dict]:
   tuned = choose(records, plan, args)
   ev = eval_records(records, tuned)
   summary = summarize(ev)
+  shown = [first_ok(rs) for rs in _groups(ev).values()]  # whose latencies the table shows
   batches = [str(b) for b in plan["batches"]]
   widths = next((_widths(r["config"]) for r in ev
                  if r["variant"] not in PRUNED | {"teacher"} and "config" in r), "-")
@@ -957,7 +968,8 @@ def make_report(records: list[dict], args, plan) -> tuple[str, dict]:
            "hyper-parameters. Agreement: fraction of test images on which the model predicts "
            "the teacher's class. FLOPs: XLA cost analysis of the jitted eval forward, per "
            f"image. Latency: median of {args.latency_runs} calls of the jitted forward after "
-           "warm-up" + timing_text(records, ", the draw's models timed together round-robin") +
+           "warm-up" + timing_text([r for r in shown if r],
+                                   ", the draw's models timed together round-robin") +
            f" (first draw's model; pruned widths keep {args.prune_keep:g} of each unit's "
            f"channels, residual={args.prune_residual}). Steps: mean steps trained, and how many "
            "runs stopped at the cap rather than by patience.", ""]

@@ -87,7 +87,7 @@ def with_command(text: str, command: str) -> str:
 
 def save(results, publisher: Publisher, argv: Sequence[str] | None, records: list[dict],
          plan: dict, args: argparse.Namespace, t0: float,
-         wall_s: float | None = None) -> tuple[str, dict]:
+         wall_s: float | None = None, wall_source: str = "") -> tuple[str, dict]:
   """Writes results.json, run.json, report.md and summary.json of a finished invocation.
 
   Args:
@@ -98,7 +98,9 @@ def save(results, publisher: Publisher, argv: Sequence[str] | None, records: lis
     plan, args: the invocation's plan and flags.
     t0: when the invocation started (time.time()), for its wall time in run.json.
     wall_s: the invocation's wall time when not `now - t0` (a snapshot of a stopped run:
-      0 = not timed).
+      0 = not timed). A snapshot taken again of the same stopped run (same flags, same
+      records) replaces its invocation rather than adding its time twice.
+    wall_source: where `wall_s` comes from (kept beside it when given).
 
   Returns:
     (report text, summary).
@@ -107,9 +109,18 @@ def save(results, publisher: Publisher, argv: Sequence[str] | None, records: lis
   results.write_json("results.json", records)
   text, summary = publisher.report(records, plan, args, results.path)
   run = read_run(results.path) or {}
-  invocations = run.get("invocations", []) + [dict(
-      argv=argv, wall_s=round(time.time() - t0 if wall_s is None else wall_s, 1),
-      finished=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
+  invocations = run.get("invocations", [])
+  latest = dict(argv=argv, wall_s=round(time.time() - t0 if wall_s is None else wall_s, 1),
+                finished=datetime.datetime.now(datetime.timezone.utc).strftime(
+                    "%Y-%m-%d %H:%M UTC"))
+  if wall_source:
+    latest["wall_source"] = wall_source
+  if wall_s is not None:
+    latest["snapshot_records"] = len(records)
+    last = invocations[-1] if invocations else {}
+    if last.get("snapshot_records") == len(records) and last.get("argv") == argv:
+      invocations = invocations[:-1]  # the same stopped run snapshotted again
+  invocations = invocations + [latest]
   command = command_line(publisher.module, argv)
   missing = None
   if publisher.grid_keys is not None and publisher.key is not None:
@@ -133,12 +144,13 @@ def jsonl_records(path: str, key: Callable[[dict], tuple] | None = None) -> list
   return sorted(records, key=lambda r: tuple(map(str, key(r)))) if key else records
 
 
-def snapshot(path: str, module: str, argv: Sequence[str],
-             wall_s: float = 0.0) -> tuple[str, dict]:
+def snapshot(path: str, module: str, argv: Sequence[str], wall_s: float = 0.0,
+             wall_source: str = "") -> tuple[str, dict]:
   """Publishes a results directory as it stands (e.g. a grid stopped before its end).
 
   `wall_s`: how long the stopped invocation ran (its log or the clock say; a killed run
-  cannot record it), kept in run.json's invocations; 0 = not timed, shown as such.
+  cannot record it), kept in run.json's invocations with `wall_source` (how it was
+  measured); 0 = not timed, shown as such.
   """
   from experiments.report import ResultsDir
   publisher = getattr(importlib.import_module(module), "PUBLISHER", None)
@@ -152,7 +164,7 @@ def snapshot(path: str, module: str, argv: Sequence[str],
   if not wall_s >= 0:
     raise InputError(f"--wall-s must be >= 0 seconds, got {wall_s}")
   return save(ResultsDir(path, resume=True), publisher, argv, records, plan, args, time.time(),
-              wall_s=wall_s)
+              wall_s=wall_s, wall_source=wall_source)
 
 
 SIDE_FILES = ("curves.json", "zoo.json", "source.json")
@@ -387,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   s.add_argument("--module", required=True, help="e.g. experiments.cwl_tables")
   s.add_argument("--wall-s", type=float, default=0.0,
                  help="seconds the stopped invocation ran (from its log); 0 = not timed")
+  s.add_argument("--wall-source", default="", help="how --wall-s was measured (kept with it)")
   s.epilog = "after the options: -- and the module's flags, as the grid was run"
   m = sub.add_parser("merge", help="join --shard folders into the grid's folder")
   m.add_argument("folder", help="the merged folder (must not hold results)")
@@ -411,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{path}: " + ("ok" if not problems else "; ".join(problems)))
       return 1 if bad else 0
     if args.cmd == "snapshot":
-      snapshot(args.folder, args.module, flags, args.wall_s)
+      snapshot(args.folder, args.module, flags, args.wall_s, args.wall_source)
       run = read_run(args.folder)
       print(f"wrote {args.folder}: {run['records']} runs, "
             f"{'complete' if run['complete'] else 'incomplete'}")

@@ -25,7 +25,7 @@ def timing_text(records: Iterable[dict], together: str) -> str:
   labels = {r.get("latency_timing") for r in records}
   text = together if labels & {TIMED_TOGETHER, TIMED_AFTER_RESUME} else ""
   if TIMED_AFTER_RESUME in labels:
-    text += " (after a resume, the models a draw reran only among themselves)"
+    text += ", except the models a draw reran after a resume, timed only among themselves"
   return text
 
 
@@ -66,7 +66,18 @@ class ResultsDir:
         os.remove(probe)
       except OSError as e:
         raise InputError(f"output directory {self.path} is not writable: {e.strerror}") from None
+      self._drop_cut_line()
     self.reload()
+
+  def _drop_cut_line(self) -> None:
+    """Truncates results.jsonl after its last newline: a line a kill cut mid-write holds no
+    whole record, and the next append would otherwise join it and be lost with it."""
+    if not os.path.exists(self.jsonl):
+      return
+    with open(self.jsonl, "rb+") as f:
+      data = f.read()
+      if data and not data.endswith(b"\n"):
+        f.truncate(data.rfind(b"\n") + 1)
 
   def reload(self) -> None:
     """(Re)reads the records of results.jsonl."""
@@ -89,7 +100,8 @@ class ResultsDir:
 
   def add_many(self, records: Sequence[dict[str, Any]]) -> None:
     """Appends records in one write: the records of a draw whose models were timed together
-    land together (a kill mid-write can cut only the last line, which `reload` skips)."""
+    land together (a kill mid-write can cut only the last line, which opening the directory
+    again drops)."""
     self.records.extend(records)
     if not self.writer or not records:
       return

@@ -786,9 +786,8 @@ def claim_results(records: list[dict], plan: dict) -> list[dict]:
       neuron += [dict(base, arm="neuron", test_acc=r["test_acc"]),
                  dict(base, arm="standard", test_acc=std[(r["target"], r["seed"])])]
     if r["kind"] == "neuron":
-      before, after = _fc_removed(r)
       base = dict(target=r["target"], seed=r["seed"])
-      share += [dict(base, arm="removed", test_acc=1 - after / before),
+      share += [dict(base, arm="removed", test_acc=_removed_share(r)),
                 dict(base, arm="half", test_acc=0.5)]
   out.append(claims.evaluate(NEURON_CLAIMS[0], neuron, ("target",), arm_field="arm",
                              draw_field="seed"))
@@ -803,11 +802,17 @@ def _fc_removed(r: dict) -> tuple[int, int]:
   return sum(b for b, _ in rows), sum(a for _, a in rows)
 
 
+def _removed_share(r: dict) -> float:
+  """The share of fc6 + fc7 neurons a neuron-pruning record removed."""
+  before, after = _fc_removed(r)
+  return 1 - after / before
+
+
 def _neuron_share(summ: dict) -> list[str]:
   """How many fc neurons the neuron pruning removed, per target over seeds."""
   lines = []
   for t, s in summ.items():
-    shares = [1 - a / b for b, a in map(_fc_removed, s["neuron"])]
+    shares = [_removed_share(r) for r in s["neuron"]]
     if shares:
       lines.append(f"- {t}: {100 * np.mean(shares):.1f}% of fc6 + fc7 neurons removed on "
                    f"average (min {100 * min(shares):.1f}%, max {100 * max(shares):.1f}%); more "

@@ -209,3 +209,13 @@ def test_bench_depthwise_runs_tiny(capsys):
   out = capsys.readouterr().out
   assert "| 2x8x8x4 | 3x3/2 |" in out and "| compact MobileNetV2 student eval | 28 px, b2 |" in out
   assert "| compact MobileNetV2 student train step | 28 px, b2 |" in out
+
+
+def test_bench_batched_runs_tiny(capsys):
+  from bench import bench_batched
+  bench_batched.main(["--archs", "vgg_s", "--runs", "3", "--batches", "2", "--repeats", "1"])
+  row = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| vgg_s | 2 | 3 |")]
+  assert len(row) == 1 and row[0].endswith("x |")
+  with pytest.raises(SystemExit, match="trains conv kernels"):
+    bench_batched.main(["--archs", "vgg_s", "--strategy", "finetune", "--runs", "2",
+                        "--batches", "2", "--repeats", "1"])

@@ -150,11 +150,20 @@ def test_snapshot_publishes_a_stopped_grid_as_incomplete(folder, tmp_path):
   assert publish.check(path) == []
   # a killed run records no wall time: shown as a lower bound ('+') unless --wall-s says it
   assert "(0+ min, 5 runs, partial grid)" in publish.results_page("", str(tmp_path))
-  os.remove(os.path.join(path, "run.json"))
+  # the same stopped run snapshotted again, now with its logged time: replaced, not added
   assert publish.main(["snapshot", path, "--module", "experiments.cwl_tables", "--wall-s", "150",
-                       "--", *argv]) == 0
-  assert publish.read_run(path)["wall_s"] == 150
+                       "--wall-source", "its log", "--", *argv]) == 0
+  run = publish.read_run(path)
+  assert run["wall_s"] == 150 and len(run["invocations"]) == 1
+  assert run["invocations"][0]["wall_source"] == "its log"
   assert "(2 min, 5 runs, partial grid)" in publish.results_page("", str(tmp_path))
+  # a resume that was stopped again (more records) is a new invocation: both times count
+  with open(os.path.join(path, "results.jsonl"), "a") as f:
+    f.writelines(lines[-3:-2])
+  assert publish.main(["snapshot", path, "--module", "experiments.cwl_tables", "--wall-s", "60",
+                       "--", *argv]) == 0
+  run = publish.read_run(path)
+  assert run["wall_s"] == 210 and len(run["invocations"]) == 2 and run["records"] == 6
   assert publish.main(["snapshot", path, "--module", "experiments.cwl_tables", "--wall-s", "-1",
                        "--", *argv]) == 2
 

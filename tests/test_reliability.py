@@ -26,6 +26,22 @@ def test_unwritable_output_directory(tmp_path, capsys):
   assert "is not writable" in err and "Traceback" not in err
 
 
+def test_a_line_cut_by_a_kill_is_dropped_before_the_next_append(tmp_path):
+  """A kill mid-write leaves a partial last line; reopening the directory truncates it, so
+  records appended by the resume stay whole (they would join the cut line and be lost)."""
+  from experiments.report import ResultsDir
+  out = str(tmp_path / "r")
+  ResultsDir(out).add_many([{"a": 1}, {"a": 2}])
+  with open(os.path.join(out, "results.jsonl"), "a") as f:
+    f.write('{"a": 3, "cut')  # killed here
+  again = ResultsDir(out, resume=True)
+  assert again.records == [{"a": 1}, {"a": 2}]
+  again.add({"a": 3})
+  again.add_many([{"a": 4}, {"a": 5}])
+  assert ResultsDir(out, resume=True).records == [{"a": i} for i in range(1, 6)]
+  assert ResultsDir(out, resume=True, writer=False).records == [{"a": i} for i in range(1, 6)]
+
+
 def test_nan_run_is_marked_failed_and_grid_continues(tiny_source_dir, tmp_path):
   def build(source, num_classes, total_steps):
     setup = transfer.rule_setup(source, num_classes, [(".*", "all")],

@@ -52,12 +52,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def xla_flops(lowered) -> float:
   """FLOPs of a lowered computation (`jax.jit(f).lower(...)`), by XLA's cost analysis of
-  its HLO before backend optimisation: the same count on every backend.
+  its HLO before backend optimisation, so the count does not depend on how a backend
+  compiles it.
 
-  The compiled executable's analysis is not: on GPU, XLA rewrites convolutions into cuDNN
+  The compiled executable's analysis does: on GPU, XLA rewrites convolutions into cuDNN
   custom calls that its cost analysis does not count (on an H200, ResNeXt-50 read 0.07
-  GFLOPs per image, 4.3 on the CPU; bench/GPU.md). Before optimisation the count is within
-  0.3% of the CPU executable's (XLA:CPU fuses a few elementwise ops).
+  GFLOPs per image, 4.3 on the CPU; bench/GPU.md). On the CPU the two counts agree within
+  0.3% (resnet_s: 71.82 vs 71.98 MFLOPs at batch 2; vgg_s equal). Checked on the CPU only:
+  the lease that found the GPU undercount ended before this was rerun there.
   """
   analysis = lowered.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
