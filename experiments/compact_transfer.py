@@ -43,7 +43,8 @@ Protocol (DESIGN.md section 8, `jtransfer.protocol`):
 Students use Adam and BN with batch statistics. Reported: test accuracy mean (std) over
 evaluation draws, agreement with the teacher's test predictions, params, FLOPs per image (XLA's
 cost analysis of the jitted eval forward at batch 1), latency (median of `--latency-runs` timed
-calls after warm-up, at batch 1 and 128), the chosen hyper-parameters, steps trained, and the
+calls after warm-up, at batch 1 and 128, each evaluation draw's models timed together; the
+report gives the median over draws), the chosen hyper-parameters, steps trained, and the
 claims. Writes results.jsonl (one record per finished run, tuning runs included; `--resume`
 continues), results.json, report.md (regenerated from results.json alone by `make_report`),
 summary.json and accuracy_vs_flops.png.
@@ -878,14 +879,19 @@ def _groups(records: list[dict]) -> dict:
   return groups
 
 
-def first_ok(records: list[dict]) -> Optional[dict]:
-  """The first finished draw's record (whose costs the report shows), None if none finished."""
-  return next((r for r in records if r["status"] == "ok"), None)
+def median_latency(records: list[dict]) -> Optional[dict]:
+  """{batch: median over the records' latencies (ms)}: each evaluation draw's models are timed
+  together, so one draw that a burst of load hit does not set the figure."""
+  timed = [r["latency_ms"] for r in records if r.get("latency_ms")]
+  if not timed:
+    return None
+  return {b: float(np.median([t[b] for t in timed if b in t])) for b in timed[0]}
 
 
 def summarize(records: list[dict]) -> dict:
   """(target, variant) -> accuracy mean/std over evaluation draws (failed runs counted apart),
-  agreement, steps, and the costs of the first finished draw."""
+  agreement, steps, params and FLOPs of the first finished draw, and the median latency over
+  the finished draws."""
   out: dict = {}
   for key, rs in _groups(records).items():
     ok = [r for r in rs if r["status"] == "ok"]
@@ -896,7 +902,7 @@ def summarize(records: list[dict]) -> dict:
     agree = [r["agreement"] for r in ok if "agreement" in r]
     out[key] = dict(acc_mean=m, acc_std=s, n=len(ok), failed=len(rs) - len(ok),
                     params=ok[0]["params"], flops=ok[0]["flops"],
-                    latency_ms=ok[0]["latency_ms"],
+                    latency_ms=median_latency(ok),
                     agreement=float(np.mean(agree)) if agree else None,
                     steps=float(np.mean([r["steps"] for r in ok])),
                     capped=sum(r["stopped"] == "cap" for r in ok))
@@ -950,7 +956,7 @@ def make_report(records: list[dict], args, plan) -> tuple[str, dict]:
   tuned = choose(records, plan, args)
   ev = eval_records(records, tuned)
   summary = summarize(ev)
-  shown = [first_ok(rs) for rs in _groups(ev).values()]  # whose latencies the table shows
+  shown = [r for r in ev if r["status"] == "ok"]  # whose latencies the table's medians take
   batches = [str(b) for b in plan["batches"]]
   widths = next((_widths(r["config"]) for r in ev
                  if r["variant"] not in PRUNED | {"teacher"} and "config" in r), "-")
@@ -968,11 +974,11 @@ def make_report(records: list[dict], args, plan) -> tuple[str, dict]:
            "hyper-parameters. Agreement: fraction of test images on which the model predicts "
            "the teacher's class. FLOPs: XLA cost analysis of the jitted eval forward, per "
            f"image. Latency: median of {args.latency_runs} calls of the jitted forward after "
-           "warm-up" + timing_text([r for r in shown if r],
-                                   ", the draw's models timed together round-robin") +
-           f" (first draw's model; pruned widths keep {args.prune_keep:g} of each unit's "
-           f"channels, residual={args.prune_residual}). Steps: mean steps trained, and how many "
-           "runs stopped at the cap rather than by patience.", ""]
+           "warm-up" + timing_text(shown, ", the draw's models timed together round-robin") +
+           ", median over the evaluation draws (pruned widths keep "
+           f"{args.prune_keep:g} of each unit's channels, residual={args.prune_residual}). "
+           "Steps: mean steps trained, and how many runs stopped at the cap rather than by "
+           "patience.", ""]
   lines += [f"- {v}: {DESCRIPTIONS[v]}" for v in plan["variants"]] + [""]
   for note in plan.get("notes", []):
     lines += [f"Note: {note}", ""]
@@ -1001,7 +1007,8 @@ def make_report(records: list[dict], args, plan) -> tuple[str, dict]:
       failed = f" ({r['failed']} failed)" if r["failed"] else ""
       lines.append(f"| {v} | {100 * r['acc_mean']:.1f} ({100 * r['acc_std']:.1f}){failed} | "
                    f"{gap} | {agree} | {r['params']:,} | {r['flops'] / 1e6:.2f} | " +
-                   " | ".join(f"{r['latency_ms'].get(b, float('nan')):.2f}" for b in batches)
+                   " | ".join(f"{(r['latency_ms'] or {}).get(b, float('nan')):.2f}"
+                              for b in batches)
                    + f" | {_chosen(t)} | {val} | {r['steps']:.0f} ({r['capped']}/{r['n']} "
                    "capped) |")
     lines += [""] + _comparison(summary, target) + [""]
