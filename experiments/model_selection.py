@@ -91,10 +91,12 @@ TINY_FINETUNE = dict(train_per_class=4, test_per_class=5, steps=2, ft_batch_size
 # ----------------------------------------------------------------------------- targets
 @dataclasses.dataclass(frozen=True)
 class TargetTask:
-  """A target: labelled training images (fine-tuning and metrics) and test images."""
+  """A target: labelled training images (fine-tuning and metrics), test images, and (for
+  converged fine-tuning) validation images disjoint from both."""
   spec: str
   train: ImageSet
   test: ImageSet
+  val: ImageSet | None = None
 
   @property
   def num_classes(self) -> int:
@@ -102,16 +104,19 @@ class TargetTask:
 
 
 def load_target(spec: str, image_shape, train_per_class: int, test_per_class: int,
-                seed: int = 0, data_dir: str | None = None) -> TargetTask:
-  """Loads `spec`, draws `train_per_class` training images per class, caps the test split.
+                seed: int = 0, data_dir: str | None = None,
+                val_per_class: int = 0) -> TargetTask:
+  """Loads `spec`, draws `train_per_class` training images per class (and `val_per_class`
+  disjoint validation images from the train split), caps the test split.
 
   Raises:
     InputError: a bad spec, or a class with fewer than `train_per_class` training images.
   """
   data = load_spec(spec, tuple(image_shape), flag="--target", data_dir=data_dir)
-  idx, _ = sample_kshot(data.train.labels, train_per_class, seed,
-                        num_classes=data.train.num_classes)
-  return TargetTask(spec, data.train.take(idx), cap_per_class(data.test, test_per_class))
+  idx, val = sample_kshot(data.train.labels, train_per_class, seed,
+                          val_per_class=val_per_class, num_classes=data.train.num_classes)
+  return TargetTask(spec, data.train.take(idx), cap_per_class(data.test, test_per_class),
+                    data.train.take(val) if val_per_class else None)
 
 
 # ----------------------------------------------------------------------------- scores
@@ -245,6 +250,29 @@ def finetune(source: transfer.Source, task: TargetTask, steps: int, config: Trai
   return model_zoo.evaluate(model, params, stats,
                             prenormalize(task.test.images, source.mean, source.std),
                             task.test.labels, compiled)
+
+
+def finetune_converged(source: transfer.Source, task: TargetTask, budget, config: TrainConfig,
+                       compiled: Compiled, seed: int = 0, **overrides) -> dict:
+  """`finetune` under the protocol: the run stops by `task.val` accuracy (`budget`) and keeps
+  its best validation state (model_zoo.train_classifier_converged).
+
+  Returns:
+    {'test_acc', 'val_acc', 'steps', 'best_step', 'stopped'}.
+  """
+  if task.val is None:
+    raise InputError("converged fine-tuning needs validation images (val_per_class > 0)")
+  model = transfer.target_model(source, task.num_classes, **overrides)
+  params, stats = transfer.init_target(source, model, seed)
+  norm = lambda images: prenormalize(images, source.mean, source.std)
+  xval = norm(task.val.images)
+  params, stats, info = model_zoo.train_classifier_converged(
+      model, {"params": params, "batch_stats": stats}, norm(task.train.images),
+      task.train.labels, (xval, task.val.labels), budget, config, compiled, seed)
+  return dict(info, val_acc=model_zoo.evaluate(model, params, stats, xval, task.val.labels,
+                                               compiled),
+              test_acc=model_zoo.evaluate(model, params, stats, norm(task.test.images),
+                                          task.test.labels, compiled))
 
 
 # ----------------------------------------------------------------------------- analysis

@@ -53,6 +53,7 @@ from jtransfer.data import Batches, ImageSet, channel_stats, load_spec, parse_sp
 from jtransfer.data.fewshot import subset_classes
 from jtransfer.errors import InputError
 from jtransfer.methods import selection, transfer
+from jtransfer.protocol import fit_converged
 from jtransfer.train import (cross_entropy, fit, init_state, make_optimizer, make_train_step,
                              predict_logits, sgd)
 
@@ -203,6 +204,40 @@ def train_classifier(model, variables: dict, x: np.ndarray, y: np.ndarray, num_s
   state = init_state(params, stats, opt, seed, config.lr)
   state = fit_step_decay(state, step, batches.at, num_steps, config)
   return state.params, state.batch_stats
+
+
+def train_classifier_converged(model, variables: dict, x: np.ndarray, y: np.ndarray,
+                               val: tuple[np.ndarray, np.ndarray], budget, config: TrainConfig,
+                               compiled: Compiled, seed: int = 0):
+  """`train_classifier` under the protocol's stopping rule: validation accuracy every
+  `budget.eval_every` steps, stop after `budget.patience` steps without improvement (at most
+  `budget.cap`), keep the best validation state. The step decay is placed at fractions of the
+  cap, so a run that stops early ends inside its schedule (as the protocol's runs do).
+
+  Args:
+    val: (pre-normalised images, labels) of the validation set.
+    budget: a `jtransfer.protocol.Budget`.
+    (the rest as `train_classifier`)
+
+  Returns:
+    (params, batch_stats, info) with info from `protocol.fit_converged` (steps, best_step,
+    stopped; the curve dropped).
+  """
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  opt, step = compiled.step(model, params, config)
+  batches = Batches(x, np.asarray(y, np.int32), config.batch_size, seed)
+  bounds = sorted({int(round(f * budget.cap)) for f in config.decay_at} - {0})
+
+  def decayed_step(state, batch):
+    passed = sum(int(state.step) >= b for b in bounds)
+    return step(_set_lr(state, config.lr * config.decay_factor ** passed), batch)
+
+  val_acc = lambda state: evaluate(model, state.params, state.batch_stats, val[0], val[1],
+                                   compiled)
+  state, info = fit_converged(init_state(params, stats, opt, seed, config.lr), decayed_step,
+                              batches.at, val_acc, budget)
+  info.pop("curve", None)
+  return state.params, state.batch_stats, info
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

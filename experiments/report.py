@@ -142,6 +142,17 @@ def positive_ints(text: str, flag: str) -> list[int]:
   return values
 
 
+def positive_floats(text: str, flag: str) -> list[float]:
+  """A comma list of finite numbers > 0 from flag `flag`, or InputError naming it."""
+  try:
+    values = [float(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise InputError(f"{flag} {text!r}: expected a comma list of numbers") from None
+  if not values or not all(np.isfinite(v) and v > 0 for v in values):
+    raise InputError(f"{flag} {text!r}: values must be finite and > 0")
+  return values
+
+
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
   v = np.asarray(list(values), np.float64)
   return float(v.mean()), float(v.std())

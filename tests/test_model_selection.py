@@ -342,6 +342,13 @@ def _check_truncation_main(root, out):
   records = json.load(open(os.path.join(out, "results.json")))
   assert [r["point"] for r in records] == ["stem", "stage2/block1"]
   assert records[0]["map_shape"] == [14, 14, 16] and records[1]["map_shape"] == [7, 7, 32]
+  for r in records:  # converged runs, the LR chosen on validation (ties to the smaller)
+    assert r["n_val"] == 60 and r["stopped"] in ("patience", "cap") and r["steps"] <= 2
+    assert set(r["lr_val"]) == {"0.003", "0.01", "0.03"}
+    best = max(sorted(r["lr_val"], key=float), key=lambda lr: r["lr_val"][lr])
+    assert r["lr"] == float(best) and r["val_acc"] == r["lr_val"][best]
+  assert "## Fine-tuning runs (the LR chosen on validation)" in open(
+      os.path.join(out, "report.md")).read()
   for name in ("truncation_accuracy.png", "truncation_spearman.png", "report.md"):
     assert os.path.getsize(os.path.join(out, name)) > 0
   assert publish.check(out) == []  # regenerates from results.json and source.json
