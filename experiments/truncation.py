@@ -36,7 +36,6 @@ restores the fixed schedule (`--steps` at `--ft-lr`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -48,11 +47,11 @@ import numpy as np
 from experiments import cli, model_selection as ms, publish
 from experiments import pretrain
 from experiments.model_zoo import Compiled, TrainConfig, prenormalize
-from experiments.report import ResultsDir, positive_floats
+from experiments.report import ResultsDir
 from jtransfer import models
 from jtransfer.errors import InputError
 from jtransfer.methods import selection, transfer
-from jtransfer.protocol import Budget, claims
+from jtransfer.protocol import claims
 
 KEY = ("target", "point")
 SCORES = selection.METRIC_NAMES + ("LogME", "H-score")
@@ -103,7 +102,8 @@ def run(args, source: transfer.Source, specs: Sequence[str], points: Sequence[st
       t0 = time.time()
       scores, shape = point_scores(source, task, point, compiled, args.logme)
       if args.val_per_class:
-        run_info = converged_point(source, task, point, args, config, compiled)
+        run_info = ms.finetune_tuned(source, task, args, config, compiled,
+                                     truncate_after=point)
       else:
         run_info = dict(test_acc=ms.finetune(source, task, args.steps, config, compiled,
                                              args.seed, truncate_after=point),
@@ -117,25 +117,6 @@ def run(args, source: transfer.Source, specs: Sequence[str], points: Sequence[st
       if not args.quiet:
         print(f"[{count}/{total}] {spec} cut after {point}: acc {acc:.4f} S6 {scores['S6']:.4g}"
               f" ({time.time() - t0:.1f}s)", file=sys.stderr)
-
-
-def converged_point(source: transfer.Source, task: ms.TargetTask, point: str, args,
-                    config: TrainConfig, compiled: Compiled) -> dict:
-  """The point's truncated net fine-tuned at each LR of `--ft-lrs` under the protocol's
-  stopping rule; the LR with the best validation accuracy (ties: the smaller) is kept.
-
-  Returns:
-    The kept run: {'test_acc', 'val_acc', 'lr', 'steps', 'best_step', 'stopped', 'n_val',
-    'lr_val': {lr: validation accuracy}}; the other LRs' test accuracies are dropped unread.
-  """
-  budget = Budget(cap=args.steps, eval_every=min(args.eval_every, args.steps),
-                  patience=args.patience)
-  runs = {lr: ms.finetune_converged(source, task, budget, dataclasses.replace(config, lr=lr),
-                                    compiled, args.seed, truncate_after=point)
-          for lr in sorted(positive_floats(args.ft_lrs, "--ft-lrs"))}
-  best = max(runs, key=lambda lr: (runs[lr]["val_acc"], -lr))
-  return dict(runs[best], lr=best, n_val=len(task.val),
-              lr_val={f"{lr:g}": r["val_acc"] for lr, r in runs.items()})
 
 
 def analyze(records: Sequence[dict], points: Sequence[str]) -> dict:
@@ -209,29 +190,8 @@ def finetune_text(args) -> str:
     return (f"fine-tune {args.steps} SGD steps of {args.ft_batch_size} on "
             f"{args.train_per_class} images/class (lr {args.ft_lr:g}, x0.1 at 7/30..28/30 of "
             "the run, BN stats frozen).")
-  return (f"fine-tune by SGD (momentum 0.9, batch {args.ft_batch_size}) on "
-          f"{args.train_per_class} images/class until validation accuracy "
-          f"({args.val_per_class}/class, disjoint from training and test) has not improved for "
-          f"{args.patience} steps (checked every {args.eval_every}), at most {args.steps} "
-          "steps, keeping the best validation state; the LR chosen per point from "
-          f"{{{args.ft_lrs}}} by validation accuracy (ties: the smaller); lr x0.1 at "
-          "7/30..28/30 of the cap; BN stats frozen. The test split reaches no choice.")
-
-
-def runs_table(records: Sequence[dict], points: Sequence[str]) -> list[str]:
-  """Each point's kept fine-tuning run: LR, validation accuracy, steps, why it stopped."""
-  rows = [r for r in records if "stopped" in r]
-  if not rows:
-    return []
-  order = {p: i for i, p in enumerate(points)}
-  lines = ["## Fine-tuning runs (the LR chosen on validation)", "",
-           "| target | point | lr | val acc (each LR) | steps (best) | stopped |",
-           "|---|---|---|---|---|---|"]
-  for r in sorted(rows, key=lambda r: (r["target"], order.get(r["point"], 0))):
-    grid = ", ".join(f"{lr}: {v:.3f}" for lr, v in r["lr_val"].items())
-    lines.append(f"| {r['target']} | {r['point']} | {r['lr']:g} | {r['val_acc']:.3f} ({grid}) | "
-                 f"{r['steps']} ({r['best_step']}) | {r['stopped']} |")
-  return lines + [""]
+  return "fine-tune by " + ms.finetune_text(args).replace("the LR chosen per run", "the LR "
+                                                          "chosen per point")
 
 
 def make_report(summary: dict, args, source: dict, records: Sequence[dict] = ()) -> str:
@@ -247,7 +207,9 @@ def make_report(summary: dict, args, source: dict, records: Sequence[dict] = ())
   for t, row in acc.items():
     lines.append(f"| {t} | " + " | ".join(f"{row[p]:.4f}" if p in row else "-" for p in points)
                  + " |")
-  lines += [""] + runs_table(records, points)
+  order = {p: i for i, p in enumerate(points)}
+  lines += [""] + ms.runs_table(records, ("target", "point"),
+                                lambda r: (r["target"], order.get(r["point"], 0)))
   lines += ["## Spearman rho between metric and truncate-fine-tune accuracy (Fig. 5)", "",
             "Scores oriented so that larger = predicted better (S2, S4, S5, S6 negated). S6's "
             "sign is an open reading: row S6 follows the paper's text (sec. 3.6, smaller is "
@@ -326,16 +288,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="target dataset spec; repeat the flag (or separate with ';') for several")
   p.add_argument("--seed", type=int, default=0)
   ms.add_finetune_args(p)
-  g = p.add_argument_group("protocol (DESIGN.md section 8)")
-  g.add_argument("--val-per-class", type=int, default=20,
-                 help="validation images per class, disjoint from the training draw: each "
-                      "point's runs stop by validation patience, the LR is chosen on it; 0 = "
-                      "the paper's fixed --steps at --ft-lr, no validation")
-  g.add_argument("--ft-lrs", default="0.003,0.01,0.03",
-                 help="SGD LR grid, one chosen per (target, point) by validation accuracy")
-  g.add_argument("--patience", type=int, default=100)
-  g.add_argument("--eval-every", type=int, default=10)
-  p.set_defaults(steps=1000)  # the cap of a converged run
+  ms.add_protocol_args(p)
   ms.add_score_args(p, maps=False)
   p.add_argument("--tiny", action="store_true",
                  help="seconds-long fine-tuning for smoke tests: " + str(ms.TINY_FINETUNE))
@@ -374,10 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def validate(args) -> dict:
   """The flags' checks that need no source (the points are checked against it in main)."""
-  if args.val_per_class < 0 or args.patience < 1 or args.eval_every < 1:
-    raise InputError("--val-per-class must be >= 0, --patience and --eval-every >= 1")
-  lrs = positive_floats(args.ft_lrs, "--ft-lrs")
-  return dict(specs=ms.target_specs(args), config=ms.finetune_config(args), ft_lrs=lrs)
+  return dict(specs=ms.target_specs(args), config=ms.finetune_config(args),
+              ft_lrs=ms.check_protocol_args(args))
 
 
 PUBLISHER = publish.Publisher("experiments.truncation", parse_args, validate, publish_report,

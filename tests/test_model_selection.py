@@ -323,6 +323,12 @@ def _check_model_selection_main(root, out):
   records = json.load(open(os.path.join(out, "results.json")))
   assert len(records) == 3 and {r["n_train"] for r in records} == {12}
   assert all(set(selection.METRIC_NAMES + ms.LABEL_SCORES) <= set(r) for r in records)
+  for r in records:  # the ground truth: converged runs, the LR chosen on validation
+    assert r["n_val"] == 60 and r["stopped"] in ("patience", "cap") and r["steps"] <= 2
+    best = max(sorted(r["lr_val"], key=float), key=lambda lr: r["lr_val"][lr])
+    assert r["lr"] == float(best) and r["val_acc"] == r["lr_val"][best]
+  assert "## Fine-tuning runs (the LR chosen on validation)" in open(
+      os.path.join(out, "report.md")).read()
   assert all(r["map_tap"] == "conv" and r["logme_variant"] == "published" for r in records)
   report = open(os.path.join(out, "report.md")).read()
   assert "C_56(0.574)" in report and "source_accuracy" in report and "Verdict" in report
