@@ -73,7 +73,7 @@ from experiments.fewshot import cap_per_class
 from experiments.model_zoo import Compiled, TrainConfig, prenormalize
 from experiments.report import ResultsDir, positive_floats
 from jtransfer.data import ImageSet, load_spec, parse_spec, sample_kshot
-from jtransfer.errors import InputError
+from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import selection, sfda, transfer, transrate
 from jtransfer.protocol import Budget, claims
 
@@ -288,16 +288,27 @@ def finetune_tuned(source: transfer.Source, task: TargetTask, args, config: Trai
 
   Returns:
     The kept run: {'test_acc', 'val_acc', 'lr', 'steps', 'best_step', 'stopped', 'n_val',
-    'lr_val': {lr: validation accuracy}}; the other LRs' test accuracies are dropped unread.
+    'lr_val': {lr: validation accuracy, None where the run diverged}}; the other LRs' test
+    accuracies are dropped unread.
+
+  Raises:
+    NonFiniteError: every LR of the grid diverged.
   """
   budget = Budget(cap=args.steps, eval_every=min(args.eval_every, args.steps),
                   patience=args.patience)
-  runs = {lr: finetune_converged(source, task, budget, dataclasses.replace(config, lr=lr),
-                                 compiled, args.seed, **overrides)
-          for lr in sorted(positive_floats(args.ft_lrs, "--ft-lrs"))}
-  best = max(runs, key=lambda lr: (runs[lr]["val_acc"], -lr))
+  runs, diverged = {}, None
+  for lr in sorted(positive_floats(args.ft_lrs, "--ft-lrs")):
+    try:
+      runs[lr] = finetune_converged(source, task, budget, dataclasses.replace(config, lr=lr),
+                                    compiled, args.seed, **overrides)
+    except NonFiniteError as e:  # this LR diverged: out of the choice, as validation would say
+      runs[lr], diverged = None, e
+  finished = [lr for lr, r in runs.items() if r is not None]
+  if not finished:
+    raise diverged
+  best = max(finished, key=lambda lr: (runs[lr]["val_acc"], -lr))
   return dict(runs[best], lr=best, n_val=len(task.val),
-              lr_val={f"{lr:g}": r["val_acc"] for lr, r in runs.items()})
+              lr_val={f"{lr:g}": None if r is None else r["val_acc"] for lr, r in runs.items()})
 
 
 def finetune_text(args) -> str:
@@ -324,7 +335,8 @@ def runs_table(records: Sequence[dict], key: Sequence[str], order=None) -> list[
            "| " + " | ".join(key) + " | lr | val acc (each LR) | steps (best) | stopped |",
            "|" + "---|" * (len(key) + 4)]
   for r in sorted(rows, key=order or (lambda r: tuple(str(r[k]) for k in key))):
-    grid = ", ".join(f"{lr}: {v:.3f}" for lr, v in r["lr_val"].items())
+    grid = ", ".join(f"{lr}: " + ("diverged" if v is None else f"{v:.3f}")
+                     for lr, v in r["lr_val"].items())
     lines.append("| " + " | ".join(str(r[k]) for k in key) + f" | {r['lr']:g} | "
                  f"{r['val_acc']:.3f} ({grid}) | {r['steps']} ({r['best_step']}) | "
                  f"{r['stopped']} |")
@@ -863,7 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = {m.name for m in members}
     records = [r for r in results.records if r["model"] in names and r["target"] in specs]
     summary = analyze(records, step=args.alpha_step)
-  except InputError as e:
+  except (InputError, NonFiniteError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   records = sorted(records, key=lambda r: (r["target"], r["model"]))

@@ -49,7 +49,7 @@ from experiments import pretrain
 from experiments.model_zoo import Compiled, TrainConfig, prenormalize
 from experiments.report import ResultsDir
 from jtransfer import models
-from jtransfer.errors import InputError
+from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import selection, transfer
 from jtransfer.protocol import claims
 
@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run(args, source, specs, points, config, results)
     records = [r for r in results.records if r["target"] in specs and r["point"] in points]
     summary = analyze(records, points)
-  except InputError as e:
+  except (InputError, NonFiniteError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   results.write_json("source.json", dict(source_info(source, args), points=list(points)))

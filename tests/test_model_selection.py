@@ -362,3 +362,30 @@ def _check_truncation_main(root, out):
          "fmnist:1,5,7", "--out", out, "--overwrite", "--quiet"]
   assert truncation.main(bad) == 2
   assert os.path.exists(os.path.join(out, "results.json"))  # refused before touching --out
+
+
+def test_ground_truth_lr_choice_skips_a_diverged_lr(monkeypatch):
+  """An LR whose run goes non-finite leaves the choice (validation picks among the rest); when
+  every LR diverges the error propagates (main turns it into one line and exit code 2)."""
+  import argparse
+  from jtransfer.errors import NonFiniteError
+  val = {0.003: 0.6, 0.01: 0.8}
+
+  def fake(source, task, budget, config, compiled, seed, **overrides):
+    if config.lr not in val:
+      raise NonFiniteError(3, ["grad"])
+    return dict(test_acc=val[config.lr] - 0.1, val_acc=val[config.lr], steps=20, best_step=10,
+                stopped="patience")
+
+  monkeypatch.setattr(ms, "finetune_converged", fake)
+  task = ms.TargetTask("t", None, None, val=[0] * 40)
+  args = argparse.Namespace(steps=100, eval_every=10, patience=20, seed=0,
+                            ft_lrs="0.003,0.01,0.03")
+  got = ms.finetune_tuned(None, task, args, ms.TrainConfig(), None)
+  assert got["lr"] == 0.01 and got["test_acc"] == pytest.approx(0.7) and got["n_val"] == 40
+  assert got["lr_val"] == {"0.003": 0.6, "0.01": 0.8, "0.03": None}
+  assert "0.03: diverged" in "\n".join(ms.runs_table([dict(got, model="m", target="t")],
+                                                     ("model", "target")))
+  val.clear()
+  with pytest.raises(NonFiniteError):
+    ms.finetune_tuned(None, task, args, ms.TrainConfig(), None)
