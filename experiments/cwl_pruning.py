@@ -456,7 +456,6 @@ def run(args, plan, results: ResultsDir) -> dict:
   scales0 = None
   for repeat in range(args.repeats):
     todo = [t for t in [None] + plan["taus"] if (repeat, t) not in done]
-    resumed = len(todo) < len(plan["taus"]) + 1  # part of the draw recorded before a kill
     if not todo and repeat > 0:  # draw 0 always transfers: its scales make sigma_hist.png
       continue
     draw = Draw(data, args, repeat)
@@ -519,6 +518,7 @@ def run(args, plan, results: ResultsDir) -> dict:
           f"{ {e: (v['lr'], round(v['test_acc'], 4)) for e, v in record['ft'].items()} } "
           f"params {100 * record['params_frac']:.0f}% maps {100 * record['feat_frac']:.0f}%")
     if pending:  # draw 0's models, timed together so load changes hit them alike
+      resumed = len(todo) < len(plan["taus"]) + 1  # part of the draw recorded before a kill
       times = latencies([(m, p, st) for _, m, p, st in pending], source, plan["batches"],
                         args.latency_runs)
       results.add_many([dict(record, latency_ms=t,

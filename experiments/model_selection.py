@@ -311,8 +311,20 @@ def finetune_tuned(source: transfer.Source, task: TargetTask, args, config: Trai
               lr_val={f"{lr:g}": None if r is None else r["val_acc"] for lr, r in runs.items()})
 
 
-def finetune_text(args) -> str:
-  """How the ground truth was fine-tuned, from the flags (for the reports)."""
+def ground_truth(source: transfer.Source, task: TargetTask, args, config: TrainConfig,
+                 compiled: Compiled, **overrides) -> dict:
+  """The accuracy a metric is ranked against, as the flags say: `finetune_tuned` (the
+  protocol), or with `--val-per-class 0` one fixed `--steps` run at `--ft-lr` ({'test_acc',
+  'steps'})."""
+  if args.val_per_class:
+    return finetune_tuned(source, task, args, config, compiled, **overrides)
+  return dict(test_acc=finetune(source, task, args.steps, config, compiled, args.seed,
+                                **overrides), steps=args.steps)
+
+
+def finetune_text(args, chosen_per: str = "run") -> str:
+  """How the ground truth was fine-tuned, from the flags (for the reports); `chosen_per`
+  names what each LR choice covers."""
   if not args.val_per_class:
     return (f"{args.steps} SGD steps of {args.ft_batch_size} on {args.train_per_class} "
             f"images/class, lr {args.ft_lr:g} x0.1 at 7/30..28/30 of the run, momentum 0.9, "
@@ -321,7 +333,7 @@ def finetune_text(args) -> str:
           f"{args.train_per_class} images/class until validation accuracy "
           f"({args.val_per_class}/class, disjoint from training and test) has not improved for "
           f"{args.patience} steps (checked every {args.eval_every}), at most {args.steps} "
-          "steps, keeping the best validation state; the LR chosen per run from "
+          f"steps, keeping the best validation state; the LR chosen per {chosen_per} from "
           f"{{{args.ft_lrs}}} by validation accuracy (ties: the smaller); lr x0.1 at "
           "7/30..28/30 of the cap; BN stats frozen. The test split reaches no choice.")
 
@@ -842,11 +854,7 @@ def run(args, members: Sequence[model_zoo.Member], specs: Sequence[str], config:
         np.savez(os.path.join(results.path, "features", f"{m.name}__{_safe(spec)}.npz"),
                  labels=task.train.labels, **outputs)
       t1 = time.time()
-      if args.val_per_class:
-        run_info = finetune_tuned(m.source, task, args, config, compiled)
-      else:
-        run_info = dict(test_acc=finetune(m.source, task, args.steps, config, compiled,
-                                          args.seed), steps=args.steps)
+      run_info = ground_truth(m.source, task, args, config, compiled)
       acc = run_info["test_acc"]
       record = dict(model=m.name, target=spec, family=m.spec.family, arch=m.spec.arch,
                     source_accuracy=m.source.meta["source_test_acc"],

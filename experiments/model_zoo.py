@@ -158,6 +158,12 @@ def _set_lr(state, lr: float):
   return state
 
 
+def decay_steps(config: TrainConfig, length: int) -> list[int]:
+  """The steps in (0, length) at which `config`'s lr decays (its fractions of the run)."""
+  return [b for b in sorted({int(round(f * length)) for f in config.decay_at} - {0})
+          if b < length]
+
+
 def fit_step_decay(state, step: Callable, batch_at: Callable, num_steps: int,
                    config: TrainConfig):
   """Runs `step` to `num_steps` with lr = config.lr x factor^(decays passed).
@@ -172,8 +178,7 @@ def fit_step_decay(state, step: Callable, batch_at: Callable, num_steps: int,
   Returns:
     The trained state.
   """
-  bounds = sorted({int(round(f * num_steps)) for f in config.decay_at} - {0})
-  bounds = [b for b in bounds if b < num_steps] + [num_steps]
+  bounds = decay_steps(config, num_steps) + [num_steps]
   lr = config.lr
   for end in bounds:
     state = fit(_set_lr(state, lr), step, batch_at, end)
@@ -226,7 +231,7 @@ def train_classifier_converged(model, variables: dict, x: np.ndarray, y: np.ndar
   params, stats = variables["params"], variables.get("batch_stats", {})
   opt, step = compiled.step(model, params, config)
   batches = Batches(x, np.asarray(y, np.int32), config.batch_size, seed)
-  bounds = sorted({int(round(f * budget.cap)) for f in config.decay_at} - {0})
+  bounds = decay_steps(config, budget.cap)
 
   def decayed_step(state, batch):
     passed = sum(int(state.step) >= b for b in bounds)

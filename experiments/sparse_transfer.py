@@ -780,15 +780,13 @@ def claim_results(records: list[dict], plan: dict) -> list[dict]:
   out.append(claims.evaluate(FIG3_CLAIMS[1], prune, ("target", "rate"), arm_field="knowledge",
                              draw_field="seed", draw_fields=("target", "seed")))
   neuron, share = [], []
-  for r in ev:
-    if r["kind"] == "neuron" and (r["target"], r["seed"]) in std:
-      base = dict(target=r["target"], seed=r["seed"])
+  for r in (r for r in ev if r["kind"] == "neuron"):
+    base = dict(target=r["target"], seed=r["seed"])
+    if (r["target"], r["seed"]) in std:
       neuron += [dict(base, arm="neuron", test_acc=r["test_acc"]),
                  dict(base, arm="standard", test_acc=std[(r["target"], r["seed"])])]
-    if r["kind"] == "neuron":
-      base = dict(target=r["target"], seed=r["seed"])
-      share += [dict(base, arm="removed", test_acc=_removed_share(r)),
-                dict(base, arm="half", test_acc=0.5)]
+    share += [dict(base, arm="removed", test_acc=_removed_share(r)),
+              dict(base, arm="half", test_acc=0.5)]
   out.append(claims.evaluate(NEURON_CLAIMS[0], neuron, ("target",), arm_field="arm",
                              draw_field="seed"))
   out.append(claims.evaluate(NEURON_CLAIMS[1], share, ("target",), arm_field="arm",

@@ -101,13 +101,7 @@ def run(args, source: transfer.Source, specs: Sequence[str], points: Sequence[st
         continue
       t0 = time.time()
       scores, shape = point_scores(source, task, point, compiled, args.logme)
-      if args.val_per_class:
-        run_info = ms.finetune_tuned(source, task, args, config, compiled,
-                                     truncate_after=point)
-      else:
-        run_info = dict(test_acc=ms.finetune(source, task, args.steps, config, compiled,
-                                             args.seed, truncate_after=point),
-                        steps=args.steps)
+      run_info = ms.ground_truth(source, task, args, config, compiled, truncate_after=point)
       acc = run_info["test_acc"]
       results.add(dict(target=spec, point=point, index=index, map_shape=list(shape),
                        n_train=len(task.train), n_test=len(task.test),
@@ -190,8 +184,7 @@ def finetune_text(args) -> str:
     return (f"fine-tune {args.steps} SGD steps of {args.ft_batch_size} on "
             f"{args.train_per_class} images/class (lr {args.ft_lr:g}, x0.1 at 7/30..28/30 of "
             "the run, BN stats frozen).")
-  return "fine-tune by " + ms.finetune_text(args).replace("the LR chosen per run", "the LR "
-                                                          "chosen per point")
+  return "fine-tune by " + ms.finetune_text(args, chosen_per="point")
 
 
 def make_report(summary: dict, args, source: dict, records: Sequence[dict] = ()) -> str:
