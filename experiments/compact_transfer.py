@@ -77,8 +77,8 @@ import jax
 import numpy as np
 
 from experiments import cli, pretrain, publish
-from experiments.report import (TIMED_AFTER_RESUME, TIMED_TOGETHER, ResultsDir, mean_std,
-                                positive_ints, timing_text)
+from experiments.report import (TIMED_AFTER_RESUME, TIMED_TOGETHER, ResultsDir, float_list,
+                                mean_std, positive_ints, timing_text)
 from jtransfer import models, surgery
 from jtransfer.data import Batches, augment, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError, NonFiniteError
@@ -211,15 +211,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _grid(text: str, flag: str, ok: Callable[[float], bool], what: str) -> tuple[float, ...]:
   """A comma list of distinct numbers from `flag`, each passing `ok`, sorted."""
-  try:
-    values = [float(v) for v in str(text).split(",") if v.strip()]
-  except ValueError:
-    raise InputError(f"{flag} {text!r}: expected a number or a comma list of numbers") from None
-  if not values:
-    raise InputError(f"{flag} {text!r}: expected at least one value")
-  bad = [v for v in values if not (math.isfinite(v) and ok(v))]
-  if bad:
-    raise InputError(f"{flag} {text!r}: {what}")
+  values = float_list(text, flag, ok, what)
   if len(set(values)) != len(values):
     raise InputError(f"{flag} {text!r}: values must be distinct")
   return tuple(sorted(values))

@@ -28,19 +28,13 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
+from experiments.report import float_list
 from jtransfer import models, surgery, weights
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-  try:
-    return tuple(float(v) for v in text.split(","))
-  except ValueError:
-    raise InputError(f"{flag} {text!r}: expected a comma list of numbers") from None
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -185,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_classes is not None and args.num_classes < 1:
       raise InputError(f"--num-classes must be >= 1, got {args.num_classes}")
     source = convert(args.arch, args.weights, input_shape=parse_shape(args.input_shape),
-                     mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
+                     mean=tuple(float_list(args.mean, "--mean")), std=tuple(float_list(args.std, "--std")),
                      num_classes=args.num_classes, drop_head=args.drop_head, config=config,
                      seed=args.seed)
     transfer.save_source(args.out, source)

@@ -53,8 +53,8 @@ import numpy as np
 
 from experiments import cli, pretrain, publish
 from experiments.fewshot import budget_of, cap_per_class, draw_seed
-from experiments.report import (TIMED_AFTER_RESUME, TIMED_TOGETHER, ResultsDir, mean_std,
-                                timing_text)
+from experiments.report import (TIMED_AFTER_RESUME, TIMED_TOGETHER, ResultsDir, float_list,
+                                mean_std, positive_floats, timing_text)
 from jtransfer import models, surgery
 from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError
@@ -118,18 +118,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def _floats(text: str, flag: str, minimum: float = 0.0, positive: bool = False) -> list[float]:
-  try:
-    values = [float(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise InputError(f"{flag} {text!r}: expected a comma list of numbers") from None
-  if not values or any(not np.isfinite(v) or v < minimum or (positive and v <= 0)
-                       for v in values):
-    raise InputError(f"{flag} {text!r}: values must be finite and "
-                     f"{'> 0' if positive else f'>= {minimum}'}")
-  return values
-
-
 def validate(args) -> dict:
   """Checks every flag before loading anything."""
   parse_spec(args.target, flag="--target")
@@ -145,16 +133,18 @@ def validate(args) -> dict:
                                                         args.test_per_class)):
     if v < 0:
       raise InputError(f"{flag} must be >= 0, got {v}")
-  epochs = sorted({int(e) for e in _floats(args.ft_epochs, "--ft-epochs", 1)})
-  batches = [int(b) for b in _floats(args.latency_batches, "--latency-batches", 1)]
-  ft_lrs = sorted(set(_floats(args.ft_lrs, "--ft-lrs", positive=True)))
+  at_least_1 = dict(ok=lambda v: v >= 1, what="values must be finite and >= 1")
+  epochs = sorted({int(e) for e in float_list(args.ft_epochs, "--ft-epochs", **at_least_1)})
+  batches = [int(b) for b in float_list(args.latency_batches, "--latency-batches", **at_least_1)]
+  ft_lrs = sorted(set(positive_floats(args.ft_lrs, "--ft-lrs")))
   lr = args.lr if args.lr is not None else DEFAULT_LR[args.strategy]
   if not lr > 0:
     raise InputError("--lr must be > 0")
   if not args.val_per_class and (args.patience or len(ft_lrs) > 1):
     raise InputError("early stopping (--patience) and choosing the finetuning LR (several "
                      "--ft-lrs) need validation images: set --val-per-class >= 1")
-  return dict(taus=sorted(set(_floats(args.taus, "--taus"))), epochs=epochs,
+  taus = float_list(args.taus, "--taus", lambda v: v >= 0, "values must be finite and >= 0")
+  return dict(taus=sorted(set(taus)), epochs=epochs,
               batches=batches, lr=lr, ft_lrs=ft_lrs)
 
 

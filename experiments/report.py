@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 from collections import defaultdict
-from typing import Any, Iterable, Sequence
+from typing import Callable, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -142,15 +142,25 @@ def positive_ints(text: str, flag: str) -> list[int]:
   return values
 
 
-def positive_floats(text: str, flag: str) -> list[float]:
-  """A comma list of finite numbers > 0 from flag `flag`, or InputError naming it."""
+def float_list(text: str, flag: str, ok: Callable[[float], bool] = lambda v: True,
+               what: str = "values must be finite numbers") -> list[float]:
+  """A non-empty comma list of finite numbers, each passing `ok`, from flag `flag`.
+
+  Raises:
+    InputError: one sentence naming the flag, its text and `what` was expected.
+  """
   try:
-    values = [float(v) for v in text.split(",") if v.strip()]
+    values = [float(v) for v in str(text).split(",") if v.strip()]
   except ValueError:
     raise InputError(f"{flag} {text!r}: expected a comma list of numbers") from None
-  if not values or not all(np.isfinite(v) and v > 0 for v in values):
-    raise InputError(f"{flag} {text!r}: values must be finite and > 0")
+  if not values or not all(np.isfinite(v) and ok(v) for v in values):
+    raise InputError(f"{flag} {text!r}: {what}")
   return values
+
+
+def positive_floats(text: str, flag: str) -> list[float]:
+  """A comma list of finite numbers > 0 from flag `flag`, or InputError naming it."""
+  return float_list(text, flag, lambda v: v > 0, "values must be finite and > 0")
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:

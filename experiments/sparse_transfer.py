@@ -83,7 +83,7 @@ import numpy as np
 
 from experiments import cli, pretrain, publish
 from experiments.fewshot import budget_of, cap_per_class
-from experiments.report import ResultsDir, mean_std
+from experiments.report import ResultsDir, float_list, mean_std
 from jtransfer import surgery
 from jtransfer.data import load_spec, parse_spec, sample_kshot
 from jtransfer.data.preprocess import normalize
@@ -163,13 +163,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _floats(text: str, flag: str, lo: float, hi: float, open_lo: bool = False) -> list[float]:
-  try:
-    values = [float(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise InputError(f"{flag} {text!r}: expected a comma list of numbers") from None
-  if not values or any(not lo <= v <= hi or (open_lo and v == lo) for v in values):
-    raise InputError(f"{flag} {text!r}: values must lie in {'(' if open_lo else '['}{lo}, {hi}]")
-  return sorted(set(values))
+  """Sorted distinct values of a comma list in [lo, hi] (or (lo, hi] with `open_lo`)."""
+  ok = (lambda v: lo < v <= hi) if open_lo else (lambda v: lo <= v <= hi)
+  return sorted(set(float_list(text, flag, ok, f"values must lie in "
+                                               f"{'(' if open_lo else '['}{lo}, {hi}]")))
 
 
 def _ints(text: str, flag: str) -> list[int]:

@@ -1,6 +1,7 @@
 """Crash-safety of experiment grids: NaN runs marked failed, kill/resume, determinism, outputs."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,41 @@ from jtransfer.methods import transfer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--shots", "1,2", "--repeats", "2", "--steps", "3", "--test-per-class", "5",
         "--val-per-class", "2", "--lrs", "0.001", "--quiet", "--target", "digits:0,1,2"]
+
+
+@pytest.mark.parametrize("text,kwargs,error", [
+    ("1,x", {}, "--f '1,x': expected a comma list of numbers"),
+    (" , ", {}, "--f ' , ': values must be finite numbers"),
+    ("1,nan", {}, "values must be finite numbers"),
+    ("0.5,2", dict(ok=lambda v: v >= 1, what="values must be >= 1"), "--f '0.5,2': values must be >= 1"),
+])
+def test_float_list_names_the_flag_and_the_problem(text, kwargs, error):
+  from experiments.report import float_list
+  from jtransfer.errors import InputError
+  with pytest.raises(InputError, match=re.escape(error)):
+    float_list(text, "--f", **kwargs)
+
+
+def test_float_list_and_the_flags_built_on_it():
+  from experiments import compact_transfer, cwl_pruning, sparse_transfer
+  from experiments.report import float_list, positive_floats
+  from jtransfer.errors import InputError
+  assert float_list(" 3, -1.5,,2e-3 ", "--f") == [3.0, -1.5, 0.002]      # order kept
+  assert positive_floats("0.1,1", "--lr") == [0.1, 1.0]
+  with pytest.raises(InputError, match="> 0"):
+    positive_floats("0,1", "--lr")
+  plan = cwl_pruning.validate(cwl_pruning.parse_args(["--taus", "1,0,1", "--ft-epochs", "30,1.9",
+                                                      "--ft-lrs", "1e-3,1e-4"]))
+  assert plan["taus"] == [0.0, 1.0] and plan["epochs"] == [1, 30]
+  assert plan["ft_lrs"] == [1e-4, 1e-3]
+  with pytest.raises(InputError, match="--ft-epochs '0.5': values must be finite and >= 1"):
+    cwl_pruning.validate(cwl_pruning.parse_args(["--ft-epochs", "0.5"]))
+  assert sparse_transfer._floats("0.5,0,0.5", "--lam", 0.0, 1.0) == [0.0, 0.5]
+  with pytest.raises(InputError, match=re.escape("--lrs '0': values must lie in (0.0, 10.0]")):
+    sparse_transfer._floats("0", "--lrs", 0.0, 10.0, open_lo=True)
+  assert compact_transfer._grid("4,2", "--t", lambda v: v > 0, "bad") == (2.0, 4.0)
+  with pytest.raises(InputError, match="values must be distinct"):
+    compact_transfer._grid("2,2", "--t", lambda v: v > 0, "bad")
 
 
 def test_unwritable_output_directory(tmp_path, capsys):
