@@ -34,7 +34,10 @@ Report (report.md, summary.json, spearman.png, alpha_curves.png):
     over groups (paper: C_56(0.574), mean 0.7514, variance 0.005993), and C_56(0.574) as
     published;
   * LogME, LEEP, NCE, H-score, TransRate (methods/transrate.py) and SFDA (methods/sfda.py)
-    and the target-blind baselines side by side.
+    and the target-blind baselines side by side;
+  * with `--scratch`, each family's architecture from a random init, fine-tuned the same way
+    and not ranked: how far the zoo lands above it and how far its members spread, next to
+    the test set's binomial noise. A ranking can only be as sharp as that spread allows.
 
 Fine-tuning protocol (the ground truth each metric is ranked against): `--train-per-class`
 labelled images per class (a seeded draw from the target's train split; the same images feed
@@ -495,6 +498,63 @@ def analyze(records: Sequence[dict], *, step: float = 0.001) -> dict:
               n_models=len({r["model"] for r in records}), n_records=len(records))
 
 
+def scratch_references(members: Sequence[model_zoo.Member], seed: int = 0
+                       ) -> list[model_zoo.Member]:
+  """One random-init reference per zoo family (`model_zoo.scratch_member`), shaped and
+  normalised as the family's first member."""
+  first = {}
+  for m in members:
+    first.setdefault(m.spec.family, m)
+  return [model_zoo.scratch_member(m, seed) for m in first.values()]
+
+
+def ranked(records: Sequence[dict]) -> list[dict]:
+  """The zoo's records: what the scorers rank (the `--scratch` references left out)."""
+  return [r for r in records if not r.get("reference")]
+
+
+def scratch_summary(records: Sequence[dict]) -> dict:
+  """Per (family, target) group with a random-init reference: how far the fine-tuned zoo
+  members land from it and from each other, next to the test set's own noise.
+
+  Returns:
+    {group: {'scratch', 'best', 'worst', 'mean', 'spread', 'above', 'members', 'test_se'}}
+    in accuracy (0-1); test_se is the binomial standard error of one accuracy at the
+    members' mean on the group's test set. Empty without references.
+  """
+  out = {}
+  for ref in (r for r in records if r.get("reference") == "scratch"):
+    g = group_label(ref)
+    accs = np.array([r["test_acc"] for r in ranked(records) if group_label(r) == g])
+    if not accs.size:
+      continue
+    p = float(accs.mean())
+    out[g] = dict(scratch=ref["test_acc"], best=float(accs.max()), worst=float(accs.min()),
+                  mean=p, spread=float(accs.max() - accs.min()),
+                  above=int((accs > ref["test_acc"]).sum()), members=int(accs.size),
+                  test_se=float(np.sqrt(p * (1 - p) / ref["n_test"])))
+  return out
+
+
+def scratch_table(block: dict) -> list[str]:
+  """Markdown for `scratch_summary`, in points."""
+  if not block:
+    return []
+  lines = ["## What the sources add: a random-init reference (--scratch)", "",
+           "Each family's architecture initialised at random and fine-tuned under the same "
+           "protocol as the zoo; not ranked. Points of test accuracy; test SE is one "
+           "accuracy's binomial standard error on this test set.", "",
+           "| group | scratch | zoo best - scratch | zoo mean - scratch | zoo worst - scratch "
+           "| members above scratch | zoo spread | test SE |", "|---|---|---|---|---|---|---|---|"]
+  pt = lambda x: f"{100 * x:+.1f}"
+  for g, v in block.items():
+    lines.append(f"| {g} | {100 * v['scratch']:.1f} | {pt(v['best'] - v['scratch'])} | "
+                 f"{pt(v['mean'] - v['scratch'])} | {pt(v['worst'] - v['scratch'])} | "
+                 f"{v['above']}/{v['members']} | {100 * v['spread']:.1f} | "
+                 f"{100 * v['test_se']:.1f} |")
+  return lines + [""]
+
+
 # ----------------------------------------------------------------------------- report
 def _fmt(x) -> str:
   return "n/a" if x is None else f"{x:+.3f}"
@@ -595,6 +655,7 @@ def make_report(records: Sequence[dict], summary: dict, args, zoo_lines: list[st
     lines.append(f"| {m} | " + " | ".join(f"{by[(m, t)]:.4f}" if (m, t) in by else "-"
                                           for t in targets) + " |")
   lines += [""] + runs_table(records, ("model", "target"))
+  lines += scratch_table(summary.get("scratch", {}))
   settings = score_settings(records)
   lines += ["## Scores", "", score_settings_text(settings)]
   lines += ["", "## Spearman rho per (family, target) (Fig. 2)", "",
@@ -685,8 +746,11 @@ def publish_report(records: list[dict], args, folder: str) -> tuple[str, dict]:
   """report.md and summary.json from the records and the zoo table written beside them."""
   with open(os.path.join(folder, "zoo.json")) as f:
     zoo_lines = json.load(f)
-  summary = analyze(records, step=args.alpha_step)
+  summary = analyze(ranked(records), step=args.alpha_step)
   summary["claims"] = claim_results(summary)
+  scratch = scratch_summary(records)
+  if scratch:  # (folders without references keep their summary.json byte for byte)
+    summary["scratch"] = scratch
   return make_report(records, summary, args, zoo_lines), summary
 
 
@@ -763,6 +827,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="target dataset spec; repeat the flag (or separate with ';') for several")
   p.add_argument("--alpha-step", type=float, default=0.001)
   add_score_args(p)
+  p.add_argument("--scratch", action="store_true",
+                 help="also fine-tune each family's architecture from a random init (not "
+                      "ranked): how much the sources add next to the zoo's spread")
   p.add_argument("--save-features", action="store_true",
                  help="save each (model, target)'s outputs as features/<model>__<target>.npz")
   cli.add_results_flags(p, "results/model_selection",
@@ -856,7 +923,8 @@ def run(args, members: Sequence[model_zoo.Member], specs: Sequence[str], config:
       t1 = time.time()
       run_info = ground_truth(m.source, task, args, config, compiled)
       acc = run_info["test_acc"]
-      record = dict(model=m.name, target=spec, family=m.spec.family, arch=m.spec.arch,
+      ref = dict(reference="scratch") if m.spec.fraction == 0 else {}
+      record = dict(model=m.name, target=spec, family=m.spec.family, arch=m.spec.arch, **ref,
                     source_accuracy=m.source.meta["source_test_acc"],
                     param_count=model_zoo.param_count(m.source), n_train=len(task.train),
                     n_test=len(task.test), **run_info, score_seconds=round(t1 - t0, 3),
@@ -879,10 +947,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     zoo, settings = model_zoo.zoo_from_args(args)
     results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
     members = model_zoo.build_zoo(zoo, settings, args.zoo_root, log=log)
-    run(args, members, specs, config, results)
-    names = {m.name for m in members}
+    refs = scratch_references(members, args.seed) if args.scratch else []
+    run(args, members + refs, specs, config, results)
+    names = {m.name for m in members + refs}
     records = [r for r in results.records if r["model"] in names and r["target"] in specs]
-    summary = analyze(records, step=args.alpha_step)
+    analyze(ranked(records), step=args.alpha_step)  # fails early on a group too small
   except (InputError, NonFiniteError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -890,7 +959,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   results.write_json("zoo.json", model_zoo.zoo_table(members))
   text, summary = publish.save(results, PUBLISHER, argv, records, validate(args), args, t0)
   plot_spearman(summary, os.path.join(results.path, "spearman.png"))
-  plot_alpha_curves(records, summary, os.path.join(results.path, "alpha_curves.png"),
+  plot_alpha_curves(ranked(records), summary, os.path.join(results.path, "alpha_curves.png"),
                     args.alpha_step)
   return cli.finish(results, text, t0)
 

@@ -264,7 +264,8 @@ class ZooSpec:
   Attributes:
     family: a key of FAMILIES (arch + config).
     classes: source class indices of the dataset.
-    fraction: share of each class's images used (horizontal split), in (0, 1].
+    fraction: share of each class's images used (horizontal split), in (0, 1]; 0 marks
+      the untrained reference of `scratch_member`.
   """
   family: str
   classes: tuple[int, ...]
@@ -272,6 +273,8 @@ class ZooSpec:
 
   @property
   def name(self) -> str:
+    if self.fraction == 0:
+      return f"{self.family}-scratch"
     return f"{self.family}-c{'_'.join(map(str, self.classes))}-f{round(100 * self.fraction)}"
 
   @property
@@ -394,6 +397,23 @@ def train_member(spec: ZooSpec, settings: ZooSettings, data, compiled: Compiled
                        settings=settings.as_meta()))
   return transfer.Source(spec.arch, models.model_config(model), variables,
                          tuple(settings.image_shape), tuple(mean), tuple(std), meta)
+
+
+def scratch_member(like: Member, seed: int = 0) -> Member:
+  """A random-init reference for `like`'s family: the same architecture and input
+  normalisation, initialised with `seed` and never trained.
+
+  Fine-tuned like the zoo, it measures what pretraining adds: when it lands within a
+  group's spread, the group's ranking has next to nothing to find.
+  """
+  spec = dataclasses.replace(like.spec, fraction=0.0)
+  src = like.source
+  variables = models.init_model(src.model, jax.random.PRNGKey(seed), tuple(src.input_shape))
+  variables = jax.tree.map(np.asarray, dict(variables))
+  meta = dict(src.meta, source_test_acc=None, steps=0, n_train=0, train_seconds=0.0,
+              zoo=dict(src.meta.get("zoo", {}), fraction=0.0))
+  return Member(spec, "", transfer.Source(src.arch, src.config, variables, src.input_shape,
+                                          src.mean, src.std, meta))
 
 
 def _cached(path: str, spec: ZooSpec, settings: ZooSettings) -> transfer.Source | None:

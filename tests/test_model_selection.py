@@ -273,6 +273,46 @@ def test_truncation_reports_both_s6_signs():
   assert res[1]["pooled"]["paired"]["mean"] == pytest.approx(((0.9 - 0.9) + (0.6 - 0.7)) / 2)
 
 
+def test_scratch_summary_by_hand():
+  rec = lambda m, acc, **kw: dict(dict(model=m, family="f", target="t", test_acc=acc,
+                                       n_test=100), **kw)
+  records = [rec("a", 0.9), rec("b", 0.8), rec("c", 0.7), rec("s", 0.85, reference="scratch"),
+             rec("x", 0.5, family="g")]           # a group without a reference: not reported
+  assert [r["model"] for r in ms.ranked(records)] == ["a", "b", "c", "x"]
+  got = ms.scratch_summary(records)
+  assert list(got) == ["f @ t"]
+  v = got["f @ t"]
+  assert (v["scratch"], v["best"], v["worst"], v["above"], v["members"]) == (0.85, 0.9, 0.7,
+                                                                              1, 3)
+  assert v["spread"] == pytest.approx(0.2) and v["mean"] == pytest.approx(0.8)
+  assert v["test_se"] == pytest.approx(0.04)          # sqrt(0.8 * 0.2 / 100)
+  table = "\n".join(ms.scratch_table(got))
+  assert "| f @ t | 85.0 | +5.0 | -5.0 | -15.0 | 1/3 | 20.0 | 4.0 |" in table
+  assert ms.scratch_table({}) == []
+
+
+def test_scratch_member_is_an_untrained_copy_of_the_family():
+  variables = models.init_model(models.get_model("resnet_s", 3, stage_widths=(8, 8, 8),
+                                                 stem_width=8), jax.random.PRNGKey(5),
+                                (12, 12, 1))
+  model = models.get_model("resnet_s", 3, stage_widths=(8, 8, 8), stem_width=8)
+  spec = model_zoo.ZooSpec("resnet_s_narrow", (0, 2, 3), 1.0)
+  like = model_zoo.Member(spec, "p", transfer.Source(
+      "resnet_s", models.model_config(model), jax.tree.map(np.asarray, variables), (12, 12, 1),
+      (0.3,), (0.2,), dict(source_test_acc=0.9, class_names=["a", "b", "c"], steps=7,
+                           n_train=30, zoo=dict(family="resnet_s_narrow", fraction=1.0))))
+  ref = model_zoo.scratch_member(like, seed=0)
+  assert ref.name == "resnet_s_narrow-scratch" and ref.spec.fraction == 0
+  assert (ref.source.mean, ref.source.std, ref.source.config) == ((0.3,), (0.2,),
+                                                                   like.source.config)
+  assert ref.source.meta["source_test_acc"] is None and ref.source.meta["steps"] == 0
+  want = models.init_model(model, jax.random.PRNGKey(0), (12, 12, 1))
+  same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), dict(want),
+                      ref.source.variables)
+  assert all(jax.tree.leaves(same))                 # the seed's init, untouched
+  assert jax.tree.structure(ref.source.variables) == jax.tree.structure(like.source.variables)
+
+
 # ---------------------------------------------------------------- end to end
 # One test builds the tiny zoo and runs the three commands on it: split into several tests, each
 # pytest-xdist worker would train its own copy of the zoo.
@@ -337,6 +377,17 @@ def _check_model_selection_main(root, out):
   assert ms.main(argv + ["--resume"]) == 0
   assert len(json.load(open(os.path.join(out, "results.json")))) == 3
   assert publish.check(out) == []  # the report regenerates from results.json and zoo.json
+  # --scratch adds the family's random-init reference: fine-tuned, reported, not ranked.
+  assert ms.main(argv + ["--resume", "--scratch"]) == 0
+  records = json.load(open(os.path.join(out, "results.json")))
+  ref = [r for r in records if r.get("reference") == "scratch"]
+  assert len(records) == 4 and [r["model"] for r in ref] == ["resnet_s_narrow-scratch"]
+  assert ref[0]["source_accuracy"] is None and ref[0]["n_val"] == 60
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert summary["n_models"] == 3 and list(summary["scratch"]) == [
+      "resnet_s_narrow @ fmnist:1,5,7"]
+  assert "random-init reference" in open(os.path.join(out, "report.md")).read()
+  assert publish.check(out) == []
   assert ms.main(argv) == 2      # existing results without --resume / --overwrite
 
 
