@@ -78,7 +78,7 @@ from experiments.report import ResultsDir, positive_floats
 from jtransfer.data import ImageSet, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import selection, sfda, transfer, transrate
-from jtransfer.protocol import Budget, claims
+from jtransfer.protocol import Budget, claims, tuning
 
 KEY = ("model", "target")
 DEFAULT_TARGETS = ("fmnist:1,5,7,8,9", "digits")
@@ -287,31 +287,49 @@ def finetune_tuned(source: transfer.Source, task: TargetTask, args, config: Trai
                    compiled: Compiled, **overrides) -> dict:
   """The ground-truth fine-tuning under the protocol: a converged run (`finetune_converged`)
   at each LR of `--ft-lrs`; the LR with the best validation accuracy (ties: the smaller) is
-  kept.
+  kept. With `--tune-extend N` a grid whose best LR is its first or last grows by up to N
+  LRs on that side (`jtransfer.protocol.tuning.tune`, the grid's own ratio).
 
   Returns:
     The kept run: {'test_acc', 'val_acc', 'lr', 'steps', 'best_step', 'stopped', 'n_val',
-    'lr_val': {lr: validation accuracy, None where the run diverged}}; the other LRs' test
-    accuracies are dropped unread.
+    'lr_val': {lr: validation accuracy, None where the run diverged}}, plus 'edges' (['lr:low']
+    or ['lr:high'] when the choice is still on an edge) with `--tune-extend` > 0; the other
+    LRs' test accuracies are dropped unread.
 
   Raises:
-    NonFiniteError: every LR of the grid diverged.
+    NonFiniteError: every LR tried diverged.
   """
   budget = Budget(cap=args.steps, eval_every=min(args.eval_every, args.steps),
                   patience=args.patience)
-  runs, diverged = {}, None
-  for lr in sorted(positive_floats(args.ft_lrs, "--ft-lrs")):
+  runs, diverged = {}, []
+
+  def val_acc(point: dict) -> float:
+    lr = point["lr"]
     try:
       runs[lr] = finetune_converged(source, task, budget, dataclasses.replace(config, lr=lr),
                                     compiled, args.seed, **overrides)
     except NonFiniteError as e:  # this LR diverged: out of the choice, as validation would say
-      runs[lr], diverged = None, e
-  finished = [lr for lr, r in runs.items() if r is not None]
-  if not finished:
-    raise diverged
-  best = max(finished, key=lambda lr: (runs[lr]["val_acc"], -lr))
-  return dict(runs[best], lr=best, n_val=len(task.val),
-              lr_val={f"{lr:g}": None if r is None else r["val_acc"] for lr, r in runs.items()})
+      runs[lr] = None
+      diverged.append(e)
+      return -1.0
+    return runs[lr]["val_acc"]
+
+  grid = sorted(set(positive_floats(args.ft_lrs, "--ft-lrs")))
+  extend = getattr(args, "tune_extend", 0)
+  if len(grid) == 1:  # tune() scores nothing on one point; the ground truth needs its run
+    val_acc({"lr": grid[0]})
+    tuned = None
+  else:
+    tuned = tuning.tune({"lr": grid}, val_acc, extend)
+  if all(r is None for r in runs.values()):
+    raise diverged[-1]
+  best = grid[0] if tuned is None else tuned.choice["lr"]
+  out = dict(runs[best], lr=best, n_val=len(task.val),
+             lr_val={f"{lr:g}": None if r is None else r["val_acc"]
+                     for lr, r in sorted(runs.items())})
+  if extend:
+    out["edges"] = [] if tuned is None else tuned.edges
+  return out
 
 
 def ground_truth(source: transfer.Source, task: TargetTask, args, config: TrainConfig,
@@ -337,8 +355,16 @@ def finetune_text(args, chosen_per: str = "run") -> str:
           f"({args.val_per_class}/class, disjoint from training and test) has not improved for "
           f"{args.patience} steps (checked every {args.eval_every}), at most {args.steps} "
           f"steps, keeping the best validation state; the LR chosen per {chosen_per} from "
-          f"{{{args.ft_lrs}}} by validation accuracy (ties: the smaller); lr x0.1 at "
+          f"{{{args.ft_lrs}}}{extend_text(args)} by validation accuracy (ties: the smaller); "
+          "lr x0.1 at "
           "7/30..28/30 of the cap; BN stats frozen. The test split reaches no choice.")
+
+
+def extend_text(args) -> str:
+  """How far the LR grid may grow at an edge, for `finetune_text` (empty without extension)."""
+  n = getattr(args, "tune_extend", 0)
+  return (f" (extended by up to {n} LR{'s' if n > 1 else ''} past an edge that wins, at the "
+          "grid's ratio)") if n else ""
 
 
 def runs_table(records: Sequence[dict], key: Sequence[str], order=None) -> list[str]:
@@ -355,6 +381,11 @@ def runs_table(records: Sequence[dict], key: Sequence[str], order=None) -> list[
     lines.append("| " + " | ".join(str(r[k]) for k in key) + f" | {r['lr']:g} | "
                  f"{r['val_acc']:.3f} ({grid}) | {r['steps']} ({r['best_step']}) | "
                  f"{r['stopped']} |")
+  edged = [r for r in rows if r.get("edges")]
+  if edged:
+    lines += ["", "Chosen LR still on an edge of the extended grid (the optimum may lie "
+              "beyond): " + "; ".join(" ".join(str(r[k]) for k in key) + f" {','.join(r['edges'])}"
+                                      for r in edged) + "."]
   return lines + [""]
 
 
@@ -369,13 +400,17 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
                  help="SGD LR grid, one chosen per run by validation accuracy")
   g.add_argument("--patience", type=int, default=100)
   g.add_argument("--eval-every", type=int, default=10)
+  # Default 0: the folders published before session 10 ran without extension, and their
+  # commands must still mean what they ran. New runs should pass --tune-extend 1 or more.
+  cli.add_tune_extend_flag(g, 0)
   p.set_defaults(steps=1000)  # the cap of a converged run
 
 
 def check_protocol_args(args) -> list[float]:
   """The protocol flags' checks; returns the LR grid."""
-  if args.val_per_class < 0 or args.patience < 1 or args.eval_every < 1:
-    raise InputError("--val-per-class must be >= 0, --patience and --eval-every >= 1")
+  if args.val_per_class < 0 or args.patience < 1 or args.eval_every < 1 or args.tune_extend < 0:
+    raise InputError("--val-per-class and --tune-extend must be >= 0, --patience and "
+                     "--eval-every >= 1")
   return positive_floats(args.ft_lrs, "--ft-lrs")
 
 

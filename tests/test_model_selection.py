@@ -440,3 +440,42 @@ def test_ground_truth_lr_choice_skips_a_diverged_lr(monkeypatch):
   val.clear()
   with pytest.raises(NonFiniteError):
     ms.finetune_tuned(None, task, args, ms.TrainConfig(), None)
+
+
+def test_ground_truth_lr_grid_extends_past_a_winning_edge(monkeypatch):
+  """--tune-extend N: a best LR on the grid's edge grows the grid on that side (the grid's own
+  ratio), at most N times; the record says when the choice is still on an edge."""
+  import argparse
+  tried = []
+
+  def fake(source, task, budget, config, compiled, seed, **overrides):
+    tried.append(round(config.lr, 6))
+    acc = 0.9 - abs(np.log10(config.lr) - np.log10(3e-4)) / 10   # peaks at 3e-4: below the grid
+    return dict(test_acc=acc - 0.1, val_acc=acc, steps=20, best_step=10, stopped="patience")
+
+  monkeypatch.setattr(ms, "finetune_converged", fake)
+  task = ms.TargetTask("t", None, None, val=[0] * 40)
+  args = argparse.Namespace(steps=100, eval_every=10, patience=20, seed=0,
+                            ft_lrs="0.01,0.003", tune_extend=0)
+  got = ms.finetune_tuned(None, task, args, ms.TrainConfig(), None)
+  assert got["lr"] == 0.003 and "edges" not in got and tried == [0.003, 0.01]  # as before
+  tried.clear()
+  args.tune_extend = 1
+  got = ms.finetune_tuned(None, task, args, ms.TrainConfig(), None)
+  assert tried == [0.003, 0.01, 0.0009] and got["lr"] == pytest.approx(0.0009)
+  assert got["edges"] == ["lr:low"] and list(got["lr_val"]) == ["0.0009", "0.003", "0.01"]
+  tried.clear()
+  args.tune_extend = 3                       # 0.0009, 0.00027 (best), then 8.1e-5 loses
+  got = ms.finetune_tuned(None, task, args, ms.TrainConfig(), None)
+  assert tried == [0.003, 0.01, 0.0009, 0.00027, 8.1e-05]
+  assert got["lr"] == pytest.approx(0.00027) and got["edges"] == []
+  table = "\n".join(ms.runs_table([dict(got, model="m", target="t", edges=["lr:low"])],
+                                  ("model", "target")))
+  assert "still on an edge of the extended grid" in table and "m t lr:low" in table
+  args.ft_lrs = "0.01"                       # one LR: its run is the ground truth, no choice
+  tried.clear()
+  got = ms.finetune_tuned(None, task, args, ms.TrainConfig(), None)
+  assert tried == [0.01] and got["lr"] == 0.01 and got["edges"] == []
+  assert "extended by up to 3 LRs" in ms.finetune_text(argparse.Namespace(
+      val_per_class=20, ft_batch_size=50, train_per_class=20, patience=100, eval_every=10,
+      steps=1000, ft_lrs="0.003,0.01", tune_extend=3))
