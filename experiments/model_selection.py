@@ -47,7 +47,9 @@ compressed), momentum 0.9, weight decay 5e-4, BN running statistics frozen. Sinc
 under DESIGN.md section 8: each run stops once its accuracy on `--val-per-class` validation
 images (disjoint from the training draw and from test) has not improved for `--patience`
 steps, at most `--steps`, keeping its best validation state, and the LR is chosen per (model,
-target) from `--ft-lrs` by validation accuracy (`finetune_tuned`); `--val-per-class 0` is the
+target) from `--ft-lrs` by validation accuracy (`finetune_tuned`; `--tune-extend 1` grows the
+grid past a winning edge, which new runs should pass: 17 of the 30 choices of the session-9
+reduced run sat on the grid's low edge); `--val-per-class 0` is the
 paper's fixed `--steps` at `--ft-lr`. Test on at most `--test-per-class` images per class of
 the target's test split. Zoo training: see experiments.model_zoo.
 

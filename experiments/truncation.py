@@ -28,7 +28,9 @@ Fashion-MNIST {0,2,3,4,6} source). Fine-tuning: SGD with the paper's step decay,
 statistics frozen, under the protocol (DESIGN.md section 8): each run stops once its accuracy
 on `--val-per-class` validation images (disjoint from the training draw and from test) has not
 improved for `--patience` steps, at most `--steps`, keeping its best validation state, and the
-LR is chosen per (target, point) from `--ft-lrs` by validation accuracy. Since session 9: with
+LR is chosen per (target, point) from `--ft-lrs` by validation accuracy (`--tune-extend 1`
+grows the grid past a winning edge: the session-9 runs chose an edge LR at 8 of vgg_s's 12
+points; the default 0 keeps the published commands' meaning). Since session 9: with
 model_selection's fixed 100 steps at lr 0.01 a vgg_s cut did not train (digits 8-21% at every
 point, 10 classes), so the ranking measured the budget, not the points. `--val-per-class 0`
 restores the fixed schedule (`--steps` at `--ft-lr`).
