@@ -179,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_classes is not None and args.num_classes < 1:
       raise InputError(f"--num-classes must be >= 1, got {args.num_classes}")
     source = convert(args.arch, args.weights, input_shape=parse_shape(args.input_shape),
-                     mean=tuple(float_list(args.mean, "--mean")), std=tuple(float_list(args.std, "--std")),
+                     mean=tuple(float_list(args.mean, "--mean")),
+                     std=tuple(float_list(args.std, "--std")),
                      num_classes=args.num_classes, drop_head=args.drop_head, config=config,
                      seed=args.seed)
     transfer.save_source(args.out, source)

@@ -320,7 +320,7 @@ def finetune_tuned(source: transfer.Source, task: TargetTask, args, config: Trai
   extend = getattr(args, "tune_extend", 0)
   if len(grid) == 1:  # tune() scores nothing on one point; the ground truth needs its run
     val_acc({"lr": grid[0]})
-    tuned = None
+    tuned = None        # (check_protocol_args refuses --tune-extend with one LR)
   else:
     tuned = tuning.tune({"lr": grid}, val_acc, extend)
   if all(r is None for r in runs.values()):
@@ -330,7 +330,7 @@ def finetune_tuned(source: transfer.Source, task: TargetTask, args, config: Trai
              lr_val={f"{lr:g}": None if r is None else r["val_acc"]
                      for lr, r in sorted(runs.items())})
   if extend:
-    out["edges"] = [] if tuned is None else tuned.edges
+    out.update(edges=tuned.edges, tune_extend=extend)
   return out
 
 
@@ -410,10 +410,30 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
 
 def check_protocol_args(args) -> list[float]:
   """The protocol flags' checks; returns the LR grid."""
-  if args.val_per_class < 0 or args.patience < 1 or args.eval_every < 1 or args.tune_extend < 0:
-    raise InputError("--val-per-class and --tune-extend must be >= 0, --patience and "
-                     "--eval-every >= 1")
-  return positive_floats(args.ft_lrs, "--ft-lrs")
+  for flag, value, least in (("--val-per-class", args.val_per_class, 0),
+                             ("--tune-extend", args.tune_extend, 0),
+                             ("--patience", args.patience, 1),
+                             ("--eval-every", args.eval_every, 1)):
+    if value < least:
+      raise InputError(f"{flag} must be >= {least}, got {value}")
+  grid = positive_floats(args.ft_lrs, "--ft-lrs")
+  if args.tune_extend and (not args.val_per_class or len(set(grid)) < 2):
+    raise InputError(f"--tune-extend {args.tune_extend} extends an LR grid chosen on "
+                     "validation: it needs --val-per-class >= 1 and at least two --ft-lrs")
+  return grid
+
+
+def check_resume_protocol(records: Sequence[dict], args) -> None:
+  """Refuses to add runs to `records` whose LR grids were (or were not) extended otherwise.
+
+  Raises:
+    InputError: the folder's tuned runs used extension and the flags do not, or the reverse.
+  """
+  used = {bool(r.get("tune_extend", "edges" in r)) for r in records if "lr_val" in r}
+  if used - {bool(args.tune_extend)}:
+    was = "with" if True in used else "without"
+    raise InputError(f"--out holds runs tuned {was} LR-grid extension, not --tune-extend "
+                     f"{args.tune_extend}: use the same flag or --overwrite")
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -580,7 +600,9 @@ def scratch_table(block: dict) -> list[str]:
   lines = ["## What the sources add: a random-init reference (--scratch)", "",
            "Each family's architecture initialised at random and fine-tuned under the same "
            "protocol as the zoo; not ranked. Points of test accuracy; test SE is one "
-           "accuracy's binomial standard error on this test set.", "",
+           "accuracy's binomial standard error on this test set (a difference of two "
+           "accuracies has about 1.4x it, and 'zoo best' is the largest of several noisy "
+           "accuracies, so it reads high).", "",
            "| group | scratch | zoo best - scratch | zoo mean - scratch | zoo worst - scratch "
            "| members above scratch | zoo spread | test SE |", "|---|---|---|---|---|---|---|---|"]
   pt = lambda x: f"{100 * x:+.1f}"
@@ -939,6 +961,7 @@ def run(args, members: Sequence[model_zoo.Member], specs: Sequence[str], config:
   if old != settings:
     raise InputError(f"--out holds records scored with {old}, not {settings}: use the same "
                      "flags or --overwrite")
+  check_resume_protocol(results.records, args)
   compiled = Compiled()
   shape = members[0].source.input_shape
   total, count = len(members) * len(specs), len(done)

@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 from collections import defaultdict
-from typing import Callable, Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -153,7 +153,9 @@ def float_list(text: str, flag: str, ok: Callable[[float], bool] = lambda v: Tru
     values = [float(v) for v in str(text).split(",") if v.strip()]
   except ValueError:
     raise InputError(f"{flag} {text!r}: expected a comma list of numbers") from None
-  if not values or not all(np.isfinite(v) and ok(v) for v in values):
+  if not values:
+    raise InputError(f"{flag} {text!r}: expected at least one number")
+  if not all(np.isfinite(v) and ok(v) for v in values):
     raise InputError(f"{flag} {text!r}: {what}")
   return values
 

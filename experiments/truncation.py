@@ -91,6 +91,7 @@ def run(args, source: transfer.Source, specs: Sequence[str], points: Sequence[st
   if old - {args.logme}:
     raise InputError(f"--out holds records with LogME variant {sorted(old)}, not {args.logme!r}:"
                      " use the same --logme or --overwrite")
+  ms.check_resume_protocol(results.records, args)
   compiled = Compiled()
   total, count = len(specs) * len(points), len(done)
   for spec in specs:

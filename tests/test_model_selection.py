@@ -374,18 +374,20 @@ def _check_model_selection_main(root, out):
   assert "C_56(0.574)" in report and "source_accuracy" in report and "Verdict" in report
   assert selection.S6_APPENDIX in report and "--logme published" in report
   assert ms.main(argv + ["--resume", "--logme", "exact"]) == 2   # other score flags: refused
+  assert ms.main(argv + ["--resume", "--tune-extend", "1"]) == 2  # runs tuned without it
   assert ms.main(argv + ["--resume"]) == 0
   assert len(json.load(open(os.path.join(out, "results.json")))) == 3
   assert publish.check(out) == []  # the report regenerates from results.json and zoo.json
   # --scratch adds the family's random-init reference: fine-tuned, reported, not ranked.
+  before = json.load(open(os.path.join(out, "summary.json")))
   assert ms.main(argv + ["--resume", "--scratch"]) == 0
   records = json.load(open(os.path.join(out, "results.json")))
   ref = [r for r in records if r.get("reference") == "scratch"]
   assert len(records) == 4 and [r["model"] for r in ref] == ["resnet_s_narrow-scratch"]
   assert ref[0]["source_accuracy"] is None and ref[0]["n_val"] == 60
   summary = json.load(open(os.path.join(out, "summary.json")))
-  assert summary["n_models"] == 3 and list(summary["scratch"]) == [
-      "resnet_s_narrow @ fmnist:1,5,7"]
+  assert list(summary.pop("scratch")) == ["resnet_s_narrow @ fmnist:1,5,7"]
+  assert summary == before              # every ranking and claim as without the reference
   assert "random-init reference" in open(os.path.join(out, "report.md")).read()
   assert publish.check(out) == []
   assert ms.main(argv) == 2      # existing results without --resume / --overwrite
@@ -472,10 +474,34 @@ def test_ground_truth_lr_grid_extends_past_a_winning_edge(monkeypatch):
   table = "\n".join(ms.runs_table([dict(got, model="m", target="t", edges=["lr:low"])],
                                   ("model", "target")))
   assert "still on an edge of the extended grid" in table and "m t lr:low" in table
-  args.ft_lrs = "0.01"                       # one LR: its run is the ground truth, no choice
-  tried.clear()
+  # A diverged LR past the edge scores below any accuracy: the edge stays the choice.
+  def diverge_low(source, task, budget, config, compiled, seed, **overrides):
+    from jtransfer.errors import NonFiniteError
+    if config.lr < 0.002:
+      raise NonFiniteError(3, ["grad"])
+    return fake(source, task, budget, config, compiled, seed)
+  monkeypatch.setattr(ms, "finetune_converged", diverge_low)
+  args.tune_extend = 1
   got = ms.finetune_tuned(None, task, args, ms.TrainConfig(), None)
-  assert tried == [0.01] and got["lr"] == 0.01 and got["edges"] == []
+  assert got["lr"] == 0.003 and got["lr_val"]["0.0009"] is None and got["tune_extend"] == 1
+  # One LR, or no validation images: nothing to extend, refused with the flags named.
+  base = dict(val_per_class=20, patience=100, eval_every=10, ft_lrs="0.003,0.01",
+              tune_extend=1)
+  assert ms.check_protocol_args(argparse.Namespace(**base)) == [0.003, 0.01]
+  for change in (dict(ft_lrs="0.01"), dict(ft_lrs="0.01,0.01"), dict(val_per_class=0)):
+    with pytest.raises(InputError, match="--tune-extend 1 extends an LR grid"):
+      ms.check_protocol_args(argparse.Namespace(**dict(base, **change)))
+  with pytest.raises(InputError, match="--patience must be >= 1, got 0"):
+    ms.check_protocol_args(argparse.Namespace(**dict(base, patience=0)))
+  # A resume may not mix runs tuned with and without extension.
+  plain, extended = dict(lr_val={"0.01": 0.5}), dict(lr_val={"0.01": 0.5}, edges=[])
+  ms.check_resume_protocol([plain, dict(model="no ground truth")], argparse.Namespace(
+      tune_extend=0))
+  ms.check_resume_protocol([extended], argparse.Namespace(tune_extend=2))
+  with pytest.raises(InputError, match="tuned without LR-grid extension, not --tune-extend 1"):
+    ms.check_resume_protocol([plain], argparse.Namespace(tune_extend=1))
+  with pytest.raises(InputError, match="tuned with LR-grid extension, not --tune-extend 0"):
+    ms.check_resume_protocol([dict(plain, tune_extend=1)], argparse.Namespace(tune_extend=0))
   assert "extended by up to 3 LRs" in ms.finetune_text(argparse.Namespace(
       val_per_class=20, ft_batch_size=50, train_per_class=20, patience=100, eval_every=10,
       steps=1000, ft_lrs="0.003,0.01", tune_extend=3))

@@ -20,7 +20,7 @@ TINY = ["--shots", "1,2", "--repeats", "2", "--steps", "3", "--test-per-class", 
 
 @pytest.mark.parametrize("text,kwargs,error", [
     ("1,x", {}, "--f '1,x': expected a comma list of numbers"),
-    (" , ", {}, "--f ' , ': values must be finite numbers"),
+    (" , ", {}, "--f ' , ': expected at least one number"),
     ("1,nan", {}, "values must be finite numbers"),
     ("0.5,2", dict(ok=lambda v: v >= 1, what="values must be >= 1"), "--f '0.5,2': values must be >= 1"),
 ])
