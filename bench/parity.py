@@ -189,7 +189,8 @@ def torch_net(arch: str, config: dict, num_classes: int, shape, params, batch_st
     raise ValueError(f"jtransfer params without a torch counterpart: {sorted(flat) + sorted(stats)}")
   with torch.no_grad():
     for tensor, value in state.items():
-      value = torch.from_numpy(np.ascontiguousarray(value, np.float32))
+      # A copy: jax-backed arrays are read-only, which torch.from_numpy warns about.
+      value = torch.from_numpy(np.array(value, np.float32, order="C"))
       if tensor.shape != value.shape:
         raise ValueError(f"shape {tuple(value.shape)} does not fit {tuple(tensor.shape)}")
       tensor.copy_(value)
