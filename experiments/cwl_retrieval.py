@@ -9,8 +9,9 @@ l2-normalised; `--mac-tap pooled` pools the 'last_conv' tap instead, which for v
 after the last 2x2 max pool, so one row and column of the 7x7 map never reach it), the
 database ranked by cosine similarity and scored by mAP. Freeze leaves
 the conv layers as they are, so its row is the original source's MAC (the paper's
-"Original / Freeze"). Per strategy the LR with the best mean mAP is reported (the paper grid
-searches the LR as for classification), with every LR in results.json.
+"Original / Freeze"). One LR per strategy (`--lrs reduced`, or one value): the paper searches
+the LR grid by the reported mAP, which would choose on test data, and this module has no
+validation split to choose on instead, so a grid of several LRs is refused (session 10).
 
 Embedded task (default): database = the target's test images (`--db-per-class` per class),
 queries = `--queries` labelled images per class from the target's train split (disjoint),
@@ -102,6 +103,12 @@ def validate(args) -> dict:
       lrs[s] = transfer.lr_grid(strategy, args.lrs)
     if s == "freeze":
       lrs[s] = (0.0,)  # conv layers untouched: the source's MAC, nothing to train
+    if len(lrs[s]) > 1:
+      # The paper picks the LR by the reported mAP; DESIGN.md section 8 forbids choosing on
+      # test data, and this module holds no validation split to choose on instead.
+      raise InputError(f"--lrs {args.lrs!r} gives {s} {len(lrs[s])} learning rates, but "
+                       "cwl_retrieval has no validation split to choose among them (the mAP "
+                       "it reports is the test): give one LR per strategy, e.g. --lrs reduced")
   if not args.source.startswith("ckpt:"):
     parse_spec(args.source, flag="--source")
   if args.gnd is None:

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from experiments import cwl_kronecker, cwl_pruning, cwl_retrieval, cwl_tables, publish
+from jtransfer.errors import InputError
 from jtransfer.methods import transfer
 
 
@@ -183,6 +184,13 @@ def test_bad_flags(tmp_path):
   assert cwl_pruning.main(["--val-per-class", "0", "--out", str(tmp_path / "a")]) == 2
   assert cwl_tables.main(["--strategies", "nope", "--out", str(tmp_path / "b")]) == 2
   assert cwl_retrieval.main(["--gnd", "x.json", "--out", str(tmp_path / "c")]) == 2
+  # Several LRs for a strategy would be chosen on test mAP: refused, one sentence naming it.
+  for lrs in ("paper", "1e-3,1e-2"):
+    with pytest.raises(InputError, match="freeze_cwl 2 learning rates|has no validation split"):
+      cwl_retrieval.validate(cwl_retrieval.parse_args(["--lrs", lrs]))
+  assert cwl_retrieval.validate(cwl_retrieval.parse_args(["--lrs", "1e-3"]))
+  assert not os.path.exists(tmp_path / "e")
+  assert cwl_retrieval.main(["--lrs", "paper", "--out", str(tmp_path / "e")]) == 2
   assert cwl_kronecker.main(["--ranks", "a", "--out", str(tmp_path / "d")]) == 2
 
 
