@@ -358,8 +358,8 @@ def finetune_text(args, chosen_per: str = "run") -> str:
           f"{args.patience} steps (checked every {args.eval_every}), at most {args.steps} "
           f"steps, keeping the best validation state; the LR chosen per {chosen_per} from "
           f"{{{args.ft_lrs}}}{extend_text(args)} by validation accuracy (ties: the smaller); "
-          "lr x0.1 at "
-          "7/30..28/30 of the cap; BN stats frozen. The test split reaches no choice.")
+          "lr x0.1 at 7/30..28/30 of the cap; BN stats frozen. The test split reaches no "
+          "choice.")
 
 
 def extend_text(args) -> str:
@@ -579,10 +579,10 @@ def scratch_summary(records: Sequence[dict]) -> dict:
     in accuracy (0-1); test_se is the binomial standard error of one accuracy at the
     members' mean on the group's test set. Empty without references.
   """
-  out = {}
+  out, zoo = {}, ranked(records)
   for ref in (r for r in records if r.get("reference") == "scratch"):
     g = group_label(ref)
-    accs = np.array([r["test_acc"] for r in ranked(records) if group_label(r) == g])
+    accs = np.array([r["test_acc"] for r in zoo if group_label(r) == g])
     if not accs.size:
       continue
     p = float(accs.mean())
@@ -1002,9 +1002,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   t0 = time.time()
   log = None if args.quiet else (lambda s: print(s, file=sys.stderr))
   try:
-    specs = target_specs(args)
-    config = validate(args)["config"]
-    zoo, settings = model_zoo.zoo_from_args(args)
+    plan = validate(args)
+    specs, config, (zoo, settings) = plan["specs"], plan["config"], plan["zoo"]
     results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
     members = model_zoo.build_zoo(zoo, settings, args.zoo_root, log=log)
     refs = scratch_references(members, args.seed) if args.scratch else []
@@ -1017,7 +1016,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   records = sorted(records, key=lambda r: (r["target"], r["model"]))
   results.write_json("zoo.json", model_zoo.zoo_table(members))
-  text, summary = publish.save(results, PUBLISHER, argv, records, validate(args), args, t0)
+  text, summary = publish.save(results, PUBLISHER, argv, records, plan, args, t0)
   plot_spearman(summary, os.path.join(results.path, "spearman.png"))
   plot_alpha_curves(ranked(records), summary, os.path.join(results.path, "alpha_curves.png"),
                     args.alpha_step)

@@ -181,15 +181,6 @@ def source_info(source: transfer.Source, args) -> dict:
               test_acc=source.meta.get("source_test_acc"))
 
 
-def finetune_text(args) -> str:
-  """How each point's net was fine-tuned, from the flags."""
-  if not args.val_per_class:
-    return (f"fine-tune {args.steps} SGD steps of {args.ft_batch_size} on "
-            f"{args.train_per_class} images/class (lr {args.ft_lr:g}, x0.1 at 7/30..28/30 of "
-            "the run, BN stats frozen).")
-  return "fine-tune by " + ms.finetune_text(args, chosen_per="point")
-
-
 def make_report(summary: dict, args, source: dict, records: Sequence[dict] = ()) -> str:
   """report.md from the summary, the flags, `source_info` and the records (runs table)."""
   points, acc = summary["points"], summary["accuracy"]
@@ -197,7 +188,7 @@ def make_report(summary: dict, args, source: dict, records: Sequence[dict] = ())
   lines = ["# Truncate fine-tuning (App. A.2, Figs. 4 and 5)", "",
            f"Source: {source['arch']} `{source['spec']}` (source acc "
            f"{src_acc:.4f}). Each point: cut there, global average pool + new head, "
-           + finetune_text(args), "",
+           + "fine-tune by " + ms.finetune_text(args, chosen_per="point"), "",
            "## Accuracy per truncation point (Fig. 4)", "",
            "| target | " + " | ".join(points) + " |", "|---|" + "---|" * len(points)]
   for t, row in acc.items():
@@ -297,8 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   cli.apply_devices(args)
   t0 = time.time()
   try:
-    specs = ms.target_specs(args)
-    config = validate(args)["config"]
+    plan = validate(args)
+    specs, config = plan["specs"], plan["config"]
     source = pretrain.source_for(args.arch, args.source, epochs=args.source_epochs,
                                  seed=args.seed, progress=not args.quiet)
     valid = truncation_points(source)
@@ -316,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   results.write_json("source.json", dict(source_info(source, args), points=list(points)))
-  text, summary = publish.save(results, PUBLISHER, argv, records, validate(args), args, t0)
+  text, summary = publish.save(results, PUBLISHER, argv, records, plan, args, t0)
   plot(summary, results.path)
   return cli.finish(results, text, t0)
 
