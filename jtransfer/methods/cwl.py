@@ -36,6 +36,7 @@ import numpy as np
 from jtransfer import models, surgery
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
+from jtransfer.models import attention
 from jtransfer.train import optim
 
 CWL_KEY = "cwl"
@@ -218,6 +219,7 @@ def cwl_setup(source: transfer.Source, num_classes: int, mode: str,
   Returns:
     The Setup; its params are {'cwl': ones per conv unit, **target params}.
   """
+  attention.refuse_transformer(source.config, source.arch, "CWL")
   model = transfer.target_model(source, num_classes)
 
   def init(seed, images=None, labels=None):

@@ -184,5 +184,6 @@ def is_config(config: Mapping[str, Any]) -> bool:
 def refuse_transformer(config: Mapping[str, Any], arch: Optional[str], method: str) -> None:
   """Raises InputError when `method` (built on conv units) is asked of a transformer."""
   if is_config(config):
-    raise InputError(f"{method} works on conv units and arch {arch or 'this transformer'!r} "
-                     "is a transformer: it is not supported on ViT/Swin backbones yet")
+    name = f"arch {arch!r}" if arch else "this model"
+    raise InputError(f"{method} works on conv units and {name} is a transformer (ViT/Swin), "
+                     "where it is not supported yet")
