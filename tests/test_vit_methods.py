@@ -83,3 +83,40 @@ def test_fewshot_on_vit_s28(tmp_path):
                              "digits:0,1,2", classes=3, mean=(0.5,), std=(0.25,),
                              extra_args=("--tune-repeats", "0", "--no-paper-grid"))
   assert {r["strategy"] for r in records} == {"freeze", "finetune", "l2sp", "bitfit"}
+
+
+def test_convert_weights_cli_timm_safetensors_and_clip_pth(tmp_path):
+  """experiments.convert_weights on a timm ViT saved as .safetensors and on a whole-CLIP-style
+  .pth (image tower under `visual.`), then the saved sources reproduce the torch outputs."""
+  import json
+
+  import torch
+  from safetensors.numpy import save_file
+
+  from experiments import convert_weights
+  from vit_reference import open_clip_transformer
+  vt = timm_vit()
+  tm = randomize(vt.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1,
+                                      num_heads=2, num_classes=4))
+  save_file(state_dict(tm), str(tmp_path / "vit.safetensors"))
+  oc = open_clip_transformer()
+  cm = randomize(oc.VisionTransformer(image_size=32, patch_size=16, width=32, layers=1, heads=2,
+                                      mlp_ratio=4.0, output_dim=8, act_layer=oc.QuickGELU))
+  torch.save({f"visual.{k}": v for k, v in cm.state_dict().items()}, tmp_path / "clip.pth")
+  x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+  cases = [("vit_b16", "vit.safetensors", dict(TINY, heads=2, pos_grid=(2, 2)), tm, []),
+           ("clip_vit_b16", "clip.pth", dict(TINY, heads=2, pos_grid=(2, 2), proj_dim=8,
+                                             act="quick_gelu"), cm, ["--drop-head"])]
+  for arch, name, config, ref, extra in cases:
+    out = tmp_path / arch
+    assert convert_weights.main(["--arch", arch, "--weights", str(tmp_path / name), "--out",
+                                 str(out), "--input-shape", "32,32,3", "--config",
+                                 json.dumps(config), *extra]) == 0
+    source = transfer.load_source(str(out))
+    _, _, taps = models.apply_model(source.model, source.variables["params"], None,
+                                    x.transpose(0, 2, 3, 1), taps=["features", "cls"])
+    with torch.no_grad():
+      want = ref(torch.from_numpy(x)).numpy()
+    got = taps["features"] if arch == "clip_vit_b16" else models.apply_model(
+        source.model, source.variables["params"], None, x.transpose(0, 2, 3, 1))[0]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)

@@ -200,7 +200,9 @@ def dinov2_vitb14(num_classes: int = 1000, **overrides) -> ViT:
 
 def clip_vit_b16(num_classes: int = 1000, **overrides) -> ViT:
   """open_clip `ViT-B-16` image tower (OpenAI weights: act='quick_gelu', as
-  `ViT-B-16-quickgelu`): no patch bias, ln_pre, LayerNorm eps 1e-5, 512-d projection."""
+  `ViT-B-16-quickgelu`): no patch bias, ln_pre, LayerNorm eps 1e-5, 512-d projection.
+  CLIP weights expect OpenAI's normalisation (mean 0.4815,0.4578,0.4082, std
+  0.2686,0.2613,0.2758): pass it to `experiments.convert_weights --mean/--std`."""
   return _vit(num_classes, overrides, patch_size=16, dim=768, depth=12, heads=12,
               ln_eps=1e-5, patch_bias=False, pre_norm=True, proj_dim=512)
 

@@ -289,7 +289,7 @@ def import_torchvision(arch: str, state_dict: Mapping[str, np.ndarray],
       unused and shape-mismatched key is listed.
   """
   config = dict(config or {})
-  state_dict = _select_prefix(arch, state_dict)
+  state_dict = select_prefix(arch, state_dict)
   num_classes, keep_head = _resolve_head(arch, state_dict, num_classes, keep_head, config)
   model = models.get_model(arch, num_classes, **config)
   entries = name_map(arch, model)
@@ -307,7 +307,7 @@ def import_torchvision(arch: str, state_dict: Mapping[str, np.ndarray],
   return {k: out[k] for k in ("params", "batch_stats") if k in out}
 
 
-def _select_prefix(arch: str, state_dict: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+def select_prefix(arch: str, state_dict: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
   """The keys under `KEY_PREFIXES[arch]`, prefix removed, when the checkpoint has any."""
   prefix = KEY_PREFIXES.get(arch)
   if prefix is None or not any(k.startswith(prefix) for k in state_dict):
