@@ -15,21 +15,36 @@ from vit_reference import randomize, state_dict, timm_vit
 TINY = dict(dim=32, depth=1, heads=2)
 
 
-def test_gradients_equal_torch_autograd():
-  """d(sum(logits * g)) / d(every param, the input) of a one-block timm ViT with LayerScale
-  (random weights) equals torch autograd's, mapped through the import's layouts."""
-  import torch
+def _torch_reference(arch):
+  if arch == "swin_t":
+    from vit_reference import torchvision_module
+    sw = torchvision_module("swin_transformer")
+    tm = sw.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2], num_heads=[2],
+                            window_size=[2, 2], stochastic_depth_prob=0.0, num_classes=5)
+    return randomize(tm, seed=3), dict(patch_size=2, dim=16, depths=(2,), heads=(2,),
+                                       window=2), (8, 8)
   vt = timm_vit()
-  tm = randomize(vt.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1,
-                                      num_heads=4, num_classes=5, init_values=1e-5), seed=3)
-  config = dict(dim=32, depth=1, heads=4, pos_grid=(2, 2), patch_size=16)
-  variables = weights.import_torchvision("dinov2_vits14", state_dict(tm), config=config)
+  tm = vt.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=4,
+                            num_classes=5, init_values=1e-5)
+  return randomize(tm, seed=3), dict(dim=32, depth=1, heads=4, pos_grid=(2, 2),
+                                     patch_size=16), (32, 32)
+
+
+@pytest.mark.parametrize("arch", ["dinov2_vits14", pytest.param("swin_t",
+                                                                  marks=pytest.mark.slow)])
+def test_gradients_equal_torch_autograd(arch):
+  """d(sum(logits * g)) / d(every param, the input) of a one-block ViT with LayerScale (a
+  shifted and an unshifted Swin block: roll, mask, relative bias) with random weights equals
+  torch autograd's, mapped through the import's layouts."""
+  import torch
+  tm, config, size = _torch_reference(arch)
+  variables = weights.import_torchvision(arch, state_dict(tm), config=config)
   rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)
+  x = rng.normal(size=(2, 3, *size)).astype(np.float32)
   g = rng.normal(size=(2, 5)).astype(np.float32)
   xt = torch.from_numpy(x).requires_grad_(True)
   (tm(xt) * torch.from_numpy(g)).sum().backward()
-  model = models.get_model("dinov2_vits14", 5, **config)
+  model = models.get_model(arch, 5, **config)
 
   def loss(params, x):
     return jnp.sum(models.apply_model(model, params, None, x)[0] * g)
@@ -39,10 +54,25 @@ def test_gradients_equal_torch_autograd():
                              rtol=1e-4, atol=1e-6)
   flat = surgery.flatten(dp)
   torch_params = dict(tm.named_parameters())
-  for e in weights.name_map("dinov2_vits14", model):
+  for e in weights.name_map(arch, model):
+    if e.kind == "derived":
+      continue
     want = weights.torchvision.to_jtransfer(e, torch_params[e.key].grad.numpy())
     got = np.asarray(flat[e.path_str])
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max() + 1e-7, e.key
+
+
+def test_mixed_precision_shapes():
+  """bfloat16 compute: the transformers trace, params stay float32, logits come back float32."""
+  for arch, config, shape in [("vit_s28", TINY, (28, 28, 1)),
+                              ("swin_t", dict(patch_size=2, dim=8, depths=(1,), heads=(2,),
+                                              window=2), (8, 8, 3))]:
+    model = models.get_model(arch, 3, dtype="bfloat16", **config)
+    v = models.abstract_variables(model, shape)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v["params"]))
+    out = jax.eval_shape(lambda p: models.apply_model(model, p, None,
+                                                      jnp.zeros((2, *shape)))[0], v["params"])
+    assert out.shape == (2, 3) and out.dtype == jnp.float32
 
 
 def test_refusals_name_the_arch():
@@ -120,3 +150,18 @@ def test_convert_weights_cli_timm_safetensors_and_clip_pth(tmp_path):
     got = taps["features"] if arch == "clip_vit_b16" else models.apply_model(
         source.model, source.variables["params"], None, x.transpose(0, 2, 3, 1))[0]
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_pool_mean_feeds_the_head_the_mean_patch_token():
+  """pool='mean' (the linear probe's other choice): `features` is the mean of the normed
+  patch tokens, and the head reads it."""
+  model = models.get_model("vit_s28", 3, pool="mean", **TINY)
+  v = random_variables(model, (28, 28, 1))
+  x = np.random.default_rng(0).normal(size=(2, 28, 28, 1)).astype(np.float32)
+  logits, _, taps = jax.jit(lambda p, x: models.apply_model(
+      model, p, None, x, taps=["features", "mean", "norm"]))(v["params"], x)
+  np.testing.assert_allclose(taps["features"], np.asarray(taps["norm"])[:, 1:].mean(1),
+                             rtol=1e-5, atol=1e-6)
+  head = v["params"]["head"]
+  np.testing.assert_allclose(logits, np.asarray(taps["mean"]) @ head["kernel"] + head["bias"],
+                             rtol=1e-5, atol=1e-5)
