@@ -1,6 +1,7 @@
 """Transformers under the transfer machinery: gradients against torch autograd, the
 strategies that run on them (freeze, finetune, l2sp, bitfit through experiments.fewshot) and
-the ones that refuse them (CWL, FiLM, DELTA's taps, channel pruning)."""
+CWL on their linear maps, and the ones that refuse them (FiLM, DELTA's taps, channel
+pruning)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,8 +82,6 @@ def test_refusals_name_the_arch():
   shape = (28, 28, 1)
   source = transfer.Source("vit_s28", models.model_config(model),
                            random_variables(model, shape), shape, (0.5,), (0.25,))
-  with pytest.raises(InputError, match="CWL works on conv units and arch 'vit_s28'"):
-    cwl.cwl_setup(source, 3, "freeze")
   with pytest.raises(InputError, match="DELTA.*'vit_s28' is a transformer"):
     delta.build_setup(source, 3, 10, "att")
   with pytest.raises(InputError, match="pruning works on conv units"):
@@ -165,3 +164,48 @@ def test_pool_mean_feeds_the_head_the_mean_patch_token():
   head = v["params"]["head"]
   np.testing.assert_allclose(logits, np.asarray(taps["mean"]) @ head["kernel"] + head["bias"],
                              rtol=1e-5, atol=1e-5)
+
+
+def test_cwl_on_linear_maps_equals_scaled_layer_outputs():
+  """Folding sigma into qkv / proj / fc1 / fc2 kernels and biases equals multiplying those
+  layers' outputs by sigma (a Flax interceptor on the Dense calls), and freeze_cwl's setup
+  trains the scales: a nonzero gradient reaches them, none the frozen kernels' updates."""
+  import flax.linen as nn
+
+  from jtransfer.methods import cwl, cwl_linear
+  model = models.get_model("vit_s28", 3, **TINY)
+  shape = (28, 28, 1)
+  v = random_variables(model, shape)
+  scales = {u: np.random.default_rng(1).uniform(0.2, 1.8, s.shape).astype(np.float32)
+            for u, s in cwl_linear.init_scales(v["params"]).items()}
+  assert sorted(scales) == ["block0/attn/proj", "block0/attn/qkv", "block0/mlp/fc1",
+                            "block0/mlp/fc2"]
+  x = np.random.default_rng(2).normal(size=(2, *shape)).astype(np.float32)
+
+  def scale_outputs(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    unit = "/".join(context.module.path)
+    if isinstance(context.module, nn.Dense) and unit in scales:
+      out = out * scales[unit]
+    return out
+
+  def intercepted(p, x):
+    with nn.intercept_methods(scale_outputs):
+      return models.apply_model(model, p, None, x)[0]
+
+  apply = jax.jit(lambda p, x: models.apply_model(model, p, None, x)[0])
+  want = jax.jit(intercepted)(v["params"], x)
+  got = apply(cwl_linear.apply_scales(v["params"], scales), x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(want) - np.asarray(apply(v["params"], x))).max() > 1e-3
+
+  source = transfer.Source("vit_s28", models.model_config(model), v, shape, (0.5,), (0.25,))
+  setup = cwl.cwl_setup(source, 3, "freeze")
+  params, stats = setup.init(0, None, None)
+  assert set(params[cwl.CWL_KEY]) == set(scales)
+  batch = {"image": (np.random.default_rng(3).uniform(0, 255, (4, *shape))).astype(np.uint8),
+           "label": np.array([0, 1, 2, 0])}
+  grads = jax.jit(jax.grad(lambda p: setup.loss_fn(p, stats, batch, None)[0]))(params)
+  assert np.abs(np.asarray(grads[cwl.CWL_KEY]["block0/mlp/fc1"])).max() > 0
+  trainable = surgery.flatten(setup.optimizer.trainable)
+  assert trainable["cwl/block0/attn/qkv"] and not trainable["block0/attn/qkv/kernel"]
