@@ -93,6 +93,7 @@ def test_timm_dinov2_layer_scale_and_registers(registers):
   np.testing.assert_allclose(got["mean"], got["norm"][:, 1 + registers:].mean(1), rtol=1e-6)
 
 
+@pytest.mark.slow  # test_resample_pos_embed_equals_timm checks the resampling itself
 def test_timm_vit_at_another_input_size_resamples_pos_embed():
   """A 2x2-grid checkpoint applied to 48 px (3x3) and 16 px (1x1) inputs equals timm's
   `dynamic_img_size`, which resamples with `resample_abs_pos_embed`."""
