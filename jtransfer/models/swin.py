@@ -14,9 +14,9 @@ Parameter paths:
     s, as ConvNeXt's `stage{s}/downsample`);
   * `norm` (final LayerNorm), `head`.
 
-Taps: `patch_embed` (the patch conv's (N, H/4, W/4, C) map, before `patch_norm`), `stage{s}/block{b}` (each block's
-output map), `norm` (the final normed map), `mean` and `features` (its spatial mean: what the
-head reads).
+Taps: `patch_embed` (the patch conv's (N, H/4, W/4, C) map, before `patch_norm`),
+`stage{s}/block{b}` (each block's output map), `norm` (the final normed map), `mean` and
+`features` (its spatial mean: what the head reads).
 
 Inputs must make every stage's map a multiple of the window (for swin_t: 224, 448, ...):
 torchvision would zero-pad the windows and attend to the padding; this refuses instead.

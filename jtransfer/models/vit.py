@@ -6,7 +6,8 @@ timm `VisionTransformer` (and DeiT, the same graph), torchvision `vit_b_16`, DIN
 `VisionTransformer` (no patch bias, `ln_pre`, QuickGELU for OpenAI weights, `ln_post` then a
 bias-free projection). The families differ in config fields only; weight import maps each
 layout's keys onto the names below (jtransfer/weights/timm_vit.py, torchvision_vit.py,
-open_clip.py).
+open_clip.py). Not covered: DeiT's distilled variants (a second `dist_token` and head), timm's
+`global_pool='avg'` layout (its `fc_norm` after the pool) and SwiGLU MLPs (DINOv2 ViT-g).
 
 Parameter paths:
   * `patch_embed/kernel` (p, p, C, dim), `patch_embed/bias`: the patchify conv;
@@ -18,11 +19,11 @@ Parameter paths:
     `block{i}/mlp/fc1/kernel`, `block{i}/mlp/fc2/kernel` (and their biases), `block{i}/ls2`;
   * `norm` (final LayerNorm; open_clip's `ln_post`), `proj/kernel` (CLIP, no bias), `head`.
 
-Taps (`apply_model(..., taps=...)`): `patch_embed` (the patch conv's (N, h, w, dim) map,
-before the position embedding), `block{i}` (each block's output tokens), `norm` (final normed tokens),
-`cls` (the class token after `norm`), `mean` (mean of the normed patch tokens, prefix
-tokens excluded), and `features`: what the head reads, `cls` (pool='token', the default and
-the checkpoints' own) or `mean` (pool='mean'), followed by `proj` when the model has one.
+Taps (`apply_model(..., taps=...)`): `patch_embed` (the patch conv's (N, h, w, dim) map, before
+the position embedding), `block{i}` (each block's output tokens), `norm` (final normed tokens),
+`cls` (the class token after `norm`), `mean` (mean of the normed patch tokens, prefix tokens
+excluded), and `features`: what the head reads, `cls` (pool='token', the default and the
+checkpoints' own) or `mean` (pool='mean'), followed by `proj` when the model has one.
 """
 from __future__ import annotations
 
