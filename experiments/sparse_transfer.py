@@ -2,7 +2,7 @@
 
   python -m experiments.sparse_transfer --out results/sparse_transfer
 
-runs the paper's pipeline under the protocol of DESIGN.md section 8 on both embedded targets
+runs the paper's pipeline under the protocol of docs/protocol.md on both embedded targets
 with 5 evaluation seeds (`--seeds 0,1,2,3,4`), the LR grid {1e-4, 3e-4, 1e-3} and lambda grid
 {0.5, 1, 2} tuned on tuning seed 100. A reduced run (one target, 2 seeds, a shorter cap, lambda
 fixed at the paper's 1, so 12 tuning runs instead of 24):
