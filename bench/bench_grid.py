@@ -495,7 +495,7 @@ def report(args, argv, arms: dict, load: tuple) -> str:
             "under early stopping (a vmapped group would have to run until its slowest run "
             "stops, and each run stops at its own step), so `--batch-runs 64` would time the "
             "same thing as the jtransfer arm; batching also measured 0.75-0.89x of one run at "
-            "a time on this 2-core CPU at fixed length (BUILD_NOTES.md).", ""]
+            "a time on this 2-core CPU at fixed length (docs/decisions.md).", ""]
   return "\n".join(lines)
 
 

@@ -55,7 +55,7 @@ REDUCED_LRS = {"freeze": (1e-2, 5e-2), "finetune": (1e-4, 1e-3)}
 
 # Runs of a frozen-backbone strategy trained together per vmapped step (jtransfer.train.batched).
 # Measured on the 2-core CPU: 0.75-0.89x the speed of one run at a time (the runs are already
-# compute-bound there; BUILD_NOTES.md), so 'auto' batches only on accelerators, where a k-shot
+# compute-bound there; docs/decisions.md), so 'auto' batches only on accelerators, where a k-shot
 # batch of 5-64 images leaves the device idle.
 BATCH_RUNS_ACCELERATOR = 64
 
