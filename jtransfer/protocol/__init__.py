@@ -1,4 +1,4 @@
-"""The comparison protocol (DESIGN.md section 8): run budgets by convergence, hyper-parameter
+"""The comparison protocol (docs/protocol.md): run budgets by convergence, hyper-parameter
 selection on validation data, paired statistics and claims. Sits above train/ and methods/,
 below experiments/: experiment modules declare their tables and claims and use these."""
 from jtransfer.protocol import budget, claims, stats, tuning
