@@ -385,8 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"wrote {args.folder}/report.md and summary.json")
       return 0
     current = open(args.page).read() if os.path.exists(args.page) else ""
+    text = results_page(current, args.root)  # built before the page is opened for writing
     with open(args.page, "w") as f:
-      f.write(results_page(current, args.root))
+      f.write(text)
     print(f"wrote {args.page}")
     return 0
   except InputError as e:

@@ -15,7 +15,8 @@ def one_image(n: int, what: str) -> tuple[float, str]:
 def _wise_alpha1(records: list) -> set:
   return {(frozenset(dict(arch=r["arch"], target=r["target"], shots=r["shots"]).items()),
            r["repeat"]) for r in records
-          if r.get("strategy") == "wise_ft" and r.get("role") == "eval" and r.get("hp") == "alpha=1"}
+          if r.get("strategy") == "wise_ft" and r.get("role") == "eval"
+          and r.get("hp") == "alpha=1"}
 
 
 WISE_ALPHA1 = Untested("validation chose alpha = 1, so WiSE-FT is its fine-tuned end itself",

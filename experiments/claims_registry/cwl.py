@@ -75,8 +75,8 @@ CLAIMS = (
         runs=("finetune_cwl", "finetune")),
     Registered(
         "cwl.pruning_keeps_accuracy", "CWL", "Table IV, Fig. 3",
-        "pruning the channels whose |sigma| is below tau, then finetuning, keeps the unpruned "
-        "transfer's accuracy", DOSE, *_prune,
+        "pruning the channels whose absolute sigma is below tau, then finetuning, keeps the "
+        "unpruned transfer's accuracy", DOSE, *_prune,
         "pruning by |sigma| keeps accuracy after finetuning", _PRUNING, (_PRUNING_SW,),
         dose="tau", dose_at=0.8, dose_reason=_PRUNE_AT, untested=NOTHING_PRUNED),
     Registered(

@@ -146,15 +146,13 @@ def pool(items: Sequence) -> stats.Paired:
 
 def _decide(entry: Registered, items: Sequence) -> tuple:
   """(Paired or None, Decision, (untested draws, draws)) of items, untested ones left out."""
-  keys = {it[1] for it in items}
-  bad = {it[1] for it in items if it[3]}
   tested = [it for it in items if not it[3]]
-  untested = (len(bad), len(keys))
+  untested = (len(items) - len(tested), len(items))
   if len({it[1] for it in tested}) < 2:
-    why = (f"{len(bad)} of {len(keys)} draws: {entry.untested.reason}" if bad and entry.untested
-           else "fewer than 2 draws")
+    why = (f"{untested[0]} of {untested[1]} (cell, draw) pairs: {entry.untested.reason}"
+           if untested[0] and entry.untested else "fewer than 2 draws")
     return (pool(tested) if tested else None,
-            claims.Decision(claims.NOT_TESTED if bad else claims.INCONCLUSIVE, 1.0, 1.0,
+            claims.Decision(claims.NOT_TESTED if untested[0] else claims.INCONCLUSIVE, 1.0, 1.0,
                             reason=why), untested)
   p = pool(tested)
   return p, claims.decide(entry.rule, p, entry.margin), untested
@@ -164,17 +162,17 @@ def decide_entry(entry: Registered, ev: Evidence, summaries: Mapping[str, dict],
                  records: Mapping[str, list]) -> dict:
   """The verdict of `entry` on evidence `ev`.
 
-  A draw is untested when any of its cells is (its treatment did nothing there). DOSE claims
+  A (cell, draw) pair the detector names is left out; a draw whose every cell is left out
+  drops out of the pooled comparison, one with cells left stands on those. DOSE claims
   are decided per dose; their decision is the one at `dose_at`, and 'largest_dose' is the
   largest dose at which, and at every tested smaller one, the claim reads reproduced.
 
   Returns:
-    {'paired': Paired or None, 'decision': claims.Decision, 'untested': (untested draws,
-     draws), 'doses': [(dose, Paired or None, verdict)], 'largest_dose': dose or None}.
+    {'paired': Paired or None, 'decision': claims.Decision, 'untested': ((cell, draw) pairs
+     left out, pairs), 'doses': [(dose, Paired or None, verdict)], 'largest_dose': dose or
+     None}.
   """
   items = cell_draws(entry, ev, summaries, records)
-  bad = {it[1] for it in items if it[3]} if entry.kind != DOSE else set()
-  items = [it[:3] + (it[3] or it[1] in bad,) for it in items]
   doses, largest = [], None
   if entry.kind != DOSE:
     paired, decision, untested = _decide(entry, items)
