@@ -82,7 +82,7 @@ class Config:
     att_max_mb: and (channels per call) x (batch size) x (the tap's map, bytes per image)
       stays below this many MB: the ablation's memory follows the suffix's activations, which
       grow with the map (resnet50 at 224 px, 4 images: 17.0 GB peak at 4096 images per call,
-      BUILD_NOTES.md), so this bound, not the image count, keeps large inputs in memory.
+      docs/decisions.md, "DELTA"), so this bound, not the image count, keeps large inputs in memory.
     att_probe_loop: run the 'authors' probe step by step even when every batch holds all the
       images (the closed form of `_probe_one_batch` gives the same result in 2 forwards).
     att_bn: BatchNorm in the attention probe (no effect on models without BN):
