@@ -786,6 +786,8 @@ def build_setup(source: transfer.Source, num_classes: int, total_steps: int, kin
   run's training images only) and 'source' (their source maps, see `SourceMaps`).
   """
   config = (config or _CONFIG).validate()
+  if kind in ("fm", "att"):  # L2 and L2-SP need no feature maps
+    models.attention.refuse_transformer(source.config, source.arch, "DELTA's feature-map taps")
   model = transfer.target_model(source, num_classes)
   params, _ = transfer.init_target(source, model, 0)
   w0 = starting_point(source.variables["params"], params)
