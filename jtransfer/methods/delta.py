@@ -22,19 +22,19 @@ Faithful to the authors' PyTorch code (github.com/lixingjian/DELTA, train.py, ch
 
 Strategies registered here: 'l2fe', 'l2', 'l2sp', 'delta_noatt', 'delta'. The attention weights
 are per-run constants in params['frozen']['attention'], computed in `Setup.init` from that run's
-training images only, and cached per (source, images, labels). `configure()` (or the
-JTRANSFER_DELTA_ALPHA / _BETA / _SCHEDULE environment variables) overrides the defaults.
+training images only, and cached per (source, images, labels). Every strategy takes its
+hyper-parameters as knobs: `alpha` (tuned) and `config`, a `Config` (beta, schedule, taps, the
+attention probe's settings; default `Config()`), e.g.
+`get_strategy('delta').build(source, 10, 500, alpha=0.1, config=Config(schedule='step'))`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from jtransfer.errors import InputError
 from jtransfer.methods import transfer
 # The attention, the losses and the config live in their own modules; every name stays
 # importable from here.
@@ -50,45 +50,6 @@ from jtransfer.methods.delta_loss import (  # noqa: F401
     make_loss_fn, _maps_fn, _network, private_l2, private_subtree, resolve_taps, source_maps,
     _source_maps_for, SourceMaps, starting_point)
 from jtransfer.train import optim, schedules
-
-
-def _from_env() -> Config:
-  env = {}
-  for field, cast in (("alpha", float), ("beta", float), ("schedule", str)):
-    value = os.environ.get(f"JTRANSFER_DELTA_{field.upper()}")
-    if value is not None:
-      try:
-        env[field] = cast(value)
-      except ValueError:
-        raise InputError(f"JTRANSFER_DELTA_{field.upper()}={value!r} is not a number") from None
-  return Config(**env).validate()
-
-
-_CONFIG = _from_env()
-
-
-def configure(**changes: Any) -> Config:
-  """Changes the module defaults used by the registered strategies; returns the old Config.
-
-  Example: `old = delta.configure(alpha=0.1, schedule='step')`, later `delta.set_config(old)`.
-  Strategies read the config when a Setup is built.
-  """
-  global _CONFIG
-  unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(Config)})
-  if unknown:
-    raise InputError(f"delta.configure: unknown option(s) {unknown}")
-  old, _CONFIG = _CONFIG, dataclasses.replace(_CONFIG, **changes).validate()
-  return old
-
-
-def set_config(config: Config) -> None:
-  """Restores a Config returned by `configure`."""
-  global _CONFIG
-  _CONFIG = config.validate()
-
-
-def get_config() -> Config:
-  return _CONFIG
 
 
 # ----------------------------------------------------------------------------- strategies
@@ -125,7 +86,7 @@ def build_setup(source: transfer.Source, num_classes: int, total_steps: int, kin
   the run's constants under params['frozen'] (never trained): 'attention' (computed from the
   run's training images only) and 'source' (their source maps, see `SourceMaps`).
   """
-  config = (config or _CONFIG).validate()
+  config = (config or Config()).validate()
   model = transfer.target_model(source, num_classes)
   params, _ = transfer.init_target(source, model, 0)
   w0 = starting_point(source.variables["params"], params)
@@ -164,7 +125,7 @@ def build_l2fe(source: transfer.Source, num_classes: int, total_steps: int,
                config: Optional[Config] = None) -> transfer.Setup:
   """L2-FE: frozen source features (BN running stats), a linear head trained by SGD with
   CE + beta * 0.5 * ||head||^2, the beta term as coupled weight decay (the same gradient)."""
-  config = (config or _CONFIG).validate()
+  config = (config or Config()).validate()
   sgd = optim.sgd(lr_schedule(config, total_steps), momentum=config.momentum,
                   weight_decay=config.beta)
   return transfer.rule_setup(source, num_classes, [("head/.*", "head"), (".*", optim.FROZEN)],
@@ -178,22 +139,27 @@ PAPER_LRS = (0.01,)  # ResNet-101 in the paper and the authors' run.sh
 ALPHAS = (1e-3, 1e-2, 1e-1)
 ALPHAS_NOATT = (1e-5, 1e-4, 1e-3)
 CV_FOLDS = 5
+# The strategies registered here: each takes a `config` knob (a `Config`).
+CONFIG_STRATEGIES = ("l2fe", "l2", "l2sp", "delta_noatt", "delta")
 
 
 def _build(kind: str):
-  def build(source, num_classes, total_steps, alpha=None):
+  def build(source, num_classes, total_steps, alpha=None, config: Optional[Config] = None):
+    config = config or Config()
     if kind == "l2":
-      return build_setup(source, num_classes, total_steps, kind, _CONFIG)
-    alpha = _alpha_default(kind) if alpha is None else float(alpha)
-    config = dataclasses.replace(_CONFIG, **{"alpha_noatt" if kind == "fm" else "alpha": alpha})
+      return build_setup(source, num_classes, total_steps, kind, config)
+    alpha = _alpha_default(kind, config) if alpha is None else float(alpha)
+    config = dataclasses.replace(config, **{"alpha_noatt" if kind == "fm" else "alpha": alpha})
     return build_setup(source, num_classes, total_steps, kind, config)
   return build
 
 
-def _alpha_default(kind: str) -> float:
+def _alpha_default(kind: str, config: Optional[Config] = None) -> float:
+  """The alpha a strategy uses when its `alpha` knob is not given."""
+  config = config or Config()
   if kind == "fm":
-    return _CONFIG.alpha_noatt if _CONFIG.alpha_noatt is not None else ALPHAS_NOATT[1]
-  return _CONFIG.alpha
+    return config.alpha_noatt if config.alpha_noatt is not None else ALPHAS_NOATT[1]
+  return config.alpha
 
 
 transfer.register(transfer.Strategy(
