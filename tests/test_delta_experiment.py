@@ -181,8 +181,9 @@ def test_alpha_flags_set_the_tuning_grid():
     args = delta_table.parse_args(curve_argv + extra)
     plan = delta_table.validate(args)
     assert delta_table.curve_knobs(records, plan, args) == {"l2sp": want, "delta": want}
-  plan["curves"]["shots"] = 10  # a cell the table did not tune
   args = delta_table.parse_args(curve_argv)
+  plan = delta_table.validate(args)  # the alpha grid (no flag), at a cell the table did not tune
+  plan["curves"]["shots"] = 10
   assert delta_table.curve_knobs(records, plan, args)["delta"] == {"hp": "alpha=0.01",
                                                                     "origin": "paper"}
   # Without the flags: the registered grids and paper values.

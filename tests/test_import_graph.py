@@ -111,3 +111,17 @@ def test_no_import_cycle():
   cycle = find_cycle(import_graph())
   if cycle:
     pytest.fail("import cycle: " + " -> ".join(cycle))
+
+
+def test_methods_keep_no_global_configuration():
+  """No `global` statement in jtransfer/methods: configuration travels as typed knobs
+  (e.g. DELTA's `Config` into `Strategy.build`), never as a module variable rebound at run
+  time."""
+  methods = os.path.join(ROOT, "methods")
+  found = []
+  for f in sorted(os.listdir(methods)):
+    if f.endswith(".py"):
+      with open(os.path.join(methods, f)) as fh:
+        tree = ast.parse(fh.read())
+      found += [f"{f}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Global)]
+  assert not found, f"global statements in jtransfer/methods: {found}"
