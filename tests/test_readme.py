@@ -1,8 +1,11 @@
 """README's python code blocks run as written, in order, in one namespace, so they cannot rot."""
 import contextlib
+import inspect
 import io
 import os
 import re
+
+import pytest
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -17,6 +20,25 @@ def test_extracts_blocks():
   assert python_blocks(text) == ["x = 1\n", "y = 2\n"]
 
 
+def test_readme_api_calls_exist_and_bind():
+  """Fast guard (the full run below is slow): every `api.NAME(...)` the README calls exists and
+  its keyword arguments are parameters of NAME."""
+  from jtransfer import api
+  with open(README) as f:
+    code = "".join(python_blocks(f.read()))
+  compile(code, README, "exec")
+  calls = re.findall(r"api\.(\w+)\(([^()]*(?:\([^()]*\)[^()]*)*)\)", code)
+  assert {name for name, _ in calls} >= {"fit", "evaluate", "tune", "score_sources",
+                                         "prune_cwl", "random_source"}
+  for name, args in calls:
+    fn = getattr(api, name)
+    params = inspect.signature(fn).parameters
+    outer = re.sub(r"\([^()]*\)", "()", args)  # keywords of nested calls are theirs
+    for kw in re.findall(r"(?:^|,)\s*(\w+)=", outer):
+      assert kw in params, f"README calls api.{name} with {kw}="
+
+
+@pytest.mark.slow
 def test_readme_python_blocks_run():
   with open(README) as f:
     blocks = python_blocks(f.read())
