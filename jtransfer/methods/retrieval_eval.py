@@ -4,7 +4,9 @@ as the `revisitop` reference code computes them (its quirks included; see
 
 Our `ranks` are (num_queries, num_db), one row per query; scores are fractions in [0, 1].
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: a NamedTuple's field annotations must stay
+# objects for the API reference (pdoc cannot resolve postponed ones on a NamedTuple's
+# generated __new__, mitmproxy/pdoc issue 765).
 
 from typing import NamedTuple, Sequence
 
