@@ -87,7 +87,8 @@ class FitResult:
     strategy, lr, knobs: what trained it.
     model: the target Flax module; `variables` its {'params', 'batch_stats'} (numpy, finalize
       applied).
-    history: {'steps', 'best_step', 'stopped', 'curve' [[step, validation accuracy], ...]}.
+    history: {'steps', 'best_step', 'stopped', 'curve' [[step, validation accuracy], ...]
+      (Converged), 'val_acc' (of the kept state; None without val)}.
     source: the source it started from; num_classes: the target's class count.
     forward: (params, batch_stats, uint8 images) -> logits, eval mode.
   """
@@ -157,7 +158,11 @@ def _fit(trainers: _Trainers, strategy: str, train: ArrayPair, val: Optional[Arr
                   val_acc=val_acc, finalize=setup.finalize)
   variables = {"params": jax.tree.map(np.asarray, out.state.params),
                "batch_stats": jax.tree.map(np.asarray, out.state.batch_stats)}
-  return FitResult(strategy, float(lr), dict(knobs), setup.model, variables, out.info,
+  history = dict(out.info, val_acc=None)
+  if val is not None:  # of the kept (finalized) state: what `evaluate` on val returns
+    history["val_acc"] = accuracy(predict_logits(setup.forward, variables["params"],
+                                                 variables["batch_stats"], val[0]), val[1])
+  return FitResult(strategy, float(lr), dict(knobs), setup.model, variables, history,
                    trainers.source, trainers.num_classes, setup.forward)
 
 
@@ -262,7 +267,7 @@ def tune(source: transfer.Source, strategy: str, train, val, *,
   def score(point):
     knobs = {**dict(fixed_knobs or {}), **{n: v for n, v in point.items() if n != "lr"}}
     r = _fit(trainers, strategy, train, val, point["lr"], knobs, budget, seed, batch_size)
-    acc = evaluate(r, *val)
+    acc = r.history["val_acc"]
     table.append(dict(point, val_acc=acc))
     return acc
 

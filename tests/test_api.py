@@ -54,7 +54,7 @@ def test_fit_freeze_converged_keeps_backbone_and_best_state(data, source):
   assert h["best_step"] == next(s for s, a in h["curve"] if a == best)
   # the kept state is the best one: evaluate agrees with the curve and with a numpy argmax
   acc = api.evaluate(r, x, y)
-  assert acc == pytest.approx(best)
+  assert acc == pytest.approx(best) == h["val_acc"]
   assert acc == np.mean(np.argmax(api.predict(r, x), axis=1) == y)
   # frozen: every conv param is the source's; the new head has 2 outputs
   src = source.variables["params"]
