@@ -33,15 +33,16 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from experiments import cli, pretrain, publish
+from experiments import cli, knobs, pretrain, publish
 from experiments.report import ResultsDir, best_over_lr, pct, positive_ints
 from jtransfer import models, surgery
 from jtransfer.data import Batches, ImageSet, augment, load_spec, parse_spec, sample_kshot
 from jtransfer.data.stream import StreamOptions, is_lazy
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import delta, transfer
-from jtransfer.protocol import Budget, claims, fit_converged, tuning
-from jtransfer.train import (accuracy, batched, fit, init_state, make_optimizer,
+from jtransfer.protocol import Budget, claims, tuning
+from jtransfer.protocol.run import train_run
+from jtransfer.train import (accuracy, batched, init_state, make_optimizer,
                              make_train_step, parallel, predict_logits)
 from jtransfer.train.loop import nonfinite_error
 
@@ -200,9 +201,11 @@ def validate(args: argparse.Namespace) -> dict:
   if augment_recipe(args).kind == "pad" and getattr(args, "stored_size", 0):  # also parses
     raise InputError(f"--augment {args.augment} crops back to the stored size, so it cannot "
                      "be combined with --stored-size: use crop or rrc")
+  options, knob_grids = knobs.plan_knobs(strategies)
   return dict(archs=archs, strategies=strategies, targets=targets,
               shots=positive_ints(args.shots, "--shots"), lrs=lrs,
-              shard=parse_shard(getattr(args, "shard", None)))
+              shard=parse_shard(getattr(args, "shard", None)), options=options,
+              knobs=knob_grids)
 
 
 def augment_recipe(args) -> augment.Recipe:
@@ -275,7 +278,7 @@ class TargetRuns:
   """Everything shared by the runs of one (arch, target): data, cached features, compiled fns."""
 
   def __init__(self, source: transfer.Source, spec: str, args, data_cache: dict,
-               setup_cache: dict):
+               setup_cache: dict, options: dict | None = None):
     shape = stored_shape(args, source.input_shape)
     key = (spec, shape)
     if key not in data_cache:
@@ -283,6 +286,8 @@ class TargetRuns:
                                   stream=stream_options(args))
     data = data_cache[key]
     self.source, self.spec, self.args = source, spec, args
+    # strategy -> extra `build` keyword arguments (`knobs.plan_knobs`: DELTA's config)
+    self.options = options or {}
     self.pool = data.train
     self.test = cap_per_class(data.test, args.test_per_class)
     # Stored larger than the input: the network sees test-time views (Resize + CenterCrop);
@@ -328,7 +333,7 @@ class TargetRuns:
     if (name, hp) not in self._setups:
       strategy = transfer.get_strategy(name)
       setup = strategy.build(self.source, self.num_classes, self.args.steps,
-                             **transfer.parse_hp(hp))
+                             **self.options.get(name, {}), **transfer.parse_hp(hp))
       recipe = augment_recipe(self.args)
       head_only = strategy.head_only and not self.args.no_feature_cache and not recipe.active
       if strategy.head_only and recipe.active and not self.args.quiet:
@@ -396,22 +401,15 @@ class TargetRuns:
     setup, step, _, head_only = self.setup(name, hp)
     state, batches, x_val, x_test, forward = self._prepare(name, train_idx, val_idx, lr, seed,
                                                            hp)
-    # The starting point, on the host (the step donates the state's buffers).
-    initial = (jax.tree.map(np.array, state.params)
-               if setup.finalize is not None or not head_only else None)
-    if budget is None or not len(val_idx):
-      state = fit(state, step, batches.at, self.args.steps)
-      info = dict(steps=self.args.steps, best_step=self.args.steps, stopped="fixed")
-    else:
+    val = None
+    if budget is not None and len(val_idx):
       labels = self.pool.labels[val_idx]
       val = lambda st: accuracy(predict_logits(forward, st.params, st.batch_stats, x_val),
                                 labels)
-      state, info = fit_converged(state, step, batches.at, val, budget)
-      info.pop("curve")
-    if parallel.is_multiprocess():  # replicated over every process: a local copy to read
-      state = parallel.host_copy(state)
-    if setup.finalize is not None:  # e.g. WiSE-FT: the weights interpolated toward the start
-      state = state.replace(params=setup.finalize(state.params, initial))
+    out = train_run(state, step, batches.at, steps=self.args.steps, budget=budget, val_acc=val,
+                    finalize=setup.finalize, keep_initial=not head_only)
+    state, info, initial = out.state, out.info, out.initial
+    info.pop("curve")
     if not head_only:  # how far training moved the conv filters (DELTA's Fig. 3 measure)
       # Per-run constants (DELTA's frozen source copy and attention) are not trained filters.
       start = {k: v for k, v in initial.items() if k != delta.FROZEN_KEY}
@@ -581,7 +579,7 @@ def choose(records: list[dict], plan: dict, args, run_missing=None,
       for shots in plan["shots"]:
         for name in plan["strategies"]:
           cell = (arch, spec, shots, name)
-          strategy = transfer.get_strategy(name)
+          strategy = knobs.strategy_of(plan, name)
 
           def keys_of(point, cell=cell):
             hp = transfer.hp_string({k: v for k, v in point.items() if k != "lr"})
@@ -602,7 +600,7 @@ def eval_points(plan: dict, args, tuned: dict, cell: tuple) -> list[tuple[float,
   """(lr, hp) run on a cell's evaluation draws: the tuned point, plus under --paper-grid every
   LR of the grid at the paper's knob values."""
   name = cell[3]
-  hp0 = transfer.hp_string(transfer.get_strategy(name).knob_defaults)
+  hp0 = transfer.hp_string(knobs.strategy_of(plan, name).knob_defaults)
   points = ([(lr, hp0) for lr in plan["lrs"][name]]
             if (args.paper_grid or not args.tune_repeats) else [])
   if cell in tuned and (tuned[cell]["choice"]["lr"], tuned[cell]["hp"]) not in points:
@@ -685,7 +683,7 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
     for spec in plan["targets"]:
       if not any(c[:2] == (arch, spec) for c in mine):
         continue
-      runs = TargetRuns(source, spec, args, data_cache, setup_cache)
+      runs = TargetRuns(source, spec, args, data_cache, setup_cache, plan.get("options"))
       for shots in plan["shots"]:
         if (arch, spec, shots) not in mine:
           continue
@@ -719,7 +717,7 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
                   for lr, hp in eval_points(plan, args, tuned, (arch, spec, shots, name))
                   if (name, arch, spec, shots, repeat, lr, hp, -1) not in done]
           if batch_runs > 1 and len(todo) > 1 and runs.batchable(name) and \
-              not transfer.get_strategy(name).knobs:
+              not knobs.strategy_of(plan, name).knobs:
             for i in range(0, len(todo), batch_runs):
               group = todo[i:i + batch_runs]
               t0 = time.time()
@@ -734,7 +732,7 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
 
 def paper_grid_records(records: list[dict], plan: dict) -> list[dict]:
   """Evaluation records on the LR grid at the paper's knob values (for 'best over LR')."""
-  hp0 = {s: transfer.hp_string(transfer.get_strategy(s).knob_defaults)
+  hp0 = {s: transfer.hp_string(knobs.strategy_of(plan, s).knob_defaults)
          for s in plan["strategies"]}
   return [r for r in records if r["strategy"] in hp0 and r.get("hp", "") == hp0[r["strategy"]]
           and r.get("role", "eval") == "eval" and r["lr"] in plan["lrs"][r["strategy"]]]

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 def ln(key: str, path: tuple[str, ...]) -> list:
   """A LayerNorm's weight / bias -> `scale` / `bias`."""
-  from jtransfer.weights.torchvision import Entry
+  from jtransfer.weights.torchvision_entries import Entry
   return [Entry(f"{key}.weight", "params", (*path, "scale"), "vec"),
           Entry(f"{key}.bias", "params", (*path, "bias"), "vec")]
 
 
 def linear(key: str, path: tuple[str, ...], bias: bool = True) -> list:
   """A Linear layer -> Dense `kernel` (transposed) and `bias`."""
-  from jtransfer.weights.torchvision import Entry
+  from jtransfer.weights.torchvision_entries import Entry
   entries = [Entry(f"{key}.weight", "params", (*path, "kernel"), "dense")]
   if bias:
     entries.append(Entry(f"{key}.bias", "params", (*path, "bias"), "vec"))
@@ -27,7 +27,7 @@ def linear(key: str, path: tuple[str, ...], bias: bool = True) -> list:
 
 def patch_conv(key: str, bias: bool = True) -> list:
   """The patchify conv -> `patch_embed/kernel` (OIHW -> HWIO), `patch_embed/bias`."""
-  from jtransfer.weights.torchvision import Entry
+  from jtransfer.weights.torchvision_entries import Entry
   entries = [Entry(f"{key}.weight", "params", ("patch_embed", "kernel"), "conv")]
   if bias:
     entries.append(Entry(f"{key}.bias", "params", ("patch_embed", "bias"), "vec"))
@@ -36,7 +36,7 @@ def patch_conv(key: str, bias: bool = True) -> list:
 
 def vit_map(model) -> list:
   """timm ViT / DeiT / DINOv2 keys for a jtransfer `ViT` (any depth and width)."""
-  from jtransfer.weights.torchvision import Entry
+  from jtransfer.weights.torchvision_entries import Entry
   entries = patch_conv("patch_embed.proj", model.patch_bias)
   entries.append(Entry("cls_token", "params", ("cls_token",), "vec"))
   if model.num_registers:

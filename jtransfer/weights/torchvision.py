@@ -20,7 +20,6 @@ Every key must be used: missing, unused and shape-mismatched keys are listed tog
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Optional
 
 import jax
@@ -29,54 +28,14 @@ from flax import traverse_util
 
 from jtransfer import models
 from jtransfer.errors import InputError
-from jtransfer.weights import open_clip, timm_vit, torchvision_mobile, torchvision_vit
+from jtransfer.weights import (open_clip, timm_vit, torchvision_dense, torchvision_mobile,
+                               torchvision_vit)
+# (re-exported: the maps below and callers use them from here)
+from jtransfer.weights.torchvision_entries import Entry, _conv_unit, _dense  # noqa: F401
 from jtransfer.weights.torchvision_inception import inception_map
 
 _BN_STATS = ("running_mean", "running_var")
 _ABSTRACT_SHAPE = (224, 224)  # parameter shapes do not depend on it (adaptive pools)
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  """One torchvision key and where it goes.
-
-  Attributes:
-    key: the torchvision state-dict key.
-    collection: 'params' or 'batch_stats'.
-    path: the jtransfer path as dict keys (module names may contain '/').
-    kind: 'conv' (OIHW -> HWIO), 'dense' ((out, in) -> (in, out)), 'dense_chw' (a Dense layer
-      after a (C, H, W) flatten, rows permuted to (H, W, C)), 'vec' (copied), 'dense_1x1'
-      (a Linear into a 1x1 conv kernel), 'channel' ((C, 1, 1) -> (C,)), 'lead1' / 'lead2'
-      (one / two leading unit axes added) or 'derived' (a buffer the model recomputes: the
-      key is accepted and not imported; no collection or path).
-    chw: (C, H, W) of the flattened map, for 'dense_chw'.
-  """
-  key: str
-  collection: str
-  path: tuple[str, ...]
-  kind: str
-  chw: Optional[tuple[int, int, int]] = None
-
-  @property
-  def path_str(self) -> str:
-    return "/".join(self.path)
-
-
-def _conv_unit(conv: str, bn: Optional[str], unit: tuple[str, ...]) -> list[Entry]:
-  """A ConvUnit: conv (+ bias without BN) and its BN's params and running stats."""
-  if bn is None:
-    return [Entry(f"{conv}.weight", "params", (*unit, "conv", "kernel"), "conv"),
-            Entry(f"{conv}.bias", "params", (*unit, "conv", "bias"), "vec")]
-  return [Entry(f"{conv}.weight", "params", (*unit, "conv", "kernel"), "conv"),
-          Entry(f"{bn}.weight", "params", (*unit, "bn", "scale"), "vec"),
-          Entry(f"{bn}.bias", "params", (*unit, "bn", "bias"), "vec"),
-          Entry(f"{bn}.running_mean", "batch_stats", (*unit, "bn", "mean"), "vec"),
-          Entry(f"{bn}.running_var", "batch_stats", (*unit, "bn", "var"), "vec")]
-
-
-def _dense(key: str, name: str, kind: str = "dense", chw=None) -> list[Entry]:
-  return [Entry(f"{key}.weight", "params", (name, "kernel"), kind, chw),
-          Entry(f"{key}.bias", "params", (name, "bias"), "vec")]
 
 
 def resnet_map(model) -> list[Entry]:
@@ -156,8 +115,8 @@ MAPS = {
     "inception_v3": inception_map,
     "resnext50_32x4d": resnet_map,
     "wide_resnet50_2": resnet_map,
-    "densenet121": lambda model: torchvision_dense.densenet_map(model),
-    "convnext_tiny": lambda model: torchvision_dense.convnext_map(model),
+    "densenet121": torchvision_dense.densenet_map,
+    "convnext_tiny": torchvision_dense.convnext_map,
     "vit_s28": timm_vit.vit_map,
     "vit_ti16": timm_vit.vit_map,
     "vit_s16": timm_vit.vit_map,
@@ -181,8 +140,6 @@ def name_map(arch: str, model) -> list[Entry]:
                      f"{', '.join(MAPS)}")
   return MAPS[arch](model)
 
-
-from jtransfer.weights import torchvision_dense  # noqa: E402  (its maps use Entry, above)
 
 # ----------------------------------------------------------------------------- layouts
 def to_jtransfer(entry: Entry, value: np.ndarray) -> np.ndarray:
