@@ -16,7 +16,7 @@ PREFIX = "visual."
 
 def clip_map(model) -> list:
   """open_clip image-tower keys (no classification head: import with keep_head=False)."""
-  from jtransfer.weights.torchvision import Entry
+  from jtransfer.weights.torchvision_entries import Entry
   entries = patch_conv("conv1", model.patch_bias) + [
       Entry("class_embedding", "params", ("cls_token",), "lead2"),
       Entry("positional_embedding", "params", ("pos_embed",), "lead1")]

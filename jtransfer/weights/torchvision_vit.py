@@ -19,7 +19,7 @@ from jtransfer.weights.timm_vit import linear, ln, patch_conv
 
 def vit_map(model) -> list:
   """torchvision `VisionTransformer` keys for a jtransfer `ViT` (class token, no registers)."""
-  from jtransfer.weights.torchvision import Entry
+  from jtransfer.weights.torchvision_entries import Entry
   entries = patch_conv("conv_proj") + [
       Entry("class_token", "params", ("cls_token",), "vec"),
       Entry("encoder.pos_embedding", "params", ("pos_embed",), "vec")]
@@ -39,7 +39,7 @@ def vit_map(model) -> list:
 
 def swin_map(model) -> list:
   """torchvision `SwinTransformer` (v1) keys for a jtransfer `Swin`."""
-  from jtransfer.weights.torchvision import Entry
+  from jtransfer.weights.torchvision_entries import Entry
   entries = patch_conv("features.0.0") + ln("features.0.2", ("patch_norm",))
   for s, depth in enumerate(model.depths, start=1):
     if s > 1:
