@@ -82,6 +82,9 @@ def apply_devices(args: argparse.Namespace) -> None:
   their total) and every process holds whole global batches (`parallel.set_default_mesh`).
   """
   try:
+    if args.devices < 1:
+      raise InputError(f"--devices must be >= 1 (the number of devices to train on), got "
+                       f"{args.devices}")
     processes = getattr(args, "num_processes", 1)
     if processes > 1:
       if not 0 <= args.process_id < processes:
