@@ -58,7 +58,15 @@ def parse_spec(spec: str, *, flag: str = "dataset") -> DataSpec:
     classes = tuple(c.strip() for c in rest.split(","))
     if any(not c for c in classes):
       raise InputError(f"{flag} spec {spec!r} has an empty class in its list {rest!r}")
+    if len(classes) == 1:  # refused here, before anything is loaded or any --out opened
+      raise InputError(one_class(flag, spec.strip(), classes))
   return DataSpec(kind, name, classes)
+
+
+def one_class(flag: str, spec: str, names) -> str:
+  """The refusal of a dataset with fewer than two classes."""
+  return (f"{flag} {spec} has {len(names)} class ({', '.join(map(repr, names))}); it needs at "
+          "least 2 classes, since a classifier of one class is always right")
 
 
 def load_spec(spec: str | DataSpec, image_shape: tuple[int, int, int], *, flag: str = "dataset",
@@ -98,9 +106,7 @@ def load_spec(spec: str | DataSpec, image_shape: tuple[int, int, int], *, flag: 
   if s.classes is not None:
     data = fewshot.subset_classes(data, s.classes)
   if data.train.num_classes < 2:
-    raise InputError(f"{flag} {s} has {data.train.num_classes} class "
-                     f"({', '.join(map(repr, data.class_names))}); it needs at least 2 classes, "
-                     "since a classifier of one class is always right")
+    raise InputError(one_class(flag, str(s), data.class_names))
   if data.image_shape != (h, w, c):
     data = _resize(data, (h, w, c), flag, str(s))
   elif s.kind in ("tfds", "folder"):  # decoded straight to the source's shape: say how
