@@ -168,10 +168,7 @@ def validate(args: argparse.Namespace) -> dict:
   strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
   for s in strategies:
     transfer.get_strategy(s)
-  targets = [t for flag in (args.target or DEFAULT_TARGETS) for t in flag.split(";") if t]
-  if not targets:
-    raise InputError(f"--target {';'.join(args.target)!r} names no dataset; expected e.g. "
-                     "--target digits or --target folder:/path (omit --target for the default)")
+  targets = cli.target_list(args.target, DEFAULT_TARGETS)
   for t in targets:
     parse_spec(t, flag="--target")
   if not args.source.startswith("ckpt:"):
