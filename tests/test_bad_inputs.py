@@ -172,3 +172,16 @@ def test_pickle_refusal_says_what_to_do_safely(tmp_path):
   assert "(argparse.Namespace), which are refused for safety" in msg
   assert "safe_globals([argparse.Namespace])" in msg and "safetensors.torch.save_file" in msg
   assert "weights_only=False" not in msg and "\n" not in msg
+
+
+def test_empty_target_list_refused_by_every_module():
+  """fewshot, compact_transfer and model_selection read --target through cli.target_list."""
+  from experiments import cli, compact_transfer, fewshot, model_selection
+  for values in ([""], [";"], [" ", ""]):
+    with pytest.raises(InputError, match="names no dataset"):
+      cli.target_list(values, ("digits",))
+  assert cli.target_list(None, ("digits",)) == ["digits"]
+  assert cli.target_list(["a;b", "c"], ()) == ["a", "b", "c"]
+  for module in (compact_transfer, fewshot, model_selection):
+    with pytest.raises(InputError, match="--target '' names no dataset"):
+      module.validate(module.parse_args(["--target", ""]))
