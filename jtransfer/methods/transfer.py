@@ -78,11 +78,13 @@ class Setup:
     # in the step) and labels past the head (a NaN loss, no error) are refused on the host.
     init, num_classes = self.init, getattr(self.model, "num_classes", None)
 
-    def checked_init(seed, images, labels):
-      checks.check_pixels(images, "Setup.init images")
-      if num_classes is not None:
+    def checked_init(seed, images=None, labels=None):
+      if images is not None:
+        checks.check_pixels(images, "Setup.init images")
+      if labels is not None and num_classes is not None:
         checks.check_labels(labels, num_classes, "Setup.init labels")
-      return init(seed, images, labels)
+      # Some strategies' inits take the run's images and labels as optional (CWL, FiLM).
+      return init(seed) if images is None and labels is None else init(seed, images, labels)
 
     self.init = checked_init
 
