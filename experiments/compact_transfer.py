@@ -227,7 +227,7 @@ def validate(args: argparse.Namespace) -> dict:
   if prune_lib is None and PRUNED & set(variants):
     notes.append("jtransfer.methods.prune is missing: pruned variants skipped")
     variants = [v for v in variants if v not in PRUNED]
-  targets = [t for flag in (args.target or DEFAULT_TARGETS) for t in flag.split(";") if t]
+  targets = cli.target_list(args.target, DEFAULT_TARGETS)
   for t in targets:
     parse_spec(t, flag="--target")
   if not args.source.startswith("ckpt:"):

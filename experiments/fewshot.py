@@ -25,6 +25,7 @@ once per (arch, target).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -35,7 +36,7 @@ import numpy as np
 
 from experiments import cli, knobs, pretrain, publish
 from experiments.report import ResultsDir, best_over_lr, pct, positive_ints
-from jtransfer import models, surgery
+from jtransfer import checks, models, surgery
 from jtransfer.data import Batches, ImageSet, augment, load_spec, parse_spec, sample_kshot
 from jtransfer.data.stream import StreamOptions, is_lazy
 from jtransfer.errors import InputError, NonFiniteError
@@ -168,7 +169,7 @@ def validate(args: argparse.Namespace) -> dict:
   strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
   for s in strategies:
     transfer.get_strategy(s)
-  targets = [t for flag in (args.target or DEFAULT_TARGETS) for t in flag.split(";") if t]
+  targets = cli.target_list(args.target, DEFAULT_TARGETS)
   for t in targets:
     parse_spec(t, flag="--target")
   if not args.source.startswith("ckpt:"):
@@ -304,6 +305,22 @@ class TargetRuns:
     # Setups (and so compiled steps) are shared by every target with the same class count.
     self._setups = setup_cache.setdefault((id(source), self.num_classes), {})
     self._features = None
+    # What loading did to the data (logged by the loader), then a check of the features: the
+    # report repeats these sentences (records carry them).
+    self.notes = tuple(data.notes) + self._feature_notes()
+
+  def _feature_notes(self) -> tuple[str, ...]:
+    """A dead-features warning (`checks.dead_features_note`), logged, or nothing."""
+    n = min(FEATURE_BATCH, len(self.pool))  # one batch: the feature cache's compiled shape
+    rows = np.sort(np.random.default_rng(0).choice(len(self.pool), n, replace=False))
+    feats = transfer.extract_features(self.source, self.num_classes, self.pool.images[rows],
+                                      batch_size=FEATURE_BATCH)
+    note = checks.dead_features_note(feats, f"--source {self.args.source} on --target "
+                                            f"{self.spec} ({self.source.arch})")
+    if note is None:
+      return ()
+    logging.getLogger(__name__).warning("%s", note)
+    return (note,)
 
   def features(self, idx: np.ndarray):
     """Head inputs for pool rows `idx` and for the test set, computed once per image.
@@ -502,6 +519,8 @@ def _record(key, train_idx, val_idx, runs: "TargetRuns", args) -> dict:
     out["augment"] = recipe
   if runs.stored is not None:
     out["stored_size"] = int(runs.stored.images.shape[1])
+  if runs.notes:  # conversions and warnings, repeated in the report
+    out["notes"] = list(runs.notes)
   return out
 
 
@@ -907,10 +926,18 @@ def make_report(records: list[dict], plan: dict, args, title: str = "# Few-shot 
       lines.append("")
   lines += ["LR grids: " + "; ".join(f"{s}: {', '.join(f'{v:g}' for v in plan['lrs'][s])}"
                                      for s in plan["strategies"]), ""]
+  lines += notes_section(records)
   failed = [r for r in records if r.get("status") != "ok"]
   if failed:
     lines += [f"{len(failed)} run(s) failed (non-finite loss); see results.json.", ""]
   return "\n".join(lines), out_summary
+
+
+def notes_section(records: list[dict]) -> list[str]:
+  """'## Data notes and warnings': each distinct sentence the records carry (conversions,
+  automatic splits, skipped files, dead features), in first-seen order; [] when none."""
+  seen = list(dict.fromkeys(n for r in records for n in r.get("notes", ())))
+  return ["## Data notes and warnings", ""] + [f"- {n}" for n in seen] + [""] if seen else []
 
 
 def plot(summary: dict, plan: dict, path: str) -> None:

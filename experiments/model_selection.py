@@ -937,7 +937,7 @@ def finetune_config(args) -> TrainConfig:
 
 
 def target_specs(args, default=DEFAULT_TARGETS) -> list[str]:
-  specs = [t for flag in (args.target or default) for t in flag.split(";") if t]
+  specs = cli.target_list(args.target, default)
   for t in specs:
     parse_spec(t, flag="--target")
   return specs

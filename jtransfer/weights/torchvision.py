@@ -132,6 +132,9 @@ MAPS = {
 KEY_PREFIXES = {"clip_vit_b16": open_clip.PREFIX}
 ARCHS = tuple(MAPS)
 
+# Keys a does-not-fit error lists before it only counts the rest.
+MAX_LISTED = 10
+
 
 def name_map(arch: str, model) -> list[Entry]:
   """The explicit torchvision -> jtransfer map of `model` (built for `arch`)."""
@@ -298,6 +301,12 @@ def _check_fit(arch, entries, shapes, state_dict, ignored, what) -> None:
             if k not in used and not (k.endswith(".num_batches_tracked")
                                       and k[:-len(".num_batches_tracked")] in bn_prefixes)]
   if missing or unused or mismatched:
+    # Mismatches first (the likeliest clue), then missing, then unused keys; a checkpoint of
+    # another architecture mismatches hundreds of keys, so only the first ones are listed.
+    problems = mismatched + missing + unused
     head = (f"{what} does not fit torchvision {arch} ({len(missing)} missing, {len(unused)} "
-            f"unused, {len(mismatched)} mismatched keys):")
-    raise InputError("\n".join([head] + missing + unused + mismatched))
+            f"unused, {len(mismatched)} mismatched keys; was it saved from another "
+            f"architecture or width?), first {min(len(problems), MAX_LISTED)}:")
+    more = ([f"  ... and {len(problems) - MAX_LISTED} more"]
+            if len(problems) > MAX_LISTED else [])
+    raise InputError("\n".join([head] + problems[:MAX_LISTED] + more))
