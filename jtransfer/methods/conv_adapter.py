@@ -19,14 +19,13 @@ BN in eval mode with running statistics. Knob `reduction` (grid 2, 4, 8; default
 is nonlinear, so it does not merge: its inference FLOPs are `extra_flops` (tested against XLA's
 cost analysis).
 
-Transformers: the Houlsby (sequential) and AdaptFormer (parallel) adapters would hook the
-`blockN/mlp` modules in the same way; they are not written yet (the transformer models have not
-landed), and `init_adapters` refuses blocks whose input is not an (N, H, W, C) map.
+Transformers: the Houlsby (sequential) and AdaptFormer (parallel) adapters are in
+`methods/adapters.py`, hooked on the `blockN/mlp` modules; `init_adapters` here refuses blocks
+whose input is not an (N, H, W, C) map.
 """
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -54,24 +53,11 @@ def block_shapes(model: nn.Module, input_shape: Sequence[int],
   Raises:
     InputError: no module matches.
   """
-  shapes = {}
-
-  def record(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    path = "/".join(context.module.path)
-    if context.method_name == "__call__" and re.fullmatch(rule, path) and path not in shapes:
-      shapes[path] = (tuple(args[0].shape), tuple(out.shape))
-    return out
-
-  def run():
-    with nn.intercept_methods(record):
-      return model.init(jax.random.PRNGKey(0), jnp.zeros((1, *input_shape)), train=False)
-
-  jax.eval_shape(run)
-  if not shapes:
+  try:
+    return peft_paths.module_io_shapes(model, input_shape, rule, "Conv-Adapter")
+  except InputError:
     raise InputError(f"Conv-Adapter: no module path matches the block rule {rule!r} (it needs "
-                     "residual blocks such as ResNet's stageS/blockB)")
-  return shapes
+                     "residual blocks such as ResNet's stageS/blockB)") from None
 
 
 def _dims(shapes: tuple[tuple, tuple], reduction: float, block: str) -> tuple[int, int, int, int]:

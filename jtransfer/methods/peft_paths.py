@@ -107,3 +107,30 @@ def blocks(params: Mapping[str, Any], order: Sequence[str]) -> list[str]:
 def block_rule(block: str) -> str:
   """The regex matching every parameter path of `block` (as `block_of` assigns them)."""
   return re.escape(block) + "(/.*)?"
+
+
+def module_io_shapes(model: nn.Module, input_shape: Sequence[int], rule: str,
+                     what: str) -> dict[str, tuple[tuple, tuple]]:
+  """{module path: (input shape, output shape)} at batch 1 of every module whose path matches
+  `rule` in full (its first call; an abstract trace).
+
+  Raises:
+    InputError: no module matches (`what` names the method in the message).
+  """
+  shapes: dict = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    path = "/".join(context.module.path)
+    if context.method_name == "__call__" and re.fullmatch(rule, path) and path not in shapes:
+      shapes[path] = (tuple(args[0].shape), tuple(out.shape))
+    return out
+
+  def run():
+    with nn.intercept_methods(record):
+      return model.init(jax.random.PRNGKey(0), jnp.zeros((1, *input_shape)), train=False)
+
+  jax.eval_shape(run)
+  if not shapes:
+    raise InputError(f"{what}: no module path of {type(model).__name__} matches {rule!r}")
+  return shapes
