@@ -6,7 +6,9 @@ Each strategy's real train step (its Setup's loss_fn and optimizer, `make_train_
 resnet_s (random weights, 28x28x1 inputs, 10 classes) at `--batch`; steps timed round-robin
 (`bench.common.round_robin_medians`) so that load changes on a shared machine hit all alike;
 the report gives each median and its ratio to finetune's in the same run, with
-`peft_cost`'s trained parameters and extra inference FLOPs after merging.
+`peft_cost`'s trained parameters and extra inference FLOPs after merging. With lora, a row
+'lora (merged-kernel step)' trains the same LoRA params through the merged kernels instead of
+the two-conv branches (the design choice `methods/lora.py` explains).
 """
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ import numpy as np
 
 from bench.common import command, emit, round_robin_medians
 from jtransfer import models, surgery
-from jtransfer.methods import peft_cost, transfer
+from jtransfer.methods import lora, peft_cost, transfer
 from jtransfer.train import init_state, make_train_step
 
 STRATEGIES = ("finetune", "freeze_cwl", "bitfit", "lora", "ssf", "norm_tune", "last_k",
               "surgical", "finetune_lrd", "conv_adapter")
 SHAPE = (28, 28, 1)
+LORA_MERGED = "lora (merged-kernel step)"
 
 
 def _source(seed: int = 0) -> transfer.Source:
@@ -46,11 +49,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   batch = {"image": rng.integers(0, 256, (args.batch, *SHAPE), dtype=np.uint8),
            "label": rng.integers(0, 10, args.batch).astype(np.int32)}
   calls, costs, states = {}, {}, {}
-  for name in args.strategies.split(","):
-    setup = transfer.get_strategy(name).build(source, 10, 100)
+  names = args.strategies.split(",")
+  if "lora" in names:  # LoRA's step through the merged kernels, against its two-conv step
+    names.insert(names.index("lora") + 1, LORA_MERGED)
+  for name in names:
+    setup = transfer.get_strategy("lora" if name == LORA_MERGED else name).build(source, 10, 100)
     params, stats = setup.init(0, batch["image"], batch["label"])
     costs[name] = peft_cost.peft_cost(setup, params, stats, SHAPE)
-    step = make_train_step(setup.loss_fn, setup.optimizer)
+    loss_fn = (transfer.ce_loss_fn(setup.model, source.mean, source.std,
+                                   apply=lora.apply_model_lora)
+               if name == LORA_MERGED else setup.loss_fn)
+    step = make_train_step(loss_fn, setup.optimizer)
     states[name] = init_state(params, stats, setup.optimizer, 0, 1e-3)
 
     def call(name=name, step=step):

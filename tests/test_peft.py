@@ -146,6 +146,12 @@ def test_lora_merged_equals_two_conv_form_and_source_at_init(sources, batch, arc
     want, _, _ = models.apply_model(setup.model, base, stats, x)
   assert not np.allclose(want, plain, atol=1e-3)  # the update matters
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # The training forward (LoRA as branches), in eval and in train mode, against the merged one.
+  for train in (False, True):
+    branch, _, _ = lora.apply_model_lora_branch(setup.model, dict(base, lora=trained), stats, x,
+                                                train=train)
+    merged_out, _, _ = models.apply_model(setup.model, merged, stats, x, train=train)
+    np.testing.assert_allclose(branch, merged_out, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_param_count_and_rules(sources):

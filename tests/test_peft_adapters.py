@@ -117,3 +117,29 @@ def test_lora_default_rule_on_the_toy_transformer(toy):
   got, _, _ = lora.apply_model_lora(model, {"lora": entries, **params}, {}, x)
   want, _, _ = models.apply_model(model, merged, {}, x)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+class _Grouped(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(4, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), feature_group_count=2,
+                name="conv")(x)
+    x = nn.Conv(6, (3, 3), padding=((1, 1), (1, 1)), name="plain")(x)
+    return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
+
+
+def test_lora_branch_form_on_grouped_and_strided_convs():
+  model = _Grouped()
+  params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, 6, 6, 4)))["params"])
+  entries = lora.init_lora(params, 2, 2.0, seed=0, rules=("conv/kernel", "plain/kernel"))
+  assert entries["conv/kernel"]["a"].shape == (3 * 3 * 2, 2)  # C_in / groups rows
+  rng = np.random.default_rng(3)
+  entries = {k: dict(v, b=rng.normal(size=v["b"].shape).astype(np.float32))
+             for k, v in entries.items()}
+  x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32)
+  got, _, _ = lora.apply_model_lora_branch(model, {"lora": entries, **params}, {}, x)
+  want, _, _ = models.apply_model(model, lora.merge_lora(params, entries), {}, x)
+  plain, _, _ = models.apply_model(model, params, {}, x)
+  assert not np.allclose(want, plain, atol=1e-3)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -5,15 +5,17 @@ W frozen. A Dense kernel (d_in, d_out) has A (d_in, r) and B (r, d_out). A conv 
 (kH, kW, C_in/groups, C_out) is the matrix (kH*kW*C_in/groups, C_out) reshaped: A is
 (kH*kW*C_in/groups, r), B is (r, C_out), and A @ B is reshaped back to the kernel.
 
-Why the low-rank factor of the reshaped kernel and not the two-conv form (a kxk conv to r
-channels followed by a 1x1 conv r -> C_out, as loralib's ConvLoRA and PEFT's Conv2d): they are
-the same function, because a convolution is linear in its kernel and the 1x1 conv B composes
-with the kxk conv A into the kxk conv of kernel A @ B (same stride, padding and dilation); the
-factor form needs no change to the model code (it is a reparametrisation of the params tree,
-like `methods/cwl.py`), covers grouped and depthwise kernels and Dense kernels with one rule,
-and its training forward is the deployed (merged) forward. Its cost: the backward computes the
-full kernel gradient dL/dW_eff (as finetuning does) before projecting it onto A and B, where the
-two-conv form would run two small convolutions instead; bench/PEFT.md measures the step time.
+Stored as the factor of the reshaped kernel, trained as two convs. The two-conv form (a kxk
+conv to r channels, then a 1x1 conv r -> C_out, as loralib's ConvLoRA and PEFT's Conv2d) and the
+factor form are the same function: a convolution is linear in its kernel, and the 1x1 conv B
+composed with the kxk conv A is the kxk conv of kernel A @ B (same stride, padding, dilation).
+The factor form is what is stored and merged: a reparametrisation of the params tree (as
+`methods/cwl.py`), one rule for Dense, conv, grouped and depthwise kernels, the merge exact by
+construction. Training runs the two-conv form (`apply_model_lora_branch`: a Flax method
+interceptor adds conv_B(conv_A(x)) to the output of each adapted module, found by its kernel's
+path), because differentiating the merged form forms the full kernel gradient dL/dW_eff (as
+finetuning does) before projecting it onto A and B; evaluation runs the merged form. The tests
+check that the two agree; bench/PEFT.md times both steps.
 
 What trains: A, B and the new head (Adam, the freeze LR grid); the source weights and BN stay
 frozen, BN in eval mode with running statistics. Initialisation as Hu et al. (and loralib): B = 0,
@@ -32,8 +34,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jtransfer import models, surgery
@@ -124,8 +126,63 @@ def effective_params(params: Mapping[str, Any]) -> dict:
 
 
 def apply_model_lora(model, params: Mapping[str, Any], batch_stats, x, **kwargs):
-  """`models.apply_model` on the merged params (the training and the deployed forward)."""
+  """`models.apply_model` on the merged params (the deployed forward, and the eval one)."""
   return models.apply_model(model, effective_params(params), batch_stats, x, **kwargs)
+
+
+def _branch(entry: Mapping[str, Any], module: nn.Module, x: jax.Array, kernel_shape) -> jax.Array:
+  """The LoRA update's output for the op input `x`, computed without forming the kernel."""
+  a, b = entry["a"].astype(x.dtype), entry["b"].astype(x.dtype)
+  if len(kernel_shape) == 2:  # Dense: x A B
+    return entry["scale"].astype(x.dtype) * ((x @ a) @ b)
+  # The module's own geometry, in Flax's conventions (an int means the same on both axes).
+  pair = lambda v: (int(v), int(v)) if isinstance(v, int) else tuple(int(u) for u in v)
+  strides = pair(getattr(module, "strides", None) or 1)
+  dilation = pair(getattr(module, "kernel_dilation", None) or 1)
+  padding = getattr(module, "padding", "VALID")
+  if isinstance(padding, int):
+    padding = ((padding, padding), (padding, padding))
+  elif not isinstance(padding, str):
+    padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+  dn = ("NHWC", "HWIO", "NHWC")
+  groups = x.shape[-1] // kernel_shape[2]
+  if groups == 1:  # the kxk conv to r channels, then the 1x1 conv r -> C_out
+    y = jax.lax.conv_general_dilated(x, a.reshape(*kernel_shape[:3], -1), strides, padding,
+                                     rhs_dilation=dilation, dimension_numbers=dn)
+    y = jax.lax.conv_general_dilated(y, b[None, None], (1, 1), "VALID", dimension_numbers=dn)
+  else:  # grouped: the low-rank kernel through the same grouped conv
+    y = jax.lax.conv_general_dilated(x, (a @ b).reshape(kernel_shape), strides, padding,
+                                     rhs_dilation=dilation, feature_group_count=groups,
+                                     dimension_numbers=dn)
+  return entry["scale"].astype(x.dtype) * y
+
+
+def _add_branches(lora: Mapping[str, Any], shapes: Mapping[str, tuple]):
+  """A Flax method interceptor adding `_branch` to the output of each adapted kernel's module."""
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    kernel = "/".join(context.module.path) + "/kernel"
+    if context.method_name != "__call__" or kernel not in lora:
+      return out
+    return out + _branch(lora[kernel], context.module, args[0], shapes[kernel]).astype(out.dtype)
+  return interceptor
+
+
+def apply_model_lora_branch(model, params: Mapping[str, Any], batch_stats, x, **kwargs):
+  """`models.apply_model` with each LoRA update as a parallel branch (the training forward):
+  x A B for a Dense kernel, a kxk conv to r channels then a 1x1 conv for a conv kernel (the
+  module's own stride and padding). Equal to `apply_model_lora` up to float rounding, and
+  cheaper to differentiate with the kernels frozen: no full kernel gradient is formed."""
+  if LORA_KEY not in params:
+    return models.apply_model(model, params, batch_stats, x, **kwargs)
+  lora, rest = params[LORA_KEY], {k: v for k, v in params.items() if k != LORA_KEY}
+  flat = surgery.flatten(rest)
+  missing = [p for p in lora if p not in flat]
+  if missing:
+    raise InputError(f"LoRA entries {missing} name no parameter of the model")
+  shapes = {p: tuple(np.shape(flat[p])) for p in lora}
+  with nn.intercept_methods(_add_branches(lora, shapes)):
+    return models.apply_model(model, rest, batch_stats, x, **kwargs)
 
 
 def trained_count(params: Mapping[str, Any], rank: int,
@@ -152,7 +209,7 @@ def build_lora(source: transfer.Source, num_classes: int, total_steps: int,
                (".*", optim.FROZEN)], {"train": optim.adam(1.0)}, injected_lr=True)
   return transfer.Setup(
       model, init, optimizer,
-      transfer.ce_loss_fn(model, source.mean, source.std, apply=apply_model_lora),
+      transfer.ce_loss_fn(model, source.mean, source.std, apply=apply_model_lora_branch),
       transfer.eval_forward(model, source.mean, source.std, apply=apply_model_lora))
 
 
