@@ -313,6 +313,22 @@ def test_peft_cost_of_existing_strategies(sources):
     assert peft_cost.peft_cost(setup, params, stats, SHAPE) == peft_cost.PeftCost(n, 0), name
 
 
+def test_trained_counts_of_norm_and_partial_tuning(sources):
+  src = sources["resnet_s"]
+  flat = surgery.flatten(src.variables["params"])
+  head = 16 * CLASSES + CLASSES
+  under = lambda *prefixes: sum(np.size(v) for p, v in flat.items() if p.startswith(prefixes))
+  bn = sum(flat[p].shape[-1] for p in flat if p.endswith("/bn/scale"))
+  want = {("norm_tune", ()): 2 * bn + head,
+          ("last_k", (("k", 2.0),)): under("stage3/block0/", "stage3/block1/") + head,
+          ("surgical", (("block", 2.0),)): under("stage1/block1/") + head,
+          ("surgical", (("block", 0.0),)): under("stem/") + head}
+  for (name, knobs), n in want.items():
+    setup = transfer.get_strategy(name).build(src, CLASSES, 3, **dict(knobs))
+    params, stats = setup.init(0, None, None)
+    assert peft_cost.peft_cost(setup, params, stats, SHAPE) == peft_cost.PeftCost(n, 0), name
+
+
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.slow  # one compile per strategy and arch: slow on a shared CPU
 def test_fewshot_smoke_peft_strategies(tmp_path):
