@@ -7,8 +7,8 @@ resnet_s (random weights, 28x28x1 inputs, 10 classes) at `--batch`; steps timed 
 (`bench.common.round_robin_medians`) so that load changes on a shared machine hit all alike;
 the report gives each median and its ratio to finetune's in the same run, with
 `peft_cost`'s trained parameters and extra inference FLOPs after merging. With lora, a row
-'lora (merged-kernel step)' trains the same LoRA params through the merged kernels instead of
-the two-conv branches (the design choice `methods/lora.py` explains).
+'lora (two-conv branch step)' trains the same LoRA params through two-conv branches instead of
+the merged kernels (the design choice `methods/lora.py` explains).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from jtransfer.train import init_state, make_train_step
 STRATEGIES = ("finetune", "freeze_cwl", "bitfit", "lora", "ssf", "norm_tune", "last_k",
               "surgical", "finetune_lrd", "conv_adapter")
 SHAPE = (28, 28, 1)
-LORA_MERGED = "lora (merged-kernel step)"
+LORA_BRANCH = "lora (two-conv branch step)"
 
 
 def _source(seed: int = 0) -> transfer.Source:
@@ -50,15 +50,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
            "label": rng.integers(0, 10, args.batch).astype(np.int32)}
   calls, costs, states = {}, {}, {}
   names = args.strategies.split(",")
-  if "lora" in names:  # LoRA's step through the merged kernels, against its two-conv step
-    names.insert(names.index("lora") + 1, LORA_MERGED)
+  if "lora" in names:  # LoRA's step through two-conv branches, against the merged kernels
+    names.insert(names.index("lora") + 1, LORA_BRANCH)
   for name in names:
-    setup = transfer.get_strategy("lora" if name == LORA_MERGED else name).build(source, 10, 100)
+    setup = transfer.get_strategy("lora" if name == LORA_BRANCH else name).build(source, 10, 100)
     params, stats = setup.init(0, batch["image"], batch["label"])
     costs[name] = peft_cost.peft_cost(setup, params, stats, SHAPE)
     loss_fn = (transfer.ce_loss_fn(setup.model, source.mean, source.std,
-                                   apply=lora.apply_model_lora)
-               if name == LORA_MERGED else setup.loss_fn)
+                                   apply=lora.apply_model_lora_branch)
+               if name == LORA_BRANCH else setup.loss_fn)
     step = make_train_step(loss_fn, setup.optimizer)
     states[name] = init_state(params, stats, setup.optimizer, 0, 1e-3)
 

@@ -30,7 +30,6 @@ from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jtransfer import models

@@ -5,17 +5,17 @@ W frozen. A Dense kernel (d_in, d_out) has A (d_in, r) and B (r, d_out). A conv 
 (kH, kW, C_in/groups, C_out) is the matrix (kH*kW*C_in/groups, C_out) reshaped: A is
 (kH*kW*C_in/groups, r), B is (r, C_out), and A @ B is reshaped back to the kernel.
 
-Stored as the factor of the reshaped kernel, trained as two convs. The two-conv form (a kxk
-conv to r channels, then a 1x1 conv r -> C_out, as loralib's ConvLoRA and PEFT's Conv2d) and the
-factor form are the same function: a convolution is linear in its kernel, and the 1x1 conv B
-composed with the kxk conv A is the kxk conv of kernel A @ B (same stride, padding, dilation).
-The factor form is what is stored and merged: a reparametrisation of the params tree (as
-`methods/cwl.py`), one rule for Dense, conv, grouped and depthwise kernels, the merge exact by
-construction. Training runs the two-conv form (`apply_model_lora_branch`: a Flax method
-interceptor adds conv_B(conv_A(x)) to the output of each adapted module, found by its kernel's
-path), because differentiating the merged form forms the full kernel gradient dL/dW_eff (as
-finetuning does) before projecting it onto A and B; evaluation runs the merged form. The tests
-check that the two agree; bench/PEFT.md times both steps.
+Stored, trained and merged as the factor of the reshaped kernel. The two-conv form (a kxk conv
+to r channels, then a 1x1 conv r -> C_out, as loralib's ConvLoRA and PEFT's Conv2d) is the same
+function: a convolution is linear in its kernel, and the 1x1 conv B composed with the kxk conv A
+is the kxk conv of kernel A @ B (same stride, padding, dilation). The factor form is a
+reparametrisation of the params tree (as `methods/cwl.py`), one rule for Dense, conv, grouped
+and depthwise kernels, with the merge exact by construction, and the train step runs the merged
+kernels (`apply_model_lora`). The two-conv form is here too (`apply_model_lora_branch`: a Flax
+method interceptor adds conv_B(conv_A(x)) to the output of each adapted module, found by its
+kernel's path); it avoids forming the full kernel gradient, but its r-channel convolutions ran
+slower on XLA:CPU: on resnet_s at batch 128 the merged-kernel step took 0.87x finetune's and
+the two-conv step 1.16x, in one run (bench/PEFT.md). The tests check the two forms agree.
 
 What trains: A, B and the new head (Adam, the freeze LR grid); the source weights and BN stay
 frozen, BN in eval mode with running statistics. Initialisation as Hu et al. (and loralib): B = 0,
@@ -126,7 +126,7 @@ def effective_params(params: Mapping[str, Any]) -> dict:
 
 
 def apply_model_lora(model, params: Mapping[str, Any], batch_stats, x, **kwargs):
-  """`models.apply_model` on the merged params (the deployed forward, and the eval one)."""
+  """`models.apply_model` on the merged params: the training, evaluation and deployed forward."""
   return models.apply_model(model, effective_params(params), batch_stats, x, **kwargs)
 
 
@@ -169,10 +169,11 @@ def _add_branches(lora: Mapping[str, Any], shapes: Mapping[str, tuple]):
 
 
 def apply_model_lora_branch(model, params: Mapping[str, Any], batch_stats, x, **kwargs):
-  """`models.apply_model` with each LoRA update as a parallel branch (the training forward):
-  x A B for a Dense kernel, a kxk conv to r channels then a 1x1 conv for a conv kernel (the
-  module's own stride and padding). Equal to `apply_model_lora` up to float rounding, and
-  cheaper to differentiate with the kernels frozen: no full kernel gradient is formed."""
+  """`models.apply_model` with each LoRA update as a parallel branch: x A B for a Dense kernel,
+  a kxk conv to r channels then a 1x1 conv for a conv kernel (the module's own stride and
+  padding; a grouped conv runs the low-rank kernel through the same grouped conv). Equal to
+  `apply_model_lora` up to float rounding; its gradient forms no full kernel gradient, which
+  did not make it faster on XLA:CPU (see the module docstring)."""
   if LORA_KEY not in params:
     return models.apply_model(model, params, batch_stats, x, **kwargs)
   lora, rest = params[LORA_KEY], {k: v for k, v in params.items() if k != LORA_KEY}
@@ -209,7 +210,7 @@ def build_lora(source: transfer.Source, num_classes: int, total_steps: int,
                (".*", optim.FROZEN)], {"train": optim.adam(1.0)}, injected_lr=True)
   return transfer.Setup(
       model, init, optimizer,
-      transfer.ce_loss_fn(model, source.mean, source.std, apply=apply_model_lora_branch),
+      transfer.ce_loss_fn(model, source.mean, source.std, apply=apply_model_lora),
       transfer.eval_forward(model, source.mean, source.std, apply=apply_model_lora))
 
 
