@@ -14,8 +14,8 @@ and depthwise kernels, with the merge exact by construction, and the train step 
 kernels (`apply_model_lora`). The two-conv form is here too (`apply_model_lora_branch`: a Flax
 method interceptor adds conv_B(conv_A(x)) to the output of each adapted module, found by its
 kernel's path); it avoids forming the full kernel gradient, but its r-channel convolutions ran
-slower on XLA:CPU: on resnet_s at batch 128 the merged-kernel step took 0.87x finetune's and
-the two-conv step 1.16x, in one run (bench/PEFT.md). The tests check the two forms agree.
+slower on XLA:CPU: on resnet_s at batch 128 the merged-kernel step took 0.89x finetune's and
+the two-conv step 1.14x, in one run (bench/PEFT.md). The tests check the two forms agree.
 
 What trains: A, B and the new head (Adam, the freeze LR grid); the source weights and BN stay
 frozen, BN in eval mode with running statistics. Initialisation as Hu et al. (and loralib): B = 0,
