@@ -39,7 +39,7 @@ def add_results_flags(p: argparse.ArgumentParser, out: str,
 def add_stopping_flags(p: argparse.ArgumentParser, patience: int = 100, what: str = "a run",
                        steps: int | None = None) -> None:
   """--patience and --eval-every (and --steps when given a default): the stopping rule of
-  `jtransfer.protocol.budget` (DESIGN.md section 8, rule 1), for modules whose runs stop early.
+  `jtransfer.protocol.budget` (docs/protocol.md, rule 1), for modules whose runs stop early.
 
   Args:
     p: the parser.

@@ -9,7 +9,7 @@ accuracy_vs_shots.png. With no flags it runs the embedded default: both small ar
 embedded targets, freeze and finetune, shots 1,5,10, 2 evaluation draws and 1 tuning draw,
 2 LRs per strategy (extended at an edge), runs capped at 500 steps, 300 test images per class.
 
-Protocol (DESIGN.md section 8, `jtransfer.protocol`): for each (arch, target, k) and draw one
+Protocol (docs/protocol.md, `jtransfer.protocol`): for each (arch, target, k) and draw one
 stratified k-shot set plus a disjoint validation set (`--val-per-class`) from the target's train
 split, shared by every strategy and LR (paired comparison). Every run trains full batches of the
 k-shot set (at most `--batch-size`) until its validation accuracy has not improved for
@@ -55,7 +55,7 @@ REDUCED_LRS = {"freeze": (1e-2, 5e-2), "finetune": (1e-4, 1e-3)}
 
 # Runs of a frozen-backbone strategy trained together per vmapped step (jtransfer.train.batched).
 # Measured on the 2-core CPU: 0.75-0.89x the speed of one run at a time (the runs are already
-# compute-bound there; BUILD_NOTES.md), so 'auto' batches only on accelerators, where a k-shot
+# compute-bound there; docs/decisions.md), so 'auto' batches only on accelerators, where a k-shot
 # batch of 5-64 images leaves the device idle.
 BATCH_RUNS_ACCELERATOR = 64
 
@@ -83,7 +83,7 @@ def resolve_batch_runs(value) -> int:
 
 def add_protocol_flags(p: argparse.ArgumentParser, steps: int = 500, patience: int = 100,
                        tune_repeats: int = 2, val_per_class: int = 20) -> None:
-  """The protocol's flags (DESIGN.md section 8): run budget, validation, tuning draws."""
+  """The protocol's flags (docs/protocol.md): run budget, validation, tuning draws."""
   cli.add_stopping_flags(p, patience, "a run", steps=steps)
   p.add_argument("--val-per-class", type=int, default=val_per_class,
                  help="validation images per class, disjoint from the k-shot set and from test")

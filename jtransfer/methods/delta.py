@@ -82,7 +82,7 @@ class Config:
     att_max_mb: and (channels per call) x (batch size) x (the tap's map, bytes per image)
       stays below this many MB: the ablation's memory follows the suffix's activations, which
       grow with the map (resnet50 at 224 px, 4 images: 17.0 GB peak at 4096 images per call,
-      BUILD_NOTES.md), so this bound, not the image count, keeps large inputs in memory.
+      docs/decisions.md, "DELTA"), so this bound, not the image count, keeps large inputs in memory.
     att_probe_loop: run the 'authors' probe step by step even when every batch holds all the
       images (the closed form of `_probe_one_batch` gives the same result in 2 forwards).
     att_bn: BatchNorm in the attention probe (no effect on models without BN):
@@ -786,6 +786,8 @@ def build_setup(source: transfer.Source, num_classes: int, total_steps: int, kin
   run's training images only) and 'source' (their source maps, see `SourceMaps`).
   """
   config = (config or _CONFIG).validate()
+  if kind in ("fm", "att"):  # L2 and L2-SP need no feature maps
+    models.attention.refuse_transformer(source.config, source.arch, "DELTA's feature-map taps")
   model = transfer.target_model(source, num_classes)
   params, _ = transfer.init_target(source, model, 0)
   w0 = starting_point(source.variables["params"], params)

@@ -37,7 +37,7 @@ import numpy as np
 from jtransfer import surgery
 from jtransfer.errors import InputError
 from jtransfer.methods import cwl, prune_mobile
-from jtransfer.models import mobilenet
+from jtransfer.models import attention, mobilenet
 
 RESIDUAL_MODES = ("group", "keep")
 
@@ -156,6 +156,7 @@ def channel_groups(params: Mapping[str, Any], config: Mapping[str, Any]) -> list
   Raises:
     InputError: for a config of another architecture, or params that do not match it.
   """
+  attention.refuse_transformer(config, None, "channel pruning")
   flat = surgery.flatten({k: v for k, v in params.items() if k != cwl.CWL_KEY})
   config = dict(config)
   family = _family(config)

@@ -22,7 +22,9 @@ pickle can run arbitrary code, so `load_gnd_pickle` refuses unless `allow_pickle
 then admits only plain containers, numbers, strings and numpy arrays. Convert once with
 `gnd_pickle_to_json` and read the JSON (`load_gnd_json`) from then on.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: a NamedTuple's field annotations must stay
+# objects for the API reference (pdoc cannot resolve postponed ones on a NamedTuple's
+# generated __new__, mitmproxy/pdoc issue 765).
 
 import functools
 import io

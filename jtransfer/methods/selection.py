@@ -1,6 +1,6 @@
 """Base-model selection: transferability scores, and how well they rank models.
 
-Three groups of pure functions (DESIGN 4.2):
+Three groups of pure functions (docs/decisions.md, "Base-model selection"):
 
 * Feature-map metrics S1..S6 (base-model-selection-metrics) on last-conv maps (N, H, W, C), post-ReLU,
   channels last. They are accumulated chunk by chunk from sufficient statistics, so thousands of

@@ -8,6 +8,10 @@ and how its array is laid out (`Entry`). Conventions:
   `running_var` -> batch_stats `<unit>/bn/mean`, `bn/var`; `num_batches_tracked` is ignored;
 - VGG-16 / AlexNet fc6: torch flattens the pooled map as (C, H, W), jtransfer as NHWC's (H, W, C),
   so the kernel's input rows are permuted.
+- transformers (jtransfer/weights/timm_vit.py, torchvision_vit.py, open_clip.py): LayerNorm
+  `weight`, `bias` -> `scale`, `bias`; tokens and embeddings copied ('vec'), or given their
+  leading unit axes ('lead1', 'lead2': open_clip's (tokens, dim) and (dim,)); buffers the model
+  recomputes (Swin's `relative_position_index`) are 'derived': accepted, not imported.
 timm's ResNets use torchvision's key names (`conv1`, `bn1`, `layer1.0.conv1`, `downsample.0`,
 `fc`), so their state dicts import with the same maps.
 
@@ -25,7 +29,7 @@ from flax import traverse_util
 
 from jtransfer import models
 from jtransfer.errors import InputError
-from jtransfer.weights import torchvision_mobile
+from jtransfer.weights import open_clip, timm_vit, torchvision_mobile, torchvision_vit
 from jtransfer.weights.torchvision_inception import inception_map
 
 _BN_STATS = ("running_mean", "running_var")
@@ -42,7 +46,9 @@ class Entry:
     path: the jtransfer path as dict keys (module names may contain '/').
     kind: 'conv' (OIHW -> HWIO), 'dense' ((out, in) -> (in, out)), 'dense_chw' (a Dense layer
       after a (C, H, W) flatten, rows permuted to (H, W, C)), 'vec' (copied), 'dense_1x1'
-      (a Linear into a 1x1 conv kernel) or 'channel' ((C, 1, 1) -> (C,)).
+      (a Linear into a 1x1 conv kernel), 'channel' ((C, 1, 1) -> (C,)), 'lead1' / 'lead2'
+      (one / two leading unit axes added) or 'derived' (a buffer the model recomputes: the
+      key is accepted and not imported; no collection or path).
     chw: (C, H, W) of the flattened map, for 'dense_chw'.
   """
   key: str
@@ -152,7 +158,19 @@ MAPS = {
     "wide_resnet50_2": resnet_map,
     "densenet121": lambda model: torchvision_dense.densenet_map(model),
     "convnext_tiny": lambda model: torchvision_dense.convnext_map(model),
+    "vit_s28": timm_vit.vit_map,
+    "vit_ti16": timm_vit.vit_map,
+    "vit_s16": timm_vit.vit_map,
+    "vit_b16": timm_vit.vit_map,
+    "vit_b_16": torchvision_vit.vit_map,
+    "dinov2_vits14": timm_vit.vit_map,
+    "dinov2_vitb14": timm_vit.vit_map,
+    "clip_vit_b16": open_clip.clip_map,
+    "swin_t": torchvision_vit.swin_map,
 }
+# Checkpoints that nest the mapped keys under a prefix beside other weights (a whole CLIP
+# model: the image tower under `visual.`, the text tower dropped).
+KEY_PREFIXES = {"clip_vit_b16": open_clip.PREFIX}
 ARCHS = tuple(MAPS)
 
 
@@ -180,6 +198,10 @@ def to_jtransfer(entry: Entry, value: np.ndarray) -> np.ndarray:
     return value.T[None, None]
   if entry.kind == "channel":
     return value.reshape(-1)
+  if entry.kind == "lead1":
+    return value[None]
+  if entry.kind == "lead2":
+    return value[None, None]
   return value
 
 
@@ -194,6 +216,10 @@ def torch_shape(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[3], shape[2])
   if entry.kind == "channel":
     return (shape[0], 1, 1)
+  if entry.kind == "lead1":
+    return tuple(shape[1:])
+  if entry.kind == "lead2":
+    return tuple(shape[2:])
   return tuple(shape)
 
 
@@ -207,7 +233,8 @@ def head_key(arch: str, config: Optional[Mapping[str, Any]] = None) -> str:
 def torch_param_count(state_dict: Mapping[str, np.ndarray]) -> int:
   """torchvision's `sum(p.numel() for p in model.parameters())`: BN running stats excluded."""
   return int(sum(np.size(v) for k, v in state_dict.items()
-                 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))))
+                 if not k.endswith(("running_mean", "running_var", "num_batches_tracked",
+                                    "relative_position_index"))))
 
 
 def _abstract_variables(model, channels: int) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -262,13 +289,15 @@ def import_torchvision(arch: str, state_dict: Mapping[str, np.ndarray],
       unused and shape-mismatched key is listed.
   """
   config = dict(config or {})
+  state_dict = select_prefix(arch, state_dict)
   num_classes, keep_head = _resolve_head(arch, state_dict, num_classes, keep_head, config)
   model = models.get_model(arch, num_classes, **config)
   entries = name_map(arch, model)
   shapes = _abstract_variables(model, _input_channels(entries, state_dict))
-  ignored = set()
+  ignored = {e.key for e in entries if e.kind == "derived"}
+  entries = [e for e in entries if e.kind != "derived"]
   if not keep_head:
-    ignored = {e.key for e in entries if e.path[0] == "head"}
+    ignored |= {e.key for e in entries if e.path[0] == "head"}
     entries = [e for e in entries if e.path[0] != "head"]
   _check_coverage(arch, entries, shapes, keep_head)
   _check_fit(arch, entries, shapes, state_dict, ignored, what)
@@ -276,6 +305,14 @@ def import_torchvision(arch: str, state_dict: Mapping[str, np.ndarray],
           for e in entries}
   out = traverse_util.unflatten_dict(flat)
   return {k: out[k] for k in ("params", "batch_stats") if k in out}
+
+
+def select_prefix(arch: str, state_dict: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+  """The keys under `KEY_PREFIXES[arch]`, prefix removed, when the checkpoint has any."""
+  prefix = KEY_PREFIXES.get(arch)
+  if prefix is None or not any(k.startswith(prefix) for k in state_dict):
+    return state_dict
+  return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _check_coverage(arch, entries, shapes, keep_head) -> None:
