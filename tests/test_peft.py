@@ -229,11 +229,18 @@ def test_ssf_targets_follow_bn_and_count(sources):
 
 # ----------------------------------------------------------------------------- depth
 def test_blocks_in_forward_order(sources):
-  names = partial.model_blocks(sources["resnet_s"], CLASSES)
-  assert names == ["stem"] + [f"stage{s}/block{b}" for s in (1, 2, 3) for b in (0, 1)]
-  assert partial.model_blocks(sources["vgg_s"], CLASSES) == [
-      f"conv{s}_{i}" for s in (1, 2, 3) for i in (1, 2)]
-  # A transformer-like tree: root leaves (cls_token) come first, then the blocks by number.
+  groups, tail = partial.model_blocks(sources["resnet_s"], CLASSES)
+  assert groups == [("stem",)] + [(f"stage{s}/block{b}",) for s in (1, 2, 3) for b in (0, 1)]
+  assert tail == ()
+  assert partial.model_blocks(sources["vgg_s"], CLASSES) == (
+      [(f"conv{s}_{i}",) for s in (1, 2, 3) for i in (1, 2)], ())
+  # A ViT: the embeddings are depth 0 (BEiT's layer 0), the final norm trains with the head.
+  vit = models.get_model("vit_s28", CLASSES)
+  shape = (28, 28, 1)
+  groups, tail = peft_paths.depth_groups(models.abstract_variables(vit, shape)["params"],
+                                         peft_paths.forward_order(vit, shape))
+  assert sorted(groups[0]) == ["cls_token", "patch_embed", "pos_embed"]
+  assert groups[1:] == [(f"block{i}",) for i in range(len(groups) - 1)] and tail == ("norm",)
   assert peft_paths.block_of("block3/attn/qkv/kernel") == "block3"
   assert peft_paths.block_of("cls_token") == "cls_token"
   assert re.fullmatch(peft_paths.block_rule("stage1/block1"), "stage1/block10/x") is None
@@ -249,7 +256,7 @@ def test_lr_decay_first_adam_step_scales_by_depth(sources, batch):
   step = make_train_step(setup.loss_fn, setup.optimizer, donate=False)
   state, _ = step(init_state(params, stats, setup.optimizer, 0, lr), batch)
   after = surgery.flatten(state.params)
-  names = partial.model_blocks(sources["resnet_s"], CLASSES)
+  names = [g[0] for g in partial.model_blocks(sources["resnet_s"], CLASSES)[0]]
   for path in ("stem/conv/kernel", "stage2/block0/conv1/conv/kernel",
                "stage3/block1/conv2/conv/kernel", "head/kernel"):
     block = "head" if path.startswith("head") else peft_paths.block_of(path)

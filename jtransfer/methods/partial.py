@@ -3,9 +3,10 @@ and every block with a learning rate decaying with depth (layer-wise LR decay).
 
 Depth is assigned from parameter paths (`peft_paths.blocks`): ResNets' blocks are the stem and
 each `stageS/blockB`; VGG's are its conv units (`conv2_1`, ...), VGG having no residual
-grouping; a transformer's are its embedding modules and each `blockN`. Blocks are ordered as the
-forward runs them; the new head always trains at the run's LR. BN in eval mode with running
-statistics (as `finetune`), Adam.
+grouping; a transformer's are its embeddings (cls_token, pos_embed, patch_embed: one group) and
+each `blockN`, its final norm training with the head (`peft_paths.depth_groups`). Blocks are
+ordered as the forward runs them; the new head always trains at the run's LR. BN in eval mode
+with running statistics (as `finetune`), Adam.
 
 Strategies:
   * last_k (Yosinski et al. 2014, arXiv 1411.1792: which layers transfer; the "partial-k" baseline
@@ -37,59 +38,66 @@ BLOCK_GRID, BLOCK_DEFAULT, BLOCK_BOUNDS = (0.0, 2.0, 4.0), 0.0, (0.0, 5.0)
 LRD_GRID, LRD_DEFAULT = (0.5, 0.65, 0.8), 0.65
 
 
-def model_blocks(source: transfer.Source, num_classes: int) -> list[str]:
-  """The target model's blocks in forward order (`peft_paths.blocks`), head excluded."""
+def model_blocks(source: transfer.Source, num_classes: int
+                 ) -> tuple[list[tuple[str, ...]], tuple[str, ...]]:
+  """The target model's depth groups in forward order and its tail
+  (`peft_paths.depth_groups`); the head is in neither."""
   model = transfer.target_model(source, num_classes)
   shape = tuple(source.input_shape)
-  return peft_paths.blocks(models.abstract_variables(model, shape)["params"],
-                           peft_paths.forward_order(model, shape))
+  return peft_paths.depth_groups(models.abstract_variables(model, shape)["params"],
+                                 peft_paths.forward_order(model, shape))
+
+
+def _always(tail: tuple[str, ...]) -> list[tuple[str, str]]:
+  """Rules training the head and the tail (a ViT's final norm) at the run's lr."""
+  return [(peft_paths.HEAD_RULE, "train")] + ([(peft_paths.group_rule(tail), "train")]
+                                              if tail else [])
 
 
 def _whole(value: float, name: str, low: int, high: int) -> int:
   if int(value) != value or not low <= value <= high:
     raise InputError(f"{name} must be a whole number in [{low}, {high}] (the model has "
-                     f"blocks 0..{high if name == 'block' else high - 1}), got {value}")
+                     f"{high + 1 if name == 'block' else high} blocks), got {value}")
   return int(value)
 
 
 def build_last_k(source, num_classes, total_steps, k: float = K_DEFAULT) -> transfer.Setup:
-  """The last `k` blocks and the head train; the earlier blocks are frozen."""
-  names = model_blocks(source, num_classes)
-  k = _whole(k, "k", 1, len(names))
-  rules = [(peft_paths.HEAD_RULE, "train")] + [
-      (peft_paths.block_rule(b), "train") for b in names[len(names) - k:]]
+  """The last `k` blocks, the tail and the head train; the earlier blocks are frozen."""
+  groups, tail = model_blocks(source, num_classes)
+  k = _whole(k, "k", 1, len(groups))
+  rules = _always(tail) + [(peft_paths.group_rule(g), "train") for g in groups[len(groups) - k:]]
   return transfer.rule_setup(source, num_classes, rules + [(".*", optim.FROZEN)],
                              {"train": optim.adam(1.0)})
 
 
 def build_surgical(source, num_classes, total_steps,
                    block: float = BLOCK_DEFAULT) -> transfer.Setup:
-  """Block number `block` (0 = nearest the input) and the head train; the rest is frozen."""
-  names = model_blocks(source, num_classes)
-  i = _whole(block, "block", 0, len(names) - 1)
+  """Block number `block` (0 = nearest the input), the tail and the head train."""
+  groups, tail = model_blocks(source, num_classes)
+  i = _whole(block, "block", 0, len(groups) - 1)
   return transfer.rule_setup(source, num_classes,
-                             [(peft_paths.HEAD_RULE, "train"),
-                              (peft_paths.block_rule(names[i]), "train"), (".*", optim.FROZEN)],
+                             _always(tail) + [(peft_paths.group_rule(groups[i]), "train"),
+                                              (".*", optim.FROZEN)],
                              {"train": optim.adam(1.0)})
 
 
-def depth_multipliers(names: list[str], lr_decay: float) -> dict[str, float]:
-  """{block: lr_decay ** (D - i)} for block i of D (the head, depth D, keeps 1)."""
-  return {b: lr_decay ** (len(names) - i) for i, b in enumerate(names)}
+def depth_multipliers(n_groups: int, lr_decay: float) -> list[float]:
+  """lr_decay ** (D - i) for group i of D (the head and tail, depth D, keep 1)."""
+  return [lr_decay ** (n_groups - i) for i in range(n_groups)]
 
 
 def build_finetune_lrd(source, num_classes, total_steps,
                        lr_decay: float = LRD_DEFAULT) -> transfer.Setup:
-  """Every param trains, block i at lr * lr_decay^(D - i), the head at lr."""
+  """Every param trains, group i at lr * lr_decay^(D - i), the head and tail at lr."""
   if not 0 < lr_decay <= 1:
     raise InputError(f"lr_decay must be in (0, 1], got {lr_decay}")
-  names = model_blocks(source, num_classes)
-  mults = depth_multipliers(names, lr_decay)
-  rules = [(peft_paths.HEAD_RULE, "head")] + [
-      (peft_paths.block_rule(b), f"depth{i}") for i, b in enumerate(names)]
-  groups: Mapping[str, Any] = {"head": optim.adam(1.0), **{
-      f"depth{i}": optim.adam(1.0, lr_mult=mults[b]) for i, b in enumerate(names)}}
-  return transfer.rule_setup(source, num_classes, rules, dict(groups))
+  groups, tail = model_blocks(source, num_classes)
+  mults = depth_multipliers(len(groups), lr_decay)
+  rules = [(r, "head") for r, _ in _always(tail)] + [
+      (peft_paths.group_rule(g), f"depth{i}") for i, g in enumerate(groups)]
+  opt_groups: Mapping[str, Any] = {"head": optim.adam(1.0), **{
+      f"depth{i}": optim.adam(1.0, lr_mult=m) for i, m in enumerate(mults)}}
+  return transfer.rule_setup(source, num_classes, rules, dict(opt_groups))
 
 
 transfer.register(transfer.Strategy(

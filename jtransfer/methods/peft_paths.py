@@ -104,6 +104,30 @@ def blocks(params: Mapping[str, Any], order: Sequence[str]) -> list[str]:
   return sorted(first, key=lambda b: first[b])
 
 
+def depth_groups(params: Mapping[str, Any], order: Sequence[str]
+                 ) -> tuple[list[tuple[str, ...]], tuple[str, ...]]:
+  """(groups by depth, tail): the unit of depth for partial tuning and LR decay.
+
+  In a model with numbered blocks (`...blockN`), what comes before the first one is one group
+  (ResNet's stem; a ViT's cls_token, pos_embed and patch_embed: BEiT's layer 0), each block and
+  anything between blocks is its own group, and what comes after the last one (a ViT's final
+  norm) is the tail, which trains with the head (BEiT gives it the head's layer id). Without
+  numbered blocks (VGG) every block is a group and the tail is empty.
+  """
+  names = blocks(params, order)
+  numbered = [i for i, b in enumerate(names) if re.fullmatch(r".*block\d+", b)]
+  if not numbered:
+    return [(b,) for b in names], ()
+  first, last = numbered[0], numbered[-1]
+  lead = [tuple(names[:first])] if first else []
+  return lead + [(b,) for b in names[first:last + 1]], tuple(names[last + 1:])
+
+
+def group_rule(group: Sequence[str]) -> str:
+  """The regex matching every parameter path of the blocks in `group`."""
+  return "|".join(f"(?:{block_rule(b)})" for b in group)
+
+
 def block_rule(block: str) -> str:
   """The regex matching every parameter path of `block` (as `block_of` assigns them)."""
   return re.escape(block) + "(/.*)?"
