@@ -143,3 +143,39 @@ def test_lora_branch_form_on_grouped_and_strided_convs():
   plain, _, _ = models.apply_model(model, params, {}, x)
   assert not np.allclose(want, plain, atol=1e-3)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_strategies_on_vit_s28():
+  """On the library's ViT: each reparametrisation equals the source at init and its merge /
+  fold equals its training forward once its params are moved."""
+  from jtransfer.methods import peft_cost, ssf, transfer
+  from model_helpers import random_variables
+  shape = (28, 28, 1)
+  vit = models.get_model("vit_s28", 5)
+  src = transfer.Source("vit_s28", models.model_config(vit), random_variables(vit, shape), shape,
+                        (0.3,), (0.3,))
+  x = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32)
+  rng = np.random.default_rng(4)
+  for name, key, apply, deployed in (
+      ("lora", "lora", lora.apply_model_lora_branch, lora.effective_params),
+      ("ssf", "ssf", ssf.apply_model_ssf, ssf.effective_params),
+      ("houlsby", "tadapter", lambda *a, **k: adapters.apply_model_adapters(
+          *a, kind="houlsby", **k), None)):
+    setup = transfer.get_strategy(name).build(src, 3, 1)
+    params, stats = setup.init(0, None, None)
+    base = {k: v for k, v in params.items() if k != key}
+    plain, _, _ = models.apply_model(setup.model, base, stats, x)
+    at_init, _, _ = apply(setup.model, params, stats, x)
+    np.testing.assert_allclose(at_init, plain, rtol=0, atol=1e-5, err_msg=name)
+    moved = dict(params, **{key: jax.tree.map(
+        lambda a: a + 0.2 * rng.normal(size=np.shape(a)).astype(np.float32), params[key])})
+    out, _, _ = apply(setup.model, moved, stats, x)
+    assert not np.allclose(out, plain, atol=1e-3), name
+    if deployed is not None:  # merged / folded: the source's tree, the same outputs
+      merged = deployed(moved)
+      assert jax.tree.map(np.shape, merged) == jax.tree.map(np.shape, base)
+      got, _, _ = models.apply_model(setup.model, merged, stats, x)
+      np.testing.assert_allclose(got, out, rtol=1e-4, atol=1e-4, err_msg=name)
+      assert peft_cost.peft_cost(setup, params, stats, shape).extra_flops == 0
+  assert sorted(lora.init_lora(base, 2, 2.0, 0))[:2] == ["block0/attn/proj/kernel",
+                                                          "block0/attn/qkv/kernel"]
