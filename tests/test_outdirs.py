@@ -1,0 +1,247 @@
+"""The output-folder rule (jtransfer.protocol.outdir): a folder holding anything is refused
+unless --resume (same module and settings) or --overwrite (moved aside, never deleted); the
+refusals leave every file byte-identical. Also progress lines and the Ctrl-C line."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from experiments import cli, cwl_tables, fewshot
+from jtransfer.errors import InputError
+from jtransfer.protocol import outdir, progress
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PUBLISHED = os.path.join(ROOT, "published", "cwl_tables")
+
+
+def _digest(path) -> dict:
+  """Every file under `path` -> its sha256: what a refusal must leave unchanged."""
+  out = {}
+  for folder, _, files in os.walk(path):
+    for f in files:
+      p = os.path.join(folder, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+
+
+def _holding(tmp_path, name="out"):
+  d = tmp_path / name
+  d.mkdir()
+  (d / "results.jsonl").write_text('{"a": 1}\n')
+  (d / "report.md").write_text("# mine\n")
+  return d
+
+
+SETTINGS = outdir.Settings("experiments.fewshot", {"--seed": 0, "--lrs": "paper"})
+
+
+def test_fresh_folder_is_created_with_its_settings(tmp_path):
+  opened = outdir.open_outdir(str(tmp_path / "new"), SETTINGS)
+  assert not opened.resumed and opened.moved_to is None
+  stored = json.loads((tmp_path / "new" / outdir.SETTINGS_FILE).read_text())
+  assert outdir.Settings.from_json(stored) == SETTINGS
+  # Opened but nothing ran: the same command may open it again without a flag...
+  outdir.open_outdir(str(tmp_path / "new"), SETTINGS)
+  # ...but not another one.
+  with pytest.raises(InputError, match="already holds files"):
+    outdir.open_outdir(str(tmp_path / "new"), outdir.Settings("experiments.fewshot", {}))
+
+
+def test_folder_holding_anything_is_refused_and_kept(tmp_path):
+  d = tmp_path / "out"
+  d.mkdir()
+  (d / "notes.txt").write_text("my notes")
+  before = _digest(d)
+  with pytest.raises(InputError, match=r"already holds files \(1 entries: notes.txt\); pass "
+                                       r"--resume .* or --overwrite"):
+    outdir.open_outdir(str(d), SETTINGS)
+  with pytest.raises(InputError, match="holds no results of experiments.fewshot to resume"):
+    outdir.open_outdir(str(d), SETTINGS, resume=True)
+  with pytest.raises(InputError, match="--resume and --overwrite conflict"):
+    outdir.open_outdir(str(d), SETTINGS, resume=True, overwrite=True)
+  assert _digest(d) == before
+
+
+def test_overwrite_moves_the_old_folder_aside(tmp_path):
+  d = _holding(tmp_path)
+  before = _digest(d)
+  said = []
+  opened = outdir.open_outdir(str(d), SETTINGS, overwrite=True, log=said.append)
+  assert opened.moved_to and os.path.basename(opened.moved_to).startswith("out.replaced-")
+  assert _digest(opened.moved_to) == before          # nothing deleted
+  assert sorted(os.listdir(d)) == [outdir.SETTINGS_FILE]
+  assert said == [f"--overwrite: moved the old contents of {d} to {opened.moved_to} "
+                  "(nothing deleted)"]
+
+
+def test_overwrite_on_a_non_writer_process_changes_nothing(tmp_path):
+  d = _holding(tmp_path)
+  before = _digest(d)
+  assert outdir.open_outdir(str(d), SETTINGS, overwrite=True, writer=False).moved_to is None
+  assert _digest(d) == before and len(os.listdir(tmp_path)) == 1
+  assert not outdir.open_outdir(str(tmp_path / "x"), SETTINGS, writer=False).resumed
+  assert not (tmp_path / "x").exists()
+
+
+def test_resume_needs_the_same_module_and_settings(tmp_path):
+  d = tmp_path / "out"
+  outdir.open_outdir(str(d), SETTINGS)
+  (d / "results.jsonl").write_text('{"a": 1}\n')
+  before = _digest(d)
+  assert outdir.open_outdir(str(d), SETTINGS, resume=True).resumed
+  other = outdir.Settings("experiments.fewshot", {"--seed": 1, "--lrs": "paper"})
+  with pytest.raises(InputError, match=r"other settings \(--seed 1 != 0\)"):
+    outdir.open_outdir(str(d), other, resume=True)
+  with pytest.raises(InputError, match="module experiments.cwl_tables != experiments.fewshot"):
+    outdir.open_outdir(str(d), outdir.Settings("experiments.cwl_tables", SETTINGS.flags),
+                       resume=True)
+  assert _digest(d) == before
+
+
+def test_flags_that_do_not_change_results_are_outside_the_settings():
+  a = outdir.settings_of("m", dict(seed=0, quiet=False, out="a", resume=False, devices=1,
+                                   num_processes=1, process_id=0, coordinator=None, threads=2))
+  b = outdir.settings_of("m", dict(seed=0, quiet=True, out="b", resume=True, devices=8,
+                                   num_processes=2, process_id=1, coordinator="h:1", threads=8))
+  assert a == b and a.flags == {"--seed": 0}
+  assert outdir.differences(a, outdir.settings_of("m", dict(seed=0, tune_extend=2))) == [
+      "--tune-extend 2 != (unset)"]
+
+
+def test_a_file_in_the_way_is_named(tmp_path):
+  (tmp_path / "f").write_text("x")
+  with pytest.raises(InputError, match="is a file, not a folder"):
+    outdir.open_outdir(str(tmp_path / "f"), SETTINGS)
+
+
+@pytest.fixture
+def published_copy(tmp_path):
+  """A copy of published/cwl_tables: no settings.json, a run.json with module and argv."""
+  d = tmp_path / "cwl"
+  shutil.copytree(PUBLISHED, d)
+  assert not (d / outdir.SETTINGS_FILE).exists()
+  return d
+
+
+def _open(module_parse, module, argv):
+  args = module_parse(argv)
+  return cli.open_results(args, cli.settings(module, args), module_parse)
+
+
+def test_published_folder_resumes_with_its_own_module_and_flags(published_copy, capsys):
+  run = json.loads((published_copy / "run.json").read_text())
+  argv = [a for a in run["argv"] if a not in ("--out", "results/cwl_tables10", "--resume")]
+  argv += ["--out", str(published_copy), "--resume", "--devices", "1"]
+  before = _digest(published_copy)
+  results = _open(cwl_tables.PUBLISHER.parse_args, "experiments.cwl_tables", argv)
+  assert results.opened.resumed and len(results.records) == int(run["records"])
+  assert f"{len(results.records)} runs already saved" in capsys.readouterr().err
+  # Derived from run.json, the settings are now stored; nothing else changed.
+  after = _digest(published_copy)
+  assert after.pop(outdir.SETTINGS_FILE) and after == before
+  # A changed seed is refused by name.
+  with pytest.raises(InputError, match=r"--seed 1 != 0"):
+    _open(cwl_tables.PUBLISHER.parse_args, "experiments.cwl_tables", argv + ["--seed", "1"])
+
+
+def test_published_folder_refuses_a_changed_flag_before_settings_exist(published_copy):
+  run = json.loads((published_copy / "run.json").read_text())
+  argv = [a if a != "1,3,5,10" else "1,3" for a in run["argv"] if a != "--out"
+          and a != "results/cwl_tables10"] + ["--out", str(published_copy)]
+  before = _digest(published_copy)
+  with pytest.raises(InputError, match=r"--shots 1,3 != 1,3,5,10"):
+    _open(cwl_tables.PUBLISHER.parse_args, "experiments.cwl_tables", argv)
+  assert _digest(published_copy) == before
+
+
+def test_fewshot_resume_on_a_published_cwl_tables_folder_is_refused(published_copy):
+  """The filed case: fewshot --resume replaced a cwl_tables folder's report and run.json."""
+  before = _digest(published_copy)
+  proc = subprocess.run([sys.executable, "-m", "experiments.fewshot", "--arch", "vgg_s",
+                         "--out", str(published_copy), "--resume", "--quiet"],
+                        env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: --resume refused")
+  assert "module experiments.fewshot != experiments.cwl_tables" in lines[0]
+  assert _digest(published_copy) == before
+
+
+def test_fewshot_resume_with_another_seed_is_refused(tmp_path, capsys):
+  argv = ["--arch", "vgg_s", "--target", "digits:0,1", "--strategies", "freeze",
+          "--out", str(tmp_path / "o"), "--quiet"]
+  args = fewshot.PUBLISHER.parse_args(argv)
+  cli.open_results(args, cli.settings("experiments.fewshot", args), fewshot.PUBLISHER.parse_args)
+  (tmp_path / "o" / "results.jsonl").write_text('{"a": 1}\n')
+  before = _digest(tmp_path / "o")
+  assert fewshot.main([*argv, "--seed", "1", "--resume"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--seed 1 != 0" in err[0]
+  assert fewshot.main(argv) == 2                   # neither flag
+  assert "already holds results" in capsys.readouterr().err
+  assert _digest(tmp_path / "o") == before
+
+
+@pytest.mark.parametrize("module,extra", [
+    ("experiments.convert_weights", ["--arch", "resnet18", "--weights", "/nonexistent.pth"]),
+    ("experiments.pretrain", ["--arch", "vgg_s", "--source", "digits", "--quiet"]),
+])
+def test_model_writers_refuse_a_folder_holding_results(tmp_path, module, extra):
+  d = _holding(tmp_path)
+  before = _digest(d)
+  proc = subprocess.run([sys.executable, "-m", module, *extra, "--out", str(d)], env=_env(),
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: --out {d} already holds results")
+  assert "--overwrite" in lines[0]
+  assert _digest(d) == before
+
+
+def test_grid_progress_counts_and_eta():
+  clock = iter([0.0, 10.0, 30.0, 60.0]).__next__
+  said = []
+  g = progress.GridProgress({"tuning-draw runs": 2, "tuned-point eval runs": 2}, saved=1,
+                            emit=said.append, clock=clock)
+  assert g.announce() == ("grid: 4 runs planned (2 tuning-draw runs, 2 tuned-point eval runs);"
+                          " 1 already saved, skipped")
+  assert g.finished("a") == "[2/4, ETA 20s] a"      # 10 s per run, 2 left
+  assert g.finished("b") == "[3/4, ETA 15s] b"      # 30 s / 2 runs, 1 left
+  assert g.finished("c") == "[4/4, last run] c"
+  assert g.finished("d") == "[5/5 (grid extended), last run] d"
+  assert len(said) == 5
+
+
+def test_step_ticker_is_rate_limited_by_time():
+  times = iter([0.0, 1.0, 4.9, 5.0, 6.0, 10.5]).__next__
+  said = []
+  t = progress.StepTicker("run", said.append, every_s=5.0, clock=times)
+  for step in range(1, 6):
+    t.tick(step, 100, 0.5 if step > 2 else None)
+  assert said == ["  run: step 3/100, val acc 0.5000, 5s elapsed",
+                  "  run: step 5/100, val acc 0.5000, 10s elapsed"]
+  assert progress.ticker("x", None) is None          # --quiet
+
+
+def test_draw_labels_name_tuning_draws():
+  assert progress.draw_label(-1, 2, 5) == "tuning draw 1/2"
+  assert progress.draw_label(-2, 2, 5, fold=4, folds=5) == "tuning draw 2/2 CV fold 5/5"
+  assert progress.draw_label(0, 2, 5) == "eval draw 1/5"
+  assert progress.duration(3725) == "1h02m" and progress.duration(65) == "1m05s"
+
+
+def test_interrupted_line_gives_the_resume_command(tmp_path):
+  d = _holding(tmp_path)
+  argv = ["--arch", "vgg_s", "--out", str(d), "--overwrite", "--quiet"]
+  line = cli.interrupted_line("experiments.fewshot", argv, fewshot.PUBLISHER.parse_args)
+  assert line == (f"interrupted: 1 runs saved in {d}; continue with: python -m "
+                  f"experiments.fewshot --arch vgg_s --out {d} --quiet --resume")
