@@ -226,26 +226,44 @@ def pct(mean: float, std: float) -> str:
 def split_text(val_per_class: int, test_per_class: int, records: Sequence[dict]) -> str:
   """The report's 'Validation: ...; test: ...' clause from the split the runs actually used
   (each record's n_train, n_val, n_test), not from the flags alone: a small target holds
-  fewer images than the flags ask for. The flags' wording is kept where the counts match it.
+  fewer images than the flags ask for. The flags' wording is kept where every target's counts
+  match it; otherwise each target's counts are given.
 
-  Classes per run = n_train / shots on evaluation runs (k images per class).
+  Classes of a target = n_train / shots of its evaluation runs (k images per class).
   """
-  runs = [r for r in records if r.get("role", "eval") == "eval" and r.get("shots")
-          and all(k in r for k in ("n_train", "n_val", "n_test"))]
-  classes = {r["n_train"] // r["shots"] for r in runs if r["n_train"] % r["shots"] == 0}
-  val = f"{val_per_class}/class"
-  test = "all" if not test_per_class else f"<= {test_per_class}/class"
-  if len(classes) == 1 and runs:
+  by_target: dict = defaultdict(list)
+  for r in records:
+    if r.get("role", "eval") == "eval" and r.get("shots") and \
+        all(k in r for k in ("n_train", "n_val", "n_test")) and r["n_train"] % r["shots"] == 0:
+      by_target[r.get("target", "")].append(r)
+  val_parts, test_parts, val_ok, test_ok = [], [], True, True
+  for target, runs in by_target.items():
+    classes = {r["n_train"] // r["shots"] for r in runs}
+    if len(classes) != 1:
+      continue
     c = classes.pop()
     n_val = sorted({r["n_val"] for r in runs})
     n_test = sorted({r["n_test"] for r in runs})
-    if n_val != [val_per_class * c]:
-      val = (f"{_span(n_val)} images per draw ({_span([v / c for v in n_val])}/class over "
-             f"{c} classes; --val-per-class {val_per_class} asked for more than the labelled "
-             "pool held)")
-    if test_per_class and n_test != [test_per_class * c]:
-      test = (f"{_span(n_test)} images, {_span([v / c for v in n_test])}/class over {c} "
-              f"classes (all of it: under the cap of {test_per_class}/class)")
+    name = f"{target} " if len(by_target) > 1 else ""
+    if n_val == [val_per_class * c]:
+      val_parts.append(f"{name}{val_per_class}/class")
+    else:
+      val_ok = False
+      val_parts.append(f"{name}{_span(n_val)} images per draw "
+                       f"({_span([v / c for v in n_val])}/class over {c} classes)")
+    if not test_per_class or n_test == [test_per_class * c]:
+      test_parts.append(f"{name}{'all' if not test_per_class else f'{test_per_class}/class'}")
+    else:
+      test_ok = False
+      test_parts.append(f"{name}{_span(n_test)} images ({_span([v / c for v in n_test])}/class "
+                        f"over {c} classes)")
+  val = f"{val_per_class}/class"
+  if not val_ok:
+    val = (", ".join(val_parts) + f" (--val-per-class {val_per_class} asked for more than the "
+           "labelled pool held)")
+  test = "all" if not test_per_class else f"<= {test_per_class}/class"
+  if not test_ok:
+    test = ", ".join(test_parts) + f" (the cap is {test_per_class}/class)"
   return (f"Validation: {val}, disjoint from the k-shot set and from test; test: {test} of "
           "the target's test split")
 

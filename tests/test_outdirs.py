@@ -208,7 +208,7 @@ def test_model_writers_refuse_a_folder_holding_results(tmp_path, module, extra):
 
 
 def test_grid_progress_counts_and_eta():
-  clock = iter([0.0, 10.0, 30.0, 60.0]).__next__
+  clock = iter([0.0, 10.0, 30.0, 60.0, 90.0]).__next__
   said = []
   g = progress.GridProgress({"tuning-draw runs": 2, "tuned-point eval runs": 2}, saved=1,
                             emit=said.append, clock=clock)
@@ -245,3 +245,107 @@ def test_interrupted_line_gives_the_resume_command(tmp_path):
   line = cli.interrupted_line("experiments.fewshot", argv, fewshot.PUBLISHER.parse_args)
   assert line == (f"interrupted: 1 runs saved in {d}; continue with: python -m "
                   f"experiments.fewshot --arch vgg_s --out {d} --quiet --resume")
+
+
+def test_split_text_reports_the_counts_the_runs_used():
+  from experiments.report import split_text
+  asked = [dict(role="eval", shots=2, n_train=6, n_val=60, n_test=900)]   # 3 classes
+  assert split_text(20, 300, asked) == ("Validation: 20/class, disjoint from the k-shot set "
+                                        "and from test; test: <= 300/class of the target's "
+                                        "test split")
+  # A flat folder of 30 images per class split 24/6: k=5 leaves ~5 validation images a class.
+  small = [dict(role="eval", shots=5, n_train=15, n_val=v, n_test=18) for v in (15, 14)]
+  small.append(dict(role="tune", shots=5, n_train=15, n_val=3, n_test=18))  # not counted
+  assert split_text(20, 300, small) == (
+      "Validation: 14-15 images per draw (4.7-5/class over 3 classes) (--val-per-class 20 "
+      "asked for more than the labelled pool held), disjoint from the k-shot set and from "
+      "test; test: 18 images (6/class over 3 classes) (the cap is 300/class) of the target's "
+      "test split")
+  two = [dict(r, target="a") for r in asked] + [dict(r, target="b", n_test=30) for r in asked]
+  assert "test: a 300/class, b 30 images (10/class over 3 classes) (the cap is 300/class)" in \
+      split_text(20, 300, two)
+
+
+def test_lr_grid_text_includes_the_values_tuning_extended_to():
+  from experiments.report import lr_grid_text
+  tuned = {("vgg_s", "digits", 1, "freeze"): {"grid": {"lr": [0.002, 0.01, 0.05]}},
+           ("vgg_s", "digits", 5, "freeze"): {"grid": {"lr": [0.01, 0.05, 0.25]}},
+           ("vgg_s", "digits", 1, "finetune"): {"grid": {"lr": [1e-4, 1e-3]}}}
+  assert lr_grid_text(["freeze", "finetune"], {"freeze": [0.01, 0.05],
+                                               "finetune": [1e-4, 1e-3]}, tuned) == (
+      "LR grids: freeze: 0.01, 0.05 (extended by tuning to 0.002, 0.25); "
+      "finetune: 0.0001, 0.001")
+
+
+def test_published_report_lists_the_extended_lr_grid():
+  report = open(os.path.join(PUBLISHED, "report.md")).read()
+  assert "freeze: 0.01, 0.05 (extended by tuning to" in report
+
+
+GRID = ["--arch", "vgg_s", "--target", "digits:0,1,2", "--strategies", "freeze", "--shots", "1",
+        "--repeats", "2", "--steps", "3", "--test-per-class", "5", "--val-per-class", "2",
+        "--lrs", "0.001,0.01", "--tune-repeats", "1", "--patience", "0"]
+
+
+def test_grid_announces_its_plan_and_names_tuning_draws(tiny_source_dir, tmp_path, capsys):
+  argv = [*GRID, "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--out", str(tmp_path / "o")]
+  assert fewshot.main(argv) == 0
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if l.startswith(("grid:", "["))]
+  assert lines[0] == "grid: 4 runs planned (2 tuning-draw runs, 2 tuned-point eval runs)"
+  assert lines[1].startswith("[1/4, ETA ") and "k=1 tuning draw 1/1 freeze lr=0.001" in lines[1]
+  assert lines[-1].startswith("[4/4, last run]") and "eval draw 2/2" in lines[-1]
+  assert "r=-1" not in err
+  # Resume says what it skips; --quiet prints no progress.
+  assert fewshot.main([*argv, "--resume", "--quiet"]) == 0
+  err = capsys.readouterr().err
+  assert "grid:" not in err and "[" not in err
+  assert fewshot.main([*argv, "--resume"]) == 0
+  err = capsys.readouterr().err
+  assert "--resume: 4 runs already saved" in err and "4 already saved, skipped" in err
+
+
+def test_ctrl_c_ends_with_the_resume_command(tiny_source_dir, tmp_path, capsys, monkeypatch):
+  out = tmp_path / "o"
+  argv = [*GRID, "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--out", str(out), "--quiet"]
+  real, calls = fewshot.TargetRuns.run, []
+
+  def run_then_interrupt(self, *a, **k):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt  # Ctrl-C during the third run
+    return real(self, *a, **k)
+
+  monkeypatch.setattr(fewshot.TargetRuns, "run", run_then_interrupt)
+  assert fewshot.main(argv) == 130
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"interrupted: 2 runs saved in {out}; continue with: python -m "
+                 f"experiments.fewshot {' '.join(argv)} --resume"]
+  before = _digest(out)
+  monkeypatch.setattr(fewshot.TargetRuns, "run", real)
+  assert fewshot.main([*argv, "--resume"]) == 0
+  after = _digest(out)
+  assert after["results.jsonl"] != before["results.jsonl"]
+  with open(out / "results.jsonl") as f:
+    assert sum(1 for _ in f) == 4
+
+
+@pytest.mark.slow
+def test_sigint_subprocess_exits_130_without_traceback(tiny_source_dir, tmp_path):
+  import signal
+  import time
+  out = tmp_path / "o"
+  cmd = [sys.executable, "-m", "experiments.fewshot", *GRID, "--repeats", "50", "--source",
+         f"ckpt:{tiny_source_dir('vgg_s')}", "--out", str(out), "--quiet"]
+  proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and not (
+      (out / "results.jsonl").exists() and (out / "results.jsonl").read_text().count("\n") >= 2):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"interrupted: ") and "Traceback" not in err
+  assert lines[0].endswith("--resume") and "python -m experiments.fewshot" in lines[0]
