@@ -74,19 +74,18 @@ class ResultsDir:
     if resume and overwrite:
       raise InputError("--resume and --overwrite conflict: choose one")
     held = outdir.contents(self.path)
-    moved = None
     if held and overwrite:
       self.opened = outdir.open_outdir(self.path, None, overwrite=True, writer=writer, log=log)
       return
     if held and not resume:
-      raise InputError(f"--out {self.path} already holds {len(held)} entries; pass --resume "
-                       "to continue it or --overwrite to move it aside, or choose another --out")
+      raise InputError(f"{self.path} already holds {len(held)} entries: choose a new or empty "
+                       "folder")
     if writer:
       try:
         os.makedirs(self.path, exist_ok=True)
       except OSError as e:
         raise InputError(f"--out {self.path} is not writable: {e.strerror}") from None
-    self.opened = outdir.Opened(self.path, bool(held), moved)
+    self.opened = outdir.Opened(self.path, bool(held), None)
 
   def _drop_cut_line(self) -> None:
     """Truncates results.jsonl after its last newline: a line a kill cut mid-write holds no

@@ -61,7 +61,7 @@ def test_folder_holding_anything_is_refused_and_kept(tmp_path):
   d.mkdir()
   (d / "notes.txt").write_text("my notes")
   before = _digest(d)
-  with pytest.raises(InputError, match=r"already holds files \(1 entries: notes.txt\); pass "
+  with pytest.raises(InputError, match=r"already holds files \(1 entry: notes.txt\); pass "
                                        r"--resume .* or --overwrite"):
     outdir.open_outdir(str(d), SETTINGS)
   with pytest.raises(InputError, match="holds no results of experiments.fewshot to resume"):

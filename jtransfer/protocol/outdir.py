@@ -156,7 +156,8 @@ def open_outdir(path: str, settings: Settings | None, *, resume: bool = False,
   path = os.path.abspath(path)
   if os.path.exists(path) and not os.path.isdir(path):
     raise InputError(f"--out {path} is a file, not a folder: pass another --out")
-  held = contents(path)
+  # Our own transient files (a multi-host writer may be writing them now) are not contents.
+  held = [e for e in contents(path) if e not in (".write-test", SETTINGS_FILE + ".tmp")]
   if held and settings is not None and held == [SETTINGS_FILE]:
     # Opened before (or just now by the multi-host writer) but no run finished: as empty
     # when the settings agree.
@@ -169,8 +170,9 @@ def open_outdir(path: str, settings: Settings | None, *, resume: bool = False,
     how = ("pass --resume to continue it (same command and settings) or --overwrite to move "
            "it aside" if settings is not None else "pass --overwrite to move it aside")
     kind = "results" if {"results.jsonl", "results.json"} & set(held) else "files"
-    raise InputError(f"--out {path} already holds {kind} ({len(held)} entries: {what}); {how}, "
-                     "or choose another --out")
+    count = f"{len(held)} {'entry' if len(held) == 1 else 'entries'}"
+    raise InputError(f"--out {path} already holds {kind} ({count}: {what}); {how}, or choose "
+                     "another --out")
   if held and resume:
     if settings is None:
       raise InputError(f"--out {path} cannot be resumed; pass --overwrite to move it aside")
@@ -179,6 +181,9 @@ def open_outdir(path: str, settings: Settings | None, *, resume: bool = False,
       raise InputError(f"--out {path} holds no results of {settings.module} to resume "
                        "(no settings.json, run.json or results); pass --overwrite or another "
                        "--out")
+    if old is None and log is not None:
+      log(f"--resume: {path} records no settings (made before settings.json existed); "
+          "resumed without checking them")
     if old is not None:
       diff = differences(old, settings)
       if diff:
