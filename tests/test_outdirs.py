@@ -284,7 +284,8 @@ def test_published_report_lists_the_extended_lr_grid():
 
 GRID = ["--arch", "vgg_s", "--target", "digits:0,1,2", "--strategies", "freeze", "--shots", "1",
         "--repeats", "2", "--steps", "3", "--test-per-class", "5", "--val-per-class", "2",
-        "--lrs", "0.001,0.01", "--tune-repeats", "1", "--patience", "0"]
+        "--lrs", "0.001,0.01", "--tune-repeats", "1", "--patience", "0", "--no-paper-grid",
+        "--tune-extend", "0"]
 
 
 def test_grid_announces_its_plan_and_names_tuning_draws(tiny_source_dir, tmp_path, capsys):
