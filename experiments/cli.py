@@ -111,14 +111,18 @@ def apply_devices(args: argparse.Namespace) -> None:
     raise SystemExit(2) from e
 
 
-def settings(module: str, args: argparse.Namespace) -> outdir.Settings:
+def settings(module: str, args: argparse.Namespace,
+             additive: Sequence[str] = ()) -> outdir.Settings:
   """The result-changing flags of `args` as parsed (call before anything rewrites them, e.g.
-  --tiny), for `open_results`."""
-  return outdir.settings_of(module, vars(args))
+  --tiny), for `open_results`.
+
+  `additive`: flag dests a resume may change because they only add runs beside the finished
+  ones (model_selection's --scratch adds a reference model); left out of the settings."""
+  return outdir.settings_of(module, {k: v for k, v in vars(args).items() if k not in additive})
 
 
-def legacy_settings(parse: Callable[[Sequence[str]], argparse.Namespace]
-                    ) -> Callable[[dict], outdir.Settings]:
+def legacy_settings(parse: Callable[[Sequence[str]], argparse.Namespace],
+                    additive: Sequence[str] = ()) -> Callable[[dict], outdir.Settings]:
   """run.json -> the settings of a folder published before settings.json existed: its module
   and its argv parsed again by `parse` (today's defaults fill flags added since).
 
@@ -134,22 +138,24 @@ def legacy_settings(parse: Callable[[Sequence[str]], argparse.Namespace]
       raise InputError(f"run.json's flags ({' '.join(argv)}) no longer parse, so its settings "
                        "cannot be checked for --resume: pass --overwrite or another "
                        "--out") from None
-    return outdir.settings_of(module, vars(ns))
+    return outdir.settings_of(module, {k: v for k, v in vars(ns).items() if k not in additive})
   return read
 
 
 def open_results(args: argparse.Namespace, made_by: outdir.Settings,
                  parse: Callable[[Sequence[str]], argparse.Namespace], cls=None,
-                 writer: bool = True, **kwargs):
+                 writer: bool = True, additive: Sequence[str] = (), **kwargs):
   """Opens --out as a `ResultsDir` (or subclass `cls`) under the output-folder rule
   (`jtransfer.protocol.outdir`): refused when it holds anything unless --resume with the same
   module and settings `made_by`, or --overwrite (old contents moved aside). Says on stderr
-  where --overwrite moved them and how many runs a resume keeps (unless --quiet)."""
+  where --overwrite moved them and how many runs a resume keeps (unless --quiet).
+  `additive`: as `settings` (the same tuple made `made_by`)."""
   from experiments.report import ResultsDir
   quiet = getattr(args, "quiet", False)
   log = None if quiet else (lambda line: print(line, file=sys.stderr))
   results = (cls or ResultsDir)(args.out, resume=args.resume, overwrite=args.overwrite,
-                                writer=writer, settings=made_by, legacy=legacy_settings(parse),
+                                writer=writer, settings=made_by,
+                                legacy=legacy_settings(parse, additive),
                                 log=log, **kwargs)
   if results.opened.resumed and log is not None and writer:
     log(f"--resume: {saved_runs(results.path)} runs already saved in {results.path} are "
