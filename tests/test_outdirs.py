@@ -350,3 +350,25 @@ def test_sigint_subprocess_exits_130_without_traceback(tiny_source_dir, tmp_path
   lines = err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(f"interrupted: ") and "Traceback" not in err
   assert lines[0].endswith("--resume") and "python -m experiments.fewshot" in lines[0]
+
+
+def test_interrupted_line_of_pretrain_and_of_unparsable_flags(tmp_path):
+  from experiments import pretrain
+  argv = ["--arch", "vgg_s", "--out", str(tmp_path / "m"), "--ckpt-dir", str(tmp_path / "c")]
+  assert cli.interrupted_line("experiments.pretrain", argv, pretrain.parse_args) == (
+      f"interrupted: no model saved in {tmp_path / 'm'}; the same command continues from the "
+      f"checkpoints in {tmp_path / 'c'}")
+  assert cli.interrupted_line("experiments.pretrain", ["--bogus"], pretrain.parse_args) == (
+      "interrupted before --out was opened; nothing saved")
+
+
+def test_model_selection_resume_may_add_scratch_but_not_change_a_score_flag():
+  from experiments import model_selection as ms
+  base = ["--tiny", "--out", "x"]
+  a = ms.parse_args(base)
+  made = cli.settings("experiments.model_selection", a, ms.ADDITIVE)
+  assert made == cli.settings("experiments.model_selection", ms.parse_args(base + ["--scratch"]),
+                              ms.ADDITIVE)
+  other = cli.settings("experiments.model_selection", ms.parse_args(base + ["--logme", "exact"]),
+                       ms.ADDITIVE)
+  assert outdir.differences(made, other) == ["--logme exact != published"]
