@@ -192,8 +192,10 @@ def test_fewshot_resume_with_another_seed_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("module,extra", [
-    ("experiments.convert_weights", ["--arch", "resnet18", "--weights", "/nonexistent.pth"]),
     ("experiments.pretrain", ["--arch", "vgg_s", "--source", "digits", "--quiet"]),
+    pytest.param("experiments.convert_weights",
+                 ["--arch", "resnet18", "--weights", "/nonexistent.pth"],
+                 marks=pytest.mark.slow),  # main() is tested below; the subprocess is pretrain's
 ])
 def test_model_writers_refuse_a_folder_holding_results(tmp_path, module, extra):
   d = _holding(tmp_path)
@@ -372,3 +374,27 @@ def test_model_selection_resume_may_add_scratch_but_not_change_a_score_flag():
   other = cli.settings("experiments.model_selection", ms.parse_args(base + ["--logme", "exact"]),
                        ms.ADDITIVE)
   assert outdir.differences(made, other) == ["--logme exact != published"]
+
+
+def test_convert_weights_onto_an_existing_source(tmp_path, capsys):
+  """The filed case: converting onto an existing source replaced it. Now refused; with
+  --overwrite the old source is moved aside whole, the new one saved in its place."""
+  import torch
+  from experiments import convert_weights
+  from test_weights import random_state_dict, resnet_shapes
+  pth = tmp_path / "r18.pth"
+  torch.save(random_state_dict(resnet_shapes("resnet18")), pth)
+  argv = ["--arch", "resnet18", "--weights", str(pth), "--input-shape", "32,32,3",
+          "--out", str(tmp_path / "src")]
+  assert convert_weights.main(argv) == 0
+  before = _digest(tmp_path / "src")
+  capsys.readouterr()
+  assert convert_weights.main(argv + ["--seed", "1", "--drop-head"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "already holds files" in err[0] and "meta.json" in err[0]
+  assert _digest(tmp_path / "src") == before
+  assert convert_weights.main(argv + ["--drop-head", "--overwrite"]) == 0
+  (moved,) = [p for p in os.listdir(tmp_path) if p.startswith("src.replaced-")]
+  assert _digest(tmp_path / moved) == before
+  assert _digest(tmp_path / "src") != before
+  assert "--overwrite: moved the old contents" in capsys.readouterr().err
