@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
+import os
+import shlex
 import sys
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from jtransfer.errors import InputError
+from jtransfer.protocol import outdir
 from jtransfer.train import parallel
+
+# Exit code of a command stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
+INTERRUPTED = 130
 
 
 def add_devices_flag(p: argparse.ArgumentParser) -> None:
@@ -119,21 +128,130 @@ def apply_devices(args: argparse.Namespace) -> None:
     raise SystemExit(2) from e
 
 
-def start(args: argparse.Namespace, validate: Callable, run: Callable):
+def settings(module: str, args: argparse.Namespace,
+             additive: Sequence[str] = ()) -> outdir.Settings:
+  """The result-changing flags of `args` as parsed (call before anything rewrites them, e.g.
+  --tiny), for `open_results`.
+
+  `additive`: flag dests a resume may change because they only add runs beside the finished
+  ones (model_selection's --scratch adds a reference model); left out of the settings."""
+  return outdir.settings_of(module, {k: v for k, v in vars(args).items() if k not in additive})
+
+
+def legacy_settings(parse: Callable[[Sequence[str]], argparse.Namespace],
+                    additive: Sequence[str] = ()) -> Callable[[dict], outdir.Settings]:
+  """run.json -> the settings of a folder published before settings.json existed: its module
+  and its argv parsed again by `parse` (today's defaults fill flags added since).
+
+  Raises (from the returned function):
+    InputError: the argv no longer parses.
+  """
+  def read(run: dict) -> outdir.Settings:
+    module, argv = str(run["module"]), [str(a) for a in run["argv"]]
+    try:
+      with contextlib.redirect_stderr(io.StringIO()):
+        ns = parse(argv)
+    except SystemExit:
+      raise InputError(f"run.json's flags ({' '.join(argv)}) no longer parse, so its settings "
+                       "cannot be checked for --resume: pass --overwrite or another "
+                       "--out") from None
+    return outdir.settings_of(module, {k: v for k, v in vars(ns).items() if k not in additive})
+  return read
+
+
+def open_results(args: argparse.Namespace, made_by: outdir.Settings,
+                 parse: Callable[[Sequence[str]], argparse.Namespace], cls=None,
+                 writer: bool = True, additive: Sequence[str] = (), **kwargs):
+  """Opens --out as a `ResultsDir` (or subclass `cls`) under the output-folder rule
+  (`jtransfer.protocol.outdir`): refused when it holds anything unless --resume with the same
+  module and settings `made_by`, or --overwrite (old contents moved aside). Says on stderr
+  where --overwrite moved them and how many runs a resume keeps (unless --quiet).
+  `additive`: as `settings` (the same tuple made `made_by`)."""
+  from experiments.report import ResultsDir
+  quiet = getattr(args, "quiet", False)
+  log = None if quiet else (lambda line: print(line, file=sys.stderr))
+  results = (cls or ResultsDir)(args.out, resume=args.resume, overwrite=args.overwrite,
+                                writer=writer, settings=made_by,
+                                legacy=legacy_settings(parse, additive),
+                                log=log, **kwargs)
+  if results.opened.resumed and log is not None and writer:
+    log(f"--resume: {saved_runs(results.path)} runs already saved in {results.path} are "
+        "skipped")
+  return results
+
+
+def open_model_dir(path: str, overwrite: bool, quiet: bool, check_only: bool = False) -> None:
+  """Applies the output-folder rule to a model folder (experiments.pretrain,
+  experiments.convert_weights): refused when it holds anything unless `overwrite`, which
+  moves it aside; nothing is created (the saver writes the folder whole).
+  `check_only`: refuse now, move nothing (call again right before saving, so a failed or
+  interrupted run leaves the old folder in place). Multi-host, only the writer moves."""
+  log = None if quiet else (lambda line: print(line, file=sys.stderr))
+  outdir.open_outdir(path, None, overwrite=overwrite,
+                     writer=parallel.is_writer() and not check_only, log=log, create=False)
+
+
+def saved_runs(path: str) -> int:
+  """How many run records the results.jsonl files under `path` hold."""
+  n = 0
+  for folder, _, files in os.walk(path):
+    if "results.jsonl" in files:
+      with open(os.path.join(folder, "results.jsonl"), "rb") as f:
+        n += sum(1 for line in f if line.strip())
+  return n
+
+
+def interrupted_line(module: str, argv: Sequence[str],
+                     parse: Callable[[Sequence[str]], argparse.Namespace]) -> str:
+  """The one line a Ctrl-C ends with: how many runs --out keeps and the command that resumes."""
+  try:
+    with contextlib.redirect_stderr(io.StringIO()):
+      ns = parse(list(argv))
+    out = os.path.abspath(ns.out)
+  except (SystemExit, AttributeError):
+    return "interrupted before --out was opened; nothing saved"
+  if not hasattr(ns, "resume"):  # a model folder (experiments.pretrain): saved only at the end
+    ckpt = getattr(ns, "ckpt_dir", None)
+    return (f"interrupted: no model saved in {out}" + (
+        f"; the same command continues from the checkpoints in {ckpt}" if ckpt else ""))
+  kept = [a for a in argv if a not in ("--resume", "--overwrite")] + ["--resume"]
+  command = " ".join(["python", "-m", module] + [shlex.quote(a) for a in kept])
+  return (f"interrupted: {saved_runs(out)} runs saved in {out}; continue with: {command}")
+
+
+def interruptible(module: str, parse: Callable[[Sequence[str]], argparse.Namespace]):
+  """Decorates a module's main(argv): Ctrl-C ends it with `interrupted_line` on stderr and
+  exit code 130 instead of a traceback (finished runs are already on disk)."""
+  def wrap(main: Callable[[Sequence[str] | None], int]):
+    @functools.wraps(main)
+    def guarded(argv: Sequence[str] | None = None) -> int:
+      try:
+        return main(argv)
+      except KeyboardInterrupt:
+        line = interrupted_line(module, list(sys.argv[1:] if argv is None else argv), parse)
+        print(line, file=sys.stderr, flush=True)
+        return INTERRUPTED
+    return guarded
+  return wrap
+
+
+def start(args: argparse.Namespace, validate: Callable, run: Callable,
+          made_by: outdir.Settings | None = None, parse: Callable | None = None):
   """The front half of an experiment's main(): check every flag, then open and fill --out.
 
   Calls `validate(args) -> plan`, only then opens the results directory (so a bad flag never
-  touches existing results), then `run(args, plan, results)`.
+  touches existing results; `open_results` with `made_by` and `parse`), then
+  `run(args, plan, results)`.
 
   Returns:
     (plan, results, run's return value), or None after printing an InputError (exit code 2).
   """
-  from experiments.report import ResultsDir
   try:
+    made_by = made_by or settings("experiments", args)
     plan = validate(args)
     # Multi-host: every process runs the grid (its runs are collective), one writes it.
-    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite,
-                         writer=parallel.is_writer())
+    results = open_results(args, made_by, parse or (lambda argv: args),
+                           writer=parallel.is_writer())
     parallel.barrier("results directory opened")
     if not results.writer:
       results.reload()  # after the writer's --overwrite
@@ -159,13 +277,23 @@ def main(argv, publisher, run: Callable, records_of: Callable,
     plot: optional (summary, plan, args, results, what run returned) -> None.
 
   Returns:
-    The exit code: 0, or 2 after printing a bad-input sentence.
+    The exit code: 0, 2 after printing a bad-input sentence, or 130 after Ctrl-C
+    (`interruptible`).
   """
+  return interruptible(publisher.module, publisher.parse_args)(
+      functools.partial(_main, publisher=publisher, run=run, records_of=records_of,
+                        plot=plot))(argv)
+
+
+def _main(argv, publisher, run: Callable, records_of: Callable,
+          plot: Callable | None = None) -> int:
+  """`main` without the Ctrl-C guard."""
   from experiments import publish
   args = publisher.parse_args(argv)
+  made_by = settings(publisher.module, args)
   apply_devices(args)
   t0 = time.time()
-  started = start(args, publisher.validate, run)
+  started = start(args, publisher.validate, run, made_by, publisher.parse_args)
   if started is None:
     return 2
   plan, results, ran = started

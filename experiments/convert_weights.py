@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
+from experiments import cli
 from experiments.report import float_list
 from jtransfer import models, surgery, weights
 from jtransfer.errors import InputError
@@ -147,7 +148,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--arch", required=True, choices=weights.ARCHS)
   p.add_argument("--weights", required=True, help=".pth/.pt, .safetensors or .npz file")
-  p.add_argument("--out", required=True, help="directory for the source model")
+  p.add_argument("--out", required=True,
+                 help="directory for the source model (refused if it holds anything)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="move an existing --out aside (to OUT.replaced-<UTC time>) first")
   p.add_argument("--input-shape", default="224,224,3", help="H,W,C the source will take")
   p.add_argument("--mean", default=",".join(map(str, IMAGENET_MEAN)),
                  help="per-channel mean in [0, 1] units (default ImageNet)")
@@ -168,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   t0 = time.time()
   try:
+    if os.path.abspath(args.out) == os.path.abspath(os.path.dirname(args.weights) or "."):
+      raise InputError(f"--out {args.out} is the folder holding --weights: choose another --out")
+    cli.open_model_dir(args.out, args.overwrite, quiet=False, check_only=True)
     config = None
     if args.config:
       try:
@@ -183,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      std=tuple(float_list(args.std, "--std")),
                      num_classes=args.num_classes, drop_head=args.drop_head, config=config,
                      seed=args.seed)
+    cli.open_model_dir(args.out, args.overwrite, quiet=False)
     transfer.save_source(args.out, source)
     transfer.load_source(args.out)  # fails loudly now rather than in the first experiment
   except InputError as e:

@@ -79,8 +79,10 @@ def plot_errors(report: dict, path: str) -> None:
   plt.close(fig)
 
 
+@cli.interruptible("experiments.cwl_kronecker", lambda argv: parse_args(argv))
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  made_by = cli.settings("experiments.cwl_kronecker", args)
   cli.apply_devices(args)
   t0 = time.time()
   try:
@@ -94,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise InputError(f"--ranks {args.ranks!r}: expected a comma list of integers") from None
     if ranks and min(ranks) < 1:
       raise InputError(f"--ranks {args.ranks!r}: ranks must be >= 1")
-    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
+    results = cli.open_results(args, made_by, parse_args)
     source = pretrain.source_for(args.arch, args.source, epochs=args.source_epochs,
                                  seed=args.seed, progress=not args.quiet)
   except InputError as e:

@@ -224,9 +224,9 @@ class DeltaResults(ResultsDir):
   """A ResultsDir whose records carry the DELTA settings they were made with ('delta'); a
   resume with other settings is refused."""
 
-  def __init__(self, path: str, settings: dict, **kw):
+  def __init__(self, path: str, delta_settings: dict, **kw):
     super().__init__(path, **kw)
-    self.settings = settings
+    self.settings = settings = delta_settings
     seen = {json.dumps(r.get("delta"), sort_keys=True) for r in self.records}
     if seen - {json.dumps(settings, sort_keys=True)}:
       raise InputError(f"--out {path} holds runs made with other DELTA settings "
@@ -559,14 +559,16 @@ def write_outputs(results: ResultsDir, plan: dict, args, curves: dict | None, ar
   return text
 
 
+@cli.interruptible("experiments.delta_table", lambda argv: parse_args(argv))
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  made_by = cli.settings("experiments.delta_table", args)
   cli.apply_devices(args)
   t0 = time.time()
   try:
     plan = validate(args)
-    results = DeltaResults(args.out, plan["settings"], resume=args.resume,
-                           overwrite=args.overwrite)
+    results = cli.open_results(args, made_by, parse_args, cls=DeltaResults,
+                               delta_settings=plan["settings"])
     fewshot.run_grid(args, plan, results)
     curves = curves_for(args, plan, results)
     text = write_outputs(results, plan, args, curves, argv, t0)

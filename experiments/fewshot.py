@@ -34,14 +34,15 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from experiments import cli, knobs, pretrain, publish
-from experiments.report import ResultsDir, best_over_lr, pct, positive_ints
+from experiments import cli, grid_progress, knobs, pretrain, publish
+from experiments.report import (ResultsDir, best_over_lr, lr_grid_text, pct, positive_ints,
+                                split_text)
 from jtransfer import checks, models, surgery
 from jtransfer.data import Batches, ImageSet, augment, load_spec, parse_spec, sample_kshot
 from jtransfer.data.stream import StreamOptions, is_lazy
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import delta, transfer
-from jtransfer.protocol import Budget, claims, tuning
+from jtransfer.protocol import Budget, claims, progress, tuning
 from jtransfer.protocol.run import train_run
 from jtransfer.train import (accuracy, batched, init_state, make_optimizer,
                              make_train_step, parallel, predict_logits)
@@ -398,7 +399,8 @@ class TargetRuns:
     return dict(test_acc=test_acc, val_acc=val_acc)
 
   def run(self, name: str, train_idx, val_idx, lr: float, seed: int,
-          budget: Budget | None = None, test: bool = True, hp: str = "") -> dict:
+          budget: Budget | None = None, test: bool = True, hp: str = "",
+          on_step=None) -> dict:
     """One run, alone (the plain path).
 
     Args:
@@ -408,6 +410,7 @@ class TargetRuns:
         validation state; None trains `--steps` steps and keeps the last state.
       test: evaluate on the test split (False for tuning runs).
       hp: the strategy's knob values (`transfer.hp_string`), '' for its defaults.
+      on_step: (step, cap, val acc) after each step: a long run's progress line.
 
     Returns:
       {'test_acc', 'val_acc', 'steps' (trained), 'best_step' (kept), 'stopped'}.
@@ -424,7 +427,8 @@ class TargetRuns:
       val = lambda st: accuracy(predict_logits(forward, st.params, st.batch_stats, x_val),
                                 labels)
     out = train_run(state, step, batches.at, steps=self.args.steps, budget=budget, val_acc=val,
-                    finalize=setup.finalize, keep_initial=not head_only)
+                    finalize=setup.finalize, keep_initial=not head_only,
+                    on_step=on_step)
     state, info, initial = out.state, out.info, out.initial
     info.pop("curve")
     if not head_only:  # how far training moved the conv filters (DELTA's Fig. 3 measure)
@@ -668,22 +672,19 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
   data_cache: dict = {}
   check_targets(args, plan, data_cache)
   budget = budget_of(args)
-  progress = {"finished": len(done)}
+  mine = cells(plan)
+  emit = grid_progress.stderr_or_quiet(args)
+  grid = progress.GridProgress(
+      grid_progress.planned_runs(plan, args, mine, lambda name: cv_folds(args, name)),
+      saved=sum(1 for k in done if k[1:4] in set(mine)), emit=emit)
+  grid.announce()
 
   def add(key, train_idx, val_idx, runs, result, seconds):
     record = _record(key, train_idx, val_idx, runs, args)
     record.update(_outcome(result))
     record["seconds"] = round(seconds, 3)
     results.add(record)
-    progress["finished"] += 1
-    if not args.quiet:
-      name, arch, spec, shots, repeat, lr, hp, fold = key
-      acc = record["val_acc" if repeat < 0 else "test_acc"]
-      what = "val" if repeat < 0 else "test"
-      where = f" fold={fold}" if fold >= 0 else ""
-      print(f"[{progress['finished']}] {arch} {spec} k={shots} r={repeat}{where} {name} "
-            f"lr={lr:g} {hp} {what}={'failed' if acc is None else f'{acc:.4f}'} "
-            f"steps={record.get('steps', '-')} ({record['seconds']:.1f}s)", file=sys.stderr)
+    grid.finished(grid_progress.run_line(key, args, cv_folds(args, key[0]), record))
     return record
 
   # Without early stopping, runs of a frozen-backbone strategy may train together (one batched
@@ -692,7 +693,6 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
   batch_runs = resolve_batch_runs(args.batch_runs) if parallel.default_mesh() is None else 1
   if budget is not None:
     batch_runs = 1
-  mine = cells(plan)
   for arch in plan["archs"]:
     if not any(c[0] == arch for c in mine):
       continue
@@ -721,8 +721,11 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
             train_idx, val_idx = fold_split(runs.pool.labels, train_idx, val_idx,
                                             cv_folds(args, name), fold, seed, shots)
           t0 = time.time()
+          draw = progress.draw_label(repeat, args.tune_repeats, args.repeats)
+          label = f"{arch} k={shots} {draw} {name} lr={lr:g}"
           try:
-            out = runs.run(name, train_idx, val_idx, lr, seed, budget, test=repeat >= 0, hp=hp)
+            out = runs.run(name, train_idx, val_idx, lr, seed, budget, test=repeat >= 0, hp=hp,
+                           on_step=progress.ticker(label, emit))
           except NonFiniteError as e:
             out = e
           return add(key, train_idx, val_idx, runs, out, time.time() - t0)
@@ -800,8 +803,8 @@ CLAIMS = (
 )
 
 
-def protocol_text(args) -> str:
-  """One paragraph saying how runs were budgeted and tuned."""
+def protocol_text(args, records: Sequence[dict] = ()) -> str:
+  """One paragraph saying how runs were budgeted and tuned, and the split `records` used."""
   if args.patience:
     run = (f"each run trains until its validation accuracy has not improved for "
            f"{args.patience} steps (checked every {args.eval_every}), at most {args.steps} "
@@ -818,10 +821,9 @@ def protocol_text(args) -> str:
     aug += (f" Target images stored at {args.stored_size} px; the network sees "
             "Resize + CenterCrop views of them" + (" and crops of the stored pixels in "
                                                    "training." if recipe != "none" else "."))
-  return (f"Protocol: {run}; {tune}.{aug} Validation: {args.val_per_class}/class, disjoint from the "
-          f"k-shot set and from test; test: "
-          f"{'all' if not args.test_per_class else f'<= {args.test_per_class}/class'} of the "
-          "target's test split; the test split reaches no selection.")
+  return (f"Protocol: {run}; {tune}.{aug} "
+          f"{split_text(args.val_per_class, args.test_per_class, records)}; the test split "
+          "reaches no selection.")
 
 
 def tuned_table(summary: dict, plan: dict, rows: Sequence[str], labels: dict | None = None
@@ -876,7 +878,7 @@ def make_report(records: list[dict], plan: dict, args, title: str = "# Few-shot 
                                                              "shots"))
   shots = plan["shots"]
   lines = [title, "", f"Source `{args.source}`; {args.repeats} evaluation draws per cell.",
-           "", protocol_text(args), ""]
+           "", protocol_text(args, records), ""]
   out_summary: dict = {"best_over_lr": {"|".join(map(str, k)): v for k, v in summary.items()}}
   if tuned:
     ts = tuned_summary(records, tuned)
@@ -924,8 +926,7 @@ def make_report(records: list[dict], plan: dict, args, title: str = "# Few-shot 
             lines.append(f"| {arch} | {target} | {(labels or {}).get(strat, strat)} | "
                          + " | ".join(cells) + " |")
       lines.append("")
-  lines += ["LR grids: " + "; ".join(f"{s}: {', '.join(f'{v:g}' for v in plan['lrs'][s])}"
-                                     for s in plan["strategies"]), ""]
+  lines += [lr_grid_text(plan["strategies"], plan["lrs"], tuned), ""]
   lines += notes_section(records)
   failed = [r for r in records if r.get("status") != "ok"]
   if failed:

@@ -996,15 +996,21 @@ def run(args, members: Sequence[model_zoo.Member], specs: Sequence[str], config:
               f"LogME {scores['LogME']:.4g} ({time.time() - t0:.1f}s)", file=sys.stderr)
 
 
+# A resume may add the random-init reference (--scratch) beside the finished runs.
+ADDITIVE = ("scratch",)
+
+
+@cli.interruptible("experiments.model_selection", lambda argv: parse_args(argv))
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  made_by = cli.settings("experiments.model_selection", args, ADDITIVE)
   cli.apply_devices(args)
   t0 = time.time()
   log = None if args.quiet else (lambda s: print(s, file=sys.stderr))
   try:
     plan = validate(args)
     specs, config, (zoo, settings) = plan["specs"], plan["config"], plan["zoo"]
-    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
+    results = cli.open_results(args, made_by, parse_args, additive=ADDITIVE)
     members = model_zoo.build_zoo(zoo, settings, args.zoo_root, log=log)
     refs = scratch_references(members, args.seed) if args.scratch else []
     run(args, members + refs, specs, config, results)

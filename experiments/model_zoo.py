@@ -527,17 +527,24 @@ def zoo_table(members: Sequence[Member]) -> list[str]:
   return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """The flags of `main`."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   add_zoo_args(p)
   cli.add_results_flags(p, "results/model_zoo", resume_help="keep the records of an earlier run")
-  args = p.parse_args(argv)
+  return p.parse_args(argv)
+
+
+@cli.interruptible("experiments.model_zoo", lambda argv: parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  made_by = cli.settings("experiments.model_zoo", args)
   cli.apply_devices(args)
   t0 = time.time()
   try:
     specs, settings = zoo_from_args(args)
-    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
+    results = cli.open_results(args, made_by, parse_args)
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr))
     members = build_zoo(specs, settings, args.zoo_root, log=log)
   except InputError as e:

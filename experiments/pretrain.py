@@ -182,7 +182,8 @@ def source_for(arch: str, source_spec: str, *, epochs: float = 2.0, seed: int = 
   return source
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+  """The flags of `main`."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--arch", required=True, choices=models.names())
   p.add_argument("--source", default=DEFAULT_SOURCE, help="dataset spec, e.g. fmnist:0,2,3,4,6")
@@ -200,11 +201,21 @@ def main(argv=None) -> int:
                  help="training augmentation (jtransfer.data.augment): none, flip, crop, rrc, "
                       "crop+flip, rrc+flip")
   p.add_argument("--quiet", action="store_true")
-  p.add_argument("--out", required=True, help="directory to save the model in")
+  p.add_argument("--out", required=True,
+                 help="directory to save the model in (refused if it holds anything)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="move an existing --out aside (to OUT.replaced-<UTC time>) first")
   cli.add_devices_flag(p)
-  args = p.parse_args(argv)
+  return p.parse_args(argv)
+
+
+@cli.interruptible("experiments.pretrain", parse_args)
+def main(argv=None) -> int:
+  args = parse_args(argv)
   cli.apply_devices(args)
   try:
+    # Before training: an --out holding anything is refused now, not after minutes of work.
+    cli.open_model_dir(args.out, args.overwrite, args.quiet, check_only=True)
     try:
       shape = tuple(int(v) for v in args.image_shape.split(","))
       config = json.loads(args.config) if args.config else None
@@ -215,6 +226,7 @@ def main(argv=None) -> int:
                       log_path=args.out + ".metrics.jsonl", model_config=config,
                       checkpoint_dir=args.ckpt_dir, checkpoint_every=args.ckpt_every,
                       progress=not args.quiet, augment_recipe=args.augment)
+    cli.open_model_dir(args.out, args.overwrite, args.quiet)
     transfer.save_source(args.out, source)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from jtransfer.errors import InputError
+from jtransfer.protocol import outdir
 
 
 # `latency_timing` of a record whose model was timed round-robin with the other models of its
@@ -33,41 +33,59 @@ class ResultsDir:
   """An experiment's output directory with one JSON record per finished run.
 
   Records are appended to `results.jsonl` as each run ends (a killed grid keeps them);
-  `results.json` is rewritten from them. An existing directory with results is refused unless
-  `resume` (skip finished runs) or `overwrite` (start afresh) is given.
+  `results.json` is rewritten from them. Opening follows `jtransfer.protocol.outdir`: a folder
+  holding anything is refused unless `resume` (same module and settings: skip finished runs)
+  or `overwrite` (the old folder is moved aside, never deleted).
   """
 
   def __init__(self, path: str, *, resume: bool = False, overwrite: bool = False,
-               writer: bool = True):
+               writer: bool = True, settings: outdir.Settings | None = None,
+               legacy: Callable[[dict], outdir.Settings] | None = None,
+               log: Callable[[str], None] | None = None):
     """Opens `path` (see the class docstring).
 
-    `writer=False` (a multi-host process other than the first): the same checks, but nothing
-    is created, removed or written; records are read (`reload` after the writer has opened
-    the directory) and `add` keeps them in memory only.
+    Args:
+      settings: the module and result-changing flags of the command (stored on first open,
+        compared on resume); None = a tool reopening a folder it reads or fills (publish,
+        a sub-folder of a grid), which only checks that a non-empty folder is resumed.
+      legacy: run.json -> settings, for folders made before settings.json existed.
+      writer: False (a multi-host process other than the first): the same checks, but
+        nothing is created, moved or written; records are read (`reload` after the writer has
+        opened the directory) and `add` keeps them in memory only.
+      log: where `--overwrite` says where the old folder went.
     """
     self.writer = writer
-    if resume and overwrite:
-      raise InputError("--resume and --overwrite conflict: choose one")
     self.path = os.path.abspath(path)
     self.jsonl = os.path.join(self.path, "results.jsonl")
-    has_results = os.path.exists(self.jsonl) or os.path.exists(
-        os.path.join(self.path, "results.json"))
-    if has_results and not (resume or overwrite):
-      raise InputError(f"output directory {self.path} already holds results; pass --resume to "
-                       "continue it or --overwrite to replace it")
-    if has_results and overwrite and writer:
-      shutil.rmtree(self.path)
+    if settings is None:
+      self._open_plain(resume, overwrite, writer, log)
+    else:
+      self.opened = outdir.open_outdir(
+          self.path, settings, resume=resume, overwrite=overwrite, writer=writer,
+          legacy=legacy, log=log,
+          resumable=lambda p: os.path.exists(os.path.join(p, "results.jsonl")))
+    if writer:
+      self._drop_cut_line()
+    self.reload()
+
+  def _open_plain(self, resume: bool, overwrite: bool, writer: bool, log) -> None:
+    """Opens a folder whose settings are not checked (see __init__): the same refusal of a
+    non-empty folder without a flag and the same move-aside on overwrite."""
+    if resume and overwrite:
+      raise InputError("--resume and --overwrite conflict: choose one")
+    held = outdir.contents(self.path)
+    if held and overwrite:
+      self.opened = outdir.open_outdir(self.path, None, overwrite=True, writer=writer, log=log)
+      return
+    if held and not resume:
+      raise InputError(f"{self.path} already holds {len(held)} entries: choose a new or empty "
+                       "folder")
     if writer:
       try:
         os.makedirs(self.path, exist_ok=True)
-        probe = os.path.join(self.path, ".write-test")
-        with open(probe, "w"):
-          pass
-        os.remove(probe)
       except OSError as e:
-        raise InputError(f"output directory {self.path} is not writable: {e.strerror}") from None
-      self._drop_cut_line()
-    self.reload()
+        raise InputError(f"--out {self.path} is not writable: {e.strerror}") from None
+    self.opened = outdir.Opened(self.path, bool(held), None)
 
   def _drop_cut_line(self) -> None:
     """Truncates results.jsonl after its last newline: a line a kill cut mid-write holds no
@@ -202,3 +220,71 @@ def best_over_lr(records: list[dict], group: Sequence[str]) -> dict[tuple, dict]
 
 def pct(mean: float, std: float) -> str:
   return f"{100 * mean:.1f} ({100 * std:.1f})"
+
+
+def split_text(val_per_class: int, test_per_class: int, records: Sequence[dict]) -> str:
+  """The report's 'Validation: ...; test: ...' clause from the split the runs actually used
+  (each record's n_train, n_val, n_test), not from the flags alone: a small target holds
+  fewer images than the flags ask for. The flags' wording is kept where every target's counts
+  match it; otherwise each target's counts are given.
+
+  Classes of a target = n_train / shots of its evaluation runs (k images per class).
+  """
+  by_target: dict = defaultdict(list)
+  for r in records:
+    if r.get("role", "eval") == "eval" and r.get("shots") and \
+        all(k in r for k in ("n_train", "n_val", "n_test")) and r["n_train"] % r["shots"] == 0:
+      by_target[r.get("target", "")].append(r)
+  val_parts, test_parts, val_ok, test_ok = [], [], True, True
+  for target, runs in by_target.items():
+    classes = {r["n_train"] // r["shots"] for r in runs}
+    if len(classes) != 1:
+      continue
+    c = classes.pop()
+    n_val = sorted({r["n_val"] for r in runs})
+    n_test = sorted({r["n_test"] for r in runs})
+    name = f"{target} " if len(by_target) > 1 else ""
+    if n_val == [val_per_class * c]:
+      val_parts.append(f"{name}{val_per_class}/class")
+    else:
+      val_ok = False
+      val_parts.append(f"{name}{_span(n_val)} images per draw "
+                       f"({_span([v / c for v in n_val])}/class over {c} classes)")
+    if not test_per_class or n_test == [test_per_class * c]:
+      test_parts.append(f"{name}{'all' if not test_per_class else f'{test_per_class}/class'}")
+    else:
+      test_ok = False
+      test_parts.append(f"{name}{_span(n_test)} images ({_span([v / c for v in n_test])}/class "
+                        f"over {c} classes)")
+  val = f"{val_per_class}/class"
+  if not val_ok:
+    val = (", ".join(val_parts) + f" (--val-per-class {val_per_class} asked for more than the "
+           "labelled pool held)")
+  test = "all" if not test_per_class else f"<= {test_per_class}/class"
+  if not test_ok:
+    test = ", ".join(test_parts) + f" (the cap is {test_per_class}/class)"
+  return (f"Validation: {val}, disjoint from the k-shot set and from test; test: {test} of "
+          "the target's test split")
+
+
+def _span(values: Sequence[float]) -> str:
+  """'5' or '4.5-6' (a range when the draws differ)."""
+  lo, hi = min(values), max(values)
+  f = lambda v: f"{v:g}" if float(v).is_integer() else f"{v:.1f}"
+  return f(lo) if lo == hi else f"{f(lo)}-{f(hi)}"
+
+
+def lr_grid_text(strategies: Sequence[str], lrs: dict, tuned: dict) -> str:
+  """The report's 'LR grids' line: each strategy's grid, plus the values tuning extended it
+  to at an edge (`tuned`: cell -> Tuned.to_dict(), cell[3] the strategy)."""
+  parts = []
+  for s in strategies:
+    base = [float(v) for v in lrs[s]]
+    seen = {float(v) for cell, t in tuned.items() if cell[3] == s
+            for v in t.get("grid", {}).get("lr", ())}
+    text = f"{s}: {', '.join(f'{v:g}' for v in base)}"
+    extra = sorted(seen - set(base))
+    if extra:
+      text += f" (extended by tuning to {', '.join(f'{v:g}' for v in extra)})"
+    parts.append(text)
+  return "LR grids: " + "; ".join(parts)

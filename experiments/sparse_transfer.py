@@ -998,14 +998,16 @@ def plot(records: list[dict], plan: dict, path_source: str, path_fig3: str) -> N
 
 
 # ----------------------------------------------------------------------------- main
+@cli.interruptible("experiments.sparse_transfer", lambda argv: parse_args(argv))
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  made_by = cli.settings("experiments.sparse_transfer", args)
   cli.apply_devices(args)
   log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
   t0 = time.time()
   try:
     plan = validate(args)
-    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
+    results = cli.open_results(args, made_by, parse_args)
     run(args, plan, results, log)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -283,8 +283,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
+@cli.interruptible("experiments.truncation", lambda argv: parse_args(argv))
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  made_by = cli.settings("experiments.truncation", args)
   cli.apply_devices(args)
   t0 = time.time()
   try:
@@ -299,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise InputError(f"--points {args.points!r}: expected 'all' or at least 2 of "
                        f"{', '.join(valid)}")
     # Only now, with every flag checked, may an existing output directory be replaced.
-    results = ResultsDir(args.out, resume=args.resume, overwrite=args.overwrite)
+    results = cli.open_results(args, made_by, parse_args)
     run(args, source, specs, points, config, results)
     records = [r for r in results.records if r["target"] in specs and r["point"] in points]
     summary = analyze(records, points)

@@ -87,7 +87,8 @@ def _snapshot(state: Any) -> Any:
 
 
 def fit_converged(state: Any, step_fn: Callable, batch_at: Callable[[int], Any],
-                  val_acc: Optional[Callable[[Any], float]], budget: Budget
+                  val_acc: Optional[Callable[[Any], float]], budget: Budget,
+                  on_step: Optional[Callable[[int, int, Optional[float]], None]] = None
                   ) -> tuple[Any, dict]:
   """Trains until `stopping_point` says stop; returns the best validation state.
 
@@ -98,6 +99,8 @@ def fit_converged(state: Any, step_fn: Callable, batch_at: Callable[[int], Any],
     val_acc: state -> validation accuracy; None (no validation data) trains to the cap and
       keeps the last state.
     budget: the stopping rule.
+    on_step: called (step, cap, latest validation accuracy or None) after every step, e.g. a
+      rate-limited progress line (`jtransfer.protocol.progress.StepTicker.tick`).
 
   Returns:
     (state, info) where info = {'steps': steps trained, 'best_step': step of the kept state,
@@ -116,9 +119,13 @@ def fit_converged(state: Any, step_fn: Callable, batch_at: Callable[[int], Any],
     if not bool(m["finite"]):
       raise nonfinite_error(step - 1, m)
     if val_acc is None or step not in evals:
+      if on_step is not None:
+        on_step(step, budget.cap, curve[-1][1] if curve else None)
       continue
     acc = float(val_acc(state))
     curve.append([step, acc])
+    if on_step is not None:
+      on_step(step, budget.cap, acc)
     if acc > best + budget.min_delta:
       best_state, best_step, best = _snapshot(state), step, acc
     if step - best_step >= budget.patience:

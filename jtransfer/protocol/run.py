@@ -37,7 +37,9 @@ class RunOutcome:
 def train_run(state: Any, step_fn: Callable, batch_at: Callable[[int], Any], *, steps: int,
               budget: Optional[Budget] = None,
               val_acc: Optional[Callable[[Any], float]] = None,
-              finalize: Optional[Callable] = None, keep_initial: bool = False) -> RunOutcome:
+              finalize: Optional[Callable] = None, keep_initial: bool = False,
+              on_step: Optional[Callable[[int, int, Optional[float]], None]] = None
+              ) -> RunOutcome:
   """Trains one run.
 
   Args:
@@ -51,6 +53,8 @@ def train_run(state: Any, step_fn: Callable, batch_at: Callable[[int], Any], *, 
     val_acc: state -> validation accuracy.
     finalize: `(trained params, initial params) -> params` (`Setup.finalize`), or None.
     keep_initial: return the starting params (e.g. to measure how far the filters moved).
+    on_step: `(step, steps or cap, latest validation accuracy or None)` after every step, for
+      a long run's progress line (`jtransfer.protocol.progress.ticker`).
 
   Raises:
     NonFiniteError: a step had a non-finite loss or gradient.
@@ -58,10 +62,10 @@ def train_run(state: Any, step_fn: Callable, batch_at: Callable[[int], Any], *, 
   initial = (jax.tree.map(np.array, state.params)
              if finalize is not None or keep_initial else None)
   if budget is None or val_acc is None:
-    state = fit(state, step_fn, batch_at, steps)
+    state = fit(state, step_fn, batch_at, steps, on_step=on_step)
     info = dict(steps=steps, best_step=steps, stopped="fixed", curve=[])
   else:
-    state, info = fit_converged(state, step_fn, batch_at, val_acc, budget)
+    state, info = fit_converged(state, step_fn, batch_at, val_acc, budget, on_step=on_step)
   if parallel.is_multiprocess():  # replicated over every process: a local copy to read
     state = parallel.host_copy(state)
   if finalize is not None:  # e.g. WiSE-FT: the weights interpolated toward the start

@@ -54,7 +54,8 @@ def nonfinite_error(step: int, metrics: dict) -> NonFiniteError:
 
 def fit(state: TrainState, step_fn: Callable, batch_at: Callable[[int], Any], num_steps: int, *,
         checkpointer: Optional[RunCheckpointer] = None, metrics: Optional[MetricsWriter] = None,
-        log_every: int = 50, progress: bool = False, desc: str = "train") -> TrainState:
+        log_every: int = 50, progress: bool = False, desc: str = "train",
+        on_step: Optional[Callable[[int, int, Optional[float]], None]] = None) -> TrainState:
   """Runs `step_fn` until `state.step == num_steps`, resuming from a checkpoint if there is one.
 
   Args:
@@ -68,6 +69,8 @@ def fit(state: TrainState, step_fn: Callable, batch_at: Callable[[int], Any], nu
     log_every: metrics period.
     progress: show a progress bar on stderr.
     desc: progress bar label.
+    on_step: called (step, num_steps, None) after every step: a rate-limited progress line
+      (`jtransfer.protocol.progress.StepTicker.tick`) where a bar would flood a log.
 
   Raises:
     NonFiniteError: a step had a non-finite loss or gradient; the state of the last good step
@@ -91,6 +94,8 @@ def fit(state: TrainState, step_fn: Callable, batch_at: Callable[[int], Any], nu
         checkpointer.maybe_save(step + 1, state, force=step + 1 == num_steps)
       if bar is not None:
         bar.update(1)
+      if on_step is not None:
+        on_step(step + 1, num_steps, None)
   finally:
     if bar is not None:
       bar.close()
