@@ -35,6 +35,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from jtransfer import models
 from jtransfer.methods import transfer
 # The attention, the losses and the config live in their own modules; every name stays
 # importable from here.
