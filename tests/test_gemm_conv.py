@@ -1,5 +1,7 @@
 """Dense convolutions with the patch-GEMM kernel gradient (models.gemm_conv): the same value
 and gradients as XLA's convolution, the same params and models, and 'auto's choice."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,14 +17,15 @@ def _xla(x, kernel, strides, padding):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))  # one compile, not one per op
 def _value_and_grads(conv, x, kernel, strides, padding, cot):
   y, vjp = jax.vjp(lambda a, b: conv(a, b, strides, padding), x, kernel)
   return (y, *vjp(cot))
 
 
 @pytest.mark.parametrize("k,stride,padding,shape", [
-    (1, 1, "VALID", (2, 6, 6, 4)), (1, 2, "SAME", (3, 7, 9, 5)), (1, 2, ((0, 0), (0, 0)),
-                                                                   (1, 5, 5, 3)),
+    (1, 1, "VALID", (2, 6, 6, 4)), (1, 2, "SAME", (3, 7, 9, 5)),
+    (1, 2, ((0, 0), (0, 0)), (1, 5, 5, 3)),
     (3, 1, "SAME", (2, 9, 8, 3)), (3, 2, "SAME", (1, 9, 7, 4)), (3, 2, "VALID", (2, 8, 9, 3)),
     (3, 2, ((1, 1), (1, 1)), (3, 7, 7, 5)), (3, 1, ((0, 1), (1, 0)), (1, 6, 5, 2)),
     (7, 2, ((3, 3), (3, 3)), (2, 11, 9, 3)), (7, 1, "VALID", (1, 9, 10, 2)),
@@ -113,24 +116,42 @@ def test_auto_takes_the_gemm_for_1x1_kernels_on_cpu(monkeypatch):
     gemm_conv.conv_impl()
 
 
-def test_model_equal_under_both_implementations(monkeypatch):
-  """resnet_s, every conv forced through the GEMM vs none: same params, loss and gradients."""
+class _Units(nn.Module):
+  """A 3x3 stride-2 unit with BN, then a 1x1 unit with bias: what conv_layer builds."""
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = common.ConvUnit(6, 3, 2, 1, use_bn=True, name="a")(x, train)
+    return common.ConvUnit(4, 1, 1, 0, relu=False, name="b")(x, train).mean(axis=(1, 2))
+
+
+def _loss_and_grads(model, shape, monkeypatch):
+  """{impl: (params, loss, grads)} of `model` built under CONV_IMPL 'xla' and 'gemm'."""
   monkeypatch.delenv("JTRANSFER_CONV_IMPL", raising=False)
-  model = models.get_model("resnet_s", 5)
   g = np.random.default_rng(2)
-  x = jnp.asarray(g.normal(size=(3, 16, 16, 1)), jnp.float32)
-  y = jnp.asarray([0, 3, 4])
+  x = jnp.asarray(g.normal(size=(3, *shape)), jnp.float32)
+  y = jnp.asarray([0, 3, 1])
   out = {}
   for impl in ("xla", "gemm"):
     monkeypatch.setattr(gemm_conv, "CONV_IMPL", impl)
-    v = models.init_model(model, jax.random.PRNGKey(0), (16, 16, 1))
+    v = jax.jit(lambda: models.init_model(model, jax.random.PRNGKey(0), shape))()
 
     def loss(params):
       logits = models.apply_model(model, params, v["batch_stats"], x, train=True)[0]
       return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(3), y])
 
-    out[impl] = (v["params"], *jax.value_and_grad(loss)(v["params"]))
+    out[impl] = (v["params"], *jax.jit(jax.value_and_grad(loss))(v["params"]))
   jax.tree.map(np.testing.assert_array_equal, out["xla"][0], out["gemm"][0])
   np.testing.assert_allclose(out["gemm"][1], out["xla"][1], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                out["gemm"][2], out["xla"][2])
+
+
+def test_conv_units_equal_under_both_implementations(monkeypatch):
+  """Same params, loss and gradients with every dense conv through the GEMM or none."""
+  _loss_and_grads(_Units(), (9, 9, 2), monkeypatch)
+
+
+@pytest.mark.slow  # two resnet_s compiles: ~30 s idle, minutes on the shared cores
+def test_resnet_s_equal_under_both_implementations(monkeypatch):
+  _loss_and_grads(models.get_model("resnet_s", 5), (16, 16, 1), monkeypatch)
