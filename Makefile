@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?= -q -n 2 --durations=15
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo test bench docs clean
 
 setup: $(VENV)/.installed data
 
@@ -34,6 +34,12 @@ test: setup
 
 bench: setup
 	JAX_PLATFORMS=cpu $(PY) -m bench.run
+
+# API reference pages (HTML) for jtransfer from its docstrings; tests/test_docs.py builds the same
+# pages and fails on any pdoc warning.
+DOCS_OUT ?= docs/api
+docs: setup
+	JAX_PLATFORMS=cpu $(PY) -m pdoc --docformat google --output-directory $(DOCS_OUT) jtransfer
 
 clean:
 	rm -rf results .cache $(VENV)

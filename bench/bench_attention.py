@@ -143,7 +143,7 @@ def main(argv=None) -> None:
     target = transfer.target_model(source, args.classes)
     tparams, tstats = transfer.init_target(source, target, 0)
     images = rng.integers(0, 256, (args.images, *shape), dtype=np.uint8)
-    config = delta.get_config()
+    config = delta.Config()
     probe = functools.partial(delta.train_probe_bn_train, target, tparams, tstats, images,
                               labels, source.mean, source.std)
     t0 = time.process_time()

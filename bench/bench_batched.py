@@ -9,7 +9,7 @@ the weights do not change the arithmetic), Freeze+CWL (the full model runs, only
 the CWL scales train) at each k-shot batch size, the jitted single-run step against the
 batched step over R runs. Both are timed round-robin (`bench.common.round_robin_medians`) after
 compilation; the table gives milliseconds per step, per run-step, and the batched speed-up
-(single ms / (batched ms / R)). On the 2-core CPU an earlier measurement (BUILD_NOTES.md) put
+(single ms / (batched ms / R)). On the 2-core CPU an earlier measurement (docs/decisions.md) put
 the speed-up at 0.75-0.89x, which is why 'auto' is 1 there; on an H200 it was 4.8-72x
 (bench/GPU.md).
 """

@@ -41,9 +41,11 @@ def median_time(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def make_step(source, name: str, images, labels) -> callable:
-  """A closure running one compiled train step of strategy `name` (3 warm-up steps done)."""
-  setup = transfer.get_strategy(name).build(source, 5, 1000)
+def make_step(source, name: str, images, labels, config=None) -> callable:
+  """A closure running one compiled train step of strategy `name` (3 warm-up steps done),
+  with DELTA's `config` knob when given."""
+  setup = transfer.get_strategy(name).build(source, 5, 1000,
+                                            **({"config": config} if config else {}))
   params, stats = setup.init(0, images, labels)
   step = make_train_step(setup.loss_fn, setup.optimizer)
   box = [init_state(params, stats, setup.optimizer, 0, 0.01)]
@@ -66,17 +68,15 @@ def step_times(source, names, images, labels, repeats: int) -> dict[str, float]:
   steps = {}
   for name in names:
     base, _, live = name.partition("/")
-    old = delta.configure(source_cache_mb=0.0) if live else None
-    steps[name] = make_step(source, base, images, labels)
-    if old is not None:
-      delta.set_config(old)
+    config = delta.Config(source_cache_mb=0.0) if live else None
+    steps[name] = make_step(source, base, images, labels, config)
   return round_robin_medians(steps, repeats, warmup=0)  # make_step warmed each up
 
 
 def attention_times(source, images, labels, repeats: int) -> dict:
   model = transfer.target_model(source, 5)
-  taps = delta.resolve_taps(source, model, delta.get_config())
-  computer = delta.AttentionComputer(source, model, taps, delta.get_config())
+  taps = delta.resolve_taps(source, model, delta.Config())
+  computer = delta.AttentionComputer(source, model, taps, delta.Config())
   # Cold: nothing compiled yet (the step timings above compiled the same functions).
   for cached in (delta.ablation_fn, delta._probe_step, delta._features_fn):  # noqa: SLF001
     cached.cache_clear()

@@ -3,8 +3,8 @@
   python -m bench.bench_grid [--repeats 1] [--out bench/GRID.md]
 
 The grid is `experiments.cwl_tables`' Table I (Freeze, Freeze+CWL; both small archs; both
-embedded targets; k in {1,3,5,10}; the paper's freeze LR grid) under the protocol of DESIGN.md
-section 8, the same in both arms:
+embedded targets; k in {1,3,5,10}; the paper's freeze LR grid) under the protocol of
+docs/protocol.md, the same in both arms:
   * every run evaluates its validation accuracy every `--eval-every` steps, stops once it has
     not improved for `--patience` steps (at most `--steps`) and keeps its best validation state;
   * per (arch, target, k, strategy), the LR is chosen by mean validation accuracy over
@@ -495,7 +495,7 @@ def report(args, argv, arms: dict, load: tuple) -> str:
             "under early stopping (a vmapped group would have to run until its slowest run "
             "stops, and each run stops at its own step), so `--batch-runs 64` would time the "
             "same thing as the jtransfer arm; batching also measured 0.75-0.89x of one run at "
-            "a time on this 2-core CPU at fixed length (BUILD_NOTES.md).", ""]
+            "a time on this 2-core CPU at fixed length (docs/decisions.md).", ""]
   return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ factor tunes afresh (a longer budget may prefer a smaller LR) on the same draws,
 factors pair by draw. report.md gives, per cell, the tuned test accuracy, the mean steps
 trained and the share of runs that hit the cap at each factor, and the paired difference
 4x - 1x with its 95% CI and a reading: 'converged' when the interval lies within +-1 point,
-'cap-bound' when it lies above 0, 'unclear' otherwise. Protocol rule 1 (DESIGN.md section 8).
+'cap-bound' when it lies above 0, 'unclear' otherwise. Protocol rule 1 (docs/protocol.md).
 
 Reduced (one arch, one target, three strategies, 3 draws; tens of CPU-minutes):
 

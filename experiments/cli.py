@@ -39,7 +39,7 @@ def add_results_flags(p: argparse.ArgumentParser, out: str,
 def add_stopping_flags(p: argparse.ArgumentParser, patience: int = 100, what: str = "a run",
                        steps: int | None = None) -> None:
   """--patience and --eval-every (and --steps when given a default): the stopping rule of
-  `jtransfer.protocol.budget` (DESIGN.md section 8, rule 1), for modules whose runs stop early.
+  `jtransfer.protocol.budget` (docs/protocol.md, rule 1), for modules whose runs stop early.
 
   Args:
     p: the parser.
@@ -65,6 +65,20 @@ def add_tune_extend_flag(p: argparse.ArgumentParser, default: int = 2) -> None:
                       "by up to this many values on that side")
 
 
+def target_list(values, default) -> list[str]:
+  """The --target specs: each repeated flag split at ';', `default` when the flag is absent.
+
+  Raises:
+    InputError: the flag was given but names no dataset (`--target ""`), which would otherwise
+      run an empty grid and fail after writing its report.
+  """
+  targets = [t for flag in (values or default) for t in flag.split(";") if t.strip()]
+  if not targets:
+    raise InputError(f"--target {';'.join(values)!r} names no dataset; expected e.g. "
+                     "--target digits or --target folder:/path (omit --target for the default)")
+  return targets
+
+
 def check_validation_needs(args: argparse.Namespace) -> None:
   """Early stopping (--patience) and tuning draws (--tune-repeats) read validation images:
   refuse either without them, naming the flag to change."""
@@ -82,6 +96,9 @@ def apply_devices(args: argparse.Namespace) -> None:
   their total) and every process holds whole global batches (`parallel.set_default_mesh`).
   """
   try:
+    if args.devices < 1:
+      raise InputError(f"--devices must be >= 1 (the number of devices to train on), got "
+                       f"{args.devices}")
     processes = getattr(args, "num_processes", 1)
     if processes > 1:
       if not 0 <= args.process_id < processes:

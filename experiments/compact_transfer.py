@@ -1,4 +1,4 @@
-"""Compact transfer by joint learning (compact-cnn-transfer; DESIGN.md 4.4): teacher vs students.
+"""Compact transfer by joint learning (compact-cnn-transfer): teacher vs students.
 
   python -m experiments.compact_transfer --arch resnet_s --out results/compact_transfer
 
@@ -20,7 +20,7 @@ disjoint validation set of `--val-per-class` images per class):
     the strategy has scales, else |BN scale| or filter L1 norm), fine-tuned on the labels alone
     or with the teacher's soft targets: pruning and distillation combined.
 
-Protocol (DESIGN.md section 8, `jtransfer.protocol`):
+Protocol (docs/protocol.md, `jtransfer.protocol`):
   * Converged runs: every teacher and student run evaluates its validation accuracy every
     `--eval-every` steps, stops once it has not improved for `--patience` steps or at its cap
     (`--teacher-steps`, `--student-steps`) and keeps its best validation state; each record
@@ -176,7 +176,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--lam", default="0.5,0.75,0.9",
                  help="lambda grid (weight of the teacher term); a grid's values must lie in "
                       "(0, 1), a single value in [0, 1]")
-  # The protocol (DESIGN.md section 8).
+  # The protocol (docs/protocol.md).
   p.add_argument("--teacher-steps", type=int, default=500, help="step cap of a teacher run")
   p.add_argument("--student-steps", type=int, default=1000, help="step cap of a student run")
   cli.add_stopping_flags(p, 100, "a run")
@@ -227,7 +227,7 @@ def validate(args: argparse.Namespace) -> dict:
   if prune_lib is None and PRUNED & set(variants):
     notes.append("jtransfer.methods.prune is missing: pruned variants skipped")
     variants = [v for v in variants if v not in PRUNED]
-  targets = [t for flag in (args.target or DEFAULT_TARGETS) for t in flag.split(";") if t]
+  targets = cli.target_list(args.target, DEFAULT_TARGETS)
   for t in targets:
     parse_spec(t, flag="--target")
   if not args.source.startswith("ckpt:"):

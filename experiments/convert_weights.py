@@ -107,7 +107,7 @@ def convert(arch: str, weights_path: str, *, input_shape=(224, 224, 3),
                      f"{len(mean)} and {len(std)}")
   if min(std) <= 0:
     raise InputError(f"--std values must be > 0, got {list(std)}")
-  state_dict = weights.load_state_dict(weights_path)
+  state_dict = weights.torchvision.select_prefix(arch, weights.load_state_dict(weights_path))
   if arch == "inception_v3" and not dict(config or {}).get("aux_logits"):
     # torchvision's Inception-V3 checkpoints carry the auxiliary classifier (AuxLogits.*),
     # which transfer never runs: drop it unless the config keeps the aux head.

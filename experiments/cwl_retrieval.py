@@ -104,7 +104,7 @@ def validate(args) -> dict:
     if s == "freeze":
       lrs[s] = (0.0,)  # conv layers untouched: the source's MAC, nothing to train
     if len(lrs[s]) > 1:
-      # The paper picks the LR by the reported mAP; DESIGN.md section 8 forbids choosing on
+      # The paper picks the LR by the reported mAP; docs/protocol.md forbids choosing on
       # test data, and this module holds no validation split to choose on instead.
       raise InputError(f"--lrs {args.lrs!r} gives {s} {len(lrs[s])} learning rates, but "
                        "cwl_retrieval has no validation split to choose among them (the mAP "

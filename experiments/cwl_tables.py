@@ -3,7 +3,7 @@
   python -m experiments.cwl_tables --out results/cwl_tables
 
 runs the paper's tables on the embedded benchmark (both small archs, targets fmnist:1,5,7,8,9
-and digits, k in {1,3,5,10}, 10 evaluation draws) under the protocol of DESIGN.md section 8,
+and digits, k in {1,3,5,10}, 10 evaluation draws) under the protocol of docs/protocol.md,
 through `experiments.fewshot`'s grid runner (one k-shot draw per (arch, target, k, repeat),
 shared by all strategies):
 

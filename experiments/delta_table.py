@@ -54,7 +54,6 @@ Smoke tests (tiny source, a few steps; mostly XLA compilation): tests/test_delta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -67,6 +66,7 @@ from typing import Sequence
 import numpy as np
 
 from experiments import cli, fewshot, pretrain, publish
+from experiments.knobs import plan_knobs, strategy_of
 from experiments.report import ResultsDir
 from jtransfer import models, surgery
 from jtransfer.data import Batches, parse_spec, sample_kshot
@@ -198,33 +198,19 @@ def parse_alphas(text: str | None, flag: str) -> tuple[float, ...] | None:
   return tuple(sorted(values))
 
 
-def alpha_overrides(args) -> dict[str, tuple[tuple[float, ...], float]]:
-  """strategy -> (alpha grid, paper-grid alpha) for the strategies an alpha flag sets."""
+def alpha_overrides(args, plan: dict) -> dict[str, tuple[dict, dict]]:
+  """strategy -> (knob grids, knob defaults) with the alpha grid and paper-grid alpha an alpha
+  flag sets, for plan['knobs'] (`experiments.knobs.strategy_of`)."""
   out = {}
   for field, names in ALPHA_FLAGS.items():
     grid = parse_alphas(getattr(args, field), "--" + field.replace("_", "-"))
     if grid is None:
       continue
     for name in names:
-      default = transfer.get_strategy(name).knob_defaults["alpha"]
-      out[name] = (grid, grid[0] if len(grid) == 1 else default)
+      s = strategy_of(plan, name)
+      default = grid[0] if len(grid) == 1 else s.knob_defaults["alpha"]
+      out[name] = ({**s.knobs, "alpha": grid}, {**s.knob_defaults, "alpha": default})
   return out
-
-
-@contextlib.contextmanager
-def strategy_knobs(overrides: dict):
-  """The registered strategies with their alpha grid and paper value replaced, for the grid
-  runner and the report (both read `Strategy.knobs` / `knob_defaults`); restored on exit."""
-  saved = {}
-  try:
-    for name, (grid, default) in overrides.items():
-      saved[name] = transfer.get_strategy(name)
-      transfer.STRATEGIES[name] = dataclasses.replace(
-          saved[name], knobs={**saved[name].knobs, "alpha": grid},
-          knob_defaults={**saved[name].knob_defaults, "alpha": default})
-    yield
-  finally:
-    transfer.STRATEGIES.update(saved)
 
 
 def settings_of(config: delta.Config) -> dict:
@@ -260,10 +246,15 @@ def validate(args: argparse.Namespace) -> dict:
   taps = parse_taps(args.taps)
   if taps:
     changes["taps"] = taps
-  config = dataclasses.replace(delta.get_config(), **changes).validate()
+  # DELTA's config reaches the strategies as their `config` knob (plan['options']).
+  options, env_knobs = plan_knobs(plan["strategies"], changes)
+  config = (next(iter(options.values()))["config"] if options
+            else delta.Config(**changes).validate())
   plan["delta"] = changes
+  plan["delta_config"] = config
+  plan["options"] = options
   plan["settings"] = settings_of(config)
-  plan["alphas"] = alpha_overrides(args)
+  plan["knobs"] = {**env_knobs, **alpha_overrides(args, plan)}
   plan["curves"] = None
   if not args.no_curves:
     schedules = [s.strip() for s in args.curve_schedules.split(",") if s.strip()]
@@ -336,7 +327,7 @@ def curve_knobs(records: list[dict], plan: dict, args) -> dict[str, dict]:
   tuned = fewshot.choose(records, plan, args)
   out = {}
   for name in CURVE_STRATEGIES:
-    strategy = transfer.get_strategy(name)
+    strategy = strategy_of(plan, name)
     t = tuned.get((c["arch"], c["target"], c["shots"], name))
     if all(len(v) == 1 for v in strategy.knobs.values()):
       out[name] = dict(hp=transfer.hp_string({k: v[0] for k, v in strategy.knobs.items()}),
@@ -358,24 +349,22 @@ def run_curves(args, plan: dict, knobs: dict) -> dict:
   out = dict(config=curve_config(plan, knobs), curves={}, distances={})
   data_cache: dict = {}
   for schedule in c["schedules"]:
-    old = delta.configure(schedule=schedule)
-    try:
-      runs = fewshot.TargetRuns(source, c["target"], curve_args, data_cache, {})
-      train_idx, _ = sample_kshot(runs.pool.labels, c["shots"], args.seed,
-                                  num_classes=runs.num_classes)
-      for name in CURVE_STRATEGIES:
-        t0 = time.time()
-        curve, params = learning_curve(runs, name, train_idx, args.seed, c["lr"], c["every"],
-                                       knobs[name]["hp"])
-        out["curves"][f"{schedule}|{name}"] = curve
-        if schedule == "exp" or len(c["schedules"]) == 1:
-          out["distances"][name] = filter_distances(params, source.variables["params"])
-        if not args.quiet:
-          acc = curve["test_acc"][-1] if curve["test_acc"] else float("nan")
-          print(f"[curves] {schedule} {name} {knobs[name]['hp']}: test {acc:.4f} "
-                f"({time.time() - t0:.1f}s)", file=sys.stderr)
-    finally:
-      delta.set_config(old)
+    config = dataclasses.replace(plan["delta_config"], schedule=schedule)
+    options = {name: {"config": config} for name in CURVE_STRATEGIES}
+    runs = fewshot.TargetRuns(source, c["target"], curve_args, data_cache, {}, options)
+    train_idx, _ = sample_kshot(runs.pool.labels, c["shots"], args.seed,
+                                num_classes=runs.num_classes)
+    for name in CURVE_STRATEGIES:
+      t0 = time.time()
+      curve, params = learning_curve(runs, name, train_idx, args.seed, c["lr"], c["every"],
+                                     knobs[name]["hp"])
+      out["curves"][f"{schedule}|{name}"] = curve
+      if schedule == "exp" or len(c["schedules"]) == 1:
+        out["distances"][name] = filter_distances(params, source.variables["params"])
+      if not args.quiet:
+        acc = curve["test_acc"][-1] if curve["test_acc"] else float("nan")
+        print(f"[curves] {schedule} {name} {knobs[name]['hp']}: test {acc:.4f} "
+              f"({time.time() - t0:.1f}s)", file=sys.stderr)
   return out
 
 
@@ -437,11 +426,11 @@ def plot_distances(distances: dict, path: str) -> None:
 # ----------------------------------------------------------------------------- report
 def recipe_text(plan: dict, args) -> str:
   """One paragraph: DELTA's recipe, its alpha grids and how alpha was chosen."""
-  config = dataclasses.replace(delta.get_config(), **plan["delta"])
+  config = plan["delta_config"]
   grids = []
   for name in ("l2sp", "delta_noatt", "delta"):
     if name in plan["strategies"]:
-      s = transfer.get_strategy(name)
+      s = strategy_of(plan, name)
       grids.append(f"{TITLES[name]} {{{', '.join(f'{a:g}' for a in s.knobs['alpha'])}}} "
                    f"(paper rows {s.knob_defaults['alpha']:g})")
   folds = {fewshot.cv_folds(args, n) for n in plan["strategies"] if n in ALPHA_FLAGS["alpha"]
@@ -478,8 +467,7 @@ def fig3_claim(tuned_records: list[dict]) -> list[dict]:
 
 def make_report(records: list[dict], plan: dict, args, curves: dict | None
                 ) -> tuple[str, dict]:
-  """report.md text and summary.json content, from the records (and curves) alone; call it
-  under `strategy_knobs(plan['alphas'])`."""
+  """report.md text and summary.json content, from the records (and curves) alone."""
   title = "\n".join(["# DELTA: Table 1, Fig. 2, Fig. 3 on the embedded benchmark", "",
                      recipe_text(plan, args)])
   text, summary = fewshot.make_report(
@@ -551,18 +539,12 @@ def read_curves(folder: str) -> dict | None:
 
 def publish_report(records: list[dict], plan: dict, args, folder: str) -> tuple[str, dict]:
   """The report from a folder's records and curves.json, under the plan's DELTA settings."""
-  old = delta.get_config()
-  try:
-    delta.configure(**plan["delta"])
-    with strategy_knobs(plan["alphas"]):
-      return make_report(records, plan, args, read_curves(folder) if plan["curves"] else None)
-  finally:
-    delta.set_config(old)
+  return make_report(records, plan, args, read_curves(folder) if plan["curves"] else None)
 
 
 def grid_keys(records: list[dict], plan: dict, args) -> set[tuple]:
-  with strategy_knobs(plan["alphas"]):
-    return fewshot.grid_keys(records, plan, args)
+  """Every run key the grid holds (the plan's alpha grids included)."""
+  return fewshot.grid_keys(records, plan, args)
 
 
 def write_outputs(results: ResultsDir, plan: dict, args, curves: dict | None, argv,
@@ -581,21 +563,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   cli.apply_devices(args)
   t0 = time.time()
-  old = delta.get_config()
   try:
     plan = validate(args)
     results = DeltaResults(args.out, plan["settings"], resume=args.resume,
                            overwrite=args.overwrite)
-    delta.configure(**plan["delta"])
-    with strategy_knobs(plan["alphas"]):
-      fewshot.run_grid(args, plan, results)
-      curves = curves_for(args, plan, results)
-      text = write_outputs(results, plan, args, curves, argv, t0)
+    fewshot.run_grid(args, plan, results)
+    curves = curves_for(args, plan, results)
+    text = write_outputs(results, plan, args, curves, argv, t0)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  finally:
-    delta.set_config(old)   # main() may run in-process (tests): leave the defaults as found
   return cli.finish(results, text, t0)
 
 

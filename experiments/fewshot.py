@@ -9,7 +9,7 @@ accuracy_vs_shots.png. With no flags it runs the embedded default: both small ar
 embedded targets, freeze and finetune, shots 1,5,10, 2 evaluation draws and 1 tuning draw,
 2 LRs per strategy (extended at an edge), runs capped at 500 steps, 300 test images per class.
 
-Protocol (DESIGN.md section 8, `jtransfer.protocol`): for each (arch, target, k) and draw one
+Protocol (docs/protocol.md, `jtransfer.protocol`): for each (arch, target, k) and draw one
 stratified k-shot set plus a disjoint validation set (`--val-per-class`) from the target's train
 split, shared by every strategy and LR (paired comparison). Every run trains full batches of the
 k-shot set (at most `--batch-size`) until its validation accuracy has not improved for
@@ -25,6 +25,7 @@ once per (arch, target).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -33,15 +34,16 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from experiments import cli, pretrain, publish
+from experiments import cli, knobs, pretrain, publish
 from experiments.report import ResultsDir, best_over_lr, pct, positive_ints
-from jtransfer import models, surgery
+from jtransfer import checks, models, surgery
 from jtransfer.data import Batches, ImageSet, augment, load_spec, parse_spec, sample_kshot
 from jtransfer.data.stream import StreamOptions, is_lazy
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import delta, transfer
-from jtransfer.protocol import Budget, claims, fit_converged, tuning
-from jtransfer.train import (accuracy, batched, fit, init_state, make_optimizer,
+from jtransfer.protocol import Budget, claims, tuning
+from jtransfer.protocol.run import train_run
+from jtransfer.train import (accuracy, batched, init_state, make_optimizer,
                              make_train_step, parallel, predict_logits)
 from jtransfer.train.loop import nonfinite_error
 
@@ -55,7 +57,7 @@ REDUCED_LRS = {"freeze": (1e-2, 5e-2), "finetune": (1e-4, 1e-3)}
 
 # Runs of a frozen-backbone strategy trained together per vmapped step (jtransfer.train.batched).
 # Measured on the 2-core CPU: 0.75-0.89x the speed of one run at a time (the runs are already
-# compute-bound there; BUILD_NOTES.md), so 'auto' batches only on accelerators, where a k-shot
+# compute-bound there; docs/decisions.md), so 'auto' batches only on accelerators, where a k-shot
 # batch of 5-64 images leaves the device idle.
 BATCH_RUNS_ACCELERATOR = 64
 
@@ -83,7 +85,7 @@ def resolve_batch_runs(value) -> int:
 
 def add_protocol_flags(p: argparse.ArgumentParser, steps: int = 500, patience: int = 100,
                        tune_repeats: int = 2, val_per_class: int = 20) -> None:
-  """The protocol's flags (DESIGN.md section 8): run budget, validation, tuning draws."""
+  """The protocol's flags (docs/protocol.md): run budget, validation, tuning draws."""
   cli.add_stopping_flags(p, patience, "a run", steps=steps)
   p.add_argument("--val-per-class", type=int, default=val_per_class,
                  help="validation images per class, disjoint from the k-shot set and from test")
@@ -167,7 +169,7 @@ def validate(args: argparse.Namespace) -> dict:
   strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
   for s in strategies:
     transfer.get_strategy(s)
-  targets = [t for flag in (args.target or DEFAULT_TARGETS) for t in flag.split(";") if t]
+  targets = cli.target_list(args.target, DEFAULT_TARGETS)
   for t in targets:
     parse_spec(t, flag="--target")
   if not args.source.startswith("ckpt:"):
@@ -200,9 +202,11 @@ def validate(args: argparse.Namespace) -> dict:
   if augment_recipe(args).kind == "pad" and getattr(args, "stored_size", 0):  # also parses
     raise InputError(f"--augment {args.augment} crops back to the stored size, so it cannot "
                      "be combined with --stored-size: use crop or rrc")
+  options, knob_grids = knobs.plan_knobs(strategies)
   return dict(archs=archs, strategies=strategies, targets=targets,
               shots=positive_ints(args.shots, "--shots"), lrs=lrs,
-              shard=parse_shard(getattr(args, "shard", None)))
+              shard=parse_shard(getattr(args, "shard", None)), options=options,
+              knobs=knob_grids)
 
 
 def augment_recipe(args) -> augment.Recipe:
@@ -275,7 +279,7 @@ class TargetRuns:
   """Everything shared by the runs of one (arch, target): data, cached features, compiled fns."""
 
   def __init__(self, source: transfer.Source, spec: str, args, data_cache: dict,
-               setup_cache: dict):
+               setup_cache: dict, options: dict | None = None):
     shape = stored_shape(args, source.input_shape)
     key = (spec, shape)
     if key not in data_cache:
@@ -283,6 +287,8 @@ class TargetRuns:
                                   stream=stream_options(args))
     data = data_cache[key]
     self.source, self.spec, self.args = source, spec, args
+    # strategy -> extra `build` keyword arguments (`knobs.plan_knobs`: DELTA's config)
+    self.options = options or {}
     self.pool = data.train
     self.test = cap_per_class(data.test, args.test_per_class)
     # Stored larger than the input: the network sees test-time views (Resize + CenterCrop);
@@ -299,6 +305,22 @@ class TargetRuns:
     # Setups (and so compiled steps) are shared by every target with the same class count.
     self._setups = setup_cache.setdefault((id(source), self.num_classes), {})
     self._features = None
+    # What loading did to the data (logged by the loader), then a check of the features: the
+    # report repeats these sentences (records carry them).
+    self.notes = tuple(data.notes) + self._feature_notes()
+
+  def _feature_notes(self) -> tuple[str, ...]:
+    """A dead-features warning (`checks.dead_features_note`), logged, or nothing."""
+    n = min(FEATURE_BATCH, len(self.pool))  # one batch: the feature cache's compiled shape
+    rows = np.sort(np.random.default_rng(0).choice(len(self.pool), n, replace=False))
+    feats = transfer.extract_features(self.source, self.num_classes, self.pool.images[rows],
+                                      batch_size=FEATURE_BATCH)
+    note = checks.dead_features_note(feats, f"--source {self.args.source} on --target "
+                                            f"{self.spec} ({self.source.arch})")
+    if note is None:
+      return ()
+    logging.getLogger(__name__).warning("%s", note)
+    return (note,)
 
   def features(self, idx: np.ndarray):
     """Head inputs for pool rows `idx` and for the test set, computed once per image.
@@ -328,7 +350,7 @@ class TargetRuns:
     if (name, hp) not in self._setups:
       strategy = transfer.get_strategy(name)
       setup = strategy.build(self.source, self.num_classes, self.args.steps,
-                             **transfer.parse_hp(hp))
+                             **self.options.get(name, {}), **transfer.parse_hp(hp))
       recipe = augment_recipe(self.args)
       head_only = strategy.head_only and not self.args.no_feature_cache and not recipe.active
       if strategy.head_only and recipe.active and not self.args.quiet:
@@ -396,22 +418,15 @@ class TargetRuns:
     setup, step, _, head_only = self.setup(name, hp)
     state, batches, x_val, x_test, forward = self._prepare(name, train_idx, val_idx, lr, seed,
                                                            hp)
-    # The starting point, on the host (the step donates the state's buffers).
-    initial = (jax.tree.map(np.array, state.params)
-               if setup.finalize is not None or not head_only else None)
-    if budget is None or not len(val_idx):
-      state = fit(state, step, batches.at, self.args.steps)
-      info = dict(steps=self.args.steps, best_step=self.args.steps, stopped="fixed")
-    else:
+    val = None
+    if budget is not None and len(val_idx):
       labels = self.pool.labels[val_idx]
       val = lambda st: accuracy(predict_logits(forward, st.params, st.batch_stats, x_val),
                                 labels)
-      state, info = fit_converged(state, step, batches.at, val, budget)
-      info.pop("curve")
-    if parallel.is_multiprocess():  # replicated over every process: a local copy to read
-      state = parallel.host_copy(state)
-    if setup.finalize is not None:  # e.g. WiSE-FT: the weights interpolated toward the start
-      state = state.replace(params=setup.finalize(state.params, initial))
+    out = train_run(state, step, batches.at, steps=self.args.steps, budget=budget, val_acc=val,
+                    finalize=setup.finalize, keep_initial=not head_only)
+    state, info, initial = out.state, out.info, out.initial
+    info.pop("curve")
     if not head_only:  # how far training moved the conv filters (DELTA's Fig. 3 measure)
       # Per-run constants (DELTA's frozen source copy and attention) are not trained filters.
       start = {k: v for k, v in initial.items() if k != delta.FROZEN_KEY}
@@ -504,6 +519,8 @@ def _record(key, train_idx, val_idx, runs: "TargetRuns", args) -> dict:
     out["augment"] = recipe
   if runs.stored is not None:
     out["stored_size"] = int(runs.stored.images.shape[1])
+  if runs.notes:  # conversions and warnings, repeated in the report
+    out["notes"] = list(runs.notes)
   return out
 
 
@@ -581,7 +598,7 @@ def choose(records: list[dict], plan: dict, args, run_missing=None,
       for shots in plan["shots"]:
         for name in plan["strategies"]:
           cell = (arch, spec, shots, name)
-          strategy = transfer.get_strategy(name)
+          strategy = knobs.strategy_of(plan, name)
 
           def keys_of(point, cell=cell):
             hp = transfer.hp_string({k: v for k, v in point.items() if k != "lr"})
@@ -602,7 +619,7 @@ def eval_points(plan: dict, args, tuned: dict, cell: tuple) -> list[tuple[float,
   """(lr, hp) run on a cell's evaluation draws: the tuned point, plus under --paper-grid every
   LR of the grid at the paper's knob values."""
   name = cell[3]
-  hp0 = transfer.hp_string(transfer.get_strategy(name).knob_defaults)
+  hp0 = transfer.hp_string(knobs.strategy_of(plan, name).knob_defaults)
   points = ([(lr, hp0) for lr in plan["lrs"][name]]
             if (args.paper_grid or not args.tune_repeats) else [])
   if cell in tuned and (tuned[cell]["choice"]["lr"], tuned[cell]["hp"]) not in points:
@@ -685,7 +702,7 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
     for spec in plan["targets"]:
       if not any(c[:2] == (arch, spec) for c in mine):
         continue
-      runs = TargetRuns(source, spec, args, data_cache, setup_cache)
+      runs = TargetRuns(source, spec, args, data_cache, setup_cache, plan.get("options"))
       for shots in plan["shots"]:
         if (arch, spec, shots) not in mine:
           continue
@@ -719,7 +736,7 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
                   for lr, hp in eval_points(plan, args, tuned, (arch, spec, shots, name))
                   if (name, arch, spec, shots, repeat, lr, hp, -1) not in done]
           if batch_runs > 1 and len(todo) > 1 and runs.batchable(name) and \
-              not transfer.get_strategy(name).knobs:
+              not knobs.strategy_of(plan, name).knobs:
             for i in range(0, len(todo), batch_runs):
               group = todo[i:i + batch_runs]
               t0 = time.time()
@@ -734,7 +751,7 @@ def run_grid(args: argparse.Namespace, plan: dict, results: ResultsDir) -> None:
 
 def paper_grid_records(records: list[dict], plan: dict) -> list[dict]:
   """Evaluation records on the LR grid at the paper's knob values (for 'best over LR')."""
-  hp0 = {s: transfer.hp_string(transfer.get_strategy(s).knob_defaults)
+  hp0 = {s: transfer.hp_string(knobs.strategy_of(plan, s).knob_defaults)
          for s in plan["strategies"]}
   return [r for r in records if r["strategy"] in hp0 and r.get("hp", "") == hp0[r["strategy"]]
           and r.get("role", "eval") == "eval" and r["lr"] in plan["lrs"][r["strategy"]]]
@@ -909,10 +926,18 @@ def make_report(records: list[dict], plan: dict, args, title: str = "# Few-shot 
       lines.append("")
   lines += ["LR grids: " + "; ".join(f"{s}: {', '.join(f'{v:g}' for v in plan['lrs'][s])}"
                                      for s in plan["strategies"]), ""]
+  lines += notes_section(records)
   failed = [r for r in records if r.get("status") != "ok"]
   if failed:
     lines += [f"{len(failed)} run(s) failed (non-finite loss); see results.json.", ""]
   return "\n".join(lines), out_summary
+
+
+def notes_section(records: list[dict]) -> list[str]:
+  """'## Data notes and warnings': each distinct sentence the records carry (conversions,
+  automatic splits, skipped files, dead features), in first-seen order; [] when none."""
+  seen = list(dict.fromkeys(n for r in records for n in r.get("notes", ())))
+  return ["## Data notes and warnings", ""] + [f"- {n}" for n in seen] + [""] if seen else []
 
 
 def plot(summary: dict, plan: dict, path: str) -> None:

@@ -44,7 +44,7 @@ labelled images per class (a seeded draw from the target's train split; the same
 the metrics, as the paper computes them on the target training set), SGD with batches of
 `--ft-batch-size`, lr x0.1 at 7/30, 14/30, 21/30, 28/30 of the run (the paper's schedule,
 compressed), momentum 0.9, weight decay 5e-4, BN running statistics frozen. Since session 9
-under DESIGN.md section 8: each run stops once its accuracy on `--val-per-class` validation
+under docs/protocol.md: each run stops once its accuracy on `--val-per-class` validation
 images (disjoint from the training draw and from test) has not improved for `--patience`
 steps, at most `--steps`, keeping its best validation state, and the LR is chosen per (model,
 target) from `--ft-lrs` by validation accuracy (`finetune_tuned`; `--tune-extend 1` grows the
@@ -392,8 +392,8 @@ def runs_table(records: Sequence[dict], key: Sequence[str], order=None) -> list[
 
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
-  """The ground truth's protocol flags (DESIGN.md section 8), shared with truncation."""
-  g = p.add_argument_group("protocol (DESIGN.md section 8)")
+  """The ground truth's protocol flags (docs/protocol.md), shared with truncation."""
+  g = p.add_argument_group("protocol (docs/protocol.md)")
   g.add_argument("--val-per-class", type=int, default=20,
                  help="validation images per class, disjoint from the training draw: each "
                       "fine-tuning run stops by validation patience, its LR is chosen on it; "
@@ -937,7 +937,7 @@ def finetune_config(args) -> TrainConfig:
 
 
 def target_specs(args, default=DEFAULT_TARGETS) -> list[str]:
-  specs = [t for flag in (args.target or default) for t in flag.split(";") if t]
+  specs = cli.target_list(args.target, default)
   for t in specs:
     parse_spec(t, flag="--target")
   return specs

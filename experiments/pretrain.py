@@ -59,6 +59,8 @@ def pretrain(arch: str, source_spec: str = DEFAULT_SOURCE, *, epochs: float = 2.
     augment_recipe: training augmentation (`jtransfer.data.augment`), drawn from each step's
       rng: the checkpointed state carries the rng, so a resumed run sees the same crops.
   """
+  check_schedule(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                 max_train=max_train)
   recipe = augment.parse(augment_recipe)
   data = load_spec(source_spec, tuple(image_shape), flag="--source")
   train = data.train
@@ -95,6 +97,27 @@ def pretrain(arch: str, source_spec: str = DEFAULT_SOURCE, *, epochs: float = 2.
     variables["batch_stats"] = state.batch_stats
   return transfer.Source(arch, models.model_config(model), variables, tuple(image_shape),
                          tuple(mean), tuple(std), meta)
+
+
+def check_schedule(*, epochs: float, lr: float, batch_size: int, weight_decay: float,
+                   max_train: int | None) -> None:
+  """Refuses a schedule that cannot train (nothing is loaded or saved before this check).
+
+  Raises:
+    InputError: epochs or lr not positive (a model trained for no steps, or away from the
+      data, would be saved as if pretrained), batch size below 1, negative weight decay, or a
+      training cap below 1.
+  """
+  for flag, value in (("--epochs", epochs), ("--lr", lr)):
+    if not value > 0:  # also catches NaN
+      raise InputError(f"{flag} must be > 0, got {value:g}: a source trained with it learns "
+                       "nothing, yet would be saved as pretrained")
+  if batch_size < 1:
+    raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+  if not weight_decay >= 0:
+    raise InputError(f"weight decay must be >= 0, got {weight_decay:g}")
+  if max_train is not None and max_train < 1:
+    raise InputError(f"--max-train must be >= 1 when given, got {max_train}")
 
 
 def cache_dir(arch: str, source_spec: str, epochs: float, seed: int) -> str:

@@ -35,16 +35,14 @@ import sys
 import time
 from typing import Callable, Sequence
 
+from experiments.results_page import TABLE_BEGIN, TABLE_END, folders, read_run, results_page
 from jtransfer.errors import InputError
-from jtransfer.protocol import stats
 
 RUN_FILE = "run.json"
 PUBLISHED = "published"
 RESULTS_PAGE = "RESULTS.md"
 # Flags that change how a grid is run, not what it computes: left out of the shown command.
 NOT_RESULT_FLAGS = ("--resume", "--overwrite", "--quiet")
-TABLE_BEGIN, TABLE_END = "<!-- claims table: begin (generated) -->", \
-    "<!-- claims table: end -->"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,14 +120,17 @@ def save(results, publisher: Publisher, argv: Sequence[str] | None, records: lis
       invocations = invocations[:-1]  # the same stopped run snapshotted again
   invocations = invocations + [latest]
   command = command_line(publisher.module, argv)
-  missing = None
+  missing, grid = None, run.get("grid")
   if publisher.grid_keys is not None and publisher.key is not None:
     missing = len(publisher.grid_keys(records, plan, args) - {publisher.key(r) for r in records})
+  elif grid is not None:  # a hand-written count of the evaluation grid (see `check`)
+    missing = grid["eval_runs"] - evaluation_runs(records, plan)
+  extra = {"grid": grid} if grid is not None else {}
   results.write_json(RUN_FILE, dict(
       module=publisher.module, argv=argv, command=command, invocations=invocations,
       wall_s=round(sum(i["wall_s"] for i in invocations), 1),
-      # None: the module lists no grid keys, so completeness is not checked
-      complete=None if missing is None else missing == 0, records=len(records)))
+      # None: neither grid keys nor a grid count; `check` then asks for one
+      complete=None if missing is None else missing == 0, records=len(records), **extra))
   text = with_command(text, command)
   results.write_text("report.md", text)
   results.write_json("summary.json", summary)
@@ -225,14 +226,6 @@ def _identity(record: dict) -> dict:
   return {k: v for k, v in record.items() if k not in outcome}
 
 
-def read_run(path: str) -> dict | None:
-  f = os.path.join(path, RUN_FILE)
-  if not os.path.exists(f):
-    return None
-  with open(f) as fh:
-    return json.load(fh)
-
-
 def load(path: str) -> tuple[Publisher, dict, argparse.Namespace, dict, list[dict]]:
   """(publisher, run.json, flags, plan, records) of a published folder.
 
@@ -269,12 +262,37 @@ def regenerate(path: str) -> tuple[str, dict]:
   return with_command(text, run["command"]), summary
 
 
+def evaluation_runs(records: list[dict], plan: dict) -> int:
+  """The records that are evaluation runs: not tuning runs (role 'tune', or a seed among the
+  plan's tuning seeds)."""
+  tune_seeds = set(plan.get("tune_seeds", ()) if isinstance(plan, dict) else ())
+  return sum(1 for r in records
+             if r.get("role") != "tune" and not (tune_seeds and r.get("seed") in tune_seeds))
+
+
+def _count_problems(run: dict, records: list[dict], plan: dict) -> list[str]:
+  """A folder whose module lists no grid keys is counted against run.json's 'grid':
+  {'eval_runs': N, 'from': how N follows from the command}: its evaluation runs must number
+  N when marked complete and fewer when marked incomplete."""
+  grid = run.get("grid")
+  if run.get("complete") is None or grid is None:
+    return ["completeness not recorded: its module lists no grid keys, so run.json needs "
+            "'complete' and a 'grid' count of its evaluation runs"]
+  n = evaluation_runs(records, plan)
+  if run["complete"] and n != grid["eval_runs"]:
+    return [f"marked complete with {n} evaluation run(s), its grid holds {grid['eval_runs']}"]
+  if not run["complete"] and n >= grid["eval_runs"]:
+    return ["marked incomplete but every evaluation run of the grid is present"]
+  return []
+
+
 def check(path: str) -> list[str]:
   """Everything wrong with a published folder (empty = sound).
 
   Checks: results.json parses into run records, one per key; the keys are exactly the runs
   its grid holds (tuning runs included, as the recorded tuning choices decide them; a folder
-  marked incomplete may lack runs but holds none outside the grid); run.json's count and
+  marked incomplete may lack runs but holds none outside the grid); a module without grid keys
+  is counted against run.json's hand-written 'grid' (`_count_problems`); run.json's count and
   completeness agree; report.md and summary.json regenerate from results.json byte for byte.
   """
   try:
@@ -298,6 +316,8 @@ def check(path: str) -> list[str]:
                       f"e.g. {sorted(missing, key=str)[0]}")
     if not missing and not run.get("complete", True):
       problems.append("marked incomplete but every run of the grid is present")
+  else:
+    problems += _count_problems(run, records, plan)
   text, summary = regenerate(path)
   with open(os.path.join(path, "report.md")) as f:
     if f.read() != text:
@@ -306,85 +326,6 @@ def check(path: str) -> list[str]:
     if json.load(f) != json.loads(json.dumps(summary)):
       problems.append("summary.json differs from the summary regenerated from results.json")
   return problems
-
-
-def folders(root: str = PUBLISHED) -> list[str]:
-  """Every published results folder under root (those holding a run.json), sorted."""
-  out = []
-  for dirpath, _, files in os.walk(root):
-    if RUN_FILE in files:
-      out.append(dirpath)
-  return sorted(out)
-
-
-def claim_rows(root: str = PUBLISHED) -> list[dict]:
-  """One row per (published folder, claim): the pooled verdict and effect, and the cells."""
-  rows = []
-  for path in folders(root):
-    run = read_run(path)
-    with open(os.path.join(path, "summary.json")) as f:
-      summary = json.load(f)
-    for res in summary.get("claims", []) if isinstance(summary, dict) else []:
-      if not res.get("pooled"):
-        continue
-      verdicts = [c["verdict"] for c in res["cells"]]
-      rows.append(dict(folder=os.path.relpath(path),
-                       claim=res["claim"], pooled=res["pooled"],
-                       cells={v: verdicts.count(v) for v in sorted(set(verdicts))},
-                       command=run["command"], wall=wall_text(run),
-                       complete=run.get("complete")))
-  return rows
-
-
-def wall_text(run: dict) -> str:
-  """run.json's wall time in minutes, '+' when an invocation was not timed (wall_s 0: a
-  snapshot of a killed run published without --wall-s)."""
-  untimed = any(i.get("wall_s", 0) == 0 for i in run.get("invocations", []))
-  return f"{run['wall_s'] / 60:.0f}{'+' if untimed else ''} min"
-
-
-def claims_table(rows: Sequence[dict]) -> list[str]:
-  """RESULTS.md's generated table: one row per claim and folder."""
-  out = ["| paper | claim (source) | tested as | verdict (all cells) | effect: mean [95% CI] "
-         "wins/N, points | cells by verdict | folder | wall |",
-         "|---|---|---|---|---|---|---|---|"]
-  for r in sorted(rows, key=lambda r: (r["claim"]["paper"], r["claim"]["source"],
-                                      r["claim"]["text"], r["folder"])):
-    cl = r["claim"]
-    rel = ">=" if cl["at_least"] else ">"
-    margin = f" (margin {100 * cl['margin']:g} pt)" if cl["margin"] else ""
-    cells = ", ".join(f"{n} {v}" for v, n in r["cells"].items())
-    effect = stats.format_paired(stats.Paired(**r["pooled"]["paired"]))
-    partial = " (partial grid)" if r["complete"] is False else ""
-    out.append(f"| {cl['paper']} | {cl['text']} ({cl['source']}) | {cl['a']} {rel} {cl['b']}"
-               f"{margin} | **{r['pooled']['verdict']}** | {effect} | {cells} | "
-               f"[{r['folder']}]({r['folder']}/report.md){partial} | "
-               f"{r['wall']} |")
-  return out
-
-
-def commands_list(root: str = PUBLISHED) -> list[str]:
-  out = []
-  for path in folders(root):
-    run = read_run(path)
-    rel = os.path.relpath(path)
-    out += [f"- [{rel}]({rel}/report.md): `{run['command']}` ({wall_text(run)}, "
-            f"{run['records']} runs{', partial grid' if run.get('complete') is False else ''})"]
-  return out
-
-
-def results_page(current: str, root: str = PUBLISHED) -> str:
-  """RESULTS.md with its generated part (between the markers) rebuilt from `root`; the text
-  outside the markers (the verdict paragraphs) is kept as written."""
-  generated = [TABLE_BEGIN, ""] + claims_table(claim_rows(root)) + \
-      ["", "Commands (each folder's report.md starts with its own):", ""] + \
-      commands_list(root) + ["", TABLE_END]
-  if TABLE_BEGIN in current and TABLE_END in current:
-    head, rest = current.split(TABLE_BEGIN, 1)
-    tail = rest.split(TABLE_END, 1)[1]
-  else:
-    head, tail = current + ("\n" if current and not current.endswith("\n") else ""), "\n"
-  return head + "\n".join(generated) + tail
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -444,8 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"wrote {args.folder}/report.md and summary.json")
       return 0
     current = open(args.page).read() if os.path.exists(args.page) else ""
+    text = results_page(current, args.root)  # built before the page is opened for writing
     with open(args.page, "w") as f:
-      f.write(results_page(current, args.root))
+      f.write(text)
     print(f"wrote {args.page}")
     return 0
   except InputError as e:

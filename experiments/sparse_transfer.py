@@ -2,7 +2,7 @@
 
   python -m experiments.sparse_transfer --out results/sparse_transfer
 
-runs the paper's pipeline under the protocol of DESIGN.md section 8 on both embedded targets
+runs the paper's pipeline under the protocol of docs/protocol.md on both embedded targets
 with 5 evaluation seeds (`--seeds 0,1,2,3,4`), the LR grid {1e-4, 3e-4, 1e-3} and lambda grid
 {0.5, 1, 2} tuned on tuning seed 100. A reduced run (one target, 2 seeds, a shorter cap, lambda
 fixed at the paper's 1, so 12 tuning runs instead of 24):
@@ -11,7 +11,7 @@ fixed at the paper's 1, so 12 tuning runs instead of 24):
       --steps 300 --patience 60 --lam 1 --test-per-class 200 --source-rounds 3 \
       --source-sparsity 0.8 --target-rates 0.85,0.9,0.95 --out results/sparse_reduced
 
-Neither was timed under this protocol: BUILD_NOTES' 3-seed run at 100 fixed steps took 45 min
+Neither was timed under this protocol: docs/decisions.md's 3-seed run at 100 fixed steps took 45 min
 on 2 idle cores; here each net trains to convergence (capped at --steps) and the tuning runs
 come on top (24 per target by default), so expect the default run to take hours on a CPU.
 

@@ -25,7 +25,7 @@ truncation_accuracy.png (Fig. 4) and truncation_spearman.png (Fig. 5).
 The source: `--source ckpt:PATH` (e.g. a zoo model, .cache/zoo/resnet_s-c0_2_3_4_6-f100) or a
 dataset spec, pretrained once and cached by experiments.pretrain (default: the embedded
 Fashion-MNIST {0,2,3,4,6} source). Fine-tuning: SGD with the paper's step decay, BN
-statistics frozen, under the protocol (DESIGN.md section 8): each run stops once its accuracy
+statistics frozen, under the protocol (docs/protocol.md): each run stops once its accuracy
 on `--val-per-class` validation images (disjoint from the training draw and from test) has not
 improved for `--patience` steps, at most `--steps`, keeping its best validation state, and the
 LR is chosen per (target, point) from `--ft-lrs` by validation accuracy (`--tune-extend 1`

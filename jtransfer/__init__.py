@@ -8,7 +8,7 @@ import sys as _sys
 
 __version__ = "0.1.0"
 
-# XLA CPU flags measured to pay on the pinned jaxlib (BUILD_NOTES.md, "Single step"). jaxlib
+# XLA CPU flags measured to pay on the pinned jaxlib (docs/decisions.md, "Performance"). jaxlib
 # 0.10 sends every convolution to a YNNPACK fusion that runs on one thread here; with it off,
 # forward and backward-data convolutions go to XLA's multi-threaded convolution and run 2x
 # faster on 2 cores. Flags are read when the CPU backend starts, so they must be set before

@@ -27,7 +27,8 @@ def random_variables(model, shape, seed: int = 0) -> dict:
 
 
 def tiny_fewshot_run(tmp_path, arch: str, config: dict, strategies: str, target: str,
-                     classes: int = 3, mean=(0.3,), std=(0.3,)) -> list[dict]:
+                     classes: int = 3, mean=(0.3,), std=(0.3,),
+                     extra_args: tuple[str, ...] = ()) -> list[dict]:
   """`experiments.fewshot` (1 shot, 2 steps) from a random 28x28x1 source of `arch` with
   `config`; returns the evaluation records, each checked 'ok' and of `arch`."""
   from experiments import fewshot
@@ -41,7 +42,7 @@ def tiny_fewshot_run(tmp_path, arch: str, config: dict, strategies: str, target:
   argv = ["--arch", arch, "--source", f"ckpt:{tmp_path / 'src'}", "--target", target,
           "--strategies", strategies, "--out", str(out), "--shots", "1", "--repeats", "1",
           "--steps", "2", "--test-per-class", "2", "--val-per-class", "1", "--lrs", "0.001",
-          "--quiet"]
+          "--quiet", *extra_args]
   assert fewshot.main(argv) == 0
   records = [r for r in json.loads((out / "results.json").read_text()) if r["role"] == "eval"]
   assert records and all(r["status"] == "ok" and r["arch"] == arch for r in records)

@@ -50,7 +50,11 @@ def test_flat_layout_shapes_order_and_skips(tmp_path, caplog):
   assert stats.layout == "flat"
   assert stats.num_skipped == 2
   assert sorted(pathlib.Path(p).name for p, _ in stats.skipped) == ["broken.jpg", "notes.txt"]
-  assert "skipped 2 files" in caplog.text
+  assert "skipped 2 file(s)" in caplog.text
+  assert "broken.jpg" in caplog.text and "notes.txt" in caplog.text
+  # The automatic split states its real per-class counts; both sentences reach Dataset.notes.
+  assert "train/test images per class: ant 4/1, bee 4/1, cat 4/1" in caplog.text
+  assert len(ds.notes) == 2 and all(n in caplog.text for n in ds.notes)
   # 5 images per class, test_fraction 0.2 -> 1 test image per class.
   assert stats.train_counts == (4, 4, 4) and stats.test_counts == (1, 1, 1)
   np.testing.assert_array_equal(np.bincount(ds.test.labels), [1, 1, 1])

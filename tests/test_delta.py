@@ -56,13 +56,6 @@ def _images(n, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (n, *SHAPE), dtype=np.uint8)
 
 
-@pytest.fixture(autouse=True)
-def _restore_config():
-  old = delta.get_config()
-  yield
-  delta.set_config(old)
-
-
 # ----------------------------------------------------------------------------- regularisers
 def test_l2_is_half_sum_of_squares():
   tree = {"a": np.array([1.0, -2.0]), "b": {"c": np.array([[3.0]])}}
@@ -208,13 +201,13 @@ def test_default_taps():
 
 def test_configured_taps_are_checked():
   source = _tiny_source()
-  delta.configure(taps={"resnet_s": ("stage2/block0/conv1",)})
-  setup = delta.build_setup(source, 2, 10, "fm")
+  config = delta.Config(taps={"resnet_s": ("stage2/block0/conv1",)})
+  setup = delta.build_setup(source, 2, 10, "fm", config)
   p, _ = setup.init(0, _images(4), np.array([0, 1, 0, 1]))
   assert list(p["frozen"]["source"]["maps"]) == ["stage2/block0/conv1"]
-  delta.configure(taps={"resnet_s": ("stage9/block0/conv1",)})
+  config = delta.Config(taps={"resnet_s": ("stage9/block0/conv1",)})
   with pytest.raises(InputError, match="stage9"):
-    delta.build_setup(source, 2, 10, "fm")
+    delta.build_setup(source, 2, 10, "fm", config)
 
 
 # ----------------------------------------------------------------------------- loss functions
@@ -308,9 +301,8 @@ def test_l2_step_is_sgd_on_weight_decayed_ce():
 
 
 def test_l2fe_head_decay_is_the_beta_term():
-  delta.configure(beta=0.3)
   source = _tiny_source()
-  setup = transfer.get_strategy("l2fe").build(source, 2, 10)
+  setup = transfer.get_strategy("l2fe").build(source, 2, 10, config=delta.Config(beta=0.3))
   images, labels = _images(4), np.array([0, 1, 0, 1])
   params, stats = setup.init(0, images, labels)
   batch = {"image": images, "label": labels}
@@ -361,13 +353,37 @@ def test_schedules_and_config():
   s = delta.lr_schedule(delta.Config(schedule="step", decay_fraction=0.5), 10)
   assert float(s(5)) == 1.0 and float(s(6)) == pytest.approx(0.1)
   with pytest.raises(InputError):
-    delta.configure(alpha=-1.0)
+    delta.Config(alpha=-1.0).validate()
   with pytest.raises(InputError):
-    delta.configure(schedule="cosine")
-  with pytest.raises(InputError):
-    delta.configure(gamma=2.0)
+    delta.Config(schedule="cosine").validate()
+  with pytest.raises(InputError, match="schedule"):  # a bad config knob fails at build
+    transfer.get_strategy("l2sp").build(_tiny_source(), 2, 10, config=delta.Config(
+        schedule="cosine"))
   for name in ("l2fe", "l2", "l2sp", "delta_noatt", "delta"):
     assert transfer.get_strategy(name).paper_lrs == (0.01,)
+
+
+def test_config_knob_reaches_the_loss_and_no_module_state():
+  """The config travels into `build` as a knob: beta changes the loss of one setup and not of
+  another built before or after it (nothing is stored in the module)."""
+  source = _tiny_source()
+  build = transfer.get_strategy("l2sp").build
+  images, labels = _images(4), np.array([0, 1, 0, 1])
+  batch = {"image": images, "label": labels}
+
+  def loss(setup):
+    params, stats = setup.init(0, images, labels)
+    return float(setup.loss_fn(params, stats, batch, jax.random.PRNGKey(0))[1][0]["head"]), \
+        float(setup.loss_fn(params, stats, batch, jax.random.PRNGKey(0))[0])
+
+  head0, total0 = loss(build(source, 2, 10, alpha=0.0))
+  head1, total1 = loss(build(source, 2, 10, alpha=0.0, config=delta.Config(beta=1.0)))
+  head2, total2 = loss(build(source, 2, 10, alpha=0.0))
+  assert head0 == head1 == head2 and head0 > 0
+  # beta 0.01 (default) vs 1.0 on the same head term; the CE is the same in all three
+  np.testing.assert_allclose(total1 - total0, (1.0 - 0.01) * head0, rtol=1e-4)
+  assert total2 == total0
+  assert not hasattr(delta, "configure") and not hasattr(delta, "_CONFIG")
   assert transfer.get_strategy("l2fe").head_only
 
 

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import delta_table, fewshot, publish
+from experiments import delta_table, fewshot, knobs, publish
 from jtransfer.data import Batches, load_spec, sample_kshot
 from jtransfer.errors import InputError
 from jtransfer.methods import delta, transfer
@@ -28,7 +28,6 @@ TINY = ["--arch", "vgg_s", "--curve-arch", "vgg_s", "--target", "digits", "--sho
 def test_delta_table_smoke(tiny_source_dir, tmp_path):
   """Table 1 under the protocol: tuning draws, tuned table, claims, paper grid, resume."""
   out = str(tmp_path / "d")
-  before = delta.get_config()
   registered = {s: transfer.get_strategy(s) for s in delta_table.STRATEGIES}
   # alpha fixed (one value: no alpha tuning; test_alpha_flags_set_the_tuning_grid covers grids
   # and folds without training), tuning on the tuning draw's validation set (--cv-folds 0):
@@ -36,7 +35,7 @@ def test_delta_table_smoke(tiny_source_dir, tmp_path):
   argv = TINY + ["--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--out", out, "--no-curves",
                  "--alpha", "0.02", "--alpha-noatt", "1e-4"]
   assert delta_table.main(argv) == 0
-  assert delta.get_config() == before  # flags do not leak into the module defaults
+  # the flags reach the runs as knobs: the registry is as it was
   assert {s: transfer.get_strategy(s) for s in delta_table.STRATEGIES} == registered
   for name in ("results.json", "results.jsonl", "summary.json", "report.md",
                "accuracy_vs_shots.png"):
@@ -148,8 +147,9 @@ def test_alpha_flags_set_the_tuning_grid():
   args = delta_table.parse_args(argv)
   assert (args.steps, args.patience, args.tune_repeats, args.cv_folds) == (200, 100, 1, "auto")
   plan = delta_table.validate(args)
-  assert plan["alphas"] == {"l2sp": ((0.02,), 0.02), "delta": ((0.02,), 0.02),
-                            "delta_noatt": ((1e-5, 1e-4), 1e-4)}
+  alphas = {n: (k["alpha"], d["alpha"]) for n, (k, d) in plan["knobs"].items()}
+  assert alphas == {"l2sp": ((0.02,), 0.02), "delta": ((0.02,), 0.02),
+                    "delta_noatt": ((1e-5, 1e-4), 1e-4)}
   registered = transfer.get_strategy("delta_noatt")
   seen = []
 
@@ -157,9 +157,8 @@ def test_alpha_flags_set_the_tuning_grid():
     seen.append(key)
     return {"status": "ok", "val_acc": 0.6 if key[6] == "alpha=0.0001" else 0.5}
 
-  with delta_table.strategy_knobs(plan["alphas"]):
-    assert transfer.get_strategy("l2sp").knobs == {"alpha": (0.02,)}
-    tuned = fewshot.choose([], plan, args, run_missing=run_missing)
+  assert knobs.strategy_of(plan, "l2sp").knobs == {"alpha": (0.02,)}
+  tuned = fewshot.choose([], plan, args, run_missing=run_missing)
   assert transfer.get_strategy("delta_noatt") is registered
   noatt = [k for k in seen if k[0] == "delta_noatt"]
   assert {k[6] for k in noatt} == {"alpha=1e-05", "alpha=0.0001", "alpha=0.001"}
@@ -177,19 +176,19 @@ def test_alpha_flags_set_the_tuning_grid():
              for name in ("l2sp", "delta") for a, acc in ((1e-3, 0.5), (1e-2, 0.6), (0.1, 0.4))]
   curve_argv = argv[:6] + ["--strategies", "l2sp,delta", "--cv-folds", "0", "--curve-arch",
                            "vgg_s", "--curve-shots", "5"]
-  for extra, knobs in (([], {"hp": "alpha=0.01", "origin": "tuned"}),
+  for extra, want in (([], {"hp": "alpha=0.01", "origin": "tuned"}),
                        (["--alpha", "0.02"], {"hp": "alpha=0.02", "origin": "fixed"})):
     args = delta_table.parse_args(curve_argv + extra)
     plan = delta_table.validate(args)
-    with delta_table.strategy_knobs(plan["alphas"]):
-      assert delta_table.curve_knobs(records, plan, args) == {"l2sp": knobs, "delta": knobs}
-  plan["curves"]["shots"] = 10  # a cell the table did not tune
+    assert delta_table.curve_knobs(records, plan, args) == {"l2sp": want, "delta": want}
   args = delta_table.parse_args(curve_argv)
+  plan = delta_table.validate(args)  # the alpha grid (no flag), at a cell the table did not tune
+  plan["curves"]["shots"] = 10
   assert delta_table.curve_knobs(records, plan, args)["delta"] == {"hp": "alpha=0.01",
                                                                     "origin": "paper"}
   # Without the flags: the registered grids and paper values.
   plan = delta_table.validate(delta_table.parse_args(argv[:6]))
-  assert plan["alphas"] == {}
+  assert plan["knobs"] == {}
   assert transfer.get_strategy("delta").knobs["alpha"] == delta.ALPHAS
 
 

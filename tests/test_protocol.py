@@ -13,6 +13,12 @@ A = [0.81, 0.78, 0.85, 0.80, 0.83, 0.79, 0.86, 0.82, 0.84, 0.77]
 B = [0.79, 0.78, 0.80, 0.81, 0.80, 0.76, 0.83, 0.80, 0.79, 0.78]
 
 
+def V(c, margin=0.0, at_least=False):
+  """The verdict of `a > b` (or `a >= b` within margin) through the one rule, claims.decide."""
+  return claims.decide(claims.NONINFERIORITY if at_least else claims.SUPERIORITY, c,
+                       margin).verdict
+
+
 def test_paired_matches_scipy():
   c = stats.paired(A, B)
   d = np.subtract(A, B)
@@ -21,7 +27,7 @@ def test_paired_matches_scipy():
   assert (c.lo, c.hi) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12))
   assert c.p == pytest.approx(sps.ttest_rel(A, B).pvalue, rel=1e-9)
   assert (c.wins, c.ties, c.losses) == (7, 1, 2)  # hand count of A - B
-  assert stats.verdict(c) == "reproduced"  # lo > 0: 0.0083 here
+  assert V(c) == "reproduced"  # lo > 0: 0.0083 here
   assert lo > 0
 
 
@@ -30,15 +36,15 @@ def test_paired_99_level_and_verdicts():
   d = np.subtract(A, B)
   lo, hi = sps.t.interval(0.99, len(d) - 1, loc=d.mean(), scale=sps.sem(d))
   assert (c.lo, c.hi) == (pytest.approx(lo), pytest.approx(hi))
-  assert stats.verdict(stats.paired(B, A)) in ("refuted", "inconclusive")
+  assert V(stats.paired(B, A)) in ("refuted", "inconclusive")
   neg = stats.paired([0.5, 0.4, 0.45], [0.6, 0.55, 0.62])
-  assert stats.verdict(neg) == "refuted"
-  assert stats.verdict(stats.paired([0.5, 0.6], [0.55, 0.52])) == "inconclusive"
-  assert stats.verdict(stats.paired([0.5], [0.4])) == "inconclusive"  # one draw: no interval
+  assert V(neg) == "refuted"
+  assert V(stats.paired([0.5, 0.6], [0.55, 0.52])) == "inconclusive"
+  assert V(stats.paired([0.5], [0.4])) == "inconclusive"  # one draw: no interval
   # a >= b within 1 point: interval [-0.5, +0.1] pt is above -1 pt.
   close = stats.Paired(10, -0.002, -0.005, 0.001, 3, 2, 5, 0.3)
-  assert stats.verdict(close, margin=0.01, at_least=True) == "reproduced"
-  assert stats.verdict(close) == "inconclusive"
+  assert V(close, margin=0.01, at_least=True) == "reproduced"
+  assert V(close) == "inconclusive"
   assert stats.format_paired(c).endswith("7/10")
 
 
@@ -48,7 +54,7 @@ def test_paired_rejects_bad_input():
   with pytest.raises(InputError, match="non-finite"):
     stats.paired([1, math.nan], [1, 2])
   same = stats.paired([0.5, 0.6], [0.4, 0.5])  # constant difference: a point interval
-  assert same.lo == same.hi == pytest.approx(0.1) and stats.verdict(same) == "reproduced"
+  assert same.lo == same.hi == pytest.approx(0.1) and V(same) == "reproduced"
 
 
 def test_stopping_point_on_synthetic_curve():

@@ -218,3 +218,18 @@ def test_merge_refuses_shards_that_disagree_about_a_run(folder, tmp_path):
   assert publish.main(["merge", str(tmp_path / "m2"), a, a, "--module", "experiments.cwl_tables",
                        "--", *argv]) == 0
   assert publish.check(str(tmp_path / "m2")) == []
+
+
+def test_folders_without_grid_keys_are_counted():
+  """A module without grid keys is counted against run.json's hand-written grid count."""
+  recs = [dict(role="eval")] * 3 + [dict(role="tune")] + [dict(seed=100)]
+  grid = {"eval_runs": 4, "from": "2 x 2"}
+  assert publish.evaluation_runs(recs, {"tune_seeds": [100]}) == 3
+  assert publish.evaluation_runs(recs, {}) == 4
+  assert "not recorded" in publish._count_problems(dict(complete=None), recs, {})[0]
+  assert publish._count_problems(dict(complete=True, grid=grid), recs, {}) == []
+  assert "3 evaluation run(s)" in publish._count_problems(
+      dict(complete=True, grid=grid), recs, {"tune_seeds": [100]})[0]
+  assert publish._count_problems(dict(complete=False, grid=grid), recs,
+                                 {"tune_seeds": [100]}) == []
+  assert "incomplete" in publish._count_problems(dict(complete=False, grid=grid), recs, {})[0]

@@ -43,10 +43,16 @@ class ImageSet:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """A named dataset with a train and a test split sharing one class list."""
+  """A named dataset with a train and a test split sharing one class list.
+
+  `notes`: sentences about what loading did to the data that a user should know (images
+  converted to another size or colour, a split made automatically, files skipped); loaders
+  log each one and experiments copy them into their report.
+  """
   name: str
   train: ImageSet
   test: ImageSet
+  notes: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.train.class_names != self.test.class_names:

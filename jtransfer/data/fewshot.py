@@ -35,7 +35,7 @@ def subset_classes(data: Dataset, classes: Sequence[int | str]) -> Dataset:
     return ImageSet(stream.take(s.images, keep), lookup[s.labels[keep]].astype(np.int32),
                     new_names)
 
-  return Dataset(data.name, pick(data.train), pick(data.test))
+  return Dataset(data.name, pick(data.train), pick(data.test), data.notes)
 
 
 def sample_kshot(labels: np.ndarray, shots: int, seed: int, *, val_per_class: int = 0,

@@ -4,8 +4,9 @@ This is the layout of MIT-67, Kvasir and Chest X-ray (Kermany et al.). Class nam
 names, in sorted order, so label indices do not depend on the file system. Files below a class
 folder are found recursively (as torchvision's `ImageFolder` does). Hidden files and folders
 (names starting with '.') are ignored; any other file that is not a readable image (wrong
-extension, corrupt or truncated) is skipped, counted in `FolderStats.skipped` and reported once
-with `logging.warning`.
+extension, corrupt or truncated) is skipped, listed in `FolderStats.skipped` and named (the
+first ten) in one `logging.warning`; a flat folder's automatic split is announced with its
+per-class counts. Both sentences are kept in `Dataset.notes` for reports.
 
 With the split layout, a `root/val/` or `root/validation/` folder (Chest X-ray ships one) is merged
 into the training split, as `load_tfds` merges TFDS validation splits: few-shot sampling and
@@ -34,6 +35,9 @@ _EXTRA_TRAIN = ("val", "validation")
 ClassRef = Union[int, str]
 
 _log = logging.getLogger(__name__)
+
+# Skipped files and per-class counts a note names before it only counts the rest.
+NOTE_ITEMS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,13 +303,38 @@ def load_folder(root: str | os.PathLike, *, image_size: int | Sequence[int], cha
     test_fraction = _check_fraction(test_fraction)
     names, train, test = _load_flat_layout(root, classes, test_fraction, seed, skipped,
                                            decode_kwargs)
-  if skipped:
-    _log.warning("image folder %r: skipped %d files that are not readable images (first: %s)",
-                    str(root), len(skipped), skipped[0][0])
-  dataset = Dataset(root.resolve().name, _stack(train, names, decode_kwargs),
-                    _stack(test, names, decode_kwargs))
-  if not return_stats:
-    return dataset
   stats = FolderStats(tuple(skipped), tuple(len(x) for x in train), tuple(len(x) for x in test),
                       layout)
-  return dataset, stats
+  notes = folder_notes(str(root), names, stats, test_fraction, seed)
+  for note in notes:
+    _log.warning("%s", note)
+  dataset = Dataset(root.resolve().name, _stack(train, names, decode_kwargs),
+                    _stack(test, names, decode_kwargs), notes)
+  return (dataset, stats) if return_stats else dataset
+
+
+def _first(items: Sequence[str], n: int = NOTE_ITEMS) -> str:
+  """The first `n` items joined, then how many more there are."""
+  more = f" and {len(items) - n} more" if len(items) > n else ""
+  return ", ".join(items[:n]) + more
+
+
+def folder_notes(root: str, names: Sequence[str], stats: FolderStats, test_fraction: float,
+                 seed: int) -> tuple[str, ...]:
+  """The sentences `load_folder` logs (and `Dataset.notes` keeps) about a folder it read.
+
+  Every skipped file is named (the first `NOTE_ITEMS`, then a count), so a corrupt JPEG is not
+  hidden behind a README.txt; a flat folder's automatic split states its real per-class train
+  and test counts, which decide the largest k a target supports.
+  """
+  notes = []
+  if stats.skipped:
+    files = [f"{os.path.relpath(p, root)} ({reason[:80]})" for p, reason in stats.skipped]
+    notes.append(f"image folder {root!r}: skipped {len(files)} file(s) that are not readable "
+                 f"images: {_first(files)}")
+  if stats.layout == "flat":
+    counts = [f"{n} {a}/{b}" for n, a, b in zip(names, stats.train_counts, stats.test_counts)]
+    notes.append(f"image folder {root!r} has no train/test folders, so each class was split "
+                 f"automatically ({test_fraction:g} of its images to test, seed {seed}); "
+                 f"train/test images per class: {_first(counts)}")
+  return tuple(notes)

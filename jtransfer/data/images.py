@@ -319,8 +319,35 @@ def _describe(source: ImageSource) -> str:
   return f"({type(source).__name__})"
 
 
+# ITU-R BT.601 luma weights (R, G, B): what PIL's convert('L') and torchvision's Grayscale use.
+LUMA_601 = (0.299, 0.587, 0.114)
+
+
+def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
+  """Converts a uint8 NHWC batch between grayscale and RGB.
+
+  Grey to RGB repeats the single channel three times (as PIL's convert('RGB') does); RGB to
+  grey is the ITU-R BT.601 luma Y = 0.299 R + 0.587 G + 0.114 B, rounded to the nearest integer
+  (PIL's convert('L') computes the same weights in fixed point, so it may differ by one level).
+
+  Args:
+    images: uint8 array (N, H, W, C), C in {1, 3}.
+    channels: 1 or 3.
+
+  Returns:
+    uint8 array (N, H, W, channels); `images` itself when it already has them.
+  """
+  check_channels(channels)
+  if images.shape[-1] == channels:
+    return images
+  if channels == 3:
+    return np.repeat(images, 3, axis=-1)
+  luma = images.astype(np.float32) @ np.asarray(LUMA_601, np.float32)
+  return np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
+
+
 def resize_batch(images: np.ndarray, size: int | Sequence[int], *, mode: str = "resize",
-                 resample: str = "bilinear") -> np.ndarray:
+                 resample: str = "bilinear", channels: int | None = None) -> np.ndarray:
   """Resizes every image of a uint8 NHWC batch (C = 1 or 3) to `size`.
 
   Used, for example, to upsample sklearn's 8x8 digits to 28x28 (bilinear, pixel centres
@@ -331,9 +358,11 @@ def resize_batch(images: np.ndarray, size: int | Sequence[int], *, mode: str = "
     size: target (height, width) or an int for a square.
     mode: 'resize' (default: stretch) or 'crop' (cover then centre crop).
     resample: the interpolation, see `fit_image`.
+    channels: 1 or 3 to convert the channels too (`convert_channels`, after resizing); None
+      keeps C.
 
   Returns:
-    uint8 array (N, height, width, C).
+    uint8 array (N, height, width, channels or C).
 
   Raises:
     InputError: when `images` is not a uint8 NHWC array with 1 or 3 channels.
@@ -351,4 +380,4 @@ def resize_batch(images: np.ndarray, size: int | Sequence[int], *, mode: str = "
   for i, image in enumerate(images):
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     out[i] = np.asarray(fit_image(pil, (height, width), mode, resample)).reshape(out.shape[1:])
-  return out
+  return out if channels is None else convert_channels(out, channels)

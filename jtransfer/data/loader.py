@@ -15,6 +15,9 @@ class Batches:
   def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
     if len(labels) == 0:
       raise ValueError("Batches: empty dataset")
+    if np.ndim(images) == 4:  # pixels (2-D inputs are cached features, float by design)
+      from jtransfer.checks import check_pixels
+      check_pixels(images, "Batches images")
     self.images, self.labels, self.seed = images, labels, seed
     self.batch_size = min(batch_size, len(labels))
     self.steps_per_epoch = max(1, len(labels) // self.batch_size)

@@ -35,7 +35,8 @@ import numpy as np
 
 from jtransfer import models, surgery
 from jtransfer.errors import InputError
-from jtransfer.methods import transfer
+from jtransfer.methods import cwl_linear, transfer
+from jtransfer.models import attention
 from jtransfer.train import optim
 
 CWL_KEY = "cwl"
@@ -216,12 +217,16 @@ def cwl_setup(source: transfer.Source, num_classes: int, mode: str,
     lr_mult: the conv/BN learning-rate multiplier of 'lowconv'.
 
   Returns:
-    The Setup; its params are {'cwl': ones per conv unit, **target params}.
+    The Setup; its params are {'cwl': ones per conv unit, **target params}; for a transformer
+    ones per output channel of its qkv / proj / fc1 / fc2 Dense layers (`cwl_linear`).
   """
   model = transfer.target_model(source, num_classes)
+  linear = attention.is_config(source.config)
 
   def init(seed, images=None, labels=None):
     params, stats = transfer.init_target(source, model, seed)
+    if linear:
+      return {CWL_KEY: cwl_linear.init_scales(params), **params}, stats
     return with_scales(params), stats
 
   params, _ = init(0)
@@ -238,6 +243,11 @@ def cwl_setup(source: transfer.Source, num_classes: int, mode: str,
   else:
     raise InputError(f"CWL mode {mode!r}: expected 'freeze', 'finetune' or 'lowconv'")
   optimizer = optim.make_optimizer(params, rules, groups, injected_lr=True)
+  if linear:
+    apply = cwl_linear.apply_fn(CWL_KEY)
+    return transfer.Setup(model, init, optimizer,
+                          transfer.ce_loss_fn(model, source.mean, source.std, apply=apply),
+                          transfer.eval_forward(model, source.mean, source.std, apply=apply))
   return transfer.Setup(model, init, optimizer, cwl_loss_fn(model, source.mean, source.std),
                         cwl_forward(model, source.mean, source.std))
 

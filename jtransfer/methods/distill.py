@@ -1,4 +1,4 @@
-"""Compact transfer by joint learning (compact-cnn-transfer; DESIGN.md 4.4).
+"""Compact transfer by joint learning (compact-cnn-transfer; docs/decisions.md, "Compact").
 
 Stage 1 fine-tunes a large target CNN from the source (any transfer strategy). Stage 2 trains a
 compact CNN, built from a narrower widths config, on the ground-truth labels jointly with the

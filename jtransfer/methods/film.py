@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jtransfer import models, surgery
 from jtransfer.errors import InputError
 from jtransfer.methods import cwl, transfer
+from jtransfer.models import attention
 from jtransfer.train import optim
 
 FILM_KEY = "film"
@@ -91,6 +92,7 @@ def apply_model_film(model, params: Mapping[str, Any], batch_stats, x, **kwargs)
 
 def build_freeze_film(source: transfer.Source, num_classes: int,
                       total_steps: int) -> transfer.Setup:
+  attention.refuse_transformer(source.config, source.arch, "FiLM")
   model = transfer.target_model(source, num_classes)
 
   def init(seed, images=None, labels=None):

@@ -27,125 +27,20 @@ nothing downstream, so the pruned model computes exactly what the masked unprune
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import math
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
 from jtransfer import surgery
 from jtransfer.errors import InputError
-from jtransfer.methods import cwl, prune_mobile
-from jtransfer.models import mobilenet
-
-RESIDUAL_MODES = ("group", "keep")
-
-
-@dataclasses.dataclass
-class Group:
-  """Output channels shared by `units`, read by `consumers`.
-
-  Attributes:
-    name: the first unit's path (or 'stageN' for a residual group).
-    units: conv unit paths whose outputs are these channels.
-    consumers: (kind, layer path) with kind 'conv' (kernel input axis), 'flatten' (dense rows
-      p*C + c) or 'gap' (dense rows c).
-    config_key: where the width lives in the config (see `_new_config`).
-    residual: True for a residual (stage) group.
-    multiple: the kept count must be a multiple of this (4 for bottleneck stages).
-    concat: (kind, layer, offset) consumers that read these channels inside a concatenated
-      map (Inception), at that offset of the unpruned map; see `_slice_concat`.
-    fixed: never pruned (channels that enter a LayerNorm or a depthwise conv, see
-      `prune_dense`).
-  """
-  name: str
-  units: list[str]
-  consumers: list[tuple[str, str]]
-  config_key: tuple
-  residual: bool = False
-  multiple: int = 1
-  concat: list = dataclasses.field(default_factory=list)
-  fixed: bool = False
-
-
-# ----------------------------------------------------------------------------- graph
-def _chain_groups(flat: dict, names: list[str], keys: list[tuple], config: dict) -> list[Group]:
-  """Groups of a plain conv chain (VGG, AlexNet): unit i feeds unit i+1, the last the dense."""
-  present = [(n, k) for n, k in zip(names, keys) if f"{n}/conv/kernel" in flat]
-  dense = "fc6" if config.get("dense_widths") and "fc6/kernel" in flat else "head"
-  pooled = config.get("truncate_after") is not None or config.get("pool") == "avg"
-  groups = []
-  for i, (name, key) in enumerate(present):
-    if i + 1 < len(present):
-      consumers = [("conv", present[i + 1][0])]
-    else:
-      consumers = [("gap" if pooled else "flatten", dense)]
-    groups.append(Group(name, [name], consumers, key))
-  return groups
-
-
-def _vgg_groups(flat: dict, config: dict) -> list[Group]:
-  names, keys = [], []
-  for s, stage in enumerate(config["conv_widths"]):
-    for i in range(len(stage)):
-      names.append(f"conv{s + 1}_{i + 1}")
-      keys.append(("conv_widths", s, i))
-      if config.get("truncate_after") == names[-1]:
-        return _chain_groups(flat, names, keys, config)
-  return _chain_groups(flat, names, keys, config)
-
-
-def _alexnet_groups(flat: dict, config: dict) -> list[Group]:
-  n = len(config["conv_widths"])
-  return _chain_groups(flat, [f"conv{i + 1}" for i in range(n)],
-                       [("conv_widths", i) for i in range(n)], config)
-
-
-def _resnet_groups(flat: dict, config: dict) -> list[Group]:
-  bottleneck = config.get("block", "basic") == "bottleneck"
-  inner = ("conv1", "conv2") if bottleneck else ("conv1",)
-  last = "conv3" if bottleneck else "conv2"
-  has = lambda unit: f"{unit}/conv/kernel" in flat
-  blocks = [[f"stage{s + 1}/block{b}" for b in range(size) if has(f"stage{s + 1}/block{b}/conv1")]
-            for s, size in enumerate(config["stage_sizes"])]
-  blocks = [bs for bs in blocks if bs]
-  groups: list[Group] = []
-  stem = Group("stem", ["stem"], [], ("stem_width",))
-  prev = stem  # the group whose channels the next block reads
-  for s, stage_blocks in enumerate(blocks):
-    res = Group(f"stage{s + 1}", [], [], ("stage_widths", s), residual=True,
-                multiple=4 if bottleneck else 1)
-    for b, block in enumerate(stage_blocks):
-      reader = prev if b == 0 else res
-      reader.consumers.append(("conv", f"{block}/conv1"))
-      if has(f"{block}/downsample"):
-        reader.consumers.append(("conv", f"{block}/downsample"))
-        res.units.append(f"{block}/downsample")
-      elif b == 0 and s == 0:
-        # Identity shortcut from the stem: the stem writes into the stage's channels.
-        res.units.insert(0, "stem")
-        res.consumers.extend(stem.consumers)
-        stem = None
-      for j, name in enumerate(inner):
-        nxt = inner[j + 1] if j + 1 < len(inner) else last
-        groups.append(Group(f"{block}/{name}", [f"{block}/{name}"], [("conv", f"{block}/{nxt}")],
-                            ("inner_widths", s, b, j)))
-      res.units.append(f"{block}/{last}")
-    groups.append(res)
-    prev = res
-  prev.consumers.append(("gap", "head"))
-  return ([stem] if stem is not None else []) + groups
-
-
-def _inception_groups(config: dict) -> list[Group]:
-  """Inception-V3: every conv unit is free (no sums); concatenated maps couple by offset."""
-  from jtransfer.models import inception
-  if config.get("aux_logits"):
-    raise InputError("pruning inception_v3 needs aux_logits=False: the aux head's params are "
-                     "not part of the channel graph (import with drop_aux)")
-  return [Group(unit, [unit], [], key, concat=readers)
-          for unit, (key, readers) in inception.channel_graph(config).items()]
+from jtransfer.methods import cwl, prune_dense, prune_mobile
+# The graph and slicing halves, re-exported: callers keep importing them from here.
+from jtransfer.methods.prune_graph import (  # noqa: F401
+    RESIDUAL_MODES, Group, _alexnet_groups, _chain_groups, _group_score, _inception_groups,
+    _keep_downsample, _resnet_groups, _round_up, _vgg_groups, _width, group_masks)
+from jtransfer.methods.prune_slice import (  # noqa: F401
+    _new_config, _rebuild, _resnet_inner, _slice_concat, _slice_flat, _to_flat_numpy)
+from jtransfer.models import attention, mobilenet
 
 
 def channel_groups(params: Mapping[str, Any], config: Mapping[str, Any]) -> list[Group]:
@@ -156,6 +51,7 @@ def channel_groups(params: Mapping[str, Any], config: Mapping[str, Any]) -> list
   Raises:
     InputError: for a config of another architecture, or params that do not match it.
   """
+  attention.refuse_transformer(config, None, "channel pruning")
   flat = surgery.flatten({k: v for k, v in params.items() if k != cwl.CWL_KEY})
   config = dict(config)
   family = _family(config)
@@ -183,205 +79,6 @@ def channel_groups(params: Mapping[str, Any], config: Mapping[str, Any]) -> list
   return groups
 
 
-# ----------------------------------------------------------------------------- masks
-def _width(flat: dict, unit: str) -> int:
-  return int(np.shape(flat[f"{unit}/conv/kernel"])[-1])
-
-
-def group_masks(groups: Sequence[Group], flat: dict, keep: Mapping[str, Any],
-                scores: Optional[Mapping[str, Any]] = None,
-                residual: str = "group", multiple: int = 1) -> dict[str, np.ndarray]:
-  """One boolean keep-mask per group from per-unit masks.
-
-  A group keeps a channel if any of its units keeps it (units missing from `keep` keep all).
-  With `scores` ({unit: per-channel importance, e.g. |sigma|}) an empty group keeps its best
-  channel and a bottleneck stage is rounded up to a multiple of 4 (of lcm(4, `multiple`)),
-  every other group to a multiple of `multiple`, restoring the best-scored removed channels;
-  without scores a count that needs rounding raises.
-
-  Raises:
-    InputError: unknown residual mode, a mask of the wrong shape, an empty group or a bad
-      multiple without scores.
-  """
-  if residual not in RESIDUAL_MODES:
-    raise InputError(f"residual={residual!r}: expected one of {RESIDUAL_MODES}")
-  if not (isinstance(multiple, int) and multiple >= 1):
-    raise InputError(f"multiple must be an int >= 1, got {multiple!r}")
-  known = {u for g in groups for u in g.units}
-  unknown = sorted(set(keep) - known)
-  if unknown:
-    raise InputError(f"keep-masks name unknown conv unit(s) {unknown}")
-  out = {}
-  for g in groups:
-    c = _width(flat, g.units[0])
-    mask = np.zeros(c, bool)
-    for u in g.units:
-      m = np.ones(c, bool) if u not in keep else np.asarray(keep[u], bool)
-      if m.shape != (c,):
-        raise InputError(f"keep-mask of {u!r} has shape {m.shape}; the unit has {c} channels")
-      mask |= m
-    if g.fixed or (g.residual and residual == "keep"):
-      mask[:] = True
-    out[g.name] = _round_up(mask, math.lcm(g.multiple, multiple), _group_score(g, flat, scores),
-                            g.name)
-  _keep_downsample(groups, flat, out, scores)
-  return out
-
-
-def _round_up(mask: np.ndarray, multiple: int, score, name: str,
-              at_least: int = 1) -> np.ndarray:
-  """At least `at_least` channels, a multiple of `multiple`, restoring the best-scored removed
-  channels (ties: lower index)."""
-  n = int(mask.sum())
-  want = max(at_least, n, 1)
-  want = min(-(-want // multiple) * multiple, mask.size)
-  if want == n:
-    return mask
-  if score is None:
-    raise InputError(f"group {name!r} would keep {n} channel(s); it needs at least "
-                     f"{max(at_least, 1)} and a multiple of {multiple}")
-  mask = mask.copy()
-  removed = np.flatnonzero(~mask)
-  order = removed[np.argsort(-score[removed], kind="stable")]
-  mask[order[:want - n]] = True
-  return mask
-
-
-def _group_score(g: Group, flat: dict, scores: Optional[Mapping[str, Any]]) -> Optional[np.ndarray]:
-  """Per-channel importance of a group: the max over its units (unscored units count as inf)."""
-  if scores is None:
-    return None
-  c = _width(flat, g.units[0])
-  return np.max([np.abs(np.asarray(scores[u], np.float64)) if u in scores else np.full(c, np.inf)
-                 for u in g.units], axis=0)
-
-
-def _keep_downsample(groups: Sequence[Group], flat: dict, masks: dict, scores) -> None:
-  """Keeps stage 1's first downsample in the pruned model (edits `masks` in place).
-
-  Blocks after the first of a stage share its width, and later first blocks are strided, so
-  only a stride-1 first block with a downsample (e.g. ResNet-50's, stem 64 -> 256) can lose it:
-  the model builds one only when input and output widths differ. While they are equal the
-  input (stem) group gets its best removed channel back, else the stage `multiple` more.
-  """
-  ds = "stage1/block0/downsample"
-  out_group = next((g for g in groups if ds in g.units), None)
-  if out_group is None:
-    return
-  in_group = next(g for g in groups if ("conv", ds) in g.consumers)
-  while masks[in_group.name].sum() == masks[out_group.name].sum():
-    if scores is None:
-      raise InputError("these masks give stage1/block0 equal input and output widths, so the "
-                       "pruned model would have no downsample there; keep one more channel")
-    src = in_group if (~masks[in_group.name]).any() else out_group
-    if masks[src.name].all():
-      raise InputError("stage1/block0 has equal input and output widths in the unpruned model "
-                       "yet a downsample; this config cannot be pruned")
-    n = int(masks[src.name].sum()) + src.multiple
-    masks[src.name] = _round_up(masks[src.name], src.multiple, _group_score(src, flat, scores),
-                                src.name, at_least=n)
-
-
-# ----------------------------------------------------------------------------- slicing
-def _slice_flat(flat: dict, stats: dict, groups: Sequence[Group], masks: dict) -> None:
-  """Slices arrays in place (dicts of path -> array) for every group's mask."""
-  for g in groups:
-    idx = np.flatnonzero(masks[g.name])
-    c = masks[g.name].size
-    if idx.size == c:
-      continue
-    for u in g.units:
-      for leaf in ("conv/kernel", "conv/bias", "bn/scale", "bn/bias"):
-        if f"{u}/{leaf}" in flat:
-          flat[f"{u}/{leaf}"] = np.take(flat[f"{u}/{leaf}"], idx, axis=-1)
-      for leaf in ("bn/mean", "bn/var"):
-        if f"{u}/{leaf}" in stats:
-          stats[f"{u}/{leaf}"] = np.take(stats[f"{u}/{leaf}"], idx, axis=-1)
-    for kind, layer in g.consumers:
-      if kind == "conv":
-        path = f"{layer}/conv/kernel"
-        flat[path] = np.take(flat[path], idx, axis=2)
-      else:
-        path = f"{layer}/kernel"
-        w = flat[path]
-        if kind == "gap":
-          flat[path] = w[idx]
-        else:  # flatten in NHWC order: row p*C + c
-          if w.shape[0] % c:
-            raise InputError(f"{path} has {w.shape[0]} inputs, not a multiple of the {c} "
-                             "channels it flattens")
-          flat[path] = w.reshape(w.shape[0] // c, c, w.shape[1])[:, idx].reshape(-1, w.shape[1])
-  _slice_concat(flat, groups, masks)
-
-
-def _slice_concat(flat: dict, groups: Sequence[Group], masks: dict) -> None:
-  """Slices the layers reading concatenated maps: one input mask per layer, filled at each
-  writer's offset in the unpruned map, applied once (so no offset shifts under another's cut)."""
-  keep = {}
-  for g in groups:
-    for kind, layer, offset in g.concat:
-      path, axis = (f"{layer}/conv/kernel", 2) if kind == "conv" else (f"{layer}/kernel", 0)
-      mask = keep.setdefault((path, axis), np.ones(np.shape(flat[path])[axis], bool))
-      mask[offset:offset + masks[g.name].size] = masks[g.name]
-  for (path, axis), mask in keep.items():
-    if not mask.all():
-      flat[path] = np.take(flat[path], np.flatnonzero(mask), axis=axis)
-
-
-def _resnet_inner(config: dict) -> list:
-  """inner_widths as nested lists, filled with the defaults when the config has none."""
-  if config.get("inner_widths") is not None:
-    return [[list(b) for b in stage] for stage in config["inner_widths"]]
-  n = 2 if config.get("block", "basic") == "bottleneck" else 1
-  if n == 2:  # ResNeXt / Wide ResNet: the model's inner-width rule (`ResNet.block_inner`)
-    groups, per_group = int(config.get("groups", 1)), int(config.get("width_per_group", 64))
-    if (groups, per_group) != (1, 64):
-      return [[[int(w * (per_group / 64.0)) * groups] * n for _ in range(size)]
-              for size, w in zip(config["stage_sizes"], config["stage_widths"])]
-  return [[[w] * n for _ in range(size)]
-          for size, w in zip(config["stage_sizes"], config["stage_widths"])]
-
-
-def _new_config(config: Mapping[str, Any], groups: Sequence[Group], masks: dict) -> dict:
-  if "mixed_5" in config:
-    from jtransfer.models import inception
-    return inception.pruned_config(copy.deepcopy(dict(config)),
-                                   {g.config_key: int(masks[g.name].sum()) for g in groups})
-  new = copy.deepcopy(dict(config))
-  if "stage_widths" in new:
-    new["inner_widths"] = _resnet_inner(new)
-    new["stage_widths"] = list(new["stage_widths"])
-  if "conv_widths" in new:
-    new["conv_widths"] = [list(w) if isinstance(w, (list, tuple)) else w
-                          for w in new["conv_widths"]]
-  for g in groups:
-    n = int(masks[g.name].sum())
-    key = g.config_key
-    if key[0] == "stage_widths":
-      new["stage_widths"][key[1]] = n // g.multiple
-      if "stem" in g.units:
-        new["stem_width"] = n
-    elif key[0] == "paths":
-      prune_mobile.set_width(new, key, n)
-    elif key[0] == "stem_width":
-      new["stem_width"] = n
-    elif key[0] == "inner_widths":
-      new["inner_widths"][key[1]][key[2]][key[3]] = n
-    elif len(key) == 3:
-      new["conv_widths"][key[1]][key[2]] = n
-    else:
-      new["conv_widths"][key[1]] = n
-  return new
-
-
-def _to_flat_numpy(tree) -> dict:
-  return {p: np.asarray(v) for p, v in surgery.flatten(tree or {}).items()}
-
-
-def _rebuild(template, flat: dict) -> dict:
-  return surgery.map_with_path(lambda p, _: flat[p], template) if template else {}
-
-
 def prune_channels(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | None,
                    config: Mapping[str, Any], keep: Mapping[str, Any],
                    residual: str = "group") -> tuple[dict, dict, dict]:
@@ -407,7 +104,6 @@ def prune_channels(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | N
 
 def _family(config: Mapping[str, Any]):
   """Pruning rules of an architecture with its own couplings (`prune_dense`), or None."""
-  from jtransfer.methods import prune_dense  # it builds on this module's Group and helpers
   return prune_dense.family_of(config)
 
 

@@ -31,8 +31,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from jtransfer.errors import InputError
-from jtransfer.methods import prune
-from jtransfer.methods.prune import Group
+from jtransfer.methods import prune_graph, prune_slice
+from jtransfer.methods.prune_graph import Group
 from jtransfer.models import convnext, densenet
 
 _BN_EPS = 1e-5  # DenseNet's BatchNorms (torch default)
@@ -239,7 +239,7 @@ class ConvNeXtRules:
     del groups, flat, scores
     return masks
 
-  slice_flat = staticmethod(prune._slice_flat)  # fixed groups keep every channel: no-ops
+  slice_flat = staticmethod(prune_slice._slice_flat)  # fixed groups keep every channel: no-ops
 
   @staticmethod
   def new_config(config: Mapping[str, Any], groups: list[Group], masks: dict) -> dict:
@@ -268,7 +268,7 @@ class GroupedResNetRules:
   def groups(flat: dict, config: Mapping[str, Any]) -> list[Group]:
     if config.get("block", "basic") != "bottleneck":
       raise InputError("groups > 1 needs bottleneck blocks")
-    return prune._resnet_groups(flat, config)
+    return prune_graph._resnet_groups(flat, config)
 
   @staticmethod
   def fix_masks(groups, flat, masks, scores: Optional[Mapping[str, Any]]):
@@ -289,8 +289,9 @@ class GroupedResNetRules:
         raise InputError(f"{g.name}: the grouped 3x3 conv of {block} needs the same number of "
                          f"channels kept in each of its {n_groups} groups; kept "
                          f"{mask.sum(axis=1).tolist()}")
-      score = prune._group_score(g, flat, scores).reshape(n_groups, -1)
-      rows = [prune._round_up(row, 1, s, g.name, at_least=want) for row, s in zip(mask, score)]
+      score = prune_graph._group_score(g, flat, scores).reshape(n_groups, -1)
+      rows = [prune_graph._round_up(row, 1, s, g.name, at_least=want)
+              for row, s in zip(mask, score)]
       masks[g.name] = np.concatenate(rows)
     return masks
 
@@ -312,6 +313,6 @@ class GroupedResNetRules:
                                      if not (g.config_key[:1] == ("inner_widths",)
                                              and g.config_key[3] == 0)],
                    g.config_key, g.residual, g.multiple, fixed=g.fixed) for g in groups]
-    prune._slice_flat(flat, stats, plain, masks)
+    prune_slice._slice_flat(flat, stats, plain, masks)
 
-  new_config = staticmethod(prune._new_config)
+  new_config = staticmethod(prune_slice._new_config)

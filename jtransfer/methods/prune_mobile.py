@@ -27,12 +27,12 @@ e.g. ('blocks', 3, OUT) for block 4's output width.
 """
 from __future__ import annotations
 
+from jtransfer.methods.prune_graph import Group
 from jtransfer.models.mobilenet import EXPAND, OUT, SE
 
 
 def groups(flat: dict, config: dict) -> list:
   """The prunable channel groups of a MobileNet / EfficientNet params tree (`flat`) and config."""
-  from jtransfer.methods.prune import Group
   has = lambda unit: f"{unit}/conv/kernel" in flat
   stream = Group("stem", ["stem"], [], ("paths", ("stem_width",)))
   out = [stream]

@@ -15,7 +15,9 @@ Schedules: `polynomial_sparsity` is the gradual schedule of Zhu & Gupta (2017),
 s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3; `round_sparsities` gives the per-round
 targets of iterative prune-retrain (Han et al. 2015) as polynomial, linear or geometric steps.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: a NamedTuple's field annotations must stay
+# objects for the API reference (pdoc cannot resolve postponed ones on a NamedTuple's
+# generated __new__, mitmproxy/pdoc issue 765).
 
 import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence

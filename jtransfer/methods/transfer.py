@@ -7,13 +7,15 @@ train step. Method files (cwl, delta, ...) add strategies with `register`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import sys
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-from jtransfer import models, surgery
+from jtransfer import checks, models, surgery
 from jtransfer.data.preprocess import normalize
 from jtransfer.errors import InputError
 from jtransfer.train import evaluate, optim
@@ -71,6 +73,21 @@ class Setup:
   forward: Callable
   finalize: Optional[Callable] = None
 
+  def __post_init__(self):
+    # Python callers pass their own arrays here: float pixels (divided by 255 a second time
+    # in the step) and labels past the head (a NaN loss, no error) are refused on the host.
+    init, num_classes = self.init, getattr(self.model, "num_classes", None)
+
+    def checked_init(seed, images=None, labels=None):
+      if images is not None:
+        checks.check_pixels(images, "Setup.init images")
+      if labels is not None and num_classes is not None:
+        checks.check_labels(labels, num_classes, "Setup.init labels")
+      # Some strategies' inits take the run's images and labels as optional (CWL, FiLM).
+      return init(seed) if images is None and labels is None else init(seed, images, labels)
+
+    self.init = checked_init
+
 
 def target_model(source: Source, num_classes: int, **overrides) -> nn.Module:
   """The source architecture with a new `num_classes` head on the conv features.
@@ -120,9 +137,12 @@ def ce_loss_fn(model: nn.Module, mean, std, *, bn_train: bool = False,
 
 
 def eval_forward(model: nn.Module, mean, std, apply: Callable = models.apply_model) -> Callable:
-  """Jitted eval-mode forward from uint8 images to logits (`apply` as in `ce_loss_fn`)."""
+  """Jitted eval-mode forward from uint8 images to logits (`apply` as in `ce_loss_fn`).
+
+  Float images are refused (`checks.check_pixels`, at trace time: the dtype is static)."""
   @jax.jit
   def forward(params, batch_stats, images):
+    checks.check_pixels(images, "forward images")
     logits, _, _ = apply(model, params, batch_stats, normalize(images, mean, std))
     return logits
   return forward
@@ -147,6 +167,12 @@ class Strategy:
     cv_folds: the paper chooses the knobs by this many-fold cross-validation on the training
       pool (0: on a validation set).
     knob_bounds: knob -> (low, high): tuning never extends that knob's grid past them.
+    doc: what it trains, with which optimiser and loss, its BN mode and its source; default
+      the docstring of the module that defines `build` (each method file documents its
+      strategies there). With the fields above it becomes the object's `__doc__`, so
+      `help(get_strategy(name))` shows it.
+
+  `build` is wrapped so that knobs it does not take are refused naming the ones it does.
   """
   name: str
   paper_lrs: tuple[float, ...]
@@ -157,6 +183,61 @@ class Strategy:
   knob_defaults: Mapping[str, float] = dataclasses.field(default_factory=dict)
   cv_folds: int = 0
   knob_bounds: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+  doc: str = ""
+
+  def __post_init__(self):
+    # Frozen: set through object.__setattr__, once, at construction.
+    object.__setattr__(self, "__doc__", strategy_doc(self))
+    object.__setattr__(self, "build", _checked_build(self.name, self.build, self.knobs))
+
+
+def strategy_doc(strategy: Strategy) -> str:
+  """The docstring of a registered strategy: its prose, then its grids, knobs and defaults."""
+  lines = [f"Transfer strategy {strategy.name!r}: {strategy.description}."]
+  module = sys.modules.get(getattr(strategy.build, "__module__", ""), None)
+  doc = strategy.doc or getattr(module, "__doc__", "") or ""
+  if doc:
+    source = "" if strategy.doc else f"From {module.__name__}:\n"
+    lines += ["", source + inspect.cleandoc(doc)]
+  lines += ["", f"LR grid of --lrs paper: {', '.join(f'{v:g}' for v in strategy.paper_lrs)}."]
+  if strategy.head_only:
+    lines.append("Head only: backbone features are computed once per target and cached.")
+  if strategy.knobs:
+    lines.append("Knobs (build keyword, validation grid, default):")
+    lines += [f"  {k}: grid {', '.join(f'{v:g}' for v in grid)}; default "
+              f"{strategy.knob_defaults.get(k, 'the build default')}"
+              for k, grid in strategy.knobs.items()]
+    lines.append(f"Knobs chosen by {strategy.cv_folds}-fold cross-validation on the training "
+                 "pool." if strategy.cv_folds else "Knobs chosen on the validation split.")
+  else:
+    lines.append("Knobs: none besides the learning rate.")
+  lines.append("Build: strategy.build(source, num_classes, total_steps, **knobs) -> Setup.")
+  return "\n".join(lines)
+
+
+def _checked_build(name: str, build: Callable, knobs: Mapping) -> Callable:
+  """`build`, refusing keyword arguments it does not accept with one sentence."""
+  if getattr(build, "_checked_knobs", False):
+    return build
+  try:
+    params = inspect.signature(build).parameters
+  except (TypeError, ValueError):
+    return build
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    return build
+  accepted = [p for p in list(params)[3:]]  # after (source, num_classes, total_steps)
+
+  def checked(source, num_classes, total_steps, **kwargs):
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+      known = ", ".join(sorted(set(knobs) | set(accepted))) or "none"
+      raise InputError(f"strategy {name!r} has no knob {', '.join(map(repr, unknown))}; its "
+                       f"knobs: {known}")
+    return build(source, num_classes, total_steps, **kwargs)
+
+  checked._checked_knobs = True
+  checked.__doc__ = build.__doc__
+  return checked
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -225,14 +306,24 @@ def _build_finetune_bn(source, num_classes, total_steps):
 
 
 register(Strategy("freeze", FREEZE_LRS, _build_freeze, head_only=True,
-                  description="conv layers frozen (BN running stats), new linear head, Adam"))
+                  description="conv layers frozen (BN running stats), new linear head, Adam",
+                  doc="Trains only a new linear head (Adam at the run's LR, no weight decay) "
+                      "on the frozen source backbone; BN in eval mode with the source's "
+                      "running statistics; cross-entropy loss. The CWL paper's 'freeze'."))
 register(Strategy("finetune", FINETUNE_LRS, _build_finetune,
-                  description="all layers trained, BN running stats, new linear head, Adam"))
+                  description="all layers trained, BN running stats, new linear head, Adam",
+                  doc="Trains every parameter (Adam at the run's LR, no weight decay) from the "
+                      "source weights plus a new linear head; BN in eval mode (the source's "
+                      "running statistics, not updated); cross-entropy loss. The CWL paper's "
+                      "'finetune'."))
 # BN in train mode: batch statistics in the forward, running averages updated (evaluation uses
 # them), as torchvision's finetuning recipes and the independent PyTorch run of issue 16 do.
 register(Strategy("finetune_bn", FINETUNE_LRS, _build_finetune_bn,
                   description="all layers trained, BN batch stats while training (running "
-                              "averages updated), new linear head, Adam"))
+                              "averages updated), new linear head, Adam",
+                  doc="As 'finetune' (Adam, every parameter, new head, cross-entropy), but BN "
+                      "in train mode: batch statistics in the forward pass and running "
+                      "averages updated, which evaluation then uses (torchvision's recipe)."))
 
 
 # ----------------------------------------------------------------------------- features

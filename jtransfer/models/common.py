@@ -316,7 +316,7 @@ def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Ar
   maximum in row-major order, as XLA's select_and_scatter and torch do), but the backward
   pass is kernel^2 strided compares and pads that XLA fuses, instead of select_and_scatter:
   on the CPU backend that op took 40 ms for one 128x28x28x32 pool, more than the conv before
-  it (BUILD_NOTES.md, "Single step").
+  it (docs/decisions.md, "Performance").
   """
   if x.ndim != 4:
     raise ValueError(f"max_pool expects NHWC input, got shape {x.shape}")

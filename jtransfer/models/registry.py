@@ -7,7 +7,8 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from jtransfer.errors import InputError
-from jtransfer.models import alexnet, convnext, densenet, inception, mobilenet, resnet, vgg
+from jtransfer.models import (alexnet, convnext, densenet, inception, mobilenet, resnet, swin, vgg,
+                              vit)
 from jtransfer.models.common import compute_dtype
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -27,6 +28,15 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "wide_resnet50_2": resnet.wide_resnet50_2,
     "densenet121": densenet.densenet121,
     "convnext_tiny": convnext.convnext_tiny,
+    "vit_s28": vit.vit_s28,
+    "vit_ti16": vit.vit_ti16,
+    "vit_s16": vit.vit_s16,
+    "vit_b16": vit.vit_b16,
+    "vit_b_16": vit.vit_b16,  # the same graph; torchvision's weight layout
+    "dinov2_vits14": vit.dinov2_vits14,
+    "dinov2_vitb14": vit.dinov2_vitb14,
+    "clip_vit_b16": vit.clip_vit_b16,
+    "swin_t": swin.swin_t,
 }
 
 SMALL_ARCHS = ("vgg_s", "resnet_s")

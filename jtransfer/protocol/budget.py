@@ -2,7 +2,7 @@
 
 A run evaluates its validation accuracy every `eval_every` steps and stops once it has not
 improved for `patience` steps, or at `cap` steps; it returns the state of its best validation
-step. Protocol rule 1 (DESIGN.md section 8): the budget study (1x, 2x, 4x the cap and patience)
+step. Protocol rule 1 (docs/protocol.md): the budget study (1x, 2x, 4x the cap and patience)
 shows the rule, not the cap, decides.
 
 `stopping_point` is the rule alone, on a recorded curve, so it can be tested on synthetic

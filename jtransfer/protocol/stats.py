@@ -3,8 +3,7 @@
 Every comparison a paper claims is reported as the per-draw difference of two arms trained on
 the same k-shot draw (same images, same validation set, same test set), so the draw's own
 difficulty cancels. The interval is Student's t on the differences (the paired t-test's
-interval); `verdict` reads it: the claim `a > b` is reproduced when the whole 95% interval is
-above the margin, refuted when it is below zero, inconclusive otherwise.
+interval); `claims.decide` reads it as a claim's verdict (the rule is written there once).
 """
 from __future__ import annotations
 
@@ -76,29 +75,6 @@ def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Paire
   t = float(sps.t.ppf(0.5 + level / 2, n - 1))
   p = float(2 * sps.t.sf(abs(mean) / se, n - 1))
   return Paired(n, mean, mean - t * se, mean + t * se, wins, n - wins - losses, losses, p, level)
-
-
-def verdict(c: Paired, margin: float = 0.0, at_least: bool = False) -> str:
-  """Reads a paired interval as a claim's verdict.
-
-  Args:
-    c: the comparison `a - b`.
-    margin: for `a > b` claims, how far above zero the interval must lie (0 by default).
-    at_least: the claim is `a >= b` (non-inferiority within `margin`): reproduced when the
-      interval's lower end is above `-margin`, refuted when its upper end is below `-margin`.
-
-  Returns:
-    'reproduced', 'refuted' or 'inconclusive' (always the last with fewer than 2 draws).
-  """
-  if c.n < 2 or math.isnan(c.lo):
-    return INCONCLUSIVE
-  if at_least:
-    if c.lo > -margin:
-      return REPRODUCED
-    return REFUTED if c.hi < -margin else INCONCLUSIVE
-  if c.lo > margin:
-    return REPRODUCED
-  return REFUTED if c.hi < 0 else INCONCLUSIVE
 
 
 def format_paired(c: Paired, scale: float = 100.0, digits: int = 1) -> str:

@@ -4,7 +4,7 @@
 over tuning draws, or over cross-validation folds), picks the best, and when the best sits on
 the edge of a geometric axis extends that axis one step outward and scores the new points, up
 to `max_extend` times per side; an axis whose choice is still on an edge is reported, so the
-report can say so (protocol rule 2, DESIGN.md section 8).
+report can say so (protocol rule 2, docs/protocol.md).
 
 `kfold` gives the stratified folds for cross-validation on a training pool (DELTA's paper picks
 alpha by 5-fold cross-validation).

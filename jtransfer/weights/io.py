@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from typing import Any, Mapping
 
@@ -85,10 +86,16 @@ def _read_torch(path: str) -> Any:
   try:
     obj = torch.load(path, weights_only=True, map_location="cpu")
   except pickle.UnpicklingError as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # torch's message advises rerunning with weights_only=False, which would run whatever
+    # code the file carries: name the blocked object only, and the safe ways out.
+    blocked = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
+    name = blocked.group(1) if blocked else "the class it names"
     raise InputError(f"checkpoint {path!r} holds objects other than tensors and plain "
-                     f"containers, which are refused for safety ({first[:200]}); save only the "
-                     "state dict: torch.save(model.state_dict(), path)") from None
+                     f"containers ({name}), which are refused for safety; if you trust its "
+                     f"origin, allow just that class and keep only the tensors: with "
+                     f"torch.serialization.safe_globals([{name}]): sd = torch.load(path, "
+                     "weights_only=True)['state_dict'], then safetensors.torch.save_file(sd, "
+                     "'weights.safetensors') and pass that file") from None
   except Exception as e:  # torch raises many types for corrupt or truncated files
     raise InputError(f"checkpoint {path!r} is corrupt, truncated or not a PyTorch file "
                      f"({type(e).__name__}: {str(e)[:200]})") from None

@@ -8,6 +8,10 @@ and how its array is laid out (`Entry`). Conventions:
   `running_var` -> batch_stats `<unit>/bn/mean`, `bn/var`; `num_batches_tracked` is ignored;
 - VGG-16 / AlexNet fc6: torch flattens the pooled map as (C, H, W), jtransfer as NHWC's (H, W, C),
   so the kernel's input rows are permuted.
+- transformers (jtransfer/weights/timm_vit.py, torchvision_vit.py, open_clip.py): LayerNorm
+  `weight`, `bias` -> `scale`, `bias`; tokens and embeddings copied ('vec'), or given their
+  leading unit axes ('lead1', 'lead2': open_clip's (tokens, dim) and (dim,)); buffers the model
+  recomputes (Swin's `relative_position_index`) are 'derived': accepted, not imported.
 timm's ResNets use torchvision's key names (`conv1`, `bn1`, `layer1.0.conv1`, `downsample.0`,
 `fc`), so their state dicts import with the same maps.
 
@@ -16,7 +20,6 @@ Every key must be used: missing, unused and shape-mismatched keys are listed tog
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Optional
 
 import jax
@@ -25,52 +28,14 @@ from flax import traverse_util
 
 from jtransfer import models
 from jtransfer.errors import InputError
-from jtransfer.weights import torchvision_mobile
+from jtransfer.weights import (open_clip, timm_vit, torchvision_dense, torchvision_mobile,
+                               torchvision_vit)
+# (re-exported: the maps below and callers use them from here)
+from jtransfer.weights.torchvision_entries import Entry, _conv_unit, _dense  # noqa: F401
 from jtransfer.weights.torchvision_inception import inception_map
 
 _BN_STATS = ("running_mean", "running_var")
 _ABSTRACT_SHAPE = (224, 224)  # parameter shapes do not depend on it (adaptive pools)
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  """One torchvision key and where it goes.
-
-  Attributes:
-    key: the torchvision state-dict key.
-    collection: 'params' or 'batch_stats'.
-    path: the jtransfer path as dict keys (module names may contain '/').
-    kind: 'conv' (OIHW -> HWIO), 'dense' ((out, in) -> (in, out)), 'dense_chw' (a Dense layer
-      after a (C, H, W) flatten, rows permuted to (H, W, C)), 'vec' (copied), 'dense_1x1'
-      (a Linear into a 1x1 conv kernel) or 'channel' ((C, 1, 1) -> (C,)).
-    chw: (C, H, W) of the flattened map, for 'dense_chw'.
-  """
-  key: str
-  collection: str
-  path: tuple[str, ...]
-  kind: str
-  chw: Optional[tuple[int, int, int]] = None
-
-  @property
-  def path_str(self) -> str:
-    return "/".join(self.path)
-
-
-def _conv_unit(conv: str, bn: Optional[str], unit: tuple[str, ...]) -> list[Entry]:
-  """A ConvUnit: conv (+ bias without BN) and its BN's params and running stats."""
-  if bn is None:
-    return [Entry(f"{conv}.weight", "params", (*unit, "conv", "kernel"), "conv"),
-            Entry(f"{conv}.bias", "params", (*unit, "conv", "bias"), "vec")]
-  return [Entry(f"{conv}.weight", "params", (*unit, "conv", "kernel"), "conv"),
-          Entry(f"{bn}.weight", "params", (*unit, "bn", "scale"), "vec"),
-          Entry(f"{bn}.bias", "params", (*unit, "bn", "bias"), "vec"),
-          Entry(f"{bn}.running_mean", "batch_stats", (*unit, "bn", "mean"), "vec"),
-          Entry(f"{bn}.running_var", "batch_stats", (*unit, "bn", "var"), "vec")]
-
-
-def _dense(key: str, name: str, kind: str = "dense", chw=None) -> list[Entry]:
-  return [Entry(f"{key}.weight", "params", (name, "kernel"), kind, chw),
-          Entry(f"{key}.bias", "params", (name, "bias"), "vec")]
 
 
 def resnet_map(model) -> list[Entry]:
@@ -150,10 +115,25 @@ MAPS = {
     "inception_v3": inception_map,
     "resnext50_32x4d": resnet_map,
     "wide_resnet50_2": resnet_map,
-    "densenet121": lambda model: torchvision_dense.densenet_map(model),
-    "convnext_tiny": lambda model: torchvision_dense.convnext_map(model),
+    "densenet121": torchvision_dense.densenet_map,
+    "convnext_tiny": torchvision_dense.convnext_map,
+    "vit_s28": timm_vit.vit_map,
+    "vit_ti16": timm_vit.vit_map,
+    "vit_s16": timm_vit.vit_map,
+    "vit_b16": timm_vit.vit_map,
+    "vit_b_16": torchvision_vit.vit_map,
+    "dinov2_vits14": timm_vit.vit_map,
+    "dinov2_vitb14": timm_vit.vit_map,
+    "clip_vit_b16": open_clip.clip_map,
+    "swin_t": torchvision_vit.swin_map,
 }
+# Checkpoints that nest the mapped keys under a prefix beside other weights (a whole CLIP
+# model: the image tower under `visual.`, the text tower dropped).
+KEY_PREFIXES = {"clip_vit_b16": open_clip.PREFIX}
 ARCHS = tuple(MAPS)
+
+# Keys a does-not-fit error lists before it only counts the rest.
+MAX_LISTED = 10
 
 
 def name_map(arch: str, model) -> list[Entry]:
@@ -163,8 +143,6 @@ def name_map(arch: str, model) -> list[Entry]:
                      f"{', '.join(MAPS)}")
   return MAPS[arch](model)
 
-
-from jtransfer.weights import torchvision_dense  # noqa: E402  (its maps use Entry, above)
 
 # ----------------------------------------------------------------------------- layouts
 def to_jtransfer(entry: Entry, value: np.ndarray) -> np.ndarray:
@@ -180,6 +158,10 @@ def to_jtransfer(entry: Entry, value: np.ndarray) -> np.ndarray:
     return value.T[None, None]
   if entry.kind == "channel":
     return value.reshape(-1)
+  if entry.kind == "lead1":
+    return value[None]
+  if entry.kind == "lead2":
+    return value[None, None]
   return value
 
 
@@ -194,6 +176,10 @@ def torch_shape(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[3], shape[2])
   if entry.kind == "channel":
     return (shape[0], 1, 1)
+  if entry.kind == "lead1":
+    return tuple(shape[1:])
+  if entry.kind == "lead2":
+    return tuple(shape[2:])
   return tuple(shape)
 
 
@@ -207,7 +193,8 @@ def head_key(arch: str, config: Optional[Mapping[str, Any]] = None) -> str:
 def torch_param_count(state_dict: Mapping[str, np.ndarray]) -> int:
   """torchvision's `sum(p.numel() for p in model.parameters())`: BN running stats excluded."""
   return int(sum(np.size(v) for k, v in state_dict.items()
-                 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))))
+                 if not k.endswith(("running_mean", "running_var", "num_batches_tracked",
+                                    "relative_position_index"))))
 
 
 def _abstract_variables(model, channels: int) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -262,13 +249,15 @@ def import_torchvision(arch: str, state_dict: Mapping[str, np.ndarray],
       unused and shape-mismatched key is listed.
   """
   config = dict(config or {})
+  state_dict = select_prefix(arch, state_dict)
   num_classes, keep_head = _resolve_head(arch, state_dict, num_classes, keep_head, config)
   model = models.get_model(arch, num_classes, **config)
   entries = name_map(arch, model)
   shapes = _abstract_variables(model, _input_channels(entries, state_dict))
-  ignored = set()
+  ignored = {e.key for e in entries if e.kind == "derived"}
+  entries = [e for e in entries if e.kind != "derived"]
   if not keep_head:
-    ignored = {e.key for e in entries if e.path[0] == "head"}
+    ignored |= {e.key for e in entries if e.path[0] == "head"}
     entries = [e for e in entries if e.path[0] != "head"]
   _check_coverage(arch, entries, shapes, keep_head)
   _check_fit(arch, entries, shapes, state_dict, ignored, what)
@@ -276,6 +265,14 @@ def import_torchvision(arch: str, state_dict: Mapping[str, np.ndarray],
           for e in entries}
   out = traverse_util.unflatten_dict(flat)
   return {k: out[k] for k in ("params", "batch_stats") if k in out}
+
+
+def select_prefix(arch: str, state_dict: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+  """The keys under `KEY_PREFIXES[arch]`, prefix removed, when the checkpoint has any."""
+  prefix = KEY_PREFIXES.get(arch)
+  if prefix is None or not any(k.startswith(prefix) for k in state_dict):
+    return state_dict
+  return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _check_coverage(arch, entries, shapes, keep_head) -> None:
@@ -304,6 +301,12 @@ def _check_fit(arch, entries, shapes, state_dict, ignored, what) -> None:
             if k not in used and not (k.endswith(".num_batches_tracked")
                                       and k[:-len(".num_batches_tracked")] in bn_prefixes)]
   if missing or unused or mismatched:
+    # Mismatches first (the likeliest clue), then missing, then unused keys; a checkpoint of
+    # another architecture mismatches hundreds of keys, so only the first ones are listed.
+    problems = mismatched + missing + unused
     head = (f"{what} does not fit torchvision {arch} ({len(missing)} missing, {len(unused)} "
-            f"unused, {len(mismatched)} mismatched keys):")
-    raise InputError("\n".join([head] + missing + unused + mismatched))
+            f"unused, {len(mismatched)} mismatched keys; was it saved from another "
+            f"architecture or width?), first {min(len(problems), MAX_LISTED)}:")
+    more = ([f"  ... and {len(problems) - MAX_LISTED} more"]
+            if len(problems) > MAX_LISTED else [])
+    raise InputError("\n".join([head] + problems[:MAX_LISTED] + more))

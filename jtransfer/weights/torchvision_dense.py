@@ -6,7 +6,7 @@ layer_scale, (C, 1, 1) -> (C,)).
 """
 from __future__ import annotations
 
-from jtransfer.weights.torchvision import Entry, _conv_unit, _dense
+from jtransfer.weights.torchvision_entries import Entry, _conv_unit, _dense
 
 
 def _bn(key: str, path: tuple[str, ...]) -> list[Entry]:

@@ -22,7 +22,7 @@ def inception_map(model) -> list:
   """torchvision Inception3 keys for a jtransfer `Inception3` (any widths, no truncation)."""
   # Imported here: torchvision.py imports this module to register the map.
   from jtransfer.models import inception
-  from jtransfer.weights.torchvision import _conv_unit, _dense
+  from jtransfer.weights.torchvision_entries import _conv_unit, _dense
   if model.truncate_after is not None:
     from jtransfer.errors import InputError
     raise InputError("torchvision inception_v3 weights need the whole network; import them "

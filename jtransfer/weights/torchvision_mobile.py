@@ -12,14 +12,14 @@ from jtransfer.models import mobilenet
 
 
 def _se(pre: str, block: str) -> list:
-  from jtransfer.weights.torchvision import _conv_unit
+  from jtransfer.weights.torchvision_entries import _conv_unit
   return (_conv_unit(f"{pre}.fc1", None, (block, "se", "fc1")) +
           _conv_unit(f"{pre}.fc2", None, (block, "se", "fc2")))
 
 
 def _block(pre: str, block: str, spec: tuple, v2: bool) -> list:
   """One block's entries; `pre` is its torchvision prefix up to the sequential's index."""
-  from jtransfer.weights.torchvision import _conv_unit
+  from jtransfer.weights.torchvision_entries import _conv_unit
   entries, j = [], 0
   if spec[mobilenet.EXPAND]:
     entries += _conv_unit(f"{pre}.{j}.0", f"{pre}.{j}.1", (block, "expand"))
@@ -45,7 +45,7 @@ def _stages(blocks) -> list[list[int]]:
 
 
 def _ends(model, last_index: int, classifier: list) -> list:
-  from jtransfer.weights.torchvision import _conv_unit, _dense
+  from jtransfer.weights.torchvision_entries import _conv_unit, _dense
   entries = []
   if model.top_width:
     entries += _conv_unit(f"features.{last_index}.0", f"features.{last_index}.1", ("top",))
@@ -56,7 +56,7 @@ def _ends(model, last_index: int, classifier: list) -> list:
 
 def mobilenet_v2_map(model) -> list:
   """torchvision MobileNetV2 keys: features.0 stem, features.i.conv.* blocks, classifier.1."""
-  from jtransfer.weights.torchvision import _conv_unit
+  from jtransfer.weights.torchvision_entries import _conv_unit
   entries = _conv_unit("features.0.0", "features.0.1", ("stem",))
   for i, spec in enumerate(model.blocks, start=1):
     entries += _block(f"features.{i}.conv", f"block{i}", spec, v2=True)
@@ -65,7 +65,7 @@ def mobilenet_v2_map(model) -> list:
 
 def mobilenet_v3_map(model) -> list:
   """torchvision MobileNetV3 keys: features.i.block.* blocks, classifier.0 (fc1), .3 (head)."""
-  from jtransfer.weights.torchvision import _conv_unit
+  from jtransfer.weights.torchvision_entries import _conv_unit
   entries = _conv_unit("features.0.0", "features.0.1", ("stem",))
   for i, spec in enumerate(model.blocks, start=1):
     entries += _block(f"features.{i}.block", f"block{i}", spec, v2=False)
@@ -75,7 +75,7 @@ def mobilenet_v3_map(model) -> list:
 
 def efficientnet_map(model) -> list:
   """torchvision EfficientNet (B0) keys: features.s.b.block.* per stage s, classifier.1."""
-  from jtransfer.weights.torchvision import _conv_unit
+  from jtransfer.weights.torchvision_entries import _conv_unit
   entries = _conv_unit("features.0.0", "features.0.1", ("stem",))
   stages = _stages(model.blocks)
   for s, indices in enumerate(stages, start=1):

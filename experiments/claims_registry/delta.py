@@ -1,0 +1,42 @@
+"""DELTA (Li et al. 2019): Table 1's orderings and Fig. 3."""
+from experiments.claims_registry.common import DIGITS, one_image
+from jtransfer.protocol.claims import NONINFERIORITY, SUPERIORITY
+from jtransfer.protocol.registry import Evidence, Registered
+
+MAIN = Evidence(("delta_table_k10",))
+SECONDARY = (Evidence(("delta_table_swapped_k10",), note="the swapped split"),)
+SUP0 = "superiority: Table 1 reports a gain; the interval must lie above 0"
+_res = one_image(DIGITS, "digits; the coarsest of the evidence's targets")
+
+
+def _entry(id_, text, statement, kind, a, b):
+  margin = (0.0, SUP0) if kind == SUPERIORITY else _res
+  return Registered(f"delta.{id_}", "DELTA", "Table 1", statement, kind, *margin, text, MAIN,
+                    SECONDARY, runs=(a, b))
+
+
+CLAIMS = (
+    _entry("delta_ge_noatt", "DELTA >= DELTA w/o ATT",
+           "the attention over channels does not make DELTA worse", NONINFERIORITY,
+           "delta", "delta_noatt"),
+    _entry("noatt_ge_l2sp", "DELTA w/o ATT >= L2-SP",
+           "regularising feature maps is at least as good as regularising weights toward the "
+           "start", NONINFERIORITY, "delta_noatt", "l2sp"),
+    _entry("l2sp_ge_l2", "L2-SP >= L2", "pulling weights toward the start is at least as good "
+           "as plain weight decay", NONINFERIORITY, "l2sp", "l2"),
+    _entry("delta_gt_l2sp", "DELTA > L2-SP", "DELTA beats L2-SP", SUPERIORITY, "delta", "l2sp"),
+    _entry("l2_gt_l2fe", "L2 > L2-FE", "fine-tuning the whole net beats training a head on "
+           "frozen features", SUPERIORITY, "l2", "l2fe"),
+    _entry("l2sp_gt_l2fe", "L2-SP > L2-FE", "L2-SP beats a head on frozen features",
+           SUPERIORITY, "l2sp", "l2fe"),
+    _entry("noatt_gt_l2fe", "DELTA w/o ATT > L2-FE", "DELTA w/o ATT beats a head on frozen "
+           "features", SUPERIORITY, "delta_noatt", "l2fe"),
+    _entry("delta_gt_l2fe", "DELTA > L2-FE", "DELTA beats a head on frozen features",
+           SUPERIORITY, "delta", "l2fe"),
+    Registered(
+        "delta.fig3_filters_move_farther", "DELTA", "Fig. 3",
+        "DELTA lets the conv filters move farther from the pretrained start than L2-SP does",
+        SUPERIORITY, 0.0, "superiority: Fig. 3 shows larger distances; above 0",
+        "DELTA's filters move farther from the starting point than L2-SP's (effect: mean "
+        "conv-filter L2 distance x 100)", MAIN, SECONDARY, runs=("delta", "l2sp")),
+)

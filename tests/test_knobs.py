@@ -1,0 +1,61 @@
+"""DELTA's configuration at the CLI edge (experiments.knobs): environment read only where a DELTA
+strategy runs, one sentence for a bad value, knobs carried by the plan, nothing global."""
+import subprocess
+import sys
+
+import pytest
+
+from experiments import delta_table, fewshot, knobs
+from jtransfer.errors import InputError
+from jtransfer.methods import delta, transfer
+
+
+def _plan(strategies: str) -> dict:
+  return fewshot.validate(fewshot.parse_args(["--strategies", strategies, "--arch", "vgg_s"]))
+
+
+def test_bad_environment_fails_only_where_delta_runs(monkeypatch):
+  monkeypatch.setenv("JTRANSFER_DELTA_ALPHA", "abc")
+  assert _plan("freeze")["options"] == {}
+  with pytest.raises(InputError, match=r"^JTRANSFER_DELTA_ALPHA='abc' is not a number$"):
+    _plan("freeze,delta")
+  monkeypatch.setenv("JTRANSFER_DELTA_ALPHA", "0.1")
+  monkeypatch.setenv("JTRANSFER_DELTA_SCHEDULE", "cosine")
+  with pytest.raises(InputError, match="schedule 'cosine'"):
+    _plan("l2sp")
+
+
+def test_bad_environment_does_not_break_import_and_exits_2():
+  env = {"JTRANSFER_DELTA_ALPHA": "abc", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+  code = ("import jtransfer.methods.delta, experiments.delta_table, experiments.fewshot\n"
+          "from experiments import fewshot\n"
+          "import sys; sys.exit(fewshot.main(['--strategies', 'delta', '--arch', 'vgg_s', "
+          "'--out', '/nonexistent/x']))")
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip().splitlines()[-1] == "error: JTRANSFER_DELTA_ALPHA='abc' is not a number"
+
+
+def test_environment_becomes_the_plans_knobs(monkeypatch):
+  monkeypatch.setenv("JTRANSFER_DELTA_ALPHA", "0.05")
+  monkeypatch.setenv("JTRANSFER_DELTA_BETA", "0.2")
+  plan = _plan("freeze,l2sp,delta_noatt")
+  assert set(plan["options"]) == {"l2sp", "delta_noatt"}
+  assert plan["options"]["l2sp"]["config"] == delta.Config(alpha=0.05, beta=0.2)
+  # alpha is l2sp's paper value now (delta_noatt has its own grid); the registry is untouched
+  assert knobs.strategy_of(plan, "l2sp").knob_defaults == {"alpha": 0.05}
+  assert knobs.strategy_of(plan, "delta_noatt") is transfer.get_strategy("delta_noatt")
+  assert transfer.get_strategy("l2sp").knob_defaults == {"alpha": 0.01}
+
+
+def test_delta_table_flags_travel_in_the_plan():
+  args = delta_table.parse_args(["--arch", "vgg_s", "--beta", "0.3", "--schedule", "step",
+                                 "--alpha", "0.5", "--no-curves"])
+  plan = delta_table.validate(args)
+  config = delta.Config(beta=0.3, schedule="step")
+  assert all(o == {"config": config} for o in plan["options"].values())
+  assert set(plan["options"]) == set(delta_table.STRATEGIES)
+  assert knobs.strategy_of(plan, "delta").knobs == {"alpha": (0.5,)}
+  assert transfer.get_strategy("delta").knobs == {"alpha": delta.ALPHAS}
+  assert delta.Config() == delta.Config(alpha=0.01, beta=0.01, schedule="exp")

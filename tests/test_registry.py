@@ -1,0 +1,164 @@
+"""Every registered claim recomputed from the published records, independently of
+jtransfer/protocol/stats.py and claims.decide (scipy's one-sample t-test and t quantiles on the
+paired differences, the verdict rule re-derived here), and compared with RESULTS.md's leading
+table; the raw records of strategy folders re-paired here and compared with summary.json."""
+import json
+import math
+import os
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from experiments.claims_registry import ALL
+from jtransfer.protocol import registry
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PUB = os.path.join(REPO, "published")
+
+
+def _json(folder, name):
+  with open(os.path.join(PUB, folder, name)) as f:
+    return json.load(f)
+
+
+def _page_rows():
+  """id -> the cells of RESULTS.md's leading table row."""
+  with open(os.path.join(REPO, "RESULTS.md")) as f:
+    text = f.read()
+  ids = {e.id for e in ALL}
+  rows = {}
+  for line in text.split("### Margins")[0].splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if cells and cells[0] in ids:
+      rows[cells[0]] = cells
+  return rows
+
+
+def _claim(summary, text):
+  return next(r for r in summary["claims"] if r["claim"]["text"] == text)
+
+
+def _draws(entry):
+  """{draw key: [diff, ...]} of the primary evidence, untested slots left out (per dose for
+  dose claims: {(dose, key): [...]})."""
+  out, any_bad = defaultdict(list), False
+  for folder in entry.primary.folders:
+    res = _claim(_json(folder, "summary.json"), entry.text)
+    fields = res["pooled"]["draw_fields"]
+    bad = entry.untested.slots(_json(folder, "results.json")) if entry.untested else set()
+    for c in res["cells"]:
+      if any(c["cell"].get(k) not in v for k, v in entry.primary.where.items()):
+        continue
+      for draw, d in zip(c["draws"], c["diffs"]):
+        full = dict(c["cell"], **{res["draw_field"]: draw})
+        key = tuple(full[f] for f in fields)
+        if entry.kind == registry.DOSE:
+          key = (c["cell"][entry.dose], key)
+        if any(draw == sd and cell <= set(c["cell"].items()) for cell, sd in bad):
+          any_bad = True  # this cell's treatment did nothing on this draw: left out
+          continue
+        out[key].append(d)
+  return dict(out), any_bad
+
+
+def _verdict(kind, d, margin):
+  """The rule of docs/protocol_verdicts.md, from scipy alone."""
+  d = np.asarray(d, float)
+  if d.size and np.all(d == 0):
+    return "not tested", 1.0
+  if d.size < 2:
+    return "inconclusive", 1.0
+  lo, hi = (d.mean() + s * sps.t.ppf(0.975, d.size - 1) * sps.sem(d) for s in (-1, 1))
+
+  def p_gt(c):
+    if sps.sem(d) == 0:
+      return 0.0 if d.mean() > c else 1.0
+    return sps.ttest_1samp(d, c, alternative="greater").pvalue
+
+  if kind == "superiority":
+    rep, ref, p = lo > margin, hi < 0, p_gt(margin)
+  elif kind in ("non-inferiority", "dose"):
+    rep, ref, p = lo > -margin and hi >= 0, hi < -margin, p_gt(-margin)
+  elif kind == "threshold":
+    rep, ref, p = lo > -margin, hi < -margin, p_gt(-margin)
+  else:
+    raise AssertionError(kind)
+  return ("reproduced" if rep else "refuted" if ref else "inconclusive"), p
+
+
+def _fmt(d):
+  d = np.asarray(d, float)
+  if d.size < 2:
+    return None
+  half = sps.t.ppf(0.975, d.size - 1) * sps.sem(d) if d.size > 1 else math.nan
+  f = lambda v: f"{100 * v:+.1f}"
+  return f"{f(d.mean())} [{f(d.mean() - half)}, {f(d.mean() + half)}] {int(np.sum(d > 0))}/{d.size}"
+
+
+def test_every_registered_claim_recomputes_to_results_md():
+  rows = _page_rows()
+  assert set(rows) == {e.id for e in ALL}, "RESULTS.md lacks a registered claim's row"
+  for e in ALL:
+    draws, any_bad = _draws(e)
+    if e.kind == registry.DOSE:
+      draws = {k[1]: v for k, v in draws.items() if k[0] == e.dose_at}
+    means = [np.mean(v) for _, v in sorted(draws.items(), key=lambda kv: str(kv[0]))]
+    if len(means) < 2:
+      want = "not tested" if any_bad else "inconclusive"
+    else:
+      want, _ = _verdict(e.kind, means, e.margin)
+    assert rows[e.id][4] == f"**{want}**", (e.id, rows[e.id][4], want)
+    if len(means) >= 2:
+      assert rows[e.id][5] == _fmt(means), (e.id, rows[e.id][5], _fmt(means))
+
+
+def test_holm_adjusted_verdicts_match_statsmodels():
+  multipletests = pytest.importorskip("statsmodels.stats.multitest").multipletests
+  rows = _page_rows()
+  tested = []
+  for e in ALL:
+    draws, _ = _draws(e)
+    if e.kind == registry.DOSE:
+      draws = {k[1]: v for k, v in draws.items() if k[0] == e.dose_at}
+    means = [np.mean(v) for v in draws.values()]
+    if len(means) >= 2 and not np.all(np.asarray(means) == 0):
+      tested.append((e, _verdict(e.kind, means, e.margin)))
+  adj = multipletests([p for _, (_, p) in tested], method="holm")[1]
+  for (e, (raw, p)), pa in zip(tested, adj):
+    if raw == "reproduced":  # survives adjustment exactly when Holm's p stays below 0.025
+      assert rows[e.id][7] == ("reproduced" if pa < 0.025 else "inconclusive"), e.id
+    assert float(rows[e.id][6]) == pytest.approx(p, rel=0.06, abs=1e-3), e.id
+
+
+@pytest.mark.parametrize("entry", [e for e in ALL if e.runs], ids=lambda e: e.id)
+def test_summary_differences_are_the_records(entry):
+  """The per-draw differences the registry pools are the eval records' own, re-paired here."""
+  compared = derived = 0
+  for folder in entry.primary.folders:
+    recs = [r for r in _json(folder, "results.json")
+            if r.get("role", "eval") == "eval" and r.get("status", "ok") == "ok"]
+    arm = "variant" if any("variant" in r for r in recs) else "strategy"
+    value = "map" if any("map" in r for r in recs) else "test_acc"
+    res = _claim(_json(folder, "summary.json"), entry.text)
+    if res["claim"]["a"] not in {r.get(arm) for r in recs} or "distance" in entry.text:
+      derived += 1  # the arms are not strategies (a gain per arch) or the value is derived
+      continue
+    for c in res["cells"]:
+      for draw, d in zip(c["draws"], c["diffs"]):
+        got = {}
+        for r in recs:
+          if r.get(res["draw_field"]) == draw and all(r.get(k) == v for k, v in c["cell"].items()):
+            got.setdefault(r[arm], r[value])
+        assert d == pytest.approx(got[res["claim"]["a"]] - got[res["claim"]["b"]], abs=1e-12)
+        compared += 1
+  assert compared or derived == len(entry.primary.folders)
+
+
+def test_wise_ft_is_not_tested_and_says_why():
+  recs = [r for f in ("baselines_k10", "baselines_k10_fmnist") for r in _json(f, "results.json")
+          if r.get("strategy") == "wise_ft" and r["role"] == "eval"]
+  assert recs and all(r["hp"] == "alpha=1" for r in recs)
+  row = _page_rows()["baselines.wise_ft_ge_lpft"]
+  assert row[4] == "**not tested**" and "alpha = 1" in row[8]
