@@ -12,6 +12,9 @@ and of a Freeze+CWL step (forward and backward-data: the kernels are frozen). Th
 are timed too, so `step - convolutions` is the time in everything else (elementwise, pooling,
 BN, reductions, the optimizer): the split that says whether a gap is in the convolution
 kernels or around them.
+
+The kernel gradient is timed twice in JAX: XLA's, and `jtransfer.models.gemm_conv`'s patch
+GEMM; the step sums take the one the model uses (gemm_conv.CONV_IMPL, JTRANSFER_CONV_IMPL).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from jax import lax
 from bench import run
 from bench.common import command, emit
 from jtransfer import models
+from jtransfer.models import gemm_conv
 from jtransfer.train.evaluate import median_latency_ms
 
 SHAPE = (28, 28, 1)
@@ -57,18 +61,22 @@ def _jax_conv(strides, padding):
                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def jax_times(x_shape, w_shape, strides, padding, runs: int) -> tuple[float, float, float]:
-  """(forward, backward-data, backward-filter) ms of one conv in JAX."""
+def jax_times(x_shape, w_shape, strides, padding, runs: int) -> tuple[float, ...]:
+  """(forward, backward-data, backward-filter, backward-filter as a patch GEMM) ms of one
+  conv in JAX (the last is `models.gemm_conv`'s kernel gradient, timed beside XLA's)."""
   conv = _jax_conv(strides, padding)
+  gemm = lambda x, w: gemm_conv.dense_conv(x, w, strides, padding)
   x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
   w = jax.random.normal(jax.random.PRNGKey(1), w_shape) * 0.1
   g = jnp.ones(jax.eval_shape(conv, x, w).shape)
   fwd = jax.jit(conv)
   data = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
   filt = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
+  filt_gemm = jax.jit(lambda x, w, g: jax.vjp(lambda w: gemm(x, w), w)[1](g)[0])
   return (median_latency_ms(fwd, x, w, runs=runs, warmup=2),
           median_latency_ms(data, x, w, g, runs=runs, warmup=2),
-          median_latency_ms(filt, x, w, g, runs=runs, warmup=2))
+          median_latency_ms(filt, x, w, g, runs=runs, warmup=2),
+          median_latency_ms(filt_gemm, x, w, g, runs=runs, warmup=2))
 
 
 def torch_times(x_shape, w_shape, strides, padding, runs: int) -> tuple[float, float, float]:
@@ -124,7 +132,8 @@ def main(argv=None) -> int:
   if args.tiny:
     args.batch, args.runs = 4, 2
   ops = ["| arch | input | kernel | stride | times in net | JAX fwd | JAX bwd-data | "
-         "JAX bwd-filter | torch fwd | torch bwd-data | torch bwd-filter |", "|---" * 11 + "|"]
+         "JAX bwd-filter | JAX bwd-filter GEMM | torch fwd | torch bwd-data | torch bwd-filter |",
+         "|---" * 12 + "|"]
   steps_tbl = ["| arch | step | JAX step ms | JAX convs ms | JAX rest ms | torch step ms | "
                "torch convs ms | torch rest ms |", "|---|---|---|---|---|---|---|---|"]
   for arch in args.archs.split(","):
@@ -136,7 +145,10 @@ def main(argv=None) -> int:
       if config not in timed:
         timed[config] = (jax_times(*config, args.runs), torch_times(*config, args.runs))
       data_needed = i > 0  # the first conv's input is the image: no input gradient
-      for lib, (f, d, w) in zip(("jax", "torch"), timed[config]):
+      (fwd, data, w_xla, w_gemm), torch_t = timed[config]
+      # the kernel gradient the model computes (gemm_conv.CONV_IMPL / JTRANSFER_CONV_IMPL)
+      jax_t = (fwd, data, w_gemm if gemm_conv.use_gemm_conv(config[1][:2]) else w_xla)
+      for lib, (f, d, w) in (("jax", jax_t), ("torch", torch_t)):
         sums[("finetune", lib)] += f + w + (d if data_needed else 0.0)
         sums[("freeze_cwl", lib)] += f + (d if data_needed else 0.0)
     for config, (j, t) in timed.items():
@@ -164,4 +176,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from jtransfer.compile_cache import enable_compilation_cache
+  enable_compilation_cache()  # before the first compilation
   sys.exit(main())

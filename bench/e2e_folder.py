@@ -79,5 +79,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  from jtransfer.compile_cache import enable_compilation_cache
+  enable_compilation_cache()  # before the first compilation
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   main()

@@ -743,4 +743,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+  from jtransfer.compile_cache import enable_compilation_cache
+  enable_compilation_cache()  # before the first compilation
   sys.exit(main())

@@ -195,4 +195,6 @@ def report(rows, args, shape, peak) -> str:
 
 
 if __name__ == "__main__":
+  from jtransfer.compile_cache import enable_compilation_cache
+  enable_compilation_cache()  # before the first compilation
   sys.exit(main())

@@ -583,4 +583,6 @@ PUBLISHER = publish.Publisher("experiments.delta_table", parse_args, validate, p
 
 
 if __name__ == "__main__":
+  from jtransfer.compile_cache import enable_compilation_cache
+  enable_compilation_cache()  # before the first compilation
   sys.exit(main())

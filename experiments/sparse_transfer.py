@@ -1037,4 +1037,6 @@ PUBLISHER = publish.Publisher(
 
 
 if __name__ == "__main__":
+  from jtransfer.compile_cache import enable_compilation_cache
+  enable_compilation_cache()  # before the first compilation
   sys.exit(main())

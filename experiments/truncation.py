@@ -325,4 +325,6 @@ PUBLISHER = publish.Publisher("experiments.truncation", parse_args, validate, pu
 
 
 if __name__ == "__main__":
+  from jtransfer.compile_cache import enable_compilation_cache
+  enable_compilation_cache()  # before the first compilation
   sys.exit(main())

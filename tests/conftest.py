@@ -5,6 +5,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
+from jtransfer.compile_cache import enable_compilation_cache  # noqa: E402
+
+# Every test file compiles the same small-model steps: keep them on disk across runs and
+# xdist workers (JTRANSFER_COMPILATION_CACHE=0 to measure cold compiles).
+enable_compilation_cache()
+
 
 @pytest.fixture(scope="session")
 def tiny_source_dir(tmp_path_factory):

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jtransfer.models import gemm_conv
+
 # torchvision initialises convs with kaiming_normal(mode='fan_out', nonlinearity='relu').
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -250,7 +252,8 @@ class DepthwiseConv(nn.Module):
 def conv_layer(x: jax.Array, features: int, kernel, stride: int, padding, use_bias: bool,
                groups: int = 1, dtype: Optional[str] = None, name: str = "conv") -> jax.Array:
   """The conv of a unit applied to `x`: nn.Conv, or `DepthwiseConv` for a depthwise conv
-  (groups = input channels = features) when `use_shifted_depthwise()`."""
+  (groups = input channels = features) when `use_shifted_depthwise()`. A dense conv's
+  nn.Conv takes `gemm_conv`'s kernel gradient where `gemm_conv.use_gemm_conv` says so."""
   kernel, strides = _pair(kernel), (int(stride), int(stride))
   pads = torch_padding(kernel, padding)
   if groups > 1 and groups == features == x.shape[-1] and use_shifted_depthwise():
@@ -258,7 +261,8 @@ def conv_layer(x: jax.Array, features: int, kernel, stride: int, padding, use_bi
                          dtype=compute_dtype(dtype), name=name)(x)
   return nn.Conv(features, kernel, strides=strides, padding=pads, use_bias=use_bias,
                  feature_group_count=groups, kernel_init=conv_init,
-                 dtype=compute_dtype(dtype), name=name)(x)
+                 dtype=compute_dtype(dtype), name=name,
+                 conv_general_dilated=gemm_conv.conv_fn(kernel) if groups == 1 else None)(x)
 
 
 class ConvUnit(nn.Module):

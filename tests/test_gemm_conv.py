@@ -1,0 +1,157 @@
+"""Dense convolutions with the patch-GEMM kernel gradient (models.gemm_conv): the same value
+and gradients as XLA's convolution, the same params and models, and 'auto's choice."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jtransfer import models
+from jtransfer.models import common, gemm_conv
+
+
+def _xla(x, kernel, strides, padding):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))  # one compile, not one per op
+def _value_and_grads(conv, x, kernel, strides, padding, cot):
+  y, vjp = jax.vjp(lambda a, b: conv(a, b, strides, padding), x, kernel)
+  return (y, *vjp(cot))
+
+
+@pytest.mark.parametrize("k,stride,padding,shape", [
+    (1, 1, "VALID", (2, 6, 6, 4)), (1, 2, "SAME", (3, 7, 9, 5)),
+    (1, 2, ((0, 0), (0, 0)), (1, 5, 5, 3)),
+    (3, 1, "SAME", (2, 9, 8, 3)), (3, 2, "SAME", (1, 9, 7, 4)), (3, 2, "VALID", (2, 8, 9, 3)),
+    (3, 2, ((1, 1), (1, 1)), (3, 7, 7, 5)), (3, 1, ((0, 1), (1, 0)), (1, 6, 5, 2)),
+    (7, 2, ((3, 3), (3, 3)), (2, 11, 9, 3)), (7, 1, "VALID", (1, 9, 10, 2)),
+])
+def test_equal_to_xla_in_value_and_both_gradients(k, stride, padding, shape):
+  g = np.random.default_rng(k * 10 + stride)
+  x = jnp.asarray(g.normal(size=shape), jnp.float32)
+  kernel = jnp.asarray(g.normal(size=(k, k, shape[-1], 6)), jnp.float32)
+  want_y = _xla(x, kernel, (stride, stride), padding)
+  cot = jnp.asarray(g.normal(size=want_y.shape), jnp.float32)
+  want = _value_and_grads(_xla, x, kernel, (stride, stride), padding, cot)
+  got = _value_and_grads(gemm_conv.dense_conv, x, kernel, (stride, stride), padding, cot)
+  for a, b in zip(got, want):
+    assert a.shape == b.shape and a.dtype == b.dtype
+  np.testing.assert_array_equal(got[0], want[0])  # the forward is XLA's convolution itself
+  np.testing.assert_array_equal(got[1], want[1])  # and so is the input gradient
+  np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_gradient_against_numpy():
+  """The im2col formula itself, in float64: dk[i, j, c, o] = sum x_pad[n, s*h+i, s*w+j, c] *
+  dy[n, h, w, o]."""
+  g = np.random.default_rng(3)
+  x, dy = g.normal(size=(2, 7, 6, 3)), g.normal(size=(2, 4, 3, 5))
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = np.zeros((3, 3, 3, 5))
+  for i in range(3):
+    for j in range(3):
+      want[i, j] = np.einsum("nhwc,nhwo->co", xp[:, i:i + 7:2, j:j + 5:2], dy)
+  kernel = jnp.zeros((3, 3, 3, 5))
+  _, vjp = jax.vjp(lambda k: gemm_conv.dense_conv(jnp.asarray(x, jnp.float32), k, (2, 2),
+                                                  ((1, 1), (1, 1))), kernel)
+  np.testing.assert_allclose(vjp(jnp.asarray(dy, jnp.float32))[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_kernel_gradient_accumulates_in_float32():
+  g = np.random.default_rng(0)
+  x = jnp.asarray(g.normal(size=(4, 12, 12, 16)), jnp.bfloat16)
+  kernel = jnp.asarray(g.normal(size=(3, 3, 16, 8)), jnp.bfloat16)
+  cot = jnp.asarray(g.normal(size=(4, 12, 12, 8)), jnp.bfloat16)
+  got = _value_and_grads(gemm_conv.dense_conv, x, kernel, (1, 1), "SAME", cot)
+  assert [a.dtype for a in got] == [jnp.bfloat16] * 3
+  f32 = lambda a: a.astype(jnp.float32)
+  exact = _value_and_grads(_xla, f32(x), f32(kernel), (1, 1), "SAME", f32(cot))
+  # float32 accumulation: within bfloat16's rounding of the exact sum (2^-8 relative)
+  np.testing.assert_allclose(f32(got[2]), exact[2], rtol=2 ** -8, atol=1e-3)
+  np.testing.assert_allclose(f32(got[0]), exact[0], rtol=2e-2, atol=0.2)
+
+
+def test_other_convolutions_go_to_lax_unchanged():
+  g = np.random.default_rng(1)
+  x = jnp.asarray(g.normal(size=(2, 8, 8, 4)), jnp.float32)
+  kernel = jnp.asarray(g.normal(size=(3, 3, 2, 6)), jnp.float32)
+  kwargs = dict(window_strides=(1, 1), padding="SAME", feature_group_count=2,
+                rhs_dilation=(2, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_array_equal(gemm_conv.conv_general_dilated(x, kernel, **kwargs),
+                                jax.lax.conv_general_dilated(x, kernel, **kwargs))
+
+
+def _conv_fns(model, shape):
+  """{module path: its conv_general_dilated} of every nn.Conv the model applies."""
+  found = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+      found["/".join(context.module.path)] = (context.module.kernel_size,
+                                               context.module.conv_general_dilated)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: models.init_model(model, jax.random.PRNGKey(0), shape))
+  return found
+
+
+def test_auto_takes_the_gemm_for_1x1_kernels_on_cpu(monkeypatch):
+  monkeypatch.delenv("JTRANSFER_CONV_IMPL", raising=False)
+  monkeypatch.setattr(gemm_conv, "CONV_IMPL", "auto")
+  fns = _conv_fns(models.get_model("resnet_s", 5), (28, 28, 1))
+  on_cpu = jax.default_backend() == "cpu"
+  assert any(k == (1, 1) for k, _ in fns.values())
+  for kernel, fn in fns.values():
+    assert (fn is gemm_conv.conv_general_dilated) == (kernel == (1, 1) and on_cpu)
+  monkeypatch.setenv("JTRANSFER_CONV_IMPL", "xla")  # the environment overrides the switch
+  assert all(fn is None for _, fn in _conv_fns(models.get_model("resnet_s", 5),
+                                               (28, 28, 1)).values())
+  monkeypatch.setenv("JTRANSFER_CONV_IMPL", "fast")
+  with pytest.raises(ValueError, match="JTRANSFER_CONV_IMPL|conv implementation"):
+    gemm_conv.conv_impl()
+
+
+class _Units(nn.Module):
+  """A 3x3 stride-2 unit with BN, then a 1x1 unit with bias: what conv_layer builds."""
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = common.ConvUnit(6, 3, 2, 1, use_bn=True, name="a")(x, train)
+    return common.ConvUnit(4, 1, 1, 0, relu=False, name="b")(x, train).mean(axis=(1, 2))
+
+
+def _loss_and_grads(model, shape, monkeypatch):
+  """{impl: (params, loss, grads)} of `model` built under CONV_IMPL 'xla' and 'gemm'."""
+  monkeypatch.delenv("JTRANSFER_CONV_IMPL", raising=False)
+  g = np.random.default_rng(2)
+  x = jnp.asarray(g.normal(size=(3, *shape)), jnp.float32)
+  y = jnp.asarray([0, 3, 1])
+  out = {}
+  for impl in ("xla", "gemm"):
+    monkeypatch.setattr(gemm_conv, "CONV_IMPL", impl)
+    v = jax.jit(lambda: models.init_model(model, jax.random.PRNGKey(0), shape))()
+
+    def loss(params):
+      logits = models.apply_model(model, params, v["batch_stats"], x, train=True)[0]
+      return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(3), y])
+
+    out[impl] = (v["params"], *jax.jit(jax.value_and_grad(loss))(v["params"]))
+  jax.tree.map(np.testing.assert_array_equal, out["xla"][0], out["gemm"][0])
+  np.testing.assert_allclose(out["gemm"][1], out["xla"][1], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               out["gemm"][2], out["xla"][2])
+
+
+def test_conv_units_equal_under_both_implementations(monkeypatch):
+  """Same params, loss and gradients with every dense conv through the GEMM or none."""
+  _loss_and_grads(_Units(), (9, 9, 2), monkeypatch)
+
+
+@pytest.mark.slow  # two resnet_s compiles: ~30 s idle, minutes on the shared cores
+def test_resnet_s_equal_under_both_implementations(monkeypatch):
+  _loss_and_grads(models.get_model("resnet_s", 5), (16, 16, 1), monkeypatch)
