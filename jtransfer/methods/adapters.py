@@ -28,8 +28,7 @@ import numpy as np
 
 from jtransfer import models
 from jtransfer.errors import InputError
-from jtransfer.methods import peft_paths, transfer
-from jtransfer.train import optim
+from jtransfer.methods import added_setup, peft_paths, transfer
 
 ADAPTER_KEY = "tadapter"
 MLP_RULE = r"(.*/)?block\d+/mlp"
@@ -71,15 +70,11 @@ def _bottleneck(entry: Mapping[str, Any], x: jax.Array, act) -> jax.Array:
 
 def _insert(adapters: Mapping[str, Any], kind: str):
   """A Flax method interceptor applying the adapters of `kind` around their modules."""
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    path = "/".join(context.module.path)
-    if context.method_name != "__call__" or path not in adapters:
-      return out
+  def transform(entry, module, x, out):
     if kind == "houlsby":
-      return out + _bottleneck(adapters[path], out, lambda v: nn.gelu(v, approximate=False))
-    return out + ADAPTFORMER_SCALE * _bottleneck(adapters[path], args[0], nn.relu)
-  return interceptor
+      return out + _bottleneck(entry, out, lambda v: nn.gelu(v, approximate=False))
+    return out + ADAPTFORMER_SCALE * _bottleneck(entry, x, nn.relu)
+  return peft_paths.on_module_outputs(adapters, transform)
 
 
 def apply_model_adapters(model, params: Mapping[str, Any], batch_stats, x, *, kind: str,
@@ -110,19 +105,10 @@ def _builder(kind: str):
             reduction: float = DEFAULT_REDUCTION, rule: str = MLP_RULE) -> transfer.Setup:
     model = transfer.target_model(source, num_classes)
     shape = tuple(source.input_shape)
-
-    def init(seed, images=None, labels=None):
-      params, stats = transfer.init_target(source, model, seed)
-      return {ADAPTER_KEY: init_adapters(model, shape, reduction, seed, rule), **params}, stats
-
-    params, _ = init(0)
-    optimizer = optim.make_optimizer(
-        params, [(f"{ADAPTER_KEY}/.*", "train"), (peft_paths.HEAD_RULE, "train"),
-                 (".*", optim.FROZEN)], {"train": optim.adam(1.0)}, injected_lr=True)
-    apply = lambda *a, **kw: apply_model_adapters(*a, kind=kind, **kw)
-    return transfer.Setup(model, init, optimizer,
-                          transfer.ce_loss_fn(model, source.mean, source.std, apply=apply),
-                          transfer.eval_forward(model, source.mean, source.std, apply=apply))
+    return added_setup.added_params_setup(
+        source, num_classes, ADAPTER_KEY,
+        lambda params, seed: init_adapters(model, shape, reduction, seed, rule),
+        lambda *a, **kw: apply_model_adapters(*a, kind=kind, **kw))
   build.__doc__ = f"The {kind} adapter Setup: adapters + head trained (Adam), backbone frozen."
   return build
 

@@ -34,9 +34,8 @@ import numpy as np
 
 from jtransfer import models
 from jtransfer.errors import InputError
-from jtransfer.methods import peft_paths, transfer
+from jtransfer.methods import added_setup, peft_paths, transfer
 from jtransfer.models.common import depthwise_conv
-from jtransfer.train import optim
 
 ADAPTER_KEY = "adapter"
 BLOCK_RULE = r"(.*/)?stage\d+/block\d+"
@@ -103,15 +102,10 @@ def adapter(entry: Mapping[str, Any], x: jax.Array, stride: int) -> jax.Array:
 
 def _add_adapters(adapters: Mapping[str, Any]):
   """A Flax method interceptor adding adapter(x) to the output of each adapted block."""
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    path = "/".join(context.module.path)
-    if context.method_name != "__call__" or path not in adapters:
-      return out
-    x = args[0]
+  def transform(entry, module, x, out):
     stride = max(1, round(x.shape[1] / out.shape[1]))
-    return out + adapter(adapters[path], x, stride).astype(out.dtype)
-  return interceptor
+    return out + adapter(entry, x, stride).astype(out.dtype)
+  return peft_paths.on_module_outputs(adapters, transform)
 
 
 def apply_model_adapter(model, params: Mapping[str, Any], batch_stats, x, **kwargs):
@@ -152,19 +146,10 @@ def build_conv_adapter(source: transfer.Source, num_classes: int, total_steps: i
   """The Conv-Adapter Setup: adapters + head trained (Adam), the backbone frozen."""
   model = transfer.target_model(source, num_classes)
   shape = tuple(source.input_shape)
-
-  def init(seed, images=None, labels=None):
-    params, stats = transfer.init_target(source, model, seed)
-    return {ADAPTER_KEY: init_adapters(model, shape, reduction, seed, rule), **params}, stats
-
-  params, _ = init(0)
-  optimizer = optim.make_optimizer(
-      params, [(f"{ADAPTER_KEY}/.*", "train"), (peft_paths.HEAD_RULE, "train"),
-               (".*", optim.FROZEN)], {"train": optim.adam(1.0)}, injected_lr=True)
-  return transfer.Setup(
-      model, init, optimizer,
-      transfer.ce_loss_fn(model, source.mean, source.std, apply=apply_model_adapter),
-      transfer.eval_forward(model, source.mean, source.std, apply=apply_model_adapter))
+  return added_setup.added_params_setup(
+      source, num_classes, ADAPTER_KEY,
+      lambda params, seed: init_adapters(model, shape, reduction, seed, rule),
+      apply_model_adapter)
 
 
 transfer.register(transfer.Strategy(

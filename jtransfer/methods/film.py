@@ -18,9 +18,8 @@ import jax.numpy as jnp
 
 from jtransfer import models, surgery
 from jtransfer.errors import InputError
-from jtransfer.methods import cwl, transfer
+from jtransfer.methods import added_setup, cwl, transfer
 from jtransfer.models import attention
-from jtransfer.train import optim
 
 FILM_KEY = "film"
 
@@ -93,20 +92,9 @@ def apply_model_film(model, params: Mapping[str, Any], batch_stats, x, **kwargs)
 def build_freeze_film(source: transfer.Source, num_classes: int,
                       total_steps: int) -> transfer.Setup:
   attention.refuse_transformer(source.config, source.arch, "FiLM")
-  model = transfer.target_model(source, num_classes)
-
-  def init(seed, images=None, labels=None):
-    params, stats = transfer.init_target(source, model, seed)
-    return {FILM_KEY: init_film(params), **params}, stats
-
-  params, _ = init(0)
-  optimizer = optim.make_optimizer(
-      params, [(f"{FILM_KEY}/.*", "train"), ("head/.*", "train"), (".*", optim.FROZEN)],
-      {"train": optim.adam(1.0)}, injected_lr=True)
-  return transfer.Setup(
-      model, init, optimizer,
-      transfer.ce_loss_fn(model, source.mean, source.std, apply=apply_model_film),
-      transfer.eval_forward(model, source.mean, source.std, apply=apply_model_film))
+  return added_setup.added_params_setup(source, num_classes, FILM_KEY,
+                                        lambda params, seed: init_film(params),
+                                        apply_model_film)
 
 
 transfer.register(transfer.Strategy(

@@ -40,8 +40,7 @@ import numpy as np
 
 from jtransfer import models, surgery
 from jtransfer.errors import InputError
-from jtransfer.methods import peft_paths, transfer
-from jtransfer.train import optim
+from jtransfer.methods import added_setup, peft_paths, transfer
 
 LORA_KEY = "lora"
 CNN_RULES = (r".*/conv/kernel",)
@@ -159,13 +158,11 @@ def _branch(entry: Mapping[str, Any], module: nn.Module, x: jax.Array, kernel_sh
 
 def _add_branches(lora: Mapping[str, Any], shapes: Mapping[str, tuple]):
   """A Flax method interceptor adding `_branch` to the output of each adapted kernel's module."""
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    kernel = "/".join(context.module.path) + "/kernel"
-    if context.method_name != "__call__" or kernel not in lora:
-      return out
-    return out + _branch(lora[kernel], context.module, args[0], shapes[kernel]).astype(out.dtype)
-  return interceptor
+  by_module = {k[:-len("/kernel")]: (entry, shapes[k]) for k, entry in lora.items()
+               if k.endswith("/kernel") and k in shapes}
+  return peft_paths.on_module_outputs(
+      by_module, lambda entry, module, x, out: out + _branch(entry[0], module, x,
+                                                             entry[1]).astype(out.dtype))
 
 
 def apply_model_lora_branch(model, params: Mapping[str, Any], batch_stats, x, **kwargs):
@@ -198,20 +195,10 @@ def build_lora(source: transfer.Source, num_classes: int, total_steps: int,
                rank: float = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA,
                rules: Optional[Sequence[str]] = None) -> transfer.Setup:
   """The LoRA Setup: A, B and the head trained (Adam), everything else frozen."""
-  model = transfer.target_model(source, num_classes)
-
-  def init(seed, images=None, labels=None):
-    params, stats = transfer.init_target(source, model, seed)
-    return {LORA_KEY: init_lora(params, rank, alpha, seed, rules), **params}, stats
-
-  params, _ = init(0)
-  optimizer = optim.make_optimizer(
-      params, [(f"{LORA_KEY}/.*/(a|b)", "train"), (peft_paths.HEAD_RULE, "train"),
-               (".*", optim.FROZEN)], {"train": optim.adam(1.0)}, injected_lr=True)
-  return transfer.Setup(
-      model, init, optimizer,
-      transfer.ce_loss_fn(model, source.mean, source.std, apply=apply_model_lora),
-      transfer.eval_forward(model, source.mean, source.std, apply=apply_model_lora))
+  return added_setup.added_params_setup(
+      source, num_classes, LORA_KEY,
+      lambda params, seed: init_lora(params, rank, alpha, seed, rules), apply_model_lora,
+      trained=f"{LORA_KEY}/.*/(a|b)")
 
 
 transfer.register(transfer.Strategy(

@@ -158,3 +158,24 @@ def module_io_shapes(model: nn.Module, input_shape: Sequence[int], rule: str,
   if not shapes:
     raise InputError(f"{what}: no module path of {type(model).__name__} matches {rule!r}")
   return shapes
+
+
+def on_module_outputs(by_path: Mapping[str, Any], transform):
+  """A Flax method interceptor rewriting the `__call__` output of the modules named in `by_path`.
+
+  Args:
+    by_path: module path ('stage1/block0', 'block3/mlp') -> that module's entry (the added
+      params it uses).
+    transform: (entry, module, the call's first input, its output) -> the new output.
+
+  Every method that adds a computation at a module's output (SSF, Conv-Adapter, the
+  transformer adapters, LoRA's branch form) finds its modules the same way: by path, never by
+  class, so one rule serves CNNs and transformers.
+  """
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    path = "/".join(context.module.path)
+    if context.method_name != "__call__" or path not in by_path:
+      return out
+    return transform(by_path[path], context.module, args[0], out)
+  return interceptor

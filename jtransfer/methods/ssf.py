@@ -30,8 +30,7 @@ import numpy as np
 
 from jtransfer import models, surgery
 from jtransfer.errors import InputError
-from jtransfer.methods import peft_paths, transfer
-from jtransfer.train import optim
+from jtransfer.methods import added_setup, peft_paths, transfer
 
 SSF_KEY = "ssf"
 DEFAULT_RULES = (r".*/kernel",)
@@ -108,14 +107,9 @@ def effective_params(params: Mapping[str, Any]) -> dict:
 
 def _ssf_outputs(by_module: Mapping[str, Any]):
   """A Flax method interceptor: gamma * out + beta on the output of each target module path."""
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    path = "/".join(context.module.path)
-    if context.method_name != "__call__" or path not in by_module:
-      return out
-    entry = by_module[path]
-    return out * jnp.asarray(entry["scale"], out.dtype) + jnp.asarray(entry["shift"], out.dtype)
-  return interceptor
+  return peft_paths.on_module_outputs(
+      by_module, lambda entry, module, x, out: (out * jnp.asarray(entry["scale"], out.dtype)
+                                                + jnp.asarray(entry["shift"], out.dtype)))
 
 
 def apply_model_ssf(model, params: Mapping[str, Any], batch_stats, x, **kwargs):
@@ -139,20 +133,9 @@ def trained_count(params: Mapping[str, Any], rules: Sequence[str] = DEFAULT_RULE
 def build_ssf(source: transfer.Source, num_classes: int, total_steps: int,
               rules: Sequence[str] = DEFAULT_RULES) -> transfer.Setup:
   """The SSF Setup: per-channel scale and shift of every op + the head trained (Adam)."""
-  model = transfer.target_model(source, num_classes)
-
-  def init(seed, images=None, labels=None):
-    params, stats = transfer.init_target(source, model, seed)
-    return {SSF_KEY: init_ssf(params, rules), **params}, stats
-
-  params, _ = init(0)
-  optimizer = optim.make_optimizer(
-      params, [(f"{SSF_KEY}/.*", "train"), (peft_paths.HEAD_RULE, "train"),
-               (".*", optim.FROZEN)], {"train": optim.adam(1.0)}, injected_lr=True)
-  return transfer.Setup(
-      model, init, optimizer,
-      transfer.ce_loss_fn(model, source.mean, source.std, apply=apply_model_ssf),
-      transfer.eval_forward(model, source.mean, source.std, apply=apply_model_ssf))
+  return added_setup.added_params_setup(source, num_classes, SSF_KEY,
+                                        lambda params, seed: init_ssf(params, rules),
+                                        apply_model_ssf)
 
 
 transfer.register(transfer.Strategy(
