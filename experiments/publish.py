@@ -125,6 +125,12 @@ def save(results, publisher: Publisher, argv: Sequence[str] | None, records: lis
     missing = len(publisher.grid_keys(records, plan, args) - {publisher.key(r) for r in records})
   elif grid is not None:  # a hand-written count of the evaluation grid (see `check`)
     missing = grid["eval_runs"] - evaluation_runs(records, plan)
+  elif wall_s is None:
+    # A module without grid keys saves from its main only once its whole grid has run (a
+    # stopped grid is published by `snapshot`, which passes wall_s): the count it reached is
+    # the grid's, and a later resume or snapshot is checked against it.
+    grid = {"eval_runs": evaluation_runs(records, plan), "from": "counted when the grid finished"}
+    missing = 0
   extra = {"grid": grid} if grid is not None else {}
   results.write_json(RUN_FILE, dict(
       module=publisher.module, argv=argv, command=command, invocations=invocations,

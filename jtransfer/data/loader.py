@@ -10,14 +10,15 @@ class Batches:
   Each epoch is a fresh permutation drawn from (seed, epoch); batches never straddle epochs
   (the last partial batch of an epoch is dropped when the set is larger than a batch, and a set
   smaller than a batch is used whole every step).
+
+  It batches any arrays (uint8 pixels, pre-normalised float images, cached features): the pixel
+  check (`jtransfer.checks.check_pixels`) belongs to the entry points that read raw images
+  (`Setup.init`, a setup's forward, `jtransfer.api.fit`), not to the iterator.
   """
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
     if len(labels) == 0:
       raise ValueError("Batches: empty dataset")
-    if np.ndim(images) == 4:  # pixels (2-D inputs are cached features, float by design)
-      from jtransfer.checks import check_pixels
-      check_pixels(images, "Batches images")
     self.images, self.labels, self.seed = images, labels, seed
     self.batch_size = min(batch_size, len(labels))
     self.steps_per_epoch = max(1, len(labels) // self.batch_size)
