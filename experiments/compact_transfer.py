@@ -76,14 +76,14 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from experiments import cli, pretrain, publish
+from experiments import cli, grid_progress, pretrain, publish
 from experiments.report import (TIMED_AFTER_RESUME, TIMED_TOGETHER, ResultsDir, float_list,
                                 mean_std, positive_ints, timing_text)
 from jtransfer import models, surgery
 from jtransfer.data import Batches, augment, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import distill, transfer
-from jtransfer.protocol import Budget, claims, fit_converged, tuning
+from jtransfer.protocol import Budget, claims, fit_converged, progress, tuning
 from jtransfer.train import (accuracy, adam, fit, init_state, make_optimizer, make_train_step,
                              predict_logits)
 from jtransfer.train.evaluate import forward_calls, interleaved_latency_ms
@@ -434,9 +434,10 @@ class Runner:
     self._costs: dict = {}
     self._calls: dict = {}
 
-  def converge(self, state, step, batch_at: Callable, forward, val, cap: int):
+  def converge(self, state, step, batch_at: Callable, forward, val, cap: int, on_step=None):
     """Trains one run by the protocol's rule (`fit_converged`: validation patience, best
-    validation state kept), or exactly `cap` steps under --patience 0.
+    validation state kept), or exactly `cap` steps under --patience 0; `on_step` (step, cap,
+    val acc) is a long run's progress hook (`jtransfer.protocol.progress.ticker`).
 
     Returns:
       (state, {'steps', 'best_step', 'stopped'}).
@@ -444,11 +445,12 @@ class Runner:
     a = self.args
     budget = Budget.from_flags(cap, a.eval_every, a.patience)
     if budget is None:
-      return fit(state, step, batch_at, cap), dict(steps=cap, best_step=cap, stopped="fixed")
+      return (fit(state, step, batch_at, cap, on_step=on_step),
+              dict(steps=cap, best_step=cap, stopped="fixed"))
     images, labels = val
     val_acc = lambda st: accuracy(predict_logits(forward, st.params, st.batch_stats, images),
                                   labels)
-    state, info = fit_converged(state, step, batch_at, val_acc, budget)
+    state, info = fit_converged(state, step, batch_at, val_acc, budget, on_step=on_step)
     info.pop("curve")
     return state, info
 
@@ -460,13 +462,13 @@ class Runner:
       self._setups[(k, hp)] = (setup, make_train_step(setup.loss_fn, setup.optimizer))
     return self._setups[(k, hp)]
 
-  def train_teacher(self, k, images, labels, val, seed, lr, hp):
+  def train_teacher(self, k, images, labels, val, seed, lr, hp, on_step=None):
     setup, step = self.teacher_setup(k, hp)
     params, stats = setup.init(seed, images, labels)
     state = init_state(params, stats, setup.optimizer, seed, lr)
     state, info = self.converge(state, step, Batches(images, labels, self.args.batch_size,
                                                      seed).at, setup.forward, val,
-                                self.args.teacher_steps)
+                                self.args.teacher_steps, on_step)
     return (jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, state.batch_stats),
             setup, info)
 
@@ -534,7 +536,7 @@ class Runner:
       self._costs[key]["latency_ms"] = {str(b): ms[(key, b)] for b in self._calls[key]}
 
   def train_student(self, model, params, stats, lr, mean, std, temperature, lam, teacher,
-                    data, val, seed, step_key, forward):
+                    data, val, seed, step_key, forward, on_step=None):
     images, labels, logits = data
     step, opt = self.step_for(model, mean, std, temperature, lam, teacher, step_key)
     a = self.args
@@ -543,7 +545,7 @@ class Runner:
     else:
       batch_at = Batches(images, labels, a.batch_size, seed).at
     state = init_state(params, stats, opt, seed, lr)
-    state, info = self.converge(state, step, batch_at, forward, val, a.student_steps)
+    state, info = self.converge(state, step, batch_at, forward, val, a.student_steps, on_step)
     return state.params, state.batch_stats, info
 
 
@@ -555,12 +557,16 @@ class TargetRuns:
   """The runs of one target: its draws, the teachers trained on them, one record per run.
 
   Tuning draws (repeat < 0) never see the test split: their runs are scored on the draw's
-  validation images only, and their records hold test_acc None.
+  validation images only, and their records hold test_acc None. `grid` (a
+  `jtransfer.protocol.progress.GridProgress` spanning every target) counts each finished run
+  and prints its line; long runs tick through `grid.emit`.
   """
 
-  def __init__(self, runner: Runner, spec: str, pool, test, results: ResultsDir, log):
+  def __init__(self, runner: Runner, spec: str, pool, test, results: ResultsDir, log,
+               grid: Optional[progress.GridProgress] = None):
     self.runner, self.args, self.plan = runner, runner.args, runner.plan
     self.spec, self.pool, self.test, self.results, self.log = spec, pool, test, results, log
+    self.grid = grid or progress.GridProgress({})
     self.k = pool.num_classes
     self._draws: dict = {}
     self._teachers: dict = {}
@@ -592,9 +598,14 @@ class TargetRuns:
       out.update(temperature=knobs["T"], lam=knobs["lam"])
     return out
 
+  def _ticker(self, variant: str, repeat: int, lr: float):
+    """The long-run progress hook of one run (None when silent)."""
+    return progress.ticker(f"{self.spec} r={repeat} {variant} lr={lr:g}", self.grid.emit)
+
   def _add(self, record: dict, t0: float, cost_key=None) -> dict:
     record["seconds"] = round(time.time() - t0, 2)
     self.done.add(record_key(record))
+    self.grid.finished(self._line(record))
     if self._deferred is not None:
       self._deferred.append((record, cost_key))
     else:
@@ -603,14 +614,14 @@ class TargetRuns:
 
   def _write(self, record: dict) -> None:
     self.results.add(record)
-    self._log_record(record)
 
-  def _log_record(self, r: dict) -> None:
+  def _line(self, r: dict) -> str:
+    """What a finished run was and scored (its progress line)."""
     what = "val" if r["repeat"] < 0 else "test"
     acc = r["val_acc" if r["repeat"] < 0 else "test_acc"]
-    self.log(f"{self.spec} r={r['repeat']} {r['variant']} lr={r['lr']:g} {r['hp']}: {what} "
-             + ("failed" if acc is None else f"{acc:.4f}") + f" steps={r.get('steps', '-')}"
-             + (f" (teacher agreement {r['agreement']:.3f})" if "agreement" in r else ""))
+    return (f"{self.spec} r={r['repeat']} {r['variant']} lr={r['lr']:g} {r['hp']}: {what} "
+            + ("failed" if acc is None else f"{acc:.4f}") + f" steps={r.get('steps', '-')}"
+            + (f" (teacher agreement {r['agreement']:.3f})" if "agreement" in r else ""))
 
   def _record(self, key: tuple) -> dict:
     """The record of run `key`, written or waiting in this draw's deferred list."""
@@ -636,7 +647,8 @@ class TargetRuns:
     base = self._base("teacher", repeat, lr, hp, train_idx, val_idx, a.teacher_steps)
     t0 = time.time()
     try:
-      params, stats, setup, info = runner.train_teacher(self.k, images, labels, val, seed, lr, hp)
+      params, stats, setup, info = runner.train_teacher(self.k, images, labels, val, seed, lr, hp,
+                                                        self._ticker("teacher", repeat, lr))
     except NonFiniteError as e:
       self._teachers[key] = e
       if record_it:
@@ -719,7 +731,7 @@ class TargetRuns:
       data = (images, labels, teacher["logits"] if kd else None)
       p, s, info = runner.train_student(model, p, s, lr, mean, std, temperature, lam,
                                         teacher["fn"] if kd else None, data, val, seed,
-                                        step_key, fwd)
+                                        step_key, fwd, self._ticker(variant, repeat, lr))
     except NonFiniteError as e:
       return self._add(dict(base, status="failed", error=str(e), val_acc=None, test_acc=None),
                        t0)
@@ -763,8 +775,6 @@ class TargetRuns:
         record.update(latency_ms=dict(self.runner._costs[key]["latency_ms"]),
                       latency_timing=TIMED_AFTER_RESUME if resumed else TIMED_TOGETHER)
     self.results.add_many([record for record, _ in deferred])
-    for record, _ in deferred:
-      self._log_record(record)
     self.drop_teachers(repeat)
 
 
@@ -817,6 +827,26 @@ def choose(records: list[dict], plan: dict, args, run_missing=None,
   return out
 
 
+def planned_runs(plan: dict, args) -> dict[str, int]:
+  """Runs the grid plans, by kind, before tuning has chosen anything (`choose`): each point of
+  a variant's grid on each tuning draw when the grid has several points; the teacher also on
+  each tuning draw at its one point when a student learning from it is tuned; every variant
+  once per evaluation draw. Extensions at a grid's edge add runs later."""
+  size = lambda v: math.prod(len(values) for values in variant_grid(plan, v).values())
+  students = [v for v in plan["variants"] if v != "teacher"]
+  tuned_students = [v for v in students if size(v) > 1]
+  teacher_points = 0
+  if NEEDS_TEACHER & set(plan["variants"]):
+    teacher_points = size("teacher") if size("teacher") > 1 else int(
+        any(v in NEEDS_TEACHER for v in tuned_students))
+  n = len(plan["targets"])
+  return progress.plan_counts({
+      "teacher tuning runs": n * teacher_points * args.tune_repeats,
+      "student tuning runs": n * sum(map(size, tuned_students)) * args.tune_repeats,
+      "teacher eval runs": n * args.repeats * ("teacher" in plan["variants"]),
+      "student eval runs": n * args.repeats * len(students)})
+
+
 def run(args, plan, results: ResultsDir) -> None:
   log = (lambda *m: None) if args.quiet else (
       lambda *m: print("[compact_transfer]", *m, file=sys.stderr))
@@ -838,6 +868,12 @@ def run(args, plan, results: ResultsDir) -> None:
       raise InputError(f"the compact source takes {tuple(student_src.input_shape)} images, the "
                        f"teacher's source {tuple(source.input_shape)}")
   runner = Runner(args, plan, source, student_src)
+  grid = progress.GridProgress(
+      planned_runs(plan, args),
+      saved=sum(1 for r in results.records if r["target"] in plan["targets"]
+                and r["shots"] == args.shots),
+      emit=grid_progress.stderr_or_quiet(args))
+  grid.announce("compact_transfer")
   for spec in plan["targets"]:
     data = load_spec(spec, source.input_shape, flag="--target", data_dir=args.data_dir)
     test = data.test
@@ -845,7 +881,7 @@ def run(args, plan, results: ResultsDir) -> None:
       keep = np.concatenate([np.flatnonzero(test.labels == c)[:args.test_per_class]
                              for c in range(test.num_classes)])
       test = test.take(np.sort(keep))
-    cell = TargetRuns(runner, spec, data.train, test, results, log)
+    cell = TargetRuns(runner, spec, data.train, test, results, log, grid)
     tuned = choose(results.records, plan, args, run_missing=cell.run_tuning, targets=[spec])
     cell.drop_teachers()
     for repeat in range(args.repeats):

@@ -51,7 +51,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from experiments import cli, pretrain, publish
+from experiments import cli, grid_progress, pretrain, publish
 from experiments.fewshot import budget_of, cap_per_class, draw_seed
 from experiments.report import (TIMED_AFTER_RESUME, TIMED_TOGETHER, ResultsDir, float_list,
                                 mean_std, positive_floats, timing_text)
@@ -59,7 +59,7 @@ from jtransfer import models, surgery
 from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError
 from jtransfer.methods import cwl, prune, transfer
-from jtransfer.protocol import claims, fit_converged, tuning
+from jtransfer.protocol import claims, fit_converged, progress, tuning
 from jtransfer.train import (accuracy, adam, fit, init_state, make_optimizer, make_train_step,
                              predict_logits)
 from jtransfer.train.evaluate import forward_calls, interleaved_latency_ms
@@ -188,8 +188,9 @@ class Compiled:
     return self._ft[key]
 
 
-def transfer_cwl(compiled: Compiled, draw: Draw, args, plan):
-  """Trains the CWL strategy on one draw under the run budget.
+def transfer_cwl(compiled: Compiled, draw: Draw, args, plan, on_step=None):
+  """Trains the CWL strategy on one draw under the run budget; `on_step` (step, cap, val
+  acc) is a long run's progress hook (`jtransfer.protocol.progress.ticker`).
 
   Returns:
     (params with 'cwl', batch stats, info {'steps', 'best_step', 'stopped'}).
@@ -200,12 +201,13 @@ def transfer_cwl(compiled: Compiled, draw: Draw, args, plan):
   batches = Batches(draw.images, draw.labels, args.batch_size, draw.seed)
   budget = budget_of(args)
   if budget is None or draw.val is None:
-    state = fit(state, compiled.transfer_step, batches.at, args.steps)
+    state = fit(state, compiled.transfer_step, batches.at, args.steps, on_step=on_step)
     info = dict(steps=args.steps, best_step=args.steps, stopped="fixed")
   else:
     val = lambda st: accuracy(predict_logits(setup.forward, st.params, st.batch_stats,
                                              draw.val.images), draw.val.labels)
-    state, info = fit_converged(state, compiled.transfer_step, batches.at, val, budget)
+    state, info = fit_converged(state, compiled.transfer_step, batches.at, val, budget,
+                                on_step=on_step)
     info.pop("curve")
   return jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, state.batch_stats), \
       info
@@ -444,6 +446,13 @@ def run(args, plan, results: ResultsDir) -> dict:
   compiled = Compiled(source, data.train.num_classes, args, plan)
   config = models.model_config(transfer.target_model(source, data.train.num_classes))
   scales0 = None
+  emit = grid_progress.stderr_or_quiet(args)
+  grid = progress.GridProgress(
+      progress.plan_counts({"unpruned runs (draws)": args.repeats,
+                            "pruned runs (taus x draws)": args.repeats * len(plan["taus"])}),
+      saved=sum((repeat, tau) in done for repeat in range(args.repeats)
+                for tau in [None] + plan["taus"]), emit=emit)
+  grid.announce("cwl_pruning")
   for repeat in range(args.repeats):
     todo = [t for t in [None] + plan["taus"] if (repeat, t) not in done]
     if not todo and repeat > 0:  # draw 0 always transfers: its scales make sigma_hist.png
@@ -451,7 +460,9 @@ def run(args, plan, results: ResultsDir) -> dict:
     draw = Draw(data, args, repeat)
     pending: list = []  # draw 0's records, added once their models are timed
     t0 = time.time()
-    params, stats, info = transfer_cwl(compiled, draw, args, plan)
+    params, stats, info = transfer_cwl(
+        compiled, draw, args, plan,
+        on_step=progress.ticker(f"draw {repeat} {args.strategy} transfer", emit))
     log(f"[cwl_pruning] draw {repeat}: {args.strategy} transfer, {info['steps']} steps "
         f"({info['stopped']}) in {time.time() - t0:.1f} s")
     scales, rest = cwl.split_cwl(params)
@@ -471,7 +482,7 @@ def run(args, plan, results: ResultsDir) -> dict:
         pending.append((record, model, folded, stats))
       else:
         results.add(record)
-      log(f"[cwl_pruning] draw {repeat} unpruned: acc {record['acc']:.4f}, finetuned "
+      grid.finished(f"draw {repeat} unpruned: acc {record['acc']:.4f}, finetuned "
           f"{ {e: round(v['test_acc'], 4) for e, v in record['ft'].items()} }")
     for tau in plan["taus"]:
       if tau not in todo:
@@ -504,7 +515,7 @@ def run(args, plan, results: ResultsDir) -> dict:
       record["seconds"] = round(time.time() - t1, 2)
       if not first:
         results.add(record)
-      log(f"[cwl_pruning] draw {repeat} tau={tau:g}: acc {record['acc']:.4f} ft "
+      grid.finished(f"draw {repeat} tau={tau:g}: acc {record['acc']:.4f} ft "
           f"{ {e: (v['lr'], round(v['test_acc'], 4)) for e, v in record['ft'].items()} } "
           f"params {100 * record['params_frac']:.0f}% maps {100 * record['feat_frac']:.0f}%")
     if pending:  # draw 0's models, timed together so load changes hit them alike

@@ -73,14 +73,14 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import cli, model_zoo, publish
+from experiments import cli, grid_progress, model_zoo, publish
 from experiments.fewshot import cap_per_class
 from experiments.model_zoo import Compiled, TrainConfig, prenormalize
 from experiments.report import ResultsDir, positive_floats
 from jtransfer.data import ImageSet, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import selection, sfda, transfer, transrate
-from jtransfer.protocol import Budget, claims, tuning
+from jtransfer.protocol import Budget, claims, progress, tuning
 
 KEY = ("model", "target")
 DEFAULT_TARGETS = ("fmnist:1,5,7,8,9", "digits")
@@ -263,9 +263,10 @@ def finetune(source: transfer.Source, task: TargetTask, steps: int, config: Trai
 
 
 def finetune_converged(source: transfer.Source, task: TargetTask, budget, config: TrainConfig,
-                       compiled: Compiled, seed: int = 0, **overrides) -> dict:
+                       compiled: Compiled, seed: int = 0, on_step=None, **overrides) -> dict:
   """`finetune` under the protocol: the run stops by `task.val` accuracy (`budget`) and keeps
-  its best validation state (model_zoo.train_classifier_converged).
+  its best validation state (model_zoo.train_classifier_converged); `on_step` is a long run's
+  progress hook (`jtransfer.protocol.progress.ticker`).
 
   Returns:
     {'test_acc', 'val_acc', 'steps', 'best_step', 'stopped'}.
@@ -278,7 +279,7 @@ def finetune_converged(source: transfer.Source, task: TargetTask, budget, config
   xval = norm(task.val.images)
   params, stats, info = model_zoo.train_classifier_converged(
       model, {"params": params, "batch_stats": stats}, norm(task.train.images),
-      task.train.labels, (xval, task.val.labels), budget, config, compiled, seed)
+      task.train.labels, (xval, task.val.labels), budget, config, compiled, seed, on_step)
   return dict(info, val_acc=model_zoo.evaluate(model, params, stats, xval, task.val.labels,
                                                compiled),
               test_acc=model_zoo.evaluate(model, params, stats, norm(task.test.images),
@@ -286,11 +287,12 @@ def finetune_converged(source: transfer.Source, task: TargetTask, budget, config
 
 
 def finetune_tuned(source: transfer.Source, task: TargetTask, args, config: TrainConfig,
-                   compiled: Compiled, **overrides) -> dict:
+                   compiled: Compiled, ticker=None, **overrides) -> dict:
   """The ground-truth fine-tuning under the protocol: a converged run (`finetune_converged`)
   at each LR of `--ft-lrs`; the LR with the best validation accuracy (ties: the smaller) is
   kept. With `--tune-extend N` a grid whose best LR is its first or last grows by up to N
-  LRs on that side (`jtransfer.protocol.tuning.tune`, the grid's own ratio).
+  LRs on that side (`jtransfer.protocol.tuning.tune`, the grid's own ratio). `ticker(lr)`
+  gives each LR's run its progress hook (or None).
 
   Returns:
     The kept run: {'test_acc', 'val_acc', 'lr', 'steps', 'best_step', 'stopped', 'n_val',
@@ -309,7 +311,8 @@ def finetune_tuned(source: transfer.Source, task: TargetTask, args, config: Trai
     lr = point["lr"]
     try:
       runs[lr] = finetune_converged(source, task, budget, dataclasses.replace(config, lr=lr),
-                                    compiled, args.seed, **overrides)
+                                    compiled, args.seed, on_step=ticker and ticker(lr),
+                                    **overrides)
     except NonFiniteError as e:  # this LR diverged: out of the choice, as validation would say
       runs[lr] = None
       diverged.append(e)
@@ -335,12 +338,12 @@ def finetune_tuned(source: transfer.Source, task: TargetTask, args, config: Trai
 
 
 def ground_truth(source: transfer.Source, task: TargetTask, args, config: TrainConfig,
-                 compiled: Compiled, **overrides) -> dict:
+                 compiled: Compiled, ticker=None, **overrides) -> dict:
   """The accuracy a metric is ranked against, as the flags say: `finetune_tuned` (the
-  protocol), or with `--val-per-class 0` one fixed `--steps` run at `--ft-lr` ({'test_acc',
-  'steps'})."""
+  protocol; `ticker(lr)` -> progress hook of that LR's run), or with `--val-per-class 0` one
+  fixed `--steps` run at `--ft-lr` ({'test_acc', 'steps'})."""
   if args.val_per_class:
-    return finetune_tuned(source, task, args, config, compiled, **overrides)
+    return finetune_tuned(source, task, args, config, compiled, ticker, **overrides)
   return dict(test_acc=finetune(source, task, args.steps, config, compiled, args.seed,
                                 **overrides), steps=args.steps)
 
@@ -943,6 +946,15 @@ def target_specs(args, default=DEFAULT_TARGETS) -> list[str]:
   return specs
 
 
+def ground_truth_kind(args) -> str:
+  """How a grid's runs are named in its plan line: each one scores a model on a target and
+  fine-tunes it for the ground truth (an LR grid under the protocol, one fixed run else)."""
+  if args.val_per_class:
+    lrs = len(set(positive_floats(args.ft_lrs, "--ft-lrs")))
+    return f"ground-truth fine-tunings ({lrs} LR{'s' * (lrs > 1)} each, converged)"
+  return "ground-truth fine-tunings (fixed steps)"
+
+
 def _safe(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
@@ -964,7 +976,11 @@ def run(args, members: Sequence[model_zoo.Member], specs: Sequence[str], config:
   check_resume_protocol(results.records, args)
   compiled = Compiled()
   shape = members[0].source.input_shape
-  total, count = len(members) * len(specs), len(done)
+  emit = grid_progress.stderr_or_quiet(args)
+  grid = progress.GridProgress(
+      {ground_truth_kind(args): len(members) * len(specs)},
+      saved=sum((m.name, spec) in done for m in members for spec in specs), emit=emit)
+  grid.announce("model_selection")
   for spec in specs:
     if all((m.name, spec) in done for m in members):
       continue
@@ -981,7 +997,8 @@ def run(args, members: Sequence[model_zoo.Member], specs: Sequence[str], config:
         np.savez(os.path.join(results.path, "features", f"{m.name}__{_safe(spec)}.npz"),
                  labels=task.train.labels, **outputs)
       t1 = time.time()
-      run_info = ground_truth(m.source, task, args, config, compiled)
+      run_info = ground_truth(m.source, task, args, config, compiled, lambda lr: progress.ticker(
+          f"{m.name} -> {spec} lr={lr:g}", emit))
       acc = run_info["test_acc"]
       ref = dict(reference="scratch") if m.spec.fraction == 0 else {}
       record = dict(model=m.name, target=spec, family=m.spec.family, arch=m.spec.arch, **ref,
@@ -990,10 +1007,8 @@ def run(args, members: Sequence[model_zoo.Member], specs: Sequence[str], config:
                     n_test=len(task.test), **run_info, score_seconds=round(t1 - t0, 3),
                     finetune_seconds=round(time.time() - t1, 3), **settings, **scores)
       results.add(record)
-      count += 1
-      if not args.quiet:
-        print(f"[{count}/{total}] {m.name} -> {spec}: acc {acc:.4f} S6 {scores['S6']:.4g} "
-              f"LogME {scores['LogME']:.4g} ({time.time() - t0:.1f}s)", file=sys.stderr)
+      grid.finished(f"{m.name} -> {spec}: acc {acc:.4f} S6 {scores['S6']:.4g} "
+                    f"LogME {scores['LogME']:.4g} ({time.time() - t0:.1f}s)")
 
 
 # A resume may add the random-init reference (--scratch) beside the finished runs.

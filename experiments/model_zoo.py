@@ -53,7 +53,7 @@ from jtransfer.data import Batches, ImageSet, channel_stats, load_spec, parse_sp
 from jtransfer.data.fewshot import subset_classes
 from jtransfer.errors import InputError
 from jtransfer.methods import selection, transfer
-from jtransfer.protocol import fit_converged
+from jtransfer.protocol import fit_converged, progress
 from jtransfer.train import (cross_entropy, fit, init_state, make_optimizer, make_train_step,
                              predict_logits, sgd)
 
@@ -213,7 +213,7 @@ def train_classifier(model, variables: dict, x: np.ndarray, y: np.ndarray, num_s
 
 def train_classifier_converged(model, variables: dict, x: np.ndarray, y: np.ndarray,
                                val: tuple[np.ndarray, np.ndarray], budget, config: TrainConfig,
-                               compiled: Compiled, seed: int = 0):
+                               compiled: Compiled, seed: int = 0, on_step=None):
   """`train_classifier` under the protocol's stopping rule: validation accuracy every
   `budget.eval_every` steps, stop after `budget.patience` steps without improvement (at most
   `budget.cap`), keep the best validation state. The step decay is placed at fractions of the
@@ -222,6 +222,8 @@ def train_classifier_converged(model, variables: dict, x: np.ndarray, y: np.ndar
   Args:
     val: (pre-normalised images, labels) of the validation set.
     budget: a `jtransfer.protocol.Budget`.
+    on_step: (step, cap, val acc) after each step: a long run's progress hook
+      (`jtransfer.protocol.progress.ticker`), or None.
     (the rest as `train_classifier`)
 
   Returns:
@@ -240,7 +242,7 @@ def train_classifier_converged(model, variables: dict, x: np.ndarray, y: np.ndar
   val_acc = lambda state: evaluate(model, state.params, state.batch_stats, val[0], val[1],
                                    compiled)
   state, info = fit_converged(init_state(params, stats, opt, seed, config.lr), decayed_step,
-                              batches.at, val_acc, budget)
+                              batches.at, val_acc, budget, on_step=on_step)
   info.pop("curve", None)
   return state.params, state.batch_stats, info
 
@@ -437,27 +439,29 @@ def build_zoo(specs: Sequence[ZooSpec], settings: ZooSettings, root: str | None 
     specs: the zoo (see `zoo_specs`).
     settings: training settings; a cached model trained with other settings is retrained.
     root: cache directory (default .cache/zoo).
-    log: progress lines (e.g. `print`), or None.
+    log: progress lines (e.g. `print`), or None: the plan (members to train, cached ones
+      skipped), then done/total with an ETA after each member trained
+      (`jtransfer.protocol.progress.GridProgress`).
 
   Returns:
     Members in the order of `specs`.
   """
   root = root or os.path.join(CACHE_ROOT, "zoo")
   data, compiled, out = None, Compiled(), []
-  for i, spec in enumerate(specs):
+  cached = [_cached(os.path.join(root, spec.name), spec, settings) for spec in specs]
+  grid = progress.GridProgress({"zoo members": len(specs)},
+                               saved=sum(s is not None for s in cached), emit=log)
+  grid.announce("zoo")
+  for spec, source in zip(specs, cached):
     path = os.path.join(root, spec.name)
-    source = _cached(path, spec, settings)
     if source is None:
       if data is None:
         data = load_spec(settings.dataset, tuple(settings.image_shape), flag="--dataset")
       source = train_member(spec, settings, data, compiled)
       transfer.save_source(path, source)
-      if log:
-        log(f"[zoo {i + 1}/{len(specs)}] trained {spec.name}: source acc "
-            f"{source.meta['source_test_acc']:.4f}, {source.meta['n_train']} images, "
-            f"{source.meta['train_seconds']} s")
-    elif log:
-      log(f"[zoo {i + 1}/{len(specs)}] cached {spec.name}")
+      grid.finished(f"trained zoo member {spec.name}: source acc "
+                    f"{source.meta['source_test_acc']:.4f}, {source.meta['n_train']} images, "
+                    f"{source.meta['train_seconds']} s")
     out.append(Member(spec, path, source))
   return out
 

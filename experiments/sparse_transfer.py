@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -81,7 +82,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from experiments import cli, pretrain, publish
+from experiments import cli, grid_progress, pretrain, publish
 from experiments.fewshot import budget_of, cap_per_class
 from experiments.report import ResultsDir, float_list, mean_std
 from jtransfer import surgery
@@ -89,7 +90,7 @@ from jtransfer.data import load_spec, parse_spec, sample_kshot
 from jtransfer.data.preprocess import normalize
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import hybrid, sparsity, transfer
-from jtransfer.protocol import Budget, claims, fit_converged, tuning
+from jtransfer.protocol import Budget, claims, fit_converged, progress, tuning
 from jtransfer.train import (FROZEN, accuracy, adam, cross_entropy, fit, init_state,
                              make_optimizer, make_train_step, predict_logits, sgd)
 
@@ -395,9 +396,11 @@ def choose(records: list[dict], plan: dict, args, run_missing=None) -> dict:
 class Unit:
   """One (target, seed): data, the four transfer nets, connection and neuron pruning."""
 
-  def __init__(self, args, plan, source, sparse, data, seed, trainers, evaluator, log):
+  def __init__(self, args, plan, source, sparse, data, seed, trainers, evaluator, log,
+               emit=None):
     self.args, self.plan, self.source, self.sparse = args, plan, source, sparse
     self.seed, self.trainers, self.ev, self.log = seed, trainers, evaluator, log
+    self.name, self.emit = data.name, emit  # emit: long runs' progress lines (None: silent)
     k = data.train.num_classes
     # A small target (digits: ~89 train images per class) gets what it has after validation.
     smallest = int(np.bincount(data.train.labels, minlength=k).min())
@@ -476,12 +479,14 @@ class Unit:
       self.ref_logits = hybrid.reference_logits(hy, params["reference"], self.images)
     tr, state, batch_at = self.start(hy, params, masks, hp)
     budget = budget_of(self.args)
+    on_step = progress.ticker(f"{self.name} seed {self.seed} {variant} lr={hp['lr']:g}",
+                              self.emit)
     if budget is None or self.val is None:
-      state = fit(state, tr.step, batch_at, self.args.steps)
+      state = fit(state, tr.step, batch_at, self.args.steps, on_step=on_step)
       info = dict(steps=self.args.steps, best_step=self.args.steps, stopped="fixed")
     else:
       val = lambda st: self.ev.acc(hy, st.params, self.val.images, self.val.labels)
-      state, info = fit_converged(state, tr.step, batch_at, val, budget)
+      state, info = fit_converged(state, tr.step, batch_at, val, budget, on_step=on_step)
       info.pop("curve")
     params = _host(state.params)
     record = dict(kind="transfer", role="eval" if test else "tune", variant=variant, **hp,
@@ -601,6 +606,30 @@ def _drop(results: ResultsDir, pred) -> None:
                                               for r in results.records))
 
 
+def planned_runs(plan: dict) -> dict[str, int]:
+  """Runs the grid plans, by kind, before tuning has chosen anything: each point of a net's
+  grid on each tuning seed where the grid has several points (`choose`), and one evaluation
+  unit per (target, seed): the four nets transferred, connection pruning K+ and K-, neuron
+  pruning. Extensions at a grid's edge add tuning runs later."""
+  points = [math.prod(len(v) for v in grid(plan, variant).values())
+            for variant in plan["variants"]]
+  per_target = sum(n for n in points if n > 1) * len(plan["tune_seeds"])
+  return progress.plan_counts({
+      "tuning runs": per_target * len(plan["targets"]),
+      "eval units (targets x seeds)": len(plan["targets"]) * len(plan["seeds"])})
+
+
+def saved_runs(records: list[dict], plan: dict) -> int:
+  """The runs of `planned_runs` a resume skips: tuning runs recorded, and units complete (their
+  last record, the neuron one, written; an incomplete unit is rerun whole)."""
+  targets = set(plan["targets"])
+  tuning_runs = sum(1 for r in records if r.get("kind") == "transfer" and not is_eval(r)
+                    and r.get("target") in targets)
+  units = {(r.get("target"), r.get("seed")) for r in records
+           if r.get("kind") == "neuron" and is_eval(r)}
+  return tuning_runs + sum((t, s) in units for t in plan["targets"] for s in plan["seeds"])
+
+
 def run(args, plan, results: ResultsDir, log) -> None:
   source = pretrain.source_for("vgg_s", args.source, epochs=args.source_epochs,
                                progress=not args.quiet)
@@ -608,6 +637,10 @@ def run(args, plan, results: ResultsDir, log) -> None:
     raise InputError(f"--source must be a vgg_s model, got {source.arch}")
   sparse = sparse_source(args, plan, source, results, log)
   trainers, evaluator = {}, Evaluator()
+  emit = grid_progress.stderr_or_quiet(args)
+  runs_progress = progress.GridProgress(planned_runs(plan),
+                                        saved=saved_runs(results.records, plan), emit=emit)
+  runs_progress.announce("sparse_transfer")
   for spec in plan["targets"]:
     data = load_spec(spec, source.input_shape, flag="--target", data_dir=args.data_dir)
     tune_units: dict = {}
@@ -617,7 +650,7 @@ def run(args, plan, results: ResultsDir, log) -> None:
       _, variant, seed, lr, lam, tau = key
       if seed not in tune_units:
         tune_units[seed] = Unit(args, plan, source, sparse, data, seed, trainers, evaluator,
-                                log)
+                                log, emit)
       unit, hp, t0 = tune_units[seed], dict(lr=lr, lam=lam, tau=tau), time.time()
       try:
         rec = unit.transfer(variant, hp, test=False)[3]
@@ -628,8 +661,8 @@ def run(args, plan, results: ResultsDir, log) -> None:
       rec = dict(rec, target=spec, seed=seed, train_per_class=unit.shots)
       results.add(rec)
       val = "failed" if rec["val_acc"] is None else f"{rec['val_acc']:.4f}"
-      log(f"[tune] {spec} seed {seed} {variant} lr={lr:g} lam={lam} tau={tau}: val {val} "
-          f"steps {rec.get('steps', '-')}")
+      runs_progress.finished(f"tuning run {spec} seed {seed} {variant} lr={lr:g} lam={lam} "
+                             f"tau={tau}: val {val} steps {rec.get('steps', '-')}")
       return rec
 
     tuned = choose(results.records, dict(plan, targets=[spec]), args, run_missing)
@@ -641,10 +674,10 @@ def run(args, plan, results: ResultsDir, log) -> None:
         continue  # the neuron record is a unit's last: the unit is complete
       _drop(results, in_unit)
       t0 = time.time()
-      unit = Unit(args, plan, source, sparse, data, seed, trainers, evaluator, log)
+      unit = Unit(args, plan, source, sparse, data, seed, trainers, evaluator, log, emit)
       unit.run(lambda rec: results.add(dict(rec, target=spec, seed=seed,
                                             train_per_class=unit.shots)), choice)
-      log(f"[unit] {spec} seed {seed} done in {time.time() - t0:.0f} s")
+      runs_progress.finished(f"eval unit {spec} seed {seed} done in {time.time() - t0:.0f} s")
 
 
 # ----------------------------------------------------------------------------- report

@@ -46,14 +46,14 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import cli, model_selection as ms, publish
+from experiments import cli, grid_progress, model_selection as ms, publish
 from experiments import pretrain
 from experiments.model_zoo import Compiled, TrainConfig, prenormalize
 from experiments.report import ResultsDir
 from jtransfer import models
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import selection, transfer
-from jtransfer.protocol import claims
+from jtransfer.protocol import claims, progress
 
 KEY = ("target", "point")
 SCORES = selection.METRIC_NAMES + ("LogME", "H-score")
@@ -93,7 +93,11 @@ def run(args, source: transfer.Source, specs: Sequence[str], points: Sequence[st
                      " use the same --logme or --overwrite")
   ms.check_resume_protocol(results.records, args)
   compiled = Compiled()
-  total, count = len(specs) * len(points), len(done)
+  emit = grid_progress.stderr_or_quiet(args)
+  grid = progress.GridProgress(
+      {f"truncated {ms.ground_truth_kind(args)}": len(specs) * len(points)},
+      saved=sum((spec, p) in done for spec in specs for p in points), emit=emit)
+  grid.announce("truncation")
   for spec in specs:
     if all((spec, p) in done for p in points):
       continue
@@ -104,16 +108,15 @@ def run(args, source: transfer.Source, specs: Sequence[str], points: Sequence[st
         continue
       t0 = time.time()
       scores, shape = point_scores(source, task, point, compiled, args.logme)
-      run_info = ms.ground_truth(source, task, args, config, compiled, truncate_after=point)
+      run_info = ms.ground_truth(source, task, args, config, compiled, lambda lr: progress.ticker(
+          f"{spec} cut after {point} lr={lr:g}", emit), truncate_after=point)
       acc = run_info["test_acc"]
       results.add(dict(target=spec, point=point, index=index, map_shape=list(shape),
                        n_train=len(task.train), n_test=len(task.test),
                        seconds=round(time.time() - t0, 3), logme_variant=args.logme,
                        **run_info, **scores))
-      count += 1
-      if not args.quiet:
-        print(f"[{count}/{total}] {spec} cut after {point}: acc {acc:.4f} S6 {scores['S6']:.4g}"
-              f" ({time.time() - t0:.1f}s)", file=sys.stderr)
+      grid.finished(f"{spec} cut after {point}: acc {acc:.4f} S6 {scores['S6']:.4g}"
+                    f" ({time.time() - t0:.1f}s)")
 
 
 def analyze(records: Sequence[dict], points: Sequence[str]) -> dict:

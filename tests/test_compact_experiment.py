@@ -254,7 +254,7 @@ class _GuardedTest:
     return getattr(self._inner, name)
 
 
-def test_main_minimal(tiny_source_dir, tmp_path, monkeypatch):
+def test_main_minimal(tiny_source_dir, tmp_path, monkeypatch, capsys):
   """Teacher, scratch and distilled student under the protocol: converged runs, the students'
   LR chosen on a tuning draw that never reads the test split, claims, report from results.json
   alone."""
@@ -276,9 +276,14 @@ def test_main_minimal(tiny_source_dir, tmp_path, monkeypatch):
   big = tiny_source_dir("vgg_s")
   out = str(tmp_path / "m")
   argv = ["--arch", "vgg_s", "--source", f"ckpt:{big}", "--target", "digits", "--shots", "2",
-          "--repeats", "2", *TINY, "--student-lr", "1e-3,1e-2",
+          "--repeats", "2", *[a for a in TINY if a != "--quiet"], "--student-lr", "1e-3,1e-2",
           "--variants", "teacher,scratch,distill", "--out", out]
   assert ct.main(argv) == 0
+  # progress on stderr (not --quiet): the plan by kind, then done/total after each run
+  err = capsys.readouterr().err
+  assert ("compact_transfer: 11 runs planned (1 teacher tuning runs, 4 student tuning runs, "
+          "2 teacher eval runs, 4 student eval runs)") in err
+  assert "[1/11, ETA" in err and "[11/11, last run] digits r=1 distill" in err
   records = json.load(open(os.path.join(out, "results.json")))
   tune = [r for r in records if r["repeat"] < 0]
   ev = [r for r in records if r["repeat"] >= 0]
@@ -327,6 +332,9 @@ def test_main_minimal(tiny_source_dir, tmp_path, monkeypatch):
   assert len(lost) == 1
   open(jsonl, "w").writelines(l for l in lines if l not in lost)
   assert ct.main(argv + ["--resume"]) == 0
+  err = capsys.readouterr().err
+  assert "11 runs planned" in err and "10 already saved, skipped" in err
+  assert "[11/11, last run] digits r=1 distill" in err
   records = json.load(open(os.path.join(out, "results.json")))
   assert len(records) == len(lines)  # the lost run rerun once, nothing written twice
   by = {(r["variant"], r["repeat"]): r for r in records if r["repeat"] >= 0}

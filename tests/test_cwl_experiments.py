@@ -42,14 +42,19 @@ def test_tables(source_dir, tmp_path):
   assert cwl_tables.main(argv) == 2
 
 
-def test_pruning(source_dir, tmp_path):
+def test_pruning(source_dir, tmp_path, capsys):
   out = str(tmp_path / "p")
   argv = ["--source", f"ckpt:{source_dir}", "--target", "digits", "--shots", "1",
           "--repeats", "2", "--val-per-class", "2", "--steps", "4", "--patience", "2",
           "--eval-every", "2", "--lr", "0.05", "--taus", "0.97", "--ft-epochs", "1",
           "--ft-lrs", "1e-4,1e-3", "--tune-extend", "0", "--latency-runs", "1",
-          "--latency-batches", "2", "--test-per-class", "3", "--out", out, "--quiet"]
+          "--latency-batches", "2", "--test-per-class", "3", "--out", out]
   assert cwl_pruning.main(argv) == 0
+  # progress on stderr (not --quiet): the plan by kind, then done/total after each run
+  err = capsys.readouterr().err
+  assert "cwl_pruning: 4 runs planned (2 unpruned runs (draws), 2 pruned runs (taus x draws))" \
+      in err
+  assert "[1/4, ETA" in err and "[4/4, last run] draw 1 tau=0.97" in err
   _outputs(out, "report.md", "results.json", "summary.json", "compression_per_layer.png",
            "sigma_hist.png")
   records = json.load(open(os.path.join(out, "results.json")))
@@ -85,6 +90,9 @@ def test_pruning(source_dir, tmp_path):
   assert len(kept) == len(lines) - 1
   open(jsonl, "w").writelines(kept)
   assert cwl_pruning.main(argv + ["--resume"]) == 0
+  err = capsys.readouterr().err
+  assert "4 runs planned" in err and "3 already saved, skipped" in err
+  assert "[4/4, last run] draw 0 tau=0.97" in err
   records = json.load(open(os.path.join(out, "results.json")))
   by_key = {(r["repeat"], r["tau"]): r for r in records}
   assert by_key[(0, 0.97)]["latency_timing"] == "interleaved, resumed draw"

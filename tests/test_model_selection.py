@@ -318,17 +318,20 @@ def test_scratch_member_is_an_untrained_copy_of_the_family():
 # pytest-xdist worker would train its own copy of the zoo.
 
 
-def test_zoo_model_selection_and_truncation_commands(tmp_path, monkeypatch):
+def test_zoo_model_selection_and_truncation_commands(tmp_path, monkeypatch, capsys):
   root = str(tmp_path / "zoo")
   with monkeypatch.context() as mp:
     mp.setattr(models, "init_model", _fast_init)
-    _check_zoo_command(root, str(tmp_path / "zoo-out"))
-  _check_model_selection_main(root, str(tmp_path / "ms"))
-  _check_truncation_main(root, str(tmp_path / "tr"))
+    _check_zoo_command(root, str(tmp_path / "zoo-out"), capsys)
+  _check_model_selection_main(root, str(tmp_path / "ms"), capsys)
+  _check_truncation_main(root, str(tmp_path / "tr"), capsys)
 
 
-def _check_zoo_command(root, out):
-  assert model_zoo.main(["--tiny", "--zoo-root", root, "--out", out, "--quiet"]) == 0
+def _check_zoo_command(root, out, capsys):
+  assert model_zoo.main(["--tiny", "--zoo-root", root, "--out", out]) == 0
+  err = capsys.readouterr().err  # progress (not --quiet): the plan, done/total per member
+  assert "zoo: 3 runs planned (3 zoo members)\n" in err
+  assert "[1/3, ETA" in err and "[3/3, last run] trained zoo member" in err
   names = sorted(os.listdir(root))
   assert names == ["resnet_s_narrow-c0_2_3-f100", "resnet_s_narrow-c0_2_3-f50",
                    "resnet_s_narrow-c4_6_8-f100"]
@@ -343,7 +346,7 @@ def _check_zoo_command(root, out):
   specs, settings = model_zoo.zoo_from_args(_zoo_args(root))
   logs = []
   model_zoo.build_zoo(specs, settings, root, log=logs.append)
-  assert len(logs) == 3 and all("cached" in line for line in logs)
+  assert logs == ["zoo: 3 runs planned (3 zoo members); 3 already saved, skipped"]
 
 
 def _zoo_args(root):
@@ -353,10 +356,16 @@ def _zoo_args(root):
   return p.parse_args(["--tiny", "--zoo-root", root])
 
 
-def _check_model_selection_main(root, out):
+def _check_model_selection_main(root, out, capsys):
   argv = ["--tiny", "--zoo-root", root, "--target", "fmnist:1,5,7", "--alpha-step", "0.01",
           "--out", out, "--quiet"]
-  assert ms.main(argv) == 0
+  loud = argv[:-1]
+  capsys.readouterr()
+  assert ms.main(loud) == 0
+  err = capsys.readouterr().err  # progress (not --quiet): the plan, done/total per pair
+  assert ("model_selection: 3 runs planned (3 ground-truth fine-tunings (3 LRs each, "
+          "converged))") in err
+  assert "[1/3, ETA" in err and "[3/3, last run] resnet_s_narrow-" in err
   for name in ("report.md", "results.json", "results.jsonl", "summary.json", "spearman.png",
                "alpha_curves.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
@@ -375,7 +384,12 @@ def _check_model_selection_main(root, out):
   assert selection.S6_APPENDIX in report and "--logme published" in report
   assert ms.main(argv + ["--resume", "--logme", "exact"]) == 2   # other score flags: refused
   assert ms.main(argv + ["--resume", "--tune-extend", "1"]) == 2  # runs tuned without it
-  assert ms.main(argv + ["--resume"]) == 0
+  capsys.readouterr()
+  assert ms.main(loud + ["--resume"]) == 0
+  err = capsys.readouterr().err
+  assert ("model_selection: 3 runs planned (3 ground-truth fine-tunings (3 LRs each, "
+          "converged)); 3 already saved, skipped") in err
+  assert "[1/3" not in err  # nothing rerun
   assert len(json.load(open(os.path.join(out, "results.json")))) == 3
   assert publish.check(out) == []  # the report regenerates from results.json and zoo.json
   # --scratch adds the family's random-init reference: fine-tuned, reported, not ranked.
@@ -393,11 +407,18 @@ def _check_model_selection_main(root, out):
   assert ms.main(argv) == 2      # existing results without --resume / --overwrite
 
 
-def _check_truncation_main(root, out):
+def _check_truncation_main(root, out, capsys):
   ckpt = os.path.join(root, "resnet_s_narrow-c0_2_3-f100")
   argv = ["--tiny", "--source", f"ckpt:{ckpt}", "--points", "stem,stage2/block1",
-          "--target", "fmnist:1,5,7", "--out", out, "--quiet"]
+          "--target", "fmnist:1,5,7", "--out", out]
+  capsys.readouterr()
   assert truncation.main(argv) == 0
+  err = capsys.readouterr().err  # progress: the plan, done/total per (target, point)
+  assert ("truncation: 2 runs planned (2 truncated ground-truth fine-tunings (3 LRs each, "
+          "converged))") in err
+  assert "[1/2, ETA" in err and "[2/2, last run] fmnist:1,5,7 cut after stage2/block1" in err
+  assert truncation.main(argv + ["--resume"]) == 0
+  assert "2 already saved, skipped" in capsys.readouterr().err
   records = json.load(open(os.path.join(out, "results.json")))
   assert [r["point"] for r in records] == ["stem", "stage2/block1"]
   assert records[0]["map_shape"] == [14, 14, 16] and records[1]["map_shape"] == [7, 7, 32]

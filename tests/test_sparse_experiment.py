@@ -1,6 +1,7 @@
 """Smoke test: experiments.sparse_transfer main() end to end with tiny flags."""
 import json
 import os
+import re
 
 import pytest
 
@@ -34,10 +35,14 @@ def small_source_dir(tmp_path_factory):
 
 
 @pytest.mark.slow  # ~25 CPU-s: a few XLA compiles of vgg_s train steps
-def test_main_tiny(small_source_dir, tmp_path):
+def test_main_tiny(small_source_dir, tmp_path, capsys):
   src = small_source_dir
   out = str(tmp_path / "s")
-  assert sparse_transfer.main(_argv(src, out)) == 0
+  assert sparse_transfer.main(_argv(src, out)[:-1]) == 0  # not --quiet: progress on stderr
+  err = capsys.readouterr().err
+  # the plan by kind (4 nets x 2 LRs on one tuning seed; one unit), done/total after each run
+  assert "sparse_transfer: 9 runs planned (8 tuning runs, 1 eval units (targets x seeds))" in err
+  assert "[1/9, ETA" in err and re.search(r"\[\d+/\d+.*, last run\] eval unit digits seed 0", err)
   for name in ("report.md", "results.json", "results.jsonl", "summary.json",
                "source_sparsity.png", "fig3_pruning.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
@@ -87,7 +92,9 @@ def test_main_tiny(small_source_dir, tmp_path):
   rep = sparsity.sparsity_report(saved.variables["params"])
   assert rep["sparsity"] == pytest.approx(src_recs[-1]["sparsity"])
   # resume: nothing left to do, same records; without --resume the directory is refused
-  assert sparse_transfer.main(_argv(src, out) + ["--resume"]) == 0
+  assert sparse_transfer.main(_argv(src, out)[:-1] + ["--resume"]) == 0
+  tuned_runs = sum(r.get("role") == "tune" for r in records)
+  assert f"; {tuned_runs + 1} already saved, skipped" in capsys.readouterr().err
   assert len(json.load(open(os.path.join(out, "results.json")))) == len(records)
   assert sparse_transfer.main(_argv(src, out)) == 2
 
