@@ -226,7 +226,9 @@ def test_cached_logits_equal_closed_over_teacher():
     np.testing.assert_array_equal(b["image"], ref.at(step)["image"])
     g1 = cached_grad(sp, b)
     g2 = live_grad(sp, {k: b[k] for k in ("image", "label")})
-    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7), g1, g2)
+    # The teacher ran on batches of 8 (cached) and of 6 (live): float32 rounding of the two
+    # shapes differs by ~1e-7 on gradient entries near zero (measured 1.2e-7 on this CPU).
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6), g1, g2)
   with pytest.raises(InputError, match="teacher"):
     cached_fn(sp, {}, _batch(), jax.random.PRNGKey(0))
   with pytest.raises(InputError, match="differ in number"):

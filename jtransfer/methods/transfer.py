@@ -137,12 +137,13 @@ def ce_loss_fn(model: nn.Module, mean, std, *, bn_train: bool = False,
 
 
 def eval_forward(model: nn.Module, mean, std, apply: Callable = models.apply_model) -> Callable:
-  """Jitted eval-mode forward from uint8 images to logits (`apply` as in `ce_loss_fn`).
+  """Jitted eval-mode forward from pixels in [0, 255] to logits (`apply` as in `ce_loss_fn`).
 
-  Float images are refused (`checks.check_pixels`, at trace time: the dtype is static)."""
+  uint8 from the data pipeline, or float pixels on the same scale (augmentation's crops and
+  distillation's teacher pass on device, `methods/distill.py`); raw user arrays are checked
+  where they enter (`Setup.init`, `jtransfer.api`), not here."""
   @jax.jit
   def forward(params, batch_stats, images):
-    checks.check_pixels(images, "forward images")
     logits, _, _ = apply(model, params, batch_stats, normalize(images, mean, std))
     return logits
   return forward
@@ -285,7 +286,8 @@ def rule_setup(source: Source, num_classes: int, rules: list[tuple[str, str]],
   model = target_model(source, num_classes)
   params, _ = init_target(source, model, 0)
   optimizer = optim.make_optimizer(params, rules, groups, injected_lr=True)
-  return Setup(model, lambda seed, images, labels: init_target(source, model, seed), optimizer,
+  return Setup(model, lambda seed, images=None, labels=None: init_target(source, model, seed),
+               optimizer,
                loss_fn or ce_loss_fn(model, source.mean, source.std),
                eval_forward(model, source.mean, source.std))
 
