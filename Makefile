@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
-PYTEST_ARGS ?= -q -n 2 --durations=15
+PYTEST_ARGS ?= -q -n 2 --durations=40
 
 .PHONY: setup data demo test bench docs clean
 
