@@ -123,13 +123,15 @@ def save(results, publisher: Publisher, argv: Sequence[str] | None, records: lis
   missing, grid = None, run.get("grid")
   if publisher.grid_keys is not None and publisher.key is not None:
     missing = len(publisher.grid_keys(records, plan, args) - {publisher.key(r) for r in records})
-  elif grid is not None:  # a hand-written count of the evaluation grid (see `check`)
+  elif grid is not None and not (wall_s is None and grid.get("from") == COUNTED_AT_END):
+    # a hand-written count of the evaluation grid (see `check`)
     missing = grid["eval_runs"] - evaluation_runs(records, plan)
   elif wall_s is None:
     # A module without grid keys saves from its main only once its whole grid has run (a
     # stopped grid is published by `snapshot`, which passes wall_s): the count it reached is
-    # the grid's, and a later resume or snapshot is checked against it.
-    grid = {"eval_runs": evaluation_runs(records, plan), "from": "counted when the grid finished"}
+    # the grid's (recounted when a resume adds runs, e.g. model_selection --scratch), and a
+    # later snapshot is checked against it.
+    grid = {"eval_runs": evaluation_runs(records, plan), "from": COUNTED_AT_END}
     missing = 0
   extra = {"grid": grid} if grid is not None else {}
   results.write_json(RUN_FILE, dict(
@@ -266,6 +268,10 @@ def regenerate(path: str) -> tuple[str, dict]:
   publisher, run, args, plan, records = load(path)
   text, summary = publisher.report(records, plan, args, path)
   return with_command(text, run["command"]), summary
+
+
+# run.json's grid count of a module without grid keys, when its main counted it at the end.
+COUNTED_AT_END = "counted when the grid finished"
 
 
 def evaluation_runs(records: list[dict], plan: dict) -> int:

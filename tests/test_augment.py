@@ -116,6 +116,7 @@ def test_wrap_loss_feeds_augmented_images_and_a_fresh_key():
   assert aug.wrap_loss(loss_fn, aug.parse("none")) is loss_fn
 
 
+@pytest.mark.slow
 def test_fewshot_grid_with_augmentation(tiny_source_dir, tmp_path, capsys):
   """Every strategy trains on augmented batches (the frozen-feature cache off, and said so);
   the grid is deterministic, so a grid resumed after a kill (runs are redone whole) equals the

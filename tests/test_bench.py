@@ -7,6 +7,7 @@ from jtransfer.data.preprocess import normalize
 from bench import run
 
 
+@pytest.mark.slow
 def test_bench_runs_tiny(tmp_path):
   out = tmp_path / "r.md"
   assert run.main(["--tiny", "--archs", "vgg_s", "--out", str(out)]) == 0
@@ -15,6 +16,7 @@ def test_bench_runs_tiny(tmp_path):
     assert f"| vgg_s | {strategy} |" in text
 
 
+@pytest.mark.slow
 def test_bench_pruning_runs_tiny(tmp_path):
   from bench import bench_pruning
   out = tmp_path / "p.md"
@@ -100,6 +102,7 @@ def test_bench_pool_runs_tiny(tmp_path):
   assert vgg.max_pool is common.max_pool  # the swap is undone
 
 
+@pytest.mark.slow
 def test_bench_convs_runs_tiny(tmp_path):
   from bench import bench_convs
   # The interceptor finds every conv of the net with its real input shape.
@@ -177,6 +180,7 @@ def test_parity_rounding_control_reverses_rows_and_renders():
                                                       "**different** |")
 
 
+@pytest.mark.slow
 def test_bench_attention_runs_tiny(capsys):
   from bench import bench_attention
   bench_attention.main(["--arch", "resnet_s", "--size", "16", "--images", "4", "--calls", "1",
@@ -201,6 +205,7 @@ def test_bench_backbones_runs_tiny(capsys):
   assert "| pruned, multiple 8 |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_depthwise_runs_tiny(capsys):
   from bench import bench_depthwise
   bench_depthwise.layer_table([(2, 8, 4, 3, 2)], repeats=1)
@@ -211,6 +216,7 @@ def test_bench_depthwise_runs_tiny(capsys):
   assert "| compact MobileNetV2 student train step | 28 px, b2 |" in out
 
 
+@pytest.mark.slow
 def test_bench_batched_runs_tiny(capsys):
   from bench import bench_batched
   bench_batched.main(["--archs", "vgg_s", "--runs", "3", "--batches", "2", "--repeats", "1"])

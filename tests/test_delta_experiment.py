@@ -192,6 +192,7 @@ def test_alpha_flags_set_the_tuning_grid():
   assert transfer.get_strategy("delta").knobs["alpha"] == delta.ALPHAS
 
 
+@pytest.mark.slow
 def test_delta_noatt_defaults_stay_finite(tiny_source_dir):
   """Issue 16's divergent default, on a tiny resnet_s source and the swapped split: DELTA w/o
   ATT at its default alpha trains 50 SGD steps at lr 0.01 with finite losses, where the old

@@ -64,10 +64,13 @@ def test_module_params_and_init_equal_nn_conv():
 
 @pytest.mark.parametrize("arch,config,shape", [
     ("mobilenet_v2", COMPACT_CONFIGS["mobilenet_v2"], (28, 28, 1)),
-    ("efficientnet_b0", COMPACT_CONFIGS["efficientnet_b0"], (28, 28, 1)),
-    ("mobilenet_v3_small", COMPACT_CONFIGS["mobilenet_v3_small"], (28, 28, 1)),
-    ("convnext_tiny", {"stage_sizes": (1, 1, 1, 1), "stage_widths": (8, 16, 24, 32)},
-     (32, 32, 3)),
+    # One family in the default suite (the layer tests above cover every depthwise shape).
+    pytest.param("efficientnet_b0", COMPACT_CONFIGS["efficientnet_b0"], (28, 28, 1),
+                 marks=pytest.mark.slow),
+    pytest.param("mobilenet_v3_small", COMPACT_CONFIGS["mobilenet_v3_small"], (28, 28, 1),
+                 marks=pytest.mark.slow),
+    pytest.param("convnext_tiny", {"stage_sizes": (1, 1, 1, 1), "stage_widths": (8, 16, 24, 32)},
+                 (32, 32, 3), marks=pytest.mark.slow),
 ])
 def test_models_equal_under_both_implementations(arch, config, shape, monkeypatch):
   model = models.get_model(arch, 7, **config)

@@ -71,7 +71,8 @@ def _kill_and_resume(tmp_path, reference, seed, augment="none"):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("trial", range(3))
+# One trial in the default suite; the others (and trials 3-19) behind -m slow.
+@pytest.mark.parametrize("trial", [0] + [pytest.param(t, marks=pytest.mark.slow) for t in (1, 2)])
 def test_kill_resume_bitwise(tmp_path, reference, trial):
   _kill_and_resume(tmp_path, reference, trial)
 

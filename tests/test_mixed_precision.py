@@ -9,8 +9,9 @@ from jtransfer.errors import InputError
 from jtransfer.methods import transfer
 from jtransfer.train import init_state, make_train_step
 
-CASES = [("vgg_s", (28, 28, 1)), ("resnet_s", (28, 28, 1)), ("resnet50", (32, 32, 3)),
-         ("alexnet", (64, 64, 3))]
+CASES = [("vgg_s", (28, 28, 1)), ("resnet_s", (28, 28, 1)),
+         pytest.param("resnet50", (32, 32, 3), marks=pytest.mark.slow),
+         pytest.param("alexnet", (64, 64, 3), marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("arch,shape", CASES)

@@ -26,7 +26,8 @@ def _selection(records):
 @pytest.mark.parametrize("strategies,extra", [
     ("freeze,finetune", ["--lrs", "1e-3,1e-2"]),
     # alpha by 2-fold CV on one tuning draw, the LR fixed
-    ("l2sp", ["--cv-folds", "2", "--lrs", "1e-2", "--tune-repeats", "1"]),
+    pytest.param("l2sp", ["--cv-folds", "2", "--lrs", "1e-2", "--tune-repeats", "1"],
+                 marks=pytest.mark.slow),
 ])
 def test_no_test_image_reaches_selection(tiny_source_dir, tmp_path, monkeypatch, strategies,
                                          extra):

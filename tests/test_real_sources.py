@@ -59,6 +59,7 @@ def test_resnet_like_32px_finetune_on_builtin_targets(tmp_path):
   assert "--target digits:0,1: images converted from 32x32x1 to 32x32x3" in report
 
 
+@pytest.mark.slow
 def test_mobilenet_64px_freeze_on_builtin_targets(tmp_path):
   _torchvision()
   assert export_torchvision.main(["mobilenet_v3_small", str(tmp_path / "mv3.pth")]) == 0
