@@ -116,12 +116,14 @@ def _builder(kind: str):
 transfer.register(transfer.Strategy(
     "houlsby", transfer.FREEZE_LRS, _builder("houlsby"),
     description="Houlsby adapter (sequential bottleneck after each block's MLP, zero up "
-                "projection) + new head trained, Adam; transformers only (LayerNorms frozen, no BN)",
+                "projection) + new head trained, Adam; transformers only (LayerNorms frozen, "
+                "no BN)",
     knobs={"reduction": REDUCTIONS}, knob_defaults={"reduction": DEFAULT_REDUCTION},
     knob_bounds={"reduction": (1.0, 64.0)}))
 transfer.register(transfer.Strategy(
     "adaptformer", transfer.FREEZE_LRS, _builder("adaptformer"),
     description="AdaptFormer (parallel bottleneck beside each block's MLP, scale 0.1, zero up "
-                "projection) + new head trained, Adam; transformers only (LayerNorms frozen, no BN)",
+                "projection) + new head trained, Adam; transformers only (LayerNorms frozen, "
+                "no BN)",
     knobs={"reduction": REDUCTIONS}, knob_defaults={"reduction": DEFAULT_REDUCTION},
     knob_bounds={"reduction": (1.0, 64.0)}))
