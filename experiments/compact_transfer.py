@@ -65,54 +65,32 @@ runs per target; not timed here):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-import jax
 import numpy as np
 
 from experiments import cli, grid_progress, pretrain, publish
 from experiments.report import (TIMED_AFTER_RESUME, TIMED_TOGETHER, ResultsDir, float_list,
                                 mean_std, positive_ints, timing_text)
-from jtransfer import models, surgery
-from jtransfer.data import Batches, augment, load_spec, parse_spec, sample_kshot
+from jtransfer import models
+from jtransfer.data import augment, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError, NonFiniteError
-from jtransfer.methods import distill, transfer
-from jtransfer.protocol import Budget, claims, fit_converged, progress, tuning
-from jtransfer.train import (accuracy, adam, fit, init_state, make_optimizer, make_train_step,
-                             predict_logits)
-from jtransfer.train.evaluate import forward_calls, interleaved_latency_ms
-
-try:  # CWL channel pruning (another method module); the pruned variants need it.
-  from jtransfer.methods import prune as prune_lib
-except ImportError:  # pragma: no cover - depends on the checkout
-  prune_lib = None
+from jtransfer.methods import compact, distill, transfer
+from jtransfer.methods.compact import (DESCRIPTIONS, FROM_SCRATCH, KD, NEEDS_COMPACT_SOURCE,
+                                       NEEDS_TEACHER, PRUNED, VARIANTS)
+from jtransfer.methods.compact_runs import CompactTrainer, Draw, RunSettings, run_teacher, \
+    run_variant
+from jtransfer.protocol import claims, progress, tuning
 
 # One record per run: a variant at one hyper-parameter point ('lr', and 'hp' = its other knobs:
 # T and lambda for the distilled students, the teacher strategy's knobs) on one draw.
 KEY = ("target", "shots", "variant", "repeat", "lr", "hp")
 DEFAULT_TARGETS = ("fmnist:1,5,7,8,9", "digits")
-VARIANTS = ("teacher", "scratch", "finetune", "distill", "distill_ft", "pruned",
-            "pruned_distill")
-DESCRIPTIONS = {
-    "teacher": "large CNN fine-tuned from the source (stage 1)",
-    "scratch": "compact CNN, random init, labels only",
-    "finetune": "compact CNN fine-tuned from a compact source, labels only",
-    "distill": "compact CNN, random init, joint loss with the teacher (stage 2)",
-    "distill_ft": "compact CNN from the compact source, joint loss with the teacher",
-    "pruned": "teacher channel-pruned, fine-tuned on labels only",
-    "pruned_distill": "teacher channel-pruned, fine-tuned with the joint loss",
-}
-NEEDS_TEACHER = {"teacher", "distill", "distill_ft", "pruned", "pruned_distill"}
-NEEDS_COMPACT_SOURCE = {"finetune", "distill_ft"}
-PRUNED = {"pruned", "pruned_distill"}
-KD = {"distill", "distill_ft", "pruned_distill"}
-FROM_SCRATCH = {"scratch", "distill"}  # random init: --student-lr; the rest --ft-lr
 CELL_FIELDS = ("arch", "target", "shots")
 DEFAULT_MARGIN = 0.02
 
@@ -223,10 +201,7 @@ def validate(args: argparse.Namespace) -> dict:
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown or not variants:
     raise InputError(f"--variants {args.variants!r}: expected some of {', '.join(VARIANTS)}")
-  notes = []
-  if prune_lib is None and PRUNED & set(variants):
-    notes.append("jtransfer.methods.prune is missing: pruned variants skipped")
-    variants = [v for v in variants if v not in PRUNED]
+  notes: list = []
   targets = cli.target_list(args.target, DEFAULT_TARGETS)
   for t in targets:
     parse_spec(t, flag="--target")
@@ -284,17 +259,10 @@ def validate(args: argparse.Namespace) -> dict:
                      "is a checkpoint and the finetune/distill_ft variants run")
   if student_source and not student_source.startswith("ckpt:"):
     parse_spec(student_source, flag="--student-source")
-  config = None
-  if args.student_config:
-    if student_source and student_source.startswith("ckpt:"):
-      raise InputError("--student-config conflicts with --student-source ckpt: (the "
-                       "checkpoint's config is the student's)")
-    try:
-      config = json.loads(args.student_config)
-    except ValueError as e:
-      raise InputError(f"--student-config is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-      raise InputError("--student-config must be a JSON object of model config fields")
+  if args.student_config and student_source and student_source.startswith("ckpt:"):
+    raise InputError("--student-config conflicts with --student-source ckpt: (the "
+                     "checkpoint's config is the student's)")
+  config = compact.parse_student_config(args.student_config)
   return dict(variants=variants, targets=targets, student_source=student_source,
               student_config=config, grids=grids,
               batches=positive_ints(args.latency_batches, "--latency-batches"),
@@ -329,81 +297,9 @@ def point_knobs(point: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- sources
-def compact_cache_dir(arch: str, spec: str, config: dict, epochs: float, seed: int) -> str:
-  blob = json.dumps(dict(arch=arch, spec=spec, config=config, epochs=epochs, seed=seed),
-                    sort_keys=True)
-  key = hashlib.sha1(blob.encode()).hexdigest()[:10]
-  return os.path.join(pretrain.CACHE_ROOT, "sources", f"{arch}-compact-{key}")
-
-
 def student_arch(args) -> str:
   """The student's architecture: --student-arch, else the teacher's --arch."""
   return args.student_arch or args.arch
-
-
-def compact_source(arch: str, spec: str, config: dict, *, epochs: float, seed: int,
-                   progress: bool) -> transfer.Source:
-  """The compact arch pretrained on `spec` (cached), or loaded from `ckpt:PATH`."""
-  if spec.startswith("ckpt:"):
-    source = transfer.load_source(spec[len("ckpt:"):])
-    if source.arch != arch:
-      raise InputError(f"--student-source {spec} holds a {source.arch} model, not the student "
-                       f"arch {arch} (--student-arch, default --arch)")
-    return source
-  path = compact_cache_dir(arch, spec, config, epochs, seed)
-  if os.path.isdir(path):
-    return transfer.load_source(path)
-  print(f"[compact_transfer] no cached compact {arch} source {config}: training it once "
-        f"({epochs} epochs), cache {path}", file=sys.stderr)
-  source = pretrain.pretrain(arch, spec, epochs=epochs, seed=seed, progress=progress,
-                             model_config=config)
-  transfer.save_source(path, source)
-  return source
-
-
-def _student_config(source: Optional[transfer.Source], arch: str, config) -> dict:
-  if source is not None:
-    return {k: v for k, v in source.config.items() if k != "num_classes"}
-  return distill.compact_config(arch, config)
-
-
-# ----------------------------------------------------------------------------- measurement
-# ----------------------------------------------------------------------------- pruning
-def channel_scores(params) -> dict[str, np.ndarray]:
-  """Per conv unit: |BN scale| (BN nets: the channel's gain) or the filter's L1 norm."""
-  flat = surgery.flatten(params)
-  scores = {}
-  for unit in surgery.conv_units(params):
-    if f"{unit}/bn/scale" in flat:
-      scores[unit] = np.abs(np.asarray(flat[f"{unit}/bn/scale"], np.float64))
-    else:
-      scores[unit] = np.abs(np.asarray(flat[f"{unit}/conv/kernel"], np.float64)).sum((0, 1, 2))
-  return scores
-
-
-def prune_teacher(params, stats, config: dict, keep_frac: float, residual: str):
-  """Keeps the top `keep_frac` channels of each conv unit (|CWL sigma| when the params hold
-  scales, else `channel_scores`) and removes the rest with `prune.prune_channels`.
-
-  Returns:
-    (params, batch_stats, config) of the pruned model.
-  """
-  from jtransfer.methods import cwl
-  params = jax.tree.map(np.asarray, params)
-  if cwl.CWL_KEY in params:
-    scales, rest = cwl.split_cwl(params)
-    params = jax.tree.map(np.asarray, cwl.apply_cwl(rest, scales))
-    scores = {u: np.abs(np.asarray(s, np.float64)) for u, s in scales.items()}
-  else:
-    scores = channel_scores(params)
-  keep = {}
-  for unit, s in scores.items():
-    n = max(1, int(np.ceil(keep_frac * s.size)))
-    mask = np.zeros(s.size, bool)
-    mask[np.argsort(-s, kind="stable")[:n]] = True
-    keep[unit] = mask
-  return prune_lib.prune_channels(params, jax.tree.map(np.asarray, stats or {}), config, keep,
-                                  residual=residual)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -417,140 +313,15 @@ def draw_seed(args, repeat: int) -> int:
   return (args.seed * 1_000_003 + repeat) % (2 ** 31)
 
 
-class Runner:
-  """Compiled steps, forwards and costs shared by the runs of one experiment."""
-
-  def __init__(self, args, plan, source, student_src):
-    self.args, self.plan, self.source, self.student_src = args, plan, source, student_src
-    self.config = _student_config(student_src, student_arch(args), plan["student_config"])
-    stats_from = student_src or source
-    self.s_mean, self.s_std = stats_from.mean, stats_from.std
-    self.shape = tuple(source.input_shape)
-    # Augmented batches: the teacher runs inside the loss (no cached logits).
-    self.augmenting = augment.parse(args.augment).active
-    self._setups: dict = {}
-    self._steps: dict = {}
-    self._forwards: dict = {}
-    self._costs: dict = {}
-    self._calls: dict = {}
-
-  def converge(self, state, step, batch_at: Callable, forward, val, cap: int, on_step=None):
-    """Trains one run by the protocol's rule (`fit_converged`: validation patience, best
-    validation state kept), or exactly `cap` steps under --patience 0; `on_step` (step, cap,
-    val acc) is a long run's progress hook (`jtransfer.protocol.progress.ticker`).
-
-    Returns:
-      (state, {'steps', 'best_step', 'stopped'}).
-    """
-    a = self.args
-    budget = Budget.from_flags(cap, a.eval_every, a.patience)
-    if budget is None:
-      return (fit(state, step, batch_at, cap, on_step=on_step),
-              dict(steps=cap, best_step=cap, stopped="fixed"))
-    images, labels = val
-    val_acc = lambda st: accuracy(predict_logits(forward, st.params, st.batch_stats, images),
-                                  labels)
-    state, info = fit_converged(state, step, batch_at, val_acc, budget, on_step=on_step)
-    info.pop("curve")
-    return state, info
-
-  # -- teacher
-  def teacher_setup(self, k: int, hp: str):
-    if (k, hp) not in self._setups:
-      setup = transfer.get_strategy(self.args.strategy).build(
-          self.source, k, self.args.teacher_steps, **transfer.parse_hp(hp))
-      self._setups[(k, hp)] = (setup, make_train_step(setup.loss_fn, setup.optimizer))
-    return self._setups[(k, hp)]
-
-  def train_teacher(self, k, images, labels, val, seed, lr, hp, on_step=None):
-    setup, step = self.teacher_setup(k, hp)
-    params, stats = setup.init(seed, images, labels)
-    state = init_state(params, stats, setup.optimizer, seed, lr)
-    state, info = self.converge(state, step, Batches(images, labels, self.args.batch_size,
-                                                     seed).at, setup.forward, val,
-                                self.args.teacher_steps, on_step)
-    return (jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, state.batch_stats),
-            setup, info)
-
-  # -- students
-  def student(self, k: int):
-    return distill.student_model(student_arch(self.args), k, self.config)
-
-  def student_init(self, k: int, seed: int, pretrained: bool):
-    model = self.student(k)
-    if pretrained:
-      if models.model_config(transfer.target_model(self.student_src, k)) != \
-          models.model_config(model):
-        raise InputError("the compact source does not match the student config")
-      return transfer.init_target(self.student_src, model, seed)
-    v = models.init_model(model, jax.random.PRNGKey(seed), self.shape)
-    return v["params"], v.get("batch_stats", {})
-
-  def _optimizer(self, params):
-    return make_optimizer(params, [(".*", "all")], {"all": adam(1.0)}, injected_lr=True)
-
-  def step_for(self, model, mean, std, temperature: float, lam: float, teacher,
-               key) -> tuple[Callable, Any]:
-    """(compiled step, optimizer) for a student, cached under `key` + (T, lambda) (key None:
-    not cached). lam == 0 is the plain cross-entropy of the labels-only students."""
-    a = self.args
-    # With augmentation the teacher is closed over (so it sees the augmented batch), which
-    # makes the step specific to that teacher: not cached.
-    closed = teacher if (lam > 0 and self.augmenting) else None
-    full = None if (key is None or closed is not None) else (*key, temperature, lam)
-    if full is not None and full in self._steps:
-      return self._steps[full]
-    loss_fn = distill.distill_loss_fn(model, mean, std, closed, temperature=temperature,
-                                      lam=lam, recipe=a.augment, bn_train=True)
-    params = models.abstract_variables(model, self.shape)["params"]
-    opt = self._optimizer(params)
-    out = (make_train_step(loss_fn, opt), opt)
-    if full is not None:
-      self._steps[full] = out
-    return out
-
-  def forward(self, model, mean, std, key):
-    if key is None:
-      return transfer.eval_forward(model, mean, std)
-    if key not in self._forwards:
-      self._forwards[key] = transfer.eval_forward(model, mean, std)
-    return self._forwards[key]
-
-  def measure(self, forward, params, stats, key) -> dict:
-    """{'flops', 'latency_ms'} of the model under `key`, compiled once per key. Its latency
-    is None until `retime` times it together with the other models of its draw."""
-    if key not in self._costs:
-      flops, self._calls[key] = forward_calls(forward, params, stats, self.shape,
-                                              self.plan["batches"])
-      self._costs[key] = {"flops": flops, "latency_ms": None}
-    return self._costs[key]
-
-  def retime(self, keys) -> None:
-    """Times the forwards of `keys` (every batch size) together, round-robin, so a load
-    change on a shared machine hits the teacher and its students alike; sets their
-    'latency_ms'."""
-    keys = list(dict.fromkeys(keys))
-    calls = {(key, b): call for key in keys for b, call in self._calls[key].items()}
-    ms = interleaved_latency_ms(calls, runs=self.args.latency_runs)
-    for key in keys:
-      self._costs[key]["latency_ms"] = {str(b): ms[(key, b)] for b in self._calls[key]}
-
-  def train_student(self, model, params, stats, lr, mean, std, temperature, lam, teacher,
-                    data, val, seed, step_key, forward, on_step=None):
-    images, labels, logits = data
-    step, opt = self.step_for(model, mean, std, temperature, lam, teacher, step_key)
-    a = self.args
-    if lam > 0 and not self.augmenting:
-      batch_at = distill.cached_batches(images, labels, logits, a.batch_size, seed)
-    else:
-      batch_at = Batches(images, labels, a.batch_size, seed).at
-    state = init_state(params, stats, opt, seed, lr)
-    state, info = self.converge(state, step, batch_at, forward, val, a.student_steps, on_step)
-    return state.params, state.batch_stats, info
-
-
-def _logits(forward, params, stats, images):
-  return predict_logits(forward, params, stats, images)
+def trainer_for(args, plan, source, student_src) -> CompactTrainer:
+  """The runs' shared trainer (`jtransfer.methods.compact_runs`), configured from the flags."""
+  return CompactTrainer(RunSettings(
+      arch=args.arch, student_arch=student_arch(args), strategy=args.strategy,
+      teacher_steps=args.teacher_steps, student_steps=args.student_steps,
+      eval_every=args.eval_every, patience=args.patience, batch_size=args.batch_size,
+      augment=args.augment, prune_keep=args.prune_keep, prune_residual=args.prune_residual,
+      latency_batches=tuple(plan["batches"]), latency_runs=args.latency_runs),
+      source, student_src, plan["student_config"])
 
 
 class TargetRuns:
@@ -562,9 +333,9 @@ class TargetRuns:
   and prints its line; long runs tick through `grid.emit`.
   """
 
-  def __init__(self, runner: Runner, spec: str, pool, test, results: ResultsDir, log,
-               grid: Optional[progress.GridProgress] = None):
-    self.runner, self.args, self.plan = runner, runner.args, runner.plan
+  def __init__(self, runner: CompactTrainer, args, plan, spec: str, pool, test,
+               results: ResultsDir, log, grid: Optional[progress.GridProgress] = None):
+    self.runner, self.args, self.plan = runner, args, plan
     self.spec, self.pool, self.test, self.results, self.log = spec, pool, test, results, log
     self.grid = grid or progress.GridProgress({})
     self.k = pool.num_classes
@@ -584,8 +355,14 @@ class TargetRuns:
       self._draws[repeat] = (seed, train_idx, val_idx)
     return self._draws[repeat]
 
-  def _val(self, val_idx):
-    return self.pool.images[val_idx], self.pool.labels[val_idx]
+  def _draw(self, repeat: int) -> tuple[Draw, np.ndarray, np.ndarray]:
+    """(the `Draw` of `repeat`, its train rows, its validation rows); tuning draws (repeat < 0)
+    carry no test split."""
+    seed, train_idx, val_idx = self.draw(repeat)
+    draw = Draw(seed, self.pool.images[train_idx], self.pool.labels[train_idx],
+                (self.pool.images[val_idx], self.pool.labels[val_idx]),
+                self.test if repeat >= 0 else None)
+    return draw, train_idx, val_idx
 
   def _base(self, variant, repeat, lr, hp, train_idx, val_idx, cap) -> dict:
     a = self.args
@@ -638,40 +415,23 @@ class TargetRuns:
       if isinstance(self._teachers[key], NonFiniteError):
         raise self._teachers[key]
       return self._teachers[key]
-    a, runner = self.args, self.runner
-    seed, train_idx, val_idx = self.draw(repeat)
-    images, labels = self.pool.images[train_idx], self.pool.labels[train_idx]
-    val = self._val(val_idx)
+    a = self.args
+    draw, train_idx, val_idx = self._draw(repeat)
     rkey = (self.spec, a.shots, "teacher", repeat, lr, hp)
     record_it = rkey not in self.done and (repeat < 0 or "teacher" in self.plan["variants"])
     base = self._base("teacher", repeat, lr, hp, train_idx, val_idx, a.teacher_steps)
     t0 = time.time()
     try:
-      params, stats, setup, info = runner.train_teacher(self.k, images, labels, val, seed, lr, hp,
-                                                        self._ticker("teacher", repeat, lr))
+      t, res, cost_key = run_teacher(self.runner, self.k, draw, lr, hp,
+                                     self._ticker("teacher", repeat, lr), measure=record_it)
     except NonFiniteError as e:
       self._teachers[key] = e
       if record_it:
         self._add(dict(base, status="failed", error=str(e), val_acc=None, test_acc=None), t0)
       raise
-    fn = distill.teacher_fn(setup.forward, params, stats)
-    t = dict(params=params, stats=stats, setup=setup, fn=fn, logits=None, pred=None)
-    if not runner.augmenting:
-      t["logits"] = distill.cached_teacher_logits(fn, images)
-    res = dict(val_acc=accuracy(_logits(setup.forward, params, stats, val[0]), val[1]),
-               test_acc=None)
-    if repeat >= 0:  # evaluation draws only: tuning draws never see the test split
-      test_logits = _logits(setup.forward, params, stats, self.test.images)
-      res["test_acc"] = accuracy(test_logits, self.test.labels)
-      t["pred"] = np.argmax(test_logits, -1)
     self._teachers[key] = t
     if record_it:
-      record = dict(base, **res, **info)
-      if repeat >= 0:
-        c = runner.measure(setup.forward, params, stats, ("teacher", self.k))
-        record.update(params=surgery.count(params), flops=c["flops"],
-                      config=models.model_config(setup.model))
-      self._add(record, t0, ("teacher", self.k) if repeat >= 0 else None)
+      self._add(dict(base, **res), t0, cost_key)
     return t
 
   def drop_teachers(self, repeat: Optional[int] = None) -> None:
@@ -694,58 +454,21 @@ class TargetRuns:
       except NonFiniteError:
         pass
       return self._record(key)
-    a, runner = self.args, self.runner
-    seed, train_idx, val_idx = self.draw(repeat)
-    images, labels = self.pool.images[train_idx], self.pool.labels[train_idx]
-    val = self._val(val_idx)
-    test = self.test if repeat >= 0 else None  # tuning draws never see the test split
+    a = self.args
+    draw, train_idx, val_idx = self._draw(repeat)
     base = self._base(variant, repeat, lr, hp, train_idx, val_idx, a.student_steps)
-    knobs = transfer.parse_hp(hp)
-    kd = variant in KD
-    temperature, lam = (knobs["T"], knobs["lam"]) if kd else (1.0, 0.0)
     t0 = time.time()
     teacher = None
-    extra: dict = {}
     try:
       if variant in NEEDS_TEACHER:
         base.update(teacher_lr=teacher_point[0], teacher_hp=teacher_point[1])
         teacher = self.teacher(repeat, *teacher_point)
-      if variant in PRUNED:
-        p, s, cfg = prune_teacher(teacher["params"], teacher["stats"],
-                                  models.model_config(teacher["setup"].model), a.prune_keep,
-                                  a.prune_residual)
-        model = models.from_config(a.arch, cfg)
-        mean, std = runner.source.mean, runner.source.std
-        shape_key = ("pruned", self.k, json.dumps(cfg, sort_keys=True))
-        fwd = runner.forward(model, mean, std, shape_key)
-        if test is not None:
-          extra["acc_before_ft"] = accuracy(_logits(fwd, p, s, test.images), test.labels)
-        step_key, cost_key = shape_key, shape_key
-      else:
-        model = runner.student(self.k)
-        cfg = models.model_config(model)
-        mean, std = runner.s_mean, runner.s_std
-        p, s = runner.student_init(self.k, seed, variant in NEEDS_COMPACT_SOURCE)
-        fwd = runner.forward(model, mean, std, ("student", self.k))
-        step_key, cost_key = ("student", self.k), ("student", self.k)
-      data = (images, labels, teacher["logits"] if kd else None)
-      p, s, info = runner.train_student(model, p, s, lr, mean, std, temperature, lam,
-                                        teacher["fn"] if kd else None, data, val, seed,
-                                        step_key, fwd, self._ticker(variant, repeat, lr))
+      out, cost_key = run_variant(self.runner, variant, self.k, draw, lr, transfer.parse_hp(hp),
+                                  teacher, self._ticker(variant, repeat, lr))
     except NonFiniteError as e:
       return self._add(dict(base, status="failed", error=str(e), val_acc=None, test_acc=None),
                        t0)
-    p, s = jax.tree.map(np.asarray, p), jax.tree.map(np.asarray, s)
-    record = dict(base, val_acc=accuracy(_logits(fwd, p, s, val[0]), val[1]), test_acc=None,
-                  **info)
-    if test is not None:
-      logits = _logits(fwd, p, s, test.images)
-      record["test_acc"] = accuracy(logits, test.labels)
-      if teacher is not None:
-        record["agreement"] = float(np.mean(np.argmax(logits, -1) == teacher["pred"]))
-      c = runner.measure(fwd, p, s, cost_key)
-      record.update(extra, params=surgery.count(p), flops=c["flops"], config=cfg)
-    return self._add(record, t0, cost_key if test is not None else None)
+    return self._add(dict(base, **out), t0, cost_key)
 
   def run_tuning(self, key: tuple, tuned: dict) -> dict:
     """`choose`'s run_missing: a tuning run, learning from the teacher at its chosen point."""
@@ -772,7 +495,7 @@ class TargetRuns:
       self.runner.retime(timed)
     for record, key in deferred:
       if key is not None:
-        record.update(latency_ms=dict(self.runner._costs[key]["latency_ms"]),
+        record.update(latency_ms=self.runner.latency(key),
                       latency_timing=TIMED_AFTER_RESUME if resumed else TIMED_TOGETHER)
     self.results.add_many([record for record, _ in deferred])
     self.drop_teachers(repeat)
@@ -860,14 +583,14 @@ def run(args, plan, results: ResultsDir) -> None:
   if (NEEDS_COMPACT_SOURCE & set(variants)) or (plan["student_source"] or "").startswith("ckpt:"):
     config = (None if plan["student_source"].startswith("ckpt:")
               else distill.compact_config(student_arch(args), plan["student_config"]))
-    student_src = compact_source(
+    student_src = compact.compact_source(
         student_arch(args), plan["student_source"], config,
         epochs=args.student_source_epochs or args.source_epochs, seed=args.seed,
-        progress=not args.quiet)
+        cache_root=pretrain.CACHE_ROOT, pretrain=pretrain.pretrain, progress=not args.quiet)
     if tuple(student_src.input_shape) != tuple(source.input_shape):
       raise InputError(f"the compact source takes {tuple(student_src.input_shape)} images, the "
                        f"teacher's source {tuple(source.input_shape)}")
-  runner = Runner(args, plan, source, student_src)
+  runner = trainer_for(args, plan, source, student_src)
   grid = progress.GridProgress(
       planned_runs(plan, args),
       saved=sum(1 for r in results.records if r["target"] in plan["targets"]
@@ -881,7 +604,7 @@ def run(args, plan, results: ResultsDir) -> None:
       keep = np.concatenate([np.flatnonzero(test.labels == c)[:args.test_per_class]
                              for c in range(test.num_classes)])
       test = test.take(np.sort(keep))
-    cell = TargetRuns(runner, spec, data.train, test, results, log, grid)
+    cell = TargetRuns(runner, args, plan, spec, data.train, test, results, log, grid)
     tuned = choose(results.records, plan, args, run_missing=cell.run_tuning, targets=[spec])
     cell.drop_teachers()
     for repeat in range(args.repeats):

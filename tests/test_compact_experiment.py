@@ -1,4 +1,5 @@
-"""experiments.compact_transfer: flags, costs, pruning hook, and main() end to end (tiny)."""
+"""experiments.compact_transfer: flags, costs, tuning, and main() end to end (tiny); the
+library it runs on (pruning, the runs): tests/test_compact_lib.py."""
 import json
 import os
 
@@ -130,50 +131,6 @@ def test_report_latency_is_the_median_over_draws():
   recs = [dict(latency_ms={"1": v, "128": 10 * v}) for v in (2.0, 100.0, 3.0)]
   assert ct.median_latency(recs) == {"1": 3.0, "128": 30.0}
   assert ct.median_latency([dict(latency_ms=None)]) is None
-
-
-def test_prune_teacher_keeps_top_channels():
-  model = models.get_model("vgg_s", 3, conv_widths=((6,), (5,)), dense_widths=())
-  variables = _fast_init(model, jax.random.PRNGKey(0), (8, 8, 1))
-  params = variables["params"]
-  scores = ct.channel_scores(params)
-  k1 = np.asarray(params["conv1_1"]["conv"]["kernel"])
-  np.testing.assert_allclose(scores["conv1_1"], np.abs(k1).sum((0, 1, 2)))
-  p, s, cfg = ct.prune_teacher(params, {}, models.model_config(model), 0.5, "group")
-  assert cfg["conv_widths"] == [[3], [3]]  # ceil(0.5 * 6), ceil(0.5 * 5)
-  top = np.sort(np.argsort(-scores["conv1_1"])[:3])
-  np.testing.assert_array_equal(p["conv1_1"]["conv"]["kernel"], k1[..., top])
-  small = models.from_config("vgg_s", cfg)
-  x = jnp.zeros((2, 8, 8, 1))
-  assert small.apply({"params": p}, x).shape == (2, 3)
-  # BN nets score channels by |BN scale|
-  bn = {"u": {"conv": {"kernel": np.ones((1, 1, 2, 3), np.float32)},
-              "bn": {"scale": np.array([-3.0, 1.0, 2.0]), "bias": np.zeros(3)}}}
-  np.testing.assert_array_equal(ct.channel_scores(bn)["u"], [3.0, 1.0, 2.0])
-
-
-def test_converge_stops_by_patience_or_trains_the_cap():
-  """Runner.converge: the protocol's stopping rule keeps the best validation state; --patience
-  0 trains exactly the cap and keeps the last."""
-  from types import SimpleNamespace as NS
-  acc = [0.0, 0.2, 0.6, 0.4, 0.4, 0.9, 0.9, 0.9]  # validation accuracy after each step
-
-  def step_fn(state, batch):
-    return NS(step=state.step + 1, params={"t": state.step + 1}, batch_stats={}), {"finite": 1}
-
-  def forward(params, stats, images):  # the first acc[t] of the images right (class 0)
-    out = np.zeros((len(images), 2), np.float32)
-    out[int(round(acc[params["t"]] * len(images))):, 1] = 1
-    return out
-
-  val = (np.zeros((10, 2, 2, 1), np.uint8), np.zeros(10, np.int64))
-  start = NS(step=0, params={"t": 0}, batch_stats={})
-  runner = NS(args=NS(patience=2, eval_every=1))
-  state, info = ct.Runner.converge(runner, start, step_fn, lambda i: None, forward, val, 7)
-  assert info == dict(steps=4, best_step=2, stopped="patience") and state.params["t"] == 2
-  runner.args.patience = 0
-  state, info = ct.Runner.converge(runner, start, step_fn, lambda i: None, forward, val, 7)
-  assert info == dict(steps=7, best_step=7, stopped="fixed") and state.params["t"] == 7
 
 
 # ----------------------------------------------------------------------------- tuning
