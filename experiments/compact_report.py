@@ -221,8 +221,10 @@ def make_report(plan, records: list, folder: str = "") -> tuple[str, dict]:
   records = rec.read(records, CELL_FIELDS)
   rows = [rec.flat(r) for r in records]
   tuned = chosen_points(plan, records)
+  # Keys compare knob values at 6 digits (records.canon): a run trains at its key's value.
   ev = [r for r in rows if r["role"] == "eval" and (r["target"], r["arm"]) in tuned and
-        {"lr": r["lr"], **r["knobs"]} == tuned[(r["target"], r["arm"])]["choice"]]
+        rec.canon_point({"lr": r["lr"], **r["knobs"]}) ==
+        rec.canon_point(tuned[(r["target"], r["arm"])]["choice"])]
   summary = summarize(ev)
   shown = [r for r in ev if r["status"] == "ok"]  # whose latencies the table's medians take
   batches = [str(b) for b in k.latency_batches]

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -50,6 +50,7 @@ from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import compact, compact_runs, transfer
 from jtransfer.methods.compact import KD, NEEDS_TEACHER, VARIANTS
 from jtransfer.protocol import Budget, tuning
+from jtransfer.study import records as rec
 from jtransfer.study.config import at_least, flag
 from jtransfer.study.tables import float_list, positive_ints
 
@@ -68,7 +69,7 @@ def _grid(flag_name: str, ok, what: str):
   return parse
 
 
-def _teacher_lrs(text) -> object:
+def _teacher_lrs(text) -> str | tuple:
   return "paper" if text == "paper" else _grid("--teacher-lr", lambda v: v > 0, LR_TEXT)(text)
 
 
@@ -98,7 +99,7 @@ class Knobs:
   student_source_epochs: Optional[float] = flag(
       "--student-source-epochs", None, "pretraining epochs of the compact source (default "
       "--source-epochs)", parse=_optional_float("--student-source-epochs"))
-  teacher_lr: object = flag("--teacher-lr", "paper", "teacher's Adam LR grid: 'paper' (the "
+  teacher_lr: str | tuple = flag("--teacher-lr", "paper", "teacher's Adam LR grid: 'paper' (the "
                             "strategy's grid of the CWL paper) or a comma list",
                             parse=_teacher_lrs)
   student_lr: tuple = flag(
@@ -197,8 +198,8 @@ class CellData:
   """What a cell's runs share: the trainer, the target's train pool and capped test split,
   and the teachers trained so far, (draw, point) -> (Teacher, outcome, cost key)."""
   trainer: compact_runs.CompactTrainer
-  pool: object
-  test: object
+  pool: Any  # an ImageSet
+  test: Any
   num_classes: int
   teachers: dict = dataclasses.field(default_factory=dict)
 
@@ -254,7 +255,7 @@ def _draw(ctx) -> compact_runs.Draw:
 
 def _teacher(ctx, point: dict, measure: bool):
   """(Teacher, outcome, cost key) on ctx's draw at `point`, trained once per cell."""
-  key = (ctx.draw.repeat, tuple(sorted(point.items())))
+  key = (ctx.draw.repeat, tuple(sorted(rec.canon_point(point).items())))
   found = ctx.data.teachers.get(key)
   if found is None:
     hp = transfer.hp_string({n: v for n, v in point.items() if n != "lr"})
@@ -275,7 +276,7 @@ def _timed(ctx, out: dict, key) -> dict:
   if key is None:
     return out
   trainer, teacher = ctx.data.trainer, ("teacher", ctx.data.num_classes)
-  keys = [key] + ([teacher] if key != teacher and teacher in trainer._calls else [])
+  keys = [key] + ([teacher] if key != teacher and trainer.measured(teacher) else [])
   trainer.retime(keys)
   return dict(out, latency_ms=trainer.latency(key),
               latency_timing=WITH_TEACHER if len(keys) > 1 else "alone")
@@ -293,8 +294,9 @@ def run_student(variant: str):
   def run(ctx, point: dict) -> dict:
     teacher, base = None, {}
     if variant in NEEDS_TEACHER:
-      tp = ctx.chosen.get("teacher") or {n: v[0] for n, v in
-                                         variant_grid(ctx.config, "teacher").items()}
+      # The teacher's point as its own runs got it (their keys' 6 digits, records.canon).
+      tp = rec.canon_point(ctx.chosen.get("teacher") or {
+          n: v[0] for n, v in variant_grid(ctx.config, "teacher").items()})
       base = dict(teacher_lr=tp["lr"],
                   teacher_hp=transfer.hp_string({n: v for n, v in tp.items() if n != "lr"}))
       # Keep only the teacher at the chosen point: the others taught nobody.

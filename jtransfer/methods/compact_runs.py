@@ -218,6 +218,10 @@ class CompactTrainer:
     for key in keys:
       self._costs[key]["latency_ms"] = {str(b): ms[(key, b)] for b in self._calls[key]}
 
+  def measured(self, key) -> bool:
+    """Whether the model under `key` has been measured (its forward is ready to time)."""
+    return key in self._calls
+
   def latency(self, key) -> dict:
     """{batch: ms} of the model under `key` as `retime` last measured it."""
     return dict(self._costs[key]["latency_ms"])
