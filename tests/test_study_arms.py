@@ -48,7 +48,8 @@ STUDY = study.Study(
                                       c.extra.b_cap))),
     prepare=_prepare, report=lambda plan, recs, folder: ("# toy\n", {}),
     defaults={"strategies": "a,b", "arch": "vgg_s", "target": ["digits"], "shots": "2",
-              "paper_grid": False, "steps": 5})
+              "paper_grid": False, "steps": 5},
+    hidden=frozenset({"paper_grid"}))
 
 
 def test_arm_options_through_the_runner(tmp_path):
@@ -67,6 +68,11 @@ def test_arm_options_through_the_runner(tmp_path):
   assert (ev["b"]["cap"], ev["b"]["cap_seen"]) == (7, 7)
 
 
+def test_a_hidden_flag_takes_the_studys_default():
+  assert "--paper-grid" not in flags.parser(STUDY).format_help()
+  assert flags.parse(STUDY, []).protocol.paper_grid is False  # the dataclass's is True
+
+
 def test_a_run_functions_single_values_are_its_fixed_point():
   p = grid.plan(STUDY, flags.parse(STUDY, ["--tune-repeats", "0", "--a-lrs", "3e-3"]))
   assert p.arm("a").grid == {"lr": (3e-3,)}
@@ -74,3 +80,9 @@ def test_a_run_functions_single_values_are_its_fixed_point():
   assert grid.eval_points(p, b, None) == [{"lr": 1e-3}]  # w has two values: no default
   one = dataclasses.replace(b, knobs={"w": (0.3,)}, defaults={"w": 0.3})
   assert grid.eval_points(p, one, None) == [{"lr": 1e-3, "w": 0.3}]
+
+
+def test_an_arm_without_its_predecessor_is_refused_before_out_opens(tmp_path, capsys):
+  out = tmp_path / "never"
+  assert study.main(STUDY, ["--strategies", "b", "--out", str(out), "--quiet"]) == 2
+  assert "arm b needs arm(s) a" in capsys.readouterr().err and not out.exists()
