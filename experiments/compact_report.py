@@ -24,6 +24,7 @@ CELL_FIELDS = ("arch", "target", "shots")
 # Latency labels: a draw's models timed together (records made before the study runner), a
 # draw rerun after a resume, and a model timed round-robin with its draw's teacher.
 TOGETHER, RESUMED, WITH_TEACHER = "interleaved", "interleaved, resumed draw", "with teacher"
+ALONE = "alone"
 WIDTH_KEYS = ("conv_widths", "stage_widths", "stem_width", "inner_widths", "dense_widths",
               "blocks", "top_width")
 
@@ -152,6 +153,8 @@ def _timing(rows: list) -> str:
     text += ", except the models a draw reran after a resume, timed only among themselves"
   if WITH_TEACHER in labels:
     text += ", each student timed round-robin with its draw's teacher"
+    if any(r["arm"] != "teacher" and r.get("latency_timing") == ALONE for r in rows):
+      text += " (alone where a resume reran it without its teacher in memory)"
   return text
 
 

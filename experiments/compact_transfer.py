@@ -43,7 +43,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from experiments import pretrain
-from experiments.compact_report import WITH_TEACHER, make_report, plot, teacher_lrs
+from experiments.compact_report import ALONE, WITH_TEACHER, make_report, plot, teacher_lrs
 from jtransfer import models, study
 from jtransfer.data import load_spec, parse_spec
 from jtransfer.errors import InputError, NonFiniteError
@@ -276,7 +276,7 @@ def _timed(ctx, out: dict, key) -> dict:
   keys = [key] + ([teacher] if key != teacher and trainer.measured(teacher) else [])
   trainer.retime(keys)
   return dict(out, latency_ms=trainer.latency(key),
-              latency_timing=WITH_TEACHER if len(keys) > 1 else "alone")
+              latency_timing=WITH_TEACHER if len(keys) > 1 else ALONE)
 
 
 def run_teacher(ctx, point: dict) -> dict:

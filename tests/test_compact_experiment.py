@@ -303,6 +303,10 @@ def test_main_minimal(tiny_source_dir, tmp_path, monkeypatch, capsys):
   assert "10 runs planned" in err and "9 already saved, skipped" in err
   assert "[10/10, last run] vgg_s digits k=2 eval draw 2/2 distill" in err
   assert len(_rows(out)) == len(lines)  # the lost run rerun once, nothing written twice
+  rerun = next(r for r in _rows(out) if (r["arm"], r["role"], r["repeat"]) ==
+               ("distill", "eval", 1))
+  assert rerun["latency_timing"] == "alone"  # its teacher was retrained, not measured
+  assert "(alone where a resume reran it" in open(os.path.join(out, "report.md")).read()
   assert publish.check(out) == []
 
 
