@@ -54,7 +54,6 @@ from jtransfer.study import records as rec
 from jtransfer.study.config import at_least, flag
 from jtransfer.study.tables import float_list, positive_ints
 
-CELL_FIELDS = ("arch", "target", "shots")
 DEFAULT_MARGIN = 0.02
 LR_TEXT = "learning rates must be finite numbers > 0"
 
@@ -74,6 +73,7 @@ def _teacher_lrs(text) -> str | tuple:
 
 
 def _optional_float(flag_name: str):
+  """A parser: one number from `flag_name`, or InputError naming it."""
   def parse(text) -> float:
     try:
       return float(text)
