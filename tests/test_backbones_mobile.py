@@ -366,15 +366,16 @@ def test_compact_transfer_resnet_teacher_mobilenet_student(tmp_path, monkeypatch
   out = str(tmp_path / "out")
   argv = ["--arch", "resnet_s", "--student-arch", "mobilenet_v2", "--source",
           f"ckpt:{tmp_path / 'src'}", "--target", "digits", "--shots", "2", "--repeats", "1",
-          "--variants", "teacher,distill", "--teacher-steps", "2", "--student-steps", "2",
+          "--strategies", "teacher,distill", "--teacher-steps", "2", "--student-steps", "2",
           "--patience", "2", "--eval-every", "1", "--val-per-class", "1", "--tune-repeats", "1",
           "--tune-extend", "0", "--teacher-lr", "1e-3", "--student-lr", "2e-3", "--ft-lr",
           "1e-3", "--temperature", "4", "--lam", "0.7", "--latency-batches", "1",
           "--latency-runs", "1", "--test-per-class", "2", "--quiet", "--out", out]
   assert ct.main(argv) == 0
-  records = [r for r in json.load(open(os.path.join(out, "results.json")))
-             if r["repeat"] >= 0]
-  student = next(r for r in records if r["variant"] == "distill")
+  from jtransfer.study import records as rec
+  records = [r for r in rec.rows(json.load(open(os.path.join(out, "results.json"))))
+             if r["role"] == "eval"]
+  student = next(r for r in records if r["arm"] == "distill")
   assert student["config"]["blocks"] == distill.COMPACT_CONFIGS["mobilenet_v2"]["blocks"]
   assert student["status"] == "ok" and 0 <= student["agreement"] <= 1
   assert "compact student mobilenet_v2" in open(os.path.join(out, "report.md")).read()

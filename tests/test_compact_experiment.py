@@ -1,4 +1,5 @@
-"""experiments.compact_transfer: flags, costs, pruning hook, and main() end to end (tiny)."""
+"""experiments.compact_transfer: flags, costs, tuning, and main() end to end (tiny); the
+library it runs on (pruning, the runs): tests/test_compact_lib.py."""
 import json
 import os
 
@@ -7,10 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import compact_report, pretrain, publish
 from experiments import compact_transfer as ct
-from experiments import pretrain, publish
 from jtransfer import models, surgery
 from jtransfer.methods import distill, transfer
+from jtransfer.study import flags
+from jtransfer.study import grid as grid_lib
+from jtransfer.study import records as rec
 
 
 def _fast_init(model, rng, shape):
@@ -60,7 +64,10 @@ def _regenerated(argv, out) -> str:
 
 # ----------------------------------------------------------------------------- flags
 @pytest.mark.parametrize("extra,match", [
-    (["--variants", "teacher,bogus"], "--variants"),
+    (["--strategies", "teacher,bogus"], "--strategies"),
+    (["--strategies", "distill"], "needs arm(s) teacher"),
+    (["--arch", "vgg_s,resnet_s"], "--arch takes one value"),
+    (["--shots", "5,10"], "--shots takes one value"),
     (["--lam", "1.5"], "lambda must be in [0, 1]"),
     (["--lam", "0,0.5"], "must lie in (0, 1)"),
     (["--temperature", "0"], "temperature"),
@@ -81,6 +88,13 @@ def _regenerated(argv, out) -> str:
 def test_bad_flags(extra, match, capsys):
   assert ct.main(["--target", "digits", "--out", "/nonexistent/x", *extra]) == 2
   assert match in capsys.readouterr().err
+
+
+def test_runner_flags_it_does_not_offer(capsys):
+  """Each variant runs at its chosen point: no --paper-grid (argparse refuses it, exit 2)."""
+  with pytest.raises(SystemExit) as e:
+    ct.main(["--paper-grid", "--out", "/nonexistent/x"])
+  assert e.value.code == 2 and "--paper-grid" in capsys.readouterr().err
 
 
 def test_checkpoint_flag_conflicts(capsys):
@@ -128,114 +142,66 @@ def test_xla_flops_counts_convolutions_as_the_cpu_executable_does():
 def test_report_latency_is_the_median_over_draws():
   """A burst of load on one draw's timing (100 ms) does not set the reported latency."""
   recs = [dict(latency_ms={"1": v, "128": 10 * v}) for v in (2.0, 100.0, 3.0)]
-  assert ct.median_latency(recs) == {"1": 3.0, "128": 30.0}
-  assert ct.median_latency([dict(latency_ms=None)]) is None
-
-
-def test_prune_teacher_keeps_top_channels():
-  model = models.get_model("vgg_s", 3, conv_widths=((6,), (5,)), dense_widths=())
-  variables = _fast_init(model, jax.random.PRNGKey(0), (8, 8, 1))
-  params = variables["params"]
-  scores = ct.channel_scores(params)
-  k1 = np.asarray(params["conv1_1"]["conv"]["kernel"])
-  np.testing.assert_allclose(scores["conv1_1"], np.abs(k1).sum((0, 1, 2)))
-  p, s, cfg = ct.prune_teacher(params, {}, models.model_config(model), 0.5, "group")
-  assert cfg["conv_widths"] == [[3], [3]]  # ceil(0.5 * 6), ceil(0.5 * 5)
-  top = np.sort(np.argsort(-scores["conv1_1"])[:3])
-  np.testing.assert_array_equal(p["conv1_1"]["conv"]["kernel"], k1[..., top])
-  small = models.from_config("vgg_s", cfg)
-  x = jnp.zeros((2, 8, 8, 1))
-  assert small.apply({"params": p}, x).shape == (2, 3)
-  # BN nets score channels by |BN scale|
-  bn = {"u": {"conv": {"kernel": np.ones((1, 1, 2, 3), np.float32)},
-              "bn": {"scale": np.array([-3.0, 1.0, 2.0]), "bias": np.zeros(3)}}}
-  np.testing.assert_array_equal(ct.channel_scores(bn)["u"], [3.0, 1.0, 2.0])
-
-
-def test_converge_stops_by_patience_or_trains_the_cap():
-  """Runner.converge: the protocol's stopping rule keeps the best validation state; --patience
-  0 trains exactly the cap and keeps the last."""
-  from types import SimpleNamespace as NS
-  acc = [0.0, 0.2, 0.6, 0.4, 0.4, 0.9, 0.9, 0.9]  # validation accuracy after each step
-
-  def step_fn(state, batch):
-    return NS(step=state.step + 1, params={"t": state.step + 1}, batch_stats={}), {"finite": 1}
-
-  def forward(params, stats, images):  # the first acc[t] of the images right (class 0)
-    out = np.zeros((len(images), 2), np.float32)
-    out[int(round(acc[params["t"]] * len(images))):, 1] = 1
-    return out
-
-  val = (np.zeros((10, 2, 2, 1), np.uint8), np.zeros(10, np.int64))
-  start = NS(step=0, params={"t": 0}, batch_stats={})
-  runner = NS(args=NS(patience=2, eval_every=1))
-  state, info = ct.Runner.converge(runner, start, step_fn, lambda i: None, forward, val, 7)
-  assert info == dict(steps=4, best_step=2, stopped="patience") and state.params["t"] == 2
-  runner.args.patience = 0
-  state, info = ct.Runner.converge(runner, start, step_fn, lambda i: None, forward, val, 7)
-  assert info == dict(steps=7, best_step=7, stopped="fixed") and state.params["t"] == 7
+  assert compact_report.median_latency(recs) == {"1": 3.0, "128": 30.0}
+  assert compact_report.median_latency([dict(latency_ms=None)]) is None
 
 
 # ----------------------------------------------------------------------------- tuning
+def _plan(argv):
+  return grid_lib.plan(ct.STUDY, flags.parse(ct.STUDY, argv))
+
+
 def test_choose_tunes_lr_t_lambda_on_tuning_draws_only():
-  """choose(): the teacher first, then each student's LR, T and lambda jointly, on the tuning
-  draws' validation accuracy; lambda's grid extends on the odds scale (stays in (0, 1)); the
-  same choice again from the records alone."""
-  argv = ["--target", "digits", "--variants", "teacher,scratch,distill", "--tune-repeats", "2",
-          "--teacher-lr", "1e-4,1e-3", "--student-lr", "1e-3,1e-2", "--temperature", "2,4,8",
-          "--lam", "0.5,0.75", "--tune-extend", "1", "--shots", "5"]
-  args = ct.parse_args(argv)
-  plan = ct.validate(args)
-  assert ct.variant_grid(plan, "distill") == {"lr": (1e-3, 1e-2), "T": (2.0, 4.0, 8.0),
-                                              "lam_odds": (1.0, 3.0)}
-  assert ct.variant_grid(plan, "scratch") == {"lr": (1e-3, 1e-2)}
-  made = []
+  """The runner's choice per variant: the LR, T and lambda jointly, on the tuning draws'
+  validation accuracy; lambda's grid extends on the odds scale (stays in (0, 1)); the same
+  choice again from the records alone; an unfinished grid leaves the variant out."""
+  plan = _plan(["--target", "digits", "--strategies", "teacher,scratch,distill",
+                "--tune-repeats", "2", "--teacher-lr", "1e-4,1e-3", "--student-lr", "1e-3,1e-2",
+                "--temperature", "2,4,8", "--lam", "0.5,0.75", "--tune-extend", "1",
+                "--shots", "5"])
+  assert plan.arm("distill").grid == {"lr": (1e-3, 1e-2), "T": (2.0, 4.0, 8.0),
+                                      "lam": (0.5, 0.75)}
+  assert plan.arm("scratch").grid == {"lr": (1e-3, 1e-2)}
+  found: dict = {}
 
-  def run_missing(key, chosen):
-    spec, shots, variant, repeat, lr, hp = key
-    assert repeat < 0 and shots == 5  # tuning draws only
-    if variant != "teacher":  # students learn from the teacher at its chosen point
-      assert chosen[(spec, "teacher")]["lr"] == 1e-3
-    knobs = dict(kv.split("=") for kv in hp.split(",") if kv)
+  def run_missing(key):
+    arm, cell, role, index, fold, knobs = key
+    knobs = dict(knobs)
+    assert role == "tune" and dict(cell)["shots"] == 5 and fold == -1  # tuning draws only
     # best: teacher lr 1e-3; students lr 1e-2, T 4, lambda as high as the grid goes
-    val = -abs(np.log10(lr) - (-3 if variant == "teacher" else -2))
+    val = -abs(np.log10(knobs["lr"]) - (-3 if arm == "teacher" else -2))
     if "T" in knobs:
-      val += -abs(np.log2(float(knobs["T"])) - 2) + float(knobs["lam"])
-    r = dict(target=spec, shots=shots, variant=variant, repeat=repeat, lr=lr, hp=hp,
-             role="tune", status="ok", val_acc=float(val) + 0.01 * repeat, test_acc=None)
-    made.append(r)
-    return r
+      val += -abs(np.log2(knobs["T"]) - 2) + knobs["lam"]
+    return dict(status="ok", val_acc=float(val) + 0.01 * index, test_acc=None)
 
-  tuned = ct.choose([], plan, args, run_missing=run_missing)
-  t, s, d = (tuned[("digits", v)] for v in ("teacher", "scratch", "distill"))
+  cell = plan.cells[0]
+  tuned = {a.name: grid_lib.choose(found, plan, cell, a, run_missing) for a in plan.arms}
+  t, s, d = tuned["teacher"], tuned["scratch"], tuned["distill"]
   # an LR on the grid's top edge extends it; the new value scores lower: no edge left
-  assert t["lr"] == 1e-3 and t["grid"]["lr"] == [1e-4, 1e-3, 1e-2] and t["edges"] == []
-  assert t["hp"] == "" and s["lr"] == 1e-2 and s["grid"]["lr"] == [1e-3, 1e-2, 0.1]
+  assert t["choice"] == {"lr": 1e-3} and t["grid"]["lr"] == [1e-4, 1e-3, 1e-2]
+  assert t["edges"] == [] and s["choice"] == {"lr": 1e-2}
+  assert s["grid"]["lr"] == [1e-3, 1e-2, 0.1]
   # lambda 0.75 (odds 3) on the edge -> odds 9 (lambda 0.9) tried and chosen, still an edge
   # after the one extension allowed: flagged
-  assert d["lr"] == 1e-2 and d["knobs"] == {"T": 4.0, "lam": 0.9} and d["hp"] == "T=4,lam=0.9"
-  assert d["edges"] == ["lam_odds:high"]
-  assert d["grid"]["lam_odds"] == [1.0, 3.0, 9.0]
-  assert all(0 < ct.point_knobs({"lr": 1, "lam_odds": o})["lam"] < 1
-             for o in d["grid"]["lam_odds"])
-  assert len({ct.record_key(r) for r in made}) == len(made)  # each run once
-  assert {r["repeat"] for r in made} == {-1, -2}
+  assert d["choice"] == {"lr": 1e-2, "T": 4.0, "lam": 0.9} and d["edges"] == ["lam:high"]
+  assert d["grid"]["lam"] == [0.5, 0.75, 0.9]
+  assert {k[3] for k in found} == {0, 1} and all(k[2] == "tune" for k in found)
   # from the records alone (the report), the same choices, nothing run
-  assert ct.choose(made, plan, args) == tuned
-  # an unfinished grid: the missing cells are left out, not guessed
-  partial = ct.choose([r for r in made if r["variant"] != "distill"], plan, args)
-  assert set(partial) == {("digits", "teacher"), ("digits", "scratch")}
+  assert {a.name: grid_lib.choose(found, plan, cell, a) for a in plan.arms} == tuned
+  partial = {k: v for k, v in found.items() if k[0] != "distill"}
+  assert grid_lib.choose(partial, plan, cell, plan.arm("distill")) is None
 
 
 def test_single_values_are_fixed_not_tuned():
-  args = ct.parse_args(["--target", "digits", "--tune-repeats", "0", "--teacher-lr", "1e-3",
-                        "--student-lr", "2e-3", "--ft-lr", "1e-3", "--temperature", "4",
-                        "--lam", "1"])
-  plan = ct.validate(args)
-  tuned = ct.choose([], plan, args)  # nothing to score: no run asked for
-  assert tuned[("digits", "distill")]["knobs"] == {"T": 4.0, "lam": 1.0}
-  assert tuned[("digits", "teacher")]["lr"] == 1e-3 and tuned[("digits", "scratch")]["hp"] == ""
-  assert "fixed, not tuned" in ct.protocol_text(args, plan)
+  plan = _plan(["--target", "digits", "--tune-repeats", "0", "--teacher-lr", "1e-3",
+                "--student-lr", "2e-3", "--ft-lr", "1e-3", "--temperature", "4", "--lam", "1"])
+  tuned = compact_report.chosen_points(plan, [])  # nothing to score: no run asked for
+  assert tuned[("digits", "distill")]["choice"] == {"lr": 2e-3, "T": 4.0, "lam": 1.0}
+  assert tuned[("digits", "teacher")]["choice"] == {"lr": 1e-3}
+  # the evaluation draws run that one point, knobs included
+  assert grid_lib.eval_points(plan, plan.arm("distill"), None) == [
+      {"lr": 2e-3, "T": 4.0, "lam": 1.0}]
+  assert "fixed, not tuned" in compact_report.protocol_text(plan.config)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -254,68 +220,69 @@ class _GuardedTest:
     return getattr(self._inner, name)
 
 
+def _rows(out):
+  return rec.rows(json.load(open(os.path.join(out, "results.json"))))
+
+
 def test_main_minimal(tiny_source_dir, tmp_path, monkeypatch, capsys):
   """Teacher, scratch and distilled student under the protocol: converged runs, the students'
   LR chosen on a tuning draw that never reads the test split, claims, report from results.json
-  alone."""
-  init, tuning_run = ct.TargetRuns.__init__, ct.TargetRuns.run_tuning
+  alone, resume."""
+  cell_data, draw = ct.CellData, ct._draw
 
-  def guarded_init(self, *a, **k):
-    init(self, *a, **k)
-    self.test = _GuardedTest(self.test)
+  def guarded_cell(trainer, pool, test, *a):
+    return cell_data(trainer, pool, _GuardedTest(test), *a)
 
-  def guarded_tuning(self, *a, **k):
-    self.test.tuning = True
-    try:
-      return tuning_run(self, *a, **k)
-    finally:
-      self.test.tuning = False
+  def guarded_draw(ctx):
+    ctx.data.test.tuning = ctx.draw.role == "tune"
+    return draw(ctx)
 
-  monkeypatch.setattr(ct.TargetRuns, "__init__", guarded_init)
-  monkeypatch.setattr(ct.TargetRuns, "run_tuning", guarded_tuning)
+  monkeypatch.setattr(ct, "CellData", guarded_cell)
+  monkeypatch.setattr(ct, "_draw", guarded_draw)
   big = tiny_source_dir("vgg_s")
   out = str(tmp_path / "m")
   argv = ["--arch", "vgg_s", "--source", f"ckpt:{big}", "--target", "digits", "--shots", "2",
           "--repeats", "2", *[a for a in TINY if a != "--quiet"], "--student-lr", "1e-3,1e-2",
-          "--variants", "teacher,scratch,distill", "--out", out]
+          "--strategies", "teacher,scratch,distill", "--teacher-steps", "4", "--out", out]
   assert ct.main(argv) == 0
   # progress on stderr (not --quiet): the plan by kind, then done/total after each run
   err = capsys.readouterr().err
-  assert ("compact_transfer: 11 runs planned (1 teacher tuning runs, 4 student tuning runs, "
-          "2 teacher eval runs, 4 student eval runs)") in err
-  assert "[1/11, ETA" in err and "[11/11, last run] digits r=1 distill" in err
-  records = json.load(open(os.path.join(out, "results.json")))
-  tune = [r for r in records if r["repeat"] < 0]
-  ev = [r for r in records if r["repeat"] >= 0]
-  # tuning: the teacher at its one LR, each student at both LRs, on the one tuning draw
-  assert sorted((r["variant"], r["lr"]) for r in tune) == [
-      ("distill", 1e-3), ("distill", 1e-2), ("scratch", 1e-3), ("scratch", 1e-2),
-      ("teacher", 1e-3)]
+  assert "grid: 10 runs planned (4 tuning-draw runs, 6 tuned-point eval runs)" in err
+  assert "[1/10, ETA" in err and "[10/10, last run] vgg_s digits k=2 eval draw 2/2 distill" in err
+  rows = _rows(out)
+  tune = [r for r in rows if r["role"] == "tune"]
+  ev = [r for r in rows if r["role"] == "eval"]
+  # tuning: each student at both LRs on the one tuning draw (the teacher's one LR is no
+  # choice: it is trained there to teach, not recorded)
+  assert sorted((r["arm"], r["lr"]) for r in tune) == [
+      ("distill", 1e-3), ("distill", 1e-2), ("scratch", 1e-3), ("scratch", 1e-2)]
   for r in tune:  # never tested
-    assert r["role"] == "tune" and r["test_acc"] is None and 0 <= r["val_acc"] <= 1
-    assert not {"agreement", "flops", "acc_before_ft"} & set(r)
-  assert sorted((r["variant"], r["repeat"]) for r in ev) == [
+    assert r["test_acc"] is None and 0 <= r["val_acc"] <= 1
+    assert not {"agreement", "flops", "acc_before_ft", "latency_ms"} & set(r)
+  assert sorted((r["arm"], r["repeat"]) for r in ev) == [
       (v, i) for v in ("distill", "scratch", "teacher") for i in (0, 1)]
-  for r in records:  # converged runs: steps recorded
-    assert r["stopped"] in ("patience", "cap") and r["cap"] == 3
-    assert 0 <= r["best_step"] <= r["steps"] <= 3 and r["n_val"] == 20 and r["n_train"] == 20
-  by = {(r["variant"], r["repeat"]): r for r in ev}
+  for r in rows:  # converged runs: steps recorded, each arm's own cap (Arm.budget)
+    cap = 4 if r["arm"] == "teacher" else 3
+    assert r["stopped"] in ("patience", "cap") and r["cap"] == cap
+    assert 0 <= r["best_step"] <= r["steps"] <= cap and r["n_val"] == 20 and r["n_train"] == 20
+  by = {(r["arm"], r["repeat"]): r for r in ev}
   t, s = by[("teacher", 0)], by[("distill", 0)]
   assert s["params"] < t["params"] / 3 and s["flops"] < t["flops"] / 2
   assert s["config"]["conv_widths"] == [[16, 16], [32, 32], [64, 64]]
   assert s["config"]["dense_widths"] == [] and t["config"]["dense_widths"] == []
   assert 0 <= s["agreement"] <= 1 and "agreement" not in t and "agreement" not in by[
       ("scratch", 0)]
-  assert s["temperature"] == 4 and s["lam"] == 0.7 and s["teacher_lr"] == 1e-3
-  # each draw's models are timed together, after the draw: every eval record has latencies
+  assert s["T"] == 4 and s["lam"] == 0.7 and s["teacher_lr"] == 1e-3
+  # the students are timed round-robin with their draw's teacher
   for r in ev:
-    assert r["latency_timing"] == "interleaved" and set(r["latency_ms"]) == {"1"}
-  # both students run their evaluation draws at the LR chosen on the tuning draw
-  val = {r["lr"]: r["val_acc"] for r in tune if r["variant"] == "distill"}
+    assert r["latency_timing"] == ("alone" if r["arm"] == "teacher" else "with teacher")
+    assert set(r["latency_ms"]) == {"1"}
+  # the students run their evaluation draws at the LR chosen on the tuning draw
+  val = {r["lr"]: r["val_acc"] for r in tune if r["arm"] == "distill"}
   assert s["lr"] == max(sorted(val), key=lambda lr: val[lr])
   report = open(os.path.join(out, "report.md")).read()
   assert "| teacher |" in report and "| distill |" in report and "## Claims" in report
-  assert "the draw's models timed together round-robin" in report
+  assert "each student timed round-robin with its draw's teacher" in report
   assert "the jointly learned compact net beats the same net trained on labels alone" in report
   assert "Tested as distill >= teacher, margin 2 pt." in report
   assert "distill_ft" not in report.split("## Claims")[1]  # not run: not claimed
@@ -324,24 +291,22 @@ def test_main_minimal(tiny_source_dir, tmp_path, monkeypatch, capsys):
   assert summary["claims"][0]["pooled"]["paired"]["n"] == 2
   assert _regenerated(argv, out) == report  # byte for byte, from results.json alone
   assert os.path.getsize(os.path.join(out, "accuracy_vs_flops.png")) > 0
-  # a kill left draw 1 half recorded (its distilled student's line lost): the resume reruns
-  # that student, times it alone, labels it so, and the report says so
+  # a kill lost the last run's line: the resume reruns it (its teacher retrained, unrecorded)
   jsonl = os.path.join(out, "results.jsonl")
   lines = open(jsonl).readlines()
-  lost = [l for l in lines if (json.loads(l)["variant"], json.loads(l)["repeat"]) == ("distill", 1)]
+  lost = [line for line in lines if (json.loads(line)["arm"], json.loads(line)["draw"]) ==
+          ("distill", {"role": "eval", "index": 1, "fold": -1})]
   assert len(lost) == 1
-  open(jsonl, "w").writelines(l for l in lines if l not in lost)
+  open(jsonl, "w").writelines(line for line in lines if line not in lost)
   assert ct.main(argv + ["--resume"]) == 0
   err = capsys.readouterr().err
-  assert "11 runs planned" in err and "10 already saved, skipped" in err
-  assert "[11/11, last run] digits r=1 distill" in err
-  records = json.load(open(os.path.join(out, "results.json")))
-  assert len(records) == len(lines)  # the lost run rerun once, nothing written twice
-  by = {(r["variant"], r["repeat"]): r for r in records if r["repeat"] >= 0}
-  assert by[("distill", 1)]["latency_timing"] == "interleaved, resumed draw"
-  assert by[("teacher", 1)]["latency_timing"] == by[("distill", 0)]["latency_timing"]
-  assert by[("teacher", 1)]["latency_timing"] == "interleaved"
-  assert "only among themselves" in open(os.path.join(out, "report.md")).read()
+  assert "10 runs planned" in err and "9 already saved, skipped" in err
+  assert "[10/10, last run] vgg_s digits k=2 eval draw 2/2 distill" in err
+  assert len(_rows(out)) == len(lines)  # the lost run rerun once, nothing written twice
+  rerun = next(r for r in _rows(out) if (r["arm"], r["role"], r["repeat"]) ==
+               ("distill", "eval", 1))
+  assert rerun["latency_timing"] == "alone"  # its teacher was retrained, not measured
+  assert "(alone where a resume reran it" in open(os.path.join(out, "report.md")).read()
   assert publish.check(out) == []
 
 
@@ -356,11 +321,11 @@ def test_main_all_variants(sources, tmp_path):
   for name in ("report.md", "results.json", "results.jsonl", "summary.json",
                "accuracy_vs_flops.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
-  records = json.load(open(os.path.join(out, "results.json")))
+  records = _rows(out)
   ev = [r for r in records if r["role"] == "eval"]
   assert len(ev) == 2 * len(ct.VARIANTS)
   assert not [r for r in records if r["role"] == "tune"]  # one value per flag: nothing to tune
-  by = {(r["variant"], r["repeat"]): r for r in ev}
+  by = {(r["arm"], r["repeat"]): r for r in ev}
   teacher = by[("teacher", 0)]
   for v in ct.VARIANTS[1:]:
     r = by[(v, 0)]
@@ -377,5 +342,5 @@ def test_main_all_variants(sources, tmp_path):
   assert _regenerated(argv, out) == report
   # --resume skips every finished run; without it the directory is refused
   assert ct.main(argv + ["--resume"]) == 0
-  assert len(json.load(open(os.path.join(out, "results.json")))) == len(records)
+  assert len(_rows(out)) == len(records)
   assert ct.main(argv) == 2

@@ -129,6 +129,29 @@ def test_tune_two_axes_ties_and_fixed_axes():
   assert one.choice == {"lr": 1e-3, "alpha": 0.1} and one.score is None and not calls
 
 
+def test_tune_on_the_odds_scale_stays_inside_zero_one():
+  """A weight in (0, 1) extended on its odds w / (1 - w): odds 1, 4 -> 16, 64, i.e. w 0.5,
+  0.8 -> 16/17, 64/65 (by hand), rounded to 6 digits as record text holds them; a fixed
+  value (one point) may be 1, outside the odds' domain."""
+  seen = []
+
+  def score(p):
+    seen.append(p["lam"])
+    return p["lam"] - 0.1 * abs(math.log2(p["T"]) - 1)  # the higher lambda the better
+
+  t = tuning.tune({"T": [2.0, 4.0], "lam": [0.5, 0.8]}, score, max_extend=2,
+                  scales={"lam": tuning.odds_scale()})
+  assert t.grid["lam"] == [0.5, 0.8, round(16 / 17, 6), round(64 / 65, 6)]
+  assert t.choice == {"T": 2.0, "lam": round(64 / 65, 6)} and t.edges == ["lam:high"]
+  assert t.grid["T"] == [1.0, 2.0, 4.0]
+  assert all(0 < v < 1 for v in seen) and set(seen) == set(t.grid["lam"])
+  assert (2.0, round(64 / 65, 6)) in t.scores
+  # a fixed weight of 1 is not transformed; a scaled axis ignores bounds
+  one = tuning.tune({"lr": [1e-3, 1e-2], "lam": [1.0]}, lambda p: -p["lr"],
+                    scales={"lam": tuning.odds_scale()}, bounds={"lam": (0.0, 1.0)})
+  assert one.choice == {"lr": 1e-5, "lam": 1.0}
+
+
 def test_kfold_is_stratified_and_disjoint():
   labels = np.repeat(np.arange(3), [5, 6, 7])
   folds = tuning.kfold(labels, 5, seed=0)

@@ -48,9 +48,9 @@ def test_float_list_and_the_flags_built_on_it():
   assert sparse_transfer._floats("0.5,0,0.5", "--lam", 0.0, 1.0) == [0.0, 0.5]
   with pytest.raises(InputError, match=re.escape("--lrs '0': values must lie in (0.0, 10.0]")):
     sparse_transfer._floats("0", "--lrs", 0.0, 10.0, open_lo=True)
-  assert compact_transfer._grid("4,2", "--t", lambda v: v > 0, "bad") == (2.0, 4.0)
+  assert compact_transfer._grid("--t", lambda v: v > 0, "bad")("4,2") == (2.0, 4.0)
   with pytest.raises(InputError, match="values must be distinct"):
-    compact_transfer._grid("2,2", "--t", lambda v: v > 0, "bad")
+    compact_transfer._grid("--t", lambda v: v > 0, "bad")("2,2")
 
 
 def test_unwritable_output_directory(tmp_path, capsys):

@@ -54,8 +54,35 @@ def _extend(values: Sequence[float], side: str) -> float:
   return hi * ratio if ratio > 1 else hi + (values[-1] - values[-2])
 
 
+Scale = tuple[Callable[[float], float], Callable[[float], float]]
+
+
+def odds_scale(digits: int = 6) -> Scale:
+  """(forward, inverse) of the odds scale w / (1 - w) of a weight w in (0, 1), for `tune`'s
+  `scales`: a geometric extension on it never leaves (0, 1) (odds 1, 4 -> 16: w 0.5, 0.8 ->
+  0.941). The inverse rounds to `digits` significant digits, so a point's value reads the same
+  in a record's text field (6 digits, `transfer.hp_string`)."""
+  return (lambda w: float(f"{w / (1 - w):.12g}"),
+          lambda o: float(f"{o / (1 + o):.{digits}g}"))
+
+
+def _scaled(grid, score, max_extend, bounds, scales) -> Tuned:
+  """`tune` with some axes searched on another scale (see `tune`'s `scales`)."""
+  fwd = {n: f for n, (f, _) in scales.items()}
+  inv = {n: i for n, (_, i) in scales.items()}
+  back = lambda n, v: inv[n](v) if n in inv else v
+  names = list(grid)
+  inner = tune({n: [fwd[n](float(v)) for v in grid[n]] if n in fwd else grid[n] for n in names},
+               lambda point: score({n: back(n, v) for n, v in point.items()}), max_extend,
+               {n: b for n, b in (bounds or {}).items() if n not in scales})
+  return Tuned({n: back(n, v) for n, v in inner.choice.items()}, inner.score,
+               {tuple(back(n, v) for n, v in zip(names, k)): s for k, s in inner.scores.items()},
+               {n: [back(n, v) for v in vs] for n, vs in inner.grid.items()}, inner.edges)
+
+
 def tune(grid: Mapping[str, Sequence[float]], score: Callable[[dict], float],
-         max_extend: int = 2, bounds: Mapping[str, tuple[float, float]] | None = None) -> Tuned:
+         max_extend: int = 2, bounds: Mapping[str, tuple[float, float]] | None = None,
+         scales: Mapping[str, Scale] | None = None) -> Tuned:
   """Picks the point of `grid` with the highest score, extending axes whose best is an edge.
 
   Args:
@@ -66,12 +93,19 @@ def tune(grid: Mapping[str, Sequence[float]], score: Callable[[dict], float],
     max_extend: how many extra values each side of each axis may receive.
     bounds: axis -> (low, high): an extension never goes below low or above high (e.g. a
       mixing weight in (0, 1]).
+    scales: axis -> (forward, inverse): the axis is searched and extended on the forward
+      scale (e.g. `odds_scale()` for a weight in (0, 1)) and scored and reported at the
+      inverse; applies to axes of two or more values (a fixed value may lie outside the
+      forward's domain); such an axis takes no `bounds`.
 
   Returns:
     A `Tuned`. Ties go to the point first in grid order (smaller values first); an edge is
     extended only when it scores strictly higher than its neighbour on that axis. A grid of
     one point is returned as chosen without calling `score`.
   """
+  scales = {n: sc for n, sc in (scales or {}).items() if n in grid and len(grid[n]) > 1}
+  if scales:
+    return _scaled(grid, score, max_extend, bounds, scales)
   names = list(grid)
   axes = {n: sorted(float(v) for v in grid[n]) for n in names}
   for n, v in axes.items():
@@ -117,7 +151,8 @@ class _Missing(Exception):
 def tune_records(grid: Mapping[str, Sequence[float]], keys_of: Callable[[dict], list],
                  by_key: dict, run_missing: Callable | None = None, max_extend: int = 2,
                  requested: set | None = None,
-                 bounds: Mapping[str, tuple[float, float]] | None = None) -> Tuned | None:
+                 bounds: Mapping[str, tuple[float, float]] | None = None,
+                 scales: Mapping[str, Scale] | None = None) -> Tuned | None:
   """`tune` scored from run records: a point's score is the mean validation accuracy of its
   runs (a failed run scores 0), read from `by_key` or, when missing, trained by `run_missing`.
 
@@ -132,7 +167,7 @@ def tune_records(grid: Mapping[str, Sequence[float]], keys_of: Callable[[dict], 
     run_missing: key -> record, training a missing run; None = read records only.
     max_extend: as `tune`.
     requested: if given, collects every run key the choice read (the grid's tuning runs).
-    bounds: as `tune`.
+    bounds, scales: as `tune`.
 
   Returns:
     A `Tuned`, or None when a run is missing and `run_missing` is None (an unfinished grid).
@@ -150,7 +185,7 @@ def tune_records(grid: Mapping[str, Sequence[float]], keys_of: Callable[[dict], 
                           for k in keys]))
 
   try:
-    return tune(grid, score, max_extend, bounds)
+    return tune(grid, score, max_extend, bounds, scales)
   except _Missing:
     return None
 

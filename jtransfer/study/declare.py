@@ -43,14 +43,23 @@ class Arm:
     after: arms that run before this one within a cell (their outcomes are in
       `RunContext.done`).
     tuned: tune the grid on the tuning draws (False: every point on every evaluation draw).
+    scales: knob -> (forward, inverse) scale its tuning searches on
+      (`jtransfer.protocol.tuning.tune`, e.g. `tuning.odds_scale()` for a weight in (0, 1)).
+    budget: config -> (Budget or None, step cap) of this arm's runs, when they differ from
+      the cell's (`Study.budget`), e.g. a teacher's cap beside its students'.
+
+  `grid` may also be a function of the `Config` returning that mapping, for grids the
+  study's own flags give.
   """
   name: str
   label: str = ""
-  grid: Optional[Mapping[str, Sequence[float]]] = None
+  grid: Optional[Mapping[str, Sequence[float]] | Callable[[Any], Mapping]] = None
   run: Optional[Callable[..., dict]] = None
   strategy: Optional[str] = None
   after: tuple[str, ...] = ()
   tuned: bool = True
+  scales: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
+  budget: Optional[Callable[[Any], tuple]] = None
 
   @property
   def strategy_name(self) -> Optional[str]:
@@ -79,6 +88,8 @@ class RunContext:
     on_step: (step, cap, val acc) progress ticker.
     done: run key (`records.run_key`) -> outcome of every run so far (an `after` arm reads
       its predecessors' outcomes here).
+    chosen: arm -> the point its tuning chose in this cell (None: not tuned), for the arms
+      tuned so far (an `after` arm learns from its predecessor at its chosen point).
   """
   config: Any
   cell: Mapping[str, Any]
@@ -91,6 +102,7 @@ class RunContext:
   steps: int
   on_step: Optional[Callable] = None
   done: dict = dataclasses.field(default_factory=dict)
+  chosen: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

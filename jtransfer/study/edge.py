@@ -156,6 +156,7 @@ def _main(study: Study, argv: list) -> int:
     config = flags.config_of(study, raw)
     apply_devices(config.output)
     plan = grid.plan(study, config)
+    runner.arm_order(plan)  # an arm missing what it runs after: refused before --out opens
     # Multi-host: every process runs the grid (its runs are collective), one writes it.
     results = open_results(study, config, made_by)
     parallel.barrier("results directory opened")

@@ -85,7 +85,7 @@ def _resolve(study: Study, config: Config, name: str, delta_config) -> ArmPlan:
     # The environment's alpha is the default alpha of its paper rows.
     if "alpha" in p.delta_env and "alpha" in defaults and strategy.name != "delta_noatt":
       defaults["alpha"] = p.delta_env["alpha"]
-  grid = dict(arm.grid or {})
+  grid = dict((arm.grid(config) if callable(arm.grid) else arm.grid) or {})
   if "lr" in grid:
     lrs = tuple(float(v) for v in grid.pop("lr"))
   elif strategy is None:  # a run function's arm without an LR axis
@@ -95,6 +95,8 @@ def _resolve(study: Study, config: Config, name: str, delta_config) -> ArmPlan:
   else:
     lrs = tuple(transfer.lr_grid(strategy, p.lrs))
   knobs.update({k: tuple(v) for k, v in grid.items()})
+  if strategy is None:  # a run function's knobs: a single value is its fixed default
+    defaults.update({k: float(v[0]) for k, v in knobs.items() if len(v) == 1})
   folds = draws_lib.cv_folds(p.cv_folds, strategy.cv_folds if strategy else 0)
   if strategy is not None:
     strategy = dataclasses.replace(strategy, knobs=knobs, knob_defaults=defaults)
@@ -159,7 +161,8 @@ def choose(outcomes: dict, plan_: Plan, cell: Mapping, arm: ArmPlan,
   found = tuning.tune_records(arm.grid, lambda point: tuning_keys(arm, cell, point,
                                                                   p.tune_draws),
                               outcomes, run_missing, p.tune_extend, requested,
-                              arm.strategy.knob_bounds if arm.strategy else None)
+                              arm.strategy.knob_bounds if arm.strategy else None,
+                              arm.arm.scales)
   if found is None:
     return None
   t = found.to_dict()

@@ -155,11 +155,14 @@ def run(study: Study, config: Config, results: ResultsDir) -> list[dict]:
     draws = draws_lib.cell_draws(labels, classes, cell["shots"], p.seed, p.repeats,
                                  p.tune_draws, p.val_per_class) if labels is not None else {}
 
+    chosen: dict = {}  # arm -> its tuned point in this cell (RunContext.chosen)
+
     def add(arm, draw, point, train_idx, val_idx, result, seconds):
       outcome = (dict(status="failed", error=str(result), test_acc=None, val_acc=None)
                  if isinstance(result, NonFiniteError) else dict(result))
       outcome.setdefault("status", "ok")
-      extra = dict(n_train=int(len(train_idx)), n_val=int(len(val_idx)), cap=steps)
+      cap = arm.arm.budget(config)[1] if arm.arm.budget else steps
+      extra = dict(n_train=int(len(train_idx)), n_val=int(len(val_idx)), cap=cap)
       if data is not None and hasattr(data, "test"):
         extra["n_test"] = len(data.test)
       if recipe != "none":  # unaugmented records keep their old form
@@ -188,8 +191,9 @@ def run(study: Study, config: Config, results: ResultsDir) -> list[dict]:
       t0 = time.time()
       try:
         if arm.arm.run is not None:
-          ctx = RunContext(config, cell, data, draw, seed, train_idx, val_idx, budget, steps,
-                           progress.ticker(label, emit), found)
+          b, cap = arm.arm.budget(config) if arm.arm.budget else (budget, steps)
+          ctx = RunContext(config, cell, data, draw, seed, train_idx, val_idx, b, cap,
+                           progress.ticker(label, emit), found, chosen)
           out = arm.arm.run(ctx, point)
         else:
           out = data.run(arm.name, train_idx, val_idx, point, seed, steps, budget,
@@ -201,6 +205,7 @@ def run(study: Study, config: Config, results: ResultsDir) -> list[dict]:
 
     for arm in arms:
       tuned = grid_lib.choose(found, plan, cell, arm, run_missing=lambda k, a=arm: run_one(a, k))
+      chosen[arm.name] = dict(tuned["choice"]) if tuned else None
       todo = [rec.run_key(arm.name, cell, draws_lib.Draw(draws_lib.EVAL, i), point)
               for point in grid_lib.eval_points(plan, arm, tuned) for i in range(p.repeats)]
       todo = [k for k in todo if k not in found]
