@@ -24,7 +24,10 @@ One record per finished (model, target) goes to results.jsonl (--resume skips th
 
 The computation is library code: scores `jtransfer.scoring.source_scores`, the ground truth
 `jtransfer.zoo.ground_truth`, the analysis `jtransfer.zoo.analysis`, the report's sections
-`jtransfer.zoo.sections`; this module is the command line, the grid and the report.
+`jtransfer.zoo.sections`, the flags `jtransfer.zoo.flags`. This module declares the study
+(`jtransfer.study`): one version-2 record per (model, target), arm = the zoo member, cell = the
+target; its own run loop (a zoo member is scored and fine-tuned once per target, no draws), its
+report and claims (over (family, target) groups, from the analysis, not over draws).
 
 Report (report.md, summary.json, spearman.png, alpha_curves.png):
   * Spearman's rho and weighted Kendall tau between each scorer and fine-tuned accuracy, per
@@ -64,9 +67,10 @@ took 14 min wall (zoo included; 6 CPU-min) on a shared 2-core machine. Its resul
 mean rho 0.75 in-sample, 0.42 when alpha is chosen on the other groups; S1..S6 alone 0.37 at
 best; source accuracy 0.25. The defaults (bigger zoo and fine-tuning sets) cost ~3x that.
 """
+
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import re
@@ -76,121 +80,154 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import cli, grid_progress, model_zoo, publish
-from experiments.report import ResultsDir, positive_floats
+from experiments.model_zoo import log_of, members_of
+from jtransfer import study
 from jtransfer.data import parse_spec
 from jtransfer.errors import InputError, NonFiniteError
-from jtransfer.methods import selection
 from jtransfer.protocol import claims, progress
-from jtransfer.scoring import SCORE_SETTINGS, SELECTION_FEATURES, source_scores
+from jtransfer.scoring import source_scores
+from jtransfer.study import records as rec
+from jtransfer.study.config import flag, target_list
+from jtransfer.study.draws import Draw
 from jtransfer.zoo import ground_truth as gt
-from jtransfer.zoo.analysis import (S_METRICS, analyze, group_label, oriented_scores, ranked,
-                                    scratch_summary, score_settings)
-from jtransfer.zoo.members import Member, param_count, scratch_references, zoo_table
-from jtransfer.zoo.sections import (fmt, runs_table, scorer_table, score_settings_text,
-                                    scratch_table, verdict)
-from jtransfer.zoo.training import Compiled, TrainConfig
-# (experiments.truncation and bench.bench_selection still reach these through this module)
-from jtransfer.scoring import LABEL_SCORES, model_outputs, score_outputs  # noqa: F401
-from jtransfer.zoo.analysis import PAPER_ALPHA, rank_summary as _summary  # noqa: F401
-from jtransfer.zoo.targets import TargetTask, load_target  # noqa: F401
+from jtransfer.zoo import plots as zoo_plots
+from jtransfer.zoo.analysis import S_METRICS, analyze, ranked, scratch_summary, score_settings
+from jtransfer.zoo.flags import TINY_FINETUNE, TINY_ZOO, FineTuneFlags, ScoreFlags, ZooFlags
+from jtransfer.zoo.members import param_count, scratch_references, zoo_table
+from jtransfer.zoo.sections import (accuracy_table, combination_section, runs_table,
+                                    score_settings_text, scratch_table, spearman_section, verdict)
+from jtransfer.zoo.targets import load_target
+from jtransfer.zoo.training import Compiled
 
-KEY = ("model", "target")
 DEFAULT_TARGETS = ("fmnist:1,5,7,8,9", "digits")
-# --tiny: seconds-long fine-tuning for smoke tests (with model_zoo.TINY for the zoo).
-TINY_FINETUNE = dict(train_per_class=4, test_per_class=5, steps=2, ft_batch_size=8)
+OUTCOME = ("test_acc", "val_acc", "steps", "best_step", "stopped", "lr_val", "edges")
 
 
-# ----------------------------------------------------------------------------- ground truth
-def protocol_from_args(args) -> gt.FineTuneProtocol:
-  """The typed fine-tuning protocol from `add_finetune_args` and `add_protocol_args` flags
-  (validated: one InputError sentence per problem)."""
-  lrs = positive_floats(args.ft_lrs, "--ft-lrs")
-  return gt.FineTuneProtocol(
-      steps=args.steps, lr=args.ft_lr, lrs=tuple(lrs), batch_size=args.ft_batch_size,
-      train_per_class=args.train_per_class, test_per_class=args.test_per_class,
-      val_per_class=args.val_per_class, patience=args.patience, eval_every=args.eval_every,
-      tune_extend=args.tune_extend, seed=args.seed)
+@dataclasses.dataclass(frozen=True)
+class SelectionFlags(ScoreFlags, FineTuneFlags, ZooFlags):
+  """model_selection's flags: the zoo, the ground truth, the scores, and these."""
+  targets: tuple = flag("--target", DEFAULT_TARGETS, "target dataset spec; repeat the flag (or "
+                        "separate with ';') for several", dest="target", cli=None,
+                        parse=lambda v: target_list(v, DEFAULT_TARGETS), action="append")
+  alpha_step: float = flag("--alpha-step", 0.001, "alpha increment of the C_ij(alpha) sweep")
+  scratch: bool = flag("--scratch", False, "also fine-tune each family's architecture from a "
+                       "random init (not ranked): how much the sources add next to the zoo's "
+                       "spread", action="store_true")
+  save_features: bool = flag("--save-features", False, "save each (model, target)'s outputs "
+                             "as features/<model>__<target>.npz", action="store_true")
+  tiny: bool = flag("--tiny", False, "seconds-long zoo and fine-tuning for smoke tests: "
+                    + json.dumps({**TINY_ZOO, **TINY_FINETUNE}), action="store_true")
 
 
-def ground_truth(source, task: TargetTask, args, config: TrainConfig, compiled: Compiled,
-                 ticker=None, **overrides) -> dict:
-  """`jtransfer.zoo.ground_truth.ground_truth` under the flags' protocol (`config` is the
-  flags' schedule, which the protocol carries too)."""
-  return gt.ground_truth(source, task, protocol_from_args(args), compiled, ticker, **overrides)
+def plan_of(config) -> dict:
+  """The typed plan: targets, zoo (specs, settings), fine-tuning protocol, score settings.
+
+  Raises:
+    InputError: a bad target, zoo or protocol flag (one sentence).
+  """
+  x = config.extra
+  for t in x.targets:
+    parse_spec(t, flag="--target")
+  return dict(specs=list(x.targets), protocol=x.protocol(), zoo=x.zoo(),
+              settings=x.settings(), alpha_step=x.alpha_step)
 
 
-def finetune_text(args, chosen_per: str = "run") -> str:
-  """`jtransfer.zoo.ground_truth.finetune_text` of the flags' protocol."""
-  return gt.finetune_text(protocol_from_args(args), chosen_per)
+def rows(records: Sequence[dict]) -> list[dict]:
+  """Flat rows of records of either version (`records.rows`), each with its 'model'."""
+  return [dict(r, model=r["arm"]) for r in rec.rows(records, ("target",))]
 
 
-def ground_truth_kind(args) -> str:
-  """`jtransfer.zoo.ground_truth.ground_truth_kind` of the flags' protocol."""
-  return gt.ground_truth_kind(protocol_from_args(args))
+def _safe(text: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
-def check_protocol_args(args) -> list[float]:
-  """The protocol flags' checks; returns the LR grid."""
-  return list(protocol_from_args(args).lrs)
+def run(_, config, results) -> list[dict]:
+  """Scores and fine-tunes every (model, target) not yet recorded; the records of this
+  invocation's zoo and targets.
+
+  Raises:
+    InputError: the folder holds records scored with other score flags or tuned otherwise, a
+      group too small to rank, or every LR of a ground truth diverged.
+  """
+  p, x = plan_of(config), config.extra
+  protocol, settings, specs = p["protocol"], p["settings"], p["specs"]
+  old = score_settings(rows(results.records)) if results.records else settings
+  if old != settings:
+    raise InputError(f"--out holds records scored with {old}, not {settings}: use the same "
+                     "flags or --overwrite")
+  gt.check_resume(rows(results.records), protocol.tune_extend)
+  emit = log_of(config)
+  zoo = members_of(config, emit)
+  members = zoo + (scratch_references(zoo, x.seed) if x.scratch else [])
+  done = {(r["model"], r["target"]) for r in rows(results.records)}
+  grid = progress.GridProgress(
+      {gt.ground_truth_kind(protocol): len(members) * len(specs)},
+      saved=sum((m.name, spec) in done for m in members for spec in specs), emit=emit)
+  grid.announce("model_selection")
+  compiled = Compiled()
+  try:
+    for spec in specs:
+      if all((m.name, spec) in done for m in members):
+        continue
+      task = load_target(spec, members[0].source.input_shape, protocol.train_per_class,
+                         protocol.test_per_class, x.seed, x.data_dir, protocol.val_per_class)
+      for m in members:
+        if (m.name, spec) not in done:
+          record = _score_and_finetune(m, spec, task, protocol, settings, compiled, emit,
+                                       results.path if x.save_features else None)
+          results.add(record)
+          r = rows([record])[0]
+          grid.finished(f"{m.name} -> {spec}: acc {r['test_acc']:.4f} S6 {r['S6']:.4g} "
+                        f"LogME {r['LogME']:.4g} ({record['seconds']:.1f}s)")
+  except NonFiniteError as e:  # every LR of a ground truth diverged: one line, exit code 2
+    raise InputError(str(e)) from None
+  names = {m.name for m in members}
+  records = [r for r, f in zip(results.records, rows(results.records))
+             if f["model"] in names and f["target"] in specs]
+  analyze(ranked(rows(records)), step=x.alpha_step)  # fails early on a group too small
+  results.write_json("zoo.json", zoo_table(zoo))
+  return records
 
 
-def check_resume_protocol(records: Sequence[dict], args) -> None:
-  """`jtransfer.zoo.ground_truth.check_resume` with the flags' --tune-extend."""
-  gt.check_resume(records, args.tune_extend)
+def _score_and_finetune(m, spec, task, protocol, settings, compiled, emit, save_to) -> dict:
+  """One (model, target): its scores, then its ground truth; the version-2 record."""
+  t0 = time.time()
+  scores, outputs = source_scores(m.source, task.train.images, task.train.labels, compiled,
+                                  **settings)
+  if save_to:
+    os.makedirs(os.path.join(save_to, "features"), exist_ok=True)
+    np.savez(os.path.join(save_to, "features", f"{m.name}__{_safe(spec)}.npz"),
+             labels=task.train.labels, **outputs)
+  t1 = time.time()
+  truth = gt.ground_truth(m.source, task, protocol, compiled, lambda lr: progress.ticker(
+      f"{m.name} -> {spec} lr={lr:g}", emit))
+  ref = dict(reference="scratch") if m.spec.fraction == 0 else {}
+  extra = dict(family=m.spec.family, arch=m.spec.arch, **ref,
+               source_accuracy=m.source.meta["source_test_acc"],
+               param_count=param_count(m.source), n_train=len(task.train),
+               n_test=len(task.test), **{k: v for k, v in truth.items()
+                                         if k not in OUTCOME and k != "lr"},
+               score_seconds=round(t1 - t0, 3), finetune_seconds=round(time.time() - t1, 3),
+               **settings, **scores)
+  knobs = {"lr": truth["lr"]} if "lr" in truth else {}
+  return rec.make(m.name, {"target": spec}, Draw("eval", 0), knobs,
+                  {k: truth[k] for k in OUTCOME if k in truth}, time.time() - t0, extra)
 
 
-def make_report(records: Sequence[dict], summary: dict, args, zoo_lines: list[str]) -> str:
-  best = summary["best_pair"]
+def make_report(records: Sequence[dict], summary: dict, protocol, zoo_lines: list[str]) -> str:
+  """report.md from the rows (`rows`), their summary, the fine-tuning protocol and the zoo
+  table."""
   lines = ["# Base-model selection (Figs. 2, 3)", "",
            f"{summary['n_models']} base models x {len(set(r['target'] for r in records))} "
-           f"targets. Fine-tuning: {finetune_text(args)} "
-           f"Test: <= {args.test_per_class} images/class.", "",
+           f"targets. Fine-tuning: {gt.finetune_text(protocol)} "
+           f"Test: <= {protocol.test_per_class} images/class.", "",
            "## Zoo", ""] + zoo_lines + ["", "## Fine-tuned test accuracy", ""]
-  targets = list(dict.fromkeys(r["target"] for r in records))
-  by = {(r["model"], r["target"]): r["test_acc"] for r in records}
-  lines += ["| model | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
-  for m in dict.fromkeys(r["model"] for r in records):
-    lines.append(f"| {m} | " + " | ".join(f"{by[(m, t)]:.4f}" if (m, t) in by else "-"
-                                          for t in targets) + " |")
+  lines += accuracy_table(records)
   lines += [""] + runs_table(records, ("model", "target"))
   lines += scratch_table(summary.get("scratch", {}))
   settings = score_settings(records)
   lines += ["## Scores", "", score_settings_text(settings)]
-  lines += ["", "## Spearman rho per (family, target) (Fig. 2)", "",
-            "Scores oriented so that larger = predicted better (S2, S4, S5, S6 negated); rho of "
-            "the raw S2, S4, S5, S6 is the negative. n/a: the score is constant in that group "
-            "(e.g. parameter count within a family). tau_w: weighted Kendall tau.", "",
-            f"S6's sign is an open reading: row S6 follows the paper's text (sec. 3.6, \"the "
-            f"smaller the S6 value, the better\"; sec. 5.3 inverts S6 before combining, and so "
-            f"do the C_ij below), row '{selection.S6_APPENDIX}' takes larger raw S6 as better, "
-            "as the paper's App. A.2 (Fig. 5) reports rho > 0.7 between raw S6 and accuracy. "
-            "Its rho is the negative of row S6's; tau_w is not symmetric and differs. The "
-            "verdict below uses the text's sign.", ""]
-  lines += scorer_table(summary)
-  if summary["pooled"]:
-    lines += ["", "## Pooled over families, per target", ""] + scorer_table(summary, "pooled")
-  lines += ["", "## C_ij(alpha), alpha step 0.001 (Fig. 3)", "",
-            "| pair | best alpha | mean rho | var rho | mean rho at alpha 0.574 |",
-            "|---|---|---|---|---|"]
-  for k, p in summary["pairs"].items():
-    var = "n/a" if p["best_var"] is None else f"{p['best_var']:.5f}"
-    lines.append(f"| C_{p['i'][1]}{p['j'][1]} | {p['best_alpha']:.3f} | {fmt(p['best_mean'])} | "
-                 f"{var} | {fmt(p['mean_at_paper_alpha'])} |")
-  if best:
-    p = summary["pairs"][best]
-    lines += ["", f"Best: **C_{p['i'][1]}{p['j'][1]}({p['best_alpha']:.3f})**, mean rho "
-              f"{fmt(p['best_mean'])}, variance {p['best_var']:.5f} over "
-              f"{len(p['groups'])} groups (paper: C_56(0.574), mean 0.7514, variance 0.005993)."]
-  held = summary.get("held_out")
-  if held and held["spearman_mean"] is not None:
-    lines += ["", "Leave-one-group-out (pair and alpha chosen on the other groups, rho on the "
-              "held-out group):", "", "| held-out group | chosen | rho |", "|---|---|---|"]
-    for g, v in held["per_group"].items():
-      lines.append(f"| {g} | C_{v['pair'][1]}{v['pair'][4]}({v['alpha']:.3f}) | "
-                   f"{fmt(v['spearman'])} |")
-    lines.append(f"| mean (var) | | {fmt(held['spearman_mean'])} "
-                 f"({held['spearman_var']:.4f}) |")
+  lines += spearman_section(summary) + combination_section(summary)
   if summary.get("claims"):
     lines += [""] + claims.section(summary["claims"], {})
     lines += [f"'{BEST_SINGLE}' = {summary['claims'][0]['best_single']} (the single metric with "
@@ -202,6 +239,7 @@ def make_report(records: Sequence[dict], summary: dict, args, zoo_lines: list[st
   lines += ["", "Spearman over a handful of models per group moves in steps of 0.1 or more, and "
             "each accuracy is one fine-tuning run: read differences below ~0.2 as noise.", ""]
   return "\n".join(lines)
+
 
 PAPER_RHO = 0.7514  # the paper's mean rho of C_56(0.574) (Fig. 3)
 HELD_OUT = "C_ij held out"
@@ -240,262 +278,52 @@ def claim_results(summary: dict) -> list[dict]:
   return [r for r in out if r["cells"]]
 
 
-def publish_report(records: list[dict], args, folder: str) -> tuple[str, dict]:
+def report(plan, records, folder) -> tuple[str, dict]:
   """report.md and summary.json from the records and the zoo table written beside them."""
   with open(os.path.join(folder, "zoo.json")) as f:
     zoo_lines = json.load(f)
-  summary = analyze(ranked(records), step=args.alpha_step)
+  flat = rows(records)
+  summary = analyze(ranked(flat), step=plan["alpha_step"])
   summary["claims"] = claim_results(summary)
-  scratch = scratch_summary(records)
+  scratch = scratch_summary(flat)
   if scratch:  # (folders without references keep their summary.json byte for byte)
     summary["scratch"] = scratch
-  return make_report(records, summary, args, zoo_lines), summary
+  return make_report(flat, summary, plan["protocol"], zoo_lines), summary
 
 
-def validate(args) -> dict:
-  """Checks the flags (targets, fine-tuning, zoo) without building anything."""
-  return dict(specs=target_specs(args), config=finetune_config(args),
-              zoo=model_zoo.zoo_from_args(args), ft_lrs=check_protocol_args(args))
+def plots(summary: dict, plan: dict, folder: str) -> None:
+  """spearman.png and alpha_curves.png beside the report."""
+  with open(os.path.join(folder, "results.json")) as f:
+    flat = ranked(rows(json.load(f)))
+  zoo_plots.plot_spearman(summary, os.path.join(folder, "spearman.png"))
+  zoo_plots.plot_alpha_curves(flat, summary, os.path.join(folder, "alpha_curves.png"), plan["alpha_step"])
 
 
-def plot_spearman(summary: dict, path: str) -> None:
-  """Fig. 2 analogue: rho per group, one bar per scorer (feature-map metrics on top)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  sc = summary["scorers"]
-  top = S_METRICS + (selection.S6_APPENDIX,)
-  panels = [[n for n in sc if n in top], [n for n in sc if n not in top]]
-  groups = summary["groups"]
-  fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(groups)), 8))
-  for ax, names in zip(axes, panels):
-    width = 0.8 / max(1, len(names))
-    for i, name in enumerate(names):
-      vals = [sc[name]["per_group"][g]["spearman"] for g in groups]
-      ax.bar(np.arange(len(groups)) + i * width - 0.4 + width / 2,
-             [np.nan if v is None else v for v in vals], width, label=name)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_xticks(np.arange(len(groups)), groups, fontsize=7, rotation=15, ha="right")
-    ax.set_ylim(-1.05, 1.05)
-    ax.set_ylabel("Spearman rho")
-    ax.legend(fontsize=7, ncol=min(6, len(names)))
-    ax.grid(axis="y", alpha=0.3)
-  axes[0].set_title("Rank correlation with fine-tuned accuracy (larger score = predicted better)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+STUDY = study.Study(
+    module="experiments.model_selection", title="# Base-model selection (Figs. 2, 3)",
+    cell_fields=("target",), claims=CLAIMS, groups=("output",), hidden=frozenset({"shard"}),
+    extra=SelectionFlags, defaults={"out": "results/model_selection"}, check=plan_of,
+    plan=plan_of, run=run, report=report, plots=plots,
+    record_key=lambda r: (rows([r])[0]["target"], rows([r])[0]["model"]),
+    additive=frozenset({"scratch"}), doc=__doc__)
+PUBLISHER = study.publisher(STUDY)
 
 
-def plot_alpha_curves(records: Sequence[dict], summary: dict, path: str, step: float) -> None:
-  """Fig. 3 analogue: rho of C_ij(alpha) per group (thin) and its mean (black), every pair."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  records = sorted(records, key=lambda r: (r["family"], r["target"], r["model"]))
-  acc = np.array([r["test_acc"] for r in records])
-  groups = [group_label(r) for r in records]
-  norm = {k: v for k, v in oriented_scores(records).items() if k in S_METRICS}
-  sweeps = selection.sweep_pairs(norm, acc, groups, step=step)
-  fig, axes = plt.subplots(3, 5, figsize=(18, 9), sharey=True)
-  for ax, ((a, b), sw) in zip(axes.ravel(), sweeps.items()):
-    for g, label in enumerate(sw.groups):
-      ax.plot(sw.alphas, sw.spearman[:, g], lw=0.8, alpha=0.7, label=label)
-    ax.plot(sw.alphas, sw.mean, color="k", lw=2, label="mean")
-    ax.axvline(sw.best_alpha, color="r", lw=0.6, ls="--")
-    ax.set_title(f"(1-a)*{a} + a*{b}: best a={sw.best_alpha:.3f}, {sw.best_mean:+.2f}",
-                 fontsize=8)
-    ax.set_ylim(-1.05, 1.05)
-    ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=6)
-  fig.supxlabel("alpha")
-  fig.supylabel("Spearman rho")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- command line
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  model_zoo.add_zoo_args(p)
-  add_finetune_args(p)
-  add_protocol_args(p)
-  p.add_argument("--target", action="append", default=None,
-                 help="target dataset spec; repeat the flag (or separate with ';') for several")
-  p.add_argument("--alpha-step", type=float, default=0.001)
-  add_score_args(p)
-  p.add_argument("--scratch", action="store_true",
-                 help="also fine-tune each family's architecture from a random init (not "
-                      "ranked): how much the sources add next to the zoo's spread")
-  p.add_argument("--save-features", action="store_true",
-                 help="save each (model, target)'s outputs as features/<model>__<target>.npz")
-  cli.add_results_flags(p, "results/model_selection",
-                        resume_help="skip finished (model, target) pairs")
-  return p.parse_args(argv)
-
-
-def add_score_args(p: argparse.ArgumentParser, *, maps: bool = True) -> None:
-  """Score flags (the open readings of the papers), shared with experiments.truncation."""
-  g = p.add_argument_group("scores")
-  if maps:
-    g.add_argument("--map-tap", choices=selection.MAP_TAPS, default=SCORE_SETTINGS["map_tap"],
-                   help="map S1..S6 read: 'conv', the last conv layer's output (the paper), or "
-                        "'pooled', the 'last_conv' tap (after vgg_s's last max pool)")
-    g.add_argument("--selection-features", choices=SELECTION_FEATURES,
-                   default=SCORE_SETTINGS["selection_features"],
-                   help="LogME / H-score features: 'target', the fine-tuned target's head input, "
-                        "or 'source', the source's penultimate layer (fc7 for vgg_s)")
-  g.add_argument("--logme", choices=selection.LOGME_VARIANTS,
-                 default=SCORE_SETTINGS["logme_variant"],
-                 help="LogME as the authors' published code ('published', comparable with "
-                      "published numbers) or the exact evidence ('exact')")
-
-
-def add_finetune_args(p: argparse.ArgumentParser) -> None:
-  """Fine-tuning and target flags, shared with experiments.truncation."""
-  g = p.add_argument_group("fine-tuning")
-  g.add_argument("--train-per-class", type=int, default=50,
-                 help="labelled target images per class (fine-tuning and metrics)")
-  g.add_argument("--test-per-class", type=int, default=200)
-  g.add_argument("--steps", type=int, default=100, help="fine-tuning SGD steps")
-  g.add_argument("--ft-lr", type=float, default=0.01)
-  g.add_argument("--ft-batch-size", type=int, default=50)
-  g.add_argument("--data-dir", default=None, help="TFDS data_dir or Fashion-MNIST directory")
-
-
-def add_protocol_args(p: argparse.ArgumentParser) -> None:
-  """The ground truth's protocol flags (docs/protocol.md), shared with truncation."""
-  g = p.add_argument_group("protocol (docs/protocol.md)")
-  g.add_argument("--val-per-class", type=int, default=20,
-                 help="validation images per class, disjoint from the training draw: each "
-                      "fine-tuning run stops by validation patience, its LR is chosen on it; "
-                      "0 = the paper's fixed --steps at --ft-lr, no validation")
-  g.add_argument("--ft-lrs", default="0.003,0.01,0.03",
-                 help="SGD LR grid, one chosen per run by validation accuracy")
-  g.add_argument("--patience", type=int, default=100)
-  g.add_argument("--eval-every", type=int, default=10)
-  # Default 0: the folders published before session 10 ran without extension, and their
-  # commands must still mean what they ran. New runs should pass --tune-extend 1 or more.
-  cli.add_tune_extend_flag(g, 0)
-  p.set_defaults(steps=1000)  # the cap of a converged run
-
-
-def finetune_config(args) -> TrainConfig:
-  """The fine-tuning schedule from `add_finetune_args` flags (validated; `--tiny` shrinks them
-  to TINY_FINETUNE)."""
-  if getattr(args, "tiny", False):
-    for k, v in TINY_FINETUNE.items():
-      setattr(args, k, v)
-  if args.train_per_class < 2 or args.steps < 1 or args.ft_batch_size < 1 or args.ft_lr <= 0:
-    raise InputError("--train-per-class must be >= 2 and --steps, --ft-batch-size, --ft-lr > 0")
-  return TrainConfig(lr=args.ft_lr, batch_size=args.ft_batch_size, bn_train=False)
-
-
-def target_specs(args, default=DEFAULT_TARGETS) -> list[str]:
-  """The --target specs (default `default`), each parsed (InputError on a bad one)."""
-  specs = cli.target_list(args.target, default)
-  for t in specs:
-    parse_spec(t, flag="--target")
-  return specs
-
-
-def _safe(text: str) -> str:
-  return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
-
-
-def run(args, members: Sequence[Member], specs: Sequence[str], config: TrainConfig,
-        results: ResultsDir) -> None:
-  """Scores and fine-tunes every (model, target) not yet in `results`.
-
-  Raises:
-    InputError: `results` holds records scored with other score flags.
-  """
-  done = results.done(KEY)
-  settings = dict(map_tap=args.map_tap, selection_features=args.selection_features,
-                  logme_variant=args.logme)
-  old = score_settings(results.records) if results.records else settings
-  if old != settings:
-    raise InputError(f"--out holds records scored with {old}, not {settings}: use the same "
-                     "flags or --overwrite")
-  protocol = protocol_from_args(args)
-  gt.check_resume(results.records, protocol.tune_extend)
-  compiled = Compiled()
-  shape = members[0].source.input_shape
-  emit = grid_progress.stderr_or_quiet(args)
-  grid = progress.GridProgress(
-      {gt.ground_truth_kind(protocol): len(members) * len(specs)},
-      saved=sum((m.name, spec) in done for m in members for spec in specs), emit=emit)
-  grid.announce("model_selection")
-  for spec in specs:
-    if all((m.name, spec) in done for m in members):
-      continue
-    task = load_target(spec, shape, args.train_per_class, args.test_per_class, args.seed,
-                       args.data_dir, args.val_per_class)
-    for m in members:
-      if (m.name, spec) in done:
-        continue
-      t0 = time.time()
-      scores, outputs = source_scores(m.source, task.train.images, task.train.labels, compiled,
-                                      **settings)
-      if args.save_features:
-        os.makedirs(os.path.join(results.path, "features"), exist_ok=True)
-        np.savez(os.path.join(results.path, "features", f"{m.name}__{_safe(spec)}.npz"),
-                 labels=task.train.labels, **outputs)
-      t1 = time.time()
-      run_info = gt.ground_truth(m.source, task, protocol, compiled, lambda lr: progress.ticker(
-          f"{m.name} -> {spec} lr={lr:g}", emit))
-      acc = run_info["test_acc"]
-      ref = dict(reference="scratch") if m.spec.fraction == 0 else {}
-      record = dict(model=m.name, target=spec, family=m.spec.family, arch=m.spec.arch, **ref,
-                    source_accuracy=m.source.meta["source_test_acc"],
-                    param_count=param_count(m.source), n_train=len(task.train),
-                    n_test=len(task.test), **run_info, score_seconds=round(t1 - t0, 3),
-                    finetune_seconds=round(time.time() - t1, 3), **settings, **scores)
-      results.add(record)
-      grid.finished(f"{m.name} -> {spec}: acc {acc:.4f} S6 {scores['S6']:.4g} "
-                    f"LogME {scores['LogME']:.4g} ({time.time() - t0:.1f}s)")
-
-
-# A resume may add the random-init reference (--scratch) beside the finished runs.
-ADDITIVE = ("scratch",)
-
-
-@cli.interruptible("experiments.model_selection", lambda argv: parse_args(argv))
 def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  made_by = cli.settings("experiments.model_selection", args, ADDITIVE)
-  cli.apply_devices(args)
-  t0 = time.time()
-  log = None if args.quiet else (lambda s: print(s, file=sys.stderr))
-  try:
-    plan = validate(args)
-    specs, config, (zoo, settings) = plan["specs"], plan["config"], plan["zoo"]
-    results = cli.open_results(args, made_by, parse_args, additive=ADDITIVE)
-    members = model_zoo.build_zoo(zoo, settings, args.zoo_root or model_zoo.CACHE_ROOT, log=log)
-    refs = scratch_references(members, args.seed) if args.scratch else []
-    run(args, members + refs, specs, config, results)
-    names = {m.name for m in members + refs}
-    records = [r for r in results.records if r["model"] in names and r["target"] in specs]
-    analyze(ranked(records), step=args.alpha_step)  # fails early on a group too small
-  except (InputError, NonFiniteError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  records = sorted(records, key=lambda r: (r["target"], r["model"]))
-  results.write_json("zoo.json", zoo_table(members))
-  text, summary = publish.save(results, PUBLISHER, argv, records, plan, args, t0)
-  plot_spearman(summary, os.path.join(results.path, "spearman.png"))
-  plot_alpha_curves(ranked(records), summary, os.path.join(results.path, "alpha_curves.png"),
-                    args.alpha_step)
-  return cli.finish(results, text, t0)
+  """Runs the study (`jtransfer.study.main`); the exit code."""
+  return study.main(STUDY, argv)
 
 
-PUBLISHER = publish.Publisher(
-    "experiments.model_selection", parse_args, validate,
-    lambda records, plan, args, folder: publish_report(records, args, folder),
-    key=lambda r: (r["model"], r["target"]))
-
+# LEGACY names for experiments.truncation and bench.bench_selection until they are declared
+# on the runner and import the library (jtransfer.zoo, jtransfer.scoring) themselves.
+from experiments.selection_legacy import (add_finetune_args, add_protocol_args,  # noqa: E402,F401
+                                          add_score_args, check_protocol_args,
+                                          check_resume_protocol, finetune_config, finetune_text,
+                                          ground_truth, ground_truth_kind, target_specs)
+from jtransfer.scoring import SCORE_SETTINGS, model_outputs, score_outputs  # noqa: E402,F401
+from jtransfer.zoo.analysis import rank_summary as _summary  # noqa: E402,F401
+from jtransfer.zoo.sections import scorer_table  # noqa: E402,F401
+from jtransfer.zoo.targets import TargetTask  # noqa: E402,F401
 
 if __name__ == "__main__":
   from jtransfer.compile_cache import enable_compilation_cache

@@ -26,110 +26,80 @@ Cost: on the shared 2-core machine it was written on (load ~10), the 15 models a
 <= 300 images/class trained in 4.5 minutes in all; the default (<= 1000/class) is ~3x that.
 
 The zoo itself (members, training, caching) is `jtransfer.zoo.members` and
-`jtransfer.zoo.training`; this module is its command line.
+`jtransfer.zoo.training`, its flags `jtransfer.zoo.flags.ZooFlags`; this module declares it as a
+study (`jtransfer.study`): one record per member (arm = the member's name), the report its table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import time
 from typing import Sequence
 
-from experiments import cli
-from jtransfer.errors import InputError
-# (the zoo's library; experiments.truncation imports these three from here)
+from jtransfer import study
+from jtransfer.study import records as rec
+from jtransfer.study.draws import Draw
+from jtransfer.zoo.flags import ZooFlags
+from jtransfer.zoo.members import build_zoo, param_count, zoo_table
+# (experiments.truncation imports these three from here)
 from jtransfer.zoo.training import Compiled, TrainConfig, prenormalize  # noqa: F401
-from jtransfer.zoo.members import (FAMILIES, ZooSettings, ZooSpec, build_zoo, param_count,
-                                   parse_zoo, zoo_table)
 
 # The CLI edge reads the cache location from the environment; the library takes a root.
 CACHE_ROOT = os.path.join(os.environ.get("JTRANSFER_CACHE", ".cache"), "zoo")
-DEFAULT_CLASS_SETS = "0,2,3,4,6;0,2,4;3,4,6"
-DEFAULT_FRACTIONS = "1,0.3,0.1"
-TINY = dict(families="resnet_s_narrow", class_sets="0,2,3;4,6,8", fractions="1,0.5",
-            epochs=0.5, per_class=20, test_per_class=10, batch_size=16)
 
 
-def add_zoo_args(p: argparse.ArgumentParser) -> None:
-  """Zoo flags, shared with experiments.model_selection."""
-  g = p.add_argument_group("base-model zoo")
-  g.add_argument("--families", default=",".join(FAMILIES),
-                 help=f"comma list of {', '.join(FAMILIES)}")
-  g.add_argument("--class-sets", default=DEFAULT_CLASS_SETS,
-                 help="';'-separated comma lists of source class indices (the first is the full "
-                      "source, split horizontally)")
-  g.add_argument("--fractions", default=DEFAULT_FRACTIONS,
-                 help="horizontal splits of the first class set: shares of its images")
-  g.add_argument("--dataset", default="fmnist", help="source dataset spec without classes")
-  g.add_argument("--epochs", type=float, default=3.0, help="zoo training epochs (paper: 30)")
-  g.add_argument("--per-class", type=int, default=1000,
-                 help="cap on source images per class before the fraction")
-  g.add_argument("--source-test-per-class", type=int, default=200)
-  g.add_argument("--zoo-lr", type=float, default=0.05, help="initial lr (paper: 0.01)")
-  g.add_argument("--zoo-batch-size", type=int, default=64)
-  g.add_argument("--zoo-root", default=None, help="cache directory (default .cache/zoo)")
-  g.add_argument("--seed", type=int, default=0)
-  g.add_argument("--tiny", action="store_true",
-                 help="a seconds-long zoo for smoke tests: " + json.dumps(TINY))
+def log_of(config):
+  """Progress lines to stderr, or None under --quiet."""
+  return None if config.output.quiet else (lambda s: print(s, file=sys.stderr))
 
 
-def zoo_from_args(args: argparse.Namespace, image_shape=(28, 28, 1)
-                  ) -> tuple[list[ZooSpec], ZooSettings]:
-  """Validated zoo specs and settings from `add_zoo_args` flags (`--tiny` overrides them)."""
-  if args.tiny:
-    for k, v in TINY.items():
-      setattr(args, {"test_per_class": "source_test_per_class",
-                     "batch_size": "zoo_batch_size"}.get(k, k), v)
-  specs = parse_zoo(args.families, args.class_sets, args.fractions, args.dataset)
-  if args.epochs <= 0 or args.per_class < 1 or args.zoo_batch_size < 1 or args.zoo_lr <= 0:
-    raise InputError("--epochs, --per-class, --zoo-batch-size and --zoo-lr must be positive")
-  settings = ZooSettings(dataset=args.dataset, epochs=args.epochs, per_class=args.per_class,
-                         test_per_class=args.source_test_per_class,
-                         image_shape=tuple(image_shape), seed=args.seed, lr=args.zoo_lr,
-                         batch_size=args.zoo_batch_size)
-  return specs, settings
+def members_of(config, log=None):
+  """The zoo of the flags, each member loaded from the cache or trained (and cached)."""
+  specs, settings = config.extra.zoo()
+  return build_zoo(specs, settings, config.extra.zoo_root or CACHE_ROOT, log=log)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  """The flags of `main`."""
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_zoo_args(p)
-  cli.add_results_flags(p, "results/model_zoo", resume_help="keep the records of an earlier run")
-  return p.parse_args(argv)
-
-
-@cli.interruptible("experiments.model_zoo", lambda argv: parse_args(argv))
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  made_by = cli.settings("experiments.model_zoo", args)
-  cli.apply_devices(args)
-  t0 = time.time()
-  try:
-    specs, settings = zoo_from_args(args)
-    results = cli.open_results(args, made_by, parse_args)
-    log = None if args.quiet else (lambda s: print(s, file=sys.stderr))
-    members = build_zoo(specs, settings, args.zoo_root or CACHE_ROOT, log=log)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  done = results.done(("model",))
+def run(_, config, results) -> list[dict]:
+  """Builds the zoo; one record per member not yet recorded (all records returned)."""
+  members = members_of(config, log_of(config))
+  done = {rec.key(r) for r in rec.read(results.records, ())}
   for m in members:
-    if (m.name,) not in done:
-      results.add(dict(model=m.name, family=m.spec.family, classes=list(m.spec.classes),
-                       fraction=m.spec.fraction, path=m.path, param_count=param_count(m.source),
-                       **{k: m.source.meta[k] for k in ("source_test_acc", "n_train", "steps",
-                                                        "train_seconds")}))
-  results.write_json("results.json", results.records)
+    meta = m.source.meta
+    r = rec.make(m.name, {}, Draw("eval", 0), {}, {"source_test_acc": meta["source_test_acc"]},
+                 extra=dict(family=m.spec.family, classes=list(m.spec.classes),
+                            fraction=m.spec.fraction, path=m.path,
+                            param_count=param_count(m.source), n_train=meta["n_train"],
+                            steps=meta["steps"], train_seconds=meta["train_seconds"]))
+    if rec.key(r) not in done:
+      results.add(r)
+  results.write_json("zoo.json", zoo_table(members))
+  return results.records
+
+
+def report(plan, records, folder) -> tuple[str, dict]:
+  """The zoo's table (zoo.json, written beside the records)."""
+  with open(os.path.join(folder, "zoo.json")) as f:
+    table = json.load(f)
+  specs, settings = plan["zoo"]
   text = "\n".join(["# Base-model zoo", "",
-                    f"{len(members)} models; settings: `{json.dumps(settings.as_meta())}`; SGD "
+                    f"{len(specs)} models; settings: `{json.dumps(settings.as_meta())}`; SGD "
                     "momentum 0.9, weight decay 5e-4, lr x0.1 at 7/30, 14/30, 21/30, 28/30 of "
-                    "the run (the paper's 30-epoch schedule, shortened).", ""]
-                   + zoo_table(members) + [""])
-  results.write_text("report.md", text)
-  return cli.finish(results, text, t0)
+                    "the run (the paper's 30-epoch schedule, shortened).", ""] + table + [""])
+  return text, {"models": [r["arm"] for r in rec.read(records, ())]}
+
+
+STUDY = study.Study(
+    module="experiments.model_zoo", title="# Base-model zoo", cell_fields=(),
+    groups=("output",), hidden=frozenset({"shard"}), extra=ZooFlags,
+    defaults={"out": "results/model_zoo"}, check=lambda c: c.extra.zoo(),
+    plan=lambda c: {"zoo": c.extra.zoo()}, run=run, report=report,
+    record_key=lambda r: rec.key(rec.read([r], ())[0]), doc=__doc__)
+PUBLISHER = study.publisher(STUDY)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Builds the zoo and writes its table (`jtransfer.study.main`); the exit code."""
+  return study.main(STUDY, argv)
 
 
 if __name__ == "__main__":

@@ -184,6 +184,9 @@ def test_empty_target_list_refused_by_every_module():
       cli.target_list(values, ("digits",))
   assert cli.target_list(None, ("digits",)) == ["digits"]
   assert cli.target_list(["a;b", "c"], ()) == ["a", "b", "c"]
-  for module in (compact_transfer, fewshot, model_selection):
+  for module in (compact_transfer, fewshot):
     with pytest.raises(InputError, match="--target '' names no dataset"):
       module.validate(module.parse_args(["--target", ""]))
+  from jtransfer.study import flags
+  with pytest.raises(InputError, match="--target '' names no dataset"):
+    flags.parse(model_selection.STUDY, ["--target", ""])

@@ -15,8 +15,11 @@ import pytest
 
 from experiments import model_selection as ms
 from experiments import model_zoo, publish, truncation
-from jtransfer import models, surgery
+from jtransfer import models, scoring, surgery
 from jtransfer.methods import selection, transfer
+from jtransfer.study import records as rec
+from jtransfer.zoo.flags import ZooFlags
+from jtransfer.zoo.members import build_zoo
 
 
 def _fast_init(model, rng, shape):
@@ -72,25 +75,20 @@ def _check_zoo_command(root, out, capsys):
   names = sorted(os.listdir(root))
   assert names == ["resnet_s_narrow-c0_2_3-f100", "resnet_s_narrow-c0_2_3-f50",
                    "resnet_s_narrow-c4_6_8-f100"]
-  records = json.load(open(os.path.join(out, "results.json")))
-  assert {r["model"] for r in records} == set(names)
-  half = next(r for r in records if r["model"].endswith("f50"))
+  records = rec.rows(json.load(open(os.path.join(out, "results.json"))), ())
+  assert all(r["version"] == 2 for r in json.load(open(os.path.join(out, "results.json"))))
+  assert {r["arm"] for r in records} == set(names)
+  half = next(r for r in records if r["arm"].endswith("f50"))
   assert half["n_train"] == 30 and half["fraction"] == 0.5        # 0.5 x 20 images x 3 classes
   source = transfer.load_source(os.path.join(root, names[0]))
   assert source.config["stage_widths"] == [16, 32, 64]
   assert source.meta["zoo"]["settings"]["per_class"] == 20
   # A second build finds every model in the cache and trains nothing.
-  specs, settings = model_zoo.zoo_from_args(_zoo_args(root))
+  specs, settings = ZooFlags(tiny=True).zoo()
   logs = []
-  model_zoo.build_zoo(specs, settings, root, log=logs.append)
+  build_zoo(specs, settings, root, log=logs.append)
   assert logs == ["zoo: 3 runs planned (3 zoo members); 3 already saved, skipped"]
-
-
-def _zoo_args(root):
-  import argparse
-  p = argparse.ArgumentParser()
-  model_zoo.add_zoo_args(p)
-  return p.parse_args(["--tiny", "--zoo-root", root])
+  assert publish.check(out) == []
 
 
 def _check_model_selection_main(root, out, capsys):
@@ -106,9 +104,9 @@ def _check_model_selection_main(root, out, capsys):
   for name in ("report.md", "results.json", "results.jsonl", "summary.json", "spearman.png",
                "alpha_curves.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
-  records = json.load(open(os.path.join(out, "results.json")))
+  records = ms.rows(json.load(open(os.path.join(out, "results.json"))))
   assert len(records) == 3 and {r["n_train"] for r in records} == {12}
-  assert all(set(selection.METRIC_NAMES + ms.LABEL_SCORES) <= set(r) for r in records)
+  assert all(set(selection.METRIC_NAMES + scoring.LABEL_SCORES) <= set(r) for r in records)
   for r in records:  # the ground truth: converged runs, the LR chosen on validation
     assert r["n_val"] == 60 and r["stopped"] in ("patience", "cap") and r["steps"] <= 2
     best = max(sorted(r["lr_val"], key=float), key=lambda lr: r["lr_val"][lr])
@@ -132,7 +130,7 @@ def _check_model_selection_main(root, out, capsys):
   # --scratch adds the family's random-init reference: fine-tuned, reported, not ranked.
   before = json.load(open(os.path.join(out, "summary.json")))
   assert ms.main(argv + ["--resume", "--scratch"]) == 0
-  records = json.load(open(os.path.join(out, "results.json")))
+  records = ms.rows(json.load(open(os.path.join(out, "results.json"))))
   ref = [r for r in records if r.get("reference") == "scratch"]
   assert len(records) == 4 and [r["model"] for r in ref] == ["resnet_s_narrow-scratch"]
   assert ref[0]["source_accuracy"] is None and ref[0]["n_val"] == 60

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from jtransfer.methods import selection
 from jtransfer.zoo.analysis import BLIND, S_METRICS
 
 
@@ -119,3 +120,60 @@ def score_settings_text(settings: dict) -> str:
           f"and H-score read {feats[settings['selection_features']]} (--selection-features "
           f"{settings['selection_features']}). LogME is computed "
           f"{logme[settings['logme_variant']]} (--logme {settings['logme_variant']}).")
+
+
+def accuracy_table(records: Sequence[dict]) -> list[str]:
+  """Markdown: fine-tuned test accuracy, one row per model, one column per target."""
+  targets = list(dict.fromkeys(r["target"] for r in records))
+  by = {(r["model"], r["target"]): r["test_acc"] for r in records}
+  lines = ["| model | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+  for m in dict.fromkeys(r["model"] for r in records):
+    lines.append(f"| {m} | " + " | ".join(f"{by[(m, t)]:.4f}" if (m, t) in by else "-"
+                                          for t in targets) + " |")
+  return lines
+
+
+def spearman_section(summary: dict) -> list[str]:
+  """Markdown: rho per (family, target) of every scorer (Fig. 2), and pooled over families."""
+  lines = ["", "## Spearman rho per (family, target) (Fig. 2)", "",
+            "Scores oriented so that larger = predicted better (S2, S4, S5, S6 negated); rho of "
+            "the raw S2, S4, S5, S6 is the negative. n/a: the score is constant in that group "
+            "(e.g. parameter count within a family). tau_w: weighted Kendall tau.", "",
+            f"S6's sign is an open reading: row S6 follows the paper's text (sec. 3.6, \"the "
+            f"smaller the S6 value, the better\"; sec. 5.3 inverts S6 before combining, and so "
+            f"do the C_ij below), row '{selection.S6_APPENDIX}' takes larger raw S6 as better, "
+            "as the paper's App. A.2 (Fig. 5) reports rho > 0.7 between raw S6 and accuracy. "
+            "Its rho is the negative of row S6's; tau_w is not symmetric and differs. The "
+            "verdict below uses the text's sign.", ""]
+  lines += scorer_table(summary)
+  if summary["pooled"]:
+    lines += ["", "## Pooled over families, per target", ""] + scorer_table(summary, "pooled")
+  return lines
+
+
+def combination_section(summary: dict) -> list[str]:
+  """Markdown: C_ij(alpha) per pair, the best one and its leave-one-group-out estimate
+  (Fig. 3)."""
+  best = summary["best_pair"]
+  lines = ["", "## C_ij(alpha), alpha step 0.001 (Fig. 3)", "",
+            "| pair | best alpha | mean rho | var rho | mean rho at alpha 0.574 |",
+            "|---|---|---|---|---|"]
+  for k, p in summary["pairs"].items():
+    var = "n/a" if p["best_var"] is None else f"{p['best_var']:.5f}"
+    lines.append(f"| C_{p['i'][1]}{p['j'][1]} | {p['best_alpha']:.3f} | {fmt(p['best_mean'])} | "
+                 f"{var} | {fmt(p['mean_at_paper_alpha'])} |")
+  if best:
+    p = summary["pairs"][best]
+    lines += ["", f"Best: **C_{p['i'][1]}{p['j'][1]}({p['best_alpha']:.3f})**, mean rho "
+              f"{fmt(p['best_mean'])}, variance {p['best_var']:.5f} over "
+              f"{len(p['groups'])} groups (paper: C_56(0.574), mean 0.7514, variance 0.005993)."]
+  held = summary.get("held_out")
+  if held and held["spearman_mean"] is not None:
+    lines += ["", "Leave-one-group-out (pair and alpha chosen on the other groups, rho on the "
+              "held-out group):", "", "| held-out group | chosen | rho |", "|---|---|---|"]
+    for g, v in held["per_group"].items():
+      lines.append(f"| {g} | C_{v['pair'][1]}{v['pair'][4]}({v['alpha']:.3f}) | "
+                   f"{fmt(v['spearman'])} |")
+    lines.append(f"| mean (var) | | {fmt(held['spearman_mean'])} "
+                 f"({held['spearman_var']:.4f}) |")
+  return lines
