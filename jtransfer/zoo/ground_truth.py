@@ -141,7 +141,7 @@ def finetune_converged(source: transfer.Source, task: TargetTask, budget: Budget
 
 def finetune_tuned(source: transfer.Source, task: TargetTask, protocol: FineTuneProtocol,
                    compiled: Compiled, ticker: Callable | None = None, *,
-                   run: Callable = None, **overrides) -> dict:
+                   run: Callable | None = None, **overrides) -> dict:
   """The ground-truth fine-tuning under the protocol: a converged run at each LR of
   `protocol.lrs`; the LR with the best validation accuracy (ties: the smaller) is kept. With
   `protocol.tune_extend` N a grid whose best LR is its first or last grows by up to N LRs on
