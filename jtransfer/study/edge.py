@@ -43,13 +43,18 @@ def publisher(study: Study) -> publish.Publisher:
     return report_lib.make_report(plan, records)
 
   parse = lambda argv: flags.parse(study, argv)
-  if study.plan is not None:  # a study with its own run: its own plan and keys
+  if study.plan is not None:  # a study with its own run and plan: its own keys
     keys = study.grid_keys and (lambda records, plan, _: study.grid_keys(records, plan))
     return publish.Publisher(study.module, parse, study.plan, report, keys, study.record_key)
+
+  def grid_keys(records, plan, _):
+    return grid.grid_keys(rec.read(records, study.cell_fields), plan)
+
+  # A study with its own `run` is not a grid the runner enumerates: its folder is counted
+  # when it finishes (`publish.save`).
   return publish.Publisher(
       study.module, parse, lambda c: grid.plan(study, c),
-      report, lambda records, plan, _: grid.grid_keys(rec.read(records, study.cell_fields),
-                                                       plan),
+      report, grid_keys if study.run is None else None,
       lambda r: rec.key(rec.read([r], study.cell_fields)[0]))
 
 
