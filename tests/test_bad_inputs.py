@@ -184,9 +184,9 @@ def test_empty_target_list_refused_by_every_module():
       cli.target_list(values, ("digits",))
   assert cli.target_list(None, ("digits",)) == ["digits"]
   assert cli.target_list(["a;b", "c"], ()) == ["a", "b", "c"]
-  for module in (fewshot, model_selection):
-    with pytest.raises(InputError, match="--target '' names no dataset"):
-      module.validate(module.parse_args(["--target", ""]))
-  from jtransfer.study import flags  # compact_transfer is declared on the study runner
   with pytest.raises(InputError, match="--target '' names no dataset"):
-    flags.parse(compact_transfer.STUDY, ["--target", ""])
+    fewshot.validate(fewshot.parse_args(["--target", ""]))
+  from jtransfer.study import flags  # studies declared on the study runner
+  for study in (compact_transfer.STUDY, model_selection.STUDY):
+    with pytest.raises(InputError, match="--target '' names no dataset"):
+      flags.parse(study, ["--target", ""])

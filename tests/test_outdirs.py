@@ -369,13 +369,11 @@ def test_interrupted_line_of_pretrain_and_of_unparsable_flags(tmp_path):
 
 def test_model_selection_resume_may_add_scratch_but_not_change_a_score_flag():
   from experiments import model_selection as ms
+  from jtransfer.study import edge, flags
   base = ["--tiny", "--out", "x"]
-  a = ms.parse_args(base)
-  made = cli.settings("experiments.model_selection", a, ms.ADDITIVE)
-  assert made == cli.settings("experiments.model_selection", ms.parse_args(base + ["--scratch"]),
-                              ms.ADDITIVE)
-  other = cli.settings("experiments.model_selection", ms.parse_args(base + ["--logme", "exact"]),
-                       ms.ADDITIVE)
+  made = edge.settings(ms.STUDY, flags.raw_flags(ms.STUDY, base))
+  assert made == edge.settings(ms.STUDY, flags.raw_flags(ms.STUDY, base + ["--scratch"]))
+  other = edge.settings(ms.STUDY, flags.raw_flags(ms.STUDY, base + ["--logme", "exact"]))
   assert outdir.differences(made, other) == ["--logme exact != published"]
 
 

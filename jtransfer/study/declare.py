@@ -137,6 +137,13 @@ class Study:
       (`jtransfer.study.report.make_report`); records as results.json holds them.
     run: (study, config, results) -> records, replacing the grid runner (`runner.run`) for a
       study that is not a grid of draws (e.g. an analysis of one source).
+    plan: config -> the plan of such a study (what `run`'s report, `publish check` and
+      `regenerate` read), replacing the grid's `grid.plan`.
+    grid_keys: (records, plan) -> the keys of every run that plan holds; with `plan` (None:
+      the grid's size is counted when its main finishes, `publish.save`).
+    record_key: record -> its key, with `plan` (duplicate checks; results.json's order).
+    additive: flag destinations a --resume may change because they only add runs beside the
+      finished ones (model_selection's --scratch); left out of the settings fingerprint.
     doc: the module's docstring (the --help description).
   """
   module: str
@@ -161,6 +168,10 @@ class Study:
   budget: Optional[Callable] = None
   report: Optional[Callable] = None
   run: Optional[Callable] = None
+  plan: Optional[Callable] = None
+  grid_keys: Optional[Callable] = None
+  record_key: Optional[Callable] = None
+  additive: frozenset = frozenset()
   doc: str = ""
 
   def arm(self, name: str) -> Arm:

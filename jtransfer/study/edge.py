@@ -13,6 +13,7 @@ and the command that resumes) and exit code 130.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import shlex
@@ -41,15 +42,27 @@ def publisher(study: Study) -> publish.Publisher:
       return study.report(plan, records, folder)
     return report_lib.make_report(plan, records)
 
+  parse = lambda argv: flags.parse(study, argv)
+  if study.plan is not None:  # a study with its own run and plan: its own keys
+    keys = study.grid_keys and (lambda records, plan, _: study.grid_keys(records, plan))
+    return publish.Publisher(study.module, parse, study.plan, report, keys, study.record_key)
+
   def grid_keys(records, plan, _):
     return grid.grid_keys(rec.read(records, study.cell_fields), plan)
 
   # A study with its own `run` is not a grid the runner enumerates: its folder is counted
   # when it finishes (`publish.save`).
   return publish.Publisher(
-      study.module, lambda argv: flags.parse(study, argv), lambda c: grid.plan(study, c),
+      study.module, parse, lambda c: grid.plan(study, c),
       report, grid_keys if study.run is None else None,
       lambda r: rec.key(rec.read([r], study.cell_fields)[0]))
+
+
+def settings(study: Study, raw: dict) -> outdir.Settings:
+  """The settings fingerprint of parsed flags (`raw`, by destination), the study's additive
+  flags left out."""
+  return outdir.settings_of(study.module, {k: v for k, v in raw.items()
+                                           if k not in study.additive})
 
 
 def legacy_settings(study: Study):
@@ -64,7 +77,7 @@ def legacy_settings(study: Study):
       raise InputError(f"run.json's flags ({' '.join(argv)}) no longer parse, so its settings "
                        "cannot be checked for --resume: pass --overwrite or another "
                        "--out") from None
-    return outdir.settings_of(module, raw)
+    return dataclasses.replace(settings(study, raw), module=module)
   return read
 
 
@@ -130,12 +143,14 @@ def interrupted_line(study: Study, argv: Sequence[str]) -> str:
   return f"interrupted: {saved_runs(out)} runs saved in {out}; continue with: {command}"
 
 
-def result_records(records: Sequence[dict], cell_fields: Sequence[str]) -> list[dict]:
-  """What results.json holds: the records sorted by key, without timings (they are not
-  determined by the seed; results.jsonl keeps them), so two runs of one config are equal."""
+def result_records(records: Sequence[dict], cell_fields: Sequence[str],
+                   key=None) -> list[dict]:
+  """What results.json holds: the records sorted by key (`key`, default the version-2
+  record's), without timings (they are not determined by the seed; results.jsonl keeps
+  them), so two runs of one config are equal."""
+  key = key or (lambda r: rec.key(rec.read([r], cell_fields)[0]))
   return [{k: v for k, v in r.items() if k != "seconds"}
-          for r in sorted(records, key=lambda r: tuple(map(
-              str, rec.key(rec.read([r], cell_fields)[0]))))]
+          for r in sorted(records, key=lambda r: tuple(map(str, key(r))))]
 
 
 def main(study: Study, argv: Optional[Sequence[str]] = None) -> int:
@@ -150,13 +165,16 @@ def main(study: Study, argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(study: Study, argv: list) -> int:
   raw = flags.raw_flags(study, argv)
-  made_by = outdir.settings_of(study.module, raw)
+  made_by = settings(study, raw)
   t0 = time.time()
   try:
     config = flags.config_of(study, raw)
     apply_devices(config.output)
-    plan = grid.plan(study, config)
-    runner.arm_order(plan)  # an arm missing what it runs after: refused before --out opens
+    if study.plan:
+      plan = study.plan(config)
+    else:
+      plan = grid.plan(study, config)
+      runner.arm_order(plan)  # an arm missing what it runs after: refused before --out opens
     # Multi-host: every process runs the grid (its runs are collective), one writes it.
     results = open_results(study, config, made_by)
     parallel.barrier("results directory opened")
@@ -167,8 +185,8 @@ def _main(study: Study, argv: list) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   pub = publisher(study)
-  text, summary = publish.save(results, pub, argv, result_records(records, study.cell_fields),
-                               plan, config, t0)
+  records = result_records(records, study.cell_fields, study.record_key)
+  text, summary = publish.save(results, pub, argv, records, plan, config, t0)
   if study.plots is not None and results.writer:
     study.plots(summary, plan, results.path)
   if not results.writer:
