@@ -58,11 +58,9 @@ from experiments.report import (TIMED_AFTER_RESUME, TIMED_TOGETHER, ResultsDir, 
 from jtransfer import models, surgery
 from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError
-from jtransfer.methods import cwl, prune, transfer
-from jtransfer.protocol import claims, fit_converged, progress, tuning
-from jtransfer.train import (accuracy, adam, fit, init_state, make_optimizer, make_train_step,
-                             predict_logits)
-from jtransfer.train.evaluate import forward_calls, interleaved_latency_ms
+from jtransfer.methods import cwl, prune, prune_finetune, transfer
+from jtransfer.protocol import claims, fit_converged, progress
+from jtransfer.train import accuracy, fit, init_state, make_train_step, predict_logits
 
 CWL_STRATEGIES = ("freeze_cwl", "finetune_cwl", "finetune_lowconv")
 DEFAULT_LR = {"freeze_cwl": 1e-2, "finetune_cwl": 1e-4, "finetune_lowconv": 1e-2}
@@ -149,127 +147,48 @@ def validate(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- pieces
-class Draw:
-  """One k-shot draw: its training, validation and test images."""
-
-  def __init__(self, data, args, repeat: int):
-    self.repeat, self.seed = repeat, draw_seed(args, args.shots, repeat)
-    train_idx, val_idx = sample_kshot(data.train.labels, args.shots, self.seed,
-                                      val_per_class=args.val_per_class,
-                                      num_classes=data.train.num_classes)
-    self.images, self.labels = data.train.images[train_idx], data.train.labels[train_idx]
-    self.val = data.train.take(val_idx) if len(val_idx) else None
-    self.test = cap_per_class(data.test, args.test_per_class)
-
-  def accs(self, forward, params, stats) -> dict:
-    acc = lambda s: accuracy(predict_logits(forward, params, stats, s.images), s.labels)
-    return dict(val_acc=acc(self.val) if self.val is not None else None,
-                test_acc=acc(self.test))
+def draw_splits(data, args, repeat: int) -> tuple[int, prune_finetune.Splits]:
+  """(seed, splits) of k-shot draw `repeat`: its training, validation and test images."""
+  seed = draw_seed(args, args.shots, repeat)
+  train_idx, val_idx = sample_kshot(data.train.labels, args.shots, seed,
+                                    val_per_class=args.val_per_class,
+                                    num_classes=data.train.num_classes)
+  return seed, prune_finetune.Splits(data.train.take(train_idx),
+                                     data.train.take(val_idx) if len(val_idx) else None,
+                                     cap_per_class(data.test, args.test_per_class))
 
 
-class Compiled:
-  """Compiled train steps and forwards, one per model structure (shared by draws and LRs)."""
-
-  def __init__(self, source, num_classes: int, args, plan):
-    self.source, self.args, self.plan = source, args, plan
-    self.setup = transfer.get_strategy(args.strategy).build(source, num_classes, args.steps)
-    self.transfer_step = make_train_step(self.setup.loss_fn, self.setup.optimizer)
-    self._ft: dict = {}
-
-  def finetune(self, config: dict, params):
-    """(model, Adam step with the LR set per run, eval forward) of a pruned structure."""
-    key = json.dumps(config, sort_keys=True, default=str)
-    if key not in self._ft:
-      model = models.from_config(self.source.arch, config)
-      opt = make_optimizer(params, [(".*", "all")], {"all": adam(1.0)}, injected_lr=True)
-      step = make_train_step(transfer.ce_loss_fn(model, self.source.mean, self.source.std), opt)
-      self._ft[key] = (model, opt, step, transfer.eval_forward(model, self.source.mean,
-                                                               self.source.std))
-    return self._ft[key]
-
-
-def transfer_cwl(compiled: Compiled, draw: Draw, args, plan, on_step=None):
+def transfer_cwl(setup, transfer_step, splits, seed: int, args, plan, on_step=None):
   """Trains the CWL strategy on one draw under the run budget; `on_step` (step, cap, val
   acc) is a long run's progress hook (`jtransfer.protocol.progress.ticker`).
 
   Returns:
     (params with 'cwl', batch stats, info {'steps', 'best_step', 'stopped'}).
   """
-  setup = compiled.setup
-  params, stats = setup.init(draw.seed, draw.images, draw.labels)
-  state = init_state(params, stats, setup.optimizer, draw.seed, plan["lr"])
-  batches = Batches(draw.images, draw.labels, args.batch_size, draw.seed)
+  train = splits.train
+  params, stats = setup.init(seed, train.images, train.labels)
+  state = init_state(params, stats, setup.optimizer, seed, plan["lr"])
+  batches = Batches(train.images, train.labels, args.batch_size, seed)
   budget = budget_of(args)
-  if budget is None or draw.val is None:
-    state = fit(state, compiled.transfer_step, batches.at, args.steps, on_step=on_step)
+  if budget is None or splits.val is None:
+    state = fit(state, transfer_step, batches.at, args.steps, on_step=on_step)
     info = dict(steps=args.steps, best_step=args.steps, stopped="fixed")
   else:
     val = lambda st: accuracy(predict_logits(setup.forward, st.params, st.batch_stats,
-                                             draw.val.images), draw.val.labels)
-    state, info = fit_converged(state, compiled.transfer_step, batches.at, val, budget,
+                                             splits.val.images), splits.val.labels)
+    state, info = fit_converged(state, transfer_step, batches.at, val, budget,
                                 on_step=on_step)
     info.pop("curve")
   return jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, state.batch_stats), \
       info
 
 
-def finetune_curve(compiled: Compiled, config, params, stats, draw: Draw, args, epochs,
-                   lr: float) -> dict:
-  """Validation and test accuracy after each of `epochs` epochs of finetuning every layer
-  (BN eval mode) at `lr`: {epoch: {'val_acc', 'test_acc'}}."""
-  _, opt, step, forward = compiled.finetune(config, params)
-  batches = Batches(draw.images, draw.labels, args.batch_size, draw.seed + 1)
-  state = init_state(params, stats, opt, draw.seed, lr)
-  out = {}
-  for e in epochs:
-    state = fit(state, step, batches.at, e * batches.steps_per_epoch)
-    out[e] = draw.accs(forward, state.params, state.batch_stats)
-  return out
-
-
-def finetune_chosen(compiled: Compiled, config, params, stats, draw: Draw, args, plan
-                    ) -> dict:
-  """Finetunes over the LR grid and picks, per epoch count, the LR with the best validation
-  accuracy (`tuning.tune`, extended at an edge); test accuracy is read only at the choice.
-
-  Returns:
-    {'ft': {epochs: {'lr', 'val_acc', 'test_acc', 'edges'}}, 'ft_grid': [[lr, {epochs:
-    {'val_acc', 'test_acc'}}], ...]}.
-  """
-  runs: dict = {}
-
-  def at(lr: float) -> dict:
-    if lr not in runs:
-      runs[lr] = finetune_curve(compiled, config, params, stats, draw, args, plan["epochs"], lr)
-    return runs[lr]
-
-  ft = {}
-  for e in plan["epochs"]:
-    if draw.val is None:  # one LR (validate() refuses a grid without validation images)
-      t = dict(choice={"lr": plan["ft_lrs"][0]}, edges=[])
-      at(plan["ft_lrs"][0])
-    else:
-      t = tuning.tune({"lr": plan["ft_lrs"]}, lambda p: at(p["lr"])[e]["val_acc"],
-                      args.tune_extend).to_dict()
-    lr = t["choice"]["lr"]
-    ft[str(e)] = dict(lr=lr, edges=t["edges"], **runs[lr][e])
-  grid = [[lr, {str(e): v for e, v in r.items()}] for lr, r in sorted(runs.items())]
-  return dict(ft=ft, ft_grid=grid)
-
-
-def latencies(nets, source, batches: Sequence[int], runs: int) -> list[dict[str, float]]:
-  """Per (model, params, stats) of `nets`: {batch: median ms} of its jitted eval forward.
-
-  All nets and batch sizes are timed round-robin (`interleaved_latency_ms`, two warm-up
-  calls each), so the pruned models' speed-ups are not a load change between measurements.
-  """
-  calls = {}
-  for i, (model, params, stats) in enumerate(nets):
-    _, per_batch = forward_calls(transfer.eval_forward(model, source.mean, source.std), params,
-                                 stats, source.input_shape, batches)
-    calls.update({(i, b): call for b, call in per_batch.items()})
-  times = interleaved_latency_ms(calls, runs=runs)
-  return [{str(b): times[(i, b)] for b in batches} for i in range(len(nets))]
+def finetune_chosen(finetuner, config, params, stats, splits, seed, args, plan) -> dict:
+  """The finetuning grid of one (pruned) model, its LR chosen per epoch count on validation
+  (`prune_finetune.choose_per_epochs`)."""
+  return prune_finetune.choose_per_epochs(
+      lambda lr: finetuner.curve(config, params, stats, splits, seed, plan["epochs"], lr),
+      plan["epochs"], plan["ft_lrs"], args.tune_extend, validated=splits.val is not None)
 
 
 # ----------------------------------------------------------------------------- report
@@ -443,7 +362,9 @@ def run(args, plan, results: ResultsDir) -> dict:
                                seed=args.seed, progress=not args.quiet)
   data = load_spec(args.target, source.input_shape, flag="--target",
                    data_dir=args.data_dir)
-  compiled = Compiled(source, data.train.num_classes, args, plan)
+  setup = transfer.get_strategy(args.strategy).build(source, data.train.num_classes, args.steps)
+  transfer_step = make_train_step(setup.loss_fn, setup.optimizer)
+  finetuner = prune_finetune.Finetuner(source, args.batch_size)
   config = models.model_config(transfer.target_model(source, data.train.num_classes))
   scales0 = None
   emit = grid_progress.stderr_or_quiet(args)
@@ -457,11 +378,11 @@ def run(args, plan, results: ResultsDir) -> dict:
     todo = [t for t in [None] + plan["taus"] if (repeat, t) not in done]
     if not todo and repeat > 0:  # draw 0 always transfers: its scales make sigma_hist.png
       continue
-    draw = Draw(data, args, repeat)
+    seed, splits = draw_splits(data, args, repeat)
     pending: list = []  # draw 0's records, added once their models are timed
     t0 = time.time()
     params, stats, info = transfer_cwl(
-        compiled, draw, args, plan,
+        setup, transfer_step, splits, seed, args, plan,
         on_step=progress.ticker(f"draw {repeat} {args.strategy} transfer", emit))
     log(f"[cwl_pruning] draw {repeat}: {args.strategy} transfer, {info['steps']} steps "
         f"({info['stopped']}) in {time.time() - t0:.1f} s")
@@ -471,13 +392,14 @@ def run(args, plan, results: ResultsDir) -> dict:
     folded = jax.tree.map(np.asarray, cwl.apply_cwl(rest, scales))
     first = repeat == 0
     if None in todo:
-      model, _, _, forward = compiled.finetune(config, folded)
-      accs = draw.accs(forward, folded, stats)
-      record = dict(tau=None, repeat=repeat, seed=draw.seed, acc=accs["test_acc"],
+      model, _, _, forward = finetuner.compiled(config, folded)
+      accs = splits.accs(forward, folded, stats)
+      record = dict(tau=None, repeat=repeat, seed=seed, acc=accs["test_acc"],
                     val_acc=accs["val_acc"], transfer=dict(info, lr=plan["lr"]),
                     params=surgery.count(rest),
                     feature_maps=int(sum(np.size(s) for s in scales.values())),
-                    **finetune_chosen(compiled, config, folded, stats, draw, args, plan))
+                    **finetune_chosen(finetuner, config, folded, stats, splits, seed, args,
+                                      plan))
       if first:
         pending.append((record, model, folded, stats))
       else:
@@ -490,16 +412,13 @@ def run(args, plan, results: ResultsDir) -> dict:
       t1 = time.time()
       res = prune.prune_by_sigma(rest, stats, config, scales, tau, args.residual,
                                  args.multiple)
-      small, _, _, fwd = compiled.finetune(res.config, res.params)
-      accs = draw.accs(fwd, res.params, res.batch_stats)
-      kept_maps, total_maps = res.feature_maps_kept
-      record = dict(tau=tau, repeat=repeat, seed=draw.seed, acc=accs["test_acc"],
+      small, _, _, fwd = finetuner.compiled(res.config, res.params)
+      accs = splits.accs(fwd, res.params, res.batch_stats)
+      record = dict(tau=tau, repeat=repeat, seed=seed, acc=accs["test_acc"],
                     val_acc=accs["val_acc"],
-                    **finetune_chosen(compiled, res.config, res.params, res.batch_stats, draw,
-                                      args, plan),
-                    params=res.params_kept, params_frac=res.params_kept / res.params_total,
-                    feat_frac=kept_maps / total_maps,
-                    kept={u: list(v) for u, v in res.kept.items()}, config=res.config)
+                    **finetune_chosen(finetuner, res.config, res.params, res.batch_stats,
+                                      splits, seed, args, plan),
+                    **prune_finetune.removed(res), config=res.config)
       if first:
         pending.append((record, small, res.params, res.batch_stats))
       if first and not args.no_save_models:
@@ -520,7 +439,8 @@ def run(args, plan, results: ResultsDir) -> dict:
           f"params {100 * record['params_frac']:.0f}% maps {100 * record['feat_frac']:.0f}%")
     if pending:  # draw 0's models, timed together so load changes hit them alike
       resumed = len(todo) < len(plan["taus"]) + 1  # part of the draw recorded before a kill
-      times = latencies([(m, p, st) for _, m, p, st in pending], source, plan["batches"],
+      times = prune_finetune.latencies([(m, p, st) for _, m, p, st in pending], source,
+                                       plan["batches"],
                         args.latency_runs)
       results.add_many([dict(record, latency_ms=t,
                              latency_timing=TIMED_AFTER_RESUME if resumed else TIMED_TOGETHER)

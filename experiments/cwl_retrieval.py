@@ -33,23 +33,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from typing import Sequence
 
-import jax
 import numpy as np
 
 from experiments import cli, pretrain, publish
 from experiments.report import ResultsDir, mean_std
 from jtransfer import models
-from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
-from jtransfer.data.preprocess import normalize
+from jtransfer.data import load_spec, parse_spec
 from jtransfer.errors import InputError
-from jtransfer.methods import cwl, retrieval, transfer
+from jtransfer.methods import retrieval, retrieval_run, transfer
 from jtransfer.protocol import claims
-from jtransfer.train import fit, init_state, make_train_step
 
 STRATEGIES = ("freeze", "freeze_cwl", "finetune", "finetune_cwl")
 LABELS = {"freeze": "Original / Freeze", "freeze_cwl": "Freeze + CWL", "finetune": "Finetune",
@@ -131,116 +127,6 @@ def validate(args) -> dict:
   return dict(strategies=strategies, lrs=lrs, size=size)
 
 
-# ----------------------------------------------------------------------------- model pieces
-class Trainer:
-  """Per strategy, one Setup and one compiled train step, reused for every LR and draw."""
-
-  def __init__(self, source, num_classes: int, args):
-    self.source, self.num_classes, self.args = source, num_classes, args
-    self._built: dict = {}
-
-  def __call__(self, name: str, images, labels, lr: float):
-    """(model, effective params, stats) after training `name` on the labelled queries."""
-    if name not in self._built:
-      setup = transfer.get_strategy(name).build(self.source, self.num_classes, self.args.steps)
-      self._built[name] = (setup, make_train_step(setup.loss_fn, setup.optimizer))
-    setup, step = self._built[name]
-    params, stats = setup.init(self.args.seed, images, labels)
-    if lr > 0:
-      state = init_state(params, stats, setup.optimizer, self.args.seed, lr)
-      state = fit(state, step, Batches(images, labels, self.args.batch_size, self.args.seed).at,
-                  self.args.steps)
-      params, stats = state.params, state.batch_stats
-    return setup.model, cwl.effective_params(params), stats
-
-
-def mac_fn(model, mean, std, tap: str = "conv"):
-  """Jitted uint8 images -> l2-normalised MAC (the head is unused).
-
-  Args:
-    model: the target model.
-    mean, std: the source's input normalisation.
-    tap: 'conv' (default), the last conv layer's output, or 'pooled', the 'last_conv' tap (see
-      `retrieval.mac_from_model`).
-  """
-  if tap not in retrieval.MAC_TAPS:
-    raise InputError(f"MAC tap {tap!r} is not one of {', '.join(retrieval.MAC_TAPS)}")
-
-  @jax.jit
-  def fn(params, stats, images):
-    return retrieval.mac_from_model(model, params, stats, normalize(images, mean, std), tap=tap)
-  return fn
-
-
-def describe(fn, params, stats, images: np.ndarray, batch: int = 256) -> np.ndarray:
-  out = []
-  for i in range(0, len(images), batch):
-    chunk = images[i:i + batch]
-    pad = batch - len(chunk) if len(images) > batch else 0
-    if pad:  # one compiled shape for every batch
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    out.append(np.asarray(fn(params, stats, chunk))[:len(chunk) - pad])
-  return np.concatenate(out)
-
-
-# ----------------------------------------------------------------------------- tasks
-def embedded_task(data, args, seed: int):
-  """(query images, labels, database images, labels, num_classes) of the embedded task."""
-  db_idx = np.concatenate([np.flatnonzero(data.test.labels == c)[:args.db_per_class]
-                           for c in range(data.test.num_classes)])
-  q_idx, _ = sample_kshot(data.train.labels, args.queries, seed,
-                          num_classes=data.train.num_classes)
-  return (data.train.images[q_idx], data.train.labels[q_idx], data.test.images[db_idx],
-          data.test.labels[db_idx], data.train.num_classes)
-
-
-def landmark(name: str) -> str:
-  """Landmark of a revisited query name: 'all_souls_000013' -> 'all_souls'."""
-  return re.sub(r"_\d+$", "", os.path.splitext(os.path.basename(name))[0])
-
-
-def revisited_task(args, shape):
-  """Queries (bbx-cropped), their landmark labels, database images and the gnd list."""
-  from jtransfer.data import images as imgs
-  from PIL import Image
-  gnd = retrieval.load_gnd(args.gnd, allow_pickle=args.allow_pickle)
-  path = lambda n: os.path.join(args.images, n + args.ext)
-  size, channels = shape[:2], shape[2]
-  db = imgs.decode_images([path(n) for n in gnd["imlist"]], size=size, channels=channels,
-                          mode="resize").images
-  queries = []
-  for name, g in zip(gnd["qimlist"], gnd["gnd"]):
-    try:
-      with Image.open(path(name)) as im:
-        im.load()
-        if g.get("bbx"):
-          im = im.crop(tuple(int(round(v)) for v in g["bbx"][:4]))
-        queries.append(imgs.decode_image(im, size=size, channels=channels, mode="resize"))
-    except OSError as e:
-      raise InputError(f"query image {path(name)!r} cannot be read: {e}") from None
-  names = sorted({landmark(n) for n in gnd["qimlist"]})
-  labels = np.array([names.index(landmark(n)) for n in gnd["qimlist"]], np.int32)
-  return np.stack(queries), labels, db, gnd["gnd"], len(names)
-
-
-def check_image_size(source, size) -> tuple[int, int, int]:
-  """The input shape to use; raises if the target model's params depend on it."""
-  shape = tuple(source.input_shape) if not size else (*size, source.input_shape[2])
-  if shape == tuple(source.input_shape):
-    return shape
-  model = transfer.target_model(source, 2)
-  shapes = lambda s: jax.tree.map(lambda a: a.shape, jax.eval_shape(
-      lambda: models.init_model(model, jax.random.PRNGKey(0), s)))
-  try:
-    fits = shapes(shape) == shapes(tuple(source.input_shape))
-  except Exception as e:  # pylint: disable=broad-except  (Flax raises many types)
-    raise InputError(f"--image-size {shape[:2]} does not fit {source.arch}: {e}") from None
-  if not fits:
-    raise InputError(f"--image-size {shape[:2]}: {source.arch} flattens its last map into the "
-                     f"head, so it needs the source's input size {source.input_shape[:2]}")
-  return shape
-
-
 # ----------------------------------------------------------------------------- main
 def run(args, plan, results: ResultsDir) -> None:
   done = results.done(KEY)
@@ -254,37 +140,35 @@ def run(args, plan, results: ResultsDir) -> None:
   revisited = args.gnd is not None
   repeats = 1 if revisited else args.repeats
   if revisited:
-    shape = check_image_size(source, plan["size"])
+    shape = retrieval_run.check_image_size(source, plan["size"])
     # The shape only changes the maps' size; train and describe at it.
     source = transfer.Source(source.arch, source.config, source.variables, shape, source.mean,
                              source.std, source.meta)
-    q_img, q_lab, db_img, gnd, k = revisited_task(args, shape)
+    q_img, q_lab, db_img, gnd, k = retrieval_run.revisited_task(
+        args.gnd, args.images, args.ext, shape, allow_pickle=args.allow_pickle)
   else:
     data = load_spec(args.target, source.input_shape, flag="--target",
                    data_dir=args.data_dir)
   mac = None
   for repeat in range(repeats):
     if not revisited:
-      q_img, q_lab, db_img, db_lab, k = embedded_task(data, args, args.seed + repeat)
+      q_img, q_lab, db_img, db_lab, k = retrieval_run.embedded_task(
+          data, args.queries, args.db_per_class, args.seed + repeat)
     if mac is None:
-      trainer = Trainer(source, k, args)
-      mac = mac_fn(transfer.target_model(source, k), source.mean, source.std, args.mac_tap)
+      trainer = retrieval_run.QueryTrainer(source, k, args.steps, args.batch_size, args.seed)
+      mac = retrieval_run.mac_fn(transfer.target_model(source, k), source.mean, source.std, args.mac_tap)
     for name in plan["strategies"]:
       for lr in plan["lrs"][name]:
         if (name, repeat, lr) in done:
           continue
         t0 = time.time()
         _, params, stats = trainer(name, q_img, q_lab, lr)
-        q_desc, db_desc = describe(mac, params, stats, q_img), describe(mac, params, stats, db_img)
-        ranks = retrieval.rank_database(q_desc, db_desc)
+        describe = lambda x: retrieval_run.describe(mac, params, stats, x)
         record = dict(strategy=name, repeat=repeat, lr=lr, n_queries=len(q_img),
                       n_db=len(db_img), mac_tap=args.mac_tap)
-        if revisited:
-          res = retrieval.evaluate_revisited(ranks, gnd)
-          record.update({s: r.map for s, r in res.items()})
-        else:
-          g = retrieval.labels_to_gnd(q_lab, db_lab)
-          record["map"] = retrieval.compute_map(ranks, retrieval.revisited_setup(g, "easy")).map
+        record.update(retrieval_run.score(describe(q_img), describe(db_img), q_lab,
+                                          None if revisited else db_lab,
+                                          gnd if revisited else None))
         record["seconds"] = round(time.time() - t0, 2)
         results.add(record)
         if not args.quiet:

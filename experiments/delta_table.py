@@ -54,11 +54,9 @@ Smoke tests (tiny source, a few steps; mostly XLA compilation): tests/test_delta
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
 from typing import Sequence
@@ -68,12 +66,11 @@ import numpy as np
 from experiments import cli, fewshot, pretrain, publish
 from experiments.knobs import plan_knobs, strategy_of
 from experiments.report import ResultsDir
-from jtransfer import models, surgery
-from jtransfer.data import Batches, parse_spec, sample_kshot
+from jtransfer import models
+from jtransfer.data import parse_spec, sample_kshot
 from jtransfer.errors import InputError
-from jtransfer.methods import delta, transfer
+from jtransfer.methods import delta, delta_study
 from jtransfer.protocol import claims
-from jtransfer.train import accuracy, init_state, predict_logits
 
 STRATEGIES = ("l2fe", "l2", "l2sp", "delta_noatt", "delta")
 # Later baselines of the same family (issue 20), rows of the table when --strategies names them;
@@ -171,53 +168,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                "no_feature_cache": False})
 
 
-def parse_taps(values: Sequence[str] | None) -> dict[str, tuple[str, ...]]:
-  taps = {}
-  for value in values or ():
-    arch, sep, units = value.partition("=")
-    names = tuple(u.strip() for u in units.split(",") if u.strip())
-    if not sep or not arch.strip() or not names:
-      raise InputError(f"--taps {value!r}: expected ARCH=UNIT[,UNIT...], e.g. "
-                       "resnet_s=stage2/block1/conv2,stage3/block1/conv2")
-    taps[arch.strip()] = names
-  return taps
-
-
-def parse_alphas(text: str | None, flag: str) -> tuple[float, ...] | None:
-  """A comma list of distinct alphas >= 0, sorted; None when the flag is not given."""
-  if text is None:
-    return None
-  try:
-    values = [float(v) for v in str(text).split(",") if v.strip()]
-  except ValueError:
-    values = []
-  if not values or any(not (math.isfinite(v) and v >= 0) for v in values) or \
-      len(set(values)) != len(values):
-    raise InputError(f"{flag} {text!r}: expected distinct numbers >= 0, e.g. 0.01 or "
-                     "0.001,0.01,0.1")
-  return tuple(sorted(values))
-
-
 def alpha_overrides(args, plan: dict) -> dict[str, tuple[dict, dict]]:
   """strategy -> (knob grids, knob defaults) with the alpha grid and paper-grid alpha an alpha
   flag sets, for plan['knobs'] (`experiments.knobs.strategy_of`)."""
   out = {}
   for field, names in ALPHA_FLAGS.items():
-    grid = parse_alphas(getattr(args, field), "--" + field.replace("_", "-"))
+    grid = delta_study.parse_alphas(getattr(args, field), "--" + field.replace("_", "-"))
     if grid is None:
       continue
     for name in names:
-      s = strategy_of(plan, name)
-      default = grid[0] if len(grid) == 1 else s.knob_defaults["alpha"]
-      out[name] = ({**s.knobs, "alpha": grid}, {**s.knob_defaults, "alpha": default})
+      out[name] = delta_study.alpha_knobs(strategy_of(plan, name), grid)
   return out
-
-
-def settings_of(config: delta.Config) -> dict:
-  """The DELTA settings a record depends on besides its key (lr and alpha are in the key)."""
-  return dict(beta=config.beta, schedule=config.schedule, att_bn=config.att_bn,
-              weight_decay=config.weight_decay, bn_train=config.bn_train,
-              taps={k: list(v) for k, v in sorted(config.taps.items())})
 
 
 class DeltaResults(ResultsDir):
@@ -243,7 +204,7 @@ def validate(args: argparse.Namespace) -> dict:
   plan = fewshot.validate(args)
   changes = {k: getattr(args, k) for k in ("beta", "schedule", "att_bn")
              if getattr(args, k) is not None}
-  taps = parse_taps(args.taps)
+  taps = delta_study.parse_taps(args.taps)
   if taps:
     changes["taps"] = taps
   # DELTA's config reaches the strategies as their `config` knob (plan['options']).
@@ -253,7 +214,7 @@ def validate(args: argparse.Namespace) -> dict:
   plan["delta"] = changes
   plan["delta_config"] = config
   plan["options"] = options
-  plan["settings"] = settings_of(config)
+  plan["settings"] = delta_study.settings_of(config)
   plan["knobs"] = {**env_knobs, **alpha_overrides(args, plan)}
   plan["curves"] = None
   if not args.no_curves:
@@ -280,63 +241,15 @@ def validate(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- Fig. 2 / Fig. 3
-def stage_of(unit: str) -> str:
-  """'stage2/block0/conv1' -> 'stage2'; VGG 'conv3_1' -> 'stage3'; 'stem' -> 'stem'."""
-  m = re.fullmatch(r"conv(\d+)_\d+", unit)
-  return f"stage{m.group(1)}" if m else unit.split("/")[0]
-
-
-def filter_distances(params, w0) -> dict[str, list[float]]:
-  """Per stage, the L2 distance of every conv filter (output channel) from w0, sorted down."""
-  out: dict[str, list[float]] = {}
-  for unit, d in surgery.filter_distances(params, w0).items():
-    out.setdefault(stage_of(unit), []).extend(d.tolist())
-  return {s: sorted(v, reverse=True) for s, v in out.items()}
-
-
-def learning_curve(runs: fewshot.TargetRuns, name: str, train_idx, seed: int, lr: float,
-                   every: int, hp: str = "") -> tuple[dict, dict]:
-  """One run of `name` (knob values `hp`) for exactly --steps steps, with its train CE at every
-  step and test accuracy every `every`."""
-  setup, step, opt, _ = runs.setup(name, hp)
-  images, labels = runs.pool.images[train_idx], runs.pool.labels[train_idx]
-  params, stats = setup.init(seed, images, labels)
-  batches = Batches(images, labels, runs.args.batch_size, seed)
-  state = init_state(params, stats, opt, seed, lr)
-  curve = dict(step=[], ce=[], loss=[], eval_step=[], test_acc=[])
-  for t in range(runs.args.steps):
-    state, m = step(state, batches.at(t))
-    if not bool(m["finite"]):
-      curve["failed_at"] = t
-      break
-    curve["step"].append(t + 1)
-    curve["ce"].append(float(m["ce"]))
-    curve["loss"].append(float(m["loss"]))
-    if (t + 1) % every == 0 or t + 1 == runs.args.steps:
-      logits = predict_logits(setup.forward, state.params, state.batch_stats, runs.test.images)
-      curve["eval_step"].append(t + 1)
-      curve["test_acc"].append(accuracy(logits, runs.test.labels))
-  return curve, state.params
-
-
 def curve_knobs(records: list[dict], plan: dict, args) -> dict[str, dict]:
   """Per Fig. 2 strategy, its knob values and where they come from: 'fixed' (a one-value alpha
   grid), 'tuned' (chosen for the curves' (arch, target, k) cell by the table's tuning), else
   'paper' (`Strategy.knob_defaults`: the cell is not in the table or not tuned)."""
   c = plan["curves"]
   tuned = fewshot.choose(records, plan, args)
-  out = {}
-  for name in CURVE_STRATEGIES:
-    strategy = strategy_of(plan, name)
-    t = tuned.get((c["arch"], c["target"], c["shots"], name))
-    if all(len(v) == 1 for v in strategy.knobs.values()):
-      out[name] = dict(hp=transfer.hp_string({k: v[0] for k, v in strategy.knobs.items()}),
-                       origin="fixed")
-    elif t:
-      out[name] = dict(hp=t["hp"], origin="tuned")
-    else:
-      out[name] = dict(hp=transfer.hp_string(strategy.knob_defaults), origin="paper")
-  return out
+  return {name: delta_study.curve_knob_origin(
+      strategy_of(plan, name), (tuned.get((c["arch"], c["target"], c["shots"], name)) or {}
+                                ).get("hp")) for name in CURVE_STRATEGIES}
 
 
 def run_curves(args, plan: dict, knobs: dict) -> dict:
@@ -349,18 +262,21 @@ def run_curves(args, plan: dict, knobs: dict) -> dict:
   out = dict(config=curve_config(plan, knobs), curves={}, distances={})
   data_cache: dict = {}
   for schedule in c["schedules"]:
-    config = dataclasses.replace(plan["delta_config"], schedule=schedule)
+    config = delta_study.with_schedule(plan["delta_config"], schedule)
     options = {name: {"config": config} for name in CURVE_STRATEGIES}
     runs = fewshot.TargetRuns(source, c["target"], curve_args, data_cache, {}, options)
     train_idx, _ = sample_kshot(runs.pool.labels, c["shots"], args.seed,
                                 num_classes=runs.num_classes)
     for name in CURVE_STRATEGIES:
       t0 = time.time()
-      curve, params = learning_curve(runs, name, train_idx, args.seed, c["lr"], c["every"],
-                                     knobs[name]["hp"])
+      setup, step, opt, _ = runs.setup(name, knobs[name]["hp"])
+      curve, params = delta_study.learning_curve(
+          setup, step, opt, runs.pool.take(train_idx), runs.test, args.seed, c["lr"],
+          c["steps"], c["every"], args.batch_size)
       out["curves"][f"{schedule}|{name}"] = curve
       if schedule == "exp" or len(c["schedules"]) == 1:
-        out["distances"][name] = filter_distances(params, source.variables["params"])
+        out["distances"][name] = delta_study.stage_filter_distances(
+            params, source.variables["params"])
       if not args.quiet:
         acc = curve["test_acc"][-1] if curve["test_acc"] else float("nan")
         print(f"[curves] {schedule} {name} {knobs[name]['hp']}: test {acc:.4f} "

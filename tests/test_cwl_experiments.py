@@ -8,7 +8,7 @@ from PIL import Image
 
 from experiments import cwl_kronecker, cwl_pruning, cwl_retrieval, cwl_tables, publish
 from jtransfer.errors import InputError
-from jtransfer.methods import transfer
+from jtransfer.methods import retrieval_run, transfer
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +264,8 @@ def test_tables_claims_by_hand():
 
 
 def test_retrieval_helpers():
-  assert cwl_retrieval.landmark("all_souls_000013") == "all_souls"
-  assert cwl_retrieval.landmark("jpg/defense_000041.jpg") == "defense"
+  assert retrieval_run.landmark("all_souls_000013") == "all_souls"
+  assert retrieval_run.landmark("jpg/defense_000041.jpg") == "defense"
   recs = [dict(strategy="a", lr=1.0, map=0.2), dict(strategy="a", lr=1.0, map=0.4),
           dict(strategy="a", lr=2.0, map=0.1), dict(strategy="b", lr=0.0, map=0.5)]
   s = cwl_retrieval.summarize(recs, ["map"])

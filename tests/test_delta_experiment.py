@@ -15,7 +15,7 @@ import pytest
 from experiments import delta_table, fewshot, knobs, publish
 from jtransfer.data import Batches, load_spec, sample_kshot
 from jtransfer.errors import InputError
-from jtransfer.methods import delta, transfer
+from jtransfer.methods import delta, delta_study, transfer
 from jtransfer.train import init_state, make_train_step
 
 TINY = ["--arch", "vgg_s", "--curve-arch", "vgg_s", "--target", "digits", "--shots", "2",
@@ -129,15 +129,15 @@ def test_filter_distances_by_hand():
        "stage1/block0": {"conv1": {"conv": {"kernel": np.zeros((1, 1, 1, 2))}}}}
   w["conv2_1"]["conv"]["kernel"][0, 0, :, 1] = [3.0, 4.0]   # filter 1 moved by 5
   w["stage1/block0"]["conv1"]["conv"]["kernel"][0, 0, 0, 0] = -2.0
-  got = delta_table.filter_distances(w, w0)
+  got = delta_study.stage_filter_distances(w, w0)
   assert got == {"stage2": [5.0, 0.0, 0.0], "stage1": [2.0, 0.0]}
-  assert delta_table.stage_of("stem") == "stem"
+  assert delta_study.stage_of("stem") == "stem"
 
 
 @pytest.mark.parametrize("value", ["resnet_s=", "=a,b", "resnet_s"])
 def test_parse_taps_rejects(value):
   with pytest.raises(InputError):
-    delta_table.parse_taps([value])
+    delta_study.parse_taps([value])
 
 
 def test_alpha_flags_set_the_tuning_grid():
