@@ -9,6 +9,7 @@ from PIL import Image
 from experiments import cwl_kronecker, cwl_pruning, cwl_retrieval, cwl_tables, publish
 from jtransfer.errors import InputError
 from jtransfer.methods import retrieval_run, transfer
+from jtransfer.study import flags as study_flags
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +138,12 @@ def test_retrieval_embedded(source_dir, tmp_path):
   assert cwl_retrieval.main(argv) == 0
   _outputs(out, "report.md", "results.json", "map.png")
   records = json.load(open(os.path.join(out, "results.json")))
-  assert {r["strategy"] for r in records} == {"freeze", "freeze_cwl"}
-  assert all(0 < r["map"] <= 1 for r in records)
+  assert all(r["version"] == 2 and r["knobs"].keys() == {"lr"} for r in records)
+  assert {r["arm"] for r in records} == {"freeze", "freeze_cwl"}
+  assert all(0 < r["outcome"]["map"] <= 1 for r in records)
   # Table III's claim, paired by query draw
   claim = json.load(open(os.path.join(out, "summary.json")))["claims"][0]
-  by = {(r["strategy"], r["repeat"]): r["map"] for r in records}
+  by = {(r["arm"], r["draw"]["index"]): r["outcome"]["map"] for r in records}
   diffs = [by[("freeze_cwl", i)] - by[("freeze", i)] for i in (0, 1)]
   assert claim["pooled"]["paired"]["n"] == 2
   assert claim["pooled"]["paired"]["mean"] == pytest.approx(np.mean(diffs))
@@ -171,7 +173,7 @@ def test_retrieval_revisited_path(source_dir, tmp_path):
   report = open(os.path.join(out, "report.md")).read()
   assert "| Easy | Medium | Hard | Mean |" in report
   records = json.load(open(os.path.join(out, "results.json")))
-  assert all(0 < r[s] <= 1 for r in records for s in ("easy", "medium", "hard"))
+  assert all(0 < r["outcome"][s] <= 1 for r in records for s in ("easy", "medium", "hard"))
   # a flatten head cannot take another input size
   assert cwl_retrieval.main(argv[:-3] + ["--image-size", "32,32", "--out", out + "2"]) == 2
 
@@ -195,8 +197,8 @@ def test_bad_flags(tmp_path):
   # Several LRs for a strategy would be chosen on test mAP: refused, one sentence naming it.
   for lrs in ("paper", "1e-3,1e-2"):
     with pytest.raises(InputError, match="freeze_cwl 2 learning rates|has no validation split"):
-      cwl_retrieval.validate(cwl_retrieval.parse_args(["--lrs", lrs]))
-  assert cwl_retrieval.validate(cwl_retrieval.parse_args(["--lrs", "1e-3"]))
+      study_flags.parse(cwl_retrieval.STUDY, ["--lrs", lrs])
+  assert study_flags.parse(cwl_retrieval.STUDY, ["--lrs", "1e-3"]).extra.lr_plan()
   assert not os.path.exists(tmp_path / "e")
   assert cwl_retrieval.main(["--lrs", "paper", "--out", str(tmp_path / "e")]) == 2
   assert cwl_kronecker.main(["--ranks", "a", "--out", str(tmp_path / "d")]) == 2
@@ -266,8 +268,8 @@ def test_tables_claims_by_hand():
 def test_retrieval_helpers():
   assert retrieval_run.landmark("all_souls_000013") == "all_souls"
   assert retrieval_run.landmark("jpg/defense_000041.jpg") == "defense"
-  recs = [dict(strategy="a", lr=1.0, map=0.2), dict(strategy="a", lr=1.0, map=0.4),
-          dict(strategy="a", lr=2.0, map=0.1), dict(strategy="b", lr=0.0, map=0.5)]
+  recs = [dict(arm="a", lr=1.0, map=0.2), dict(arm="a", lr=1.0, map=0.4),
+          dict(arm="a", lr=2.0, map=0.1), dict(arm="b", lr=0.0, map=0.5)]
   s = cwl_retrieval.summarize(recs, ["map"])
   assert s["a"]["best_lr"] == 1.0 and s["a"]["map"] == pytest.approx((0.3, 0.1))
   assert s["b"]["map"] == pytest.approx((0.5, 0.0))

@@ -124,6 +124,9 @@ class Study:
       (`jtransfer.study.report.make_report`); records as results.json holds them.
     run: (study, config, results) -> records, replacing the grid runner (`runner.run`) for a
       study that is not a grid of draws (e.g. an analysis of one source).
+    keys: with `run`: (version-2 records, plan) -> the keys (`records.key`) of every run its
+      grid holds, for `publish check`; None = the study lists none (its folders are counted
+      against run.json's 'grid'). Studies on the grid runner list theirs from the plan.
     doc: the module's docstring (the --help description).
   """
   module: str
@@ -148,6 +151,7 @@ class Study:
   budget: Optional[Callable] = None
   report: Optional[Callable] = None
   run: Optional[Callable] = None
+  keys: Optional[Callable] = None
   doc: str = ""
 
   def arm(self, name: str) -> Arm:

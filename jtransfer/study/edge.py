@@ -41,11 +41,12 @@ def publisher(study: Study) -> publish.Publisher:
       return study.report(plan, records, folder)
     return report_lib.make_report(plan, records)
 
+  keys = study.keys if study.run is not None else grid.grid_keys
   return publish.Publisher(
       study.module, lambda argv: flags.parse(study, argv), lambda c: grid.plan(study, c),
-      report, lambda records, plan, _: grid.grid_keys(rec.read(records, study.cell_fields),
-                                                       plan),
-      lambda r: rec.key(rec.read([r], study.cell_fields)[0]))
+      report, None if keys is None else (
+          lambda records, plan, _: keys(rec.read(records, study.cell_fields), plan)),
+      None if keys is None else (lambda r: rec.key(rec.read([r], study.cell_fields)[0])))
 
 
 def legacy_settings(study: Study):
