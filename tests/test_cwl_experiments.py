@@ -58,7 +58,9 @@ def test_pruning(source_dir, tmp_path, capsys):
   assert "[1/4, ETA" in err and "[4/4, last run] draw 1 tau=0.97" in err
   _outputs(out, "report.md", "results.json", "summary.json", "compression_per_layer.png",
            "sigma_hist.png")
-  records = json.load(open(os.path.join(out, "results.json")))
+  saved = json.load(open(os.path.join(out, "results.json")))
+  assert {(r["version"], r["arm"]) for r in saved} == {(2, "unpruned"), (2, "pruned")}
+  records = cwl_pruning.rows(saved)
   by_key = {(r["repeat"], r["tau"]): r for r in records}
   assert set(by_key) == {(0, None), (0, 0.97), (1, None), (1, 0.97)}
   r0 = by_key[(0, 0.97)]
@@ -87,14 +89,14 @@ def test_pruning(source_dir, tmp_path, capsys):
   # and times it alone, and says so rather than claiming it was timed with the unpruned one
   jsonl = os.path.join(out, "results.jsonl")
   lines = open(jsonl).readlines()
-  kept = [l for l in lines if not ('"repeat": 0' in l and '"tau": 0.97' in l)]
+  kept = [l for l in lines if not ('"index": 0' in l and '"tau": 0.97' in l)]
   assert len(kept) == len(lines) - 1
   open(jsonl, "w").writelines(kept)
   assert cwl_pruning.main(argv + ["--resume"]) == 0
   err = capsys.readouterr().err
   assert "4 runs planned" in err and "3 already saved, skipped" in err
   assert "[4/4, last run] draw 0 tau=0.97" in err
-  records = json.load(open(os.path.join(out, "results.json")))
+  records = cwl_pruning.rows(json.load(open(os.path.join(out, "results.json"))))
   by_key = {(r["repeat"], r["tau"]): r for r in records}
   assert by_key[(0, 0.97)]["latency_timing"] == "interleaved, resumed draw"
   assert by_key[(0, None)]["latency_timing"] == "interleaved"
@@ -105,8 +107,8 @@ def test_pruning(source_dir, tmp_path, capsys):
 def test_pruning_claims_by_hand():
   """Claims pair the pruned + finetuned model with the unpruned one (and its finetuned
   control) by draw, per tau and epoch count."""
-  args = cwl_pruning.parse_args(["--ft-epochs", "1,30", "--taus", "0.4,0.8"])
-  plan = cwl_pruning.validate(args)
+  plan = cwl_pruning.PUBLISHER.validate(
+      study_flags.parse(cwl_pruning.STUDY, ["--ft-epochs", "1,30", "--taus", "0.4,0.8"]))
   recs = []
   for rep, shift in ((0, 0.0), (1, 0.02), (2, 0.01)):
     ft = lambda a1, a30: {"1": dict(lr=1e-4, edges=[], val_acc=0.5, test_acc=a1 + shift),
@@ -124,7 +126,8 @@ def test_pruning_claims_by_hand():
   assert cells[(0.8, 1)]["verdict"] == "refuted"
   control = {(c["cell"]["tau"], c["cell"]["epochs"]): c for c in res[1]["cells"]}
   assert control[(0.4, 1)]["paired"]["mean"] == pytest.approx(-0.01)
-  text = cwl_pruning.make_report(recs, args, plan)
+  text, summary = cwl_pruning.make_report(plan, recs)
+  assert summary["claims"] == json.loads(json.dumps(res))
   assert "| 0.4 | 0.900 (0.008) | 0.910 (0.008) | 0.920 (0.008) | 50% | 70% | - | - |" in text
   assert "| - | 0.910 (0.008) | 0.920 (0.008) | 0.930 (0.008) | 100% | 100% | - | - |" in text
   assert "Only 1 k-shot draw" not in text and "## Claims" in text

@@ -71,6 +71,10 @@ def test_choose_per_epochs_extends_an_edge_and_without_validation_takes_the_firs
   assert got["ft"]["1"]["lr"] == pytest.approx(0.1) and sorted(calls) == pytest.approx(
       [1e-3, 1e-2, 0.1])
   calls.clear()
+  # one LR: nothing to choose, but it still runs once (tuning scores no one-point grid)
+  got = prune_finetune.choose_per_epochs(curve, [1], [1e-3])
+  assert calls == [1e-3] and got["ft"]["1"]["val_acc"] == 1e-3
+  calls.clear()
   got = prune_finetune.choose_per_epochs(curve, [1], [1e-3, 1e-2], validated=False)
   assert calls == [1e-3] and got["ft"]["1"]["lr"] == 1e-3 and got["ft"]["1"]["edges"] == []
 
@@ -96,3 +100,18 @@ def test_finetuner_curve_at_lr_zero_is_the_model_as_it_is():
   assert set(got) == {1, 2} and got[2]["test_acc"] == pytest.approx(want)
   assert ft.accs(config, v["params"], stats, splits)["test_acc"] == pytest.approx(want)
   assert splits._replace(val=None).accs(fwd, v["params"], stats)["val_acc"] is None
+  m = prune_finetune.measure(ft, config, v["params"], stats, splits, 0, [1], [0.0])
+  assert m["acc"] == pytest.approx(want) and m["ft"]["1"]["test_acc"] == pytest.approx(want)
+  assert m["ft"]["1"]["lr"] == 0.0 and [g[0] for g in m["ft_grid"]] == [0.0]
+
+
+def test_claim_rows_pair_by_draw_tau_and_epochs():
+  ft = lambda a: {"1": dict(test_acc=a)}
+  records = [dict(tau=None, repeat=0, acc=0.9, ft=ft(0.95)),
+             dict(tau=0.5, repeat=0, acc=0.7, ft=ft(0.85)),
+             dict(tau=0.5, repeat=1, acc=0.6, ft=ft(0.8))]  # draw 1 has no unpruned run
+  got = prune_finetune.claim_rows(records)
+  cell = dict(tau=0.5, epochs=1, repeat=0)
+  assert got == [dict(cell, arm="pruned_ft", test_acc=0.85),
+                 dict(cell, arm="unpruned", test_acc=0.9),
+                 dict(cell, arm="unpruned_ft", test_acc=0.95)]

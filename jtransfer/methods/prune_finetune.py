@@ -134,9 +134,21 @@ def choose_per_epochs(curve_at: Callable[[float], Mapping[int, Mapping]],
       t = tuning.tune({"lr": tuple(lrs)}, lambda p: at(p["lr"])[e]["val_acc"],
                       extend).to_dict()
     lr = t["choice"]["lr"]
-    ft[str(e)] = dict(lr=lr, edges=t["edges"], **runs[lr][e])
+    # at(): a one-LR grid is chosen without being scored, so it may not have run yet.
+    ft[str(e)] = dict(lr=lr, edges=t["edges"], **at(lr)[e])
   grid = [[lr, {str(e): v for e, v in r.items()}] for lr, r in sorted(runs.items())]
   return dict(ft=ft, ft_grid=grid)
+
+
+def measure(finetuner: Finetuner, config: Mapping, params, stats, splits: Splits, seed: int,
+            epochs: Sequence[int], lrs: Sequence[float], extend: int = 0) -> dict:
+  """A model as Table IV reads it: {'acc' (test), 'val_acc'} as it is, then 'ft' and
+  'ft_grid' of `choose_per_epochs` (finetuned from it, the LR chosen per epoch count on
+  validation; the first LR without validation images)."""
+  accs = finetuner.accs(config, params, stats, splits)
+  return dict(acc=accs["test_acc"], val_acc=accs["val_acc"], **choose_per_epochs(
+      lambda lr: finetuner.curve(config, params, stats, splits, seed, epochs, lr), epochs,
+      lrs, extend, validated=splits.val is not None))
 
 
 def latencies(nets: Sequence[tuple], source: transfer.Source, batches: Sequence[int],
@@ -150,3 +162,39 @@ def latencies(nets: Sequence[tuple], source: transfer.Source, batches: Sequence[
     calls.update({(i, b): call for b, call in per_batch.items()})
   times = interleaved_latency_ms(calls, runs=runs)
   return [{str(b): times[(i, b)] for b in batches} for i in range(len(nets))]
+
+
+def save_pruned(path: str, source: transfer.Source, res: prune.PruneResult, meta: Mapping
+                ) -> None:
+  """Saves a pruned model as a `transfer.Source` (its widths config, the source's input
+  shape and normalisation, `meta`), so `transfer.load_source(path)` reads it back."""
+  variables = {"params": res.params, **({"batch_stats": res.batch_stats}
+                                        if res.batch_stats else {})}
+  transfer.save_source(path, transfer.Source(source.arch, res.config, variables,
+                                              source.input_shape, source.mean, source.std,
+                                              dict(meta)))
+
+
+def claim_rows(records: Sequence[Mapping]) -> list[dict]:
+  """Table IV's comparisons as rows for `protocol.claims.evaluate`: per draw ('repeat'), tau
+  and finetuning epoch count, the pruned and finetuned model ('pruned_ft'), the unpruned model
+  ('unpruned') and the unpruned model finetuned alike ('unpruned_ft', a control), each with
+  its 'test_acc'.
+
+  Args:
+    records: one per (tau, draw): 'tau' (None: the unpruned model), 'repeat', 'acc' and
+      'ft' {str(epochs): {'test_acc', ...}} (`measure`'s fields).
+  """
+  base = {r.get("repeat", 0): r for r in records if r["tau"] is None}
+  out = []
+  for r in records:
+    b = base.get(r.get("repeat", 0))
+    if r["tau"] is None or b is None:
+      continue
+    for e, ft in r["ft"].items():
+      cell = dict(tau=r["tau"], epochs=int(e), repeat=r.get("repeat", 0))
+      out += [dict(cell, arm="pruned_ft", test_acc=ft["test_acc"]),
+              dict(cell, arm="unpruned", test_acc=b["acc"])]
+      if e in b.get("ft", {}):
+        out.append(dict(cell, arm="unpruned_ft", test_acc=b["ft"][e]["test_acc"]))
+  return out
