@@ -124,6 +124,9 @@ class Study:
       (`jtransfer.study.report.make_report`); records as results.json holds them.
     run: (study, config, results) -> records, replacing the grid runner (`runner.run`) for a
       study that is not a grid of draws (e.g. an analysis of one source).
+    arm_plan: (config, `grid.ArmPlan`) -> ArmPlan: the study's own knobs applied to a resolved
+      arm (e.g. DELTA's --alpha grid and `delta.Config` from its flags), so they travel in the
+      plan to `Strategy.build`, never through a global.
     keys: with `run`: (version-2 records, plan) -> the keys (`records.key`) of every run its
       grid holds, for `publish check`; None = the study lists none (its folders are counted
       against run.json's 'grid'). Studies on the grid runner list theirs from the plan.
@@ -152,6 +155,7 @@ class Study:
   report: Optional[Callable] = None
   run: Optional[Callable] = None
   keys: Optional[Callable] = None
+  arm_plan: Optional[Callable] = None
   doc: str = ""
 
   def arm(self, name: str) -> Arm:

@@ -113,6 +113,8 @@ def plan(study: Study, config: Config) -> Plan:
   if any(n in _delta().CONFIG_STRATEGIES for n in config.cells.arms):
     delta_config = _delta().Config(**dict(p.delta_env)).validate()
   arms = tuple(_resolve(study, config, n, delta_config) for n in config.cells.arms)
+  if study.arm_plan is not None:
+    arms = tuple(study.arm_plan(config, a) for a in arms)
   c = config.cells
   base = [dict(zip(("arch", "target", "shots"), v))
           for v in itertools.product(c.archs, c.targets, c.shots)]
