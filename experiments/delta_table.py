@@ -225,15 +225,11 @@ def curve_knobs(records: list[dict], plan) -> dict[str, dict]:
   curves' cell, else 'paper'; `delta_study.curve_knob_origin`)."""
   c = curves_of(plan.config)
   tuned = grid.choices(rec.read(records), plan)
-  arms = {a.name: a for a in plan.arms}
-  out = {}
-  for name in CURVE_STRATEGIES:
-    strategy = arms[name].strategy if name in arms else grid.plan(
-        plan.study, dataclasses.replace(plan.config, cells=dataclasses.replace(
-            plan.config.cells, arms=(name,)))).arms[0].strategy
-    t = tuned.get((c["arch"], c["target"], c["shots"], name))
-    out[name] = delta_study.curve_knob_origin(strategy, t and t["hp"])
-  return out
+  # A curve strategy the table does not run still takes the flags' alpha grid.
+  cells = dataclasses.replace(plan.config.cells, arms=CURVE_STRATEGIES)
+  curve_plan = grid.plan(plan.study, dataclasses.replace(plan.config, cells=cells))
+  return {a.name: delta_study.curve_knob_origin(a.strategy, (tuned.get(
+      (c["arch"], c["target"], c["shots"], a.name)) or {}).get("hp")) for a in curve_plan.arms}
 
 
 def curve_config(plan, knobs: dict) -> dict:
@@ -293,56 +289,6 @@ def run(study_, config, results) -> list[dict]:
     if not curves or curves.get("config") != json.loads(json.dumps(curve_config(plan, knobs))):
       results.write_json("curves.json", run_curves(plan, knobs))
   return records
-
-
-def plot_curves(curves: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  schedules = curves["config"]["schedules"]
-  fig, axes = plt.subplots(2, len(schedules), figsize=(5 * len(schedules), 6.5), squeeze=False)
-  names = {"step": "StepLR", "exp": "ExponentialLR"}
-  for j, schedule in enumerate(schedules):
-    for name in CURVE_STRATEGIES:
-      cv = curves["curves"].get(f"{schedule}|{name}")
-      if not cv:
-        continue
-      axes[0][j].plot(cv["step"], cv["ce"], label=TITLES[name], lw=1)
-      axes[1][j].plot(cv["eval_step"], [100 * a for a in cv["test_acc"]], marker="o", ms=3,
-                      label=TITLES[name])
-    axes[0][j].set_title(f"{names[schedule]}: training CE", fontsize=9)
-    axes[1][j].set_title(f"{names[schedule]}: test accuracy (%)", fontsize=9)
-    for ax in (axes[0][j], axes[1][j]):
-      ax.set_xlabel("iteration")
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize=8)
-  c = curves["config"]
-  fig.suptitle(f"{c['arch']} -> {c['target']}, k={c['shots']}, lr {c['lr']:g}", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def plot_distances(distances: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  stages = list(next(iter(distances.values())))
-  fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 3), squeeze=False)
-  for ax, stage in zip(axes[0], stages):
-    for name in CURVE_STRATEGIES:
-      if name in distances:
-        d = distances[name][stage]
-        ax.plot(np.arange(len(d)), d, label=TITLES[name])
-    ax.set_title(stage, fontsize=9)
-    ax.set_xlabel("filters, sorted")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-  axes[0][0].set_ylabel("||w - w0|| per filter")
-  axes[0][0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- report
@@ -442,9 +388,10 @@ def plots(summary: dict, plan, folder: str) -> None:
   hooks.plot_accuracy(summary, plan, folder)
   curves = read_curves(folder) if curves_of(plan.config) else None
   if curves:
-    plot_curves(curves, os.path.join(folder, "learning_curves.png"))
+    delta_study.plot_curves(curves, os.path.join(folder, "learning_curves.png"), TITLES)
     if curves["distances"]:
-      plot_distances(curves["distances"], os.path.join(folder, "filter_distance.png"))
+      delta_study.plot_distances(curves["distances"],
+                                 os.path.join(folder, "filter_distance.png"), TITLES)
 
 
 STUDY = study.Study(

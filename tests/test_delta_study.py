@@ -75,3 +75,13 @@ def test_learning_curve_steps_and_evaluations():
   stats = setup.init(0, train.images, train.labels)[1]
   want = accuracy(predict_logits(setup.forward, params, stats, test.images), test.labels)
   assert curve["test_acc"][-1] == pytest.approx(want)
+
+
+def test_plots_write_both_figures(tmp_path):
+  curve = dict(step=[1, 2], ce=[1.0, 0.5], loss=[1.0, 0.5], eval_step=[2], test_acc=[0.5])
+  curves = dict(config=dict(schedules=["exp"], arch="vgg_s", target="digits", shots=5,
+                            lr=0.01), curves={"exp|l2sp": curve, "exp|delta": curve})
+  delta_study.plot_curves(curves, str(tmp_path / "c.png"), {"delta": "DELTA"})
+  distances = {"l2sp": {"stage1": [2.0, 1.0]}, "delta": {"stage1": [3.0, 0.5]}}
+  delta_study.plot_distances(distances, str(tmp_path / "d.png"), {})
+  assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "d.png").stat().st_size > 0

@@ -8,14 +8,15 @@ a run depends on, learning curves and filter distances per stage.
   recorded run depends on besides its learning rate and alpha (a resume must match them).
 * `learning_curve`: one fixed-length run with its training CE at every step and test accuracy
   every few steps (Fig. 2); `stage_filter_distances`: every conv filter's L2 distance from its
-  starting point, grouped by stage and sorted (Fig. 3).
+  starting point, grouped by stage and sorted (Fig. 3); `plot_curves`, `plot_distances` draw
+  the two figures.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -140,3 +141,56 @@ def curve_knob_origin(strategy: transfer.Strategy, tuned_hp: Optional[str]) -> d
     return dict(hp=tuned_hp, origin="tuned")
   return dict(hp=transfer.hp_string(strategy.knob_defaults), origin="paper")
 
+
+def plot_curves(curves: dict, path: str, labels: Mapping[str, str]) -> None:
+  """Fig. 2 (learning_curves.png): training CE and test accuracy vs iteration per schedule,
+  one line per strategy of `curves` ('curves' {'schedule|strategy': `learning_curve`'s
+  dict}, 'config' {'schedules', 'arch', 'target', 'shots', 'lr'}); `labels` names them."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  schedules = curves["config"]["schedules"]
+  fig, axes = plt.subplots(2, len(schedules), figsize=(5 * len(schedules), 6.5), squeeze=False)
+  names = {"step": "StepLR", "exp": "ExponentialLR"}
+  for j, schedule in enumerate(schedules):
+    for name in dict.fromkeys(k.split("|")[1] for k in curves["curves"]):
+      cv = curves["curves"].get(f"{schedule}|{name}")
+      if not cv:
+        continue
+      axes[0][j].plot(cv["step"], cv["ce"], label=labels.get(name, name), lw=1)
+      axes[1][j].plot(cv["eval_step"], [100 * a for a in cv["test_acc"]], marker="o", ms=3,
+                      label=labels.get(name, name))
+    axes[0][j].set_title(f"{names[schedule]}: training CE", fontsize=9)
+    axes[1][j].set_title(f"{names[schedule]}: test accuracy (%)", fontsize=9)
+    for ax in (axes[0][j], axes[1][j]):
+      ax.set_xlabel("iteration")
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=8)
+  c = curves["config"]
+  fig.suptitle(f"{c['arch']} -> {c['target']}, k={c['shots']}, lr {c['lr']:g}", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_distances(distances: dict, path: str, labels: Mapping[str, str]) -> None:
+  """Fig. 3 (filter_distance.png): per stage, each strategy's filter distances
+  (`stage_filter_distances`), sorted, log scale; `labels` names them."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  stages = list(next(iter(distances.values())))
+  fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 3), squeeze=False)
+  for ax, stage in zip(axes[0], stages):
+    for name in distances:
+      d = distances[name][stage]
+      ax.plot(np.arange(len(d)), d, label=labels.get(name, name))
+    ax.set_title(stage, fontsize=9)
+    ax.set_xlabel("filters, sorted")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("||w - w0|| per filter")
+  axes[0][0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
