@@ -42,11 +42,16 @@ def publisher(study: Study) -> publish.Publisher:
     return report_lib.make_report(plan, records)
 
   keys = study.keys if study.run is not None else grid.grid_keys
+
+  def grid_keys(records, plan, _):
+    return keys(rec.read(records, study.cell_fields), plan)
+
+  # A study with its own `run` lists its grid's keys itself (`Study.keys`), or none: its
+  # folder is then counted when it finishes (`publish.save`).
   return publish.Publisher(
       study.module, lambda argv: flags.parse(study, argv), lambda c: grid.plan(study, c),
-      report, None if keys is None else (
-          lambda records, plan, _: keys(rec.read(records, study.cell_fields), plan)),
-      None if keys is None else (lambda r: rec.key(rec.read([r], study.cell_fields)[0])))
+      report, None if keys is None else grid_keys,
+      lambda r: rec.key(rec.read([r], study.cell_fields)[0]))
 
 
 def legacy_settings(study: Study):
