@@ -278,9 +278,29 @@ def read_curves(folder: str) -> Optional[dict]:
     return json.load(f)
 
 
+def check_settings(config, results) -> None:
+  """Refuses to resume runs made with other DELTA settings (the JTRANSFER_DELTA_* environment
+  is not among the flags the folder's settings fingerprint holds), then notes this run's in
+  delta_settings.json (version-1 records carry theirs as 'delta')."""
+  mine = json.dumps(delta_study.settings_of(delta_config(config)), sort_keys=True)
+  path = os.path.join(results.path, "delta_settings.json")
+  seen = {json.dumps(r["delta"], sort_keys=True) for r in rec.rows(results.records)
+          if "delta" in r}
+  if results.records and os.path.exists(path):
+    with open(path) as f:
+      seen.add(json.dumps(json.load(f), sort_keys=True))
+  if seen - {mine}:
+    raise InputError(f"--out {results.path} holds runs made with other DELTA settings "
+                     f"({', '.join(sorted(seen))}), not {mine}: use the same --beta/--schedule"
+                     "/--att-bn/--taps and JTRANSFER_DELTA_* environment, or another --out")
+  if results.writer:
+    results.write_json("delta_settings.json", json.loads(mine))
+
+
 def run(study_, config, results) -> list[dict]:
   """The runner's grid, then Figs. 2 and 3 (reused from curves.json on --resume when their
   settings match)."""
+  check_settings(config, results)
   records = runner.run(study_, config, results)
   plan = grid.plan(study_, config)
   if curves_of(config) and results.writer:

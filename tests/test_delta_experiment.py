@@ -82,8 +82,12 @@ def test_delta_table_smoke(tiny_source_dir, tmp_path):
   assert delta_table.main(argv + ["--resume"]) == 0
   assert open(os.path.join(out, "report.md")).read() == report
   assert publish.check(out) == []
-  # ... but not with other DELTA settings (the folder's settings fingerprint).
+  # ... but not with other DELTA settings (the folder's settings fingerprint), nor another
+  # JTRANSFER_DELTA_* environment (delta_settings.json).
   assert delta_table.main(argv + ["--resume", "--att-bn", "eval"]) == 2
+  with pytest.MonkeyPatch.context() as m:
+    m.setenv("JTRANSFER_DELTA_BETA", "0.5")
+    assert delta_table.main(argv + ["--resume"]) == 2
 
 
 def test_delta_table_curves(tiny_source_dir, tmp_path):
