@@ -11,7 +11,8 @@ so the test split reaches no choice. `latencies` times the jitted forwards of se
 round-robin (`train.evaluate.interleaved_latency_ms`), so a load change on a shared machine
 slows the pruned and unpruned models alike.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: `Splits` is a NamedTuple, whose field annotations
+# must stay objects for the API reference (as in `retrieval`).
 
 import json
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence
