@@ -41,6 +41,7 @@ import dataclasses
 import os
 import sys
 import time
+import types
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -64,7 +65,8 @@ from jtransfer.study.target import cap_per_class
 from jtransfer.train import accuracy, init_state, make_train_step, predict_logits
 
 CWL_STRATEGIES = ("freeze_cwl", "finetune_cwl", "finetune_lowconv")
-DEFAULT_LR = {"freeze_cwl": 1e-2, "finetune_cwl": 1e-4, "finetune_lowconv": 1e-2}
+DEFAULT_LR = types.MappingProxyType({"freeze_cwl": 1e-2, "finetune_cwl": 1e-4,
+                                     "finetune_lowconv": 1e-2})
 CELL = ("tau",)  # the dose axis: None for the unpruned model
 CLAIMS = (
     claims.Claim("CWL", "pruning by |sigma| keeps accuracy after finetuning", "pruned_ft",
@@ -73,8 +75,8 @@ CLAIMS = (
                  "unpruned model finetuned alike (a control the paper does not report)",
                  "pruned_ft", "unpruned_ft", at_least=True, margin=0.01, source="Table IV"),
 )
-LABELS = {"pruned_ft": "pruned + finetuned", "unpruned": "unpruned",
-          "unpruned_ft": "unpruned + finetuned"}
+LABELS = types.MappingProxyType({"pruned_ft": "pruned + finetuned", "unpruned": "unpruned",
+                                 "unpruned_ft": "unpruned + finetuned"})
 
 
 def _at_least_1(flag: str):

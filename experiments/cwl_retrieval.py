@@ -38,6 +38,7 @@ import dataclasses
 import os
 import sys
 import time
+import types
 from typing import Optional, Sequence
 
 import numpy as np
@@ -54,12 +55,13 @@ from jtransfer.study.draws import Draw
 from jtransfer.study.tables import mean_std
 
 STRATEGIES = ("freeze", "freeze_cwl", "finetune", "finetune_cwl")
-LABELS = {"freeze": "Original / Freeze", "freeze_cwl": "Freeze + CWL", "finetune": "Finetune",
-          "finetune_cwl": "Finetune + CWL", "finetune_lowconv": "Alg. 1 (low-lr conv) + CWL"}
-REDUCED = {"freeze": (1e-2,), "finetune": (1e-4,)}
-MAC_TAP_TEXT = {"conv": "the last conv layer's output after ReLU (`--mac-tap conv`)",
-                "pooled": "the 'last_conv' tap, after the last max pool for VGGs (`--mac-tap "
-                          "pooled`)"}
+LABELS = types.MappingProxyType({
+    "freeze": "Original / Freeze", "freeze_cwl": "Freeze + CWL", "finetune": "Finetune",
+    "finetune_cwl": "Finetune + CWL", "finetune_lowconv": "Alg. 1 (low-lr conv) + CWL"})
+REDUCED = types.MappingProxyType({"freeze": (1e-2,), "finetune": (1e-4,)})
+MAC_TAP_TEXT = types.MappingProxyType({
+    "conv": "the last conv layer's output after ReLU (`--mac-tap conv`)",
+    "pooled": "the 'last_conv' tap, after the last max pool for VGGs (`--mac-tap pooled`)"})
 
 
 def _image_size(text: Optional[str]) -> Optional[tuple[int, int]]:

@@ -64,6 +64,7 @@ import math
 import os
 import sys
 import time
+import types
 from typing import Optional, Sequence
 
 import numpy as np
@@ -86,9 +87,10 @@ STRATEGIES = ("l2fe", "l2", "l2sp", "delta_noatt", "delta")
 # Later baselines of the same family (issue 20), rows of the table when --strategies names them;
 # each keeps its own recipe (Adam, its LR grid), not DELTA's SGD one.
 BASELINES = ("bss", "lpft", "wise_ft", "cotuning")
-TITLES = {"l2fe": "L2-FE", "l2": "L2", "l2sp": "L2-SP", "delta_noatt": "DELTA w/o ATT",
-          "delta": "DELTA", "bss": "BSS", "lpft": "LP-FT", "wise_ft": "WiSE-FT",
-          "cotuning": "Co-Tuning"}
+TITLES = types.MappingProxyType({
+    "l2fe": "L2-FE", "l2": "L2", "l2sp": "L2-SP", "delta_noatt": "DELTA w/o ATT",
+    "delta": "DELTA", "bss": "BSS", "lpft": "LP-FT", "wise_ft": "WiSE-FT",
+    "cotuning": "Co-Tuning"})
 CURVE_STRATEGIES = ("l2sp", "delta")
 ALPHA_ARMS = ("l2sp", "delta", "delta_noatt")
 
