@@ -2,32 +2,29 @@
 
   python -m experiments.cwl_pruning --out results/cwl_pruning
 
-Per k-shot draw (`--repeats`, default 3; draw seeds as experiments.fewshot's, so the draws
-match cwl_tables' at the same k and --seed) of the target (default fmnist:1,5,7,8,9, k=10) with
-`--val-per-class` validation images disjoint from the k-shot set and from test: transfers the
-source (default vgg_s pretrained on fmnist:0,2,3,4,6) with Freeze+CWL (`--strategy
+Per k-shot draw (`--repeats`; the study runner's draw seeds, so the draws match cwl_tables'
+at the same k and --seed) of the target with `--val-per-class` validation images disjoint
+from the k-shot set and from test: transfers the source with Freeze+CWL (`--strategy
 finetune_cwl` for Finetune+CWL) until the validation accuracy has not improved for
 `--patience` steps (at most `--steps`; best validation state kept), then for each tau removes
-every conv channel with |sigma| < tau (`prune.prune_by_sigma`: the scales are folded into the
-weights, so the pruned model has none; ResNet stage channels are removed only when all coupled
-units are below tau, see `jtransfer.methods.prune`) and reports, as Table IV: test accuracy
-before finetuning, after 1 and 30 epochs of finetuning on the k-shot set (the paper's rows,
-`--ft-epochs`; all layers, Adam, BN in eval mode), % params and % feature maps kept, and the
-measured forward latency (jitted, batch 1 and 128, median of `--latency-runs` after warm-up) of
-draw 0's pruned and unpruned models, timed together round-robin (so a load change on a shared
-machine hits them alike). The finetuning LR is chosen per draw, tau and epoch count
-on that draw's validation set from `--ft-lrs` (extended at an edge, `--tune-extend`); the test
-split reaches no choice. The unpruned model is finetuned the same way, as a control.
+every conv channel with |sigma| < tau (`prune.prune_by_sigma`: scales folded into the weights;
+ResNet stage channels go only when all coupled units are below tau) and reports, as Table IV:
+test accuracy before finetuning and after 1 and 30 epochs of finetuning on the k-shot set (the
+paper's rows, `--ft-epochs`; all layers, Adam, BN in eval mode), % params and % feature maps
+kept, and the forward latency (jitted, median of `--latency-runs`) of draw 0's pruned and
+unpruned models, timed together round-robin (a load change on a shared machine hits them
+alike). The finetuning LR is chosen per draw, tau and epoch count on that draw's validation
+set from `--ft-lrs` (extended at an edge, `--tune-extend`); the test split reaches no choice.
+The unpruned model is finetuned the same way, as a control. Claims (paired by draw, per tau
+and epoch count; an interval needs >= 2 draws): pruned and finetuned >= unpruned within 1
+point (Table IV's reading), and >= the unpruned model finetuned alike (the control).
 
-Claims (report.md's "Claims" section, paired by draw, per tau and epoch count): pruned and
-finetuned >= unpruned within 1 point (Table IV's reading), and >= the unpruned model finetuned
-alike within 1 point (the control). Claims need >= 2 draws for an interval.
-
-Draw 0's pruned models are saved with their widths config under models/tau_<tau>
-(`transfer.load_source` reads them back). Writes results.jsonl, results.json (the same without
-timings; `make_report` regenerates report.md from it), report.md, summary.json (claims),
-compression_per_layer.png (Fig. 3: % filters removed per conv layer, draw 0, one bar per tau)
-and sigma_hist.png.
+Writes results.jsonl, results.json (version-2 records: arm 'unpruned' or 'pruned', the cell
+its tau, the dose axis), report.md, summary.json, compression_per_layer.png (Fig. 3: % filters
+removed per conv layer, draw 0, one bar per tau), sigma_hist.png (drawn when draw 0 transfers)
+and draw 0's pruned models under models/tau_<tau> (`transfer.load_source` reads them). Flags,
+output folder, resume and publishing are the study runner's (`jtransfer.study`); pruning,
+finetuning and timing are `jtransfer.methods.prune_finetune`'s.
 
 A reduced run (2 draws, 4 thresholds, 200 test images per class):
 
@@ -40,32 +37,37 @@ recovers. Latencies are only meaningful on an otherwise idle machine.
 """
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import os
 import sys
 import time
+import types
 from collections import defaultdict
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
-from experiments import cli, grid_progress, pretrain, publish
-from experiments.fewshot import budget_of, cap_per_class, draw_seed
-from experiments.report import (TIMED_AFTER_RESUME, TIMED_TOGETHER, ResultsDir, float_list,
-                                mean_std, positive_floats, timing_text)
-from jtransfer import models, surgery
+from experiments import pretrain
+from experiments.report import TIMED_AFTER_RESUME, TIMED_TOGETHER, timing_text
+from jtransfer import models, study, surgery
 from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError
-from jtransfer.methods import cwl, prune, transfer
-from jtransfer.protocol import claims, fit_converged, progress, tuning
-from jtransfer.train import (accuracy, adam, fit, init_state, make_optimizer, make_train_step,
-                             predict_logits)
-from jtransfer.train.evaluate import forward_calls, interleaved_latency_ms
+from jtransfer.methods import cwl, prune, prune_finetune, transfer
+from jtransfer.protocol import Budget, claims, progress
+from jtransfer.protocol.run import train_run
+from jtransfer.study import publish
+from jtransfer.study import records as rec
+from jtransfer.study.config import at_least
+from jtransfer.study.draws import Draw, draw_seed
+from jtransfer.study.tables import float_list, mean_std, positive_floats
+from jtransfer.study.target import cap_per_class
+from jtransfer.train import accuracy, init_state, make_train_step, predict_logits
 
 CWL_STRATEGIES = ("freeze_cwl", "finetune_cwl", "finetune_lowconv")
-DEFAULT_LR = {"freeze_cwl": 1e-2, "finetune_cwl": 1e-4, "finetune_lowconv": 1e-2}
+DEFAULT_LR = types.MappingProxyType({"freeze_cwl": 1e-2, "finetune_cwl": 1e-4,
+                                     "finetune_lowconv": 1e-2})
+CELL = ("tau",)  # the dose axis: None for the unpruned model
 CLAIMS = (
     claims.Claim("CWL", "pruning by |sigma| keeps accuracy after finetuning", "pruned_ft",
                  "unpruned", at_least=True, margin=0.01, source="Table IV, Fig. 3"),
@@ -73,203 +75,198 @@ CLAIMS = (
                  "unpruned model finetuned alike (a control the paper does not report)",
                  "pruned_ft", "unpruned_ft", at_least=True, margin=0.01, source="Table IV"),
 )
-LABELS = {"pruned_ft": "pruned + finetuned", "unpruned": "unpruned",
-          "unpruned_ft": "unpruned + finetuned"}
+LABELS = types.MappingProxyType({"pruned_ft": "pruned + finetuned", "unpruned": "unpruned",
+                                 "unpruned_ft": "unpruned + finetuned"})
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--arch", default="vgg_s", choices=models.names())
-  p.add_argument("--source", default=pretrain.DEFAULT_SOURCE, help="dataset spec or ckpt:PATH")
-  p.add_argument("--source-epochs", type=float, default=2.0)
-  p.add_argument("--target", default="fmnist:1,5,7,8,9")
-  p.add_argument("--shots", type=int, default=10, help="k-shot training images per class")
-  p.add_argument("--repeats", type=int, default=3,
-                 help="k-shot draws (the claims pair pruned and unpruned by draw; an interval "
-                      "needs >= 2)")
-  p.add_argument("--val-per-class", type=int, default=20,
-                 help="validation images per class, disjoint from the k-shot set and test")
-  p.add_argument("--strategy", default="freeze_cwl", choices=CWL_STRATEGIES)
-  p.add_argument("--lr", type=float, default=None,
-                 help="transfer learning rate (default: 1e-2 freeze_cwl, 1e-4 finetune_cwl)")
-  cli.add_stopping_flags(p, 100, "the transfer", steps=500)
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--taus", default="0.2,0.4,0.6,0.8,1.0,1.2")
-  p.add_argument("--multiple", type=int, default=1,
-                 help="round kept channel counts up to a multiple of this, by |sigma| (8 makes "
-                      "pruned models faster on CPU; 1 = the paper's threshold rule)")
-  p.add_argument("--residual", default="group", choices=prune.RESIDUAL_MODES,
-                 help="ResNet stage channels: prune as one group, or keep them")
-  p.add_argument("--ft-epochs", default="1,30",
-                 help="finetuning epochs at which to evaluate (the paper: 1 and 30)")
-  p.add_argument("--ft-lrs", default="1e-5,1e-4,1e-3",
-                 help="finetuning learning rates (Adam), comma list; chosen per draw, tau and "
-                      "epoch count on the draw's validation set")
-  cli.add_tune_extend_flag(p, 1)
-  p.add_argument("--test-per-class", type=int, default=300, help="0 = all")
-  p.add_argument("--latency-runs", type=int, default=20)
-  p.add_argument("--latency-batches", default="1,128")
-  p.add_argument("--no-save-models", action="store_true")
-  p.add_argument("--data-dir", default=None,
-                 help="TFDS data_dir or the Fashion-MNIST IDX directory")
-  p.add_argument("--seed", type=int, default=0)
-  cli.add_results_flags(p, "results/cwl_pruning")
-  return p.parse_args(argv)
+def _at_least_1(flag: str):
+  return lambda text: float_list(text, flag, lambda v: v >= 1, "values must be finite and >= 1")
 
 
-def validate(args) -> dict:
-  """Checks every flag before loading anything."""
-  parse_spec(args.target, flag="--target")
-  if not args.source.startswith("ckpt:"):
-    parse_spec(args.source, flag="--source")
-  for flag, v in (("--shots", args.shots), ("--steps", args.steps),
-                  ("--batch-size", args.batch_size), ("--latency-runs", args.latency_runs),
-                  ("--repeats", args.repeats), ("--eval-every", args.eval_every)):
-    if v < 1:
-      raise InputError(f"{flag} must be >= 1, got {v}")
-  for flag, v in (("--patience", args.patience), ("--val-per-class", args.val_per_class),
-                  ("--tune-extend", args.tune_extend), ("--test-per-class",
-                                                        args.test_per_class)):
-    if v < 0:
-      raise InputError(f"{flag} must be >= 0, got {v}")
-  at_least_1 = dict(ok=lambda v: v >= 1, what="values must be finite and >= 1")
-  epochs = sorted({int(e) for e in float_list(args.ft_epochs, "--ft-epochs", **at_least_1)})
-  batches = [int(b) for b in float_list(args.latency_batches, "--latency-batches", **at_least_1)]
-  ft_lrs = sorted(set(positive_floats(args.ft_lrs, "--ft-lrs")))
-  lr = args.lr if args.lr is not None else DEFAULT_LR[args.strategy]
-  if not lr > 0:
+def _int(name: str, default: int, lo: int, help: str):
+  """An int flag >= lo."""
+  return study.flag(name, default, help, check=at_least(lo, name))
+
+
+def _lr(text: str) -> float:
+  values = positive_floats(text, "--lr")
+  if len(values) != 1:
+    raise InputError(f"--lr {text!r}: expected one learning rate")
+  return values[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+  """The module's flags (the runner adds --source, --source-epochs and the output flags)."""
+  arch: str = study.flag("--arch", "vgg_s", "architecture", choices=models.names())
+  target: str = study.flag("--target", "fmnist:1,5,7,8,9", "target dataset spec")
+  shots: int = _int("--shots", 10, 1, "k-shot training images per class")
+  repeats: int = _int("--repeats", 3, 1, "k-shot draws (the claims pair pruned and unpruned "
+                      "by draw; an interval needs >= 2)")
+  val_per_class: int = _int("--val-per-class", 20, 0, "validation images per class, disjoint "
+                            "from the k-shot set and test")
+  strategy: str = study.flag("--strategy", "freeze_cwl", "the CWL transfer",
+                             choices=CWL_STRATEGIES)
+  lr: Optional[float] = study.flag("--lr", None, "transfer learning rate (default: 1e-2 "
+                                   "freeze_cwl, 1e-4 finetune_cwl)", parse=_lr)
+  steps: int = _int("--steps", 500, 1, "step cap of the transfer (with --patience 0: the "
+                    "exact number of steps)")
+  patience: int = _int("--patience", 100, 0, "stop the transfer once its validation accuracy "
+                       "has not improved for this many steps and keep its best validation "
+                       "state; 0 = train to the cap")
+  eval_every: int = _int("--eval-every", 10, 1, "steps between validation evaluations")
+  batch_size: int = _int("--batch-size", 64, 1, "images per step")
+  taus: tuple[float, ...] = study.flag(
+      "--taus", (0.2, 0.4, 0.6, 0.8, 1.0, 1.2), "comma list of |sigma| thresholds",
+      cli="0.2,0.4,0.6,0.8,1.0,1.2", parse=lambda t: tuple(sorted(set(float_list(
+          t, "--taus", lambda v: v >= 0, "values must be finite and >= 0")))))
+  multiple: int = study.flag("--multiple", 1, "round kept channel counts up to a multiple of "
+                             "this, by |sigma| (8 makes pruned models faster on CPU; 1 = the "
+                             "paper's threshold rule)")
+  residual: str = study.flag("--residual", "group", "ResNet stage channels: prune as one "
+                             "group, or keep them", choices=prune.RESIDUAL_MODES)
+  ft_epochs: tuple[int, ...] = study.flag(
+      "--ft-epochs", (1, 30), "finetuning epochs at which to evaluate (the paper: 1 and 30)",
+      cli="1,30", parse=lambda t: tuple(sorted({int(e) for e in _at_least_1("--ft-epochs")(t)})))
+  ft_lrs: tuple[float, ...] = study.flag(
+      "--ft-lrs", (1e-5, 1e-4, 1e-3), "finetuning learning rates (Adam), comma list; chosen "
+      "per draw, tau and epoch count on the draw's validation set", cli="1e-5,1e-4,1e-3",
+      parse=lambda t: tuple(sorted(set(positive_floats(t, "--ft-lrs")))))
+  tune_extend: int = _int("--tune-extend", 1, 0, "when a chosen LR is the first or last of its "
+                          "grid, extend that grid by up to this many values on that side")
+  test_per_class: int = _int("--test-per-class", 300, 0, "0 = all")
+  latency_runs: int = _int("--latency-runs", 20, 1, "timed forwards per model")
+  latency_batches: tuple[int, ...] = study.flag(
+      "--latency-batches", (1, 128), "batch sizes timed", cli="1,128",
+      parse=lambda t: tuple(int(b) for b in _at_least_1("--latency-batches")(t)))
+  no_save_models: bool = study.flag("--no-save-models", False, "do not save draw 0's pruned "
+                                    "models", action="store_true")
+  data_dir: Optional[str] = study.flag("--data-dir", None, "TFDS data_dir or the "
+                                       "Fashion-MNIST IDX directory")
+  seed: int = study.flag("--seed", 0, "seeds the draws, the source's pretraining and the runs")
+
+  @property
+  def transfer_lr(self) -> float:
+    """--lr, or the strategy's default."""
+    return self.lr if self.lr is not None else DEFAULT_LR[self.strategy]
+
+
+def check(config) -> None:
+  """The flags' rules across fields, before anything is loaded."""
+  k = config.extra
+  parse_spec(k.target, flag="--target")
+  if not config.source.spec.startswith("ckpt:"):
+    parse_spec(config.source.spec, flag="--source")
+  if not k.transfer_lr > 0:
     raise InputError("--lr must be > 0")
-  if not args.val_per_class and (args.patience or len(ft_lrs) > 1):
+  if not k.val_per_class and (k.patience or len(k.ft_lrs) > 1):
     raise InputError("early stopping (--patience) and choosing the finetuning LR (several "
                      "--ft-lrs) need validation images: set --val-per-class >= 1")
-  taus = float_list(args.taus, "--taus", lambda v: v >= 0, "values must be finite and >= 0")
-  return dict(taus=sorted(set(taus)), epochs=epochs,
-              batches=batches, lr=lr, ft_lrs=ft_lrs)
 
 
-# ----------------------------------------------------------------------------- pieces
-class Draw:
-  """One k-shot draw: its training, validation and test images."""
-
-  def __init__(self, data, args, repeat: int):
-    self.repeat, self.seed = repeat, draw_seed(args, args.shots, repeat)
-    train_idx, val_idx = sample_kshot(data.train.labels, args.shots, self.seed,
-                                      val_per_class=args.val_per_class,
-                                      num_classes=data.train.num_classes)
-    self.images, self.labels = data.train.images[train_idx], data.train.labels[train_idx]
-    self.val = data.train.take(val_idx) if len(val_idx) else None
-    self.test = cap_per_class(data.test, args.test_per_class)
-
-  def accs(self, forward, params, stats) -> dict:
-    acc = lambda s: accuracy(predict_logits(forward, params, stats, s.images), s.labels)
-    return dict(val_acc=acc(self.val) if self.val is not None else None,
-                test_acc=acc(self.test))
+def rows(records) -> list[dict]:
+  """Report rows of records of either version: 'tau' (None: unpruned), 'repeat' and what the
+  run measured."""
+  return rec.rows(records, CELL)
 
 
-class Compiled:
-  """Compiled train steps and forwards, one per model structure (shared by draws and LRs)."""
-
-  def __init__(self, source, num_classes: int, args, plan):
-    self.source, self.args, self.plan = source, args, plan
-    self.setup = transfer.get_strategy(args.strategy).build(source, num_classes, args.steps)
-    self.transfer_step = make_train_step(self.setup.loss_fn, self.setup.optimizer)
-    self._ft: dict = {}
-
-  def finetune(self, config: dict, params):
-    """(model, Adam step with the LR set per run, eval forward) of a pruned structure."""
-    key = json.dumps(config, sort_keys=True, default=str)
-    if key not in self._ft:
-      model = models.from_config(self.source.arch, config)
-      opt = make_optimizer(params, [(".*", "all")], {"all": adam(1.0)}, injected_lr=True)
-      step = make_train_step(transfer.ce_loss_fn(model, self.source.mean, self.source.std), opt)
-      self._ft[key] = (model, opt, step, transfer.eval_forward(model, self.source.mean,
-                                                               self.source.std))
-    return self._ft[key]
+# ----------------------------------------------------------------------------- runs
+def draw_splits(data, k: Knobs, repeat: int) -> tuple[int, prune_finetune.Splits]:
+  """(seed, splits) of k-shot draw `repeat` (the seeds of the study runner's draws, so the
+  draws match cwl_tables' at the same k and --seed)."""
+  seed = draw_seed(k.seed, k.shots, repeat)
+  train_idx, val_idx = sample_kshot(data.train.labels, k.shots, seed,
+                                    val_per_class=k.val_per_class,
+                                    num_classes=data.train.num_classes)
+  return seed, prune_finetune.Splits(data.train.take(train_idx),
+                                     data.train.take(val_idx) if len(val_idx) else None,
+                                     cap_per_class(data.test, k.test_per_class))
 
 
-def transfer_cwl(compiled: Compiled, draw: Draw, args, plan, on_step=None):
-  """Trains the CWL strategy on one draw under the run budget; `on_step` (step, cap, val
-  acc) is a long run's progress hook (`jtransfer.protocol.progress.ticker`).
-
-  Returns:
-    (params with 'cwl', batch stats, info {'steps', 'best_step', 'stopped'}).
-  """
-  setup = compiled.setup
-  params, stats = setup.init(draw.seed, draw.images, draw.labels)
-  state = init_state(params, stats, setup.optimizer, draw.seed, plan["lr"])
-  batches = Batches(draw.images, draw.labels, args.batch_size, draw.seed)
-  budget = budget_of(args)
-  if budget is None or draw.val is None:
-    state = fit(state, compiled.transfer_step, batches.at, args.steps, on_step=on_step)
-    info = dict(steps=args.steps, best_step=args.steps, stopped="fixed")
-  else:
-    val = lambda st: accuracy(predict_logits(setup.forward, st.params, st.batch_stats,
-                                             draw.val.images), draw.val.labels)
-    state, info = fit_converged(state, compiled.transfer_step, batches.at, val, budget,
-                                on_step=on_step)
-    info.pop("curve")
-  return jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, state.batch_stats), \
-      info
+def transfer_cwl(setup, step, splits, seed: int, k: Knobs, on_step=None):
+  """Trains the CWL strategy on one draw under the run budget (`protocol.train_run`): (params
+  with 'cwl', batch stats, info {'steps', 'best_step', 'stopped'})."""
+  train, val = splits.train, splits.val
+  params, stats = setup.init(seed, train.images, train.labels)
+  out = train_run(init_state(params, stats, setup.optimizer, seed, k.transfer_lr), step,
+                  Batches(train.images, train.labels, k.batch_size, seed).at, steps=k.steps,
+                  budget=Budget.from_flags(k.steps, k.eval_every, k.patience),
+                  val_acc=None if val is None else lambda st: accuracy(predict_logits(
+                      setup.forward, st.params, st.batch_stats, val.images), val.labels),
+                  on_step=on_step)
+  info = {key: v for key, v in out.info.items() if key != "curve"}
+  return (jax.tree.map(np.asarray, out.state.params),
+          jax.tree.map(np.asarray, out.state.batch_stats), info)
 
 
-def finetune_curve(compiled: Compiled, config, params, stats, draw: Draw, args, epochs,
-                   lr: float) -> dict:
-  """Validation and test accuracy after each of `epochs` epochs of finetuning every layer
-  (BN eval mode) at `lr`: {epoch: {'val_acc', 'test_acc'}}."""
-  _, opt, step, forward = compiled.finetune(config, params)
-  batches = Batches(draw.images, draw.labels, args.batch_size, draw.seed + 1)
-  state = init_state(params, stats, opt, draw.seed, lr)
-  out = {}
-  for e in epochs:
-    state = fit(state, step, batches.at, e * batches.steps_per_epoch)
-    out[e] = draw.accs(forward, state.params, state.batch_stats)
-  return out
-
-
-def finetune_chosen(compiled: Compiled, config, params, stats, draw: Draw, args, plan
-                    ) -> dict:
-  """Finetunes over the LR grid and picks, per epoch count, the LR with the best validation
-  accuracy (`tuning.tune`, extended at an edge); test accuracy is read only at the choice.
-
-  Returns:
-    {'ft': {epochs: {'lr', 'val_acc', 'test_acc', 'edges'}}, 'ft_grid': [[lr, {epochs:
-    {'val_acc', 'test_acc'}}], ...]}.
-  """
-  runs: dict = {}
-
-  def at(lr: float) -> dict:
-    if lr not in runs:
-      runs[lr] = finetune_curve(compiled, config, params, stats, draw, args, plan["epochs"], lr)
-    return runs[lr]
-
-  ft = {}
-  for e in plan["epochs"]:
-    if draw.val is None:  # one LR (validate() refuses a grid without validation images)
-      t = dict(choice={"lr": plan["ft_lrs"][0]}, edges=[])
-      at(plan["ft_lrs"][0])
-    else:
-      t = tuning.tune({"lr": plan["ft_lrs"]}, lambda p: at(p["lr"])[e]["val_acc"],
-                      args.tune_extend).to_dict()
-    lr = t["choice"]["lr"]
-    ft[str(e)] = dict(lr=lr, edges=t["edges"], **runs[lr][e])
-  grid = [[lr, {str(e): v for e, v in r.items()}] for lr, r in sorted(runs.items())]
-  return dict(ft=ft, ft_grid=grid)
-
-
-def latencies(nets, source, batches: Sequence[int], runs: int) -> list[dict[str, float]]:
-  """Per (model, params, stats) of `nets`: {batch: median ms} of its jitted eval forward.
-
-  All nets and batch sizes are timed round-robin (`interleaved_latency_ms`, two warm-up
-  calls each), so the pruned models' speed-ups are not a load change between measurements.
-  """
-  calls = {}
-  for i, (model, params, stats) in enumerate(nets):
-    _, per_batch = forward_calls(transfer.eval_forward(model, source.mean, source.std), params,
-                                 stats, source.input_shape, batches)
-    calls.update({(i, b): call for b, call in per_batch.items()})
-  times = interleaved_latency_ms(calls, runs=runs)
-  return [{str(b): times[(i, b)] for b in batches} for i in range(len(nets))]
+def run(_, config, results) -> list[dict]:
+  """Every draw, unpruned and at each tau, into `results`; returns all records."""
+  k, quiet = config.extra, config.output.quiet
+  done = {(r["tau"], r["repeat"]) for r in rows(results.records)}
+  emit = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+  source = pretrain.source_for(k.arch, config.source.spec, epochs=config.source.epochs,
+                               seed=k.seed, progress=not quiet)
+  data = load_spec(k.target, source.input_shape, flag="--target", data_dir=k.data_dir)
+  setup = transfer.get_strategy(k.strategy).build(source, data.train.num_classes, k.steps)
+  step = make_train_step(setup.loss_fn, setup.optimizer)
+  finetuner = prune_finetune.Finetuner(source, k.batch_size)
+  base = models.model_config(transfer.target_model(source, data.train.num_classes))
+  grid = progress.GridProgress(
+      progress.plan_counts({"unpruned runs (draws)": k.repeats,
+                            "pruned runs (taus x draws)": k.repeats * len(k.taus)}),
+      saved=sum((tau, r) in done for r in range(k.repeats) for tau in (None, *k.taus)),
+      emit=emit)
+  grid.announce("cwl_pruning")
+  for repeat in range(k.repeats):
+    todo = [t for t in (None, *k.taus) if (t, repeat) not in done]
+    if not todo and repeat > 0:  # draw 0 always transfers: its scales make sigma_hist.png
+      continue
+    seed, splits = draw_splits(data, k, repeat)
+    draw, t0, pending = Draw("eval", repeat), time.time(), []
+    params, stats, info = transfer_cwl(setup, step, splits, seed, k, progress.ticker(
+        f"draw {repeat} {k.strategy} transfer", emit))
+    if emit:
+      emit(f"[cwl_pruning] draw {repeat}: {k.strategy} transfer, {info['steps']} steps "
+           f"({info['stopped']}) in {time.time() - t0:.1f} s")
+    scales, rest = cwl.split_cwl(params)
+    if repeat == 0 and results.writer:
+      plot_sigma(scales, os.path.join(results.path, "sigma_hist.png"))
+    folded = jax.tree.map(np.asarray, cwl.apply_cwl(rest, scales))
+    for tau in todo:
+      t1 = time.time()
+      if tau is None:
+        cfg, p, st, extra = base, folded, stats, dict(
+            transfer=dict(info, lr=k.transfer_lr),
+            feature_maps=int(sum(np.size(s) for s in scales.values())))
+      else:
+        res = prune.prune_by_sigma(rest, stats, base, scales, tau, k.residual, k.multiple)
+        cfg, p, st, extra = res.config, res.params, res.batch_stats, dict(config=res.config)
+      outcome = dict(prune_finetune.measure(finetuner, cfg, p, st, splits, seed, k.ft_epochs,
+                                            k.ft_lrs, k.tune_extend),
+                     **(dict(params=surgery.count(rest)) if tau is None
+                        else prune_finetune.removed(res)))
+      if tau is not None and repeat == 0 and not k.no_save_models:
+        prune_finetune.save_pruned(
+            os.path.join(results.path, "models", f"tau_{tau:g}"), source, res,
+            dict(tau=tau, strategy=k.strategy, target=k.target, shots=k.shots,
+                 test_acc=outcome["acc"], kept=outcome["kept"]))
+      record = rec.make("unpruned" if tau is None else "pruned", {"tau": tau}, draw, {},
+                        outcome, time.time() - t1, dict(extra, seed=seed))
+      if repeat == 0:
+        pending.append((record, finetuner.compiled(cfg, p)[0], p, st))
+      else:
+        results.add(record)
+      ft = {e: (v["lr"], round(v["test_acc"], 4)) for e, v in outcome["ft"].items()}
+      grid.finished(f"draw {repeat} " + ("unpruned" if tau is None else f"tau={tau:g}") +
+                    f": acc {outcome['acc']:.4f} ft {ft}")
+    if pending:  # draw 0's models, timed together so load changes hit them alike
+      timing = TIMED_AFTER_RESUME if len(todo) < len(k.taus) + 1 else TIMED_TOGETHER
+      times = prune_finetune.latencies([n[1:] for n in pending], source, k.latency_batches,
+                                       k.latency_runs)
+      for (record, *_), t in zip(pending, times):
+        record["outcome"].update(latency_ms=t, latency_timing=timing)
+      results.add_many([r for r, *_ in pending])
+  return results.records
 
 
 # ----------------------------------------------------------------------------- report
@@ -281,74 +278,57 @@ def _ms(values, digits: int = 3) -> str:
   return f"{m:.{digits}f}" + (f" ({s:.{digits}f})" if len(values) > 1 else "")
 
 
-def claim_records(records: list[dict]) -> list[dict]:
-  """Per draw, tau and epoch count: the pruned + finetuned model, the unpruned model and the
-  unpruned model finetuned alike (the arms of CLAIMS), for `claims.evaluate`."""
-  base = {r.get("repeat", 0): r for r in records if r["tau"] is None}
-  out = []
-  for r in records:
-    b = base.get(r.get("repeat", 0))
-    if r["tau"] is None or b is None:
-      continue
-    for e, ft in r["ft"].items():
-      cell = dict(tau=r["tau"], epochs=int(e), repeat=r.get("repeat", 0))
-      out += [dict(cell, arm="pruned_ft", test_acc=ft["test_acc"]),
-              dict(cell, arm="unpruned", test_acc=b["acc"])]
-      if e in b.get("ft", {}):
-        out.append(dict(cell, arm="unpruned_ft", test_acc=b["ft"][e]["test_acc"]))
-  return out
-
-
 def claim_results(records: list[dict]) -> list[dict]:
-  recs = claim_records(records)
+  """The CLAIMS per tau and epoch count and pooled, on report rows (`rows`)."""
+  recs = prune_finetune.claim_rows(records)
   # Every tau and epoch count of a draw prunes the same transferred model: one draw, pooled once.
   out = [claims.evaluate(c, recs, ("tau", "epochs"), arm_field="arm", draw_fields=("repeat",))
          for c in CLAIMS]
   return [r for r in out if r["cells"]]
 
 
-def make_report(records: list[dict], args, plan) -> str:
-  """report.md from the records alone (results.json), the flags and the plan."""
+def make_report(plan, records: list[dict], folder: str = "") -> tuple[str, dict]:
+  """report.md and summary.json ({'claims'}) from the records alone (either version) and the
+  plan's config."""
+  config, opts = plan.config, plan.config.extra
+  records = rows(records)
   bases = [r for r in records if r["tau"] is None]
   base0 = next((r for r in bases if r.get("repeat", 0) == 0), None)
   by_tau = defaultdict(list)
   for r in records:
     if r["tau"] is not None:
       by_tau[r["tau"]].append(r)
-  e = plan["epochs"]
+  e = opts.ft_epochs
   reps = sorted({r.get("repeat", 0) for r in records})
   head = ["τ", "Acc."] + [f"FT@{k}" for k in e] + ["#Param", "#Feat"] + \
-      [f"latency b={b} (ms)" for b in plan["batches"]]
-  if args.patience:
-    budget = (f"until its validation accuracy has not improved for {args.patience} steps "
-              f"(checked every {args.eval_every}, at most {args.steps}; best validation state "
-              "kept)")
-  else:
-    budget = f"{args.steps} steps"
+      [f"latency b={b} (ms)" for b in opts.latency_batches]
+  budget = (f"until its validation accuracy has not improved for {opts.patience} steps "
+            f"(checked every {opts.eval_every}, at most {opts.steps}; best validation state "
+            "kept)") if opts.patience else f"{opts.steps} steps"
   steps = [b["transfer"]["steps"] for b in bases if "transfer" in b]
   lines = ["# CWL pruning (Table IV)", "",
-           f"{args.arch} from `{args.source}` -> `{args.target}`, k={args.shots}, "
-           f"{len(reps)} k-shot draw(s) (repeats {reps}), validation {args.val_per_class}/class "
+           f"{opts.arch} from `{config.source.spec}` -> `{opts.target}`, k={opts.shots}, "
+           f"{len(reps)} k-shot draw(s) (repeats {reps}), validation {opts.val_per_class}/class "
            "disjoint from the k-shot set and from test, test "
-           f"{'all' if not args.test_per_class else f'<= {args.test_per_class}/class'}. "
-           f"Transfer: {args.strategy} (lr {plan['lr']:g}, fixed) {budget}"
+           f"{'all' if not opts.test_per_class else f'<= {opts.test_per_class}/class'}. "
+           f"Transfer: {opts.strategy} (lr {opts.transfer_lr:g}, fixed) {budget}"
            + (f"; {np.mean(steps):.0f} steps on average" if steps else "") +
-           f". Pruning: residual={args.residual}, multiple={args.multiple}. Finetuning: all "
+           f". Pruning: residual={opts.residual}, multiple={opts.multiple}. Finetuning: all "
            "layers, Adam, epochs of the k-shot set (the paper's rows); LR chosen per draw, tau "
            "and epoch count on the draw's validation set from {"
-           + ", ".join(f"{v:g}" for v in plan["ft_lrs"]) +
-           f"}} (extended up to {args.tune_extend} value(s) at an edge); the test split reaches "
+           + ", ".join(f"{v:g}" for v in opts.ft_lrs) +
+           f"}} (extended up to {opts.tune_extend} value(s) at an edge); the test split reaches "
            "no choice.", "",
            "Cells: mean (std) test accuracy over draws. The unpruned row's FT columns are the "
            "unpruned model finetuned alike (a control; the paper leaves them empty). Latency: "
-           f"draw 0's models, jitted forward, median of {args.latency_runs} runs"
+           f"draw 0's models, jitted forward, median of {opts.latency_runs} runs"
            + timing_text(records, ", all timed together round-robin")
            + ", pruned (unpruned in brackets).", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   lat0 = (base0 or {}).get("latency_ms", {})
   if bases:
     ft = [_ms([b.get("ft", {}).get(str(k), {}).get("test_acc") for b in bases]) for k in e]
-    lat = [f"{lat0[str(b)]:.2f}" if str(b) in lat0 else "-" for b in plan["batches"]]
+    lat = [f"{lat0[str(b)]:.2f}" if str(b) in lat0 else "-" for b in opts.latency_batches]
     lines.append("| - | " + f"{_ms([b['acc'] for b in bases])} | " + " | ".join(ft) +
                  " | 100% | 100% | " + " | ".join(lat) + " |")
   for tau in sorted(by_tau):
@@ -356,7 +336,7 @@ def make_report(records: list[dict], args, plan) -> str:
     ft = [_ms([r["ft"].get(str(k), {}).get("test_acc") for r in rs]) for k in e]
     r0 = next((r for r in rs if r.get("repeat", 0) == 0), {})
     lat = []
-    for b in plan["batches"]:
+    for b in opts.latency_batches:
       v = r0.get("latency_ms", {}).get(str(b))
       lat.append("-" if v is None else f"{v:.2f}" + (f" ({lat0[str(b)]:.2f})"
                                                       if str(b) in lat0 else ""))
@@ -399,156 +379,63 @@ def make_report(records: list[dict], args, plan) -> str:
       lines += [f"Only {len(reps)} k-shot draw: a confidence interval needs at least 2 "
                 "paired draws, so every verdict above is inconclusive; rerun with --repeats 3 "
                 "or more.", ""]
-  return "\n".join(lines)
+  return "\n".join(lines), dict(claims=results)
 
 
-def plot(records: list[dict], scales: dict, path_bars: str, path_hist: str) -> None:
+def plot_compression(records: list[dict], path: str) -> None:
+  """Fig. 3: % filters removed per conv layer, draw 0, one bar per tau."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = sorted((r for r in records if r["tau"] is not None and r.get("repeat", 0) == 0),
-                key=lambda r: r["tau"])
-  if rows:
-    units = list(rows[0]["kept"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(units) * max(1, len(rows)) / 2), 3.8))
-    width = 0.8 / len(rows)
-    for i, r in enumerate(rows):
-      removed = [100 * (1 - r["kept"][u][0] / r["kept"][u][1]) for u in units]
-      ax.bar(np.arange(len(units)) + i * width - 0.4 + width / 2, removed, width,
-             label=f"τ={r['tau']:g}")
-    ax.set_xticks(range(len(units)), units, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("filters removed (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("compression rate per conv layer")
-    ax.legend(fontsize=7, ncol=min(len(rows), 6))
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path_bars, dpi=110)
-    plt.close(fig)
+  rows0 = sorted((r for r in records if r["tau"] is not None and r.get("repeat", 0) == 0),
+                 key=lambda r: r["tau"])
+  if not rows0:
+    return
+  units = list(rows0[0]["kept"])
+  fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(units) * max(1, len(rows0)) / 2), 3.8))
+  width = 0.8 / len(rows0)
+  for i, r in enumerate(rows0):
+    removed = [100 * (1 - r["kept"][u][0] / r["kept"][u][1]) for u in units]
+    ax.bar(np.arange(len(units)) + i * width - 0.4 + width / 2, removed, width,
+           label=f"τ={r['tau']:g}")
+  ax.set_xticks(range(len(units)), units, rotation=60, ha="right", fontsize=7)
+  ax.set_ylabel("filters removed (%)")
+  ax.set_ylim(0, 100)
+  ax.set_title("compression rate per conv layer")
+  ax.legend(fontsize=7, ncol=min(len(rows0), 6))
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_sigma(scales: dict, path: str) -> None:
+  """The histogram of |sigma| over every conv unit's channels."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5, 3.2))
   ax.hist(np.abs(np.concatenate([np.ravel(s) for s in scales.values()])), bins=50)
   ax.set_xlabel("|sigma| (all conv units)")
   ax.set_ylabel("channels")
   fig.tight_layout()
-  fig.savefig(path_hist, dpi=110)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- main
-def run(args, plan, results: ResultsDir) -> dict:
-  """Every draw, unpruned and at each tau; returns draw 0's CWL scales (for the histogram)."""
-  done = {(r.get("repeat", 0), r["tau"]) for r in results.records}
-  log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-  source = pretrain.source_for(args.arch, args.source, epochs=args.source_epochs,
-                               seed=args.seed, progress=not args.quiet)
-  data = load_spec(args.target, source.input_shape, flag="--target",
-                   data_dir=args.data_dir)
-  compiled = Compiled(source, data.train.num_classes, args, plan)
-  config = models.model_config(transfer.target_model(source, data.train.num_classes))
-  scales0 = None
-  emit = grid_progress.stderr_or_quiet(args)
-  grid = progress.GridProgress(
-      progress.plan_counts({"unpruned runs (draws)": args.repeats,
-                            "pruned runs (taus x draws)": args.repeats * len(plan["taus"])}),
-      saved=sum((repeat, tau) in done for repeat in range(args.repeats)
-                for tau in [None] + plan["taus"]), emit=emit)
-  grid.announce("cwl_pruning")
-  for repeat in range(args.repeats):
-    todo = [t for t in [None] + plan["taus"] if (repeat, t) not in done]
-    if not todo and repeat > 0:  # draw 0 always transfers: its scales make sigma_hist.png
-      continue
-    draw = Draw(data, args, repeat)
-    pending: list = []  # draw 0's records, added once their models are timed
-    t0 = time.time()
-    params, stats, info = transfer_cwl(
-        compiled, draw, args, plan,
-        on_step=progress.ticker(f"draw {repeat} {args.strategy} transfer", emit))
-    log(f"[cwl_pruning] draw {repeat}: {args.strategy} transfer, {info['steps']} steps "
-        f"({info['stopped']}) in {time.time() - t0:.1f} s")
-    scales, rest = cwl.split_cwl(params)
-    if repeat == 0:
-      scales0 = scales
-    folded = jax.tree.map(np.asarray, cwl.apply_cwl(rest, scales))
-    first = repeat == 0
-    if None in todo:
-      model, _, _, forward = compiled.finetune(config, folded)
-      accs = draw.accs(forward, folded, stats)
-      record = dict(tau=None, repeat=repeat, seed=draw.seed, acc=accs["test_acc"],
-                    val_acc=accs["val_acc"], transfer=dict(info, lr=plan["lr"]),
-                    params=surgery.count(rest),
-                    feature_maps=int(sum(np.size(s) for s in scales.values())),
-                    **finetune_chosen(compiled, config, folded, stats, draw, args, plan))
-      if first:
-        pending.append((record, model, folded, stats))
-      else:
-        results.add(record)
-      grid.finished(f"draw {repeat} unpruned: acc {record['acc']:.4f}, finetuned "
-          f"{ {e: round(v['test_acc'], 4) for e, v in record['ft'].items()} }")
-    for tau in plan["taus"]:
-      if tau not in todo:
-        continue
-      t1 = time.time()
-      res = prune.prune_by_sigma(rest, stats, config, scales, tau, args.residual,
-                                 args.multiple)
-      small, _, _, fwd = compiled.finetune(res.config, res.params)
-      accs = draw.accs(fwd, res.params, res.batch_stats)
-      kept_maps, total_maps = res.feature_maps_kept
-      record = dict(tau=tau, repeat=repeat, seed=draw.seed, acc=accs["test_acc"],
-                    val_acc=accs["val_acc"],
-                    **finetune_chosen(compiled, res.config, res.params, res.batch_stats, draw,
-                                      args, plan),
-                    params=res.params_kept, params_frac=res.params_kept / res.params_total,
-                    feat_frac=kept_maps / total_maps,
-                    kept={u: list(v) for u, v in res.kept.items()}, config=res.config)
-      if first:
-        pending.append((record, small, res.params, res.batch_stats))
-      if first and not args.no_save_models:
-        variables = {"params": res.params, **({"batch_stats": res.batch_stats}
-                                              if res.batch_stats else {})}
-        transfer.save_source(os.path.join(results.path, "models", f"tau_{tau:g}"),
-                             transfer.Source(source.arch, res.config, variables,
-                                             source.input_shape, source.mean, source.std,
-                                             dict(tau=tau, strategy=args.strategy,
-                                                  target=args.target, shots=args.shots,
-                                                  test_acc=record["acc"],
-                                                  kept=record["kept"])))
-      record["seconds"] = round(time.time() - t1, 2)
-      if not first:
-        results.add(record)
-      grid.finished(f"draw {repeat} tau={tau:g}: acc {record['acc']:.4f} ft "
-          f"{ {e: (v['lr'], round(v['test_acc'], 4)) for e, v in record['ft'].items()} } "
-          f"params {100 * record['params_frac']:.0f}% maps {100 * record['feat_frac']:.0f}%")
-    if pending:  # draw 0's models, timed together so load changes hit them alike
-      resumed = len(todo) < len(plan["taus"]) + 1  # part of the draw recorded before a kill
-      times = latencies([(m, p, st) for _, m, p, st in pending], source, plan["batches"],
-                        args.latency_runs)
-      results.add_many([dict(record, latency_ms=t,
-                             latency_timing=TIMED_AFTER_RESUME if resumed else TIMED_TOGETHER)
-                        for (record, *_), t in zip(pending, times)])
-  return scales0
-
-
-def records_of(results, _) -> list[dict]:
-  """results.json: what the seeds determine (timings stay in results.jsonl), in draw and tau
-  order; the report is made from exactly what it holds."""
-  records = sorted(results.records, key=lambda r: (r.get("repeat", 0), r["tau"] is not None,
-                                                   r["tau"] or 0.0))
-  return json.loads(json.dumps([{k: v for k, v in r.items() if k != "seconds"}
-                                for r in records], sort_keys=True))
+STUDY = study.Study(
+    module="experiments.cwl_pruning", title="# CWL pruning (Table IV)", cell_fields=CELL,
+    extra=Knobs, groups=("source", "output"), hidden=frozenset({"shard"}),
+    defaults={"out": "results/cwl_pruning"}, check=check, run=run, report=make_report,
+    plots=lambda summary, plan, folder: plot_compression(
+        rows(publish.jsonl_records(folder)), os.path.join(folder, "compression_per_layer.png")),
+    doc=__doc__)
+PUBLISHER = study.publisher(STUDY)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  return cli.main(argv, PUBLISHER, run, records_of,
-                  lambda summary, plan, args, results, scales: plot(
-                      records_of(results, scales), scales,
-                      os.path.join(results.path, "compression_per_layer.png"),
-                      os.path.join(results.path, "sigma_hist.png")))
-
-
-PUBLISHER = publish.Publisher(
-    "experiments.cwl_pruning", parse_args, validate,
-    lambda records, plan, args, _: (make_report(records, args, plan),
-                                    dict(claims=claim_results(records))))
+  """Runs the study (`jtransfer.study.main`); the exit code."""
+  return study.main(STUDY, argv)
 
 
 if __name__ == "__main__":

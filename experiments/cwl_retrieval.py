@@ -28,277 +28,190 @@ revisitop's pickle once with `jtransfer.methods.retrieval.gnd_pickle_to_json`, o
 Queries are cropped to their bounding box, labelled by their landmark (name without the
 trailing _NNNNNN), and Easy / Medium / Hard mAP is reported as in Table III. The image size
 must suit the model (small VGGs flatten a fixed-size map; ResNets and VGG-16 take any size).
+
+The flags, output folder, resume and publishing are the study runner's (`jtransfer.study`); a
+run is `jtransfer.methods.retrieval_run`'s (train on the queries, MAC, rank, mAP).
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
-import re
 import sys
 import time
-from typing import Sequence
+import types
+from typing import Optional, Sequence
 
-import jax
 import numpy as np
 
-from experiments import cli, pretrain, publish
-from experiments.report import ResultsDir, mean_std
-from jtransfer import models
-from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
-from jtransfer.data.preprocess import normalize
+from experiments import pretrain
+from jtransfer import models, study
+from jtransfer.data import load_spec, parse_spec
 from jtransfer.errors import InputError
-from jtransfer.methods import cwl, retrieval, transfer
+from jtransfer.methods import retrieval, retrieval_run, transfer
 from jtransfer.protocol import claims
-from jtransfer.train import fit, init_state, make_train_step
+from jtransfer.study import records as rec
+from jtransfer.study.config import at_least, comma_list
+from jtransfer.study.draws import Draw
+from jtransfer.study.tables import mean_std
 
 STRATEGIES = ("freeze", "freeze_cwl", "finetune", "finetune_cwl")
-LABELS = {"freeze": "Original / Freeze", "freeze_cwl": "Freeze + CWL", "finetune": "Finetune",
-          "finetune_cwl": "Finetune + CWL", "finetune_lowconv": "Alg. 1 (low-lr conv) + CWL"}
-REDUCED = {"freeze": (1e-2,), "finetune": (1e-4,)}
-KEY = ("strategy", "repeat", "lr")
-MAC_TAP_TEXT = {"conv": "the last conv layer's output after ReLU (`--mac-tap conv`)",
-                "pooled": "the 'last_conv' tap, after the last max pool for VGGs (`--mac-tap "
-                          "pooled`)"}
+LABELS = types.MappingProxyType({
+    "freeze": "Original / Freeze", "freeze_cwl": "Freeze + CWL", "finetune": "Finetune",
+    "finetune_cwl": "Finetune + CWL", "finetune_lowconv": "Alg. 1 (low-lr conv) + CWL"})
+REDUCED = types.MappingProxyType({"freeze": (1e-2,), "finetune": (1e-4,)})
+MAC_TAP_TEXT = types.MappingProxyType({
+    "conv": "the last conv layer's output after ReLU (`--mac-tap conv`)",
+    "pooled": "the 'last_conv' tap, after the last max pool for VGGs (`--mac-tap pooled`)"})
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--arch", default="vgg_s", choices=models.names())
-  p.add_argument("--source", default=pretrain.DEFAULT_SOURCE, help="dataset spec or ckpt:PATH")
-  p.add_argument("--source-epochs", type=float, default=2.0)
-  p.add_argument("--target", default="fmnist:1,5,7,8,9", help="embedded task's dataset")
-  p.add_argument("--queries", type=int, default=5, help="labelled queries per class")
-  p.add_argument("--db-per-class", type=int, default=300, help="database images per class")
-  p.add_argument("--repeats", type=int, default=3, help="query draws (embedded task)")
-  p.add_argument("--strategies", default=",".join(STRATEGIES))
-  p.add_argument("--lrs", default="reduced",
-                 help="'paper' (each strategy's grid), 'reduced' (one per family) or a list")
-  p.add_argument("--steps", type=int, default=100)
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--gnd", default=None, help="revisited ground truth (.json, or .pkl)")
-  p.add_argument("--allow-pickle", action="store_true", help="allow reading a .pkl --gnd")
-  p.add_argument("--images", default=None, help="folder of the --gnd images")
-  p.add_argument("--ext", default=".jpg", help="image file extension for --images")
-  p.add_argument("--image-size", default=None, help="H,W for --images (default: the source's)")
-  p.add_argument("--data-dir", default=None,
-                 help="TFDS data_dir or the Fashion-MNIST IDX directory")
-  p.add_argument("--mac-tap", choices=retrieval.MAC_TAPS, default="conv",
-                 help="map MAC pools: 'conv', the last conv layer's output (default), or "
-                      "'pooled', the 'last_conv' tap (after vgg_s's last max pool)")
-  p.add_argument("--seed", type=int, default=0)
-  cli.add_results_flags(p, "results/cwl_retrieval")
-  return p.parse_args(argv)
-
-
-def validate(args) -> dict:
-  strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-  lrs = {}
-  for s in strategies:
-    strategy = transfer.get_strategy(s)
-    if args.lrs == "reduced":
-      fam = "freeze" if strategy.paper_lrs == transfer.FREEZE_LRS else "finetune"
-      lrs[s] = REDUCED[fam]
-    else:
-      lrs[s] = transfer.lr_grid(strategy, args.lrs)
-    if s == "freeze":
-      lrs[s] = (0.0,)  # conv layers untouched: the source's MAC, nothing to train
-    if len(lrs[s]) > 1:
-      # The paper picks the LR by the reported mAP; docs/protocol.md forbids choosing on
-      # test data, and this module holds no validation split to choose on instead.
-      raise InputError(f"--lrs {args.lrs!r} gives {s} {len(lrs[s])} learning rates, but "
-                       "cwl_retrieval has no validation split to choose among them (the mAP "
-                       "it reports is the test): give one LR per strategy, e.g. --lrs reduced")
-  if not args.source.startswith("ckpt:"):
-    parse_spec(args.source, flag="--source")
-  if args.gnd is None:
-    parse_spec(args.target, flag="--target")
-  elif args.images is None:
-    raise InputError("--gnd needs --images (the folder holding the listed images)")
-  for flag, v in (("--queries", args.queries), ("--repeats", args.repeats),
-                  ("--steps", args.steps), ("--batch-size", args.batch_size),
-                  ("--db-per-class", args.db_per_class)):
-    if v < 1:
-      raise InputError(f"{flag} must be >= 1, got {v}")
-  size = None
-  if args.image_size:
-    try:
-      size = tuple(int(v) for v in args.image_size.split(","))
-    except ValueError:
-      size = ()
-    if len(size) != 2 or min(size) < 1:
-      raise InputError(f"--image-size {args.image_size!r}: expected H,W")
-  return dict(strategies=strategies, lrs=lrs, size=size)
-
-
-# ----------------------------------------------------------------------------- model pieces
-class Trainer:
-  """Per strategy, one Setup and one compiled train step, reused for every LR and draw."""
-
-  def __init__(self, source, num_classes: int, args):
-    self.source, self.num_classes, self.args = source, num_classes, args
-    self._built: dict = {}
-
-  def __call__(self, name: str, images, labels, lr: float):
-    """(model, effective params, stats) after training `name` on the labelled queries."""
-    if name not in self._built:
-      setup = transfer.get_strategy(name).build(self.source, self.num_classes, self.args.steps)
-      self._built[name] = (setup, make_train_step(setup.loss_fn, setup.optimizer))
-    setup, step = self._built[name]
-    params, stats = setup.init(self.args.seed, images, labels)
-    if lr > 0:
-      state = init_state(params, stats, setup.optimizer, self.args.seed, lr)
-      state = fit(state, step, Batches(images, labels, self.args.batch_size, self.args.seed).at,
-                  self.args.steps)
-      params, stats = state.params, state.batch_stats
-    return setup.model, cwl.effective_params(params), stats
-
-
-def mac_fn(model, mean, std, tap: str = "conv"):
-  """Jitted uint8 images -> l2-normalised MAC (the head is unused).
-
-  Args:
-    model: the target model.
-    mean, std: the source's input normalisation.
-    tap: 'conv' (default), the last conv layer's output, or 'pooled', the 'last_conv' tap (see
-      `retrieval.mac_from_model`).
-  """
-  if tap not in retrieval.MAC_TAPS:
-    raise InputError(f"MAC tap {tap!r} is not one of {', '.join(retrieval.MAC_TAPS)}")
-
-  @jax.jit
-  def fn(params, stats, images):
-    return retrieval.mac_from_model(model, params, stats, normalize(images, mean, std), tap=tap)
-  return fn
-
-
-def describe(fn, params, stats, images: np.ndarray, batch: int = 256) -> np.ndarray:
-  out = []
-  for i in range(0, len(images), batch):
-    chunk = images[i:i + batch]
-    pad = batch - len(chunk) if len(images) > batch else 0
-    if pad:  # one compiled shape for every batch
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    out.append(np.asarray(fn(params, stats, chunk))[:len(chunk) - pad])
-  return np.concatenate(out)
-
-
-# ----------------------------------------------------------------------------- tasks
-def embedded_task(data, args, seed: int):
-  """(query images, labels, database images, labels, num_classes) of the embedded task."""
-  db_idx = np.concatenate([np.flatnonzero(data.test.labels == c)[:args.db_per_class]
-                           for c in range(data.test.num_classes)])
-  q_idx, _ = sample_kshot(data.train.labels, args.queries, seed,
-                          num_classes=data.train.num_classes)
-  return (data.train.images[q_idx], data.train.labels[q_idx], data.test.images[db_idx],
-          data.test.labels[db_idx], data.train.num_classes)
-
-
-def landmark(name: str) -> str:
-  """Landmark of a revisited query name: 'all_souls_000013' -> 'all_souls'."""
-  return re.sub(r"_\d+$", "", os.path.splitext(os.path.basename(name))[0])
-
-
-def revisited_task(args, shape):
-  """Queries (bbx-cropped), their landmark labels, database images and the gnd list."""
-  from jtransfer.data import images as imgs
-  from PIL import Image
-  gnd = retrieval.load_gnd(args.gnd, allow_pickle=args.allow_pickle)
-  path = lambda n: os.path.join(args.images, n + args.ext)
-  size, channels = shape[:2], shape[2]
-  db = imgs.decode_images([path(n) for n in gnd["imlist"]], size=size, channels=channels,
-                          mode="resize").images
-  queries = []
-  for name, g in zip(gnd["qimlist"], gnd["gnd"]):
-    try:
-      with Image.open(path(name)) as im:
-        im.load()
-        if g.get("bbx"):
-          im = im.crop(tuple(int(round(v)) for v in g["bbx"][:4]))
-        queries.append(imgs.decode_image(im, size=size, channels=channels, mode="resize"))
-    except OSError as e:
-      raise InputError(f"query image {path(name)!r} cannot be read: {e}") from None
-  names = sorted({landmark(n) for n in gnd["qimlist"]})
-  labels = np.array([names.index(landmark(n)) for n in gnd["qimlist"]], np.int32)
-  return np.stack(queries), labels, db, gnd["gnd"], len(names)
-
-
-def check_image_size(source, size) -> tuple[int, int, int]:
-  """The input shape to use; raises if the target model's params depend on it."""
-  shape = tuple(source.input_shape) if not size else (*size, source.input_shape[2])
-  if shape == tuple(source.input_shape):
-    return shape
-  model = transfer.target_model(source, 2)
-  shapes = lambda s: jax.tree.map(lambda a: a.shape, jax.eval_shape(
-      lambda: models.init_model(model, jax.random.PRNGKey(0), s)))
+def _image_size(text: Optional[str]) -> Optional[tuple[int, int]]:
+  if not text:
+    return None
   try:
-    fits = shapes(shape) == shapes(tuple(source.input_shape))
-  except Exception as e:  # pylint: disable=broad-except  (Flax raises many types)
-    raise InputError(f"--image-size {shape[:2]} does not fit {source.arch}: {e}") from None
-  if not fits:
-    raise InputError(f"--image-size {shape[:2]}: {source.arch} flattens its last map into the "
-                     f"head, so it needs the source's input size {source.input_shape[:2]}")
-  return shape
+    size = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    size = ()
+  if len(size) != 2 or min(size) < 1:
+    raise InputError(f"--image-size {text!r}: expected H,W")
+  return size
 
 
-# ----------------------------------------------------------------------------- main
-def run(args, plan, results: ResultsDir) -> None:
-  done = results.done(KEY)
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+  """The module's flags (the runner adds --source, --source-epochs and the output flags)."""
+  arch: str = study.flag("--arch", "vgg_s", "architecture", choices=models.names())
+  target: str = study.flag("--target", "fmnist:1,5,7,8,9", "embedded task's dataset")
+  queries: int = study.flag("--queries", 5, "labelled queries per class",
+                            check=at_least(1, "--queries"))
+  db_per_class: int = study.flag("--db-per-class", 300, "database images per class",
+                                 check=at_least(1, "--db-per-class"))
+  repeats: int = study.flag("--repeats", 3, "query draws (embedded task)",
+                            check=at_least(1, "--repeats"))
+  strategies: tuple[str, ...] = study.flag("--strategies", STRATEGIES, "comma list of "
+                                           "strategies", cli=",".join(STRATEGIES),
+                                           parse=comma_list("--strategies"))
+  lrs: str = study.flag("--lrs", "reduced", "'paper' (each strategy's grid), 'reduced' (one "
+                        "per family) or a list")
+  steps: int = study.flag("--steps", 100, "Adam steps on the queries",
+                          check=at_least(1, "--steps"))
+  batch_size: int = study.flag("--batch-size", 64, "images per step",
+                               check=at_least(1, "--batch-size"))
+  gnd: Optional[str] = study.flag("--gnd", None, "revisited ground truth (.json, or .pkl)")
+  allow_pickle: bool = study.flag("--allow-pickle", False, "allow reading a .pkl --gnd",
+                                  action="store_true")
+  images: Optional[str] = study.flag("--images", None, "folder of the --gnd images")
+  ext: str = study.flag("--ext", ".jpg", "image file extension for --images")
+  image_size: Optional[tuple[int, int]] = study.flag(
+      "--image-size", None, "H,W for --images (default: the source's)", parse=_image_size)
+  data_dir: Optional[str] = study.flag("--data-dir", None, "TFDS data_dir or the "
+                                       "Fashion-MNIST IDX directory")
+  mac_tap: str = study.flag("--mac-tap", "conv", "map MAC pools: 'conv', the last conv "
+                            "layer's output (default), or 'pooled', the 'last_conv' tap (after "
+                            "vgg_s's last max pool)", choices=retrieval.MAC_TAPS)
+  seed: int = study.flag("--seed", 0, "seeds the query draws and the training")
+
+  def lr_plan(self) -> dict[str, tuple[float, ...]]:
+    """strategy -> its one LR (freeze: 0, its conv layers untouched: the source's MAC).
+
+    Raises:
+      InputError: an unknown strategy, or a list giving a strategy several LRs.
+    """
+    lrs = {}
+    for s in self.strategies:
+      strategy = transfer.get_strategy(s)
+      if self.lrs == "reduced":
+        lrs[s] = REDUCED["freeze" if strategy.paper_lrs == transfer.FREEZE_LRS else "finetune"]
+      else:
+        lrs[s] = transfer.lr_grid(strategy, self.lrs)
+      if s == "freeze":
+        lrs[s] = (0.0,)
+      if len(lrs[s]) > 1:
+        # The paper picks the LR by the reported mAP; docs/protocol.md forbids choosing on
+        # test data, and this module holds no validation split to choose on instead.
+        raise InputError(f"--lrs {self.lrs!r} gives {s} {len(lrs[s])} learning rates, but "
+                         "cwl_retrieval has no validation split to choose among them (the "
+                         "mAP it reports is the test): give one LR per strategy, e.g. --lrs "
+                         "reduced")
+    return lrs
+
+
+def check(config) -> None:
+  """The flags' rules across fields, before anything is loaded."""
+  k = config.extra
+  k.lr_plan()
+  if not config.source.spec.startswith("ckpt:"):
+    parse_spec(config.source.spec, flag="--source")
+  if k.gnd is None:
+    parse_spec(k.target, flag="--target")
+  elif k.images is None:
+    raise InputError("--gnd needs --images (the folder holding the listed images)")
+
+
+def draws(k: Knobs) -> range:
+  """The query draws: one on a revisited dataset."""
+  return range(1 if k.gnd else k.repeats)
+
+
+def keys(records, plan) -> set[tuple]:
+  """Every (strategy, query draw, LR) the grid runs, as record keys."""
+  k = plan.config.extra
+  return {rec.run_key(name, {}, Draw("eval", repeat), {"lr": lr})
+          for name, lrs in k.lr_plan().items() for repeat in draws(k) for lr in lrs}
+
+
+def run(_, config, results) -> list[dict]:
+  """Every missing (strategy, query draw) run into `results`; returns all records."""
+  k, quiet = config.extra, config.output.quiet
+  done = {rec.key(r) for r in rec.read(results.records, ())}
   # Records from before --mac-tap existed pooled the 'last_conv' tap.
-  taps = {r.get("mac_tap", "pooled") for r in results.records}
-  if taps - {args.mac_tap}:
-    raise InputError(f"--out holds records with MAC of {sorted(taps)}, not {args.mac_tap!r}: use "
+  taps = {r.get("mac_tap", "pooled") for r in rec.rows(results.records, ())}
+  if taps - {k.mac_tap}:
+    raise InputError(f"--out holds records with MAC of {sorted(taps)}, not {k.mac_tap!r}: use "
                      "the same --mac-tap or --overwrite")
-  source = pretrain.source_for(args.arch, args.source, epochs=args.source_epochs,
-                               seed=args.seed, progress=not args.quiet)
-  revisited = args.gnd is not None
-  repeats = 1 if revisited else args.repeats
-  if revisited:
-    shape = check_image_size(source, plan["size"])
+  source = pretrain.source_for(k.arch, config.source.spec, epochs=config.source.epochs,
+                               seed=k.seed, progress=not quiet)
+  if k.gnd is not None:
+    shape = retrieval_run.check_image_size(source, k.image_size)
     # The shape only changes the maps' size; train and describe at it.
-    source = transfer.Source(source.arch, source.config, source.variables, shape, source.mean,
-                             source.std, source.meta)
-    q_img, q_lab, db_img, gnd, k = revisited_task(args, shape)
+    source = dataclasses.replace(source, input_shape=shape)
+    task = retrieval_run.revisited_task(k.gnd, k.images, k.ext, shape, k.allow_pickle)
   else:
-    data = load_spec(args.target, source.input_shape, flag="--target",
-                   data_dir=args.data_dir)
+    data = load_spec(k.target, source.input_shape, flag="--target", data_dir=k.data_dir)
   mac = None
-  for repeat in range(repeats):
-    if not revisited:
-      q_img, q_lab, db_img, db_lab, k = embedded_task(data, args, args.seed + repeat)
+  for repeat in draws(k):
+    if k.gnd is None:
+      task = retrieval_run.embedded_task(data, k.queries, k.db_per_class, k.seed + repeat)
+    q_img, q_lab, db_img, truth, num_classes = task
     if mac is None:
-      trainer = Trainer(source, k, args)
-      mac = mac_fn(transfer.target_model(source, k), source.mean, source.std, args.mac_tap)
-    for name in plan["strategies"]:
-      for lr in plan["lrs"][name]:
-        if (name, repeat, lr) in done:
+      trainer = retrieval_run.QueryTrainer(source, num_classes, k.steps, k.batch_size, k.seed)
+      mac = retrieval_run.mac_fn(transfer.target_model(source, num_classes), source.mean,
+                                 source.std, k.mac_tap)
+    for name, lrs in k.lr_plan().items():
+      for lr in lrs:
+        draw = Draw("eval", repeat)
+        if rec.run_key(name, {}, draw, {"lr": lr}) in done:
           continue
         t0 = time.time()
         _, params, stats = trainer(name, q_img, q_lab, lr)
-        q_desc, db_desc = describe(mac, params, stats, q_img), describe(mac, params, stats, db_img)
-        ranks = retrieval.rank_database(q_desc, db_desc)
-        record = dict(strategy=name, repeat=repeat, lr=lr, n_queries=len(q_img),
-                      n_db=len(db_img), mac_tap=args.mac_tap)
-        if revisited:
-          res = retrieval.evaluate_revisited(ranks, gnd)
-          record.update({s: r.map for s, r in res.items()})
-        else:
-          g = retrieval.labels_to_gnd(q_lab, db_lab)
-          record["map"] = retrieval.compute_map(ranks, retrieval.revisited_setup(g, "easy")).map
-        record["seconds"] = round(time.time() - t0, 2)
+        describe = lambda x: retrieval_run.describe(mac, params, stats, x)
+        scores = (retrieval_run.score(describe(q_img), describe(db_img), gnd=truth)
+                  if k.gnd else retrieval_run.score(describe(q_img), describe(db_img), q_lab,
+                                                    truth))
+        record = rec.make(name, {}, draw, {"lr": lr}, scores, time.time() - t0,
+                          dict(n_queries=len(q_img), n_db=len(db_img), mac_tap=k.mac_tap))
         results.add(record)
-        if not args.quiet:
-          scores = {k_: f"{v:.4f}" for k_, v in record.items() if k_ in ("map", "easy",
-                                                                         "medium", "hard")}
-          print(f"[cwl_retrieval] r={repeat} {name} lr={lr:g} {scores} "
+        if not quiet:
+          print(f"[cwl_retrieval] r={repeat} {name} lr={lr:g} "
+                f"{ {m: round(v, 4) for m, v in scores.items()} } "
                 f"({record['seconds']:.1f}s)", file=sys.stderr)
+  return results.records
 
 
 def summarize(records: list[dict], metrics: Sequence[str]) -> dict:
   """Per strategy: the LR with the best mean of the first metric; mean/std of each metric."""
   out = {}
-  for name in dict.fromkeys(r["strategy"] for r in records):
-    rs = [r for r in records if r["strategy"] == name]
+  for name in dict.fromkeys(r["arm"] for r in records):
+    rs = [r for r in records if r["arm"] == name]
     lrs = sorted({r["lr"] for r in rs})
     score = lambda lr: np.mean([np.mean([r[m] for m in metrics]) for r in rs if r["lr"] == lr])
     best = max(lrs, key=score)
@@ -322,27 +235,30 @@ def claim_results(records: list[dict], summary: dict, metrics: Sequence[str]) ->
   """The claims, each strategy at its reported LR, paired by query draw; the compared value is
   the mean of `metrics` (mAP, or Easy/Medium/Hard's mean)."""
   rows = [dict(r, value=float(np.mean([r[m] for m in metrics]))) for r in records
-          if r["strategy"] in summary and r["lr"] == summary[r["strategy"]]["best_lr"]]
-  out = [claims.evaluate(c, rows, (), draw_field="repeat", value="value") for c in CLAIMS
-         if {c.a, c.b} <= set(summary)]
+          if r["arm"] in summary and r["lr"] == summary[r["arm"]]["best_lr"]]
+  out = [claims.evaluate(c, rows, (), arm_field="arm", draw_field="repeat", value="value")
+         for c in CLAIMS if {c.a, c.b} <= set(summary)]
   return [r for r in out if r["cells"]]
 
 
-def make_report(records: list[dict], args) -> tuple[str, dict]:
-  """report.md and summary.json ({'strategies': per strategy, 'claims': [...]})."""
-  revisited = args.gnd is not None
+def make_report(plan, records: list[dict], folder: str = "") -> tuple[str, dict]:
+  """report.md and summary.json ({'strategies': per strategy, 'claims': [...]}) from the
+  records alone (either record version)."""
+  config, k = plan.config, plan.config.extra
+  records = rec.rows(records, ())
+  revisited = k.gnd is not None
   metrics = list(retrieval.SETUPS) if revisited else ["map"]
   summary = summarize(records, metrics)
-  order = [s.strip() for s in args.strategies.split(",")]
+  order = list(k.strategies)
   summary = {n: summary[n] for n in sorted(summary, key=lambda n: (
       order.index(n) if n in order else len(order), n))}
   lines = ["# CWL retrieval (Table III analogue)", "",
-           f"{args.arch} from `{args.source}`; MAC of {MAC_TAP_TEXT[args.mac_tap]} (head "
+           f"{k.arch} from `{config.source.spec}`; MAC of {MAC_TAP_TEXT[k.mac_tap]} (head "
            "removed), cosine "
            f"ranking, revisitop trapezoid AP; strategies trained on the labelled queries "
-           f"({args.steps} Adam steps, BN eval mode). Best LR per strategy (mean mAP).", ""]
+           f"({k.steps} Adam steps, BN eval mode). Best LR per strategy (mean mAP).", ""]
   if revisited:
-    lines += [f"Ground truth `{args.gnd}`, images `{args.images}`.", "",
+    lines += [f"Ground truth `{k.gnd}`, images `{k.images}`.", "",
               "| strategy | Easy | Medium | Hard | Mean | LR |", "|---|---|---|---|---|---|"]
     for name, v in summary.items():
       mean = np.mean([v[s][0] for s in retrieval.SETUPS])
@@ -350,8 +266,8 @@ def make_report(records: list[dict], args) -> tuple[str, dict]:
           f"{100 * v[s][0]:.2f}" for s in retrieval.SETUPS) + f" | {100 * mean:.2f} | "
           f"{v['best_lr']:g} |")
   else:
-    lines += [f"Embedded task: `{args.target}`, database {args.db_per_class}/class of the test "
-              f"split, {args.queries} queries/class from the train split, {args.repeats} "
+    lines += [f"Embedded task: `{k.target}`, database {k.db_per_class}/class of the test "
+              f"split, {k.queries} queries/class from the train split, {k.repeats} "
               "query draws; mean (std) over draws, in %.", "",
               "| strategy | mAP | LR |", "|---|---|---|"]
     for name, v in summary.items():
@@ -362,7 +278,7 @@ def make_report(records: list[dict], args) -> tuple[str, dict]:
   if results:
     lines += claims.section(results, LABELS)
     test_picked = sorted(n for n in summary if len({r["lr"] for r in records
-                                                    if r["strategy"] == n}) > 1)
+                                                    if r["arm"] == n}) > 1)
     lines += ["Draws: the query draws (a new query set and database each). " + (
         f"The LR of {', '.join(test_picked)} was picked on mean mAP, i.e. on the evaluation "
         "queries, as the paper; the claim rows are optimistic for them. Use one LR per "
@@ -393,26 +309,20 @@ def plot(summary: dict, metrics: Sequence[str], path: str) -> None:
   plt.close(fig)
 
 
+STUDY = study.Study(
+    module="experiments.cwl_retrieval", title="# CWL retrieval (Table III analogue)",
+    cell_fields=(), extra=Knobs, groups=("source", "output"), hidden=frozenset({"shard"}),
+    defaults={"out": "results/cwl_retrieval"}, check=check, run=run, keys=keys,
+    report=make_report, doc=__doc__,
+    plots=lambda summary, plan, folder: plot(
+        summary["strategies"], list(retrieval.SETUPS) if plan.config.extra.gnd else ["map"],
+        os.path.join(folder, "map.png")))
+PUBLISHER = study.publisher(STUDY)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  return cli.main(
-      argv, PUBLISHER, run,
-      lambda results, _: sorted(results.records, key=lambda r: tuple(str(r[k]) for k in KEY)),
-      lambda summary, plan, args, results, _: plot(
-          summary["strategies"], list(retrieval.SETUPS) if args.gnd else ["map"],
-          os.path.join(results.path, "map.png")))
-
-
-def grid_keys(records: list[dict], plan: dict, args) -> set[tuple]:
-  """Every (strategy, query draw, LR) the grid runs (one draw on a revisited dataset)."""
-  repeats = 1 if args.gnd else args.repeats
-  return {(name, str(repeat), str(lr)) for name in plan["strategies"]
-          for repeat in range(repeats) for lr in plan["lrs"][name]}
-
-
-PUBLISHER = publish.Publisher(
-    "experiments.cwl_retrieval", parse_args, validate,
-    lambda records, plan, args, _: make_report(records, args), grid_keys,
-    key=lambda r: (r["strategy"], str(r["repeat"]), str(r["lr"])))
+  """Runs the study (`jtransfer.study.main`); the exit code."""
+  return study.main(STUDY, argv)
 
 
 if __name__ == "__main__":

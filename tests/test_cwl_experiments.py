@@ -8,7 +8,8 @@ from PIL import Image
 
 from experiments import cwl_kronecker, cwl_pruning, cwl_retrieval, cwl_tables, publish
 from jtransfer.errors import InputError
-from jtransfer.methods import transfer
+from jtransfer.methods import retrieval_run, transfer
+from jtransfer.study import flags as study_flags
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,9 @@ def test_pruning(source_dir, tmp_path, capsys):
   assert "[1/4, ETA" in err and "[4/4, last run] draw 1 tau=0.97" in err
   _outputs(out, "report.md", "results.json", "summary.json", "compression_per_layer.png",
            "sigma_hist.png")
-  records = json.load(open(os.path.join(out, "results.json")))
+  saved = json.load(open(os.path.join(out, "results.json")))
+  assert {(r["version"], r["arm"]) for r in saved} == {(2, "unpruned"), (2, "pruned")}
+  records = cwl_pruning.rows(saved)
   by_key = {(r["repeat"], r["tau"]): r for r in records}
   assert set(by_key) == {(0, None), (0, 0.97), (1, None), (1, 0.97)}
   r0 = by_key[(0, 0.97)]
@@ -86,14 +89,14 @@ def test_pruning(source_dir, tmp_path, capsys):
   # and times it alone, and says so rather than claiming it was timed with the unpruned one
   jsonl = os.path.join(out, "results.jsonl")
   lines = open(jsonl).readlines()
-  kept = [l for l in lines if not ('"repeat": 0' in l and '"tau": 0.97' in l)]
+  kept = [l for l in lines if not ('"index": 0' in l and '"tau": 0.97' in l)]
   assert len(kept) == len(lines) - 1
   open(jsonl, "w").writelines(kept)
   assert cwl_pruning.main(argv + ["--resume"]) == 0
   err = capsys.readouterr().err
   assert "4 runs planned" in err and "3 already saved, skipped" in err
   assert "[4/4, last run] draw 0 tau=0.97" in err
-  records = json.load(open(os.path.join(out, "results.json")))
+  records = cwl_pruning.rows(json.load(open(os.path.join(out, "results.json"))))
   by_key = {(r["repeat"], r["tau"]): r for r in records}
   assert by_key[(0, 0.97)]["latency_timing"] == "interleaved, resumed draw"
   assert by_key[(0, None)]["latency_timing"] == "interleaved"
@@ -104,8 +107,8 @@ def test_pruning(source_dir, tmp_path, capsys):
 def test_pruning_claims_by_hand():
   """Claims pair the pruned + finetuned model with the unpruned one (and its finetuned
   control) by draw, per tau and epoch count."""
-  args = cwl_pruning.parse_args(["--ft-epochs", "1,30", "--taus", "0.4,0.8"])
-  plan = cwl_pruning.validate(args)
+  plan = cwl_pruning.PUBLISHER.validate(
+      study_flags.parse(cwl_pruning.STUDY, ["--ft-epochs", "1,30", "--taus", "0.4,0.8"]))
   recs = []
   for rep, shift in ((0, 0.0), (1, 0.02), (2, 0.01)):
     ft = lambda a1, a30: {"1": dict(lr=1e-4, edges=[], val_acc=0.5, test_acc=a1 + shift),
@@ -123,7 +126,8 @@ def test_pruning_claims_by_hand():
   assert cells[(0.8, 1)]["verdict"] == "refuted"
   control = {(c["cell"]["tau"], c["cell"]["epochs"]): c for c in res[1]["cells"]}
   assert control[(0.4, 1)]["paired"]["mean"] == pytest.approx(-0.01)
-  text = cwl_pruning.make_report(recs, args, plan)
+  text, summary = cwl_pruning.make_report(plan, recs)
+  assert summary["claims"] == json.loads(json.dumps(res))
   assert "| 0.4 | 0.900 (0.008) | 0.910 (0.008) | 0.920 (0.008) | 50% | 70% | - | - |" in text
   assert "| - | 0.910 (0.008) | 0.920 (0.008) | 0.930 (0.008) | 100% | 100% | - | - |" in text
   assert "Only 1 k-shot draw" not in text and "## Claims" in text
@@ -137,11 +141,12 @@ def test_retrieval_embedded(source_dir, tmp_path):
   assert cwl_retrieval.main(argv) == 0
   _outputs(out, "report.md", "results.json", "map.png")
   records = json.load(open(os.path.join(out, "results.json")))
-  assert {r["strategy"] for r in records} == {"freeze", "freeze_cwl"}
-  assert all(0 < r["map"] <= 1 for r in records)
+  assert all(r["version"] == 2 and r["knobs"].keys() == {"lr"} for r in records)
+  assert {r["arm"] for r in records} == {"freeze", "freeze_cwl"}
+  assert all(0 < r["outcome"]["map"] <= 1 for r in records)
   # Table III's claim, paired by query draw
   claim = json.load(open(os.path.join(out, "summary.json")))["claims"][0]
-  by = {(r["strategy"], r["repeat"]): r["map"] for r in records}
+  by = {(r["arm"], r["draw"]["index"]): r["outcome"]["map"] for r in records}
   diffs = [by[("freeze_cwl", i)] - by[("freeze", i)] for i in (0, 1)]
   assert claim["pooled"]["paired"]["n"] == 2
   assert claim["pooled"]["paired"]["mean"] == pytest.approx(np.mean(diffs))
@@ -171,7 +176,7 @@ def test_retrieval_revisited_path(source_dir, tmp_path):
   report = open(os.path.join(out, "report.md")).read()
   assert "| Easy | Medium | Hard | Mean |" in report
   records = json.load(open(os.path.join(out, "results.json")))
-  assert all(0 < r[s] <= 1 for r in records for s in ("easy", "medium", "hard"))
+  assert all(0 < r["outcome"][s] <= 1 for r in records for s in ("easy", "medium", "hard"))
   # a flatten head cannot take another input size
   assert cwl_retrieval.main(argv[:-3] + ["--image-size", "32,32", "--out", out + "2"]) == 2
 
@@ -197,8 +202,8 @@ def test_bad_flags(tmp_path):
   # Several LRs for a strategy would be chosen on test mAP: refused, one sentence naming it.
   for lrs in ("paper", "1e-3,1e-2"):
     with pytest.raises(InputError, match="freeze_cwl 2 learning rates|has no validation split"):
-      cwl_retrieval.validate(cwl_retrieval.parse_args(["--lrs", lrs]))
-  assert cwl_retrieval.validate(cwl_retrieval.parse_args(["--lrs", "1e-3"]))
+      study_flags.parse(cwl_retrieval.STUDY, ["--lrs", lrs])
+  assert study_flags.parse(cwl_retrieval.STUDY, ["--lrs", "1e-3"]).extra.lr_plan()
   assert not os.path.exists(tmp_path / "e")
   assert cwl_retrieval.main(["--lrs", "paper", "--out", str(tmp_path / "e")]) == 2
   assert cwl_kronecker.main(["--ranks", "a", "--out", str(tmp_path / "d")]) == 2
@@ -268,10 +273,10 @@ def test_tables_claims_by_hand():
 
 
 def test_retrieval_helpers():
-  assert cwl_retrieval.landmark("all_souls_000013") == "all_souls"
-  assert cwl_retrieval.landmark("jpg/defense_000041.jpg") == "defense"
-  recs = [dict(strategy="a", lr=1.0, map=0.2), dict(strategy="a", lr=1.0, map=0.4),
-          dict(strategy="a", lr=2.0, map=0.1), dict(strategy="b", lr=0.0, map=0.5)]
+  assert retrieval_run.landmark("all_souls_000013") == "all_souls"
+  assert retrieval_run.landmark("jpg/defense_000041.jpg") == "defense"
+  recs = [dict(arm="a", lr=1.0, map=0.2), dict(arm="a", lr=1.0, map=0.4),
+          dict(arm="a", lr=2.0, map=0.1), dict(arm="b", lr=0.0, map=0.5)]
   s = cwl_retrieval.summarize(recs, ["map"])
   assert s["a"]["best_lr"] == 1.0 and s["a"]["map"] == pytest.approx((0.3, 0.1))
   assert s["b"]["map"] == pytest.approx((0.5, 0.0))

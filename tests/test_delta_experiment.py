@@ -12,10 +12,12 @@ import os
 import numpy as np
 import pytest
 
-from experiments import delta_table, fewshot, knobs, publish
+from experiments import delta_table, fewshot, publish
 from jtransfer.data import Batches, load_spec, sample_kshot
 from jtransfer.errors import InputError
-from jtransfer.methods import delta, transfer
+from jtransfer.methods import delta, delta_study, transfer
+from jtransfer.study import flags, grid
+from jtransfer.study import records as rec
 from jtransfer.train import init_state, make_train_step
 
 TINY = ["--arch", "vgg_s", "--curve-arch", "vgg_s", "--target", "digits", "--shots", "2",
@@ -41,16 +43,17 @@ def test_delta_table_smoke(tiny_source_dir, tmp_path):
                "accuracy_vs_shots.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
   with open(os.path.join(out, "results.json")) as f:
-    records = json.load(f)
+    saved = json.load(f)
+  assert all(r["version"] == 2 for r in saved)
+  records = rec.rows(saved)
   assert all(r["status"] == "ok" for r in records)
-  assert all(r["delta"]["att_bn"] == "authors" for r in records)
   tune = [r for r in records if r["role"] == "tune"]
   evals = [r for r in records if r["role"] == "eval"]
   # One LR and a fixed alpha: nothing to choose, so no tuning draws run; alpha as the flags say.
   assert not tune
-  assert {r["hp"] for r in evals if r["strategy"] in ("l2sp", "delta")} == {"alpha=0.02"}
-  assert {r["hp"] for r in evals if r["strategy"] == "delta_noatt"} == {"alpha=0.0001"}
-  assert sorted(r["strategy"] for r in evals) == sorted(delta_table.STRATEGIES * 2)
+  assert {r["hp"] for r in evals if r["arm"] in ("l2sp", "delta")} == {"alpha=0.02"}
+  assert {r["hp"] for r in evals if r["arm"] == "delta_noatt"} == {"alpha=0.0001"}
+  assert sorted(r["arm"] for r in evals) == sorted(delta_table.STRATEGIES * 2)
   assert all(0.0 <= r["test_acc"] <= 1.0 and r["steps"] <= 4 and r["cap"] == 4
              for r in evals)
   report = open(os.path.join(out, "report.md")).read()
@@ -67,20 +70,24 @@ def test_delta_table_smoke(tiny_source_dir, tmp_path):
   assert len(ran) == 8 and len(summary["claims"]) == len(ran) + 1
   fig3 = summary["claims"][-1]
   assert fig3["claim"]["source"] == "Fig. 3"
-  dist = {(r["strategy"], r["repeat"]): r["filter_distance"] for r in evals
-          if r["strategy"] in ("delta", "l2sp")}
+  dist = {(r["arm"], r["repeat"]): r["filter_distance"] for r in evals
+          if r["arm"] in ("delta", "l2sp")}
   assert all(v > 0 for v in dist.values())  # every fine-tuned run moved its filters
   assert fig3["pooled"]["paired"]["mean"] == pytest.approx(np.mean(
       [dist[("delta", i)] - dist[("l2sp", i)] for i in (0, 1)]))
-  assert all("filter_distance" not in r for r in evals if r["strategy"] == "l2fe")
+  assert all("filter_distance" not in r for r in evals if r["arm"] == "l2fe")
   assert all(len(c["cells"]) == 1 and c["pooled"]["paired"]["n"] == 2
              for c in summary["claims"])
   # --resume finds every run done and rewrites the same report ...
   assert delta_table.main(argv + ["--resume"]) == 0
   assert open(os.path.join(out, "report.md")).read() == report
   assert publish.check(out) == []
-  # ... but not with other DELTA settings.
+  # ... but not with other DELTA settings (the folder's settings fingerprint), nor another
+  # JTRANSFER_DELTA_* environment (delta_settings.json).
   assert delta_table.main(argv + ["--resume", "--att-bn", "eval"]) == 2
+  with pytest.MonkeyPatch.context() as m:
+    m.setenv("JTRANSFER_DELTA_BETA", "0.5")
+    assert delta_table.main(argv + ["--resume"]) == 2
 
 
 def test_delta_table_curves(tiny_source_dir, tmp_path):
@@ -129,46 +136,49 @@ def test_filter_distances_by_hand():
        "stage1/block0": {"conv1": {"conv": {"kernel": np.zeros((1, 1, 1, 2))}}}}
   w["conv2_1"]["conv"]["kernel"][0, 0, :, 1] = [3.0, 4.0]   # filter 1 moved by 5
   w["stage1/block0"]["conv1"]["conv"]["kernel"][0, 0, 0, 0] = -2.0
-  got = delta_table.filter_distances(w, w0)
+  got = delta_study.stage_filter_distances(w, w0)
   assert got == {"stage2": [5.0, 0.0, 0.0], "stage1": [2.0, 0.0]}
-  assert delta_table.stage_of("stem") == "stem"
+  assert delta_study.stage_of("stem") == "stem"
 
 
 @pytest.mark.parametrize("value", ["resnet_s=", "=a,b", "resnet_s"])
 def test_parse_taps_rejects(value):
   with pytest.raises(InputError):
-    delta_table.parse_taps([value])
+    delta_study.parse_taps([value])
 
 
 def test_alpha_flags_set_the_tuning_grid():
-  """--alpha / --alpha-noatt reach the grid fewshot tunes over (no training: a stub scores)."""
+  """--alpha / --alpha-noatt reach the grid the runner tunes over (no training: a stub
+  scores)."""
   argv = ["--arch", "vgg_s", "--target", "digits", "--shots", "5", "--strategies",
           "l2,l2sp,delta_noatt", "--alpha", "0.02", "--alpha-noatt", "1e-5,1e-4"]
-  args = delta_table.parse_args(argv)
-  assert (args.steps, args.patience, args.tune_repeats, args.cv_folds) == (200, 100, 1, "auto")
-  plan = delta_table.validate(args)
-  alphas = {n: (k["alpha"], d["alpha"]) for n, (k, d) in plan["knobs"].items()}
-  assert alphas == {"l2sp": ((0.02,), 0.02), "delta": ((0.02,), 0.02),
-                    "delta_noatt": ((1e-5, 1e-4), 1e-4)}
+  study = delta_table.STUDY
+  config = flags.parse(study, argv)
+  p = config.protocol
+  assert (p.steps, p.patience, p.tune_draws, p.cv_folds) == (200, 100, 1, None)
+  plan = grid.plan(study, config)
+  alphas = {a.name: (a.knobs["alpha"], a.defaults["alpha"]) for a in plan.arms
+            if "alpha" in a.knobs}
+  assert alphas == {"l2sp": ((0.02,), 0.02), "delta_noatt": ((1e-5, 1e-4), 1e-4)}
   registered = transfer.get_strategy("delta_noatt")
   seen = []
 
   def run_missing(key):  # alpha 1e-4 scores best: on the grid's top edge, so it extends once
     seen.append(key)
-    return {"status": "ok", "val_acc": 0.6 if key[6] == "alpha=0.0001" else 0.5}
+    return {"status": "ok", "val_acc": 0.6 if dict(key[5])["alpha"] == 1e-4 else 0.5}
 
-  assert knobs.strategy_of(plan, "l2sp").knobs == {"alpha": (0.02,)}
-  tuned = fewshot.choose([], plan, args, run_missing=run_missing)
+  cell = {"arch": "vgg_s", "target": "digits", "shots": 5}
+  tuned = {a.name: grid.choose({}, plan, cell, a, run_missing) for a in plan.arms}
   assert transfer.get_strategy("delta_noatt") is registered
   noatt = [k for k in seen if k[0] == "delta_noatt"]
-  assert {k[6] for k in noatt} == {"alpha=1e-05", "alpha=0.0001", "alpha=0.001"}
-  assert sorted({k[7] for k in noatt}) == [0, 1, 2, 3, 4]      # the paper's 5-fold CV
+  assert {dict(k[5])["alpha"] for k in noatt} == {1e-5, 1e-4, 1e-3}
+  assert sorted({k[4] for k in noatt}) == [0, 1, 2, 3, 4]      # the paper's 5-fold CV
   # one LR and one alpha (l2sp), one LR (l2): nothing to choose, no tuning runs
   assert not [k for k in seen if k[0] in ("l2sp", "l2")]
-  assert tuned[("vgg_s", "digits", 5, "l2sp")]["hp"] == "alpha=0.02"
-  assert tuned[("vgg_s", "digits", 5, "l2")]["choice"] == {"lr": 0.01}
-  assert all(k[4] < 0 for k in seen)                            # tuning draws only
-  assert tuned[("vgg_s", "digits", 5, "delta_noatt")]["hp"] == "alpha=0.0001"
+  assert tuned["l2sp"]["hp"] == "alpha=0.02"
+  assert tuned["l2"]["choice"] == {"lr": 0.01}
+  assert all(k[2] == "tune" for k in seen)                      # tuning draws only
+  assert tuned["delta_noatt"]["hp"] == "alpha=0.0001"
   # Fig. 2 takes the alpha tuned for its cell (here from tuning records alone), or the fixed
   # one, else the paper's.
   records = [{"strategy": name, "arch": "vgg_s", "target": "digits", "shots": 5, "repeat": -1,
@@ -178,17 +188,15 @@ def test_alpha_flags_set_the_tuning_grid():
                            "vgg_s", "--curve-shots", "5"]
   for extra, want in (([], {"hp": "alpha=0.01", "origin": "tuned"}),
                        (["--alpha", "0.02"], {"hp": "alpha=0.02", "origin": "fixed"})):
-    args = delta_table.parse_args(curve_argv + extra)
-    plan = delta_table.validate(args)
-    assert delta_table.curve_knobs(records, plan, args) == {"l2sp": want, "delta": want}
-  args = delta_table.parse_args(curve_argv)
-  plan = delta_table.validate(args)  # the alpha grid (no flag), at a cell the table did not tune
-  plan["curves"]["shots"] = 10
-  assert delta_table.curve_knobs(records, plan, args)["delta"] == {"hp": "alpha=0.01",
-                                                                    "origin": "paper"}
+    plan = grid.plan(study, flags.parse(study, curve_argv + extra))
+    assert delta_table.curve_knobs(records, plan) == {"l2sp": want, "delta": want}
+  # the alpha grid (no flag), at a cell the table did not tune
+  plan = grid.plan(study, flags.parse(study, curve_argv + ["--curve-shots", "10"]))
+  assert delta_table.curve_knobs(records, plan)["delta"] == {"hp": "alpha=0.01",
+                                                             "origin": "paper"}
   # Without the flags: the registered grids and paper values.
-  plan = delta_table.validate(delta_table.parse_args(argv[:6]))
-  assert plan["knobs"] == {}
+  plan = grid.plan(study, flags.parse(study, argv[:6]))
+  assert plan.arm("l2sp").knobs == {"alpha": delta.ALPHAS}
   assert transfer.get_strategy("delta").knobs["alpha"] == delta.ALPHAS
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from experiments import delta_table, fewshot, knobs
+from experiments import delta_table, fewshot
 from jtransfer.errors import InputError
 from jtransfer.methods import delta, transfer
 from jtransfer.study import flags, grid
@@ -59,12 +59,13 @@ def test_environment_becomes_the_plans_knobs(monkeypatch):
 
 
 def test_delta_table_flags_travel_in_the_plan():
-  args = delta_table.parse_args(["--arch", "vgg_s", "--beta", "0.3", "--schedule", "step",
-                                 "--alpha", "0.5", "--no-curves"])
-  plan = delta_table.validate(args)
+  study = delta_table.STUDY
+  plan = grid.plan(study, flags.parse(study, ["--arch", "vgg_s", "--beta", "0.3", "--schedule",
+                                              "step", "--alpha", "0.5", "--no-curves"]))
   config = delta.Config(beta=0.3, schedule="step")
-  assert all(o == {"config": config} for o in plan["options"].values())
-  assert set(plan["options"]) == set(delta_table.STRATEGIES)
-  assert knobs.strategy_of(plan, "delta").knobs == {"alpha": (0.5,)}
+  assert all(dict(a.options) == {"config": config} for a in plan.arms)
+  assert {a.name for a in plan.arms} == set(delta_table.STRATEGIES)
+  assert plan.arm("delta").knobs == {"alpha": (0.5,)}
+  assert plan.arm("delta").strategy.knobs == {"alpha": (0.5,)}
   assert transfer.get_strategy("delta").knobs == {"alpha": delta.ALPHAS}
   assert delta.Config() == delta.Config(alpha=0.01, beta=0.01, schedule="exp")

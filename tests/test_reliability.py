@@ -39,12 +39,13 @@ def test_float_list_and_the_flags_built_on_it():
   assert positive_floats("0.1,1", "--lr") == [0.1, 1.0]
   with pytest.raises(InputError, match="> 0"):
     positive_floats("0,1", "--lr")
-  plan = cwl_pruning.validate(cwl_pruning.parse_args(["--taus", "1,0,1", "--ft-epochs", "30,1.9",
-                                                      "--ft-lrs", "1e-3,1e-4"]))
-  assert plan["taus"] == [0.0, 1.0] and plan["epochs"] == [1, 30]
-  assert plan["ft_lrs"] == [1e-4, 1e-3]
+  from jtransfer.study import flags
+  k = flags.parse(cwl_pruning.STUDY, ["--taus", "1,0,1", "--ft-epochs", "30,1.9",
+                                      "--ft-lrs", "1e-3,1e-4"]).extra
+  assert k.taus == (0.0, 1.0) and k.ft_epochs == (1, 30)
+  assert k.ft_lrs == (1e-4, 1e-3)
   with pytest.raises(InputError, match="--ft-epochs '0.5': values must be finite and >= 1"):
-    cwl_pruning.validate(cwl_pruning.parse_args(["--ft-epochs", "0.5"]))
+    flags.parse(cwl_pruning.STUDY, ["--ft-epochs", "0.5"])
   assert sparse_transfer._floats("0.5,0,0.5", "--lam", 0.0, 1.0) == [0.0, 0.5]
   with pytest.raises(InputError, match=re.escape("--lrs '0': values must lie in (0.0, 10.0]")):
     sparse_transfer._floats("0", "--lrs", 0.0, 10.0, open_lo=True)

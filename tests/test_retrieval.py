@@ -51,7 +51,7 @@ def _one_conv_vgg():
 
 
 def test_mac_from_model_reads_the_last_conv_output_not_the_pooled_map():
-  from experiments import cwl_retrieval
+  from jtransfer.methods import retrieval_run
   model, params = _one_conv_vgg()
   x = np.zeros((1, 7, 7, 1), np.float32)
   x[0, 6, 6, 0] = 5.0    # last row and column: the 2x2 pool of the 7x7 map (-> 3x3) drops it
@@ -66,13 +66,13 @@ def test_mac_from_model_reads_the_last_conv_output_not_the_pooled_map():
   images = np.full((1, 7, 7, 1), 2, np.uint8)
   images[0, 6, 6, 0], images[0, 0, 0, 0] = 7, 0
   for tap, want in (("conv", [[5, 2]]), ("pooled", [[0, 2]])):
-    fn = cwl_retrieval.mac_fn(model, (2 / 255,), (1 / 255,), tap)
+    fn = retrieval_run.mac_fn(model, (2 / 255,), (1 / 255,), tap)
     got = np.asarray(fn(params, {}, images))
     np.testing.assert_allclose(got, np.asarray(want) / np.linalg.norm(want), rtol=1e-5, atol=1e-6)
   with pytest.raises(InputError, match="tap"):
     R.mac_from_model(model, params, {}, x, tap="fc7")
   with pytest.raises(InputError, match="tap"):
-    cwl_retrieval.mac_fn(model, (0.0,), (1.0,), "fc7")
+    retrieval_run.mac_fn(model, (0.0,), (1.0,), "fc7")
 
 
 def test_mac_rejects_wrong_rank():

@@ -144,6 +144,12 @@ class Study:
     record_key: record -> its key, with `plan` (duplicate checks; results.json's order).
     additive: flag destinations a --resume may change because they only add runs beside the
       finished ones (model_selection's --scratch); left out of the settings fingerprint.
+    arm_plan: (config, `grid.ArmPlan`) -> ArmPlan: the study's own knobs applied to a resolved
+      arm (e.g. DELTA's --alpha grid and `delta.Config` from its flags), so they travel in the
+      plan to `Strategy.build`, never through a global.
+    keys: with `run`: (version-2 records, plan) -> the keys (`records.key`) of every run its
+      grid holds, for `publish check`; None = the study lists none (its folders are counted
+      against run.json's 'grid'). Studies on the grid runner list theirs from the plan.
     doc: the module's docstring (the --help description).
   """
   module: str
@@ -172,6 +178,8 @@ class Study:
   grid_keys: Optional[Callable] = None
   record_key: Optional[Callable] = None
   additive: frozenset = frozenset()
+  keys: Optional[Callable] = None
+  arm_plan: Optional[Callable] = None
   doc: str = ""
 
   def arm(self, name: str) -> Arm:

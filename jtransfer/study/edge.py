@@ -47,14 +47,16 @@ def publisher(study: Study) -> publish.Publisher:
     keys = study.grid_keys and (lambda records, plan, _: study.grid_keys(records, plan))
     return publish.Publisher(study.module, parse, study.plan, report, keys, study.record_key)
 
-  def grid_keys(records, plan, _):
-    return grid.grid_keys(rec.read(records, study.cell_fields), plan)
+  keys = study.keys if study.run is not None else grid.grid_keys
 
-  # A study with its own `run` is not a grid the runner enumerates: its folder is counted
-  # when it finishes (`publish.save`).
+  def grid_keys(records, plan, _):
+    return keys(rec.read(records, study.cell_fields), plan)
+
+  # A study with its own `run` lists its grid's keys itself (`Study.keys`), or none: its
+  # folder is then counted when it finishes (`publish.save`).
   return publish.Publisher(
       study.module, parse, lambda c: grid.plan(study, c),
-      report, grid_keys if study.run is None else None,
+      report, None if keys is None else grid_keys,
       lambda r: rec.key(rec.read([r], study.cell_fields)[0]))
 
 

@@ -122,6 +122,8 @@ def plan(study: Study, config: Config) -> Plan:
   if "cells" not in study.groups:  # not a grid of (arch, target, shots) cells
     return Plan(study, config, (), (), ())
   arms = tuple(_resolve(study, config, n, delta_config) for n in c.arms)
+  if study.arm_plan is not None:
+    arms = tuple(study.arm_plan(config, a) for a in arms)
   base = [dict(zip(("arch", "target", "shots"), v))
           for v in itertools.product(c.archs, c.targets, c.shots)]
   axes = dict(study.axes(config)) if study.axes else {}
