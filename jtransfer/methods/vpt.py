@@ -180,7 +180,7 @@ def _strategy(deep: bool) -> transfer.Strategy:
       f"vpt_{'deep' if deep else 'shallow'}", transfer.FREEZE_LRS, _builder(deep),
       description=f"VPT-{'deep' if deep else 'shallow'}: P learned tokens after the class "
                   f"token {where}, dropped before the head; prompts + new head trained, "
-                  "backbone frozen, Adam; ViT/DINOv2/CLIP only",
+                  "backbone frozen (LayerNorms frozen, no BN), Adam; ViT/DINOv2/CLIP only",
       knobs={"num_tokens": NUM_TOKENS}, knob_defaults={"num_tokens": DEFAULT_TOKENS},
       knob_bounds={"num_tokens": (1.0, 200.0)})
 
