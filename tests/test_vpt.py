@@ -205,3 +205,12 @@ def test_refusals(source):
     vpt.apply_model_vpt(model, bad, None, np.zeros((1, *SHAPE), np.float32))
   with pytest.raises(InputError, match="no knob"):
     transfer.get_strategy("vpt_deep").build(source, 3, 3, rank=2)
+
+
+@pytest.mark.slow
+def test_fewshot_runs_vpt_on_vit_s28(tmp_path):
+  """experiments.fewshot runs both strategies on a random vit_s28 source, records each."""
+  from model_helpers import tiny_fewshot_run
+  records = tiny_fewshot_run(tmp_path, "vit_s28", TINY, "vpt_shallow,vpt_deep",
+                             "digits:0,1,2", classes=3)
+  assert {r["strategy"] for r in records} == {"vpt_shallow", "vpt_deep"}
