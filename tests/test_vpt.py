@@ -1,6 +1,6 @@
-"""VPT shallow and deep: the prompted forward and its gradient against timm's ViT run by hand in
-torch with the prompts inserted as the authors' code does, the DINOv2 register layout with mean
-pooling, what trains, the parameter count, the zero-prompt case, the shapes, the extra FLOPs
+"""VPT shallow and deep: the prompted forward and its gradient against timm's ViT and
+open_clip's image tower run by hand in torch with the prompts inserted as the authors' code
+does, the DINOv2 register layout with mean pooling, what trains, the parameter count, the zero-prompt case, the shapes, the extra FLOPs
 against the hand formula, and the refusals."""
 import re
 
@@ -172,23 +172,40 @@ def test_zero_prompts_equal_the_plain_model_and_zero_valued_ones_do_not(source):
   assert not np.allclose(logits, plain, atol=1e-4)
 
 
-def test_clip_layout_shapes_and_gradient_reaches_every_prompt_set():
-  """CLIP (ln_pre, projection): prompts enter after ln_pre; each deep set gets a gradient."""
-  model = models.get_model("clip_vit_b16", 4, **dict(TINY, pos_grid=(2, 2), proj_dim=8))
-  params = random_variables(model, (32, 32, 3))["params"]
-  prompts = vpt.init_prompts(model, (32, 32, 3), 2, True, seed=0)["prompts"]
-  x = np.random.default_rng(4).normal(size=(2, 32, 32, 3)).astype(np.float32)
+def test_clip_tower_equals_open_clip_by_hand():
+  """open_clip's image tower (ln_pre, QuickGELU, ln_post, projection) with deep prompts
+  inserted by hand after ln_pre: features and the prompts' gradient."""
+  import torch
+  from vit_reference import open_clip_transformer
+  oc = open_clip_transformer()
+  tm = randomize(oc.VisionTransformer(image_size=32, patch_size=16, width=32, layers=2,
+                                      heads=2, mlp_ratio=4.0, output_dim=8,
+                                      act_layer=oc.QuickGELU))
+  config = dict(TINY, pos_grid=(2, 2), proj_dim=8, act="quick_gelu")
+  variables = weights.import_torchvision("clip_vit_b16", state_dict(tm), config=config,
+                                         keep_head=False)
+  model = models.get_model("clip_vit_b16", 4, **config)
+  params = dict(random_variables(model, (32, 32, 3))["params"], **variables["params"])
+  prompts = vpt.init_prompts(model, (32, 32, 3), 2, True, seed=0)["prompts"] * 20
+  x = np.random.default_rng(4).normal(size=(2, 3, 32, 32)).astype(np.float32)
+  tp = torch.tensor(prompts, requires_grad=True)
+  h = tm._embeds(torch.from_numpy(x))  # class token, position embedding, ln_pre
+  for i, block in enumerate(tm.transformer.resblocks):
+    rest = h[:, 1:] if i == 0 else h[:, 1 + 2:]
+    h = torch.cat([h[:, :1], tp[i].expand(2, -1, -1), rest], dim=1)
+    h = block(h) if tm.transformer.batch_first else block(h.transpose(0, 1)).transpose(0, 1)
+  want = tm.ln_post(h)[:, 0] @ tm.proj
+  (want ** 2).sum().backward()
 
   def loss(p):
-    logits, _, _ = vpt.apply_model_vpt(model, dict(params, vpt={"prompts": p}), None, x)
-    return jnp.sum(logits ** 2)
+    _, _, taps = vpt.apply_model_vpt(model, dict(params, vpt={"prompts": p}), None,
+                                     x.transpose(0, 2, 3, 1), taps=("features", "block1"))
+    return jnp.sum(taps["features"] ** 2), taps
 
-  grad = jax.jit(jax.grad(loss))(prompts)
-  assert grad.shape == (2, 2, 32)
-  assert all(float(jnp.abs(g).sum()) > 0 for g in grad)
-  taps = jax.eval_shape(lambda p: vpt.apply_model_vpt(
-      model, dict(params, vpt={"prompts": p}), None, x, taps=("features", "block1"))[2], prompts)
-  assert taps["features"].shape == (2, 8) and taps["block1"].shape == (2, 1 + 2 + 4, 32)
+  (_, taps), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(prompts)
+  assert taps["block1"].shape == (2, 1 + 2 + 4, 32)
+  assert _rel(taps["features"], want.detach().numpy()) <= 1e-5
+  assert _rel(grad, tp.grad.numpy()) <= 1e-4
 
 
 def test_refusals(source):
