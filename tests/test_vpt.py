@@ -1,7 +1,7 @@
 """VPT shallow and deep: the prompted forward and its gradient against timm's ViT and
 open_clip's image tower run by hand in torch with the prompts inserted as the authors' code
-does, the DINOv2 register layout with mean pooling, what trains, the parameter count, the zero-prompt case, the shapes, the extra FLOPs
-against the hand formula, and the refusals."""
+does, the DINOv2 register layout with mean pooling, what trains, the parameter count, the
+zero-prompt case, the shapes, the extra FLOPs against the hand formula, and the refusals."""
 import re
 
 import jax
