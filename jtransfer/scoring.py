@@ -209,7 +209,8 @@ def source_scores(source: transfer.Source, images: np.ndarray, labels: np.ndarra
 
 def prune_cwl(result_or_variables: Any, tau: float, *, config: Mapping | None = None,
               residual: str = "group", multiple: int = 1) -> prune.PruneResult:
-  """Removes the channels whose CWL scale |sigma| < tau (`prune.prune_by_sigma`).
+  """Removes the channels whose CWL scale |sigma| < tau (`prune.prune_by_sigma`); on a ViT or
+  Swin, the attention heads and MLP hidden units (`methods.prune_heads`).
 
   Args:
     result_or_variables: a `jtransfer.api.FitResult` of a CWL strategy ('freeze_cwl',
