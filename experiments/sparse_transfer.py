@@ -71,32 +71,27 @@ under models/ and reloaded. Accuracies are test accuracies of the main branch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Sequence
 
-import jax
 import numpy as np
 
 from experiments import cli, grid_progress, pretrain, publish
-from experiments.fewshot import budget_of, cap_per_class
 from experiments.report import ResultsDir, float_list, mean_std
-from jtransfer import surgery
-from jtransfer.data import load_spec, parse_spec, sample_kshot
-from jtransfer.data.preprocess import normalize
+from jtransfer.data import load_spec, parse_spec
 from jtransfer.errors import InputError, NonFiniteError
-from jtransfer.methods import hybrid, sparsity, transfer
+from jtransfer.methods import hybrid, hybrid_run, hybrid_source, sparsity
+from jtransfer.methods.hybrid_measure import removed_share
 from jtransfer.protocol import Budget, claims, fit_converged, progress, tuning
-from jtransfer.train import (FROZEN, accuracy, adam, cross_entropy, fit, init_state,
-                             make_optimizer, make_train_step, predict_logits, sgd)
 
 DEFAULT_TARGETS = ("fmnist:1,5,7,8,9", "digits")
 VARIANTS = tuple(hybrid.VARIANTS)
-MAIN_KERNELS = (r"main/.*kernel",)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -237,102 +232,37 @@ def validate(args) -> dict:
                                                        kind=args.source_schedule))
 
 
-# ----------------------------------------------------------------------------- helpers
-class Evaluator:
-  """Main-branch accuracy on fixed image sets, one compiled forward per hybrid structure."""
-
-  def __init__(self):
-    self._fwd: dict[str, Any] = {}
-
-  def forward(self, hy: hybrid.Hybrid):
-    key = json.dumps([hy.config, hy.mean, hy.std], sort_keys=True)
-    if key not in self._fwd:
-      self._fwd[key] = hybrid.main_forward(hy)
-    return self._fwd[key]
-
-  def acc(self, hy, params, images, labels) -> float:
-    return accuracy(predict_logits(self.forward(hy), {"main": params["main"]}, {}, images),
-                    labels)
-
-
-def _host(tree):
-  # Copies: the train step donates its state's buffers, which a zero-copy view would share.
-  return jax.tree.map(lambda x: np.array(x), tree)
-
-
-def main_rate(params, dense_total: int) -> float:
-  """Connection pruning rate of the main branch: 1 - non-zero kernel entries / dense count."""
-  nonzero = sum(int(np.count_nonzero(v)) for p, v in surgery.flatten(params["main"]).items()
-                if p.endswith("kernel"))
-  return 1.0 - nonzero / dense_total
-
-
-def _kernel_total(params) -> int:
-  return sum(int(np.size(v)) for p, v in surgery.flatten(params["main"]).items()
-             if p.endswith("kernel"))
-
-
 # ----------------------------------------------------------------------------- source
 def sparse_source(args, plan, source, results: ResultsDir, log):
-  """Sparse-SourceNet: prunes the reference on source data, recording each round."""
+  """Sparse-SourceNet (`hybrid_source.prune_source`), each round recorded; reloaded from
+  models/ when a resumed run finished it."""
   path = os.path.join(results.path, "models", "sparse_source")
   done = [r for r in results.records if r["kind"] == "source"]
-  if len(done) == len(plan["source_targets"]) + 1 and os.path.isdir(path):
-    sp = _host(transfer.load_source(path).variables["params"])
-    return sp, sparsity.masks_from_zeros(sp)
+  saved = hybrid_source.load_sparse_source(path)
+  if len(done) == len(plan["source_targets"]) + 1 and saved is not None:
+    return saved
   spec = args.source_data or source.meta.get("source_spec")
   if not spec:
     raise InputError("the source checkpoint has no source_spec in its meta: pass --source-data")
   data = load_spec(spec, source.input_shape, flag="--source-data", data_dir=args.data_dir)
-  train = data.train
-  if args.source_max_train and len(train) > args.source_max_train:
-    keep = np.random.default_rng(0).permutation(len(train))[:args.source_max_train]
-    train = train.take(np.sort(keep))
-  test = cap_per_class(data.test, args.source_test_per_class)
-  fwd = transfer.eval_forward(source.model, source.mean, source.std)
-  acc = lambda p: accuracy(predict_logits(fwd, p, {}, test.images), test.labels)
   _drop(results, lambda r: r["kind"] == "source")  # an incomplete stage is redone whole
-  ref = source.variables["params"]
-  results.add(dict(kind="source", round=0, target=0.0, sparsity=0.0, acc_pruned=None,
-                   acc=acc(ref), layers={}))
-  counter = iter(range(1, 1000))
+  cfg = hybrid_source.SourcePruning(
+      tuple(plan["source_targets"]), args.source_steps, args.source_lr,
+      args.source_batch_size, args.source_max_train, args.source_test_per_class, args.scope)
 
-  def on_round(rnd, state):
-    rep = sparsity.sparsity_report(_host(state.params))
-    results.add(dict(kind="source", round=next(counter), target=rnd.target,
-                     sparsity=rnd.sparsity, acc_pruned=rnd.metric_pruned,
-                     acc=rnd.metric_retrained,
-                     layers={p: l["sparsity"] for p, l in rep["layers"].items()}))
-    log(f"[sparse_source] target {rnd.target:.3f}: sparsity {rnd.sparsity:.3f}, acc pruned "
-        f"{rnd.metric_pruned:.4f} -> retrained {rnd.metric_retrained:.4f}")
+  def on_row(row):
+    results.add(dict(kind="source", **dataclasses.asdict(row)))
+    if row.round:
+      log(f"[sparse_source] target {row.target:.3f}: sparsity {row.sparsity:.3f}, acc pruned "
+          f"{row.acc_pruned:.4f} -> retrained {row.acc:.4f}")
 
-  params, masks, _ = hybrid.sparse_source_net(
-      source, train.images, train.labels, plan["source_targets"], args.source_steps,
-      tx=sgd(args.source_lr, momentum=0.9), batch_size=args.source_batch_size,
-      scope=args.scope, evaluate_fn=acc,
-      on_round=on_round)
-  transfer.save_source(path, transfer.Source(
-      source.arch, source.config, {"params": params}, source.input_shape, source.mean,
-      source.std, dict(source.meta, sparse_source=True)))
+  params, masks, _ = hybrid_source.prune_source(source, data, cfg, on_row)
+  hybrid_source.save_sparse_source(path, source, params)
   return params, masks
 
 
+
 # ----------------------------------------------------------------------------- protocol pieces
-def knowledge_loss(hy: hybrid.Hybrid):
-  """`hybrid.loss_fn` with lambda and tau read from the batch ('lam', 'tau': one value per
-  example, all equal), so one compiled step serves a whole lambda x tau grid."""
-  def fn(params, batch_stats, batch, rng):
-    del rng
-    x = normalize(batch["image"], hy.mean, hy.std)
-    main, extra, ref = hybrid.branch_outputs(hy, params, x, batch.get("ref_logits"))
-    ce = cross_entropy(main, batch["label"])
-    if extra is None:
-      return ce, ({"ce": ce}, batch_stats)
-    kd = hybrid.soft_cross_entropy(extra, ref, batch["tau"][0])
-    return ce + batch["lam"][0] * kd, ({"ce": ce, "kd": kd}, batch_stats)
-  return fn
-
-
 def grid(plan: dict, variant: str) -> dict:
   """The tuning grid of a Table 1 net: LR, plus lambda and tau for the K+ nets."""
   g = {"lr": plan["lrs"]}
@@ -392,213 +322,6 @@ def choose(records: list[dict], plan: dict, args, run_missing=None) -> dict:
   return out
 
 
-# ----------------------------------------------------------------------------- target unit
-class Unit:
-  """One (target, seed): data, the four transfer nets, connection and neuron pruning."""
-
-  def __init__(self, args, plan, source, sparse, data, seed, trainers, evaluator, log,
-               emit=None):
-    self.args, self.plan, self.source, self.sparse = args, plan, source, sparse
-    self.seed, self.trainers, self.ev, self.log = seed, trainers, evaluator, log
-    self.name, self.emit = data.name, emit  # emit: long runs' progress lines (None: silent)
-    k = data.train.num_classes
-    # A small target (digits: ~89 train images per class) gets what it has after validation.
-    smallest = int(np.bincount(data.train.labels, minlength=k).min())
-    self.shots = min(args.train_per_class, smallest - args.val_per_class)
-    if self.shots < 1:
-      raise InputError(f"--val-per-class {args.val_per_class} leaves no training images in a "
-                       f"class of {smallest}")
-    if self.shots < args.train_per_class:
-      log(f"[unit] {data.name}: {self.shots} training images per class (smallest class has "
-          f"{smallest}, {args.val_per_class} go to validation)")
-    train_idx, val_idx = sample_kshot(data.train.labels, self.shots, seed,
-                                      val_per_class=args.val_per_class, num_classes=k)
-    self.num_classes = k
-    self.images, self.labels = data.train.images[train_idx], data.train.labels[train_idx]
-    self.val = data.train.take(val_idx) if len(val_idx) else None
-    self.test = cap_per_class(data.test, args.test_per_class)
-    self.ref_logits = None
-
-  def hcfg(self, variant: str, hp: dict) -> hybrid.HybridConfig:
-    a = self.args
-    knowledge = hybrid.VARIANTS[variant][1]
-    extra = dict(lam=hp["lam"], tau=hp["tau"]) if knowledge else {}
-    return hybrid.variant_config(variant, n_m=a.n_m, n_e=a.n_e, **extra)
-
-  def accs(self, hy, params, test: bool = True) -> dict:
-    val = (self.ev.acc(hy, params, self.val.images, self.val.labels) if self.val is not None
-           else float("nan"))
-    return dict(val_acc=val, test_acc=self.ev.acc(hy, params, self.test.images,
-                                                  self.test.labels) if test else None)
-
-  def trainer(self, hy, params, masks) -> hybrid.Trainer:
-    """A masked Adam step per structure; the LR is set per run (`injected_lr`) and lambda,
-    tau come with the batch, so every run of one structure shares one compiled step."""
-    key = json.dumps([hy.config, sorted(params), hy.cut], sort_keys=True)
-    if key not in self.trainers:
-      rules = ([("reference/.*", FROZEN)] if "reference" in params else []) + [(".*", "all")]
-      opt = sparsity.with_masks(make_optimizer(params, rules, {"all": adam(1.0)},
-                                               injected_lr=True), masks)
-      self.trainers[key] = hybrid.Trainer(opt, make_train_step(knowledge_loss(hy), opt))
-    return self.trainers[key]
-
-  def batches(self, params, hp: dict):
-    """batch_at(step) of the training images (+ reference logits, lambda and tau for K+)."""
-    if "extra" not in params:
-      return hybrid.knowledge_batches(self.images, self.labels, None, self.args.batch_size,
-                                      self.seed)
-    at = hybrid.knowledge_batches(self.images, self.labels, self.ref_logits,
-                                  self.args.batch_size, self.seed)
-
-    def batch_at(step):
-      b = at(step)
-      n = len(b["label"])
-      return dict(b, lam=np.full(n, hp["lam"], np.float32), tau=np.full(n, hp["tau"],
-                                                                        np.float32))
-    return batch_at
-
-  def start(self, hy, params, masks, hp: dict):
-    """(trainer, fresh state at the run's LR, batch_at)."""
-    tr = self.trainer(hy, params, masks)
-    state = sparsity.replace_masks(init_state(params, {}, tr.optimizer, self.seed, hp["lr"]),
-                                   masks)
-    return tr, state, self.batches(params, hp)
-
-  def train(self, hy, params, masks, steps: int, hp: dict):
-    tr, state, batch_at = self.start(hy, params, masks, hp)
-    return tr, fit(state, tr.step, batch_at, steps), batch_at
-
-  def transfer(self, variant: str, hp: dict, test: bool = True):
-    """Trains one Table 1 net under the run budget; returns (hybrid, params, masks, record).
-
-    With `test=False` (a tuning run) the test split is never evaluated."""
-    t0 = time.time()
-    hy, params, masks = hybrid.init_hybrid(self.source, self.num_classes,
-                                           self.hcfg(variant, hp), self.seed, *self.sparse)
-    if self.ref_logits is None and "reference" in params:
-      self.ref_logits = hybrid.reference_logits(hy, params["reference"], self.images)
-    tr, state, batch_at = self.start(hy, params, masks, hp)
-    budget = budget_of(self.args)
-    on_step = progress.ticker(f"{self.name} seed {self.seed} {variant} lr={hp['lr']:g}",
-                              self.emit)
-    if budget is None or self.val is None:
-      state = fit(state, tr.step, batch_at, self.args.steps, on_step=on_step)
-      info = dict(steps=self.args.steps, best_step=self.args.steps, stopped="fixed")
-    else:
-      val = lambda st: self.ev.acc(hy, st.params, self.val.images, self.val.labels)
-      state, info = fit_converged(state, tr.step, batch_at, val, budget, on_step=on_step)
-      info.pop("curve")
-    params = _host(state.params)
-    record = dict(kind="transfer", role="eval" if test else "tune", variant=variant, **hp,
-                  cap=self.args.steps, **info,
-                  rate=main_rate(params, _kernel_total(params)),
-                  seconds=round(time.time() - t0, 1), **self.accs(hy, params, test))
-    return hy, params, masks, record
-
-  def connection_pruning(self, hy, params, masks, knowledge: bool, hp: dict, on_point):
-    """Sparse-TargetNet connection pruning: one record per rate; returns {rate: params}."""
-    params = params if knowledge else hybrid.drop_knowledge(params)
-    dense_total = _kernel_total(params)
-    tr, state, batch_at = self.start(hy, params, masks, hp)
-    kept = {}
-
-    a = self.args
-    val = lambda st: self.ev.acc(hy, st.params, self.val.images, self.val.labels)
-
-    def converged(st, cap):
-      # The protocol's rule inside each round: validation patience, at most --target-steps
-      # steps, the round's best validation state kept.
-      start = int(st.step)
-      st, info = fit_converged(st, tr.step, batch_at, val,
-                               Budget.from_flags(cap, a.eval_every, a.patience))
-      return st, info["steps"] - start
-
-    retrain = converged if budget_of(a) is not None and self.val is not None else None
-
-    def on_round(rnd, st):
-      p = _host(st.params)
-      kept[rnd.target] = (p, sparsity.current_masks(st))
-      extra = {} if retrain is None else dict(retrain_steps=rnd.steps)
-      on_point(dict(kind="target_prune", knowledge="K+" if knowledge else "K-",
-                    rate=rnd.target, sparsity=main_rate(p, dense_total),
-                    acc_pruned=rnd.metric_pruned, **extra, **self.accs(hy, p)))
-
-    sparsity.prune_retrain(state, tr.step, batch_at, self.plan["rates"],
-                           self.args.target_steps, patterns=MAIN_KERNELS, scope=self.args.scope,
-                           evaluate=lambda p: self.ev.acc(hy, p, self.test.images,
-                                                          self.test.labels),
-                           on_round=on_round, retrain=retrain)
-    return kept
-
-  def neuron_pruning(self, hy, params, masks, level: float, hp: dict) -> dict:
-    """Prunes fc6 then fc7 neurons until validation accuracy drops below `level`."""
-    a = self.args
-    dense_total = _kernel_total(params)
-    start_params, start = params, self.accs(hy, params)
-    per = a.neuron_images_per_class
-    subset = np.concatenate([np.flatnonzero(self.labels == c)[:per]
-                             for c in range(self.num_classes)])
-    metric = "val_acc" if self.val is not None else "test_acc"
-    history, current = [], start
-    layers = [n for n, kind in hy.plan if kind == "dense"]
-    for layer in self.plan["neuron_layers"]:
-      step_n = max(1, int(round(a.neuron_frac * params["main"][layer]["bias"].size)))
-      while params["main"][layer]["bias"].size > step_n:
-        acts = hybrid.neuron_activations(hy, params, self.images[subset], layers=[layer])
-        keep = hybrid.lowest_neurons(acts[layer], step_n)
-        hy2, p2, m2 = hybrid.prune_neurons(hy, params, masks, {layer: keep})
-        _, state, _ = self.train(hy2, p2, m2, a.neuron_steps, hp)
-        p2 = _host(state.params)
-        got = self.accs(hy2, p2)
-        ok = got[metric] >= level
-        history.append(dict(layer=layer, neurons=int(keep.size), accepted=bool(ok),
-                            rate=main_rate(p2, dense_total), **got))
-        self.log(f"[neurons] {layer} -> {keep.size}: {metric} {got[metric]:.4f} "
-                 f"(level {level:.4f}) {'kept' if ok else 'undone, next layer'}")
-        if not ok:
-          break
-        hy, params, masks, current = hy2, p2, m2, got
-    table = hybrid.fc_table(start_params, params, layers + ["head"])
-    return dict(kind="neuron", history=history, widths=list(hy.config["dense_widths"]),
-                table={k: {"neurons": list(v["neurons"]), "weights": list(v["weights"])}
-                       for k, v in table.items()},
-                rate=main_rate(params, dense_total), rate_before=main_rate(start_params,
-                                                                           dense_total),
-                level=level, stop_metric=metric, start=start, **current)
-
-  def run(self, add, tuned: dict) -> None:
-    """Runs every piece at the tuned points, calling add(record) as each finishes.
-
-    Args:
-      add: called with each finished record.
-      tuned: variant -> {'lr', 'lam', 'tau'} (the nets' choices; pruning uses the Hybrid's).
-    """
-    nets, recs = {}, {}
-    for variant in self.plan["variants"]:
-      hy, params, masks, rec = self.transfer(variant, tuned[variant])
-      nets[variant], recs[variant] = (hy, params, masks), rec
-      add(rec)
-      self.log(f"[transfer] {variant}: test {rec['test_acc']:.4f} val {rec['val_acc']:.4f} "
-               f"rate {rec['rate']:.3f} steps {rec['steps']} ({rec['stopped']}) "
-               f"({rec['seconds']} s)")
-    hp = tuned["hybrid"]
-    hy, params, masks = nets["hybrid"]
-    log_point = lambda r: (add(dict(r, **hp)), self.log(
-        f"[target_prune] {r['knowledge']} rate {r['rate']:.3f}: test {r['test_acc']:.4f}"))
-    points = []
-    kept = self.connection_pruning(hy, params, masks, True, hp,
-                                   lambda r: (points.append(r), log_point(r)))
-    self.connection_pruning(hy, params, masks, False, hp, log_point)
-    metric = "val_acc" if self.val is not None else "test_acc"
-    level = recs["standard"][metric]
-    rate = self.plan["neuron_from"]
-    if rate is None:  # as the paper: the sparsest net still at the standard level
-      good = [r["rate"] for r in points if r[metric] >= level]
-      rate = max(good) if good else min(self.plan["rates"])
-    p_n, m_n = kept[rate]
-    add(dict(self.neuron_pruning(hy, p_n, m_n, level, hp), from_rate=rate, **hp))
-
-
 def _drop(results: ResultsDir, pred) -> None:
   """Removes records (in memory and in results.jsonl), e.g. of a unit cut short by a kill."""
   results.records = [r for r in results.records if not pred(r)]
@@ -630,14 +353,36 @@ def saved_runs(records: list[dict], plan: dict) -> int:
   return tuning_runs + sum((t, s) in units for t in plan["targets"] for s in plan["seeds"])
 
 
+def unit_settings(args, plan: dict) -> hybrid_run.UnitSettings:
+  """The units' typed settings from the flags and the plan."""
+  return hybrid_run.UnitSettings(
+      n_m=args.n_m, n_e=args.n_e, batch_size=args.batch_size, steps=args.steps,
+      target_rates=tuple(plan["rates"]), target_steps=args.target_steps, scope=args.scope,
+      neuron_from=plan["neuron_from"], neuron_layers=tuple(plan["neuron_layers"]),
+      neuron_frac=args.neuron_frac, neuron_steps=args.neuron_steps,
+      neuron_images_per_class=args.neuron_images_per_class)
+
+
+def converge_rule(args):
+  """The protocol's stopping rule for `hybrid_run.Unit` (None: fixed steps, --patience 0)."""
+  if Budget.from_flags(args.steps, args.eval_every, args.patience) is None:
+    return None
+
+  def converge(state, step_fn, batch_at, val_acc, cap, on_step=None):
+    return fit_converged(state, step_fn, batch_at, val_acc,
+                         Budget.from_flags(cap, args.eval_every, args.patience), on_step=on_step)
+  return converge
+
+
 def run(args, plan, results: ResultsDir, log) -> None:
   source = pretrain.source_for("vgg_s", args.source, epochs=args.source_epochs,
                                progress=not args.quiet)
   if source.arch != "vgg_s":
     raise InputError(f"--source must be a vgg_s model, got {source.arch}")
   sparse = sparse_source(args, plan, source, results, log)
-  trainers, evaluator = {}, Evaluator()
   emit = grid_progress.stderr_or_quiet(args)
+  settings, compiled, converge = unit_settings(args, plan), hybrid_run.Compiled(), \
+      converge_rule(args)
   runs_progress = progress.GridProgress(planned_runs(plan),
                                         saved=saved_runs(results.records, plan), emit=emit)
   runs_progress.announce("sparse_transfer")
@@ -645,20 +390,25 @@ def run(args, plan, results: ResultsDir, log) -> None:
     data = load_spec(spec, source.input_shape, flag="--target", data_dir=args.data_dir)
     tune_units: dict = {}
 
-    def run_missing(key, spec=spec, data=data, tune_units=tune_units):
+    def unit(seed, data=data):
+      draw = hybrid_run.draw_target(data, seed, args.train_per_class, args.val_per_class,
+                                    args.test_per_class, log)
+      return hybrid_run.Unit(source, sparse, draw, seed, settings, compiled, converge, log,
+                             lambda label: progress.ticker(label, emit))
+
+    def run_missing(key, spec=spec, tune_units=tune_units, unit=unit):
       """One tuning run: validation accuracy only, the test split is never evaluated."""
       _, variant, seed, lr, lam, tau = key
       if seed not in tune_units:
-        tune_units[seed] = Unit(args, plan, source, sparse, data, seed, trainers, evaluator,
-                                log, emit)
-      unit, hp, t0 = tune_units[seed], dict(lr=lr, lam=lam, tau=tau), time.time()
+        tune_units[seed] = unit(seed)
+      u, hp, t0 = tune_units[seed], dict(lr=lr, lam=lam, tau=tau), time.time()
       try:
-        rec = unit.transfer(variant, hp, test=False)[3]
+        rec = u.transfer(variant, hp, test=False)[3]
       except NonFiniteError as e:
         rec = dict(kind="transfer", role="tune", variant=variant, **hp, status="failed",
                    error=str(e), val_acc=None, test_acc=None,
                    seconds=round(time.time() - t0, 1))
-      rec = dict(rec, target=spec, seed=seed, train_per_class=unit.shots)
+      rec = dict(rec, target=spec, seed=seed, train_per_class=u.draw.shots)
       results.add(rec)
       val = "failed" if rec["val_acc"] is None else f"{rec['val_acc']:.4f}"
       runs_progress.finished(f"tuning run {spec} seed {seed} {variant} lr={lr:g} lam={lam} "
@@ -674,9 +424,10 @@ def run(args, plan, results: ResultsDir, log) -> None:
         continue  # the neuron record is a unit's last: the unit is complete
       _drop(results, in_unit)
       t0 = time.time()
-      unit = Unit(args, plan, source, sparse, data, seed, trainers, evaluator, log, emit)
-      unit.run(lambda rec: results.add(dict(rec, target=spec, seed=seed,
-                                            train_per_class=unit.shots)), choice)
+      u = unit(seed)
+      u.run(lambda rec: results.add(dict(rec, target=spec, seed=seed,
+                                         train_per_class=u.draw.shots)), choice,
+            plan["variants"])
       runs_progress.finished(f"eval unit {spec} seed {seed} done in {time.time() - t0:.0f} s")
 
 
@@ -815,7 +566,7 @@ def claim_results(records: list[dict], plan: dict) -> list[dict]:
     if (r["target"], r["seed"]) in std:
       neuron += [dict(base, arm="neuron", test_acc=r["test_acc"]),
                  dict(base, arm="standard", test_acc=std[(r["target"], r["seed"])])]
-    share += [dict(base, arm="removed", test_acc=_removed_share(r)),
+    share += [dict(base, arm="removed", test_acc=removed_share(r["table"])),
               dict(base, arm="half", test_acc=0.5)]
   out.append(claims.evaluate(NEURON_CLAIMS[0], neuron, ("target",), arm_field="arm",
                              draw_field="seed"))
@@ -824,23 +575,11 @@ def claim_results(records: list[dict], plan: dict) -> list[dict]:
   return [r for r in out if r["cells"]]
 
 
-def _fc_removed(r: dict) -> tuple[int, int]:
-  """(fc6 + fc7 neurons before, after) of a neuron-pruning record."""
-  rows = [v["neurons"] for k, v in r["table"].items() if k in ("fc6", "fc7")]
-  return sum(b for b, _ in rows), sum(a for _, a in rows)
-
-
-def _removed_share(r: dict) -> float:
-  """The share of fc6 + fc7 neurons a neuron-pruning record removed."""
-  before, after = _fc_removed(r)
-  return 1 - after / before
-
-
 def _neuron_share(summ: dict) -> list[str]:
   """How many fc neurons the neuron pruning removed, per target over seeds."""
   lines = []
   for t, s in summ.items():
-    shares = [_removed_share(r) for r in s["neuron"]]
+    shares = [removed_share(r["table"]) for r in s["neuron"]]
     if shares:
       lines.append(f"- {t}: {100 * np.mean(shares):.1f}% of fc6 + fc7 neurons removed on "
                    f"average (min {100 * min(shares):.1f}%, max {100 * max(shares):.1f}%); more "

@@ -38,6 +38,14 @@ def subset_classes(data: Dataset, classes: Sequence[int | str]) -> Dataset:
   return Dataset(data.name, pick(data.train), pick(data.test), data.notes)
 
 
+def cap_per_class(s: ImageSet, n: int) -> ImageSet:
+  """The first `n` images of each class (deterministic, in split order), or all when n <= 0."""
+  if n <= 0:
+    return s
+  keep = np.concatenate([np.flatnonzero(s.labels == c)[:n] for c in range(s.num_classes)])
+  return s.take(np.sort(keep))
+
+
 def sample_kshot(labels: np.ndarray, shots: int, seed: int, *, val_per_class: int = 0,
                  num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Draws `shots` training and `val_per_class` disjoint validation indices per class.
