@@ -16,23 +16,10 @@ import os
 from typing import Mapping, Sequence
 
 from jtransfer.protocol import claims, registry, stats
+from jtransfer.study.publish import folders, read_run  # noqa: F401 (re-exported)
 
 TABLE_BEGIN, TABLE_END = "<!-- claims table: begin (generated) -->", \
     "<!-- claims table: end -->"
-
-
-def read_run(path: str) -> dict | None:
-  """A folder's run.json, or None when it has none."""
-  f = os.path.join(path, "run.json")
-  if not os.path.exists(f):
-    return None
-  with open(f) as fh:
-    return json.load(fh)
-
-
-def folders(root: str) -> list[str]:
-  """Every published results folder under root (those holding a run.json), sorted."""
-  return sorted(d for d, _, files in os.walk(root) if "run.json" in files)
 
 
 def wall_text(run: dict) -> str:
@@ -123,7 +110,9 @@ def reused_from(entry: registry.Registered, folder: str, records: Mapping[str, l
   none): the row is then those runs again, not new evidence."""
   if not entry.runs:
     return ""
-  mine = _record_keys([r for r in records[folder] if r.get("strategy") in entry.runs])
+  # (a version-2 record names its strategy 'arm', jtransfer.study.records)
+  mine = _record_keys([r for r in records[folder]
+                       if r.get("strategy", r.get("arm")) in entry.runs])
   if not mine:
     return ""
   for other in sorted(keys):
