@@ -40,7 +40,8 @@ def test_removed_share_hand_case_and_fc_table():
   assert removed_share(table, ("fc6",)) == pytest.approx(0.5)
   before = {"main": {"fc6": {"kernel": np.ones((3, 4))}, "fc7": {"kernel": np.ones((4, 2))}}}
   after = {"main": {"fc6": {"kernel": np.ones((3, 1))}, "fc7": {"kernel": np.ones((1, 2))}}}
-  assert removed_share(hybrid.fc_table(before, after, ["fc6", "fc7"])) == pytest.approx(3 / 6)  # 4 -> 1 and 2 -> 2 outputs
+  # fc6 keeps 1 of its 4 outputs, fc7 both of its 2
+  assert removed_share(hybrid.fc_table(before, after, ["fc6", "fc7"])) == pytest.approx(3 / 6)
 
 
 # ----------------------------------------------------------------------------- fixtures

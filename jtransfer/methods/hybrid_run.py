@@ -83,7 +83,8 @@ class UnitSettings:
 @dataclasses.dataclass(frozen=True)
 class TargetDraw:
   """One seed's split of a target: `shots` training images per class (fewer than asked when
-  a class is small), disjoint validation images (None without), capped test images."""
+  a class is small), disjoint validation images (None without), capped test images, and the
+  training and validation rows of the target's training split they were drawn from."""
   name: str
   images: np.ndarray
   labels: np.ndarray
@@ -91,6 +92,8 @@ class TargetDraw:
   val: Optional[ImageSet]
   test: ImageSet
   shots: int
+  train_idx: np.ndarray
+  val_idx: np.ndarray
 
 
 def draw_target(data: Dataset, seed: int, train_per_class: int, val_per_class: int,
@@ -111,7 +114,7 @@ def draw_target(data: Dataset, seed: int, train_per_class: int, val_per_class: i
                                     num_classes=k)
   return TargetDraw(data.name, data.train.images[train_idx], data.train.labels[train_idx], k,
                     data.train.take(val_idx) if len(val_idx) else None,
-                    cap_per_class(data.test, test_per_class), shots)
+                    cap_per_class(data.test, test_per_class), shots, train_idx, val_idx)
 
 
 def _host(tree):

@@ -124,6 +124,8 @@ class Study:
       (`jtransfer.study.report.make_report`); records as results.json holds them.
     run: (study, config, results) -> records, replacing the grid runner (`runner.run`) for a
       study that is not a grid of draws (e.g. an analysis of one source).
+    plan: config -> the plan such a study's `run`, `report` and `plots` read, replacing the
+      grid's (`grid.plan`); it may raise `InputError` (checked before --out is opened).
     doc: the module's docstring (the --help description).
   """
   module: str
@@ -148,6 +150,7 @@ class Study:
   budget: Optional[Callable] = None
   report: Optional[Callable] = None
   run: Optional[Callable] = None
+  plan: Optional[Callable] = None
   doc: str = ""
 
   def arm(self, name: str) -> Arm:

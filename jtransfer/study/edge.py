@@ -34,18 +34,26 @@ from jtransfer.train import parallel
 INTERRUPTED = 130
 
 
+def plan_of(study: Study, config):
+  """The invocation's plan: the study's own (`Study.plan`) or its grid (`grid.plan`)."""
+  return study.plan(config) if study.plan is not None else grid.plan(study, config)
+
+
 def publisher(study: Study) -> publish.Publisher:
-  """The study's `Publisher`: what `publish check/regenerate/snapshot/merge` read."""
+  """The study's `Publisher`: what `publish check/regenerate/snapshot/merge` read. A study
+  with its own `run` has no enumerable grid: it lists no grid or run keys, and `publish
+  check` counts its evaluation runs against run.json's 'grid'."""
   def report(records, plan, config, folder):
     if study.report is not None:
       return study.report(plan, records, folder)
     return report_lib.make_report(plan, records)
 
+  own = study.run is not None
   return publish.Publisher(
-      study.module, lambda argv: flags.parse(study, argv), lambda c: grid.plan(study, c),
-      report, lambda records, plan, _: grid.grid_keys(rec.read(records, study.cell_fields),
-                                                       plan),
-      lambda r: rec.key(rec.read([r], study.cell_fields)[0]))
+      study.module, lambda argv: flags.parse(study, argv), lambda c: plan_of(study, c),
+      report, None if own else lambda records, plan, _: grid.grid_keys(
+          rec.read(records, study.cell_fields), plan),
+      None if own else lambda r: rec.key(rec.read([r], study.cell_fields)[0]))
 
 
 def legacy_settings(study: Study):
@@ -151,7 +159,7 @@ def _main(study: Study, argv: list) -> int:
   try:
     config = flags.config_of(study, raw)
     apply_devices(config.output)
-    plan = grid.plan(study, config)
+    plan = plan_of(study, config)
     # Multi-host: every process runs the grid (its runs are collective), one writes it.
     results = open_results(study, config, made_by)
     parallel.barrier("results directory opened")

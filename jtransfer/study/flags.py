@@ -114,9 +114,12 @@ def config_of(study, raw: Mapping[str, Any]) -> cfg.Config:
   Raises:
     InputError: one sentence naming the first bad flag.
   """
-  parts = {g: _build(GROUPS[g], raw) for g in GROUPS if g in study.groups}
+  # A hidden flag takes the study's default for it (as the command line writes it); it stays
+  # out of `raw`, so the settings fingerprint holds the flags the command line offers.
+  given = {**{d: v for d, v in study.defaults.items() if d in study.hidden}, **raw}
+  parts = {g: _build(GROUPS[g], given) for g in GROUPS if g in study.groups}
   parts = {g: parts.get(g, GROUPS[g]()) for g in GROUPS}
-  extra = _build(study.extra, raw) if study.extra else None
+  extra = _build(study.extra, given) if study.extra else None
   config = cfg.Config(cells=parts["cells"], protocol=parts["protocol"], output=parts["output"],
                       source=parts["source"], extra=extra, flags=dict(raw))
   if "protocol" in study.groups:
