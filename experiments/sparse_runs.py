@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from types import MappingProxyType
 
 from experiments import pretrain
 from jtransfer.data import load_spec, parse_spec
@@ -29,10 +30,11 @@ from jtransfer.study.tables import float_list
 
 VARIANTS = tuple(hybrid.VARIANTS)
 # Version-2 arm of each record kind beside the Table 1 variants (whose arm is the variant).
-KIND_ARMS = {"source": "sparse_source", "target_prune": "sparse_target", "neuron": "neuron"}
-ARM_KINDS = {v: k for k, v in KIND_ARMS.items()}
-CELL = {"source": ("round",), "transfer": ("target",), "neuron": ("target",),
-        "target_prune": ("target", "knowledge", "rate")}
+KIND_ARMS = MappingProxyType({"source": "sparse_source", "target_prune": "sparse_target",
+                              "neuron": "neuron"})
+ARM_KINDS = MappingProxyType({v: k for k, v in KIND_ARMS.items()})
+CELL = MappingProxyType({"source": ("round",), "transfer": ("target",), "neuron": ("target",),
+                         "target_prune": ("target", "knowledge", "rate")})
 EXTRA = ("train_per_class", "cap")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from types import MappingProxyType
 from typing import Sequence
 
 import numpy as np
@@ -88,9 +89,10 @@ def protocol_text(config, plan: dict, records: Sequence[dict] = ()) -> str:
   return (f"Protocol: {run}; {tune}. {retrain}, at the Hybrid's chosen LR, lambda and tau.")
 
 
-LABELS = dict(hybrid.VARIANT_NAMES, sparse_target="Sparse-TargetNet (at the cell's rate)",
-              neuron="Sparse-TargetNet_N", removed="fc neurons removed (share)",
-              half="half of them", **{"K+": "Sparse-TargetNet", "K-": "Sparse-TargetNet(K-)"})
+LABELS = MappingProxyType(dict(
+    hybrid.VARIANT_NAMES, sparse_target="Sparse-TargetNet (at the cell's rate)",
+    neuron="Sparse-TargetNet_N", removed="fc neurons removed (share)", half="half of them",
+    **{"K+": "Sparse-TargetNet", "K-": "Sparse-TargetNet(K-)"}))
 TABLE1_CLAIMS = (
     claims.Claim("Sparse", "Hybrid-TransferNet (S+K+) is at least as accurate as "
                  "Standard-TransferNet (S-K-)", "hybrid", "standard", at_least=True,
