@@ -58,7 +58,6 @@ def plan_of(config) -> dict:
     parse_spec(t, flag="--target")
   if not config.source.spec.startswith("ckpt:"):
     parse_spec(config.source.spec, flag="--source")
-  lrs = _floats(p.lrs, "--lrs", 0.0, 10.0, open_lo=True)
   if "hybrid" not in x.variants or "standard" not in x.variants:
     raise InputError("--variants must include 'hybrid' (pruned into the Sparse-TargetNet) and "
                      "'standard' (its accuracy is the neuron-pruning stop level)")
@@ -69,14 +68,14 @@ def plan_of(config) -> dict:
     raise InputError(f"--tune-seeds {','.join(map(str, x.tune_seeds))!r} overlap --seeds "
                      f"{','.join(map(str, x.seeds))!r}: a tuning draw must never be an "
                      "evaluation draw")
-  tuned = len(lrs) > 1 or len(x.lams) > 1 or len(x.taus) > 1
+  tuned = len(x.lrs) > 1 or len(x.lams) > 1 or len(x.taus) > 1
   if (p.patience or tuned) and not p.val_per_class:
     raise InputError("early stopping (--patience) and tuning (several --lrs, --lam or --tau "
                      "values) need validation images: set --val-per-class >= 1")
   return dict(config=config, targets=list(config.cells.targets),
               variants=[v for v in VARIANTS if v in x.variants], rates=list(x.target_rates),
               neuron_from=x.neuron_from, seeds=list(x.seeds),
-              neuron_layers=list(x.neuron_layers), lrs=lrs, lams=list(x.lams),
+              neuron_layers=list(x.neuron_layers), lrs=list(x.lrs), lams=list(x.lams),
               taus=list(x.taus), tune_seeds=list(x.tune_seeds),
               source_targets=sparsity.round_sparsities(x.source_sparsity, x.source_rounds,
                                                        kind=x.source_schedule))

@@ -139,6 +139,10 @@ class Knobs:
       parse=_ints("--tune-seeds"))
   variants: tuple[str, ...] = flag("--variants", VARIANTS, "Table 1 nets, comma list",
                                    cli=",".join(VARIANTS), parse=_variants)
+  lrs: tuple[float, ...] = flag(
+      "--lrs", (1e-4, 3e-4, 1e-3), "Adam learning rates (transfer), comma list; chosen per "
+      "(target, net) on the tuning seeds' validation sets", cli="1e-4,3e-4,1e-3",
+      parse=_floats("--lrs", 0.0, 10.0, open_lo=True))
   lams: tuple[float, ...] = flag(
       "--lam", (0.5, 1.0, 2.0), "knowledge-term weight(s) of the K+ nets, comma list (tuned "
       "with the LR)", dest="lam", cli="0.5,1,2", parse=_floats("--lam", 0.0, 1e3))
@@ -179,7 +183,8 @@ ARMS = (Arm("sparse_source", "Sparse-SourceNet", run=None, tuned=False),
         Arm("sparse_target", "Sparse-TargetNet", after=("hybrid",), tuned=False),
         Arm("neuron", "Sparse-TargetNet_N", after=("sparse_target", "standard"), tuned=False))
 
-HIDDEN = frozenset({"arch", "shots", "strategies", "repeats", "tune_repeats", "cv_folds",
+# Shared flags the study does not offer; --lrs is its own (a comma list only).
+HIDDEN = frozenset({"arch", "shots", "strategies", "lrs", "repeats", "tune_repeats", "cv_folds",
                     "augment", "stored_size", "stream_threads", "stream_workers", "paper_grid",
                     "seed", "batch_runs", "no_feature_cache", "shard", "num_processes",
                     "process_id", "coordinator"})
@@ -189,7 +194,7 @@ STUDY = study.Study(
     title="# Sparse deep transfer (Liu et al. 2017): Tables 1-3, Fig. 3",
     arms=ARMS, any_strategy=False, cell_fields=("target",), extra=Knobs,
     claims=sparse_tables.TABLE1_CLAIMS + sparse_tables.FIG3_CLAIMS + sparse_tables.NEURON_CLAIMS,
-    defaults={"out": "results/sparse_transfer", "lrs": "1e-4,3e-4,1e-3", "steps": 1000,
+    defaults={"out": "results/sparse_transfer", "steps": 1000,
               "tune_extend": 1, "arch": "vgg_s", "strategies": ",".join(VARIANTS),
               "tune_repeats": 0},
     hidden=HIDDEN, check=sparse_runs.plan_of, plan=sparse_runs.plan_of, run=sparse_runs.run,

@@ -248,4 +248,5 @@ def test_flags_are_the_old_parsers():
       "resume": False, "overwrite": False, "quiet": False, "devices": 1}
   config, plan = _config(["--lam", "2,0.5,2", "--target-rates", "0.9,0.8"])
   assert config.extra.lams == (0.5, 2.0) and plan["rates"] == [0.8, 0.9]
+  assert config.extra.lrs == (1e-4, 3e-4, 1e-3) and plan["lrs"] == [1e-4, 3e-4, 1e-3]
   assert config.cells.arms == sparse_transfer.VARIANTS and config.protocol.tune_draws == 0

@@ -1,17 +1,28 @@
 """A study that runs its own pipeline (`Study.run`, `Study.plan`) and offers only some shared
 flags (`Study.hidden` with defaults): what the runner gives it (experiments.sparse_transfer is
 one)."""
+import dataclasses
+
 import pytest
 
-from jtransfer.study import Arm, Study, flags, publisher
+from jtransfer.study import Arm, Study, flag, flags, publisher
 from jtransfer.study import publish as publish_lib
 from jtransfer.study import records as rec
 from jtransfer.study.draws import Draw
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Own:
+  """A study's own --lrs, in place of the shared one it hides."""
+  lrs: tuple = flag("--lrs", (0.1,), "comma list", cli="0.1",
+                    parse=lambda t: tuple(float(v) for v in t.split(",")))
+
+
 STUDY = Study(
     module="tests.own", title="# own", arms=(Arm("a", run=lambda ctx, point: {}),),
     any_strategy=False, defaults={"strategies": "a", "tune_repeats": 0, "steps": 7},
-    hidden=frozenset({"strategies", "tune_repeats", "arch", "shots"}),
+    hidden=frozenset({"strategies", "tune_repeats", "arch", "shots", "lrs"}), extra=Own,
     plan=lambda config: {"steps": config.protocol.steps, "tune_seeds": [9]},
     run=lambda study, config, results: [])
 
@@ -26,6 +37,9 @@ def test_hidden_flags_take_the_study_defaults_and_stay_out_of_the_fingerprint():
   assert config.cells.shots == (1, 5, 10)
   with pytest.raises(SystemExit):
     flags.raw_flags(STUDY, ["--tune-repeats", "1"])
+  # the study's own flag of a hidden shared destination
+  config = flags.parse(STUDY, ["--lrs", "0.5,0.2"])
+  assert config.extra.lrs == (0.5, 0.2) and config.protocol.lrs == "reduced"
 
 
 def test_publisher_of_an_own_run_study():
