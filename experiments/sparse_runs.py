@@ -116,6 +116,11 @@ def flat_of(r: dict) -> dict:
   return out
 
 
+def record_key(r: dict) -> tuple:
+  """The run a record (either version) records: `records.key` of its version-2 form."""
+  return rec.key(r if r.get("version") == rec.VERSION else to_record(r))
+
+
 def rows(records) -> list[dict]:
   """The flat form of every record (what the report and the tuning read)."""
   return [flat_of(r) for r in records]

@@ -198,6 +198,7 @@ STUDY = study.Study(
               "tune_extend": 1, "arch": "vgg_s", "strategies": ",".join(VARIANTS),
               "tune_repeats": 0},
     hidden=HIDDEN, check=sparse_runs.plan_of, plan=sparse_runs.plan_of, run=sparse_runs.run,
+    key=sparse_runs.record_key,
     report=sparse_tables.report, plots=sparse_tables.plots, doc=__doc__)
 PUBLISHER = study.publisher(STUDY)
 

@@ -223,8 +223,8 @@ def test_records_version2_read_as_published(folder):
   v2 = [sparse_runs.to_record(r) for r in v1]
   assert all(r["version"] == 2 for r in v2)
   assert sparse_runs.rows(v2) == v1
-  from jtransfer.study.records import key
-  assert len({key(r) for r in v2}) == len(v2)  # one record per run
+  keys = {sparse_transfer.PUBLISHER.key(r) for r in v1}
+  assert len(keys) == len(v1) and keys == {sparse_transfer.PUBLISHER.key(r) for r in v2}
   argv = json.load(open(os.path.join(path, "run.json")))["argv"]
   plan = _config(argv)[1]
   assert sparse_tables.report(plan, v2, path) == sparse_tables.report(plan, v1, path)

@@ -47,7 +47,11 @@ def test_publisher_of_an_own_run_study():
   config = pub.parse_args(["--steps", "3"])
   assert pub.validate(config) == {"steps": 3, "tune_seeds": [9]}  # the study's plan
   # no enumerable grid: publish check counts evaluation runs against run.json's 'grid'
-  assert pub.grid_keys is None and pub.key is None
+  assert pub.grid_keys is None
+  r = rec.make("a", {"target": "t"}, Draw("eval", 0), {"lr": 0.1}, {"test_acc": 0.5})
+  assert pub.key(r) == rec.key(r)  # the default run key
+  own = publisher(dataclasses.replace(STUDY, key=lambda r: ("mine",)))
+  assert own.key(r) == ("mine",)
 
 
 def test_evaluation_runs_count_both_record_versions():

@@ -105,8 +105,9 @@ class Study:
     claims: `jtransfer.protocol.claims.Claim`s tested on the tuned evaluation runs.
     tables: the tuned tables (default: one table of every arm).
     extra: the module's own frozen dataclass of flag fields (`config.flag`), or None.
-    prepare: (config, arch, target, cache) -> the data a cell's runs share; `cache` is a dict
-      kept for the whole invocation (sources, loaded targets).
+    prepare: (plan, cell, cache) -> the data a cell's runs share (for strategy arms a
+      `target.TargetRuns`; the runner draws from its `pool.labels` and `num_classes`);
+      `cache` is a dict kept for the whole invocation (sources, loaded targets).
     check_data: (config, cache) -> None, raising InputError: loads and checks every target
       before anything trains (e.g. the largest k against each class).
     sections: (plan, rows, tuned summary, best-over-LR summary) -> report lines replacing the
@@ -126,6 +127,8 @@ class Study:
       study that is not a grid of draws (e.g. an analysis of one source).
     plan: config -> the plan such a study's `run`, `report` and `plots` read, replacing the
       grid's (`grid.plan`); it may raise `InputError` (checked before --out is opened).
+    key: record (as results.json holds it) -> the run it records, for `publish check`'s
+      duplicate check (default: `records.key` of the record read as version 2).
     doc: the module's docstring (the --help description).
   """
   module: str
@@ -151,6 +154,7 @@ class Study:
   report: Optional[Callable] = None
   run: Optional[Callable] = None
   plan: Optional[Callable] = None
+  key: Optional[Callable] = None
   doc: str = ""
 
   def arm(self, name: str) -> Arm:

@@ -40,20 +40,21 @@ def plan_of(study: Study, config):
 
 
 def publisher(study: Study) -> publish.Publisher:
-  """The study's `Publisher`: what `publish check/regenerate/snapshot/merge` read. A study
-  with its own `run` has no enumerable grid: it lists no grid or run keys, and `publish
-  check` counts its evaluation runs against run.json's 'grid'."""
+  """The study's `Publisher`: what `publish check/regenerate/snapshot/merge` read."""
   def report(records, plan, config, folder):
     if study.report is not None:
       return study.report(plan, records, folder)
     return report_lib.make_report(plan, records)
 
-  own = study.run is not None
+  def grid_keys(records, plan, _):
+    return grid.grid_keys(rec.read(records, study.cell_fields), plan)
+
+  # A study with its own `run` is not a grid the runner enumerates: its folder is counted
+  # when it finishes (`publish.save`).
   return publish.Publisher(
       study.module, lambda argv: flags.parse(study, argv), lambda c: plan_of(study, c),
-      report, None if own else lambda records, plan, _: grid.grid_keys(
-          rec.read(records, study.cell_fields), plan),
-      None if own else lambda r: rec.key(rec.read([r], study.cell_fields)[0]))
+      report, grid_keys if study.run is None else None,
+      study.key or (lambda r: rec.key(rec.read([r], study.cell_fields)[0])))
 
 
 def legacy_settings(study: Study):
