@@ -39,7 +39,7 @@ EXTRA = ("train_per_class", "cap")
 
 
 # ----------------------------------------------------------------------------- plan
-def _floats(text: str, flag: str, lo: float, hi: float, open_lo: bool = False) -> list[float]:
+def floats_in(text: str, flag: str, lo: float, hi: float, open_lo: bool = False) -> list[float]:
   """Sorted distinct values of a comma list in [lo, hi] (or (lo, hi] with `open_lo`)."""
   ok = (lambda v: lo < v <= hi) if open_lo else (lambda v: lo <= v <= hi)
   return sorted(set(float_list(text, flag, ok, f"values must lie in "

@@ -79,7 +79,7 @@ def _ints(flag_name: str):
 
 def _floats(flag_name: str, lo: float, hi: float, open_lo: bool = False):
   """A parser of a comma list of floats in [lo, hi] (or (lo, hi]): sorted, distinct."""
-  return lambda text: tuple(sparse_runs._floats(text, flag_name, lo, hi, open_lo))
+  return lambda text: tuple(sparse_runs.floats_in(text, flag_name, lo, hi, open_lo))
 
 
 def _check(name: str, ok, what: str):

@@ -45,9 +45,9 @@ def test_float_list_and_the_flags_built_on_it():
   assert plan["ft_lrs"] == [1e-4, 1e-3]
   with pytest.raises(InputError, match="--ft-epochs '0.5': values must be finite and >= 1"):
     cwl_pruning.validate(cwl_pruning.parse_args(["--ft-epochs", "0.5"]))
-  assert sparse_runs._floats("0.5,0,0.5", "--lam", 0.0, 1.0) == [0.0, 0.5]
+  assert sparse_runs.floats_in("0.5,0,0.5", "--lam", 0.0, 1.0) == [0.0, 0.5]
   with pytest.raises(InputError, match=re.escape("--lrs '0': values must lie in (0.0, 10.0]")):
-    sparse_runs._floats("0", "--lrs", 0.0, 10.0, open_lo=True)
+    sparse_runs.floats_in("0", "--lrs", 0.0, 10.0, open_lo=True)
   assert compact_transfer._grid("4,2", "--t", lambda v: v > 0, "bad") == (2.0, 4.0)
   with pytest.raises(InputError, match="values must be distinct"):
     compact_transfer._grid("2,2", "--t", lambda v: v > 0, "bad")
