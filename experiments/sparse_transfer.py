@@ -11,7 +11,8 @@ fixed at the paper's 1, so 12 tuning runs instead of 24):
       --steps 300 --patience 60 --lam 1 --test-per-class 200 --source-rounds 3 \
       --source-sparsity 0.8 --target-rates 0.85,0.9,0.95 --out results/sparse_reduced
 
-published/sparse_transfer took 8,019 s (2.2 h) on 2 cores (its run.json).
+published/sparse_transfer's run.json records 8,019 s (2.2 h) on 2 cores over three
+invocations, two of them timed from session notes (the runs were killed and resumed).
 
 Pipeline on vgg_s (conv1_1..conv3_2, fc6, fc7, head); the stages are library functions:
 1. Sparse-SourceNet (`jtransfer.methods.hybrid_source`): the source (`--source`, the
