@@ -19,6 +19,7 @@ from jtransfer.methods.hybrid_measure import removed_share
 from jtransfer.protocol import claims
 from jtransfer.study.tables import mean_std
 
+
 def _ms(values) -> str:
   values = [v for v in values if v is not None]
   if not values:
