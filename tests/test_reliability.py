@@ -32,7 +32,7 @@ def test_float_list_names_the_flag_and_the_problem(text, kwargs, error):
 
 
 def test_float_list_and_the_flags_built_on_it():
-  from experiments import compact_transfer, cwl_pruning, sparse_transfer
+  from experiments import compact_transfer, cwl_pruning, sparse_runs
   from experiments.report import float_list, positive_floats
   from jtransfer.errors import InputError
   assert float_list(" 3, -1.5,,2e-3 ", "--f") == [3.0, -1.5, 0.002]      # order kept
@@ -46,9 +46,9 @@ def test_float_list_and_the_flags_built_on_it():
   assert k.ft_lrs == (1e-4, 1e-3)
   with pytest.raises(InputError, match="--ft-epochs '0.5': values must be finite and >= 1"):
     flags.parse(cwl_pruning.STUDY, ["--ft-epochs", "0.5"])
-  assert sparse_transfer._floats("0.5,0,0.5", "--lam", 0.0, 1.0) == [0.0, 0.5]
+  assert sparse_runs.floats_in("0.5,0,0.5", "--lam", 0.0, 1.0) == [0.0, 0.5]
   with pytest.raises(InputError, match=re.escape("--lrs '0': values must lie in (0.0, 10.0]")):
-    sparse_transfer._floats("0", "--lrs", 0.0, 10.0, open_lo=True)
+    sparse_runs.floats_in("0", "--lrs", 0.0, 10.0, open_lo=True)
   assert compact_transfer._grid("--t", lambda v: v > 0, "bad")("4,2") == (2.0, 4.0)
   with pytest.raises(InputError, match="values must be distinct"):
     compact_transfer._grid("--t", lambda v: v > 0, "bad")("2,2")

@@ -5,8 +5,14 @@ import re
 
 import pytest
 
-from experiments import publish, sparse_transfer
+from experiments import publish, sparse_runs, sparse_tables, sparse_transfer
 from jtransfer.methods import sparsity, transfer
+from jtransfer.study import flags
+
+
+def _config(argv):
+  config = flags.parse(sparse_transfer.STUDY, argv)
+  return config, sparse_runs.plan_of(config)
 
 
 def _argv(source_dir, out):
@@ -46,7 +52,9 @@ def test_main_tiny(small_source_dir, tmp_path, capsys):
   for name in ("report.md", "results.json", "results.jsonl", "summary.json",
                "source_sparsity.png", "fig3_pruning.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
-  records = json.load(open(os.path.join(out, "results.json")))
+  saved = json.load(open(os.path.join(out, "results.json")))
+  assert {r["version"] for r in saved} == {2}
+  records = sparse_runs.rows(saved)
   kinds = [r["kind"] for r in records if r.get("role", "eval") == "eval"]
   assert kinds.count("source") == 3 and kinds.count("transfer") == 4
   assert kinds.count("target_prune") == 4 and kinds.count("neuron") == 1
@@ -63,8 +71,7 @@ def test_main_tiny(small_source_dir, tmp_path, capsys):
       assert r["stopped"] in ("patience", "cap") and r["cap"] == 6
       assert r["best_step"] % 3 == 0 and r["best_step"] <= r["steps"] <= 6
   # each evaluation net ran at its tuned choice (the tuning table's)
-  tuned = sparse_transfer.choose(records, sparse_transfer.validate(
-      sparse_transfer.parse_args(_argv(src, out))), sparse_transfer.parse_args(_argv(src, out)))
+  tuned = sparse_runs.choose(records, _config(_argv(src, out))[1], 1)
   for r in records:
     if r["kind"] == "transfer" and r["role"] == "eval":
       assert tuned[("digits", r["variant"])]["choice"]["lr"] == r["lr"]
@@ -88,8 +95,8 @@ def test_main_tiny(small_source_dir, tmp_path, capsys):
   # the report regenerates from results.json alone, byte for byte
   assert publish.check(out) == []
   # the saved Sparse-SourceNet has the recorded sparsity
-  saved = transfer.load_source(os.path.join(out, "models", "sparse_source"))
-  rep = sparsity.sparsity_report(saved.variables["params"])
+  model = transfer.load_source(os.path.join(out, "models", "sparse_source"))
+  rep = sparsity.sparsity_report(model.variables["params"])
   assert rep["sparsity"] == pytest.approx(src_recs[-1]["sparsity"])
   # resume: nothing left to do, same records; without --resume the directory is refused
   assert sparse_transfer.main(_argv(src, out)[:-1] + ["--resume"]) == 0
@@ -153,9 +160,8 @@ def _claim(summary, text):
 def test_report_from_records(tmp_path):
   argv = ["--target", "digits", "--seeds", "0,1", "--tune-seeds", "9", "--lrs", "1e-4,1e-3",
           "--lam", "1", "--tune-extend", "0"]
-  args = sparse_transfer.parse_args(argv)
-  plan = sparse_transfer.validate(args)
-  text = sparse_transfer.make_report(_records(), args, plan)
+  config, plan = _config(argv)
+  text = sparse_tables.make_report(_records(), config, plan)
   # Table 1: mean (std) over the two seeds (shift 0 and 2 points); steps and early stops
   assert "| Hybrid-TransferNet | 81.0 (1.0) | 70.0% | 110 (1/2 early) |" in text
   assert "| Standard-TransferNet | 76.0 (1.0) | 0.0% | 110 (1/2 early) |" in text
@@ -165,7 +171,7 @@ def test_report_from_records(tmp_path):
   # tuning table: lr 1e-3 chosen on validation, on the grid's upper edge (no extension)
   assert "| digits | Hybrid-TransferNet | 0.001 | 1 | 4 | 70.0 | 2 | lr:high |" in text
   assert "| digits | Standard-TransferNet | 0.001 | - | - | 70.0 | 2 | lr:high |" in text
-  res = sparse_transfer.claim_results(_records(), plan)
+  res = sparse_tables.claim_results(_records(), plan)
   # Table 1: hybrid - standard = +5 points on both seeds
   c = _claim(res, "Hybrid-TransferNet (S+K+)")
   assert c["pooled"]["paired"]["mean"] == pytest.approx(0.05)
@@ -186,7 +192,7 @@ def test_report_from_records(tmp_path):
   assert removed["pooled"]["verdict"] == "reproduced"  # >= half - 10 points, no spread
   assert "## Claims" in text and "Only 1 evaluation seed" not in text
   assert "- digits: 62.5% of fc6 + fc7 neurons removed on average" in text
-  sparse_transfer.plot(_records(), plan, str(tmp_path / "a.png"), str(tmp_path / "b.png"))
+  sparse_tables.plot(_records(), plan, str(tmp_path / "a.png"), str(tmp_path / "b.png"))
   assert os.path.getsize(tmp_path / "b.png") > 0
 
 
@@ -195,15 +201,52 @@ def test_choice_reads_validation_only():
   and a record of an evaluation seed never enters selection."""
   argv = ["--target", "digits", "--seeds", "0,1", "--tune-seeds", "9", "--lrs", "1e-4,1e-3",
           "--lam", "0.5,1", "--tune-extend", "0"]
-  args = sparse_transfer.parse_args(argv)
-  plan = sparse_transfer.validate(args)
+  plan = _config(argv)[1]
   recs = _records()
   recs += [dict(r, lam=0.5, val_acc=0.9 if r["lr"] == 1e-4 else 0.1)  # K+ nets at lam 0.5
            for r in recs if r.get("role") == "tune" and r["lam"] is not None]
-  tuned = sparse_transfer.choose(recs, plan, args)
+  tuned = sparse_runs.choose(recs, plan, 0)
   assert tuned[("digits", "hybrid")]["choice"] == dict(lr=1e-4, lam=0.5, tau=4.0)
   assert tuned[("digits", "standard")]["choice"] == dict(lr=1e-3, lam=None, tau=None)
   poisoned = [dict(r, test_acc=1.0 - (r.get("test_acc") or 0.0)) for r in recs] + [
       dict(r, val_acc=1.0, lr=1e-4) for r in recs if r.get("role") == "eval"
       and r["kind"] == "transfer"]
-  assert sparse_transfer.choose(poisoned, plan, args) == tuned
+  assert sparse_runs.choose(poisoned, plan, 0) == tuned
+
+
+@pytest.mark.parametrize("folder", ["sparse_transfer", "sparse_transfer_swapped"])
+def test_records_version2_read_as_published(folder):
+  """Every published (version-1) record survives the version-2 form, and the report and
+  summary made from version-2 records are those made from the published ones."""
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "published", folder)
+  v1 = json.load(open(os.path.join(path, "results.json")))
+  v2 = [sparse_runs.to_record(r) for r in v1]
+  assert all(r["version"] == 2 for r in v2)
+  assert sparse_runs.rows(v2) == v1
+  keys = {sparse_transfer.PUBLISHER.key(r) for r in v1}
+  assert len(keys) == len(v1) and keys == {sparse_transfer.PUBLISHER.key(r) for r in v2}
+  argv = json.load(open(os.path.join(path, "run.json")))["argv"]
+  plan = _config(argv)[1]
+  assert sparse_tables.report(plan, v2, path) == sparse_tables.report(plan, v1, path)
+
+
+def test_flags_are_the_old_parsers():
+  """The flags and defaults of the module's parser before the study runner (a folder's
+  settings fingerprint, checked on --resume, is made of exactly these)."""
+  assert flags.raw_flags(sparse_transfer.STUDY, []) == {
+      "source": "fmnist:0,2,3,4,6", "source_epochs": 2.0, "source_data": None,
+      "source_sparsity": 0.85, "source_rounds": 4, "source_schedule": "polynomial",
+      "source_steps": 100, "source_lr": 0.01, "source_batch_size": 128,
+      "source_max_train": 6000, "source_test_per_class": 500, "scope": "erk", "target": None,
+      "train_per_class": 100, "val_per_class": 20, "test_per_class": 300,
+      "seeds": "0,1,2,3,4", "variants": "standard,S+K-,S-K+,hybrid", "steps": 1000,
+      "patience": 100, "eval_every": 10, "batch_size": 64, "lrs": "1e-4,3e-4,1e-3",
+      "lam": "0.5,1,2", "tau": "4", "tune_seeds": "100", "tune_extend": 1, "n_m": 2, "n_e": 2,
+      "target_rates": "0.8,0.9,0.95,0.975", "target_steps": 300, "neuron_from": None,
+      "neuron_frac": 0.125, "neuron_steps": 50, "neuron_images_per_class": 50,
+      "neuron_layers": "fc6,fc7", "data_dir": None, "out": "results/sparse_transfer",
+      "resume": False, "overwrite": False, "quiet": False, "devices": 1}
+  config, plan = _config(["--lam", "2,0.5,2", "--target-rates", "0.9,0.8"])
+  assert config.extra.lams == (0.5, 2.0) and plan["rates"] == [0.8, 0.9]
+  assert config.extra.lrs == (1e-4, 3e-4, 1e-3) and plan["lrs"] == [1e-4, 3e-4, 1e-3]
+  assert config.cells.arms == sparse_transfer.VARIANTS and config.protocol.tune_draws == 0

@@ -138,10 +138,12 @@ class Study:
     run: (study, config, results) -> records, replacing the grid runner (`runner.run`) for a
       study that is not a grid of draws (e.g. an analysis of one source).
     plan: config -> the plan of such a study (what `run`'s report, `publish check` and
-      `regenerate` read), replacing the grid's `grid.plan`.
+      `regenerate` read), replacing the grid's `grid.plan`;
+      it may raise `InputError` (checked before --out is opened).
     grid_keys: (records, plan) -> the keys of every run that plan holds; with `plan` (None:
       the grid's size is counted when its main finishes, `publish.save`).
-    record_key: record -> its key, with `plan` (duplicate checks; results.json's order).
+    record_key: record -> its key (duplicate checks; results.json's order); default:
+      `records.key` of the record read as version 2.
     additive: flag destinations a --resume may change because they only add runs beside the
       finished ones (model_selection's --scratch); left out of the settings fingerprint.
     arm_plan: (config, `grid.ArmPlan`) -> ArmPlan: the study's own knobs applied to a resolved

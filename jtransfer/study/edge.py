@@ -35,6 +35,11 @@ from jtransfer.train import parallel
 INTERRUPTED = 130
 
 
+def plan_of(study: Study, config):
+  """The invocation's plan: the study's own (`Study.plan`) or its grid (`grid.plan`)."""
+  return study.plan(config) if study.plan is not None else grid.plan(study, config)
+
+
 def publisher(study: Study) -> publish.Publisher:
   """The study's `Publisher`: what `publish check/regenerate/snapshot/merge` read."""
   def report(records, plan, config, folder):
@@ -43,9 +48,10 @@ def publisher(study: Study) -> publish.Publisher:
     return report_lib.make_report(plan, records)
 
   parse = lambda argv: flags.parse(study, argv)
-  if study.plan is not None:  # a study with its own run and plan: its own keys
+  record_key = study.record_key or (lambda r: rec.key(rec.read([r], study.cell_fields)[0]))
+  if study.plan is not None:  # a study with its own run and plan: its own keys, or none
     keys = study.grid_keys and (lambda records, plan, _: study.grid_keys(records, plan))
-    return publish.Publisher(study.module, parse, study.plan, report, keys, study.record_key)
+    return publish.Publisher(study.module, parse, study.plan, report, keys, record_key)
 
   keys = study.keys if study.run is not None else grid.grid_keys
 
@@ -55,9 +61,8 @@ def publisher(study: Study) -> publish.Publisher:
   # A study with its own `run` lists its grid's keys itself (`Study.keys`), or none: its
   # folder is then counted when it finishes (`publish.save`).
   return publish.Publisher(
-      study.module, parse, lambda c: grid.plan(study, c),
-      report, None if keys is None else grid_keys,
-      lambda r: rec.key(rec.read([r], study.cell_fields)[0]))
+      study.module, parse, lambda c: plan_of(study, c),
+      report, None if keys is None else grid_keys, record_key)
 
 
 def settings(study: Study, raw: dict) -> outdir.Settings:
@@ -172,10 +177,8 @@ def _main(study: Study, argv: list) -> int:
   try:
     config = flags.config_of(study, raw)
     apply_devices(config.output)
-    if study.plan:
-      plan = study.plan(config)
-    else:
-      plan = grid.plan(study, config)
+    plan = plan_of(study, config)
+    if study.plan is None:
       runner.arm_order(plan)  # an arm missing what it runs after: refused before --out opens
     # Multi-host: every process runs the grid (its runs are collective), one writes it.
     results = open_results(study, config, made_by)

@@ -60,7 +60,7 @@ def parser(study) -> argparse.ArgumentParser:
   defaults = dict(study.defaults)
   for cls in _classes(study):
     for f in cfg.flag_fields(cls):
-      if f.metadata["dest"] in study.hidden:
+      if f.metadata["dest"] in study.hidden and cls is not study.extra:
         continue
       _add(p, f, defaults.get(f.metadata["dest"], f.metadata["cli"]))
   return p
@@ -116,11 +116,14 @@ def config_of(study, raw: Mapping[str, Any]) -> cfg.Config:
   Raises:
     InputError: one sentence naming the first bad flag.
   """
-  # A hidden flag is not offered but takes the study's default when it names one.
-  given = {**{d: v for d, v in study.defaults.items() if d in study.hidden}, **raw}
-  parts = {g: _build(GROUPS[g], given) for g in GROUPS if g in study.groups}
+  # A hidden shared flag takes the study's default for it (as the command line writes it), and
+  # its destination may be a flag of the study's own (`extra`); the hidden defaults stay out of
+  # `raw`, so the settings fingerprint holds the flags the command line offers.
+  shared = {**{d: v for d, v in study.defaults.items() if d in study.hidden},
+            **{d: v for d, v in raw.items() if d not in study.hidden}}
+  parts = {g: _build(GROUPS[g], shared) for g in GROUPS if g in study.groups}
   parts = {g: parts.get(g, GROUPS[g]()) for g in GROUPS}
-  extra = _build(study.extra, given) if study.extra else None
+  extra = _build(study.extra, {**shared, **raw}) if study.extra else None
   config = cfg.Config(cells=parts["cells"], protocol=parts["protocol"], output=parts["output"],
                       source=parts["source"], extra=extra, flags=dict(raw))
   if "protocol" in study.groups:

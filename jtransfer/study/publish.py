@@ -276,8 +276,9 @@ def evaluation_runs(records: list[dict], plan: dict) -> int:
   """The records that are evaluation runs: not tuning runs (role 'tune', or a seed among the
   plan's tuning seeds)."""
   tune_seeds = set(plan.get("tune_seeds", ()) if isinstance(plan, dict) else ())
+  role = lambda r: r["draw"]["role"] if "draw" in r else r.get("role")  # version 2 or 1
   return sum(1 for r in records
-             if r.get("role") != "tune" and not (tune_seeds and r.get("seed") in tune_seeds))
+             if role(r) != "tune" and not (tune_seeds and r.get("seed") in tune_seeds))
 
 
 def _count_problems(run: dict, records: list[dict], plan: dict) -> list[str]:
