@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from experiments import cli, cwl_tables, fewshot
+from experiments import cwl_tables, fewshot
 from jtransfer.errors import InputError
 from jtransfer.protocol import outdir, progress
 from jtransfer.study import edge, flags
@@ -360,11 +360,13 @@ def test_sigint_subprocess_exits_130_without_traceback(tiny_source_dir, tmp_path
 def test_interrupted_line_of_pretrain_and_of_unparsable_flags(tmp_path):
   from experiments import pretrain
   argv = ["--arch", "vgg_s", "--out", str(tmp_path / "m"), "--ckpt-dir", str(tmp_path / "c")]
-  assert cli.interrupted_line("experiments.pretrain", argv, pretrain.parse_args) == (
+  assert edge.model_interrupted_line(pretrain.parse_flags, argv) == (
       f"interrupted: no model saved in {tmp_path / 'm'}; the same command continues from the "
       f"checkpoints in {tmp_path / 'c'}")
-  assert cli.interrupted_line("experiments.pretrain", ["--bogus"], pretrain.parse_args) == (
-      "interrupted before --out was opened; nothing saved")
+  # unparsable, --arch missing (argparse exits), or a bad value (InputError)
+  for bad in (["--bogus"], argv[2:], argv + ["--image-shape", "x"]):
+    assert edge.model_interrupted_line(pretrain.parse_flags, bad) == (
+        "interrupted before --out was opened; nothing saved")
 
 
 def test_model_selection_resume_may_add_scratch_but_not_change_a_score_flag():
