@@ -111,9 +111,9 @@ def check_schedule(*, epochs: float, lr: float, batch_size: int, weight_decay: f
       data, would be saved as if pretrained), batch size below 1, negative weight decay, or a
       training cap below 1.
   """
-  for flag, value in (("--epochs", epochs), ("--lr", lr)):
+  for name, value in (("--epochs", epochs), ("--lr", lr)):
     if not value > 0:  # also catches NaN
-      raise InputError(f"{flag} must be > 0, got {value:g}: a source trained with it learns "
+      raise InputError(f"{name} must be > 0, got {value:g}: a source trained with it learns "
                        "nothing, yet would be saved as pretrained")
   if batch_size < 1:
     raise InputError(f"--batch-size must be >= 1, got {batch_size}")

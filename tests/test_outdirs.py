@@ -253,7 +253,7 @@ def test_interrupted_line_gives_the_resume_command(tmp_path):
 
 
 def test_split_text_reports_the_counts_the_runs_used():
-  from experiments.report import split_text
+  from jtransfer.study.tables import split_text
   asked = [dict(role="eval", shots=2, n_train=6, n_val=60, n_test=900)]   # 3 classes
   assert split_text(20, 300, asked) == ("Validation: 20/class, disjoint from the k-shot set "
                                         "and from test; test: <= 300/class of the target's "
@@ -272,7 +272,7 @@ def test_split_text_reports_the_counts_the_runs_used():
 
 
 def test_lr_grid_text_includes_the_values_tuning_extended_to():
-  from experiments.report import lr_grid_text
+  from jtransfer.study.tables import lr_grid_text
   tuned = {("vgg_s", "digits", 1, "freeze"): {"grid": {"lr": [0.002, 0.01, 0.05]}},
            ("vgg_s", "digits", 5, "freeze"): {"grid": {"lr": [0.01, 0.05, 0.25]}},
            ("vgg_s", "digits", 1, "finetune"): {"grid": {"lr": [1e-4, 1e-3]}}}
