@@ -18,10 +18,11 @@ accuracy, i.e. larger is better. The report gives S6 under both signs (rows 'S6'
 selection.S6_APPENDIX) and the point each sign picks (smallest / largest S6).
 
 Writes results.jsonl (one version-2 record per finished (target, point): arm = the point,
-cell = the target; --resume skips them),
-results.json, summary.json, report.md (accuracy per point, Spearman per target between every
-metric and the truncate-fine-tune accuracy over the points, the point S6 picks),
-truncation_accuracy.png (Fig. 4) and truncation_spearman.png (Fig. 5).
+cell = the target; --resume skips them), results.json, summary.json, report.md (accuracy per
+point, Spearman per target between every metric and the truncate-fine-tune accuracy over the
+points, the point S6 picks), truncation_accuracy.png (Fig. 4) and truncation_spearman.png
+(Fig. 5). The published folders hold version-1 records (flat, with 'point'); `rows` reads
+both the same.
 
 The source: `--source ckpt:PATH` (e.g. a zoo model, .cache/zoo/resnet_s-c0_2_3_4_6-f100) or a
 dataset spec, pretrained once and cached by experiments.pretrain (default: the embedded
