@@ -1,4 +1,7 @@
-"""Flags every experiment module shares."""
+"""LEGACY: the argparse edge of experiments/sparse_transfer.py, the last module not yet declared
+on the study runner (its flags, the output-folder rule of --out and its Ctrl-C line); delete it
+with that module. Studies on the runner have theirs in `jtransfer.study.flags` and
+`jtransfer.study.edge`."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +11,6 @@ import io
 import os
 import shlex
 import sys
-import time
 from typing import Callable, Sequence
 
 from jtransfer.errors import InputError
@@ -74,27 +76,8 @@ def add_tune_extend_flag(p: argparse.ArgumentParser, default: int = 2) -> None:
                       "by up to this many values on that side")
 
 
-def target_list(values, default) -> list[str]:
-  """The --target specs: each repeated flag split at ';', `default` when the flag is absent.
-
-  Raises:
-    InputError: the flag was given but names no dataset (`--target ""`), which would otherwise
-      run an empty grid and fail after writing its report.
-  """
-  targets = [t for flag in (values or default) for t in flag.split(";") if t.strip()]
-  if not targets:
-    raise InputError(f"--target {';'.join(values)!r} names no dataset; expected e.g. "
-                     "--target digits or --target folder:/path (omit --target for the default)")
-  return targets
 
 
-def check_validation_needs(args: argparse.Namespace) -> None:
-  """Early stopping (--patience) and tuning draws (--tune-repeats) read validation images:
-  refuse either without them, naming the flag to change."""
-  for flag, value in (("--patience", args.patience), ("--tune-repeats", args.tune_repeats)):
-    if value and not args.val_per_class:
-      raise InputError(f"{flag} needs validation images: set --val-per-class >= 1 or "
-                       f"{flag} 0")
 
 
 def apply_devices(args: argparse.Namespace) -> None:
@@ -180,15 +163,6 @@ def open_results(args: argparse.Namespace, made_by: outdir.Settings,
   return results
 
 
-def open_model_dir(path: str, overwrite: bool, quiet: bool, check_only: bool = False) -> None:
-  """Applies the output-folder rule to a model folder (experiments.pretrain,
-  experiments.convert_weights): refused when it holds anything unless `overwrite`, which
-  moves it aside; nothing is created (the saver writes the folder whole).
-  `check_only`: refuse now, move nothing (call again right before saving, so a failed or
-  interrupted run leaves the old folder in place). Multi-host, only the writer moves."""
-  log = None if quiet else (lambda line: print(line, file=sys.stderr))
-  outdir.open_outdir(path, None, overwrite=overwrite,
-                     writer=parallel.is_writer() and not check_only, log=log, create=False)
 
 
 def saved_runs(path: str) -> int:
@@ -210,10 +184,6 @@ def interrupted_line(module: str, argv: Sequence[str],
     out = os.path.abspath(ns.out)
   except (SystemExit, AttributeError):
     return "interrupted before --out was opened; nothing saved"
-  if not hasattr(ns, "resume"):  # a model folder (experiments.pretrain): saved only at the end
-    ckpt = getattr(ns, "ckpt_dir", None)
-    return (f"interrupted: no model saved in {out}" + (
-        f"; the same command continues from the checkpoints in {ckpt}" if ckpt else ""))
   kept = [a for a in argv if a not in ("--resume", "--overwrite")] + ["--resume"]
   command = " ".join(["python", "-m", module] + [shlex.quote(a) for a in kept])
   return (f"interrupted: {saved_runs(out)} runs saved in {out}; continue with: {command}")
@@ -233,81 +203,3 @@ def interruptible(module: str, parse: Callable[[Sequence[str]], argparse.Namespa
         return INTERRUPTED
     return guarded
   return wrap
-
-
-def start(args: argparse.Namespace, validate: Callable, run: Callable,
-          made_by: outdir.Settings | None = None, parse: Callable | None = None):
-  """The front half of an experiment's main(): check every flag, then open and fill --out.
-
-  Calls `validate(args) -> plan`, only then opens the results directory (so a bad flag never
-  touches existing results; `open_results` with `made_by` and `parse`), then
-  `run(args, plan, results)`.
-
-  Returns:
-    (plan, results, run's return value), or None after printing an InputError (exit code 2).
-  """
-  try:
-    made_by = made_by or settings("experiments", args)
-    plan = validate(args)
-    # Multi-host: every process runs the grid (its runs are collective), one writes it.
-    results = open_results(args, made_by, parse or (lambda argv: args),
-                           writer=parallel.is_writer())
-    parallel.barrier("results directory opened")
-    if not results.writer:
-      results.reload()  # after the writer's --overwrite
-    return plan, results, run(args, plan, results)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return None
-
-
-def main(argv, publisher, run: Callable, records_of: Callable,
-         plot: Callable | None = None) -> int:
-  """The main() of an experiment module that publishes its results.
-
-  Parses and checks the flags (`publisher.parse_args`, `publisher.validate`), sets the device
-  mesh, opens --out (`start`), runs the grid, then writes results.json, report.md, summary.json
-  and run.json (`experiments.publish.save`) and the plots.
-
-  Args:
-    argv: the flags (None = sys.argv[1:]).
-    publisher: the module's `experiments.publish.Publisher`.
-    run: (args, plan, results) -> what the grid returns.
-    records_of: (results, what run returned) -> the records results.json holds.
-    plot: optional (summary, plan, args, results, what run returned) -> None.
-
-  Returns:
-    The exit code: 0, 2 after printing a bad-input sentence, or 130 after Ctrl-C
-    (`interruptible`).
-  """
-  return interruptible(publisher.module, publisher.parse_args)(
-      functools.partial(_main, publisher=publisher, run=run, records_of=records_of,
-                        plot=plot))(argv)
-
-
-def _main(argv, publisher, run: Callable, records_of: Callable,
-          plot: Callable | None = None) -> int:
-  """`main` without the Ctrl-C guard."""
-  from experiments import publish
-  args = publisher.parse_args(argv)
-  made_by = settings(publisher.module, args)
-  apply_devices(args)
-  t0 = time.time()
-  started = start(args, publisher.validate, run, made_by, publisher.parse_args)
-  if started is None:
-    return 2
-  plan, results, ran = started
-  text, summary = publish.save(results, publisher, argv, records_of(results, ran), plan, args,
-                               t0)
-  if plot is not None and results.writer:
-    plot(summary, plan, args, results, ran)
-  return finish(results, text, t0)
-
-
-def finish(results, text: str, t0: float) -> int:
-  """The back half: prints the report and where it went; returns exit code 0."""
-  if not results.writer:
-    return 0
-  print(text)
-  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
-  return 0

@@ -17,7 +17,7 @@ the source a freshly initialised head instead; few-shot strategies replace the h
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,11 +28,13 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from experiments import cli
-from experiments.report import float_list
 from jtransfer import models, surgery, weights
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
+from jtransfer.study import edge
+from jtransfer.study.config import flag
+from jtransfer.study.flags import command_config
+from jtransfer.study.tables import float_list
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -143,63 +145,97 @@ def convert(arch: str, weights_path: str, *, input_shape=(224, 224, 3),
                          tuple(float(m) for m in mean), tuple(float(s) for s in std), meta)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--arch", required=True, choices=weights.ARCHS)
-  p.add_argument("--weights", required=True, help=".pth/.pt, .safetensors or .npz file")
-  p.add_argument("--out", required=True,
-                 help="directory for the source model (refused if it holds anything)")
-  p.add_argument("--overwrite", action="store_true",
-                 help="move an existing --out aside (to OUT.replaced-<UTC time>) first")
-  p.add_argument("--input-shape", default="224,224,3", help="H,W,C the source will take")
-  p.add_argument("--mean", default=",".join(map(str, IMAGENET_MEAN)),
-                 help="per-channel mean in [0, 1] units (default ImageNet)")
-  p.add_argument("--std", default=",".join(map(str, IMAGENET_STD)),
-                 help="per-channel std in [0, 1] units (default ImageNet)")
-  p.add_argument("--num-classes", type=int, default=None,
-                 help="head size (default: the checkpoint's)")
-  p.add_argument("--drop-head", action="store_true",
-                 help="do not import the classification layer; initialise a new one")
-  p.add_argument("--config", default=None,
-                 help="JSON model config overrides for non-standard widths, e.g. "
-                      "'{\"dense_widths\": [1024, 1024]}'")
-  p.add_argument("--seed", type=int, default=0)
-  return p.parse_args(argv)
+def _json_object(text):
+  """--config: JSON text -> a dict."""
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise InputError(f"--config {text!r} is not valid JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise InputError(f"--config {text!r}: expected a JSON object")
+  return value
+
+
+def _floats(name: str):
+  """A flag parser: a comma list of floats -> a tuple (`float_list`, naming the flag)."""
+  return lambda text: tuple(float_list(text, name))
+
+
+def _num_classes(text) -> int:
+  """--num-classes: an int >= 1."""
+  try:
+    n = int(text)
+  except ValueError:
+    raise InputError(f"--num-classes must be an integer >= 1, got {text!r}") from None
+  if n < 1:
+    raise InputError(f"--num-classes must be >= 1, got {n}")
+  return n
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertFlags:
+  """convert_weights' flags, typed (`jtransfer.study.config.flag` fields)."""
+  arch: Optional[str] = flag("--arch", None, "torchvision architecture", choices=weights.ARCHS,
+                             required=True)
+  weights: Optional[str] = flag("--weights", None, ".pth/.pt, .safetensors or .npz file",
+                                required=True)
+  out: Optional[str] = flag("--out", None, "directory for the source model (refused if it "
+                            "holds anything)", required=True)
+  overwrite: bool = flag("--overwrite", False, "move an existing --out aside (to "
+                         "OUT.replaced-<UTC time>) first", action="store_true")
+  input_shape: tuple = flag("--input-shape", (224, 224, 3), "H,W,C the source will take",
+                            cli="224,224,3", parse=parse_shape)
+  mean: tuple = flag("--mean", IMAGENET_MEAN, "per-channel mean in [0, 1] units (default "
+                     "ImageNet)", cli=",".join(map(str, IMAGENET_MEAN)), parse=_floats("--mean"))
+  std: tuple = flag("--std", IMAGENET_STD, "per-channel std in [0, 1] units (default "
+                    "ImageNet)", cli=",".join(map(str, IMAGENET_STD)), parse=_floats("--std"))
+  num_classes: Optional[int] = flag("--num-classes", None, "head size (default: the "
+                                    "checkpoint's)", parse=_num_classes)
+  drop_head: bool = flag("--drop-head", False, "do not import the classification layer; "
+                         "initialise a new one", action="store_true")
+  config: Optional[dict] = flag("--config", None, "JSON model config overrides for "
+                                "non-standard widths, e.g. '{\"dense_widths\": [1024, 1024]}'",
+                                parse=_json_object)
+  seed: int = flag("--seed", 0, "seeds a new head")
+
+
+def parse_flags(argv: Sequence[str] | None = None) -> ConvertFlags:
+  """The typed flags of `main` (argparse exits 2 on a malformed flag; a bad value raises
+  `InputError`)."""
+  return command_config(ConvertFlags, argv, __doc__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
+  """Converts --weights and saves the source in --out; the exit code (2 after a bad-input
+  sentence, 130 after Ctrl-C with one line)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    return _main(argv)
+  except KeyboardInterrupt:
+    print(edge.model_interrupted_line(parse_flags, argv), file=sys.stderr, flush=True)
+    return edge.INTERRUPTED
+
+
+def _main(argv: list) -> int:
   t0 = time.time()
   try:
-    if os.path.abspath(args.out) == os.path.abspath(os.path.dirname(args.weights) or "."):
-      raise InputError(f"--out {args.out} is the folder holding --weights: choose another --out")
-    cli.open_model_dir(args.out, args.overwrite, quiet=False, check_only=True)
-    config = None
-    if args.config:
-      try:
-        config = json.loads(args.config)
-      except json.JSONDecodeError as e:
-        raise InputError(f"--config {args.config!r} is not valid JSON ({e})") from None
-      if not isinstance(config, dict):
-        raise InputError(f"--config {args.config!r}: expected a JSON object")
-    if args.num_classes is not None and args.num_classes < 1:
-      raise InputError(f"--num-classes must be >= 1, got {args.num_classes}")
-    source = convert(args.arch, args.weights, input_shape=parse_shape(args.input_shape),
-                     mean=tuple(float_list(args.mean, "--mean")),
-                     std=tuple(float_list(args.std, "--std")),
-                     num_classes=args.num_classes, drop_head=args.drop_head, config=config,
-                     seed=args.seed)
-    cli.open_model_dir(args.out, args.overwrite, quiet=False)
-    transfer.save_source(args.out, source)
-    transfer.load_source(args.out)  # fails loudly now rather than in the first experiment
+    f = parse_flags(argv)
+    if os.path.abspath(f.out) == os.path.abspath(os.path.dirname(f.weights) or "."):
+      raise InputError(f"--out {f.out} is the folder holding --weights: choose another --out")
+    edge.open_model_dir(f.out, f.overwrite, quiet=False, check_only=True)
+    source = convert(f.arch, f.weights, input_shape=f.input_shape, mean=f.mean, std=f.std,
+                     num_classes=f.num_classes, drop_head=f.drop_head, config=f.config,
+                     seed=f.seed)
+    edge.open_model_dir(f.out, f.overwrite, quiet=False)
+    transfer.save_source(f.out, source)
+    transfer.load_source(f.out)  # fails loudly now rather than in the first experiment
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   n = surgery.count(source.variables["params"])
-  print(f"saved {args.arch} ({n:,} params, head {source.meta['head']}, input "
-        f"{','.join(map(str, source.input_shape))}) to {args.out} in {time.time() - t0:.1f} s; "
-        f"use: --arch {args.arch} --source ckpt:{args.out}")
+  print(f"saved {f.arch} ({n:,} params, head {source.meta['head']}, input "
+        f"{','.join(map(str, source.input_shape))}) to {f.out} in {time.time() - t0:.1f} s; "
+        f"use: --arch {f.arch} --source ckpt:{f.out}")
   return 0
 
 

@@ -314,16 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   return study.main(STUDY, argv)
 
 
-# LEGACY names for experiments.truncation and bench.bench_selection until they are declared
-# on the runner and import the library (jtransfer.zoo, jtransfer.scoring) themselves.
-from experiments.selection_legacy import (add_finetune_args, add_protocol_args,  # noqa: E402,F401
-                                          add_score_args, check_protocol_args,
-                                          check_resume_protocol, finetune_config, finetune_text,
-                                          ground_truth, ground_truth_kind, target_specs)
-from jtransfer.scoring import SCORE_SETTINGS, model_outputs, score_outputs  # noqa: E402,F401
-from jtransfer.zoo.analysis import rank_summary as _summary  # noqa: E402,F401
-from jtransfer.zoo.sections import scorer_table  # noqa: E402,F401
-from jtransfer.zoo.targets import TargetTask  # noqa: E402,F401
+# (bench/bench_selection.py, converted on another branch, still reads score_outputs from here)
+from jtransfer.scoring import score_outputs  # noqa: E402,F401
 
 if __name__ == "__main__":
   from jtransfer.compile_cache import enable_compilation_cache

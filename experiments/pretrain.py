@@ -9,20 +9,23 @@ Expected: ~2.5 min per small arch on 2 CPU cores, source test accuracy ~0.85-0.9
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import json
 import os
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 
-from experiments import cli
 from jtransfer import models
 from jtransfer.data import Batches, augment, channel_stats, load_spec, parse_spec
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
+from jtransfer.study import edge
+from jtransfer.study.config import Devices, flag
+from jtransfer.study.flags import command_config
 from jtransfer.train import (MetricsWriter, RunCheckpointer, accuracy, fit, init_state,
                              make_optimizer, make_train_step, predict_logits, schedules, sgd)
 
@@ -108,9 +111,9 @@ def check_schedule(*, epochs: float, lr: float, batch_size: int, weight_decay: f
       data, would be saved as if pretrained), batch size below 1, negative weight decay, or a
       training cap below 1.
   """
-  for flag, value in (("--epochs", epochs), ("--lr", lr)):
+  for name, value in (("--epochs", epochs), ("--lr", lr)):
     if not value > 0:  # also catches NaN
-      raise InputError(f"{flag} must be > 0, got {value:g}: a source trained with it learns "
+      raise InputError(f"{name} must be > 0, got {value:g}: a source trained with it learns "
                        "nothing, yet would be saved as pretrained")
   if batch_size < 1:
     raise InputError(f"--batch-size must be >= 1, got {batch_size}")
@@ -203,56 +206,96 @@ def source_input_shape(config) -> tuple[int, ...]:
                      "expected a model saved by experiments.pretrain or convert_weights") from None
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  """The flags of `main`."""
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--arch", required=True, choices=models.names())
-  p.add_argument("--source", default=DEFAULT_SOURCE, help="dataset spec, e.g. fmnist:0,2,3,4,6")
-  p.add_argument("--epochs", type=float, default=2.0)
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--lr", type=float, default=0.05)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--image-shape", default="28,28,1", help="H,W,C")
-  p.add_argument("--max-train", type=int, default=None, help="cap on training images")
-  p.add_argument("--config", default=None,
-                 help='model config overrides as JSON, e.g. \'{"stage_widths": [16, 32, 64]}\'')
-  p.add_argument("--ckpt-dir", default=None, help="checkpoint (and resume) directory")
-  p.add_argument("--ckpt-every", type=int, default=100)
-  p.add_argument("--augment", default="none",
-                 help="training augmentation (jtransfer.data.augment): none, flip, crop, rrc, "
-                      "crop+flip, rrc+flip")
-  p.add_argument("--quiet", action="store_true")
-  p.add_argument("--out", required=True,
-                 help="directory to save the model in (refused if it holds anything)")
-  p.add_argument("--overwrite", action="store_true",
-                 help="move an existing --out aside (to OUT.replaced-<UTC time>) first")
-  cli.add_devices_flag(p)
-  return p.parse_args(argv)
-
-
-@cli.interruptible("experiments.pretrain", parse_args)
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  cli.apply_devices(args)
-  try:
-    # Before training: an --out holding anything is refused now, not after minutes of work.
-    cli.open_model_dir(args.out, args.overwrite, args.quiet, check_only=True)
+def _json_object(flag_name: str):
+  """A flag parser: JSON text -> a dict (None stays None)."""
+  def parse(text):
     try:
-      shape = tuple(int(v) for v in args.image_shape.split(","))
-      config = json.loads(args.config) if args.config else None
+      value = json.loads(text)
     except ValueError as e:
-      raise InputError(f"--image-shape/--config could not be parsed: {e}") from None
-    source = pretrain(args.arch, args.source, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, seed=args.seed, image_shape=shape, max_train=args.max_train,
-                      log_path=args.out + ".metrics.jsonl", model_config=config,
-                      checkpoint_dir=args.ckpt_dir, checkpoint_every=args.ckpt_every,
-                      progress=not args.quiet, augment_recipe=args.augment)
-    cli.open_model_dir(args.out, args.overwrite, args.quiet)
-    transfer.save_source(args.out, source)
+      raise InputError(f"{flag_name} {text!r} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+      raise InputError(f"{flag_name} {text!r}: expected a JSON object")
+    return value
+  return parse
+
+
+def _shape(text) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in str(text).split(","))
+  except ValueError:
+    raise InputError(f"--image-shape {text!r}: expected H,W,C, e.g. 28,28,1") from None
+
+
+def _max_train(text) -> int:
+  try:
+    return int(text)
+  except ValueError:
+    raise InputError(f"--max-train must be an integer, got {text!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainFlags(Devices):
+  """experiments.pretrain's flags, typed (`jtransfer.study.config.flag` fields; --devices and
+  the multi-host flags from `Devices`)."""
+  arch: Optional[str] = flag("--arch", None, "architecture", choices=models.names(),
+                             required=True)
+  source: str = flag("--source", DEFAULT_SOURCE, "dataset spec, e.g. fmnist:0,2,3,4,6")
+  epochs: float = flag("--epochs", 2.0, "training epochs")
+  batch_size: int = flag("--batch-size", 128, "images per step")
+  lr: float = flag("--lr", DEFAULT_LR, "initial SGD learning rate")
+  seed: int = flag("--seed", 0, "seeds the init and the batches")
+  image_shape: tuple = flag("--image-shape", DEFAULT_SHAPE, "H,W,C",
+                            cli=",".join(map(str, DEFAULT_SHAPE)), parse=_shape)
+  max_train: Optional[int] = flag("--max-train", None, "cap on training images",
+                                  parse=_max_train)
+  config: Optional[dict] = flag("--config", None, "model config overrides as JSON, e.g. "
+                                '\'{"stage_widths": [16, 32, 64]}\'',
+                                parse=_json_object("--config"))
+  ckpt_dir: Optional[str] = flag("--ckpt-dir", None, "checkpoint (and resume) directory")
+  ckpt_every: int = flag("--ckpt-every", 100, "steps between checkpoints")
+  augment: str = flag("--augment", "none", "training augmentation (jtransfer.data.augment): "
+                      "none, flip, crop, rrc, crop+flip, rrc+flip")
+  quiet: bool = flag("--quiet", False, "no progress output", action="store_true")
+  out: Optional[str] = flag("--out", None, "directory to save the model in (refused if it "
+                            "holds anything)", required=True)
+  overwrite: bool = flag("--overwrite", False, "move an existing --out aside (to "
+                         "OUT.replaced-<UTC time>) first", action="store_true")
+
+
+def parse_flags(argv=None) -> PretrainFlags:
+  """The typed flags of `main` (argparse exits 2 on a malformed flag; a bad value raises
+  `InputError`)."""
+  return command_config(PretrainFlags, argv, __doc__)
+
+
+def main(argv=None) -> int:
+  """Pretrains --arch on --source and saves it in --out; the exit code (2 after a bad-input
+  sentence, 130 after Ctrl-C with one line saying what is kept)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    return _main(argv)
+  except KeyboardInterrupt:
+    print(edge.model_interrupted_line(parse_flags, argv), file=sys.stderr, flush=True)
+    return edge.INTERRUPTED
+
+
+def _main(argv: list) -> int:
+  try:
+    f = parse_flags(argv)
+    edge.apply_devices(f)
+    # Before training: an --out holding anything is refused now, not after minutes of work.
+    edge.open_model_dir(f.out, f.overwrite, f.quiet, check_only=True)
+    source = pretrain(f.arch, f.source, epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
+                      seed=f.seed, image_shape=f.image_shape, max_train=f.max_train,
+                      log_path=f.out + ".metrics.jsonl", model_config=f.config,
+                      checkpoint_dir=f.ckpt_dir, checkpoint_every=f.ckpt_every,
+                      progress=not f.quiet, augment_recipe=f.augment)
+    edge.open_model_dir(f.out, f.overwrite, f.quiet)
+    transfer.save_source(f.out, source)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"saved {args.arch} to {args.out}: source test accuracy "
+  print(f"saved {f.arch} to {f.out}: source test accuracy "
         f"{source.meta['source_test_acc']:.4f}")
   return 0
 

@@ -17,10 +17,12 @@ A.2 (Fig. 5, this experiment) reports rho > 0.7 between raw S6 and truncate-fine
 accuracy, i.e. larger is better. The report gives S6 under both signs (rows 'S6' and
 selection.S6_APPENDIX) and the point each sign picks (smallest / largest S6).
 
-Writes results.jsonl (one record per finished (target, point); --resume skips them),
-results.json, summary.json, report.md (accuracy per point, Spearman per target between every
-metric and the truncate-fine-tune accuracy over the points, the point S6 picks),
-truncation_accuracy.png (Fig. 4) and truncation_spearman.png (Fig. 5).
+Writes results.jsonl (one version-2 record per finished (target, point): arm = the point,
+cell = the target; --resume skips them), results.json, summary.json, report.md (accuracy per
+point, Spearman per target between every metric and the truncate-fine-tune accuracy over the
+points, the point S6 picks), truncation_accuracy.png (Fig. 4) and truncation_spearman.png
+(Fig. 5). The published folders hold version-1 records (flat, with 'point'); `rows` reads
+both the same.
 
 The source: `--source ckpt:PATH` (e.g. a zoo model, .cache/zoo/resnet_s-c0_2_3_4_6-f100) or a
 dataset spec, pretrained once and cached by experiments.pretrain (default: the embedded
@@ -34,10 +36,15 @@ points; the default 0 keeps the published commands' meaning). Since session 9: w
 model_selection's fixed 100 steps at lr 0.01 a vgg_s cut did not train (digits 8-21% at every
 point, 10 classes), so the ranking measured the budget, not the points. `--val-per-class 0`
 restores the fixed schedule (`--steps` at `--ft-lr`).
+
+The module declares the study (`jtransfer.study`, its own run loop as
+experiments.model_selection's): the flags are `jtransfer.zoo.flags`' `FineTuneFlags` and
+`--logme` of `ScoreFlags` plus the source and the points (`TruncationFlags`), the ground truth
+`jtransfer.zoo.ground_truth`, the scores `jtransfer.scoring.score_outputs`.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -46,19 +53,47 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import cli, grid_progress, model_selection as ms, publish
 from experiments import pretrain
-from experiments.model_zoo import Compiled, TrainConfig, prenormalize
-from experiments.report import ResultsDir
-from jtransfer import models
+from experiments.model_zoo import log_of
+from jtransfer import models, study
+from jtransfer.data import parse_spec
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import selection, transfer
 from jtransfer.protocol import claims, progress
+from jtransfer.scoring import SCORE_SETTINGS, model_outputs, score_outputs
+from jtransfer.study import records as rec
+from jtransfer.study.config import flag, target_list
+from jtransfer.study.draws import Draw
+from jtransfer.zoo import ground_truth as gt
+from jtransfer.zoo.analysis import rank_summary
+from jtransfer.zoo.flags import FineTuneFlags, ScoreFlags
+from jtransfer.zoo.sections import runs_table, scorer_table
+from jtransfer.zoo.targets import TargetTask, load_target
+from jtransfer.zoo.training import Compiled, prenormalize
 
-KEY = ("target", "point")
+DEFAULT_TARGETS = ("fmnist:1,5,7,8,9", "digits")
 SCORES = selection.METRIC_NAMES + ("LogME", "H-score")
 # S6 sign -> (its report name, which point it picks): the text's smallest, App. A.2's largest.
 S6_PICKS = {"text": ("S6", min), "appendix": (selection.S6_APPENDIX, max)}
+OUTCOME = ("test_acc", "val_acc", "steps", "best_step", "stopped", "lr_val", "edges")
+# --logme, the one score reading truncation has (no map tap: S1..S6 read the cut map itself).
+_LOGME = {f.name: f for f in dataclasses.fields(ScoreFlags)}["logme"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TruncationFlags(FineTuneFlags):
+  """truncation's flags: the ground truth's (`FineTuneFlags`), --logme, the source, the
+  points and the targets."""
+  arch: str = flag("--arch", "resnet_s", "architecture of the source", choices=models.names())
+  source: str = flag("--source", pretrain.DEFAULT_SOURCE, "ckpt:PATH, or a dataset spec to "
+                     "pretrain on (cached)")
+  source_epochs: float = flag("--source-epochs", 2.0, "pretraining epochs of a dataset-spec "
+                              "source")
+  points: str = flag("--points", "all", "comma list of truncation points, or 'all'")
+  targets: tuple = flag("--target", DEFAULT_TARGETS, "target dataset spec; repeat the flag (or "
+                        "separate with ';') for several", dest="target", cli=None,
+                        parse=lambda v: target_list(v, DEFAULT_TARGETS), action="append")
+  logme: str = dataclasses.field(default=_LOGME.default, metadata=_LOGME.metadata)
 
 
 def truncation_points(source: transfer.Source) -> list[str]:
@@ -66,8 +101,56 @@ def truncation_points(source: transfer.Source) -> list[str]:
   return list(source.model.unit_names())
 
 
-def point_scores(source: transfer.Source, task: ms.TargetTask, point: str, compiled: Compiled,
-                 logme_variant: str = ms.SCORE_SETTINGS["logme_variant"]
+def _unit_names(x: TruncationFlags):
+  """The points of --arch as --source builds it, read without pretraining (a ckpt: source's
+  config from its meta.json); None when a ckpt: source is not there (loading it says so)."""
+  if not x.source.startswith("ckpt:"):
+    return list(models.get_model(x.arch, 2).unit_names())
+  try:
+    with open(os.path.join(x.source[len("ckpt:"):], "meta.json")) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return list(models.from_config(meta.get("arch", x.arch), meta.get("config", {})).unit_names())
+
+
+def _check_points(points, valid, text: str) -> None:
+  if set(points) - set(valid) or len(points) < 2:
+    raise InputError(f"--points {text!r}: expected 'all' or at least 2 of {', '.join(valid)}")
+
+
+def plan_of(config) -> dict:
+  """The typed plan: targets, protocol, LogME variant and the points asked for (None: all).
+
+  Raises:
+    InputError: a bad target, source, protocol flag or point (one sentence), before --out is
+      opened.
+  """
+  x = config.extra
+  for t in x.targets:
+    parse_spec(t, flag="--target")
+  if not x.source.startswith("ckpt:"):
+    parse_spec(x.source, flag="--source")
+  protocol = x.protocol()
+  points = None if x.points == "all" else [p.strip() for p in x.points.split(",")]
+  valid = _unit_names(x)
+  if points is not None and valid is not None:
+    _check_points(points, valid, x.points)
+  return dict(specs=list(x.targets), protocol=protocol, logme=x.logme, points=points)
+
+
+def rows(records: Sequence[dict]) -> list[dict]:
+  """Flat rows of records of either version, each with its 'point' (version 1 named it so,
+  version 2 makes it the arm)."""
+  v2 = [r if r.get("version") == rec.VERSION else
+        dict(rec.from_v1({k: v for k, v in r.items() if k != "point"}, ("target",)),
+             arm=r["point"])
+        for r in records]
+  return [dict(r, point=r["arm"]) for r in rec.rows(v2, ("target",))]
+
+
+def point_scores(source: transfer.Source, task: TargetTask, point: str, compiled: Compiled,
+                 logme_variant: str = SCORE_SETTINGS["logme_variant"]
                  ) -> tuple[dict[str, float], tuple[int, ...]]:
   """S1..S6 on the map at `point` and LogME (`logme_variant`) / H-score on its pooled features.
 
@@ -77,46 +160,73 @@ def point_scores(source: transfer.Source, task: ms.TargetTask, point: str, compi
   model = transfer.target_model(source, task.num_classes, truncate_after=point)
   params, stats = transfer.init_target(source, model, 0)
   x = prenormalize(task.train.images, source.mean, source.std)
-  _, taps = ms.model_outputs(model, params, stats, x, ("last_conv", "features"), compiled)
-  scores = ms.score_outputs(task.train.labels, taps["last_conv"], taps["features"],
-                           logme_variant=logme_variant)
+  _, taps = model_outputs(model, params, stats, x, ("last_conv", "features"), compiled)
+  scores = score_outputs(task.train.labels, taps["last_conv"], taps["features"],
+                         logme_variant=logme_variant)
   return scores, tuple(taps["last_conv"].shape[1:])
 
 
-def run(args, source: transfer.Source, specs: Sequence[str], points: Sequence[str],
-        config: TrainConfig, results: ResultsDir) -> None:
-  """Scores and truncate-fine-tunes every (target, point) not yet in `results`."""
-  done = results.done(KEY)
-  old = {r.get("logme_variant", "exact") for r in results.records}
-  if old - {args.logme}:
-    raise InputError(f"--out holds records with LogME variant {sorted(old)}, not {args.logme!r}:"
+def run(_, config, results) -> list[dict]:
+  """Scores and truncate-fine-tunes every (target, point) not yet recorded; writes
+  source.json; the records of this invocation's targets and points.
+
+  Raises:
+    InputError: the folder holds records of another LogME variant or tuned otherwise, a point
+      the source lacks, or every LR of a ground truth diverged.
+  """
+  p, x = plan_of(config), config.extra
+  protocol, specs = p["protocol"], p["specs"]
+  flat = rows(results.records)
+  old = {r.get("logme_variant", "exact") for r in flat}
+  if old - {x.logme}:
+    raise InputError(f"--out holds records with LogME variant {sorted(old)}, not {x.logme!r}:"
                      " use the same --logme or --overwrite")
-  ms.check_resume_protocol(results.records, args)
-  compiled = Compiled()
-  emit = grid_progress.stderr_or_quiet(args)
+  gt.check_resume(flat, protocol.tune_extend)
+  emit = log_of(config)
+  source = pretrain.source_for(x.arch, x.source, epochs=x.source_epochs, seed=x.seed,
+                               progress=emit is not None)
+  valid = truncation_points(source)
+  points = p["points"] or valid
+  _check_points(points, valid, x.points)
+  done = {(r["target"], r["point"]) for r in flat}
   grid = progress.GridProgress(
-      {f"truncated {ms.ground_truth_kind(args)}": len(specs) * len(points)},
-      saved=sum((spec, p) in done for spec in specs for p in points), emit=emit)
+      {f"truncated {gt.ground_truth_kind(protocol)}": len(specs) * len(points)},
+      saved=sum((spec, pt) in done for spec in specs for pt in points), emit=emit)
   grid.announce("truncation")
-  for spec in specs:
-    if all((spec, p) in done for p in points):
-      continue
-    task = ms.load_target(spec, source.input_shape, args.train_per_class, args.test_per_class,
-                          args.seed, args.data_dir, args.val_per_class)
-    for index, point in enumerate(points):
-      if (spec, point) in done:
+  compiled = Compiled()
+  try:
+    for spec in specs:
+      if all((spec, pt) in done for pt in points):
         continue
-      t0 = time.time()
-      scores, shape = point_scores(source, task, point, compiled, args.logme)
-      run_info = ms.ground_truth(source, task, args, config, compiled, lambda lr: progress.ticker(
-          f"{spec} cut after {point} lr={lr:g}", emit), truncate_after=point)
-      acc = run_info["test_acc"]
-      results.add(dict(target=spec, point=point, index=index, map_shape=list(shape),
-                       n_train=len(task.train), n_test=len(task.test),
-                       seconds=round(time.time() - t0, 3), logme_variant=args.logme,
-                       **run_info, **scores))
-      grid.finished(f"{spec} cut after {point}: acc {acc:.4f} S6 {scores['S6']:.4g}"
-                    f" ({time.time() - t0:.1f}s)")
+      task = load_target(spec, source.input_shape, protocol.train_per_class,
+                         protocol.test_per_class, x.seed, x.data_dir, protocol.val_per_class)
+      for index, point in enumerate(points):
+        if (spec, point) not in done:
+          record = _score_and_finetune(source, spec, task, point, index, protocol, x.logme,
+                                       compiled, emit)
+          results.add(record)
+          grid.finished(f"{spec} cut after {point}: acc {record['outcome']['test_acc']:.4f} "
+                        f"S6 {record['extra']['S6']:.4g} ({record['seconds']:.1f}s)")
+  except NonFiniteError as e:  # every LR of a ground truth diverged: one line, exit code 2
+    raise InputError(str(e)) from None
+  results.write_json("source.json", dict(source_info(source, x.source), points=list(points)))
+  return [r for r, f in zip(results.records, rows(results.records))
+          if f["target"] in specs and f["point"] in points]
+
+
+def _score_and_finetune(source, spec, task, point, index, protocol, logme, compiled,
+                        emit) -> dict:
+  """One (target, point): its scores, then its ground truth; the version-2 record."""
+  t0 = time.time()
+  scores, shape = point_scores(source, task, point, compiled, logme)
+  truth = gt.ground_truth(source, task, protocol, compiled, lambda lr: progress.ticker(
+      f"{spec} cut after {point} lr={lr:g}", emit), truncate_after=point)
+  extra = dict(index=index, map_shape=list(shape), n_train=len(task.train),
+               n_test=len(task.test), logme_variant=logme,
+               **{k: v for k, v in truth.items() if k not in OUTCOME and k != "lr"}, **scores)
+  knobs = {"lr": truth["lr"]} if "lr" in truth else {}
+  return rec.make(point, {"target": spec}, Draw("eval", 0), knobs,
+                  {k: truth[k] for k in OUTCOME if k in truth}, time.time() - t0, extra)
 
 
 def analyze(records: Sequence[dict], points: Sequence[str]) -> dict:
@@ -149,7 +259,7 @@ def analyze(records: Sequence[dict], points: Sequence[str]) -> dict:
       s6 = choose(rs, key=lambda r: r["S6"])
       picks[sign][t] = dict(point=s6["point"], acc=s6["test_acc"], best_point=best["point"],
                             best_acc=best["test_acc"])
-  return dict(scorers={k: ms._summary(v) for k, v in ranks.items()},
+  return dict(scorers={k: rank_summary(v) for k, v in ranks.items()},
               accuracy={t: {r["point"]: r["test_acc"] for r in rs} for t, rs in by_target.items()},
               s6_pick=picks["text"], s6_pick_appendix=picks["appendix"], points=list(points))
 
@@ -178,27 +288,28 @@ def claim_results(summary: dict) -> list[dict]:
   return [r for r in out if r["cells"]]
 
 
-def source_info(source: transfer.Source, args) -> dict:
+def source_info(source: transfer.Source, spec: str) -> dict:
   """What the report says about the source (written to source.json, read back by the report)."""
-  return dict(arch=source.arch, spec=source.meta.get("source_spec", args.source),
+  return dict(arch=source.arch, spec=source.meta.get("source_spec", spec),
               test_acc=source.meta.get("source_test_acc"))
 
 
-def make_report(summary: dict, args, source: dict, records: Sequence[dict] = ()) -> str:
-  """report.md from the summary, the flags, `source_info` and the records (runs table)."""
+def make_report(summary: dict, plan: dict, source: dict, records: Sequence[dict] = ()) -> str:
+  """report.md from the summary, the plan (`plan_of`), `source_info` and the rows (`rows`,
+  the runs table)."""
   points, acc = summary["points"], summary["accuracy"]
   src_acc = float("nan") if source["test_acc"] is None else source["test_acc"]
   lines = ["# Truncate fine-tuning (App. A.2, Figs. 4 and 5)", "",
            f"Source: {source['arch']} `{source['spec']}` (source acc "
            f"{src_acc:.4f}). Each point: cut there, global average pool + new head, "
-           + "fine-tune by " + ms.finetune_text(args, chosen_per="point"), "",
+           + "fine-tune by " + gt.finetune_text(plan["protocol"], chosen_per="point"), "",
            "## Accuracy per truncation point (Fig. 4)", "",
            "| target | " + " | ".join(points) + " |", "|---|" + "---|" * len(points)]
   for t, row in acc.items():
     lines.append(f"| {t} | " + " | ".join(f"{row[p]:.4f}" if p in row else "-" for p in points)
                  + " |")
   order = {p: i for i, p in enumerate(points)}
-  lines += [""] + ms.runs_table(records, ("target", "point"),
+  lines += [""] + runs_table(records, ("target", "point"),
                                 lambda r: (r["target"], order.get(r["point"], 0)))
   lines += ["## Spearman rho between metric and truncate-fine-tune accuracy (Fig. 5)", "",
             "Scores oriented so that larger = predicted better (S2, S4, S5, S6 negated). S6's "
@@ -206,9 +317,9 @@ def make_report(summary: dict, args, source: dict, records: Sequence[dict] = ())
             f"better); row '{selection.S6_APPENDIX}' is raw S6 (larger is better), the sign of "
             "the paper's App. A.2, which reports rho > 0.7 for it on every target. LogME: "
             + ("the LogME authors' published code's variant (thuml/LogME)."
-               if args.logme == "published" else
+               if plan["logme"] == "published" else
                "the exact evidence (selection.logme variant 'exact')."), ""]
-  lines += ms.scorer_table(summary)
+  lines += scorer_table(summary)
   for sign, title in (("s6_pick", "smallest S6, the paper's text"),
                       ("s6_pick_appendix", "largest S6, App. A.2's sign")):
     lines += ["", f"## The point S6 picks ({title})", "",
@@ -223,15 +334,18 @@ def make_report(summary: dict, args, source: dict, records: Sequence[dict] = ())
   return "\n".join(lines + [""])
 
 
-def publish_report(records: list[dict], plan: dict, args, folder: str) -> tuple[str, dict]:
+def report(plan: dict, records: Sequence[dict], folder: str) -> tuple[str, dict]:
+  """report.md and summary.json from the records and source.json beside them."""
   with open(os.path.join(folder, "source.json")) as f:
     info = json.load(f)
-  summary = analyze(records, info["points"])
+  flat = rows(records)
+  summary = analyze(flat, info["points"])
   summary["claims"] = claim_results(summary)
-  return make_report(summary, args, info, records), summary
+  return make_report(summary, plan, info, flat), summary
 
 
-def plot(summary: dict, out_dir: str) -> None:
+def plot(summary: dict, _plan: dict, out_dir: str) -> None:
+  """truncation_accuracy.png (Fig. 4) and truncation_spearman.png (Fig. 5) beside the report."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -266,65 +380,23 @@ def plot(summary: dict, out_dir: str) -> None:
   plt.close(fig)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--arch", default="resnet_s", choices=models.names())
-  p.add_argument("--source", default=pretrain.DEFAULT_SOURCE,
-                 help="ckpt:PATH, or a dataset spec to pretrain on (cached)")
-  p.add_argument("--source-epochs", type=float, default=2.0)
-  p.add_argument("--points", default="all", help="comma list of truncation points, or 'all'")
-  p.add_argument("--target", action="append", default=None,
-                 help="target dataset spec; repeat the flag (or separate with ';') for several")
-  p.add_argument("--seed", type=int, default=0)
-  ms.add_finetune_args(p)
-  ms.add_protocol_args(p)
-  ms.add_score_args(p, maps=False)
-  p.add_argument("--tiny", action="store_true",
-                 help="seconds-long fine-tuning for smoke tests: " + str(ms.TINY_FINETUNE))
-  cli.add_results_flags(p, "results/truncation", resume_help="skip finished (target, point) pairs")
-  return p.parse_args(argv)
+def _key(row: dict) -> tuple:
+  """A run's key; results.json lists a target's points input to output (keys sort as text)."""
+  return row["target"], f"{row['index']:04d}", row["point"]
 
 
-@cli.interruptible("experiments.truncation", lambda argv: parse_args(argv))
+STUDY = study.Study(
+    module="experiments.truncation", title="# Truncate fine-tuning (App. A.2, Figs. 4 and 5)",
+    cell_fields=("target",), claims=CLAIMS, groups=("output",), hidden=frozenset({"shard"}),
+    extra=TruncationFlags, defaults={"out": "results/truncation"}, check=plan_of,
+    plan=plan_of, run=run, report=report, plots=plot,
+    record_key=lambda r: _key(rows([r])[0]), doc=__doc__)
+PUBLISHER = study.publisher(STUDY)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  made_by = cli.settings("experiments.truncation", args)
-  cli.apply_devices(args)
-  t0 = time.time()
-  try:
-    plan = validate(args)
-    specs, config = plan["specs"], plan["config"]
-    source = pretrain.source_for(args.arch, args.source, epochs=args.source_epochs,
-                                 seed=args.seed, progress=not args.quiet)
-    valid = truncation_points(source)
-    points = valid if args.points == "all" else [p.strip() for p in args.points.split(",")]
-    bad = [p for p in points if p not in valid]
-    if bad or len(points) < 2:
-      raise InputError(f"--points {args.points!r}: expected 'all' or at least 2 of "
-                       f"{', '.join(valid)}")
-    # Only now, with every flag checked, may an existing output directory be replaced.
-    results = cli.open_results(args, made_by, parse_args)
-    run(args, source, specs, points, config, results)
-    records = [r for r in results.records if r["target"] in specs and r["point"] in points]
-    summary = analyze(records, points)
-  except (InputError, NonFiniteError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  results.write_json("source.json", dict(source_info(source, args), points=list(points)))
-  text, summary = publish.save(results, PUBLISHER, argv, records, plan, args, t0)
-  plot(summary, results.path)
-  return cli.finish(results, text, t0)
-
-
-def validate(args) -> dict:
-  """The flags' checks that need no source (the points are checked against it in main)."""
-  return dict(specs=ms.target_specs(args), config=ms.finetune_config(args),
-              ft_lrs=ms.check_protocol_args(args))
-
-
-PUBLISHER = publish.Publisher("experiments.truncation", parse_args, validate, publish_report,
-                              key=lambda r: (r["target"], r["point"]))
+  """Runs the study (`jtransfer.study.main`); the exit code."""
+  return study.main(STUDY, argv)
 
 
 if __name__ == "__main__":

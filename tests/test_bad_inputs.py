@@ -177,16 +177,16 @@ def test_pickle_refusal_says_what_to_do_safely(tmp_path):
 
 
 def test_empty_target_list_refused_by_every_module():
-  """fewshot, compact_transfer and model_selection read --target through cli.target_list."""
-  from experiments import cli, compact_transfer, fewshot, model_selection
+  """fewshot, compact_transfer, model_selection and truncation read --target through
+  `jtransfer.study.config.target_list`."""
+  from experiments import compact_transfer, fewshot, model_selection, truncation
+  from jtransfer.study.config import target_list
   for values in ([""], [";"], [" ", ""]):
     with pytest.raises(InputError, match="names no dataset"):
-      cli.target_list(values, ("digits",))
-  assert cli.target_list(None, ("digits",)) == ["digits"]
-  assert cli.target_list(["a;b", "c"], ()) == ["a", "b", "c"]
-  with pytest.raises(InputError, match="--target '' names no dataset"):
-    fewshot.validate(fewshot.parse_args(["--target", ""]))
+      target_list(values, ("digits",))
+  assert target_list(None, ("digits",)) == ("digits",)
+  assert target_list(["a;b", "c"], ()) == ("a", "b", "c")
   from jtransfer.study import flags  # studies declared on the study runner
-  for study in (compact_transfer.STUDY, model_selection.STUDY):
+  for study in (fewshot.STUDY, compact_transfer.STUDY, model_selection.STUDY, truncation.STUDY):
     with pytest.raises(InputError, match="--target '' names no dataset"):
       flags.parse(study, ["--target", ""])

@@ -1,6 +1,5 @@
-"""DELTA's configuration at the CLI edge (jtransfer.study.flags; experiments.knobs for the
-modules not yet on the runner): environment read only where a DELTA strategy runs, one sentence
-for a bad value, knobs carried by the plan, nothing global."""
+"""DELTA's configuration at the CLI edge (jtransfer.study.flags): environment read only where a
+DELTA strategy runs, one sentence for a bad value, knobs carried by the plan, nothing global."""
 import subprocess
 import sys
 

@@ -154,7 +154,10 @@ def _check_truncation_main(root, out, capsys):
   assert "[1/2, ETA" in err and "[2/2, last run] fmnist:1,5,7 cut after stage2/block1" in err
   assert truncation.main(argv + ["--resume"]) == 0
   assert "2 already saved, skipped" in capsys.readouterr().err
-  records = json.load(open(os.path.join(out, "results.json")))
+  saved = json.load(open(os.path.join(out, "results.json")))
+  assert {r["version"] for r in saved} == {2} and [r["cell"] for r in saved] == [
+      {"target": "fmnist:1,5,7"}] * 2  # version-2 records: arm = the point, cell = the target
+  records = truncation.rows(saved)
   assert [r["point"] for r in records] == ["stem", "stage2/block1"]
   assert records[0]["map_shape"] == [14, 14, 16] and records[1]["map_shape"] == [7, 7, 32]
   for r in records:  # converged runs, the LR chosen on validation (ties to the smaller)
@@ -171,3 +174,19 @@ def _check_truncation_main(root, out, capsys):
          "fmnist:1,5,7", "--out", out, "--overwrite", "--quiet"]
   assert truncation.main(bad) == 2
   assert os.path.exists(os.path.join(out, "results.json"))  # refused before touching --out
+
+
+def test_truncation_rows_read_published_version_1_records_as_version_2():
+  """A published (version-1) record and the version-2 record the runner writes for the same
+  run give the same report row: point, target, outcome, scores."""
+  path = os.path.join(os.path.dirname(__file__), "..", "published", "truncation_resnet_s",
+                      "results.json")
+  v1 = json.load(open(path))[0]
+  v2 = rec.make(v1["point"], {"target": v1["target"]}, rec.Draw("eval", 0), {"lr": v1["lr"]},
+                {k: v1[k] for k in truncation.OUTCOME if k in v1},
+                extra={k: v for k, v in v1.items()
+                       if k not in truncation.OUTCOME + ("point", "target", "lr")})
+  a, b = truncation.rows([v1])[0], truncation.rows([v2])[0]
+  assert a["point"] == v1["point"] and a["target"] == v1["target"] and a["arm"] == v1["point"]
+  for k in ("point", "target", "lr", "test_acc", "lr_val", "S6", "LogME", "map_shape"):
+    assert a[k] == b[k] == v1[k]

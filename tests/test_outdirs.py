@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from experiments import cli, cwl_tables, fewshot
+from experiments import cwl_tables, fewshot
 from jtransfer.errors import InputError
 from jtransfer.protocol import outdir, progress
 from jtransfer.study import edge, flags
@@ -253,7 +253,7 @@ def test_interrupted_line_gives_the_resume_command(tmp_path):
 
 
 def test_split_text_reports_the_counts_the_runs_used():
-  from experiments.report import split_text
+  from jtransfer.study.tables import split_text
   asked = [dict(role="eval", shots=2, n_train=6, n_val=60, n_test=900)]   # 3 classes
   assert split_text(20, 300, asked) == ("Validation: 20/class, disjoint from the k-shot set "
                                         "and from test; test: <= 300/class of the target's "
@@ -272,7 +272,7 @@ def test_split_text_reports_the_counts_the_runs_used():
 
 
 def test_lr_grid_text_includes_the_values_tuning_extended_to():
-  from experiments.report import lr_grid_text
+  from jtransfer.study.tables import lr_grid_text
   tuned = {("vgg_s", "digits", 1, "freeze"): {"grid": {"lr": [0.002, 0.01, 0.05]}},
            ("vgg_s", "digits", 5, "freeze"): {"grid": {"lr": [0.01, 0.05, 0.25]}},
            ("vgg_s", "digits", 1, "finetune"): {"grid": {"lr": [1e-4, 1e-3]}}}
@@ -360,11 +360,13 @@ def test_sigint_subprocess_exits_130_without_traceback(tiny_source_dir, tmp_path
 def test_interrupted_line_of_pretrain_and_of_unparsable_flags(tmp_path):
   from experiments import pretrain
   argv = ["--arch", "vgg_s", "--out", str(tmp_path / "m"), "--ckpt-dir", str(tmp_path / "c")]
-  assert cli.interrupted_line("experiments.pretrain", argv, pretrain.parse_args) == (
+  assert edge.model_interrupted_line(pretrain.parse_flags, argv) == (
       f"interrupted: no model saved in {tmp_path / 'm'}; the same command continues from the "
       f"checkpoints in {tmp_path / 'c'}")
-  assert cli.interrupted_line("experiments.pretrain", ["--bogus"], pretrain.parse_args) == (
-      "interrupted before --out was opened; nothing saved")
+  # unparsable, --arch missing (argparse exits), or a bad value (InputError)
+  for bad in (["--bogus"], argv[2:], argv + ["--image-shape", "x"]):
+    assert edge.model_interrupted_line(pretrain.parse_flags, bad) == (
+        "interrupted before --out was opened; nothing saved")
 
 
 def test_model_selection_resume_may_add_scratch_but_not_change_a_score_flag():

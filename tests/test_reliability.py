@@ -25,7 +25,7 @@ TINY = ["--shots", "1,2", "--repeats", "2", "--steps", "3", "--test-per-class", 
     ("0.5,2", dict(ok=lambda v: v >= 1, what="values must be >= 1"), "--f '0.5,2': values must be >= 1"),
 ])
 def test_float_list_names_the_flag_and_the_problem(text, kwargs, error):
-  from experiments.report import float_list
+  from jtransfer.study.tables import float_list
   from jtransfer.errors import InputError
   with pytest.raises(InputError, match=re.escape(error)):
     float_list(text, "--f", **kwargs)
@@ -33,7 +33,7 @@ def test_float_list_names_the_flag_and_the_problem(text, kwargs, error):
 
 def test_float_list_and_the_flags_built_on_it():
   from experiments import compact_transfer, cwl_pruning, sparse_runs
-  from experiments.report import float_list, positive_floats
+  from jtransfer.study.tables import float_list, positive_floats
   from jtransfer.errors import InputError
   assert float_list(" 3, -1.5,,2e-3 ", "--f") == [3.0, -1.5, 0.002]      # order kept
   assert positive_floats("0.1,1", "--lr") == [0.1, 1.0]
@@ -66,7 +66,7 @@ def test_unwritable_output_directory(tmp_path, capsys):
 def test_a_line_cut_by_a_kill_is_dropped_before_the_next_append(tmp_path):
   """A kill mid-write leaves a partial last line; reopening the directory truncates it, so
   records appended by the resume stay whole (they would join the cut line and be lost)."""
-  from experiments.report import ResultsDir
+  from jtransfer.study.results import ResultsDir
   out = str(tmp_path / "r")
   ResultsDir(out).add_many([{"a": 1}, {"a": 2}])
   with open(os.path.join(out, "results.jsonl"), "a") as f:

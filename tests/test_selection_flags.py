@@ -1,13 +1,11 @@
 """The selection study's typed flags (`jtransfer.zoo.flags`, experiments.model_selection's
 `SelectionFlags`): defaults, --tiny, bad values as one sentence and exit code 2 before --out is
-touched, and the argparse form experiments.truncation still reads."""
-import argparse
+touched, and experiments.truncation's flags of the same groups."""
 import os
 
 import pytest
 
 from experiments import model_selection as ms
-from experiments import selection_legacy
 from jtransfer.errors import InputError
 from jtransfer.study import flags
 from jtransfer.zoo import ground_truth as gt
@@ -47,16 +45,22 @@ def test_bad_flags_are_one_sentence_and_exit_2_before_out_is_opened(tmp_path, ca
     flags.parse(ms.STUDY, argv)
 
 
-def test_legacy_argparse_flags_read_as_the_typed_ones():
-  p = argparse.ArgumentParser()
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--tiny", action="store_true")
-  selection_legacy.add_finetune_args(p)
-  selection_legacy.add_protocol_args(p)
-  selection_legacy.add_score_args(p, maps=False)
+def test_truncation_flags_are_the_selection_flags_less_the_map_readings(tmp_path, capsys):
+  """experiments.truncation declares the same typed ground-truth flags and --logme (no
+  --map-tap / --selection-features: S1..S6 read the cut map), and a point --arch lacks is one
+  sentence and exit code 2 before --out is opened."""
+  from experiments import truncation
   argv = ["--ft-lrs", "0.01,0.03", "--tune-extend", "1", "--steps", "50", "--logme", "exact"]
-  args = p.parse_args(argv)
-  assert not hasattr(args, "map_tap")
-  typed = flags.parse(ms.STUDY, argv).extra
-  assert selection_legacy.protocol_from_args(args) == typed.protocol()
-  assert selection_legacy.check_protocol_args(args) == [0.01, 0.03]
+  x = flags.parse(truncation.STUDY, argv).extra
+  assert x.protocol() == flags.parse(ms.STUDY, argv).extra.protocol()
+  assert x.logme == "exact" and not hasattr(x, "map_tap")
+  plan = truncation.plan_of(flags.parse(truncation.STUDY, argv + ["--points", "stem,stage1/block0"]))
+  assert plan["points"] == ["stem", "stage1/block0"] and plan["protocol"].lrs == (0.01, 0.03)
+  with pytest.raises(SystemExit):
+    flags.parse(truncation.STUDY, ["--map-tap", "conv"])
+  capsys.readouterr()
+  out = tmp_path / "out"
+  assert truncation.main(["--points", "stem,nope", "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: --points 'stem,nope'") and "stage3/block1" in err[0]
+  assert not os.path.exists(out)

@@ -29,7 +29,7 @@ _SAME = object()  # `flag(cli=...)` not given: the command line's default is the
 def flag(name: str, default: Any, help: str, *, dest: Optional[str] = None, cli: Any = _SAME,
          parse: Optional[Callable[[Any], Any]] = None,
          check: Optional[Callable[[Any], None]] = None, action: Optional[str] = None,
-         choices=None, metavar: Optional[str] = None):
+         choices=None, metavar: Optional[str] = None, required: bool = False):
   """A dataclass field that is also a command-line flag.
 
   Args:
@@ -42,11 +42,12 @@ def flag(name: str, default: Any, help: str, *, dest: Optional[str] = None, cli:
       flag); None = the argparse value as is.
     check: typed value -> None, raising `InputError`.
     action: argparse action ('store_true', 'append', 'bool' for --x/--no-x).
-    choices, metavar: as argparse.
+    choices, metavar, required: as argparse (`required`: a command's flag without a default,
+      e.g. experiments.pretrain's --arch and --out).
   """
   meta = dict(flag=name, dest=dest or name.lstrip("-").replace("-", "_"), help=help,
               cli=default if cli is _SAME else cli, parse=parse, check=check, action=action,
-              choices=choices, metavar=metavar)
+              choices=choices, metavar=metavar, required=required)
   return dataclasses.field(default=default, metadata=meta)
 
 
@@ -198,17 +199,8 @@ class Protocol:
 
 
 @dataclasses.dataclass(frozen=True)
-class Output:
-  """Where results go and how the command runs (none of these change results)."""
-  out: str = flag("--out", "results/study", "results directory")
-  resume: bool = flag("--resume", False, "continue, skipping the runs already recorded",
-                      action="store_true")
-  overwrite: bool = flag("--overwrite", False, "replace existing results", action="store_true")
-  quiet: bool = flag("--quiet", False, "no progress output", action="store_true")
-  shard: Optional[tuple[int, int]] = flag(
-      "--shard", None, "run only the grid's cells whose index modulo N is I (0 <= I < N), "
-      "e.g. one scheduler job per shard; `python -m experiments.publish merge` joins the "
-      "shards' folders into the grid's", parse=parse_shard, metavar="I/N")
+class Devices:
+  """The device mesh a command trains on (`jtransfer.study.edge.apply_devices`)."""
   devices: int = flag("--devices", 1, "data-parallel training over this many devices "
                       "(jax.sharding mesh, batch split, params replicated); with "
                       "--num-processes > 1 the mesh spans every process's devices")
@@ -219,6 +211,21 @@ class Output:
   coordinator: Optional[str] = flag("--coordinator", None, "multi-host: host:port of process "
                                     "0's coordinator (jax.distributed); on TPU / SLURM "
                                     "clusters leave it unset to auto-detect")
+
+
+@dataclasses.dataclass(frozen=True)
+class Output(Devices):
+  """Where results go and how the command runs, its devices included (none of these change
+  results)."""
+  out: str = flag("--out", "results/study", "results directory")
+  resume: bool = flag("--resume", False, "continue, skipping the runs already recorded",
+                      action="store_true")
+  overwrite: bool = flag("--overwrite", False, "replace existing results", action="store_true")
+  quiet: bool = flag("--quiet", False, "no progress output", action="store_true")
+  shard: Optional[tuple[int, int]] = flag(
+      "--shard", None, "run only the grid's cells whose index modulo N is I (0 <= I < N), "
+      "e.g. one scheduler job per shard; `python -m experiments.publish merge` joins the "
+      "shards' folders into the grid's", parse=parse_shard, metavar="I/N")
 
 
 @dataclasses.dataclass(frozen=True)

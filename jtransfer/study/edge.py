@@ -150,6 +150,30 @@ def interrupted_line(study: Study, argv: Sequence[str]) -> str:
   return f"interrupted: {saved_runs(out)} runs saved in {out}; continue with: {command}"
 
 
+def open_model_dir(path: str, overwrite: bool, quiet: bool, check_only: bool = False) -> None:
+  """The output-folder rule for a model folder (experiments.pretrain, convert_weights):
+  refused when it holds anything unless `overwrite`, which moves it aside; nothing is created
+  (the saver writes the folder whole). `check_only`: refuse now, move nothing (call again right
+  before saving, so a failed or interrupted run leaves the old folder in place). Multi-host,
+  only the writer moves."""
+  log = None if quiet else (lambda line: print(line, file=sys.stderr))
+  outdir.open_outdir(path, None, overwrite=overwrite,
+                     writer=parallel.is_writer() and not check_only, log=log, create=False)
+
+
+def model_interrupted_line(parse, argv: Sequence[str]) -> str:
+  """The one line a Ctrl-C of a model-folder command ends with (its model is saved only at the
+  end; `parse`: argv -> its config, with `out` and optionally `ckpt_dir`)."""
+  try:
+    with contextlib.redirect_stderr(io.StringIO()):
+      config = parse(list(argv))
+  except (SystemExit, InputError):
+    return "interrupted before --out was opened; nothing saved"
+  ckpt = getattr(config, "ckpt_dir", None)
+  return (f"interrupted: no model saved in {os.path.abspath(config.out)}" + (
+      f"; the same command continues from the checkpoints in {ckpt}" if ckpt else ""))
+
+
 def result_records(records: Sequence[dict], cell_fields: Sequence[str],
                    key=None) -> list[dict]:
   """What results.json holds: the records sorted by key (`key`, default the version-2

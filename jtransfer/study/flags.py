@@ -45,6 +45,8 @@ def _add(p: argparse.ArgumentParser, f: dataclasses.Field, default: Any) -> None
       kw["choices"] = m["choices"]
     if m["metavar"] is not None:
       kw["metavar"] = m["metavar"]
+    if m.get("required"):
+      kw["required"] = True
   p.add_argument(m["flag"], **kw)
 
 
@@ -84,6 +86,23 @@ def _build(cls, raw: Mapping[str, Any]):
       m["check"](v)
     values[f.name] = v
   return cls(**values)
+
+
+def command_parser(cls, doc: str) -> argparse.ArgumentParser:
+  """The argparse parser of a command that is not a study (experiments.pretrain,
+  experiments.convert_weights): the flag fields of one frozen dataclass, its docstring's
+  first paragraph as description."""
+  p = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  for f in cfg.flag_fields(cls):
+    _add(p, f, f.metadata["cli"])
+  return p
+
+
+def command_config(cls, argv: Optional[Sequence[str]], doc: str = ""):
+  """argv -> the command's typed `cls` (argparse exits 2 on a malformed flag; a bad value
+  raises `InputError`, one sentence naming its flag)."""
+  return _build(cls, vars(command_parser(cls, doc).parse_args(argv)))
 
 
 def delta_env() -> dict:
