@@ -49,16 +49,16 @@ def test_bench_grid_runs_tiny(tmp_path, tiny_source_dir):
 
 
 def test_bench_grid_cwl_twin_is_torch_refs_cwl_net():
-  """bench_grid.with_cwl puts the scale layers where torch_ref's cwl=True nets have them (same
+  """torch_twin.with_cwl puts the scale layers where torch_ref's cwl=True nets have them (same
   state-dict names), and the copy computes sigma * unit output (after BN where there is one)."""
   import copy
 
   import torch
-  from bench import bench_grid, torch_ref
+  from bench import torch_ref, torch_twin
   for arch in ("vgg_s", "resnet_s"):
     torch.manual_seed(0)
     plain = torch_ref.make(arch, (28, 28, 1), 5).eval()
-    twin = bench_grid.with_cwl(plain)
+    twin = torch_twin.with_cwl(plain)
     assert list(twin.state_dict()) == list(torch_ref.make(arch, (28, 28, 1), 5,
                                                           cwl=True).state_dict())
     folded = copy.deepcopy(plain)  # sigma folded into the conv (no BN) or the BN affine
@@ -117,20 +117,20 @@ def test_bench_convs_runs_tiny(tmp_path):
 
 
 def test_parity_torch_net_equals_jtransfer_net():
-  """bench.parity copies jtransfer params and BN stats into bench/torch_ref's net: the same
-  logits, for both resnet_s stems (vgg_s: checked by test_parity_runs_tiny, whose run fails
-  when the two nets' logits differ before training)."""
-  from bench import parity
+  """bench.torch_twin copies jtransfer params and BN stats into bench/torch_ref's net: the
+  same logits, for both resnet_s stems (vgg_s: checked by test_parity_runs_tiny, whose run
+  fails when the two nets' logits differ before training)."""
+  from bench import parity_runs, torch_twin
   from jtransfer import models
   images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
   for stride in (2, 1):
-    source = parity.random_source("resnet_s", {"stem_stride": stride})
+    source = parity_runs.random_source("resnet_s", {"stem_stride": stride})
     v = source.variables  # BN scale, bias, mean and var all random
-    net = parity.torch_net("resnet_s", dict(source.config), 5, (28, 28, 1), v["params"],
-                           v["batch_stats"])
+    net = torch_twin.torch_net("resnet_s", dict(source.config), 5, (28, 28, 1), v["params"],
+                               v["batch_stats"])
     want, _, _ = models.apply_model(source.model, v["params"], v["batch_stats"],
                                     normalize(images, source.mean, source.std))
-    got = parity.torch_logits(net, images, source.mean, source.std)
+    got = torch_twin.torch_logits(net, images, source.mean, source.std)
     np.testing.assert_allclose(got, np.asarray(want), atol=1e-5, rtol=1e-4)
 
 
@@ -151,33 +151,51 @@ def test_parity_rounding_control_reverses_rows_and_renders():
   its report row gives both differences, the margin and the verdict."""
   import torch
   import torch.nn.functional as F
-  from bench import parity
+  from bench import parity_report, parity_runs, torch_twin
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8),
            "label": rng.integers(0, 5, 8).astype(np.int32)}
-  rev = parity.reversed_rows(batch)
+  rev = torch_twin.reversed_rows(batch)
   assert np.array_equal(rev["image"], batch["image"][::-1])
   assert np.array_equal(rev["label"], batch["label"][::-1])
-  source = parity.random_source("resnet_s")
+  source = parity_runs.random_source("resnet_s")
   v = source.variables
-  net = parity.torch_net("resnet_s", dict(source.config), 5, (28, 28, 1), v["params"],
-                         v["batch_stats"])
+  net = torch_twin.torch_net("resnet_s", dict(source.config), 5, (28, 28, 1), v["params"],
+                             v["batch_stats"])
   losses = []
   for b in (batch, rev):
-    x = parity.to_nchw(normalize(b["image"], source.mean, source.std))
+    x = torch_twin.to_nchw(normalize(b["image"], source.mean, source.std))
     with torch.no_grad():
       losses.append(float(F.cross_entropy(net(x), torch.from_numpy(b["label"].astype(np.int64)))))
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
   runs = [dict(jax=0.9, torch=0.9), dict(jax=0.902, torch=0.9), dict(jax=0.9, torch=0.9)]
   revs = [dict(torch_rev=0.9), dict(torch_rev=0.902), None]
-  row, verdict = parity.control_row("vgg_s", "digits", "finetune", runs, revs)
-  assert verdict == parity.EQUAL  # [-0.22, +0.35] pt within the 0.5 pt floor
+  row, verdict = parity_report.control_row("vgg_s", "digits", "finetune", runs, revs)
+  assert verdict == parity_report.EQUAL  # [-0.22, +0.35] pt within the 0.5 pt floor
   assert row.startswith("| vgg_s | digits | finetune | +0.07 [-0.22, +0.35] 1/3 | "
                         "+0.10 [-1.17, +1.37] 1/2 | 1/1/0 | 1/1 | 0.20 | +-0.50 | yes | ")
   wide = [dict(jax=0.93, torch=0.9), dict(jax=0.94, torch=0.9)]  # [-2.85, +9.85] holds 0
-  row, verdict = parity.control_row("vgg_s", "digits", "finetune", wide, None)
-  assert verdict == parity.DIFFERENT and row.endswith("| - | - | - | - | +-0.50 | yes | "
+  row, verdict = parity_report.control_row("vgg_s", "digits", "finetune", wide, None)
+  assert verdict == parity_report.DIFFERENT and row.endswith("| - | - | - | - | +-0.50 | yes | "
                                                       "**different** |")
+
+
+def test_torch_twin_inputs_are_normalised_images():
+  """The grid loop's numpy normalisation is (x / 255 - mean) / std in NCHW, as a hand-derived
+  pixel gives it and within float rounding of jtransfer's `normalize`; the parity runs' input
+  is `normalize`'s to the bit."""
+  from bench import torch_twin
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+  images[0, 1, 2] = (255, 0, 51)
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  got = torch_twin.tensor(images, mean, std).numpy()
+  assert got.shape == (5, 3, 6, 7) and got.dtype == np.float32
+  np.testing.assert_allclose(got[0, :, 1, 2], [(1 - 0.485) / 0.229, -0.456 / 0.224,
+                                               (0.2 - 0.406) / 0.225], rtol=1e-6)
+  want = np.transpose(np.asarray(normalize(images, mean, std)), (0, 3, 1, 2))
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  assert np.array_equal(torch_twin.same_input(images, mean, std).numpy(), want)
 
 
 @pytest.mark.slow

@@ -1,0 +1,265 @@
+"""What bench/parity.py measures: its sources, k-shot draws, jtransfer's fixed-step runs beside
+their PyTorch twins (bench/torch_twin.py), the run records that let a time-capped command
+continue, and the stem study's step times. The report is bench/parity_report.py."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+from bench.torch_twin import torch_logits, torch_net, torch_run
+
+
+def random_source(arch: str, config: Optional[dict] = None):
+  """An untrained source (5 classes, 28x28x1) for tests: random weights drawn with numpy in
+  the model's shapes (He-normal kernels, BN statistics near 0 and 1), no init compiled."""
+  import jax
+  from jtransfer import models, surgery
+  from jtransfer.methods import transfer
+  model = models.get_model(arch, 5, **(config or {}))
+  shapes = jax.eval_shape(lambda: models.init_model(model, jax.random.PRNGKey(0), (28, 28, 1)))
+  rng = np.random.default_rng(0)
+
+  def fill(path, x):
+    if path.endswith("kernel"):
+      return (rng.standard_normal(x.shape) * math.sqrt(2.0 / np.prod(x.shape[:-1]))).astype(
+          np.float32)
+    base = 1.0 if path.endswith(("scale", "var")) else 0.0
+    return (base + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+
+  v = {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+  return transfer.Source(arch, models.model_config(model), v, (28, 28, 1), (0.286,), (0.353,),
+                         {"source_test_acc": float("nan")})
+
+
+def get_source(arch: str, args, stem_stride: Optional[int] = None):
+  """The cached pretrained source (`pretrain.source_for`), or a stride-`stem_stride` resnet_s
+  pretrained the same way and cached beside it."""
+  config = None if stem_stride is None else {"stem_stride": stem_stride}
+  if args.source == "random":
+    return random_source(arch, config)
+  from experiments import pretrain
+  from jtransfer.methods import transfer
+  if config is None:
+    return pretrain.source_for(arch, args.source, epochs=args.source_epochs, seed=args.seed,
+                               progress=False)
+  path = pretrain.cache_dir(f"{arch}-stem{stem_stride}", args.source, args.source_epochs,
+                            args.seed)
+  if os.path.isdir(path):
+    return transfer.load_source(path)
+  print(f"[parity] pretraining {arch} with stem stride {stem_stride}, cache {path}",
+        file=sys.stderr)
+  source = pretrain.pretrain(arch, args.source, epochs=args.source_epochs, seed=args.seed,
+                             progress=False, model_config=config)
+  transfer.save_source(path, source)
+  return source
+
+
+def draws(pool_labels, num_classes, args, n: int) -> list:
+  """(seed, train_idx, val_idx) of the first `n` repeats, with experiments.fewshot's seeds."""
+  from experiments.fewshot import draw_seed
+  from jtransfer.data import sample_kshot
+  out = []
+  for repeat in range(n):
+    seed = draw_seed(args, args.shots, repeat)
+    out.append((seed, *sample_kshot(pool_labels, args.shots, seed,
+                                    val_per_class=args.val_per_class, num_classes=num_classes)))
+  return out
+
+
+class JaxArm:
+  """jtransfer's runs of one (source, target), as experiments.fewshot makes a fixed-step run:
+  a head-only strategy (Freeze) trains its head on backbone features computed once, the
+  others the full model; `Batches(seed)`, `init_state`, the generic jitted step, `fit`."""
+
+  def __init__(self, source, num_classes: int, args):
+    self.source, self.num_classes, self.args = source, num_classes, args
+    self._setups: dict = {}
+    self._test_features = None
+
+  def setup(self, name: str):
+    """(Setup, compiled step, optimizer, head_only), built once per strategy."""
+    from jtransfer.methods import transfer
+    from jtransfer.train import make_optimizer, make_train_step
+    if name not in self._setups:
+      strategy = transfer.get_strategy(name)
+      setup = strategy.build(self.source, self.num_classes, self.args.steps)
+      if strategy.head_only:
+        label = setup.optimizer.labels["head"]["kernel"]
+        dummy = np.zeros((1, *self.source.input_shape), np.uint8)
+        params, _ = setup.init(0, dummy, np.zeros(1, np.int32))
+        opt = make_optimizer({"head": params["head"]}, [(".*", label)],
+                             {label: setup.optimizer.groups[label]}, injected_lr=True)
+        step = make_train_step(transfer.head_loss_fn(), opt)
+      else:
+        opt, step = setup.optimizer, make_train_step(setup.loss_fn, setup.optimizer)
+      self._setups[name] = (setup, step, opt, strategy.head_only)
+    return self._setups[name]
+
+  def features(self, images):
+    from jtransfer.methods import transfer
+    return transfer.extract_features(self.source, self.num_classes, images, batch_size=256)
+
+  def run(self, name: str, images, labels, test_images, lr: float, seed: int) -> np.ndarray:
+    """Trains one run for `--steps` steps; returns its test logits."""
+    from jtransfer.data import Batches
+    from jtransfer.methods import transfer
+    from jtransfer.train import fit, init_state, predict_logits
+    setup, step, opt, head_only = self.setup(name)
+    params, stats = setup.init(seed, images, labels)
+    if head_only:
+      if self._test_features is None or self._test_features[0] is not test_images:
+        self._test_features = (test_images, self.features(test_images))
+      params, stats, forward = {"head": params["head"]}, {}, transfer.head_forward
+      x_train, x_test = self.features(images), self._test_features[1]
+    else:
+      x_train, x_test, forward = images, test_images, setup.forward
+    state = init_state(params, stats, opt, seed, lr)
+    state = fit(state, step, Batches(x_train, labels, self.args.batch_size, seed).at,
+                self.args.steps)
+    return predict_logits(forward, state.params, state.batch_stats, x_test)
+
+
+def load_target(spec: str, shape, args, data_cache: dict):
+  """(train pool, test set capped per class as experiments.fewshot does)."""
+  from experiments.fewshot import cap_per_class
+  from jtransfer.data import load_spec
+  key = (spec, tuple(shape))
+  if key not in data_cache:
+    data = load_spec(spec, tuple(shape), flag="--targets")
+    data_cache[key] = (data.train, cap_per_class(data.test, args.test_per_class))
+  return data_cache[key]
+
+
+class Records:
+  """Finished runs, one JSON line each, so an interrupted or time-capped command continues
+  where it stopped when run again with the same flags (records of other flags are ignored)."""
+
+  def __init__(self, path: str, config: dict):
+    self.path, self.config, self.items = path, config, {}
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          r = json.loads(line)
+          if r.get("config") == config:
+            self.items[tuple(r["key"])] = r
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+  def get(self, key: tuple):
+    return self.items.get(tuple(key))
+
+  def add(self, key: tuple, **fields) -> dict:
+    r = dict(key=list(key), config=self.config, **fields)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(r, sort_keys=True) + "\n")
+    self.items[tuple(key)] = json.loads(json.dumps(r))
+    return r
+
+
+class OutOfTime(Exception):
+  pass
+
+
+def run_target(source, stem: int, spec: str, args, lrs: dict, with_torch: bool,
+               data_cache: dict, records: Records, deadline: float) -> None:
+  """Every strategy's runs on every draw of one (source, target), skipping recorded ones;
+  with the rounding control, each Finetune draw's PyTorch run again with rows reversed."""
+  from jtransfer.data import Batches
+  pool, test = load_target(spec, source.input_shape, args, data_cache)
+  jax_arm = JaxArm(source, pool.num_classes, args)
+  arch = source.arch
+  for name in args.strategies.split(","):
+    setup = None
+    n = args.draws if stem == 2 else args.stem_draws
+
+    def torch_trained(seed, images, labels, reverse_rows=False):
+      """The torch net with this draw's source weights and head init, trained; its test
+      predictions and seconds."""
+      params, stats = setup.init(seed, images, labels)
+      net = torch_net(arch, dict(source.config), pool.num_classes, source.input_shape,
+                      params, stats)
+      check = ("check", arch, stem, spec)
+      if records.get(check) is None:  # the same net: equal logits before training
+        lj = np.asarray(setup.forward(params, stats, test.images))
+        lt = torch_logits(net, test.images, source.mean, source.std)
+        records.add(check, diff=float(np.abs(lj - lt).max()), scale=float(np.abs(lj).max()))
+      t0 = time.perf_counter()
+      torch_run(net, name, Batches(images, labels, args.batch_size, seed), args.steps,
+                lrs[name], source.mean, source.std, reverse_rows=reverse_rows)
+      pred = np.argmax(torch_logits(net, test.images, source.mean, source.std), -1)
+      return pred, time.perf_counter() - t0
+
+    for i, (seed, train_idx, val_idx) in enumerate(draws(pool.labels, pool.num_classes, args, n)):
+      images, labels = pool.images[train_idx], pool.labels[train_idx]
+      key = ("run", arch, stem, spec, name, i)
+      if records.get(key) is None:
+        if time.time() > deadline:
+          raise OutOfTime()
+        setup = setup or jax_arm.setup(name)[0]
+        t0 = time.perf_counter()
+        pred_j = np.argmax(jax_arm.run(name, images, labels, test.images, lrs[name], seed), -1)
+        rec = dict(seed=int(seed), jax=float(np.mean(pred_j == test.labels)),
+                   jax_s=time.perf_counter() - t0)
+        if with_torch:
+          pred_t, secs = torch_trained(seed, images, labels)
+          rec.update(torch=float(np.mean(pred_t == test.labels)),
+                     agree=float(np.mean(pred_t == pred_j)), torch_s=secs)
+        records.add(key, **rec)
+        print(f"[parity] {arch} stem{stem} {spec} {name} draw {i}: jtransfer {rec['jax']:.4f}"
+              + (f" torch {rec['torch']:.4f} agree {rec['agree']:.4f}" if with_torch else ""),
+              file=sys.stderr)
+      rev_key = ("rev", arch, stem, spec, name, i)
+      if with_torch and controlled(args, name) and records.get(rev_key) is None:
+        if time.time() > deadline:
+          raise OutOfTime()
+        setup = setup or jax_arm.setup(name)[0]
+        pred_r, secs = torch_trained(seed, images, labels, reverse_rows=True)
+        rec = records.add(rev_key, seed=int(seed), torch_rev=float(np.mean(pred_r == test.labels)),
+                          torch_rev_s=secs)
+        print(f"[parity] {arch} stem{stem} {spec} {name} draw {i}: torch, rows reversed "
+              f"{rec['torch_rev']:.4f}", file=sys.stderr)
+
+
+def controlled(args, name: str) -> bool:
+  """Whether the rounding control retrains this strategy's PyTorch runs (Finetune only:
+  Freeze's runs classify every test image the same)."""
+  return args.rounding_control and name == "finetune"
+
+
+def step_times(source, spec: str, args, data_cache: dict) -> dict:
+  """Median seconds of the jtransfer finetune train step (k-shot batch and batch 128) and of
+  the eval forward over 500 images, for one source."""
+  import jax
+  from jtransfer.train import init_state
+  pool, _ = load_target(spec, source.input_shape, args, data_cache)
+  setup, step, opt, _ = JaxArm(source, pool.num_classes, args).setup("finetune")
+  n = min(args.shots * pool.num_classes, args.batch_size)
+  out = {}
+  for label, b in ((f"finetune step, batch {n}", n), ("finetune step, batch 128", 128)):
+    batch = {"image": pool.images[:b], "label": pool.labels[:b]}
+    params, stats = setup.init(0, batch["image"], batch["label"])
+    state = init_state(params, stats, opt, 0, 1e-4)
+    times = []
+    for i in range(12):
+      t0 = time.perf_counter()
+      state, m = step(state, batch)
+      jax.block_until_ready(m["loss"])
+      if i >= 2:
+        times.append(time.perf_counter() - t0)
+    out[label] = float(np.median(times))
+  params, stats = setup.init(0, pool.images[:1], pool.labels[:1])
+  x = pool.images[:500]
+  times = []
+  for i in range(7):
+    t0 = time.perf_counter()
+    jax.block_until_ready(setup.forward(params, stats, x))
+    if i >= 2:
+      times.append(time.perf_counter() - t0)
+  out["eval forward, 500 images"] = float(np.median(times))
+  return out
+
