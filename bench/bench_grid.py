@@ -53,6 +53,7 @@ from experiments import pretrain
 
 
 def parse_args(argv):
+  """The bench's flags."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--archs", default="vgg_s,resnet_s")
   p.add_argument("--targets", default=";".join(TARGETS), help="';'-separated target specs")
@@ -92,6 +93,7 @@ def _merge(a: dict | None, b: dict) -> dict:
 
 
 def main(argv=None) -> int:
+  """Caches the sources, times the arms alternating by arch, writes the report."""
   args = parse_args(argv)
   paths = [p for p in args.paths.split(",") if p]
   for p in paths:

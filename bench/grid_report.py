@@ -55,6 +55,7 @@ def _paired_line(what: str, a: list, b: list) -> str:
 
 
 def report(args, argv, arms: dict, load: tuple) -> str:
+  """bench/GRID.md from the arms' results and the load averages (start, end)."""
   cap = args.steps
   lines = ["# Table I grid wall time under the protocol", "", "```", command("bench_grid", argv),
            "```", ""]
@@ -153,6 +154,7 @@ def reading(arms: dict) -> list[str]:
 
 
 def split_section(arms: dict, cap: int) -> list[str]:
+  """Where the time goes: seconds by kind of run, per-step cost, what early stopping saves."""
   j, t = arms["jtransfer"], arms["torch"]
   sj, st = _split(j["records"]), _split(t["records"])
   out = ["## Where the time goes", "",
@@ -202,6 +204,7 @@ def split_section(arms: dict, cap: int) -> list[str]:
 
 
 def parity_section(arms: dict, args) -> list[str]:
+  """jtransfer minus PyTorch accuracy: at each arm's chosen LR and on the same runs."""
   j, t = arms["jtransfer"], arms["torch"]
   lr_j, lr_t = chosen(j["records"], args), chosen(t["records"], args)
   ej, et = tuned_eval(j["records"], lr_j), tuned_eval(t["records"], lr_t)

@@ -50,6 +50,7 @@ LRS = {"freeze": 1e-2, "finetune": 1e-4}
 
 
 def parse_args(argv):
+  """The bench's flags."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--archs", default="vgg_s,resnet_s")
   p.add_argument("--targets", default=";".join(TARGETS), help="';'-separated target specs")
@@ -92,6 +93,8 @@ def parse_args(argv):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs what the records lack (until the time cap) and writes the report; 0 when complete,
+  3 when runs are left, 1 when the two nets differ before training."""
   args = parse_args(argv)
   if args.stem_draws is None:
     args.stem_draws = args.draws

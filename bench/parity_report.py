@@ -134,6 +134,7 @@ def control_section(args, records: Records, plan: dict) -> list:
 
 
 def report(args, argv, records: Records, plan: dict, missing: int) -> str:
+  """bench/PARITY.md from the run records; `missing` runs not done yet make it incomplete."""
   from jtransfer.protocol import stats
   n = args.draws
   lines = ["# PyTorch accuracy parity", "", "```", command("parity", argv), "```", ""]

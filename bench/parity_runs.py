@@ -102,6 +102,7 @@ class JaxArm:
     return self._setups[name]
 
   def features(self, images):
+    """The source backbone's features of `images` (Freeze trains its head on them)."""
     from jtransfer.methods import transfer
     return transfer.extract_features(self.source, self.num_classes, images, batch_size=256)
 
@@ -151,9 +152,11 @@ class Records:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
   def get(self, key: tuple):
+    """The record of `key`, or None."""
     return self.items.get(tuple(key))
 
   def add(self, key: tuple, **fields) -> dict:
+    """Appends a finished run's record to the file and returns it."""
     r = dict(key=list(key), config=self.config, **fields)
     with open(self.path, "a") as f:
       f.write(json.dumps(r, sort_keys=True) + "\n")
@@ -162,7 +165,7 @@ class Records:
 
 
 class OutOfTime(Exception):
-  pass
+  """The time cap (--max-minutes) came before a run would start."""
 
 
 def run_target(source, stem: int, spec: str, args, lrs: dict, with_torch: bool,
