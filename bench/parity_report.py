@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from bench.common import command
-from bench.parity_runs import Records, controlled
+from bench.parity_runs import ParityConfig, Records, controlled
 
 MARGIN_FLOOR = 0.005  # the equivalence margin's floor, accuracy (0.5 pt)
 
@@ -69,13 +69,13 @@ def control_row(arch: str, spec: str, name: str, runs: list, revs: Optional[list
   return row, verdict
 
 
-def control_section(args, records: Records, plan: dict) -> list:
+def control_section(config: ParityConfig, records: Records) -> list:
   """The rounding-control table (PyTorch-reversed - PyTorch beside jtransfer - PyTorch) and
   each parity cell's equivalence verdict."""
-  n = args.draws
+  n = config.draws
   pct = f"{100 * MARGIN_FLOOR:.1f}"
   lines = ["## Rounding control and parity verdict", ""]
-  if args.rounding_control:
+  if config.rounding_control:
     lines += ["PyTorch against itself: each Finetune draw's PyTorch run trained again with each "
               "batch's rows reversed -- the same batches, head init and steps, the same mean "
               "loss summed in another order (BN uses running statistics, so each row's forward "
@@ -99,16 +99,16 @@ def control_section(args, records: Records, plan: dict) -> list:
             "margin m, pt | CI holds 0 | verdict |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
   verdicts, complete, spread = [], True, 0
-  for arch in plan["archs"]:
-    for spec in plan["targets"]:
-      for name in plan["strategies"]:
+  for arch in config.archs:
+    for spec in config.targets:
+      for name in config.strategies:
         cell = _cell(records, arch, 2, spec, name, n)
         idx = [i for i, r in enumerate(cell) if r]
         if not idx:
           complete = False
           continue
         revs = None
-        if controlled(args, name):
+        if controlled(config, name):
           revs = [records.get(("rev", arch, 2, spec, name, i)) for i in idx]
           complete &= all(v is not None for v in revs)
         complete &= len(idx) == n
@@ -133,33 +133,33 @@ def control_section(args, records: Records, plan: dict) -> list:
   return lines
 
 
-def report(args, argv, records: Records, plan: dict, missing: int) -> str:
+def report(config: ParityConfig, argv, records: Records, sources: dict, missing: int) -> str:
   """bench/PARITY.md from the run records; `missing` runs not done yet make it incomplete."""
   from jtransfer.protocol import stats
-  n = args.draws
+  n = config.draws
   lines = ["# PyTorch accuracy parity", "", "```", command("parity", argv), "```", ""]
   if missing:
     lines += [f"**Incomplete: {missing} run(s) not done yet (time cap); run the same command "
               "again to continue (finished runs are read from "
-              f"`{os.path.relpath(args.records)}`).**", ""]
-  lines += [f"Source `{args.source}` ({args.source_epochs:g} epochs, seed {args.seed}); "
-            f"k={args.shots}; {n} draws per cell (experiments.fewshot's seeds); "
-            f"{args.steps} Adam steps per run, lr freeze {args.lr_freeze:g}, finetune "
-            f"{args.lr_finetune:g}; batch min({args.batch_size}, k-shot set) with the same batch "
+              f"`{os.path.relpath(config.records)}`).**", ""]
+  lines += [f"Source `{config.source}` ({config.source_epochs:g} epochs, seed {config.seed}); "
+            f"k={config.shots}; {n} draws per cell (experiments.fewshot's seeds); "
+            f"{config.steps} Adam steps per run, lr freeze {config.lr_freeze:g}, finetune "
+            f"{config.lr_finetune:g}; batch min({config.batch_size}, k-shot set) with the same batch "
             f"sequence (`Batches.at`) in both; BN running statistics in both strategies; test "
-            f"<= {args.test_per_class}/class. jtransfer: the strategies' Setups, the generic "
+            f"<= {config.test_per_class}/class. jtransfer: the strategies' Setups, the generic "
             "jitted step and `fit` (Freeze on cached features, as experiments.fewshot); "
             "PyTorch: bench/torch_ref.py's nets with the source weights and the new head's "
             "init copied from jtransfer, `torch.optim.Adam` (defaults). Per-run records: "
-            f"`{os.path.relpath(args.records)}`.", "",
+            f"`{os.path.relpath(config.records)}`.", "",
             "Sources: " + "; ".join(f"{k} test accuracy {_pct(v)}%"
-                                    for k, v in plan["sources"].items()), "",
+                                    for k, v in sources.items()), "",
             "## Same net before training", "",
             "Largest |logit| difference on the target's test set, source weights and the new "
             "head copied into the torch net (eval mode, first draw's head):", "",
             "| arch | target | max abs diff | max abs logit | relative |", "|---|---|---|---|---|"]
-  for arch in plan["archs"]:
-    for spec in plan["targets"]:
+  for arch in config.archs:
+    for spec in config.targets:
       c = records.get(("check", arch, 2, spec))
       if c:
         lines.append(f"| {arch} | {spec} | {c['diff']:.2e} | {c['scale']:.2f} | "
@@ -173,9 +173,9 @@ def report(args, argv, records: Records, plan: dict, missing: int) -> str:
             "| CI holds 0 | agree % (min) | max abs diff | s jax / torch |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   all_zero, complete = True, True
-  for arch in plan["archs"]:
-    for spec in plan["targets"]:
-      for name in plan["strategies"]:
+  for arch in config.archs:
+    for spec in config.targets:
+      for name in config.strategies:
         rs = [r for r in _cell(records, arch, 2, spec, name, n) if r]
         if len(rs) < n:
           complete = False
@@ -202,21 +202,21 @@ def report(args, argv, records: Records, plan: dict, missing: int) -> str:
             "running RMS, so rounding-level differences in the gradients of weights whose "
             "gradient is near zero become full-size steps. Its runs should therefore disagree "
             "on a few test images near a decision boundary, in either direction.", ""]
-  lines += control_section(args, records, plan)
-  if plan["stem"]:
+  lines += control_section(config, records)
+  if config.stem:
     lines += ["## resnet_s stem: stride 1 against stride 2", "",
-              f"jtransfer only; the first {args.stem_draws} draws of the table above, with the "
+              f"jtransfer only; the first {config.stem_draws} draws of the table above, with the "
               "same head inits, steps and LRs; each stem has "
               "its own source, pretrained the same way (same data, epochs, seed); the stride-2 "
               "runs are the parity table's. diff = stride 1 - stride 2 per draw, test accuracy "
               "in points.", "",
               "| target | strategy | stride 2 | stride 1 | diff [95% CI] wins/n | p |",
               "|---|---|---|---|---|---|"]
-    for spec in plan["targets"]:
-      for name in plan["strategies"]:
+    for spec in config.targets:
+      for name in config.strategies:
         pairs = [(a, b) for a, b in zip(_cell(records, "resnet_s", 2, spec, name, n),
                                         _cell(records, "resnet_s", 1, spec, name,
-                                              args.stem_draws))
+                                              config.stem_draws))
                  if a and b]
         if not pairs:
           continue

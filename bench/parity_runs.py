@@ -3,6 +3,7 @@ their PyTorch twins (bench/torch_twin.py), the run records that let a time-cappe
 continue, and the stem study's step times. The report is bench/parity_report.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,62 @@ from typing import Optional
 import numpy as np
 
 from bench.torch_twin import torch_logits, torch_net, torch_run
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityConfig:
+  """What one invocation of bench/parity.py runs (its flags, typed; built by parity.main).
+
+  Attributes:
+    archs, targets, strategies: the cells' axes.
+    shots, draws, steps, batch_size, val_per_class, test_per_class, seed: the runs (as the
+      flags of the same names).
+    lr_freeze, lr_finetune: each strategy's fixed LR.
+    source, source_epochs: the pretrained source ('random': untrained, for tests).
+    stem_study, stem_draws: the resnet_s stride-1 stem study and its draws.
+    rounding_control: retrain Finetune's PyTorch runs with each batch's rows reversed.
+    logit_tol: the largest relative logit difference of the two nets before training.
+    torch_threads: torch intra-op threads (0: torch's default).
+    max_minutes: start no run after this many minutes.
+    records: the JSON-lines file of finished runs; out: the report.
+  """
+  archs: tuple[str, ...] = ("vgg_s", "resnet_s")
+  targets: tuple[str, ...] = ("fmnist:1,5,7,8,9", "digits")
+  strategies: tuple[str, ...] = ("freeze", "finetune")
+  shots: int = 10
+  draws: int = 10
+  steps: int = 100
+  lr_freeze: float = 1e-2
+  lr_finetune: float = 1e-4
+  batch_size: int = 64
+  val_per_class: int = 10
+  test_per_class: int = 300
+  source: str = "fmnist:0,2,3,4,6"
+  source_epochs: float = 2.0
+  seed: int = 0
+  stem_study: bool = True
+  stem_draws: int = 10
+  rounding_control: bool = True
+  logit_tol: float = 1e-3
+  torch_threads: int = 1
+  max_minutes: float = 12.0
+  records: str = "bench/PARITY.jsonl"
+  out: str = "bench/PARITY.md"
+
+  def lr(self, strategy: str) -> float:
+    """The strategy's fixed LR."""
+    return {"freeze": self.lr_freeze, "finetune": self.lr_finetune}[strategy]
+
+  @property
+  def stem(self) -> bool:
+    """Whether the stem study runs (it needs resnet_s among the archs)."""
+    return self.stem_study and "resnet_s" in self.archs
+
+  def settings(self) -> dict:
+    """The settings a run record depends on: records of other settings are not reused."""
+    keep = ("source", "source_epochs", "seed", "shots", "steps", "lr_freeze", "lr_finetune",
+            "batch_size", "val_per_class", "test_per_class")
+    return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
 def random_source(arch: str, config: Optional[dict] = None):
@@ -37,38 +94,39 @@ def random_source(arch: str, config: Optional[dict] = None):
                          {"source_test_acc": float("nan")})
 
 
-def get_source(arch: str, args, stem_stride: Optional[int] = None):
+def get_source(arch: str, config: ParityConfig, stem_stride: Optional[int] = None):
   """The cached pretrained source (`pretrain.source_for`), or a stride-`stem_stride` resnet_s
   pretrained the same way and cached beside it."""
-  config = None if stem_stride is None else {"stem_stride": stem_stride}
-  if args.source == "random":
-    return random_source(arch, config)
+  model_config = None if stem_stride is None else {"stem_stride": stem_stride}
+  if config.source == "random":
+    return random_source(arch, model_config)
   from experiments import pretrain
   from jtransfer.methods import transfer
-  if config is None:
-    return pretrain.source_for(arch, args.source, epochs=args.source_epochs, seed=args.seed,
-                               progress=False)
-  path = pretrain.cache_dir(f"{arch}-stem{stem_stride}", args.source, args.source_epochs,
-                            args.seed)
+  if model_config is None:
+    return pretrain.source_for(arch, config.source, epochs=config.source_epochs,
+                               seed=config.seed, progress=False)
+  path = pretrain.cache_dir(f"{arch}-stem{stem_stride}", config.source, config.source_epochs,
+                            config.seed)
   if os.path.isdir(path):
     return transfer.load_source(path)
   print(f"[parity] pretraining {arch} with stem stride {stem_stride}, cache {path}",
         file=sys.stderr)
-  source = pretrain.pretrain(arch, args.source, epochs=args.source_epochs, seed=args.seed,
-                             progress=False, model_config=config)
+  source = pretrain.pretrain(arch, config.source, epochs=config.source_epochs,
+                             seed=config.seed, progress=False, model_config=model_config)
   transfer.save_source(path, source)
   return source
 
 
-def draws(pool_labels, num_classes, args, n: int) -> list:
+def draws(pool_labels, num_classes, config: ParityConfig, n: int) -> list:
   """(seed, train_idx, val_idx) of the first `n` repeats, with experiments.fewshot's seeds."""
   from experiments.fewshot import draw_seed
   from jtransfer.data import sample_kshot
   out = []
   for repeat in range(n):
-    seed = draw_seed(args, args.shots, repeat)
-    out.append((seed, *sample_kshot(pool_labels, args.shots, seed,
-                                    val_per_class=args.val_per_class, num_classes=num_classes)))
+    seed = draw_seed(config, config.shots, repeat)
+    out.append((seed, *sample_kshot(pool_labels, config.shots, seed,
+                                    val_per_class=config.val_per_class,
+                                    num_classes=num_classes)))
   return out
 
 
@@ -77,8 +135,8 @@ class JaxArm:
   a head-only strategy (Freeze) trains its head on backbone features computed once, the
   others the full model; `Batches(seed)`, `init_state`, the generic jitted step, `fit`."""
 
-  def __init__(self, source, num_classes: int, args):
-    self.source, self.num_classes, self.args = source, num_classes, args
+  def __init__(self, source, num_classes: int, config: ParityConfig):
+    self.source, self.num_classes, self.config = source, num_classes, config
     self._setups: dict = {}
     self._test_features = None
 
@@ -88,7 +146,7 @@ class JaxArm:
     from jtransfer.train import make_optimizer, make_train_step
     if name not in self._setups:
       strategy = transfer.get_strategy(name)
-      setup = strategy.build(self.source, self.num_classes, self.args.steps)
+      setup = strategy.build(self.source, self.num_classes, self.config.steps)
       if strategy.head_only:
         label = setup.optimizer.labels["head"]["kernel"]
         dummy = np.zeros((1, *self.source.input_shape), np.uint8)
@@ -121,19 +179,19 @@ class JaxArm:
     else:
       x_train, x_test, forward = images, test_images, setup.forward
     state = init_state(params, stats, opt, seed, lr)
-    state = fit(state, step, Batches(x_train, labels, self.args.batch_size, seed).at,
-                self.args.steps)
+    state = fit(state, step, Batches(x_train, labels, self.config.batch_size, seed).at,
+                self.config.steps)
     return predict_logits(forward, state.params, state.batch_stats, x_test)
 
 
-def load_target(spec: str, shape, args, data_cache: dict):
+def load_target(spec: str, shape, config: ParityConfig, data_cache: dict):
   """(train pool, test set capped per class as experiments.fewshot does)."""
   from experiments.fewshot import cap_per_class
   from jtransfer.data import load_spec
   key = (spec, tuple(shape))
   if key not in data_cache:
     data = load_spec(spec, tuple(shape), flag="--targets")
-    data_cache[key] = (data.train, cap_per_class(data.test, args.test_per_class))
+    data_cache[key] = (data.train, cap_per_class(data.test, config.test_per_class))
   return data_cache[key]
 
 
@@ -168,17 +226,17 @@ class OutOfTime(Exception):
   """The time cap (--max-minutes) came before a run would start."""
 
 
-def run_target(source, stem: int, spec: str, args, lrs: dict, with_torch: bool,
+def run_target(source, stem: int, spec: str, config: ParityConfig, with_torch: bool,
                data_cache: dict, records: Records, deadline: float) -> None:
   """Every strategy's runs on every draw of one (source, target), skipping recorded ones;
   with the rounding control, each Finetune draw's PyTorch run again with rows reversed."""
   from jtransfer.data import Batches
-  pool, test = load_target(spec, source.input_shape, args, data_cache)
-  jax_arm = JaxArm(source, pool.num_classes, args)
+  pool, test = load_target(spec, source.input_shape, config, data_cache)
+  jax_arm = JaxArm(source, pool.num_classes, config)
   arch = source.arch
-  for name in args.strategies.split(","):
+  for name in config.strategies:
     setup = None
-    n = args.draws if stem == 2 else args.stem_draws
+    n = config.draws if stem == 2 else config.stem_draws
 
     def torch_trained(seed, images, labels, reverse_rows=False):
       """The torch net with this draw's source weights and head init, trained; its test
@@ -192,12 +250,12 @@ def run_target(source, stem: int, spec: str, args, lrs: dict, with_torch: bool,
         lt = torch_logits(net, test.images, source.mean, source.std)
         records.add(check, diff=float(np.abs(lj - lt).max()), scale=float(np.abs(lj).max()))
       t0 = time.perf_counter()
-      torch_run(net, name, Batches(images, labels, args.batch_size, seed), args.steps,
-                lrs[name], source.mean, source.std, reverse_rows=reverse_rows)
+      torch_run(net, name, Batches(images, labels, config.batch_size, seed), config.steps,
+                config.lr(name), source.mean, source.std, reverse_rows=reverse_rows)
       pred = np.argmax(torch_logits(net, test.images, source.mean, source.std), -1)
       return pred, time.perf_counter() - t0
 
-    for i, (seed, train_idx, val_idx) in enumerate(draws(pool.labels, pool.num_classes, args, n)):
+    for i, (seed, train_idx, val_idx) in enumerate(draws(pool.labels, pool.num_classes, config, n)):
       images, labels = pool.images[train_idx], pool.labels[train_idx]
       key = ("run", arch, stem, spec, name, i)
       if records.get(key) is None:
@@ -205,7 +263,7 @@ def run_target(source, stem: int, spec: str, args, lrs: dict, with_torch: bool,
           raise OutOfTime()
         setup = setup or jax_arm.setup(name)[0]
         t0 = time.perf_counter()
-        pred_j = np.argmax(jax_arm.run(name, images, labels, test.images, lrs[name], seed), -1)
+        pred_j = np.argmax(jax_arm.run(name, images, labels, test.images, config.lr(name), seed), -1)
         rec = dict(seed=int(seed), jax=float(np.mean(pred_j == test.labels)),
                    jax_s=time.perf_counter() - t0)
         if with_torch:
@@ -217,7 +275,7 @@ def run_target(source, stem: int, spec: str, args, lrs: dict, with_torch: bool,
               + (f" torch {rec['torch']:.4f} agree {rec['agree']:.4f}" if with_torch else ""),
               file=sys.stderr)
       rev_key = ("rev", arch, stem, spec, name, i)
-      if with_torch and controlled(args, name) and records.get(rev_key) is None:
+      if with_torch and controlled(config, name) and records.get(rev_key) is None:
         if time.time() > deadline:
           raise OutOfTime()
         setup = setup or jax_arm.setup(name)[0]
@@ -228,20 +286,20 @@ def run_target(source, stem: int, spec: str, args, lrs: dict, with_torch: bool,
               f"{rec['torch_rev']:.4f}", file=sys.stderr)
 
 
-def controlled(args, name: str) -> bool:
+def controlled(config: ParityConfig, name: str) -> bool:
   """Whether the rounding control retrains this strategy's PyTorch runs (Finetune only:
   Freeze's runs classify every test image the same)."""
-  return args.rounding_control and name == "finetune"
+  return config.rounding_control and name == "finetune"
 
 
-def step_times(source, spec: str, args, data_cache: dict) -> dict:
+def step_times(source, spec: str, config: ParityConfig, data_cache: dict) -> dict:
   """Median seconds of the jtransfer finetune train step (k-shot batch and batch 128) and of
   the eval forward over 500 images, for one source."""
   import jax
   from jtransfer.train import init_state
-  pool, _ = load_target(spec, source.input_shape, args, data_cache)
-  setup, step, opt, _ = JaxArm(source, pool.num_classes, args).setup("finetune")
-  n = min(args.shots * pool.num_classes, args.batch_size)
+  pool, _ = load_target(spec, source.input_shape, config, data_cache)
+  setup, step, opt, _ = JaxArm(source, pool.num_classes, config).setup("finetune")
+  n = min(config.shots * pool.num_classes, config.batch_size)
   out = {}
   for label, b in ((f"finetune step, batch {n}", n), ("finetune step, batch 128", 128)):
     batch = {"image": pool.images[:b], "label": pool.labels[:b]}

@@ -146,6 +146,33 @@ def test_parity_runs_tiny(tmp_path):
   assert "## Rounding control and parity verdict" in text  # on by default: a reversed run
 
 
+def test_parity_report_regenerates_the_published_one():
+  """bench/PARITY.md is what the report code makes of bench/PARITY.jsonl under its own command
+  line (the sources' accuracies, which need the pretrained sources, read from its text)."""
+  import dataclasses
+  import os
+  import re
+
+  from bench import parity, parity_report, parity_runs
+  bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+  with open(os.path.join(bench_dir, "PARITY.md")) as f:
+    text = f.read()
+  argv = text.split("```\n")[1].split()[3:]  # the flags after `python -m bench.parity`
+  config = parity.config_of(parity.parse_args(argv))
+  config = dataclasses.replace(config, records=os.path.join(bench_dir, "PARITY.jsonl"))
+  records = parity_runs.Records(config.records, config.settings())
+  line = next(l for l in text.splitlines() if l.startswith("Sources: "))
+  sources = {k: float(v) / 100 for k, v in
+             re.findall(r"(?:^Sources: |; )([^;]+?) test accuracy ([\d.]+)%", line)}
+  assert len(sources) == 3
+  want, have = parity.count(config, records)
+  assert want == have > 0
+  got = parity_report.report(config, argv, records, sources, want - have)
+  # the records' path is printed relative to the working directory
+  rel = os.path.relpath(config.records)
+  assert got == text.replace("`bench/PARITY.jsonl`", f"`{rel}`")
+
+
 def test_parity_rounding_control_reverses_rows_and_renders():
   """The rounding control's batch: the same rows reversed, so the same mean loss to rounding;
   its report row gives both differences, the margin and the verdict."""
