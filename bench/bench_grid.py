@@ -42,47 +42,76 @@ jtransfer minus PyTorch test accuracy per evaluation run at each arm's chosen LR
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 
 from bench.common import emit
-from bench.grid_jax import TARGETS, jax_grid, process_grid
+from bench.grid_jax import GridConfig, jax_grid, process_grid
 from bench.grid_report import report
 from bench.grid_torch import torch_grid, torch_threads
 from experiments import pretrain
 
 
 def parse_args(argv):
-  """The bench's flags."""
+  """The bench's flags (defaults: `GridConfig`'s)."""
+  d = GridConfig()
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--archs", default="vgg_s,resnet_s")
-  p.add_argument("--targets", default=";".join(TARGETS), help="';'-separated target specs")
-  p.add_argument("--shots", default="1,3,5,10")
-  p.add_argument("--repeats", type=int, default=1, help="evaluation draws per cell")
-  p.add_argument("--tune-repeats", type=int, default=2, help="tuning draws per cell")
-  p.add_argument("--tune-extend", type=int, default=2)
-  p.add_argument("--steps", type=int, default=1000, help="step cap per run (cwl_tables' default)")
-  p.add_argument("--patience", type=int, default=200, help="(cwl_tables' default)")
-  p.add_argument("--eval-every", type=int, default=10)
-  p.add_argument("--val-per-class", type=int, default=20)
-  p.add_argument("--paper-grid", action=argparse.BooleanOptionalAction, default=False,
+  p.add_argument("--archs", default=d.text("archs"))
+  p.add_argument("--targets", default=d.text("targets"), help="';'-separated target specs")
+  p.add_argument("--shots", default=d.text("shots"))
+  p.add_argument("--repeats", type=int, default=d.repeats, help="evaluation draws per cell")
+  p.add_argument("--tune-repeats", type=int, default=d.tune_repeats,
+                 help="tuning draws per cell")
+  p.add_argument("--tune-extend", type=int, default=d.tune_extend)
+  p.add_argument("--steps", type=int, default=d.steps,
+                 help="step cap per run (cwl_tables' default)")
+  p.add_argument("--patience", type=int, default=d.patience, help="(cwl_tables' default)")
+  p.add_argument("--eval-every", type=int, default=d.eval_every)
+  p.add_argument("--val-per-class", type=int, default=d.val_per_class)
+  p.add_argument("--paper-grid", action=argparse.BooleanOptionalAction, default=d.paper_grid,
                  help="also run every grid LR on the evaluation draws, in both arms "
                       "(cwl_tables' 'best over LR' tables); off: evaluation draws run only at "
                       "the chosen LR")
-  p.add_argument("--test-per-class", type=int, default=300)
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--source", default=pretrain.DEFAULT_SOURCE,
-                 help="dataset spec (pretrained, cached) or ckpt:PATH")
-  p.add_argument("--source-epochs", type=float, default=2.0)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--torch-threads", default="auto",
+  p.add_argument("--test-per-class", type=int, default=d.test_per_class)
+  p.add_argument("--batch-size", type=int, default=d.batch_size)
+  p.add_argument("--source", default=d.source, help="dataset spec (pretrained, cached) or "
+                 "ckpt:PATH")
+  p.add_argument("--source-epochs", type=float, default=d.source_epochs)
+  p.add_argument("--seed", type=int, default=d.seed)
+  p.add_argument("--torch-threads", default=d.torch_threads,
                  help="PyTorch intra-op threads; 'auto' = whichever of 1 and torch's default "
                       "runs a probe step faster now (on a loaded machine torch's OpenMP threads "
                       "can run 10x slower than one thread)")
-  p.add_argument("--paths", default="jtransfer,torch",
+  p.add_argument("--paths", default=d.text("paths"),
                  help="comma list of jtransfer, torch, plain, processes")
-  p.add_argument("--out", default="bench/GRID.md")
+  p.add_argument("--out", default=d.out)
   return p.parse_args(argv)
+
+
+PATHS = ("jtransfer", "torch", "plain", "processes")
+
+
+def config_of(args: argparse.Namespace) -> GridConfig:
+  """The typed configuration of the parsed flags (the CLI edge: nothing below sees argparse).
+
+  Raises:
+    SystemExit: an unknown --paths entry or a --shots entry that is not an integer.
+  """
+  fields = {f.name for f in dataclasses.fields(GridConfig)}
+  values = {k: v for k, v in vars(args).items() if k in fields}
+  paths = tuple(p for p in args.paths.split(",") if p)
+  for p in paths:
+    if p not in PATHS:
+      raise SystemExit(f"--paths: unknown path {p!r}")
+  try:
+    shots = tuple(int(k) for k in args.shots.split(",") if k.strip())
+  except ValueError:
+    raise SystemExit(f"--shots {args.shots!r}: expected a comma list of integers") from None
+  values.update(archs=tuple(a for a in args.archs.split(",") if a),
+                targets=tuple(t for t in args.targets.split(";") if t), shots=shots,
+                paths=paths)
+  return GridConfig(**values)
 
 
 def _merge(a: dict | None, b: dict) -> dict:
@@ -94,25 +123,22 @@ def _merge(a: dict | None, b: dict) -> dict:
 
 def main(argv=None) -> int:
   """Caches the sources, times the arms alternating by arch, writes the report."""
-  args = parse_args(argv)
-  paths = [p for p in args.paths.split(",") if p]
-  for p in paths:
-    if p not in ("jtransfer", "torch", "plain", "processes"):
-      raise SystemExit(f"--paths: unknown path {p!r}")
-  for arch in args.archs.split(","):  # sources are cached before timing
-    pretrain.source_for(arch, args.source, epochs=args.source_epochs, seed=args.seed,
+  config = config_of(parse_args(argv))
+  paths = config.paths
+  for arch in config.archs:  # sources are cached before timing
+    pretrain.source_for(arch, config.source, epochs=config.source_epochs, seed=config.seed,
                         progress=False)
   load0 = " / ".join(f"{v:.2f}" for v in os.getloadavg())
   arms: dict = {}
   if "torch" in paths:
     import torch
-    threads, probe = torch_threads(args.torch_threads)
+    threads, probe = torch_threads(config.torch_threads)
     torch.set_num_threads(threads)
   with tempfile.TemporaryDirectory() as tmp:
     # The two main arms alternate by arch (jtransfer compiles per arch either way), so a change
     # in the shared machine's load falls on both rather than on one.
-    for arch in args.archs.split(","):
-      one = argparse.Namespace(**{**vars(args), "archs": arch})
+    for arch in config.archs:
+      one = dataclasses.replace(config, archs=(arch,))
       for arm in ("jtransfer", "torch"):
         if arm in paths:
           res = (jax_grid(one, [], os.path.join(tmp, f"jtransfer-{arch}")) if arm == "jtransfer"
@@ -121,12 +147,12 @@ def main(argv=None) -> int:
     if "torch" in arms:
       arms["torch"].update(threads=threads, probe=probe)
     if "plain" in paths:
-      arms["plain"] = jax_grid(args, ["--no-feature-cache"], os.path.join(tmp, "plain"))
+      arms["plain"] = jax_grid(config, ["--no-feature-cache"], os.path.join(tmp, "plain"))
     if "processes" in paths:  # one worker per core, at most one per target
-      workers = min(os.cpu_count() or 1, len(args.targets.split(";")))
-      arms["processes"] = process_grid(args, os.path.join(tmp, "processes"), workers)
+      workers = min(os.cpu_count() or 1, len(config.targets))
+      arms["processes"] = process_grid(config, os.path.join(tmp, "processes"), workers)
   load1 = " / ".join(f"{v:.2f}" for v in os.getloadavg())
-  emit(report(args, argv, arms, (load0, load1)) + "\n", args.out)
+  emit(report(config, argv, arms, (load0, load1)) + "\n", config.out)
   return 0
 
 

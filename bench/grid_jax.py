@@ -4,6 +4,7 @@ by target over pinned single-threaded processes."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -21,17 +22,51 @@ COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/backend_compile_duration")
 
 
+@dataclasses.dataclass(frozen=True)
+class GridConfig:
+  """What one invocation of bench/bench_grid.py times (its flags, typed; built by
+  bench_grid.main). The grid fields are `experiments.cwl_tables`' flags of the same names
+  (`tune_repeats`: tuning draws per cell); `torch_threads`: an int, or 'auto' (probe);
+  `paths`: the arms to time; `out`: the report."""
+  archs: tuple[str, ...] = ("vgg_s", "resnet_s")
+  targets: tuple[str, ...] = TARGETS
+  shots: tuple[int, ...] = (1, 3, 5, 10)
+  repeats: int = 1
+  tune_repeats: int = 2
+  tune_extend: int = 2
+  steps: int = 1000
+  patience: int = 200
+  eval_every: int = 10
+  val_per_class: int = 20
+  paper_grid: bool = False
+  test_per_class: int = 300
+  batch_size: int = 64
+  source: str = "fmnist:0,2,3,4,6"
+  source_epochs: float = 2.0
+  seed: int = 0
+  torch_threads: str = "auto"
+  paths: tuple[str, ...] = ("jtransfer", "torch")
+  out: str = "bench/GRID.md"
 
-def grid_argv(args, targets, out: str) -> list[str]:
+  def text(self, name: str) -> str:
+    """A field's value as the command line writes it ('vgg_s,resnet_s', '1,3,5,10')."""
+    value = dataclasses.asdict(self)[name]
+    if isinstance(value, (tuple, list)):
+      return (";" if name == "targets" else ",").join(map(str, value))
+    return str(value)
+
+
+def grid_argv(config: GridConfig, targets, out: str) -> list[str]:
   """`experiments.cwl_tables` flags of the timed grid over `targets`, writing to `out`."""
-  argv = ["--arch", args.archs, "--shots", args.shots, "--repeats", str(args.repeats),
-          "--tune-repeats", str(args.tune_repeats), "--tune-extend", str(args.tune_extend),
-          "--steps", str(args.steps), "--patience", str(args.patience),
-          "--eval-every", str(args.eval_every), "--val-per-class", str(args.val_per_class),
+  c = config
+  argv = ["--arch", c.text("archs"), "--shots", c.text("shots"), "--repeats", str(c.repeats),
+          "--tune-repeats", str(c.tune_repeats), "--tune-extend", str(c.tune_extend),
+          "--steps", str(c.steps), "--patience", str(c.patience),
+          "--eval-every", str(c.eval_every), "--val-per-class", str(c.val_per_class),
           "--strategies", ",".join(STRATEGIES), "--lrs", "paper",
-          "--test-per-class", str(args.test_per_class), "--batch-size", str(args.batch_size),
-          "--source", args.source, "--source-epochs", str(args.source_epochs),
-          "--seed", str(args.seed), "--paper-grid" if args.paper_grid else "--no-paper-grid",
+          "--test-per-class", str(c.test_per_class), "--batch-size", str(c.batch_size),
+          "--source", c.source, "--source-epochs", str(c.source_epochs),
+          "--seed", str(c.seed), "--paper-grid" if c.paper_grid else "--no-paper-grid",
           "--out", out, "--overwrite", "--quiet"]
   for t in targets:
     argv += ["--target", t]
@@ -63,7 +98,7 @@ class _Timer:
     setattr(self.module, self.name, self.fn)
 
 
-def jax_grid(args, extra: list[str], out: str) -> dict:
+def jax_grid(config: GridConfig, extra: list[str], out: str) -> dict:
   """The jtransfer arm in this process: wall seconds, records (with per-run seconds) and the
   seconds in eval forwards, feature extraction and compilation."""
   import jax.monitoring
@@ -80,7 +115,7 @@ def jax_grid(args, extra: list[str], out: str) -> dict:
   try:
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # its report; the records are read below
-      rc = cwl_tables.main(grid_argv(args, args.targets.split(";"), out) + extra)
+      rc = cwl_tables.main(grid_argv(config, config.targets, out) + extra)
     seconds = time.perf_counter() - t0
     if rc != 0:
       raise RuntimeError("experiments.cwl_tables failed")
@@ -93,13 +128,13 @@ def jax_grid(args, extra: list[str], out: str) -> dict:
               compile_s=sum(compile_s.values()))
 
 
-def process_grid(args, out: str, workers: int) -> dict:
+def process_grid(config: GridConfig, out: str, workers: int) -> dict:
   """The jtransfer arm split by target over `workers` single-threaded processes, each pinned
   to its own core, run at the same time."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false",
                                "intra_op_parallelism_threads=1"]).strip()
-  targets = args.targets.split(";")
+  targets = config.targets
   procs = []
   t0 = time.perf_counter()
   for w in range(workers):
@@ -107,7 +142,7 @@ def process_grid(args, out: str, workers: int) -> dict:
     pin = f"import os, runpy, sys; os.sched_setaffinity(0, {{{w}}}) if hasattr(os, " \
           "'sched_setaffinity') else None; sys.argv[0] = 'cwl_tables'; " \
           "runpy.run_module('experiments.cwl_tables', run_name='__main__')"
-    argv = [sys.executable, "-c", pin, *grid_argv(args, targets[w::workers],
+    argv = [sys.executable, "-c", pin, *grid_argv(config, targets[w::workers],
                                                   os.path.join(out, str(w)))]
     procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL))
   if any(p.wait() != 0 for p in procs):

@@ -8,13 +8,13 @@ import platform
 from collections import defaultdict
 
 from bench.common import command
-from bench.grid_jax import STRATEGIES, TARGETS, grid_argv
+from bench.grid_jax import STRATEGIES, TARGETS, GridConfig, grid_argv
 from experiments import cwl_tables, fewshot
 
 
-def chosen(records: list[dict], args) -> dict:
+def chosen(records: list[dict], config: GridConfig) -> dict:
   """(arch, target, shots, strategy) -> the LR the records' tuning runs choose."""
-  gargs = cwl_tables.parse_args(grid_argv(args, args.targets.split(";"), "unused"))
+  gargs = cwl_tables.parse_args(grid_argv(config, config.targets, "unused"))
   plan = cwl_tables.make_plan(gargs)
   return {cell: t["choice"]["lr"] for cell, t in fewshot.choose(records, plan, gargs).items()}
 
@@ -54,9 +54,9 @@ def _paired_line(what: str, a: list, b: list) -> str:
           f"| {holds} | {100 * max(abs(x - y) for x, y in zip(a, b)):.2f} |")
 
 
-def report(args, argv, arms: dict, load: tuple) -> str:
+def report(config: GridConfig, argv, arms: dict, load: tuple) -> str:
   """bench/GRID.md from the arms' results and the load averages (start, end)."""
-  cap = args.steps
+  cap = config.steps
   lines = ["# Table I grid wall time under the protocol", "", "```", command("bench_grid", argv),
            "```", ""]
   import jax
@@ -72,19 +72,19 @@ def report(args, argv, arms: dict, load: tuple) -> str:
       f"({jax.default_backend()}){tv}. **Measured on a shared machine** (other engineers' jobs "
       f"running): 1/5/15-min load average {load[0]} at the start, {load[1]} at the end; figures "
       "are from this one run and only their ratios are comparable.", "",
-      f"Grid: {args.archs} x {args.targets} x k={args.shots} x {{freeze, freeze_cwl}}, the "
-      f"paper's freeze LR grid (1e-3, 5e-3, 1e-2, 5e-2, extended up to {args.tune_extend} values "
-      f"at an edge); {args.tune_repeats} tuning draw(s) and {args.repeats} evaluation draw(s) "
+      f"Grid: {config.text('archs')} x {config.text('targets')} x k={config.text('shots')} x {{freeze, freeze_cwl}}, the "
+      f"paper's freeze LR grid (1e-3, 5e-3, 1e-2, 5e-2, extended up to {config.tune_extend} values "
+      f"at an edge); {config.tune_repeats} tuning draw(s) and {config.repeats} evaluation draw(s) "
       f"per cell; evaluation draws at the chosen LR"
-      f"{' and at every grid LR (--paper-grid)' if args.paper_grid else ' only'}. Runs stop when "
-      f"validation accuracy ({args.val_per_class}/class) has not improved for {args.patience} "
-      f"steps, checked every {args.eval_every}, at most {cap}; best validation state kept; test "
-      f"<= {args.test_per_class}/class. Batch min({args.batch_size}, k-shot set). The two arms "
+      f"{' and at every grid LR (--paper-grid)' if config.paper_grid else ' only'}. Runs stop when "
+      f"validation accuracy ({config.val_per_class}/class) has not improved for {config.patience} "
+      f"steps, checked every {config.eval_every}, at most {cap}; best validation state kept; test "
+      f"<= {config.test_per_class}/class. Batch min({config.batch_size}, k-shot set). The two arms "
       "alternate by arch (one `cwl_tables` invocation per arch, then PyTorch's runs of it).", ""]
   full = dict(archs="vgg_s,resnet_s", targets=";".join(TARGETS), shots="1,3,5,10",
               tune_repeats=2, repeats=10)
-  cut = [f"--{k.replace('_', '-')} {full[k]} (here {getattr(args, k)})" for k in full
-         if str(getattr(args, k)) != str(full[k])]
+  cut = [f"--{k.replace('_', '-')} {full[k]} (here {config.text(k)})" for k in full
+         if config.text(k) != str(full[k])]
   if cut:
     lines += ["Reduced from cwl_tables' full Table I to fit the time budget: " + "; ".join(cut)
               + ".", ""]
@@ -109,7 +109,7 @@ def report(args, argv, arms: dict, load: tuple) -> str:
   lines.append("")
   if "jtransfer" in arms and "torch" in arms:
     lines += split_section(arms, cap)
-    lines += parity_section(arms, args)
+    lines += parity_section(arms, config)
     lines += reading(arms)
   lines += ["Not timed: batched runs (`--batch-runs`). The grid runner trains runs one at a time "
             "under early stopping (a vmapped group would have to run until its slowest run "
@@ -203,10 +203,10 @@ def split_section(arms: dict, cap: int) -> list[str]:
   return out
 
 
-def parity_section(arms: dict, args) -> list[str]:
+def parity_section(arms: dict, config: GridConfig) -> list[str]:
   """jtransfer minus PyTorch accuracy: at each arm's chosen LR and on the same runs."""
   j, t = arms["jtransfer"], arms["torch"]
-  lr_j, lr_t = chosen(j["records"], args), chosen(t["records"], args)
+  lr_j, lr_t = chosen(j["records"], config), chosen(t["records"], config)
   ej, et = tuned_eval(j["records"], lr_j), tuned_eval(t["records"], lr_t)
   out = ["## Accuracy parity (jtransfer minus PyTorch)", "",
          "Points of accuracy; per run: mean, 95% CI (Student t over runs, "

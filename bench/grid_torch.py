@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from bench.grid_jax import grid_argv
+from bench.grid_jax import GridConfig, grid_argv
 from bench import torch_twin
 from experiments import cwl_tables, fewshot, pretrain
 
@@ -135,11 +135,11 @@ def torch_threads(value: str) -> tuple[int, dict]:
   return min(probe, key=probe.get), probe
 
 
-def torch_grid(args) -> dict:
+def torch_grid(config: GridConfig) -> dict:
   """The PyTorch arm: the same runs, cells and selection as `experiments.fewshot.run_grid`."""
   import torch
-  torch.manual_seed(args.seed)
-  gargs = cwl_tables.parse_args(grid_argv(args, args.targets.split(";"), "unused"))
+  torch.manual_seed(config.seed)
+  gargs = cwl_tables.parse_args(grid_argv(config, config.targets, "unused"))
   plan = cwl_tables.make_plan(gargs)
   budget = fewshot.budget_of(gargs)
   records: list[dict] = []
