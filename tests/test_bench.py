@@ -48,6 +48,26 @@ def test_bench_grid_runs_tiny(tmp_path, tiny_source_dir):
   assert "Chosen LR equal in 2/2 cells" in text and "Failed runs: jtransfer 0, torch 0." in text
 
 
+def test_bench_grid_config_is_the_cwl_tables_command():
+  """The typed config of bench_grid's flags gives the cwl_tables flags a user would type, and
+  the report's command-line texts; a bad --paths or --shots stops before anything runs."""
+  from bench import bench_grid, grid_jax
+  config = bench_grid.config_of(bench_grid.parse_args(["--shots", "1,5", "--paper-grid"]))
+  assert config.shots == (1, 5) and config.archs == ("vgg_s", "resnet_s")
+  assert (config.text("shots"), config.text("targets")) == ("1,5", "fmnist:1,5,7,8,9;digits")
+  assert grid_jax.grid_argv(config, ("digits",), "o") == [
+      "--arch", "vgg_s,resnet_s", "--shots", "1,5", "--repeats", "1", "--tune-repeats", "2",
+      "--tune-extend", "2", "--steps", "1000", "--patience", "200", "--eval-every", "10",
+      "--val-per-class", "20", "--strategies", "freeze,freeze_cwl", "--lrs", "paper",
+      "--test-per-class", "300", "--batch-size", "64", "--source", "fmnist:0,2,3,4,6",
+      "--source-epochs", "2.0", "--seed", "0", "--paper-grid", "--out", "o", "--overwrite",
+      "--quiet", "--target", "digits"]
+  for bad, match in ((["--paths", "jtransfer,gpu"], "unknown path 'gpu'"),
+                     (["--shots", "1,x"], "comma list of integers")):
+    with pytest.raises(SystemExit, match=match):
+      bench_grid.config_of(bench_grid.parse_args(bad))
+
+
 def test_bench_grid_cwl_twin_is_torch_refs_cwl_net():
   """torch_twin.with_cwl puts the scale layers where torch_ref's cwl=True nets have them (same
   state-dict names), and the copy computes sigma * unit output (after BN where there is one)."""
