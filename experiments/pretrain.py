@@ -182,6 +182,27 @@ def source_for(arch: str, source_spec: str, *, epochs: float = 2.0, seed: int = 
   return source
 
 
+def study_source(arch: str, config) -> transfer.Source:
+  """The source of a few-shot study's cells (`jtransfer.study.fewshot.prepare`): --source
+  and --source-epochs of the study's `Config`, seeded by --seed."""
+  return source_for(arch, config.source.spec, epochs=config.source.epochs,
+                    seed=config.protocol.seed, progress=not config.output.quiet)
+
+
+def source_input_shape(config) -> tuple[int, ...]:
+  """The input shape a study's --source takes, read without loading or training it."""
+  spec = config.source.spec
+  if not spec.startswith("ckpt:"):
+    return tuple(DEFAULT_SHAPE)
+  path = os.path.join(spec[len("ckpt:"):], "meta.json")
+  try:
+    with open(path) as f:
+      return tuple(int(v) for v in json.load(f)["input_shape"])
+  except (OSError, ValueError, KeyError, TypeError):
+    raise InputError(f"--source {spec}: {path} is missing or has no input_shape; "
+                     "expected a model saved by experiments.pretrain or convert_weights") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   """The flags of `main`."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -16,23 +16,10 @@ import os
 from typing import Mapping, Sequence
 
 from jtransfer.protocol import claims, registry, stats
+from jtransfer.study.publish import folders, read_run  # noqa: F401 (re-exported)
 
 TABLE_BEGIN, TABLE_END = "<!-- claims table: begin (generated) -->", \
     "<!-- claims table: end -->"
-
-
-def read_run(path: str) -> dict | None:
-  """A folder's run.json, or None when it has none."""
-  f = os.path.join(path, "run.json")
-  if not os.path.exists(f):
-    return None
-  with open(f) as fh:
-    return json.load(fh)
-
-
-def folders(root: str) -> list[str]:
-  """Every published results folder under root (those holding a run.json), sorted."""
-  return sorted(d for d, _, files in os.walk(root) if "run.json" in files)
 
 
 def wall_text(run: dict) -> str:

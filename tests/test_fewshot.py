@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from experiments import fewshot
+from jtransfer.study import records as records_lib
 
 TINY = ["--shots", "1,2", "--repeats", "1", "--steps", "3", "--test-per-class", "5",
         "--val-per-class", "2", "--lrs", "0.001", "--quiet"]
@@ -20,13 +21,15 @@ def test_fewshot_smoke_both_archs_outputs(tiny_source_dir, tmp_path, capsys):
     code = _run(["--arch", arch, "--source", f"ckpt:{tiny_source_dir(arch)}", "--target",
                  "fmnist:1,5,7", "--target", "digits:0,1,2", "--out", str(out), *TINY])
     assert code == 0
-    records = json.loads((out / "results.json").read_text())
+    raw = json.loads((out / "results.json").read_text())
+    assert {r["version"] for r in raw} == {records_lib.VERSION}
+    records = records_lib.rows(raw)
     evals = [r for r in records if r["role"] == "eval"]
     tunes = [r for r in records if r["role"] == "tune"]
     assert len(evals) == 2 * 2 * 2  # targets x shots x strategies
     assert not tunes  # one LR: nothing to choose, so no tuning draws (test_protocol_fewshot)
     r = records[0]
-    for field in ("strategy", "arch", "target", "shots", "repeat", "lr", "test_acc", "val_acc",
+    for field in ("arm", "arch", "target", "shots", "repeat", "lr", "test_acc", "val_acc",
                   "steps", "best_step", "stopped", "cap"):
       assert field in r
     assert all(0 <= r["test_acc"] <= 1 for r in evals)
@@ -43,8 +46,8 @@ def test_cached_features_equal_full_forward(tiny_source_dir, tmp_path):
           "--strategies", "freeze", *TINY]
   assert _run([*base, "--out", str(tmp_path / "fast")]) == 0
   assert _run([*base, "--out", str(tmp_path / "slow"), "--no-feature-cache"]) == 0
-  fast = json.loads((tmp_path / "fast" / "results.json").read_text())
-  slow = json.loads((tmp_path / "slow" / "results.json").read_text())
+  fast = records_lib.rows(json.loads((tmp_path / "fast" / "results.json").read_text()))
+  slow = records_lib.rows(json.loads((tmp_path / "slow" / "results.json").read_text()))
   for a, b in zip(fast, slow):
     assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1e-9)
     assert a["val_acc"] == pytest.approx(b["val_acc"], abs=1e-9)

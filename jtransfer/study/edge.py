@@ -1,0 +1,173 @@
+"""Every study module's `main`: flags -> Config -> results folder -> runner -> published report.
+
+  def main(argv=None): return jtransfer.study.main(STUDY, argv)
+
+`main` parses the flags (`flags`; a malformed flag exits 2 through argparse, a bad value prints
+its one `error: ...` sentence and returns 2 before anything is opened), sets the device mesh,
+opens --out under the output-folder rule with the settings fingerprint (refused unless empty,
+--resume with the same module and settings, or --overwrite, which moves the old folder aside),
+runs the grid (`runner.run`), then writes results.json, report.md, summary.json and run.json
+(`publish.save`) and the study's plots. Ctrl-C ends it with one line (how many runs are saved
+and the command that resumes) and exit code 130.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shlex
+import sys
+import time
+from typing import Optional, Sequence
+
+from jtransfer.errors import InputError
+from jtransfer.protocol import outdir
+from jtransfer.study import flags, grid, publish
+from jtransfer.study import records as rec
+from jtransfer.study import report as report_lib
+from jtransfer.study import runner
+from jtransfer.study.declare import Study
+from jtransfer.study.results import ResultsDir
+from jtransfer.train import parallel
+
+# Exit code of a command stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
+INTERRUPTED = 130
+
+
+def publisher(study: Study) -> publish.Publisher:
+  """The study's `Publisher`: what `publish check/regenerate/snapshot/merge` read."""
+  def report(records, plan, config, folder):
+    if study.report is not None:
+      return study.report(plan, records, folder)
+    return report_lib.make_report(plan, records)
+
+  return publish.Publisher(
+      study.module, lambda argv: flags.parse(study, argv), lambda c: grid.plan(study, c),
+      report, lambda records, plan, _: grid.grid_keys(rec.read(records, study.cell_fields),
+                                                       plan),
+      lambda r: rec.key(rec.read([r], study.cell_fields)[0]))
+
+
+def legacy_settings(study: Study):
+  """run.json -> the settings of a folder published before settings.json existed (its argv
+  parsed again; today's defaults fill flags added since)."""
+  def read(run: dict) -> outdir.Settings:
+    module, argv = str(run["module"]), [str(a) for a in run["argv"]]
+    try:
+      with contextlib.redirect_stderr(io.StringIO()):
+        raw = flags.raw_flags(study, argv)
+    except SystemExit:
+      raise InputError(f"run.json's flags ({' '.join(argv)}) no longer parse, so its settings "
+                       "cannot be checked for --resume: pass --overwrite or another "
+                       "--out") from None
+    return outdir.settings_of(module, raw)
+  return read
+
+
+def saved_runs(path: str) -> int:
+  """How many run records the results.jsonl files under `path` hold."""
+  n = 0
+  for folder, _, files in os.walk(path):
+    if "results.jsonl" in files:
+      with open(os.path.join(folder, "results.jsonl"), "rb") as f:
+        n += sum(1 for line in f if line.strip())
+  return n
+
+
+def open_results(study: Study, config, made_by: outdir.Settings) -> ResultsDir:
+  """Opens --out as a `ResultsDir` under the output-folder rule; says on stderr where
+  --overwrite moved the old folder and how many runs a resume keeps (unless --quiet)."""
+  o = config.output
+  log = None if o.quiet else (lambda line: print(line, file=sys.stderr))
+  writer = parallel.is_writer()
+  results = ResultsDir(o.out, resume=o.resume, overwrite=o.overwrite, writer=writer,
+                       settings=made_by, legacy=legacy_settings(study), log=log)
+  if results.opened.resumed and log is not None and writer:
+    log(f"--resume: {saved_runs(results.path)} runs already saved in {results.path} are "
+        "skipped")
+  return results
+
+
+def apply_devices(o) -> None:
+  """Starts jax.distributed (--num-processes > 1) and sets the default training mesh.
+
+  Raises:
+    InputError: a device count that cannot be met.
+  """
+  if o.devices < 1:
+    raise InputError(f"--devices must be >= 1 (the number of devices to train on), got "
+                     f"{o.devices}")
+  if o.num_processes > 1:
+    if not 0 <= o.process_id < o.num_processes:
+      raise InputError(f"--process-id {o.process_id} is not in [0, {o.num_processes})")
+    kwargs = dict(num_processes=o.num_processes, process_id=o.process_id)
+    if o.coordinator:
+      kwargs["coordinator_address"] = o.coordinator
+    parallel.initialize_distributed(**kwargs)
+    import jax
+    total = len(jax.devices())
+    if o.devices not in (1, total):
+      raise InputError(f"--devices {o.devices}: with {o.num_processes} processes the mesh "
+                       f"spans all {total} devices; pass 1 or {total}")
+    parallel.set_default_mesh(parallel.make_mesh(total), global_batches=True)
+    return
+  parallel.set_default_mesh(parallel.make_mesh(o.devices) if o.devices != 1 else None)
+
+
+def interrupted_line(study: Study, argv: Sequence[str]) -> str:
+  """The one line a Ctrl-C ends with: how many runs --out keeps and the command that resumes."""
+  try:
+    with contextlib.redirect_stderr(io.StringIO()):
+      out = os.path.abspath(flags.raw_flags(study, list(argv))["out"])
+  except (SystemExit, KeyError):
+    return "interrupted before --out was opened; nothing saved"
+  kept = [a for a in argv if a not in ("--resume", "--overwrite")] + ["--resume"]
+  command = " ".join(["python", "-m", study.module] + [shlex.quote(a) for a in kept])
+  return f"interrupted: {saved_runs(out)} runs saved in {out}; continue with: {command}"
+
+
+def result_records(records: Sequence[dict], cell_fields: Sequence[str]) -> list[dict]:
+  """What results.json holds: the records sorted by key, without timings (they are not
+  determined by the seed; results.jsonl keeps them), so two runs of one config are equal."""
+  return [{k: v for k, v in r.items() if k != "seconds"}
+          for r in sorted(records, key=lambda r: tuple(map(
+              str, rec.key(rec.read([r], cell_fields)[0]))))]
+
+
+def main(study: Study, argv: Optional[Sequence[str]] = None) -> int:
+  """A study module's main: exit code 0, 2 after a bad-input sentence, 130 after Ctrl-C."""
+  args = list(sys.argv[1:] if argv is None else argv)
+  try:
+    return _main(study, args)
+  except KeyboardInterrupt:
+    print(interrupted_line(study, args), file=sys.stderr, flush=True)
+    return INTERRUPTED
+
+
+def _main(study: Study, argv: list) -> int:
+  raw = flags.raw_flags(study, argv)
+  made_by = outdir.settings_of(study.module, raw)
+  t0 = time.time()
+  try:
+    config = flags.config_of(study, raw)
+    apply_devices(config.output)
+    plan = grid.plan(study, config)
+    # Multi-host: every process runs the grid (its runs are collective), one writes it.
+    results = open_results(study, config, made_by)
+    parallel.barrier("results directory opened")
+    if not results.writer:
+      results.reload()  # after the writer's --overwrite
+    records = (study.run or runner.run)(study, config, results)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  pub = publisher(study)
+  text, summary = publish.save(results, pub, argv, result_records(records, study.cell_fields),
+                               plan, config, t0)
+  if study.plots is not None and results.writer:
+    study.plots(summary, plan, results.path)
+  if not results.writer:
+    return 0
+  print(text)
+  print(f"wrote {results.path}/report.md in {time.time() - t0:.0f} s", file=sys.stderr)
+  return 0

@@ -1,0 +1,161 @@
+"""THE command-line edge of a study: argparse built from the typed configuration.
+
+`parser(study)` adds a flag for every field of `jtransfer.study.config` that the study uses
+(the groups in `Study.groups`) and every field of its `extra` dataclass, with the study's own
+defaults (`Study.defaults`, by destination). `parse(study, argv)` parses, converts each value
+(`flag(parse=...)`), checks it (`flag(check=...)`, then the cross-flag rules below), and
+returns a `Config`. Nothing else in the library sees argparse; every bad value is one
+`InputError` sentence naming the flag.
+
+The DELTA family's settings come from the JTRANSFER_DELTA_ALPHA / _BETA / _SCHEDULE
+environment variables; they are read here, only when the study runs a DELTA-family arm.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+from jtransfer.errors import InputError
+from jtransfer.study import config as cfg
+
+GROUPS = {"cells": cfg.Cells, "protocol": cfg.Protocol, "source": cfg.Source,
+          "output": cfg.Output}
+DELTA_ENV = {"alpha": float, "beta": float, "schedule": str}
+
+
+def _add(p: argparse.ArgumentParser, f: dataclasses.Field, default: Any) -> None:
+  m = f.metadata
+  kw: dict = dict(dest=m["dest"], help=m["help"])
+  if m["action"] == "store_true":
+    kw.update(action="store_true", default=bool(default))
+  elif m["action"] == "bool":
+    kw.update(action=argparse.BooleanOptionalAction, default=default)
+  else:
+    if m["action"] == "append":
+      kw["action"] = "append"
+    elif m["parse"] is None and isinstance(m["cli"], (int, float)) and \
+        not isinstance(m["cli"], bool):
+      kw["type"] = type(m["cli"])
+    kw["default"] = default
+    if m["choices"] is not None:
+      kw["choices"] = m["choices"]
+    if m["metavar"] is not None:
+      kw["metavar"] = m["metavar"]
+  p.add_argument(m["flag"], **kw)
+
+
+def _classes(study) -> list[type]:
+  return [GROUPS[g] for g in study.groups] + ([study.extra] if study.extra else [])
+
+
+def parser(study) -> argparse.ArgumentParser:
+  """The study's argparse parser (its docstring's first paragraph as description)."""
+  doc = (study.doc or study.title or "").strip()
+  p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  defaults = dict(study.defaults)
+  for cls in _classes(study):
+    for f in cfg.flag_fields(cls):
+      if f.metadata["dest"] in study.hidden:
+        continue
+      _add(p, f, defaults.get(f.metadata["dest"], f.metadata["cli"]))
+  return p
+
+
+def raw_flags(study, argv: Optional[Sequence[str]]) -> dict:
+  """argv -> {dest: value as argparse gives it} (argparse exits 2 on a malformed flag)."""
+  return vars(parser(study).parse_args(argv))
+
+
+def _build(cls, raw: Mapping[str, Any]):
+  values = {}
+  for f in cfg.flag_fields(cls):
+    m = f.metadata
+    if m["dest"] not in raw:
+      continue
+    v = raw[m["dest"]]
+    if m["parse"] is not None and (v is not None or m["action"] == "append"):
+      v = m["parse"](v)
+    if m["check"] is not None and v is not None:
+      m["check"](v)
+    values[f.name] = v
+  return cls(**values)
+
+
+def delta_env() -> dict:
+  """The DELTA settings named by JTRANSFER_DELTA_* environment variables ({} when none).
+
+  Raises:
+    InputError: a value that is not a number (alpha, beta) or not a schedule name.
+  """
+  from jtransfer.methods import delta
+  out = {}
+  for field, cast in DELTA_ENV.items():
+    name = f"JTRANSFER_DELTA_{field.upper()}"
+    value = os.environ.get(name)
+    if value is None:
+      continue
+    try:
+      out[field] = cast(value)
+    except ValueError:
+      raise InputError(f"{name}={value!r} is not a number") from None
+  try:
+    delta.Config(**out).validate()
+  except InputError as e:
+    raise InputError(f"JTRANSFER_DELTA_* environment: {e}") from None
+  return out
+
+
+def config_of(study, raw: Mapping[str, Any]) -> cfg.Config:
+  """The typed `Config` of parsed flags, every value and rule checked.
+
+  Raises:
+    InputError: one sentence naming the first bad flag.
+  """
+  parts = {g: _build(GROUPS[g], raw) for g in GROUPS if g in study.groups}
+  parts = {g: parts.get(g, GROUPS[g]()) for g in GROUPS}
+  extra = _build(study.extra, raw) if study.extra else None
+  config = cfg.Config(cells=parts["cells"], protocol=parts["protocol"], output=parts["output"],
+                      source=parts["source"], extra=extra, flags=dict(raw))
+  if "protocol" in study.groups:
+    config = _check_protocol(study, config)
+  if study.check is not None:
+    study.check(config)
+  return config
+
+
+def _check_protocol(study, config: cfg.Config) -> cfg.Config:
+  """The few-shot protocol's cross-flag rules and names (before any data is loaded)."""
+  from jtransfer import models
+  from jtransfer.data import augment, parse_spec
+  from jtransfer.methods import delta
+  c, p = config.cells, config.protocol
+  for a in c.archs:
+    if a not in models.names():
+      raise InputError(f"--arch {a!r} is unknown; expected one of {', '.join(models.names())}")
+  for name in c.arms:
+    study.arm(name)  # an unknown arm raises
+  for t in c.targets:
+    parse_spec(t, flag="--target")
+  if not config.source.spec.startswith("ckpt:"):
+    parse_spec(config.source.spec, flag="--source")
+  for name, value in (("--patience", p.patience), ("--tune-repeats", p.tune_draws)):
+    if value and not p.val_per_class:
+      raise InputError(f"{name} needs validation images: set --val-per-class >= 1 or "
+                       f"{name} 0")
+  if augment.parse(p.augment).kind == "pad" and p.stored_size:
+    raise InputError(f"--augment {p.augment} crops back to the stored size, so it cannot "
+                     "be combined with --stored-size: use crop or rrc")
+  if p.stream_workers and not p.stream_threads:
+    raise InputError("--stream-workers needs --stream-threads")
+  if any(n in delta.CONFIG_STRATEGIES for n in c.arms):
+    config = dataclasses.replace(config, protocol=dataclasses.replace(p, delta_env=delta_env()))
+  return config
+
+
+def parse(study, argv: Optional[Sequence[str]] = None) -> cfg.Config:
+  """argv -> the study's checked `Config` (argparse exits 2 on a malformed flag; a bad value
+  raises `InputError`)."""
+  return config_of(study, raw_flags(study, argv))

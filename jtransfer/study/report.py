@@ -1,0 +1,203 @@
+"""A study's report skeleton, from its records alone (so a published folder regenerates).
+
+report.md: the title; the source and draws; the protocol paragraph (from the config and the
+split the runs used); the tuned tables (`Table`s; mean (std) test accuracy over evaluation
+draws at the point chosen on the tuning draws, the chosen LR and knobs, mean steps); the
+claims (`jtransfer.protocol.claims`); the paper's test-selected best over LR and the
+per-draw validation-selected LR (or the study's own `sections`); the LR grids; data notes;
+failures. summary.json: 'best_over_lr', 'tuned', 'tuning', 'claims'.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from jtransfer.data import augment
+from jtransfer.protocol import claims
+from jtransfer.study import grid as grid_lib
+from jtransfer.study import records as rec
+from jtransfer.study.tables import best_over_lr, lr_grid_text, pct, split_text
+
+GROUP = ("arch", "target", "arm", "shots")
+
+
+def paper_grid_rows(rows: Sequence[dict], plan: grid_lib.Plan) -> list[dict]:
+  """Evaluation rows on the LR grid at the paper's knob values (for 'best over LR')."""
+  arms = {a.name: a for a in plan.arms}
+  out = []
+  for r in rows:
+    a = arms.get(r["arm"])
+    if a is not None and r["role"] == "eval" and r["lr"] in a.lrs and \
+        r["knobs"] == {k: float(v) for k, v in a.defaults.items()}:
+      out.append(r)
+  return out
+
+
+def tuned_rows(rows: Sequence[dict], tuned: dict, cell_fields: Sequence[str]) -> list[dict]:
+  """Evaluation rows at each cell's tuned point (the protocol's figure)."""
+  out = []
+  for r in rows:
+    t = tuned.get((*(r[f] for f in cell_fields), r["arm"]))
+    if t and r["role"] == "eval" and \
+        {"lr": r["lr"], **r["knobs"]} == {k: float(v) for k, v in t["choice"].items()}:
+      out.append(r)
+  return out
+
+
+def tuned_summary(rows: Sequence[dict], tuned: dict,
+                  cell_fields: Sequence[str] = ("arch", "target", "shots")) -> dict:
+  """(arch, target, arm, shots) -> {'mean', 'std', 'n', 'failed', 'lr', 'hp', 'edges',
+  'steps'} at the tuned point, over evaluation draws (failed runs left out and counted)."""
+  by: dict = {}
+  for r in tuned_rows(rows, tuned, cell_fields):
+    by.setdefault((r["arch"], r["target"], r["arm"], r["shots"]), []).append(r)
+  summary = {}
+  for cell, rs in by.items():
+    ok = [r for r in rs if r["status"] == "ok"]
+    t = tuned[(*(rs[0][f] for f in cell_fields), cell[2])]
+    acc = np.array([r["test_acc"] for r in ok]) if ok else np.array([np.nan])
+    summary[cell] = dict(mean=float(acc.mean()), std=float(acc.std()), n=len(ok),
+                         failed=len(rs) - len(ok), lr=t["choice"]["lr"], hp=t["hp"],
+                         edges=t["edges"],
+                         steps=float(np.mean([r["steps"] for r in ok])) if ok else None)
+  return summary
+
+
+def protocol_text(config, rows: Sequence[dict] = ()) -> str:
+  """One paragraph saying how runs were budgeted and tuned, and the split `rows` used."""
+  p = config.protocol
+  if p.patience:
+    run = (f"each run trains until its validation accuracy has not improved for "
+           f"{p.patience} steps (checked every {p.eval_every}), at most {p.steps} "
+           "steps, and keeps its best validation state")
+  else:
+    run = f"each run trains {p.steps} steps and keeps its last state"
+  tune = (f"each strategy's LR is chosen per (arch, target, k) by mean validation accuracy over "
+          f"{p.tune_draws} tuning draws that are not evaluation draws (grid extended up to "
+          f"{p.tune_extend} values at an edge)" if p.tune_draws else
+          "the LR is chosen per draw on that draw's validation set")
+  recipe = str(augment.parse(p.augment))
+  aug = f" Training images augmented on device: {recipe}." if recipe != "none" else ""
+  if p.stored_size:
+    aug += (f" Target images stored at {p.stored_size} px; the network sees "
+            "Resize + CenterCrop views of them" + (" and crops of the stored pixels in "
+                                                   "training." if recipe != "none" else "."))
+  return (f"Protocol: {run}; {tune}.{aug} "
+          f"{split_text(p.val_per_class, p.test_per_class, rows)}; the test split "
+          "reaches no selection.")
+
+
+def tuned_table(summary: dict, plan: grid_lib.Plan, rows: Sequence[str],
+                labels: dict) -> list[str]:
+  """The protocol's table: mean (std) test accuracy at the tuned LR, chosen LR, mean steps."""
+  c = plan.config.cells
+  shots = c.shots
+  out = ["| arch | target | strategy | " + " | ".join(f"k={k}" for k in shots) + " |",
+         "|---|---|---|" + "---|" * len(shots)]
+  edges = []
+  for arch in c.archs:
+    for target in c.targets:
+      for arm in rows:
+        cells = []
+        for k in shots:
+          v = summary.get((arch, target, arm, k))
+          if not v:
+            cells.append("-")
+            continue
+          hp = f" {v['hp']}" if v["hp"] else ""
+          cells.append(f"{pct(v['mean'], v['std'])} lr {v['lr']:g}{hp}, "
+                       f"{v['steps']:.0f} st" if v["n"] else "failed")
+          if v["edges"]:
+            edges.append(f"{arch}/{target}/{arm}/k={k}: {', '.join(v['edges'])}")
+        out.append(f"| {arch} | {target} | {labels.get(arm, arm)} | " + " | ".join(cells)
+                   + " |")
+  out.append("")
+  if edges:
+    out += ["Chosen LR still on a grid edge after extension (the optimum may lie beyond): "
+            + "; ".join(edges) + ".", ""]
+  return out
+
+
+def best_tables(plan: grid_lib.Plan, summary: dict, labels: dict) -> list[str]:
+  """The default paper-grid sections: best over LR (test-selected) and per-draw
+  validation-selected LR, one row per (arch, target, arm)."""
+  c, lines = plan.config.cells, []
+  for title, m, sd in (("Best over LR (test-selected, as the paper; optimistic)", "test_mean",
+                        "test_std"),
+                       ("Validation-selected LR per draw", "val_sel_mean", "val_sel_std")):
+    lines += [f"## {title}", "", "| arch | target | strategy | " +
+              " | ".join(f"k={k}" for k in c.shots) + " |",
+              "|---|---|---|" + "---|" * len(c.shots)]
+    for arch in c.archs:
+      for target in c.targets:
+        for arm in c.arms:
+          cells = []
+          for k in c.shots:
+            v = summary.get((arch, target, arm, k))
+            cells.append(pct(v[m], v[sd]) if v else "-")
+          lines.append(f"| {arch} | {target} | {labels.get(arm, arm)} | " + " | ".join(cells)
+                       + " |")
+    lines.append("")
+  return lines
+
+
+def notes_section(rows: Sequence[dict]) -> list[str]:
+  """'## Data notes and warnings': each distinct sentence the records carry (conversions,
+  automatic splits, skipped files, dead features), in first-seen order; [] when none."""
+  seen = list(dict.fromkeys(n for r in rows for n in r.get("notes", ())))
+  return ["## Data notes and warnings", ""] + [f"- {n}" for n in seen] + [""] if seen else []
+
+
+def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict]:
+  """report.md text and summary.json content of a few-shot study, from its records alone
+  (version 1 or 2)."""
+  study, config = plan.study, plan.config
+  records = rec.read(records, study.cell_fields)
+  rows = [rec.flat(r) for r in records]
+  labels = study.labels()
+  arms = list(config.cells.arms)
+  tuned = grid_lib.choices(records, plan)
+  summary = best_over_lr(paper_grid_rows(rows, plan), GROUP)
+  lines = [study.title, "", f"Source `{config.source.spec}`; {config.protocol.repeats} "
+           "evaluation draws per cell.", "", protocol_text(config, rows), ""]
+  out: dict = {"best_over_lr": {"|".join(map(str, k)): v for k, v in summary.items()}}
+  if tuned:
+    ts = tuned_summary(rows, tuned, study.cell_fields)
+    out["tuned"] = {"|".join(map(str, k)): v for k, v in ts.items()}
+    out["tuning"] = {"|".join(map(str, k)): v for k, v in tuned.items()}
+    lines += ["## Tuned on validation (the protocol's figure)", "",
+              "Cells: mean (std) test accuracy in % over evaluation draws at the LR chosen on "
+              "the tuning draws; the chosen LR; mean steps trained.", ""]
+    shown: set = set()
+    for table in (study.tables or [None]):
+      heading, members = (table.title, table.rows) if table else ("", arms)
+      members = [r for r in members if r in arms]
+      if not set(members) - shown:  # only reference rows an earlier table already has
+        continue
+      shown |= set(members)
+      if heading:
+        lines += [f"### {heading}", ""]
+      lines += tuned_table(ts, plan, members, labels)
+    chosen = tuned_rows(rows, tuned, study.cell_fields)
+    # Archs share their k-shot draws (the seed depends on k and the repeat): pooled per draw.
+    results = [claims.evaluate(c, chosen, ("arch", "target", "shots"), arm_field="arm",
+                               draw_fields=("target", "shots", "repeat"))
+               for c in study.claims if {c.a, c.b} <= set(arms)]
+    if study.extra_claims is not None:
+      results += study.extra_claims(plan, chosen)
+    results = [r for r in results if r["cells"]]
+    if results:
+      lines += claims.section(results, labels)
+    out["claims"] = results
+  p = config.protocol
+  if p.paper_grid or not p.tune_draws:
+    grid_rows = paper_grid_rows(rows, plan)
+    lines += (study.sections(plan, grid_rows, summary) if study.sections is not None
+              else best_tables(plan, summary, labels))
+  lines += [lr_grid_text(arms, {a.name: a.lrs for a in plan.arms}, tuned), ""]
+  lines += notes_section(rows)
+  failed = [r for r in rows if r.get("status") != "ok"]
+  if failed:
+    lines += [f"{len(failed)} run(s) failed (non-finite loss); see results.json.", ""]
+  return "\n".join(lines), out
