@@ -141,13 +141,13 @@ def main(argv=None) -> int:
       one = dataclasses.replace(config, archs=(arch,))
       for arm in ("jtransfer", "torch"):
         if arm in paths:
-          res = (jax_grid(one, [], os.path.join(tmp, f"jtransfer-{arch}")) if arm == "jtransfer"
+          res = (jax_grid(one, os.path.join(tmp, f"jtransfer-{arch}")) if arm == "jtransfer"
                  else torch_grid(one))
           arms[arm] = _merge(arms.get(arm), res)
     if "torch" in arms:
       arms["torch"].update(threads=threads, probe=probe)
     if "plain" in paths:
-      arms["plain"] = jax_grid(config, ["--no-feature-cache"], os.path.join(tmp, "plain"))
+      arms["plain"] = jax_grid(config, os.path.join(tmp, "plain"), feature_cache=False)
     if "processes" in paths:  # one worker per core, at most one per target
       workers = min(os.cpu_count() or 1, len(config.targets))
       arms["processes"] = process_grid(config, os.path.join(tmp, "processes"), workers)

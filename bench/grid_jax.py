@@ -14,9 +14,14 @@ import time
 from collections import defaultdict
 
 from experiments import cwl_tables, fewshot
+from jtransfer import study
+from jtransfer.study import records as rec
 
 TARGETS = ("fmnist:1,5,7,8,9", "digits")
 STRATEGIES = ("freeze", "freeze_cwl")
+# The declaration whose grid both arms run (its arms are registered strategies, so its plan is
+# the one `experiments.cwl_tables` makes of the same flags).
+STUDY = fewshot.STUDY
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
@@ -56,8 +61,9 @@ class GridConfig:
     return str(value)
 
 
-def grid_argv(config: GridConfig, targets, out: str) -> list[str]:
-  """`experiments.cwl_tables` flags of the timed grid over `targets`, writing to `out`."""
+def grid_argv(config: GridConfig, targets, out: str, feature_cache: bool = True) -> list[str]:
+  """`experiments.cwl_tables` flags of the timed grid over `targets`, writing to `out`: the
+  command a user types (`study_config` is the same configuration, typed)."""
   c = config
   argv = ["--arch", c.text("archs"), "--shots", c.text("shots"), "--repeats", str(c.repeats),
           "--tune-repeats", str(c.tune_repeats), "--tune-extend", str(c.tune_extend),
@@ -70,12 +76,29 @@ def grid_argv(config: GridConfig, targets, out: str) -> list[str]:
           "--out", out, "--overwrite", "--quiet"]
   for t in targets:
     argv += ["--target", t]
-  return argv
+  return argv + ([] if feature_cache else ["--no-feature-cache"])
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def study_config(config: GridConfig, targets, out: str, feature_cache: bool = True
+                 ) -> study.Config:
+  """The study runner's `Config` of the timed grid over `targets` (what `grid_argv` parses to;
+  tests/test_bench.py checks)."""
+  c = config
+  return study.Config(
+      cells=study.Cells(archs=c.archs, targets=tuple(targets), shots=c.shots, arms=STRATEGIES),
+      protocol=study.Protocol(
+          repeats=c.repeats, lrs="paper", steps=c.steps, patience=c.patience,
+          eval_every=c.eval_every, val_per_class=c.val_per_class, tune_draws=c.tune_repeats,
+          tune_extend=c.tune_extend, paper_grid=c.paper_grid, batch_size=c.batch_size,
+          test_per_class=c.test_per_class, seed=c.seed, no_feature_cache=not feature_cache),
+      output=study.Output(out=out, overwrite=True, quiet=True),
+      source=study.Source(spec=c.source, epochs=c.source_epochs))
+
+
+def read_records(path: str) -> list[dict]:
+  """A results.jsonl's run records, as version 2 (`jtransfer.study.records.read`)."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return rec.read([json.loads(line) for line in f if line.strip()])
 
 
 # ----------------------------------------------------------------------------- jtransfer arm
@@ -98,11 +121,12 @@ class _Timer:
     setattr(self.module, self.name, self.fn)
 
 
-def jax_grid(config: GridConfig, extra: list[str], out: str) -> dict:
+def jax_grid(config: GridConfig, out: str, feature_cache: bool = True) -> dict:
   """The jtransfer arm in this process: wall seconds, records (with per-run seconds) and the
   seconds in eval forwards, feature extraction and compilation."""
   import jax.monitoring
   from jtransfer.methods import transfer
+  from jtransfer.study import target
   compile_s = defaultdict(float)
 
   def on_event(event, duration, **_):
@@ -110,12 +134,12 @@ def jax_grid(config: GridConfig, extra: list[str], out: str) -> dict:
       compile_s[event] += duration
 
   jax.monitoring.register_event_duration_secs_listener(on_event)
-  evals = _Timer(fewshot, "predict_logits")  # validation and test forwards of every run
+  evals = _Timer(target, "predict_logits")  # validation and test forwards of every run
   feats = _Timer(transfer, "extract_features")  # Freeze's cached backbone features
   try:
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # its report; the records are read below
-      rc = cwl_tables.main(grid_argv(config, config.targets, out) + extra)
+      rc = cwl_tables.main(grid_argv(config, config.targets, out, feature_cache))
     seconds = time.perf_counter() - t0
     if rc != 0:
       raise RuntimeError("experiments.cwl_tables failed")
@@ -123,7 +147,7 @@ def jax_grid(config: GridConfig, extra: list[str], out: str) -> dict:
     evals.restore()
     feats.restore()
     jax.monitoring.unregister_event_duration_listener(on_event)
-  return dict(wall=seconds, records=_read_jsonl(os.path.join(out, "results.jsonl")),
+  return dict(wall=seconds, records=read_records(os.path.join(out, "results.jsonl")),
               eval_s=evals.seconds, features_s=feats.seconds,
               compile_s=sum(compile_s.values()))
 
@@ -150,7 +174,7 @@ def process_grid(config: GridConfig, out: str, workers: int) -> dict:
   seconds = time.perf_counter() - t0
   records = []
   for w in range(workers):
-    records += _read_jsonl(os.path.join(out, str(w), "results.jsonl"))
+    records += read_records(os.path.join(out, str(w), "results.jsonl"))
   return dict(wall=seconds, records=records)
 
 

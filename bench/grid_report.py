@@ -8,24 +8,30 @@ import platform
 from collections import defaultdict
 
 from bench.common import command
-from bench.grid_jax import STRATEGIES, TARGETS, GridConfig, grid_argv
-from experiments import cwl_tables, fewshot
+from bench.grid_jax import STRATEGIES, STUDY, TARGETS, GridConfig, study_config
+from jtransfer.study import grid as grid_lib
+from jtransfer.study import records as rec
 
 
 def chosen(records: list[dict], config: GridConfig) -> dict:
-  """(arch, target, shots, strategy) -> the LR the records' tuning runs choose."""
-  gargs = cwl_tables.parse_args(grid_argv(config, config.targets, "unused"))
-  plan = cwl_tables.make_plan(gargs)
-  return {cell: t["choice"]["lr"] for cell, t in fewshot.choose(records, plan, gargs).items()}
+  """(arch, target, shots, strategy) -> the LR the (version-2) records' tuning runs choose
+  (`jtransfer.study.grid.choices`, the runner's rule)."""
+  plan = grid_lib.plan(STUDY, study_config(config, config.targets, "unused"))
+  return {cell: t["choice"]["lr"] for cell, t in grid_lib.choices(records, plan).items()}
+
+
+def _row(r: dict) -> dict:
+  """A version-2 record as a flat report row (`records.flat`) with its seconds."""
+  return dict(rec.flat(r), seconds=r.get("seconds", 0.0))
 
 
 def tuned_eval(records: list[dict], lrs: dict) -> dict:
   """(arch, target, shots, strategy, repeat) -> test accuracy of the evaluation run at the
   chosen LR (None when it failed)."""
   out = {}
-  for r in records:
-    cell = (r["arch"], r["target"], r["shots"], r["strategy"])
-    if r["repeat"] >= 0 and lrs.get(cell) == r["lr"]:
+  for r in map(_row, records):
+    cell = (r["arch"], r["target"], r["shots"], r["arm"])
+    if r["role"] == "eval" and lrs.get(cell) == r["lr"]:
       out[cell + (r["repeat"],)] = r["test_acc"] if r["status"] == "ok" else None
   return out
 
@@ -33,10 +39,10 @@ def tuned_eval(records: list[dict], lrs: dict) -> dict:
 def _split(records: list[dict]) -> dict:
   """Seconds, runs, steps by strategy and by role."""
   out = defaultdict(lambda: dict(seconds=0.0, runs=0, steps=0, patience=0))
-  for r in records:
-    for group in (r["strategy"], r.get("role", "eval"), "all"):
+  for r in map(_row, records):
+    for group in (r["arm"], r["role"], "all"):
       g = out[group]
-      g["seconds"] += r.get("seconds", 0.0)
+      g["seconds"] += r["seconds"]
       g["runs"] += 1
       g["steps"] += r.get("steps") or 0
       g["patience"] += r.get("stopped") == "patience"
@@ -191,7 +197,7 @@ def split_section(arms: dict, cap: int) -> list[str]:
   out.append("")
   # Early stopping: both arms use it (it is the protocol); what it saves against the cap, if
   # each run's seconds scaled with its steps (an estimate: fixed per-run costs do not scale).
-  at_cap = {name: sum(r.get("seconds", 0.0) * cap / r["steps"] for r in res["records"]
+  at_cap = {name: sum(r["seconds"] * cap / r["steps"] for r in map(_row, res["records"])
                       if r.get("steps"))
             for name, res in (("jtransfer", j), ("torch", t))}
   out += [f"Early stopping (both arms): runs trained {sj['all']['steps'] / (sj['all']['runs'] * cap):.0%}"
@@ -220,12 +226,11 @@ def parity_section(arms: dict, config: GridConfig) -> list[str]:
     keys = sorted(k for k in ej if k[3] in strats and ej[k] is not None and
                   et.get(k) is not None)
     out.append(_paired_line(label, [ej[k] for k in keys], [et[k] for k in keys]))
-  key = lambda r: tuple(map(str, fewshot.record_key(r)))
-  tj = {key(r): r for r in j["records"]}
-  same = [(tj[key(r)], r) for r in t["records"] if key(r) in tj and
-          tj[key(r)]["status"] == "ok" and r["status"] == "ok"]
-  tune = [(a, b) for a, b in same if a["repeat"] < 0]
-  ev = [(a, b) for a, b in same if a["repeat"] >= 0]
+  tj = {rec.key(r): _row(r) for r in j["records"]}
+  pairs = [(tj.get(rec.key(r)), _row(r)) for r in t["records"]]
+  same = [(a, b) for a, b in pairs if a and a["status"] == "ok" and b["status"] == "ok"]
+  tune = [(a, b) for a, b in same if a["role"] == "tune"]
+  ev = [(a, b) for a, b in same if a["role"] == "eval"]
   out.append(_paired_line("tuning runs, same draw and LR: validation accuracy",
                           [a["val_acc"] for a, _ in tune], [b["val_acc"] for _, b in tune]))
   out.append(_paired_line("evaluation runs, same draw and LR: test accuracy",
@@ -233,7 +238,8 @@ def parity_section(arms: dict, config: GridConfig) -> list[str]:
   steps = [(a["steps"], b["steps"]) for a, b in same]
   cells = sorted(set(lr_j) & set(lr_t))
   agree = sum(lr_j[c] == lr_t[c] for c in cells)
-  failed = {n: sum(r["status"] != "ok" for r in res["records"]) for n, res in arms.items()}
+  failed = {n: sum(r["status"] != "ok" for r in map(_row, res["records"]))
+            for n, res in arms.items()}
   out += ["", f"Chosen LR equal in {agree}/{len(cells)} cells"
           + (": " + "; ".join(f"{'/'.join(map(str, c))}: {lr_j[c]:g} vs {lr_t[c]:g}"
                               for c in cells if lr_j[c] != lr_t[c]) if agree < len(cells) else "")

@@ -8,29 +8,36 @@ import time
 
 import numpy as np
 
-from bench.grid_jax import GridConfig, grid_argv
 from bench import torch_twin
-from experiments import cwl_tables, fewshot, pretrain
+from bench.grid_jax import STUDY, GridConfig, study_config
+from experiments import pretrain
+from jtransfer.study import draws as draws_lib
+from jtransfer.study import grid as grid_lib
+from jtransfer.study import records as rec
+from jtransfer.study import runner
+from jtransfer.study.config import Protocol
+from jtransfer.study.target import cap_per_class
 
 
 class TorchTarget:
   """The PyTorch loop's runs of one (source, target): the researcher's loop, plus (untimed) the
   jtransfer head init of each draw's seed, copied in so both arms start from the same net."""
 
-  def __init__(self, source, spec: str, args, budget):
+  def __init__(self, source, spec: str, protocol: Protocol):
     import torch
     from jtransfer.data import load_spec
     from jtransfer.methods import transfer
-    self.torch, self.source, self.args, self.budget = torch, source, args, budget
+    self.torch, self.source, self.protocol = torch, source, protocol
     data = load_spec(spec, source.input_shape, flag="--target")
     self.pool = data.train
-    self.test = fewshot.cap_per_class(data.test, args.test_per_class)
+    self.test = cap_per_class(data.test, protocol.test_per_class)
     self.num_classes = self.pool.num_classes
     self.mean = np.asarray(source.mean, np.float32)
     self.std = np.asarray(source.std, np.float32)
     self.x_test = self.tensor(self.test.images)
     self.y_test = self.test.labels
-    self._setup = transfer.get_strategy("freeze").build(source, self.num_classes, args.steps)
+    self._setup = transfer.get_strategy("freeze").build(source, self.num_classes,
+                                                        protocol.steps)
     self._nets: dict = {}
     self.untimed = 0.0  # seconds spent building jtransfer's head init (not the loop's cost)
     self.eval_s = 0.0  # seconds in validation and test forwards
@@ -57,8 +64,10 @@ class TorchTarget:
     self.eval_s += time.perf_counter() - t0
     return float(np.mean(pred.numpy() == y))  # float64, as jtransfer's `accuracy`
 
-  def run(self, name: str, train_idx, val_idx, lr: float, seed: int, test: bool) -> dict:
-    """One run under the protocol's stopping rule; the dict a jtransfer record holds."""
+  def run(self, name: str, train_idx, val_idx, lr: float, seed: int, test: bool,
+          budget) -> dict:
+    """One run under the protocol's stopping rule (`budget`, a `jtransfer.protocol.Budget`);
+    the outcome a jtransfer record holds."""
     import torch.nn.functional as F
     from jtransfer.data import Batches
     torch = self.torch
@@ -68,10 +77,9 @@ class TorchTarget:
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     batches = Batches(self.pool.images[train_idx], self.pool.labels[train_idx],
-                      self.args.batch_size, seed)
+                      self.protocol.batch_size, seed)
     x_val = self.tensor(self.pool.images[val_idx])
     y_val = self.pool.labels[val_idx]
-    budget = self.budget
     evals = set(budget.eval_steps())
     best, best_step, best_params = -math.inf, 0, [p.detach().clone() for p in params]
     stopped, step = "cap", 0
@@ -136,51 +144,49 @@ def torch_threads(value: str) -> tuple[int, dict]:
 
 
 def torch_grid(config: GridConfig) -> dict:
-  """The PyTorch arm: the same runs, cells and selection as `experiments.fewshot.run_grid`."""
+  """The PyTorch arm: the same cells, draws, tuning and evaluation points as the study runner
+  gives the jtransfer arm (`jtransfer.study.grid` on the same `Config`), trained by the loop;
+  version-2 records (`jtransfer.study.records`)."""
   import torch
   torch.manual_seed(config.seed)
-  gargs = cwl_tables.parse_args(grid_argv(config, config.targets, "unused"))
-  plan = cwl_tables.make_plan(gargs)
-  budget = fewshot.budget_of(gargs)
+  sc = study_config(config, config.targets, "unused")
+  plan = grid_lib.plan(STUDY, sc)
+  p = sc.protocol
   records: list[dict] = []
+  found: dict = {}
   untimed = eval_s = 0.0
   t_start = time.perf_counter()
-  for arch in plan["archs"]:
-    source = pretrain.source_for(arch, gargs.source, epochs=gargs.source_epochs,
-                                 seed=gargs.seed, progress=False)
-    for spec in plan["targets"]:
-      tt = TorchTarget(source, spec, gargs, budget)
-      for shots in plan["shots"]:
-        draws = {}
-        for repeat in range(-gargs.tune_repeats, gargs.repeats):
-          seed = fewshot.draw_seed(gargs, shots, repeat)
-          draws[repeat] = (seed, *fewshot.sample_kshot(
-              tt.pool.labels, shots, seed, val_per_class=gargs.val_per_class,
-              num_classes=tt.num_classes))
+  for arch in sc.cells.archs:
+    source = pretrain.source_for(arch, sc.source.spec, epochs=sc.source.epochs, seed=p.seed,
+                                 progress=False)
+    for spec in sc.cells.targets:
+      tt = TorchTarget(source, spec, p)
+      for cell in (c for c in plan.cells if (c["arch"], c["target"]) == (arch, spec)):
+        budget, _ = runner.cell_budget(STUDY, sc, cell)
+        draws = draws_lib.cell_draws(tt.pool.labels, tt.num_classes, cell["shots"], p.seed,
+                                     p.repeats, p.tune_draws, p.val_per_class)
 
-        def run_one(key):
-          name, _, _, _, repeat, lr, hp, fold = key
-          seed, train_idx, val_idx = draws[repeat]
-          t0 = time.perf_counter()
-          untimed0 = tt.untimed
-          out = tt.run(name, train_idx, val_idx, lr, seed, test=repeat >= 0)
-          record = dict(zip(fewshot.KEY, key), **out, role="tune" if repeat < 0 else "eval",
-                        seconds=time.perf_counter() - t0 - (tt.untimed - untimed0))
-          records.append(record)
-          return record
+        def run_one(arm, key, cell=cell, draws=draws, budget=budget):
+          draw, point = draws_lib.Draw(*key[2:5]), dict(key[5])
+          seed, train_idx, val_idx = draws[draw.repeat]
+          t0, untimed0 = time.perf_counter(), tt.untimed
+          out = tt.run(arm.name, train_idx, val_idx, point["lr"], seed,
+                       test=draw.role == draws_lib.EVAL, budget=budget)
+          r = rec.make(arm.name, cell, draw, point, out,
+                       time.perf_counter() - t0 - (tt.untimed - untimed0))
+          records.append(r)
+          found[rec.key(r)] = r["outcome"]
+          return r["outcome"]
 
-        one_cell = dict(plan, archs=[arch], targets=[spec], shots=[shots])
-        tuned = fewshot.choose(records, one_cell, gargs, run_missing=run_one)
-        done = {fewshot.record_key(r) for r in records}
-        for name in plan["strategies"]:
-          for repeat in range(gargs.repeats):
-            for lr, hp in fewshot.eval_points(plan, gargs, tuned, (arch, spec, shots, name)):
-              key = (name, arch, spec, shots, repeat, lr, hp, -1)
-              if key not in done:
-                run_one(key)
+        for arm in plan.arms:
+          tuned = grid_lib.choose(found, plan, cell, arm,
+                                  run_missing=lambda k, a=arm: run_one(a, k))
+          for point in grid_lib.eval_points(plan, arm, tuned):
+            for i in range(p.repeats):
+              key = rec.run_key(arm.name, cell, draws_lib.Draw(draws_lib.EVAL, i), point)
+              if key not in found:
+                run_one(arm, key)
       untimed += tt.untimed
       eval_s += tt.eval_s
   wall = time.perf_counter() - t_start - untimed
   return dict(wall=wall, records=records, eval_s=eval_s, untimed=untimed)
-
-

@@ -62,6 +62,11 @@ def test_bench_grid_config_is_the_cwl_tables_command():
       "--test-per-class", "300", "--batch-size", "64", "--source", "fmnist:0,2,3,4,6",
       "--source-epochs", "2.0", "--seed", "0", "--paper-grid", "--out", "o", "--overwrite",
       "--quiet", "--target", "digits"]
+  # the PyTorch arm's typed Config is the one the runner's CLI edge makes of that command
+  from jtransfer.study import flags
+  argv = grid_jax.grid_argv(config, ("digits",), "o", feature_cache=False)
+  assert flags.parse(grid_jax.STUDY, argv) == grid_jax.study_config(config, ("digits",), "o",
+                                                                    feature_cache=False)
   for bad, match in ((["--paths", "jtransfer,gpu"], "unknown path 'gpu'"),
                      (["--shots", "1,x"], "comma list of integers")):
     with pytest.raises(SystemExit, match=match):
