@@ -172,7 +172,7 @@ def eval_points(plan_: Plan, arm: ArmPlan, tuned: Optional[dict]) -> list[dict]:
             if (p.paper_grid or not p.tune_draws) else [])
   if tuned is not None:
     chosen = {k: float(v) for k, v in tuned["choice"].items()}
-    if chosen not in points:
+    if rec.canon_point(chosen) not in [rec.canon_point(q) for q in points]:
       points.append(chosen)
   return points
 

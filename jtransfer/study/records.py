@@ -55,10 +55,22 @@ def make(arm: str, cell: Mapping[str, Any], draw: Draw, knobs: Mapping[str, floa
   return r
 
 
+def canon(v: float) -> float:
+  """A knob value as keys compare it: 6 significant digits. Tuning extends a grid to values
+  like 10.8695652174 (`jtransfer.protocol.tuning`); version-1 records kept them as 6-digit
+  text, so a key that compared every digit would not find them."""
+  return float(f"{float(v):.6g}")
+
+
+def canon_point(knobs: Mapping[str, float]) -> dict:
+  """{knob: canon(value)}."""
+  return {k: canon(v) for k, v in knobs.items()}
+
+
 def run_key(arm: str, cell: Mapping[str, Any], draw: Draw, knobs: Mapping[str, float]) -> tuple:
   """The key of the run (arm, cell, draw, knobs), as `key` gives it for its record."""
   return (arm, tuple(sorted(cell.items())), draw.role, draw.index, draw.fold,
-          tuple(sorted((k, float(v)) for k, v in knobs.items())))
+          tuple(sorted(canon_point(knobs).items())))
 
 
 def key(record: Mapping) -> tuple:

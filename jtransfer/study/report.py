@@ -29,7 +29,7 @@ def paper_grid_rows(rows: Sequence[dict], plan: grid_lib.Plan) -> list[dict]:
   for r in rows:
     a = arms.get(r["arm"])
     if a is not None and r["role"] == "eval" and r["lr"] in a.lrs and \
-        r["knobs"] == {k: float(v) for k, v in a.defaults.items()}:
+        rec.canon_point(r["knobs"]) == rec.canon_point(a.defaults):
       out.append(r)
   return out
 
@@ -40,7 +40,7 @@ def tuned_rows(rows: Sequence[dict], tuned: dict, cell_fields: Sequence[str]) ->
   for r in rows:
     t = tuned.get((*(r[f] for f in cell_fields), r["arm"]))
     if t and r["role"] == "eval" and \
-        {"lr": r["lr"], **r["knobs"]} == {k: float(v) for k, v in t["choice"].items()}:
+        rec.canon_point({"lr": r["lr"], **r["knobs"]}) == rec.canon_point(t["choice"]):
       out.append(r)
   return out
 
