@@ -13,15 +13,14 @@ import sys
 import time
 from collections import defaultdict
 
-from experiments import cwl_tables, fewshot
+from experiments import cwl_tables
 from jtransfer import study
 from jtransfer.study import records as rec
 
 TARGETS = ("fmnist:1,5,7,8,9", "digits")
 STRATEGIES = ("freeze", "freeze_cwl")
-# The declaration whose grid both arms run (its arms are registered strategies, so its plan is
-# the one `experiments.cwl_tables` makes of the same flags).
-STUDY = fewshot.STUDY
+# The declaration whose grid both arms run.
+STUDY = cwl_tables.STUDY
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
