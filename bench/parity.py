@@ -3,18 +3,19 @@
   python -m bench.parity [--draws 10] [--steps 100] [--out bench/PARITY.md]
 
 For each (arch, target, strategy) cell and each k-shot draw, one fixed-step run in jtransfer
-(as `experiments.fewshot` makes one: the strategy's Setup, Freeze on cached backbone features,
-Finetune through the full model, the generic jitted step and `fit`) and one in PyTorch with
+(on the study runner's `jtransfer.study.target.TargetRuns`: the strategy's Setup, Freeze on
+cached backbone features, Finetune through the full model, the generic jitted step and `fit`)
+and one in PyTorch with
 bench/torch_ref.py's net of the same definition, sharing everything a run is made of:
   * the source weights (`experiments.pretrain.source_for`, copied into the torch net; the
     report gives the largest logit difference of the two nets on the test set before training);
   * the new head's initial weights (jtransfer's, copied);
-  * the k-shot draw (`sample_kshot` with experiments.fewshot's seeds) and the batch of every
+  * the k-shot draw (`jtransfer.study.draws`, the runner's seeds) and the batch of every
     step (`Batches.at`, same seed), preprocessing (`normalize` with the source's mean/std);
   * the loss (mean cross-entropy), the optimiser (Adam, lr, betas (0.9, 0.999), eps 1e-8: optax
     and torch defaults agree), the step count, the trained params (Freeze: the head; Finetune:
     all) and BN mode (running statistics in both strategies, torch `eval()`);
-  * the test set (the target's test split capped per class as experiments.fewshot does).
+  * the test set (the target's test split capped per class as the runner does).
 The report gives, per cell, jtransfer minus PyTorch test accuracy per draw (mean, 95% CI, wins /
 ties / losses, `jtransfer.protocol.stats.paired`) and how far the two runs of a draw are apart
 (test predictions that agree, largest |test accuracy difference|).
@@ -133,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(config.torch_threads)
   deadline = time.time() + 60 * config.max_minutes
   records = Records(config.records, config.settings())
-  data_cache: dict = {}
+  caches: dict = {}
   sources: dict = {}
   try:
     jobs = [(arch, 2) for arch in config.archs] + ([("resnet_s", 1)] if config.stem else [])
@@ -142,12 +143,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       label = arch if stride == 2 else f"{arch} stride-1 stem"
       sources[label] = source.meta.get("source_test_acc", float("nan"))
       for spec in config.targets:
-        run_target(source, stride, spec, config, stride == 2, data_cache, records, deadline)
+        run_target(source, stride, spec, config, stride == 2, caches, records, deadline)
       if config.stem and arch == "resnet_s" and records.get(("timing", stride)) is None:
         if time.time() > deadline:
           raise OutOfTime()
         records.add(("timing", stride),
-                    times=step_times(source, config.targets[0], config, data_cache),
+                    times=step_times(source, config.targets[0], config, caches),
                     pretrain_s=float(source.meta.get("train_seconds", float("nan"))))
   except OutOfTime:
     pass

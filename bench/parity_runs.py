@@ -117,82 +117,49 @@ def get_source(arch: str, config: ParityConfig, stem_stride: Optional[int] = Non
   return source
 
 
-def draws(pool_labels, num_classes, config: ParityConfig, n: int) -> list:
-  """(seed, train_idx, val_idx) of the first `n` repeats, with experiments.fewshot's seeds."""
-  from experiments.fewshot import draw_seed
-  from jtransfer.data import sample_kshot
-  out = []
-  for repeat in range(n):
-    seed = draw_seed(config, config.shots, repeat)
-    out.append((seed, *sample_kshot(pool_labels, config.shots, seed,
-                                    val_per_class=config.val_per_class,
-                                    num_classes=num_classes)))
-  return out
+def draws(runs, config: ParityConfig, n: int) -> list:
+  """(seed, train_idx, val_idx) of the first `n` evaluation draws of a target, with the study
+  runner's seeds (`jtransfer.study.draws`)."""
+  from jtransfer.study import draws as draws_lib
+  cell = draws_lib.cell_draws(runs.pool.labels, runs.num_classes, config.shots, config.seed,
+                              n, 0, config.val_per_class)
+  return [cell[i] for i in range(n)]
 
 
-class JaxArm:
-  """jtransfer's runs of one (source, target), as experiments.fewshot makes a fixed-step run:
-  a head-only strategy (Freeze) trains its head on backbone features computed once, the
-  others the full model; `Batches(seed)`, `init_state`, the generic jitted step, `fit`."""
-
-  def __init__(self, source, num_classes: int, config: ParityConfig):
-    self.source, self.num_classes, self.config = source, num_classes, config
-    self._setups: dict = {}
-    self._test_features = None
-
-  def setup(self, name: str):
-    """(Setup, compiled step, optimizer, head_only), built once per strategy."""
-    from jtransfer.methods import transfer
-    from jtransfer.train import make_optimizer, make_train_step
-    if name not in self._setups:
-      strategy = transfer.get_strategy(name)
-      setup = strategy.build(self.source, self.num_classes, self.config.steps)
-      if strategy.head_only:
-        label = setup.optimizer.labels["head"]["kernel"]
-        dummy = np.zeros((1, *self.source.input_shape), np.uint8)
-        params, _ = setup.init(0, dummy, np.zeros(1, np.int32))
-        opt = make_optimizer({"head": params["head"]}, [(".*", label)],
-                             {label: setup.optimizer.groups[label]}, injected_lr=True)
-        step = make_train_step(transfer.head_loss_fn(), opt)
-      else:
-        opt, step = setup.optimizer, make_train_step(setup.loss_fn, setup.optimizer)
-      self._setups[name] = (setup, step, opt, strategy.head_only)
-    return self._setups[name]
-
-  def features(self, images):
-    """The source backbone's features of `images` (Freeze trains its head on them)."""
-    from jtransfer.methods import transfer
-    return transfer.extract_features(self.source, self.num_classes, images, batch_size=256)
-
-  def run(self, name: str, images, labels, test_images, lr: float, seed: int) -> np.ndarray:
-    """Trains one run for `--steps` steps; returns its test logits."""
-    from jtransfer.data import Batches
-    from jtransfer.methods import transfer
-    from jtransfer.train import fit, init_state, predict_logits
-    setup, step, opt, head_only = self.setup(name)
-    params, stats = setup.init(seed, images, labels)
-    if head_only:
-      if self._test_features is None or self._test_features[0] is not test_images:
-        self._test_features = (test_images, self.features(test_images))
-      params, stats, forward = {"head": params["head"]}, {}, transfer.head_forward
-      x_train, x_test = self.features(images), self._test_features[1]
-    else:
-      x_train, x_test, forward = images, test_images, setup.forward
-    state = init_state(params, stats, opt, seed, lr)
-    state = fit(state, step, Batches(x_train, labels, self.config.batch_size, seed).at,
-                self.config.steps)
-    return predict_logits(forward, state.params, state.batch_stats, x_test)
+def target_runs(source, spec: str, config: ParityConfig, caches: dict):
+  """The study runner's `TargetRuns` of (source, target) under parity's settings: its data (the
+  test split capped per class), compiled steps and cached Freeze features, built once."""
+  from jtransfer.study import Protocol
+  from jtransfer.study.target import TargetRuns
+  key = (id(source), spec)
+  if key not in caches.setdefault("runs", {}):
+    protocol = Protocol(steps=config.steps, patience=0, batch_size=config.batch_size,
+                        val_per_class=config.val_per_class,
+                        test_per_class=config.test_per_class, seed=config.seed)
+    caches["runs"][key] = TargetRuns(source, spec, protocol, caches.setdefault("data", {}),
+                                     caches.setdefault("setups", {}), quiet=True)
+  return caches["runs"][key]
 
 
-def load_target(spec: str, shape, config: ParityConfig, data_cache: dict):
-  """(train pool, test set capped per class as experiments.fewshot does)."""
-  from experiments.fewshot import cap_per_class
-  from jtransfer.data import load_spec
-  key = (spec, tuple(shape))
-  if key not in data_cache:
-    data = load_spec(spec, tuple(shape), flag="--targets")
-    data_cache[key] = (data.train, cap_per_class(data.test, config.test_per_class))
-  return data_cache[key]
+def jax_run(runs, name: str, train_idx, lr: float, seed: int, config: ParityConfig
+            ) -> np.ndarray:
+  """One fixed-step jtransfer run as the study runner trains it, on the runner's setup
+  (`TargetRuns.setup`: a head-only strategy trains its head on the cached backbone features,
+  the others the full model), `Batches(seed)`, `init_state`, `fit`; its test logits."""
+  from jtransfer.data import Batches
+  from jtransfer.methods import transfer
+  from jtransfer.train import fit, init_state, predict_logits
+  setup, step, opt, head_only = runs.setup(name, {}, config.steps)
+  images, labels = runs.pool.images[train_idx], runs.pool.labels[train_idx]
+  params, stats = setup.init(seed, images, labels)
+  if head_only:
+    x_train, x_test = runs.features(train_idx)
+    params, stats, forward = {"head": params["head"]}, {}, transfer.head_forward
+  else:
+    x_train, x_test, forward = images, runs.test.images, setup.forward
+  state = init_state(params, stats, opt, seed, lr)
+  state = fit(state, step, Batches(x_train, labels, config.batch_size, seed).at, config.steps)
+  return predict_logits(forward, state.params, state.batch_stats, x_test)
 
 
 class Records:
@@ -227,12 +194,12 @@ class OutOfTime(Exception):
 
 
 def run_target(source, stem: int, spec: str, config: ParityConfig, with_torch: bool,
-               data_cache: dict, records: Records, deadline: float) -> None:
+               caches: dict, records: Records, deadline: float) -> None:
   """Every strategy's runs on every draw of one (source, target), skipping recorded ones;
   with the rounding control, each Finetune draw's PyTorch run again with rows reversed."""
   from jtransfer.data import Batches
-  pool, test = load_target(spec, source.input_shape, config, data_cache)
-  jax_arm = JaxArm(source, pool.num_classes, config)
+  runs = target_runs(source, spec, config, caches)
+  pool, test = runs.pool, runs.test
   arch = source.arch
   for name in config.strategies:
     setup = None
@@ -255,15 +222,15 @@ def run_target(source, stem: int, spec: str, config: ParityConfig, with_torch: b
       pred = np.argmax(torch_logits(net, test.images, source.mean, source.std), -1)
       return pred, time.perf_counter() - t0
 
-    for i, (seed, train_idx, val_idx) in enumerate(draws(pool.labels, pool.num_classes, config, n)):
+    for i, (seed, train_idx, _) in enumerate(draws(runs, config, n)):
       images, labels = pool.images[train_idx], pool.labels[train_idx]
       key = ("run", arch, stem, spec, name, i)
       if records.get(key) is None:
         if time.time() > deadline:
           raise OutOfTime()
-        setup = setup or jax_arm.setup(name)[0]
+        setup = setup or runs.setup(name, {}, config.steps)[0]
         t0 = time.perf_counter()
-        pred_j = np.argmax(jax_arm.run(name, images, labels, test.images, config.lr(name), seed), -1)
+        pred_j = np.argmax(jax_run(runs, name, train_idx, config.lr(name), seed, config), -1)
         rec = dict(seed=int(seed), jax=float(np.mean(pred_j == test.labels)),
                    jax_s=time.perf_counter() - t0)
         if with_torch:
@@ -278,7 +245,7 @@ def run_target(source, stem: int, spec: str, config: ParityConfig, with_torch: b
       if with_torch and controlled(config, name) and records.get(rev_key) is None:
         if time.time() > deadline:
           raise OutOfTime()
-        setup = setup or jax_arm.setup(name)[0]
+        setup = setup or runs.setup(name, {}, config.steps)[0]
         pred_r, secs = torch_trained(seed, images, labels, reverse_rows=True)
         rec = records.add(rev_key, seed=int(seed), torch_rev=float(np.mean(pred_r == test.labels)),
                           torch_rev_s=secs)
@@ -292,13 +259,14 @@ def controlled(config: ParityConfig, name: str) -> bool:
   return config.rounding_control and name == "finetune"
 
 
-def step_times(source, spec: str, config: ParityConfig, data_cache: dict) -> dict:
+def step_times(source, spec: str, config: ParityConfig, caches: dict) -> dict:
   """Median seconds of the jtransfer finetune train step (k-shot batch and batch 128) and of
   the eval forward over 500 images, for one source."""
   import jax
   from jtransfer.train import init_state
-  pool, _ = load_target(spec, source.input_shape, config, data_cache)
-  setup, step, opt, _ = JaxArm(source, pool.num_classes, config).setup("finetune")
+  runs = target_runs(source, spec, config, caches)
+  pool = runs.pool
+  setup, step, opt, _ = runs.setup("finetune", {}, config.steps)
   n = min(config.shots * pool.num_classes, config.batch_size)
   out = {}
   for label, b in ((f"finetune step, batch {n}", n), ("finetune step, batch 128", 128)):
