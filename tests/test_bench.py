@@ -295,3 +295,12 @@ def test_bench_batched_runs_tiny(capsys):
   with pytest.raises(SystemExit, match="trains conv kernels"):
     bench_batched.main(["--archs", "vgg_s", "--strategy", "finetune", "--runs", "2",
                         "--batches", "2", "--repeats", "1"])
+
+
+@pytest.mark.slow  # the S1..S6 kernel's jit compiles: ~20 s on 2 loaded cores
+def test_bench_selection_runs_tiny(capsys):
+  from bench import bench_selection
+  bench_selection.main(["--images", "3", "--repeats", "1"])
+  out = capsys.readouterr().out
+  assert "24 (model, target) pairs, 540 images in all" in out  # 12 models x (5 + 10) x 3
+  assert "| analysis (normalise, 15 alpha sweeps at 0.001, rank correlations) |" in out
