@@ -157,8 +157,7 @@ def torch_grid(config: GridConfig) -> dict:
   untimed = eval_s = 0.0
   t_start = time.perf_counter()
   for arch in sc.cells.archs:
-    source = pretrain.source_for(arch, sc.source.spec, epochs=sc.source.epochs, seed=p.seed,
-                                 progress=False)
+    source = pretrain.study_source(arch, sc)  # the jtransfer arm's (cached before timing)
     for spec in sc.cells.targets:
       tt = TorchTarget(source, spec, p)
       for cell in (c for c in plan.cells if (c["arch"], c["target"]) == (arch, spec)):
