@@ -34,7 +34,7 @@ from experiments.results_page import TABLE_BEGIN, TABLE_END, results_page  # noq
 from jtransfer.errors import InputError
 # (the machinery lives in the library; re-exported for the modules and tests that call it here)
 from jtransfer.study.publish import (PUBLISHED, RESULTS_PAGE, RUN_FILE, Publisher,  # noqa: F401
-                                     check, command_line, evaluation_runs, folders,
+                                     _count_problems, check, command_line, evaluation_runs, folders,
                                      jsonl_records, load, merge, read_run, regenerate, save,
                                      snapshot, with_command)
 

@@ -110,7 +110,9 @@ def reused_from(entry: registry.Registered, folder: str, records: Mapping[str, l
   none): the row is then those runs again, not new evidence."""
   if not entry.runs:
     return ""
-  mine = _record_keys([r for r in records[folder] if r.get("strategy") in entry.runs])
+  # (a version-2 record names its strategy 'arm', jtransfer.study.records)
+  mine = _record_keys([r for r in records[folder]
+                       if r.get("strategy", r.get("arm")) in entry.runs])
   if not mine:
     return ""
   for other in sorted(keys):

@@ -44,6 +44,8 @@ def tiny_fewshot_run(tmp_path, arch: str, config: dict, strategies: str, target:
           "--steps", "2", "--test-per-class", "2", "--val-per-class", "1", "--lrs", "0.001",
           "--quiet", *extra_args]
   assert fewshot.main(argv) == 0
-  records = [r for r in json.loads((out / "results.json").read_text()) if r["role"] == "eval"]
+  from jtransfer.study.records import rows
+  records = [r for r in rows(json.loads((out / "results.json").read_text()))
+             if r["role"] == "eval"]
   assert records and all(r["status"] == "ok" and r["arch"] == arch for r in records)
   return records

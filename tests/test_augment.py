@@ -229,7 +229,8 @@ def test_fewshot_with_stored_size(tiny_source_dir, tmp_path):
           "--augment", "rrc+flip", "--stored-size", "36", "--quiet"]
   out = tmp_path / "s"
   assert fewshot.main(argv + ["--out", str(out)]) == 0
-  records = json.loads((out / "results.json").read_text())
+  from jtransfer.study.records import rows
+  records = rows(json.loads((out / "results.json").read_text()))
   assert records and all(r["stored_size"] == 36 and r["status"] == "ok" for r in records)
   assert "stored at 36 px" in (out / "report.md").read_text()
   assert fewshot.main(argv[:-3] + ["--stored-size", "40", "--quiet", "--out", str(out),

@@ -392,8 +392,9 @@ def _fewshot(tmp_path, strategies):
           "--cv-folds", "0",
           "--out", str(out)]
   assert fewshot.main(argv) == 0
-  records = json.loads((out / "results.json").read_text())
-  assert {r["strategy"] for r in records} == set(strategies)
+  from jtransfer.study.records import rows
+  records = rows(json.loads((out / "results.json").read_text()))
+  assert {r["arm"] for r in records} == set(strategies)
   assert all(r["arch"] == "inception_v3" for r in records)
   assert all(0 <= r["test_acc"] <= 1 for r in records if r["role"] == "eval")
 

@@ -269,18 +269,19 @@ def test_new_strategies_run_the_fewshot_grid(tiny_source_dir, tmp_path, strategi
           "--tune-repeats", "1", "--tune-extend", "0", "--no-paper-grid", "--strategies",
           strategies, "--out", str(out), "--quiet"]
   assert fewshot.main(argv) == 0
-  records = json.loads((out / "results.json").read_text())
+  from jtransfer.study.records import rows
+  records = rows(json.loads((out / "results.json").read_text()))
   evals = [r for r in records if r["role"] == "eval"]
-  assert {r["strategy"] for r in evals} == set(strategies.split(","))
+  assert {r["arm"] for r in evals} == set(strategies.split(","))
   assert all(r["status"] == "ok" and 0 <= r["test_acc"] <= 1 for r in evals)
   for r in evals:  # knobs tuned on the tuning draw: BSS's eta, WiSE-FT's alpha
-    if r["strategy"] == "bss":
+    if r["arm"] == "bss":
       assert r["hp"].startswith("eta=")
-    if r["strategy"] == "wise_ft":
+    if r["arm"] == "wise_ft":
       assert r["hp"].startswith("alpha=") and 0 < float(r["hp"].split("=")[1]) <= 1
-    if r["strategy"] in ("bss", "lpft", "wise_ft", "cotuning"):
+    if r["arm"] in ("bss", "lpft", "wise_ft", "cotuning"):
       assert r["filter_distance"] >= 0
-    if r["strategy"] == "cotuning":
+    if r["arm"] == "cotuning":
       assert r["hp"].startswith("lam=")
 
 

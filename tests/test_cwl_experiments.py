@@ -35,7 +35,7 @@ def test_tables(source_dir, tmp_path):
   assert "Table I" in report and "Freeze + CWL" in report and "Δ Freeze + CWL" in report
   assert "Table II" not in report  # neither finetune strategy ran
   records = json.load(open(os.path.join(out, "results.json")))
-  assert len(records) == 4 and {r["strategy"] for r in records} == {"freeze", "freeze_cwl"}
+  assert len(records) == 4 and {r["arm"] for r in records} == {"freeze", "freeze_cwl"}
   # resume skips finished runs; a second run without --resume refuses the directory
   assert cwl_tables.main(argv + ["--resume"]) == 0
   assert len(json.load(open(os.path.join(out, "results.json")))) == 4
@@ -214,12 +214,17 @@ def _records():
   return out
 
 
+def _report(argv, records):
+  """The cwl_tables report of (version-1) records under the flags `argv`."""
+  from jtransfer.study import flags, grid, report
+  plan = grid.plan(cwl_tables.STUDY, flags.parse(cwl_tables.STUDY, argv))
+  return report.make_report(plan, records)
+
+
 def test_tables_report_by_hand():
-  args = cwl_tables.parse_args(["--strategies", "freeze,freeze_cwl", "--repeats", "2"])
-  plan = dict(archs=["vgg_s"], targets=["digits"], shots=[1],
-              strategies=["freeze", "freeze_cwl"], lrs={"freeze": (0.01, 0.05),
-                                                        "freeze_cwl": (0.01, 0.05)})
-  text, summary = cwl_tables.make_report(_records(), plan, args)
+  text, summary = _report(["--strategies", "freeze,freeze_cwl", "--repeats", "2", "--arch",
+                           "vgg_s", "--target", "digits", "--shots", "1", "--lrs", "0.01,0.05"],
+                          _records())
   best, val = text.split("## Validation")
   # best over LR: freeze at 0.01 -> 0.55 (0.05); freeze_cwl at 0.05 -> 0.75 (0.05)
   assert "| Freeze | 0.550 (0.050) |" in best
@@ -234,11 +239,6 @@ def test_tables_report_by_hand():
 
 def test_tables_claims_by_hand():
   """Tuned records (one tuning draw choosing lr 0.01) -> claims, including 'more without BN'."""
-  args = cwl_tables.parse_args(["--strategies", "freeze,freeze_cwl", "--repeats", "3",
-                                "--tune-repeats", "1", "--cv-folds", "0"])
-  plan = dict(archs=["vgg_s", "resnet_s"], targets=["digits"], shots=[1],
-              strategies=["freeze", "freeze_cwl"], lrs={"freeze": (0.01,),
-                                                        "freeze_cwl": (0.01,)})
   base = dict(target="digits", shots=1, lr=0.01, hp="", fold=-1, status="ok", steps=10)
   gain = {"vgg_s": (0.10, 0.12, 0.08), "resnet_s": (0.01, -0.01, 0.03)}
   recs = []
@@ -250,7 +250,9 @@ def test_tables_claims_by_hand():
         acc = 0.6 + (gain[arch][rep] if s == "freeze_cwl" else 0.0)
         recs.append(dict(base, arch=arch, strategy=s, repeat=rep, role="eval", val_acc=acc,
                          test_acc=acc))
-  text, summary = cwl_tables.make_report(recs, plan, args)
+  text, summary = _report(["--strategies", "freeze,freeze_cwl", "--repeats", "3",
+                           "--tune-repeats", "1", "--cv-folds", "0", "--arch", "vgg_s,resnet_s",
+                           "--target", "digits", "--shots", "1", "--lrs", "0.01"], recs)
   res = {c["claim"]["text"]: c for c in summary["claims"]}
   table1 = res["weighting convolutions beats frozen convolutions"]
   assert table1["pooled"]["paired"]["n"] == 3  # the archs share their 3 draws: each once

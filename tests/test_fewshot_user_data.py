@@ -35,7 +35,8 @@ def _image_tree(root, size, per_class=4):
 
 
 def _records(out):
-  records = json.loads((out / "results.json").read_text())
+  from jtransfer.study.records import rows
+  records = rows(json.loads((out / "results.json").read_text()))
   assert (out / "report.md").is_file() and (out / "results.jsonl").is_file()
   tunes = [r for r in records if r["role"] == "tune"]
   records = [r for r in records if r["role"] == "eval"]
@@ -85,7 +86,7 @@ def _fewshot_on_converted(converted, out, strategy):
           "--strategies", strategy, "--out", str(out), *TINY, "--steps", "1"]
   assert fewshot.main(argv) == 0
   (record,) = _records(out)
-  assert record["arch"] == "resnet18" and record["steps"] == 1 and record["strategy"] == strategy
+  assert record["arch"] == "resnet18" and record["steps"] == 1 and record["arm"] == strategy
 
 
 def test_converted_torchvision_resnet18_as_source(converted_resnet18, tmp_path):

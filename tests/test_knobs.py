@@ -1,5 +1,6 @@
-"""DELTA's configuration at the CLI edge (experiments.knobs): environment read only where a DELTA
-strategy runs, one sentence for a bad value, knobs carried by the plan, nothing global."""
+"""DELTA's configuration at the CLI edge (jtransfer.study.flags; experiments.knobs for the
+modules not yet on the runner): environment read only where a DELTA strategy runs, one sentence
+for a bad value, knobs carried by the plan, nothing global."""
 import subprocess
 import sys
 
@@ -8,15 +9,21 @@ import pytest
 from experiments import delta_table, fewshot, knobs
 from jtransfer.errors import InputError
 from jtransfer.methods import delta, transfer
+from jtransfer.study import flags, grid
 
 
-def _plan(strategies: str) -> dict:
-  return fewshot.validate(fewshot.parse_args(["--strategies", strategies, "--arch", "vgg_s"]))
+def _plan(strategies: str):
+  argv = ["--strategies", strategies, "--arch", "vgg_s"]
+  return grid.plan(fewshot.STUDY, flags.parse(fewshot.STUDY, argv))
+
+
+def _options(plan) -> dict:
+  return {a.name: dict(a.options) for a in plan.arms if a.options}
 
 
 def test_bad_environment_fails_only_where_delta_runs(monkeypatch):
   monkeypatch.setenv("JTRANSFER_DELTA_ALPHA", "abc")
-  assert _plan("freeze")["options"] == {}
+  assert _options(_plan("freeze")) == {}
   with pytest.raises(InputError, match=r"^JTRANSFER_DELTA_ALPHA='abc' is not a number$"):
     _plan("freeze,delta")
   monkeypatch.setenv("JTRANSFER_DELTA_ALPHA", "0.1")
@@ -41,11 +48,13 @@ def test_environment_becomes_the_plans_knobs(monkeypatch):
   monkeypatch.setenv("JTRANSFER_DELTA_ALPHA", "0.05")
   monkeypatch.setenv("JTRANSFER_DELTA_BETA", "0.2")
   plan = _plan("freeze,l2sp,delta_noatt")
-  assert set(plan["options"]) == {"l2sp", "delta_noatt"}
-  assert plan["options"]["l2sp"]["config"] == delta.Config(alpha=0.05, beta=0.2)
+  assert set(_options(plan)) == {"l2sp", "delta_noatt"}
+  assert _options(plan)["l2sp"]["config"] == delta.Config(alpha=0.05, beta=0.2)
   # alpha is l2sp's paper value now (delta_noatt has its own grid); the registry is untouched
-  assert knobs.strategy_of(plan, "l2sp").knob_defaults == {"alpha": 0.05}
-  assert knobs.strategy_of(plan, "delta_noatt") is transfer.get_strategy("delta_noatt")
+  assert plan.arm("l2sp").defaults == {"alpha": 0.05}
+  assert plan.arm("l2sp").strategy.knob_defaults == {"alpha": 0.05}
+  assert plan.arm("delta_noatt").defaults == transfer.get_strategy("delta_noatt").knob_defaults
+  assert plan.arm("delta_noatt").knobs == transfer.get_strategy("delta_noatt").knobs
   assert transfer.get_strategy("l2sp").knob_defaults == {"alpha": 0.01}
 
 

@@ -41,8 +41,9 @@ def test_two_processes_equal_one(tiny_source_dir, tmp_path):
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-  want = json.loads((single / "results.json").read_text())
-  got = json.loads((multi / "results.json").read_text())
+  from jtransfer.study.records import flat
+  want = [flat(r) for r in json.loads((single / "results.json").read_text())]
+  got = [flat(r) for r in json.loads((multi / "results.json").read_text())]
   assert len(got) == len(want) == 2
   for g, w in zip(got, want):
     assert {k: v for k, v in g.items() if not k.endswith("_acc") and k != "filter_distance"} \

@@ -13,6 +13,8 @@ import pytest
 from experiments import cli, cwl_tables, fewshot
 from jtransfer.errors import InputError
 from jtransfer.protocol import outdir, progress
+from jtransfer.study import edge, flags
+from jtransfer.study.target import TargetRuns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED = os.path.join(ROOT, "published", "cwl_tables")
@@ -132,9 +134,11 @@ def published_copy(tmp_path):
   return d
 
 
-def _open(module_parse, module, argv):
-  args = module_parse(argv)
-  return cli.open_results(args, cli.settings(module, args), module_parse)
+def _open(study, argv):
+  """Opens a study's --out as its main does (settings fingerprint of the parsed flags)."""
+  raw = flags.raw_flags(study, argv)
+  return edge.open_results(study, flags.config_of(study, raw),
+                           outdir.settings_of(study.module, raw))
 
 
 def test_published_folder_resumes_with_its_own_module_and_flags(published_copy, capsys):
@@ -142,7 +146,7 @@ def test_published_folder_resumes_with_its_own_module_and_flags(published_copy, 
   argv = [a for a in run["argv"] if a not in ("--out", "results/cwl_tables10", "--resume")]
   argv += ["--out", str(published_copy), "--resume", "--devices", "1"]
   before = _digest(published_copy)
-  results = _open(cwl_tables.PUBLISHER.parse_args, "experiments.cwl_tables", argv)
+  results = _open(cwl_tables.STUDY, argv)
   assert results.opened.resumed and len(results.records) == int(run["records"])
   assert f"{len(results.records)} runs already saved" in capsys.readouterr().err
   # Derived from run.json, the settings are now stored; nothing else changed.
@@ -150,7 +154,7 @@ def test_published_folder_resumes_with_its_own_module_and_flags(published_copy, 
   assert after.pop(outdir.SETTINGS_FILE) and after == before
   # A changed seed is refused by name.
   with pytest.raises(InputError, match=r"--seed 1 != 0"):
-    _open(cwl_tables.PUBLISHER.parse_args, "experiments.cwl_tables", argv + ["--seed", "1"])
+    _open(cwl_tables.STUDY, argv + ["--seed", "1"])
 
 
 def test_published_folder_refuses_a_changed_flag_before_settings_exist(published_copy):
@@ -159,7 +163,7 @@ def test_published_folder_refuses_a_changed_flag_before_settings_exist(published
           and a != "results/cwl_tables10"] + ["--out", str(published_copy)]
   before = _digest(published_copy)
   with pytest.raises(InputError, match=r"--shots 1,3 != 1,3,5,10"):
-    _open(cwl_tables.PUBLISHER.parse_args, "experiments.cwl_tables", argv)
+    _open(cwl_tables.STUDY, argv)
   assert _digest(published_copy) == before
 
 
@@ -179,8 +183,7 @@ def test_fewshot_resume_on_a_published_cwl_tables_folder_is_refused(published_co
 def test_fewshot_resume_with_another_seed_is_refused(tmp_path, capsys):
   argv = ["--arch", "vgg_s", "--target", "digits:0,1", "--strategies", "freeze",
           "--out", str(tmp_path / "o"), "--quiet"]
-  args = fewshot.PUBLISHER.parse_args(argv)
-  cli.open_results(args, cli.settings("experiments.fewshot", args), fewshot.PUBLISHER.parse_args)
+  _open(fewshot.STUDY, argv)
   (tmp_path / "o" / "results.jsonl").write_text('{"a": 1}\n')
   before = _digest(tmp_path / "o")
   assert fewshot.main([*argv, "--seed", "1", "--resume"]) == 2
@@ -244,7 +247,7 @@ def test_draw_labels_name_tuning_draws():
 def test_interrupted_line_gives_the_resume_command(tmp_path):
   d = _holding(tmp_path)
   argv = ["--arch", "vgg_s", "--out", str(d), "--overwrite", "--quiet"]
-  line = cli.interrupted_line("experiments.fewshot", argv, fewshot.PUBLISHER.parse_args)
+  line = edge.interrupted_line(fewshot.STUDY, argv)
   assert line == (f"interrupted: 1 runs saved in {d}; continue with: python -m "
                   f"experiments.fewshot --arch vgg_s --out {d} --quiet --resume")
 
@@ -311,7 +314,7 @@ def test_grid_announces_its_plan_and_names_tuning_draws(tiny_source_dir, tmp_pat
 def test_ctrl_c_ends_with_the_resume_command(tiny_source_dir, tmp_path, capsys, monkeypatch):
   out = tmp_path / "o"
   argv = [*GRID, "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--out", str(out), "--quiet"]
-  real, calls = fewshot.TargetRuns.run, []
+  real, calls = TargetRuns.run, []
 
   def run_then_interrupt(self, *a, **k):
     calls.append(1)
@@ -319,13 +322,13 @@ def test_ctrl_c_ends_with_the_resume_command(tiny_source_dir, tmp_path, capsys, 
       raise KeyboardInterrupt  # Ctrl-C during the third run
     return real(self, *a, **k)
 
-  monkeypatch.setattr(fewshot.TargetRuns, "run", run_then_interrupt)
+  monkeypatch.setattr(TargetRuns, "run", run_then_interrupt)
   assert fewshot.main(argv) == 130
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [f"interrupted: 2 runs saved in {out}; continue with: python -m "
                  f"experiments.fewshot {' '.join(argv)} --resume"]
   before = _digest(out)
-  monkeypatch.setattr(fewshot.TargetRuns, "run", real)
+  monkeypatch.setattr(TargetRuns, "run", real)
   assert fewshot.main([*argv, "--resume"]) == 0
   after = _digest(out)
   assert after["results.jsonl"] != before["results.jsonl"]

@@ -90,7 +90,8 @@ for n in (1, 2):
                        "--strategies", "finetune", "--lrs", "0.001", "--test-per-class", "20",
                        "--val-per-class", "2", "--quiet", "--devices", str(n), "--out", out])
   assert code == 0
-  accs[n] = [r["test_acc"] for r in json.load(open(os.path.join(out, "results.json")))]
+  accs[n] = [r["outcome"]["test_acc"]
+             for r in json.load(open(os.path.join(out, "results.json")))]
 print("RESULT" + json.dumps(accs))
 """
 

@@ -340,8 +340,8 @@ def test_trained_counts_of_norm_and_partial_tuning(sources):
 def test_fewshot_smoke_peft_strategies(tmp_path):
   records = tiny_fewshot_run(tmp_path / "r", "resnet_s", CONFIGS["resnet_s"],
                              "lora,ssf,norm_tune,conv_adapter", "fmnist:1,5,7")
-  assert {r["strategy"] for r in records} == {"lora", "ssf", "norm_tune", "conv_adapter"}
+  assert {r["arm"] for r in records} == {"lora", "ssf", "norm_tune", "conv_adapter"}
   records = tiny_fewshot_run(tmp_path / "v", "vgg_s", CONFIGS["vgg_s"],
                              "lora,ssf,surgical,last_k,finetune_lrd", "fmnist:1,5,7")
-  assert {r["strategy"] for r in records} == {"lora", "ssf", "surgical", "last_k",
+  assert {r["arm"] for r in records} == {"lora", "ssf", "surgical", "last_k",
                                               "finetune_lrd"}

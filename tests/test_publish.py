@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from experiments import cwl_tables, fewshot, publish
+from jtransfer.study import grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED = os.path.join(REPO, "published")
@@ -80,7 +81,8 @@ def test_fresh_folder_is_sound(folder):
 
 def test_check_catches_a_missing_run(folder, tmp_path):
   path = _copy(folder, tmp_path)
-  _edit_records(path, lambda rs: [r for r in rs if r["repeat"] != 1 or r["strategy"] != "freeze"])
+  _edit_records(path, lambda rs: [r for r in rs if r["draw"]["index"] != 1 or
+                                  r["draw"]["role"] != "eval" or r["arm"] != "freeze"])
   problems = publish.check(path)
   assert any("marked complete but 1 run(s)" in p for p in problems)
   assert any("run.json counts 8 records" in p for p in problems)
@@ -89,7 +91,8 @@ def test_check_catches_a_missing_run(folder, tmp_path):
 
 def test_check_catches_a_stray_and_a_duplicate_run(folder, tmp_path):
   path = _copy(folder, tmp_path)
-  _edit_records(path, lambda rs: rs + [dict(rs[-1], lr=0.5), rs[0]])
+  _edit_records(path, lambda rs: rs + [dict(rs[-1], knobs=dict(rs[-1]["knobs"], lr=0.5)),
+                                       rs[0]])
   problems = publish.check(path)
   assert any("1 record(s) outside the grid" in p for p in problems)
   assert any("1 duplicate run record(s)" in p for p in problems)
@@ -113,12 +116,12 @@ def test_a_tuning_choice_read_from_a_changed_record_is_caught(folder, tmp_path):
   """Lowering the chosen LR's validation score moves the choice: the evaluation runs on disk
   are then at the wrong LR, so the grid check fails."""
   path = _copy(folder, tmp_path)
-  _, _, args, plan, records = publish.load(path)
-  tuned = fewshot.choose(records, plan, args)
+  _, _, _, plan, records = publish.load(path)
+  tuned = grid.choices(records, plan)
   lr = tuned[("vgg_s", "digits:0,1,2", 2, "freeze")]["choice"]["lr"]
-  _edit_records(path, lambda rs: [dict(r, val_acc=-1.0) if r["role"] == "tune" and
-                                  r["strategy"] == "freeze" and r["lr"] == lr else r
-                                  for r in rs])
+  _edit_records(path, lambda rs: [dict(r, outcome=dict(r["outcome"], val_acc=-1.0))
+                                  if r["draw"]["role"] == "tune" and r["arm"] == "freeze" and
+                                  r["knobs"]["lr"] == lr else r for r in rs])
   assert any("outside the grid" in p for p in publish.check(path))
 
 
@@ -182,7 +185,8 @@ def test_shards_merge_into_the_whole_grid(tiny_source_dir, tmp_path):
   for i, s in enumerate(shards):
     assert fewshot.main(argv[:-1] + [s, "--shard", f"{i}/2"]) == 0
     assert publish.check(s) == [] and publish.read_run(s)["complete"]
-  got = [{r["shots"] for r in json.load(open(os.path.join(s, "results.json")))} for s in shards]
+  got = [{r["cell"]["shots"] for r in json.load(open(os.path.join(s, "results.json")))}
+         for s in shards]
   assert got == [{2}, {3}]
   merged = str(tmp_path / "merged")
   assert publish.main(["merge", merged, *shards, "--module", "experiments.fewshot", "--",
@@ -207,7 +211,7 @@ def test_merge_refuses_shards_that_disagree_about_a_run(folder, tmp_path):
   with open(os.path.join(b, "results.jsonl")) as f:
     lines = f.readlines()
   first = json.loads(lines[0])
-  first["val_acc"] = -1.0  # the same run, another outcome
+  first["outcome"]["val_acc"] = -1.0  # the same run, another outcome
   lines[0] = json.dumps(first) + "\n"
   with open(os.path.join(b, "results.jsonl"), "w") as f:
     f.writelines(lines)

@@ -46,7 +46,8 @@ def _resnet_like(tmp, size):
 def _fewshot(arch, src, out, strategy):
   assert fewshot.main(["--arch", arch, "--source", f"ckpt:{src}", *TARGETS, "--strategies",
                        strategy, "--out", str(out), *TINY]) == 0
-  records = json.loads((out / "results.json").read_text())
+  from jtransfer.study.records import rows
+  records = rows(json.loads((out / "results.json").read_text()))
   assert {r["target"] for r in records} == {"fmnist:1,5", "digits:0,1"}
   assert all(r["status"] == "ok" and 0 <= r["test_acc"] <= 1 for r in records)
   return (out / "report.md").read_text()

@@ -99,9 +99,10 @@ def test_nan_run_is_marked_failed_and_grid_continues(tiny_source_dir, tmp_path):
                          "--strategies", "test_nan,freeze", "--out", str(out), *TINY]) == 0
   finally:
     del transfer.STRATEGIES["test_nan"]
-  records = json.loads((out / "results.json").read_text())
+  from jtransfer.study.records import rows
+  records = rows(json.loads((out / "results.json").read_text()))
   failed = [r for r in records if r["status"] == "failed"]
-  assert failed and all(r["shots"] == 2 and r["strategy"] == "test_nan" for r in failed)
+  assert failed and all(r["shots"] == 2 and r["arm"] == "test_nan" for r in failed)
   assert "non-finite reg at step 0" in failed[0]["error"]
   assert sum(r["status"] == "ok" for r in records) == len(records) - len(failed)
   assert "run(s) failed" in (out / "report.md").read_text()

@@ -105,6 +105,6 @@ def test_fewshot_streamed_target_gives_the_in_memory_results(tiny_source_dir, tm
   assert fewshot.main(argv + stored + ["--out", str(tmp_path / "memory36")]) == 0
   assert fewshot.main(argv + stored + ["--out", str(tmp_path / "lazy36"),
                                        "--stream-threads", "2"]) == 0
-  assert read("memory36") == read("lazy36") and read("lazy36")[0]["stored_size"] == 36
+  assert read("memory36") == read("lazy36") and read("lazy36")[0]["extra"]["stored_size"] == 36
   assert fewshot.main(["--target", "digits", "--stream-threads", "2"] + argv[2:4] +
                       ["--out", str(tmp_path / "y"), "--quiet"]) == 2

@@ -114,7 +114,7 @@ def test_fewshot_on_vit_s28(strategies, tmp_path):
   records = tiny_fewshot_run(tmp_path, "vit_s28", TINY, strategies, "digits:0,1,2", classes=3,
                              mean=(0.5,), std=(0.25,),
                              extra_args=("--tune-repeats", "0", "--no-paper-grid"))
-  assert {r["strategy"] for r in records} == set(strategies.split(","))
+  assert {r["arm"] for r in records} == set(strategies.split(","))
 
 
 @pytest.mark.slow  # the import maps are tested above; this adds the CLI, files and prefixes
