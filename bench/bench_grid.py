@@ -41,77 +41,28 @@ jtransfer minus PyTorch test accuracy per evaluation run at each arm's chosen LR
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
+import sys
 import tempfile
+from typing import Optional, Sequence
 
 from bench.common import emit
 from bench.grid_jax import GridConfig, jax_grid, process_grid
 from bench.grid_report import report
 from bench.grid_torch import torch_grid, torch_threads
 from experiments import pretrain
+from jtransfer.errors import InputError
+from jtransfer.study import flags
 
 
-def parse_args(argv):
-  """The bench's flags (defaults: `GridConfig`'s)."""
-  d = GridConfig()
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--archs", default=d.text("archs"))
-  p.add_argument("--targets", default=d.text("targets"), help="';'-separated target specs")
-  p.add_argument("--shots", default=d.text("shots"))
-  p.add_argument("--repeats", type=int, default=d.repeats, help="evaluation draws per cell")
-  p.add_argument("--tune-repeats", type=int, default=d.tune_repeats,
-                 help="tuning draws per cell")
-  p.add_argument("--tune-extend", type=int, default=d.tune_extend)
-  p.add_argument("--steps", type=int, default=d.steps,
-                 help="step cap per run (cwl_tables' default)")
-  p.add_argument("--patience", type=int, default=d.patience, help="(cwl_tables' default)")
-  p.add_argument("--eval-every", type=int, default=d.eval_every)
-  p.add_argument("--val-per-class", type=int, default=d.val_per_class)
-  p.add_argument("--paper-grid", action=argparse.BooleanOptionalAction, default=d.paper_grid,
-                 help="also run every grid LR on the evaluation draws, in both arms "
-                      "(cwl_tables' 'best over LR' tables); off: evaluation draws run only at "
-                      "the chosen LR")
-  p.add_argument("--test-per-class", type=int, default=d.test_per_class)
-  p.add_argument("--batch-size", type=int, default=d.batch_size)
-  p.add_argument("--source", default=d.source, help="dataset spec (pretrained, cached) or "
-                 "ckpt:PATH")
-  p.add_argument("--source-epochs", type=float, default=d.source_epochs)
-  p.add_argument("--seed", type=int, default=d.seed)
-  p.add_argument("--torch-threads", default=d.torch_threads,
-                 help="PyTorch intra-op threads; 'auto' = whichever of 1 and torch's default "
-                      "runs a probe step faster now (on a loaded machine torch's OpenMP threads "
-                      "can run 10x slower than one thread)")
-  p.add_argument("--paths", default=d.text("paths"),
-                 help="comma list of jtransfer, torch, plain, processes")
-  p.add_argument("--out", default=d.out)
-  return p.parse_args(argv)
-
-
-PATHS = ("jtransfer", "torch", "plain", "processes")
-
-
-def config_of(args: argparse.Namespace) -> GridConfig:
-  """The typed configuration of the parsed flags (the CLI edge: nothing below sees argparse).
+def parse(argv: Optional[Sequence[str]]) -> GridConfig:
+  """The typed configuration of the command line (the CLI edge: `jtransfer.study.flags`).
 
   Raises:
-    SystemExit: an unknown --paths entry or a --shots entry that is not an integer.
+    InputError: one sentence naming a bad flag.
   """
-  fields = {f.name for f in dataclasses.fields(GridConfig)}
-  values = {k: v for k, v in vars(args).items() if k in fields}
-  paths = tuple(p for p in args.paths.split(",") if p)
-  for p in paths:
-    if p not in PATHS:
-      raise SystemExit(f"--paths: unknown path {p!r}")
-  try:
-    shots = tuple(int(k) for k in args.shots.split(",") if k.strip())
-  except ValueError:
-    raise SystemExit(f"--shots {args.shots!r}: expected a comma list of integers") from None
-  values.update(archs=tuple(a for a in args.archs.split(",") if a),
-                targets=tuple(t for t in args.targets.split(";") if t), shots=shots,
-                paths=paths)
-  return GridConfig(**values)
+  return flags.parse_fields(GridConfig, argv, __doc__)
 
 
 def _merge(a: dict | None, b: dict) -> dict:
@@ -123,7 +74,11 @@ def _merge(a: dict | None, b: dict) -> dict:
 
 def main(argv=None) -> int:
   """Caches the sources, times the arms alternating by arch, writes the report."""
-  config = config_of(parse_args(argv))
+  try:
+    config = parse(argv)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   paths = config.paths
   for arch in config.archs:  # sources are cached before timing
     pretrain.source_for(arch, config.source, epochs=config.source_epochs, seed=config.seed,

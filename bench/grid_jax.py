@@ -15,7 +15,11 @@ from collections import defaultdict
 
 from experiments import cwl_tables
 from jtransfer import study
+from jtransfer.errors import InputError
+from jtransfer.study import flag
 from jtransfer.study import records as rec
+from jtransfer.study.config import at_least, comma_list
+from jtransfer.study.tables import positive_ints
 
 TARGETS = ("fmnist:1,5,7,8,9", "digits")
 STRATEGIES = ("freeze", "freeze_cwl")
@@ -26,31 +30,70 @@ COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/backend_compile_duration")
 
 
+PATHS = ("jtransfer", "torch", "plain", "processes")
+
+
+def _paths(text: str) -> tuple[str, ...]:
+  """--paths: a comma list of PATHS."""
+  names = comma_list("--paths")(text)
+  bad = [n for n in names if n not in PATHS]
+  if bad:
+    raise InputError(f"--paths: unknown path {bad[0]!r}; expected a comma list of "
+                     f"{', '.join(PATHS)}")
+  return names
+
+
+def _threads(text: str) -> str:
+  """--torch-threads: 'auto' or an integer >= 1."""
+  if text != "auto" and not (str(text).isdigit() and int(text) >= 1):
+    raise InputError(f"--torch-threads {text!r}: expected 'auto' or an integer >= 1")
+  return str(text)
+
+
 @dataclasses.dataclass(frozen=True)
 class GridConfig:
-  """What one invocation of bench/bench_grid.py times (its flags, typed; built by
-  bench_grid.main). The grid fields are `experiments.cwl_tables`' flags of the same names
-  (`tune_repeats`: tuning draws per cell); `torch_threads`: an int, or 'auto' (probe);
-  `paths`: the arms to time; `out`: the report."""
-  archs: tuple[str, ...] = ("vgg_s", "resnet_s")
-  targets: tuple[str, ...] = TARGETS
-  shots: tuple[int, ...] = (1, 3, 5, 10)
-  repeats: int = 1
-  tune_repeats: int = 2
-  tune_extend: int = 2
-  steps: int = 1000
-  patience: int = 200
-  eval_every: int = 10
-  val_per_class: int = 20
-  paper_grid: bool = False
-  test_per_class: int = 300
-  batch_size: int = 64
-  source: str = "fmnist:0,2,3,4,6"
-  source_epochs: float = 2.0
-  seed: int = 0
-  torch_threads: str = "auto"
-  paths: tuple[str, ...] = ("jtransfer", "torch")
-  out: str = "bench/GRID.md"
+  """What one invocation of bench/bench_grid.py times: its flags, typed (`jtransfer.study.flag`
+  fields, parsed by `bench_grid.parse`). The grid fields are `experiments.cwl_tables`' flags of
+  the same names (`tune_repeats`: tuning draws per cell)."""
+  archs: tuple[str, ...] = flag("--archs", ("vgg_s", "resnet_s"), "comma list of archs",
+                                cli="vgg_s,resnet_s", parse=comma_list("--archs"))
+  targets: tuple[str, ...] = flag("--targets", TARGETS, "';'-separated target specs",
+                                  cli=";".join(TARGETS),
+                                  parse=lambda t: tuple(s for s in t.split(";") if s.strip()))
+  shots: tuple[int, ...] = flag("--shots", (1, 3, 5, 10), "comma list of k", cli="1,3,5,10",
+                                parse=lambda t: tuple(positive_ints(t, "--shots")))
+  repeats: int = flag("--repeats", 1, "evaluation draws per cell",
+                      check=at_least(1, "--repeats"))
+  tune_repeats: int = flag("--tune-repeats", 2, "tuning draws per cell",
+                           check=at_least(0, "--tune-repeats"))
+  tune_extend: int = flag("--tune-extend", 2, "extensions of the LR grid at an edge",
+                          check=at_least(0, "--tune-extend"))
+  steps: int = flag("--steps", 1000, "step cap per run (cwl_tables' default)",
+                    check=at_least(1, "--steps"))
+  patience: int = flag("--patience", 200, "(cwl_tables' default)",
+                       check=at_least(0, "--patience"))
+  eval_every: int = flag("--eval-every", 10, "steps between validation checks",
+                         check=at_least(1, "--eval-every"))
+  val_per_class: int = flag("--val-per-class", 20, "validation images per class",
+                            check=at_least(1, "--val-per-class"))
+  paper_grid: bool = flag("--paper-grid", False, "also run every grid LR on the evaluation "
+                          "draws, in both arms (cwl_tables' 'best over LR' tables); off: "
+                          "evaluation draws run only at the chosen LR", action="bool")
+  test_per_class: int = flag("--test-per-class", 300, "cap on test images per class",
+                             check=at_least(0, "--test-per-class"))
+  batch_size: int = flag("--batch-size", 64, "images per step",
+                         check=at_least(1, "--batch-size"))
+  source: str = flag("--source", "fmnist:0,2,3,4,6", "dataset spec (pretrained, cached) or "
+                     "ckpt:PATH")
+  source_epochs: float = flag("--source-epochs", 2.0, "pretraining epochs of the source")
+  seed: int = flag("--seed", 0, "seeds the draws, the source's pretraining and every run")
+  torch_threads: str = flag("--torch-threads", "auto", "PyTorch intra-op threads; 'auto' = "
+                            "whichever of 1 and torch's default runs a probe step faster now "
+                            "(on a loaded machine torch's OpenMP threads can run 10x slower "
+                            "than one thread)", parse=_threads)
+  paths: tuple[str, ...] = flag("--paths", ("jtransfer", "torch"), "comma list of "
+                                + ", ".join(PATHS), cli="jtransfer,torch", parse=_paths)
+  out: str = flag("--out", "bench/GRID.md", "the report")
 
   def text(self, name: str) -> str:
     """A field's value as the command line writes it ('vgg_s,resnet_s', '1,3,5,10')."""

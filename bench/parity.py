@@ -34,7 +34,6 @@ same draws and head inits, jtransfer only, with the train-step and eval-forward 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -45,62 +44,21 @@ from bench.common import emit
 from bench.parity_report import report
 from bench.parity_runs import (OutOfTime, ParityConfig, Records, controlled, get_source,
                                run_target, step_times)
+from jtransfer.errors import InputError
+from jtransfer.study import flags
 
 
-def parse_args(argv):
-  """The bench's flags (defaults: `ParityConfig`'s)."""
-  d = ParityConfig()
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--archs", default=",".join(d.archs))
-  p.add_argument("--targets", default=";".join(d.targets), help="';'-separated target specs")
-  p.add_argument("--strategies", default=",".join(d.strategies))
-  p.add_argument("--shots", type=int, default=d.shots)
-  p.add_argument("--draws", type=int, default=d.draws, help="k-shot draws per cell (repeats)")
-  p.add_argument("--steps", type=int, default=d.steps, help="Adam steps per run")
-  p.add_argument("--lr-freeze", type=float, default=d.lr_freeze)
-  p.add_argument("--lr-finetune", type=float, default=d.lr_finetune)
-  p.add_argument("--batch-size", type=int, default=d.batch_size)
-  p.add_argument("--val-per-class", type=int, default=d.val_per_class)
-  p.add_argument("--test-per-class", type=int, default=d.test_per_class)
-  p.add_argument("--source", default=d.source,
-                 help="source dataset spec (pretrained and cached), or 'random' (an untrained "
-                      "source, for tests)")
-  p.add_argument("--source-epochs", type=float, default=d.source_epochs)
-  p.add_argument("--seed", type=int, default=d.seed)
-  p.add_argument("--stem-study", dest="stem_study", action="store_true", default=True)
-  p.add_argument("--no-stem-study", dest="stem_study", action="store_false")
-  p.add_argument("--stem-draws", type=int, default=None,
-                 help="draws of the stem study (the first ones of the parity table's; default "
-                      "--draws): a stride-1 finetune run costs ~3.5x a stride-2 one")
-  p.add_argument("--rounding-control", dest="rounding_control", action="store_true",
-                 default=True,
-                 help="train each Finetune run's PyTorch arm again with each batch's rows "
-                      "reversed (on by default)")
-  p.add_argument("--no-rounding-control", dest="rounding_control", action="store_false")
-  p.add_argument("--logit-tol", type=float, default=d.logit_tol,
-                 help="largest |logit| difference of the two nets before training (relative "
-                      "to the largest |logit|) accepted as the same net")
-  p.add_argument("--torch-threads", type=int, default=d.torch_threads,
-                 help="torch.set_num_threads (0 = torch's default)")
-  p.add_argument("--max-minutes", type=float, default=d.max_minutes,
-                 help="start no run after this many minutes; the report then says what is "
-                      "left, and the same command continues from the records")
-  p.add_argument("--records", default=None,
-                 help="JSON-lines file of finished runs (default: --out with .jsonl)")
-  p.add_argument("--out", default=d.out)
-  return p.parse_args(argv)
+def parse(argv: Optional[Sequence[str]]) -> ParityConfig:
+  """The typed configuration of the command line (the CLI edge: `jtransfer.study.flags`);
+  --stem-draws defaults to --draws, --records to --out with .jsonl.
 
-
-def config_of(args: argparse.Namespace) -> ParityConfig:
-  """The typed configuration of the parsed flags (the CLI edge: nothing below sees argparse)."""
-  fields = {f.name for f in dataclasses.fields(ParityConfig)}
-  values = {k: v for k, v in vars(args).items() if k in fields}
-  values.update(archs=tuple(a for a in args.archs.split(",") if a),
-                targets=tuple(t for t in args.targets.split(";") if t),
-                strategies=tuple(s for s in args.strategies.split(",") if s),
-                stem_draws=args.draws if args.stem_draws is None else args.stem_draws,
-                records=args.records or os.path.splitext(args.out)[0] + ".jsonl")
-  return ParityConfig(**values)
+  Raises:
+    InputError: one sentence naming a bad flag.
+  """
+  config = flags.parse_fields(ParityConfig, argv, __doc__)
+  return dataclasses.replace(
+      config, stem_draws=config.draws if config.stem_draws is None else config.stem_draws,
+      records=config.records or os.path.splitext(config.out)[0] + ".jsonl")
 
 
 def count(config: ParityConfig, records: Records) -> tuple[int, int]:
@@ -125,7 +83,11 @@ def count(config: ParityConfig, records: Records) -> tuple[int, int]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs what the records lack (until the time cap) and writes the report; 0 when complete,
   3 when runs are left, 1 when the two nets differ before training."""
-  config = config_of(parse_args(argv))
+  try:
+    config = parse(argv)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   import torch
   torch.manual_seed(0)
   if config.torch_threads:

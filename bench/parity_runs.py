@@ -14,47 +14,85 @@ from typing import Optional
 import numpy as np
 
 from bench.torch_twin import torch_logits, torch_net, torch_run
+from jtransfer.errors import InputError
+from jtransfer.study import flag
+from jtransfer.study.config import at_least, comma_list
+
+
+LRS = {"freeze": 1e-2, "finetune": 1e-4}  # each strategy's fixed LR (a flag each)
+
+
+def _specs(text: str) -> tuple[str, ...]:
+  """--targets: ';'-separated dataset specs."""
+  return tuple(t for t in str(text).split(";") if t.strip())
+
+
+def _strategies(text: str) -> tuple[str, ...]:
+  """--strategies: a comma list of the strategies with a PyTorch twin (freeze, finetune)."""
+  names = comma_list("--strategies")(text)
+  bad = [n for n in names if n not in LRS]
+  if bad or not names:
+    raise InputError(f"--strategies {text!r}: expected a comma list of {', '.join(LRS)}")
+  return names
+
+
+def _optional_int(flag_name: str):
+  def parse(text) -> int:
+    try:
+      return int(text)
+    except ValueError:
+      raise InputError(f"{flag_name} {text!r}: expected an integer") from None
+  return parse
 
 
 @dataclasses.dataclass(frozen=True)
 class ParityConfig:
-  """What one invocation of bench/parity.py runs (its flags, typed; built by parity.main).
-
-  Attributes:
-    archs, targets, strategies: the cells' axes.
-    shots, draws, steps, batch_size, val_per_class, test_per_class, seed: the runs (as the
-      flags of the same names).
-    lr_freeze, lr_finetune: each strategy's fixed LR.
-    source, source_epochs: the pretrained source ('random': untrained, for tests).
-    stem_study, stem_draws: the resnet_s stride-1 stem study and its draws.
-    rounding_control: retrain Finetune's PyTorch runs with each batch's rows reversed.
-    logit_tol: the largest relative logit difference of the two nets before training.
-    torch_threads: torch intra-op threads (0: torch's default).
-    max_minutes: start no run after this many minutes.
-    records: the JSON-lines file of finished runs; out: the report.
-  """
-  archs: tuple[str, ...] = ("vgg_s", "resnet_s")
-  targets: tuple[str, ...] = ("fmnist:1,5,7,8,9", "digits")
-  strategies: tuple[str, ...] = ("freeze", "finetune")
-  shots: int = 10
-  draws: int = 10
-  steps: int = 100
-  lr_freeze: float = 1e-2
-  lr_finetune: float = 1e-4
-  batch_size: int = 64
-  val_per_class: int = 10
-  test_per_class: int = 300
-  source: str = "fmnist:0,2,3,4,6"
-  source_epochs: float = 2.0
-  seed: int = 0
-  stem_study: bool = True
-  stem_draws: int = 10
-  rounding_control: bool = True
-  logit_tol: float = 1e-3
-  torch_threads: int = 1
-  max_minutes: float = 12.0
-  records: str = "bench/PARITY.jsonl"
-  out: str = "bench/PARITY.md"
+  """What one invocation of bench/parity.py runs: its flags, typed (`jtransfer.study.flag`
+  fields; `parity.parse` builds it, resolving --stem-draws and --records)."""
+  archs: tuple[str, ...] = flag("--archs", ("vgg_s", "resnet_s"), "comma list of archs",
+                                cli="vgg_s,resnet_s", parse=comma_list("--archs"))
+  targets: tuple[str, ...] = flag("--targets", ("fmnist:1,5,7,8,9", "digits"),
+                                  "';'-separated target specs",
+                                  cli="fmnist:1,5,7,8,9;digits", parse=_specs)
+  strategies: tuple[str, ...] = flag("--strategies", ("freeze", "finetune"),
+                                     "comma list of freeze, finetune", cli="freeze,finetune",
+                                     parse=_strategies)
+  shots: int = flag("--shots", 10, "k, images per class", check=at_least(1, "--shots"))
+  draws: int = flag("--draws", 10, "k-shot draws per cell (repeats)",
+                    check=at_least(1, "--draws"))
+  steps: int = flag("--steps", 100, "Adam steps per run", check=at_least(1, "--steps"))
+  lr_freeze: float = flag("--lr-freeze", LRS["freeze"], "Freeze's LR")
+  lr_finetune: float = flag("--lr-finetune", LRS["finetune"], "Finetune's LR")
+  batch_size: int = flag("--batch-size", 64, "images per step (a smaller k-shot set is one "
+                         "batch)", check=at_least(1, "--batch-size"))
+  val_per_class: int = flag("--val-per-class", 10, "validation images per class of a draw",
+                            check=at_least(0, "--val-per-class"))
+  test_per_class: int = flag("--test-per-class", 300, "cap on test images per class",
+                             check=at_least(0, "--test-per-class"))
+  source: str = flag("--source", "fmnist:0,2,3,4,6", "source dataset spec (pretrained and "
+                     "cached), or 'random' (an untrained source, for tests)")
+  source_epochs: float = flag("--source-epochs", 2.0, "pretraining epochs of the source")
+  seed: int = flag("--seed", 0, "seeds the draws, the source's pretraining and every run")
+  stem_study: bool = flag("--stem-study", True, "also run resnet_s with a stride-1 stem "
+                          "(jtransfer only)", action="bool")
+  stem_draws: Optional[int] = flag(
+      "--stem-draws", None, "draws of the stem study (the first ones of the parity table's; "
+      "default --draws): a stride-1 finetune run costs ~3.5x a stride-2 one",
+      parse=_optional_int("--stem-draws"))
+  rounding_control: bool = flag("--rounding-control", True, "train each Finetune run's "
+                                "PyTorch arm again with each batch's rows reversed",
+                                action="bool")
+  logit_tol: float = flag("--logit-tol", 1e-3, "largest |logit| difference of the two nets "
+                          "before training (relative to the largest |logit|) accepted as the "
+                          "same net")
+  torch_threads: int = flag("--torch-threads", 1, "torch.set_num_threads (0 = torch's default)",
+                            check=at_least(0, "--torch-threads"))
+  max_minutes: float = flag("--max-minutes", 12.0, "start no run after this many minutes; the "
+                            "report then says what is left, and the same command continues "
+                            "from the records")
+  records: Optional[str] = flag("--records", None, "JSON-lines file of finished runs "
+                                "(default: --out with .jsonl)")
+  out: str = flag("--out", "bench/PARITY.md", "the report")
 
   def lr(self, strategy: str) -> float:
     """The strategy's fixed LR."""

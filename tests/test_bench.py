@@ -50,9 +50,11 @@ def test_bench_grid_runs_tiny(tmp_path, tiny_source_dir):
 
 def test_bench_grid_config_is_the_cwl_tables_command():
   """The typed config of bench_grid's flags gives the cwl_tables flags a user would type, and
-  the report's command-line texts; a bad --paths or --shots stops before anything runs."""
+  the report's command-line texts; a bad flag is one sentence and exit code 2, before
+  anything runs."""
   from bench import bench_grid, grid_jax
-  config = bench_grid.config_of(bench_grid.parse_args(["--shots", "1,5", "--paper-grid"]))
+  from jtransfer.errors import InputError
+  config = bench_grid.parse(["--shots", "1,5", "--paper-grid"])
   assert config.shots == (1, 5) and config.archs == ("vgg_s", "resnet_s")
   assert (config.text("shots"), config.text("targets")) == ("1,5", "fmnist:1,5,7,8,9;digits")
   assert grid_jax.grid_argv(config, ("digits",), "o") == [
@@ -68,9 +70,11 @@ def test_bench_grid_config_is_the_cwl_tables_command():
   assert flags.parse(grid_jax.STUDY, argv) == grid_jax.study_config(config, ("digits",), "o",
                                                                     feature_cache=False)
   for bad, match in ((["--paths", "jtransfer,gpu"], "unknown path 'gpu'"),
-                     (["--shots", "1,x"], "comma list of integers")):
-    with pytest.raises(SystemExit, match=match):
-      bench_grid.config_of(bench_grid.parse_args(bad))
+                     (["--shots", "1,x"], "comma list of integers"),
+                     (["--torch-threads", "0"], "'auto' or an integer >= 1")):
+    with pytest.raises(InputError, match=match):
+      bench_grid.parse(bad)
+  assert bench_grid.main(["--paths", "gpu"]) == 2
 
 
 def test_bench_grid_cwl_twin_is_torch_refs_cwl_net():
@@ -183,7 +187,7 @@ def test_parity_report_regenerates_the_published_one():
   with open(os.path.join(bench_dir, "PARITY.md")) as f:
     text = f.read()
   argv = text.split("```\n")[1].split()[3:]  # the flags after `python -m bench.parity`
-  config = parity.config_of(parity.parse_args(argv))
+  config = parity.parse(argv)
   config = dataclasses.replace(config, records=os.path.join(bench_dir, "PARITY.jsonl"))
   records = parity_runs.Records(config.records, config.settings())
   line = next(l for l in text.splitlines() if l.startswith("Sources: "))

@@ -84,6 +84,20 @@ def _build(cls, raw: Mapping[str, Any]):
   return cls(**values)
 
 
+def parse_fields(cls, argv: Optional[Sequence[str]], doc: str = ""):
+  """argv -> an instance of one flag dataclass `cls` alone, for a command that is not a study
+  (a benchmark): its fields' flags only, each value parsed and checked as a study's are.
+
+  Raises:
+    InputError: one sentence naming the first bad flag (argparse exits 2 on a malformed one).
+  """
+  p = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  for f in cfg.flag_fields(cls):
+    _add(p, f, f.metadata["cli"])
+  return _build(cls, vars(p.parse_args(argv)))
+
+
 def delta_env() -> dict:
   """The DELTA settings named by JTRANSFER_DELTA_* environment variables ({} when none).
 
