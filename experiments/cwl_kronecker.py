@@ -8,52 +8,60 @@ writes
   * filter_gram.png: one heatmap per conv layer of the filter matrix V V^T (`--kind cosine`
     for unit-norm filters, `covariance` for np.cov), as Fig. 1 (the paper shows the first four
     layers of a CNN on MNIST: the first layer's filters are the least orthogonal);
-  * kron_error.png and results.json: per layer, the relative error ||V - V_k||_F / ||V||_F of
-    the best sum of k Kronecker products (`kronecker.kron_rank_report`: V (O, H*W*I) split as
+  * kron_error.png and one record per conv layer (results.json, `jtransfer.study.records`:
+    arm 'kronecker', cell {'layer'}): the relative error ||V - V_k||_F / ||V||_F of the best
+    sum of k Kronecker products (`kronecker.kron_rank_report`: V (O, H*W*I) split as
     (O, H*W) x (1, I) factors, i.e. spatial map per filter x input-channel weights; with
     `--factors svd`, (O, 1) x (1, H*W*I): the plain rank-k SVD of V), and the mean |cosine|
     between distinct filters (`filter_redundancy`);
-  * report.md with the table.
+  * report.md with the table (regenerated from results.json by `experiments.publish`).
 
 Claim to check: redundancy is highest in the first conv layer (few input channels).
-Seconds on 2 CPU cores once the source is cached.
+Seconds on 2 CPU cores once the source is cached. Not a grid of draws: the study runner's
+`Study.run` hook computes it (one source, no training).
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import sys
-import time
 from typing import Sequence
 
 import numpy as np
 
-from experiments import cli, pretrain
-from experiments.report import ResultsDir
-from jtransfer import models, surgery
+from experiments import pretrain
+from jtransfer import models, study, surgery
 from jtransfer.data import parse_spec
 from jtransfer.errors import InputError
 from jtransfer.methods import kronecker
+from jtransfer.study import draws, records
 
 KINDS = kronecker.GRAM_KINDS
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--arch", default="vgg_s", choices=models.names())
-  p.add_argument("--source", default=pretrain.DEFAULT_SOURCE, help="dataset spec or ckpt:PATH")
-  p.add_argument("--source-epochs", type=float, default=2.0)
-  p.add_argument("--kind", default="gram", choices=KINDS, help="filter matrix of the heatmaps")
-  p.add_argument("--layers", type=int, default=0,
-                 help="heatmaps of the first N conv layers only (0 = all)")
-  p.add_argument("--factors", default="spatial", choices=("spatial", "svd"),
-                 help="Kronecker factor shapes: 'spatial' (O, H*W) x (1, I), or 'svd' (O, 1) x "
-                      "(1, H*W*I), i.e. the plain low-rank SVD of V")
-  p.add_argument("--ranks", default="", help="comma list of k (default 1, 2, 4, ..., max)")
-  p.add_argument("--seed", type=int, default=0)
-  cli.add_results_flags(p, "results/cwl_kronecker")
-  return p.parse_args(argv)
+def _ranks(text: str) -> tuple[int, ...]:
+  try:
+    ranks = tuple(int(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    raise InputError(f"--ranks {text!r}: expected a comma list of integers") from None
+  if ranks and min(ranks) < 1:
+    raise InputError(f"--ranks {text!r}: ranks must be >= 1")
+  return ranks
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+  """The study's flags."""
+  arch: str = study.flag("--arch", "vgg_s", "the source's architecture", choices=models.names())
+  kind: str = study.flag("--kind", "gram", "filter matrix of the heatmaps", choices=KINDS)
+  layers: int = study.flag("--layers", 0, "heatmaps of the first N conv layers only (0 = all)",
+                           check=study.config.at_least(0, "--layers"))
+  factors: str = study.flag("--factors", "spatial", "Kronecker factor shapes: 'spatial' (O, "
+                            "H*W) x (1, I), or 'svd' (O, 1) x (1, H*W*I), i.e. the plain "
+                            "low-rank SVD of V", choices=("spatial", "svd"))
+  ranks: tuple[int, ...] = study.flag("--ranks", (), "comma list of k (default 1, 2, 4, ..., "
+                                      "max)", cli="", parse=_ranks)
+  seed: int = study.flag("--seed", 0, "seeds the source's pretraining")
 
 
 def conv_kernels(params) -> dict[str, np.ndarray]:
@@ -63,6 +71,7 @@ def conv_kernels(params) -> dict[str, np.ndarray]:
 
 
 def plot_errors(report: dict, path: str) -> None:
+  """Relative error against Kronecker rank, one line per layer (kron_error.png)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -79,58 +88,68 @@ def plot_errors(report: dict, path: str) -> None:
   plt.close(fig)
 
 
-@cli.interruptible("experiments.cwl_kronecker", lambda argv: parse_args(argv))
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  made_by = cli.settings("experiments.cwl_kronecker", args)
-  cli.apply_devices(args)
-  t0 = time.time()
-  try:
-    if not args.source.startswith("ckpt:"):
-      parse_spec(args.source, flag="--source")
-    if args.layers < 0:
-      raise InputError(f"--layers must be >= 0, got {args.layers}")
-    try:
-      ranks = [int(v) for v in args.ranks.split(",") if v.strip()] or None
-    except ValueError:
-      raise InputError(f"--ranks {args.ranks!r}: expected a comma list of integers") from None
-    if ranks and min(ranks) < 1:
-      raise InputError(f"--ranks {args.ranks!r}: ranks must be >= 1")
-    results = cli.open_results(args, made_by, parse_args)
-    source = pretrain.source_for(args.arch, args.source, epochs=args.source_epochs,
-                                 seed=args.seed, progress=not args.quiet)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def run(study_, config, results) -> list[dict]:
+  """The `Study.run` hook: one record per conv layer of the source, and the two plots."""
+  k, o = config.extra, config.output
+  source = pretrain.source_for(k.arch, config.source.spec, epochs=config.source.epochs,
+                               seed=k.seed, progress=not o.quiet)
   kernels = conv_kernels(source.variables["params"])
   shapes = None
-  if args.factors == "svd":
-    shapes = {n: ((k.shape[-1], 1), (1, int(np.prod(k.shape[:-1])))) for n, k in kernels.items()}
-  report = kronecker.kron_rank_report(kernels, ranks, shapes)
-  for name, k in kernels.items():
-    report[name]["redundancy"] = kronecker.filter_redundancy(k)
-  shown = dict(list(kernels.items())[:args.layers]) if args.layers else kernels
-  kronecker.plot_filter_gram(shown, os.path.join(results.path, "filter_gram.png"), args.kind)
+  if k.factors == "svd":
+    shapes = {n: ((v.shape[-1], 1), (1, int(np.prod(v.shape[:-1])))) for n, v in kernels.items()}
+  report = kronecker.kron_rank_report(kernels, list(k.ranks) or None, shapes)
+  for name, v in kernels.items():
+    report[name]["redundancy"] = kronecker.filter_redundancy(v)
+  shown = dict(list(kernels.items())[:k.layers]) if k.layers else kernels
+  kronecker.plot_filter_gram(shown, os.path.join(results.path, "filter_gram.png"), k.kind)
   plot_errors(report, os.path.join(results.path, "kron_error.png"))
-  results.write_json("results.json", dict(arch=args.arch, source=args.source, kind=args.kind,
-                                          factors=args.factors, layers=report))
-  all_ranks = sorted({k for r in report.values() for k in r["ranks"]})
+  if results.records:  # a resumed folder: its records are these (seconds to recompute)
+    return records.read(results.records, ("layer",))
+  out = [records.make("kronecker", {"layer": name}, draws.Draw("eval", 0), {}, r,
+                      extra={"index": i}) for i, (name, r) in enumerate(report.items())]
+  results.add_many(out)
+  return out
+
+
+def make_report(plan, recs: list[dict], folder: str = "") -> tuple[str, dict]:
+  """report.md (the table) and summary.json ({layer: redundancy}) from the records."""
+  config, k = plan.config, plan.config.extra
+  rows = sorted(records.read(recs, ("layer",)), key=lambda r: r["extra"]["index"])
+  all_ranks = sorted({n for r in rows for n in r["outcome"]["ranks"]})
   lines = ["# Filter redundancy and Kronecker rank per conv layer", "",
-           f"{args.arch} from `{args.source}`. Redundancy: mean |cosine| between distinct "
+           f"{k.arch} from `{config.source.spec}`. Redundancy: mean |cosine| between distinct "
            "filters (0 = orthogonal). Error: relative Frobenius error of the best rank-k "
            "Kronecker approximation of the filter matrix V (O, H*W*I), factors "
-           + ("(O, H*W) x (1, I)." if args.factors == "spatial" else
+           + ("(O, H*W) x (1, I)." if k.factors == "spatial" else
               "(O, 1) x (1, H*W*I) (plain SVD of V)."), "",
-           "| layer | kernel | redundancy | " + " | ".join(f"k={k}" for k in all_ranks) + " |",
+           "| layer | kernel | redundancy | " + " | ".join(f"k={n}" for n in all_ranks) + " |",
            "|---|---|---|" + "---|" * len(all_ranks)]
-  for name, r in report.items():
-    errs = dict(zip(r["ranks"], r["relative_error"]))
-    lines.append(f"| {name} | {'x'.join(map(str, r['kernel_shape']))} | "
-                 f"{r['redundancy']:.3f} | " + " | ".join(
-                     f"{errs[k]:.3f}" if k in errs else "-" for k in all_ranks) + " |")
-  text = "\n".join(lines + [""])
-  results.write_text("report.md", text)
-  return cli.finish(results, text, t0)
+  for r in rows:
+    o = r["outcome"]
+    errs = dict(zip(o["ranks"], o["relative_error"]))
+    lines.append(f"| {r['cell']['layer']} | {'x'.join(map(str, o['kernel_shape']))} | "
+                 f"{o['redundancy']:.3f} | " + " | ".join(
+                     f"{errs[n]:.3f}" if n in errs else "-" for n in all_ranks) + " |")
+  return "\n".join(lines + [""]), {r["cell"]["layer"]: r["outcome"]["redundancy"] for r in rows}
+
+
+def check(config) -> None:
+  """--source names a checkpoint or a valid dataset spec (before --out is opened)."""
+  if not config.source.spec.startswith("ckpt:"):
+    parse_spec(config.source.spec, flag="--source")
+
+
+STUDY = study.Study(
+    module="experiments.cwl_kronecker", title="# Filter redundancy and Kronecker rank",
+    any_strategy=False, cell_fields=("layer",), extra=Knobs, groups=("source", "output"),
+    hidden=frozenset({"shard"}), run=run, report=make_report, check=check,
+    defaults={"out": "results/cwl_kronecker"}, doc=__doc__)
+PUBLISHER = study.publisher(STUDY)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the analysis (`jtransfer.study.main`); the exit code."""
+  return study.main(STUDY, argv)
 
 
 if __name__ == "__main__":

@@ -181,9 +181,11 @@ def test_kronecker(source_dir, tmp_path):
   assert cwl_kronecker.main(["--source", f"ckpt:{source_dir}", "--layers", "2", "--out", out,
                              "--quiet"]) == 0
   _outputs(out, "report.md", "results.json", "filter_gram.png", "kron_error.png")
-  layers = json.load(open(os.path.join(out, "results.json")))["layers"]
-  assert list(layers)[:2] == ["conv1_1", "conv1_2"]
-  assert all(r["relative_error"][-1] < 1e-6 for r in layers.values())  # full rank is exact
+  rows = sorted(json.load(open(os.path.join(out, "results.json"))),
+                key=lambda r: r["extra"]["index"])  # one record per conv layer, in order
+  assert [r["cell"]["layer"] for r in rows][:2] == ["conv1_1", "conv1_2"]
+  assert all(r["outcome"]["relative_error"][-1] < 1e-6 for r in rows)  # full rank is exact
+  assert publish.check(out) == []  # report.md regenerates from results.json
 
 
 def test_bad_flags(tmp_path):

@@ -105,8 +105,9 @@ class Study:
     claims: `jtransfer.protocol.claims.Claim`s tested on the tuned evaluation runs.
     tables: the tuned tables (default: one table of every arm).
     extra: the module's own frozen dataclass of flag fields (`config.flag`), or None.
-    prepare: (config, arch, target, cache) -> the data a cell's runs share; `cache` is a dict
-      kept for the whole invocation (sources, loaded targets).
+    prepare: (plan, cell, cache) -> the data a cell's runs share (for strategy arms a
+      `target.TargetRuns`; the runner draws from its `pool.labels` and `num_classes`);
+      `cache` is a dict kept for the whole invocation (sources, loaded targets).
     check_data: (config, cache) -> None, raising InputError: loads and checks every target
       before anything trains (e.g. the largest k against each class).
     sections: (plan, rows, tuned summary, best-over-LR summary) -> report lines replacing the

@@ -41,10 +41,14 @@ def publisher(study: Study) -> publish.Publisher:
       return study.report(plan, records, folder)
     return report_lib.make_report(plan, records)
 
+  def grid_keys(records, plan, _):
+    return grid.grid_keys(rec.read(records, study.cell_fields), plan)
+
+  # A study with its own `run` is not a grid the runner enumerates: its folder is counted
+  # when it finishes (`publish.save`).
   return publish.Publisher(
       study.module, lambda argv: flags.parse(study, argv), lambda c: grid.plan(study, c),
-      report, lambda records, plan, _: grid.grid_keys(rec.read(records, study.cell_fields),
-                                                       plan),
+      report, grid_keys if study.run is None else None,
       lambda r: rec.key(rec.read([r], study.cell_fields)[0]))
 
 

@@ -49,8 +49,9 @@ class ArmPlan:
 
   @property
   def grid(self) -> dict:
-    """The tuning grid: 'lr' then each knob."""
-    return {"lr": tuple(self.lrs), **{k: tuple(v) for k, v in self.knobs.items()}}
+    """The tuning grid: 'lr' (unless a run function's arm has none) then each knob."""
+    lr = {"lr": tuple(self.lrs)} if self.lrs else {}
+    return {**lr, **{k: tuple(v) for k, v in self.knobs.items()}}
 
   def default_point(self, lr: float) -> dict:
     """The point at `lr` and the paper's knob values."""
@@ -86,6 +87,8 @@ def _resolve(study: Study, config: Config, name: str, delta_config) -> ArmPlan:
   grid = dict(arm.grid or {})
   if "lr" in grid:
     lrs = tuple(float(v) for v in grid.pop("lr"))
+  elif strategy is None:  # a run function's arm without an LR axis
+    lrs = ()
   elif p.lrs == "reduced":
     lrs = tuple((study.reduced_lrs or default_reduced)(strategy.name))
   else:
@@ -112,8 +115,10 @@ def plan(study: Study, config: Config) -> Plan:
   delta_config = None
   if any(n in _delta().CONFIG_STRATEGIES for n in config.cells.arms):
     delta_config = _delta().Config(**dict(p.delta_env)).validate()
-  arms = tuple(_resolve(study, config, n, delta_config) for n in config.cells.arms)
   c = config.cells
+  if "cells" not in study.groups:  # not a grid of (arch, target, shots) cells
+    return Plan(study, config, (), (), ())
+  arms = tuple(_resolve(study, config, n, delta_config) for n in c.arms)
   base = [dict(zip(("arch", "target", "shots"), v))
           for v in itertools.product(c.archs, c.targets, c.shots)]
   axes = dict(study.axes(config)) if study.axes else {}

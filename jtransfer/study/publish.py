@@ -328,7 +328,10 @@ def check(path: str) -> list[str]:
       problems.append("marked incomplete but every run of the grid is present")
   else:
     problems += _count_problems(run, records, plan)
-  text, summary = regenerate(path)
+  try:
+    text, summary = regenerate(path)
+  except ValueError as e:  # e.g. a duplicated evaluation run the claims cannot pair
+    return problems + [f"report.md does not regenerate from results.json: {e}"]
   with open(os.path.join(path, "report.md")) as f:
     if f.read() != text:
       problems.append("report.md differs from the report regenerated from results.json")

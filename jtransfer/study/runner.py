@@ -184,7 +184,7 @@ def run(study: Study, config: Config, results: ResultsDir) -> list[dict]:
                                                   draw.fold, seed, cell["shots"])
       label = (f"{cell['arch']} k={cell['shots']} "
                f"{progress.draw_label(draw.repeat, p.tune_draws, p.repeats)} {arm.name} "
-               f"lr={point['lr']:g}")
+               f"lr={point.get('lr', 0):g}")
       t0 = time.time()
       try:
         if arm.arm.run is not None:
