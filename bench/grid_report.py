@@ -78,7 +78,8 @@ def report(config: GridConfig, argv, arms: dict, load: tuple) -> str:
       f"({jax.default_backend()}){tv}. **Measured on a shared machine** (other engineers' jobs "
       f"running): 1/5/15-min load average {load[0]} at the start, {load[1]} at the end; figures "
       "are from this one run and only their ratios are comparable.", "",
-      f"Grid: {config.text('archs')} x {config.text('targets')} x k={config.text('shots')} x {{freeze, freeze_cwl}}, the "
+      f"Grid: {config.text('archs')} x {config.text('targets')} x k={config.text('shots')} x "
+      f"{{freeze, freeze_cwl}}, the "
       f"paper's freeze LR grid (1e-3, 5e-3, 1e-2, 5e-2, extended up to {config.tune_extend} values "
       f"at an edge); {config.tune_repeats} tuning draw(s) and {config.repeats} evaluation draw(s) "
       f"per cell; evaluation draws at the chosen LR"

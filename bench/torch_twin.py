@@ -81,7 +81,8 @@ def torch_net(arch: str, config: dict, num_classes: int, shape, params, batch_st
   state[net.head.weight] = kernel.T
   state[net.head.bias] = flat.pop("head/bias")
   if flat or stats:
-    raise ValueError(f"jtransfer params without a torch counterpart: {sorted(flat) + sorted(stats)}")
+    raise ValueError("jtransfer params without a torch counterpart: "
+                     f"{sorted(flat) + sorted(stats)}")
   with torch.no_grad():
     for tensor, value in state.items():
       # A copy: jax-backed arrays are read-only, which torch.from_numpy warns about.
