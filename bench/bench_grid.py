@@ -15,7 +15,7 @@ docs/protocol.md, the same in both arms:
 Arms (sources cached before timing; everything else, data loading and compilation included, is
 inside the timed region):
   * jtransfer: `python -m experiments.cwl_tables --strategies freeze,freeze_cwl` with these flags,
-    as a user runs it: Freeze trains its head on backbone features computed once per image,
+    as a user runs it (the study runner, `jtransfer.study.main`): Freeze trains its head on backbone features computed once per image,
     Freeze+CWL runs through the full model, one jitted step per shape, runs one at a time (the
     grid runner trains runs one at a time under early stopping: batched runs need fixed-length
     runs);
@@ -24,8 +24,9 @@ inside the timed region):
     full forward every step (no cached features, no batching of runs), a validation forward every
     `--eval-every` steps with the same stopping rule, the best state restored, then the test
     forward. Same source weights and new-head init (copied from jtransfer), same k-shot draws and
-    validation sets (experiments.fewshot's seeds), same batch at every step (`Batches.at`), same
-    tuning runs; its LR is chosen on its own validation accuracies (the same selection rule).
+    validation sets (`jtransfer.study.draws`), same batch at every step (`Batches.at`), same
+    tuning runs and evaluation points (`jtransfer.study.grid` on the same typed `Config`); its LR
+    is chosen on its own validation accuracies (the same selection rule).
 The two arms alternate by arch (jtransfer's arch, PyTorch's same arch, the next arch ...), so a
 change in a shared machine's load falls on both; jtransfer compiles per arch either way (its setups
 are shared across targets with the same class count, not across archs).
