@@ -19,7 +19,7 @@ from jtransfer.study import flag
 from jtransfer.study.config import at_least, comma_list
 
 
-LRS = {"freeze": 1e-2, "finetune": 1e-4}  # each strategy's fixed LR (a flag each)
+STRATEGIES = ("freeze", "finetune")  # the strategies with a PyTorch twin (an LR flag each)
 
 
 def _specs(text: str) -> tuple[str, ...]:
@@ -30,9 +30,10 @@ def _specs(text: str) -> tuple[str, ...]:
 def _strategies(text: str) -> tuple[str, ...]:
   """--strategies: a comma list of the strategies with a PyTorch twin (freeze, finetune)."""
   names = comma_list("--strategies")(text)
-  bad = [n for n in names if n not in LRS]
+  bad = [n for n in names if n not in STRATEGIES]
   if bad or not names:
-    raise InputError(f"--strategies {text!r}: expected a comma list of {', '.join(LRS)}")
+    raise InputError(f"--strategies {text!r}: expected a comma list of "
+                     f"{', '.join(STRATEGIES)}")
   return names
 
 
@@ -61,8 +62,8 @@ class ParityConfig:
   draws: int = flag("--draws", 10, "k-shot draws per cell (repeats)",
                     check=at_least(1, "--draws"))
   steps: int = flag("--steps", 100, "Adam steps per run", check=at_least(1, "--steps"))
-  lr_freeze: float = flag("--lr-freeze", LRS["freeze"], "Freeze's LR")
-  lr_finetune: float = flag("--lr-finetune", LRS["finetune"], "Finetune's LR")
+  lr_freeze: float = flag("--lr-freeze", 1e-2, "Freeze's LR")
+  lr_finetune: float = flag("--lr-finetune", 1e-4, "Finetune's LR")
   batch_size: int = flag("--batch-size", 64, "images per step (a smaller k-shot set is one "
                          "batch)", check=at_least(1, "--batch-size"))
   val_per_class: int = flag("--val-per-class", 10, "validation images per class of a draw",
