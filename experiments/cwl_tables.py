@@ -29,6 +29,7 @@ CWL beats Freeze at few shots, more on VGG (no BN) than on ResNet; CWL does not 
 from __future__ import annotations
 
 import sys
+import types
 from typing import Sequence
 
 from experiments import fewshot, pretrain
@@ -38,10 +39,11 @@ from jtransfer.protocol import claims
 from jtransfer.study import fewshot as hooks
 from jtransfer.study import paper
 
-LABELS = {"freeze": "Freeze", "freeze_cwl": "Freeze + CWL", "finetune": "Finetune",
-          "finetune_cwl": "Finetune + CWL", "finetune_lowconv": "Alg. 1 (low-lr conv) + CWL",
-          "freeze_film": "Freeze + FiLM", "bitfit": "BitFit", "lpft": "LP-FT",
-          "wise_ft": "WiSE-FT", "bss": "BSS", "cotuning": "Co-Tuning"}
+LABELS = types.MappingProxyType({
+    "freeze": "Freeze", "freeze_cwl": "Freeze + CWL", "finetune": "Finetune",
+    "finetune_cwl": "Finetune + CWL", "finetune_lowconv": "Alg. 1 (low-lr conv) + CWL",
+    "freeze_film": "Freeze + FiLM", "bitfit": "BitFit", "lpft": "LP-FT", "wise_ft": "WiSE-FT",
+    "bss": "BSS", "cotuning": "Co-Tuning"})
 # The later baselines (issue 20) are rows of the table they compare with, when --strategies
 # names them: FiLM and BitFit beside CWL's per-channel scales, LP-FT, WiSE-FT, BSS beside
 # finetuning.

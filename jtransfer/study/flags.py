@@ -15,14 +15,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import types
 from typing import Any, Mapping, Optional, Sequence
 
 from jtransfer.errors import InputError
 from jtransfer.study import config as cfg
 
-GROUPS = {"cells": cfg.Cells, "protocol": cfg.Protocol, "source": cfg.Source,
-          "output": cfg.Output}
-DELTA_ENV = {"alpha": float, "beta": float, "schedule": str}
+# (read-only: no module-level mutable configuration)
+GROUPS = types.MappingProxyType({"cells": cfg.Cells, "protocol": cfg.Protocol,
+                                 "source": cfg.Source, "output": cfg.Output})
+DELTA_ENV = types.MappingProxyType({"alpha": float, "beta": float, "schedule": str})
 
 
 def _add(p: argparse.ArgumentParser, f: dataclasses.Field, default: Any) -> None:

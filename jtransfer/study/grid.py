@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import types
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from jtransfer.methods import transfer
@@ -22,7 +23,7 @@ from jtransfer.study.config import Config
 from jtransfer.study.declare import Arm, Study
 
 # 'reduced' LR grids: two per family (the few-shot default).
-REDUCED_LRS = {"freeze": (1e-2, 5e-2), "finetune": (1e-4, 1e-3)}
+REDUCED_LRS = types.MappingProxyType({"freeze": (1e-2, 5e-2), "finetune": (1e-4, 1e-3)})
 
 
 def default_reduced(name: str) -> tuple[float, ...]:
