@@ -108,7 +108,7 @@ def apply_devices(args: argparse.Namespace) -> None:
     if args.devices < 1:
       raise InputError(f"--devices must be >= 1 (the number of devices to train on), got "
                        f"{args.devices}")
-    processes = getattr(args, "num_processes", 1)
+    processes = args.num_processes  # (add_devices_flag gives every caller the flag)
     if processes > 1:
       if not 0 <= args.process_id < processes:
         raise InputError(f"--process-id {args.process_id} is not in [0, {processes})")
@@ -168,7 +168,7 @@ def open_results(args: argparse.Namespace, made_by: outdir.Settings,
   where --overwrite moved them and how many runs a resume keeps (unless --quiet).
   `additive`: as `settings` (the same tuple made `made_by`)."""
   from experiments.report import ResultsDir
-  quiet = getattr(args, "quiet", False)
+  quiet = args.quiet  # (add_results_flags gives every caller the flag)
   log = None if quiet else (lambda line: print(line, file=sys.stderr))
   results = (cls or ResultsDir)(args.out, resume=args.resume, overwrite=args.overwrite,
                                 writer=writer, settings=made_by,

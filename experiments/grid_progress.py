@@ -18,7 +18,7 @@ from jtransfer.protocol import progress
 
 def stderr_or_quiet(args: argparse.Namespace) -> Callable[[str], None] | None:
   """A stderr line printer, or None under --quiet."""
-  if getattr(args, "quiet", False):
+  if args.quiet:  # (every caller's parser has add_results_flags' --quiet)
     return None
   return lambda line: print(line, file=sys.stderr, flush=True)
 

@@ -206,7 +206,7 @@ def make_report(summary: dict, args, source: dict, records: Sequence[dict] = ())
             f"better); row '{selection.S6_APPENDIX}' is raw S6 (larger is better), the sign of "
             "the paper's App. A.2, which reports rho > 0.7 for it on every target. LogME: "
             + ("the LogME authors' published code's variant (thuml/LogME)."
-               if getattr(args, "logme", "published") == "published" else
+               if args.logme == "published" else
                "the exact evidence (selection.logme variant 'exact')."), ""]
   lines += ms.scorer_table(summary)
   for sign, title in (("s6_pick", "smallest S6, the paper's text"),
