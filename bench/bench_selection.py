@@ -3,7 +3,7 @@
   JAX_PLATFORMS=cpu python -m bench.bench_selection [--images 50] [--repeats 3]
   JAX_PLATFORMS=cpu python -m bench.bench_selection --features results/model_selection/features
 
-For each (model, target) pair, `experiments.model_selection.score_outputs` computes S1..S6 on
+For each (model, target) pair, `score_outputs` (jtransfer.scoring) computes S1..S6 on
 the last-conv map, LogME and H-score on the penultimate features, LEEP and NCE on the source
 logits; then `analyze` normalises, sweeps C_ij(alpha) for the 15 pairs at step 0.001 and ranks
 every scorer per group. By default the outputs are synthetic with the zoo's shapes (4 models
@@ -30,7 +30,11 @@ import time
 
 import numpy as np
 
-from experiments import model_selection as ms
+try:  # the selection study's library (jtransfer.scoring, jtransfer.zoo)
+  from jtransfer.scoring import score_outputs
+  from jtransfer.zoo.analysis import analyze
+except ImportError:  # a tree from before that library left experiments/model_selection.py
+  from experiments.model_selection import analyze, score_outputs
 
 SHAPES = {"resnet_s": ((4, 4, 128), 128), "vgg_s": ((3, 3, 128), 256),
           "resnet_s_narrow": ((4, 4, 64), 64)}
@@ -71,8 +75,8 @@ def score_all(pairs: list[dict]) -> list[dict]:
   rng = np.random.default_rng(1)
   return [dict(model=p["model"], family=p["family"], target=p["target"],
                test_acc=float(rng.uniform()), source_accuracy=float(rng.uniform()),
-               param_count=1, **ms.score_outputs(p["labels"], p["last_conv"], p["features"],
-                                                 p["logits"]))
+               param_count=1,
+               **score_outputs(p["labels"], p["last_conv"], p["features"], p["logits"]))
           for p in pairs]
 
 
@@ -99,7 +103,7 @@ def main(argv=None) -> None:
   n_img = sum(len(p["labels"]) for p in pairs)
   box = {}
   cold, warm = timed(lambda: box.update(records=score_all(pairs)), args.repeats)
-  a_cold, a_warm = timed(lambda: ms.analyze(box["records"]), args.repeats)
+  a_cold, a_warm = timed(lambda: analyze(box["records"]), args.repeats)
   print(f"{len(pairs)} (model, target) pairs, {n_img} images in all")
   print("| step | cold s | warm s | warm ms per pair |\n|---|---|---|---|")
   print(f"| all metrics (S1..S6, LogME, H-score, LEEP, NCE) | {cold:.2f} | {warm:.2f} | "

@@ -10,12 +10,13 @@ that it reaches; the same step in PyTorch (NCHW and channels_last for finetune) 
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import platform
 import statistics
 import sys
 import time
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,11 @@ import numpy as np
 from bench.common import command, emit
 from jtransfer import models
 from jtransfer.data import augment as aug
+from jtransfer.errors import InputError
 from jtransfer.methods import transfer
+from jtransfer.study import flag, flags
+from jtransfer.study.config import at_least, comma_list
+from jtransfer.study.tables import positive_ints
 from jtransfer.train import init_state, make_train_step
 from jtransfer.train.evaluate import xla_flops
 
@@ -99,60 +104,78 @@ def torch_archs() -> tuple[str, ...]:
   return torch_ref.ARCHS
 
 
+@dataclasses.dataclass(frozen=True)
+class StepBench:
+  """What one invocation times: its flags, typed (`jtransfer.study.flag` fields; `parse`
+  applies --tiny)."""
+  archs: tuple[str, ...] = flag("--archs", ("vgg_s", "resnet_s"), "comma list of archs",
+                                cli="vgg_s,resnet_s", parse=comma_list("--archs"))
+  strategies: tuple[str, ...] = flag("--strategies", STRATEGIES, "comma list of strategies",
+                                     cli=",".join(STRATEGIES), parse=comma_list("--strategies"))
+  shape: tuple[int, ...] = flag("--shape", (28, 28, 1), "input H,W,C", cli="28,28,1",
+                                parse=lambda t: tuple(positive_ints(t, "--shape")))
+  batch: int = flag("--batch", 128, "images per step", check=at_least(1, "--batch"))
+  windows: int = flag("--windows", 5, "timed windows", check=at_least(1, "--windows"))
+  steps: int = flag("--steps", 5, "steps per window", check=at_least(1, "--steps"))
+  warmup: int = flag("--warmup", 3, "warm-up steps", check=at_least(0, "--warmup"))
+  dtype: Optional[str] = flag("--dtype", None, "JAX compute dtype (mixed precision: params "
+                              "stay float32)", choices=models.COMPUTE_DTYPES)
+  no_torch: bool = flag("--no-torch", False, "JAX only (also implied for archs without a "
+                        "torch reference, and for float16)", action="store_true")
+  augment: str = flag("--augment", "none", "augment every step's batch on device first "
+                      "(jtransfer.data.augment recipe); the torch reference does not")
+  tiny: bool = flag("--tiny", False, "batch 8, 1 window of 1 step", action="store_true")
+  out: str = flag("--out", "bench/RESULTS.md", "the report")
+
+
+def parse(argv: Optional[Sequence[str]]) -> StepBench:
+  """The typed configuration of the command line (`jtransfer.study.flags`), --tiny applied.
+
+  Raises:
+    InputError: one sentence naming a bad flag.
+  """
+  config = flags.command_config(StepBench, argv, __doc__)
+  if config.tiny:
+    config = dataclasses.replace(config, batch=8, windows=1, steps=1, warmup=1)
+  return config
+
+
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--archs", default="vgg_s,resnet_s")
-  p.add_argument("--strategies", default=",".join(STRATEGIES))
-  p.add_argument("--shape", default="28,28,1")
-  p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--windows", type=int, default=5)
-  p.add_argument("--steps", type=int, default=5)
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--dtype", default=None, choices=models.COMPUTE_DTYPES,
-                 help="JAX compute dtype (mixed precision: params stay float32)")
-  p.add_argument("--no-torch", action="store_true",
-                 help="JAX only (also implied for archs without a torch reference, and for "
-                      "float16)")
-  p.add_argument("--augment", default="none",
-                 help="augment every step's batch on device first (jtransfer.data.augment "
-                      "recipe); the torch reference does not")
-  p.add_argument("--tiny", action="store_true", help="batch 8, 1 window of 1 step")
-  p.add_argument("--out", default="bench/RESULTS.md")
-  args = p.parse_args(argv)
-  args.command = command("run", argv)
-  if args.tiny:
-    args.batch, args.windows, args.steps, args.warmup = 8, 1, 1, 1
-  shape = tuple(int(v) for v in args.shape.split(","))
-  peak = gemm_peak(512 if args.tiny else 2048)
+  """Times every (arch, strategy) step in JAX and PyTorch and writes the report."""
+  try:
+    config = parse(argv)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  c, shape = config, config.shape
+  peak = gemm_peak(512 if c.tiny else 2048)
   rows = []
-  for arch in args.archs.split(","):
+  for arch in c.archs:
     base = None
-    for strategy in args.strategies.split(","):
-      step, state, data = jax_step(arch, strategy, shape, args.batch, dtype=args.dtype,
-                                   augment=args.augment)
+    for strategy in c.strategies:
+      step, state, data = jax_step(arch, strategy, shape, c.batch, dtype=c.dtype,
+                                   augment=c.augment)
       flops = step_flops(step, state, data)
-      secs = statistics.median(time_jax(step, state, data, args.warmup, args.windows,
-                                        args.steps))
+      secs = statistics.median(time_jax(step, state, data, c.warmup, c.windows, c.steps))
       base = secs if strategy == "finetune" else base
-      row = dict(arch=arch, strategy=strategy, jax_ips=args.batch / secs,
+      row = dict(arch=arch, strategy=strategy, jax_ips=c.batch / secs,
                  vs_finetune=secs / base if base else float("nan"), gflops=flops / 1e9,
                  peak_frac=flops / secs / peak)
       # PyTorch on its default device (CUDA when there is one), float32 or bf16 autocast.
-      if not args.no_torch and arch in torch_archs() and args.dtype != "float16":
+      if not c.no_torch and arch in torch_archs() and c.dtype != "float16":
         import torch
         from bench import torch_ref
         torch.set_num_threads(os.cpu_count() or 1)
         for fmt, cl in (("nchw", False), ("cl", True)):
           if cl and strategy != "finetune":
             continue
-          tstep = torch_ref.make_step(arch, strategy, shape, args.batch, channels_last=cl,
-                                      bf16=args.dtype == "bfloat16")
-          tsecs = statistics.median(torch_ref.time_step(tstep, args.warmup, args.windows,
-                                                        args.steps))
-          row[f"torch_{fmt}_ips"] = args.batch / tsecs
+          tstep = torch_ref.make_step(arch, strategy, shape, c.batch, channels_last=cl,
+                                      bf16=c.dtype == "bfloat16")
+          tsecs = statistics.median(torch_ref.time_step(tstep, c.warmup, c.windows, c.steps))
+          row[f"torch_{fmt}_ips"] = c.batch / tsecs
       rows.append(row)
       print(_fmt_row(row), file=sys.stderr)
-  emit(report(rows, args, shape, peak), args.out)
+  emit(report(rows, config, command("run", argv), peak), c.out)
   return 0
 
 
@@ -161,7 +184,8 @@ def _fmt_row(r) -> str:
           f" of finetune  torch {r.get('torch_nchw_ips', float('nan')):8.1f}")
 
 
-def report(rows, args, shape, peak) -> str:
+def report(rows, config: StepBench, command_line: str, peak: float) -> str:
+  """bench/RESULTS.md: the machine, the settings and one row per (arch, strategy)."""
   import jaxlib
   try:
     import torch
@@ -175,12 +199,12 @@ def report(rows, args, shape, peak) -> str:
   except (OSError, StopIteration):
     pass
   lines = ["# Train-step benchmark", "",
-           f"Command: `{args.command}`; machine: {cpu}, "
+           f"Command: `{command_line}`; machine: {cpu}, "
            f"{os.cpu_count()} cores, backend {jax.default_backend()}; jax {jax.__version__}, "
            f"jaxlib {jaxlib.__version__}, torch {tv}.",
-           f"Input {shape}, batch {args.batch}, JAX compute dtype {args.dtype or 'float32'}; "
-           f"median of {args.windows} windows x {args.steps} "
-           f"steps after {args.warmup} warm-up steps. Measured GEMM peak: {peak / 1e9:.1f} "
+           f"Input {config.shape}, batch {config.batch}, JAX compute dtype "
+           f"{config.dtype or 'float32'}; median of {config.windows} windows x {config.steps} "
+           f"steps after {config.warmup} warm-up steps. Measured GEMM peak: {peak / 1e9:.1f} "
            "GFLOP/s (f32, XLA).", "",
            "| arch | strategy | JAX img/s | step time / finetune | XLA GFLOP/step | "
            "% of GEMM peak | torch NCHW img/s | torch channels_last img/s | JAX / torch best |",

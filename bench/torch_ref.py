@@ -1,5 +1,6 @@
 """PyTorch reference nets and train steps, for side-by-side timing in bench/run.py (and the
-accuracy parity of bench/parity.py, which copies jtransfer weights into these nets).
+accuracy parity of bench/parity.py and bench/bench_grid.py: bench/torch_twin.py copies
+jtransfer weights into these nets).
 
 Same architectures as jtransfer's vgg_s / resnet_s (widths, strides, padding, BN) and resnet50
 (torchvision's layout: stride on the 3x3 conv), NCHW or channels_last, on CPU or CUDA, float32
