@@ -49,7 +49,7 @@ import jax
 import numpy as np
 
 from experiments import pretrain
-from experiments.report import TIMED_AFTER_RESUME, TIMED_TOGETHER, timing_text
+from jtransfer.study.tables import TIMED_AFTER_RESUME, TIMED_TOGETHER, timing_text
 from jtransfer import models, study, surgery
 from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError

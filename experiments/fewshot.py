@@ -60,11 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   return study.main(STUDY, argv)
 
 
-# LEGACY names that experiments/sparse_transfer.py and bench/ (bench_grid.py, parity.py), not
-# yet on the runner, import from here; they go with them.
-from experiments.fewshot_v1 import (KEY, budget_of, cap_per_class, choose,  # noqa: E402,F401
-                                    draw_seed, eval_points, record_key)
-
 if __name__ == "__main__":
   from jtransfer.compile_cache import enable_compilation_cache
   enable_compilation_cache()  # before the first compilation

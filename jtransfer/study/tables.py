@@ -151,3 +151,20 @@ def lr_grid_text(strategies: Sequence[str], lrs: dict, tuned: dict) -> str:
       text += f" (extended by tuning to {', '.join(f'{v:g}' for v in extra)})"
     parts.append(text)
   return "LR grids: " + "; ".join(parts)
+
+
+# `latency_timing` of a record whose model was timed round-robin with the other models of its
+# draw (jtransfer.train.evaluate.interleaved_latency_ms); after a resume, the models a draw
+# reran were timed among themselves only, not with the ones recorded before the kill.
+TIMED_TOGETHER = "interleaved"
+TIMED_AFTER_RESUME = "interleaved, resumed draw"
+
+
+def timing_text(records: Iterable[dict], together: str) -> str:
+  """A report's latency-timing clause: `together` where records were timed together, with a
+  note when a resumed draw's models were timed only among themselves."""
+  labels = {r.get("latency_timing") for r in records}
+  text = together if labels & {TIMED_TOGETHER, TIMED_AFTER_RESUME} else ""
+  if TIMED_AFTER_RESUME in labels:
+    text += ", except the models a draw reran after a resume, timed only among themselves"
+  return text
