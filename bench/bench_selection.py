@@ -30,11 +30,8 @@ import time
 
 import numpy as np
 
-try:  # the selection study's library (jtransfer.scoring, jtransfer.zoo)
-  from jtransfer.scoring import score_outputs
-  from jtransfer.zoo.analysis import analyze
-except ImportError:  # a tree from before that library left experiments/model_selection.py
-  from experiments.model_selection import analyze, score_outputs
+from jtransfer.scoring import score_outputs
+from jtransfer.zoo.analysis import analyze
 
 SHAPES = {"resnet_s": ((4, 4, 128), 128), "vgg_s": ((3, 3, 128), 256),
           "resnet_s_narrow": ((4, 4, 64), 64)}

@@ -314,8 +314,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   return study.main(STUDY, argv)
 
 
-# (bench/bench_selection.py, converted on another branch, still reads score_outputs from here)
-from jtransfer.scoring import score_outputs  # noqa: E402,F401
 
 if __name__ == "__main__":
   from jtransfer.compile_cache import enable_compilation_cache
