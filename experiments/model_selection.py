@@ -314,7 +314,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   return study.main(STUDY, argv)
 
 
-
 if __name__ == "__main__":
   from jtransfer.compile_cache import enable_compilation_cache
   enable_compilation_cache()  # before the first compilation
