@@ -109,30 +109,21 @@ def parse_flags(argv: Sequence[str] | None = None) -> ConvertFlags:
 def main(argv: Sequence[str] | None = None) -> int:
   """Converts --weights and saves the source in --out; the exit code (2 after a bad-input
   sentence, 130 after Ctrl-C with one line)."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    return _main(argv)
-  except KeyboardInterrupt:
-    print(edge.model_interrupted_line(parse_flags, argv), file=sys.stderr, flush=True)
-    return edge.INTERRUPTED
+  return edge.model_command(parse_flags, _run, argv)
 
 
-def _main(argv: list) -> int:
+def _run(f: ConvertFlags) -> int:
+  """`main` on parsed flags: convert, then save in --out and read it back."""
   t0 = time.time()
-  try:
-    f = parse_flags(argv)
-    if os.path.abspath(f.out) == os.path.abspath(os.path.dirname(f.weights) or "."):
-      raise InputError(f"--out {f.out} is the folder holding --weights: choose another --out")
-    edge.open_model_dir(f.out, f.overwrite, quiet=False, check_only=True)
-    source = convert(f.arch, f.weights, input_shape=f.input_shape, mean=f.mean, std=f.std,
-                     num_classes=f.num_classes, drop_head=f.drop_head, config=f.config,
-                     seed=f.seed)
-    edge.open_model_dir(f.out, f.overwrite, quiet=False)
-    transfer.save_source(f.out, source)
-    transfer.load_source(f.out)  # fails loudly now rather than in the first experiment
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if os.path.abspath(f.out) == os.path.abspath(os.path.dirname(f.weights) or "."):
+    raise InputError(f"--out {f.out} is the folder holding --weights: choose another --out")
+  edge.open_model_dir(f.out, f.overwrite, quiet=False, check_only=True)
+  source = convert(f.arch, f.weights, input_shape=f.input_shape, mean=f.mean, std=f.std,
+                   num_classes=f.num_classes, drop_head=f.drop_head, config=f.config,
+                   seed=f.seed)
+  edge.open_model_dir(f.out, f.overwrite, quiet=False)
+  transfer.save_source(f.out, source)
+  transfer.load_source(f.out)  # fails loudly now rather than in the first experiment
   n = surgery.count(source.variables["params"])
   print(f"saved {f.arch} ({n:,} params, head {source.meta['head']}, input "
         f"{','.join(map(str, source.input_shape))}) to {f.out} in {time.time() - t0:.1f} s; "

@@ -91,30 +91,21 @@ def parse_flags(argv=None) -> PretrainFlags:
 def main(argv=None) -> int:
   """Pretrains --arch on --source and saves it in --out; the exit code (2 after a bad-input
   sentence, 130 after Ctrl-C with one line saying what is kept)."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    return _main(argv)
-  except KeyboardInterrupt:
-    print(edge.model_interrupted_line(parse_flags, argv), file=sys.stderr, flush=True)
-    return edge.INTERRUPTED
+  return edge.model_command(parse_flags, _run, argv)
 
 
-def _main(argv: list) -> int:
-  try:
-    f = parse_flags(argv)
-    edge.apply_devices(f)
-    # Before training: an --out holding anything is refused now, not after minutes of work.
-    edge.open_model_dir(f.out, f.overwrite, f.quiet, check_only=True)
-    source = pretrain(f.arch, f.source, epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
-                      seed=f.seed, image_shape=f.image_shape, max_train=f.max_train,
-                      log_path=f.out + ".metrics.jsonl", model_config=f.config,
-                      checkpoint_dir=f.ckpt_dir, checkpoint_every=f.ckpt_every,
-                      progress=not f.quiet, augment_recipe=f.augment)
-    edge.open_model_dir(f.out, f.overwrite, f.quiet)
-    transfer.save_source(f.out, source)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def _run(f: PretrainFlags) -> int:
+  """`main` on parsed flags: pretrain, then save in --out (refused first if it holds anything)."""
+  edge.apply_devices(f)
+  # Before training: an --out holding anything is refused now, not after minutes of work.
+  edge.open_model_dir(f.out, f.overwrite, f.quiet, check_only=True)
+  source = pretrain(f.arch, f.source, epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
+                    seed=f.seed, image_shape=f.image_shape, max_train=f.max_train,
+                    log_path=f.out + ".metrics.jsonl", model_config=f.config,
+                    checkpoint_dir=f.ckpt_dir, checkpoint_every=f.ckpt_every,
+                    progress=not f.quiet, augment_recipe=f.augment)
+  edge.open_model_dir(f.out, f.overwrite, f.quiet)
+  transfer.save_source(f.out, source)
   print(f"saved {f.arch} to {f.out}: source test accuracy "
         f"{source.meta['source_test_acc']:.4f}")
   return 0
