@@ -30,8 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import pretrain
-from jtransfer import study
+from jtransfer import sources, study
 from jtransfer.errors import InputError
 from jtransfer.protocol import Budget, stats
 from jtransfer.study import fewshot as hooks
@@ -121,8 +120,8 @@ def make_report(plan, recs: list[dict], folder: str = "") -> tuple[str, dict]:
 STUDY = study.Study(
     module="experiments.budget_study", title="# Budget study", cell_fields=CELL,
     axes=lambda config: {"factor": config.extra.factors}, extra=Knobs, budget=budget,
-    report=make_report, prepare=hooks.prepare(pretrain.study_source),
-    check_data=hooks.check_data(pretrain.source_input_shape),
+    report=make_report, prepare=hooks.prepare(sources.study_source),
+    check_data=hooks.check_data(sources.source_input_shape),
     defaults={"shots": "10", "repeats": 5, "strategies": ",".join(STRATEGIES), "lrs": "paper",
               "paper_grid": False, "cv_folds": "0", "out": "results/budget_study"},
     doc=__doc__)

@@ -42,9 +42,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from experiments import pretrain
 from experiments.compact_report import ALONE, WITH_TEACHER, make_report, plot, teacher_lrs
-from jtransfer import models, study
+from jtransfer import models, sources, study
 from jtransfer.data import load_spec, parse_spec
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import compact, compact_runs, transfer
@@ -206,7 +205,7 @@ def _trainer(config, cache: dict) -> compact_runs.CompactTrainer:
   if "trainer" in cache:
     return cache["trainer"]
   k, arch, quiet = config.extra, config.cells.archs[0], config.output.quiet
-  source = pretrain.source_for(arch, config.source.spec, epochs=config.source.epochs,
+  source = sources.source_for(arch, config.source.spec, epochs=config.source.epochs,
                                seed=config.protocol.seed, progress=not quiet)
   s_arch, spec, student_src = k.student_arch or arch, student_source(config), None
   if compact.NEEDS_COMPACT_SOURCE & set(config.cells.arms) or (spec or "").startswith("ckpt:"):
@@ -214,7 +213,7 @@ def _trainer(config, cache: dict) -> compact_runs.CompactTrainer:
                                                                          k.student_config)
     student_src = compact.compact_source(
         s_arch, spec, widths, epochs=k.student_source_epochs or config.source.epochs,
-        seed=config.protocol.seed, cache_root=pretrain.CACHE_ROOT, pretrain=pretrain.pretrain,
+        seed=config.protocol.seed, cache_root=sources.CACHE_ROOT, pretrain=sources.pretrain,
         progress=not quiet)
     if tuple(student_src.input_shape) != tuple(source.input_shape):
       raise InputError(f"the compact source takes {tuple(student_src.input_shape)} images, the "

@@ -18,26 +18,21 @@ the source a freshly initialised head instead; few-shot strategies replace the h
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
 import time
 from typing import Optional, Sequence
 
-import jax
-import numpy as np
-
-from jtransfer import models, surgery, weights
+from jtransfer import surgery, weights
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
 from jtransfer.study import edge
 from jtransfer.study.config import flag
 from jtransfer.study.flags import command_config
 from jtransfer.study.tables import float_list
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The conversion itself is library code; re-exported for the callers that use it from here.
+from jtransfer.sources import IMAGENET_MEAN, IMAGENET_STD, convert  # noqa: F401
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -49,100 +44,6 @@ def parse_shape(text: str) -> tuple[int, int, int]:
   if len(shape) != 3 or min(shape) < 1 or shape[2] not in (1, 3):
     raise InputError(f"--input-shape {text!r}: expected H,W,C with C 1 or 3, e.g. 224,224,3")
   return shape
-
-
-def _check_input_shape(model, arch: str, shape: tuple[int, int, int]) -> None:
-  """InputError when `shape` shrinks some feature map of `arch` to nothing."""
-  try:
-    taps = models.available_taps(model, shape)
-    too_small = any(0 in s[1:] for s in taps.values())
-  except InputError:
-    raise
-  except Exception:  # a negative spatial size inside a conv
-    too_small = True
-  if too_small:
-    raise InputError(f"--input-shape {','.join(map(str, shape))} is too small for {arch} (a "
-                     "feature map becomes empty); use at least 64 px (ImageNet weights were "
-                     "trained at 224)")
-
-
-def _fresh_head(model, input_shape: tuple[int, int, int], seed: int) -> dict:
-  """The model's initial `head` params, as `init_model` would give them.
-
-  Only the head leaves the jitted init, so XLA drops every other initialiser and the forward
-  pass: 1.5 s instead of 8.5 s for ResNet-50, the same values.
-  """
-  x = jax.numpy.zeros((1, *input_shape))
-  init = jax.jit(lambda rng: model.init(rng, x, train=False)["params"]["head"])
-  return jax.tree.map(np.asarray, init(jax.random.PRNGKey(seed)))
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def convert(arch: str, weights_path: str, *, input_shape=(224, 224, 3),
-            mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-            num_classes: Optional[int] = None, drop_head: bool = False,
-            config: Optional[dict] = None, seed: int = 0) -> transfer.Source:
-  """Reads a torchvision/timm checkpoint and returns it as a jtransfer `Source`.
-
-  Args:
-    arch: one of `weights.ARCHS`.
-    weights_path: a .pth/.pt, .safetensors or .npz file.
-    input_shape: (H, W, C) the source will take (targets are loaded at this size).
-    mean, std: per-channel normalisation in [0, 1] units, one value per channel.
-    num_classes: head size; default the checkpoint's.
-    drop_head: replace the checkpoint's head by a freshly initialised one (seeded).
-    config: model config overrides (widths) for non-standard checkpoints.
-    seed: initialisation of a dropped head.
-
-  Raises:
-    InputError: bad file, a checkpoint that does not fit `arch`, or bad shape/mean/std.
-  """
-  input_shape = tuple(input_shape)
-  if len(mean) != input_shape[2] or len(std) != input_shape[2]:
-    raise InputError(f"--mean/--std need {input_shape[2]} value(s), one per input channel; got "
-                     f"{len(mean)} and {len(std)}")
-  if min(std) <= 0:
-    raise InputError(f"--std values must be > 0, got {list(std)}")
-  state_dict = weights.torchvision.select_prefix(arch, weights.load_state_dict(weights_path))
-  if arch == "inception_v3" and not dict(config or {}).get("aux_logits"):
-    # torchvision's Inception-V3 checkpoints carry the auxiliary classifier (AuxLogits.*),
-    # which transfer never runs: drop it unless the config keeps the aux head.
-    from jtransfer.weights.torchvision_inception import drop_aux
-    before = len(state_dict)
-    state_dict = drop_aux(state_dict)
-    if len(state_dict) < before:
-      print(f"inception_v3: dropped the {before - len(state_dict)} AuxLogits.* keys (the "
-            "auxiliary classifier; --config '{\"aux_logits\": true}' keeps it)")
-  imported = weights.import_torchvision(arch, state_dict, num_classes, keep_head=not drop_head,
-                                        config=config, what=f"checkpoint {weights_path}")
-  head_key = weights.head_key(arch, config) + ".weight"
-  ckpt_classes = int(state_dict[head_key].shape[0]) if head_key in state_dict else None
-  model = models.get_model(arch, num_classes or ckpt_classes or 1000, **dict(config or {}))
-  first_conv = weights.name_map(arch, model)[0]
-  channels = state_dict[first_conv.key].shape[1]
-  if channels != input_shape[2]:
-    raise InputError(f"checkpoint {weights_path} takes {channels}-channel inputs "
-                     f"({first_conv.key}) but --input-shape has {input_shape[2]} channel(s)")
-  _check_input_shape(model, arch, input_shape)
-  params = dict(imported["params"])
-  if drop_head:
-    params["head"] = _fresh_head(model, input_shape, seed)
-  variables = {"params": params}
-  if "batch_stats" in imported:
-    variables["batch_stats"] = imported["batch_stats"]
-  variables = jax.tree.map(np.asarray, variables)
-  meta = dict(weights=os.path.abspath(weights_path), weights_sha256=_sha256(weights_path),
-              checkpoint_classes=ckpt_classes, head="random init" if drop_head else "imported",
-              converted_by="experiments.convert_weights")
-  return transfer.Source(arch, models.model_config(model), variables, input_shape,
-                         tuple(float(m) for m in mean), tuple(float(s) for s in std), meta)
 
 
 def _json_object(text):
@@ -208,30 +109,21 @@ def parse_flags(argv: Sequence[str] | None = None) -> ConvertFlags:
 def main(argv: Sequence[str] | None = None) -> int:
   """Converts --weights and saves the source in --out; the exit code (2 after a bad-input
   sentence, 130 after Ctrl-C with one line)."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    return _main(argv)
-  except KeyboardInterrupt:
-    print(edge.model_interrupted_line(parse_flags, argv), file=sys.stderr, flush=True)
-    return edge.INTERRUPTED
+  return edge.model_command(parse_flags, _run, argv)
 
 
-def _main(argv: list) -> int:
+def _run(f: ConvertFlags) -> int:
+  """`main` on parsed flags: convert, then save in --out and read it back."""
   t0 = time.time()
-  try:
-    f = parse_flags(argv)
-    if os.path.abspath(f.out) == os.path.abspath(os.path.dirname(f.weights) or "."):
-      raise InputError(f"--out {f.out} is the folder holding --weights: choose another --out")
-    edge.open_model_dir(f.out, f.overwrite, quiet=False, check_only=True)
-    source = convert(f.arch, f.weights, input_shape=f.input_shape, mean=f.mean, std=f.std,
-                     num_classes=f.num_classes, drop_head=f.drop_head, config=f.config,
-                     seed=f.seed)
-    edge.open_model_dir(f.out, f.overwrite, quiet=False)
-    transfer.save_source(f.out, source)
-    transfer.load_source(f.out)  # fails loudly now rather than in the first experiment
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if os.path.abspath(f.out) == os.path.abspath(os.path.dirname(f.weights) or "."):
+    raise InputError(f"--out {f.out} is the folder holding --weights: choose another --out")
+  edge.open_model_dir(f.out, f.overwrite, quiet=False, check_only=True)
+  source = convert(f.arch, f.weights, input_shape=f.input_shape, mean=f.mean, std=f.std,
+                   num_classes=f.num_classes, drop_head=f.drop_head, config=f.config,
+                   seed=f.seed)
+  edge.open_model_dir(f.out, f.overwrite, quiet=False)
+  transfer.save_source(f.out, source)
+  transfer.load_source(f.out)  # fails loudly now rather than in the first experiment
   n = surgery.count(source.variables["params"])
   print(f"saved {f.arch} ({n:,} params, head {source.meta['head']}, input "
         f"{','.join(map(str, source.input_shape))}) to {f.out} in {time.time() - t0:.1f} s; "

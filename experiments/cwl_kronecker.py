@@ -29,8 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import pretrain
-from jtransfer import models, study, surgery
+from jtransfer import models, sources, study, surgery
 from jtransfer.data import parse_spec
 from jtransfer.errors import InputError
 from jtransfer.methods import kronecker
@@ -91,7 +90,7 @@ def plot_errors(report: dict, path: str) -> None:
 def run(study_, config, results) -> list[dict]:
   """The `Study.run` hook: one record per conv layer of the source, and the two plots."""
   k, o = config.extra, config.output
-  source = pretrain.source_for(k.arch, config.source.spec, epochs=config.source.epochs,
+  source = sources.source_for(k.arch, config.source.spec, epochs=config.source.epochs,
                                seed=k.seed, progress=not o.quiet)
   kernels = conv_kernels(source.variables["params"])
   shapes = None

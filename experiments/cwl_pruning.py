@@ -48,9 +48,8 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from experiments import pretrain
+from jtransfer import models, sources, study, surgery
 from jtransfer.study.tables import TIMED_AFTER_RESUME, TIMED_TOGETHER, timing_text
-from jtransfer import models, study, surgery
 from jtransfer.data import Batches, load_spec, parse_spec, sample_kshot
 from jtransfer.errors import InputError
 from jtransfer.methods import cwl, prune, prune_finetune, transfer
@@ -204,7 +203,7 @@ def run(_, config, results) -> list[dict]:
   k, quiet = config.extra, config.output.quiet
   done = {(r["tau"], r["repeat"]) for r in rows(results.records)}
   emit = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-  source = pretrain.source_for(k.arch, config.source.spec, epochs=config.source.epochs,
+  source = sources.source_for(k.arch, config.source.spec, epochs=config.source.epochs,
                                seed=k.seed, progress=not quiet)
   data = load_spec(k.target, source.input_shape, flag="--target", data_dir=k.data_dir)
   setup = transfer.get_strategy(k.strategy).build(source, data.train.num_classes, k.steps)

@@ -43,8 +43,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from experiments import pretrain
-from jtransfer import models, study
+from jtransfer import models, sources, study
 from jtransfer.data import load_spec, parse_spec
 from jtransfer.errors import InputError
 from jtransfer.methods import retrieval, retrieval_run, transfer
@@ -168,7 +167,7 @@ def run(_, config, results) -> list[dict]:
   if taps - {k.mac_tap}:
     raise InputError(f"--out holds records with MAC of {sorted(taps)}, not {k.mac_tap!r}: use "
                      "the same --mac-tap or --overwrite")
-  source = pretrain.source_for(k.arch, config.source.spec, epochs=config.source.epochs,
+  source = sources.source_for(k.arch, config.source.spec, epochs=config.source.epochs,
                                seed=k.seed, progress=not quiet)
   if k.gnd is not None:
     shape = retrieval_run.check_image_size(source, k.image_size)

@@ -32,8 +32,8 @@ import sys
 import types
 from typing import Sequence
 
-from experiments import fewshot, pretrain
-from jtransfer import study
+from experiments import fewshot
+from jtransfer import sources, study
 from jtransfer.methods import transfer
 from jtransfer.protocol import claims
 from jtransfer.study import fewshot as hooks
@@ -102,8 +102,8 @@ STUDY = study.Study(
     module="experiments.cwl_tables", title="# CWL Tables I and II (embedded benchmark)",
     arms=hooks.arms_with(LABELS, LABELS), tables=TABLES, claims=CLAIMS,
     extra_claims=bn_claim, sections=paper.sections, reduced_lrs=reduced_lrs,
-    prepare=hooks.prepare(pretrain.study_source),
-    check_data=hooks.check_data(pretrain.source_input_shape), plots=hooks.plot_accuracy,
+    prepare=hooks.prepare(sources.study_source),
+    check_data=hooks.check_data(sources.source_input_shape), plots=hooks.plot_accuracy,
     defaults={"shots": "1,3,5,10", "repeats": 10, "lrs": "paper", "steps": 1000,
               "patience": 200, "tune_repeats": 2, "out": "results/cwl_tables",
               "strategies": "freeze,freeze_cwl,finetune,finetune_cwl"}, doc=__doc__)

@@ -69,8 +69,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from experiments import pretrain
-from jtransfer import models, study
+from jtransfer import models, sources, study
 from jtransfer.data import parse_spec, sample_kshot
 from jtransfer.errors import InputError
 from jtransfer.methods import delta, delta_study
@@ -244,7 +243,7 @@ def run_curves(plan, knobs: dict) -> dict:
   """Fig. 2 runs (L2-SP, DELTA per schedule) and Fig. 3 distances (from the exp runs)."""
   config, c = plan.config, curves_of(plan.config)
   p = dataclasses.replace(config.protocol, steps=c["steps"], test_per_class=c["test_per_class"])
-  source = pretrain.study_source(c["arch"], config)
+  source = sources.study_source(c["arch"], config)
   out = dict(config=curve_config(plan, knobs), curves={}, distances={})
   data_cache: dict = {}
   for schedule in c["schedules"]:
@@ -420,8 +419,8 @@ STUDY = study.Study(
     module="experiments.delta_table", title="# DELTA: Table 1, Fig. 2, Fig. 3 on the embedded "
     "benchmark", arms=hooks.arms_with(STRATEGIES + BASELINES, TITLES), claims=CLAIMS,
     tables=(study.Table("Table 1 layout", STRATEGIES + BASELINES),), extra=Knobs,
-    prepare=hooks.prepare(pretrain.study_source),
-    check_data=hooks.check_data(pretrain.source_input_shape), check=check, arm_plan=arm_plan,
+    prepare=hooks.prepare(sources.study_source),
+    check_data=hooks.check_data(sources.source_input_shape), check=check, arm_plan=arm_plan,
     extra_claims=fig3_claim, run=run, keys=grid.grid_keys, report=make_report, plots=plots,
     defaults={"shots": "5,10,30", "repeats": 5, "strategies": ",".join(STRATEGIES),
               "lrs": "paper", "steps": 200, "patience": 100, "tune_repeats": 1,

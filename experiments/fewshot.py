@@ -30,8 +30,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from experiments import pretrain
-from jtransfer import study
+from jtransfer import sources, study
 from jtransfer.protocol import claims
 from jtransfer.study import fewshot as hooks
 
@@ -49,8 +48,8 @@ CLAIMS = (
 
 STUDY = study.Study(
     module="experiments.fewshot", title="# Few-shot transfer", claims=CLAIMS,
-    prepare=hooks.prepare(pretrain.study_source),
-    check_data=hooks.check_data(pretrain.source_input_shape),
+    prepare=hooks.prepare(sources.study_source),
+    check_data=hooks.check_data(sources.source_input_shape),
     plots=hooks.plot_accuracy, defaults={"out": "results/fewshot"}, doc=__doc__)
 PUBLISHER = study.publisher(STUDY)
 

@@ -3,207 +3,27 @@
   python -m experiments.pretrain --arch resnet_s --source fmnist:0,2,3,4,6 --epochs 2 \
       --out .cache/sources/resnet_s-fmnist
 
-The embedded benchmark's sources (Fashion-MNIST classes {0,2,3,4,6}) are trained on first use
-and cached under .cache/sources; `source_for` returns the cached one when present.
+The command line of `jtransfer.sources.pretrain`; a study's dataset-spec `--source` is trained on
+first use and cached by `jtransfer.sources.source_for`.
 Expected: ~2.5 min per small arch on 2 CPU cores, source test accuracy ~0.85-0.9.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import sys
-import time
 from typing import Optional
 
-import numpy as np
-
 from jtransfer import models
-from jtransfer.data import Batches, augment, channel_stats, load_spec, parse_spec
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
+# The library half (pretraining, the source cache); re-exported for bench/ and older callers.
+from jtransfer.sources import (CACHE_ROOT, DEFAULT_LR, DEFAULT_SHAPE, DEFAULT_SOURCE,  # noqa: F401
+                               cache_dir, check_schedule, learned, pretrain, source_for,
+                               source_input_shape, study_source)
 from jtransfer.study import edge
 from jtransfer.study.config import Devices, flag
 from jtransfer.study.flags import command_config
-from jtransfer.train import (MetricsWriter, RunCheckpointer, accuracy, fit, init_state,
-                             make_optimizer, make_train_step, predict_logits, schedules, sgd)
-
-DEFAULT_SOURCE = "fmnist:0,2,3,4,6"
-DEFAULT_SHAPE = (28, 28, 1)
-CACHE_ROOT = os.environ.get("JTRANSFER_CACHE", ".cache")
-
-
-DEFAULT_LR = 0.05
-
-
-def pretrain(arch: str, source_spec: str = DEFAULT_SOURCE, *, epochs: float = 2.0,
-             batch_size: int = 128, lr: float = DEFAULT_LR, weight_decay: float = 5e-4, seed: int = 0,
-             image_shape=DEFAULT_SHAPE, max_train: int | None = None, progress: bool = True,
-             log_path: str | None = None, model_config: dict | None = None,
-             checkpoint_dir: str | None = None, checkpoint_every: int = 100,
-             augment_recipe: str = "none") -> transfer.Source:
-  """Trains `arch` from scratch on `source_spec` (SGD momentum, cosine lr, BN in train mode).
-
-  Args:
-    arch: registered architecture.
-    source_spec: dataset spec (see jtransfer.data.spec).
-    epochs, batch_size, lr, weight_decay, seed: the schedule (cosine decay, 10% warm-up
-      capped at 100 steps).
-    image_shape: (H, W, C) the model is trained at.
-    max_train: cap on training images (a seeded subset), for quick sources.
-    progress: progress bar on stderr.
-    log_path: JSON-lines metrics file.
-    model_config: config overrides (widths...) for `models.get_model`.
-    checkpoint_dir: save the train state there every `checkpoint_every` steps and resume from
-      the latest complete checkpoint; a resumed run ends with the same params as an
-      uninterrupted one.
-    checkpoint_every: steps between checkpoints.
-    augment_recipe: training augmentation (`jtransfer.data.augment`), drawn from each step's
-      rng: the checkpointed state carries the rng, so a resumed run sees the same crops.
-  """
-  check_schedule(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                 max_train=max_train)
-  recipe = augment.parse(augment_recipe)
-  data = load_spec(source_spec, tuple(image_shape), flag="--source")
-  train = data.train
-  if max_train is not None and len(train) > max_train:
-    keep = np.random.default_rng(seed).permutation(len(train))[:max_train]
-    train = train.take(np.sort(keep))
-  mean, std = channel_stats(train.images)
-  model = models.get_model(arch, data.train.num_classes, **(model_config or {}))
-  variables = models.init_model(model, __import__("jax").random.PRNGKey(seed), image_shape)
-  batches = Batches(train.images, train.labels, batch_size, seed)
-  num_steps = max(1, int(round(epochs * batches.steps_per_epoch)))
-  optimizer = make_optimizer(variables["params"], [(".*", "all")], {
-      "all": sgd(schedules.cosine(lr, num_steps, warmup_steps=min(100, num_steps // 10)),
-                 momentum=0.9, weight_decay=weight_decay)})
-  state = init_state(variables["params"], variables.get("batch_stats", {}), optimizer, seed)
-  step = make_train_step(augment.wrap_loss(transfer.ce_loss_fn(model, mean, std, bn_train=True),
-                                           recipe), optimizer)
-  t0 = time.time()
-  ckpt = RunCheckpointer(checkpoint_dir, checkpoint_every) if checkpoint_dir else None
-  try:
-    state = fit(state, step, batches.at, num_steps, metrics=MetricsWriter(log_path),
-                progress=progress, desc=f"pretrain {arch}", checkpointer=ckpt)
-  finally:
-    if ckpt is not None:
-      ckpt.close()
-  forward = transfer.eval_forward(model, mean, std)
-  test_acc = accuracy(predict_logits(forward, state.params, state.batch_stats,
-                                     data.test.images), data.test.labels)
-  meta = dict(source_spec=source_spec, class_names=list(data.class_names), epochs=epochs,
-              steps=num_steps, seed=seed, source_test_acc=test_acc,
-              train_seconds=round(time.time() - t0, 1))
-  variables = {"params": state.params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  return transfer.Source(arch, models.model_config(model), variables, tuple(image_shape),
-                         tuple(mean), tuple(std), meta)
-
-
-def check_schedule(*, epochs: float, lr: float, batch_size: int, weight_decay: float,
-                   max_train: int | None) -> None:
-  """Refuses a schedule that cannot train (nothing is loaded or saved before this check).
-
-  Raises:
-    InputError: epochs or lr not positive (a model trained for no steps, or away from the
-      data, would be saved as if pretrained), batch size below 1, negative weight decay, or a
-      training cap below 1.
-  """
-  for name, value in (("--epochs", epochs), ("--lr", lr)):
-    if not value > 0:  # also catches NaN
-      raise InputError(f"{name} must be > 0, got {value:g}: a source trained with it learns "
-                       "nothing, yet would be saved as pretrained")
-  if batch_size < 1:
-    raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-  if not weight_decay >= 0:
-    raise InputError(f"weight decay must be >= 0, got {weight_decay:g}")
-  if max_train is not None and max_train < 1:
-    raise InputError(f"--max-train must be >= 1 when given, got {max_train}")
-
-
-def cache_dir(arch: str, source_spec: str, epochs: float, seed: int) -> str:
-  key = hashlib.sha1(f"{arch}|{source_spec}|{epochs}|{seed}".encode()).hexdigest()[:10]
-  return os.path.join(CACHE_ROOT, "sources", f"{arch}-{key}")
-
-
-CHANCE_MARGIN = 0.05  # a source within this of chance accuracy has not learned
-RETRIES = 3            # pretraining attempts at half the lr each, after the first
-
-
-def learned(source: transfer.Source) -> bool:
-  """Whether a source's test accuracy is clearly above chance (1 / number of classes)."""
-  k = len(source.meta.get("class_names") or []) or None
-  acc = source.meta.get("source_test_acc")
-  return acc is None or k is None or acc > 1.0 / k + CHANCE_MARGIN
-
-
-def source_for(arch: str, source_spec: str, *, epochs: float = 2.0, seed: int = 0,
-               progress: bool = True) -> transfer.Source:
-  """A source model: `ckpt:PATH` loads it, a dataset spec trains it once and caches it.
-
-  A pretraining that ends at chance accuracy (SGD at lr 0.05 can kill every ReLU of a net
-  without BN: vgg_s on fmnist:1,5,7,8,9 did) is retried at half the lr, up to `RETRIES` times,
-  deterministically (same seed), and the lr that worked goes into the source's meta; a source
-  that never learns, or a cached one at chance, is refused.
-
-  Raises:
-    InputError: the source does not learn, or the cached one is at chance.
-  """
-  if source_spec.startswith("ckpt:"):
-    source = transfer.load_source(source_spec[len("ckpt:"):])
-    if source.arch != arch:
-      raise InputError(f"--source {source_spec} holds a {source.arch} model, not --arch {arch}")
-    return source
-  parse_spec(source_spec, flag="--source")
-  path = cache_dir(arch, source_spec, epochs, seed)
-  if os.path.isdir(path):
-    source = transfer.load_source(path)
-    if not learned(source):
-      raise InputError(f"the cached {arch} source {path} is at chance accuracy "
-                       f"({source.meta['source_test_acc']:.3f}): delete it to pretrain again")
-    return source
-  print(f"[pretrain] no cached {arch} source for {source_spec}: training it once "
-        f"({epochs} epochs), cache {path}", file=sys.stderr)
-  lr = DEFAULT_LR
-  for attempt in range(RETRIES + 1):
-    source = pretrain(arch, source_spec, epochs=epochs, seed=seed, progress=progress, lr=lr)
-    source.meta["lr"] = lr
-    if learned(source):
-      break
-    print(f"[pretrain] {arch} on {source_spec} at lr {lr:g} ended at chance accuracy "
-          f"({source.meta['source_test_acc']:.3f}); retrying at lr {lr / 2:g}", file=sys.stderr)
-    lr /= 2
-  else:
-    raise InputError(f"pretraining {arch} on {source_spec} never learned (lr {DEFAULT_LR:g} "
-                     f"down to {2 * lr:g}): pretrain it with experiments.pretrain and pass "
-                     "--source ckpt:DIR")
-  transfer.save_source(path, source)
-  print(f"[pretrain] {arch}: source test accuracy {source.meta['source_test_acc']:.4f} in "
-        f"{source.meta['train_seconds']} s", file=sys.stderr)
-  return source
-
-
-def study_source(arch: str, config) -> transfer.Source:
-  """The source of a few-shot study's cells (`jtransfer.study.fewshot.prepare`): --source
-  and --source-epochs of the study's `Config`, seeded by --seed."""
-  return source_for(arch, config.source.spec, epochs=config.source.epochs,
-                    seed=config.protocol.seed, progress=not config.output.quiet)
-
-
-def source_input_shape(config) -> tuple[int, ...]:
-  """The input shape a study's --source takes, read without loading or training it."""
-  spec = config.source.spec
-  if not spec.startswith("ckpt:"):
-    return tuple(DEFAULT_SHAPE)
-  path = os.path.join(spec[len("ckpt:"):], "meta.json")
-  try:
-    with open(path) as f:
-      return tuple(int(v) for v in json.load(f)["input_shape"])
-  except (OSError, ValueError, KeyError, TypeError):
-    raise InputError(f"--source {spec}: {path} is missing or has no input_shape; "
-                     "expected a model saved by experiments.pretrain or convert_weights") from None
 
 
 def _json_object(flag_name: str):
@@ -271,30 +91,21 @@ def parse_flags(argv=None) -> PretrainFlags:
 def main(argv=None) -> int:
   """Pretrains --arch on --source and saves it in --out; the exit code (2 after a bad-input
   sentence, 130 after Ctrl-C with one line saying what is kept)."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    return _main(argv)
-  except KeyboardInterrupt:
-    print(edge.model_interrupted_line(parse_flags, argv), file=sys.stderr, flush=True)
-    return edge.INTERRUPTED
+  return edge.model_command(parse_flags, _run, argv)
 
 
-def _main(argv: list) -> int:
-  try:
-    f = parse_flags(argv)
-    edge.apply_devices(f)
-    # Before training: an --out holding anything is refused now, not after minutes of work.
-    edge.open_model_dir(f.out, f.overwrite, f.quiet, check_only=True)
-    source = pretrain(f.arch, f.source, epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
-                      seed=f.seed, image_shape=f.image_shape, max_train=f.max_train,
-                      log_path=f.out + ".metrics.jsonl", model_config=f.config,
-                      checkpoint_dir=f.ckpt_dir, checkpoint_every=f.ckpt_every,
-                      progress=not f.quiet, augment_recipe=f.augment)
-    edge.open_model_dir(f.out, f.overwrite, f.quiet)
-    transfer.save_source(f.out, source)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def _run(f: PretrainFlags) -> int:
+  """`main` on parsed flags: pretrain, then save in --out (refused first if it holds anything)."""
+  edge.apply_devices(f)
+  # Before training: an --out holding anything is refused now, not after minutes of work.
+  edge.open_model_dir(f.out, f.overwrite, f.quiet, check_only=True)
+  source = pretrain(f.arch, f.source, epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
+                    seed=f.seed, image_shape=f.image_shape, max_train=f.max_train,
+                    log_path=f.out + ".metrics.jsonl", model_config=f.config,
+                    checkpoint_dir=f.ckpt_dir, checkpoint_every=f.ckpt_every,
+                    progress=not f.quiet, augment_recipe=f.augment)
+  edge.open_model_dir(f.out, f.overwrite, f.quiet)
+  transfer.save_source(f.out, source)
   print(f"saved {f.arch} to {f.out}: source test accuracy "
         f"{source.meta['source_test_acc']:.4f}")
   return 0

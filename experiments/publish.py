@@ -30,13 +30,21 @@ import os
 import sys
 from typing import Sequence
 
-from experiments.results_page import TABLE_BEGIN, TABLE_END, results_page  # noqa: F401
 from jtransfer.errors import InputError
 # (the machinery lives in the library; re-exported for the modules and tests that call it here)
 from jtransfer.study.publish import (PUBLISHED, RESULTS_PAGE, RUN_FILE, Publisher,  # noqa: F401
                                      _count_problems, check, command_line, evaluation_runs, folders,
                                      jsonl_records, load, merge, read_run, regenerate, save,
                                      snapshot, with_command)
+from jtransfer.study.results_page import TABLE_BEGIN, TABLE_END  # noqa: F401
+from jtransfer.study.results_page import results_page as page_of
+
+
+def results_page(current: str, root: str) -> str:
+  """RESULTS.md rebuilt from the published folders under `root` for the repository's claims
+  (`experiments.claims_registry.ALL`); the written text outside the markers is kept."""
+  from experiments.claims_registry import ALL  # the registry reads every module's claims
+  return page_of(current, root, ALL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

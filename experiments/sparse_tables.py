@@ -1,7 +1,8 @@
 """The report of experiments.sparse_transfer: Tables S, tuning, 1, 2, 3, the claims, the plots.
 
-Everything here reads records alone (the flat form of `sparse_runs.rows`), the `Config` and
-the plan, so `python -m experiments.publish regenerate` rebuilds report.md from results.json.
+Everything here reads records alone (the flat form of `jtransfer.study.sparse_pipeline.rows`),
+the `Config` and the plan, so `python -m experiments.publish regenerate` rebuilds report.md from
+results.json.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments.sparse_runs import choose, is_eval, rows
 from jtransfer.methods import hybrid
 from jtransfer.methods.hybrid_measure import removed_share
 from jtransfer.protocol import claims
+from jtransfer.study.sparse_pipeline import choose, is_eval, rows
 from jtransfer.study.tables import mean_std
 
 

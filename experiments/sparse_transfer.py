@@ -55,14 +55,14 @@ import dataclasses
 import functools
 from typing import Optional, Sequence
 
-from experiments import sparse_runs, sparse_tables
+from experiments import sparse_tables
 from jtransfer import study
 from jtransfer.errors import InputError
 from jtransfer.methods import hybrid, sparsity
-from jtransfer.study import Arm, flag
+from jtransfer.study import Arm, flag, sparse_pipeline
 from jtransfer.study.config import at_least, comma_list
 
-VARIANTS = sparse_runs.VARIANTS
+VARIANTS = sparse_pipeline.VARIANTS
 
 
 def _ints(flag_name: str):
@@ -80,7 +80,7 @@ def _ints(flag_name: str):
 
 def _floats(flag_name: str, lo: float, hi: float, open_lo: bool = False):
   """A parser of a comma list of floats in [lo, hi] (or (lo, hi]): sorted, distinct."""
-  return lambda text: tuple(sparse_runs.floats_in(text, flag_name, lo, hi, open_lo))
+  return lambda text: tuple(sparse_pipeline.floats_in(text, flag_name, lo, hi, open_lo))
 
 
 def _check(name: str, ok, what: str):
@@ -179,7 +179,7 @@ class Knobs:
 # The Table 1 nets are tuned arms (their run function trains one net); the pruning stages
 # are arms that follow the net they prune. Their records come from `hybrid_run.Unit.run`.
 ARMS = (Arm("sparse_source", "Sparse-SourceNet", run=None, tuned=False),
-        *(Arm(v, hybrid.VARIANT_NAMES[v], run=functools.partial(sparse_runs.run_transfer, v),
+        *(Arm(v, hybrid.VARIANT_NAMES[v], run=functools.partial(sparse_pipeline.run_transfer, v),
               after=("sparse_source",) if hybrid.VARIANTS[v][0] else ()) for v in VARIANTS),
         Arm("sparse_target", "Sparse-TargetNet", after=("hybrid",), tuned=False),
         Arm("neuron", "Sparse-TargetNet_N", after=("sparse_target", "standard"), tuned=False))
@@ -198,8 +198,8 @@ STUDY = study.Study(
     defaults={"out": "results/sparse_transfer", "steps": 1000,
               "tune_extend": 1, "arch": "vgg_s", "strategies": ",".join(VARIANTS),
               "tune_repeats": 0},
-    hidden=HIDDEN, check=sparse_runs.plan_of, plan=sparse_runs.plan_of, run=sparse_runs.run,
-    record_key=sparse_runs.record_key,
+    hidden=HIDDEN, check=sparse_pipeline.plan_of, plan=sparse_pipeline.plan_of,
+    run=sparse_pipeline.run, record_key=sparse_pipeline.record_key,
     report=sparse_tables.report, plots=sparse_tables.plots, doc=__doc__)
 PUBLISHER = study.publisher(STUDY)
 

@@ -53,9 +53,8 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments import pretrain
 from experiments.model_zoo import log_of
-from jtransfer import models, study
+from jtransfer import models, sources, study
 from jtransfer.data import parse_spec
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import selection, transfer
@@ -85,7 +84,7 @@ class TruncationFlags(FineTuneFlags):
   """truncation's flags: the ground truth's (`FineTuneFlags`), --logme, the source, the
   points and the targets."""
   arch: str = flag("--arch", "resnet_s", "architecture of the source", choices=models.names())
-  source: str = flag("--source", pretrain.DEFAULT_SOURCE, "ckpt:PATH, or a dataset spec to "
+  source: str = flag("--source", sources.DEFAULT_SOURCE, "ckpt:PATH, or a dataset spec to "
                      "pretrain on (cached)")
   source_epochs: float = flag("--source-epochs", 2.0, "pretraining epochs of a dataset-spec "
                               "source")
@@ -183,7 +182,7 @@ def run(_, config, results) -> list[dict]:
                      " use the same --logme or --overwrite")
   gt.check_resume(flat, protocol.tune_extend)
   emit = log_of(config)
-  source = pretrain.source_for(x.arch, x.source, epochs=x.source_epochs, seed=x.seed,
+  source = sources.source_for(x.arch, x.source, epochs=x.source_epochs, seed=x.seed,
                                progress=emit is not None)
   valid = truncation_points(source)
   points = p["points"] or valid

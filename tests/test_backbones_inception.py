@@ -414,7 +414,7 @@ def test_convert_weights_drops_the_aux_head(tv_net, tmp_path, capsys):
   # torchvision's Inception-V3 checkpoint layout (aux head included) converts to a source
   # without it by default, as a user with IMAGENET1K_V1 weights would run it.
   import torch
-  from experiments import convert_weights
+  from jtransfer import sources as convert_weights
   pth = tmp_path / "inception_v3.pth"
   torch.save(tv_net.state_dict(), pth)
   source = convert_weights.convert("inception_v3", str(pth), input_shape=(75, 75, 3))

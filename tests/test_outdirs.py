@@ -369,6 +369,27 @@ def test_interrupted_line_of_pretrain_and_of_unparsable_flags(tmp_path):
         "interrupted before --out was opened; nothing saved")
 
 
+def test_model_command_exit_codes_and_lines(tmp_path, capsys):
+  """pretrain's and convert_weights' one main: the body's code, 2 after one error sentence,
+  130 after Ctrl-C with the model-folder line (a Ctrl-C during the body, not a traceback)."""
+  from experiments import pretrain
+  argv = ["--arch", "vgg_s", "--out", str(tmp_path / "m")]
+
+  def raise_(e):
+    raise e
+  assert edge.model_command(pretrain.parse_flags, lambda f: 7 if f.arch == "vgg_s" else 0,
+                            argv) == 7
+  assert edge.model_command(pretrain.parse_flags,
+                            lambda f: raise_(InputError("--lr is bad")), argv) == 2
+  assert capsys.readouterr().err == "error: --lr is bad\n"
+  assert edge.model_command(pretrain.parse_flags, lambda f: raise_(KeyboardInterrupt()),
+                            argv) == edge.INTERRUPTED
+  assert capsys.readouterr().err == f"interrupted: no model saved in {tmp_path / 'm'}\n"
+  with pytest.raises(SystemExit) as e:  # argparse: --out is required
+    edge.model_command(pretrain.parse_flags, lambda f: 0, argv[:2])
+  assert e.value.code == 2 and "--out" in capsys.readouterr().err
+
+
 def test_model_selection_resume_may_add_scratch_but_not_change_a_score_flag():
   from experiments import model_selection as ms
   from jtransfer.study import edge, flags

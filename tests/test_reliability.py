@@ -32,7 +32,8 @@ def test_float_list_names_the_flag_and_the_problem(text, kwargs, error):
 
 
 def test_float_list_and_the_flags_built_on_it():
-  from experiments import compact_transfer, cwl_pruning, sparse_runs
+  from experiments import compact_transfer, cwl_pruning
+  from jtransfer.study import sparse_pipeline as sparse_runs
   from jtransfer.study.tables import float_list, positive_floats
   from jtransfer.errors import InputError
   assert float_list(" 3, -1.5,,2e-3 ", "--f") == [3.0, -1.5, 0.002]      # order kept
@@ -144,7 +145,7 @@ def test_a_source_at_chance_is_retrained_at_half_the_lr_then_refused(monkeypatch
   """vgg_s (no BN) pretrained at lr 0.05 on fmnist:1,5,7,8,9 ended at chance (0.2): the grid
   used it silently. Now a dead pretraining is retried at half the lr, and a dead cached source
   is refused."""
-  from experiments import pretrain
+  from jtransfer import sources as pretrain
   from jtransfer.errors import InputError
   from jtransfer.methods import transfer
   calls = []

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from experiments import publish, sparse_runs, sparse_tables, sparse_transfer
+from experiments import publish, sparse_tables, sparse_transfer
+from jtransfer.study import sparse_pipeline as sparse_runs
 from jtransfer.methods import sparsity, transfer
 from jtransfer.study import flags
 

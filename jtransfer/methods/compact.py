@@ -140,7 +140,7 @@ def compact_source(arch: str, spec: str, config: Optional[Mapping], *, epochs: f
     epochs, seed: its pretraining schedule.
     cache_root: the cache folder (`.cache`); the source lands under `sources/`.
     pretrain: `(arch, spec, *, epochs, seed, progress, model_config) -> Source`, the
-      pretraining routine (`experiments.pretrain.pretrain`), called only on a cache miss.
+      pretraining routine (`jtransfer.sources.pretrain`), called only on a cache miss.
   """
   if spec.startswith("ckpt:"):
     source = transfer.load_source(spec[len("ckpt:"):])

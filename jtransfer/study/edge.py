@@ -174,6 +174,22 @@ def model_interrupted_line(parse, argv: Sequence[str]) -> str:
       f"; the same command continues from the checkpoints in {ckpt}" if ckpt else ""))
 
 
+def model_command(parse, body, argv: Optional[Sequence[str]] = None) -> int:
+  """A model-folder command's main (`experiments.pretrain`, `convert_weights`): `body(config)`
+  on the flags `parse` reads from argv; the exit code: body's, 2 after a bad-input sentence,
+  130 after Ctrl-C with the `model_interrupted_line`."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    try:
+      return body(parse(argv))
+    except InputError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+  except KeyboardInterrupt:
+    print(model_interrupted_line(parse, argv), file=sys.stderr, flush=True)
+    return INTERRUPTED
+
+
 def result_records(records: Sequence[dict], cell_fields: Sequence[str],
                    key=None) -> list[dict]:
   """What results.json holds: the records sorted by key (`key`, default the version-2

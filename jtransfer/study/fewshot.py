@@ -2,9 +2,9 @@
 training (`check_data`), and the accuracy-vs-shots plot.
 
 The source comes from the module (`load_source(arch, config) -> transfer.Source`, e.g.
-`experiments.pretrain.study_source`): the library does not pretrain. One source and its
-targets are held at a time: a new arch drops the previous arch's (the runner visits cells arch
-by arch).
+`jtransfer.sources.study_source`): the hooks do not choose how a source is made. One source
+and its targets are held at a time: a new arch drops the previous arch's (the runner visits
+cells arch by arch).
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
   sd = weights.load_state_dict("resnet50.pth")          # .pth/.pt, .safetensors, .npz
   variables = weights.import_torchvision("resnet50", sd)  # {'params', 'batch_stats'}
 
-`experiments.convert_weights` turns a checkpoint into a saved `Source` for the experiments.
+`jtransfer.sources.convert` turns a checkpoint into a `Source` (`experiments.convert_weights`
+saves it for the experiments).
 """
 from jtransfer.weights.io import load_state_dict
 from jtransfer.weights.torchvision import (ARCHS, Entry, head_key, import_torchvision, name_map,

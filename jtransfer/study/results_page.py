@@ -1,6 +1,7 @@
 """RESULTS.md's generated part: one row per registered claim, then the per-folder evidence.
 
-The leading table decides each claim of `experiments.claims_registry` once, from its primary
+The leading table decides each registered claim (`jtransfer.protocol.registry.Registered`; the
+repository's are `experiments.claims_registry.ALL`, handed in by the publish command) once, from its primary
 evidence (`jtransfer.protocol.registry.decide_family`: verdict, effect, interval, wins/N, the
 one-sided p-value, the Holm-adjusted verdict over the page's family, and why a claim is "not
 tested"). The second table shows every folder's evidence for each claim, decided by the same
@@ -16,7 +17,7 @@ import os
 from typing import Mapping, Sequence
 
 from jtransfer.protocol import claims, registry, stats
-from jtransfer.study.publish import folders, read_run  # noqa: F401 (re-exported)
+from jtransfer.study.publish import folders, read_run
 
 TABLE_BEGIN, TABLE_END = "<!-- claims table: begin (generated) -->", \
     "<!-- claims table: end -->"
@@ -182,10 +183,8 @@ def commands_list(root: str) -> list[str]:
   return out
 
 
-def generated(root: str, entries: Sequence[registry.Registered] | None = None) -> list[str]:
-  """The lines between RESULTS.md's markers."""
-  if entries is None:
-    from experiments.claims_registry import ALL as entries
+def generated(root: str, entries: Sequence[registry.Registered]) -> list[str]:
+  """The lines between RESULTS.md's markers, for the registered claims `entries`."""
   summaries, records = load(root)
   present = [e for e in entries if set(e.primary.folders) <= set(summaries)]
   rows = registry.decide_family(present, summaries, records)
@@ -199,10 +198,11 @@ def generated(root: str, entries: Sequence[registry.Registered] | None = None) -
           commands_list(root) + ["", TABLE_END])
 
 
-def results_page(current: str, root: str) -> str:
-  """RESULTS.md with its generated part (between the markers) rebuilt from `root`; the text
-  outside the markers (the verdict paragraphs) is kept as written."""
-  lines = generated(root)
+def results_page(current: str, root: str, entries: Sequence[registry.Registered]) -> str:
+  """RESULTS.md with its generated part (between the markers) rebuilt from `root` for the
+  registered claims `entries`; the text outside the markers (the verdict paragraphs) is kept as
+  written."""
+  lines = generated(root, entries)
   if TABLE_BEGIN in current and TABLE_END in current:
     head, rest = current.split(TABLE_BEGIN, 1)
     tail = rest.split(TABLE_END, 1)[1]

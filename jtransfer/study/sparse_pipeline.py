@@ -1,4 +1,4 @@
-"""The runs of experiments.sparse_transfer: its plan, records, tuning and the pipeline loop.
+"""The sparse study's pipeline (`experiments.sparse_transfer`): its plan, records, tuning, loop.
 
 The pipeline is not a grid of independent runs (each stage trains from the last one's nets),
 so the study brings its own `run` (`jtransfer.study.Study.run`): the Sparse-SourceNet once,
@@ -17,13 +17,13 @@ import os
 import time
 from types import MappingProxyType
 
-from experiments import pretrain
+from jtransfer import sources
 from jtransfer.data import load_spec, parse_spec
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import hybrid, hybrid_run, hybrid_source, sparsity
 from jtransfer.protocol import Budget, fit_converged, progress, tuning
-from jtransfer.study import RunContext
 from jtransfer.study import records as rec
+from jtransfer.study.declare import RunContext
 from jtransfer.study.draws import Draw
 from jtransfer.study.runner import emitter
 from jtransfer.study.tables import float_list
@@ -309,7 +309,7 @@ def run(study, config, results) -> list[dict]:
   plan = plan_of(config)
   emit = emitter(config)
   log = (lambda line: None) if emit is None else emit
-  source = pretrain.source_for("vgg_s", config.source.spec, epochs=config.source.epochs,
+  source = sources.source_for("vgg_s", config.source.spec, epochs=config.source.epochs,
                                progress=not config.output.quiet)
   if source.arch != "vgg_s":
     raise InputError(f"--source must be a vgg_s model, got {source.arch}")
