@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from bench.common import round_robin_medians
-from experiments import pretrain
+from jtransfer import sources
 from jtransfer.methods import transfer
 from jtransfer.train import batched, init_state, make_train_step
 
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
   print("| arch | batch | R | single ms/step | batched ms/step | batched ms/run-step | speed-up |")
   print("|---|---|---|---|---|---|---|")
   for arch in [a for a in args.archs.split(",") if a]:
-    source = pretrain.pretrain(arch, "fmnist:0,2,3,4,6", epochs=0.02, max_train=256,
+    source = sources.pretrain(arch, "fmnist:0,2,3,4,6", epochs=0.02, max_train=256,
                                batch_size=64, progress=False)
     for b in (int(x) for x in args.batches.split(",")):
       for r in (int(x) for x in args.runs.split(",")):

@@ -52,7 +52,7 @@ from bench.common import emit
 from bench.grid_jax import GridConfig, jax_grid, process_grid
 from bench.grid_report import report
 from bench.grid_torch import torch_grid, torch_threads
-from experiments import pretrain
+from jtransfer import sources
 from jtransfer.errors import InputError
 from jtransfer.study import flags
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     return 2
   paths = config.paths
   for arch in config.archs:  # sources are cached before timing
-    pretrain.source_for(arch, config.source, epochs=config.source_epochs, seed=config.seed,
+    sources.source_for(arch, config.source, epochs=config.source_epochs, seed=config.seed,
                         progress=False)
   load0 = " / ".join(f"{v:.2f}" for v in os.getloadavg())
   arms: dict = {}

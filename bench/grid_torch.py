@@ -10,7 +10,7 @@ import numpy as np
 
 from bench import torch_twin
 from bench.grid_jax import STUDY, GridConfig, study_config
-from experiments import pretrain
+from jtransfer import sources
 from jtransfer.study import draws as draws_lib
 from jtransfer.study import grid as grid_lib
 from jtransfer.study import records as rec
@@ -157,7 +157,7 @@ def torch_grid(config: GridConfig) -> dict:
   untimed = eval_s = 0.0
   t_start = time.perf_counter()
   for arch in sc.cells.archs:
-    source = pretrain.study_source(arch, sc)  # the jtransfer arm's (cached before timing)
+    source = sources.study_source(arch, sc)  # the jtransfer arm's (cached before timing)
     for spec in sc.cells.targets:
       tt = TorchTarget(source, spec, p)
       for cell in (c for c in plan.cells if (c["arch"], c["target"]) == (arch, spec)):

@@ -7,7 +7,7 @@ For each (arch, target, strategy) cell and each k-shot draw, one fixed-step run 
 cached backbone features, Finetune through the full model, the generic jitted step and `fit`)
 and one in PyTorch with
 bench/torch_ref.py's net of the same definition, sharing everything a run is made of:
-  * the source weights (`experiments.pretrain.source_for`, copied into the torch net; the
+  * the source weights (`jtransfer.sources.source_for`, copied into the torch net; the
     report gives the largest logit difference of the two nets on the test set before training);
   * the new head's initial weights (jtransfer's, copied);
   * the k-shot draw (`jtransfer.study.draws`, the runner's seeds) and the batch of every

@@ -134,23 +134,23 @@ def random_source(arch: str, config: Optional[dict] = None):
 
 
 def get_source(arch: str, config: ParityConfig, stem_stride: Optional[int] = None):
-  """The cached pretrained source (`pretrain.source_for`), or a stride-`stem_stride` resnet_s
+  """The cached pretrained source (`sources.source_for`), or a stride-`stem_stride` resnet_s
   pretrained the same way and cached beside it."""
   model_config = None if stem_stride is None else {"stem_stride": stem_stride}
   if config.source == "random":
     return random_source(arch, model_config)
-  from experiments import pretrain
+  from jtransfer import sources
   from jtransfer.methods import transfer
   if model_config is None:
-    return pretrain.source_for(arch, config.source, epochs=config.source_epochs,
+    return sources.source_for(arch, config.source, epochs=config.source_epochs,
                                seed=config.seed, progress=False)
-  path = pretrain.cache_dir(f"{arch}-stem{stem_stride}", config.source, config.source_epochs,
+  path = sources.cache_dir(f"{arch}-stem{stem_stride}", config.source, config.source_epochs,
                             config.seed)
   if os.path.isdir(path):
     return transfer.load_source(path)
   print(f"[parity] pretraining {arch} with stem stride {stem_stride}, cache {path}",
         file=sys.stderr)
-  source = pretrain.pretrain(arch, config.source, epochs=config.source_epochs,
+  source = sources.pretrain(arch, config.source, epochs=config.source_epochs,
                              seed=config.seed, progress=False, model_config=model_config)
   transfer.save_source(path, source)
   return source

@@ -15,14 +15,14 @@ enable_compilation_cache()
 @pytest.fixture(scope="session")
 def tiny_source_dir(tmp_path_factory):
   """Directory factory: a tiny pretrained source per arch (a few seconds each), saved once."""
-  from experiments import pretrain
+  from jtransfer import sources
   from jtransfer.methods import transfer
   made = {}
 
   def get(arch: str = "vgg_s") -> str:
     if arch not in made:
       path = str(tmp_path_factory.mktemp(f"src-{arch}") / "model")
-      source = pretrain.pretrain(arch, "fmnist:0,2,3,4,6", epochs=0.02, max_train=256,
+      source = sources.pretrain(arch, "fmnist:0,2,3,4,6", epochs=0.02, max_train=256,
                                  batch_size=64, progress=False)
       transfer.save_source(path, source)
       made[arch] = path

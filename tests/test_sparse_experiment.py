@@ -31,9 +31,9 @@ def _argv(source_dir, out):
 def small_source_dir(tmp_path_factory):
   """A tiny vgg_s source (pretrain(..., epochs=0.02, max_train=256)) with one conv per stage
   and narrow layers: fewer ops, so each of the run's few XLA compiles is quicker."""
-  from experiments import pretrain
+  from jtransfer import sources
   path = str(tmp_path_factory.mktemp("src-small") / "model")
-  source = pretrain.pretrain("vgg_s", "fmnist:0,2,3,4,6", epochs=0.02, max_train=256,
+  source = sources.pretrain("vgg_s", "fmnist:0,2,3,4,6", epochs=0.02, max_train=256,
                              batch_size=64, progress=False,
                              model_config={"conv_widths": ((8,), (16,), (16,)),
                                            "dense_widths": (32, 32)})
