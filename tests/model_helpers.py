@@ -11,9 +11,9 @@ import numpy as np
 from jtransfer import models, surgery
 
 
-def random_variables(model, shape, seed: int = 0) -> dict:
-  """Random weights (normal / sqrt(fan in)) and BN running variances in [0.5, 2], drawn in
-  numpy on `jax.eval_shape`'s shapes: compiling Flax's random init costs seconds per model."""
+def random_variables(model, shape, seed: int = 0, gain: float = 1.0) -> dict:
+  """Random weights (gain x normal / sqrt(fan in)) and BN running variances in [0.5, 2], drawn
+  in numpy on `jax.eval_shape`'s shapes: compiling Flax's random init costs seconds per model."""
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
   rng = np.random.default_rng(seed)
 
@@ -21,8 +21,18 @@ def random_variables(model, shape, seed: int = 0) -> dict:
     if path.endswith("var"):
       return rng.uniform(0.5, 2.0, a.shape).astype(np.float32)
     fan_in = int(np.prod(a.shape[:-1])) if len(a.shape) > 1 else 4
-    return (rng.normal(size=a.shape) / np.sqrt(fan_in)).astype(np.float32)
+    return (gain * rng.normal(size=a.shape) / np.sqrt(fan_in)).astype(np.float32)
 
+  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+
+
+def small_variables(model, rng, shape) -> dict:
+  """`models.init_model`'s signature without compiling Flax's initialisers: weights 0.1 x
+  normal, BN running variances 1 (tests where only shapes and finite values matter)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
+  gen = np.random.default_rng(0)
+  fill = lambda p, a: (np.ones(a.shape, np.float32) if p.endswith("var") else
+                       (0.1 * gen.normal(size=a.shape)).astype(np.float32))
   return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
 
 

@@ -7,24 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_helpers import small_variables
 
 from experiments import compact_report, pretrain, publish
 from experiments import compact_transfer as ct
-from jtransfer import models, surgery
+from jtransfer import models
 from jtransfer.methods import distill, transfer
 from jtransfer.study import flags
 from jtransfer.study import grid as grid_lib
 from jtransfer.study import records as rec
 
 
-def _fast_init(model, rng, shape):
-  """models.init_model without compiling Flax's random initialisers (seconds per config on
-  2 cores); only shapes and finite values matter to these tests."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
-  gen = np.random.default_rng(0)
-  fill = lambda p, a: (np.ones(a.shape, np.float32) if p.endswith("var") else
-                       (0.1 * gen.normal(size=a.shape)).astype(np.float32))
-  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+_fast_init = small_variables
 
 
 @pytest.fixture(autouse=True)

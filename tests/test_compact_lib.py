@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_helpers import small_variables
 
 from jtransfer import models, surgery
 from jtransfer.errors import InputError
@@ -14,14 +15,7 @@ from jtransfer.inputs import source_from_model
 from jtransfer.methods import compact, compact_runs, distill
 
 
-def _fast_init(model, rng, shape):
-  """Random variables from shapes, without compiling Flax's initialisers (seconds per config
-  on 2 cores); only shapes and finite values matter here."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
-  gen = np.random.default_rng(0)
-  fill = lambda p, a: (np.ones(a.shape, np.float32) if p.endswith("var") else
-                       (0.1 * gen.normal(size=a.shape)).astype(np.float32))
-  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+_fast_init = small_variables
 
 
 @pytest.fixture(autouse=True)

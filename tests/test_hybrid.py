@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_helpers import random_variables
 
 from jtransfer import models, surgery
 from jtransfer.errors import InputError
@@ -14,14 +15,7 @@ MEAN, STD = (0.4,), (0.3,)
 
 
 def _variables(model, seed=0):
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, a):
-    fan_in = int(np.prod(a.shape[:-1])) if len(a.shape) > 1 else 4
-    return (rng.normal(size=a.shape) * 1.5 / np.sqrt(fan_in)).astype(np.float32)
-
-  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+  return random_variables(model, SHAPE, seed, gain=1.5)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 jtransfer.methods.hybrid_measure (rates, removed share), hybrid_source (Sparse-SourceNet and
 its cache), hybrid_run (target draws, the knowledge loss, one unit's pieces)."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_helpers import random_variables
 
 from jtransfer import models, surgery
 from jtransfer.data import Dataset, ImageSet
@@ -45,15 +45,8 @@ def test_removed_share_hand_case_and_fc_table():
 
 
 # ----------------------------------------------------------------------------- fixtures
-def _variables(model):
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE))))
-  rng = np.random.default_rng(0)
-
-  def fill(path, a):
-    fan_in = int(np.prod(a.shape[:-1])) if len(a.shape) > 1 else 4
-    return (rng.normal(size=a.shape) * 1.5 / np.sqrt(fan_in)).astype(np.float32)
-
-  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+def _variables(model, seed=0):
+  return random_variables(model, SHAPE, seed, gain=1.5)
 
 
 @pytest.fixture(scope="module")
