@@ -93,7 +93,8 @@ def score_sources(sources: Mapping[str, transfer.Source] | Sequence[transfer.Sou
 
 def prune_cwl(result_or_variables: Any, tau: float, *, config: Mapping | None = None,
               residual: str = "group", multiple: int = 1) -> prune.PruneResult:
-  """Removes the channels whose CWL scale |sigma| < tau (`prune.prune_by_sigma`).
+  """Removes the channels whose CWL scale |sigma| < tau (`prune.prune_by_sigma`); on a ViT or
+  Swin, the attention heads and MLP hidden units (`methods.prune_heads`).
 
   Args:
     result_or_variables: a `jtransfer.api.FitResult` of a CWL strategy ('freeze_cwl',

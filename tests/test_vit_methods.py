@@ -1,7 +1,7 @@
 """Transformers under the transfer machinery: gradients against torch autograd, the
 strategies that run on them (freeze, finetune, l2sp, bitfit through experiments.fewshot) and
-CWL on their linear maps, and the ones that refuse them (FiLM, DELTA's taps, channel
-pruning)."""
+CWL on their linear maps, and the ones that refuse them (FiLM, conv-unit channel pruning;
+DELTA on transformers is tests/test_delta_tokens.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,13 +77,11 @@ def test_mixed_precision_shapes():
 
 
 def test_refusals_name_the_arch():
-  from jtransfer.methods import cwl, delta, prune
+  from jtransfer.methods import prune
   model = models.get_model("vit_s28", 3, **TINY)
   shape = (28, 28, 1)
   source = transfer.Source("vit_s28", models.model_config(model),
                            random_variables(model, shape), shape, (0.5,), (0.25,))
-  with pytest.raises(InputError, match="DELTA.*'vit_s28' is a transformer"):
-    delta.build_setup(source, 3, 10, "att")
   with pytest.raises(InputError, match="pruning works on conv units"):
     prune.channel_groups(source.variables["params"], source.config)
   with pytest.raises(InputError, match="FiLM"):

@@ -8,7 +8,8 @@ Faithful to the authors' PyTorch code (github.com/lixingjian/DELTA, train.py, ch
     DELTA w/o ATT `0.5 * sum_l ||FM_t - FM_s||^2`; DELTA
     `sum_l 0.5 * sum_{b,c} C * w_c * ||FM_t[b,c] - FM_s[b,c]||^2 / (H*W)` (summed over the
     batch, not averaged);
-  * FM = the raw conv output (before BN) of the last conv of the last block of each stage;
+  * FM = the raw conv output (before BN) of the last conv of the last block of each stage
+    (on a ViT or Swin: block outputs, token x channel, see `delta_tokens`);
     source maps come from the frozen source (running BN stats) under stop_gradient;
   * attention w (one vector per tapped layer): a linear head trained on frozen source features
     (L2-FE), then per channel the CE increase when that channel's kernel slice is zeroed,
@@ -35,7 +36,6 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from jtransfer import models
 from jtransfer.methods import transfer
 # The attention, the losses and the config live in their own modules; every name stays
 # importable from here.
@@ -88,8 +88,6 @@ def build_setup(source: transfer.Source, num_classes: int, total_steps: int, kin
   run's training images only) and 'source' (their source maps, see `SourceMaps`).
   """
   config = (config or Config()).validate()
-  if kind in ("fm", "att"):  # L2 and L2-SP need no feature maps
-    models.attention.refuse_transformer(source.config, source.arch, "DELTA's feature-map taps")
   model = transfer.target_model(source, num_classes)
   params, _ = transfer.init_target(source, model, 0)
   w0 = starting_point(source.variables["params"], params)

@@ -19,7 +19,7 @@ from jtransfer import models, surgery
 from jtransfer.data import Batches
 from jtransfer.data.preprocess import normalize
 from jtransfer.errors import InputError
-from jtransfer.methods import transfer
+from jtransfer.methods import delta_tokens, transfer
 from jtransfer.methods.delta_config import Config
 from jtransfer.methods.delta_loss import l2
 from jtransfer.train import evaluate
@@ -63,7 +63,7 @@ def _ablate_output(tap: str, mask: jax.Array, bias: Optional[jax.Array]):
 
 
 @functools.lru_cache(maxsize=64)
-def ablation_fn(model, tap: str, bn_train: bool = False) -> Callable:
+def ablation_fn(model, tap: str, bn_train: bool = False, tokens: bool = False) -> Callable:
   """Jitted `(params, stats, x, labels, weights, masks (M, C)) -> (M,)` CE increases.
 
   Row m of `masks` multiplies the output channels of `tap`'s conv kernel (0 = the channel
@@ -72,7 +72,9 @@ def ablation_fn(model, tap: str, bn_train: bool = False) -> Callable:
   cost per channel is one forward of the suffix after the tap (bench/bench_delta.py measures
   it). Cached per (model, tap, BN mode): one compile serves every run. With `bn_train`, BN
   normalises every forward (base and ablated) with the batch's own statistics (and
-  `weights` should be all 1: padding would enter the statistics).
+  `weights` should be all 1: padding would enter the statistics). With `tokens` (a ViT or
+  Swin), `tap` is a block and channel c of its output is set to 0 at every token instead
+  (`delta_tokens.ablate_block_output`).
   """
   def ce_of(params, stats, x, labels, weights):
     logits, _, _ = models.apply_model(model, params, stats, x, train=bn_train)
@@ -84,7 +86,9 @@ def ablation_fn(model, tap: str, bn_train: bool = False) -> Callable:
     bias = surgery.flatten(params).get(f"{tap}/conv/bias")
 
     def ablated(mask):
-      with nn.intercept_methods(_ablate_output(tap, mask, bias)):
+      ablate = (delta_tokens.ablate_block_output(tap, mask) if tokens
+                else _ablate_output(tap, mask, bias))
+      with nn.intercept_methods(ablate):
         return ce_of(params, stats, x, labels, weights)
 
     return jax.vmap(ablated)(masks) - base
@@ -124,12 +128,19 @@ def channel_loss_increase(fn: Callable, params, stats, x, labels, weights, chann
   return np.concatenate(out)
 
 
+def tap_map_shapes(model, params, stats, image_shape: Sequence[int],
+                   taps: Sequence[str]) -> dict[str, tuple[int, ...]]:
+  """Each tap's map shape for one image, batch axis included (nothing is computed)."""
+  maps = jax.eval_shape(lambda x: models.apply_model(model, params, stats, x, taps=taps)[2],
+                        jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+  return {t: tuple(maps[t].shape) for t in taps}
+
+
 def tap_map_bytes(model, params, stats, image_shape: Sequence[int],
                   taps: Sequence[str]) -> dict[str, int]:
   """float32 bytes of each tap's map for one image (shapes only: nothing is computed)."""
-  maps = jax.eval_shape(lambda x: models.apply_model(model, params, stats, x, taps=taps)[2],
-                        jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
-  return {t: int(np.prod(maps[t].shape)) * 4 for t in taps}
+  return {t: int(np.prod(s)) * 4
+          for t, s in tap_map_shapes(model, params, stats, image_shape, taps).items()}
 
 
 def attention_weights(model, params, stats, batches: Sequence[tuple[np.ndarray, np.ndarray,
@@ -143,7 +154,8 @@ def attention_weights(model, params, stats, batches: Sequence[tuple[np.ndarray, 
     model: the target model (source backbone + the L2-FE head in `params`).
     params, stats: its variables (running BN stats, used unless `bn_train`).
     batches: (normalised images, labels, per-image weights) triples; weights are 0 on padding.
-    taps: conv unit names; the kernel `<tap>/conv/kernel` of each is ablated channel by channel.
+    taps: conv unit names; the kernel `<tap>/conv/kernel` of each is ablated channel by channel
+      (on a ViT or Swin: block names, whose output channels are zeroed one by one).
     temperature: softmax temperature.
     max_images: bound on (channels per call) x (batch size).
     max_mb: bound on (channels per call) x (batch size) x (the tap's map, bytes per image).
@@ -153,14 +165,15 @@ def attention_weights(model, params, stats, batches: Sequence[tuple[np.ndarray, 
     tap -> float32 (C,) weights summing to 1.
   """
   flat = surgery.flatten(params)
+  tokens = delta_tokens.is_token_model(models.model_config(model))
   for tap in taps:
-    if f"{tap}/conv/kernel" not in flat:
+    if not tokens and f"{tap}/conv/kernel" not in flat:
       raise InputError(f"DELTA tap {tap!r} has no kernel {tap}/conv/kernel")
-  sizes = tap_map_bytes(model, params, stats, batches[0][0].shape[1:], taps)
+  shapes = tap_map_shapes(model, params, stats, batches[0][0].shape[1:], taps)
   out = {}
   for tap in taps:
-    fn, channels = ablation_fn(model, tap, bool(bn_train)), flat[f"{tap}/conv/kernel"].shape[-1]
-    map_bytes = sizes[tap]
+    fn, channels = ablation_fn(model, tap, bool(bn_train), tokens), shapes[tap][-1]
+    map_bytes = int(np.prod(shapes[tap])) * 4
     increase = np.mean([channel_loss_increase(fn, params, stats, x, y, w, channels, max_images,
                                               map_bytes, max_mb)
                         for x, y, w in batches], axis=0)

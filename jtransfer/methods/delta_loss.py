@@ -15,7 +15,7 @@ import numpy as np
 from jtransfer import models, surgery
 from jtransfer.data.preprocess import normalize
 from jtransfer.errors import InputError
-from jtransfer.methods import transfer
+from jtransfer.methods import delta_tokens, transfer
 from jtransfer.methods.delta_config import FROZEN_KEY, Config
 from jtransfer.models import mobilenet
 from jtransfer.train import evaluate
@@ -76,17 +76,19 @@ def attention_distance(target_maps: Mapping[str, jax.Array], source_maps: Mappin
   """DELTA: sum_l 0.5 * sum_{b,c} C * w_c * ||FM_t[b,:,:,c] - FM_s[b,:,:,c]||^2 / (H*W).
 
   Maps are NHWC; `weights[l]` has one entry per channel of layer l (they sum to 1, so C * w_c
-  is 1 on average).
+  is 1 on average). A transformer's token maps (N, T, C) take T for H*W
+  (`delta_tokens`): the sum and the division run over every axis between batch and channel.
   """
   _check_maps(target_maps, source_maps)
   total = 0.0
   for k, t in target_maps.items():
-    _, h, w, c = t.shape
+    c, inner = t.shape[-1], tuple(range(1, t.ndim - 1))
     wk = jax.lax.stop_gradient(jnp.asarray(weights[k]))
     if wk.shape != (c,):
       raise InputError(f"attention weights of {k!r} have shape {wk.shape}, expected ({c},)")
-    per_channel = jnp.sum(jnp.square(t - jax.lax.stop_gradient(source_maps[k])), axis=(1, 2))
-    total = total + 0.5 * jnp.sum(c * wk * per_channel / (h * w))
+    per_channel = jnp.sum(jnp.square(t - jax.lax.stop_gradient(source_maps[k])), axis=inner)
+    positions = int(np.prod([t.shape[a] for a in inner]))
+    total = total + 0.5 * jnp.sum(c * wk * per_channel / positions)
   return total
 
 
@@ -117,8 +119,11 @@ def default_taps(arch: str, config: Mapping[str, Any]) -> tuple[str, ...]:
   for MobileNet / EfficientNet the unit before each stride-2 block and the final 1x1 `top`.
 
   ResNet-50: stage{1..4}/block{2,3,5,2}/conv3 (torchvision layer1.2 ... layer4.2 conv3).
+  ViT and Swin: block outputs, `delta_tokens.default_taps`.
   """
   from jtransfer.models import convnext, densenet
+  if delta_tokens.is_token_model(config):
+    return delta_tokens.default_taps(config)
   for family in (densenet, convnext):
     if family.is_config(config):
       return family.delta_taps(config)
@@ -137,16 +142,19 @@ def default_taps(arch: str, config: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def resolve_taps(source: transfer.Source, model, config: Config) -> tuple[str, ...]:
-  """Configured or default taps, checked against the conv units the target model has."""
-  units = set(surgery.conv_units(jax.eval_shape(
-      lambda: models.init_model(model, jax.random.PRNGKey(0), source.input_shape))["params"]))
+  """Configured or default taps, checked against the conv units (a transformer's blocks) the
+  target model has."""
+  params = jax.eval_shape(
+      lambda: models.init_model(model, jax.random.PRNGKey(0), source.input_shape))["params"]
+  units = set(delta_tokens.block_names(params) if delta_tokens.is_token_model(source.config)
+              else surgery.conv_units(params))
   configured = config.taps.get(source.arch)
   # A truncated model lacks the later stages: their default taps are dropped.
   taps = (tuple(configured) if configured else
           tuple(t for t in default_taps(source.arch, source.config) if t in units))
   bad = [t for t in taps if t not in units]
   if bad or not taps:
-    raise InputError(f"DELTA taps {list(bad or taps)} are not conv units of this "
+    raise InputError(f"DELTA taps {list(bad or taps)} are not conv units (blocks) of this "
                      f"{source.arch}; expected names from {sorted(units)}")
   return taps
 

@@ -8,8 +8,11 @@
     (CWL, FiLM, LoRA, SSF: `FOLDS`) are folded first. When nothing else is left beside the target
     model's own params, the deployed model IS the target model (the source architecture with
     its new head): 0 extra FLOPs by construction (freeze, finetune, bitfit, norm tuning, partial
-    tuning, CWL, FiLM, LoRA, SSF). Otherwise (Conv-Adapter) the extra FLOPs are XLA's cost
-    analysis of the strategy's eval forward minus that of the plain target model, at batch 1.
+    tuning, CWL, FiLM, LoRA, SSF). Otherwise (Conv-Adapter, the transformer adapters, VPT)
+    the extra FLOPs are XLA's cost analysis of the strategy's eval forward minus that of the
+    plain target model, at batch 1. VPT folds into nothing: its P prompt tokens run through
+    every block at inference, so it adds FLOPs, shallow and deep alike (`vpt.extra_flops`
+    gives their matrix-product part by hand; tests/test_vpt.py compares the two).
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from jtransfer import surgery
 from jtransfer.errors import InputError
-from jtransfer.methods import cwl, prune_dense, prune_mobile
+from jtransfer.methods import cwl, prune_dense, prune_heads, prune_mobile
 # The graph and slicing halves, re-exported: callers keep importing them from here.
 from jtransfer.methods.prune_graph import (  # noqa: F401
     RESIDUAL_MODES, Group, _alexnet_groups, _chain_groups, _group_score, _inception_groups,
@@ -166,7 +166,9 @@ def prune_by_sigma(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | N
       pruning pay in latency on CPU (bench/bench_pruning.py). 1 = the paper's rule.
 
   Returns:
-    A `PruneResult`; the pruned model needs no scales.
+    A `PruneResult`; the pruned model needs no scales. For a ViT or Swin config the scales are
+    `cwl_linear`'s and whole attention heads and MLP hidden units go (`prune_heads`; `kept`
+    and `masks` are then keyed '<block>/attn' and '<block>/mlp'; `residual` does not apply).
   """
   if not np.isfinite(tau) or tau < 0:
     raise InputError(f"tau must be a finite number >= 0, got {tau}")
@@ -174,6 +176,11 @@ def prune_by_sigma(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | N
     scales, params = cwl.split_cwl(params)
   else:
     params = {k: v for k, v in params.items() if k != cwl.CWL_KEY}
+  if attention.is_config(config):  # heads and MLP hidden units (`prune_heads`)
+    new_params, new_config, kept, masks = prune_heads.prune_by_sigma(params, config, scales,
+                                                                     tau, multiple)
+    return PruneResult(new_params, dict(batch_stats or {}), new_config, kept, masks,
+                       surgery.count(new_params), surgery.count(params))
   folded = cwl.apply_cwl(params, scales)
   scores = {u: np.abs(np.asarray(s, np.float64)) for u, s in scales.items()}
   keep = {u: s >= tau for u, s in scores.items()}

@@ -99,29 +99,56 @@ class Attention(nn.Module):
   """Multi-head self-attention over (..., tokens, dim): fused `qkv`, then `proj`.
 
   Attributes:
-    heads: attention heads (dim must divide by them).
+    heads: attention heads (dim must divide by them unless `head_dim` is given).
     qkv_bias: the `qkv` layer's bias (all families here have one).
     dtype: compute dtype name.
+    head_dim: width of each head; None: dim // heads. A head-pruned model keeps the source's
+      head width with fewer heads (`methods/prune_heads.py`): qkv (dim, 3 heads head_dim),
+      proj (heads head_dim, dim).
   """
   heads: int
   qkv_bias: bool = True
   dtype: Optional[str] = None
+  head_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, bias: Optional[jax.Array] = None) -> jax.Array:
     """`bias` is added to the attention logits, broadcast to (batch, heads, T, T) (Swin's
     relative position bias plus its shifted-window mask)."""
     dim = x.shape[-1]
-    if dim % self.heads:
-      raise InputError(f"attention: dim {dim} is not a multiple of heads {self.heads}")
-    head_dim = dim // self.heads
-    qkv = dense(self, 3 * dim, "qkv", self.qkv_bias)(x)
+    head_dim = head_width(dim, self.heads, self.head_dim, "attention")
+    inner = self.heads * head_dim
+    qkv = dense(self, 3 * inner, "qkv", self.qkv_bias)(x)
     lead = x.shape[:-2]
     qkv = qkv.reshape(-1, x.shape[-2], 3, self.heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, heads, head_dim)
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=head_dim ** -0.5)
-    out = out.reshape(*lead, x.shape[-2], dim)
+    out = out.reshape(*lead, x.shape[-2], inner)
     return dense(self, dim, "proj")(out)
+
+
+def head_width(dim: int, heads: int, head_dim: Optional[int], what: str) -> int:
+  """The width of one head: `head_dim` when given, else dim // heads (which must divide)."""
+  if head_dim is not None:
+    return int(head_dim)
+  if dim % heads:
+    raise InputError(f"{what}: dim {dim} is not a multiple of heads {heads}")
+  return dim // heads
+
+
+def per_block(values: Optional[Sequence[int]], count: int, default: int, what: str) -> list[int]:
+  """A per-block width list (a pruned model's heads or MLP widths), or `default` everywhere.
+
+  Raises:
+    InputError: a list whose length is not the block count, or a width < 1.
+  """
+  if values is None:
+    return [int(default)] * count
+  values = [int(v) for v in values]
+  if len(values) != count or min(values, default=1) < 1:
+    raise InputError(f"{what} {values} must give one width >= 1 for each of the {count} "
+                     "blocks")
+  return values
 
 
 class Mlp(nn.Module):

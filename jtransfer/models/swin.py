@@ -79,12 +79,13 @@ class WindowAttention(nn.Module):
   window: int
   shift: int
   dtype: Optional[str] = None
+  head_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     n, h, w, c = x.shape
-    if c % self.heads:
-      raise InputError(f"swin: dim {c} is not a multiple of heads {self.heads}")
+    head_dim = attention.head_width(c, self.heads, self.head_dim, "swin")
+    inner = self.heads * head_dim
     # torchvision: no shift along a side the window covers
     shift = (self.shift if self.window < h else 0, self.shift if self.window < w else 0)
     table = self.param("rel_pos_bias", attention.dense_init,
@@ -97,12 +98,11 @@ class WindowAttention(nn.Module):
       bias = jnp.tile(bias + jnp.asarray(shift_mask(h, w, self.window, shift))[:, None],
                       (n, 1, 1, 1))
     tokens = _windows(x, self.window)
-    head_dim = c // self.heads
-    qkv = attention.dense(self, 3 * c, "qkv")(tokens)
+    qkv = attention.dense(self, 3 * inner, "qkv")(tokens)
     qkv = qkv.reshape(-1, tokens.shape[1], 3, self.heads, head_dim)
     out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
                                        bias=bias.astype(tokens.dtype), scale=head_dim ** -0.5)
-    y = attention.dense(self, c, "proj")(out.reshape(tokens.shape))
+    y = attention.dense(self, c, "proj")(out.reshape(*tokens.shape[:-1], inner))
     y = _unwindows(y, n, h, w, self.window)
     return jnp.roll(y, shift, axis=(1, 2)) if any(shift) else y
 
@@ -115,11 +115,13 @@ class SwinBlock(nn.Module):
   mlp_hidden: int
   drop_path: float = 0.0
   dtype: Optional[str] = None
+  head_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     y = attention.layer_norm(self, 1e-5, "norm1")(x)
-    y = WindowAttention(self.heads, self.window, self.shift, self.dtype, name="attn")(y)
+    y = WindowAttention(self.heads, self.window, self.shift, self.dtype, self.head_dim,
+                        name="attn")(y)
     x = x + attention.drop_path(self, y, self.drop_path, train)
     y = attention.layer_norm(self, 1e-5, "norm2")(x)
     y = attention.Mlp(self.mlp_hidden, dtype=self.dtype, name="mlp")(y)
@@ -154,6 +156,9 @@ class Swin(nn.Module):
     mlp_ratio: MLP hidden width / dim.
     drop_path_rate: torchvision's stochastic_depth_prob (0.2 for swin_t's training), linear
       over blocks; default 0, active only with train=True.
+    block_heads, block_hidden: per-block head counts and MLP widths of a pruned model, over
+      all blocks in order (`methods/prune_heads.py`); None: the stage's `heads` and width *
+      mlp_ratio. With `block_heads` each head keeps its stage's width / heads.
   """
   num_classes: int
   patch_size: int = 4
@@ -164,6 +169,8 @@ class Swin(nn.Module):
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
   dtype: Optional[str] = None
+  block_heads: Optional[tuple[int, ...]] = None
+  block_hidden: Optional[tuple[int, ...]] = None
 
   def unit_names(self) -> list[str]:
     """The blocks, in order (their outputs are taps)."""
@@ -180,14 +187,23 @@ class Swin(nn.Module):
         to_compute(self, x))
     x = attention.layer_norm(self, 1e-5, "patch_norm")(x)
     total, index = sum(self.depths), 0
-    for s, (depth, heads) in enumerate(zip(self.depths, self.heads)):
+    widths = [self.dim * 2 ** s for s in range(len(self.depths))]
+    stage_heads = [h for d, h in zip(self.depths, self.heads) for _ in range(d)]
+    heads = (stage_heads if self.block_heads is None else
+             attention.per_block(self.block_heads, total, 1, "swin block_heads"))
+    stage_hidden = [int(round(w * self.mlp_ratio)) for w, d in zip(widths, self.depths)
+                    for _ in range(d)]
+    hidden = (stage_hidden if self.block_hidden is None else
+              attention.per_block(self.block_hidden, total, 1, "swin block_hidden"))
+    for s, depth in enumerate(self.depths):
       if s > 0:
         x = PatchMerging(self.dtype, name=f"stage{s + 1}/merge")(x)
-      hidden = int(round(x.shape[-1] * self.mlp_ratio))
+      head_dim = None if self.block_heads is None else widths[s] // self.heads[s]
       for b in range(depth):
         rate = self.drop_path_rate * index / max(total - 1, 1)
-        x = SwinBlock(heads, self.window, 0 if b % 2 == 0 else self.window // 2, hidden,
-                      rate, self.dtype, name=f"stage{s + 1}/block{b}")(x, train)
+        x = SwinBlock(heads[index], self.window, 0 if b % 2 == 0 else self.window // 2,
+                      hidden[index], rate, self.dtype, head_dim,
+                      name=f"stage{s + 1}/block{b}")(x, train)
         index += 1
     x = attention.layer_norm(self, 1e-5, "norm", tapped=True)(x)
     x = jnp.mean(x, axis=(1, 2))

@@ -47,11 +47,13 @@ class Block(nn.Module):
   layer_scale: Optional[float] = None
   drop_path: float = 0.0
   dtype: Optional[str] = None
+  head_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     y = attention.layer_norm(self, self.ln_eps, "norm1")(x)
-    y = attention.Attention(self.heads, dtype=self.dtype, name="attn")(y)
+    y = attention.Attention(self.heads, dtype=self.dtype, head_dim=self.head_dim,
+                            name="attn")(y)
     x = x + attention.drop_path(self, attention.layer_scale(self, "ls1", self.layer_scale, y),
                                 self.drop_path, train)
     y = attention.layer_norm(self, self.ln_eps, "norm2")(x)
@@ -89,6 +91,9 @@ class ViT(nn.Module):
     pool: 'token' (class token) or 'mean' (mean of the patch tokens): what `features` is; a
       linear probe (strategy `freeze`) reads it.
     drop_path_rate: stochastic depth, linear over blocks as timm; only with train=True.
+    block_heads, block_hidden: per-block head counts and MLP widths of a pruned model
+      (`methods/prune_heads.py`); None: `heads` and dim * mlp_ratio in every block. With
+      `block_heads` each head keeps the width dim // heads.
   """
   num_classes: int
   patch_size: int = 16
@@ -108,6 +113,8 @@ class ViT(nn.Module):
   pool: str = "token"
   drop_path_rate: float = 0.0
   dtype: Optional[str] = None
+  block_heads: Optional[tuple[int, ...]] = None
+  block_hidden: Optional[tuple[int, ...]] = None
 
   def unit_names(self) -> list[str]:
     """The blocks, in order (their outputs are taps)."""
@@ -150,11 +157,14 @@ class ViT(nn.Module):
       x = jnp.concatenate(prefix + [x], axis=1) + pos.astype(x.dtype)
     if self.pre_norm:
       x = attention.layer_norm(self, self.ln_eps, "ln_pre")(x)
-    hidden = int(round(self.dim * self.mlp_ratio))
+    heads = attention.per_block(self.block_heads, self.depth, self.heads, "ViT block_heads")
+    hidden = attention.per_block(self.block_hidden, self.depth,
+                                 int(round(self.dim * self.mlp_ratio)), "ViT block_hidden")
+    head_dim = None if self.block_heads is None else self.dim // self.heads
     for i in range(self.depth):
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-      x = Block(self.heads, hidden, self.ln_eps, self.act, self.layer_scale, rate,
-                dtype=self.dtype, name=f"block{i}")(x, train)
+      x = Block(heads[i], hidden[i], self.ln_eps, self.act, self.layer_scale, rate,
+                dtype=self.dtype, head_dim=head_dim, name=f"block{i}")(x, train)
     x = attention.layer_norm(self, self.ln_eps, "norm", tapped=True)(x)
     cls, mean = x[:, 0], jnp.mean(x[:, num_prefix:], axis=1)
     tap(self, "cls", cls)
