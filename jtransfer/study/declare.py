@@ -125,6 +125,10 @@ class Study:
       (`jtransfer.study.report.make_report`); records as results.json holds them.
     run: (study, config, results) -> records, replacing the grid runner (`runner.run`) for a
       study that is not a grid of draws (e.g. an analysis of one source).
+    tune_budget: equal tuning budgets: every tuned strategy arm's grid holds exactly this
+      many points (its knob grid times an LR grid spaced over its --lrs range, with no edge
+      extension), so no arm is tuned with more runs than another (`grid.budgeted`); None =
+      each arm's own grid, extended at an edge.
     doc: the module's docstring (the --help description).
   """
   module: str
@@ -149,6 +153,7 @@ class Study:
   budget: Optional[Callable] = None
   report: Optional[Callable] = None
   run: Optional[Callable] = None
+  tune_budget: Optional[int] = None
   doc: str = ""
 
   def arm(self, name: str) -> Arm:
