@@ -20,6 +20,9 @@ from jtransfer.study import records as rec
 from jtransfer.study.tables import best_over_lr, lr_grid_text, pct, split_text
 
 GROUP = ("arch", "target", "arm", "shots")
+# What a run costs (`jtransfer.methods.peft_cost`, in records since the PEFT study): trained
+# parameters and inference FLOPs added after merging; a table shows them when its runs hold them.
+COST = ("trained_params", "extra_flops")
 
 
 def paper_grid_rows(rows: Sequence[dict], plan: grid_lib.Plan) -> list[dict]:
@@ -60,7 +63,8 @@ def tuned_summary(rows: Sequence[dict], tuned: dict,
     summary[cell] = dict(mean=float(acc.mean()), std=float(acc.std()), n=len(ok),
                          failed=len(rs) - len(ok), lr=t["choice"]["lr"], hp=t["hp"],
                          edges=t["edges"],
-                         steps=float(np.mean([r["steps"] for r in ok])) if ok else None)
+                         steps=float(np.mean([r["steps"] for r in ok])) if ok else None,
+                         **{f: ok[0][f] for f in COST if ok and f in ok[0]})
   return summary
 
 
@@ -93,8 +97,10 @@ def tuned_table(summary: dict, plan: grid_lib.Plan, rows: Sequence[str],
   """The protocol's table: mean (std) test accuracy at the tuned LR, chosen LR, mean steps."""
   c = plan.config.cells
   shots = c.shots
-  out = ["| arch | target | strategy | " + " | ".join(f"k={k}" for k in shots) + " |",
-         "|---|---|---|" + "---|" * len(shots)]
+  costed = any(COST[0] in v for v in summary.values())
+  out = ["| arch | target | strategy | " + " | ".join(f"k={k}" for k in shots) +
+         (" | trained params | extra FLOPs after merging" if costed else "") + " |",
+         "|---|---|---|" + "---|" * (len(shots) + 2 * costed)]
   edges = []
   for arch in c.archs:
     for target in c.targets:
@@ -110,6 +116,10 @@ def tuned_table(summary: dict, plan: grid_lib.Plan, rows: Sequence[str],
                        f"{v['steps']:.0f} st" if v["n"] else "failed")
           if v["edges"]:
             edges.append(f"{arch}/{target}/{arm}/k={k}: {', '.join(v['edges'])}")
+        if costed:  # per k the tuned knobs (a LoRA rank) may differ: each distinct value
+          found = [summary.get((arch, target, arm, k), {}) for k in shots]
+          cells += [" / ".join(f"{v:,}" for v in sorted({f[c] for f in found if c in f}))
+                    or "-" for c in COST]
         out.append(f"| {arch} | {target} | {labels.get(arm, arm)} | " + " | ".join(cells)
                    + " |")
   out.append("")
@@ -161,6 +171,10 @@ def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict
   summary = best_over_lr(paper_grid_rows(rows, plan), GROUP)
   lines = [study.title, "", f"Source `{config.source.spec}`; {config.protocol.repeats} "
            "evaluation draws per cell.", "", protocol_text(config, rows), ""]
+  if study.tune_budget:
+    lines += [f"Equal tuning budgets: every tuned strategy's grid holds exactly "
+              f"{study.tune_budget} points (its knob grid times an LR grid over its range), "
+              "never extended at an edge.", ""]
   out: dict = {"best_over_lr": {"|".join(map(str, k)): v for k, v in summary.items()}}
   if tuned:
     ts = tuned_summary(rows, tuned, study.cell_fields)

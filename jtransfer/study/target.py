@@ -19,7 +19,7 @@ from jtransfer import checks, surgery
 from jtransfer.data import Batches, ImageSet, augment, load_spec
 from jtransfer.data.stream import StreamOptions, is_lazy
 from jtransfer.errors import InputError
-from jtransfer.methods import delta, transfer
+from jtransfer.methods import delta, peft_cost, transfer
 from jtransfer.protocol import Budget
 from jtransfer.protocol.run import train_run
 from jtransfer.study import records as rec
@@ -173,6 +173,20 @@ class TargetRuns:
       self._setups[key] = (setup, step, opt, head_only)
     return self._setups[key]
 
+  def cost(self, name: str, knobs: Mapping[str, float], steps: int,
+           strategy: Optional[str] = None) -> dict:
+    """{'trained_params', 'extra_flops'} of the arm at these knobs (`peft_cost`: entries the
+    optimiser trains, head included; inference FLOPs per image beyond the target model after
+    merging), computed once per (arm, knobs) from the full model's params, whatever path
+    (cached features, batched) its runs take."""
+    key = ("cost", name, rec.hp_text(knobs), steps)
+    if key not in self._setups:
+      setup = self.setup(name, knobs, steps, strategy)[0]
+      params, stats = setup.init(0, self.pool.images[:1], self.pool.labels[:1])
+      c = peft_cost.peft_cost(setup, params, stats, self.source.input_shape)
+      self._setups[key] = dict(trained_params=c.trained_params, extra_flops=c.extra_flops)
+    return self._setups[key]
+
   def _prepare(self, built, train_idx, val_idx, lr: float, seed: int):
     """(initial state, batches, x_val, x_test, forward) of one run."""
     setup, _, opt, head_only = built
@@ -237,7 +251,8 @@ class TargetRuns:
       # Per-run constants (DELTA's frozen source copy and attention) are not trained filters.
       start = {k: v for k, v in initial.items() if k != delta.FROZEN_KEY}
       info["filter_distance"] = surgery.mean_filter_distance(state.params, start)
-    return dict(self._evaluate(state, forward, x_val, val_idx, x_test, test), **info)
+    return dict(self._evaluate(state, forward, x_val, val_idx, x_test, test), **info,
+                **self.cost(name, point, steps, strategy))
 
   def batchable(self, name: str, steps: int, strategy: Optional[str] = None) -> bool:
     """Whether runs of `name` (at its default knobs) can train together."""
@@ -281,12 +296,12 @@ class TargetRuns:
       for r in np.flatnonzero(~finite):
         if errors[r] is None:  # the plain path stops at its first non-finite step
           errors[r] = nonfinite_error(step, {k: np.asarray(v)[r] for k, v in m.items()})
-    out = []
+    out, cost = [], self.cost(name, {}, steps, strategy)
     for r, (_, _, x_val, x_test, forward) in enumerate(prepared):
       if errors[r] is not None:
         out.append(errors[r])
         continue
       state = batched.unstack_state(bstate, frozen, r)
       out.append(dict(self._evaluate(state, forward, x_val, jobs[r][1], x_test),
-                      steps=steps, best_step=steps, stopped="fixed"))
+                      steps=steps, best_step=steps, stopped="fixed", **cost))
     return out
