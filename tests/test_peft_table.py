@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 
 from experiments import peft_table, results_page
@@ -127,3 +128,29 @@ def test_smoke_with_the_declared_budget(vit_source, tmp_path):
   out = str(tmp_path / "peft")
   budget = peft_table.BUDGET
   _check(_smoke(vit_source, out, "freeze,lora", budget), out, ("freeze", "lora"), budget)
+
+
+@pytest.mark.slow
+def test_cost_of_training_only_keys_is_not_inference():
+  """DELTA's frozen source copy and Co-Tuning's source head train or regularise but are not
+  deployed: their runs' records say 0 extra FLOPs; Co-Tuning counts its trained source head,
+  LP-FT the whole network (counted from the target model's params). ~90 s on 2 cores."""
+  from jtransfer import surgery
+  from jtransfer.study.config import Protocol
+  from jtransfer.study.target import TargetRuns
+  model = models.get_model("vgg_s", 5)
+  src = transfer.Source("vgg_s", models.model_config(model), random_variables(model, SHAPE),
+                        SHAPE, (0.5,), (0.25,))
+  runs = TargetRuns(src, "digits", Protocol(test_per_class=2, batch_size=16), {}, {},
+                    quiet=True)
+  train = np.concatenate([np.flatnonzero(runs.pool.labels == c)[:2] for c in range(10)])
+  val = np.setdiff1d(np.arange(40), train)[:10]
+  params, _ = transfer.get_strategy("freeze").build(src, 10, 2).init(0, None, None)
+  total = sum(np.size(v) for v in surgery.flatten(params).values())  # the target model
+  for name in ("delta_noatt", "cotuning", "lpft"):
+    out = runs.run(name, train, val, {"lr": 1e-4}, 0, 2)
+    assert out["extra_flops"] == 0, name
+    if name == "lpft":
+      assert out["trained_params"] == total
+    if name == "cotuning":  # the source head (5 classes) trains beside the target model
+      assert out["trained_params"] > total
