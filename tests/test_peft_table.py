@@ -113,6 +113,7 @@ def _check(records, out, arms, budget):
   assert freeze == {head} and min(other) > head
   report = open(os.path.join(out, "report.md")).read()
   assert "trained params" in report and f"exactly {budget} points" in report
+  assert "never extended" in report and "extended up to" not in report
   assert "LoRA at least matches fine-tuning" not in report  # finetune did not run
 
 

@@ -9,7 +9,7 @@ failures. summary.json: 'best_over_lr', 'tuned', 'tuning', 'claims'.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -68,8 +68,9 @@ def tuned_summary(rows: Sequence[dict], tuned: dict,
   return summary
 
 
-def protocol_text(config, rows: Sequence[dict] = ()) -> str:
-  """One paragraph saying how runs were budgeted and tuned, and the split `rows` used."""
+def protocol_text(config, rows: Sequence[dict] = (), budget: Optional[int] = None) -> str:
+  """One paragraph saying how runs were budgeted and tuned, and the split `rows` used
+  (`budget`: the study's equal tuning budget, `Study.tune_budget`)."""
   p = config.protocol
   if p.patience:
     run = (f"each run trains until its validation accuracy has not improved for "
@@ -77,10 +78,12 @@ def protocol_text(config, rows: Sequence[dict] = ()) -> str:
            "steps, and keeps its best validation state")
   else:
     run = f"each run trains {p.steps} steps and keeps its last state"
+  grid = (f"equal tuning budgets: every strategy's grid holds exactly {budget} points, its "
+          "knob grid times an LR grid over its range, never extended" if budget else
+          f"grid extended up to {p.tune_extend} values at an edge")
   tune = (f"each strategy's LR is chosen per (arch, target, k) by mean validation accuracy over "
-          f"{p.tune_draws} tuning draws that are not evaluation draws (grid extended up to "
-          f"{p.tune_extend} values at an edge)" if p.tune_draws else
-          "the LR is chosen per draw on that draw's validation set")
+          f"{p.tune_draws} tuning draws that are not evaluation draws ({grid})" if p.tune_draws
+          else "the LR is chosen per draw on that draw's validation set")
   recipe = str(augment.parse(p.augment))
   aug = f" Training images augmented on device: {recipe}." if recipe != "none" else ""
   if p.stored_size:
@@ -124,7 +127,8 @@ def tuned_table(summary: dict, plan: grid_lib.Plan, rows: Sequence[str],
                    + " |")
   out.append("")
   if edges:
-    out += ["Chosen LR still on a grid edge after extension (the optimum may lie beyond): "
+    after = "(equal budgets: never extended)" if plan.study.tune_budget else "after extension"
+    out += [f"Chosen LR still on a grid edge {after} (the optimum may lie beyond): "
             + "; ".join(edges) + ".", ""]
   return out
 
@@ -170,11 +174,7 @@ def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict
   tuned = grid_lib.choices(records, plan)
   summary = best_over_lr(paper_grid_rows(rows, plan), GROUP)
   lines = [study.title, "", f"Source `{config.source.spec}`; {config.protocol.repeats} "
-           "evaluation draws per cell.", "", protocol_text(config, rows), ""]
-  if study.tune_budget:
-    lines += [f"Equal tuning budgets: every tuned strategy's grid holds exactly "
-              f"{study.tune_budget} points (its knob grid times an LR grid over its range), "
-              "never extended at an edge.", ""]
+           "evaluation draws per cell.", "", protocol_text(config, rows, study.tune_budget), ""]
   out: dict = {"best_over_lr": {"|".join(map(str, k)): v for k, v in summary.items()}}
   if tuned:
     ts = tuned_summary(rows, tuned, study.cell_fields)
