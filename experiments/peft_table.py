@@ -25,9 +25,13 @@ VPT's 4), never extended at an edge: 24 tuning runs per method and cell, then 10
 runs at the chosen point. Every record carries `peft_cost` (trained parameters, extra inference
 FLOPs after merging); the table shows both.
 
-Expected runtime: ~34 runs per method and cell, 12-13 methods, 6 cells per arch: ~2,600 runs
-per arch (the smoke test's per-run time on the 2-core CPU puts that at tens of hours per arch:
-run it on an accelerator or shard it with --shard I/N). Claims (registered before any run in
+Expected runtime: 34 runs per method and cell (24 tuning + 10 evaluation), 11-13 methods,
+6 cells per arch: ~2,650 runs for resnet_s and vit_s28, ~2,250 for vgg_s, ~7,550 in all.
+Measured on the shared 2-core CPU (vit_s28, SSF, k = 10 on digits): ~9 s per run of overhead
+(setup, data, evaluation) plus ~0.6 s per step, so a run stopped by patience 200 after ~300
+steps costs ~3 min: weeks for the grid on that CPU. Run it on an accelerator (frozen runs
+batch there, --batch-runs) or split it with --shard I/N and `experiments.publish merge`.
+Claims (registered before any run in
 experiments/claims_registry/peft.py): LoRA >= finetune; each method > freeze; the tuned
 methods within a point of each other (each within half a point of LoRA); SSF > CWL.
 """
