@@ -41,7 +41,7 @@ import sys
 import types
 from typing import Sequence
 
-from experiments import fewshot, pretrain
+from experiments import pretrain
 from jtransfer import study
 from jtransfer.errors import InputError
 from jtransfer.protocol import claims
