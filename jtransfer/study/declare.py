@@ -152,6 +152,10 @@ class Study:
     keys: with `run`: (version-2 records, plan) -> the keys (`records.key`) of every run its
       grid holds, for `publish check`; None = the study lists none (its folders are counted
       against run.json's 'grid'). Studies on the grid runner list theirs from the plan.
+    tune_budget: equal tuning budgets: every tuned strategy arm's grid holds exactly this
+      many points (its knob grid times an LR grid spaced over its --lrs range, with no edge
+      extension), so no arm is tuned with more runs than another (`grid.budgeted`); None =
+      each arm's own grid, extended at an edge.
     doc: the module's docstring (the --help description).
   """
   module: str
@@ -182,6 +186,7 @@ class Study:
   additive: frozenset = frozenset()
   keys: Optional[Callable] = None
   arm_plan: Optional[Callable] = None
+  tune_budget: Optional[int] = None
   doc: str = ""
 
   def arm(self, name: str) -> Arm:

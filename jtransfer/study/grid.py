@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import types
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import numpy as np
+
+from jtransfer.errors import InputError
 from jtransfer.methods import transfer
 from jtransfer.protocol import tuning
 from jtransfer.study import draws as draws_lib
@@ -72,6 +76,34 @@ class Plan:
     return next(a for a in self.arms if a.name == name)
 
 
+def budgeted(name: str, lrs: Sequence[float], knobs: Mapping[str, Sequence[float]],
+             budget: int) -> tuple[float, ...]:
+  """The LR grid that gives arm `name` exactly `budget` tuning points (`Study.tune_budget`).
+
+  Its knob grid (K points) is kept; the LR axis gets budget / K values spaced geometrically
+  over [min(lrs), max(lrs)] (one LR: a decade either side of it), 3 significant digits. With
+  12: an LR-only method gets 12 LRs, a 3-valued knob 4 LRs, a 4-valued knob 3.
+
+  Raises:
+    InputError: the budget is not a multiple of the knob grid's size.
+  """
+  k = math.prod(len(v) for v in knobs.values())
+  if budget % k:
+    raise InputError(f"the tuning budget of {budget} points is not a multiple of {name}'s "
+                     f"knob grid ({k} points); choose a budget divisible by every arm's")
+  n = budget // k
+  lo, hi = min(lrs), max(lrs)
+  if lo == hi and n > 1:
+    lo, hi = lo / 10, hi * 10
+  values = np.geomspace(lo, hi, n) if n > 1 else [math.sqrt(lo * hi)]
+  return tuple(float(f"{v:.3g}") for v in values)
+
+
+def budget_points(arm: "ArmPlan") -> int:
+  """Points of the arm's tuning grid (what `Study.tune_budget` equalises)."""
+  return math.prod(len(v) for v in arm.grid.values())
+
+
 def _resolve(study: Study, config: Config, name: str, delta_config) -> ArmPlan:
   arm = study.arm(name)
   p = config.protocol
@@ -97,6 +129,8 @@ def _resolve(study: Study, config: Config, name: str, delta_config) -> ArmPlan:
   knobs.update({k: tuple(v) for k, v in grid.items()})
   if strategy is None:  # a run function's knobs: a single value is its fixed default
     defaults.update({k: float(v[0]) for k, v in knobs.items() if len(v) == 1})
+  if study.tune_budget and strategy is not None and arm.tuned:
+    lrs = budgeted(name, lrs, knobs, study.tune_budget)
   folds = draws_lib.cv_folds(p.cv_folds, strategy.cv_folds if strategy else 0)
   if strategy is not None:
     strategy = dataclasses.replace(strategy, knobs=knobs, knob_defaults=defaults)
@@ -160,9 +194,11 @@ def choose(outcomes: dict, plan_: Plan, cell: Mapping, arm: ArmPlan,
   p = plan_.config.protocol
   if not p.tune_draws or not arm.arm.tuned:
     return None
+  # Equal budgets (`Study.tune_budget`) forbid extending an edge: it would add runs.
+  extend = 0 if plan_.study.tune_budget else p.tune_extend
   found = tuning.tune_records(arm.grid, lambda point: tuning_keys(arm, cell, point,
                                                                   p.tune_draws),
-                              outcomes, run_missing, p.tune_extend, requested,
+                              outcomes, run_missing, extend, requested,
                               arm.strategy.knob_bounds if arm.strategy else None,
                               arm.arm.scales)
   if found is None:

@@ -9,7 +9,7 @@ failures. summary.json: 'best_over_lr', 'tuned', 'tuning', 'claims'.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from jtransfer.study import records as rec
 from jtransfer.study.tables import best_over_lr, lr_grid_text, pct, split_text
 
 GROUP = ("arch", "target", "arm", "shots")
+# What a run costs (`jtransfer.methods.peft_cost`, in records since the PEFT study): trained
+# parameters and inference FLOPs added after merging; a table shows them when its runs hold them.
+COST = ("trained_params", "extra_flops")
 
 
 def paper_grid_rows(rows: Sequence[dict], plan: grid_lib.Plan) -> list[dict]:
@@ -60,12 +63,14 @@ def tuned_summary(rows: Sequence[dict], tuned: dict,
     summary[cell] = dict(mean=float(acc.mean()), std=float(acc.std()), n=len(ok),
                          failed=len(rs) - len(ok), lr=t["choice"]["lr"], hp=t["hp"],
                          edges=t["edges"],
-                         steps=float(np.mean([r["steps"] for r in ok])) if ok else None)
+                         steps=float(np.mean([r["steps"] for r in ok])) if ok else None,
+                         **{f: ok[0][f] for f in COST if ok and f in ok[0]})
   return summary
 
 
-def protocol_text(config, rows: Sequence[dict] = ()) -> str:
-  """One paragraph saying how runs were budgeted and tuned, and the split `rows` used."""
+def protocol_text(config, rows: Sequence[dict] = (), budget: Optional[int] = None) -> str:
+  """One paragraph saying how runs were budgeted and tuned, and the split `rows` used
+  (`budget`: the study's equal tuning budget, `Study.tune_budget`)."""
   p = config.protocol
   if p.patience:
     run = (f"each run trains until its validation accuracy has not improved for "
@@ -73,10 +78,12 @@ def protocol_text(config, rows: Sequence[dict] = ()) -> str:
            "steps, and keeps its best validation state")
   else:
     run = f"each run trains {p.steps} steps and keeps its last state"
+  grid = (f"equal tuning budgets: every strategy's grid holds exactly {budget} points, its "
+          "knob grid times an LR grid over its range, never extended" if budget else
+          f"grid extended up to {p.tune_extend} values at an edge")
   tune = (f"each strategy's LR is chosen per (arch, target, k) by mean validation accuracy over "
-          f"{p.tune_draws} tuning draws that are not evaluation draws (grid extended up to "
-          f"{p.tune_extend} values at an edge)" if p.tune_draws else
-          "the LR is chosen per draw on that draw's validation set")
+          f"{p.tune_draws} tuning draws that are not evaluation draws ({grid})" if p.tune_draws
+          else "the LR is chosen per draw on that draw's validation set")
   recipe = str(augment.parse(p.augment))
   aug = f" Training images augmented on device: {recipe}." if recipe != "none" else ""
   if p.stored_size:
@@ -93,8 +100,10 @@ def tuned_table(summary: dict, plan: grid_lib.Plan, rows: Sequence[str],
   """The protocol's table: mean (std) test accuracy at the tuned LR, chosen LR, mean steps."""
   c = plan.config.cells
   shots = c.shots
-  out = ["| arch | target | strategy | " + " | ".join(f"k={k}" for k in shots) + " |",
-         "|---|---|---|" + "---|" * len(shots)]
+  costed = any(COST[0] in v for v in summary.values())
+  out = ["| arch | target | strategy | " + " | ".join(f"k={k}" for k in shots) +
+         (" | trained params | extra FLOPs after merging" if costed else "") + " |",
+         "|---|---|---|" + "---|" * (len(shots) + 2 * costed)]
   edges = []
   for arch in c.archs:
     for target in c.targets:
@@ -110,11 +119,16 @@ def tuned_table(summary: dict, plan: grid_lib.Plan, rows: Sequence[str],
                        f"{v['steps']:.0f} st" if v["n"] else "failed")
           if v["edges"]:
             edges.append(f"{arch}/{target}/{arm}/k={k}: {', '.join(v['edges'])}")
+        if costed:  # per k the tuned knobs (a LoRA rank) may differ: each distinct value
+          found = [summary.get((arch, target, arm, k), {}) for k in shots]
+          cells += [" / ".join(f"{v:,}" for v in sorted({f[c] for f in found if c in f}))
+                    or "-" for c in COST]
         out.append(f"| {arch} | {target} | {labels.get(arm, arm)} | " + " | ".join(cells)
                    + " |")
   out.append("")
   if edges:
-    out += ["Chosen LR still on a grid edge after extension (the optimum may lie beyond): "
+    after = "(equal budgets: never extended)" if plan.study.tune_budget else "after extension"
+    out += [f"Chosen LR still on a grid edge {after} (the optimum may lie beyond): "
             + "; ".join(edges) + ".", ""]
   return out
 
@@ -160,7 +174,7 @@ def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict
   tuned = grid_lib.choices(records, plan)
   summary = best_over_lr(paper_grid_rows(rows, plan), GROUP)
   lines = [study.title, "", f"Source `{config.source.spec}`; {config.protocol.repeats} "
-           "evaluation draws per cell.", "", protocol_text(config, rows), ""]
+           "evaluation draws per cell.", "", protocol_text(config, rows, study.tune_budget), ""]
   out: dict = {"best_over_lr": {"|".join(map(str, k)): v for k, v in summary.items()}}
   if tuned:
     ts = tuned_summary(rows, tuned, study.cell_fields)

@@ -4,9 +4,10 @@ The leading table decides each registered claim (`jtransfer.protocol.registry.Re
 repository's are `experiments.claims_registry.ALL`, handed in by the publish command) once, from its primary
 evidence (`jtransfer.protocol.registry.decide_family`: verdict, effect, interval, wins/N, the
 one-sided p-value, the Holm-adjusted verdict over the page's family, and why a claim is "not
-tested"). The second table shows every folder's evidence for each claim, decided by the same
-rule and margin, primary and secondary alike, and says when a row's runs are the same records
-another folder holds (a grid that reran nothing new). `python -m experiments.publish results`
+tested"; "not tested yet" when its primary evidence has no published folder). The second table
+shows every folder's evidence for each claim, decided by the same rule and margin, primary and
+secondary alike, and says when a row's runs are the same records another folder holds (a grid
+that reran nothing new). `python -m experiments.publish results`
 writes both from the published folders' results.json and summary.json.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Mapping, Sequence
 from jtransfer.protocol import claims, registry, stats
 from jtransfer.study.publish import folders, read_run
 
+NOT_YET = "not tested yet"  # a registered claim whose primary evidence is not published yet
 TABLE_BEGIN, TABLE_END = "<!-- claims table: begin (generated) -->", \
     "<!-- claims table: end -->"
 
@@ -83,6 +85,13 @@ def registered_table(rows: Sequence[Mapping], root: str) -> list[str]:
     e = r["entry"]
     links = ", ".join(_link(root, f) for f in e.primary.folders)
     where = "".join(f" ({k} = {', '.join(map(str, v))})" for k, v in e.primary.where.items())
+    if r.get("pending"):  # registered before its evidence: no verdict, outside Holm's family
+      missing = ", ".join(f for f in e.primary.folders if f in r["pending"])
+      plain = ", ".join(os.path.relpath(os.path.join(root, f)) for f in e.primary.folders)
+      out.append(f"| {e.id} | {e.paper} ({e.stated}) | {e.statement} | {e.kind}, "
+                 f"{_margin(e)} | **{NOT_YET}** | no draws | | | no published folder "
+                 f"{missing} yet | {plain}{where} |")
+      continue
     p = r.get("p_adjusted")
     out.append(f"| {e.id} | {e.paper} ({e.stated}) | {e.statement} | {e.kind}, {_margin(e)} | "
                f"**{r['decision'].verdict}** | {_effect(r['paired'])} | "
@@ -188,10 +197,12 @@ def generated(root: str, entries: Sequence[registry.Registered]) -> list[str]:
   summaries, records = load(root)
   present = [e for e in entries if set(e.primary.folders) <= set(summaries)]
   rows = registry.decide_family(present, summaries, records)
+  rows += [dict(entry=e, pending=set(e.primary.folders) - set(summaries)) for e in entries
+           if e not in present]
   return ([TABLE_BEGIN, "", "### One row per registered claim", ""] +
           registered_table(rows, root) +
           ["", "### Margins and their reasons (fixed before the verdicts were computed)", ""] +
-          margins_list(present) +
+          margins_list(entries) +
           ["", "### Every folder's evidence, by the same rule and margin", ""] +
           evidence_table(entries, summaries, records, root) +
           ["", "Commands (each folder's report.md starts with its own):", ""] +

@@ -19,7 +19,7 @@ from jtransfer import checks, surgery
 from jtransfer.data import Batches, ImageSet, augment, load_spec
 from jtransfer.data.stream import StreamOptions, is_lazy
 from jtransfer.errors import InputError
-from jtransfer.methods import delta, transfer
+from jtransfer.methods import cotuning, delta, peft_cost, transfer
 from jtransfer.protocol import Budget
 from jtransfer.protocol.run import train_run
 from jtransfer.study import records as rec
@@ -29,6 +29,8 @@ from jtransfer.train import (accuracy, batched, init_state, make_optimizer, make
 from jtransfer.train.loop import nonfinite_error
 
 FEATURE_BATCH = 256
+# Top-level params keys used in training only (`TargetRuns.cost` leaves them out of inference).
+TRAINING_ONLY = (delta.FROZEN_KEY, cotuning.FROZEN_KEY, cotuning.COTUNING_KEY)
 
 
 def stream_options(p: Protocol) -> Optional[StreamOptions]:
@@ -173,6 +175,33 @@ class TargetRuns:
       self._setups[key] = (setup, step, opt, head_only)
     return self._setups[key]
 
+  def cost(self, name: str, knobs: Mapping[str, float], steps: int, train_idx,
+           strategy: Optional[str] = None, variables: Optional[tuple] = None) -> dict:
+    """{'trained_params', 'extra_flops'} of the arm at these knobs (`peft_cost`: entries the
+    optimiser updates, head included; inference FLOPs per image beyond the target model after
+    merging), computed once per (arm, knobs) from the full model's params, whatever path
+    (cached features, batched) its runs take.
+
+    Args:
+      train_idx: a run's k-shot rows (LP-FT's and Co-Tuning's init read every class); the
+        counts do not depend on which.
+      variables: (params, batch_stats) of a run's full model at its start, when the run has
+        them (saves an init: DELTA's computes its attention); None = `Setup.init`.
+    """
+    key = ("cost", name, rec.hp_text(knobs), steps)
+    if key not in self._setups:
+      setup = self.setup(name, knobs, steps, strategy)[0]
+      params, stats = variables or setup.init(0, self.pool.images[train_idx],
+                                              self.pool.labels[train_idx])
+      # Training-time constants and heads (DELTA's frozen source copy, Co-Tuning's source
+      # head) are not deployed: the inference cost is the rest's.
+      deployed = {k: v for k, v in params.items() if k not in TRAINING_ONLY}
+      self._setups[key] = dict(
+          trained_params=peft_cost.trained_params(setup, params),
+          extra_flops=peft_cost.peft_cost(setup, deployed, stats,
+                                          self.source.input_shape).extra_flops)
+    return self._setups[key]
+
   def _prepare(self, built, train_idx, val_idx, lr: float, seed: int):
     """(initial state, batches, x_val, x_test, forward) of one run."""
     setup, _, opt, head_only = built
@@ -214,8 +243,8 @@ class TargetRuns:
       on_step: (step, cap, val acc) after each step: a long run's progress line.
 
     Returns:
-      {'test_acc', 'val_acc', 'steps' (trained), 'best_step' (kept), 'stopped'[,
-      'filter_distance']}.
+      {'test_acc', 'val_acc', 'steps' (trained), 'best_step' (kept), 'stopped',
+      'trained_params', 'extra_flops' (`cost`)[, 'filter_distance']}.
 
     Raises:
       NonFiniteError: a step was not finite.
@@ -237,7 +266,9 @@ class TargetRuns:
       # Per-run constants (DELTA's frozen source copy and attention) are not trained filters.
       start = {k: v for k, v in initial.items() if k != delta.FROZEN_KEY}
       info["filter_distance"] = surgery.mean_filter_distance(state.params, start)
-    return dict(self._evaluate(state, forward, x_val, val_idx, x_test, test), **info)
+    return dict(self._evaluate(state, forward, x_val, val_idx, x_test, test), **info,
+                **self.cost(name, point, steps, train_idx, strategy,
+                            None if head_only else (initial, state.batch_stats)))
 
   def batchable(self, name: str, steps: int, strategy: Optional[str] = None) -> bool:
     """Whether runs of `name` (at its default knobs) can train together."""
@@ -281,12 +312,12 @@ class TargetRuns:
       for r in np.flatnonzero(~finite):
         if errors[r] is None:  # the plain path stops at its first non-finite step
           errors[r] = nonfinite_error(step, {k: np.asarray(v)[r] for k, v in m.items()})
-    out = []
+    out, cost = [], self.cost(name, {}, steps, jobs[0][0], strategy)
     for r, (_, _, x_val, x_test, forward) in enumerate(prepared):
       if errors[r] is not None:
         out.append(errors[r])
         continue
       state = batched.unstack_state(bstate, frozen, r)
       out.append(dict(self._evaluate(state, forward, x_val, jobs[r][1], x_test),
-                      steps=steps, best_step=steps, stopped="fixed"))
+                      steps=steps, best_step=steps, stopped="fixed", **cost))
     return out
