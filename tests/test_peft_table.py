@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from experiments import peft_table, results_page
+from experiments import peft_table
+from jtransfer.study import results_page
 from experiments.claims_registry import peft as registered
 from jtransfer import models, study
 from jtransfer.errors import InputError
