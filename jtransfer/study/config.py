@@ -29,7 +29,7 @@ _SAME = object()  # `flag(cli=...)` not given: the command line's default is the
 def flag(name: str, default: Any, help: str, *, dest: Optional[str] = None, cli: Any = _SAME,
          parse: Optional[Callable[[Any], Any]] = None,
          check: Optional[Callable[[Any], None]] = None, action: Optional[str] = None,
-         choices=None, metavar: Optional[str] = None):
+         choices=None, metavar: Optional[str] = None, added: bool = False):
   """A dataclass field that is also a command-line flag.
 
   Args:
@@ -43,10 +43,12 @@ def flag(name: str, default: Any, help: str, *, dest: Optional[str] = None, cli:
     check: typed value -> None, raising `InputError`.
     action: argparse action ('store_true', 'append', 'bool' for --x/--no-x).
     choices, metavar: as argparse.
+    added: a flag added after folders were published: at its default it is left out of the
+      settings fingerprint (`flags.settings_flags`), so those folders still resume.
   """
   meta = dict(flag=name, dest=dest or name.lstrip("-").replace("-", "_"), help=help,
               cli=default if cli is _SAME else cli, parse=parse, check=check, action=action,
-              choices=choices, metavar=metavar)
+              choices=choices, metavar=metavar, added=added)
   return dataclasses.field(default=default, metadata=meta)
 
 
@@ -153,6 +155,17 @@ class Protocol:
       "draws, on which each strategy's LR is chosen by mean validation accuracy; 0 = no tuning "
       "draws (the LR grid runs on every draw and is chosen per draw on validation)",
       dest="tune_repeats", check=at_least(0, "--tune-repeats"))
+  tuning: str = flag(
+      "--tuning", "shared", "'shared': each strategy's knobs are chosen once per (arch, "
+      "target, k) on the tuning draws; 'nested': each evaluation draw is tuned on its own "
+      "labelled pool (its validation split, or --cv-folds folds over its k-shot and "
+      "validation images), never its test images, so the paired differences carry the "
+      "selection noise (docs/protocol.md)", choices=("shared", "nested"), added=True)
+  disjoint_tuning: bool = flag(
+      "--disjoint-tuning", False, "draw the tuning draws from pool images no evaluation draw "
+      "of the cell uses, where every class has enough of them; otherwise (or without this "
+      "flag) tuning draws may share images with evaluation draws, and the share is recorded "
+      "and reported", action="store_true", added=True)
   tune_extend: int = flag("--tune-extend", 2, "when a chosen value is the first or last of its "
                           "grid, extend that grid by up to this many values on that side",
                           check=at_least(0, "--tune-extend"))

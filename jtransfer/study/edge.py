@@ -64,7 +64,7 @@ def legacy_settings(study: Study):
       raise InputError(f"run.json's flags ({' '.join(argv)}) no longer parse, so its settings "
                        "cannot be checked for --resume: pass --overwrite or another "
                        "--out") from None
-    return outdir.settings_of(module, raw)
+    return outdir.settings_of(module, flags.settings_flags(study, raw))
   return read
 
 
@@ -150,7 +150,7 @@ def main(study: Study, argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(study: Study, argv: list) -> int:
   raw = flags.raw_flags(study, argv)
-  made_by = outdir.settings_of(study.module, raw)
+  made_by = outdir.settings_of(study.module, flags.settings_flags(study, raw))
   t0 = time.time()
   try:
     config = flags.config_of(study, raw)

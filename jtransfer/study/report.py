@@ -34,11 +34,18 @@ def paper_grid_rows(rows: Sequence[dict], plan: grid_lib.Plan) -> list[dict]:
   return out
 
 
+def choice_of(tuned: dict, r: dict, cell_fields: Sequence[str]):
+  """The tuned point an evaluation row's run was chosen at: its cell's (shared tuning) or
+  its own draw's (nested tuning, keyed by the draw's index too), or None."""
+  cell = (*(r[f] for f in cell_fields), r["arm"])
+  return tuned.get(cell) or tuned.get((*cell, r["repeat"]))
+
+
 def tuned_rows(rows: Sequence[dict], tuned: dict, cell_fields: Sequence[str]) -> list[dict]:
-  """Evaluation rows at each cell's tuned point (the protocol's figure)."""
+  """Evaluation rows at each cell's (or, nested, each draw's) tuned point."""
   out = []
   for r in rows:
-    t = tuned.get((*(r[f] for f in cell_fields), r["arm"]))
+    t = choice_of(tuned, r, cell_fields)
     if t and r["role"] == "eval" and \
         rec.canon_point({"lr": r["lr"], **r["knobs"]}) == rec.canon_point(t["choice"]):
       out.append(r)
@@ -55,12 +62,18 @@ def tuned_summary(rows: Sequence[dict], tuned: dict,
   summary = {}
   for cell, rs in by.items():
     ok = [r for r in rs if r["status"] == "ok"]
-    t = tuned[(*(rs[0][f] for f in cell_fields), cell[2])]
+    ts = [choice_of(tuned, r, cell_fields) for r in rs]
     acc = np.array([r["test_acc"] for r in ok]) if ok else np.array([np.nan])
+    # Nested tuning chooses per draw: the most frequent choice, with how many draws made it.
+    hps = [rec.hp_text(t["choice"]) for t in ts]
+    t = ts[max(range(len(ts)), key=lambda i: (hps.count(hps[i]), -i))]
     summary[cell] = dict(mean=float(acc.mean()), std=float(acc.std()), n=len(ok),
                          failed=len(rs) - len(ok), lr=t["choice"]["lr"], hp=t["hp"],
-                         edges=t["edges"],
-                         steps=float(np.mean([r["steps"] for r in ok])) if ok else None)
+                         edges=sorted({e for t_ in ts for e in t_["edges"]}),
+                         steps=float(np.mean([r["steps"] for r in ok])) if ok else None,
+                         capped=sum(r.get("stopped") == "cap" for r in ok))
+    if len(set(hps)) > 1 or len(tuned) and len(next(iter(tuned))) > len(cell_fields) + 1:
+      summary[cell]["chosen"] = f"{hps.count(rec.hp_text(t['choice']))}/{len(hps)}"
   return summary
 
 
@@ -73,10 +86,23 @@ def protocol_text(config, rows: Sequence[dict] = ()) -> str:
            "steps, and keeps its best validation state")
   else:
     run = f"each run trains {p.steps} steps and keeps its last state"
-  tune = (f"each strategy's LR is chosen per (arch, target, k) by mean validation accuracy over "
-          f"{p.tune_draws} tuning draws that are not evaluation draws (grid extended up to "
-          f"{p.tune_extend} values at an edge)" if p.tune_draws else
-          "the LR is chosen per draw on that draw's validation set")
+  ties = "ties go to the smaller LR (then knob values) for every arm alike"
+  if p.tuning == "nested":
+    pool = (f"{p.cv_folds}-fold cross-validation over its k-shot and validation images"
+            if p.cv_folds else "its validation split (CV folds where a strategy's paper uses "
+            "them)" if p.cv_folds is None else "its validation split")
+    tune = (f"each evaluation draw is tuned on its own labelled pool ({pool}), never its test "
+            f"images, so the paired differences carry the selection noise (grid extended up "
+            f"to {p.tune_extend} values at an edge; {ties})")
+  elif p.tune_draws:
+    tune = (f"each strategy's LR is chosen per (arch, target, k) by mean validation accuracy "
+            f"over {p.tune_draws} tuning draws that are not evaluation draws (grid extended up "
+            f"to {p.tune_extend} values at an edge)")
+    if p.disjoint_tuning:
+      tune += ("; tuning draws use pool images no evaluation draw of the cell uses where the "
+               "pool is large enough (the overlap below says where it was not)")
+  else:
+    tune = "the LR is chosen per draw on that draw's validation set"
   recipe = str(augment.parse(p.augment))
   aug = f" Training images augmented on device: {recipe}." if recipe != "none" else ""
   if p.stored_size:
