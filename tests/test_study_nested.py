@@ -101,7 +101,7 @@ def test_ties_go_to_the_smaller_lr_for_every_arm():
 TINY = ["--shots", "2", "--repeats", "2", "--steps", "6", "--eval-every", "3",
         "--patience", "3", "--test-per-class", "4", "--val-per-class", "2", "--quiet",
         "--tune-extend", "0", "--lrs", "1e-3,1e-2", "--strategies", "freeze",
-        "--target", "digits:0,1,2", "--tuning", "nested", "--no-paper-grid"]
+        "--target", "digits:0,1,2", "--no-paper-grid", "--tuning", "nested"]
 
 
 def _rows(out):
@@ -134,3 +134,17 @@ def test_nested_tuning_never_reads_a_test_image(tiny_source_dir, tmp_path, monke
       [r["test_acc"] for r in other if r["role"] == "eval"]
   text = (tmp_path / "real" / "report.md").read_text()
   assert "tuned on its own labelled pool" in text
+
+
+def test_disjoint_tuning_states_its_overlap(tiny_source_dir, tmp_path):
+  out = tmp_path / "disjoint"
+  argv = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}",
+          *[a for a in TINY if a not in ("--tuning", "nested")], "--tune-repeats", "1",
+          "--disjoint-tuning", "--out", str(out)]
+  assert fewshot.main(argv) == 0
+  rows = _rows(out)
+  # 2 draws x (2 + 2) images of ~90 per class: the tuning draw avoids them all
+  assert {r["tune_overlap"] for r in rows if r["role"] == "eval"} == {0.0}
+  assert json.loads((out / "run.json").read_text())["tune_overlap"] == {"digits:0,1,2|2": 0.0}
+  text = (out / "report.md").read_text()
+  assert "Tuning-draw overlap" in text and "digits:0,1,2 k=2: 0.0%" in text

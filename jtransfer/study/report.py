@@ -69,10 +69,9 @@ def tuned_summary(rows: Sequence[dict], tuned: dict,
     t = ts[max(range(len(ts)), key=lambda i: (hps.count(hps[i]), -i))]
     summary[cell] = dict(mean=float(acc.mean()), std=float(acc.std()), n=len(ok),
                          failed=len(rs) - len(ok), lr=t["choice"]["lr"], hp=t["hp"],
-                         edges=sorted({e for t_ in ts for e in t_["edges"]}),
-                         steps=float(np.mean([r["steps"] for r in ok])) if ok else None,
-                         capped=sum(r.get("stopped") == "cap" for r in ok))
-    if len(set(hps)) > 1 or len(tuned) and len(next(iter(tuned))) > len(cell_fields) + 1:
+                         edges=list(dict.fromkeys(e for t_ in ts for e in t_["edges"])),
+                         steps=float(np.mean([r["steps"] for r in ok])) if ok else None)
+    if any(len(k) > len(cell_fields) + 1 for k in tuned):  # nested: how many draws chose it
       summary[cell]["chosen"] = f"{hps.count(rec.hp_text(t['choice']))}/{len(hps)}"
   return summary
 
@@ -132,6 +131,8 @@ def tuned_table(summary: dict, plan: grid_lib.Plan, rows: Sequence[str],
             cells.append("-")
             continue
           hp = f" {v['hp']}" if v["hp"] else ""
+          if v.get("chosen"):  # nested tuning: the most frequent per-draw choice
+            hp += f" ({v['chosen']} draws)"
           cells.append(f"{pct(v['mean'], v['std'])} lr {v['lr']:g}{hp}, "
                        f"{v['steps']:.0f} st" if v["n"] else "failed")
           if v["edges"]:
@@ -175,6 +176,26 @@ def notes_section(rows: Sequence[dict]) -> list[str]:
   return ["## Data notes and warnings", ""] + [f"- {n}" for n in seen] + [""] if seen else []
 
 
+def overlap_summary(rows: Sequence[dict]) -> dict:
+  """'target|k' -> mean share of an evaluation draw's images that sit in a tuning draw, from
+  the evaluation records that carry it (`--disjoint-tuning`); {} when none do."""
+  by: dict = {}
+  for r in rows:
+    if r["role"] == "eval" and "tune_overlap" in r:
+      by.setdefault(f"{r['target']}|{r['shots']}", {})[r["repeat"]] = r["tune_overlap"]
+  return {k: float(np.mean(list(v.values()))) for k, v in sorted(by.items())}
+
+
+def overlap_lines(overlap: dict) -> list[str]:
+  """The report's sentence on the tuning draws' overlap with the evaluation draws."""
+  if not overlap:
+    return []
+  parts = [f"{k.replace('|', ' k=')}: {100 * v:.1f}%" for k, v in overlap.items()]
+  return ["Tuning-draw overlap (mean share of an evaluation draw's k-shot and validation "
+          "images that also sit in a tuning draw; 0% where the pool let the tuning draws avoid "
+          "every evaluation draw): " + "; ".join(parts) + ".", ""]
+
+
 def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict]:
   """report.md text and summary.json content of a few-shot study, from its records alone
   (version 1 or 2)."""
@@ -188,6 +209,10 @@ def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict
   lines = [study.title, "", f"Source `{config.source.spec}`; {config.protocol.repeats} "
            "evaluation draws per cell.", "", protocol_text(config, rows), ""]
   out: dict = {"best_over_lr": {"|".join(map(str, k)): v for k, v in summary.items()}}
+  overlap = overlap_summary(rows)
+  if overlap:  # (only runs made with --disjoint-tuning record it)
+    out["tune_overlap"] = overlap
+    lines += overlap_lines(overlap)
   if tuned:
     ts = tuned_summary(rows, tuned, study.cell_fields)
     out["tuned"] = {"|".join(map(str, k)): v for k, v in ts.items()}
