@@ -30,7 +30,7 @@ def test_flags_and_defaults_are_the_old_parsers():
   assert flags.settings_flags(fewshot.STUDY, raw) == OLD_FEWSHOT_DEFAULTS
   # flags added since (issue 29) stay out of the fingerprint at their defaults only
   assert {k: raw[k] for k in set(raw) - set(OLD_FEWSHOT_DEFAULTS)} == {
-      "tuning": "shared", "disjoint_tuning": False}
+      "tuning": "shared", "disjoint_tuning": False, "cap_share": "off"}
   nested = flags.raw_flags(fewshot.STUDY, ["--tuning", "nested"])
   assert flags.settings_flags(fewshot.STUDY, nested)["tuning"] == "nested"
   # a study's defaults replace the shared ones, by destination

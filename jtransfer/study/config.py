@@ -103,6 +103,19 @@ def parse_cv_folds(text) -> Optional[int]:
   return int(text)
 
 
+def parse_cap_share(text) -> Optional[float]:
+  """--cap-share: 'off' -> None, else a share in [0, 1)."""
+  if text in (None, "off"):
+    return None
+  try:
+    v = float(text)
+  except (TypeError, ValueError):
+    v = -1.0
+  if not 0 <= v < 1:
+    raise InputError(f"--cap-share must be 'off' or a share in [0, 1), got {text!r}")
+  return v
+
+
 def parse_batch_runs(text) -> Optional[int]:
   """--batch-runs: 'auto' -> None (by backend at run time), else an int >= 1."""
   if text == "auto":
@@ -166,6 +179,11 @@ class Protocol:
       "of the cell uses, where every class has enough of them; otherwise (or without this "
       "flag) tuning draws may share images with evaluation draws, and the share is recorded "
       "and reported", action="store_true", added=True)
+  cap_share: Optional[float] = flag(
+      "--cap-share", None, "flag an arm 'not converged' in the report's tables, and its "
+      "claims 'not tested', when more than this share of its evaluation runs stop at the step "
+      "cap (0.1 for new studies, docs/protocol.md); 'off' = no check (the form of folders "
+      "published before it)", cli="off", parse=parse_cap_share, added=True)
   tune_extend: int = flag("--tune-extend", 2, "when a chosen value is the first or last of its "
                           "grid, extend that grid by up to this many values on that side",
                           check=at_least(0, "--tune-extend"))

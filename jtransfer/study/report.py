@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from jtransfer.data import augment
-from jtransfer.protocol import claims
+from jtransfer.protocol import claims, convergence
 from jtransfer.study import grid as grid_lib
 from jtransfer.study import records as rec
 from jtransfer.study.tables import best_over_lr, lr_grid_text, pct, split_text
@@ -196,6 +196,19 @@ def overlap_lines(overlap: dict) -> list[str]:
           "every evaluation draw): " + "; ".join(parts) + ".", ""]
 
 
+def untested(result: dict, unconverged: dict) -> dict:
+  """A claim result whose arm did not converge reads 'not tested' in every row (the
+  difference and interval stay, for the record)."""
+  arms = [a for a in (result["claim"]["a"], result["claim"]["b"]) if a in unconverged]
+  if not arms:
+    return result
+  out = dict(result, cells=[dict(c, verdict=claims.NOT_TESTED) for c in result["cells"]],
+             not_converged=arms)
+  if out.get("pooled"):
+    out["pooled"] = dict(out["pooled"], verdict=claims.NOT_TESTED)
+  return out
+
+
 def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict]:
   """report.md text and summary.json content of a few-shot study, from its records alone
   (version 1 or 2)."""
@@ -209,6 +222,12 @@ def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict
   lines = [study.title, "", f"Source `{config.source.spec}`; {config.protocol.repeats} "
            "evaluation draws per cell.", "", protocol_text(config, rows), ""]
   out: dict = {"best_over_lr": {"|".join(map(str, k)): v for k, v in summary.items()}}
+  unconverged = {}
+  if config.protocol.cap_share is not None:  # --cap-share: flag arms still at their cap
+    unconverged = convergence.flagged(records, config.protocol.cap_share)
+    out["not_converged"] = {a: list(v) for a, v in unconverged.items()}
+    labels = {**labels, **{a: f"{labels.get(a, a)} ({convergence.flag_text(*v)})"
+                           for a, v in unconverged.items()}}
   overlap = overlap_summary(rows)
   if overlap:  # (only runs made with --disjoint-tuning record it)
     out["tune_overlap"] = overlap
@@ -237,7 +256,7 @@ def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict
                for c in study.claims if {c.a, c.b} <= set(arms)]
     if study.extra_claims is not None:
       results += study.extra_claims(plan, chosen)
-    results = [r for r in results if r["cells"]]
+    results = [untested(r, unconverged) for r in results if r["cells"]]
     if results:
       lines += claims.section(results, labels)
     out["claims"] = results
