@@ -5,7 +5,7 @@ import json
 
 from experiments import fewshot
 from jtransfer.protocol import claims, convergence
-from jtransfer.study import draws, records
+from jtransfer.study import draws, records, report
 
 
 def _v1(arm, repeat, stopped, role="eval"):
@@ -34,18 +34,25 @@ def test_share_at_the_cap_by_hand():
   assert convergence.not_converged("b").slots(v2) == slots
 
 
-def test_report_flags_capped_arms_and_their_claims(tiny_source_dir, tmp_path):
+def test_a_claim_on_an_unconverged_arm_reads_not_tested():
+  res = {"claim": {"a": "l2", "b": "l2fe"}, "cells": [{"verdict": claims.REPRODUCED}],
+         "pooled": {"verdict": claims.REPRODUCED, "paired": {"mean": 0.1}}}
+  out = report.untested(res, {"l2fe": (13, 20)})
+  assert [c["verdict"] for c in out["cells"]] == [claims.NOT_TESTED]
+  assert out["pooled"]["verdict"] == claims.NOT_TESTED and out["not_converged"] == ["l2fe"]
+  assert out["pooled"]["paired"] == {"mean": 0.1}  # the difference stays, for the record
+  assert report.untested(res, {"freeze": (2, 2)}) is res
+
+
+def test_report_flags_an_arm_at_its_cap(tiny_source_dir, tmp_path):
   # 3 steps under a 50-step patience: every run stops at its cap
   argv = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--target",
-          "digits", "--shots", "1", "--repeats", "2", "--steps", "3", "--eval-every", "1",
+          "digits:0,1,2", "--shots", "2", "--repeats", "2", "--steps", "3", "--eval-every", "1",
           "--patience", "50", "--test-per-class", "3", "--val-per-class", "1", "--quiet",
-          "--lrs", "1e-2", "--strategies", "freeze,finetune", "--no-paper-grid"]
+          "--lrs", "1e-2", "--strategies", "freeze", "--no-paper-grid"]
   # (without --cap-share the summary keeps its old form: `publish check published` shows it)
   assert fewshot.main([*argv, "--cap-share", "0.1", "--out", str(tmp_path / "on")]) == 0
   on = json.loads((tmp_path / "on" / "summary.json").read_text())
-  assert on["not_converged"] == {"freeze": [2, 2], "finetune": [2, 2]}
-  far = [r for r in on["claims"] if r["claim"]["a"] == "finetune"]
-  assert far and all(c["verdict"] == claims.NOT_TESTED for r in far for c in r["cells"])
-  assert far[0]["not_converged"] == ["finetune", "freeze"]  # (a, b)
+  assert on["not_converged"] == {"freeze": [2, 2]}
   text = (tmp_path / "on" / "report.md").read_text()
-  assert "not converged: 2/2 runs at the step cap" in text
+  assert "freeze (not converged: 2/2 runs at the step cap)" in text
