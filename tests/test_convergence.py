@@ -56,3 +56,4 @@ def test_report_flags_an_arm_at_its_cap(tiny_source_dir, tmp_path):
   assert on["not_converged"] == {"freeze": [2, 2]}
   text = (tmp_path / "on" / "report.md").read_text()
   assert "freeze (not converged: 2/2 runs at the step cap)" in text
+  assert "step cap in more than 10% of runs is flagged not converged" in text  # protocol

@@ -130,6 +130,7 @@ def test_nested_tuning_never_reads_a_test_image(tiny_source_dir, tmp_path, monke
   assert not [r for r in real if r["role"] == "tune"]  # no shared tuning draw was run
   chosen = lambda rs: sorted((r["repeat"], r["lr"]) for r in rs if r["role"] == "eval")
   assert chosen(real) == chosen(other) and len(chosen(real)) == 2
+  assert {r.get("tuning") for r in real if r["role"] == "eval"} == {"nested"}
   assert [r["test_acc"] for r in real if r["role"] == "eval"] != \
       [r["test_acc"] for r in other if r["role"] == "eval"]
   text = (tmp_path / "real" / "report.md").read_text()

@@ -102,6 +102,10 @@ def protocol_text(config, rows: Sequence[dict] = ()) -> str:
                "pool is large enough (the overlap below says where it was not)")
   else:
     tune = "the LR is chosen per draw on that draw's validation set"
+  if p.cap_share is not None:
+    tune += (f"; an arm whose evaluation runs stop at the step cap in more than "
+             f"{p.cap_share:.0%} of runs is flagged not converged and its claims read not "
+             "tested")
   recipe = str(augment.parse(p.augment))
   aug = f" Training images augmented on device: {recipe}." if recipe != "none" else ""
   if p.stored_size:

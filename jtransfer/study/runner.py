@@ -173,6 +173,9 @@ def run(study: Study, config: Config, results: ResultsDir) -> list[dict]:
         extra["stored_size"] = int(data.stored.images.shape[1])
       if getattr(data, "notes", ()):  # conversions and warnings, repeated in the report
         extra["notes"] = list(data.notes)
+      if grid_lib.nested(plan) and draw.role == draws_lib.EVAL:
+        # which tuning chose this run's point (shared-tuning records keep their old form)
+        extra["tuning"] = "nested"
       if p.disjoint_tuning and draw.role == draws_lib.EVAL and tune_draws:
         # (recorded only under the flag, so folders made without it keep their records' form)
         extra["tune_overlap"] = shared[draw.index]
