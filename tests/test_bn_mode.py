@@ -15,7 +15,7 @@ def test_claim_is_registered_before_the_run():
   assert entry.primary.folders == ("bn_mode",) and entry not in ALL  # no folder yet
 
 
-@pytest.mark.slow  # ~35 CPU-s (two full fine-tuning steps to compile); ~80 s on a loaded box
+@pytest.mark.slow  # 26 s alone (two full fine-tuning steps compile), 80 s on a loaded box
 def test_bn_mode_smoke(tiny_source_dir, tmp_path):
   out = tmp_path / "bn"
   argv = ["--arch", "resnet_s", "--source", f"ckpt:{tiny_source_dir('resnet_s')}", "--target",
