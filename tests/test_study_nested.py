@@ -149,3 +149,20 @@ def test_disjoint_tuning_states_its_overlap(tiny_source_dir, tmp_path):
   assert json.loads((out / "run.json").read_text())["tune_overlap"] == {"digits:0,1,2|2": 0.0}
   text = (out / "report.md").read_text()
   assert "Tuning-draw overlap" in text and "digits:0,1,2 k=2: 0.0%" in text
+
+
+def test_nested_report_names_the_extended_grid():
+  p = _plan("--strategies", "freeze", "--lrs", "1e-3,1e-2", "--repeats", "2", "--arch", "vgg_s",
+            "--target", "digits", "--shots", "5", "--tuning", "nested", "--tune-extend", "1",
+            "--no-paper-grid")
+  cell = dict(p.cells[0])
+  recs = _nested_records(p, cell, "freeze", lambda i, lr: lr)  # the top edge wins: extend
+  recs += [records.make("freeze", cell, d, {"lr": 0.1}, {"status": "ok", "val_acc": 0.0})
+           for i in range(2) for d in draws.tuning_draws(0, 0, i)]
+  recs += [records.make("freeze", cell, draws.Draw("eval", i), {"lr": 1e-2},
+                        {"status": "ok", "val_acc": 0.5, "test_acc": 0.5 + i / 10, "steps": 3},
+                        0.0) for i in range(2)]
+  text, summary = report.make_report(p, recs)
+  assert "freeze: 0.001, 0.01 (extended by tuning to 0.1)" in text
+  assert summary["tuned"]["vgg_s|digits|freeze|5"]["chosen"] == "2/2"
+  assert "lr 0.01 (2/2 draws)" in text

@@ -269,7 +269,9 @@ def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict
     grid_rows = paper_grid_rows(rows, plan)
     lines += (study.sections(plan, grid_rows, summary) if study.sections is not None
               else best_tables(plan, summary, labels))
-  lines += [lr_grid_text(arms, {a.name: a.lrs for a in plan.arms}, tuned), ""]
+  n = len(study.cell_fields)  # (a nested choice's key ends with its draw: key by the arm)
+  by_arm = {(i, k[n]): t for i, (k, t) in enumerate(tuned.items())}
+  lines += [lr_grid_text(arms, {a.name: a.lrs for a in plan.arms}, by_arm), ""]
   lines += notes_section(rows)
   failed = [r for r in rows if r.get("status") != "ok"]
   if failed:
