@@ -242,3 +242,14 @@ def test_issue_delta_noatt_command(tmp_path):
     records = json.load(f)
   assert records and all(r["status"] == "ok" and r["steps"] == 100 for r in records)
   assert all(0.0 <= r["test_acc"] <= 1.0 for r in records)
+
+
+def test_l2fe_lrs_give_l2fe_a_tuned_lr_grid():
+  """--l2fe-lrs: L2-FE's LR is tuned over its own grid (issue 29 item 6); others keep --lrs."""
+  argv = ["--arch", "vgg_s", "--target", "digits", "--shots", "5", "--strategies", "l2fe,l2"]
+  plan = delta_table.validate(delta_table.parse_args([*argv, "--l2fe-lrs", "0.1,0.01"]))
+  assert plan["lrs"]["l2fe"] == (0.01, 0.1) and tuple(plan["lrs"]["l2"]) == (0.01,)
+  assert tuple(delta_table.validate(delta_table.parse_args(argv))["lrs"]["l2fe"]) == (0.01,)
+  for bad in ("0", "x", "0.1,0.1"):
+    with pytest.raises(InputError, match="--l2fe-lrs"):
+      delta_table.validate(delta_table.parse_args([*argv, "--l2fe-lrs", bad]))

@@ -26,9 +26,15 @@ OLD_FEWSHOT_DEFAULTS = {
 
 
 def test_flags_and_defaults_are_the_old_parsers():
-  assert flags.raw_flags(fewshot.STUDY, []) == OLD_FEWSHOT_DEFAULTS
+  raw = flags.raw_flags(fewshot.STUDY, [])
+  assert flags.settings_flags(fewshot.STUDY, raw) == OLD_FEWSHOT_DEFAULTS
+  # flags added since (issue 29) stay out of the fingerprint at their defaults only
+  assert {k: raw[k] for k in set(raw) - set(OLD_FEWSHOT_DEFAULTS)} == {
+      "tuning": "shared", "disjoint_tuning": False, "cap_share": "off"}
+  nested = flags.raw_flags(fewshot.STUDY, ["--tuning", "nested"])
+  assert flags.settings_flags(fewshot.STUDY, nested)["tuning"] == "nested"
   # a study's defaults replace the shared ones, by destination
-  cwl = flags.raw_flags(cwl_tables.STUDY, [])
+  cwl = flags.settings_flags(cwl_tables.STUDY, flags.raw_flags(cwl_tables.STUDY, []))
   assert {k: v for k, v in cwl.items() if OLD_FEWSHOT_DEFAULTS.get(k, "x") != v} == {
       "shots": "1,3,5,10", "repeats": 10, "lrs": "paper", "steps": 1000, "patience": 200,
       "tune_repeats": 2, "out": "results/cwl_tables",

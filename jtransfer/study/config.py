@@ -29,7 +29,8 @@ _SAME = object()  # `flag(cli=...)` not given: the command line's default is the
 def flag(name: str, default: Any, help: str, *, dest: Optional[str] = None, cli: Any = _SAME,
          parse: Optional[Callable[[Any], Any]] = None,
          check: Optional[Callable[[Any], None]] = None, action: Optional[str] = None,
-         choices=None, metavar: Optional[str] = None, required: bool = False):
+         choices=None, metavar: Optional[str] = None, required: bool = False,
+         added: bool = False):
   """A dataclass field that is also a command-line flag.
 
   Args:
@@ -44,10 +45,13 @@ def flag(name: str, default: Any, help: str, *, dest: Optional[str] = None, cli:
     action: argparse action ('store_true', 'append', 'bool' for --x/--no-x).
     choices, metavar, required: as argparse (`required`: a command's flag without a default,
       e.g. experiments.pretrain's --arch and --out).
+    added: a flag added after folders were published: at its default it is left out of the
+      settings fingerprint (`flags.settings_flags`), so those folders still resume.
   """
   meta = dict(flag=name, dest=dest or name.lstrip("-").replace("-", "_"), help=help,
               cli=default if cli is _SAME else cli, parse=parse, check=check, action=action,
-              choices=choices, metavar=metavar, required=required)
+              choices=choices, metavar=metavar, required=required,
+              added=added)
   return dataclasses.field(default=default, metadata=meta)
 
 
@@ -102,6 +106,19 @@ def parse_cv_folds(text) -> Optional[int]:
   return int(text)
 
 
+def parse_cap_share(text) -> Optional[float]:
+  """--cap-share: 'off' -> None, else a share in [0, 1)."""
+  if text in (None, "off"):
+    return None
+  try:
+    v = float(text)
+  except (TypeError, ValueError):
+    v = -1.0
+  if not 0 <= v < 1:
+    raise InputError(f"--cap-share must be 'off' or a share in [0, 1), got {text!r}")
+  return v
+
+
 def parse_batch_runs(text) -> Optional[int]:
   """--batch-runs: 'auto' -> None (by backend at run time), else an int >= 1."""
   if text == "auto":
@@ -154,6 +171,22 @@ class Protocol:
       "draws, on which each strategy's LR is chosen by mean validation accuracy; 0 = no tuning "
       "draws (the LR grid runs on every draw and is chosen per draw on validation)",
       dest="tune_repeats", check=at_least(0, "--tune-repeats"))
+  tuning: str = flag(
+      "--tuning", "shared", "'shared': each strategy's knobs are chosen once per (arch, "
+      "target, k) on the tuning draws; 'nested': each evaluation draw is tuned on its own "
+      "labelled pool (its validation split, or --cv-folds folds over its k-shot and "
+      "validation images), never its test images, so the paired differences carry the "
+      "selection noise (docs/protocol.md)", choices=("shared", "nested"), added=True)
+  disjoint_tuning: bool = flag(
+      "--disjoint-tuning", False, "draw the tuning draws from pool images no evaluation draw "
+      "of the cell uses, where every class has enough of them; otherwise (or without this "
+      "flag) tuning draws may share images with evaluation draws, and the share is recorded "
+      "and reported", action="store_true", added=True)
+  cap_share: Optional[float] = flag(
+      "--cap-share", None, "flag an arm 'not converged' in the report's tables, and its "
+      "claims 'not tested', when more than this share of its evaluation runs stop at the step "
+      "cap (0.1 for new studies, docs/protocol.md); 'off' = no check (the form of folders "
+      "published before it)", cli="off", parse=parse_cap_share, added=True)
   tune_extend: int = flag("--tune-extend", 2, "when a chosen value is the first or last of its "
                           "grid, extend that grid by up to this many values on that side",
                           check=at_least(0, "--tune-extend"))

@@ -3,7 +3,11 @@
 One draw per (shots, role, index) is shared by every arch, arm and knob value (a paired
 comparison, docs/protocol.md): its seed depends on the study's seed, k and the draw only.
 Tuning draws are never evaluation draws (their seeds use negative repeats, -1 - index) and
-never see the test split.
+never see the test split. Under `--disjoint-tuning` they are drawn from the pool images no
+evaluation draw of the cell uses, when every class keeps enough of them; `overlap` measures
+what each evaluation draw shares with the tuning draws either way. Nested tuning runs
+(`--tuning nested`, role 'nested') train on an evaluation draw's own labelled pool (its k-shot
+and validation images, or CV folds over them) and never see the test split either.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import numpy as np
 from jtransfer.data import sample_kshot
 from jtransfer.protocol import tuning
 
-TUNE, EVAL = "tune", "eval"
+TUNE, EVAL, NESTED = "tune", "eval", "nested"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +33,9 @@ class Draw:
   @property
   def repeat(self) -> int:
     """The draw as one signed integer: evaluation draws 0, 1, ..., tuning draws -1, -2, ...
-    (the form published version-1 records and the progress lines use)."""
-    return self.index if self.role == EVAL else -1 - self.index
+    (the form published version-1 records and the progress lines use). A nested tuning run's
+    is the evaluation draw whose labelled pool it trains on."""
+    return self.index if self.role in (EVAL, NESTED) else -1 - self.index
 
   @classmethod
   def of_repeat(cls, repeat: int, fold: int = -1) -> "Draw":
@@ -49,13 +54,42 @@ def draw_seed(seed: int, shots: int, repeat: int) -> int:
 
 
 def cell_draws(labels: np.ndarray, num_classes: int, shots: int, seed: int, repeats: int,
-               tune_draws: int, val_per_class: int) -> dict[int, tuple]:
-  """repeat -> (seed, k-shot rows, validation rows) of every tuning and evaluation draw."""
+               tune_draws: int, val_per_class: int, disjoint: bool = False) -> dict[int, tuple]:
+  """repeat -> (seed, k-shot rows, validation rows) of every tuning and evaluation draw.
+
+  `disjoint`: draw the tuning draws from the pool rows no evaluation draw uses, when every
+  class keeps at least k + validation images there (else as without it; `overlap` says how
+  much they share). Evaluation draws are the same either way.
+  """
   out = {}
-  for repeat in range(-tune_draws, repeats):
+  for repeat in range(repeats):
     s = draw_seed(seed, shots, repeat)
     out[repeat] = (s, *sample_kshot(labels, shots, s, val_per_class=val_per_class,
                                     num_classes=num_classes))
+  rows = np.arange(len(labels))
+  if disjoint and tune_draws:
+    used = np.concatenate([np.concatenate(out[r][1:]) for r in range(repeats)] or [[]])
+    free = np.setdiff1d(rows, used.astype(int))
+    counts = np.bincount(labels[free], minlength=num_classes)
+    if counts.min() >= shots + val_per_class:
+      rows = free
+  for repeat in range(-tune_draws, 0):
+    s = draw_seed(seed, shots, repeat)
+    tr, va = sample_kshot(labels[rows], shots, s, val_per_class=val_per_class,
+                          num_classes=num_classes)
+    out[repeat] = (s, rows[tr], rows[va])
+  return dict(sorted(out.items()))
+
+
+def overlap(cell: dict[int, tuple]) -> list[float]:
+  """Per evaluation draw (repeat 0, 1, ...), the share of its k-shot and validation images
+  that sit in some tuning draw's k-shot or validation images (0.0 without tuning draws)."""
+  tuned = [np.concatenate(v[1:]) for r, v in cell.items() if r < 0]
+  tuned = np.unique(np.concatenate(tuned)) if tuned else np.array([], int)
+  out = []
+  for r in sorted(r for r in cell if r >= 0):
+    mine = np.unique(np.concatenate(cell[r][1:]))
+    out.append(float(np.isin(mine, tuned).mean()) if mine.size else 0.0)
   return out
 
 
@@ -82,6 +116,11 @@ def fold_split(pool_labels: np.ndarray, train_idx, val_idx, n_folds: int, fold: 
   return np.sort(pool[tr][keep]), pool[va]
 
 
-def tuning_draws(tune_draws: int, folds: int) -> list[Draw]:
-  """The draws that score one tuning point: each tuning draw, on each fold when folding."""
-  return [Draw(TUNE, t, f) for t in range(tune_draws) for f in (range(folds) if folds else (-1,))]
+def tuning_draws(tune_draws: int, folds: int, nested: int | None = None) -> list[Draw]:
+  """The draws that score one tuning point: each tuning draw, on each fold when folding; with
+  `nested` (an evaluation draw's index), that draw's own labelled pool instead (its
+  validation split, or each fold of it)."""
+  folds_ = range(folds) if folds else (-1,)
+  if nested is not None:
+    return [Draw(NESTED, nested, f) for f in folds_]
+  return [Draw(TUNE, t, f) for t in range(tune_draws) for f in folds_]

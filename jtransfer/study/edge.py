@@ -66,9 +66,10 @@ def publisher(study: Study) -> publish.Publisher:
 
 
 def settings(study: Study, raw: dict) -> outdir.Settings:
-  """The settings fingerprint of parsed flags (`raw`, by destination), the study's additive
-  flags left out."""
-  return outdir.settings_of(study.module, {k: v for k, v in raw.items()
+  """The settings fingerprint of parsed flags (`raw`, by destination): the study's additive
+  flags left out, and flags added after publishing while at their default
+  (`flags.settings_flags`)."""
+  return outdir.settings_of(study.module, {k: v for k, v in flags.settings_flags(study, raw).items()
                                            if k not in study.additive})
 
 

@@ -73,6 +73,14 @@ def raw_flags(study, argv: Optional[Sequence[str]]) -> dict:
   return vars(parser(study).parse_args(argv))
 
 
+def settings_flags(study, raw: Mapping[str, Any]) -> dict:
+  """The flags of the settings fingerprint: `raw` less the flags added after folders were
+  published (`config.flag(added=True)`) while at their default, so those folders resume."""
+  drop = {f.metadata["dest"] for cls in _classes(study) for f in cfg.flag_fields(cls)
+          if f.metadata["added"] and raw.get(f.metadata["dest"]) == f.metadata["cli"]}
+  return {k: v for k, v in raw.items() if k not in drop}
+
+
 def _build(cls, raw: Mapping[str, Any]):
   values = {}
   for f in cfg.flag_fields(cls):

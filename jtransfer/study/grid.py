@@ -174,30 +174,48 @@ def cell_key(plan_: Plan, cell: Mapping) -> tuple:
   return tuple(cell[f] for f in plan_.study.cell_fields)
 
 
-def tuning_keys(arm: ArmPlan, cell: Mapping, point: Mapping, tune_draws: int) -> list[tuple]:
-  """The keys of the runs that score one point: each tuning draw (and CV fold)."""
+def tuning_keys(arm: ArmPlan, cell: Mapping, point: Mapping, tune_draws: int,
+                draw: Optional[int] = None) -> list[tuple]:
+  """The keys of the runs that score one point: each tuning draw (and CV fold), or with
+  `draw` (nested tuning) that evaluation draw's own labelled pool (validation or CV folds)."""
   return [rec.run_key(arm.name, cell, d, point)
-          for d in draws_lib.tuning_draws(tune_draws, arm.folds)]
+          for d in draws_lib.tuning_draws(tune_draws, arm.folds, draw)]
+
+
+def nested(plan_: Plan) -> bool:
+  """Whether each evaluation draw is tuned on its own labelled pool (--tuning nested)."""
+  return plan_.config.protocol.tuning == "nested"
+
+
+def draw_slots(plan_: Plan) -> list[Optional[int]]:
+  """The tuning choices a cell's arm makes: one per evaluation draw under --tuning nested
+  (the draw's index), else one for the cell (None)."""
+  return list(range(plan_.config.protocol.repeats)) if nested(plan_) else [None]
 
 
 def choose(outcomes: dict, plan_: Plan, cell: Mapping, arm: ArmPlan,
-           run_missing: Optional[Callable] = None, requested: Optional[set] = None
-           ) -> Optional[dict]:
+           run_missing: Optional[Callable] = None, requested: Optional[set] = None,
+           draw: Optional[int] = None) -> Optional[dict]:
   """The tuned point of `arm` in `cell` (`outcomes`: run key -> outcome, `by_key`;
   `run_missing(key) -> outcome` trains a missing tuning run): `Tuned.to_dict()` plus 'hp' (its knob text), or None
   without tuning draws, for an untuned arm, or when a tuning run is missing and
   `run_missing` is None (an unfinished grid).
 
   Tuning scores each point of the arm's grid by mean validation accuracy over the tuning draws
-  (and their CV folds), extending an axis at an edge; a failed run scores 0.
+  (and their CV folds), extending an axis at an edge; a failed run scores 0. Under --tuning
+  nested, `draw` names the evaluation draw whose own labelled pool scores the points. Ties
+  go to the point first in grid order (the smaller LR, then the smaller knob values), for
+  every arm alike (`jtransfer.protocol.tuning.tune`).
   """
   p = plan_.config.protocol
-  if not p.tune_draws or not arm.arm.tuned:
+  if not arm.arm.tuned or not (p.tune_draws or nested(plan_)):
     return None
   # Equal budgets (`Study.tune_budget`) forbid extending an edge: it would add runs.
   extend = 0 if plan_.study.tune_budget else p.tune_extend
+  if nested(plan_) != (draw is not None):
+    raise ValueError(f"--tuning {p.tuning} chooses with draw={draw!r}")
   found = tuning.tune_records(arm.grid, lambda point: tuning_keys(arm, cell, point,
-                                                                  p.tune_draws),
+                                                                  p.tune_draws, draw),
                               outcomes, run_missing, extend, requested,
                               arm.strategy.knob_bounds if arm.strategy else None,
                               arm.arm.scales)
@@ -216,7 +234,7 @@ def eval_points(plan_: Plan, arm: ArmPlan, tuned: Optional[dict]) -> list[dict]:
     names = list(arm.grid)
     return [dict(zip(names, map(float, v))) for v in itertools.product(*arm.grid.values())]
   points = ([arm.default_point(lr) for lr in arm.lrs]
-            if (p.paper_grid or not p.tune_draws) else [])
+            if (p.paper_grid or not (p.tune_draws or nested(plan_))) else [])
   if tuned is not None:
     chosen = {k: float(v) for k, v in tuned["choice"].items()}
     if rec.canon_point(chosen) not in [rec.canon_point(q) for q in points]:
@@ -232,14 +250,16 @@ def by_key(records: Sequence[dict]) -> dict:
 def choices(records: Sequence[dict], plan_: Plan, cells: Optional[Sequence[dict]] = None
             ) -> dict[tuple, dict]:
   """(cell values..., arm) -> tuned point, for every cell (default: the whole grid) whose
-  tuning the records complete."""
+  tuning the records complete; under --tuning nested (cell values..., arm, draw index) ->
+  that evaluation draw's tuned point."""
   found = by_key(records)
   out = {}
   for cell in plan_.cells if cells is None else cells:
     for arm in plan_.arms:
-      t = choose(found, plan_, cell, arm)
-      if t is not None:
-        out[(*cell_key(plan_, cell), arm.name)] = t
+      for slot in draw_slots(plan_):
+        t = choose(found, plan_, cell, arm, draw=slot)
+        if t is not None:
+          out[(*cell_key(plan_, cell), arm.name, *([] if slot is None else [slot]))] = t
   return out
 
 
@@ -254,8 +274,9 @@ def grid_keys(records: Sequence[dict], plan_: Plan) -> set[tuple]:
   reps = plan_.config.protocol.repeats
   for cell in plan_.mine:
     for arm in plan_.arms:
-      tuned = choose(found, plan_, cell, arm, requested=requested)
-      for point in eval_points(plan_, arm, tuned):
-        keys |= {rec.run_key(arm.name, cell, draws_lib.Draw(draws_lib.EVAL, i), point)
-                 for i in range(reps)}
+      for slot in draw_slots(plan_):
+        tuned = choose(found, plan_, cell, arm, requested=requested, draw=slot)
+        for point in eval_points(plan_, arm, tuned):
+          keys |= {rec.run_key(arm.name, cell, draws_lib.Draw(draws_lib.EVAL, i), point)
+                   for i in (range(reps) if slot is None else (slot,))}
   return keys | requested

@@ -135,6 +135,8 @@ def save(results, publisher: Publisher, argv: Sequence[str] | None, records: lis
     grid = {"eval_runs": evaluation_runs(records, plan), "from": COUNTED_AT_END}
     missing = 0
   extra = {"grid": grid} if grid is not None else {}
+  if isinstance(summary, dict) and summary.get("tune_overlap"):  # --disjoint-tuning runs
+    extra["tune_overlap"] = summary["tune_overlap"]
   results.write_json(RUN_FILE, dict(
       module=publisher.module, argv=argv, command=command, invocations=invocations,
       wall_s=round(sum(i["wall_s"] for i in invocations), 1),

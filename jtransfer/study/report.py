@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from jtransfer.data import augment
-from jtransfer.protocol import claims
+from jtransfer.protocol import claims, convergence
 from jtransfer.study import grid as grid_lib
 from jtransfer.study import records as rec
 from jtransfer.study.tables import best_over_lr, lr_grid_text, pct, split_text
@@ -37,11 +37,18 @@ def paper_grid_rows(rows: Sequence[dict], plan: grid_lib.Plan) -> list[dict]:
   return out
 
 
+def choice_of(tuned: dict, r: dict, cell_fields: Sequence[str]):
+  """The tuned point an evaluation row's run was chosen at: its cell's (shared tuning) or
+  its own draw's (nested tuning, keyed by the draw's index too), or None."""
+  cell = (*(r[f] for f in cell_fields), r["arm"])
+  return tuned.get(cell) or tuned.get((*cell, r["repeat"]))
+
+
 def tuned_rows(rows: Sequence[dict], tuned: dict, cell_fields: Sequence[str]) -> list[dict]:
-  """Evaluation rows at each cell's tuned point (the protocol's figure)."""
+  """Evaluation rows at each cell's (or, nested, each draw's) tuned point."""
   out = []
   for r in rows:
-    t = tuned.get((*(r[f] for f in cell_fields), r["arm"]))
+    t = choice_of(tuned, r, cell_fields)
     if t and r["role"] == "eval" and \
         rec.canon_point({"lr": r["lr"], **r["knobs"]}) == rec.canon_point(t["choice"]):
       out.append(r)
@@ -58,13 +65,18 @@ def tuned_summary(rows: Sequence[dict], tuned: dict,
   summary = {}
   for cell, rs in by.items():
     ok = [r for r in rs if r["status"] == "ok"]
-    t = tuned[(*(rs[0][f] for f in cell_fields), cell[2])]
+    ts = [choice_of(tuned, r, cell_fields) for r in rs]
     acc = np.array([r["test_acc"] for r in ok]) if ok else np.array([np.nan])
+    # Nested tuning chooses per draw: the most frequent choice, with how many draws made it.
+    hps = [rec.hp_text(t["choice"]) for t in ts]
+    t = ts[max(range(len(ts)), key=lambda i: (hps.count(hps[i]), -i))]
     summary[cell] = dict(mean=float(acc.mean()), std=float(acc.std()), n=len(ok),
                          failed=len(rs) - len(ok), lr=t["choice"]["lr"], hp=t["hp"],
-                         edges=t["edges"],
+                         edges=list(dict.fromkeys(e for t_ in ts for e in t_["edges"])),
                          steps=float(np.mean([r["steps"] for r in ok])) if ok else None,
                          **{f: ok[0][f] for f in COST if ok and f in ok[0]})
+    if any(len(k) > len(cell_fields) + 1 for k in tuned):  # nested: how many draws chose it
+      summary[cell]["chosen"] = f"{hps.count(rec.hp_text(t['choice']))}/{len(hps)}"
   return summary
 
 
@@ -81,9 +93,26 @@ def protocol_text(config, rows: Sequence[dict] = (), budget: Optional[int] = Non
   grid = (f"equal tuning budgets: every strategy's grid holds exactly {budget} points, its "
           "knob grid times an LR grid over its range, never extended" if budget else
           f"grid extended up to {p.tune_extend} values at an edge")
-  tune = (f"each strategy's LR is chosen per (arch, target, k) by mean validation accuracy over "
-          f"{p.tune_draws} tuning draws that are not evaluation draws ({grid})" if p.tune_draws
-          else "the LR is chosen per draw on that draw's validation set")
+  ties = "ties go to the smaller LR (then knob values) for every arm alike"
+  if p.tuning == "nested":
+    pool = (f"{p.cv_folds}-fold cross-validation over its k-shot and validation images"
+            if p.cv_folds else "its validation split (CV folds where a strategy's paper uses "
+            "them)" if p.cv_folds is None else "its validation split")
+    tune = (f"each evaluation draw is tuned on its own labelled pool ({pool}), never its test "
+            f"images, so the paired differences carry the selection noise ({grid}; "
+            f"{ties})")
+  elif p.tune_draws:
+    tune = (f"each strategy's LR is chosen per (arch, target, k) by mean validation accuracy "
+            f"over {p.tune_draws} tuning draws that are not evaluation draws ({grid})")
+    if p.disjoint_tuning:
+      tune += ("; tuning draws use pool images no evaluation draw of the cell uses where the "
+               "pool is large enough (the overlap below says where it was not)")
+  else:
+    tune = "the LR is chosen per draw on that draw's validation set"
+  if p.cap_share is not None:
+    tune += (f"; an arm whose evaluation runs stop at the step cap in more than "
+             f"{p.cap_share:.0%} of runs is flagged not converged and its claims read not "
+             "tested")
   recipe = str(augment.parse(p.augment))
   aug = f" Training images augmented on device: {recipe}." if recipe != "none" else ""
   if p.stored_size:
@@ -115,6 +144,8 @@ def tuned_table(summary: dict, plan: grid_lib.Plan, rows: Sequence[str],
             cells.append("-")
             continue
           hp = f" {v['hp']}" if v["hp"] else ""
+          if v.get("chosen"):  # nested tuning: the most frequent per-draw choice
+            hp += f" ({v['chosen']} draws)"
           cells.append(f"{pct(v['mean'], v['std'])} lr {v['lr']:g}{hp}, "
                        f"{v['steps']:.0f} st" if v["n"] else "failed")
           if v["edges"]:
@@ -163,6 +194,39 @@ def notes_section(rows: Sequence[dict]) -> list[str]:
   return ["## Data notes and warnings", ""] + [f"- {n}" for n in seen] + [""] if seen else []
 
 
+def overlap_summary(rows: Sequence[dict]) -> dict:
+  """'target|k' -> mean share of an evaluation draw's images that sit in a tuning draw, from
+  the evaluation records that carry it (`--disjoint-tuning`); {} when none do."""
+  by: dict = {}
+  for r in rows:
+    if r["role"] == "eval" and "tune_overlap" in r:
+      by.setdefault(f"{r['target']}|{r['shots']}", {})[r["repeat"]] = r["tune_overlap"]
+  return {k: float(np.mean(list(v.values()))) for k, v in sorted(by.items())}
+
+
+def overlap_lines(overlap: dict) -> list[str]:
+  """The report's sentence on the tuning draws' overlap with the evaluation draws."""
+  if not overlap:
+    return []
+  parts = [f"{k.replace('|', ' k=')}: {100 * v:.1f}%" for k, v in overlap.items()]
+  return ["Tuning-draw overlap (mean share of an evaluation draw's k-shot and validation "
+          "images that also sit in a tuning draw; 0% where the pool let the tuning draws avoid "
+          "every evaluation draw): " + "; ".join(parts) + ".", ""]
+
+
+def untested(result: dict, unconverged: dict) -> dict:
+  """A claim result whose arm did not converge reads 'not tested' in every row (the
+  difference and interval stay, for the record)."""
+  arms = [a for a in (result["claim"]["a"], result["claim"]["b"]) if a in unconverged]
+  if not arms:
+    return result
+  out = dict(result, cells=[dict(c, verdict=claims.NOT_TESTED) for c in result["cells"]],
+             not_converged=arms)
+  if out.get("pooled"):
+    out["pooled"] = dict(out["pooled"], verdict=claims.NOT_TESTED)
+  return out
+
+
 def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict]:
   """report.md text and summary.json content of a few-shot study, from its records alone
   (version 1 or 2)."""
@@ -176,6 +240,16 @@ def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict
   lines = [study.title, "", f"Source `{config.source.spec}`; {config.protocol.repeats} "
            "evaluation draws per cell.", "", protocol_text(config, rows, study.tune_budget), ""]
   out: dict = {"best_over_lr": {"|".join(map(str, k)): v for k, v in summary.items()}}
+  unconverged = {}
+  if config.protocol.cap_share is not None:  # --cap-share: flag arms still at their cap
+    unconverged = convergence.flagged(records, config.protocol.cap_share)
+    out["not_converged"] = {a: list(v) for a, v in unconverged.items()}
+    labels = {**labels, **{a: f"{labels.get(a, a)} ({convergence.flag_text(*v)})"
+                           for a, v in unconverged.items()}}
+  overlap = overlap_summary(rows)
+  if overlap:  # (only runs made with --disjoint-tuning record it)
+    out["tune_overlap"] = overlap
+    lines += overlap_lines(overlap)
   if tuned:
     ts = tuned_summary(rows, tuned, study.cell_fields)
     out["tuned"] = {"|".join(map(str, k)): v for k, v in ts.items()}
@@ -200,7 +274,7 @@ def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict
                for c in study.claims if {c.a, c.b} <= set(arms)]
     if study.extra_claims is not None:
       results += study.extra_claims(plan, chosen)
-    results = [r for r in results if r["cells"]]
+    results = [untested(r, unconverged) for r in results if r["cells"]]
     if results:
       lines += claims.section(results, labels)
     out["claims"] = results
@@ -209,7 +283,9 @@ def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict
     grid_rows = paper_grid_rows(rows, plan)
     lines += (study.sections(plan, grid_rows, summary) if study.sections is not None
               else best_tables(plan, summary, labels))
-  lines += [lr_grid_text(arms, {a.name: a.lrs for a in plan.arms}, tuned), ""]
+  n = len(study.cell_fields)  # (a nested choice's key ends with its draw: key by the arm)
+  by_arm = {(i, k[n]): t for i, (k, t) in enumerate(tuned.items())}
+  lines += [lr_grid_text(arms, {a.name: a.lrs for a in plan.arms}, by_arm), ""]
   lines += notes_section(rows)
   failed = [r for r in rows if r.get("status") != "ok"]
   if failed:

@@ -69,14 +69,16 @@ def planned_runs(plan: grid_lib.Plan) -> dict[str, int]:
       if not arm.arm.tuned:
         paper += points * p.repeats
         continue
-      if p.tune_draws and points > 1:
+      # nested tuning: the cell's tuning runs once per evaluation draw, on its own pool
+      draws = p.repeats if grid_lib.nested(plan) else p.tune_draws
+      if draws and points > 1:
         if arm.folds:
-          folded += points * p.tune_draws * arm.folds
+          folded += points * draws * arm.folds
         else:
-          tuning += points * p.tune_draws
-      if p.paper_grid or not p.tune_draws:
+          tuning += points * draws
+      if p.paper_grid or not draws:
         paper += len(arm.lrs) * p.repeats
-      if p.tune_draws and (not p.paper_grid or arm.knobs):
+      if draws and (not p.paper_grid or arm.knobs):
         tuned += p.repeats
   return progress.plan_counts({"tuning-draw runs": tuning, "CV-fold tuning runs": folded,
                                "paper-grid eval runs": paper, "tuned-point eval runs": tuned})
@@ -152,8 +154,11 @@ def run(study: Study, config: Config, results: ResultsDir) -> list[dict]:
     data = study.prepare(plan, cell, cache) if study.prepare else None
     budget, steps = cell_budget(study, config, cell)
     labels, classes = _pool(data)
+    tune_draws = 0 if grid_lib.nested(plan) else p.tune_draws
     draws = draws_lib.cell_draws(labels, classes, cell["shots"], p.seed, p.repeats,
-                                 p.tune_draws, p.val_per_class) if labels is not None else {}
+                                 tune_draws, p.val_per_class,
+                                 p.disjoint_tuning) if labels is not None else {}
+    shared = draws_lib.overlap(draws) if draws else []
 
     chosen: dict = {}  # arm -> its tuned point in this cell (RunContext.chosen)
 
@@ -171,6 +176,12 @@ def run(study: Study, config: Config, results: ResultsDir) -> list[dict]:
         extra["stored_size"] = int(data.stored.images.shape[1])
       if getattr(data, "notes", ()):  # conversions and warnings, repeated in the report
         extra["notes"] = list(data.notes)
+      if grid_lib.nested(plan) and draw.role == draws_lib.EVAL:
+        # which tuning chose this run's point (shared-tuning records keep their old form)
+        extra["tuning"] = "nested"
+      if p.disjoint_tuning and draw.role == draws_lib.EVAL and tune_draws:
+        # (recorded only under the flag, so folders made without it keep their records' form)
+        extra["tune_overlap"] = shared[draw.index]
       r = rec.make(arm.name, cell, draw, point, outcome, seconds, extra)
       results.add(r)
       records.append(r)
@@ -204,11 +215,16 @@ def run(study: Study, config: Config, results: ResultsDir) -> list[dict]:
       return add(arm, draw, point, train_idx, val_idx, out, time.time() - t0)
 
     for arm in arms:
-      tuned = grid_lib.choose(found, plan, cell, arm, run_missing=lambda k, a=arm: run_one(a, k))
-      chosen[arm.name] = dict(tuned["choice"]) if tuned else None
-      todo = [rec.run_key(arm.name, cell, draws_lib.Draw(draws_lib.EVAL, i), point)
-              for point in grid_lib.eval_points(plan, arm, tuned) for i in range(p.repeats)]
-      todo = [k for k in todo if k not in found]
+      todo = []
+      for slot in grid_lib.draw_slots(plan):  # the cell, or each evaluation draw (nested)
+        tuned = grid_lib.choose(found, plan, cell, arm, draw=slot,
+                                run_missing=lambda k, a=arm: run_one(a, k))
+        # (what an `after` arm reads: the cell's choice; under nested tuning, the last draw's)
+        chosen[arm.name] = dict(tuned["choice"]) if tuned else None
+        todo += [rec.run_key(arm.name, cell, draws_lib.Draw(draws_lib.EVAL, i), point)
+                 for point in grid_lib.eval_points(plan, arm, tuned)
+                 for i in (range(p.repeats) if slot is None else (slot,))]
+      todo = [k for k in dict.fromkeys(todo) if k not in found]
       if together > 1 and budget is None and len(todo) > 1 and arm.arm.run is None and \
           not arm.knobs and data.batchable(arm.name, steps, arm.arm.strategy_name):
         for i in range(0, len(todo), together):
@@ -237,11 +253,12 @@ def run_line(r: dict, p, folds: int) -> str:
   """What one finished run was and scored: its cell, its draw (named, not r=-1), arm, LR,
   knobs, the accuracy it reports (validation for tuning runs, test else), steps, time."""
   d, c, o = r["draw"], r["cell"], r["outcome"]
-  tune = d["role"] == draws_lib.TUNE
+  tune = d["role"] != draws_lib.EVAL
   acc = o.get("val_acc" if tune else "test_acc")
   draw = progress.draw_label(draws_lib.Draw(d["role"], d["index"]).repeat, p.tune_draws,
                              p.repeats, d["fold"], folds)
   cell = " ".join(str(v) for k, v in c.items() if k != "shots")
+  draw = f"nested {draw}" if d["role"] == draws_lib.NESTED else draw
   return (f"{cell} k={c.get('shots')} {draw} {r['arm']} lr={r['knobs'].get('lr', 0):g} "
           f"{rec.hp_text(r['knobs'])} {'val' if tune else 'test'}="
           f"{'failed' if acc is None else f'{acc:.4f}'} steps={o.get('steps', '-')} "

@@ -1,0 +1,20 @@
+"""BatchNorm mode when fine-tuning (issue 29 item 11), registered before experiments.bn_mode ran.
+
+Pending: its folder (published/bn_mode) does not exist yet, so the entry is not in
+`claims_registry.ALL` (RESULTS.md's family) until the study has run and been published; its
+kind and margin are fixed here, before any run."""
+from experiments.bn_mode import CLAIM_TEXT
+from jtransfer.protocol.claims import SUPERIORITY
+from jtransfer.protocol.registry import Evidence, Registered
+
+MAIN = Evidence(("bn_mode",), where={"arch": ("resnet_s",)}, note="resnet_s, the arch with BN")
+
+CLAIMS = (
+    Registered("bn.train_mode_gt_frozen_stats", "BN mode", "issue 29 item 11",
+               "fine-tuning with BatchNorm in train mode (batch statistics) beats fine-tuning "
+               "with the source's running statistics frozen, at k = 1, 3, 5, 10",
+               SUPERIORITY, 0.0,
+               "superiority: the default fine-tuning mode changes only for a gain, so the "
+               "interval must lie above 0 (a tie keeps the default)", CLAIM_TEXT, MAIN,
+               runs=("finetune_bn", "finetune")),
+)
