@@ -81,7 +81,6 @@ from jtransfer.study import grid, runner
 from jtransfer.study import records as rec
 from jtransfer.study import report as skeleton
 from jtransfer.study.config import at_least, comma_list
-from jtransfer.study.tables import positive_floats
 from jtransfer.study.target import TargetRuns
 
 STRATEGIES = ("l2fe", "l2", "l2sp", "delta_noatt", "delta")
@@ -178,7 +177,7 @@ class Knobs:
       "--l2fe-lrs", None, "L2-FE's own LR grid, tuned on the tuning draws and extended at an "
       "edge like the other arms' knobs (e.g. 0.01,0.1: at 0.01 its head-only objective sits at "
       "the step cap in 13 of 20 published runs); default: --lrs", metavar="LR[,LR...]",
-      parse=lambda t: tuple(positive_floats(t, "--l2fe-lrs")), added=True)
+      parse=lambda t: delta_study.parse_alphas(t, "--l2fe-lrs", positive=True), added=True)
   curve_schedules: tuple[str, ...] = study.flag(
       "--curve-schedules", ("step", "exp"), "Fig. 2's schedules", cli="step,exp",
       parse=_schedules)

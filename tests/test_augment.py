@@ -217,6 +217,7 @@ def test_crops_of_larger_stored_images_have_the_input_size():
                              aug.center_view(np.asarray(stored), (28, 28)), atol=0.5 + 1e-4)
 
 
+@pytest.mark.slow  # 15 s; crops of stored images are tested on arrays above
 def test_fewshot_with_stored_size(tiny_source_dir, tmp_path):
   """Targets stored at 36 px for the 28 px source: runs train on crops of the stored pixels,
   evaluate on centre views, record the stored size, and refuse a resume at another size."""

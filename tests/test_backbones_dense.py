@@ -376,7 +376,8 @@ def test_fewshot_tiny_run_28px_grayscale(arch, strategy, tmp_path):
   tiny_fewshot_run(tmp_path, arch, TINY[arch], strategy, "fmnist:1,5,7")
 
 
-@pytest.mark.parametrize("arch", ["densenet121", "convnext_tiny"])
+@pytest.mark.parametrize("arch", [pytest.param("densenet121", marks=pytest.mark.slow),  # 13 s
+                                  "convnext_tiny"])
 def test_selection_conv_map_is_the_map_before_pooling(arch):
   """Base-model selection's default map (`LAST_CONV_OUTPUT`) is the map the head pools
   (DenseNet's final norm5 + ReLU included): the `last_conv` tap, whose spatial mean is the

@@ -259,6 +259,7 @@ def test_cotuning_relationship_and_loss_by_hand(tiny_source_dir):
     cotuning.relationship(src, np.zeros(9, int), 3)
 
 
+@pytest.mark.slow  # 53 s for both; each baseline is trained in its own test above
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("strategies", ["bitfit,freeze_film,bss", "lpft,wise_ft,cotuning"])
 def test_new_strategies_run_the_fewshot_grid(tiny_source_dir, tmp_path, strategies):

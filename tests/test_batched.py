@@ -75,6 +75,7 @@ TINY = ["--arch", "vgg_s", "--target", "fmnist:1,5,7", "--shots", "1,2", "--repe
         "--patience", "0", "--tune-repeats", "0"]  # batching needs fixed-length runs
 
 
+@pytest.mark.slow  # 21 s; the batched step equals single runs in the tests above
 def test_fewshot_grid_batched_equals_plain(tiny_source_dir, tmp_path):
   src = ["--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--strategies", "freeze,freeze_cwl",
          "--lrs", "0.001,0.01,1e9"]

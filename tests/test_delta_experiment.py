@@ -90,6 +90,7 @@ def test_delta_table_smoke(tiny_source_dir, tmp_path):
     assert delta_table.main(argv + ["--resume"]) == 2
 
 
+@pytest.mark.slow  # 20 s; test_delta_table_smoke runs the module
 def test_delta_table_curves(tiny_source_dir, tmp_path):
   """Fig. 2 and Fig. 3: fixed-step runs of L2-SP and DELTA at the alpha the table tuned."""
   out = str(tmp_path / "c")
@@ -246,10 +247,17 @@ def test_issue_delta_noatt_command(tmp_path):
 
 def test_l2fe_lrs_give_l2fe_a_tuned_lr_grid():
   """--l2fe-lrs: L2-FE's LR is tuned over its own grid (issue 29 item 6); others keep --lrs."""
+  from jtransfer.study import flags
+  from jtransfer.study import grid as grid_lib
   argv = ["--arch", "vgg_s", "--target", "digits", "--shots", "5", "--strategies", "l2fe,l2"]
-  plan = delta_table.validate(delta_table.parse_args([*argv, "--l2fe-lrs", "0.1,0.01"]))
-  assert plan["lrs"]["l2fe"] == (0.01, 0.1) and tuple(plan["lrs"]["l2"]) == (0.01,)
-  assert tuple(delta_table.validate(delta_table.parse_args(argv))["lrs"]["l2fe"]) == (0.01,)
+
+  def lrs(extra):
+    plan = grid_lib.plan(delta_table.STUDY, flags.parse(delta_table.STUDY, [*argv, *extra]))
+    return {a.name: tuple(a.lrs) for a in plan.arms}
+
+  got = lrs(["--l2fe-lrs", "0.1,0.01"])
+  assert got["l2fe"] == (0.01, 0.1) and got["l2"] == (0.01,)
+  assert lrs([])["l2fe"] == (0.01,)
   for bad in ("0", "x", "0.1,0.1"):
     with pytest.raises(InputError, match="--l2fe-lrs"):
-      delta_table.validate(delta_table.parse_args([*argv, "--l2fe-lrs", bad]))
+      lrs(["--l2fe-lrs", bad])

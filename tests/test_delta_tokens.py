@@ -76,7 +76,9 @@ def test_ablating_a_block_output_channel_equals_a_numpy_tail():
                              rtol=1e-3)
 
 
-@pytest.mark.parametrize("arch", ["vit_s28", pytest.param("swin_t", marks=pytest.mark.slow)])
+# 22 s for vit_s28 (the distance and the ablation are checked by hand above)
+@pytest.mark.parametrize("arch", [pytest.param("vit_s28", marks=pytest.mark.slow),
+                                  pytest.param("swin_t", marks=pytest.mark.slow)])
 def test_delta_runs_on_transformers(arch):
   if arch == "swin_t":
     shape = (16, 16, 3)

@@ -89,6 +89,7 @@ def _fewshot_on_converted(converted, out, strategy):
   assert record["arch"] == "resnet18" and record["steps"] == 1 and record["arm"] == strategy
 
 
+@pytest.mark.slow  # 15 s; test_real_sources converts and runs a torchvision net
 def test_converted_torchvision_resnet18_as_source(converted_resnet18, tmp_path):
   source = transfer.load_source(str(converted_resnet18[0]))
   assert source.input_shape == (32, 32, 3) and source.config["num_classes"] == 1000

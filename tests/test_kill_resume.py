@@ -72,11 +72,13 @@ def _kill_and_resume(tmp_path, reference, seed, augment="none"):
 
 
 # One trial in the default suite; the others (and trials 3-19) behind -m slow.
-@pytest.mark.parametrize("trial", [0] + [pytest.param(t, marks=pytest.mark.slow) for t in (1, 2)])
+# 76 s each (subprocess grids); test_reliability kills and resumes a grid in the default suite
+@pytest.mark.parametrize("trial", [pytest.param(t, marks=pytest.mark.slow) for t in (0, 1, 2)])
 def test_kill_resume_bitwise(tmp_path, reference, trial):
   _kill_and_resume(tmp_path, reference, trial)
 
 
+@pytest.mark.slow  # 53 s; test_reliability kills and resumes a grid in the default suite
 def test_kill_resume_augmented_bitwise(tmp_path, reference_augmented, reference):
   # Augmented training (random-resized crops and flips drawn from each step's rng, which the
   # checkpoint holds) resumes to the same params as its uninterrupted run, which differ from

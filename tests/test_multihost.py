@@ -23,6 +23,7 @@ def _env(devices: int) -> dict:
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
+@pytest.mark.slow  # 40 s: two processes under gloo; run with -m slow
 def test_two_processes_equal_one(tiny_source_dir, tmp_path):
   argv = [sys.executable, "-m", "experiments.fewshot", "--arch", "vgg_s", "--source",
           f"ckpt:{tiny_source_dir('vgg_s')}", "--target", "digits:0,1,2,3",

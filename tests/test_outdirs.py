@@ -137,8 +137,7 @@ def published_copy(tmp_path):
 def _open(study, argv):
   """Opens a study's --out as its main does (settings fingerprint of the parsed flags)."""
   raw = flags.raw_flags(study, argv)
-  return edge.open_results(study, flags.config_of(study, raw),
-                           outdir.settings_of(study.module, raw))
+  return edge.open_results(study, flags.config_of(study, raw), edge.settings(study, raw))
 
 
 def test_published_folder_resumes_with_its_own_module_and_flags(published_copy, capsys):

@@ -96,6 +96,7 @@ print("RESULT" + json.dumps(accs))
 """
 
 
+@pytest.mark.slow  # 35 s; the 8-device trajectory test covers the mesh
 def test_devices_flag_gives_the_one_device_results():
   env = dict(os.environ, JAX_PLATFORMS="cpu",  # simulated host devices, also on a GPU machine
              XLA_FLAGS="--xla_force_host_platform_device_count=2")

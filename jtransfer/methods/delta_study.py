@@ -28,11 +28,13 @@ from jtransfer.methods import delta, transfer
 from jtransfer.train import accuracy, init_state, predict_logits
 
 
-def parse_alphas(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
-  """A comma list of distinct alphas >= 0, sorted; None when `text` is None.
+def parse_alphas(text: Optional[str], flag: str, positive: bool = False
+                 ) -> Optional[tuple[float, ...]]:
+  """A comma list of distinct alphas >= 0 (> 0 with `positive`, e.g. learning rates), sorted;
+  None when `text` is None.
 
   Raises:
-    InputError: an empty list, a value that is not a finite number >= 0, or a repeat.
+    InputError: an empty list, a value that is not a finite number >= 0 (> 0), or a repeat.
   """
   if text is None:
     return None
@@ -40,10 +42,10 @@ def parse_alphas(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
     values = [float(v) for v in str(text).split(",") if v.strip()]
   except ValueError:
     values = []
-  if not values or any(not (math.isfinite(v) and v >= 0) for v in values) or \
-      len(set(values)) != len(values):
-    raise InputError(f"{flag} {text!r}: expected distinct numbers >= 0, e.g. 0.01 or "
-                     "0.001,0.01,0.1")
+  if not values or any(not (math.isfinite(v) and (v > 0 or v == 0 and not positive))
+                        for v in values) or len(set(values)) != len(values):
+    raise InputError(f"{flag} {text!r}: expected distinct numbers {'>' if positive else '>='} "
+                     "0, e.g. 0.01 or 0.001,0.01,0.1")
   return tuple(sorted(values))
 
 
