@@ -121,6 +121,7 @@ def test_torch_resnet50_reference_is_torchvisions_net():
   assert len(torch_ref.time_step(step, 0, 1, 1)) == 1
 
 
+@pytest.mark.slow  # 20 s, its own compiles; like the other bench smokes
 def test_bench_pool_runs_tiny(tmp_path):
   from bench import bench_pool
   from jtransfer.models import common, vgg
@@ -262,6 +263,7 @@ def test_bench_attention_runs_tiny(capsys):
   assert "all taps: suffix-only" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 19 s, its own compiles; like the other bench smokes
 def test_bench_decode_runs_tiny(tmp_path, capsys):
   from bench import bench_decode
   bench_decode.main(["--folder", str(tmp_path / "jpeg"), "--make", "40", "--size", "32",

@@ -63,8 +63,10 @@ def test_module_params_and_init_equal_nn_conv():
 
 
 @pytest.mark.parametrize("arch,config,shape", [
-    ("mobilenet_v2", COMPACT_CONFIGS["mobilenet_v2"], (28, 28, 1)),
-    # One family in the default suite (the layer tests above cover every depthwise shape).
+    # Whole models behind -m slow (25 s for mobilenet_v2): the layer tests above cover every
+    # depthwise shape.
+    pytest.param("mobilenet_v2", COMPACT_CONFIGS["mobilenet_v2"], (28, 28, 1),
+                 marks=pytest.mark.slow),
     pytest.param("efficientnet_b0", COMPACT_CONFIGS["efficientnet_b0"], (28, 28, 1),
                  marks=pytest.mark.slow),
     pytest.param("mobilenet_v3_small", COMPACT_CONFIGS["mobilenet_v3_small"], (28, 28, 1),

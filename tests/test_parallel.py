@@ -42,6 +42,7 @@ print("RESULT" + json.dumps(out))
 """
 
 
+@pytest.mark.slow  # 33 s, 8 simulated devices; run with -m slow
 def test_eight_devices_follow_one_device_trajectory_with_bn_averaged():
   env = dict(os.environ, JAX_PLATFORMS="cpu",  # simulated host devices, also on a GPU machine
              XLA_FLAGS="--xla_force_host_platform_device_count=8")

@@ -88,6 +88,7 @@ def test_centre_view_stays_lazy_and_equals_the_in_memory_view(tmp_path):
     view.centre_view((8, 8))
 
 
+@pytest.mark.slow  # 21 s; the stream itself is tested on arrays above
 def test_fewshot_streamed_target_gives_the_in_memory_results(tiny_source_dir, tmp_path):
   from experiments import fewshot
   root = _tree(tmp_path / "images", per_class=(6, 6, 6), size=28)
