@@ -30,11 +30,9 @@ Smoke test (tiny source, a few steps): tests/test_bn_mode.py.
 """
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
-from experiments import pretrain
-from jtransfer import study
+from jtransfer import sources, study
 from jtransfer.protocol import claims
 from jtransfer.study import fewshot as hooks
 
@@ -54,8 +52,8 @@ CLAIMS = (
 STUDY = study.Study(
     module="experiments.bn_mode", title="# Fine-tuning: BatchNorm statistics frozen vs train mode",
     arms=hooks.arms_with(ARMS, LABELS), claims=CLAIMS,
-    prepare=hooks.prepare(pretrain.study_source),
-    check_data=hooks.check_data(pretrain.source_input_shape), plots=hooks.plot_accuracy,
+    prepare=hooks.prepare(sources.study_source),
+    check_data=hooks.check_data(sources.source_input_shape), plots=hooks.plot_accuracy,
     defaults={"shots": "1,3,5,10", "repeats": 10, "lrs": "1e-4,1e-3", "steps": 300,
               "patience": 60, "tuning": "nested", "cv_folds": "0", "cap_share": "0.1",
               "paper_grid": False, "strategies": ",".join(ARMS), "out": "results/bn_mode"},
@@ -69,6 +67,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from jtransfer.compile_cache import enable_compilation_cache
-  enable_compilation_cache()  # before the first compilation
-  sys.exit(main())
+  study.script(STUDY)

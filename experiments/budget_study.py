@@ -24,7 +24,6 @@ report reads the same.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections import defaultdict
 from typing import Sequence
 
@@ -134,6 +133,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from jtransfer.compile_cache import enable_compilation_cache
-  enable_compilation_cache()  # before the first compilation
-  sys.exit(main())
+  study.script(STUDY)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -342,6 +341,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from jtransfer.compile_cache import enable_compilation_cache
-  enable_compilation_cache()  # before the first compilation
-  sys.exit(main())
+  study.script(STUDY)

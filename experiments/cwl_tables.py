@@ -28,7 +28,6 @@ CWL beats Freeze at few shots, more on VGG (no BN) than on ResNet; CWL does not 
 """
 from __future__ import annotations
 
-import sys
 import types
 from typing import Sequence
 
@@ -116,6 +115,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from jtransfer.compile_cache import enable_compilation_cache
-  enable_compilation_cache()  # before the first compilation
-  sys.exit(main())
+  study.script(STUDY)

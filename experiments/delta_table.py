@@ -444,6 +444,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from jtransfer.compile_cache import enable_compilation_cache
-  enable_compilation_cache()  # before the first compilation
-  sys.exit(main())
+  study.script(STUDY)

@@ -27,7 +27,6 @@ the study runner's (`jtransfer.study`); this module declares the claims it tests
 """
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 from jtransfer import sources, study
@@ -60,6 +59,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from jtransfer.compile_cache import enable_compilation_cache
-  enable_compilation_cache()  # before the first compilation
-  sys.exit(main())
+  study.script(STUDY)

@@ -74,7 +74,6 @@ import dataclasses
 import json
 import os
 import re
-import sys
 import time
 from typing import Sequence
 
@@ -315,6 +314,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from jtransfer.compile_cache import enable_compilation_cache
-  enable_compilation_cache()  # before the first compilation
-  sys.exit(main())
+  study.script(STUDY)

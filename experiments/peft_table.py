@@ -41,8 +41,7 @@ import sys
 import types
 from typing import Sequence
 
-from experiments import pretrain
-from jtransfer import study
+from jtransfer import sources, study
 from jtransfer.errors import InputError
 from jtransfer.protocol import claims
 from jtransfer.study import fewshot as hooks
@@ -104,8 +103,8 @@ def check(config) -> None:
 STUDY = study.Study(
     module="experiments.peft_table", title="# Parameter-efficient transfer (issue 31)",
     arms=hooks.arms_with(LABELS, LABELS), claims=CLAIMS, tune_budget=BUDGET, check=check,
-    prepare=hooks.prepare(pretrain.study_source),
-    check_data=hooks.check_data(pretrain.source_input_shape), plots=hooks.plot_accuracy,
+    prepare=hooks.prepare(sources.study_source),
+    check_data=hooks.check_data(sources.source_input_shape), plots=hooks.plot_accuracy,
     defaults={"arch": "resnet_s", "shots": "1,5,10", "repeats": 10, "lrs": "paper",
               "steps": 1000, "patience": 200, "tune_repeats": 2, "paper_grid": False,
               "out": "results/peft_resnet_s", "strategies": ",".join(ARMS["resnet_s"])},

@@ -9,7 +9,7 @@ one record schema with a reader of published records (`records`), the report ske
 """
 from jtransfer.study.config import Cells, Config, Output, Protocol, Source, flag
 from jtransfer.study.declare import Arm, RunContext, Study, Table
-from jtransfer.study.edge import main, publisher
+from jtransfer.study.edge import main, publisher, script
 
 __all__ = ["Arm", "Cells", "Config", "Output", "Protocol", "RunContext", "Source", "Study",
-           "Table", "flag", "main", "publisher"]
+           "Table", "flag", "main", "publisher", "script"]

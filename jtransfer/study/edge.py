@@ -210,6 +210,15 @@ def main(study: Study, argv: Optional[Sequence[str]] = None) -> int:
     print(interrupted_line(study, args), file=sys.stderr, flush=True)
     return INTERRUPTED
 
+def script(study: Study) -> None:
+  """`python -m experiments.X`: jax's persistent compilation cache turned on before the first
+  compilation (`jtransfer.compile_cache`), then `main` on the command line, exiting with its
+  code. The one `if __name__ == "__main__"` body of every declared study."""
+  from jtransfer.compile_cache import enable_compilation_cache
+  enable_compilation_cache()
+  sys.exit(main(study))
+
+
 
 def _main(study: Study, argv: list) -> int:
   raw = flags.raw_flags(study, argv)
