@@ -113,14 +113,7 @@ class ResultsDir:
       os.fsync(f.fileno())
 
   def write_json(self, name: str, obj: Any) -> str:
-    path = os.path.join(self.path, name)
-    if not self.writer:
-      return path
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-    return path
+    return self.write_text(name, json.dumps(obj, indent=1, sort_keys=True))
 
   def write_text(self, name: str, text: str) -> str:
     path = os.path.join(self.path, name)
