@@ -14,6 +14,8 @@ and run.json (module, argv, the command, wall time of each invocation). Then
                                                        # publish a stopped grid as it stands
   python -m experiments.publish merge OUT SHARD... --module M -- FLAGS
                                                        # join --shard I/N folders into one grid
+  python -m experiments.publish compare A B --out FILE.md
+                                                       # two protocols' folders side by side
 
 `snapshot` writes what `save` would from the runs recorded so far (results.jsonl), marked
 incomplete when the grid lacks runs, so a grid stopped for lack of time is published from its
@@ -31,6 +33,7 @@ import sys
 from typing import Sequence
 
 from jtransfer.errors import InputError
+from jtransfer.study import compare
 # (the machinery lives in the library; re-exported for the modules and tests that call it here)
 from jtransfer.study.publish import (PUBLISHED, RESULTS_PAGE, RUN_FILE, Publisher,  # noqa: F401
                                      _count_problems, check, command_line, evaluation_runs, folders,
@@ -45,6 +48,16 @@ def results_page(current: str, root: str) -> str:
   (`experiments.claims_registry.ALL`); the written text outside the markers is kept."""
   from experiments.claims_registry import ALL  # the registry reads every module's claims
   return page_of(current, root, ALL)
+
+
+def _write(path: str, text: str) -> None:
+  """Writes a generated page whole (built before the file is opened, so a failure leaves the
+  old one)."""
+  try:
+    with open(path, "w") as f:
+      f.write(text)
+  except OSError as e:
+    raise InputError(f"cannot write {path}: {e.strerror}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,6 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   m.add_argument("shards", nargs="+")
   m.add_argument("--module", required=True)
   m.epilog = "after the options: -- and the grid's flags, without --shard"
+  x = sub.add_parser("compare", help="two folders of the same cells under two tuning "
+                     "protocols, claim by claim, side by side")
+  x.add_argument("a", help="folder A (e.g. published/bn_mode, nested tuning)")
+  x.add_argument("b", help="folder B (e.g. published/bn_mode_shared, one tuning draw)")
+  x.add_argument("--out", required=True, help="the markdown file to write")
   r = sub.add_parser("results", help="rebuild RESULTS.md's generated table")
   r.add_argument("--root", default=PUBLISHED)
   r.add_argument("--page", default=RESULTS_PAGE)
@@ -94,6 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       run = read_run(args.folder)
       print(f"wrote {args.folder}: {run['records']} runs from {len(args.shards)} shard(s), "
             f"{'complete' if run['complete'] else 'incomplete'}")
+      return 0
+    if args.cmd == "compare":
+      from experiments.claims_registry import ALL
+      text = compare.render(compare.compare(args.a, args.b, ALL), args.a, args.b)
+      _write(args.out, text)
+      print(f"wrote {args.out}")
       return 0
     if args.cmd == "regenerate":
       text, summary = regenerate(args.folder)
