@@ -184,11 +184,14 @@ ARMS = (Arm("sparse_source", "Sparse-SourceNet", run=None, tuned=False),
         Arm("sparse_target", "Sparse-TargetNet", after=("hybrid",), tuned=False),
         Arm("neuron", "Sparse-TargetNet_N", after=("sparse_target", "standard"), tuned=False))
 
-# Shared flags the study does not offer; --lrs is its own (a comma list only).
+# Shared flags the study does not offer; --lrs is its own (a comma list only). Its pipeline
+# runs its own grid (sparse_pipeline.run), which tunes on --tune-seeds and implements none of
+# the grid runner's --tuning nested, --disjoint-tuning and --cap-share: offered, they parsed
+# and were silently ignored.
 HIDDEN = frozenset({"arch", "shots", "strategies", "lrs", "repeats", "tune_repeats", "cv_folds",
                     "augment", "stored_size", "stream_threads", "stream_workers", "paper_grid",
                     "seed", "batch_runs", "no_feature_cache", "shard", "num_processes",
-                    "process_id", "coordinator"})
+                    "process_id", "coordinator", "tuning", "disjoint_tuning", "cap_share"})
 
 STUDY = study.Study(
     module="experiments.sparse_transfer",

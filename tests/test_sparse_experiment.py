@@ -231,6 +231,16 @@ def test_records_version2_read_as_published(folder):
   assert sparse_tables.report(plan, v2, path) == sparse_tables.report(plan, v1, path)
 
 
+@pytest.mark.parametrize("flag", [["--tuning", "nested"], ["--disjoint-tuning"],
+                                  ["--cap-share", "0.1"]])
+def test_runner_only_protocol_flags_are_refused(flag, capsys):
+  """The pipeline runs its own grid: the grid runner's protocol flags would be ignored, so the
+  parser does not take them (argparse's exit 2) rather than accept them silently."""
+  with pytest.raises(SystemExit) as e:
+    flags.raw_flags(sparse_transfer.STUDY, flag)
+  assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_flags_are_the_old_parsers():
   """The flags and defaults of the module's parser before the study runner (a folder's
   settings fingerprint, checked on --resume, is made of exactly these)."""
