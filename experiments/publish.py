@@ -16,6 +16,9 @@ and run.json (module, argv, the command, wall time of each invocation). Then
                                                        # join --shard I/N folders into one grid
   python -m experiments.publish compare A B --out FILE.md
                                                        # two protocols' folders side by side
+  python -m experiments.publish draws [--root R] [--out docs/reruns.md]
+                                                       # primary cells short of 10 draws, and
+                                                       # the reruns that fill them
 
 `snapshot` writes what `save` would from the runs recorded so far (results.jsonl), marked
 incomplete when the grid lacks runs, so a grid stopped for lack of time is published from its
@@ -33,7 +36,7 @@ import sys
 from typing import Sequence
 
 from jtransfer.errors import InputError
-from jtransfer.study import compare
+from jtransfer.study import compare, draw_audit
 # (the machinery lives in the library; re-exported for the modules and tests that call it here)
 from jtransfer.study.publish import (PUBLISHED, RESULTS_PAGE, RUN_FILE, Publisher,  # noqa: F401
                                      _count_problems, check, command_line, evaluation_runs, folders,
@@ -84,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   x.add_argument("a", help="folder A (e.g. published/bn_mode, nested tuning)")
   x.add_argument("b", help="folder B (e.g. published/bn_mode_shared, one tuning draw)")
   x.add_argument("--out", required=True, help="the markdown file to write")
+  d = sub.add_parser("draws", help="each registered claim's primary cells and draws, the "
+                     "short ones flagged, and the reruns that bring them to 10 draws")
+  d.add_argument("--root", default=PUBLISHED)
+  d.add_argument("--out", default=os.path.join("docs", "reruns.md"))
   r = sub.add_parser("results", help="rebuild RESULTS.md's generated table")
   r.add_argument("--root", default=PUBLISHED)
   r.add_argument("--page", default=RESULTS_PAGE)
@@ -118,6 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       text = compare.render(compare.compare(args.a, args.b, ALL), args.a, args.b)
       _write(args.out, text)
       print(f"wrote {args.out}")
+      return 0
+    if args.cmd == "draws":
+      from experiments.claims_registry import ALL
+      audits = draw_audit.audit(ALL, args.root)
+      found, notes = draw_audit.reruns(audits, args.root)
+      _write(args.out, draw_audit.render(audits, found, notes, args.root))
+      short = sum(c.short for a in audits for c in a.cells)
+      print(f"wrote {args.out}: {short} short (claim, primary cell) pair(s), {len(found)} "
+            "rerun(s)")
       return 0
     if args.cmd == "regenerate":
       text, summary = regenerate(args.folder)
