@@ -224,6 +224,29 @@ def test_merge_refuses_shards_that_disagree_about_a_run(folder, tmp_path):
   assert publish.check(str(tmp_path / "m2")) == []
 
 
+def test_every_committed_folder_is_counted_against_its_grid():
+  """Issue 29 item 10: every published folder says it is complete and has a grid `check`
+  counts its records against: its module's grid keys, or run.json's evaluation-run count."""
+  for path in publish.folders(PUBLISHED):
+    publisher, run, _, _, _ = publish.load(path)
+    assert run["complete"] is True, path
+    assert (publisher.grid_keys is not None and publisher.key is not None) or \
+        run["grid"]["eval_runs"] > 0, path
+
+
+def test_a_folder_with_grid_keys_must_say_whether_it_is_complete(folder, tmp_path):
+  """With 'complete': null a folder missing runs of its grid passed the check unseen."""
+  path = _copy(folder, tmp_path)
+  _edit_records(path, lambda records: records[:-1])
+  with open(os.path.join(path, "run.json")) as f:
+    run = json.load(f)
+  run["complete"] = None
+  run["records"] -= 1
+  with open(os.path.join(path, "run.json"), "w") as f:
+    json.dump(run, f)
+  assert any("does not say whether the grid is complete" in p for p in publish.check(path))
+
+
 def test_folders_without_grid_keys_are_counted():
   """A module without grid keys is counted against run.json's hand-written grid count."""
   recs = [dict(role="eval")] * 3 + [dict(role="tune")] + [dict(seed=100)]

@@ -304,9 +304,10 @@ def check(path: str) -> list[str]:
 
   Checks: results.json parses into run records, one per key; the keys are exactly the runs
   its grid holds (tuning runs included, as the recorded tuning choices decide them; a folder
-  marked incomplete may lack runs but holds none outside the grid); a module without grid keys
-  is counted against run.json's hand-written 'grid' (`_count_problems`); run.json's count and
-  completeness agree; report.md and summary.json regenerate from results.json byte for byte.
+  marked incomplete may lack runs but holds none outside the grid; run.json must say which);
+  a module without grid keys is counted against run.json's hand-written 'grid'
+  (`_count_problems`); run.json's count and completeness agree; report.md and summary.json
+  regenerate from results.json byte for byte.
   """
   try:
     publisher, run, args, plan, records = load(path)
@@ -320,6 +321,9 @@ def check(path: str) -> list[str]:
     problems.append(f"run.json counts {run.get('records')} records, results.json holds "
                     f"{len(records)}")
   if publisher.grid_keys is not None and publisher.key is not None:
+    if not isinstance(run.get("complete"), bool):  # (else a missing run would pass unseen)
+      problems.append("run.json does not say whether the grid is complete ('complete': "
+                      "true or false)")
     expected = publisher.grid_keys(records, plan, args)
     stray, missing = set(keys) - expected, expected - set(keys)
     if stray:
