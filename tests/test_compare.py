@@ -60,6 +60,7 @@ def test_cells_and_pooled_rows_match_scipy(folders):
   a, b = folders
   got = compare.compare(a, b, [ENTRY])
   assert [c.entry.id for c in got] == ["p.m_gt_base", "(unregistered)"]
+  assert got[0].where == {}  # folder 'a' is ENTRY's primary evidence, every cell
   c = got[0]
   assert [r.cell for r in c.cells] == [{"shots": 1}, {"shots": 5}]
   for row, shots in zip(c.cells, (1, 5)):
@@ -90,6 +91,21 @@ def test_identical_arms_and_the_unregistered_claim(folders):
   assert c.pooled.a.decision.verdict == "not tested"
   assert c.pooled.b.decision.verdict == "reproduced"  # every difference 0.02: a point interval
   assert c.pooled.moved == "under A: not tested (every paired difference is exactly 0)"
+
+
+def test_a_claim_the_report_marks_not_converged_reads_not_tested(folders):
+  """--cap-share flagged an arm in A's report: its claim reads not tested there, as in the
+  report, with the difference still shown."""
+  a, b = folders
+  with open(os.path.join(a, "summary.json")) as f:
+    summary = json.load(f)
+  summary["claims"][0]["not_converged"] = ["m"]
+  with open(os.path.join(a, "summary.json"), "w") as f:
+    json.dump(summary, f)
+  c = compare.compare(a, b, [ENTRY])[0]
+  assert c.pooled.a.decision.verdict == "not tested" and c.pooled.a.paired.n == 6
+  assert c.pooled.moved.startswith("under A: not tested (not converged: m at the step cap")
+  assert c.cells[1].a.decision.verdict == "not tested"
 
 
 def _side(mean, half, n=10):
