@@ -92,6 +92,23 @@ def _verdict(kind, d, margin):
   return ("reproduced" if rep else "refuted" if ref else "inconclusive"), p
 
 
+def _p_refute(kind, d, margin):
+  """The one-sided p of the test whose rejection refutes the claim (scipy alone)."""
+  d = np.asarray(d, float)
+
+  def p_lt(c):
+    if sps.sem(d) == 0:
+      return 0.0 if d.mean() < c else 1.0
+    return sps.ttest_1samp(d, c, alternative="less").pvalue
+
+  if kind == "superiority":
+    return p_lt(0.0)
+  if kind == "equivalence":  # wholly outside: below -margin or above +margin
+    p_gt = 1.0 - p_lt(margin) if sps.sem(d) else (0.0 if d.mean() > margin else 1.0)
+    return min(p_lt(-margin), p_gt)
+  return p_lt(-margin)
+
+
 def _fmt(d):
   d = np.asarray(d, float)
   if d.size < 2:
@@ -129,21 +146,33 @@ def test_every_registered_claim_recomputes_to_results_md():
       assert rows[e.id][5] == _fmt(means), (e.id, rows[e.id][5], _fmt(means))
 
 
+def _means(e):
+  """The per-draw means of an entry's primary evidence (at its registered dose)."""
+  draws, _ = _draws(e)
+  if e.kind == registry.DOSE:
+    draws = {k[1]: v for k, v in draws.items() if k[0] == e.dose_at}
+  return [np.mean(v) for v in draws.values()]
+
+
 def test_holm_adjusted_verdicts_match_statsmodels():
+  """The Holm column of every tested claim: the reproduce and the refute p-values (scipy)
+  adjusted as two families by statsmodels, each verdict kept when its own test survives."""
   multipletests = pytest.importorskip("statsmodels.stats.multitest").multipletests
   rows = _page_rows()
   tested = []
   for e in PUBLISHED:
-    draws, _ = _draws(e)
-    if e.kind == registry.DOSE:
-      draws = {k[1]: v for k, v in draws.items() if k[0] == e.dose_at}
-    means = [np.mean(v) for v in draws.values()]
+    means = _means(e)
     if len(means) >= 2 and not np.all(np.asarray(means) == 0):
       tested.append((e, _verdict(e.kind, means, e.margin)))
   adj = multipletests([p for _, (_, p) in tested], method="holm")[1]
-  for (e, (raw, p)), pa in zip(tested, adj):
-    if raw == "reproduced":  # survives adjustment exactly when Holm's p stays below 0.025
-      assert rows[e.id][7] == ("reproduced" if pa < 0.025 else "inconclusive"), e.id
+  # the refute tests are a family of their own (docs/protocol_verdicts.md)
+  refute = multipletests([_p_refute(e.kind, _means(e), e.margin) for e, _ in tested],
+                         method="holm")[1]
+  for (e, (raw, p)), pa, pr in zip(tested, adj, refute):
+    # a verdict survives adjustment exactly when its own test's Holm p stays below 0.025
+    want = "reproduced" if raw == "reproduced" and pa < 0.025 else \
+        "refuted" if raw == "refuted" and pr < 0.025 else "inconclusive"
+    assert rows[e.id][7] == want, (e.id, raw, pa, pr, rows[e.id][7])
     assert float(rows[e.id][6]) == pytest.approx(p, rel=0.06, abs=1e-3), e.id
 
 
