@@ -206,3 +206,65 @@ def test_wise_ft_is_not_tested_and_says_why():
   assert recs and all(r["hp"] == "alpha=1" for r in recs)
   row = _page_rows()["baselines.wise_ft_ge_lpft"]
   assert row[4] == "**not tested**" and "alpha = 1" in row[8]
+
+
+def _sparse_diff(records, a, b):
+  """(cell, seed) -> a - b from sparse_transfer's raw records, paired here by (target, seed)
+  and rate: Table 1's nets (transfer), Fig. 3's pruned nets (target_prune), the neuron-pruned
+  net and the share of fc6 + fc7 neurons it removed (from its table's before/after counts)."""
+  ev = [r for r in records if r.get("role", "eval") == "eval" and r["kind"] != "source"]
+  net = {(r["target"], r["seed"], r["variant"]): r["test_acc"] for r in ev
+         if r["kind"] == "transfer"}
+  pruned = {(r["target"], r["rate"], r["seed"], r["knowledge"]): r["test_acc"] for r in ev
+            if r["kind"] == "target_prune"}
+  neuron = {(r["target"], r["seed"]): r for r in ev if r["kind"] == "neuron"}
+
+  def diff(cell, seed):
+    t = cell["target"]
+    if (a, b) == ("sparse_target", "hybrid"):
+      return pruned[(t, cell["rate"], seed, "K+")] - net[(t, seed, "hybrid")]
+    if (a, b) == ("K+", "K-"):
+      return pruned[(t, cell["rate"], seed, "K+")] - pruned[(t, cell["rate"], seed, "K-")]
+    if (a, b) == ("neuron", "standard"):
+      return neuron[(t, seed)]["test_acc"] - net[(t, seed, "standard")]
+    if (a, b) == ("removed", "half"):
+      table = neuron[(t, seed)]["table"]
+      before = sum(table[l]["neurons"][0] for l in ("fc6", "fc7"))
+      after = sum(table[l]["neurons"][1] for l in ("fc6", "fc7"))
+      return (before - after) / before - 0.5
+    return net[(t, seed, a)] - net[(t, seed, b)]
+  return diff
+
+
+def _pruning_diff(records, a, b):
+  """(cell, repeat) -> a - b from cwl_pruning's raw records: the pruned model finetuned for
+  `epochs` against the unpruned model of the same draw, as is or finetuned alike."""
+  base = {r.get("repeat", 0): r for r in records if r["tau"] is None}
+  pruned = {(r["tau"], r.get("repeat", 0)): r for r in records if r["tau"] is not None}
+
+  def diff(cell, repeat):
+    e = str(cell["epochs"])
+    mine = pruned[(cell["tau"], repeat)]["ft"][e]["test_acc"]
+    other = base[repeat]["acc"] if b == "unpruned" else base[repeat]["ft"][e]["test_acc"]
+    assert a == "pruned_ft" and b in ("unpruned", "unpruned_ft")
+    return mine - other
+  return diff
+
+
+@pytest.mark.parametrize("entry", [e for e in PUBLISHED if e.id.startswith(
+    ("sparse.", "cwl.pruning"))], ids=lambda e: e.id)
+def test_derived_differences_are_the_records(entry):
+  """The claims whose arms are not strategies (sparse_transfer's nets, cwl_pruning's pruned
+  models): every per-draw difference the registry pools re-derived here from the records."""
+  compared = 0
+  for ev in (entry.primary,) + tuple(entry.secondary):
+    for folder in ev.folders:
+      res = _claim(_json(folder, "summary.json"), entry.text)
+      a, b = res["claim"]["a"], res["claim"]["b"]
+      derive = _sparse_diff if entry.id.startswith("sparse.") else _pruning_diff
+      diff = derive(_json(folder, "results.json"), a, b)
+      for c in res["cells"]:
+        for draw, d in zip(c["draws"], c["diffs"]):
+          assert d == pytest.approx(diff(c["cell"], draw), abs=1e-12), (folder, c["cell"], draw)
+          compared += 1
+  assert compared >= 10
