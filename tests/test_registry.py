@@ -268,3 +268,27 @@ def test_derived_differences_are_the_records(entry):
           assert d == pytest.approx(diff(c["cell"], draw), abs=1e-12), (folder, c["cell"], draw)
           compared += 1
   assert compared >= 10
+
+
+@pytest.mark.parametrize("entry", [e for e in PUBLISHED if e.id.startswith("selection.s6_")],
+                         ids=lambda e: e.id)
+def test_truncation_differences_are_the_records(entry):
+  """Truncation's claims, one draw per target, re-derived from the records with scipy:
+  Spearman's rho of raw S6 against the fine-tuned accuracy over the truncation points, minus
+  0.7; and the accuracy at the largest raw S6 minus the best point's."""
+  compared = 0
+  for ev in (entry.primary,) + tuple(entry.secondary):
+    for folder in ev.folders:
+      by = defaultdict(list)
+      for r in _json(folder, "results.json"):
+        by[r["target"]].append(r)
+      res = _claim(_json(folder, "summary.json"), entry.text)
+      for draw, d in zip(res["cells"][0]["draws"], res["cells"][0]["diffs"]):
+        rs = by[draw]
+        if "rho" in res["claim"]["a"]:
+          want = sps.spearmanr([r["S6"] for r in rs], [r["test_acc"] for r in rs])[0] - 0.7
+        else:
+          want = max(rs, key=lambda r: r["S6"])["test_acc"] - max(r["test_acc"] for r in rs)
+        assert d == pytest.approx(want, abs=1e-12), (folder, draw)
+        compared += 1
+  assert compared >= 4
