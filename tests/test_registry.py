@@ -48,6 +48,7 @@ def _draws(entry):
     res = _claim(_json(folder, "summary.json"), entry.text)
     fields = res["pooled"]["draw_fields"]
     bad = entry.untested.slots(_json(folder, "results.json")) if entry.untested else set()
+    capped = bool(res.get("not_converged"))  # --cap-share: the report reads it not tested
     for c in res["cells"]:
       if any(c["cell"].get(k) not in v for k, v in entry.primary.where.items()):
         continue
@@ -56,7 +57,7 @@ def _draws(entry):
         key = tuple(full[f] for f in fields)
         if entry.kind == registry.DOSE:
           key = (c["cell"][entry.dose], key)
-        if any(draw == sd and cell <= set(c["cell"].items()) for cell, sd in bad):
+        if capped or any(draw == sd and cell <= set(c["cell"].items()) for cell, sd in bad):
           any_bad = True  # this cell's treatment did nothing on this draw: left out
           continue
         out[key].append(d)

@@ -5,7 +5,7 @@ import pytest
 from scipy import stats as sps
 
 from jtransfer.errors import InputError
-from jtransfer.protocol import claims, stats
+from jtransfer.protocol import claims, registry, stats
 
 SUP, NI, EQ, TH = claims.SUPERIORITY, claims.NONINFERIORITY, claims.EQUIVALENCE, claims.THRESHOLD
 
@@ -77,3 +77,19 @@ def test_holm_hand_case_and_adjusted_verdict():
       "reproduced" if d.p_reproduce * 3 < 0.025 else "inconclusive")
   nt = claims.decide(SUP, P(0.0, 0.0, 0.0, ties=10))
   assert claims.adjusted(SUP, nt, 0.0, 0.0) == "not tested"
+
+
+def test_registry_reads_a_not_converged_folder_as_not_tested():
+  """A folder whose report marks the claim's arm not converged (--cap-share) reads 'not
+  tested' in the registry too, saying why; the other folder's draws still count."""
+  res = lambda capped: dict(claim=dict(text="t"), draw_field="repeat",
+                            pooled=dict(draw_fields=["repeat"]),
+                            cells=[dict(cell={"k": 1}, draws=[0, 1, 2], diffs=[0.1, 0.11, 0.12])],
+                            **({"not_converged": ["b"]} if capped else {}))
+  e = registry.Registered("x", "P", "T", "t", claims.SUPERIORITY, 0.0, "sup", "t",
+                          registry.Evidence(("f",)))
+  r = registry.decide_entry(e, e.primary, {"f": {"claims": [res(True)]}}, {"f": []})
+  assert r["decision"].verdict == claims.NOT_TESTED and r["untested"] == (3, 3)
+  assert r["decision"].reason.startswith("3 of 3 (cell, draw) pairs: b not converged (f's")
+  r = registry.decide_entry(e, e.primary, {"f": {"claims": [res(False)]}}, {"f": []})
+  assert r["decision"].verdict == claims.REPRODUCED

@@ -115,23 +115,29 @@ def _result(summary: dict, text: str, folder: str) -> dict:
 
 def cell_draws(entry: Registered, ev: Evidence, summaries: Mapping[str, dict],
                records: Mapping[str, list]) -> list:
-  """[(cell dict, draw key, diff, untested)] of `ev`'s cells.
+  """[(cell dict, draw key, diff, untested, why untested)] of `ev`'s cells.
 
   The draw key is the result's pooled draw fields' values (a cell of one folder and a cell of
   another with the same key are the same draw); `untested` marks the slots the entry's
-  detector names from the folder's records."""
+  detector names from the folder's records, and every slot of a folder whose report marks the
+  claim's arm not converged (`--cap-share`: the result's 'not_converged'), so the registry
+  reads the claim as that folder's report does."""
   out = []
   for folder in ev.folders:
     res = _result(summaries[folder], entry.text, folder)
     fields = list(res["pooled"]["draw_fields"]) if res.get("pooled") else []
     bad = entry.untested.slots(records[folder]) if entry.untested else set()
+    capped = res.get("not_converged") or []
     for c in res["cells"]:
       if any(c["cell"].get(k) not in v for k, v in ev.where.items()):
         continue
       for draw, d in zip(c["draws"], c["diffs"]):
-        skip = any(draw == sd and cell <= set(c["cell"].items()) for cell, sd in bad)
+        why = (f"{', '.join(capped)} not converged ({folder}'s report: at the step cap in "
+               "more than the --cap-share of evaluation runs)") if capped else \
+            entry.untested.reason if any(draw == sd and cell <= set(c["cell"].items())
+                                         for cell, sd in bad) else ""
         where = dict(c["cell"], **{res["draw_field"]: draw})
-        out.append((c["cell"], tuple(where[f] for f in fields), d, skip))
+        out.append((c["cell"], tuple(where[f] for f in fields), d, bool(why), why))
   return out
 
 
@@ -149,8 +155,9 @@ def _decide(entry: Registered, items: Sequence) -> tuple:
   tested = [it for it in items if not it[3]]
   untested = (len(items) - len(tested), len(items))
   if len({it[1] for it in tested}) < 2:
-    why = (f"{untested[0]} of {untested[1]} (cell, draw) pairs: {entry.untested.reason}"
-           if untested[0] and entry.untested else "fewer than 2 draws")
+    reasons = "; ".join(sorted({it[4] for it in items if it[3]}))
+    why = (f"{untested[0]} of {untested[1]} (cell, draw) pairs: {reasons}" if untested[0]
+           else "fewer than 2 draws")
     return (pool(tested) if tested else None,
             claims.Decision(claims.NOT_TESTED if untested[0] else claims.INCONCLUSIVE, 1.0, 1.0,
                             reason=why), untested)

@@ -157,13 +157,6 @@ def _side(entry: registry.Registered, name: str, where: Mapping, summaries: Mapp
     return None
   if r["paired"] is None and not r["untested"][1]:
     return None
-  res = next(x for x in summaries[name]["claims"] if x["claim"]["text"] == entry.text)
-  if res.get("not_converged") and not r["decision"].reason:
-    # --cap-share flagged an arm (the folder's report reads the claim 'not tested'); the
-    # difference stays shown, as there
-    return Side(r["paired"], claims.Decision(
-        claims.NOT_TESTED, 1.0, 1.0, reason=f"not converged: {', '.join(res['not_converged'])} "
-        "at the step cap in more than the --cap-share of runs"))
   return Side(r["paired"], r["decision"])
 
 
