@@ -293,3 +293,29 @@ def test_truncation_differences_are_the_records(entry):
         assert d == pytest.approx(want, abs=1e-12), (folder, draw)
         compared += 1
   assert compared >= 4
+
+
+def test_no_reproduced_row_below_zero_or_between_identical_arms():
+  """Issue 29's 'must show': no claim row of any published folder (cells and pooled, as its
+  report shows them) nor of RESULTS.md's registered table reads 'reproduced' with an interval
+  wholly below 0 or with every paired difference exactly 0."""
+  rows = 0
+  for folder in sorted(os.listdir(PUB)):
+    if not os.path.exists(os.path.join(PUB, folder, "summary.json")):
+      continue
+    s = _json(folder, "summary.json")
+    for res in (s.get("claims") or []) if isinstance(s, dict) else []:
+      for c in res["cells"] + ([res["pooled"]] if res.get("pooled") else []):
+        d = c["diffs"] if "diffs" in c else None
+        p = c["paired"]
+        rows += 1
+        if c["verdict"] == "reproduced":
+          assert p["hi"] >= 0 and p["ties"] < p["n"], (folder, res["claim"]["text"], c)
+          assert d is None or any(x != 0 for x in d), (folder, res["claim"]["text"])
+  assert rows > 400
+  page = _page_rows()
+  for e in PUBLISHED:
+    if page[e.id][4] == "**reproduced**":
+      means = _means(e)
+      assert np.mean(means) + sps.t.ppf(0.975, len(means) - 1) * sps.sem(means) >= 0, e.id
+      assert any(m != 0 for m in means), e.id
