@@ -13,6 +13,7 @@ import pytest
 from scipy import stats as sps
 
 from experiments import publish
+from experiments.claims_registry import ALL
 from jtransfer.errors import InputError
 from jtransfer.protocol import claims, registry, stats
 from jtransfer.study import compare
@@ -146,3 +147,26 @@ def test_cli_writes_the_page_and_refuses_bad_folders(folders, tmp_path, capsys):
     for name in ("summary.json", "results.json"):
       (tmp_path / "empty" / name).write_text("{}" if name == "summary.json" else "[]")
     compare.compare(a, str(tmp_path / "empty"), [ENTRY])
+
+
+@pytest.mark.slow  # two tiny bn_mode grids (the fine-tuning steps compile): 65 s CPU, 4 min loaded
+def test_compare_two_real_study_folders(tiny_source_dir, tmp_path):
+  """The lead's use: experiments.bn_mode under nested tuning (A) and the same cells with one
+  shared tuning draw (B), compared through the command line."""
+  from experiments import bn_mode
+  argv = ["--arch", "resnet_s", "--source", f"ckpt:{tiny_source_dir('resnet_s')}", "--target",
+          "digits:0,1,2", "--shots", "1", "--repeats", "2", "--steps", "4", "--eval-every", "2",
+          "--patience", "2", "--test-per-class", "3", "--val-per-class", "2", "--quiet",
+          "--tune-extend", "0"]
+  a, b = str(tmp_path / "bn_mode"), str(tmp_path / "bn_mode_shared")
+  assert bn_mode.main(argv + ["--out", a]) == 0
+  assert bn_mode.main(argv + ["--tuning", "shared", "--tune-repeats", "1", "--out", b]) == 0
+  out = str(tmp_path / "cmp.md")
+  assert publish.main(["compare", a, b, "--out", out]) == 0
+  text = open(out).read()
+  assert f"## bn.train_mode_gt_frozen_stats: {bn_mode.CLAIM_TEXT}" in text
+  got = compare.compare(a, b, ALL)
+  c = got[0]
+  assert c.entry.id == "bn.train_mode_gt_frozen_stats" and c.where == {"arch": ("resnet_s",)}
+  assert [r.cell for r in c.cells] == [{"arch": "resnet_s", "shots": 1, "target": "digits:0,1,2"}]
+  assert c.pooled.a is not None and c.pooled.b is not None
