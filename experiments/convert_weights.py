@@ -27,12 +27,11 @@ from typing import Optional, Sequence
 from jtransfer import surgery, weights
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
+from jtransfer.sources import IMAGENET_MEAN, IMAGENET_STD, convert
 from jtransfer.study import edge
 from jtransfer.study.config import flag
 from jtransfer.study.flags import command_config
 from jtransfer.study.tables import float_list
-# The conversion itself is library code; re-exported for the callers that use it from here.
-from jtransfer.sources import IMAGENET_MEAN, IMAGENET_STD, convert  # noqa: F401
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:

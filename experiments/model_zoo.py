@@ -41,8 +41,6 @@ from jtransfer.study import records as rec
 from jtransfer.study.draws import Draw
 from jtransfer.zoo.flags import ZooFlags
 from jtransfer.zoo.members import build_zoo, param_count, zoo_table
-# (experiments.truncation imports these three from here)
-from jtransfer.zoo.training import Compiled, TrainConfig, prenormalize  # noqa: F401
 
 # The CLI edge reads the cache location from the environment; the library takes a root.
 CACHE_ROOT = os.path.join(os.environ.get("JTRANSFER_CACHE", ".cache"), "zoo")

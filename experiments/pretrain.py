@@ -17,10 +17,7 @@ from typing import Optional
 from jtransfer import models
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
-# The library half (pretraining, the source cache); re-exported for bench/ and older callers.
-from jtransfer.sources import (CACHE_ROOT, DEFAULT_LR, DEFAULT_SHAPE, DEFAULT_SOURCE,  # noqa: F401
-                               cache_dir, check_schedule, learned, pretrain, source_for,
-                               source_input_shape, study_source)
+from jtransfer.sources import DEFAULT_LR, DEFAULT_SHAPE, DEFAULT_SOURCE, pretrain
 from jtransfer.study import edge
 from jtransfer.study.config import Devices, flag
 from jtransfer.study.flags import command_config

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from experiments import model_selection as ms
-from experiments import model_zoo, publish, truncation
+from experiments import model_zoo, truncation
 from jtransfer import models, scoring, surgery
 from jtransfer.methods import selection, transfer
+from jtransfer.study import publish
 from jtransfer.study import records as rec
 from jtransfer.zoo.flags import ZooFlags
 from jtransfer.zoo.members import build_zoo

@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from experiments import fewshot, publish
+from experiments import fewshot
 from jtransfer.data.base import ImageSet
 from jtransfer.study import draws, records as records_lib, target
+from jtransfer.study import publish
 
 TINY = ["--shots", "2", "--repeats", "2", "--steps", "12", "--eval-every", "3",
         "--patience", "6", "--test-per-class", "6", "--val-per-class", "2", "--quiet",
