@@ -212,7 +212,7 @@ def _trainer(config, cache: dict) -> compact_runs.CompactTrainer:
                                                                          k.student_config)
     student_src = compact.compact_source(
         s_arch, spec, widths, epochs=k.student_source_epochs or config.source.epochs,
-        seed=config.protocol.seed, cache_root=sources.CACHE_ROOT, pretrain=sources.pretrain,
+        seed=config.protocol.seed, cache_root=sources.cache_root(), pretrain=sources.pretrain,
         progress=not quiet)
     if tuple(student_src.input_shape) != tuple(source.input_shape):
       raise InputError(f"the compact source takes {tuple(student_src.input_shape)} images, the "
