@@ -16,7 +16,7 @@ import numpy as np
 from bench.torch_twin import torch_logits, torch_net, torch_run
 from jtransfer.errors import InputError
 from jtransfer.study import Protocol, flag
-from jtransfer.study.config import at_least, comma_list, offered
+from jtransfer.study.config import at_least, comma_list, number, offered
 
 
 STRATEGIES = ("freeze", "finetune")  # the strategies with a PyTorch twin (an LR flag each)
@@ -35,15 +35,6 @@ def _strategies(text: str) -> tuple[str, ...]:
     raise InputError(f"--strategies {text!r}: expected a comma list of "
                      f"{', '.join(STRATEGIES)}")
   return names
-
-
-def _optional_int(flag_name: str):
-  def parse(text) -> int:
-    try:
-      return int(text)
-    except ValueError:
-      raise InputError(f"{flag_name} {text!r}: expected an integer") from None
-  return parse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +66,7 @@ class ParityConfig:
   stem_draws: Optional[int] = flag(
       "--stem-draws", None, "draws of the stem study (the first ones of the parity table's; "
       "default --draws): a stride-1 finetune run costs ~3.5x a stride-2 one",
-      parse=_optional_int("--stem-draws"))
+      parse=number("--stem-draws", int))
   rounding_control: bool = flag("--rounding-control", True, "train each Finetune run's "
                                 "PyTorch arm again with each batch's rows reversed",
                                 action="bool")

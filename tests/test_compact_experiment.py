@@ -99,6 +99,14 @@ def test_checkpoint_flag_conflicts(capsys):
   assert "conflicts" in capsys.readouterr().err
 
 
+def test_student_config_flag_is_a_json_object_or_none():
+  """--student-config: the student's widths as a JSON object, '' = none (bad text: above)."""
+  def parse(*extra):
+    return flags.parse(ct.STUDY, ["--target", "digits", *extra]).extra.student_config
+  assert parse() is None and parse("--student-config", "") is None
+  assert parse("--student-config", '{"stem_width": 8}') == {"stem_width": 8}
+
+
 # ----------------------------------------------------------------------------- pieces
 def test_forward_calls_count_matmul_flops():
   """FLOPs per image of x @ W are 2 * D * K (XLA counts a multiply-add as two)."""

@@ -7,7 +7,7 @@ import pytest
 from jtransfer.errors import InputError
 from jtransfer.study import flag, flags
 from jtransfer.study import Protocol
-from jtransfer.study.config import at_least, comma_list, offered
+from jtransfer.study.config import at_least, comma_list, json_object, number, offered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,3 +80,25 @@ def test_offered_refuses_what_it_cannot_offer():
     offered(Protocol, {"nope": {}})
   with pytest.raises(ValueError, match="'steps'"):
     offered(Protocol, {"steps": dict(parse=int)})
+
+
+def test_number_parses_one_number_or_names_the_flag():
+  assert number("--x")("2.5") == 2.5 and number("--n", int)("3") == 3
+  assert type(number("--n", int)("3")) is int
+  with pytest.raises(InputError, match=r"^--n '2.5': expected an integer$"):
+    number("--n", int)("2.5")
+  with pytest.raises(InputError, match=r"^--x 'abc': expected a number$"):
+    number("--x")("abc")
+  # an optional flag: absent stays None (never parsed), given is parsed
+  P = dataclasses.make_dataclass(
+      "P", [("k", Optional[int], flag("--k", None, "optional", parse=number("--k", int)))],
+      frozen=True)
+  assert flags.command_config(P, []).k is None and flags.command_config(P, ["--k", "4"]).k == 4
+
+
+def test_json_object_parses_an_object_or_names_the_flag():
+  assert json_object("--config")('{"stem_width": 8}') == {"stem_width": 8}
+  with pytest.raises(InputError, match=r"^--config '\[1\]': expected a JSON object$"):
+    json_object("--config")("[1]")
+  with pytest.raises(InputError, match=r"^--config '\{bad' is not valid JSON \(Expecting "):
+    json_object("--config")("{bad")

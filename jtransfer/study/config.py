@@ -12,6 +12,7 @@ CLI edge (`jtransfer.study.flags`) builds argparse from these; nothing below it 
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 from typing import Any, Callable, Mapping, Optional
 
@@ -62,6 +63,33 @@ def at_least(lo: int, name: str) -> Callable[[Any], None]:
     if v < lo:
       raise InputError(f"{name} must be >= {lo}, got {v}")
   return check
+
+
+def number(name: str, cast: Callable[[Any], Any] = float) -> Callable[[Any], Any]:
+  """A parser of one number (`cast`: float or int) from flag `name`'s text (an optional flag's
+  None default is never parsed: `flags` skips it); `InputError` naming the flag otherwise."""
+  what = "an integer" if cast is int else "a number"
+
+  def parse(text):
+    try:
+      return cast(text)
+    except (TypeError, ValueError):
+      raise InputError(f"{name} {text!r}: expected {what}") from None
+  return parse
+
+
+def json_object(name: str) -> Callable[[Any], dict]:
+  """A parser of flag `name`'s JSON object text (model config overrides) -> a dict;
+  `InputError` naming the flag for text that is not JSON or not an object."""
+  def parse(text):
+    try:
+      value = json.loads(text)
+    except ValueError as e:
+      raise InputError(f"{name} {text!r} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+      raise InputError(f"{name} {text!r}: expected a JSON object")
+    return value
+  return parse
 
 
 def comma_list(name: str) -> Callable[[str], tuple[str, ...]]:
