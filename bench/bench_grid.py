@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     return 2
   paths = config.paths
   for arch in config.archs:  # sources are cached before timing
-    sources.source_for(arch, config.source, epochs=config.source_epochs, seed=config.seed,
+    sources.source_for(arch, config.source, epochs=config.source_epochs,
+                        seed=config.protocol.seed,
                         progress=False)
   load0 = " / ".join(f"{v:.2f}" for v in os.getloadavg())
   arms: dict = {}

@@ -16,9 +16,9 @@ from collections import defaultdict
 from experiments import cwl_tables
 from jtransfer import study
 from jtransfer.errors import InputError
-from jtransfer.study import flag
+from jtransfer.study import Protocol, flag
 from jtransfer.study import records as rec
-from jtransfer.study.config import at_least, comma_list
+from jtransfer.study.config import at_least, comma_list, offered
 from jtransfer.study.tables import positive_ints
 
 TARGETS = ("fmnist:1,5,7,8,9", "digits")
@@ -54,7 +54,8 @@ def _threads(text: str) -> str:
 class GridConfig:
   """What one invocation of bench/bench_grid.py times: its flags, typed (`jtransfer.study.flag`
   fields, parsed by `bench_grid.parse`). The grid fields are `experiments.cwl_tables`' flags of
-  the same names (`tune_repeats`: tuning draws per cell)."""
+  the same names; `protocol` holds the library's `Protocol` fields the bench offers, under its
+  own defaults (`lrs` fixed to the paper's grid)."""
   archs: tuple[str, ...] = flag("--archs", ("vgg_s", "resnet_s"), "comma list of archs",
                                 cli="vgg_s,resnet_s", parse=comma_list("--archs"))
   targets: tuple[str, ...] = flag("--targets", TARGETS, "';'-separated target specs",
@@ -62,31 +63,19 @@ class GridConfig:
                                   parse=lambda t: tuple(s for s in t.split(";") if s.strip()))
   shots: tuple[int, ...] = flag("--shots", (1, 3, 5, 10), "comma list of k", cli="1,3,5,10",
                                 parse=lambda t: tuple(positive_ints(t, "--shots")))
-  repeats: int = flag("--repeats", 1, "evaluation draws per cell",
-                      check=at_least(1, "--repeats"))
-  tune_repeats: int = flag("--tune-repeats", 2, "tuning draws per cell",
-                           check=at_least(0, "--tune-repeats"))
-  tune_extend: int = flag("--tune-extend", 2, "extensions of the LR grid at an edge",
-                          check=at_least(0, "--tune-extend"))
-  steps: int = flag("--steps", 1000, "step cap per run (cwl_tables' default)",
-                    check=at_least(1, "--steps"))
-  patience: int = flag("--patience", 200, "(cwl_tables' default)",
-                       check=at_least(0, "--patience"))
-  eval_every: int = flag("--eval-every", 10, "steps between validation checks",
-                         check=at_least(1, "--eval-every"))
-  val_per_class: int = flag("--val-per-class", 20, "validation images per class",
-                            check=at_least(1, "--val-per-class"))
-  paper_grid: bool = flag("--paper-grid", False, "also run every grid LR on the evaluation "
-                          "draws, in both arms (cwl_tables' 'best over LR' tables); off: "
-                          "evaluation draws run only at the chosen LR", action="bool")
-  test_per_class: int = flag("--test-per-class", 300, "cap on test images per class",
-                             check=at_least(0, "--test-per-class"))
-  batch_size: int = flag("--batch-size", 64, "images per step",
-                         check=at_least(1, "--batch-size"))
+  protocol: Protocol = offered(Protocol, {
+      "repeats": dict(default=1), "tune_draws": dict(default=2), "tune_extend": {},
+      # cwl_tables' step cap and patience
+      "steps": dict(default=1000), "patience": dict(default=200), "eval_every": {},
+      # validation chooses the LR: at least one image per class
+      "val_per_class": dict(check=at_least(1, "--val-per-class")),
+      "paper_grid": dict(default=False, help="also run every grid LR on the evaluation "
+                         "draws, in both arms (cwl_tables' 'best over LR' tables); off: "
+                         "evaluation draws run only at the chosen LR"),
+      "test_per_class": {}, "batch_size": {}, "seed": {}}, fixed={"lrs": "paper"})
   source: str = flag("--source", "fmnist:0,2,3,4,6", "dataset spec (pretrained, cached) or "
                      "ckpt:PATH")
   source_epochs: float = flag("--source-epochs", 2.0, "pretraining epochs of the source")
-  seed: int = flag("--seed", 0, "seeds the draws, the source's pretraining and every run")
   torch_threads: str = flag("--torch-threads", "auto", "PyTorch intra-op threads; 'auto' = "
                             "whichever of 1 and torch's default runs a probe step faster now "
                             "(on a loaded machine torch's OpenMP threads can run 10x slower "
@@ -96,8 +85,9 @@ class GridConfig:
   out: str = flag("--out", "bench/GRID.md", "the report")
 
   def text(self, name: str) -> str:
-    """A field's value as the command line writes it ('vgg_s,resnet_s', '1,3,5,10')."""
-    value = dataclasses.asdict(self)[name]
+    """A top-level field's value as the command line writes it ('vgg_s,resnet_s',
+    '1,3,5,10')."""
+    value = getattr(self, name)
     if isinstance(value, (tuple, list)):
       return (";" if name == "targets" else ",").join(map(str, value))
     return str(value)
@@ -106,15 +96,15 @@ class GridConfig:
 def grid_argv(config: GridConfig, targets, out: str, feature_cache: bool = True) -> list[str]:
   """`experiments.cwl_tables` flags of the timed grid over `targets`, writing to `out`: the
   command a user types (`study_config` is the same configuration, typed)."""
-  c = config
-  argv = ["--arch", c.text("archs"), "--shots", c.text("shots"), "--repeats", str(c.repeats),
-          "--tune-repeats", str(c.tune_repeats), "--tune-extend", str(c.tune_extend),
-          "--steps", str(c.steps), "--patience", str(c.patience),
-          "--eval-every", str(c.eval_every), "--val-per-class", str(c.val_per_class),
-          "--strategies", ",".join(STRATEGIES), "--lrs", "paper",
-          "--test-per-class", str(c.test_per_class), "--batch-size", str(c.batch_size),
+  c, p = config, config.protocol
+  argv = ["--arch", c.text("archs"), "--shots", c.text("shots"), "--repeats", str(p.repeats),
+          "--tune-repeats", str(p.tune_draws), "--tune-extend", str(p.tune_extend),
+          "--steps", str(p.steps), "--patience", str(p.patience),
+          "--eval-every", str(p.eval_every), "--val-per-class", str(p.val_per_class),
+          "--strategies", ",".join(STRATEGIES), "--lrs", p.lrs,
+          "--test-per-class", str(p.test_per_class), "--batch-size", str(p.batch_size),
           "--source", c.source, "--source-epochs", str(c.source_epochs),
-          "--seed", str(c.seed), "--paper-grid" if c.paper_grid else "--no-paper-grid",
+          "--seed", str(p.seed), "--paper-grid" if p.paper_grid else "--no-paper-grid",
           "--out", out, "--overwrite", "--quiet"]
   for t in targets:
     argv += ["--target", t]
@@ -128,11 +118,7 @@ def study_config(config: GridConfig, targets, out: str, feature_cache: bool = Tr
   c = config
   return study.Config(
       cells=study.Cells(archs=c.archs, targets=tuple(targets), shots=c.shots, arms=STRATEGIES),
-      protocol=study.Protocol(
-          repeats=c.repeats, lrs="paper", steps=c.steps, patience=c.patience,
-          eval_every=c.eval_every, val_per_class=c.val_per_class, tune_draws=c.tune_repeats,
-          tune_extend=c.tune_extend, paper_grid=c.paper_grid, batch_size=c.batch_size,
-          test_per_class=c.test_per_class, seed=c.seed, no_feature_cache=not feature_cache),
+      protocol=dataclasses.replace(c.protocol, no_feature_cache=not feature_cache),
       output=study.Output(out=out, overwrite=True, quiet=True),
       source=study.Source(spec=c.source, epochs=c.source_epochs))
 

@@ -62,7 +62,8 @@ def _paired_line(what: str, a: list, b: list) -> str:
 
 def report(config: GridConfig, argv, arms: dict, load: tuple) -> str:
   """bench/GRID.md from the arms' results and the load averages (start, end)."""
-  cap = config.steps
+  p = config.protocol
+  cap = p.steps
   lines = ["# Table I grid wall time under the protocol", "", "```", command("bench_grid", argv),
            "```", ""]
   import jax
@@ -80,18 +81,20 @@ def report(config: GridConfig, argv, arms: dict, load: tuple) -> str:
       "are from this one run and only their ratios are comparable.", "",
       f"Grid: {config.text('archs')} x {config.text('targets')} x k={config.text('shots')} x "
       f"{{freeze, freeze_cwl}}, the "
-      f"paper's freeze LR grid (1e-3, 5e-3, 1e-2, 5e-2, extended up to {config.tune_extend} values "
-      f"at an edge); {config.tune_repeats} tuning draw(s) and {config.repeats} evaluation draw(s) "
+      f"paper's freeze LR grid (1e-3, 5e-3, 1e-2, 5e-2, extended up to {p.tune_extend} values "
+      f"at an edge); {p.tune_draws} tuning draw(s) and {p.repeats} evaluation draw(s) "
       f"per cell; evaluation draws at the chosen LR"
-      f"{' and at every grid LR (--paper-grid)' if config.paper_grid else ' only'}. Runs stop when "
-      f"validation accuracy ({config.val_per_class}/class) has not improved for {config.patience} "
-      f"steps, checked every {config.eval_every}, at most {cap}; best validation state kept; test "
-      f"<= {config.test_per_class}/class. Batch min({config.batch_size}, k-shot set). The two arms "
+      f"{' and at every grid LR (--paper-grid)' if p.paper_grid else ' only'}. Runs stop when "
+      f"validation accuracy ({p.val_per_class}/class) has not improved for {p.patience} "
+      f"steps, checked every {p.eval_every}, at most {cap}; best validation state kept; test "
+      f"<= {p.test_per_class}/class. Batch min({p.batch_size}, k-shot set). The two arms "
       "alternate by arch (one `cwl_tables` invocation per arch, then PyTorch's runs of it).", ""]
   full = dict(archs="vgg_s,resnet_s", targets=";".join(TARGETS), shots="1,3,5,10",
               tune_repeats=2, repeats=10)
-  cut = [f"--{k.replace('_', '-')} {full[k]} (here {config.text(k)})" for k in full
-         if config.text(k) != str(full[k])]
+  here = dict(archs=config.text("archs"), targets=config.text("targets"),
+              shots=config.text("shots"), tune_repeats=str(p.tune_draws), repeats=str(p.repeats))
+  cut = [f"--{k.replace('_', '-')} {full[k]} (here {here[k]})" for k in full
+         if here[k] != str(full[k])]
   if cut:
     lines += ["Reduced from cwl_tables' full Table I to fit the time budget: " + "; ".join(cut)
               + ".", ""]

@@ -148,7 +148,7 @@ def torch_grid(config: GridConfig) -> dict:
   gives the jtransfer arm (`jtransfer.study.grid` on the same `Config`), trained by the loop;
   version-2 records (`jtransfer.study.records`)."""
   import torch
-  torch.manual_seed(config.seed)
+  torch.manual_seed(config.protocol.seed)
   sc = study_config(config, config.targets, "unused")
   plan = grid_lib.plan(STUDY, sc)
   p = sc.protocol

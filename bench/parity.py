@@ -56,8 +56,9 @@ def parse(argv: Optional[Sequence[str]]) -> ParityConfig:
     InputError: one sentence naming a bad flag.
   """
   config = flags.command_config(ParityConfig, argv, __doc__)
+  draws = config.protocol.repeats
   return dataclasses.replace(
-      config, stem_draws=config.draws if config.stem_draws is None else config.stem_draws,
+      config, stem_draws=draws if config.stem_draws is None else config.stem_draws,
       records=config.records or os.path.splitext(config.out)[0] + ".jsonl")
 
 
@@ -65,15 +66,16 @@ def count(config: ParityConfig, records: Records) -> tuple[int, int]:
   """(runs the invocation wants, runs the records hold): parity and stem-study runs, their
   rounding controls and the stem study's two step-time measurements."""
   archs, targets, strategies, stem = config.archs, config.targets, config.strategies, config.stem
-  want = len(archs) * len(targets) * len(strategies) * config.draws + (
+  draws = config.protocol.repeats
+  want = len(archs) * len(targets) * len(strategies) * draws + (
       len(targets) * len(strategies) * config.stem_draws if stem else 0)
   have = sum(1 for k in records.items if k[0] == "run" and k[1] in archs and k[3] in targets
-             and k[4] in strategies and k[5] < (config.draws if k[2] == 2 else config.stem_draws)
+             and k[4] in strategies and k[5] < (draws if k[2] == 2 else config.stem_draws)
              and (k[2] == 2 or stem))
   controls = [s for s in strategies if controlled(config, s)]
-  want += len(archs) * len(targets) * len(controls) * config.draws
+  want += len(archs) * len(targets) * len(controls) * draws
   have += sum(1 for k in records.items if k[0] == "rev" and k[1] in archs and k[2] == 2
-              and k[3] in targets and k[4] in controls and k[5] < config.draws)
+              and k[3] in targets and k[4] in controls and k[5] < draws)
   if stem:  # the two step-time measurements count as runs
     want += 2
     have += sum(records.get(("timing", stride)) is not None for stride in (1, 2))

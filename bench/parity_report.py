@@ -72,7 +72,7 @@ def control_row(arch: str, spec: str, name: str, runs: list, revs: Optional[list
 def control_section(config: ParityConfig, records: Records) -> list:
   """The rounding-control table (PyTorch-reversed - PyTorch beside jtransfer - PyTorch) and
   each parity cell's equivalence verdict."""
-  n = config.draws
+  n = config.protocol.repeats
   pct = f"{100 * MARGIN_FLOOR:.1f}"
   lines = ["## Rounding control and parity verdict", ""]
   if config.rounding_control:
@@ -136,18 +136,19 @@ def control_section(config: ParityConfig, records: Records) -> list:
 def report(config: ParityConfig, argv, records: Records, sources: dict, missing: int) -> str:
   """bench/PARITY.md from the run records; `missing` runs not done yet make it incomplete."""
   from jtransfer.protocol import stats
-  n = config.draws
+  p = config.protocol
+  n = p.repeats
   lines = ["# PyTorch accuracy parity", "", "```", command("parity", argv), "```", ""]
   if missing:
     lines += [f"**Incomplete: {missing} run(s) not done yet (time cap); run the same command "
               "again to continue (finished runs are read from "
               f"`{os.path.relpath(config.records)}`).**", ""]
-  lines += [f"Source `{config.source}` ({config.source_epochs:g} epochs, seed {config.seed}); "
+  lines += [f"Source `{config.source}` ({config.source_epochs:g} epochs, seed {p.seed}); "
             f"k={config.shots}; {n} draws per cell (experiments.fewshot's seeds); "
-            f"{config.steps} Adam steps per run, lr freeze {config.lr_freeze:g}, finetune "
-            f"{config.lr_finetune:g}; batch min({config.batch_size}, k-shot set) with the same "
+            f"{p.steps} Adam steps per run, lr freeze {config.lr_freeze:g}, finetune "
+            f"{config.lr_finetune:g}; batch min({p.batch_size}, k-shot set) with the same "
             f"batch sequence (`Batches.at`) in both; BN running statistics in both strategies; test "
-            f"<= {config.test_per_class}/class. jtransfer: the strategies' Setups, the generic "
+            f"<= {p.test_per_class}/class. jtransfer: the strategies' Setups, the generic "
             "jitted step and `fit` (Freeze on cached features, as experiments.fewshot); "
             "PyTorch: bench/torch_ref.py's nets with the source weights and the new head's "
             "init copied from jtransfer, `torch.optim.Adam` (defaults). Per-run records: "

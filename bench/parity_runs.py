@@ -15,8 +15,8 @@ import numpy as np
 
 from bench.torch_twin import torch_logits, torch_net, torch_run
 from jtransfer.errors import InputError
-from jtransfer.study import flag
-from jtransfer.study.config import at_least, comma_list
+from jtransfer.study import Protocol, flag
+from jtransfer.study.config import at_least, comma_list, number, offered
 
 
 STRATEGIES = ("freeze", "finetune")  # the strategies with a PyTorch twin (an LR flag each)
@@ -37,15 +37,6 @@ def _strategies(text: str) -> tuple[str, ...]:
   return names
 
 
-def _optional_int(flag_name: str):
-  def parse(text) -> int:
-    try:
-      return int(text)
-    except ValueError:
-      raise InputError(f"{flag_name} {text!r}: expected an integer") from None
-  return parse
-
-
 @dataclasses.dataclass(frozen=True)
 class ParityConfig:
   """What one invocation of bench/parity.py runs: its flags, typed (`jtransfer.study.flag`
@@ -59,27 +50,23 @@ class ParityConfig:
                                      "comma list of freeze, finetune", cli="freeze,finetune",
                                      parse=_strategies)
   shots: int = flag("--shots", 10, "k, images per class", check=at_least(1, "--shots"))
-  draws: int = flag("--draws", 10, "k-shot draws per cell (repeats)",
-                    check=at_least(1, "--draws"))
-  steps: int = flag("--steps", 100, "Adam steps per run", check=at_least(1, "--steps"))
+  # The study runner's protocol under parity's fixed-step runs: no early stopping, no tuning.
+  protocol: Protocol = offered(Protocol, {
+      "repeats": dict(name="--draws", default=10, help="k-shot draws per cell (repeats)"),
+      "steps": dict(default=100, help="Adam steps per run"), "batch_size": {},
+      "val_per_class": dict(default=10), "test_per_class": {}, "seed": {}},
+      fixed={"patience": 0, "tune_draws": 0})
   lr_freeze: float = flag("--lr-freeze", 1e-2, "Freeze's LR")
   lr_finetune: float = flag("--lr-finetune", 1e-4, "Finetune's LR")
-  batch_size: int = flag("--batch-size", 64, "images per step (a smaller k-shot set is one "
-                         "batch)", check=at_least(1, "--batch-size"))
-  val_per_class: int = flag("--val-per-class", 10, "validation images per class of a draw",
-                            check=at_least(0, "--val-per-class"))
-  test_per_class: int = flag("--test-per-class", 300, "cap on test images per class",
-                             check=at_least(0, "--test-per-class"))
   source: str = flag("--source", "fmnist:0,2,3,4,6", "source dataset spec (pretrained and "
                      "cached), or 'random' (an untrained source, for tests)")
   source_epochs: float = flag("--source-epochs", 2.0, "pretraining epochs of the source")
-  seed: int = flag("--seed", 0, "seeds the draws, the source's pretraining and every run")
   stem_study: bool = flag("--stem-study", True, "also run resnet_s with a stride-1 stem "
                           "(jtransfer only)", action="bool")
   stem_draws: Optional[int] = flag(
       "--stem-draws", None, "draws of the stem study (the first ones of the parity table's; "
       "default --draws): a stride-1 finetune run costs ~3.5x a stride-2 one",
-      parse=_optional_int("--stem-draws"))
+      parse=number("--stem-draws", int))
   rounding_control: bool = flag("--rounding-control", True, "train each Finetune run's "
                                 "PyTorch arm again with each batch's rows reversed",
                                 action="bool")
@@ -106,9 +93,11 @@ class ParityConfig:
 
   def settings(self) -> dict:
     """The settings a run record depends on: records of other settings are not reused."""
-    keep = ("source", "source_epochs", "seed", "shots", "steps", "lr_freeze", "lr_finetune",
-            "batch_size", "val_per_class", "test_per_class")
-    return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
+    p = self.protocol
+    return dict(source=self.source, source_epochs=self.source_epochs, seed=p.seed,
+                shots=self.shots, steps=p.steps, lr_freeze=self.lr_freeze,
+                lr_finetune=self.lr_finetune, batch_size=p.batch_size,
+                val_per_class=p.val_per_class, test_per_class=p.test_per_class)
 
 
 def random_source(arch: str, config: Optional[dict] = None):
@@ -143,15 +132,16 @@ def get_source(arch: str, config: ParityConfig, stem_stride: Optional[int] = Non
   from jtransfer.methods import transfer
   if model_config is None:
     return sources.source_for(arch, config.source, epochs=config.source_epochs,
-                               seed=config.seed, progress=False)
+                               seed=config.protocol.seed, progress=False)
   path = sources.cache_dir(f"{arch}-stem{stem_stride}", config.source, config.source_epochs,
-                            config.seed)
+                            config.protocol.seed)
   if os.path.isdir(path):
     return transfer.load_source(path)
   print(f"[parity] pretraining {arch} with stem stride {stem_stride}, cache {path}",
         file=sys.stderr)
   source = sources.pretrain(arch, config.source, epochs=config.source_epochs,
-                             seed=config.seed, progress=False, model_config=model_config)
+                             seed=config.protocol.seed, progress=False,
+                             model_config=model_config)
   transfer.save_source(path, source)
   return source
 
@@ -160,22 +150,20 @@ def draws(runs, config: ParityConfig, n: int) -> list:
   """(seed, train_idx, val_idx) of the first `n` evaluation draws of a target, with the study
   runner's seeds (`jtransfer.study.draws`)."""
   from jtransfer.study import draws as draws_lib
-  cell = draws_lib.cell_draws(runs.pool.labels, runs.num_classes, config.shots, config.seed,
-                              n, 0, config.val_per_class)
+  p = config.protocol
+  cell = draws_lib.cell_draws(runs.pool.labels, runs.num_classes, config.shots, p.seed, n,
+                              p.tune_draws, p.val_per_class)
   return [cell[i] for i in range(n)]
 
 
 def target_runs(source, spec: str, config: ParityConfig, caches: dict):
   """The study runner's `TargetRuns` of (source, target) under parity's settings: its data (the
   test split capped per class), compiled steps and cached Freeze features, built once."""
-  from jtransfer.study import Protocol
   from jtransfer.study.target import TargetRuns
   key = (id(source), spec)
   if key not in caches.setdefault("runs", {}):
-    protocol = Protocol(steps=config.steps, patience=0, batch_size=config.batch_size,
-                        val_per_class=config.val_per_class,
-                        test_per_class=config.test_per_class, seed=config.seed)
-    caches["runs"][key] = TargetRuns(source, spec, protocol, caches.setdefault("data", {}),
+    caches["runs"][key] = TargetRuns(source, spec, config.protocol,
+                                     caches.setdefault("data", {}),
                                      caches.setdefault("setups", {}), quiet=True)
   return caches["runs"][key]
 
@@ -188,7 +176,8 @@ def jax_run(runs, name: str, train_idx, lr: float, seed: int, config: ParityConf
   from jtransfer.data import Batches
   from jtransfer.methods import transfer
   from jtransfer.train import fit, init_state, predict_logits
-  setup, step, opt, head_only = runs.setup(name, {}, config.steps)
+  p = config.protocol
+  setup, step, opt, head_only = runs.setup(name, {}, p.steps)
   images, labels = runs.pool.images[train_idx], runs.pool.labels[train_idx]
   params, stats = setup.init(seed, images, labels)
   if head_only:
@@ -197,7 +186,7 @@ def jax_run(runs, name: str, train_idx, lr: float, seed: int, config: ParityConf
   else:
     x_train, x_test, forward = images, runs.test.images, setup.forward
   state = init_state(params, stats, opt, seed, lr)
-  state = fit(state, step, Batches(x_train, labels, config.batch_size, seed).at, config.steps)
+  state = fit(state, step, Batches(x_train, labels, p.batch_size, seed).at, p.steps)
   return predict_logits(forward, state.params, state.batch_stats, x_test)
 
 
@@ -239,10 +228,10 @@ def run_target(source, stem: int, spec: str, config: ParityConfig, with_torch: b
   from jtransfer.data import Batches
   runs = target_runs(source, spec, config, caches)
   pool, test = runs.pool, runs.test
-  arch = source.arch
+  arch, p = source.arch, config.protocol
   for name in config.strategies:
     setup = None
-    n = config.draws if stem == 2 else config.stem_draws
+    n = p.repeats if stem == 2 else config.stem_draws
 
     def torch_trained(seed, images, labels, reverse_rows=False):
       """The torch net with this draw's source weights and head init, trained; its test
@@ -256,7 +245,7 @@ def run_target(source, stem: int, spec: str, config: ParityConfig, with_torch: b
         lt = torch_logits(net, test.images, source.mean, source.std)
         records.add(check, diff=float(np.abs(lj - lt).max()), scale=float(np.abs(lj).max()))
       t0 = time.perf_counter()
-      torch_run(net, name, Batches(images, labels, config.batch_size, seed), config.steps,
+      torch_run(net, name, Batches(images, labels, p.batch_size, seed), p.steps,
                 config.lr(name), source.mean, source.std, reverse_rows=reverse_rows)
       pred = np.argmax(torch_logits(net, test.images, source.mean, source.std), -1)
       return pred, time.perf_counter() - t0
@@ -267,7 +256,7 @@ def run_target(source, stem: int, spec: str, config: ParityConfig, with_torch: b
       if records.get(key) is None:
         if time.time() > deadline:
           raise OutOfTime()
-        setup = setup or runs.setup(name, {}, config.steps)[0]
+        setup = setup or runs.setup(name, {}, p.steps)[0]
         t0 = time.perf_counter()
         pred_j = np.argmax(jax_run(runs, name, train_idx, config.lr(name), seed, config), -1)
         rec = dict(seed=int(seed), jax=float(np.mean(pred_j == test.labels)),
@@ -284,7 +273,7 @@ def run_target(source, stem: int, spec: str, config: ParityConfig, with_torch: b
       if with_torch and controlled(config, name) and records.get(rev_key) is None:
         if time.time() > deadline:
           raise OutOfTime()
-        setup = setup or runs.setup(name, {}, config.steps)[0]
+        setup = setup or runs.setup(name, {}, p.steps)[0]
         pred_r, secs = torch_trained(seed, images, labels, reverse_rows=True)
         rec = records.add(rev_key, seed=int(seed), torch_rev=float(np.mean(pred_r == test.labels)),
                           torch_rev_s=secs)
@@ -305,8 +294,8 @@ def step_times(source, spec: str, config: ParityConfig, caches: dict) -> dict:
   from jtransfer.train import init_state
   runs = target_runs(source, spec, config, caches)
   pool = runs.pool
-  setup, step, opt, _ = runs.setup("finetune", {}, config.steps)
-  n = min(config.shots * pool.num_classes, config.batch_size)
+  setup, step, opt, _ = runs.setup("finetune", {}, config.protocol.steps)
+  n = min(config.shots * pool.num_classes, config.protocol.batch_size)
   out = {}
   for label, b in ((f"finetune step, batch {n}", n), ("finetune step, batch 128", 128)):
     batch = {"image": pool.images[:b], "label": pool.labels[:b]}

@@ -49,7 +49,7 @@ from jtransfer.methods import compact, compact_runs, transfer
 from jtransfer.methods.compact import KD, NEEDS_TEACHER, VARIANTS
 from jtransfer.protocol import Budget, tuning
 from jtransfer.study import records as rec
-from jtransfer.study.config import at_least, flag
+from jtransfer.study.config import at_least, flag, json_object, number
 from jtransfer.study.tables import float_list, positive_ints
 
 DEFAULT_MARGIN = 0.02
@@ -70,16 +70,6 @@ def _teacher_lrs(text) -> str | tuple:
   return "paper" if text == "paper" else _grid("--teacher-lr", lambda v: v > 0, LR_TEXT)(text)
 
 
-def _optional_float(flag_name: str):
-  """A parser: one number from `flag_name`, or InputError naming it."""
-  def parse(text) -> float:
-    try:
-      return float(text)
-    except ValueError:
-      raise InputError(f"{flag_name} {text!r}: expected a number") from None
-  return parse
-
-
 @dataclasses.dataclass(frozen=True)
 class Knobs:
   """compact_transfer's own flags (`Config.extra`)."""
@@ -93,10 +83,10 @@ class Knobs:
   student_config: Optional[dict] = flag(
       "--student-config", None, 'compact widths as JSON, e.g. \'{"stage_widths": [16, 32, 64], '
       '"stem_width": 16}\' (default: half width; taken from the checkpoint with '
-      "--student-source ckpt:)", parse=compact.parse_student_config)
+      "--student-source ckpt:)", parse=lambda t: json_object("--student-config")(t) if t else None)
   student_source_epochs: Optional[float] = flag(
       "--student-source-epochs", None, "pretraining epochs of the compact source (default "
-      "--source-epochs)", parse=_optional_float("--student-source-epochs"))
+      "--source-epochs)", parse=number("--student-source-epochs"))
   teacher_lr: str | tuple = flag("--teacher-lr", "paper", "teacher's Adam LR grid: 'paper' (the "
                             "strategy's grid of the CWL paper) or a comma list",
                             parse=_teacher_lrs)
@@ -212,7 +202,7 @@ def _trainer(config, cache: dict) -> compact_runs.CompactTrainer:
                                                                          k.student_config)
     student_src = compact.compact_source(
         s_arch, spec, widths, epochs=k.student_source_epochs or config.source.epochs,
-        seed=config.protocol.seed, cache_root=sources.CACHE_ROOT, pretrain=sources.pretrain,
+        seed=config.protocol.seed, cache_root=sources.cache_root(), pretrain=sources.pretrain,
         progress=not quiet)
     if tuple(student_src.input_shape) != tuple(source.input_shape):
       raise InputError(f"the compact source takes {tuple(student_src.input_shape)} images, the "

@@ -18,7 +18,6 @@ the source a freshly initialised head instead; few-shot strategies replace the h
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -27,12 +26,11 @@ from typing import Optional, Sequence
 from jtransfer import surgery, weights
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
+from jtransfer.sources import IMAGENET_MEAN, IMAGENET_STD, convert
 from jtransfer.study import edge
-from jtransfer.study.config import flag
+from jtransfer.study.config import flag, json_object
 from jtransfer.study.flags import command_config
 from jtransfer.study.tables import float_list
-# The conversion itself is library code; re-exported for the callers that use it from here.
-from jtransfer.sources import IMAGENET_MEAN, IMAGENET_STD, convert  # noqa: F401
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -44,17 +42,6 @@ def parse_shape(text: str) -> tuple[int, int, int]:
   if len(shape) != 3 or min(shape) < 1 or shape[2] not in (1, 3):
     raise InputError(f"--input-shape {text!r}: expected H,W,C with C 1 or 3, e.g. 224,224,3")
   return shape
-
-
-def _json_object(text):
-  """--config: JSON text -> a dict."""
-  try:
-    value = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise InputError(f"--config {text!r} is not valid JSON ({e})") from None
-  if not isinstance(value, dict):
-    raise InputError(f"--config {text!r}: expected a JSON object")
-  return value
 
 
 def _floats(name: str):
@@ -96,7 +83,7 @@ class ConvertFlags:
                          "initialise a new one", action="store_true")
   config: Optional[dict] = flag("--config", None, "JSON model config overrides for "
                                 "non-standard widths, e.g. '{\"dense_widths\": [1024, 1024]}'",
-                                parse=_json_object)
+                                parse=json_object("--config"))
   seed: int = flag("--seed", 0, "seeds a new head")
 
 

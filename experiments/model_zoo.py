@@ -36,16 +36,11 @@ import os
 import sys
 from typing import Sequence
 
-from jtransfer import study
+from jtransfer import sources, study
 from jtransfer.study import records as rec
 from jtransfer.study.draws import Draw
 from jtransfer.zoo.flags import ZooFlags
 from jtransfer.zoo.members import build_zoo, param_count, zoo_table
-# (experiments.truncation imports these three from here)
-from jtransfer.zoo.training import Compiled, TrainConfig, prenormalize  # noqa: F401
-
-# The CLI edge reads the cache location from the environment; the library takes a root.
-CACHE_ROOT = os.path.join(os.environ.get("JTRANSFER_CACHE", ".cache"), "zoo")
 
 
 def log_of(config):
@@ -56,7 +51,8 @@ def log_of(config):
 def members_of(config, log=None):
   """The zoo of the flags, each member loaded from the cache or trained (and cached)."""
   specs, settings = config.extra.zoo()
-  return build_zoo(specs, settings, config.extra.zoo_root or CACHE_ROOT, log=log)
+  root = config.extra.zoo_root or os.path.join(sources.cache_root(), "zoo")
+  return build_zoo(specs, settings, root, log=log)
 
 
 def run(_, config, results) -> list[dict]:

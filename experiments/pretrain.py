@@ -10,33 +10,16 @@ Expected: ~2.5 min per small arch on 2 CPU cores, source test accuracy ~0.85-0.9
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from typing import Optional
 
 from jtransfer import models
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
-# The library half (pretraining, the source cache); re-exported for bench/ and older callers.
-from jtransfer.sources import (CACHE_ROOT, DEFAULT_LR, DEFAULT_SHAPE, DEFAULT_SOURCE,  # noqa: F401
-                               cache_dir, check_schedule, learned, pretrain, source_for,
-                               source_input_shape, study_source)
+from jtransfer.sources import DEFAULT_LR, DEFAULT_SHAPE, DEFAULT_SOURCE, pretrain
 from jtransfer.study import edge
-from jtransfer.study.config import Devices, flag
+from jtransfer.study.config import Devices, flag, json_object
 from jtransfer.study.flags import command_config
-
-
-def _json_object(flag_name: str):
-  """A flag parser: JSON text -> a dict (None stays None)."""
-  def parse(text):
-    try:
-      value = json.loads(text)
-    except ValueError as e:
-      raise InputError(f"{flag_name} {text!r} is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-      raise InputError(f"{flag_name} {text!r}: expected a JSON object")
-    return value
-  return parse
 
 
 def _shape(text) -> tuple[int, ...]:
@@ -70,7 +53,7 @@ class PretrainFlags(Devices):
                                   parse=_max_train)
   config: Optional[dict] = flag("--config", None, "model config overrides as JSON, e.g. "
                                 '\'{"stage_widths": [16, 32, 64]}\'',
-                                parse=_json_object("--config"))
+                                parse=json_object("--config"))
   ckpt_dir: Optional[str] = flag("--ckpt-dir", None, "checkpoint (and resume) directory")
   ckpt_every: int = flag("--ckpt-every", 100, "steps between checkpoints")
   augment: str = flag("--augment", "none", "training augmentation (jtransfer.data.augment): "

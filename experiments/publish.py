@@ -3,7 +3,7 @@ results.json, a check of each folder against its grid, and the RESULTS.md summar
 
 An experiment module that publishes declares a `PUBLISHER` (how to parse its flags, build its
 plan, write its report from records, and list the runs its grid holds). Its main() ends with
-`save`, which writes results.json, report.md (the command line under the title), summary.json
+`jtransfer.study.publish.save`, which writes results.json, report.md (the command line under the title), summary.json
 and run.json (module, argv, the command, wall time of each invocation). Then
 
   python -m experiments.publish check published        # every folder parses, matches its grid
@@ -37,12 +37,9 @@ from typing import Sequence
 
 from jtransfer.errors import InputError
 from jtransfer.study import compare, draw_audit
-# (the machinery lives in the library; re-exported for the modules and tests that call it here)
-from jtransfer.study.publish import (PUBLISHED, RESULTS_PAGE, RUN_FILE, Publisher,  # noqa: F401
-                                     _count_problems, check, command_line, evaluation_runs, folders,
-                                     jsonl_records, load, merge, read_run, regenerate, save,
-                                     snapshot, with_command)
-from jtransfer.study.results_page import TABLE_BEGIN, TABLE_END  # noqa: F401
+# The command line of the library's publishing (`jtransfer.study.publish`, `.results_page`).
+from jtransfer.study.publish import (PUBLISHED, RESULTS_PAGE, RUN_FILE, check, folders, merge,
+                                     read_run, regenerate, snapshot)
 from jtransfer.study.results_page import results_page as page_of
 
 

@@ -2,7 +2,7 @@
 
 `pretrain` trains an architecture on a dataset spec (SGD momentum, cosine lr); `source_for`
 returns a source for a flag value, loading `ckpt:PATH` or training the spec once and caching it
-under `CACHE_ROOT/sources` (a pretraining that ends at chance is retried at half the lr); the
+under `cache_root()/sources` (a pretraining that ends at chance is retried at half the lr); the
 embedded benchmark's sources (Fashion-MNIST classes {0,2,3,4,6}) are trained on first use.
 `convert` reads a torchvision / timm checkpoint (`jtransfer.weights`: every key mapped to a
 jtransfer parameter path; an unused, missing or mis-shaped key is an error) and returns it with
@@ -30,7 +30,7 @@ from jtransfer.train import (MetricsWriter, RunCheckpointer, accuracy, fit, init
 
 DEFAULT_SOURCE = "fmnist:0,2,3,4,6"
 DEFAULT_SHAPE = (28, 28, 1)
-CACHE_ROOT = os.environ.get("JTRANSFER_CACHE", ".cache")
+DEFAULT_CACHE = ".cache"  # relative: the working directory's
 
 
 DEFAULT_LR = 0.05  # the first try of `source_for`; halved after a pretraining at chance
@@ -122,10 +122,19 @@ def check_schedule(*, epochs: float, lr: float, batch_size: int, weight_decay: f
     raise InputError(f"--max-train must be >= 1 when given, got {max_train}")
 
 
-def cache_dir(arch: str, source_spec: str, epochs: float, seed: int) -> str:
-  """The cache folder of a source trained by `source_for`: a hash of what determines it."""
+def cache_root() -> str:
+  """The cache folder (sources under `sources/`, the model zoo under `zoo/`): $JTRANSFER_CACHE,
+  else `DEFAULT_CACHE`. Read when a path is made, not at import, so the variable a command runs
+  under (or a test sets) is the one followed and no module state holds it."""
+  return os.environ.get("JTRANSFER_CACHE", DEFAULT_CACHE)
+
+
+def cache_dir(arch: str, source_spec: str, epochs: float, seed: int,
+              root: Optional[str] = None) -> str:
+  """The cache folder of a source trained by `source_for` under `root` (None: `cache_root()`):
+  a hash of what determines it."""
   key = hashlib.sha1(f"{arch}|{source_spec}|{epochs}|{seed}".encode()).hexdigest()[:10]
-  return os.path.join(CACHE_ROOT, "sources", f"{arch}-{key}")
+  return os.path.join(root or cache_root(), "sources", f"{arch}-{key}")
 
 
 CHANCE_MARGIN = 0.05  # a source within this of chance accuracy has not learned
@@ -140,8 +149,9 @@ def learned(source: transfer.Source) -> bool:
 
 
 def source_for(arch: str, source_spec: str, *, epochs: float = 2.0, seed: int = 0,
-               progress: bool = True) -> transfer.Source:
-  """A source model: `ckpt:PATH` loads it, a dataset spec trains it once and caches it.
+               progress: bool = True, root: Optional[str] = None) -> transfer.Source:
+  """A source model: `ckpt:PATH` loads it, a dataset spec trains it once and caches it (under
+  `root`; None: `cache_root()`).
 
   A pretraining that ends at chance accuracy (SGD at lr 0.05 can kill every ReLU of a net
   without BN: vgg_s on fmnist:1,5,7,8,9 did) is retried at half the lr, up to `RETRIES` times,
@@ -157,7 +167,7 @@ def source_for(arch: str, source_spec: str, *, epochs: float = 2.0, seed: int = 
       raise InputError(f"--source {source_spec} holds a {source.arch} model, not --arch {arch}")
     return source
   parse_spec(source_spec, flag="--source")
-  path = cache_dir(arch, source_spec, epochs, seed)
+  path = cache_dir(arch, source_spec, epochs, seed, root)
   if os.path.isdir(path):
     source = transfer.load_source(path)
     if not learned(source):

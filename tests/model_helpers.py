@@ -1,5 +1,5 @@
-"""Helpers shared by the model and method tests: random variables without Flax's jitted init,
-and a tiny few-shot run on a random source of any architecture."""
+"""Helpers shared by the model, method and study tests: random variables without Flax's jitted
+init, a tiny few-shot run on a random source of any architecture, and a poisoned test split."""
 from __future__ import annotations
 
 import json
@@ -59,3 +59,20 @@ def tiny_fewshot_run(tmp_path, arch: str, config: dict, strategies: str, target:
              if r["role"] == "eval"]
   assert records and all(r["status"] == "ok" and r["arch"] == arch for r in records)
   return records
+
+
+def poison_test_split(monkeypatch) -> None:
+  """Replaces every target's test split (`jtransfer.study.target.cap_per_class`) by random
+  images with permuted labels, so a study whose choices read no test image chooses the same
+  with and without it."""
+  from jtransfer.data.base import ImageSet
+  from jtransfer.study import target
+  original = target.cap_per_class
+
+  def poisoned(s, n):
+    t = original(s, n)
+    rng = np.random.default_rng(1)
+    return ImageSet(rng.integers(0, 256, t.images.shape, dtype=np.uint8),
+                    rng.permutation(t.labels), t.class_names)
+
+  monkeypatch.setattr(target, "cap_per_class", poisoned)

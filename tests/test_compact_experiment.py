@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from model_helpers import small_variables
 
-from experiments import compact_report, pretrain, publish
+from experiments import compact_report
 from experiments import compact_transfer as ct
 from jtransfer import models
 from jtransfer.methods import distill, transfer
-from jtransfer.study import flags
+from jtransfer.sources import pretrain
+from jtransfer.study import flags, publish
 from jtransfer.study import grid as grid_lib
 from jtransfer.study import records as rec
 
@@ -31,9 +32,8 @@ def sources(tiny_source_dir, tmp_path_factory):
   """(teacher source dir, compact source dir): tiny vgg_s sources, the compact one at half
   width (pretrain(..., epochs=0.02, max_train=256, model_config=...))."""
   path = str(tmp_path_factory.mktemp("compact-src") / "model")
-  src = pretrain.pretrain("vgg_s", "fmnist:0,2,3,4,6", epochs=0.02, max_train=256,
-                          batch_size=64, progress=False,
-                          model_config=distill.compact_config("vgg_s"))
+  src = pretrain("vgg_s", "fmnist:0,2,3,4,6", epochs=0.02, max_train=256, batch_size=64,
+                 progress=False, model_config=distill.compact_config("vgg_s"))
   transfer.save_source(path, src)
   return tiny_source_dir("vgg_s"), path
 
@@ -97,6 +97,14 @@ def test_checkpoint_flag_conflicts(capsys):
   assert "--student-source" in capsys.readouterr().err
   assert ct.main(argv + ["--student-source", "ckpt:/y", "--student-config", "{}"]) == 2
   assert "conflicts" in capsys.readouterr().err
+
+
+def test_student_config_flag_is_a_json_object_or_none():
+  """--student-config: the student's widths as a JSON object, '' = none (bad text: above)."""
+  def parse(*extra):
+    return flags.parse(ct.STUDY, ["--target", "digits", *extra]).extra.student_config
+  assert parse() is None and parse("--student-config", "") is None
+  assert parse("--student-config", '{"stem_width": 8}') == {"stem_width": 8}
 
 
 # ----------------------------------------------------------------------------- pieces

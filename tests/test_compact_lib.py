@@ -77,12 +77,6 @@ def test_student_config_prefers_the_compact_sources_own():
   assert compact.student_config("vgg_s", {"dense_widths": []})["dense_widths"] == []
   src = NS(config={"conv_widths": [[4]], "num_classes": 5})
   assert compact.student_config("vgg_s", {"dense_widths": [9]}, src) == {"conv_widths": [[4]]}
-  assert compact.parse_student_config("") is None
-  assert compact.parse_student_config('{"stem_width": 8}') == {"stem_width": 8}
-  with pytest.raises(InputError, match="JSON object"):
-    compact.parse_student_config("[1]")
-  with pytest.raises(InputError, match="not valid JSON"):
-    compact.parse_student_config("{bad")
 
 
 def test_compact_source_pretrains_once_then_reads_the_cache(tmp_path):

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import cwl_kronecker, cwl_pruning, cwl_retrieval, cwl_tables, publish
+from experiments import cwl_kronecker, cwl_pruning, cwl_retrieval, cwl_tables
 from jtransfer.errors import InputError
 from jtransfer.methods import retrieval_run, transfer
 from jtransfer.study import flags as study_flags
+from jtransfer.study import publish
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import os
 import numpy as np
 import pytest
 
-from experiments import delta_table, fewshot, publish
+from experiments import delta_table, fewshot
 from jtransfer.data import Batches, load_spec, sample_kshot
 from jtransfer.errors import InputError
 from jtransfer.methods import delta, delta_study, transfer
-from jtransfer.study import flags, grid
+from jtransfer.study import flags, grid, publish
 from jtransfer.study import records as rec
 from jtransfer.train import init_state, make_train_step
 

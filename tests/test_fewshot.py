@@ -116,7 +116,7 @@ def test_source_checkpoint_of_another_arch(tiny_source_dir, tmp_path, capsys):
 def test_kshot_too_large_is_caught_before_any_training(tmp_path, capsys, monkeypatch):
   # No source is cached under this cache root: the error must come before pretraining starts.
   from jtransfer import sources
-  monkeypatch.setattr(sources, "CACHE_ROOT", str(tmp_path / "cache"))
+  monkeypatch.setenv("JTRANSFER_CACHE", str(tmp_path / "cache"))  # read when used
   called = []
   monkeypatch.setattr(sources, "pretrain", lambda *a, **k: called.append(1))
   argv = ["--arch", "vgg_s", "--target", "digits:0,1", "--shots", "500",

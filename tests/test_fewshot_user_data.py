@@ -14,6 +14,7 @@ from PIL import Image
 
 from experiments import convert_weights, fewshot
 from jtransfer.methods import transfer
+from jtransfer.sources import IMAGENET_MEAN
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -93,7 +94,7 @@ def _fewshot_on_converted(converted, out, strategy):
 def test_converted_torchvision_resnet18_as_source(converted_resnet18, tmp_path):
   source = transfer.load_source(str(converted_resnet18[0]))
   assert source.input_shape == (32, 32, 3) and source.config["num_classes"] == 1000
-  assert source.mean == convert_weights.IMAGENET_MEAN and source.meta["head"] == "imported"
+  assert source.mean == IMAGENET_MEAN and source.meta["head"] == "imported"
   _fewshot_on_converted(converted_resnet18, tmp_path / "out", "freeze")
 
 

@@ -8,27 +8,21 @@ test_selection_analysis.py (rankings, claims).
 import json
 import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
+from model_helpers import small_variables
 
 from experiments import model_selection as ms
-from experiments import model_zoo, publish, truncation
-from jtransfer import models, scoring, surgery
+from experiments import model_zoo, truncation
+from jtransfer import models, scoring
 from jtransfer.methods import selection, transfer
+from jtransfer.study import publish
 from jtransfer.study import records as rec
 from jtransfer.zoo.flags import ZooFlags
 from jtransfer.zoo.members import build_zoo
 
 
-def _fast_init(model, rng, shape):
-  """models.init_model without its jitted Flax init (seconds of compile per config)."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
-  gen = np.random.default_rng(0)
-  fill = lambda p, a: (np.ones(a.shape, np.float32) if p.endswith("var") else
-                       (0.1 * gen.normal(size=a.shape)).astype(np.float32))
-  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+# models.init_model without compiling Flax's initialisers (seconds per config).
+_fast_init = small_variables
 
 
 def test_truncation_reports_both_s6_signs():

@@ -76,12 +76,13 @@ def test_batch_that_does_not_divide_is_replicated_with_warning():
 _CLI_PROBE = r"""
 import json, sys, tempfile, os
 import jax
-from experiments import fewshot, pretrain
+from experiments import fewshot
 from jtransfer.methods import transfer
+from jtransfer.sources import pretrain
 assert jax.device_count() == 2
 tmp = tempfile.mkdtemp()
-src = pretrain.pretrain("vgg_s", "fmnist:0,2,3,4,6", epochs=0.02, max_train=256, batch_size=64,
-                        progress=False)
+src = pretrain("vgg_s", "fmnist:0,2,3,4,6", epochs=0.02, max_train=256, batch_size=64,
+               progress=False)
 transfer.save_source(os.path.join(tmp, "src"), src)
 accs = {}
 for n in (1, 2):

@@ -4,10 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from model_helpers import poison_test_split
 
-from experiments import fewshot, publish
-from jtransfer.data.base import ImageSet
-from jtransfer.study import draws, records as records_lib, target
+from experiments import fewshot
+from jtransfer.study import draws, records as records_lib
+from jtransfer.study import publish
 
 TINY = ["--shots", "2", "--repeats", "2", "--steps", "12", "--eval-every", "3",
         "--patience", "6", "--test-per-class", "6", "--val-per-class", "2", "--quiet",
@@ -40,15 +41,7 @@ def test_no_test_image_reaches_selection(tiny_source_dir, tmp_path, monkeypatch,
   real = _records(tmp_path / "real")
 
   # The same grid with the test split replaced by other images and other labels.
-  original = target.cap_per_class
-
-  def poisoned(s, n):
-    t = original(s, n)
-    rng = np.random.default_rng(1)
-    return ImageSet(rng.integers(0, 256, t.images.shape, dtype=np.uint8),
-                    rng.permutation(t.labels), t.class_names)
-
-  monkeypatch.setattr(target, "cap_per_class", poisoned)
+  poison_test_split(monkeypatch)
   assert fewshot.main([*src, "--out", str(tmp_path / "poisoned")]) == 0
   other = _records(tmp_path / "poisoned")
   assert _selection(real) and _selection(real) == _selection(other)

@@ -7,8 +7,10 @@ import shutil
 
 import pytest
 
-from experiments import cwl_tables, fewshot, publish
-from jtransfer.study import grid
+from experiments import cwl_tables, fewshot
+from experiments import publish as command
+from jtransfer.study import grid, publish
+from jtransfer.study.results_page import TABLE_BEGIN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED = os.path.join(REPO, "published")
@@ -32,10 +34,10 @@ def test_results_page_is_current():
   cwd = os.getcwd()
   os.chdir(REPO)  # folder links in the table are relative to the repository root
   try:
-    assert publish.results_page(page, "published") == page
+    assert command.results_page(page, "published") == page
   finally:
     os.chdir(cwd)
-  assert publish.TABLE_BEGIN in page
+  assert TABLE_BEGIN in page
 
 
 def test_command_line_leaves_out_resumption_flags():
@@ -104,7 +106,7 @@ def test_check_catches_an_edited_report_and_a_corrupt_file(folder, tmp_path):
     f.write("hand edit\n")
   assert publish.check(path) == ["report.md differs from the report regenerated from "
                                  "results.json"]
-  assert publish.main(["regenerate", path]) == 0 and publish.check(path) == []
+  assert command.main(["regenerate", path]) == 0 and publish.check(path) == []
   with open(os.path.join(path, "results.json"), "w") as f:
     f.write('[{"arch": ')
   assert "results.json is missing or corrupt" in publish.check(path)[0]
@@ -128,12 +130,12 @@ def test_a_tuning_choice_read_from_a_changed_record_is_caught(folder, tmp_path):
 def test_results_page_keeps_written_text(folder, tmp_path):
   root = tmp_path / "root"
   shutil.copytree(folder, root / "f")
-  page = publish.results_page("# Results\n\nwritten above\n", str(root))
-  assert page.startswith("# Results\n\nwritten above\n" + publish.TABLE_BEGIN)
+  page = command.results_page("# Results\n\nwritten above\n", str(root))
+  assert page.startswith("# Results\n\nwritten above\n" + TABLE_BEGIN)
   row = [line for line in page.split("\n") if "beats frozen convolutions" in line]
   assert len(row) == 1 and "freeze_cwl > freeze" in row[0] and "/2 |" in row[0]
   edited = page.replace("written above", "changed above") + "\nwritten below\n"
-  again = publish.results_page(edited, str(root))
+  again = command.results_page(edited, str(root))
   assert again == edited  # rebuilding changes nothing when published/ did not change
   assert "python -m experiments.cwl_tables" in page and "8 runs" in page
 
@@ -147,27 +149,27 @@ def test_snapshot_publishes_a_stopped_grid_as_incomplete(folder, tmp_path):
     lines = f.readlines()
   with open(os.path.join(path, "results.jsonl"), "w") as f:
     f.writelines(lines[:-3])  # the grid stopped three runs before its end
-  assert publish.main(["snapshot", path, "--module", "experiments.cwl_tables", "--", *argv]) == 0
+  assert command.main(["snapshot", path, "--module", "experiments.cwl_tables", "--", *argv]) == 0
   run = publish.read_run(path)
   assert run["records"] == 5 and not run["complete"]
   assert publish.check(path) == []
   # a killed run records no wall time: shown as a lower bound ('+') unless --wall-s says it
-  assert "(0+ min, 5 runs, partial grid)" in publish.results_page("", str(tmp_path))
+  assert "(0+ min, 5 runs, partial grid)" in command.results_page("", str(tmp_path))
   # the same stopped run snapshotted again, now with its logged time: replaced, not added
-  assert publish.main(["snapshot", path, "--module", "experiments.cwl_tables", "--wall-s", "150",
+  assert command.main(["snapshot", path, "--module", "experiments.cwl_tables", "--wall-s", "150",
                        "--wall-source", "its log", "--", *argv]) == 0
   run = publish.read_run(path)
   assert run["wall_s"] == 150 and len(run["invocations"]) == 1
   assert run["invocations"][0]["wall_source"] == "its log"
-  assert "(2 min, 5 runs, partial grid)" in publish.results_page("", str(tmp_path))
+  assert "(2 min, 5 runs, partial grid)" in command.results_page("", str(tmp_path))
   # a resume that was stopped again (more records) is a new invocation: both times count
   with open(os.path.join(path, "results.jsonl"), "a") as f:
     f.writelines(lines[-3:-2])
-  assert publish.main(["snapshot", path, "--module", "experiments.cwl_tables", "--wall-s", "60",
+  assert command.main(["snapshot", path, "--module", "experiments.cwl_tables", "--wall-s", "60",
                        "--", *argv]) == 0
   run = publish.read_run(path)
   assert run["wall_s"] == 210 and len(run["invocations"]) == 2 and run["records"] == 6
-  assert publish.main(["snapshot", path, "--module", "experiments.cwl_tables", "--wall-s", "-1",
+  assert command.main(["snapshot", path, "--module", "experiments.cwl_tables", "--wall-s", "-1",
                        "--", *argv]) == 2
 
 
@@ -189,17 +191,17 @@ def test_shards_merge_into_the_whole_grid(tiny_source_dir, tmp_path):
          for s in shards]
   assert got == [{2}, {3}]
   merged = str(tmp_path / "merged")
-  assert publish.main(["merge", merged, *shards, "--module", "experiments.fewshot", "--",
+  assert command.main(["merge", merged, *shards, "--module", "experiments.fewshot", "--",
                        *argv]) == 0
   for name in ("results.json", "report.md", "summary.json"):
     assert open(os.path.join(merged, name)).read() == open(os.path.join(whole, name)).read()
   assert publish.check(merged) == []
   # flags still holding --shard, a merged folder that exists, a missing shard: refused
-  assert publish.main(["merge", str(tmp_path / "m2"), *shards, "--module",
+  assert command.main(["merge", str(tmp_path / "m2"), *shards, "--module",
                        "experiments.fewshot", "--", *argv, "--shard", "0/2"]) == 2
-  assert publish.main(["merge", merged, *shards, "--module", "experiments.fewshot", "--",
+  assert command.main(["merge", merged, *shards, "--module", "experiments.fewshot", "--",
                        *argv]) == 2
-  assert publish.main(["merge", str(tmp_path / "m3"), str(tmp_path / "nope"), "--module",
+  assert command.main(["merge", str(tmp_path / "m3"), str(tmp_path / "nope"), "--module",
                        "experiments.fewshot", "--", *argv]) == 2
   assert fewshot.main(argv[:-1] + [str(tmp_path / "bad"), "--shard", "2/2"]) == 2
 
@@ -216,10 +218,10 @@ def test_merge_refuses_shards_that_disagree_about_a_run(folder, tmp_path):
   with open(os.path.join(b, "results.jsonl"), "w") as f:
     f.writelines(lines)
   argv = publish.read_run(folder)["argv"]
-  assert publish.main(["merge", str(tmp_path / "m"), a, b, "--module", "experiments.cwl_tables",
+  assert command.main(["merge", str(tmp_path / "m"), a, b, "--module", "experiments.cwl_tables",
                        "--", *argv]) == 2
   # the same runs twice (a shard copied) merge into the grid itself
-  assert publish.main(["merge", str(tmp_path / "m2"), a, a, "--module", "experiments.cwl_tables",
+  assert command.main(["merge", str(tmp_path / "m2"), a, a, "--module", "experiments.cwl_tables",
                        "--", *argv]) == 0
   assert publish.check(str(tmp_path / "m2")) == []
 

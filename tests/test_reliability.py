@@ -1,4 +1,5 @@
 """Crash-safety of experiment grids: NaN runs marked failed, kill/resume, determinism, outputs."""
+import hashlib
 import json
 import os
 import re
@@ -141,6 +142,22 @@ def test_grid_killed_and_resumed_equals_uninterrupted(tiny_source_dir, tmp_path)
   assert (out / "results.json").read_bytes() == (tmp_path / "ref" / "results.json").read_bytes()
 
 
+def test_the_cache_root_is_read_when_a_path_is_made(monkeypatch, tmp_path):
+  """$JTRANSFER_CACHE is followed when a source's folder is named, not frozen at import; an
+  explicit root wins over it."""
+  from jtransfer import sources
+  key = hashlib.sha1(b"vgg_s|digits|2.0|0").hexdigest()[:10]
+  monkeypatch.delenv("JTRANSFER_CACHE", raising=False)
+  assert sources.cache_dir("vgg_s", "digits", 2.0, 0) == os.path.join(
+      ".cache", "sources", f"vgg_s-{key}")
+  monkeypatch.setenv("JTRANSFER_CACHE", str(tmp_path / "a"))
+  assert sources.cache_root() == str(tmp_path / "a")
+  assert sources.cache_dir("vgg_s", "digits", 2.0, 0) == str(tmp_path / "a" / "sources" /
+                                                             f"vgg_s-{key}")
+  assert sources.cache_dir("vgg_s", "digits", 2.0, 0, root=str(tmp_path / "b")).startswith(
+      str(tmp_path / "b" / "sources"))
+
+
 def test_a_source_at_chance_is_retrained_at_half_the_lr_then_refused(monkeypatch, tmp_path):
   """vgg_s (no BN) pretrained at lr 0.05 on fmnist:1,5,7,8,9 ended at chance (0.2): the grid
   used it silently. Now a dead pretraining is retried at half the lr, and a dead cached source
@@ -158,7 +175,7 @@ def test_a_source_at_chance_is_retrained_at_half_the_lr_then_refused(monkeypatch
 
   saved = {}
   monkeypatch.setattr(pretrain, "pretrain", fake)
-  monkeypatch.setattr(pretrain, "CACHE_ROOT", str(tmp_path))
+  monkeypatch.setenv("JTRANSFER_CACHE", str(tmp_path))
   monkeypatch.setattr(transfer, "save_source", lambda path, s: saved.update({path: s}))
   source = pretrain.source_for("vgg_s", "fmnist:1,5,7,8,9", progress=False)
   assert calls == [0.05, 0.025, 0.0125] and source.meta["lr"] == 0.0125

@@ -1,25 +1,20 @@
 """The selection study's scores (`jtransfer.scoring.score_outputs`, `source_scores`) against
 direct jtransfer.methods.selection calls and a forward pass written out by hand."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
+from model_helpers import small_variables
 
-from jtransfer import models, scoring, surgery
+from jtransfer import models, scoring
 from jtransfer.data import normalize
 from jtransfer.errors import InputError
 from jtransfer.methods import selection, sfda, transfer, transrate
 from jtransfer.zoo.training import Compiled
 
 
-def _fast_init(model, rng, shape):
-  """models.init_model without its jitted Flax init (seconds of compile per config)."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
-  gen = np.random.default_rng(0)
-  fill = lambda p, a: (np.ones(a.shape, np.float32) if p.endswith("var") else
-                       (0.1 * gen.normal(size=a.shape)).astype(np.float32))
-  return {k: surgery.map_with_path(fill, t) for k, t in shapes.items()}
+# models.init_model without compiling Flax's initialisers (seconds per config).
+_fast_init = small_variables
 
 
 def test_score_outputs_equal_direct_selection_calls():

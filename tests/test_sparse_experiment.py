@@ -5,10 +5,10 @@ import re
 
 import pytest
 
-from experiments import publish, sparse_tables, sparse_transfer
+from experiments import sparse_tables, sparse_transfer
 from jtransfer.study import sparse_pipeline as sparse_runs
 from jtransfer.methods import sparsity, transfer
-from jtransfer.study import flags
+from jtransfer.study import flags, publish
 
 
 def _config(argv):

@@ -40,3 +40,22 @@ def test_keys_of_a_study_with_its_own_run():
   # without keys: nothing enumerable, the folder is counted instead
   assert study.publisher(study.Study(module="x", title="# x", run=lambda *a: [])
                          ).grid_keys is None
+
+
+def test_keys_of_a_study_with_its_own_plan():
+  # One hook for both kinds of own-run study: with its own plan, `keys` gets that plan and
+  # the records read as version 2, like a study on the grid's plan.
+  seen = []
+
+  def keys(records, plan):
+    seen.append((plan, [r["version"] for r in records]))
+    return {rec.run_key("a", {}, Draw("eval", i), {"lr": plan["lr"]}) for i in range(2)}
+
+  own = study.Study(module="x", title="# x", cell_fields=(), run=lambda *a: [],
+                    plan=lambda c: {"lr": 0.1}, keys=keys)
+  pub = study.publisher(own)
+  v1 = [dict(strategy="a", repeat=1, lr=0.1, map=0.5)]
+  missing = pub.grid_keys(v1, pub.validate(None), None) - {pub.key(r) for r in v1}
+  assert missing == {rec.run_key("a", {}, Draw("eval", 0), {"lr": 0.1})}
+  assert seen == [({"lr": 0.1}, [2])]
+  assert study.publisher(dataclasses.replace(own, keys=None)).grid_keys is None

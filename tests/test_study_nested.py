@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from model_helpers import poison_test_split
 
 from experiments import fewshot
 from jtransfer.data import load_spec
-from jtransfer.data.base import ImageSet
-from jtransfer.study import draws, flags, grid, records, report, target
+from jtransfer.study import draws, flags, grid, records, report
 
 
 def _plan(*argv):
@@ -112,15 +112,7 @@ def test_nested_tuning_never_reads_a_test_image(tiny_source_dir, tmp_path, monke
   src = ["--arch", "vgg_s", "--source", f"ckpt:{tiny_source_dir('vgg_s')}", *TINY]
   assert fewshot.main([*src, "--out", str(tmp_path / "real")]) == 0
   real = _rows(tmp_path / "real")
-  original = target.cap_per_class
-
-  def poisoned(s, n):  # the test split replaced by other images and other labels
-    t = original(s, n)
-    rng = np.random.default_rng(1)
-    return ImageSet(rng.integers(0, 256, t.images.shape, dtype=np.uint8),
-                    rng.permutation(t.labels), t.class_names)
-
-  monkeypatch.setattr(target, "cap_per_class", poisoned)
+  poison_test_split(monkeypatch)  # the test split replaced by other images and other labels
   assert fewshot.main([*src, "--out", str(tmp_path / "poisoned")]) == 0
   other = _rows(tmp_path / "poisoned")
   selection = lambda rs: sorted((r["repeat"], r["lr"], r["val_acc"]) for r in rs

@@ -105,19 +105,6 @@ def student_config(arch: str, overrides: Optional[Mapping[str, Any]] = None,
   return distill.compact_config(arch, overrides)
 
 
-def parse_student_config(text: Optional[str], flag: str = "--student-config") -> Optional[dict]:
-  """A student widths override from JSON text (None when `text` is empty)."""
-  if not text:
-    return None
-  try:
-    config = json.loads(text)
-  except ValueError as e:
-    raise InputError(f"{flag} is not valid JSON: {e}") from None
-  if not isinstance(config, dict):
-    raise InputError(f"{flag} must be a JSON object of model config fields")
-  return config
-
-
 # ----------------------------------------------------------------------------- compact source
 def compact_cache_dir(cache_root: str, arch: str, spec: str, config: Optional[Mapping],
                       epochs: float, seed: int) -> str:

@@ -12,6 +12,8 @@ CLI edge (`jtransfer.study.flags`) builds argparse from these; nothing below it 
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
 from typing import Any, Callable, Mapping, Optional
 
 from jtransfer.errors import InputError
@@ -61,6 +63,33 @@ def at_least(lo: int, name: str) -> Callable[[Any], None]:
     if v < lo:
       raise InputError(f"{name} must be >= {lo}, got {v}")
   return check
+
+
+def number(name: str, cast: Callable[[Any], Any] = float) -> Callable[[Any], Any]:
+  """A parser of one number (`cast`: float or int) from flag `name`'s text (an optional flag's
+  None default is never parsed: `flags` skips it); `InputError` naming the flag otherwise."""
+  what = "an integer" if cast is int else "a number"
+
+  def parse(text):
+    try:
+      return cast(text)
+    except (TypeError, ValueError):
+      raise InputError(f"{name} {text!r}: expected {what}") from None
+  return parse
+
+
+def json_object(name: str) -> Callable[[Any], dict]:
+  """A parser of flag `name`'s JSON object text (model config overrides) -> a dict;
+  `InputError` naming the flag for text that is not JSON or not an object."""
+  def parse(text):
+    try:
+      value = json.loads(text)
+    except ValueError as e:
+      raise InputError(f"{name} {text!r} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+      raise InputError(f"{name} {text!r}: expected a JSON object")
+    return value
+  return parse
 
 
 def comma_list(name: str) -> Callable[[str], tuple[str, ...]]:
@@ -292,3 +321,56 @@ class Config:
 def flag_fields(cls) -> list[dataclasses.Field]:
   """The fields of dataclass `cls` that are flags, in declaration order."""
   return [f for f in dataclasses.fields(cls) if "flag" in f.metadata]
+
+
+# What `offered` may change of a composed flag (the rest is the library's declaration).
+_CHANGES = frozenset({"default", "cli", "name", "dest", "help", "check"})
+
+
+def offered(cls, flags: Mapping[str, Mapping[str, Any]],
+            fixed: Optional[Mapping[str, Any]] = None):
+  """A field holding a `cls` (a frozen dataclass of `flag` fields, e.g. `Protocol`) of which a
+  command that is not a study (a benchmark's flags, `flags.command_config`) offers some flags
+  under its own defaults, so the command composes the library's fields instead of declaring
+  them again.
+
+  Args:
+    cls: the composed dataclass.
+    flags: field name -> what the command changes of that field's flag: 'default' (the typed
+      default; also the command line's unless 'cli' is given), 'name' (the flag; its
+      destination follows unless 'dest' is given), 'help', 'check'; {} offers it as declared.
+    fixed: field name -> the value of a field the command does not offer (default: `cls`'s).
+
+  Raises:
+    ValueError: a field of `cls` that is not a flag, or a change `flag` has no name for (a
+      programming error, at import).
+  """
+  declared = {f.name: f for f in flag_fields(cls)}
+  defaults, metas = dict(fixed or {}), {}
+  for name, change in flags.items():
+    if name not in declared or set(change) - _CHANGES:
+      raise ValueError(f"offered({cls.__name__}): cannot offer {name!r} with {sorted(change)}")
+    m = dict(declared[name].metadata)
+    if "name" in change:
+      m["flag"] = change["name"]
+      m["dest"] = change["name"].lstrip("-").replace("-", "_")
+    if "default" in change:
+      defaults[name] = change["default"]
+      m["cli"] = change["default"]
+    m.update({k: v for k, v in change.items() if k in ("cli", "dest", "help", "check")})
+    metas[name] = types.MappingProxyType(m)
+  meta = dict(group=cls, offered=types.MappingProxyType(metas),
+              defaults=types.MappingProxyType(defaults))
+  return dataclasses.field(default_factory=lambda: cls(**defaults), metadata=meta)
+
+
+def command_flags(cls) -> list[Mapping[str, Any]]:
+  """The flags (`flag` metadata) of a command's dataclass `cls` in declaration order, those of
+  its `offered` fields in their place."""
+  out: list = []
+  for f in dataclasses.fields(cls):
+    if "flag" in f.metadata:
+      out.append(f.metadata)
+    elif "offered" in f.metadata:
+      out += f.metadata["offered"].values()
+  return out

@@ -140,8 +140,6 @@ class Study:
     plan: config -> the plan of such a study (what `run`'s report, `publish check` and
       `regenerate` read), replacing the grid's `grid.plan`;
       it may raise `InputError` (checked before --out is opened).
-    grid_keys: (records, plan) -> the keys of every run that plan holds; with `plan` (None:
-      the grid's size is counted when its main finishes, `publish.save`).
     record_key: record -> its key (duplicate checks; results.json's order); default:
       `records.key` of the record read as version 2.
     additive: flag destinations a --resume may change because they only add runs beside the
@@ -149,9 +147,10 @@ class Study:
     arm_plan: (config, `grid.ArmPlan`) -> ArmPlan: the study's own knobs applied to a resolved
       arm (e.g. DELTA's --alpha grid and `delta.Config` from its flags), so they travel in the
       plan to `Strategy.build`, never through a global.
-    keys: with `run`: (version-2 records, plan) -> the keys (`records.key`) of every run its
-      grid holds, for `publish check`; None = the study lists none (its folders are counted
-      against run.json's 'grid'). Studies on the grid runner list theirs from the plan.
+    keys: with `run`: (records read as version 2, plan) -> the keys (`records.key`) of every
+      run its grid holds, for `publish check` (`plan`: its own `plan`'s, or the grid's); None =
+      the study lists none (its grid's size is counted when its main finishes,
+      `publish.save`). Studies on the grid runner list theirs from the plan.
     tune_budget: equal tuning budgets: every tuned strategy arm's grid holds exactly this
       many points (its knob grid times an LR grid spaced over its --lrs range, with no edge
       extension), so no arm is tuned with more runs than another (`grid.budgeted`); None =
@@ -181,7 +180,6 @@ class Study:
   report: Optional[Callable] = None
   run: Optional[Callable] = None
   plan: Optional[Callable] = None
-  grid_keys: Optional[Callable] = None
   record_key: Optional[Callable] = None
   additive: frozenset = frozenset()
   keys: Optional[Callable] = None

@@ -49,17 +49,14 @@ def publisher(study: Study) -> publish.Publisher:
 
   parse = lambda argv: flags.parse(study, argv)
   record_key = study.record_key or (lambda r: rec.key(rec.read([r], study.cell_fields)[0]))
-  if study.plan is not None:  # a study with its own run and plan: its own keys, or none
-    keys = study.grid_keys and (lambda records, plan, _: study.grid_keys(records, plan))
-    return publish.Publisher(study.module, parse, study.plan, report, keys, record_key)
-
-  keys = study.keys if study.run is not None else grid.grid_keys
+  # A study with its own `run` lists its grid's keys itself (`Study.keys`), or none: its
+  # folder is then counted when it finishes (`publish.save`).
+  own = study.run is not None or study.plan is not None
+  keys = study.keys if own else grid.grid_keys
 
   def grid_keys(records, plan, _):
     return keys(rec.read(records, study.cell_fields), plan)
 
-  # A study with its own `run` lists its grid's keys itself (`Study.keys`), or none: its
-  # folder is then counted when it finishes (`publish.save`).
   return publish.Publisher(
       study.module, parse, lambda c: plan_of(study, c),
       report, None if keys is None else grid_keys, record_key)

@@ -27,8 +27,7 @@ GROUPS = types.MappingProxyType({"cells": cfg.Cells, "protocol": cfg.Protocol,
 DELTA_ENV = types.MappingProxyType({"alpha": float, "beta": float, "schedule": str})
 
 
-def _add(p: argparse.ArgumentParser, f: dataclasses.Field, default: Any) -> None:
-  m = f.metadata
+def _add(p: argparse.ArgumentParser, m: Mapping[str, Any], default: Any) -> None:
   kw: dict = dict(dest=m["dest"], help=m["help"])
   if m["action"] == "store_true":
     kw.update(action="store_true", default=bool(default))
@@ -64,7 +63,7 @@ def parser(study) -> argparse.ArgumentParser:
     for f in cfg.flag_fields(cls):
       if f.metadata["dest"] in study.hidden and cls is not study.extra:
         continue
-      _add(p, f, defaults.get(f.metadata["dest"], f.metadata["cli"]))
+      _add(p, f.metadata, defaults.get(f.metadata["dest"], f.metadata["cli"]))
   return p
 
 
@@ -81,18 +80,25 @@ def settings_flags(study, raw: Mapping[str, Any]) -> dict:
   return {k: v for k, v in raw.items() if k not in drop}
 
 
+def _value(m: Mapping[str, Any], v: Any) -> Any:
+  """A flag's argparse value parsed (`flag(parse=...)`) and checked (`flag(check=...)`)."""
+  if m["parse"] is not None and (v is not None or m["action"] == "append"):
+    v = m["parse"](v)
+  if m["check"] is not None and v is not None:
+    m["check"](v)
+  return v
+
+
 def _build(cls, raw: Mapping[str, Any]):
   values = {}
-  for f in cfg.flag_fields(cls):
+  for f in dataclasses.fields(cls):
     m = f.metadata
-    if m["dest"] not in raw:
-      continue
-    v = raw[m["dest"]]
-    if m["parse"] is not None and (v is not None or m["action"] == "append"):
-      v = m["parse"](v)
-    if m["check"] is not None and v is not None:
-      m["check"](v)
-    values[f.name] = v
+    if "offered" in m:  # a composed dataclass (`config.offered`): its offered flags from raw
+      values[f.name] = m["group"](**{**m["defaults"], **{
+          name: _value(o, raw[o["dest"]]) for name, o in m["offered"].items()
+          if o["dest"] in raw}})
+    elif "flag" in m and m["dest"] in raw:
+      values[f.name] = _value(m, raw[m["dest"]])
   return cls(**values)
 
 
@@ -102,8 +108,8 @@ def command_parser(cls, doc: str) -> argparse.ArgumentParser:
   first paragraph as description."""
   p = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  for f in cfg.flag_fields(cls):
-    _add(p, f, f.metadata["cli"])
+  for m in cfg.command_flags(cls):
+    _add(p, m, m["cli"])
   return p
 
 

@@ -47,7 +47,8 @@ class ZooFlags:
                                     "images per class (the source accuracy)")
   zoo_lr: float = flag("--zoo-lr", 0.05, "initial lr (paper: 0.01)")
   zoo_batch_size: int = flag("--zoo-batch-size", 64, "zoo training batch size")
-  zoo_root: Optional[str] = flag("--zoo-root", None, "cache directory (default .cache/zoo)")
+  zoo_root: Optional[str] = flag("--zoo-root", None, "cache directory (default: zoo/ under "
+                                  "$JTRANSFER_CACHE, else .cache/zoo)")
   seed: int = flag("--seed", 0, "seeds the zoo, the target draws and every run")
   tiny: bool = flag("--tiny", False, _TINY_HELP + json.dumps(TINY_ZOO), action="store_true")
 
