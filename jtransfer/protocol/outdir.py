@@ -230,9 +230,9 @@ def open_outdir(path: str, settings: Settings | None, *, resume: bool = False,
       diff = differences(old, settings)
       shrunk = [f for f in sorted(growable) if f in old.flags and f in settings.flags
                 and grows(settings.flags[f], old.flags[f])]
-      hint = (f" ({', '.join(shrunk)} may grow on --resume, never shrink)" if shrunk else "")
+      hint = [f"{', '.join(shrunk)} may grow on --resume, never shrink"] if shrunk else []
       raise InputError(f"--resume refused: --out {path} was made with other settings "
-                       f"({'; '.join(diff)}){hint}; rerun with the same flags, or pass "
+                       f"({'; '.join(diff + hint)}); rerun with the same flags, or pass "
                        "--overwrite or another --out")
     if grown:
       if check_growth is not None:
