@@ -33,7 +33,8 @@ from collections import Counter
 from typing import Optional, Sequence
 
 from jtransfer.errors import InputError
-from jtransfer.protocol import registry
+from jtransfer.protocol import outdir, registry
+from jtransfer.study import edge, flags
 from jtransfer.study.publish import NOT_RESULT_FLAGS, read_run
 from jtransfer.study.results_page import load
 
@@ -190,8 +191,6 @@ def grow(path: str, draw_field: str, draws_now: int) -> Optional[Rerun]:
   module's resume may not grow them (see the module docstring): `--resume` on `path` with
   run.json's flags and the larger count, checked by the rule a resume applies
   (`jtransfer.protocol.outdir.growth`, `edge.growth_check`)."""
-  from jtransfer.protocol import outdir
-  from jtransfer.study import edge, flags
   run = read_run(path)
   if run is None:
     return None
