@@ -10,7 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from experiments import cwl_tables, fewshot, sparse_transfer
+from experiments import (cwl_pruning, cwl_retrieval, cwl_tables, fewshot, sparse_transfer,
+                         truncation)
 from jtransfer.data import load_spec
 from jtransfer.errors import InputError
 from jtransfer.protocol import outdir
@@ -165,6 +166,9 @@ def test_published_folder_grows_from_its_run_json(tmp_path):
 def test_sparse_transfer_seeds_grow_as_a_superset(tmp_path):
   assert edge.growable(sparse_transfer.STUDY) == {"--seeds"}
   assert edge.growable(cwl_tables.STUDY) == {"--repeats"}
+  # own loops whose draw r is seeded by r alone opt in; a study of no draws does not
+  assert edge.growable(cwl_pruning.STUDY) == edge.growable(cwl_retrieval.STUDY) == {"--repeats"}
+  assert edge.growable(truncation.STUDY) == frozenset()
   out = str(tmp_path / "s")
   argv = ["--target", "digits", "--out", out, "--quiet"]
   _open(sparse_transfer.STUDY, [*argv, "--seeds", "0,1"])
@@ -178,3 +182,42 @@ def test_sparse_transfer_seeds_grow_as_a_superset(tmp_path):
   assert _open(sparse_transfer.STUDY, [*argv, "--seeds", "0,1,2", "--resume"]).opened.resumed
   with open(os.path.join(out, outdir.SETTINGS_FILE)) as f:
     assert json.load(f)["flags"]["--seeds"] == "0,1,2"
+
+
+COMPACT = ["--arch", "vgg_s", "--target", "digits", "--shots", "2", "--teacher-steps", "4",
+           "--student-steps", "3", "--patience", "2", "--eval-every", "1", "--val-per-class", "2",
+           "--tune-repeats", "1", "--tune-extend", "0", "--teacher-lr", "1e-3",
+           "--student-lr", "1e-3,1e-2", "--temperature", "4", "--lam", "0.7",
+           "--latency-batches", "1", "--latency-runs", "1", "--test-per-class", "3",
+           "--strategies", "teacher,scratch,distill", "--quiet"]
+DELTA = ["--arch", "vgg_s", "--target", "digits", "--shots", "2", "--steps", "4",
+         "--patience", "2", "--eval-every", "2", "--test-per-class", "5", "--val-per-class", "3",
+         "--tune-repeats", "1", "--cv-folds", "0", "--no-curves", "--alpha", "0.02",
+         "--alpha-noatt", "1e-4", "--quiet"]
+
+
+def _timeless(records) -> list[dict]:
+  """Records less their measured latencies (wall-clock, not determined by the seed)."""
+  return [dict(r, outcome={k: v for k, v in r["outcome"].items() if k != "latency_ms"})
+          for r in records]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,argv", [("compact_transfer", COMPACT), ("delta_table", DELTA)])
+def test_runner_studies_with_their_own_arms_grow_alike(name, argv, tiny_source_dir, tmp_path):
+  """compact_transfer (students after their draw's teacher) and delta_table (the runner inside
+  its own run) grow 2 -> 3 draws as fewshot does, and the grown folder passes publish check."""
+  import importlib
+  from jtransfer.study import publish
+  module = importlib.import_module(f"experiments.{name}")
+  argv = [*argv, "--source", f"ckpt:{tiny_source_dir('vgg_s')}"]
+  grown, fresh = str(tmp_path / "grown"), str(tmp_path / "fresh")
+  assert module.main([*argv, "--repeats", "2", "--out", grown]) == 0
+  two = _by_draw(_timeless(_records(grown)))
+  assert module.main([*argv, "--repeats", "3", "--out", fresh]) == 0
+  assert module.main([*argv, "--repeats", "3", "--out", grown, "--resume"]) == 0
+  new, ref = _by_draw(_timeless(_records(grown))), _by_draw(_timeless(_records(fresh)))
+  for draw in two:
+    assert new[draw] == two[draw]
+  assert new[("eval", 2)] == ref[("eval", 2)] and sorted(new) == sorted(ref)
+  assert publish.check(grown) == []
