@@ -4,7 +4,7 @@ Issue 29 (item 9) asks for 10 evaluation draws in every primary cell, and for co
 claims (truncation, model selection: one draw is a target or a group of the zoo) at least 5,
 or a test valid at the N they have. `audit` lists, per registered claim, its primary folders'
 cells and how many paired draws each holds (from summary.json: the draws where both arms
-finished, the N its interval rests on) and flags the cells below the bar. `rerun` builds, from
+finished, the N its interval rests on) and flags the cells below the bar. `reruns` builds, from
 a flagged folder's run.json, the command that brings it to 10 draws, with a cost estimated from
 the folder's own wall time per recorded run. `render` writes docs/reruns.md (`python -m
 experiments.publish draws`).
