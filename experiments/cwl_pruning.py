@@ -426,6 +426,9 @@ STUDY = study.Study(
     module="experiments.cwl_pruning", title="# CWL pruning (Table IV)", cell_fields=CELL,
     extra=Knobs, groups=("source", "output"), hidden=frozenset({"shard"}),
     defaults={"out": "results/cwl_pruning"}, check=check, run=run, report=make_report,
+    # --repeats may grow on --resume: draw r's seed is draw_seed(seed, k, r), tuned on its own
+    # validation split, so the first draws of a bigger grid are the smaller grid's
+    grows=frozenset({"repeats"}),
     plots=lambda summary, plan, folder: plot_compression(
         rows(publish.jsonl_records(folder)), os.path.join(folder, "compression_per_layer.png")),
     doc=__doc__)

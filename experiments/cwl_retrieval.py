@@ -312,6 +312,8 @@ STUDY = study.Study(
     module="experiments.cwl_retrieval", title="# CWL retrieval (Table III analogue)",
     cell_fields=(), extra=Knobs, groups=("source", "output"), hidden=frozenset({"shard"}),
     defaults={"out": "results/cwl_retrieval"}, check=check, run=run, keys=keys,
+    # --repeats may grow on --resume: query draw r is seeded by --seed + r alone
+    grows=frozenset({"repeats"}),
     report=make_report, doc=__doc__,
     plots=lambda summary, plan, folder: plot(
         summary["strategies"], list(retrieval.SETUPS) if plan.config.extra.gnd else ["map"],

@@ -203,7 +203,8 @@ STUDY = study.Study(
               "tune_repeats": 0},
     hidden=HIDDEN, check=sparse_pipeline.plan_of, plan=sparse_pipeline.plan_of,
     run=sparse_pipeline.run, record_key=sparse_pipeline.record_key,
-    report=sparse_tables.report, plots=sparse_tables.plots, doc=__doc__)
+    # --seeds may grow on --resume: a unit per seed, tuned on --tune-seeds alone
+    grows=frozenset({"seeds"}), report=sparse_tables.report, plots=sparse_tables.plots, doc=__doc__)
 PUBLISHER = study.publisher(STUDY)
 
 

@@ -68,19 +68,42 @@ def test_audit_counts_and_flags_each_primary_cell(root):
   assert later.pending == ("not_yet",) and later.cells == ()
 
 
-def test_rerun_command_parses_and_its_cost_is_hand_counted(root):
+def test_rerun_grows_in_place_with_the_fresh_protocol_rerun_beside(root):
   found, notes = draw_audit.reruns(draw_audit.audit(ENTRIES, root), root)
   (r,) = found
-  assert r.command == ("python -m experiments.cwl_tables --arch vgg_s --target digits --shots "
+  few = os.path.join(root, "few")
+  assert r.in_place and r.command == (
+      "python -m experiments.cwl_tables --arch vgg_s --target digits --shots 1,5 --repeats 10 "
+      f"--strategies freeze,freeze_cwl --out {few} --resume")
+  argv = r.command.split()[3:]
+  assert cwl_tables.PUBLISHER.validate(cwl_tables.PUBLISHER.parse_args(argv))
+  # in place: the 4 tuning runs are kept, the 16 evaluation runs scale by the 7 draws added
+  # to the fewest (3): round(16 * 7 / 3) = 37; 180 s over 20 records = 9 s a run
+  assert (r.runs_now, r.runs) == (20, 37) and r.seconds == pytest.approx(9.0 * 37)
+  f = r.fresh
+  assert f.command == ("python -m experiments.cwl_tables --arch vgg_s --target digits --shots "
                        "1,5 --repeats 10 --strategies freeze,freeze_cwl --out results/x_10draws "
                        "--tuning nested --cap-share 0.1 --resume")
-  assert r.added == ("--tuning nested", "--cap-share 0.1")  # no --l2fe-lrs: not delta_table
-  argv = r.command.split()[3:]
+  assert f.added == ("--tuning nested", "--cap-share 0.1")  # no --l2fe-lrs: not delta_table
+  argv = f.command.split()[3:]
   assert cwl_tables.PUBLISHER.validate(cwl_tables.PUBLISHER.parse_args(argv))
   # 16 evaluation runs at 3 draws (the fewest) -> x 10/3; 4 tuning runs of the one tuning draw
   # per evaluation draw: 16 * 10 / 3 + 10 * 4 = 93; 180 s over 20 records = 9 s a run
-  assert (r.runs_now, r.runs) == (20, 93) and r.seconds == pytest.approx(9.0 * 93)
+  assert (f.runs_now, f.runs) == (20, 93) and f.seconds == pytest.approx(9.0 * 93)
+  assert not f.in_place and f.fresh is None
   assert len(notes) == 1 and notes[0].startswith("corr: 2 targets, fewer than 5")
+
+
+def test_no_growth_in_place_under_disjoint_tuning(root):
+  """--disjoint-tuning's tuning draws change with the count: only the fresh rerun is given."""
+  run_file = os.path.join(root, "few", "run.json")
+  run = json.load(open(run_file))
+  run["argv"] = run["argv"] + ["--disjoint-tuning"]
+  json.dump(run, open(run_file, "w"))
+  assert draw_audit.grow(os.path.join(root, "few"), "repeat", 3) is None
+  (r,), _ = draw_audit.reruns(draw_audit.audit(ENTRIES, root), root)
+  assert not r.in_place and r.command.endswith("--out results/x_10draws --disjoint-tuning "
+                                               "--tuning nested --cap-share 0.1 --resume")
 
 
 def test_shared_estimate_and_a_module_without_a_draw_flag(root):

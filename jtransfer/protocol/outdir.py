@@ -10,7 +10,11 @@ model) opens it through `open_outdir`:
       when the folder is opened, before any run; a resume compares them and names each flag
       that differs ("--seed 1 != 0"). Folders made before that file existed carry `run.json`
       (module and argv, `experiments.publish`): the caller's `legacy` function derives their
-      settings from it;
+      settings from it. One difference is a supported resume: a flag the caller names as
+      `growable` whose value grows (a larger count, e.g. --repeats 5 -> 10, or a comma list
+      growing to a superset, e.g. --seeds) adds runs beside the finished ones, once the caller's
+      `check_growth` agrees; settings.json is then rewritten with the new value (only after
+      every check passed, so a refusal changes nothing). Shrinking stays refused;
     - `overwrite`: the old folder is renamed, whole, to `DIR.replaced-<UTC time>` beside it
       (never deleted) and a fresh `DIR` is made;
   * a multi-host process other than the writer makes the same checks and changes nothing.
@@ -25,7 +29,7 @@ import dataclasses
 import datetime
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 from jtransfer.errors import InputError
 
@@ -79,6 +83,36 @@ def differences(old: Settings, new: Settings) -> list[str]:
   return out
 
 
+def grows(old: Any, new: Any) -> bool:
+  """Whether flag value `new` grows `old`: a larger integer count, or a comma list (text as the
+  command line writes it, or a JSON list) whose items are a strict superset of the old ones."""
+  if isinstance(old, int) and isinstance(new, int) and not isinstance(old, bool) \
+      and not isinstance(new, bool):
+    return new > old
+  items = lambda v: ({str(x).strip() for x in v} if isinstance(v, list) else
+                     {x.strip() for x in v.split(",") if x.strip()} if isinstance(v, str)
+                     else None)
+  a, b = items(old), items(new)
+  return a is not None and b is not None and a < b
+
+
+def growth(old: Settings, new: Settings, growable: Collection[str]) -> list[str] | None:
+  """The growing flags when the only ways `new` differs from `old` are flags of `growable`
+  ('--repeats') whose values grow (`grows`), as '--repeats 5 -> 10'; None when anything else
+  differs (or a growable flag shrinks or changes otherwise), [] when nothing differs."""
+  if old.module != new.module:
+    return None
+  out = []
+  for flag in sorted(set(old.flags) | set(new.flags)):
+    a, b = old.flags.get(flag), new.flags.get(flag)
+    if a == b:
+      continue
+    if flag not in growable or not grows(a, b):
+      return None
+    out.append(f"{flag} {_text(a)} -> {_text(b)}")
+  return out
+
+
 def _text(v: Any) -> str:
   if isinstance(v, list):
     return ",".join(map(str, v))
@@ -129,7 +163,9 @@ def open_outdir(path: str, settings: Settings | None, *, resume: bool = False,
                 overwrite: bool = False, writer: bool = True,
                 legacy: Callable[[dict], Settings] | None = None,
                 resumable: Callable[[str], bool] | None = None,
-                log: Callable[[str], None] | None = None, create: bool = True) -> Opened:
+                log: Callable[[str], None] | None = None, create: bool = True,
+                growable: Collection[str] = (),
+                check_growth: Callable[[list[str]], None] | None = None) -> Opened:
   """Opens output folder `path` under the rule of this module's docstring.
 
   Args:
@@ -143,6 +179,11 @@ def open_outdir(path: str, settings: Settings | None, *, resume: bool = False,
       settings.json nor run.json (a grid killed before this rule existed); None = never.
     log: where to say what was moved aside (one line); None = silent.
     create: make the folder (False: a model folder, which its saver makes whole at the end).
+    growable: flags ('--repeats') a resume may grow (`growth`): the folder's finished runs are
+      kept and settings.json takes the new values.
+    check_growth: the growing flags ('--repeats 5 -> 10') -> None, raising `InputError` when
+      this folder's runs cannot grow (e.g. tuning draws that depend on the draw count);
+      called before anything is written.
 
   Returns:
     `Opened`.
@@ -184,12 +225,23 @@ def open_outdir(path: str, settings: Settings | None, *, resume: bool = False,
     if old is None and log is not None:
       log(f"--resume: {path} records no settings (made before settings.json existed); "
           "resumed without checking them")
-    if old is not None:
+    grown = growth(old, settings, growable) if old is not None else []
+    if grown is None:
       diff = differences(old, settings)
-      if diff:
-        raise InputError(f"--resume refused: --out {path} was made with other settings "
-                         f"({'; '.join(diff)}); rerun with the same flags, or pass --overwrite "
-                         "or another --out")
+      shrunk = [f for f in sorted(growable) if f in old.flags and f in settings.flags
+                and grows(settings.flags[f], old.flags[f])]
+      hint = [f"{', '.join(shrunk)} may grow on --resume, never shrink"] if shrunk else []
+      raise InputError(f"--resume refused: --out {path} was made with other settings "
+                       f"({'; '.join(diff + hint)}); rerun with the same flags, or pass "
+                       "--overwrite or another --out")
+    if grown:
+      if check_growth is not None:
+        check_growth(grown)
+      if writer:
+        _write_settings(path, settings)
+      if log is not None:
+        log(f"--resume: growing {', '.join(grown)}; the finished runs are kept and only the "
+            "new ones run")
     resumed = True
   if held and overwrite and writer:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -209,10 +261,22 @@ def open_outdir(path: str, settings: Settings | None, *, resume: bool = False,
         pass
       os.remove(probe)
       if settings is not None and not os.path.exists(os.path.join(path, SETTINGS_FILE)):
-        tmp = os.path.join(path, SETTINGS_FILE + ".tmp")
-        with open(tmp, "w") as f:
-          json.dump(settings.to_json(), f, indent=1, sort_keys=True)
-        os.replace(tmp, os.path.join(path, SETTINGS_FILE))
+        _write_settings(path, settings)
     except OSError as e:
       raise InputError(f"--out {path} is not writable: {e.strerror}") from None
   return Opened(path, resumed, moved_to)
+
+
+def _write_settings(path: str, settings: Settings) -> None:
+  """settings.json, written whole (a temporary file renamed over it).
+
+  Raises:
+    InputError: the folder is not writable.
+  """
+  tmp = os.path.join(path, SETTINGS_FILE + ".tmp")
+  try:
+    with open(tmp, "w") as f:
+      json.dump(settings.to_json(), f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(path, SETTINGS_FILE))
+  except OSError as e:
+    raise InputError(f"--out {path} is not writable: {e.strerror}") from None

@@ -144,6 +144,11 @@ class Study:
       `records.key` of the record read as version 2.
     additive: flag destinations a --resume may change because they only add runs beside the
       finished ones (model_selection's --scratch); left out of the settings fingerprint.
+    grows: flag destinations a --resume may grow (a larger count, a comma list growing to a
+      superset) because the first N draws of a bigger grid are the draws of a grid of N
+      (`jtransfer.protocol.outdir.growth`); None = 'repeats' for a study on the runner's draws
+      (the 'protocol' group with --repeats offered: `draws.draw_seed` depends on the draw, not
+      on the count), none otherwise.
     arm_plan: (config, `grid.ArmPlan`) -> ArmPlan: the study's own knobs applied to a resolved
       arm (e.g. DELTA's --alpha grid and `delta.Config` from its flags), so they travel in the
       plan to `Strategy.build`, never through a global.
@@ -182,6 +187,7 @@ class Study:
   plan: Optional[Callable] = None
   record_key: Optional[Callable] = None
   additive: frozenset = frozenset()
+  grows: Optional[frozenset] = None
   keys: Optional[Callable] = None
   arm_plan: Optional[Callable] = None
   tune_budget: Optional[int] = None

@@ -4,17 +4,21 @@ Issue 29 (item 9) asks for 10 evaluation draws in every primary cell, and for co
 claims (truncation, model selection: one draw is a target or a group of the zoo) at least 5,
 or a test valid at the N they have. `audit` lists, per registered claim, its primary folders'
 cells and how many paired draws each holds (from summary.json: the draws where both arms
-finished, the N its interval rests on) and flags the cells below the bar. `rerun` builds, from
-a flagged folder's run.json, the command that brings it to 10 draws under the protocol the
-issue asks for (nested tuning, `--cap-share 0.1`, DELTA's `--l2fe-lrs 0.01,0.1`; each only
-where the module takes the flag), with a cost estimated from the folder's own wall time per
-recorded run. `render` writes docs/reruns.md (`python -m experiments.publish draws`).
+finished, the N its interval rests on) and flags the cells below the bar. `reruns` builds, from
+a flagged folder's run.json, the command that brings it to 10 draws, with a cost estimated from
+the folder's own wall time per recorded run. `render` writes docs/reruns.md (`python -m
+experiments.publish draws`).
 
-Why a fresh --out: `--resume` continues a folder only under the settings it was made with
-(jtransfer.protocol.outdir), and `--repeats`, `--tuning` and `--cap-share` are settings, so
-the rerun writes a new folder; `--resume` stays in the command so that a killed rerun
-continues where it stopped. Under nested tuning no old run could be reused anyway: every
-evaluation draw is tuned again on its own pool.
+Where the folder's module lets a resume grow its draws (`Study.grows`: the runner's --repeats,
+sparse_transfer's --seeds; not under --disjoint-tuning, whose tuning draws change with the
+count: `jtransfer.study.edge.growth_check`), the command grows the published folder in place
+(`grow`): the same flags with the larger count and `--resume` on the folder itself, so every
+finished run is kept and only the new draws run (about half the runs of a fresh grid at 5 ->
+10). Otherwise, and as the alternative beside an in-place growth, `rerun` gives a fresh folder
+under the protocol the issue asks for (nested tuning, `--cap-share 0.1`, DELTA's `--l2fe-lrs
+0.01,0.1`; each only where the module takes the flag): those flags are settings of the resume
+fingerprint (jtransfer.protocol.outdir), so they cannot be added to a folder, and under nested
+tuning no shared-tuned run could be reused anyway.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from collections import Counter
 from typing import Optional, Sequence
 
 from jtransfer.errors import InputError
-from jtransfer.protocol import registry
+from jtransfer.protocol import outdir, registry
+from jtransfer.study import edge, flags
 from jtransfer.study.publish import NOT_RESULT_FLAGS, read_run
 from jtransfer.study.results_page import load
 
@@ -103,6 +108,8 @@ class Rerun:
     runs_now, runs: the folder's recorded runs, and the rerun's estimated runs.
     seconds: the estimate (None when the folder's wall time was not recorded).
     how: how the runs were estimated.
+    in_place: the command grows the folder itself (`grow`); else it writes a fresh one.
+    fresh: beside an in-place growth, the fresh-folder rerun under the issue's protocol.
   """
   folder: str
   command: str
@@ -111,6 +118,8 @@ class Rerun:
   runs: int
   seconds: Optional[float]
   how: str
+  in_place: bool = False
+  fresh: Optional["Rerun"] = None
 
 
 def _set(argv: list, flag: str, value: str) -> list:
@@ -151,8 +160,67 @@ def _estimate(records: Sequence[dict], draws_now: int, nested: bool) -> tuple[in
           f"{len(tune)} tuning runs, plus {rest} evaluation (and other) runs x {scale:g}")
 
 
+def _grown_runs(records: Sequence[dict], draws_now: int) -> tuple[int, str]:
+  """(runs, how) of growing the folder in place to 10 draws: its shared tuning runs are kept
+  and every other run (evaluation runs, nested tuning runs, a pipeline's per-draw records)
+  scales with the draws added; records made once per folder (a pipeline's source rounds) are
+  counted as if per draw, an overcount."""
+  role = lambda r: r.get("role", (r.get("draw") or {}).get("role"))
+  rest = sum(1 for r in records if role(r) != "tune")
+  scale = (DRAWS - draws_now) / draws_now
+  return (round(rest * scale),
+          f"the {len(records) - rest} tuning runs kept, {rest} evaluation (and other) runs "
+          f"x {scale:g} for the {DRAWS - draws_now} new draws")
+
+
+def _timed(run: dict, runs: int) -> Optional[float]:
+  """The folder's wall time per recorded run times `runs` (None: a folder not timed)."""
+  wall = run.get("wall_s", 0)
+  untimed = any(i.get("wall_s", 0) == 0 for i in run.get("invocations", [])) or not wall
+  return None if untimed else wall / max(run["records"], 1) * runs
+
+
+def _draw_flag(draw_field: str) -> tuple[str, str]:
+  """The flag and value that make 10 draws: --seeds 0..9 for seed draws, else --repeats 10."""
+  return (("--seeds", ",".join(map(str, range(DRAWS)))) if draw_field == "seed"
+          else ("--repeats", str(DRAWS)))
+
+
+def grow(path: str, draw_field: str, draws_now: int) -> Optional[Rerun]:
+  """The command growing the published folder `path` to 10 draws in place, or None where its
+  module's resume may not grow them (see the module docstring): `--resume` on `path` with
+  run.json's flags and the larger count, checked by the rule a resume applies
+  (`jtransfer.protocol.outdir.growth`, `edge.growth_check`)."""
+  run = read_run(path)
+  if run is None:
+    return None
+  study = getattr(importlib.import_module(run["module"]), "STUDY", None)
+  if study is None:
+    return None
+  flag, value = _draw_flag(draw_field)
+  argv = _set([a for a in run["argv"] if a not in NOT_RESULT_FLAGS], flag, value)
+  argv = _set(argv, "--out", path) + ["--resume"]
+  try:
+    with contextlib.redirect_stderr(io.StringIO()):
+      raw = flags.raw_flags(study, argv)
+      config = flags.config_of(study, raw)
+    grown = outdir.growth(edge.legacy_settings(study)(run), edge.settings(study, raw),
+                          edge.growable(study))
+    if not grown:
+      return None
+    edge.growth_check(config)(grown)
+  except (SystemExit, InputError):
+    return None
+  with open(os.path.join(path, "results.json")) as f:
+    runs, how = _grown_runs(json.load(f), draws_now)
+  command = " ".join(["python", "-m", run["module"]] + [shlex.quote(a) for a in argv])
+  return Rerun(os.path.basename(os.path.normpath(path)), command, (), run["records"], runs,
+               _timed(run, runs), how, in_place=True)
+
+
 def rerun(path: str, draw_field: str, draws_now: int) -> Rerun:
-  """The command bringing the published folder `path` to 10 draws (see the module docstring).
+  """The command bringing the published folder `path` to 10 draws in a fresh folder under the
+  issue's protocol (see the module docstring).
 
   Args:
     path: the folder (its run.json names the module and argv).
@@ -168,8 +236,7 @@ def rerun(path: str, draw_field: str, draws_now: int) -> Rerun:
   module = run["module"]
   publisher = importlib.import_module(module).PUBLISHER
   argv = [a for a in run["argv"] if a not in NOT_RESULT_FLAGS]
-  flag, value = (("--seeds", ",".join(map(str, range(DRAWS)))) if draw_field == "seed"
-                 else ("--repeats", str(DRAWS)))
+  flag, value = _draw_flag(draw_field)
   argv = _set(argv, flag, value)
   if not _parses(publisher, argv):
     raise InputError(f"{module} takes no {flag}: {path} cannot be brought to {DRAWS} draws "
@@ -186,16 +253,15 @@ def rerun(path: str, draw_field: str, draws_now: int) -> Rerun:
   with open(os.path.join(path, "results.json")) as f:
     records = json.load(f)
   runs, how = _estimate(records, draws_now, "--tuning nested" in added)
-  wall = run.get("wall_s", 0)
-  untimed = any(i.get("wall_s", 0) == 0 for i in run.get("invocations", [])) or not wall
-  seconds = None if untimed else wall / max(run["records"], 1) * runs
+  seconds = _timed(run, runs)
   command = " ".join(["python", "-m", module] + [shlex.quote(a) for a in argv])
   return Rerun(os.path.basename(os.path.normpath(path)), command, tuple(added),
                run["records"], runs, seconds, how)
 
 
 def reruns(audits: Sequence[ClaimAudit], root: str) -> tuple[list[Rerun], list[str]]:
-  """One `Rerun` per folder holding a short evaluation-draw cell, and one line per folder
+  """One `Rerun` per folder holding a short evaluation-draw cell (growing it in place where
+  its module allows, the fresh rerun beside; else the fresh rerun), and one line per folder
   whose short cells are correlation units (no flag adds targets or groups)."""
   short: dict = {}
   units: dict = {}
@@ -209,7 +275,10 @@ def reruns(audits: Sequence[ClaimAudit], root: str) -> tuple[list[Rerun], list[s
   out = []
   for folder, n in sorted(short.items()):
     field = next(r["draw_field"] for r in summaries[folder]["claims"])
-    out.append(rerun(os.path.join(root, folder), field, n))
+    path = os.path.join(root, folder)
+    fresh = rerun(path, field, n)
+    grown = grow(path, field, n)
+    out.append(dataclasses.replace(grown, fresh=fresh) if grown else fresh)
   notes = [f"{folder}: {n} {unit}, fewer than {UNITS}; no flag adds {unit}: the claims need "
            f"{UNITS} or more {unit}, or a test valid at N = {n} (e.g. a permutation test over "
            "the rank pairs)" for folder, (unit, n) in sorted(units.items())]
@@ -256,24 +325,45 @@ def render(audits: Sequence[ClaimAudit], found: Sequence[Rerun], notes: Sequence
                  f"{_cells_text(cells) if cells else 'no cell'} | {flag} |")
   total = sum(r.seconds for r in found if r.seconds is not None)
   out += ["", "## Commands", "",
-          "Each short folder's run.json argv with the draw count set to 10 and the protocol "
-          "the issue asks for added where the module takes the flag: `--tuning nested` (each "
-          "evaluation draw tuned on its own labelled pool), `--cap-share 0.1` (an arm at its "
-          "step cap in over 10% of its runs reads not converged), and delta_table's "
-          "`--l2fe-lrs 0.01,0.1` (L2-FE tuned). The --out is a new folder: `--resume` "
-          "refuses a folder made with other settings (--repeats, --tuning and --cap-share "
-          "are settings), and a nested rerun reuses no shared-tuned run; `--resume` stays so "
-          "that a killed rerun continues. Cost: the folder's wall time per recorded run "
-          "(run.json) times the rerun's estimated runs, on the machine that made the folder; "
-          "a rough guide (a folder's wall time includes its setup).", ""]
+          "Where the folder's module lets a resume grow its draws (the study runner's "
+          "`--repeats`, sparse_transfer's `--seeds`; not under `--disjoint-tuning`, whose "
+          "tuning draws change with the count), the command grows the published folder in "
+          "place: run.json's flags with the draw count set to 10 and `--resume` on the folder, "
+          "which keeps every finished run (the first draws of a bigger grid are the draws of "
+          "the smaller one) and runs only the new draws. It keeps the folder's protocol: "
+          "`--tuning nested` (each evaluation draw tuned on its own labelled pool), "
+          "`--cap-share 0.1` (an arm at its step cap in over 10% of its runs reads not "
+          "converged) and delta_table's `--l2fe-lrs 0.01,0.1` (L2-FE tuned) are settings, "
+          "which a resume cannot change, so the issue's protocol is the fresh-folder rerun "
+          "given beside it (a nested rerun reuses no shared-tuned run). Cost: the folder's "
+          "wall time per recorded run (run.json) times the estimated runs, on the machine "
+          "that made the folder; a rough guide (a folder's wall time includes its setup).", ""]
   for r in found:
+    out += [f"### {r.folder}", ""]
+    if r.in_place:
+      f = r.fresh
+      out += [f"Grow in place:", "", f"```\n{r.command}\n```", "",
+              f"Runs: {r.runs_now} now, about {r.runs} more ({r.how}); about "
+              f"{_minutes(r.seconds)}.", ""]
+      if f is not None:
+        flags = ", ".join(f.added) if f.added else "none the module takes"
+        out += ["Or, under the issue's protocol, a fresh folder:", "",
+                f"```\n{f.command}\n```", "",
+                f"Protocol flags added: {flags}. Runs: about {f.runs} ({f.how}); about "
+                f"{_minutes(f.seconds)}.", ""]
+      continue
     flags = ", ".join(r.added) if r.added else "none the module takes"
-    out += [f"### {r.folder}", "", f"```\n{r.command}\n```", "",
+    out += ["A fresh folder (its module cannot grow this folder's draws in place):", "",
+            f"```\n{r.command}\n```", "",
             f"Protocol flags added: {flags}. Runs: {r.runs_now} now, about {r.runs} in the "
             f"rerun ({r.how}); about {_minutes(r.seconds)}.", ""]
-  out.append(f"Total: about {total / 3600:.1f} h of runs" +
-             (f" (not counting {sum(r.seconds is None for r in found)} untimed folder(s))"
-              if any(r.seconds is None for r in found) else "") + ".")
+  fresh = [r.fresh or r for r in found]
+  total_fresh = sum(r.seconds for r in fresh if r.seconds is not None)
+  untimed = sum(r.seconds is None for r in found)
+  out.append(f"Total: about {total / 3600:.1f} h of runs for the commands above (in place "
+             f"where allowed), against {total_fresh / 3600:.1f} h for fresh folders under "
+             "the issue's protocol" +
+             (f" (not counting {untimed} untimed folder(s))" if untimed else "") + ".")
   if notes:
     out += ["", "## Correlation claims short of targets or groups", ""]
     out += [f"- {n}." for n in notes]

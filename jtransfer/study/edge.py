@@ -86,6 +86,33 @@ def legacy_settings(study: Study):
   return read
 
 
+def growable(study: Study) -> frozenset:
+  """The settings flags ('--repeats') a --resume may grow in this study (`Study.grows`; by
+  default --repeats where the study offers the runner's protocol flags)."""
+  dests = study.grows
+  if dests is None:
+    dests = {"repeats"} if "protocol" in study.groups and "repeats" not in study.hidden \
+        else set()
+  return frozenset("--" + d.replace("_", "-") for d in dests)
+
+
+def growth_check(config):
+  """The check of a resume that grows the draws (`outdir.open_outdir`'s `check_growth`).
+
+  Refuses --disjoint-tuning with shared tuning draws: their images are drawn from the pool
+  rows no evaluation draw uses (`draws.cell_draws`), so more evaluation draws change the
+  tuning draws, and with them every tuned choice the finished runs were made at.
+  """
+  p = config.protocol
+
+  def check(grown: list[str]) -> None:
+    if p.disjoint_tuning and p.tune_draws and p.tuning == "shared":
+      raise InputError(f"--resume cannot grow {', '.join(grown)} under --disjoint-tuning, "
+                       "whose tuning draws avoid every evaluation draw's images and so change "
+                       "with the count: rerun with the new count in another --out")
+  return check
+
+
 def saved_runs(path: str) -> int:
   """How many run records the results.jsonl files under `path` hold."""
   n = 0
@@ -103,7 +130,8 @@ def open_results(study: Study, config, made_by: outdir.Settings) -> ResultsDir:
   log = None if o.quiet else (lambda line: print(line, file=sys.stderr))
   writer = parallel.is_writer()
   results = ResultsDir(o.out, resume=o.resume, overwrite=o.overwrite, writer=writer,
-                       settings=made_by, legacy=legacy_settings(study), log=log)
+                       settings=made_by, legacy=legacy_settings(study), log=log,
+                       growable=growable(study), check_growth=growth_check(config))
   if results.opened.resumed and log is not None and writer:
     log(f"--resume: {saved_runs(results.path)} runs already saved in {results.path} are "
         "skipped")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from jtransfer.errors import InputError
 from jtransfer.protocol import outdir
@@ -25,7 +25,9 @@ class ResultsDir:
   def __init__(self, path: str, *, resume: bool = False, overwrite: bool = False,
                writer: bool = True, settings: outdir.Settings | None = None,
                legacy: Callable[[dict], outdir.Settings] | None = None,
-               log: Callable[[str], None] | None = None):
+               log: Callable[[str], None] | None = None,
+               growable: Collection[str] = (),
+               check_growth: Callable[[list[str]], None] | None = None):
     """Opens `path` (see the class docstring).
 
     Args:
@@ -37,6 +39,8 @@ class ResultsDir:
         nothing is created, moved or written; records are read (`reload` after the writer has
         opened the directory) and `add` keeps them in memory only.
       log: where `--overwrite` says where the old folder went.
+      growable, check_growth: the flags a resume may grow and the check of such a growth
+        (`jtransfer.protocol.outdir.open_outdir`).
     """
     self.writer = writer
     self.path = os.path.abspath(path)
@@ -46,7 +50,7 @@ class ResultsDir:
     else:
       self.opened = outdir.open_outdir(
           self.path, settings, resume=resume, overwrite=overwrite, writer=writer,
-          legacy=legacy, log=log,
+          legacy=legacy, log=log, growable=growable, check_growth=check_growth,
           resumable=lambda p: os.path.exists(os.path.join(p, "results.jsonl")))
     if writer:
       self._drop_cut_line()
