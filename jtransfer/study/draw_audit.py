@@ -342,7 +342,7 @@ def render(audits: Sequence[ClaimAudit], found: Sequence[Rerun], notes: Sequence
     out += [f"### {r.folder}", ""]
     if r.in_place:
       f = r.fresh
-      out += [f"Grow in place:", "", f"```\n{r.command}\n```", "",
+      out += ["Grow in place:", "", f"```\n{r.command}\n```", "",
               f"Runs: {r.runs_now} now, about {r.runs} more ({r.how}); about "
               f"{_minutes(r.seconds)}.", ""]
       if f is not None:
