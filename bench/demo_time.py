@@ -36,7 +36,9 @@ JAX_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "jax trace",
               "/jax/core/compile/backend_compile_duration": "jax backend compile"}
 
 
-def _wrap(totals: dict, module: str, path: str, name: str) -> None:
+def _wrap(totals: dict, module: str, path: str, name: str):
+  """Replaces `module.path` by a copy adding its seconds to `totals[name]`; returns the
+  function that puts the original back."""
   import importlib
   obj = importlib.import_module(module)
   *owners, attr = path.split(".")
@@ -51,6 +53,7 @@ def _wrap(totals: dict, module: str, path: str, name: str) -> None:
     finally:
       totals[name] += time.perf_counter() - t0
   setattr(obj, attr, timed)
+  return lambda: setattr(obj, attr, inner)
 
 
 def runs_table(path: str) -> list[str]:
@@ -84,11 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
       lambda event, secs, **_: totals.__setitem__(JAX_EVENTS[event],
                                                   totals[JAX_EVENTS[event]] + secs)
       if event in JAX_EVENTS else None)
-  for module, path, name in PHASES:
-    _wrap(totals, module, path, name)
+  restore = [_wrap(totals, module, path, name) for module, path, name in PHASES]
   from experiments import fewshot
   t_main = time.perf_counter()
-  code = fewshot.main(argv)
+  try:
+    code = fewshot.main(argv)
+  finally:
+    for undo in restore:
+      undo()
   wall = time.perf_counter() - t_start
   print(f"\nexit {code}; wall {wall:.1f} s (imports before main {t_main - t_start:.1f} s)")
   for name, secs in sorted(totals.items(), key=lambda kv: -kv[1]):
