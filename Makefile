@@ -26,6 +26,8 @@ data:
 	       "or set JTRANSFER_FMNIST_DIR to a directory holding its IDX files" >&2; exit 1; \
 	fi
 
+# The demo grid (experiments.fewshot's embedded default, a few minutes); its report ends with
+# the full grid's command (README, "The main command").
 demo: setup
 	JAX_PLATFORMS=cpu $(PY) -m experiments.fewshot --out results/fewshot --overwrite
 

@@ -5,9 +5,12 @@
       --strategies freeze,finetune --lrs paper --out results/fewshot
 
 writes results.jsonl (one record per finished run), results.json, report.md and
-accuracy_vs_shots.png. With no flags it runs the embedded default: both small archs, both
-embedded targets, freeze and finetune, shots 1,5,10, 2 evaluation draws and 1 tuning draw,
-2 LRs per strategy (extended at an edge), runs capped at 500 steps, 300 test images per class.
+accuracy_vs_shots.png. With no flags it runs the embedded demo grid (`make demo`, a few minutes
+on 2 CPU cores): resnet_s, both embedded targets, freeze and finetune, k = 1, 5
+evaluation draws and 1 tuning draw, 2 LRs per strategy (extended at an edge), runs capped at
+500 steps with patience 100, 300 test images per class, evaluation draws at the tuned LR only
+(no test-selected 'best over LR' grid). The full grid is `FULL_GRID`'s command (its report
+says so).
 
 Protocol (docs/protocol.md, `jtransfer.protocol`): for each (arch, target, k) and draw one
 stratified k-shot set plus a disjoint validation set (`--val-per-class`) from the target's train
@@ -32,6 +35,8 @@ from typing import Sequence
 from jtransfer import sources, study
 from jtransfer.protocol import claims
 from jtransfer.study import fewshot as hooks
+from jtransfer.study import flags
+from jtransfer.study.report import make_report
 
 # The CWL paper's reading of its Table II (section 4): fine-tuning pays on a domain far from
 # the source (digits from clothes), not on a near one (other clothes). The near domain: the
@@ -45,11 +50,43 @@ CLAIMS = (
                  where={"target": NEAR_TARGETS}, source="Table II, section 4"),
 )
 
+# The embedded default is a demo grid (`make demo`: at most 5 minutes on an idle 2-core CPU,
+# BUILD_NOTES.md "How long things take"): one arch, k = 1, the protocol whole (tuning
+# draw, patience, validation selection, paired draws), no paper grid. Only flags that every
+# published experiments.fewshot folder names in its argv may change here, so those folders
+# parse and regenerate as before (tests/test_study_flags.py).
+DEMO_DEFAULTS = {"arch": "resnet_s", "shots": "1", "repeats": 5, "paper_grid": False}
+# The grid the defaults were before the demo (177 runs, 38.7 min loaded): both small archs,
+# k = 1, 5, 10, the paper grid too.
+FULL_GRID = ("python -m experiments.fewshot --arch vgg_s,resnet_s --shots 1,5,10 --repeats 2 "
+             "--paper-grid --out results/fewshot_full")
+
+
+def report(plan, records, folder):
+  """The study's report (`jtransfer.study.report.make_report`), plus, for the embedded demo
+  grid, the command of the full grid."""
+  text, summary = make_report(plan, records)
+  if is_demo(plan.config):
+    text = text.rstrip("\n") + (
+        "\n\nThis is the embedded demo grid (resnet_s, k = 1, evaluation at the tuned LR "
+        f"only). The full grid, both archs and k = 1, 5, 10 with the paper grid: `{FULL_GRID}`"
+        " (about 40 min on 2 loaded CPU cores).\n")
+  return text, summary
+
+
+def is_demo(config) -> bool:
+  """Whether `config` runs the embedded default grid (whatever its --out and output flags)."""
+  demo = flags.parse(STUDY, [])
+  return (config.cells, config.protocol, config.source) == (demo.cells, demo.protocol,
+                                                            demo.source)
+
+
 STUDY = study.Study(
     module="experiments.fewshot", title="# Few-shot transfer", claims=CLAIMS,
     prepare=hooks.prepare(sources.study_source),
     check_data=hooks.check_data(sources.source_input_shape),
-    plots=hooks.plot_accuracy, defaults={"out": "results/fewshot"}, doc=__doc__)
+    plots=hooks.plot_accuracy, defaults={"out": "results/fewshot", **DEMO_DEFAULTS},
+    report=report, doc=__doc__)
 PUBLISHER = study.publisher(STUDY)
 
 

@@ -19,7 +19,8 @@ def test_fewshot_smoke_both_archs_outputs(tiny_source_dir, tmp_path, capsys):
   for arch in ("vgg_s", "resnet_s"):
     out = tmp_path / arch
     code = _run(["--arch", arch, "--source", f"ckpt:{tiny_source_dir(arch)}", "--target",
-                 "fmnist:1,5,7", "--target", "digits:0,1,2", "--out", str(out), *TINY])
+                 "fmnist:1,5,7", "--target", "digits:0,1,2", "--out", str(out), *TINY,
+                 "--paper-grid"])  # (the demo default leaves the paper grid out)
     assert code == 0
     raw = json.loads((out / "results.json").read_text())
     assert {r["version"] for r in raw} == {records_lib.VERSION}
@@ -38,6 +39,7 @@ def test_fewshot_smoke_both_archs_outputs(tiny_source_dir, tmp_path, capsys):
     assert "Best over LR" in report and "Validation-selected" in report
     assert "Tuned on validation" in report
     assert (out / "accuracy_vs_shots.png").stat().st_size > 1000
+    assert fewshot.FULL_GRID not in report  # not the demo grid: no pointer to the full one
 
 
 def test_cached_features_equal_full_forward(tiny_source_dir, tmp_path):
@@ -153,3 +155,49 @@ def test_finetune_bn_uses_batch_statistics_and_updates_running_ones(tiny_source_
                          new.batch_stats, stats)
     stats_after[name] = max(jax.tree.leaves(moved))
   assert stats_after["finetune"] == 0.0 and stats_after["finetune_bn"] > 0.0
+
+
+def test_demo_report_names_the_full_grid():
+  """The embedded demo grid's report ends with the full grid's command; the report is the
+  runner's otherwise."""
+  from jtransfer.study import flags, grid
+  from jtransfer.study.report import make_report
+  plan = grid.plan(fewshot.STUDY, flags.parse(fewshot.STUDY, ["--out", "results/fewshot"]))
+  text, summary = fewshot.report(plan, [], "unused")
+  base, base_summary = make_report(plan, [])
+  assert text.startswith(base.rstrip("\n")) and summary == base_summary
+  assert text.rstrip().endswith(f"`{fewshot.FULL_GRID}` (about 40 min on 2 loaded CPU cores).")
+  other = grid.plan(fewshot.STUDY, flags.parse(fewshot.STUDY, ["--shots", "1,5"]))
+  assert fewshot.report(other, [], "unused")[0] == make_report(other, [])[0]
+
+
+def test_test_split_runs_through_the_validation_forward(tiny_source_dir, monkeypatch):
+  """A run's test evaluation uses the batch size of its validation checks (one compiled
+  forward for both) and scores what a forward over the whole test split at once scores."""
+  from jtransfer.methods import transfer
+  from jtransfer.study import config as cfg, target
+  from jtransfer.train import evaluate
+  source = transfer.load_source(tiny_source_dir("resnet_s"))
+  p = cfg.Protocol(test_per_class=7, val_per_class=3, steps=4, patience=2, eval_every=2)
+  runs = target.TargetRuns(source, "digits:0,1,2", p, {}, {}, quiet=True)
+  seen = []
+  real = evaluate.predict_logits
+
+  def spy(forward, params, stats, images, batch_size=500):
+    seen.append((len(images), batch_size))
+    return real(forward, params, stats, images, batch_size)
+  monkeypatch.setattr(target, "predict_logits", spy)
+  labels = runs.pool.labels
+  train = np.concatenate([np.flatnonzero(labels == c)[:1] for c in range(3)])
+  val = np.concatenate([np.flatnonzero(labels == c)[1:4] for c in range(3)])
+  out = runs.run("finetune", train, val, {"lr": 1e-3}, 0, 4, None, test=True)
+  assert (21, 9) in seen  # the 21 test images in batches of the 9 validation images
+  assert {min(n, b) for n, b in seen} == {9}  # every forward at one batch shape
+  assert 0 <= out["test_acc"] <= 1
+  # batches of 9 (the last one padded) give the logits one batch of all 21 gives
+  setup = runs.setup("finetune", {"lr": 1e-3}, 4)[0]
+  params, stats = setup.init(0, runs.pool.images[train], labels[train])
+  small = real(setup.forward, params, stats, runs.test.images, 9)
+  whole = real(setup.forward, params, stats, runs.test.images, 500)
+  assert small.shape == whole.shape == (21, 3)
+  np.testing.assert_allclose(small, whole, rtol=1e-4, atol=1e-5)

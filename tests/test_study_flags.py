@@ -25,9 +25,14 @@ OLD_FEWSHOT_DEFAULTS = {
     "process_id": 0, "coordinator": None}
 
 
+# The embedded demo grid (`make demo`) changed these defaults of experiments.fewshot since.
+DEMO_CHANGES = {"arch": "resnet_s", "shots": "1", "repeats": 5, "paper_grid": False}
+
+
 def test_flags_and_defaults_are_the_old_parsers():
   raw = flags.raw_flags(fewshot.STUDY, [])
-  assert flags.settings_flags(fewshot.STUDY, raw) == OLD_FEWSHOT_DEFAULTS
+  assert flags.settings_flags(fewshot.STUDY, raw) == {**OLD_FEWSHOT_DEFAULTS, **DEMO_CHANGES}
+  assert fewshot.DEMO_DEFAULTS == DEMO_CHANGES
   # flags added since (issue 29) stay out of the fingerprint at their defaults only
   assert {k: raw[k] for k in set(raw) - set(OLD_FEWSHOT_DEFAULTS)} == {
       "tuning": "shared", "disjoint_tuning": False, "cap_share": "off"}
@@ -48,7 +53,7 @@ def test_config_is_typed():
   c = flags.parse(fewshot.STUDY, ["--shots", "1,3", "--target", "digits;fmnist:1,2",
                                   "--target", "digits:0,1", "--cv-folds", "0",
                                   "--batch-runs", "4", "--shard", "1/3", "--no-paper-grid"])
-  assert c.cells == cfg.Cells(archs=("vgg_s", "resnet_s"),
+  assert c.cells == cfg.Cells(archs=("resnet_s",),  # the demo grid's arch
                               targets=("digits", "fmnist:1,2", "digits:0,1"), shots=(1, 3),
                               arms=("freeze", "finetune"))
   p = c.protocol
@@ -95,3 +100,29 @@ def test_parser_refuses_what_argparse_refuses(capsys):
   with pytest.raises(SystemExit) as e:
     flags.raw_flags(fewshot.STUDY, ["--repeats", "two"])
   assert e.value.code == 2 and "--repeats" in capsys.readouterr().err
+
+
+def _names(argv, dest):
+  flag = "--" + dest.replace("_", "-")
+  return any(a in (flag, f"--no-{flag[2:]}") or a.startswith(flag + "=") for a in argv)
+
+
+def test_demo_defaults_leave_published_folders_unchanged():
+  """Every published experiments.fewshot folder names each flag whose default the demo grid
+  changed, so its argv parses (and its report regenerates) as when it ran; and only the demo
+  grid's report carries the full grid's command."""
+  import glob
+  import json
+  import os
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "published")
+  runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(root, "*", "run.json")))]
+  argvs = [r["argv"] for r in runs if r.get("module") == "experiments.fewshot"]
+  assert argvs  # (bn_mode_resnet_s_k10)
+  for argv in argvs:
+    assert all(_names(argv, dest) for dest in fewshot.DEMO_DEFAULTS), argv
+  assert fewshot.is_demo(flags.parse(fewshot.STUDY, ["--out", "x", "--overwrite", "--quiet"]))
+  assert not fewshot.is_demo(flags.parse(fewshot.STUDY, ["--shots", "1,5"]))
+  assert not fewshot.is_demo(flags.parse(fewshot.STUDY, argvs[0]))
+  full = flags.parse(fewshot.STUDY, fewshot.FULL_GRID.split()[3:])
+  assert (full.cells.archs, full.cells.shots, full.protocol.repeats,
+          full.protocol.paper_grid) == (("vgg_s", "resnet_s"), (1, 5, 10), 2, True)
