@@ -106,13 +106,17 @@ def _hand_count(case, classes=3):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_trained_parameter_count_is_the_hand_formula(case):
+  """The trained leaves count 2 x 9 d per block plus the head; `peft_cost` agrees and, FiLM
+  folding away, reports no extra inference FLOPs."""
+  from jtransfer.methods import peft_cost
   source = _source(case)
   setup = film.build_freeze_film(source, 3, 10)
-  params, _ = setup.init(0)
+  params, stats = setup.init(0)
   trainable = surgery.flatten(setup.optimizer.trainable)
   count = sum(int(np.size(v)) for p, v in surgery.flatten(params).items() if trainable[p])
-  assert count == _hand_count(case) == {"vit": 2 * 2 * 9 * 16 + 51,
-                                        "swin": 2 * 2 * 9 * 16 + 51}[case]
+  assert count == _hand_count(case) == 2 * 2 * 9 * 16 + 16 * 3 + 3
+  cost = peft_cost.peft_cost(setup, params, stats, source.input_shape)
+  assert cost.trained_params == count and cost.extra_flops == 0
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
