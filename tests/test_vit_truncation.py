@@ -84,7 +84,11 @@ def test_truncation_module_smoke_on_vit_s28(tmp_path):
   assert "| digits:0,1,2 |" in (out / "report.md").read_text()
 
 
-def test_swin_is_refused_in_one_sentence():
+def test_swin_is_refused_in_one_sentence(tmp_path, capsys):
+  """--arch swin_t: exit 2 with one 'error:' line before --out is made."""
   from experiments import truncation
   with pytest.raises(InputError, match="Swin models cannot be truncated"):
     truncation._truncatable(models.get_model("swin_t", 2))
+  assert truncation.main(["--arch", "swin_t", "--out", str(tmp_path / "x")]) == 2
+  assert "error: --arch: Swin models cannot be truncated" in capsys.readouterr().err
+  assert not (tmp_path / "x").exists()
