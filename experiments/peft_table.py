@@ -11,7 +11,10 @@ BitFit, FiLM, CWL (frozen and finetuned), SSF, LoRA, BN tuning, last-k and surgi
 tuning, finetune with layer-wise LR decay, Conv-Adapter, finetune; on vgg_s the same without BN
 tuning and Conv-Adapter (no BN, no residual blocks); on vit_s28 freeze, BitFit, SSF, LoRA,
 LayerNorm tuning, partial tuning, Houlsby and AdaptFormer adapters, VPT shallow and deep,
-finetune (CWL and FiLM work on conv units only). The vit_s28 source (Fashion-MNIST classes
+finetune. CWL and FiLM run on transformers too (one scale, and a shift, per output channel of
+every qkv/proj/fc1/fc2: methods/cwl_linear.py, methods/film.py) but are not vit_s28 arms here:
+experiments/claims_registry/peft.py reads `ARMS` to find each claim's folders, so adding them
+would change registered claims' evidence after registration. The vit_s28 source (Fashion-MNIST classes
 {0,2,3,4,6}, like the CNNs') is pretrained on first use and cached under .cache/sources; to
 make it beforehand, `python -m experiments.pretrain --arch vit_s28 --out DIR` and pass
 `--source ckpt:DIR`. Grid: both targets (fmnist:1,5,7,8,9 and digits), k in {1, 5, 10},

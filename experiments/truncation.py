@@ -3,12 +3,14 @@
   python -m experiments.truncation --arch resnet_s --out results/truncation
 
 For one source model and each truncation point l (resnet: 'stem', 'stage1/block0', ...,
-'stage3/block1'; vgg: every conv unit), the network is cut after l, global average pooling and
+'stage3/block1'; vgg: every conv unit; a ViT, e.g. vit_s28: 'block0', ..., each block, the
+final norm then applied to the cut block's tokens and the CLS token (the model's `pool`) fed
+to the head, as DINOv2's probes of intermediate layers; Swin is not truncatable), the network is cut after l, global average pooling and
 a new head are put on the cut map (config `truncate_after`; source params the truncated model
 lacks are dropped by `transfer.init_target`'s restrict_to), and the truncated model is
 fine-tuned on each target. Before fine-tuning, S1..S6 are computed on the map at the cut (the
 truncated model's 'last_conv' tap, after ReLU: the cut conv layer's own output, before any
-pooling) and LogME / H-score on its pooled features (the truncated target's head input), from
+pooling; a ViT's normed patch tokens on their grid) and LogME / H-score on its pooled features (the truncated target's head input), from
 the same labelled training images. LogME is the authors' published variant by default
 (`--logme`, see selection.logme), as in experiments.model_selection.
 
@@ -96,20 +98,33 @@ class TruncationFlags(FineTuneFlags):
 
 def truncation_points(source: transfer.Source) -> list[str]:
   """Every truncation point of the source's architecture, input to output."""
-  return list(source.model.unit_names())
+  return _truncatable(source.model)
+
+
+def _truncatable(model) -> list[str]:
+  """The model's truncation points.
+
+  Raises:
+    InputError: an architecture without truncation points (Swin: its final norm is sized for
+      the last stage only).
+  """
+  if not any(f.name == "truncate_after" for f in dataclasses.fields(model)):
+    raise InputError(f"--arch: {type(model).__name__} models cannot be truncated (no "
+                     "truncate_after); use e.g. resnet_s or vit_s28")
+  return list(model.unit_names())
 
 
 def _unit_names(x: TruncationFlags):
   """The points of --arch as --source builds it, read without pretraining (a ckpt: source's
   config from its meta.json); None when a ckpt: source is not there (loading it says so)."""
   if not x.source.startswith("ckpt:"):
-    return list(models.get_model(x.arch, 2).unit_names())
+    return _truncatable(models.get_model(x.arch, 2))
   try:
     with open(os.path.join(x.source[len("ckpt:"):], "meta.json")) as f:
       meta = json.load(f)
   except (OSError, ValueError):
     return None
-  return list(models.from_config(meta.get("arch", x.arch), meta.get("config", {})).unit_names())
+  return _truncatable(models.from_config(meta.get("arch", x.arch), meta.get("config", {})))
 
 
 def _check_points(points, valid, text: str) -> None:

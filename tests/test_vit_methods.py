@@ -1,7 +1,7 @@
 """Transformers under the transfer machinery: gradients against torch autograd, the
 strategies that run on them (freeze, finetune, l2sp, bitfit through experiments.fewshot) and
-CWL on their linear maps, and the ones that refuse them (FiLM, conv-unit channel pruning;
-DELTA on transformers is tests/test_delta_tokens.py)."""
+CWL on their linear maps, and the one that refuses them (conv-unit channel pruning; FiLM on
+transformers is tests/test_vit_film.py, DELTA tests/test_delta_tokens.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,8 +84,6 @@ def test_refusals_name_the_arch():
                            random_variables(model, shape), shape, (0.5,), (0.25,))
   with pytest.raises(InputError, match="pruning works on conv units"):
     prune.channel_groups(source.variables["params"], source.config)
-  with pytest.raises(InputError, match="FiLM"):
-    transfer.get_strategy("freeze_film").build(source, 3, 10)
 
 
 def test_bitfit_trains_biases_and_layernorm_shifts_only():

@@ -91,7 +91,9 @@ def _conv_unit_classes() -> tuple[type, ...]:
 def _last_conv_is_the_map() -> tuple[type, ...]:
   from jtransfer.models.convnext import ConvNeXt
   from jtransfer.models.densenet import DenseNet
-  return (ConvNeXt, DenseNet)
+  from jtransfer.models.swin import Swin
+  from jtransfer.models.vit import ViT
+  return (ConvNeXt, DenseNet, Swin, ViT)
 
 
 def apply_with_taps(model, params, batch_stats, x: jax.Array, taps: Sequence[str]
@@ -125,8 +127,8 @@ def apply_with_taps(model, params, batch_stats, x: jax.Array, taps: Sequence[str
     return logits, got
   if isinstance(model, _last_conv_is_the_map()):
     # The map before pooling follows a final norm (DenseNet's norm5 + ReLU) or sits inside
-    # blocks that are not conv units (ConvNeXt): the models tap it as 'last_conv', also at
-    # a truncation cut.
+    # blocks that are not conv units (ConvNeXt; a transformer's normed tokens on their grid):
+    # the models tap it as 'last_conv', also at a truncation cut.
     wanted = tuple(t for t in taps if t != LAST_CONV_OUTPUT) + ("last_conv",)
     logits, _, got = models.apply_model(model, params, batch_stats, x, taps=wanted)
     return logits, dict({t: got[t] for t in taps if t != LAST_CONV_OUTPUT},

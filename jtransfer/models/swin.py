@@ -15,7 +15,8 @@ Parameter paths:
   * `norm` (final LayerNorm), `head`.
 
 Taps: `patch_embed` (the patch conv's (N, H/4, W/4, C) map, before `patch_norm`),
-`stage{s}/block{b}` (each block's output map), `norm` (the final normed map), `mean` and
+`stage{s}/block{b}` (each block's output map), `norm` (the final normed map; also `last_conv`,
+the map the selection metrics S1..S6 read, named as the CNNs' map before pooling), `mean` and
 `features` (its spatial mean: what the head reads).
 
 Inputs must make every stage's map a multiple of the window (for swin_t: 224, 448, ...):
@@ -206,6 +207,7 @@ class Swin(nn.Module):
                       name=f"stage{s + 1}/block{b}")(x, train)
         index += 1
     x = attention.layer_norm(self, 1e-5, "norm", tapped=True)(x)
+    tap(self, "last_conv", x)
     x = jnp.mean(x, axis=(1, 2))
     tap(self, "mean", x)
     tap(self, "features", x)

@@ -22,8 +22,19 @@ Parameter paths:
 Taps (`apply_model(..., taps=...)`): `patch_embed` (the patch conv's (N, h, w, dim) map, before
 the position embedding), `block{i}` (each block's output tokens), `norm` (final normed tokens),
 `cls` (the class token after `norm`), `mean` (mean of the normed patch tokens, prefix tokens
-excluded), and `features`: what the head reads, `cls` (pool='token', the default and the
-checkpoints' own) or `mean` (pool='mean'), followed by `proj` when the model has one.
+excluded), `last_conv` (the normed patch tokens as an (N, h, w, dim) grid: the map the
+selection metrics S1..S6 read, named as the CNNs' map before pooling), and `features`: what the
+head reads, `cls` (pool='token', the default and the checkpoints' own) or `mean`
+(pool='mean'), followed by `proj` when the model has one.
+
+Truncation (`truncate_after='block{i}'`, experiments.truncation): blocks after i are dropped
+and the final `norm` is applied to block i's output, then pooled as `pool` says (CLS by
+default) into `proj` (if any) and the head. Applying the final norm at an intermediate block is
+what DINOv2's linear probes on intermediate layers do (`dinov2/eval/linear.py` reads
+`get_intermediate_layers(..., return_class_token=True)`, whose tokens pass through the final
+norm), and timm's `forward_intermediates` offers the same; it also keeps every truncated
+model's head input on the scale the source's head was trained on. The truncated model keeps
+the source's `norm` (and `proj`) parameters; the dropped blocks' are left out of it.
 """
 from __future__ import annotations
 
@@ -35,7 +46,7 @@ import jax.numpy as jnp
 
 from jtransfer.errors import InputError
 from jtransfer.models import attention
-from jtransfer.models.common import head, tap, to_compute
+from jtransfer.models.common import check_truncation, head, tap, to_compute
 
 
 class Block(nn.Module):
@@ -94,6 +105,8 @@ class ViT(nn.Module):
     block_heads, block_hidden: per-block head counts and MLP widths of a pruned model
       (`methods/prune_heads.py`); None: `heads` and dim * mlp_ratio in every block. With
       `block_heads` each head keeps the width dim // heads.
+    truncate_after: a block name (`unit_names`): the network stops after it, the final norm
+      and the pooling then read that block's tokens; None: every block.
   """
   num_classes: int
   patch_size: int = 16
@@ -115,9 +128,10 @@ class ViT(nn.Module):
   dtype: Optional[str] = None
   block_heads: Optional[tuple[int, ...]] = None
   block_hidden: Optional[tuple[int, ...]] = None
+  truncate_after: Optional[str] = None
 
   def unit_names(self) -> list[str]:
-    """The blocks, in order (their outputs are taps)."""
+    """The blocks, in order (their outputs are taps and the truncation points)."""
     return [f"block{i}" for i in range(self.depth)]
 
   def _check(self, x: jax.Array) -> tuple[int, int]:
@@ -135,6 +149,7 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     grid = self._check(x)
+    check_truncation(self.truncate_after, self.unit_names())
     x = attention.PatchEmbed(self.dim, self.patch_size, self.patch_bias, self.dtype,
                              name="patch_embed")(to_compute(self, x))
     n = x.shape[0]
@@ -165,7 +180,10 @@ class ViT(nn.Module):
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
       x = Block(heads[i], hidden[i], self.ln_eps, self.act, self.layer_scale, rate,
                 dtype=self.dtype, head_dim=head_dim, name=f"block{i}")(x, train)
+      if self.truncate_after == f"block{i}":
+        break
     x = attention.layer_norm(self, self.ln_eps, "norm", tapped=True)(x)
+    tap(self, "last_conv", x[:, num_prefix:].reshape(n, *grid, self.dim))
     cls, mean = x[:, 0], jnp.mean(x[:, num_prefix:], axis=1)
     tap(self, "cls", cls)
     tap(self, "mean", mean)
