@@ -1,4 +1,4 @@
-"""Dense (groups = 1) convolutions whose kernel gradient is one patch-matrix GEMM.
+"""Dense (groups = 1) convolutions whose kernel gradient is a patch-matrix GEMM.
 
 A drop-in for `lax.conv_general_dilated` that nn.Conv takes as its `conv_general_dilated`
 field, so the module, its params, its initialisers and every `isinstance(m, nn.Conv)`
@@ -6,19 +6,20 @@ interceptor (CWL, FiLM, DELTA) stay as they are. The forward is XLA's convolutio
 gradient is autodiff's (XLA's transposed convolution); the kernel gradient is
 `patches^T @ dy`, with the patch matrix built from kH x kW strided slices of the padded input
 (im2col, as `lax.conv_general_dilated_patches` lays it out but in (kH, kW, C) order, which is
-the HWIO kernel's) and one dot accumulating in float32.
+the HWIO kernel's) and a dot accumulating in float32.
 
 Kernels larger than 1x1 take the patch matrix in chunks of `CHUNK` images (a scan), laid
 out transposed, (kH * kW * C, chunk * OH * OW), so that each chunk's patches stay in the
 last-level cache and the GEMM's long dimension is contiguous: the whole matrix is kH*kW times
-the input (115 MB at 128x28x28x32) and writing it out cost 4-6x XLA's kernel gradient; the
-chunked form costs 1.1-1.9x (docs/decisions.md, "Dense-conv filter gradients").
+the input (115 MB at 128x28x28x32) and writing it out cost 3-6x XLA's kernel gradient; the
+chunked form costs 1.1-2x (docs/decisions.md, "Dense-conv filter gradients").
 
 Where it pays is `AUTO_GEMM`, a table by kernel size and stride measured on this project's
 CPU (2-core AMD EPYC, AVX2, jaxlib 0.10.2): XLA:CPU computes the kernel gradient of a 1x1
 convolution as a generic backward-filter convolution, 1.5-3x slower than the plain dot it is;
 for 3x3 kernels XLA's backward-filter convolution (a CHWN batch-as-feature convolution whose
-patches Eigen packs on the fly) beat every patch-GEMM form measured, in wall and CPU time.
+patches Eigen packs on the fly) beat every patch-GEMM form measured (in CPU time; the
+one-channel stems tie).
 """
 from __future__ import annotations
 
@@ -29,16 +30,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# 'auto' (the GEMM kernel gradient for 1x1 kernels on the CPU backend, XLA's convolution
-# otherwise), 'gemm' (every dense conv) or 'xla' (never). A module-level switch, not a config
+# 'auto' (the GEMM kernel gradient where AUTO_GEMM says so, on the CPU backend only; XLA's
+# convolution otherwise), 'gemm' (every dense conv) or 'xla' (never). A module-level switch, not a config
 # field, because all give the same function of the same params (as common.DEPTHWISE_IMPL);
 # the environment variable JTRANSFER_CONV_IMPL, when set, overrides it.
 CONV_IMPL = "auto"
 IMPLS = ("auto", "gemm", "xla")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Images per chunk of the patch matrix for kernels > 1x1: 16 x 28x28 x 9 x 32 floats = 14 MB,
-# inside the 32 MB last-level cache; 16 measured best of 8/16/32/64 on 14x14 and 7x7 layers
-# and within 5% of the best at 28x28 (CPU time, loaded).
+# inside the 32 MB last-level cache. Of 16/32/64, 16 took the least CPU time on 6 of the 10
+# 3x3 layers of vgg_s / resnet_s and was within 35% of the best on the others (loaded).
 CHUNK = 16
 
 
@@ -51,14 +52,17 @@ def conv_impl() -> str:
 
 
 # 'auto's choice on the CPU backend, by (kernel, stride): True where the patch GEMM's kernel
-# gradient measured faster than XLA's backward-filter convolution on every layer of vgg_s /
-# resnet_s with that kernel and stride (batch 128, interleaved medians, loaded machine, ratios
-# within one run; docs/decisions.md, "Dense-conv filter gradients"). GEMM / XLA time:
-#   1x1 stride 2 (14x14x32->64, 7x7x64->128):        0.6-0.7 wall
-#   3x3 stride 1 (28x28 .. 4x4, 32..128 channels):   1.1-1.9 in CPU time, 1.0-2.0 wall
-#   3x3 stride 2 (14x14x32->64, 7x7x64->128):        1.0-1.2 in CPU time, 0.9-1.4 wall
-# A (kernel, stride) not listed keeps XLA's convolution. Off the CPU backend 'auto' never
-# takes the GEMM (XLA's GPU/TPU convolutions have their own backward-filter kernels).
+# gradient measured faster than XLA's backward-filter convolution on the layers of vgg_s /
+# resnet_s with that kernel and stride (batch 128, the two interleaved in one process, on a
+# loaded 2-core machine, so ratios only; bench/CONVS.md and docs/decisions.md, "Dense-conv
+# filter gradients"). GEMM / XLA time:
+#   1x1, strides 1 and 2 (14x14x32->64, 7x7x64->128, 14x14x64->128):  0.3-0.7 wall
+#   3x3 stride 1, 32-128 channels (28x28 .. 4x4):   1.14-1.77 wall, 1.2-2.0 CPU time
+#   3x3 stride 2, 32-64 channels (14x14, 7x7):      0.85-1.22 wall, 1.27-1.29 CPU time
+#   3x3 one-channel stems (28x28x1, strides 1, 2):  0.68-3.2 wall, 0.97-0.99 CPU time: even
+# so every 3x3 layer keeps XLA's. A (kernel, stride) not listed (7x7 stems, unequal strides)
+# keeps XLA's too. Off the CPU backend 'auto' never takes the GEMM (XLA's GPU/TPU
+# convolutions have their own backward-filter kernels).
 AUTO_GEMM = {((1, 1), 1): True, ((1, 1), 2): True,
              ((3, 3), 1): False, ((3, 3), 2): False}
 
