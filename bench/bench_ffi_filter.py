@@ -1,6 +1,7 @@
 """A lead for issue 32 item 2: the kernel gradient as a fused im2col + GEMM outside XLA's ops.
 
   python -m bench.bench_ffi_filter --out bench/FFI_FILTER.md   # vgg_s and resnet_s, minutes
+  python -m bench.bench_ffi_filter --no-convs --steps resnet_s,vgg_s --runs 12   # whole steps
 
 Builds bench/ffi_filter_grad.cc (an XLA FFI custom call: per image and block of output rows,
 im2col patches in a cache-sized buffer, a single-threaded sgemm from the OpenBLAS numpy
@@ -109,12 +110,60 @@ def compare(x_shape, w_shape, strides, padding, runs: int) -> dict[str, tuple[fl
   return {k: (1e3 * float(np.median(wall[k])), 1e3 * float(np.median(cpu[k]))) for k in fns}
 
 
+def step_compare(arch: str, runs: int, batch: int) -> dict[str, tuple[float, float]]:
+  """{'xla' | 'ffi': (median wall ms, median CPU ms) per finetune step} of `arch`, the second
+  with the FFI kernel gradient on every 3x3 conv with 32+ input channels (where it measured
+  faster alone) and the models' own elsewhere; 3 steps a round, the two alternating.
+
+  The FFI step is built by switching `gemm_conv` to 'gemm' and its `kernel_gradient` to the
+  FFI's while the step traces, both restored after: a bench-only swap.
+  """
+  from bench import run
+  from jtransfer.models import gemm_conv
+  own, impl = gemm_conv.kernel_gradient, gemm_conv.CONV_IMPL
+
+  def ffi_where_faster(x, dy, kernel_hw, strides, padding, precision=None, chunk=None):
+    if tuple(kernel_hw) == (3, 3) and x.shape[-1] >= 32:
+      return ffi_filter_grad(x, dy, kernel_hw, strides, padding, 2)
+    if gemm_conv.AUTO_GEMM.get((tuple(kernel_hw), strides[0]), False):
+      return own(x, dy, kernel_hw, strides, padding, precision, chunk)
+    return _xla_filter_grad(x, dy, tuple(kernel_hw), strides, padding)
+
+  steps = {}
+  try:
+    for name in ("xla", "ffi"):
+      gemm_conv.CONV_IMPL = "auto" if name == "xla" else "gemm"
+      gemm_conv.kernel_gradient = own if name == "xla" else ffi_where_faster
+      step, state, data = run.jax_step(arch, "finetune", (28, 28, 1), batch)
+      for _ in range(2):  # trace and compile under the swap
+        state, _ = step(state, data)
+      steps[name] = [step, jax.block_until_ready(state), data]
+  finally:
+    gemm_conv.kernel_gradient, gemm_conv.CONV_IMPL = own, impl
+  wall = {k: [] for k in steps}
+  cpu = {k: [] for k in steps}
+  for r in range(runs):
+    for name in (("xla", "ffi") if r % 2 == 0 else ("ffi", "xla")):
+      step, state, data = steps[name]
+      c0, t0 = time.process_time(), time.perf_counter()
+      for _ in range(3):
+        state, _ = step(state, data)
+      jax.block_until_ready(state)
+      wall[name].append((time.perf_counter() - t0) / 3)
+      cpu[name].append((time.process_time() - c0) / 3)
+      steps[name][1] = state
+  return {k: (1e3 * float(np.median(wall[k])), 1e3 * float(np.median(cpu[k]))) for k in steps}
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--archs", default="vgg_s,resnet_s")
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--runs", type=int, default=15, help="interleaved rounds (median)")
   p.add_argument("--out", default=None, help="also write the report here")
+  p.add_argument("--steps", default="", help="archs whose whole finetune step is also timed "
+                 "with the FFI kernel gradient on its 3x3 convs of 32+ channels")
+  p.add_argument("--no-convs", action="store_true", help="skip the per-conv table")
   args = p.parse_args(argv)
   try:
     register(build())
@@ -124,7 +173,7 @@ def main(argv=None) -> int:
   load_start = os.getloadavg()[0]
   rows = ["| arch | input | kernel | stride | XLA wall | FFI 2 thr wall | FFI 1 thr wall | "
           "XLA CPU | FFI 2 thr CPU | FFI 1 thr CPU | FFI 2 thr / XLA, CPU |", "|---" * 11 + "|"]
-  for arch in args.archs.split(","):
+  for arch in ([] if args.no_convs else args.archs.split(",")):
     seen = set()
     for config in conv_configs(arch, args.batch):
       if config in seen:
@@ -137,6 +186,14 @@ def main(argv=None) -> int:
                   + " | ".join(f"{t[k][1]:.2f}" for k in t)
                   + f" | {t['ffi 2 threads'][1] / t['xla'][1]:.2f} |")
       print(rows[-1], file=sys.stderr)
+  step_rows = ["| arch | XLA step wall | FFI step wall | ratio | XLA step CPU | FFI step CPU | "
+               "ratio |", "|---" * 7 + "|"]
+  for arch in filter(None, args.steps.split(",")):
+    t = step_compare(arch, args.runs, args.batch)
+    step_rows.append(f"| {arch} | {t['xla'][0]:.1f} | {t['ffi'][0]:.1f} | "
+                     f"{t['ffi'][0] / t['xla'][0]:.3f} | {t['xla'][1]:.1f} | {t['ffi'][1]:.1f} | "
+                     f"{t['ffi'][1] / t['xla'][1]:.3f} |")
+    print(step_rows[-1], file=sys.stderr)
   load = (load_start, os.getloadavg()[0])
   loaded = max(load) > (os.cpu_count() or 1)
   text = ("# The kernel gradient as an FFI im2col + GEMM vs XLA's backward-filter convolution\n\n"
@@ -146,7 +203,12 @@ def main(argv=None) -> int:
           f"end, on {os.cpu_count()} cores"
           + (": every timing is loaded (a shared machine); only the ratios within a row mean "
              "anything, and CPU time (all threads) is the steadier of the two.\n\n"
-             if loaded else ".\n\n") + "\n".join(rows) + "\n")
+             if loaded else ".\n\n")
+          + ("" if args.no_convs else "Each conv's kernel gradient alone:\n\n"
+             + "\n".join(rows) + "\n\n")
+          + ("" if len(step_rows) == 2 else
+             "Whole finetune steps, ms a step (3 steps a round, the two alternating):\n\n"
+             + "\n".join(step_rows) + "\n"))
   emit(text, args.out)
   return 0
 
