@@ -2,6 +2,7 @@
 
   python -m bench.bench_convs                    # vgg_s and resnet_s at batch 128, ~3 min
   python -m bench.bench_convs --tiny             # seconds; what the test suite runs
+  python -m bench.bench_convs --convs-only       # the per-conv table alone, no whole steps
 
 For every convolution of the arch (shapes read from the Flax model by an interceptor), times
 its forward, its input gradient (backward-data) and its kernel gradient (backward-filter),
@@ -13,8 +14,10 @@ are timed too, so `step - convolutions` is the time in everything else (elementw
 BN, reductions, the optimizer): the split that says whether a gap is in the convolution
 kernels or around them.
 
-The kernel gradient is timed twice in JAX: XLA's, and `jtransfer.models.gemm_conv`'s patch
-GEMM; the step sums take the one the model uses (gemm_conv.CONV_IMPL, JTRANSFER_CONV_IMPL).
+The kernel gradient is timed twice in JAX, round-robin so that a load change hits both alike:
+XLA's backward-filter convolution (what every 3x3 layer used before `gemm_conv`'s table), and
+`jtransfer.models.gemm_conv`'s patch GEMM (chunked for kernels > 1x1); 'auto' is the one the
+model uses (gemm_conv.AUTO_GEMM, CONV_IMPL, JTRANSFER_CONV_IMPL), and the step sums take it.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from bench import run
 from bench.common import command, emit
 from jtransfer import models
 from jtransfer.models import gemm_conv
-from jtransfer.train.evaluate import median_latency_ms
+from jtransfer.train.evaluate import interleaved_latency_ms, median_latency_ms
 
 SHAPE = (28, 28, 1)
 
@@ -73,10 +76,13 @@ def jax_times(x_shape, w_shape, strides, padding, runs: int) -> tuple[float, ...
   data = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
   filt = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
   filt_gemm = jax.jit(lambda x, w, g: jax.vjp(lambda w: gemm(x, w), w)[1](g)[0])
+  # the two kernel gradients interleaved: their ratio holds on a loaded machine
+  filters = interleaved_latency_ms(
+      {"xla": lambda: jax.block_until_ready(filt(x, w, g)),
+       "gemm": lambda: jax.block_until_ready(filt_gemm(x, w, g))}, runs=runs, warmup=2)
   return (median_latency_ms(fwd, x, w, runs=runs, warmup=2),
           median_latency_ms(data, x, w, g, runs=runs, warmup=2),
-          median_latency_ms(filt, x, w, g, runs=runs, warmup=2),
-          median_latency_ms(filt_gemm, x, w, g, runs=runs, warmup=2))
+          filters["xla"], filters["gemm"])
 
 
 def torch_times(x_shape, w_shape, strides, padding, runs: int) -> tuple[float, float, float]:
@@ -125,15 +131,19 @@ def main(argv=None) -> int:
   p.add_argument("--runs", type=int, default=20, help="calls per conv timing (median)")
   p.add_argument("--tiny", action="store_true", help="batch 4, 2 calls, 1 step")
   p.add_argument("--out", default=None, help="also write the report here")
+  p.add_argument("--convs-only", action="store_true",
+                 help="the per-conv table only (no whole steps, no step sums)")
   args = p.parse_args(argv)
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
   windows, steps = (5, 3) if not args.tiny else (1, 1)
+  load_start = os.getloadavg()[0]
   if args.tiny:
     args.batch, args.runs = 4, 2
   ops = ["| arch | input | kernel | stride | times in net | JAX fwd | JAX bwd-data | "
-         "JAX bwd-filter | JAX bwd-filter GEMM | torch fwd | torch bwd-data | torch bwd-filter |",
-         "|---" * 12 + "|"]
+         "JAX bwd-filter XLA (before) | JAX bwd-filter GEMM | GEMM / XLA | "
+         "JAX bwd-filter 'auto' (after) | torch fwd | torch bwd-data | torch bwd-filter |",
+         "|---" * 14 + "|"]
   steps_tbl = ["| arch | step | JAX step ms | JAX convs ms | JAX rest ms | torch step ms | "
                "torch convs ms | torch rest ms |", "|---|---|---|---|---|---|---|---|"]
   for arch in args.archs.split(","):
@@ -147,30 +157,46 @@ def main(argv=None) -> int:
       data_needed = i > 0  # the first conv's input is the image: no input gradient
       (fwd, data, w_xla, w_gemm), torch_t = timed[config]
       # the kernel gradient the model computes (gemm_conv.CONV_IMPL / JTRANSFER_CONV_IMPL)
-      jax_t = (fwd, data, w_gemm if gemm_conv.use_gemm_conv(config[1][:2]) else w_xla)
+      jax_t = (fwd, data, w_gemm if gemm_conv.use_gemm_conv(config[1][:2], config[2])
+               else w_xla)
       for lib, (f, d, w) in (("jax", jax_t), ("torch", torch_t)):
         sums[("finetune", lib)] += f + w + (d if data_needed else 0.0)
         sums[("freeze_cwl", lib)] += f + (d if data_needed else 0.0)
     for config, (j, t) in timed.items():
       x_shape, w_shape, strides, _ = config
+      picked = "GEMM" if gemm_conv.use_gemm_conv(w_shape[:2], strides) else "XLA"
+      after = j[3] if picked == "GEMM" else j[2]
       ops.append(f"| {arch} | {'x'.join(map(str, x_shape))} | {'x'.join(map(str, w_shape))} | "
                  f"{strides[0]} | {configs.count(config)} | "
-                 + " | ".join(f"{v:.2f}" for v in (*j, *t)) + " |")
+                 + " | ".join(f"{v:.2f}" for v in j) + f" | {j[3] / j[2]:.2f} | "
+                 f"{after:.2f} ({picked}) | " + " | ".join(f"{v:.2f}" for v in t) + " |")
+      print(ops[-1], file=sys.stderr)
+    if args.convs_only:
+      continue
     for strategy in ("finetune", "freeze_cwl"):
       js, ts, layout = step_ms(arch, strategy, args.batch, windows, steps)
       jc, tc = sums[(strategy, "jax")], sums[(strategy, "torch")]
       steps_tbl.append(f"| {arch} | {strategy} | {js:.1f} | {jc:.1f} | {js - jc:.1f} | "
                        f"{ts:.1f} ({layout}) | {tc:.1f} | {ts - tc:.1f} |")
       print(steps_tbl[-1], file=sys.stderr)
+  load = (load_start, os.getloadavg()[0])
+  loaded = max(load) > (os.cpu_count() or 1)
+  mark = " (loaded)" if loaded else ""
   text = (f"# Convolutions vs the rest of a step\n\nCommand: `{command('bench_convs', argv)}`; "
           f"backend {jax.default_backend()}, jax {jax.__version__}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads. Batch {args.batch}, input "
-          f"{'x'.join(map(str, SHAPE))}.\n\n"
-          f"Whole steps (median of {windows} windows x {steps} steps; PyTorch in its faster "
-          "layout) and the sum of their convolutions timed alone (PyTorch's in channels_last); "
-          "'rest' = step - convolutions:\n\n" + "\n".join(steps_tbl)
-          + f"\n\nEach convolution alone, ms (median of {args.runs} calls):\n\n" + "\n".join(ops)
-          + "\n")
+          f"{'x'.join(map(str, SHAPE))}. 1-minute load average {load[0]:.1f} at the start, "
+          f"{load[1]:.1f} at the end, on {os.cpu_count()} cores"
+          + (": every timing below is loaded (the machine was shared); only ratios measured in "
+             "one run, such as GEMM / XLA, mean anything.\n\n" if loaded else ".\n\n"))
+  if not args.convs_only:
+    text += (f"Whole steps{mark} (median of {windows} windows x {steps} steps; PyTorch in its "
+             "faster layout) and the sum of their convolutions timed alone (PyTorch's in "
+             "channels_last); 'rest' = step - convolutions:\n\n" + "\n".join(steps_tbl)
+             + "\n\n")
+  text += (f"Each convolution alone, ms{mark} (median of {args.runs} calls; the two JAX "
+           "kernel gradients interleaved; 'auto' is the one the model computes):\n\n"
+           + "\n".join(ops) + "\n")
   emit(text, args.out)
   return 0
 

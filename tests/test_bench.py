@@ -144,6 +144,14 @@ def test_bench_convs_runs_tiny(tmp_path):
   text = out.read_text()
   assert "| vgg_s | finetune |" in text and "| vgg_s | freeze_cwl |" in text
   assert "| vgg_s | 4x28x28x32 | 3x3x32x32 | 1 | 1 |" in text
+  # the filter gradient before (XLA's) and after (the model's pick for its six 3x3 layers)
+  from jtransfer.models import gemm_conv
+  picked = " (GEMM) |" if gemm_conv.use_gemm_conv((3, 3), (1, 1)) else " (XLA) |"
+  assert "JAX bwd-filter XLA (before) | JAX bwd-filter GEMM | GEMM / XLA |" in text
+  assert text.count(picked) == 6
+  assert bench_convs.main(["--tiny", "--archs", "vgg_s", "--convs-only", "--out", str(out)]) == 0
+  text = out.read_text()
+  assert "| vgg_s | finetune |" not in text and text.count(picked) == 6
 
 
 def test_parity_torch_net_equals_jtransfer_net():

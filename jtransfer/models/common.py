@@ -262,7 +262,8 @@ def conv_layer(x: jax.Array, features: int, kernel, stride: int, padding, use_bi
   return nn.Conv(features, kernel, strides=strides, padding=pads, use_bias=use_bias,
                  feature_group_count=groups, kernel_init=conv_init,
                  dtype=compute_dtype(dtype), name=name,
-                 conv_general_dilated=gemm_conv.conv_fn(kernel) if groups == 1 else None)(x)
+                 conv_general_dilated=(gemm_conv.conv_fn(kernel, strides) if groups == 1
+                                       else None))(x)
 
 
 class ConvUnit(nn.Module):

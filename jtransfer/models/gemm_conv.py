@@ -1,4 +1,4 @@
-"""Dense (groups = 1) convolutions whose kernel gradient is one patch-matrix GEMM.
+"""Dense (groups = 1) convolutions whose kernel gradient is a patch-matrix GEMM.
 
 A drop-in for `lax.conv_general_dilated` that nn.Conv takes as its `conv_general_dilated`
 field, so the module, its params, its initialisers and every `isinstance(m, nn.Conv)`
@@ -6,13 +6,20 @@ interceptor (CWL, FiLM, DELTA) stay as they are. The forward is XLA's convolutio
 gradient is autodiff's (XLA's transposed convolution); the kernel gradient is
 `patches^T @ dy`, with the patch matrix built from kH x kW strided slices of the padded input
 (im2col, as `lax.conv_general_dilated_patches` lays it out but in (kH, kW, C) order, which is
-the HWIO kernel's) and one dot accumulating in float32.
+the HWIO kernel's) and a dot accumulating in float32.
 
-Where it pays (bench/CONVS.md, bench/bench_convs.py --conv-impl): XLA:CPU computes the kernel
-gradient of a 1x1 convolution as a generic backward-filter convolution, 1.5-3x slower than
-the plain dot it is. For kernels larger than 1x1 the patch matrix is kH*kW times the input,
-and building it costs more than the GEMM saves: 3x3 layers at 28x28 measured 3-6x slower, at
-7x7 and 4x4 about even. So 'auto' uses it for 1x1 kernels on the CPU backend only.
+Kernels larger than 1x1 take the patch matrix in chunks of `CHUNK` images (a scan), laid
+out transposed, (kH * kW * C, chunk * OH * OW), so that each chunk's patches stay in the
+last-level cache and the GEMM's long dimension is contiguous: the whole matrix is kH*kW times
+the input (115 MB at 128x28x28x32) and writing it out cost 3-6x XLA's kernel gradient; the
+chunked form costs 1.1-2x (docs/decisions.md, "Dense-conv filter gradients").
+
+Where it pays is `AUTO_GEMM`, a table by kernel size and stride measured on this project's
+CPU (2-core AMD EPYC, AVX2, jaxlib 0.10.2): XLA:CPU computes the kernel gradient of a 1x1
+convolution as a generic backward-filter convolution, 1.5-3x slower than the plain dot it is;
+for 3x3 kernels XLA's backward-filter convolution (a CHWN batch-as-feature convolution whose
+patches Eigen packs on the fly) beat every patch-GEMM form measured (in CPU time; the
+one-channel stems tie).
 """
 from __future__ import annotations
 
@@ -23,13 +30,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# 'auto' (the GEMM kernel gradient for 1x1 kernels on the CPU backend, XLA's convolution
-# otherwise), 'gemm' (every dense conv) or 'xla' (never). A module-level switch, not a config
+# 'auto' (the GEMM kernel gradient where AUTO_GEMM says so, on the CPU backend only; XLA's
+# convolution otherwise), 'gemm' (every dense conv) or 'xla' (never). A module-level switch, not a config
 # field, because all give the same function of the same params (as common.DEPTHWISE_IMPL);
 # the environment variable JTRANSFER_CONV_IMPL, when set, overrides it.
 CONV_IMPL = "auto"
 IMPLS = ("auto", "gemm", "xla")
 _NHWC = ("NHWC", "HWIO", "NHWC")
+# Images per chunk of the patch matrix for kernels > 1x1: 16 x 28x28 x 9 x 32 floats = 14 MB,
+# inside the 32 MB last-level cache. Of 16/32/64, 16 took the least CPU time on 6 of the 10
+# 3x3 layers of vgg_s / resnet_s and was within 35% of the best on the others (loaded).
+CHUNK = 16
 
 
 def conv_impl() -> str:
@@ -40,11 +51,30 @@ def conv_impl() -> str:
   return impl
 
 
-def use_gemm_conv(kernel_size: Sequence[int]) -> bool:
-  """Whether a dense conv with this kernel size computes its kernel gradient as a GEMM."""
+# 'auto's choice on the CPU backend, by (kernel, stride): True where the patch GEMM's kernel
+# gradient measured faster than XLA's backward-filter convolution on the layers of vgg_s /
+# resnet_s with that kernel and stride (batch 128, the two interleaved in one process, on a
+# loaded 2-core machine, so ratios only; bench/CONVS.md and docs/decisions.md, "Dense-conv
+# filter gradients"). GEMM / XLA time:
+#   1x1, strides 1 and 2 (14x14x32->64, 7x7x64->128, 14x14x64->128):  0.3-0.7 wall
+#   3x3 stride 1, 32-128 channels (28x28 .. 4x4):   1.14-1.77 wall, 1.2-2.0 CPU time
+#   3x3 stride 2, 32-64 channels (14x14, 7x7):      0.85-1.22 wall, 1.27-1.29 CPU time
+#   3x3 one-channel stems (28x28x1, strides 1, 2):  0.68-3.2 wall, 0.97-0.99 CPU time: even
+# so every 3x3 layer keeps XLA's. A (kernel, stride) not listed (7x7 stems, unequal strides)
+# keeps XLA's too. Off the CPU backend 'auto' never takes the GEMM (XLA's GPU/TPU
+# convolutions have their own backward-filter kernels).
+AUTO_GEMM = {((1, 1), 1): True, ((1, 1), 2): True,
+             ((3, 3), 1): False, ((3, 3), 2): False}
+
+
+def use_gemm_conv(kernel_size: Sequence[int], strides: Sequence[int] = (1, 1)) -> bool:
+  """Whether a dense conv with this kernel size and stride computes its kernel gradient as a
+  GEMM: 'gemm' always, 'xla' never, 'auto' where `AUTO_GEMM` says so on the CPU backend."""
   impl = conv_impl()
   if impl == "auto":
-    return tuple(kernel_size) == (1, 1) and jax.default_backend() == "cpu"
+    strides = tuple(int(v) for v in strides)
+    key = (tuple(int(v) for v in kernel_size), strides[0] if len(set(strides)) == 1 else strides)
+    return AUTO_GEMM.get(key, False) and jax.default_backend() == "cpu"
   return impl == "gemm"
 
 
@@ -120,17 +150,63 @@ def _dense_bwd(strides, padding, precision, res, g):
   kh, kw, c, o = kernel.shape
   _, conv_vjp = jax.vjp(lambda v: _forward(v, kernel, strides, padding, precision), x)
   (dx,) = conv_vjp(g)
-  patches = patch_matrix(x, (kh, kw), strides, padding)
-  dk = lax.dot_general(patches, g.reshape(-1, o), (((0,), (0,)), ((), ())),
-                       precision=precision, preferred_element_type=jnp.float32)
-  return dx, dk.reshape(kh, kw, c, o).astype(kernel.dtype)
+  dk = kernel_gradient(x, g, (kh, kw), strides, padding, precision)
+  return dx, dk.astype(kernel.dtype)
+
+
+def kernel_gradient(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int],
+                    strides: Sequence[int], padding, precision=None,
+                    chunk: Optional[int] = None) -> jax.Array:
+  """(kH, kW, C, O) float32 gradient of an NHWC x HWIO convolution's kernel, given its input
+  `x` and output cotangent `dy`: dk[i, j, c, o] = sum over n, h, w of
+  x_pad[n, s*h + i, s*w + j, c] * dy[n, h, w, o].
+
+  A 1x1 kernel is one dot (its patch matrix is the strided input itself). A larger one sums
+  `patches_T @ dy` over chunks of `chunk` images (default `CHUNK`; the batch is zero-padded
+  to a multiple, which adds nothing), `patches_T` being the chunk's (kH * kW * C, chunk * OH *
+  OW) transposed patch matrix: a chunk's patches stay in cache instead of 9x the input going
+  through memory. Products accumulate in float32 (bfloat16 inputs included).
+  """
+  (kh, kw), padding = kernel_hw, tuple(tuple(p) for p in padding)
+  o = dy.shape[-1]
+  dims = (((1,), (0,)), ((), ()))
+  if (kh, kw) == (1, 1) or chunk == 0:
+    patches = patch_matrix(x, (kh, kw), strides, padding)
+    return lax.dot_general(patches, dy.reshape(-1, o), (((0,), (0,)), ((), ())),
+                           precision=precision, preferred_element_type=jnp.float32
+                           ).reshape(kh, kw, x.shape[-1], o)
+  n, oh, ow = dy.shape[:3]
+  chunk = min(chunk or CHUNK, n)
+  m = -(-n // chunk)
+  (pt, pb), (pl, pr) = padding
+  xp = jnp.pad(x, ((0, m * chunk - n), (pt, pb), (pl, pr), (0, 0)))
+  dyp = jnp.pad(dy, ((0, m * chunk - n), (0, 0), (0, 0), (0, 0)))
+  # (m, C, chunk, Hp, Wp): one transpose up front, so each chunk's taps are plain slices.
+  xs = xp.reshape(m, chunk, *xp.shape[1:]).transpose(0, 4, 1, 2, 3)
+  dys = dyp.reshape(m, chunk * oh * ow, o)
+  (sh, sw) = strides
+
+  def one_chunk(acc, args):
+    xc, dyc = args
+    taps = [xc[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+            for i in range(kh) for j in range(kw)]
+    patches_t = jnp.stack(taps).reshape(kh * kw * xc.shape[0], -1)  # rows in HWIO's order
+    return acc + lax.dot_general(patches_t, dyc, dims, precision=precision,
+                                 preferred_element_type=jnp.float32), None
+
+  acc = jnp.zeros((kh * kw * x.shape[-1], o), jnp.float32)
+  if m == 1:
+    acc, _ = one_chunk(acc, (xs[0], dys[0]))
+  else:
+    acc, _ = lax.scan(one_chunk, acc, (xs, dys))
+  return acc.reshape(kh, kw, x.shape[-1], o)
 
 
 _dense = jax.custom_vjp(_forward, nondiff_argnums=(2, 3, 4))
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def conv_fn(kernel_size: Sequence[int]) -> Optional[object]:
-  """The `conv_general_dilated` for an nn.Conv of this kernel size: this module's when
-  `use_gemm_conv`, else None (nn.Conv's default, lax's)."""
-  return conv_general_dilated if use_gemm_conv(kernel_size) else None
+def conv_fn(kernel_size: Sequence[int], strides: Sequence[int] = (1, 1)) -> Optional[object]:
+  """The `conv_general_dilated` for an nn.Conv of this kernel size and stride: this module's
+  when `use_gemm_conv`, else None (nn.Conv's default, lax's)."""
+  return conv_general_dilated if use_gemm_conv(kernel_size, strides) else None
