@@ -1,0 +1,140 @@
+"""bench.bench_peft end to end at tiny sizes: every row's trained-parameter count against a hand
+formula over the target model's parameter tree, the memory columns against their definition,
+and the CLI's report and refusals."""
+import re
+
+import numpy as np
+import pytest
+
+from bench import bench_peft
+from experiments.peft_table import ARMS
+from jtransfer import models, surgery
+from jtransfer.errors import InputError
+from jtransfer.methods import transfer
+
+# Narrow models: the bench's cost is one compile per (arch, strategy).
+TINY = {"resnet_s": dict(stage_widths=(8, 8, 16), stem_width=8),
+        "vgg_s": dict(conv_widths=((4, 4), (6, 6), (8, 8)), dense_widths=(8,)),
+        "vit_s28": dict(dim=16, depth=2, heads=2)}
+# The default suite's subset: every family, and a row of each kind of count (whole tree, head
+# only, per-channel, low rank, added modules, prompts, one block).
+QUICK = {"resnet_s": ("freeze_cwl", "lora", "conv_adapter", "last_k"),
+         "vgg_s": ("bitfit", "surgical"),
+         "vit_s28": ("houlsby", "vpt_deep", "norm_tune")}
+
+
+def _plain_tree(arch):
+  """The target model's own params (the source cut to its transfer model, new head)."""
+  src = bench_peft.source(arch, TINY[arch])
+  setup = transfer.get_strategy("freeze").build(src, bench_peft.CLASSES, 3)
+  return surgery.flatten(models.abstract_variables(setup.model, bench_peft.SHAPE)["params"])
+
+
+def _hand_count(arch, strategy, flat):
+  """Each strategy's trained entries at its default knobs, written out from the method papers'
+  definitions (not from `peft_cost` or the methods' own `trained_count`)."""
+  size = lambda paths: int(sum(np.prod(flat[p].shape) for p in paths))
+  head = size(["head/kernel", "head/bias"])
+  body = [p for p in flat if not p.startswith("head/")]
+  kernels = [p for p in body if p.endswith("kernel")]
+  convs = [p for p in kernels if len(flat[p].shape) == 4]
+  channels = sum(flat[p].shape[-1] for p in convs)  # CWL / FiLM: one unit per conv channel
+  under = lambda *prefixes: size([p for p in body if p.startswith(prefixes)])
+  vit = arch == "vit_s28"
+  dim, depth = (TINY[arch]["dim"], TINY[arch]["depth"]) if vit else (0, 0)
+  if arch == "resnet_s":
+    first, last = ("stem/",), ("stage3/block1/",)
+  elif arch == "vgg_s":
+    first, last = ("conv1_1/",), ("conv3_2/",)
+  else:  # BEiT's depth groups: the embeddings are block 0; the final norm trains with the head
+    first, last = ("cls_token", "pos_embed", "patch_embed/", "norm/"), (f"block{depth - 1}/",
+                                                                         "norm/")
+
+  def lora(rank=4):  # r * (rows + columns) of each adapted kernel's matrix view
+    rule = r"block\d+/attn/(qkv|proj)/kernel" if vit else r".*/conv/kernel"
+    mats = [flat[p].shape for p in kernels if re.fullmatch(rule, p)]
+    return rank * sum(int(np.prod(s[:-1])) + s[-1] for s in mats)
+
+  def conv_adapter(reduction=4):  # depthwise 3x3 (no bias), 1x1 down and 1x1 up with biases
+    total = 0
+    for block in sorted({p.rsplit("/conv1/", 1)[0] for p in convs if "/conv1/" in p}):
+      ci, co = flat[f"{block}/conv1/conv/kernel"].shape[2], flat[f"{block}/conv2/conv/kernel"].shape[3]
+      h = int(co // reduction)
+      total += 9 * ci + ci * h + h + h * co + co
+    return total
+
+  adapter = depth * (2 * dim * (dim // 8) + dim // 8 + dim)  # h = D / 8 on each block's MLP
+  want = {
+      "finetune": size(body), "finetune_lrd": size(body), "freeze": 0,
+      "bitfit": size([p for p in body if p.endswith("/bias")]),
+      "freeze_cwl": channels, "freeze_film": 2 * channels, "finetune_cwl": size(body) + channels,
+      "ssf": 2 * sum(flat[p].shape[-1] for p in kernels),
+      "norm_tune": 2 * size([p for p in body if p.endswith("scale")]),
+      "lora": lora(), bench_peft.LORA_BRANCH: lora(), "conv_adapter": conv_adapter(),
+      "last_k": under(*last), "surgical": under(*first),
+      "houlsby": adapter, "adaptformer": adapter,
+      "vpt_shallow": 10 * dim, "vpt_deep": depth * 10 * dim}
+  return want[strategy] + head
+
+
+def _check_rows(rows, pairs):
+  """Rows in the bench's order; counts by hand; memory fields as their definition says."""
+  assert [(r.arch, r.strategy) for r in rows] == pairs
+  trees = {arch: _plain_tree(arch) for arch, _ in pairs}
+  for r in rows:
+    assert r.trained_params == _hand_count(r.arch, r.strategy, trees[r.arch]), (r.arch, r.strategy)
+    m = r.memory
+    assert m["argument"] > 0 and m["temp"] >= 0 and 0 <= m["alias"] <= m["output"]
+    assert r.peak_bytes == m["argument"] + m["output"] - m["alias"] + m["temp"]
+    # The state is donated: the new state's params and optimiser state reuse its buffers.
+    assert m["alias"] > 0, (r.arch, r.strategy)
+  base = {r.arch: r for r in rows if r.strategy == "finetune"}
+  for r in rows:
+    if r.strategy in ("freeze_cwl", "bitfit", "houlsby", "vpt_deep", "norm_tune"):
+      # Fewer trained params, so less optimiser state among the step's arguments.
+      assert r.memory["argument"] < base[r.arch].memory["argument"], (r.arch, r.strategy)
+
+
+def test_bench_rows_count_what_the_formulas_say():
+  rows, pairs = [], []
+  for arch, arms in QUICK.items():
+    config = bench_peft.BenchConfig(archs=(arch,), batch=2, repeats=1, warmup=0, strategies=arms,
+                                    model_overrides=TINY)
+    rows += bench_peft.measure(config)
+    pairs += [(arch, s) for s in config.arms(arch)]
+  assert pairs[:3] == [("resnet_s", "finetune"), ("resnet_s", "freeze_cwl"), ("resnet_s", "lora")]
+  assert pairs[3] == ("resnet_s", bench_peft.LORA_BRANCH)
+  _check_rows(rows, pairs)
+  assert all(r.step_s is not None and r.step_s > 0 for r in rows)
+  config = bench_peft.BenchConfig(model_overrides=TINY, repeats=1)
+  text = bench_peft.report(config, rows, "cmd", "")
+  assert text.count("| finetune | ") == 3 and text.count(" | 1.00 | ") >= 3
+
+
+@pytest.mark.slow  # 40 compiles: every arm of every family
+def test_every_arm_of_every_family_counts_what_the_formulas_say():
+  config = bench_peft.BenchConfig(batch=2, repeats=0, model_overrides=TINY)
+  rows = bench_peft.measure(config)
+  assert {r.strategy for r in rows} == {s for a in ARMS.values() for s in a} | {
+      bench_peft.LORA_BRANCH}
+  _check_rows(rows, [(a, s) for a in config.archs for s in config.arms(a)])
+  assert all(r.step_s is None for r in rows)
+  assert "| - | - |" in bench_peft.report(config, rows, "cmd", "")
+
+
+def test_cli_writes_the_report_and_refuses_bad_input(tmp_path, capsys):
+  out = tmp_path / "PEFT.md"
+  argv = ["--archs", "vit_s28", "--strategies", "freeze", "--batch", "2", "--repeats", "1",
+          "--warmup", "0", "--out", str(out)]
+  assert bench_peft.main(argv) == 0
+  text = out.read_text()
+  assert text.splitlines()[2] == f"`python -m bench.bench_peft {' '.join(argv)}`"
+  assert re.search(r"\| freeze \| [\d.]+ \| [\d.]+ \| 970 \| 0 \|", text)  # 96 * 10 + 10
+  assert "Load average" in text
+  for bad, what in [(["--archs", "resnet50"], "--archs"),
+                    (["--archs", "vgg_s", "--strategies", "norm_tune"], "do not apply"),
+                    (["--batch", "0"], "--batch")]:
+    assert bench_peft.main(bad) == 2
+    assert what in capsys.readouterr().err
+  with pytest.raises(InputError, match="--archs"):
+    bench_peft.check(bench_peft.BenchConfig(archs=()))
