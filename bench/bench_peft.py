@@ -101,11 +101,16 @@ class Row:
 
   @property
   def peak_bytes(self) -> Optional[int]:
-    """argument + output - alias + temp: the bytes the step's executable holds at once."""
-    if not self.memory:
-      return None
-    m = self.memory
-    return m["argument"] + m["output"] - m["alias"] + m["temp"]
+    """The step's peak (`peak_bytes`)."""
+    return peak_bytes(self.memory)
+
+
+def peak_bytes(memory: Mapping[str, int]) -> Optional[int]:
+  """argument + output - alias + temp of `memory_bytes`: what the step's executable holds at
+  once (None when the backend reports no analysis)."""
+  if not memory:
+    return None
+  return memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
 
 
 def check(config: BenchConfig) -> None:

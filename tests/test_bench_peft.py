@@ -138,3 +138,21 @@ def test_cli_writes_the_report_and_refuses_bad_input(tmp_path, capsys):
     assert what in capsys.readouterr().err
   with pytest.raises(InputError, match="--archs"):
     bench_peft.check(bench_peft.BenchConfig(archs=()))
+
+
+def test_vit_b16_bench_path_on_a_small_vit():
+  """bench_vit --b16's code path (abstract-input compile for memory, then a timed one) on
+  vit_s28: bfloat16 compute keeps params and Adam state in float32, so the step's arguments
+  are byte for byte the same size in both dtypes."""
+  from bench import bench_vit
+  small = dict(arch="vit_s28", shape=(28, 28, 1))
+  memory_only = bench_vit.b16_measure(2, 0, **small)
+  timed = bench_vit.b16_measure(2, 1, **small)
+  assert set(memory_only) == set(timed) == {"float32", "bfloat16"}
+  for dtype, (m, t) in memory_only.items():
+    assert t is None and timed[dtype][1] > 0
+    assert m == timed[dtype][0]  # abstract and concrete inputs compile the same step
+  f32, bf16 = memory_only["float32"][0], memory_only["bfloat16"][0]
+  assert f32["argument"] == bf16["argument"] > 0
+  text = bench_vit.b16_report(2, 0, ["--b16"], **small)
+  assert "| float32 | - | - |" in text and "`python -m bench.bench_vit --b16`" in text
