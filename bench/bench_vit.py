@@ -40,10 +40,11 @@ B16_DTYPES = ("float32", "bfloat16")
 
 
 def b16_step(dtype: str, batch: int, concrete: bool, arch: str = "vit_b16",
-             shape: Sequence[int] = B16_SHAPE):
-  """(compiled finetune step of `arch` (ViT-B/16) at `dtype` compute, its state, its batch);
-  state and batch are abstract shapes unless `concrete` (to time the step)."""
-  model = models.get_model(arch, 1000, dtype=None if dtype == "float32" else dtype)
+             shape: Sequence[int] = B16_SHAPE, overrides: Optional[dict] = None):
+  """(compiled finetune step of `arch` (ViT-B/16; `overrides` its config) at `dtype` compute,
+  its state, its batch); state and batch are abstract shapes unless `concrete` (to time it)."""
+  model = models.get_model(arch, 1000, dtype=None if dtype == "float32" else dtype,
+                           **(overrides or {}))
   shape = tuple(shape)
   variables = models.init_model(model, jax.random.PRNGKey(0), shape)
   src = transfer.Source(arch, models.model_config(model), jax.tree.map(np.asarray, variables),

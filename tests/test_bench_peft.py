@@ -16,11 +16,6 @@ from jtransfer.methods import transfer
 TINY = {"resnet_s": dict(stage_widths=(8, 8, 16), stem_width=8),
         "vgg_s": dict(conv_widths=((4, 4), (6, 6), (8, 8)), dense_widths=(8,)),
         "vit_s28": dict(dim=16, depth=2, heads=2)}
-# The default suite's subset: every family, and a row of each kind of count (whole tree, head
-# only, per-channel, low rank, added modules, prompts, one block).
-QUICK = {"resnet_s": ("freeze_cwl", "lora", "conv_adapter", "last_k"),
-         "vgg_s": ("bitfit", "surgical"),
-         "vit_s28": ("houlsby", "vpt_deep", "norm_tune")}
 
 
 def _plain_tree(arch):
@@ -95,64 +90,93 @@ def _check_rows(rows, pairs):
       assert r.memory["argument"] < base[r.arch].memory["argument"], (r.arch, r.strategy)
 
 
-def test_bench_rows_count_what_the_formulas_say():
-  rows, pairs = [], []
-  for arch, arms in QUICK.items():
-    config = bench_peft.BenchConfig(archs=(arch,), batch=2, repeats=1, warmup=0, strategies=arms,
-                                    model_overrides=TINY)
-    rows += bench_peft.measure(config)
-    pairs += [(arch, s) for s in config.arms(arch)]
-  assert pairs[:3] == [("resnet_s", "finetune"), ("resnet_s", "freeze_cwl"), ("resnet_s", "lora")]
-  assert pairs[3] == ("resnet_s", bench_peft.LORA_BRANCH)
-  _check_rows(rows, pairs)
-  assert all(r.step_s is not None and r.step_s > 0 for r in rows)
-  config = bench_peft.BenchConfig(model_overrides=TINY, repeats=1)
-  text = bench_peft.report(config, rows, "cmd", "")
-  assert text.count("| finetune | ") == 3 and text.count(" | 1.00 | ") >= 3
+def _table_rows(text):
+  """{(arch, strategy): trained params} read back from the markdown report."""
+  out, arch = {}, None
+  for line in text.splitlines():
+    if line.startswith("## "):
+      arch = line.split()[1]
+    elif line.startswith("| ") and not line.startswith(("| strategy", "|---")):
+      cells = [c.strip() for c in line.strip("|").split("|")]
+      out[(arch, cells[0])] = int(cells[3].replace(",", ""))
+  return out
 
 
-@pytest.mark.slow  # 40 compiles: every arm of every family
+@pytest.fixture
+def tiny_sources(monkeypatch):
+  """The CLI's sources narrowed (`TINY`): its cost is one compile per (arch, strategy)."""
+  full = bench_peft.source
+  monkeypatch.setattr(bench_peft, "source", lambda arch, overrides=(), seed=0: full(
+      arch, TINY[arch], seed))
+
+
+def test_cli_end_to_end_on_tiny_models(tmp_path, tiny_sources):
+  out = tmp_path / "PEFT.md"
+  argv = ["--strategies", "bitfit", "--batch", "2", "--repeats", "1", "--warmup", "0",
+          "--out", str(out)]
+  assert bench_peft.main(argv) == 0
+  text = out.read_text()
+  assert text.splitlines()[2] == f"`python -m bench.bench_peft {' '.join(argv)}`"
+  assert "Load average" in text and text.count(" | 1.00 | ") >= 3  # each finetune to itself
+  counts = _table_rows(text)
+  assert sorted(counts) == sorted((a, s) for a in bench_peft.ARCHS for s in ("finetune", "bitfit"))
+  for (arch, strategy), n in counts.items():
+    assert n == _hand_count(arch, strategy, _plain_tree(arch)), (arch, strategy)
+
+
+def test_rows_memory_and_order_on_tiny_models():
+  config = bench_peft.BenchConfig(archs=("vit_s28",), batch=2, repeats=0,
+                                  strategies=("norm_tune",), model_overrides=TINY)
+  rows = bench_peft.measure(config)
+  _check_rows(rows, [("vit_s28", "finetune"), ("vit_s28", "norm_tune")])
+  assert all(r.step_s is None for r in rows)
+  assert "| norm_tune | - | - |" in bench_peft.report(config, rows, "cmd", "")
+  assert config.arms("vit_s28") == ("finetune", "norm_tune")
+  assert bench_peft.BenchConfig(strategies=("lora",)).arms("vgg_s") == (
+      "finetune", "lora", bench_peft.LORA_BRANCH)
+
+
+@pytest.mark.slow  # ~40 compiles: every arm of every family
 def test_every_arm_of_every_family_counts_what_the_formulas_say():
-  config = bench_peft.BenchConfig(batch=2, repeats=0, model_overrides=TINY)
+  config = bench_peft.BenchConfig(batch=2, repeats=1, warmup=0, model_overrides=TINY)
   rows = bench_peft.measure(config)
   assert {r.strategy for r in rows} == {s for a in ARMS.values() for s in a} | {
       bench_peft.LORA_BRANCH}
   _check_rows(rows, [(a, s) for a in config.archs for s in config.arms(a)])
-  assert all(r.step_s is None for r in rows)
-  assert "| - | - |" in bench_peft.report(config, rows, "cmd", "")
+  assert all(r.step_s > 0 for r in rows)
 
 
-def test_cli_writes_the_report_and_refuses_bad_input(tmp_path, capsys):
-  out = tmp_path / "PEFT.md"
-  argv = ["--archs", "vit_s28", "--strategies", "freeze", "--batch", "2", "--repeats", "1",
-          "--warmup", "0", "--out", str(out)]
-  assert bench_peft.main(argv) == 0
-  text = out.read_text()
-  assert text.splitlines()[2] == f"`python -m bench.bench_peft {' '.join(argv)}`"
-  assert re.search(r"\| freeze \| [\d.]+ \| [\d.]+ \| 970 \| 0 \|", text)  # 96 * 10 + 10
-  assert "Load average" in text
+def test_cli_refuses_bad_input(capsys):
   for bad, what in [(["--archs", "resnet50"], "--archs"),
                     (["--archs", "vgg_s", "--strategies", "norm_tune"], "do not apply"),
                     (["--batch", "0"], "--batch")]:
     assert bench_peft.main(bad) == 2
-    assert what in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and what in err and err.count(".") <= 1
   with pytest.raises(InputError, match="--archs"):
     bench_peft.check(bench_peft.BenchConfig(archs=()))
 
 
-def test_vit_b16_bench_path_on_a_small_vit():
-  """bench_vit --b16's code path (abstract-input compile for memory, then a timed one) on
+SMALL_VIT = dict(arch="vit_s28", shape=(28, 28, 1), overrides=TINY["vit_s28"])
+
+
+def test_vit_b16_memory_path_on_a_small_vit():
+  """bench_vit --b16's memory path (an abstract-input compile, no step run) on a narrow
   vit_s28: bfloat16 compute keeps params and Adam state in float32, so the step's arguments
   are byte for byte the same size in both dtypes."""
   from bench import bench_vit
-  small = dict(arch="vit_s28", shape=(28, 28, 1))
-  memory_only = bench_vit.b16_measure(2, 0, **small)
-  timed = bench_vit.b16_measure(2, 1, **small)
-  assert set(memory_only) == set(timed) == {"float32", "bfloat16"}
+  rows = bench_vit.b16_measure(2, 0, **SMALL_VIT)
+  assert set(rows) == {"float32", "bfloat16"} and all(t is None for _, t in rows.values())
+  f32, bf16 = rows["float32"][0], rows["bfloat16"][0]
+  assert f32["argument"] == bf16["argument"] > 0 and f32["temp"] > 0
+
+
+@pytest.mark.slow  # four more compiles
+def test_vit_b16_timed_path_on_a_small_vit():
+  from bench import bench_vit
+  memory_only = bench_vit.b16_measure(2, 0, **SMALL_VIT)
+  timed = bench_vit.b16_measure(2, 1, **SMALL_VIT)
   for dtype, (m, t) in memory_only.items():
-    assert t is None and timed[dtype][1] > 0
-    assert m == timed[dtype][0]  # abstract and concrete inputs compile the same step
-  f32, bf16 = memory_only["float32"][0], memory_only["bfloat16"][0]
-  assert f32["argument"] == bf16["argument"] > 0
-  text = bench_vit.b16_report(2, 0, ["--b16"], **small)
+    assert m == timed[dtype][0] and timed[dtype][1] > 0  # same step, abstract or concrete
+  text = bench_vit.b16_report(2, 0, ["--b16"], **SMALL_VIT)
   assert "| float32 | - | - |" in text and "`python -m bench.bench_vit --b16`" in text
