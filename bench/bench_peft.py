@@ -37,7 +37,7 @@ import numpy as np
 
 from bench.common import command, emit, round_robin_medians
 from experiments.peft_table import ARMS
-from jtransfer import models, surgery
+from jtransfer import models
 from jtransfer.errors import InputError
 from jtransfer.methods import lora, peft_cost, transfer
 from jtransfer.train import init_state, make_train_step
@@ -220,7 +220,8 @@ def report(config: BenchConfig, rows: Sequence[Row], cmd: str, note: str = "") -
     total = base.trained_params
     lines += [f"## {arch} (finetune trains {total:,} params)", "",
               "| strategy | step ms | / finetune | trained params | extra FLOPs after merging "
-              "| temp MiB | peak MiB | peak / finetune |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| temp MiB | peak MiB | peak / finetune |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in mine:
       ms = "-" if r.step_s is None else f"{1000 * r.step_s:.1f}"
       lines.append(f"| {r.strategy} | {ms} | {_ratio(r.step_s, base.step_s)} | "

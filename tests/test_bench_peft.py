@@ -53,7 +53,8 @@ def _hand_count(arch, strategy, flat):
   def conv_adapter(reduction=4):  # depthwise 3x3 (no bias), 1x1 down and 1x1 up with biases
     total = 0
     for block in sorted({p.rsplit("/conv1/", 1)[0] for p in convs if "/conv1/" in p}):
-      ci, co = flat[f"{block}/conv1/conv/kernel"].shape[2], flat[f"{block}/conv2/conv/kernel"].shape[3]
+      ci = flat[f"{block}/conv1/conv/kernel"].shape[2]
+      co = flat[f"{block}/conv2/conv/kernel"].shape[3]
       h = int(co // reduction)
       total += 9 * ci + ci * h + h + h * co + co
     return total
