@@ -1,7 +1,7 @@
 """Step cost and memory of every parameter-efficient strategy against finetune, per family.
 
   JAX_PLATFORMS=cpu python -m bench.bench_peft [--archs resnet_s,vgg_s,vit_s28] [--batch 128]
-      [--repeats 10] [--strategies S1,S2] [--out bench/PEFT.md]
+      [--repeats 10] [--warmup 2] [--strategies S1,S2] [--no-lora-branch] [--out bench/PEFT.md]
 
 For each family (resnet_s, vgg_s and the embedded ViT vit_s28; random weights, 28x28x1 inputs,
 10 classes) every strategy that applies to it (`experiments.peft_table.ARMS[arch]`, finetune
