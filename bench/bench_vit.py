@@ -1,6 +1,8 @@
-"""Forward+backward step time of the embedded ViT (`vit_s28`), JAX against timm, on this CPU.
+"""Forward+backward step time of the embedded ViT (`vit_s28`), JAX against timm, on this CPU;
+with --b16, ViT-B/16's train step at 224 px in float32 and bfloat16 (issue 30 item 6).
 
   JAX_PLATFORMS=cpu python -m bench.bench_vit [--batch 128] [--repeats 5] [--threads 2]
+  JAX_PLATFORMS=cpu python -m bench.bench_vit --b16 [--b16-batch 32] [--b16-repeats 0]
 
 The same graph on both sides: timm's `VisionTransformer(img_size=28, patch_size=4, in_chans=1,
 embed_dim=96, depth=4, num_heads=3, num_classes=10)` with random weights, imported into
@@ -8,28 +10,110 @@ jtransfer's `vit_s28` (so both compute the same function). One step = the cross-
 and its gradient with respect to every parameter (no optimiser update): `jax.jit(jax.grad)`
 against `loss.backward()` (gradients set to None before each call). Median wall time of
 `--repeats` calls after one warm-up, timed round-robin (`bench.common.round_robin_medians`).
+
+--b16 instead measures `vit_b16` (random weights, 224x224x3, 1000 classes) under jtransfer's
+finetune train step (`make_train_step`: forward, backward, Adam update, state donated), once
+with float32 compute and once with bfloat16 compute (`dtype='bfloat16'`: params and optimiser
+state stay float32, `models.common.compute_dtype`). Memory is XLA's compiled memory analysis
+of the step (`bench.bench_peft.memory_bytes`), read from an ahead-of-time compile of abstract
+inputs, so it needs no step to run; --b16-repeats N > 0 also times N steps of each (median,
+round-robin).
 """
 from __future__ import annotations
 
 import argparse
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bench.bench_peft import MIB, memory_bytes, peak_bytes
 from bench.common import command, emit, round_robin_medians
 from jtransfer import models, weights
+from jtransfer.methods import transfer
+from jtransfer.train import init_state, make_train_step
+
+B16_SHAPE = (224, 224, 3)
+B16_DTYPES = ("float32", "bfloat16")
+
+
+def b16_step(dtype: str, batch: int, concrete: bool, arch: str = "vit_b16",
+             shape: Sequence[int] = B16_SHAPE, overrides: Optional[dict] = None):
+  """(compiled finetune step of `arch` (ViT-B/16; `overrides` its config) at `dtype` compute,
+  its state, its batch); state and batch are abstract shapes unless `concrete` (to time it)."""
+  model = models.get_model(arch, 1000, dtype=None if dtype == "float32" else dtype,
+                           **(overrides or {}))
+  shape = tuple(shape)
+  variables = models.init_model(model, jax.random.PRNGKey(0), shape)
+  src = transfer.Source(arch, models.model_config(model), jax.tree.map(np.asarray, variables),
+                        shape, (0.5,) * shape[-1], (0.5,) * shape[-1])
+  setup = transfer.get_strategy("finetune").build(src, 1000, 100)
+  params, stats = setup.init(0, None, None)
+  rng = np.random.default_rng(0)
+  data = {"image": rng.integers(0, 256, (batch, *shape), dtype=np.uint8),
+          "label": rng.integers(0, 1000, batch).astype(np.int32)}
+  make = lambda: init_state(params, stats, setup.optimizer, 0, 1e-4)
+  state = make() if concrete else jax.eval_shape(make)
+  if not concrete:
+    data = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), data)
+  compiled = make_train_step(setup.loss_fn, setup.optimizer).lower(state, data).compile()
+  return compiled, state, data
+
+
+def b16_measure(batch: int, repeats: int, **step_args) -> dict:
+  """{dtype: (memory_bytes of its compiled step, median step seconds or None)} for float32
+  and bfloat16 compute; steps are timed round-robin only when repeats > 0 (`step_args` go to
+  `b16_step`: a small arch for a test)."""
+  memory, calls = {}, {}
+  for dtype in B16_DTYPES:
+    compiled, state, data = b16_step(dtype, batch, repeats > 0, **step_args)
+    memory[dtype] = memory_bytes(compiled)
+    if repeats > 0:
+      holder = {"state": state}
+
+      def call(compiled=compiled, holder=holder, data=data):
+        holder["state"], metrics = compiled(holder["state"], data)
+        jax.block_until_ready(metrics["loss"])
+
+      calls[dtype] = call
+  times = round_robin_medians(calls, repeats) if repeats > 0 else {}
+  return {dtype: (m, times.get(dtype)) for dtype, m in memory.items()}
+
+
+def b16_report(batch: int, repeats: int, argv: Optional[Sequence[str]], **step_args) -> str:
+  """The ViT-B/16 table of `b16_measure`: step time and XLA's memory of each dtype's step."""
+  rows = b16_measure(batch, repeats, **step_args)
+  mib = lambda n: "-" if n is None else f"{n / MIB:,.0f}"
+  name = step_args.get("arch", "vit_b16")
+  lines = [f"# {name} finetune train step, {tuple(step_args.get('shape', B16_SHAPE))} inputs, "
+           f"batch {batch}", "",
+           f"`{command('bench_vit', argv)}`", "",
+           "| compute dtype | median step (ms) | images/s | argument MiB | temp MiB | "
+           "peak MiB |", "|---|---:|---:|---:|---:|---:|"]
+  for dtype, (m, t) in rows.items():
+    lines.append(f"| {dtype} | {'-' if t is None else f'{1000 * t:.0f}'} | "
+                 f"{'-' if t is None else f'{batch / t:.1f}'} | {mib(m.get('argument'))} | "
+                 f"{mib(m.get('temp'))} | {mib(peak_bytes(m))} |")
+  return "\n".join(lines + [""])
 
 
 def main(argv=None) -> int:
-  """Times both steps and prints a markdown table (also to --out)."""
+  """Times both steps (or, with --b16, measures ViT-B/16's) and prints a markdown table (also
+  to --out)."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  p.add_argument("--b16", action="store_true", help="ViT-B/16 at 224 px instead (see above)")
+  p.add_argument("--b16-batch", type=int, default=32)
+  p.add_argument("--b16-repeats", type=int, default=0, help="0: memory only")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
+  if args.b16:
+    emit(b16_report(args.b16_batch, args.b16_repeats, argv), args.out)
+    return 0
 
   import torch
 
