@@ -1,11 +1,11 @@
-"""The part of a train step outside the convolutions: eval-mode BatchNorm and ReLU, before/after.
+"""The part of a train step outside the convolutions: eval-mode BatchNorm before and after.
 
-  python -m bench.bench_rest --out bench/REST.md     # vgg_s and resnet_s, batch 128, ~4 min
-  python -m bench.bench_rest --tiny                  # seconds; what the test suite runs
+  python -m bench.bench_rest --profile --out bench/REST.md   # resnet_s, batch 128, ~5 min
+  python -m bench.bench_rest --tiny                          # seconds; what the test suite runs
 
-Times the same finetune step compiled twice, under `jtransfer.models.batchnorm.EPILOGUE_IMPL`
-'autodiff' (Flax's eval-mode BatchNorm and `nn.relu`, the library before this bench) and 'vjp'
-(the hand-written VJPs), with PyTorch's step (channels_last) in the same round-robin, so load
+Times the same finetune step compiled twice, under `jtransfer.models.batchnorm.EVAL_IMPL`
+'flax' (nn.BatchNorm's eval mode, the library before) and 'affine' (one per-channel affine
+with a hand-written VJP), with PyTorch's step (channels_last) in the same round-robin, so load
 changes on a shared machine hit every column alike. Wall time is the median over rounds; CPU
 time (this process's, both XLA threads) is reported beside it because on a loaded machine it
 moves less than wall time.
@@ -33,18 +33,18 @@ from bench.common import command, emit
 from jtransfer.models import batchnorm
 
 SHAPE = (28, 28, 1)
-IMPLS = ("autodiff", "vjp")
+IMPLS = ("flax", "affine")
 
 
 def jax_step(arch: str, strategy: str, batch: int, impl: str):
   """(step, state, data) of the registered strategy, compiled (traced) under `impl`."""
   step, state, data = run.jax_step(arch, strategy, SHAPE, batch)
   data = jax.device_put(data)
-  old, batchnorm.EPILOGUE_IMPL = batchnorm.EPILOGUE_IMPL, impl
+  old, batchnorm.EVAL_IMPL = batchnorm.EVAL_IMPL, impl
   try:
     state, _ = step(state, data)  # the trace happens here, under impl
   finally:
-    batchnorm.EPILOGUE_IMPL = old
+    batchnorm.EVAL_IMPL = old
   jax.block_until_ready(state)
   return step, state, data
 
@@ -114,7 +114,9 @@ def _kind(op: str) -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--archs", default="vgg_s,resnet_s")
+  p.add_argument("--archs", default="resnet_s")
+  p.add_argument("--strategies", default="finetune", help="finetune_bn: a control (BN in "
+                 "train mode is Flax's under both)")
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--rounds", type=int, default=9, help="round-robin rounds (median)")
   p.add_argument("--steps", type=int, default=3, help="steps per call in a round")
@@ -125,11 +127,11 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.tiny:
     args.batch, args.rounds, args.steps, args.profile_steps = 4, 1, 1, 2
-  rows = ["| arch | step | JAX autodiff ms (CPU ms) | JAX vjp ms (CPU ms) | vjp / autodiff "
-          "wall (CPU) | torch ms (CPU ms) | torch / JAX vjp (wall) |",
+  rows = ["| arch | step | JAX flax BN ms (CPU ms) | JAX affine BN ms (CPU ms) | affine / "
+          "flax wall (CPU) | torch ms (CPU ms) | torch / JAX affine (wall) |",
           "|---|---|---|---|---|---|---|"]
   for arch in args.archs.split(","):
-    for strategy in ("finetune", "finetune_bn"):
+    for strategy in args.strategies.split(","):
       calls = {impl: _jax_call(jax_step(arch, strategy, args.batch, impl)) for impl in IMPLS}
       if strategy == "finetune" and not args.tiny:  # the torch reference has BN-eval steps
         from bench import torch_ref
@@ -137,31 +139,30 @@ def main(argv=None) -> int:
                                              channels_last=True, device="cpu")
         calls["torch"]()
       t = round_robin(calls, args.rounds, args.steps)
-      (aw, ac), (vw, vc) = t["autodiff"], t["vjp"]
+      (aw, ac), (vw, vc) = t["flax"], t["affine"]
       torch_cols = (f"{t['torch'][0]:.1f} ({t['torch'][1]:.1f}) | {t['torch'][0] / vw:.2f}"
                     if "torch" in t else "- | -")
       rows.append(f"| {arch} | {strategy} | {aw:.1f} ({ac:.1f}) | {vw:.1f} ({vc:.1f}) | "
                   f"{vw / aw:.2f} ({vc / ac:.2f}) | {torch_cols} |")
       print(rows[-1], file=sys.stderr)
   import torch
-  text = (f"# Eval-mode BatchNorm and ReLU: autodiff vs hand-written VJPs\n\nCommand: "
+  text = (f"# Eval-mode BatchNorm: Flax's form vs one affine with a hand-written VJP\n\n"
+          f"Command: "
           f"`{command('bench_rest', argv)}`; backend {jax.default_backend()}, jax "
           f"{jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end (loaded: "
           f"compare columns of one row, not rows of different runs). Batch {args.batch}, "
           f"input {'x'.join(map(str, SHAPE))}; median of {args.rounds} round-robin rounds x "
           f"{args.steps} steps; PyTorch channels_last, BN in eval mode as the JAX finetune "
-          "step ('finetune_bn' trains BN with batch statistics: both forms are Flax's there, "
-          "the ReLU differs).\n\n" + "\n".join(rows) + "\n")
+          "step.\n\n" + "\n".join(rows) + "\n")
   if args.profile:
     prof = {impl: op_profile("resnet_s", args.batch, impl, args.profile_steps)
             for impl in IMPLS}
-    kinds = sorted(set(prof["autodiff"]) | set(prof["vjp"]), key=lambda k: -prof["autodiff"].get(k, 0))
-    lines = ["| op kind | autodiff ms | vjp ms |", "|---|---|---|"]
-    lines += [f"| {k} | {prof['autodiff'].get(k, 0):.2f} | {prof['vjp'].get(k, 0):.2f} |"
-              for k in kinds]
-    lines.append(f"| all ops | {sum(prof['autodiff'].values()):.2f} | "
-                 f"{sum(prof['vjp'].values()):.2f} |")
+    before, after = prof["flax"], prof["affine"]
+    kinds = sorted(set(before) | set(after), key=lambda k: -before.get(k, 0))
+    lines = ["| op kind | flax BN ms | affine BN ms |", "|---|---|---|"]
+    lines += [f"| {k} | {before.get(k, 0):.2f} | {after.get(k, 0):.2f} |" for k in kinds]
+    lines.append(f"| all ops | {sum(before.values()):.2f} | {sum(after.values()):.2f} |")
     text += (f"\nresnet_s finetune, per op kind (each op's fastest of {args.profile_steps} "
              "profiled steps, summed; both XLA threads, so the total can exceed the step's "
              "wall time):\n\n" + "\n".join(lines) + "\n")

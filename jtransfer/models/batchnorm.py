@@ -1,24 +1,21 @@
-"""Eval-mode BatchNorm and ReLU with hand-written VJPs that save what PyTorch's save.
+"""BatchNorm whose eval mode is one per-channel affine map with a hand-written VJP.
 
-With running statistics, BatchNorm is the per-channel affine map y = x * a + c, with
-a = scale / sqrt(var + eps) and c = bias - mean * a. Flax's `nn.BatchNorm` computes it as
-`(x - mean) * (scale * rsqrt(var + eps)) + bias`, and autodiff of that (and of `nn.relu`,
-whose gradient is a select on its input) leaves XLA an elementwise chain per residual stage
-(stem BN, ReLU, each block's BN, add, ReLU) that its fusion pass duplicates into every consumer:
-the forward, each kernel gradient's layout transpose, each ReLU mask in the backward pass, and
-a saved `x - mean` per BN (bench/REST.md has the compiled step's per-op profile before and
-after). Here:
+With running statistics, BatchNorm is y = x * a + c, with a = scale / sqrt(var + eps) and
+c = bias - mean * a. Flax's `nn.BatchNorm` computes it as
+`(x - mean) * (scale * rsqrt(var + eps)) + bias`; autodiff of that form saves `x - mean` as
+one more activation-sized buffer per BN (the scale's gradient reads it), and XLA fuses the
+subtraction and both products into every consumer of the BN output again (the forward, each
+kernel gradient's layout transpose, each ReLU mask of the backward pass). `affine`'s VJP reads
+only its input x, the convolution's output, which is in memory anyway:
+d x = g a, d a = sum(g x), d c = sum(g) (sums over every axis but the channel's); the gradients
+of scale, bias, mean and var follow from a and c, (C,) vectors, by autodiff. On resnet_s's
+finetune step this took 8-9% off the step's CPU time (bench/REST.md).
 
-  * `BatchNorm` (a `nn.BatchNorm`: same fields, params `scale`/`bias`, statistics
-    `mean`/`var`) computes eval mode as `affine`, whose VJP reads only its input x:
-    d x = g a, d a = sum(g x), d c = sum(g) (sums over all but the channel axis); the
-    gradients of scale, bias, mean and var follow from a and c by autodiff. Train mode
-    (batch statistics, running averages updated) is Flax's, unchanged.
-  * `relu` is max(x, 0) whose VJP reads its output y (torch's `threshold_backward(g, y, 0)`):
-    g where y > 0, else 0, the same as `nn.relu`'s gradient (0 at x = 0 and for NaN). y is
-    the next layer's input, in memory anyway, so the backward pass needs nothing recomputed.
-
-Both are custom VJPs: reverse mode (grad, vjp) only; `jax.jvp` through them raises.
+Train mode (batch statistics, running averages updated) is Flax's code, unchanged, so
+`finetune_bn` and pre-training keep `nn.BatchNorm`'s numerics. The variables are Flax's
+(params `scale`, `bias`; batch_stats `mean`, `var`), so checkpoints, surgery, weight import and
+every method that finds BN by path see no difference. `affine` is a custom VJP: reverse mode
+(grad, vjp) only; set EVAL_IMPL = 'flax' for `jax.jvp` through an eval-mode BN.
 """
 from __future__ import annotations
 
@@ -31,40 +28,17 @@ from jax import lax
 
 _F32 = jnp.float32
 
-
-# 'vjp' (the forms above) or 'autodiff' (nn.BatchNorm's eval mode and nn.relu, as before).
+# 'affine' (the form above) or 'flax' (nn.BatchNorm's eval mode, the library's form before).
 # A module-level switch, not a config field, as common.DEPTHWISE_IMPL: both compute the same
 # function of the same variables, and tests and bench/bench_rest.py flip it to compare them.
-EPILOGUE_IMPL = "vjp"
+EVAL_IMPL = "affine"
 
 
-def use_vjp() -> bool:
-  """Whether BatchNorm's eval mode and `relu` take the hand-written VJPs (EPILOGUE_IMPL)."""
-  if EPILOGUE_IMPL not in ("vjp", "autodiff"):
-    raise ValueError(f"EPILOGUE_IMPL {EPILOGUE_IMPL!r}: expected vjp or autodiff")
-  return EPILOGUE_IMPL == "vjp"
-
-
-def relu(x: jax.Array) -> jax.Array:
-  """max(x, 0); its gradient is computed from the output (see the module docstring)."""
-  return _relu(x) if use_vjp() else nn.relu(x)
-
-
-@jax.custom_vjp
-def _relu(x):
-  return jnp.maximum(x, jnp.zeros((), x.dtype))
-
-
-def _relu_fwd(x):
-  y = _relu(x)
-  return y, y
-
-
-def _relu_bwd(y, g):
-  return (jnp.where(y > 0, g, jnp.zeros((), g.dtype)),)
-
-
-_relu.defvjp(_relu_fwd, _relu_bwd)
+def use_affine() -> bool:
+  """Whether eval-mode `BatchNorm` computes by `affine` (EVAL_IMPL)."""
+  if EVAL_IMPL not in ("affine", "flax"):
+    raise ValueError(f"EVAL_IMPL {EVAL_IMPL!r}: expected affine or flax")
+  return EVAL_IMPL == "affine"
 
 
 @jax.custom_vjp
@@ -86,7 +60,7 @@ def _affine_bwd(res, g):
   x, a = res
   g = g.astype(_F32)
   axes = tuple(range(g.ndim - 1))
-  # one pass over g and x for both channel sums (XLA fuses them into one reduction)
+  # both channel sums read g and x once: XLA fuses them into one multi-output reduction
   return (g * a).astype(x.dtype), jnp.sum(g * x.astype(_F32), axis=axes), jnp.sum(g, axis=axes)
 
 
@@ -96,8 +70,8 @@ affine.defvjp(_affine_fwd, _affine_bwd)
 class BatchNorm(nn.BatchNorm):
   """`nn.BatchNorm` whose eval mode is `affine` (same fields, variables and output dtype).
 
-  Only the default configuration (features last, scale and bias on, no mask) takes the
-  `affine` path; anything else, train mode, and EPILOGUE_IMPL = 'autodiff' are
+  Only the default configuration (features last, scale and bias on, float32 reductions, no
+  mask) takes the `affine` path; anything else, train mode, and EVAL_IMPL = 'flax' are
   `nn.BatchNorm.__call__`.
   """
 
@@ -105,15 +79,14 @@ class BatchNorm(nn.BatchNorm):
   def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
     eval_mode = nn.merge_param("use_running_average", self.use_running_average,
                                use_running_average)
-    if not (eval_mode and use_vjp() and mask is None and self.axis == -1 and self.use_scale
-            and self.use_bias and self.force_float32_reductions):
+    if not (eval_mode and use_affine() and mask is None and self.axis == -1
+            and self.use_scale and self.use_bias and self.force_float32_reductions):
       return super().__call__(x, use_running_average=use_running_average, mask=mask)
     features = (x.shape[-1],)
     mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, _F32), features)
     var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, _F32), features)
     scale = self.param("scale", self.scale_init, features, self.param_dtype)
     bias = self.param("bias", self.bias_init, features, self.param_dtype)
-    # (C,) vectors: autodiff carries d a and d c back to scale, bias, mean and var
     a = scale.astype(_F32) * lax.rsqrt(var.value.astype(_F32) + self.epsilon)
     c = bias.astype(_F32) - mean.value.astype(_F32) * a
     # Flax's output dtype: the module's dtype, else x's promoted with the params'

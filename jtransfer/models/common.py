@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jtransfer.models import gemm_conv
-from jtransfer.models.batchnorm import BatchNorm, relu
+from jtransfer.models.batchnorm import BatchNorm
 
 # torchvision initialises convs with kaiming_normal(mode='fan_out', nonlinearity='relu').
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -103,7 +103,7 @@ def hard_sigmoid(x: jax.Array) -> jax.Array:
 
 # torch activation -> function. 'hardswish' is x * relu6(x + 3) / 6 (torch.nn.Hardswish).
 ACTIVATIONS = {
-    "relu": relu,  # nn.relu's values and gradient, the gradient read from the output
+    "relu": nn.relu,
     "relu6": lambda x: jnp.clip(x, 0.0, 6.0),
     "hardswish": lambda x: x * hard_sigmoid(x),
     "silu": nn.silu,

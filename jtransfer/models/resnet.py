@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jtransfer.models.batchnorm import relu
 from jtransfer.models.common import (ConvUnit, check_truncation, head, max_pool, tap,
                                      to_compute, truncated_head)
 
@@ -59,7 +58,7 @@ def _merge_shortcut(block: nn.Module, x: jax.Array, y: jax.Array, train: bool) -
   if block.stride != 1 or x.shape[-1] != out_width:
     x = ConvUnit(out_width, 1, block.stride, 0, use_bn=True, relu=False, dtype=block.dtype,
                  parent=block, name="downsample")(x, train)
-  out = relu(x + y)
+  out = nn.relu(x + y)
   tap(block, "out", out)
   return out
 
