@@ -136,3 +136,13 @@ def test_bad_impl_name_raises():
   with eval_impl("fused"):
     with pytest.raises(ValueError, match="EVAL_IMPL"):
       batchnorm.BatchNorm(use_running_average=True).init(jax.random.PRNGKey(0), jnp.ones((1, 2)))
+
+
+@pytest.mark.slow  # two resnet_s step compiles and two profiled runs (~30 s on 2 loaded cores)
+def test_bench_rest_runs_tiny(tmp_path):
+  from bench import bench_rest
+  out = tmp_path / "rest.md"
+  assert bench_rest.main(["--tiny", "--profile", "--out", str(out)]) == 0
+  text = out.read_text()
+  assert "| resnet_s | finetune |" in text and "| all ops |" in text
+  assert "convolution" in text and "layout transpose" in text
