@@ -146,3 +146,23 @@ def test_bench_rest_runs_tiny(tmp_path):
   text = out.read_text()
   assert "| resnet_s | finetune |" in text and "| all ops |" in text
   assert "convolution" in text and "layout transpose" in text
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_an_interceptor_sees_one_batchnorm_call_per_unit(train):
+  """Methods that rewrite a BN's output by module path (SSF, FiLM) must see it once, in both
+  modes (train mode runs Flax's body without re-entering the wrapped __call__)."""
+  c = 4
+  params, stats = _bn_vars(c)
+  x = jax.random.normal(jax.random.PRNGKey(7), (2, 3, 3, c))
+  seen = []
+
+  def count(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+      seen.append(context.module.path)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(count):
+    batchnorm.BatchNorm(use_running_average=not train).apply(
+        {"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+  assert len(seen) == 1

@@ -19,6 +19,7 @@ every method that finds BN by path see no difference. `affine` is a custom VJP: 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import flax.linen as nn
@@ -67,6 +68,9 @@ def _affine_bwd(res, g):
 affine.defvjp(_affine_fwd, _affine_bwd)
 
 
+_FLAX_CALL = inspect.unwrap(nn.BatchNorm.__call__)
+
+
 class BatchNorm(nn.BatchNorm):
   """`nn.BatchNorm` whose eval mode is `affine` (same fields, variables and output dtype).
 
@@ -81,7 +85,9 @@ class BatchNorm(nn.BatchNorm):
                                use_running_average)
     if not (eval_mode and use_affine() and mask is None and self.axis == -1
             and self.use_scale and self.use_bias and self.force_float32_reductions):
-      return super().__call__(x, use_running_average=use_running_average, mask=mask)
+      # Flax's body, unwrapped: through the wrapped method, interceptors (SSF's, FiLM's by
+      # module path) would see this module's __call__ twice and apply themselves twice
+      return _FLAX_CALL(self, x, use_running_average=use_running_average, mask=mask)
     features = (x.shape[-1],)
     mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, _F32), features)
     var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, _F32), features)
