@@ -9,7 +9,7 @@ kernel gradient's layout transpose, each ReLU mask of the backward pass). `affin
 only its input x, the convolution's output, which is in memory anyway:
 d x = g a, d a = sum(g x), d c = sum(g) (sums over every axis but the channel's); the gradients
 of scale, bias, mean and var follow from a and c, (C,) vectors, by autodiff. On resnet_s's
-finetune step this took 8-9% off the step's CPU time (bench/REST.md).
+finetune step the step took 0.89-0.92x the CPU time (bench/REST.md, loaded machine).
 
 Train mode (batch statistics, running averages updated) is Flax's code, unchanged, so
 `finetune_bn` and pre-training keep `nn.BatchNorm`'s numerics. The variables are Flax's
