@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jtransfer.models import gemm_conv
+from jtransfer.models.batchnorm import BatchNorm
 
 # torchvision initialises convs with kaiming_normal(mode='fan_out', nonlinearity='relu').
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -305,8 +306,8 @@ class ConvUnit(nn.Module):
                    self.groups, self.dtype)
     tap(self, "out", y)
     if self.use_bn:
-      y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_eps, dtype=compute_dtype(self.dtype), name="bn")(y)
+      y = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                    epsilon=self.bn_eps, dtype=compute_dtype(self.dtype), name="bn")(y)
     return activation(self.act)(y) if self.relu else y
 
 
