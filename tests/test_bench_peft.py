@@ -111,6 +111,9 @@ def tiny_sources(monkeypatch):
       arch, TINY[arch], seed))
 
 
+# 93 s on the loaded suite (one compile per family and arm); test_rows_memory_and_order_on_tiny_models
+# covers the rows and the memory fields in the default suite
+@pytest.mark.slow
 def test_cli_end_to_end_on_tiny_models(tmp_path, tiny_sources):
   out = tmp_path / "PEFT.md"
   argv = ["--strategies", "bitfit", "--batch", "2", "--repeats", "1", "--warmup", "0",
@@ -161,6 +164,8 @@ def test_cli_refuses_bad_input(capsys):
 SMALL_VIT = dict(arch="vit_s28", shape=(28, 28, 1), overrides=TINY["vit_s28"])
 
 
+# 29 s on the loaded suite; bench/VIT.md's ViT-B/16 rows come from this path
+@pytest.mark.slow
 def test_vit_b16_memory_path_on_a_small_vit():
   """bench_vit --b16's memory path (an abstract-input compile, no step run) on a narrow
   vit_s28: bfloat16 compute keeps params and Adam state in float32, so the step's arguments

@@ -70,8 +70,9 @@ def test_choice_from_records_is_the_best_mean_and_extends_a_winning_edge():
 
 
 def test_eval_points_and_grid_keys():
+  # --paper-grid spelled out: the demo grid turned it off by default
   p = _plan(fewshot.STUDY, "--strategies", "freeze", "--lrs", "1e-3,1e-2", "--repeats", "3",
-            "--arch", "vgg_s", "--target", "digits", "--shots", "5")
+            "--arch", "vgg_s", "--target", "digits", "--shots", "5", "--paper-grid")
   cell = dict(p.cells[0])
   # a tie: the smaller LR, and no extension (an edge that does not beat its neighbour)
   recs = _tuning_records(p, cell, "freeze", lambda lr: 0.5)
