@@ -9,7 +9,7 @@ import pytest
 
 from experiments import cwl_tables, fewshot
 from experiments import publish as command
-from jtransfer.study import grid, publish
+from jtransfer.study import grid, publish, results_page
 from jtransfer.study.results_page import TABLE_BEGIN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,3 +262,24 @@ def test_folders_without_grid_keys_are_counted():
   assert publish._count_problems(dict(complete=False, grid=grid), recs,
                                  {"tune_seeds": [100]}) == []
   assert "incomplete" in publish._count_problems(dict(complete=False, grid=grid), recs, {})[0]
+
+
+def test_a_partial_grid_decides_no_registered_claim(tmp_path):
+  """A folder published from a stopped grid (run.json complete: false) still shows its rows as
+  evidence, but the claims whose primary evidence it is read 'not tested yet', saying why."""
+  from experiments.claims_registry import cwl as cwl_claims
+  entries = [e for e in cwl_claims.CLAIMS if e.primary.folders == ("cwl_tables",)]
+  assert entries
+  shutil.copytree(os.path.join(PUBLISHED, "cwl_tables"), tmp_path / "cwl_tables")
+  whole = results_page.generated(str(tmp_path), entries)
+  assert not any("partial grid: the verdict waits" in l for l in whole)
+  run = json.loads((tmp_path / "cwl_tables" / "run.json").read_text())
+  (tmp_path / "cwl_tables" / "run.json").write_text(json.dumps(dict(run, complete=False)))
+  lines = results_page.generated(str(tmp_path), entries)
+  first = lines[lines.index("### One row per registered claim"):
+                lines.index("### Margins and their reasons (fixed before the verdicts were computed)")]
+  rows = [l for l in first if l.startswith(tuple(f"| {e.id} |" for e in entries))]
+  assert len(rows) == len(entries)
+  assert all("**not tested yet**" in r and "cwl_tables is a partial grid" in r for r in rows)
+  # its per-folder evidence rows stay, and the command list says it is partial
+  assert any("cwl_tables/report.md" in l and "partial grid" in l for l in lines)

@@ -121,7 +121,14 @@ def _fmt(d):
 
 def _published(entry) -> bool:
   """Whether the entry's primary evidence is published (else RESULTS.md: 'not tested yet')."""
-  return all(os.path.isdir(os.path.join(PUB, f)) for f in entry.primary.folders)
+  return all(os.path.isdir(os.path.join(PUB, f)) and _whole(os.path.join(PUB, f))
+             for f in entry.primary.folders)
+
+
+def _whole(folder: str) -> bool:
+  """A folder from a stopped grid (run.json complete: false) decides no claim."""
+  with open(os.path.join(folder, "run.json")) as f:
+    return json.load(f).get("complete") is not False
 
 
 PUBLISHED = [e for e in ALL if _published(e)]

@@ -88,9 +88,11 @@ def registered_table(rows: Sequence[Mapping], root: str) -> list[str]:
     if r.get("pending"):  # registered before its evidence: no verdict, outside Holm's family
       missing = ", ".join(f for f in e.primary.folders if f in r["pending"])
       plain = ", ".join(os.path.relpath(os.path.join(root, f)) for f in e.primary.folders)
+      part = sorted(r["pending"] & r.get("partial", set()))
+      why = (f"{', '.join(part)} is a partial grid: the verdict waits for the whole grid"
+             if part else f"no published folder {missing} yet")
       out.append(f"| {e.id} | {e.paper} ({e.stated}) | {e.statement} | {e.kind}, "
-                 f"{_margin(e)} | **{NOT_YET}** | no draws | | | no published folder "
-                 f"{missing} yet | {plain}{where} |")
+                 f"{_margin(e)} | **{NOT_YET}** | no draws | | | {why} | {plain}{where} |")
       continue
     p = r.get("p_adjusted")
     out.append(f"| {e.id} | {e.paper} ({e.stated}) | {e.statement} | {e.kind}, {_margin(e)} | "
@@ -195,10 +197,13 @@ def commands_list(root: str) -> list[str]:
 def generated(root: str, entries: Sequence[registry.Registered]) -> list[str]:
   """The lines between RESULTS.md's markers, for the registered claims `entries`."""
   summaries, records = load(root)
-  present = [e for e in entries if set(e.primary.folders) <= set(summaries)]
+  # a partial grid (a run stopped for time, run.json complete: false) is shown as evidence but
+  # decides no registered claim: its verdict waits for the cells it lacks
+  partial = {f for f in summaries if read_run(os.path.join(root, f)).get("complete") is False}
+  present = [e for e in entries if set(e.primary.folders) <= set(summaries) - partial]
   rows = registry.decide_family(present, summaries, records)
-  rows += [dict(entry=e, pending=set(e.primary.folders) - set(summaries)) for e in entries
-           if e not in present]
+  rows += [dict(entry=e, pending=set(e.primary.folders) - (set(summaries) - partial),
+                partial=partial) for e in entries if e not in present]
   return ([TABLE_BEGIN, "", "### One row per registered claim", ""] +
           registered_table(rows, root) +
           ["", "### Margins and their reasons (fixed before the verdicts were computed)", ""] +
