@@ -24,7 +24,9 @@ filter_distance.png.
 
 Recipe (the paper and the authors' code, see jtransfer/methods/delta.py): SGD momentum 0.9,
 batch 64 (a smaller k-shot set is one batch), beta = 0.01, BN in train mode for the fine-tuned
-strategies, lr 0.01 (`--lrs`; a list is tuned too, extended at an edge), lr x0.1 at 67% of the
+strategies (`--bn`, default train as the authors' code; `--bn frozen` keeps the source's
+running statistics; L2-FE always keeps them; a folder made before --bn ran train, so that is
+what its absence means here, `Study.bn_before`), lr 0.01 (`--lrs`; a list is tuned too, extended at an edge), lr x0.1 at 67% of the
 step cap `--steps` (exponentially per epoch by default, `--schedule step` for StepLR): the
 schedule is defined over the cap, so a run stopped early by `--patience` stops before its lr has
 fully decayed, and keeps its best validation state. Budget: cap 200 steps, stop after 100 steps
@@ -324,9 +326,10 @@ def run(study_, config, results) -> list[dict]:
 # ----------------------------------------------------------------------------- report
 def delta_config(config) -> delta.Config:
   """DELTA's settings: the JTRANSFER_DELTA_* environment (read at the CLI edge), then the
-  flags."""
+  flags; its BatchNorm mode is --bn's (one setting: `Config.bn_train` is --bn train)."""
   return dataclasses.replace(delta.Config(**dict(config.protocol.delta_env)),
-                             **config.extra.changes()).validate()
+                             **config.extra.changes(),
+                             bn_train=config.protocol.bn == "train").validate()
 
 
 def recipe_text(plan) -> str:
@@ -431,6 +434,7 @@ STUDY = study.Study(
     prepare=hooks.prepare(sources.study_source),
     check_data=hooks.check_data(sources.source_input_shape), check=check, arm_plan=arm_plan,
     extra_claims=fig3_claim, run=run, keys=grid.grid_keys, report=make_report, plots=plots,
+    bn_before="train",
     defaults={"shots": "5,10,30", "repeats": 5, "strategies": ",".join(STRATEGIES),
               "lrs": "paper", "steps": 200, "patience": 100, "tune_repeats": 1,
               "val_per_class": 20, "out": "results/delta_table"},

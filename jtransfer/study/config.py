@@ -256,6 +256,18 @@ class Protocol:
       "GPU/TPU", cli="auto", parse=parse_batch_runs)
   no_feature_cache: bool = flag("--no-feature-cache", False, "train head-only strategies "
                                 "through the full forward (slow path)", action="store_true")
+  # Not `added`: a new command line always states it (`edge.main` writes the default into
+  # argv), so a stored folder without it predates it and parses as the study's `bn_before`.
+  bn: str = flag(
+      "--bn", "train", "BatchNorm while fine-tuning: 'train' (batch statistics while training, "
+      "running averages updated and used at evaluation, PyTorch's model.train()) or 'frozen' "
+      "(the source's running statistics); strategies that keep every source kernel fixed "
+      "always keep the source's statistics, finetune_bn always trains "
+      "(jtransfer.methods.bn_rule); folders made before this flag ran frozen",
+      cli=None, choices=("train", "frozen"))
+  # Whether the folder states --bn (False: made before the flag; its report, made then, says
+  # nothing of BN, so a regenerated one does not either).
+  bn_stated: bool = True
   # DELTA's settings from the JTRANSFER_DELTA_* environment (read at the CLI edge only).
   delta_env: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
