@@ -44,6 +44,11 @@ def test_new_folder_states_bn_and_frozen_only_arms_run_frozen(tiny_source_dir, t
   assert ("BatchNorm (--bn train): train mode (batch statistics while training, running "
           "averages updated and used at evaluation, PyTorch's model.train()) for finetune; "
           "the others keep the source's running statistics (freeze)") in report
+  # a snapshot given the command line without --bn publishes the mode its settings.json holds
+  from jtransfer.study import publish
+  publish.snapshot(str(out), "experiments.fewshot", argv)
+  assert json.loads((out / "run.json").read_text())["argv"][-2:] == ["--bn", "train"]
+  assert (out / "report.md").read_text() == report
   capsys.readouterr()
   # the folder's mode is a setting: resuming it under the other one is refused
   assert fewshot.main([*argv, "--resume", "--bn", "frozen"]) == 2
