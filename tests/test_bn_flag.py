@@ -117,10 +117,12 @@ def test_a_folder_no_bn_reproduces_is_refused(tmp_path, capsys):
       in err
 
 
-def test_bad_bn_and_bn_mode_pins_frozen(capsys):
-  with pytest.raises(SystemExit) as e:
-    flags.parse(fewshot.STUDY, ["--bn", "eval"])
-  assert e.value.code == 2 and "--bn: invalid choice: 'eval'" in capsys.readouterr().err
+def test_bad_bn_and_bn_mode_pins_frozen(tmp_path, capsys):
+  assert fewshot.main(["--bn", "eval", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+  assert capsys.readouterr().err.strip() == (
+      "error: --bn 'eval': expected 'train' (batch statistics while fine-tuning, the default) "
+      "or 'frozen' (the source's running statistics)")
+  assert not (tmp_path / "o").exists()
   # experiments.bn_mode compares the modes itself: no --bn, its finetune arm frozen
   with pytest.raises(SystemExit) as e:
     flags.parse(bn_mode.STUDY, ["--bn", "train"])

@@ -148,6 +148,14 @@ def parse_cap_share(text) -> Optional[float]:
   return v
 
 
+def parse_bn(text) -> str:
+  """--bn: 'train' or 'frozen' (`InputError`, one sentence, otherwise)."""
+  if text not in ("train", "frozen"):
+    raise InputError(f"--bn {text!r}: expected 'train' (batch statistics while fine-tuning, "
+                     "the default) or 'frozen' (the source's running statistics)")
+  return text
+
+
 def parse_batch_runs(text) -> Optional[int]:
   """--batch-runs: 'auto' -> None (by backend at run time), else an int >= 1."""
   if text == "auto":
@@ -264,7 +272,7 @@ class Protocol:
       "(the source's running statistics); strategies that keep every source kernel fixed "
       "always keep the source's statistics, finetune_bn always trains "
       "(jtransfer.methods.bn_rule); folders made before this flag ran frozen",
-      cli=None, choices=("train", "frozen"))
+      cli=None, parse=parse_bn, metavar="{train,frozen}")
   # Whether the folder states --bn (False: made before the flag; its report, made then, says
   # nothing of BN, so a regenerated one does not either).
   bn_stated: bool = True
