@@ -106,3 +106,14 @@ def test_api_trains_bn_by_default_and_says_so():
              zip(jax.tree.leaves(ft.variables["batch_stats"]), src))
   for a, b in zip(jax.tree.leaves(fr.variables["batch_stats"]), src):
     np.testing.assert_array_equal(a, b)
+
+
+def test_without_batchnorm_both_modes_are_one_network():
+  """vgg_s has no BatchNorm (and no dropout in the target): fine-tuning it in either mode gives
+  the same weights, bit for bit."""
+  source = _tiny_source("vgg_s")
+  batch = _batch(source)
+  _, a = _steps("finetune", "train", source, batch, steps=2)
+  _, b = _steps("finetune", "frozen", source, batch, steps=2)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
