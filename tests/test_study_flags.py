@@ -46,7 +46,7 @@ def test_flags_and_defaults_are_the_old_parsers():
   assert {k: v for k, v in cwl.items() if OLD_FEWSHOT_DEFAULTS.get(k, "x") != v} == {
       "shots": "1,3,5,10", "repeats": 10, "lrs": "paper", "steps": 1000, "patience": 200,
       "tune_repeats": 2, "out": "results/cwl_tables",
-      "strategies": "freeze,freeze_cwl,finetune,finetune_cwl"}
+      "strategies": "freeze,freeze_cwl,finetune,finetune_cwl", "bn": "frozen"}
   budget = flags.raw_flags(budget_study.STUDY, [])
   assert budget["factors"] == "1,2,4" and budget["cv_folds"] == "0"
   assert budget["paper_grid"] is False
