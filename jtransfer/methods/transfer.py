@@ -2,7 +2,8 @@
 
 A `Strategy` turns (source, number of target classes, learning rate) into a `Setup`: the target
 model, its initial variables, an `Optimizer` (which params train) and a `loss_fn` for the generic
-train step. Method files (cwl, delta, ...) add strategies with `register`.
+train step. Method files (cwl, delta, ...) add strategies with `register`. BatchNorm's mode is
+one setting every `build` takes (`bn=`, the rule of `jtransfer.methods.bn_rule`).
 """
 from __future__ import annotations
 
