@@ -72,7 +72,9 @@ class GridConfig:
       "paper_grid": dict(default=False, help="also run every grid LR on the evaluation "
                          "draws, in both arms (cwl_tables' 'best over LR' tables); off: "
                          "evaluation draws run only at the chosen LR"),
-      "test_per_class": {}, "batch_size": {}, "seed": {}}, fixed={"lrs": "paper"})
+      "test_per_class": {}, "batch_size": {}, "seed": {}},
+      # BN on running statistics, as the PyTorch arm's eval() (its strategies keep them anyway)
+      fixed={"lrs": "paper", "bn": "frozen"})
   source: str = flag("--source", "fmnist:0,2,3,4,6", "dataset spec (pretrained, cached) or "
                      "ckpt:PATH")
   source_epochs: float = flag("--source-epochs", 2.0, "pretraining epochs of the source")
@@ -105,7 +107,7 @@ def grid_argv(config: GridConfig, targets, out: str, feature_cache: bool = True)
           "--test-per-class", str(p.test_per_class), "--batch-size", str(p.batch_size),
           "--source", c.source, "--source-epochs", str(c.source_epochs),
           "--seed", str(p.seed), "--paper-grid" if p.paper_grid else "--no-paper-grid",
-          "--out", out, "--overwrite", "--quiet"]
+          "--bn", p.bn, "--out", out, "--overwrite", "--quiet"]
   for t in targets:
     argv += ["--target", t]
   return argv + ([] if feature_cache else ["--no-feature-cache"])

@@ -55,7 +55,8 @@ class ParityConfig:
       "repeats": dict(name="--draws", default=10, help="k-shot draws per cell (repeats)"),
       "steps": dict(default=100, help="Adam steps per run"), "batch_size": {},
       "val_per_class": dict(default=10), "test_per_class": {}, "seed": {}},
-      fixed={"patience": 0, "tune_draws": 0})
+      # BN on running statistics in both strategies, as the torch arm's eval() (parity.py).
+      fixed={"patience": 0, "tune_draws": 0, "bn": "frozen"})
   lr_freeze: float = flag("--lr-freeze", 1e-2, "Freeze's LR")
   lr_finetune: float = flag("--lr-finetune", 1e-4, "Finetune's LR")
   source: str = flag("--source", "fmnist:0,2,3,4,6", "source dataset spec (pretrained and "

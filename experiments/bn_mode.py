@@ -6,7 +6,7 @@ runs, for both small archs (vgg_s without BN, resnet_s with BN) pretrained on Fa
 {0,2,3,4,6}, on both embedded targets (Fashion-MNIST {1,5,7,8,9}, digits), at k = 1, 3, 5, 10
 per class, 10 evaluation draws per cell:
   * `finetune`: every parameter trained, BatchNorm normalising with the source's running
-    statistics (the library's default strategy);
+    statistics (`finetune` under `--bn frozen`, the mode of every folder made before --bn);
   * `finetune_bn`: every parameter trained, BatchNorm in train mode (batch statistics, running
     statistics updated), as PyTorch users and DELTA's authors fine-tune.
 Both arms share the LR grid (1e-4, 1e-3, extended at an edge) and the budget (cap 300 steps,
@@ -21,7 +21,13 @@ both arms), per cell and pooled, as the registered claim `bn.train_mode_gt_froze
 (experiments/claims_registry/bn.py, registered before any run) reads it: superiority on
 resnet_s. vgg_s has no BatchNorm, so there the two arms are the same network: its rows are a
 control whose differences must be exactly 0 (a claim over them reads "not tested"). The
-measurement decides which mode the tables' Finetune arms and the default strategy use.
+measurement decided which mode fine-tuning uses by default: train (`--bn train`,
+docs/decisions.md, "BN mode of fine-tuning").
+
+The study pins its own modes: it does not offer `--bn` (the flag is hidden, its mode fixed to
+frozen), so `finetune` stays the frozen arm, `finetune_bn` the train one, and its published
+folders (made before --bn, with frozen `finetune`) stay valid; `--bn train` is refused by the
+parser (exit 2).
 
 Cost: 16 cells x 2 arms x (2 LRs x 10 nested tuning runs + 10 evaluation runs), ~1000-1200 runs
 of <= 300 steps; at the ~6 s per resnet_s run measured by published/bn_mode_resnet_s_k10 (33
@@ -56,8 +62,11 @@ STUDY = study.Study(
     check_data=hooks.check_data(sources.source_input_shape), plots=hooks.plot_accuracy,
     defaults={"shots": "1,3,5,10", "repeats": 10, "lrs": "1e-4,1e-3", "steps": 300,
               "patience": 60, "tuning": "nested", "cv_folds": "0", "cap_share": "0.1",
-              "paper_grid": False, "strategies": ",".join(ARMS), "out": "results/bn_mode"},
-    doc=__doc__)
+              "paper_grid": False, "strategies": ",".join(ARMS), "out": "results/bn_mode",
+              "bn": "frozen"},
+    # Its arms are the two modes: a study-wide --bn would make `finetune` the same as
+    # `finetune_bn`, so the flag is not offered.
+    hidden=frozenset({"bn"}), doc=__doc__)
 PUBLISHER = study.publisher(STUDY)
 
 

@@ -19,7 +19,10 @@ Reduced (one arch, one target, three strategies, 3 draws; tens of CPU-minutes):
 
 Every factor's runs are records of one results.jsonl (cell field 'factor'); folders published
 before the runner kept them in OUT/x<factor>/ and results.json with a 'factor' field, which the
-report reads the same.
+report reads the same. BatchNorm: `--bn` (default train) for the fine-tuning arms; the published
+folders predate it, when finetune and finetune_cwl kept the source's statistics but l2sp (its
+DELTA-family recipe) trained them: no `--bn` reproduces both, so they are not resumed
+(`edge.bn_check`); rerun them in a new folder.
 """
 from __future__ import annotations
 

@@ -319,8 +319,10 @@ STUDY = study.Study(
               "repeats": 5, "tune_repeats": 2, "paper_grid": False,
               "out": "results/compact_transfer"},
     # Each variant runs at its chosen point only (no paper grid); caps are the arms' own.
+    # --bn: its runs pin their own BN modes (`compact_runs`), not the runner's.
     hidden=frozenset({"lrs", "steps", "cv_folds", "stored_size", "stream_threads",
-                      "stream_workers", "batch_runs", "no_feature_cache", "paper_grid"}),
+                      "stream_workers", "batch_runs", "no_feature_cache", "paper_grid",
+                      "bn"}),
     doc=__doc__)
 PUBLISHER = study.publisher(STUDY)
 

@@ -25,6 +25,9 @@ A reduced run (vgg_s, one target, k in {1,5}, 3 draws, freeze pair only):
 Expected (published/cwl_tables, 837 runs, 2 x 2 x 4 cells): Freeze+CWL beats Freeze on vgg_s
 (no BN), not on resnet_s; Finetune+CWL matches Finetune within a point. Paper claims tested:
 CWL beats Freeze at few shots, more on VGG (no BN) than on ResNet; CWL does not hurt finetuning.
+BatchNorm: `--bn` (default train) for Finetune and Finetune+CWL; Freeze and Freeze+CWL keep the
+source's running statistics. published/cwl_tables predates the flag and ran frozen: it resumes
+with `--bn frozen` (docs/protocol.md).
 """
 from __future__ import annotations
 

@@ -22,21 +22,23 @@ It writes results.jsonl / results.json (one record per run, tuning runs included
 summary.json, curves.json, report.md, accuracy_vs_shots.png, learning_curves.png and
 filter_distance.png.
 
-Recipe (the paper and the authors' code, see jtransfer/methods/delta.py): SGD momentum 0.9,
-batch 64 (a smaller k-shot set is one batch), beta = 0.01, BN in train mode for the fine-tuned
-strategies, lr 0.01 (`--lrs`; a list is tuned too, extended at an edge), lr x0.1 at 67% of the
-step cap `--steps` (exponentially per epoch by default, `--schedule step` for StepLR): the
-schedule is defined over the cap, so a run stopped early by `--patience` stops before its lr has
-fully decayed, and keeps its best validation state. Budget: cap 200 steps, stop after 100 steps
-without a validation gain (checked every 10). alpha: tuned over delta.ALPHAS (1e-3, 1e-2, 1e-1)
-for L2-SP and DELTA, delta.ALPHAS_NOATT (1e-5, 1e-4, 1e-3) for DELTA w/o ATT (its unnormalised
-sum is ~H*W times stiffer; at 0.01 it diverges here), each extended by up to `--tune-extend`
-values at an edge. `--alpha 0.01` (one value) fixes alpha, no alpha tuning, and the paper-grid
-rows use it too; `--alpha 0.001,0.01` sets the grid. Same for `--alpha-noatt`. The paper's
-alpha (0.01; 1e-4 for DELTA w/o ATT) gives the paper-grid rows. `--att-bn` sets BatchNorm in
-DELTA's attention probe (delta.ATT_BN_MODES; 'authors' = channel_eval.py). L2-FE has no knob to
-tune and at lr 0.01 stops at the 200-step cap in 13 of 20 published runs: `--l2fe-lrs 0.01,0.1`
-tunes its LR like the other arms' knobs (same patience): the setting for a rerun.
+Recipe (the paper and the authors' code, see jtransfer/methods/delta.py): SGD momentum 0.9, batch
+64 (a smaller k-shot set is one batch), beta = 0.01, BN in train mode for the fine-tuned strategies
+(`--bn`, default train as the authors' code, also what a folder made before --bn ran; `--bn
+frozen`: the source's running statistics, which L2-FE always keeps), lr 0.01 (`--lrs`; a list is
+tuned too, extended at an edge), lr x0.1 at 67% of the step cap `--steps` (exponentially per epoch
+by default, `--schedule step` for StepLR): the schedule is defined over the cap, so a run stopped
+early by `--patience` stops before its lr has fully decayed, and keeps its best validation state.
+Budget: cap 200 steps, stop after 100 steps without a validation gain (checked every 10). alpha:
+tuned over delta.ALPHAS (1e-3, 1e-2, 1e-1) for L2-SP and DELTA, delta.ALPHAS_NOATT (1e-5, 1e-4,
+1e-3) for DELTA w/o ATT (its unnormalised sum is ~H*W times stiffer; at 0.01 it diverges here),
+each extended by up to `--tune-extend` values at an edge. `--alpha 0.01` (one value) fixes alpha,
+no alpha tuning, and the paper-grid rows use it too; `--alpha 0.001,0.01` sets the grid. Same for
+`--alpha-noatt`. The paper's alpha (0.01; 1e-4 for DELTA w/o ATT) gives the paper-grid rows.
+`--att-bn` sets BatchNorm in DELTA's attention probe (delta.ATT_BN_MODES; 'authors' =
+channel_eval.py). L2-FE has no knob to tune and at lr 0.01 stops at the 200-step cap in 13 of 20
+published runs: `--l2fe-lrs 0.01,0.1` tunes its LR like the other arms' knobs (same patience): the
+setting for a rerun.
 
 Cost. Per (arch, target, k) cell: tuning 5 folds x 3 alphas (plus extensions) for each of L2-SP,
 DELTA w/o ATT and DELTA (45+ runs, each of DELTA's computing its attention), one validation run
@@ -324,9 +326,10 @@ def run(study_, config, results) -> list[dict]:
 # ----------------------------------------------------------------------------- report
 def delta_config(config) -> delta.Config:
   """DELTA's settings: the JTRANSFER_DELTA_* environment (read at the CLI edge), then the
-  flags."""
+  flags; `Config.bn_train` is --bn train (one setting)."""
   return dataclasses.replace(delta.Config(**dict(config.protocol.delta_env)),
-                             **config.extra.changes()).validate()
+                             **config.extra.changes(),
+                             bn_train=config.protocol.bn == "train").validate()
 
 
 def recipe_text(plan) -> str:
@@ -434,7 +437,7 @@ STUDY = study.Study(
     defaults={"shots": "5,10,30", "repeats": 5, "strategies": ",".join(STRATEGIES),
               "lrs": "paper", "steps": 200, "patience": 100, "tune_repeats": 1,
               "val_per_class": 20, "out": "results/delta_table"},
-    doc=__doc__)
+    bn_before="train", doc=__doc__)  # its DELTA-family arms' recipe before --bn
 PUBLISHER = study.publisher(STUDY)
 
 

@@ -23,12 +23,17 @@ evaluation draws run at that choice and, under `--paper-grid`, over the whole LR
 report gives the tuned figure with its claims (per-draw differences, 95% CI, verdict), then the
 paper's test-selected best over LR, labelled, and the LR chosen per draw on validation.
 Frozen-backbone strategies with BN in eval mode train their head on backbone features computed
-once per (arch, target).
+once per (arch, target). BatchNorm: `--bn train` (the default: `finetune` trains with batch
+statistics, PyTorch's model.train()) or `--bn frozen` (the source's running statistics, the mode
+of every folder made before the flag); strategies that keep every source kernel fixed always
+keep the source's statistics (docs/protocol.md, `jtransfer.methods.bn_rule`).
 
 Any registered strategy may be an arm (`--strategies`); the grid, resume, shards and report are
 the study runner's (`jtransfer.study`); this module declares the claims it tests.
 """
 from __future__ import annotations
+
+import dataclasses
 
 from typing import Sequence
 
@@ -75,10 +80,14 @@ def report(plan, records, folder):
 
 
 def is_demo(config) -> bool:
-  """Whether `config` runs the embedded default grid (whatever its --out and output flags)."""
-  demo = flags.parse(STUDY, [])
-  return (config.cells, config.protocol, config.source) == (demo.cells, demo.protocol,
-                                                            demo.source)
+  """Whether `config` runs the embedded default grid (whatever its --out and output flags):
+  today's default command line (which states --bn train), or, for a folder made before --bn,
+  the default grid of its time."""
+  demo = flags.parse(STUDY, flags.stated_argv(STUDY, []))
+  p = config.protocol
+  if not p.bn_stated:
+    p = dataclasses.replace(p, bn=demo.protocol.bn, bn_stated=True)
+  return (config.cells, p, config.source) == (demo.cells, demo.protocol, demo.source)
 
 
 STUDY = study.Study(

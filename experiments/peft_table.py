@@ -37,6 +37,9 @@ batch there, --batch-runs) or split it with --shard I/N and `experiments.publish
 Claims (registered before any run in
 experiments/claims_registry/peft.py): LoRA >= finetune; each method > freeze; the tuned
 methods within a point of each other (each within half a point of LoRA); SSF > CWL.
+BatchNorm (`--bn`, default train): the arms that update kernels (finetune, finetune_cwl,
+finetune_lrd, last_k, surgical, LoRA) train in that mode; the others keep the source's running
+statistics, so "X > freeze" never mixes in a BN adaptation (docs/protocol.md).
 """
 from __future__ import annotations
 

@@ -187,11 +187,12 @@ ARMS = (Arm("sparse_source", "Sparse-SourceNet", run=None, tuned=False),
 # Shared flags the study does not offer; --lrs is its own (a comma list only). Its pipeline
 # runs its own grid (sparse_pipeline.run), which tunes on --tune-seeds and implements none of
 # the grid runner's --tuning nested, --disjoint-tuning and --cap-share: offered, they parsed
-# and were silently ignored.
+# and were silently ignored; likewise --bn (its fine-tuning keeps its published mode).
 HIDDEN = frozenset({"arch", "shots", "strategies", "lrs", "repeats", "tune_repeats", "cv_folds",
                     "augment", "stored_size", "stream_threads", "stream_workers", "paper_grid",
                     "seed", "batch_runs", "no_feature_cache", "shard", "num_processes",
-                    "process_id", "coordinator", "tuning", "disjoint_tuning", "cap_share"})
+                    "process_id", "coordinator", "tuning", "disjoint_tuning", "cap_share",
+                    "bn"})
 
 STUDY = study.Study(
     module="experiments.sparse_transfer",

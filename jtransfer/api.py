@@ -17,6 +17,12 @@ prune by CWL scales. Every experiment table runs the same pieces underneath.
 * Images: the data layer's rule (`data.validate_images`), uint8 (N, H, W, C) at the source's
   input shape; float images in [0, 1] are accepted and rounded to uint8 (`as_images`).
 
+BatchNorm: `bn='train'` by default (batch statistics while training, running averages updated
+and used at evaluation, PyTorch's `model.train()`; +1.3 points over frozen statistics in
+published/bn_mode), `bn='frozen'` keeps the source's running statistics; only the strategies
+that update the backbone's kernels follow it, the others always keep the source's statistics
+(`jtransfer.methods.bn_rule`; `FitResult.bn` says which mode a run trained in).
+
 Frozen-backbone strategies train their head on the full forward here (the grids cache backbone
 features instead, `experiments.fewshot`); augmentation is the grids' (`--augment`).
 """
@@ -32,7 +38,7 @@ from jtransfer.data import Batches, validate_images
 from jtransfer.errors import InputError
 # (re-exported: the API is one import)
 from jtransfer.inputs import as_images, random_source, source_from_model  # noqa: F401
-from jtransfer.methods import transfer
+from jtransfer.methods import bn_rule, transfer
 from jtransfer.protocol import tuning
 from jtransfer.protocol.budget import Budget
 from jtransfer.protocol.run import train_run
@@ -91,6 +97,7 @@ class FitResult:
       (Converged), 'val_acc' (of the kept state; None without val)}.
     source: the source it started from; num_classes: the target's class count.
     forward: (params, batch_stats, uint8 images) -> logits, eval mode.
+    bn: the BatchNorm mode it trained in ('train' or 'frozen', `jtransfer.methods.bn_rule`).
   """
   strategy: str
   lr: float
@@ -101,13 +108,15 @@ class FitResult:
   source: transfer.Source
   num_classes: int
   forward: Any = dataclasses.field(repr=False, default=None)
+  bn: str = bn_rule.FROZEN
 
 
 class _Trainers:
   """Setups and compiled steps per (strategy, knobs), reused across runs (the LR is injected)."""
 
-  def __init__(self, source: transfer.Source, num_classes: int, steps: int):
+  def __init__(self, source: transfer.Source, num_classes: int, steps: int, bn: str):
     self.source, self.num_classes, self.steps = source, num_classes, steps
+    self.bn = bn_rule.check(bn)
     self._built: dict = {}
 
   def get(self, strategy: str, knobs: Mapping[str, Any]):
@@ -120,7 +129,7 @@ class _Trainers:
       if unknown:
         raise InputError(f"strategy {strategy!r} has no knob(s) {unknown}; its knobs are "
                          f"{sorted(s.knobs) or 'none'}")
-      setup = s.build(self.source, self.num_classes, self.steps, **dict(knobs))
+      setup = s.build(self.source, self.num_classes, self.steps, bn=self.bn, **dict(knobs))
       self._built[key] = (setup, make_train_step(setup.loss_fn, setup.optimizer))
     return self._built[key]
 
@@ -163,13 +172,15 @@ def _fit(trainers: _Trainers, strategy: str, train: ArrayPair, val: Optional[Arr
     history["val_acc"] = accuracy(predict_logits(setup.forward, variables["params"],
                                                  variables["batch_stats"], val[0]), val[1])
   return FitResult(strategy, float(lr), dict(knobs), setup.model, variables, history,
-                   trainers.source, trainers.num_classes, setup.forward)
+                   trainers.source, trainers.num_classes, setup.forward,
+                   transfer.get_strategy(strategy).bn_mode(trainers.bn))
 
 
 def fit(source: transfer.Source, strategy: str, train, val=None, *, lr: float,
         knobs: Optional[Mapping[str, Any]] = None,
         budget: Union[FixedSteps, Converged] = FixedSteps(100), seed: int = 0,
-        batch_size: int = 32, num_classes: Optional[int] = None) -> FitResult:
+        batch_size: int = 32, num_classes: Optional[int] = None,
+        bn: str = bn_rule.TRAIN) -> FitResult:
   """Transfers `source` to (images, labels) with a registered strategy.
 
   Args:
@@ -186,6 +197,10 @@ def fit(source: transfer.Source, strategy: str, train, val=None, *, lr: float,
     seed: seeds the new head and the batch order.
     batch_size: images per step (a smaller training set is one batch).
     num_classes: the target's class count; default: the largest label + 1.
+    bn: BatchNorm while training, 'train' (default: batch statistics, running averages
+      updated, PyTorch's model.train()) or 'frozen' (the source's running statistics); a
+      strategy that keeps every source kernel fixed keeps the source's statistics whatever
+      this says (`jtransfer.methods.bn_rule`). No effect on models without BN.
 
   Returns:
     A `FitResult`; `evaluate(result, images, labels)` scores it.
@@ -197,7 +212,7 @@ def fit(source: transfer.Source, strategy: str, train, val=None, *, lr: float,
   k = _num_classes(train, val, num_classes)
   train = _pair(train, source, k, "train")
   val = _pair(val, source, k, "val") if val is not None else None
-  trainers = _Trainers(source, k, _steps_of(budget))
+  trainers = _Trainers(source, k, _steps_of(budget), bn)
   return _fit(trainers, strategy, train, val, lr, dict(knobs or {}), budget, seed, batch_size)
 
 
@@ -239,7 +254,7 @@ def tune(source: transfer.Source, strategy: str, train, val, *,
          knob_grid: Optional[Mapping[str, Sequence[float]]] = None,
          budget: Union[FixedSteps, Converged] = FixedSteps(100), seed: int = 0,
          batch_size: int = 32, max_extend: int = 2, fixed_knobs: Optional[Mapping] = None,
-         num_classes: Optional[int] = None) -> TuneResult:
+         num_classes: Optional[int] = None, bn: str = bn_rule.TRAIN) -> TuneResult:
   """Chooses the LR and the strategy's knobs on validation data, as the tables do.
 
   Every point of lrs x knob_grid is trained on `train` and scored by its validation accuracy
@@ -247,7 +262,7 @@ def tune(source: transfer.Source, strategy: str, train, val, *,
   geometric axis is extended up to `max_extend` times within the strategy's `knob_bounds`).
 
   Args:
-    source, strategy, train, val, budget, seed, batch_size, num_classes: as `fit`.
+    source, strategy, train, val, budget, seed, batch_size, num_classes, bn: as `fit`.
     lrs: the LR grid; default the strategy's paper grid.
     knob_grid: knob -> values; default the strategy's own grids (`Strategy.knobs`).
     max_extend: extensions per side of each axis.
@@ -261,7 +276,7 @@ def tune(source: transfer.Source, strategy: str, train, val, *,
   train, val = _pair(train, source, k, "train"), _pair(val, source, k, "val")
   grid = {"lr": tuple(lrs) if lrs is not None else s.paper_lrs,
           **{n: tuple(v) for n, v in (knob_grid if knob_grid is not None else s.knobs).items()}}
-  trainers = _Trainers(source, k, _steps_of(budget))
+  trainers = _Trainers(source, k, _steps_of(budget), bn)
   table: list = []
 
   def score(point):

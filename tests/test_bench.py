@@ -62,8 +62,8 @@ def test_bench_grid_config_is_the_cwl_tables_command():
       "--tune-extend", "2", "--steps", "1000", "--patience", "200", "--eval-every", "10",
       "--val-per-class", "20", "--strategies", "freeze,freeze_cwl", "--lrs", "paper",
       "--test-per-class", "300", "--batch-size", "64", "--source", "fmnist:0,2,3,4,6",
-      "--source-epochs", "2.0", "--seed", "0", "--paper-grid", "--out", "o", "--overwrite",
-      "--quiet", "--target", "digits"]
+      "--source-epochs", "2.0", "--seed", "0", "--paper-grid", "--bn", "frozen", "--out", "o",
+      "--overwrite", "--quiet", "--target", "digits"]
   # the PyTorch arm's typed Config is the one the runner's CLI edge makes of that command
   from jtransfer.study import flags
   argv = grid_jax.grid_argv(config, ("digits",), "o", feature_cache=False)

@@ -74,7 +74,7 @@ def test_rerun_grows_in_place_with_the_fresh_protocol_rerun_beside(root):
   few = os.path.join(root, "few")
   assert r.in_place and r.command == (
       "python -m experiments.cwl_tables --arch vgg_s --target digits --shots 1,5 --repeats 10 "
-      f"--strategies freeze,freeze_cwl --out {few} --resume")
+      f"--strategies freeze,freeze_cwl --out {few} --bn frozen --resume")  # made before --bn
   argv = r.command.split()[3:]
   assert cwl_tables.PUBLISHER.validate(cwl_tables.PUBLISHER.parse_args(argv))
   # in place: the 4 tuning runs are kept, the 16 evaluation runs scale by the 7 draws added
@@ -83,7 +83,7 @@ def test_rerun_grows_in_place_with_the_fresh_protocol_rerun_beside(root):
   f = r.fresh
   assert f.command == ("python -m experiments.cwl_tables --arch vgg_s --target digits --shots "
                        "1,5 --repeats 10 --strategies freeze,freeze_cwl --out results/x_10draws "
-                       "--tuning nested --cap-share 0.1 --resume")
+                       "--bn frozen --tuning nested --cap-share 0.1 --resume")
   assert f.added == ("--tuning nested", "--cap-share 0.1")  # no --l2fe-lrs: not delta_table
   argv = f.command.split()[3:]
   assert cwl_tables.PUBLISHER.validate(cwl_tables.PUBLISHER.parse_args(argv))
@@ -103,7 +103,8 @@ def test_no_growth_in_place_under_disjoint_tuning(root):
   assert draw_audit.grow(os.path.join(root, "few"), "repeat", 3) is None
   (r,), _ = draw_audit.reruns(draw_audit.audit(ENTRIES, root), root)
   assert not r.in_place and r.command.endswith("--out results/x_10draws --disjoint-tuning "
-                                               "--tuning nested --cap-share 0.1 --resume")
+                                               "--bn frozen --tuning nested --cap-share 0.1 "
+                                               "--resume")
 
 
 def test_shared_estimate_and_a_module_without_a_draw_flag(root):

@@ -12,7 +12,8 @@ from jtransfer.study import flags, grid
 
 
 def _plan(strategies: str):
-  argv = ["--strategies", strategies, "--arch", "vgg_s"]
+  """The plan of a new command line (--bn stated, as `edge.main` does)."""
+  argv = flags.stated_argv(fewshot.STUDY, ["--strategies", strategies, "--arch", "vgg_s"])
   return grid.plan(fewshot.STUDY, flags.parse(fewshot.STUDY, argv))
 
 

@@ -325,7 +325,7 @@ def test_ctrl_c_ends_with_the_resume_command(tiny_source_dir, tmp_path, capsys, 
   assert fewshot.main(argv) == 130
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [f"interrupted: 2 runs saved in {out}; continue with: python -m "
-                 f"experiments.fewshot {' '.join(argv)} --resume"]
+                 f"experiments.fewshot {' '.join(argv)} --bn train --resume"]  # stated
   before = _digest(out)
   monkeypatch.setattr(TargetRuns, "run", real)
   assert fewshot.main([*argv, "--resume"]) == 0

@@ -31,11 +31,14 @@ DEMO_CHANGES = {"arch": "resnet_s", "shots": "1", "repeats": 5, "paper_grid": Fa
 
 def test_flags_and_defaults_are_the_old_parsers():
   raw = flags.raw_flags(fewshot.STUDY, [])
-  assert flags.settings_flags(fewshot.STUDY, raw) == {**OLD_FEWSHOT_DEFAULTS, **DEMO_CHANGES}
+  # argv read as a stored folder holds it: without --bn, a folder made before the flag, which
+  # ran BN frozen (a new command line states --bn: tests/test_bn_flag.py)
+  assert flags.settings_flags(fewshot.STUDY, raw) == {**OLD_FEWSHOT_DEFAULTS, **DEMO_CHANGES,
+                                                      "bn": "frozen"}
   assert fewshot.DEMO_DEFAULTS == DEMO_CHANGES
   # flags added since (issue 29) stay out of the fingerprint at their defaults only
   assert {k: raw[k] for k in set(raw) - set(OLD_FEWSHOT_DEFAULTS)} == {
-      "tuning": "shared", "disjoint_tuning": False, "cap_share": "off"}
+      "tuning": "shared", "disjoint_tuning": False, "cap_share": "off", "bn": None}
   nested = flags.raw_flags(fewshot.STUDY, ["--tuning", "nested"])
   assert flags.settings_flags(fewshot.STUDY, nested)["tuning"] == "nested"
   # a study's defaults replace the shared ones, by destination
@@ -43,7 +46,7 @@ def test_flags_and_defaults_are_the_old_parsers():
   assert {k: v for k, v in cwl.items() if OLD_FEWSHOT_DEFAULTS.get(k, "x") != v} == {
       "shots": "1,3,5,10", "repeats": 10, "lrs": "paper", "steps": 1000, "patience": 200,
       "tune_repeats": 2, "out": "results/cwl_tables",
-      "strategies": "freeze,freeze_cwl,finetune,finetune_cwl"}
+      "strategies": "freeze,freeze_cwl,finetune,finetune_cwl", "bn": "frozen"}
   budget = flags.raw_flags(budget_study.STUDY, [])
   assert budget["factors"] == "1,2,4" and budget["cv_folds"] == "0"
   assert budget["paper_grid"] is False

@@ -48,8 +48,8 @@ def _by_draw(records) -> dict:
 
 
 def _open(study, argv):
-  """Opens a study's --out as its main does."""
-  raw = flags.raw_flags(study, argv)
+  """Opens a study's --out as its main does (--bn stated, `flags.stated_argv`)."""
+  raw = flags.raw_flags(study, flags.stated_argv(study, argv))
   return edge.open_results(study, flags.config_of(study, raw), edge.settings(study, raw))
 
 
@@ -153,6 +153,10 @@ def test_published_folder_grows_from_its_run_json(tmp_path):
   argv[i + 1] = str(d)
   n = int(argv[argv.index("--repeats") + 1])
   before = _digest(d)
+  # made before --bn: it grows only under the mode it ran (docs/reruns.md states it)
+  with pytest.raises(InputError, match=r"--bn train != frozen.*pass --bn frozen"):
+    _open(cwl_tables.STUDY, [*argv, "--repeats", str(n + 2), "--resume"])
+  argv += ["--bn", "frozen"]
   with pytest.raises(InputError, match=rf"--repeats {n - 1} != {n}.*never shrink"):
     _open(cwl_tables.STUDY, [*argv, "--repeats", str(n - 1), "--resume"])
   assert _digest(d) == before

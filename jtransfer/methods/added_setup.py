@@ -3,8 +3,9 @@ frozen source (FiLM, SSF, LoRA, Conv-Adapter, Houlsby/AdaptFormer adapters).
 
 Each of them stores its new leaves under one top-level key of the params tree, trains those
 leaves and the new head with Adam (the LR injected, so one compiled step serves a grid), keeps
-everything else frozen with BN in eval mode, and runs the model through its own `apply`
-(a reparametrisation or an interceptor). Only the key, the initialiser, the trained-leaf rule
+everything else frozen with BN in eval mode (LoRA, whose update changes the kernels, may ask
+for train mode), and runs the model through its own `apply` (a reparametrisation or an
+interceptor). Only the key, the initialiser, the trained-leaf rule
 and the apply differ, so they are the arguments here.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from jtransfer.train import optim
 
 def added_params_setup(source: transfer.Source, num_classes: int, key: str,
                        make: Callable[[Any, int], Any], apply: Callable,
-                       trained: Optional[str] = None) -> transfer.Setup:
+                       trained: Optional[str] = None, bn_train: bool = False) -> transfer.Setup:
   """A Setup whose params are the target's plus `{key: make(target params, seed)}`.
 
   Args:
@@ -29,6 +30,8 @@ def added_params_setup(source: transfer.Source, num_classes: int, key: str,
       params for shapes only.
     apply: `models.apply_model`'s signature, applying the added tree (e.g. `apply_model_lora`).
     trained: regex over paths of the added leaves that train; default every leaf under `key`.
+    bn_train: BN in train mode (LoRA, whose merged update changes the kernels; the others keep
+      every source kernel and so the source's statistics, `jtransfer.methods.bn_rule`).
 
   Returns:
     The Setup: the added leaves matching `trained` and the head trained with Adam at the
@@ -45,5 +48,6 @@ def added_params_setup(source: transfer.Source, num_classes: int, key: str,
       params, [(trained or f"{key}/.*", "train"), (HEAD_RULE, "train"), (".*", optim.FROZEN)],
       {"train": optim.adam(1.0)}, injected_lr=True)
   return transfer.Setup(model, init, optimizer,
-                        transfer.ce_loss_fn(model, source.mean, source.std, apply=apply),
+                        transfer.ce_loss_fn(model, source.mean, source.std, apply=apply,
+                                            bn_train=bn_train),
                         transfer.eval_forward(model, source.mean, source.std, apply=apply))

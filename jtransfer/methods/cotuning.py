@@ -12,8 +12,8 @@ code, thuml/Cotuning `direct_relationship_learning`, read, not copied; the calib
 approach they prefer for large target sets needs a held-out split the k-shot draws do not
 have). The source branch is the source architecture whole (vgg_s keeps its fc6/fc7, trained
 with its head, under params['cotuning']) on the target's shared conv backbone, so each step
-runs the backbone twice. r is a per-run constant under params['frozen']. BN in eval mode and
-Adam, as 'finetune'; lam is a knob tuned on validation (the authors' default 2.3 is the paper
+runs the backbone twice. r is a per-run constant under params['frozen']. BN in the mode asked
+for (`jtransfer.methods.bn_rule`) and Adam, as 'finetune'; lam is a knob tuned on validation (the authors' default 2.3 is the paper
 value).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 from jtransfer import models, surgery
 from jtransfer.data.preprocess import normalize
 from jtransfer.errors import InputError
-from jtransfer.methods import transfer
+from jtransfer.methods import bn_rule, transfer
 from jtransfer.train import evaluate, optim
 
 COTUNING_KEY = "cotuning"
@@ -63,21 +63,25 @@ def source_branch_params(params) -> dict:
   return surgery.combine(backbone, params[COTUNING_KEY])
 
 
-def cotuning_loss_fn(model, source_model, mean, std, lam: float) -> Callable:
+def cotuning_loss_fn(model, source_model, mean, std, lam: float,
+                     bn_train: bool = False) -> Callable:
   def loss_fn(params, batch_stats, batch, rng):
     x = normalize(batch["image"], mean, std)
-    logits, _, _ = models.apply_model(model, _network(params), batch_stats, x, rng=rng)
+    logits, new_stats, _ = models.apply_model(model, _network(params), batch_stats, x,
+                                              train=bn_train, rng=rng)
+    # The source branch shares the backbone and sees the same batch: in train mode its BN
+    # layers normalise with the same batch statistics, so the target pass's update serves both.
     src_logits, _, _ = models.apply_model(source_model, source_branch_params(params),
-                                          batch_stats, x, rng=rng)
+                                          batch_stats, x, train=bn_train, rng=rng)
     ce = evaluate.cross_entropy(logits, batch["label"])
     soft = params[FROZEN_KEY]["relationship"][batch["label"]]
     co = -jnp.mean(jnp.sum(soft * jax.nn.log_softmax(src_logits.astype(jnp.float32)), axis=-1))
-    return ce + lam * co, ({"ce": ce, "cotuning": co}, batch_stats)
+    return ce + lam * co, ({"ce": ce, "cotuning": co}, new_stats if bn_train else batch_stats)
   return loss_fn
 
 
 def build_cotuning(source: transfer.Source, num_classes: int, total_steps: int,
-                   lam: float = LAM) -> transfer.Setup:
+                   lam: float = LAM, bn_train: bool = False) -> transfer.Setup:
   model = transfer.target_model(source, num_classes)
   source_model = source.model
   src_params = source.variables["params"]
@@ -102,11 +106,12 @@ def build_cotuning(source: transfer.Source, num_classes: int, total_steps: int,
                                    {"all": optim.adam(1.0)}, injected_lr=True)
   forward = transfer.eval_forward(model, source.mean, source.std)
   return transfer.Setup(model, init, optimizer,
-                        cotuning_loss_fn(model, source_model, source.mean, source.std, lam),
+                        cotuning_loss_fn(model, source_model, source.mean, source.std, lam,
+                                         bn_train),
                         lambda p, s, images: forward(_network(p), s, images))
 
 
 transfer.register(transfer.Strategy(
     "cotuning", transfer.FINETUNE_LRS, build_cotuning,
     description="finetune + lam x CE of the kept source head against p(y_s | y_t) (Co-Tuning), "
-                "BN running stats, Adam", knobs={"lam": LAMS}, knob_defaults={"lam": LAM}))
+                "Adam", knobs={"lam": LAMS}, knob_defaults={"lam": LAM}, bn_modes=bn_rule.BOTH))

@@ -16,8 +16,9 @@ conv unit path ({'cwl': {'stage1/block0/conv1': sigma, ...}, 'stem': ..., 'head'
 generic train step, the optimizer rules ('cwl/.*') and the few-shot grid handle them like any
 other params.
 
-Strategies registered here (Algorithm 1 of the paper; BN always in eval mode with running
-stats, as the base 'freeze' / 'finetune' strategies; Adam):
+Strategies registered here (Algorithm 1 of the paper; Adam; BN as the base 'freeze' /
+'finetune' strategies: freeze_cwl keeps the running statistics, finetune_cwl and
+finetune_lowconv run the mode asked for, `jtransfer.methods.bn_rule`):
   * freeze_cwl: conv/BN params frozen, scales and the new head trained (freeze LR grid);
   * finetune_cwl: every param trained, scales included (finetune LR grid);
   * finetune_lowconv: Algorithm 1 step 1 as the text words it: conv/BN params train at
@@ -35,7 +36,7 @@ import numpy as np
 
 from jtransfer import models, surgery
 from jtransfer.errors import InputError
-from jtransfer.methods import cwl_linear, transfer
+from jtransfer.methods import bn_rule, cwl_linear, transfer
 from jtransfer.models import attention
 from jtransfer.train import optim
 
@@ -195,9 +196,9 @@ def apply_model_cwl(model, params: Mapping[str, Any], batch_stats, x: jax.Array,
 
 
 # ----------------------------------------------------------------------------- strategies
-def cwl_loss_fn(model, mean, std) -> Callable:
-  """CE loss_fn reading scales from params['cwl'] (BN in eval mode)."""
-  return transfer.ce_loss_fn(model, mean, std, apply=apply_model_cwl)
+def cwl_loss_fn(model, mean, std, bn_train: bool = False) -> Callable:
+  """CE loss_fn reading scales from params['cwl'] (BN in eval mode unless `bn_train`)."""
+  return transfer.ce_loss_fn(model, mean, std, apply=apply_model_cwl, bn_train=bn_train)
 
 
 def cwl_forward(model, mean, std) -> Callable:
@@ -206,7 +207,7 @@ def cwl_forward(model, mean, std) -> Callable:
 
 
 def cwl_setup(source: transfer.Source, num_classes: int, mode: str,
-              lr_mult: float = LOWCONV_LR_MULT) -> transfer.Setup:
+              lr_mult: float = LOWCONV_LR_MULT, bn_train: bool = False) -> transfer.Setup:
   """A Setup for a CWL strategy.
 
   Args:
@@ -215,6 +216,7 @@ def cwl_setup(source: transfer.Source, num_classes: int, mode: str,
     mode: 'freeze' (conv/BN frozen), 'finetune' (all trained) or 'lowconv' (conv/BN at
       `lr_mult` x lr).
     lr_mult: the conv/BN learning-rate multiplier of 'lowconv'.
+    bn_train: BN in train mode ('finetune', 'lowconv'; `jtransfer.methods.bn_rule`).
 
   Returns:
     The Setup; its params are {'cwl': ones per conv unit, **target params}; for a transformer
@@ -246,9 +248,11 @@ def cwl_setup(source: transfer.Source, num_classes: int, mode: str,
   if linear:
     apply = cwl_linear.apply_fn(CWL_KEY)
     return transfer.Setup(model, init, optimizer,
-                          transfer.ce_loss_fn(model, source.mean, source.std, apply=apply),
+                          transfer.ce_loss_fn(model, source.mean, source.std, apply=apply,
+                                              bn_train=bn_train),
                           transfer.eval_forward(model, source.mean, source.std, apply=apply))
-  return transfer.Setup(model, init, optimizer, cwl_loss_fn(model, source.mean, source.std),
+  return transfer.Setup(model, init, optimizer,
+                        cwl_loss_fn(model, source.mean, source.std, bn_train),
                         cwl_forward(model, source.mean, source.std))
 
 
@@ -256,8 +260,11 @@ transfer.register(transfer.Strategy(
     "freeze_cwl", transfer.FREEZE_LRS, lambda s, k, n: cwl_setup(s, k, "freeze"),
     description="conv/BN frozen (running stats), CWL scales + new head trained, Adam"))
 transfer.register(transfer.Strategy(
-    "finetune_cwl", transfer.FINETUNE_LRS, lambda s, k, n: cwl_setup(s, k, "finetune"),
-    description="all layers + CWL scales trained (BN running stats), new head, Adam"))
+    "finetune_cwl", transfer.FINETUNE_LRS,
+    lambda s, k, n, bn_train=False: cwl_setup(s, k, "finetune", bn_train=bn_train),
+    description="all layers + CWL scales trained, new head, Adam", bn_modes=bn_rule.BOTH))
 transfer.register(transfer.Strategy(
-    "finetune_lowconv", transfer.FREEZE_LRS, lambda s, k, n: cwl_setup(s, k, "lowconv"),
-    description=f"Algorithm 1: CWL scales + head at lr, conv/BN at {LOWCONV_LR_MULT} x lr, Adam"))
+    "finetune_lowconv", transfer.FREEZE_LRS,
+    lambda s, k, n, bn_train=False: cwl_setup(s, k, "lowconv", bn_train=bn_train),
+    description=f"Algorithm 1: CWL scales + head at lr, conv/BN at {LOWCONV_LR_MULT} x lr, Adam",
+    bn_modes=bn_rule.BOTH))

@@ -27,6 +27,9 @@ training images only, and cached per (source, images, labels). Every strategy ta
 hyper-parameters as knobs: `alpha` (tuned) and `config`, a `Config` (beta, schedule, taps, the
 attention probe's settings; default `Config()`), e.g.
 `get_strategy('delta').build(source, 10, 500, alpha=0.1, config=Config(schedule='step'))`.
+BatchNorm: L2, L2-SP, DELTA w/o ATT and DELTA follow the mode asked for (`bn='train'` or
+'frozen' sets `Config.bn_train`, `jtransfer.methods.bn_rule`); without `bn`, `Config.bn_train`
+(train, the authors' code). L2-FE keeps the source's statistics (head only).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from jtransfer.methods import transfer
+from jtransfer.methods import bn_rule, transfer
 # The attention, the losses and the config live in their own modules; every name stays
 # importable from here.
 from jtransfer.methods.delta_attention import (  # noqa: F401
@@ -145,8 +148,11 @@ CONFIG_STRATEGIES = ("l2fe", "l2", "l2sp", "delta_noatt", "delta")
 
 
 def _build(kind: str):
-  def build(source, num_classes, total_steps, alpha=None, config: Optional[Config] = None):
+  def build(source, num_classes, total_steps, alpha=None, config: Optional[Config] = None,
+            bn_train: Optional[bool] = None):
     config = config or Config()
+    if bn_train is not None:  # the mode asked for (`bn`) wins over the config's
+      config = dataclasses.replace(config, bn_train=bool(bn_train))
     if kind == "l2":
       return build_setup(source, num_classes, total_steps, kind, config)
     alpha = _alpha_default(kind, config) if alpha is None else float(alpha)
@@ -168,16 +174,20 @@ transfer.register(transfer.Strategy(
     description="L2-FE: frozen features, linear head, SGD, beta * 0.5 ||head||^2"))
 transfer.register(transfer.Strategy(
     "l2", PAPER_LRS, _build("l2"),
-    description="L2: all layers, SGD weight decay 1e-4, BN batch stats"))
+    description="L2: all layers, SGD weight decay 1e-4", bn_modes=bn_rule.BOTH,
+    recipe_bn=bn_rule.TRAIN))
 transfer.register(transfer.Strategy(
     "l2sp", PAPER_LRS, _build("l2sp"), knobs={"alpha": ALPHAS},
     knob_defaults={"alpha": _alpha_default("l2sp")}, cv_folds=CV_FOLDS,
-    description="L2-SP: CE + alpha 0.5||w - w0||^2 + beta 0.5||head||^2, SGD"))
+    description="L2-SP: CE + alpha 0.5||w - w0||^2 + beta 0.5||head||^2, SGD",
+    bn_modes=bn_rule.BOTH, recipe_bn=bn_rule.TRAIN))
 transfer.register(transfer.Strategy(
     "delta_noatt", PAPER_LRS, _build("fm"), knobs={"alpha": ALPHAS_NOATT},
     knob_defaults={"alpha": _alpha_default("fm")}, cv_folds=CV_FOLDS,
-    description="DELTA w/o ATT: CE + alpha 0.5 sum ||FM_t - FM_s||^2 + beta head term, SGD"))
+    description="DELTA w/o ATT: CE + alpha 0.5 sum ||FM_t - FM_s||^2 + beta head term, SGD",
+    bn_modes=bn_rule.BOTH, recipe_bn=bn_rule.TRAIN))
 transfer.register(transfer.Strategy(
     "delta", PAPER_LRS, _build("att"), knobs={"alpha": ALPHAS},
     knob_defaults={"alpha": _alpha_default("att")}, cv_folds=CV_FOLDS,
-    description="DELTA: attention-weighted feature-map distance + beta head term, SGD"))
+    description="DELTA: attention-weighted feature-map distance + beta head term, SGD",
+    bn_modes=bn_rule.BOTH, recipe_bn=bn_rule.TRAIN))

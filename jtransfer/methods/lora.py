@@ -17,8 +17,9 @@ kernel's path); it avoids forming the full kernel gradient, but its r-channel co
 slower on XLA:CPU: on resnet_s at batch 128 the merged-kernel step took 0.89x finetune's and
 the two-conv step 1.14x, in one run (bench/PEFT.md). The tests check the two forms agree.
 
-What trains: A, B and the new head (Adam, the freeze LR grid); the source weights and BN stay
-frozen, BN in eval mode with running statistics. Initialisation as Hu et al. (and loralib): B = 0,
+What trains: A, B and the new head (Adam, the freeze LR grid); the source weights and BN
+affine stay frozen; BN in the mode asked for (the merged update changes the kernels, so LoRA
+follows the fine-tuning rule of `jtransfer.methods.bn_rule`; running statistics without one). Initialisation as Hu et al. (and loralib): B = 0,
 so the model equals the source at init; A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = rows of
 A (loralib's kaiming_uniform(a=sqrt(5)) bound).
 
@@ -40,7 +41,7 @@ import numpy as np
 
 from jtransfer import models, surgery
 from jtransfer.errors import InputError
-from jtransfer.methods import added_setup, peft_paths, transfer
+from jtransfer.methods import added_setup, bn_rule, peft_paths, transfer
 
 LORA_KEY = "lora"
 CNN_RULES = (r".*/conv/kernel",)
@@ -193,18 +194,18 @@ def trained_count(params: Mapping[str, Any], rank: int,
 
 def build_lora(source: transfer.Source, num_classes: int, total_steps: int,
                rank: float = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA,
-               rules: Optional[Sequence[str]] = None) -> transfer.Setup:
-  """The LoRA Setup: A, B and the head trained (Adam), everything else frozen."""
+               rules: Optional[Sequence[str]] = None, bn_train: bool = False) -> transfer.Setup:
+  """The LoRA Setup: A, B and the head trained (Adam), everything else frozen; BN in train
+  mode with `bn_train` (LoRA changes the kernels, so it follows the fine-tuning rule)."""
   return added_setup.added_params_setup(
       source, num_classes, LORA_KEY,
       lambda params, seed: init_lora(params, rank, alpha, seed, rules), apply_model_lora,
-      trained=f"{LORA_KEY}/.*/(a|b)")
+      trained=f"{LORA_KEY}/.*/(a|b)", bn_train=bn_train)
 
 
 transfer.register(transfer.Strategy(
     "lora", transfer.FREEZE_LRS, build_lora,
     description="LoRA (rank r, scale alpha/r, B=0) on every conv kernel (attention kernels on "
-                "transformers) + new head trained, merged after training, BN running stats, "
-                "Adam",
+                "transformers) + new head trained, merged after training, Adam",
     knobs={"rank": RANKS}, knob_defaults={"rank": float(DEFAULT_RANK)},
-    knob_bounds={"rank": (1.0, 64.0)}))
+    knob_bounds={"rank": (1.0, 64.0)}, bn_modes=bn_rule.BOTH))

@@ -6,7 +6,7 @@ zero-shot models", CVPR 2022).
     L2-regularised multinomial logistic regression (scikit-learn, lbfgs, C = `PROBE_C`) on the
     frozen backbone's head inputs of the run's training images, fitted to convergence in the
     run's `init`, as the LP-FT paper's probe; fine-tuning then runs as 'finetune' (Adam, BN
-    running stats, the finetune LR grid).
+    in the mode asked for, `jtransfer.methods.bn_rule`; the finetune LR grid).
   * wise_ft: the same run, then the weights interpolated back toward the start, theta =
     (1 - alpha) theta_0 + alpha theta_ft, with theta_0 the backbone as loaded plus the probed
     head (WiSE-FT's "zero-shot" end for a model without a zero-shot head); alpha is a knob in
@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jtransfer.errors import InputError
-from jtransfer.methods import transfer
+from jtransfer.methods import bn_rule, transfer
 from jtransfer.train import optim
 
 PROBE_C = 1.0
@@ -56,8 +56,11 @@ def interpolate(params, start, alpha: float):
 
 
 def build_lpft(source: transfer.Source, num_classes: int, total_steps: int,
-               alpha: float | None = None) -> transfer.Setup:
-  setup = transfer.rule_setup(source, num_classes, [(".*", "all")], {"all": optim.adam(1.0)})
+               alpha: float | None = None, bn_train: bool = False) -> transfer.Setup:
+  # The probe's features are the source's in eval mode (running statistics) in both modes:
+  # the linear probe fits the frozen network; the fine-tuning after it follows `bn_train`.
+  setup = transfer.rule_setup(source, num_classes, [(".*", "all")], {"all": optim.adam(1.0)},
+                              bn_train=bn_train)
   base_init = setup.init
 
   def init(seed, images=None, labels=None):
@@ -81,8 +84,10 @@ def build_lpft(source: transfer.Source, num_classes: int, total_steps: int,
 transfer.register(transfer.Strategy(
     "lpft", transfer.FINETUNE_LRS, build_lpft,
     description="linear probe (logistic regression) to convergence, then all layers trained "
-                "from it (LP-FT), BN running stats, Adam"))
+                "from it (LP-FT), Adam", bn_modes=bn_rule.BOTH))
 transfer.register(transfer.Strategy(
-    "wise_ft", transfer.FINETUNE_LRS, lambda s, k, n, alpha=ALPHA: build_lpft(s, k, n, alpha),
+    "wise_ft", transfer.FINETUNE_LRS,
+    lambda s, k, n, alpha=ALPHA, bn_train=False: build_lpft(s, k, n, alpha, bn_train),
     description="LP-FT, then weights interpolated toward the start by alpha (WiSE-FT)",
-    knobs={"alpha": ALPHAS}, knob_defaults={"alpha": ALPHA}, knob_bounds={"alpha": (0.0, 1.0)}))
+    knobs={"alpha": ALPHAS}, knob_defaults={"alpha": ALPHA}, knob_bounds={"alpha": (0.0, 1.0)},
+    bn_modes=bn_rule.BOTH))

@@ -5,8 +5,8 @@ Depth is assigned from parameter paths (`peft_paths.blocks`): ResNets' blocks ar
 each `stageS/blockB`; VGG's are its conv units (`conv2_1`, ...), VGG having no residual
 grouping; a transformer's are its embeddings (cls_token, pos_embed, patch_embed: one group) and
 each `blockN`, its final norm training with the head (`peft_paths.depth_groups`). Blocks are
-ordered as the forward runs them; the new head always trains at the run's LR. BN in eval mode
-with running statistics (as `finetune`), Adam.
+ordered as the forward runs them; the new head always trains at the run's LR. BN in the mode
+asked for (as `finetune`, `jtransfer.methods.bn_rule`), Adam.
 
 Strategies:
   * last_k (Yosinski et al. 2014, arXiv 1411.1792: which layers transfer; the "partial-k" baseline
@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 from jtransfer import models
 from jtransfer.errors import InputError
-from jtransfer.methods import peft_paths, transfer
+from jtransfer.methods import bn_rule, peft_paths, transfer
 from jtransfer.train import optim
 
 K_GRID, K_DEFAULT = (1.0, 2.0, 3.0), 1.0
@@ -61,24 +61,26 @@ def _whole(value: float, name: str, low: int, high: int) -> int:
   return int(value)
 
 
-def build_last_k(source, num_classes, total_steps, k: float = K_DEFAULT) -> transfer.Setup:
-  """The last `k` blocks, the tail and the head train; the earlier blocks are frozen."""
+def build_last_k(source, num_classes, total_steps, k: float = K_DEFAULT,
+                 bn_train: bool = False) -> transfer.Setup:
+  """The last `k` blocks, the tail and the head train; the earlier blocks are frozen (in
+  train mode their BN running statistics still move, as under PyTorch's model.train())."""
   groups, tail = model_blocks(source, num_classes)
   k = _whole(k, "k", 1, len(groups))
   rules = _always(tail) + [(peft_paths.group_rule(g), "train") for g in groups[len(groups) - k:]]
   return transfer.rule_setup(source, num_classes, rules + [(".*", optim.FROZEN)],
-                             {"train": optim.adam(1.0)})
+                             {"train": optim.adam(1.0)}, bn_train=bn_train)
 
 
 def build_surgical(source, num_classes, total_steps,
-                   block: float = BLOCK_DEFAULT) -> transfer.Setup:
+                   block: float = BLOCK_DEFAULT, bn_train: bool = False) -> transfer.Setup:
   """Block number `block` (0 = nearest the input), the tail and the head train."""
   groups, tail = model_blocks(source, num_classes)
   i = _whole(block, "block", 0, len(groups) - 1)
   return transfer.rule_setup(source, num_classes,
                              _always(tail) + [(peft_paths.group_rule(groups[i]), "train"),
                                               (".*", optim.FROZEN)],
-                             {"train": optim.adam(1.0)})
+                             {"train": optim.adam(1.0)}, bn_train=bn_train)
 
 
 def depth_multipliers(n_groups: int, lr_decay: float) -> list[float]:
@@ -87,7 +89,7 @@ def depth_multipliers(n_groups: int, lr_decay: float) -> list[float]:
 
 
 def build_finetune_lrd(source, num_classes, total_steps,
-                       lr_decay: float = LRD_DEFAULT) -> transfer.Setup:
+                       lr_decay: float = LRD_DEFAULT, bn_train: bool = False) -> transfer.Setup:
   """Every param trains, group i at lr * lr_decay^(D - i), the head and tail at lr."""
   if not 0 < lr_decay <= 1:
     raise InputError(f"lr_decay must be in (0, 1], got {lr_decay}")
@@ -97,23 +99,23 @@ def build_finetune_lrd(source, num_classes, total_steps,
       (peft_paths.group_rule(g), f"depth{i}") for i, g in enumerate(groups)]
   opt_groups: Mapping[str, Any] = {"head": optim.adam(1.0), **{
       f"depth{i}": optim.adam(1.0, lr_mult=m) for i, m in enumerate(mults)}}
-  return transfer.rule_setup(source, num_classes, rules, dict(opt_groups))
+  return transfer.rule_setup(source, num_classes, rules, dict(opt_groups), bn_train=bn_train)
 
 
 transfer.register(transfer.Strategy(
     "last_k", transfer.FINETUNE_LRS, build_last_k,
-    description="last k blocks + new head trained, earlier blocks frozen, BN running stats, "
-                "Adam",
-    knobs={"k": K_GRID}, knob_defaults={"k": K_DEFAULT}, knob_bounds={"k": (1.0, 6.0)}))
+    description="last k blocks + new head trained, earlier blocks frozen, Adam",
+    knobs={"k": K_GRID}, knob_defaults={"k": K_DEFAULT}, knob_bounds={"k": (1.0, 6.0)},
+    bn_modes=bn_rule.BOTH))
 transfer.register(transfer.Strategy(
     "surgical", transfer.FINETUNE_LRS, build_surgical,
-    description="surgical finetuning: one block (chosen on validation) + new head trained, BN "
-                "running stats, Adam",
+    description="surgical finetuning: one block (chosen on validation) + new head trained, "
+                "Adam",
     knobs={"block": BLOCK_GRID}, knob_defaults={"block": BLOCK_DEFAULT},
-    knob_bounds={"block": BLOCK_BOUNDS}))
+    knob_bounds={"block": BLOCK_BOUNDS}, bn_modes=bn_rule.BOTH))
 transfer.register(transfer.Strategy(
     "finetune_lrd", transfer.FINETUNE_LRS, build_finetune_lrd,
-    description="all layers trained, LR decaying by lr_decay per block from the head down, BN "
-                "running stats, new head, Adam",
+    description="all layers trained, LR decaying by lr_decay per block from the head down, "
+                "new head, Adam",
     knobs={"lr_decay": LRD_GRID}, knob_defaults={"lr_decay": LRD_DEFAULT},
-    knob_bounds={"lr_decay": (0.05, 1.0)}))
+    knob_bounds={"lr_decay": (0.05, 1.0)}, bn_modes=bn_rule.BOTH))

@@ -2,7 +2,8 @@
 
 A `Strategy` turns (source, number of target classes, learning rate) into a `Setup`: the target
 model, its initial variables, an `Optimizer` (which params train) and a `loss_fn` for the generic
-train step. Method files (cwl, delta, ...) add strategies with `register`.
+train step. Method files (cwl, delta, ...) add strategies with `register`. BatchNorm's mode is
+one setting every `build` takes (`bn=`, the rule of `jtransfer.methods.bn_rule`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import numpy as np
 from jtransfer import checks, models, surgery
 from jtransfer.data.preprocess import normalize
 from jtransfer.errors import InputError
+from jtransfer.methods import bn_rule
+from jtransfer.methods.strategy_build import checked_build, strategy_doc
 from jtransfer.train import evaluate, optim
 
 
@@ -172,8 +175,15 @@ class Strategy:
       the docstring of the module that defines `build` (each method file documents its
       strategies there). With the fields above it becomes the object's `__doc__`, so
       `help(get_strategy(name))` shows it.
+    bn_modes: the BatchNorm modes it supports (`bn_rule`: ('train', 'frozen') for the
+      fine-tuning family, whose `build` takes `bn_train`; ('frozen',) for strategies that
+      keep every source kernel fixed, the default).
+    recipe_bn: the mode `build` runs without a `bn` (the strategy's own recipe, and what
+      folders made before strategies took a mode ran).
 
-  `build` is wrapped so that knobs it does not take are refused naming the ones it does.
+  `build` is wrapped so that knobs it does not take are refused naming the ones it does, and
+  it takes the reserved keyword `bn` ('train' or 'frozen'; `bn_rule.resolve`): a strategy
+  that supports the mode asked for runs it, any other runs its only mode.
   """
   name: str
   paper_lrs: tuple[float, ...]
@@ -185,60 +195,17 @@ class Strategy:
   cv_folds: int = 0
   knob_bounds: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
   doc: str = ""
+  bn_modes: tuple[str, ...] = bn_rule.FROZEN_ONLY
+  recipe_bn: str = bn_rule.FROZEN
 
   def __post_init__(self):
     # Frozen: set through object.__setattr__, once, at construction.
     object.__setattr__(self, "__doc__", strategy_doc(self))
-    object.__setattr__(self, "build", _checked_build(self.name, self.build, self.knobs))
+    object.__setattr__(self, "build", checked_build(self, self.build))
 
-
-def strategy_doc(strategy: Strategy) -> str:
-  """The docstring of a registered strategy: its prose, then its grids, knobs and defaults."""
-  lines = [f"Transfer strategy {strategy.name!r}: {strategy.description}."]
-  module = sys.modules.get(getattr(strategy.build, "__module__", ""), None)
-  doc = strategy.doc or getattr(module, "__doc__", "") or ""
-  if doc:
-    source = "" if strategy.doc else f"From {module.__name__}:\n"
-    lines += ["", source + inspect.cleandoc(doc)]
-  lines += ["", f"LR grid of --lrs paper: {', '.join(f'{v:g}' for v in strategy.paper_lrs)}."]
-  if strategy.head_only:
-    lines.append("Head only: backbone features are computed once per target and cached.")
-  if strategy.knobs:
-    lines.append("Knobs (build keyword, validation grid, default):")
-    lines += [f"  {k}: grid {', '.join(f'{v:g}' for v in grid)}; default "
-              f"{strategy.knob_defaults.get(k, 'the build default')}"
-              for k, grid in strategy.knobs.items()]
-    lines.append(f"Knobs chosen by {strategy.cv_folds}-fold cross-validation on the training "
-                 "pool." if strategy.cv_folds else "Knobs chosen on the validation split.")
-  else:
-    lines.append("Knobs: none besides the learning rate.")
-  lines.append("Build: strategy.build(source, num_classes, total_steps, **knobs) -> Setup.")
-  return "\n".join(lines)
-
-
-def _checked_build(name: str, build: Callable, knobs: Mapping) -> Callable:
-  """`build`, refusing keyword arguments it does not accept with one sentence."""
-  if getattr(build, "_checked_knobs", False):
-    return build
-  try:
-    params = inspect.signature(build).parameters
-  except (TypeError, ValueError):
-    return build
-  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-    return build
-  accepted = [p for p in list(params)[3:]]  # after (source, num_classes, total_steps)
-
-  def checked(source, num_classes, total_steps, **kwargs):
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-      known = ", ".join(sorted(set(knobs) | set(accepted))) or "none"
-      raise InputError(f"strategy {name!r} has no knob {', '.join(map(repr, unknown))}; its "
-                       f"knobs: {known}")
-    return build(source, num_classes, total_steps, **kwargs)
-
-  checked._checked_knobs = True
-  checked.__doc__ = build.__doc__
-  return checked
+  def bn_mode(self, bn: Optional[str]) -> str:
+    """The BatchNorm mode its runs train in when asked for `bn` (None: `recipe_bn`)."""
+    return bn_rule.resolve(self.bn_modes, bn, self.recipe_bn)
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -281,14 +248,16 @@ def get_strategy(name: str) -> Strategy:
 
 
 def rule_setup(source: Source, num_classes: int, rules: list[tuple[str, str]],
-               groups: dict, loss_fn: Optional[Callable] = None) -> Setup:
-  """A Setup from optimizer rules over the standard target model (CE loss by default)."""
+               groups: dict, loss_fn: Optional[Callable] = None,
+               bn_train: bool = False) -> Setup:
+  """A Setup from optimizer rules over the standard target model (CE loss by default, BN in
+  train mode with `bn_train`)."""
   model = target_model(source, num_classes)
   params, _ = init_target(source, model, 0)
   optimizer = optim.make_optimizer(params, rules, groups, injected_lr=True)
   return Setup(model, lambda seed, images=None, labels=None: init_target(source, model, seed),
                optimizer,
-               loss_fn or ce_loss_fn(model, source.mean, source.std),
+               loss_fn or ce_loss_fn(model, source.mean, source.std, bn_train=bn_train),
                eval_forward(model, source.mean, source.std))
 
 
@@ -297,8 +266,9 @@ def _build_freeze(source, num_classes, total_steps):
                     {"head": optim.adam(1.0)})
 
 
-def _build_finetune(source, num_classes, total_steps):
-  return rule_setup(source, num_classes, [(".*", "all")], {"all": optim.adam(1.0)})
+def _build_finetune(source, num_classes, total_steps, bn_train: bool = False):
+  return rule_setup(source, num_classes, [(".*", "all")], {"all": optim.adam(1.0)},
+                    bn_train=bn_train)
 
 
 def _build_finetune_bn(source, num_classes, total_steps):
@@ -313,11 +283,13 @@ register(Strategy("freeze", FREEZE_LRS, _build_freeze, head_only=True,
                       "on the frozen source backbone; BN in eval mode with the source's "
                       "running statistics; cross-entropy loss. The CWL paper's 'freeze'."))
 register(Strategy("finetune", FINETUNE_LRS, _build_finetune,
-                  description="all layers trained, BN running stats, new linear head, Adam",
+                  description="all layers trained, new linear head, Adam",
                   doc="Trains every parameter (Adam at the run's LR, no weight decay) from the "
-                      "source weights plus a new linear head; BN in eval mode (the source's "
-                      "running statistics, not updated); cross-entropy loss. The CWL paper's "
-                      "'finetune'."))
+                      "source weights plus a new linear head; cross-entropy loss. The CWL "
+                      "paper's 'finetune'. BN: bn='train' (the study runner's and the API's "
+                      "default) as 'finetune_bn'; bn='frozen' (and build without bn) the "
+                      "source's running statistics, not updated (every folder published before "
+                      "--bn).", bn_modes=bn_rule.BOTH))
 # BN in train mode: batch statistics in the forward, running averages updated (evaluation uses
 # them), as torchvision's finetuning recipes and the independent PyTorch run of issue 16 do.
 register(Strategy("finetune_bn", FINETUNE_LRS, _build_finetune_bn,
@@ -325,7 +297,9 @@ register(Strategy("finetune_bn", FINETUNE_LRS, _build_finetune_bn,
                               "averages updated), new linear head, Adam",
                   doc="As 'finetune' (Adam, every parameter, new head, cross-entropy), but BN "
                       "in train mode: batch statistics in the forward pass and running "
-                      "averages updated, which evaluation then uses (torchvision's recipe)."))
+                      "averages updated, which evaluation then uses (torchvision's recipe); "
+                      "always, whatever bn asks (its published records were made so).",
+                  bn_modes=bn_rule.TRAIN_ONLY, recipe_bn=bn_rule.TRAIN))
 
 
 # ----------------------------------------------------------------------------- features

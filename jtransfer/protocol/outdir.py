@@ -14,7 +14,10 @@ model) opens it through `open_outdir`:
       `growable` whose value grows (a larger count, e.g. --repeats 5 -> 10, or a comma list
       growing to a superset, e.g. --seeds) adds runs beside the finished ones, once the caller's
       `check_growth` agrees; settings.json is then rewritten with the new value (only after
-      every check passed, so a refusal changes nothing). Shrinking stays refused;
+      every check passed, so a refusal changes nothing). Shrinking stays refused. A flag added
+      after folders were made whose absence has a meaning (`absent`: --bn, absent = frozen)
+      takes that value in a stored folder that lacks it, and a refusal over it says which
+      value to pass;
     - `overwrite`: the old folder is renamed, whole, to `DIR.replaced-<UTC time>` beside it
       (never deleted) and a fresh `DIR` is made;
   * a multi-host process other than the writer makes the same checks and changes nothing.
@@ -138,10 +141,11 @@ def contents(path: str) -> list[str]:
   return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
-def stored_settings(path: str,
-                    legacy: Callable[[dict], Settings] | None = None) -> Settings | None:
+def stored_settings(path: str, legacy: Callable[[dict], Settings] | None = None,
+                    absent: Mapping[str, Any] | None = None) -> Settings | None:
   """The settings folder `path` was made with: `settings.json`, else `legacy(run.json)`, else
-  None.
+  None; each flag of `absent` ('--bn' -> 'frozen') the stored settings lack takes its value
+  there (a flag added since, whose absence means that value).
 
   Raises:
     InputError: settings.json or run.json is unreadable.
@@ -152,7 +156,8 @@ def stored_settings(path: str,
       continue
     try:
       with open(f) as fh:
-        return read(json.load(fh))
+        stored = read(json.load(fh))
+      return Settings(stored.module, {**dict(absent or {}), **stored.flags})
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise InputError(f"{f} is unreadable ({type(e).__name__}: {e}), so its settings cannot "
                        "be checked for --resume: pass --overwrite or another --out") from None
@@ -165,7 +170,8 @@ def open_outdir(path: str, settings: Settings | None, *, resume: bool = False,
                 resumable: Callable[[str], bool] | None = None,
                 log: Callable[[str], None] | None = None, create: bool = True,
                 growable: Collection[str] = (),
-                check_growth: Callable[[list[str]], None] | None = None) -> Opened:
+                check_growth: Callable[[list[str]], None] | None = None,
+                absent: Mapping[str, Any] | None = None) -> Opened:
   """Opens output folder `path` under the rule of this module's docstring.
 
   Args:
@@ -184,6 +190,7 @@ def open_outdir(path: str, settings: Settings | None, *, resume: bool = False,
     check_growth: the growing flags ('--repeats 5 -> 10') -> None, raising `InputError` when
       this folder's runs cannot grow (e.g. tuning draws that depend on the draw count);
       called before anything is written.
+    absent: flag -> the value a stored folder lacking it was made with (`stored_settings`).
 
   Returns:
     `Opened`.
@@ -202,7 +209,7 @@ def open_outdir(path: str, settings: Settings | None, *, resume: bool = False,
   if held and settings is not None and held == [SETTINGS_FILE]:
     # Opened before (or just now by the multi-host writer) but no run finished: as empty
     # when the settings agree.
-    if stored_settings(path) == settings:
+    if stored_settings(path, absent=absent) == settings:
       held = []
   moved_to = None
   resumed = False
@@ -217,7 +224,7 @@ def open_outdir(path: str, settings: Settings | None, *, resume: bool = False,
   if held and resume:
     if settings is None:
       raise InputError(f"--out {path} cannot be resumed; pass --overwrite to move it aside")
-    old = stored_settings(path, legacy)
+    old = stored_settings(path, legacy, absent)
     if old is None and not (resumable is not None and resumable(path)):
       raise InputError(f"--out {path} holds no results of {settings.module} to resume "
                        "(no settings.json, run.json or results); pass --overwrite or another "
@@ -231,6 +238,10 @@ def open_outdir(path: str, settings: Settings | None, *, resume: bool = False,
       shrunk = [f for f in sorted(growable) if f in old.flags and f in settings.flags
                 and grows(settings.flags[f], old.flags[f])]
       hint = [f"{', '.join(shrunk)} may grow on --resume, never shrink"] if shrunk else []
+      # A flag folders may predate: name the value that resumes it (its absence means it).
+      hint += [f"pass {f} {_text(v)} to resume it (a folder made before {f} ran {_text(v)})"
+               for f, v in sorted((absent or {}).items())
+               if old.flags.get(f) == v and settings.flags.get(f) != v]
       raise InputError(f"--resume refused: --out {path} was made with other settings "
                        f"({'; '.join(diff + hint)}); rerun with the same flags, or pass "
                        "--overwrite or another --out")

@@ -148,6 +148,14 @@ def parse_cap_share(text) -> Optional[float]:
   return v
 
 
+def parse_bn(text) -> str:
+  """--bn: 'train' or 'frozen' (`InputError`, one sentence, otherwise)."""
+  if text not in ("train", "frozen"):
+    raise InputError(f"--bn {text!r}: expected 'train' (batch statistics while fine-tuning, "
+                     "the default) or 'frozen' (the source's running statistics)")
+  return text
+
+
 def parse_batch_runs(text) -> Optional[int]:
   """--batch-runs: 'auto' -> None (by backend at run time), else an int >= 1."""
   if text == "auto":
@@ -256,6 +264,18 @@ class Protocol:
       "GPU/TPU", cli="auto", parse=parse_batch_runs)
   no_feature_cache: bool = flag("--no-feature-cache", False, "train head-only strategies "
                                 "through the full forward (slow path)", action="store_true")
+  # Not `added`: a new command line always states it (`edge.main` writes the default into
+  # argv), so a stored folder without it predates it and parses as the study's `bn_before`.
+  bn: str = flag(
+      "--bn", "train", "BatchNorm while fine-tuning: 'train' (batch statistics while training, "
+      "running averages updated and used at evaluation, PyTorch's model.train()) or 'frozen' "
+      "(the source's running statistics); strategies that keep every source kernel fixed "
+      "always keep the source's statistics, finetune_bn always trains "
+      "(jtransfer.methods.bn_rule); folders made before this flag ran frozen",
+      cli=None, parse=parse_bn, metavar="{train,frozen}")
+  # Whether the folder states --bn (False: made before the flag; its report, made then, says
+  # nothing of BN, so a regenerated one does not either).
+  bn_stated: bool = True
   # DELTA's settings from the JTRANSFER_DELTA_* environment (read at the CLI edge only).
   delta_env: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -160,6 +160,9 @@ class Study:
       many points (its knob grid times an LR grid spaced over its --lrs range, with no edge
       extension), so no arm is tuned with more runs than another (`grid.budgeted`); None =
       each arm's own grid, extended at an edge.
+    bn_before: what --bn absent from a stored folder's flags means: the mode its fine-tuning
+      arms ran in before the flag existed ('frozen'; DELTA's table 'train', its DELTA-family
+      arms' recipe). A new command line always states --bn (`edge.main`).
     doc: the module's docstring (the --help description).
   """
   module: str
@@ -191,6 +194,7 @@ class Study:
   keys: Optional[Callable] = None
   arm_plan: Optional[Callable] = None
   tune_budget: Optional[int] = None
+  bn_before: str = "frozen"
   doc: str = ""
 
   def arm(self, name: str) -> Arm:

@@ -18,7 +18,9 @@ finished run is kept and only the new draws run (about half the runs of a fresh 
 under the protocol the issue asks for (nested tuning, `--cap-share 0.1`, DELTA's `--l2fe-lrs
 0.01,0.1`; each only where the module takes the flag): those flags are settings of the resume
 fingerprint (jtransfer.protocol.outdir), so they cannot be added to a folder, and under nested
-tuning no shared-tuned run could be reused anyway.
+tuning no shared-tuned run could be reused anyway. Both commands state the BatchNorm mode the
+folder ran (`--bn frozen` for a folder made before --bn; DELTA's table `--bn train`), since a
+command line without --bn now runs train mode.
 """
 from __future__ import annotations
 
@@ -199,7 +201,7 @@ def grow(path: str, draw_field: str, draws_now: int) -> Optional[Rerun]:
     return None
   flag, value = _draw_flag(draw_field)
   argv = _set([a for a in run["argv"] if a not in NOT_RESULT_FLAGS], flag, value)
-  argv = _set(argv, "--out", path) + ["--resume"]
+  argv = _set(_bn_stated(study, argv), "--out", path) + ["--resume"]
   try:
     with contextlib.redirect_stderr(io.StringIO()):
       raw = flags.raw_flags(study, argv)
@@ -209,6 +211,7 @@ def grow(path: str, draw_field: str, draws_now: int) -> Optional[Rerun]:
     if not grown:
       return None
     edge.growth_check(config)(grown)
+    edge.bn_check(study, config, path)
   except (SystemExit, InputError):
     return None
   with open(os.path.join(path, "results.json")) as f:
@@ -216,6 +219,15 @@ def grow(path: str, draw_field: str, draws_now: int) -> Optional[Rerun]:
   command = " ".join(["python", "-m", run["module"]] + [shlex.quote(a) for a in argv])
   return Rerun(os.path.basename(os.path.normpath(path)), command, (), run["records"], runs,
                _timed(run, runs), how, in_place=True)
+
+
+def _bn_stated(study, argv: list) -> list:
+  """A published folder's argv with the BatchNorm mode it ran stated: a folder made before
+  --bn lacks it, and a command line without it now runs --bn train (`flags.stated_argv`), so
+  its rerun states its old mode (`Study.bn_before`: frozen, DELTA's table train)."""
+  if study is None or not flags.offers_bn(study) or "--bn" in argv:
+    return list(argv)
+  return list(argv) + ["--bn", study.bn_before]
 
 
 def rerun(path: str, draw_field: str, draws_now: int) -> Rerun:
@@ -235,7 +247,8 @@ def rerun(path: str, draw_field: str, draws_now: int) -> Rerun:
     raise InputError(f"{path} has no run.json: not a published results folder")
   module = run["module"]
   publisher = importlib.import_module(module).PUBLISHER
-  argv = [a for a in run["argv"] if a not in NOT_RESULT_FLAGS]
+  argv = _bn_stated(getattr(importlib.import_module(module), "STUDY", None),
+                    [a for a in run["argv"] if a not in NOT_RESULT_FLAGS])
   flag, value = _draw_flag(draw_field)
   argv = _set(argv, flag, value)
   if not _parses(publisher, argv):

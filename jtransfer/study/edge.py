@@ -2,8 +2,10 @@
 
   def main(argv=None): return jtransfer.study.main(STUDY, argv)
 
-`main` parses the flags (`flags`; a malformed flag exits 2 through argparse, a bad value prints
-its one `error: ...` sentence and returns 2 before anything is opened), sets the device mesh,
+`main` states --bn in argv when absent (`flags.stated_argv`: the folder records its BatchNorm
+mode; a stored argv without it means a folder made before the flag), parses the flags
+(`flags`; a malformed flag exits 2 through argparse, a bad value prints its one `error: ...`
+sentence and returns 2 before anything is opened), sets the device mesh,
 opens --out under the output-folder rule with the settings fingerprint (refused unless empty,
 --resume with the same module and settings, or --overwrite, which moves the old folder aside),
 runs the grid (`runner.run`), then writes results.json, report.md, summary.json and run.json
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import shlex
 import sys
@@ -113,6 +116,51 @@ def growth_check(config):
   return check
 
 
+def absent_flags(study: Study) -> dict:
+  """What a flag a stored folder predates means there ('--bn' -> `Study.bn_before`)."""
+  return {"--bn": study.bn_before} if flags.offers_bn(study) else {}
+
+
+def predates_bn(path: str) -> bool:
+  """Whether results folder `path` was made before --bn: its settings.json, else its
+  run.json's argv, holds no --bn (False when it holds neither file)."""
+  for name, read in (("settings.json", lambda d: "--bn" in d["flags"]),
+                     ("run.json", lambda d: any(a == "--bn" or str(a).startswith("--bn=")
+                                                for a in d["argv"]))):
+    f = os.path.join(path, name)
+    if os.path.isfile(f):
+      try:
+        with open(f) as fh:
+          return not read(json.load(fh))
+      except (OSError, ValueError, KeyError, TypeError):
+        return False  # unreadable: `outdir.stored_settings` refuses it with its own sentence
+  return False
+
+
+def bn_check(study: Study, config, path: str) -> None:
+  """Refuses to resume a folder made before --bn whose arms ran BatchNorm modes that the
+  --bn it resumes with does not reproduce: then every strategy ran its own recipe
+  (`Strategy.recipe_bn`: the DELTA family train, the rest frozen), so e.g. a folder of
+  finetune and l2sp has no --bn under which both keep their mode. Other folders, and studies
+  that plan their own runs (`Study.plan`), pass.
+
+  Raises:
+    InputError: one sentence naming the arms and their modes then and now.
+  """
+  p = config.protocol
+  if not (study.plan is None and flags.offers_bn(study) and os.path.isdir(path)
+          and predates_bn(path)):
+    return
+  plan = grid.plan(study, config)
+  moved = [(a.name, a.strategy.recipe_bn, a.strategy.bn_mode(p.bn)) for a in plan.arms
+           if a.strategy is not None and a.strategy.bn_mode(p.bn) != a.strategy.recipe_bn]
+  if moved and p.bn == study.bn_before:  # else the settings check names --bn itself
+    what = ", ".join(f"{n} ({then}, now {now})" for n, then, now in moved)
+    raise InputError(f"--resume refused: --out {path} was made before --bn, when each arm ran "
+                     f"its own BatchNorm mode, and --bn {p.bn} changes {what}: rerun in "
+                     "another --out")
+
+
 def saved_runs(path: str) -> int:
   """How many run records the results.jsonl files under `path` hold."""
   n = 0
@@ -131,7 +179,8 @@ def open_results(study: Study, config, made_by: outdir.Settings) -> ResultsDir:
   writer = parallel.is_writer()
   results = ResultsDir(o.out, resume=o.resume, overwrite=o.overwrite, writer=writer,
                        settings=made_by, legacy=legacy_settings(study), log=log,
-                       growable=growable(study), check_growth=growth_check(config))
+                       growable=growable(study), check_growth=growth_check(config),
+                       absent=absent_flags(study))
   if results.opened.resumed and log is not None and writer:
     log(f"--resume: {saved_runs(results.path)} runs already saved in {results.path} are "
         "skipped")
@@ -228,7 +277,7 @@ def result_records(records: Sequence[dict], cell_fields: Sequence[str],
 
 def main(study: Study, argv: Optional[Sequence[str]] = None) -> int:
   """A study module's main: exit code 0, 2 after a bad-input sentence, 130 after Ctrl-C."""
-  args = list(sys.argv[1:] if argv is None else argv)
+  args = flags.stated_argv(study, sys.argv[1:] if argv is None else argv)
   try:
     return _main(study, args)
   except KeyboardInterrupt:
@@ -255,6 +304,8 @@ def _main(study: Study, argv: list) -> int:
     plan = plan_of(study, config)
     if study.plan is None:
       runner.arm_order(plan)  # an arm missing what it runs after: refused before --out opens
+      if config.output.resume:
+        bn_check(study, config, config.output.out)
     # Multi-host: every process runs the grid (its runs are collective), one writes it.
     results = open_results(study, config, made_by)
     parallel.barrier("results directory opened")

@@ -9,6 +9,10 @@ returns a `Config`. Nothing else in the library sees argparse; every bad value i
 
 The DELTA family's settings come from the JTRANSFER_DELTA_ALPHA / _BETA / _SCHEDULE
 environment variables; they are read here, only when the study runs a DELTA-family arm.
+
+--bn: `parse` reads argv as a stored folder holds it, where an absent --bn means the study's
+`bn_before` (folders made before the flag); a new command line states it first
+(`stated_argv`, called by `edge.main`), so its run.json and settings hold it.
 """
 from __future__ import annotations
 
@@ -74,10 +78,29 @@ def raw_flags(study, argv: Optional[Sequence[str]]) -> dict:
 
 def settings_flags(study, raw: Mapping[str, Any]) -> dict:
   """The flags of the settings fingerprint: `raw` less the flags added after folders were
-  published (`config.flag(added=True)`) while at their default, so those folders resume."""
+  published (`config.flag(added=True)`) while at their default, so those folders resume; an
+  absent --bn (a stored folder's argv) as the mode it means (`Study.bn_before`)."""
   drop = {f.metadata["dest"] for cls in _classes(study) for f in cfg.flag_fields(cls)
           if f.metadata["added"] and raw.get(f.metadata["dest"]) == f.metadata["cli"]}
-  return {k: v for k, v in raw.items() if k not in drop}
+  out = {k: v for k, v in raw.items() if k not in drop}
+  if offers_bn(study) and out.get("bn") is None:
+    out["bn"] = study.bn_before
+  return out
+
+
+def offers_bn(study) -> bool:
+  """Whether the study's command line offers --bn (the protocol's flags, --bn not hidden)."""
+  return "protocol" in study.groups and "bn" not in study.hidden
+
+
+def stated_argv(study, argv: Sequence[str]) -> list[str]:
+  """A new command line's argv with --bn stated (the study's default, else train, appended
+  when absent), so the folder it makes records its mode and a stored argv without --bn
+  always means a folder made before the flag."""
+  argv = list(argv)
+  if not offers_bn(study) or any(a == "--bn" or a.startswith("--bn=") for a in argv):
+    return argv
+  return argv + ["--bn", str(study.defaults.get("bn", cfg.Protocol.bn))]
 
 
 def _value(m: Mapping[str, Any], v: Any) -> Any:
@@ -160,10 +183,21 @@ def config_of(study, raw: Mapping[str, Any]) -> cfg.Config:
   config = cfg.Config(cells=parts["cells"], protocol=parts["protocol"], output=parts["output"],
                       source=parts["source"], extra=extra, flags=dict(raw))
   if "protocol" in study.groups:
-    config = _check_protocol(study, config)
+    config = _check_protocol(study, _bn_of(study, config))
   if study.check is not None:
     study.check(config)
   return config
+
+
+def _bn_of(study, config: cfg.Config) -> cfg.Config:
+  """The protocol's BN mode: as stated; absent from a stored argv, the study's `bn_before`
+  (a folder made before --bn: `bn_stated` False, its report says nothing of BN); hidden, the
+  study's default (not stated: the study pins its arms' modes itself)."""
+  p = config.protocol
+  if offers_bn(study) and p.bn is not None:
+    return config
+  bn = study.bn_before if offers_bn(study) else p.bn or cfg.Protocol.bn
+  return dataclasses.replace(config, protocol=dataclasses.replace(p, bn=bn, bn_stated=False))
 
 
 def _check_protocol(study, config: cfg.Config) -> cfg.Config:

@@ -151,7 +151,8 @@ def plan(study: Study, config: Config) -> Plan:
   p = config.protocol
   delta_config = None
   if any(n in _delta().CONFIG_STRATEGIES for n in config.cells.arms):
-    delta_config = _delta().Config(**dict(p.delta_env)).validate()
+    # DELTA's BN mode is --bn's (its strategies' build also takes it as `bn`).
+    delta_config = _delta().Config(**dict(p.delta_env), bn_train=p.bn == "train").validate()
   c = config.cells
   if "cells" not in study.groups:  # not a grid of (arch, target, shots) cells
     return Plan(study, config, (), (), ())

@@ -166,6 +166,7 @@ def snapshot(path: str, module: str, argv: Sequence[str], wall_s: float = 0.0,
   publisher = getattr(importlib.import_module(module), "PUBLISHER", None)
   if publisher is None:
     raise InputError(f"{module} declares no PUBLISHER")
+  argv = folder_bn(argv, [path])
   args = publisher.parse_args(list(argv))
   plan = publisher.validate(args)
   records = (publisher.collect or (lambda p: jsonl_records(p, publisher.key)))(path)
@@ -224,7 +225,26 @@ def merge(out: str, shards: Sequence[str], module: str, argv: Sequence[str]) -> 
         with open(os.path.join(s, name)) as f, open(os.path.join(out, name), "w") as g:
           g.write(f.read())
         break
-  return snapshot(out, module, argv)
+  return snapshot(out, module, folder_bn(argv, shards))
+
+
+def folder_bn(argv: Sequence[str], folders: Sequence[str]) -> list[str]:
+  """`argv` with the --bn the first of `folders` recording one in settings.json holds, when
+  argv lacks it: a grid started since --bn existed records its mode there (the command line's
+  default included), so its snapshot or merge publishes that mode; a folder without one
+  predates the flag, and an absent --bn then means what it ran (`Study.bn_before`)."""
+  argv = list(argv)
+  if any(a == "--bn" or a.startswith("--bn=") for a in argv):
+    return argv
+  for folder in folders:
+    try:
+      with open(os.path.join(folder, "settings.json")) as f:
+        stored = json.load(f)["flags"]
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+    if "--bn" in stored:
+      return argv + ["--bn", str(stored["--bn"])]
+  return argv
 
 
 def _identity(record: dict) -> dict:

@@ -1,7 +1,7 @@
 """A study's report skeleton, from its records alone (so a published folder regenerates).
 
 report.md: the title; the source and draws; the protocol paragraph (from the config and the
-split the runs used); the tuned tables (`Table`s; mean (std) test accuracy over evaluation
+split the runs used; in a folder stating --bn, which arms trained BatchNorm in which mode); the tuned tables (`Table`s; mean (std) test accuracy over evaluation
 draws at the point chosen on the tuning draws, the chosen LR and knobs, mean steps); the
 claims (`jtransfer.protocol.claims`); the paper's test-selected best over LR and the
 per-draw validation-selected LR (or the study's own `sections`); the LR grids; data notes;
@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from jtransfer.data import augment
+from jtransfer.methods import bn_rule
 from jtransfer.protocol import claims, convergence
 from jtransfer.study import grid as grid_lib
 from jtransfer.study import records as rec
@@ -122,6 +123,25 @@ def protocol_text(config, rows: Sequence[dict] = (), budget: Optional[int] = Non
   return (f"Protocol: {run}; {tune}.{aug} "
           f"{split_text(p.val_per_class, p.test_per_class, rows)}; the test split "
           "reaches no selection.")
+
+
+def bn_text(plan: grid_lib.Plan) -> str:
+  """The protocol paragraph's BatchNorm sentence: the --bn the folder states and the arms
+  in each mode (`jtransfer.methods.bn_rule`); '' for a folder made before --bn (its report,
+  made then, said nothing of it) or without strategy arms."""
+  p = plan.config.protocol
+  arms = [a for a in plan.arms if a.strategy is not None]
+  if not (p.bn_stated and arms):
+    return ""
+  train = [a.name for a in arms if a.strategy.bn_mode(p.bn) == bn_rule.TRAIN]
+  frozen = [a.name for a in arms if a.name not in train]
+  parts = ([f"train mode (batch statistics while training, running averages updated and used "
+            f"at evaluation, PyTorch's model.train()) for {', '.join(train)}"] if train else [])
+  if frozen:
+    kept = "the others keep" if train else "every arm keeps"
+    parts.append(f"{kept} the source's running statistics ({', '.join(frozen)})")
+  return (f" BatchNorm (--bn {p.bn}): {'; '.join(parts)}; archs without BatchNorm are the "
+          "same network in either mode.")
 
 
 def tuned_table(summary: dict, plan: grid_lib.Plan, rows: Sequence[str],
@@ -238,7 +258,8 @@ def make_report(plan: grid_lib.Plan, records: Sequence[dict]) -> tuple[str, dict
   tuned = grid_lib.choices(records, plan)
   summary = best_over_lr(paper_grid_rows(rows, plan), GROUP)
   lines = [study.title, "", f"Source `{config.source.spec}`; {config.protocol.repeats} "
-           "evaluation draws per cell.", "", protocol_text(config, rows, study.tune_budget), ""]
+           "evaluation draws per cell.", "",
+           protocol_text(config, rows, study.tune_budget) + bn_text(plan), ""]
   out: dict = {"best_over_lr": {"|".join(map(str, k)): v for k, v in summary.items()}}
   unconverged = {}
   if config.protocol.cap_share is not None:  # --cap-share: flag arms still at their cap

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 from jtransfer.errors import InputError
 from jtransfer.protocol import outdir
@@ -27,7 +27,8 @@ class ResultsDir:
                legacy: Callable[[dict], outdir.Settings] | None = None,
                log: Callable[[str], None] | None = None,
                growable: Collection[str] = (),
-               check_growth: Callable[[list[str]], None] | None = None):
+               check_growth: Callable[[list[str]], None] | None = None,
+               absent: Mapping[str, Any] | None = None):
     """Opens `path` (see the class docstring).
 
     Args:
@@ -41,6 +42,7 @@ class ResultsDir:
       log: where `--overwrite` says where the old folder went.
       growable, check_growth: the flags a resume may grow and the check of such a growth
         (`jtransfer.protocol.outdir.open_outdir`).
+      absent: flag -> the value a stored folder lacking it was made with ('--bn' -> 'frozen').
     """
     self.writer = writer
     self.path = os.path.abspath(path)
@@ -50,7 +52,7 @@ class ResultsDir:
     else:
       self.opened = outdir.open_outdir(
           self.path, settings, resume=resume, overwrite=overwrite, writer=writer,
-          legacy=legacy, log=log, growable=growable, check_growth=check_growth,
+          legacy=legacy, log=log, growable=growable, check_growth=check_growth, absent=absent,
           resumable=lambda p: os.path.exists(os.path.join(p, "results.jsonl")))
     if writer:
       self._drop_cut_line()

@@ -151,11 +151,13 @@ class TargetRuns:
   def setup(self, name: str, knobs: Mapping[str, float], steps: int,
             strategy: Optional[str] = None):
     """(Setup, compiled step, optimizer, head_only) per (arm, knob values, step cap), built
-    once. `strategy`: the registered strategy (default `name`)."""
-    key = (name, rec.hp_text(knobs), steps)
+    once. `strategy`: the registered strategy (default `name`); BatchNorm in the mode
+    --bn asks for where the strategy follows it (`jtransfer.methods.bn_rule`)."""
+    key = (name, rec.hp_text(knobs), steps, self.p.bn)
     if key not in self._setups:
       s = transfer.get_strategy(strategy or name)
-      setup = s.build(self.source, self.num_classes, steps, **self.options.get(name, {}),
+      setup = s.build(self.source, self.num_classes, steps, bn=self.p.bn,
+                      **self.options.get(name, {}),
                       **{k: v for k, v in knobs.items() if k != "lr"})
       recipe = self.recipe
       head_only = s.head_only and not self.p.no_feature_cache and not recipe.active
@@ -249,7 +251,8 @@ class TargetRuns:
 
     Returns:
       {'test_acc', 'val_acc', 'steps' (trained), 'best_step' (kept), 'stopped',
-      'trained_params', 'extra_flops' (`cost`)[, 'filter_distance']}.
+      'trained_params', 'extra_flops' (`cost`), 'bn' (the BatchNorm mode it trained in,
+      `bn_mode`)[, 'filter_distance']}.
 
     Raises:
       NonFiniteError: a step was not finite.
@@ -273,7 +276,12 @@ class TargetRuns:
       info["filter_distance"] = surgery.mean_filter_distance(state.params, start)
     return dict(self._evaluate(state, forward, x_val, val_idx, x_test, test), **info,
                 **self.cost(name, point, steps, train_idx, strategy,
-                            None if head_only else (initial, state.batch_stats)))
+                            None if head_only else (initial, state.batch_stats)),
+                bn=self.bn_mode(name, strategy))
+
+  def bn_mode(self, name: str, strategy: Optional[str] = None) -> str:
+    """The BatchNorm mode runs of arm `name` train in under this protocol's --bn."""
+    return transfer.get_strategy(strategy or name).bn_mode(self.p.bn)
 
   def batchable(self, name: str, steps: int, strategy: Optional[str] = None) -> bool:
     """Whether runs of `name` (at its default knobs) can train together."""
@@ -324,5 +332,6 @@ class TargetRuns:
         continue
       state = batched.unstack_state(bstate, frozen, r)
       out.append(dict(self._evaluate(state, forward, x_val, jobs[r][1], x_test),
-                      steps=steps, best_step=steps, stopped="fixed", **cost))
+                      steps=steps, best_step=steps, stopped="fixed", **cost,
+                      bn=self.bn_mode(name, strategy)))
     return out
