@@ -66,7 +66,15 @@ def test_finetune_in_train_mode_is_finetune_bn():
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("name", sorted(FOLLOW))
+# Behind -m slow: the strategies whose BN mode reaches the loss through a builder another
+# default case covers (rule_setup like finetune; DELTA's loss like l2sp/delta; LP-FT's steps
+# like wise_ft's). 5-14 s each on the suite's 2 cores, mostly compiling two steps.
+_SAME_PATH = {"finetune_lowconv", "finetune_lrd", "last_k", "surgical", "l2", "delta_noatt",
+              "wise_ft"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SAME_PATH
+                                  else n for n in sorted(FOLLOW)])
 def test_following_strategies_honour_the_mode(name):
   """Under 'train' a step moves the running statistics; under 'frozen' they stay the source's,
   bit for bit."""
