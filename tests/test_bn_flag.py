@@ -137,7 +137,21 @@ def test_bad_bn_and_bn_mode_pins_frozen(tmp_path, capsys):
     bn_rule.check("eval")
 
 
-def test_rerun_commands_state_the_old_mode():
-  text = open(os.path.join(ROOT, "..", "docs", "reruns.md")).read()
-  assert "--out published/baselines_k10 --bn frozen --resume" in text
-  assert "--out published/delta_table_k10 --bn train --resume" in text
+def test_rerun_commands_state_the_old_mode(tmp_path):
+  """publish draws' commands for folders made before --bn state the mode they ran: frozen for
+  cwl_tables, train for DELTA's table (read from draw_audit itself, not from docs/reruns.md,
+  whose list shrinks as folders reach 10 draws)."""
+  from jtransfer.study import draw_audit
+  pub = os.path.join(ROOT, "..", "published")
+  for folder, mode in (("baselines_k10_fmnist", "frozen"), ("delta_table_k10", "train")):
+    assert "--bn" not in json.load(open(os.path.join(pub, folder, "run.json")))["argv"]
+    command = draw_audit.rerun(os.path.join(pub, folder), "repeat", 5).command
+    assert f" --bn {mode} " in command, command
+    # a folder still short grows in place with its mode stated: a 5-draw copy of the folder
+    short = tmp_path / folder
+    shutil.copytree(os.path.join(pub, folder), short)
+    argv = json.loads((short / "run.json").read_text())["argv"]
+    if int(argv[argv.index("--repeats") + 1]) >= 10:
+      continue  # grown already: the fresh-folder command above is the check
+    grown = draw_audit.grow(str(short), "repeat", 5)
+    assert grown is not None and grown.command.endswith(f"--bn {mode} --resume"), grown
