@@ -142,7 +142,9 @@ def test_fewshot_grid_with_augmentation(tiny_source_dir, tmp_path, capsys):
                               str(tmp_path / "d"), "--quiet"]) == 2
 
 
-@pytest.mark.parametrize("name", ["delta", "delta_noatt"])
+# delta behind -m slow (24 s on the suite's cold cache): delta_noatt goes through the same
+# live-source branch of the loss; delta adds only the attention weights.
+@pytest.mark.parametrize("name", [pytest.param("delta", marks=pytest.mark.slow), "delta_noatt"])
 def test_delta_on_augmented_batches_uses_the_live_source_forward(tiny_source_dir, name):
   """DELTA keeps its training images' source maps in a table; an augmented batch matches no
   stored image, so its maps come from the live source forward: the loss equals the one
