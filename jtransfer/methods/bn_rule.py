@@ -32,7 +32,7 @@ from jtransfer.errors import InputError
 
 TRAIN, FROZEN = "train", "frozen"
 MODES = (TRAIN, FROZEN)
-BOTH = (TRAIN, FROZEN)  # `Strategy.bn_modes` of the fine-tuning family
+BOTH = MODES  # `Strategy.bn_modes` of the fine-tuning family
 FROZEN_ONLY = (FROZEN,)  # of strategies that keep every source kernel fixed
 TRAIN_ONLY = (TRAIN,)  # of `finetune_bn`
 

@@ -137,12 +137,13 @@ def predates_bn(path: str) -> bool:
   return False
 
 
-def bn_check(study: Study, config, path: str) -> None:
+def bn_check(study: Study, config, path: str, plan=None) -> None:
   """Refuses to resume a folder made before --bn whose arms ran BatchNorm modes that the
   --bn it resumes with does not reproduce: then every strategy ran its own recipe
   (`Strategy.recipe_bn`: the DELTA family train, the rest frozen), so e.g. a folder of
   finetune and l2sp has no --bn under which both keep their mode. Other folders, and studies
-  that plan their own runs (`Study.plan`), pass.
+  that plan their own runs (`Study.plan`), pass. `plan`: the grid's plan when the caller
+  has made it already (else made here).
 
   Raises:
     InputError: one sentence naming the arms and their modes then and now.
@@ -151,7 +152,7 @@ def bn_check(study: Study, config, path: str) -> None:
   if not (study.plan is None and flags.offers_bn(study) and os.path.isdir(path)
           and predates_bn(path)):
     return
-  plan = grid.plan(study, config)
+  plan = plan or grid.plan(study, config)
   moved = [(a.name, a.strategy.recipe_bn, a.strategy.bn_mode(p.bn)) for a in plan.arms
            if a.strategy is not None and a.strategy.bn_mode(p.bn) != a.strategy.recipe_bn]
   if moved and p.bn == study.bn_before:  # else the settings check names --bn itself
@@ -305,7 +306,7 @@ def _main(study: Study, argv: list) -> int:
     if study.plan is None:
       runner.arm_order(plan)  # an arm missing what it runs after: refused before --out opens
       if config.output.resume:
-        bn_check(study, config, config.output.out)
+        bn_check(study, config, config.output.out, plan)
     # Multi-host: every process runs the grid (its runs are collective), one writes it.
     results = open_results(study, config, made_by)
     parallel.barrier("results directory opened")
