@@ -89,10 +89,20 @@ class PatchEmbed(nn.Module):
     return y
 
 
-def dense(module: nn.Module, features: int, name: str, use_bias: bool = True) -> nn.Dense:
-  """A Dense layer in the module's compute dtype with the transformer initialiser."""
-  return nn.Dense(features, use_bias=use_bias, kernel_init=dense_init,
-                  dtype=compute_dtype(module.dtype), name=name)
+def dense(module: nn.Module, features: int, name: str, use_bias: bool = True):
+  """A Dense layer (the child `name`) in the module's compute dtype with the transformer
+  initialiser, applied to the tokens flattened to one (rows, channels) matrix.
+
+  Why flatten: on XLA:CPU the kernel gradient of a Dense over (batch, tokens, dim) is a
+  dot_general contracting two axes, which XLA runs slower than the same product on the
+  flattened matrix (vit_s28's forward+backward at batch 128 took 12% less time flattened, in
+  one round-robin run on the loaded machine); the values are the same product."""
+  layer = nn.Dense(features, use_bias=use_bias, kernel_init=dense_init,
+                   dtype=compute_dtype(module.dtype), name=name)
+
+  def apply(x: jax.Array) -> jax.Array:
+    return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], features)
+  return apply
 
 
 class Attention(nn.Module):
