@@ -26,6 +26,10 @@ points, the point S6 picks), truncation_accuracy.png (Fig. 4) and truncation_spe
 (Fig. 5). The published folders hold version-1 records (flat, with 'point'); `rows` reads
 both the same.
 
+The claims' draws are the targets (each target's points are fine-tuned and scored on their own,
+seeded by --seed, not by the target's place in the list), so `--resume` may grow the
+`--target` list to a superset: the finished targets keep their runs and only the new ones run.
+
 The source: `--source ckpt:PATH` (e.g. a zoo model, .cache/zoo/resnet_s-c0_2_3_4_6-f100) or a
 dataset spec, pretrained once and cached by experiments.pretrain (default: the embedded
 Fashion-MNIST {0,2,3,4,6} source). Fine-tuning: SGD with the paper's step decay, BN
@@ -403,7 +407,7 @@ STUDY = study.Study(
     cell_fields=("target",), claims=CLAIMS, groups=("output",), hidden=frozenset({"shard"}),
     extra=TruncationFlags, defaults={"out": "results/truncation"}, check=plan_of,
     plan=plan_of, run=run, report=report, plots=plot,
-    record_key=lambda r: _key(rows([r])[0]), doc=__doc__)
+    record_key=lambda r: _key(rows([r])[0]), grows=frozenset({"target"}), doc=__doc__)
 PUBLISHER = study.publisher(STUDY)
 
 

@@ -3,6 +3,17 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# The suite's programs are tiny models run for a few steps: compiling them is most of its time,
+# and LLVM's optimisation passes are most of a CPU compile. At level 0 the cold suite's
+# compiles take about half as long while the small steps run a little slower (BUILD_NOTES.md,
+# "Test suite"). Tests only: the library and the modules keep XLA's default; set
+# JTRANSFER_TEST_XLA_OPT=1 to run the suite at it. Set before jax starts (the CPU backend reads
+# XLA_FLAGS once), and part of the compilation cache's key, so the two never share entries.
+TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
+if (os.environ.get("JTRANSFER_TEST_XLA_OPT", "0") != "1"
+    and "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAG]).strip()
+
 import pytest  # noqa: E402
 
 from jtransfer.compile_cache import enable_compilation_cache  # noqa: E402

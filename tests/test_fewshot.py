@@ -15,31 +15,31 @@ def _run(argv):
   return fewshot.main(argv)
 
 
-def test_fewshot_smoke_both_archs_outputs(tiny_source_dir, tmp_path, capsys):
-  for arch in ("vgg_s", "resnet_s"):
-    out = tmp_path / arch
-    code = _run(["--arch", arch, "--source", f"ckpt:{tiny_source_dir(arch)}", "--target",
-                 "fmnist:1,5,7", "--target", "digits:0,1,2", "--out", str(out), *TINY,
-                 "--paper-grid"])  # (the demo default leaves the paper grid out)
-    assert code == 0
-    raw = json.loads((out / "results.json").read_text())
-    assert {r["version"] for r in raw} == {records_lib.VERSION}
-    records = records_lib.rows(raw)
-    evals = [r for r in records if r["role"] == "eval"]
-    tunes = [r for r in records if r["role"] == "tune"]
-    assert len(evals) == 2 * 2 * 2  # targets x shots x strategies
-    assert not tunes  # one LR: nothing to choose, so no tuning draws (test_protocol_fewshot)
-    r = records[0]
-    for field in ("arm", "arch", "target", "shots", "repeat", "lr", "test_acc", "val_acc",
-                  "steps", "best_step", "stopped", "cap"):
-      assert field in r
-    assert all(0 <= r["test_acc"] <= 1 for r in evals)
-    assert all(1 <= r["best_step"] <= r["steps"] <= 3 for r in records)
-    report = (out / "report.md").read_text()
-    assert "Best over LR" in report and "Validation-selected" in report
-    assert "Tuned on validation" in report
-    assert (out / "accuracy_vs_shots.png").stat().st_size > 1000
-    assert fewshot.FULL_GRID not in report  # not the demo grid: no pointer to the full one
+@pytest.mark.parametrize("arch", ["vgg_s", "resnet_s"])
+def test_fewshot_smoke_outputs(arch, tiny_source_dir, tmp_path, capsys):
+  out = tmp_path / arch
+  code = _run(["--arch", arch, "--source", f"ckpt:{tiny_source_dir(arch)}", "--target",
+               "fmnist:1,5,7", "--target", "digits:0,1,2", "--out", str(out), *TINY,
+               "--paper-grid"])  # (the demo default leaves the paper grid out)
+  assert code == 0
+  raw = json.loads((out / "results.json").read_text())
+  assert {r["version"] for r in raw} == {records_lib.VERSION}
+  records = records_lib.rows(raw)
+  evals = [r for r in records if r["role"] == "eval"]
+  tunes = [r for r in records if r["role"] == "tune"]
+  assert len(evals) == 2 * 2 * 2  # targets x shots x strategies
+  assert not tunes  # one LR: nothing to choose, so no tuning draws (test_protocol_fewshot)
+  r = records[0]
+  for field in ("arm", "arch", "target", "shots", "repeat", "lr", "test_acc", "val_acc",
+                "steps", "best_step", "stopped", "cap"):
+    assert field in r
+  assert all(0 <= r["test_acc"] <= 1 for r in evals)
+  assert all(1 <= r["best_step"] <= r["steps"] <= 3 for r in records)
+  report = (out / "report.md").read_text()
+  assert "Best over LR" in report and "Validation-selected" in report
+  assert "Tuned on validation" in report
+  assert (out / "accuracy_vs_shots.png").stat().st_size > 1000
+  assert fewshot.FULL_GRID not in report  # not the demo grid: no pointer to the full one
 
 
 def test_cached_features_equal_full_forward(tiny_source_dir, tmp_path):

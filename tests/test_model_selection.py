@@ -48,17 +48,16 @@ def test_truncation_reports_both_s6_signs():
 
 
 # ---------------------------------------------------------------- end to end
-# One test builds the tiny zoo and runs the three commands on it: split into several tests, each
-# pytest-xdist worker would train its own copy of the zoo.
+# One test builds the tiny zoo and runs zoo and model_selection on it (split, each pytest-xdist
+# worker would train its own copy of the zoo); truncation cuts the session's tiny resnet_s.
 
 
-def test_zoo_model_selection_and_truncation_commands(tmp_path, monkeypatch, capsys):
+def test_zoo_and_model_selection_commands(tmp_path, monkeypatch, capsys):
   root = str(tmp_path / "zoo")
   with monkeypatch.context() as mp:
     mp.setattr(models, "init_model", _fast_init)
     _check_zoo_command(root, str(tmp_path / "zoo-out"), capsys)
   _check_model_selection_main(root, str(tmp_path / "ms"), capsys)
-  _check_truncation_main(root, str(tmp_path / "tr"), capsys)
 
 
 def _check_zoo_command(root, out, capsys):
@@ -136,9 +135,10 @@ def _check_model_selection_main(root, out, capsys):
   assert ms.main(argv) == 2      # existing results without --resume / --overwrite
 
 
-def _check_truncation_main(root, out, capsys):
-  ckpt = os.path.join(root, "resnet_s_narrow-c0_2_3-f100")
-  argv = ["--tiny", "--source", f"ckpt:{ckpt}", "--points", "stem,stage2/block1",
+def test_truncation_command_and_target_growth(tiny_source_dir, tmp_path, capsys):
+  out = str(tmp_path / "tr")
+  src = f"ckpt:{tiny_source_dir('resnet_s')}"
+  argv = ["--tiny", "--source", src, "--points", "stem,stage2/block1",
           "--target", "fmnist:1,5,7", "--out", out]
   capsys.readouterr()
   assert truncation.main(argv) == 0
@@ -153,7 +153,7 @@ def _check_truncation_main(root, out, capsys):
       {"target": "fmnist:1,5,7"}] * 2  # version-2 records: arm = the point, cell = the target
   records = truncation.rows(saved)
   assert [r["point"] for r in records] == ["stem", "stage2/block1"]
-  assert records[0]["map_shape"] == [14, 14, 16] and records[1]["map_shape"] == [7, 7, 32]
+  assert records[0]["map_shape"] == [14, 14, 32] and records[1]["map_shape"] == [7, 7, 64]
   for r in records:  # converged runs, the LR chosen on validation (ties to the smaller)
     assert r["n_val"] == 60 and r["stopped"] in ("patience", "cap") and r["steps"] <= 2
     assert set(r["lr_val"]) == {"0.003", "0.01", "0.03"}
@@ -164,10 +164,22 @@ def _check_truncation_main(root, out, capsys):
   for name in ("truncation_accuracy.png", "truncation_spearman.png", "report.md"):
     assert os.path.getsize(os.path.join(out, name)) > 0
   assert publish.check(out) == []  # regenerates from results.json and source.json
-  bad = ["--tiny", "--source", f"ckpt:{ckpt}", "--points", "stem,nope", "--target",
+  bad = ["--tiny", "--source", src, "--points", "stem,nope", "--target",
          "fmnist:1,5,7", "--out", out, "--overwrite", "--quiet"]
   assert truncation.main(bad) == 2
   assert os.path.exists(os.path.join(out, "results.json"))  # refused before touching --out
+  # The claims' draws are the targets: a resume may add targets (the finished ones are kept,
+  # byte for byte, and only the new target's points run), never change the points.
+  grown = argv + ["--target", "digits:0,1,2", "--resume", "--quiet"]
+  assert truncation.main(grown[:4] + ["stem", *grown[5:]]) == 2
+  assert json.load(open(os.path.join(out, "results.json"))) == saved
+  assert truncation.main(grown) == 0
+  after = json.load(open(os.path.join(out, "results.json")))
+  assert [r for r in after if r["cell"]["target"] == "fmnist:1,5,7"] == saved
+  assert sorted(r["cell"]["target"] for r in after) == ["digits:0,1,2"] * 2 + ["fmnist:1,5,7"] * 2
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert summary["claims"][0]["pooled"]["paired"]["n"] == 2  # one draw per target
+  assert publish.check(out) == []
 
 
 def test_truncation_rows_read_published_version_1_records_as_version_2():

@@ -170,9 +170,9 @@ def test_published_folder_grows_from_its_run_json(tmp_path):
 def test_sparse_transfer_seeds_grow_as_a_superset(tmp_path):
   assert edge.growable(sparse_transfer.STUDY) == {"--seeds"}
   assert edge.growable(cwl_tables.STUDY) == {"--repeats"}
-  # own loops whose draw r is seeded by r alone opt in; a study of no draws does not
+  # own loops whose draw r is seeded by r alone opt in; truncation grows its targets
   assert edge.growable(cwl_pruning.STUDY) == edge.growable(cwl_retrieval.STUDY) == {"--repeats"}
-  assert edge.growable(truncation.STUDY) == frozenset()
+  assert edge.growable(truncation.STUDY) == {"--target"}  # its draws are the targets
   out = str(tmp_path / "s")
   argv = ["--target", "digits", "--out", out, "--quiet"]
   _open(sparse_transfer.STUDY, [*argv, "--seeds", "0,1"])

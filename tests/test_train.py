@@ -55,16 +55,18 @@ def test_optimizer_state_covers_only_trainable():
 def test_trainable_gradient_equals_full_gradient_restricted():
   _, v, batch, loss_fn = _setup()
   params, stats = v["params"], v["batch_stats"]
-  full = jax.grad(lambda p: loss_fn(p, stats, batch, None)[0])(params)
+  # jitted: run op by op, the two backward passes compile every op on its own (about 20 s)
+  full = jax.jit(jax.grad(lambda p: loss_fn(p, stats, batch, None)[0]))(params)
   opt = make_optimizer(params, [("head/.*", "h"), ("stage2/.*", "h"), (".*", "frozen")],
                        {"h": optax.sgd(1.0)})
   trainable, frozen = surgery.split(params, opt.trainable)
-  part = jax.grad(lambda t: loss_fn(surgery.combine(t, frozen), stats, batch, None)[0])(
+  part = jax.jit(jax.grad(lambda t: loss_fn(surgery.combine(t, frozen), stats, batch, None)[0]))(
       trainable)
   full_flat, part_flat = surgery.flatten(full), surgery.flatten(part)
   assert set(part_flat) == {p for p in full_flat if p.startswith(("head/", "stage2/"))}
   for path, g in part_flat.items():
-    np.testing.assert_allclose(g, full_flat[path], rtol=1e-6, atol=1e-7, err_msg=path)
+    # two compiled programs fuse differently: float32 rounding, never a missing term
+    np.testing.assert_allclose(g, full_flat[path], rtol=2e-5, atol=1e-6, err_msg=path)
 
 
 def test_step_jaxpr_has_no_frozen_gradient():

@@ -292,10 +292,22 @@ def reruns(audits: Sequence[ClaimAudit], root: str) -> tuple[list[Rerun], list[s
     fresh = rerun(path, field, n)
     grown = grow(path, field, n)
     out.append(dataclasses.replace(grown, fresh=fresh) if grown else fresh)
-  notes = [f"{folder}: {n} {unit}, fewer than {UNITS}; no flag adds {unit}: the claims need "
-           f"{UNITS} or more {unit}, or a test valid at N = {n} (e.g. a permutation test over "
-           "the rank pairs)" for folder, (unit, n) in sorted(units.items())]
+  notes = [_unit_note(root, folder, unit, n) for folder, (unit, n) in sorted(units.items())]
   return out, notes
+
+
+def _unit_note(root: str, folder: str, unit: str, n: int) -> str:
+  """The line for a folder short of targets or groups: how its module adds them, if it can."""
+  run = read_run(os.path.join(root, folder))
+  study = getattr(importlib.import_module(run["module"]), "STUDY", None) if run else None
+  flag = "--" + unit.rstrip("s")
+  if study is not None and flag in edge.growable(study):
+    return (f"{folder}: {n} {unit}, fewer than {UNITS}; `--resume` on it with its flags and "
+            f"more `{flag}` flags adds {unit} in place (which ones is the rerun's stated "
+            "choice)")
+  return (f"{folder}: {n} {unit}, fewer than {UNITS}; no flag adds {unit}: the claims need "
+          f"{UNITS} or more {unit}, or a test valid at N = {n} (e.g. a permutation test over "
+          "the rank pairs)")
 
 
 def _cells_text(cells: Sequence[Cell]) -> str:
