@@ -168,11 +168,13 @@ def test_published_folder_grows_from_its_run_json(tmp_path):
 
 
 def test_sparse_transfer_seeds_grow_as_a_superset(tmp_path):
-  assert edge.growable(sparse_transfer.STUDY) == {"--seeds"}
-  assert edge.growable(cwl_tables.STUDY) == {"--repeats"}
+  assert set(edge.growable(sparse_transfer.STUDY)) == {"--seeds"}
+  assert set(edge.growable(cwl_tables.STUDY)) == {"--repeats"}
   # own loops whose draw r is seeded by r alone opt in; truncation grows its targets
-  assert edge.growable(cwl_pruning.STUDY) == edge.growable(cwl_retrieval.STUDY) == {"--repeats"}
-  assert edge.growable(truncation.STUDY) == {"--target"}  # its draws are the targets
+  assert set(edge.growable(cwl_pruning.STUDY)) == set(edge.growable(cwl_retrieval.STUDY)) == {
+      "--repeats"}
+  # its draws are the targets; a folder made with the default list grows from it
+  assert edge.growable(truncation.STUDY) == {"--target": list(truncation.DEFAULT_TARGETS)}
   out = str(tmp_path / "s")
   argv = ["--target", "digits", "--out", out, "--quiet"]
   _open(sparse_transfer.STUDY, [*argv, "--seeds", "0,1"])
@@ -225,3 +227,21 @@ def test_runner_studies_with_their_own_arms_grow_alike(name, argv, tiny_source_d
     assert new[draw] == two[draw]
   assert new[("eval", 2)] == ref[("eval", 2)] and sorted(new) == sorted(ref)
   assert publish.check(grown) == []
+
+
+def test_truncation_folder_of_the_default_targets_grows_to_a_superset(tmp_path):
+  """A published truncation folder ran the default --target list (its run.json has no
+  --target): a resume naming those targets plus more grows it; one dropping a target is
+  refused with the folder left as it was."""
+  d = str(tmp_path / "tr")
+  shutil.copytree(os.path.join(ROOT, "published", "truncation_resnet_s"), d)
+  before = _digest(d)
+  base = ["--arch", "resnet_s", "--tune-extend", "1", "--out", d, "--resume", "--quiet"]
+  with pytest.raises(InputError, match="--target"):
+    _open(truncation.STUDY, [*base, "--target", "digits", "--target", "digits:0,1,2,3,4"])
+  assert _digest(d) == before
+  grown = ["digits", "fmnist:1,5,7,8,9", "digits:0,1,2,3,4"]
+  assert _open(truncation.STUDY, [*base, *[a for t in grown for a in ("--target", t)]]
+               ).opened.resumed
+  with open(os.path.join(d, outdir.SETTINGS_FILE)) as f:
+    assert json.load(f)["flags"]["--target"] == grown

@@ -99,15 +99,20 @@ def grows(old: Any, new: Any) -> bool:
   return a is not None and b is not None and a < b
 
 
-def growth(old: Settings, new: Settings, growable: Collection[str]) -> list[str] | None:
+def growth(old: Settings, new: Settings,
+           growable: Collection[str] | Mapping[str, Any]) -> list[str] | None:
   """The growing flags when the only ways `new` differs from `old` are flags of `growable`
   ('--repeats') whose values grow (`grows`), as '--repeats 5 -> 10'; None when anything else
-  differs (or a growable flag shrinks or changes otherwise), [] when nothing differs."""
+  differs (or a growable flag shrinks or changes otherwise), [] when nothing differs.
+  `growable` may map each flag to the value it stands for when stored as None (left at its
+  default), so that a default --target list grows to an explicit superset."""
   if old.module != new.module:
     return None
+  unset = growable if isinstance(growable, Mapping) else {}
   out = []
   for flag in sorted(set(old.flags) | set(new.flags)):
     a, b = old.flags.get(flag), new.flags.get(flag)
+    a, b = (unset.get(flag) if v is None else v for v in (a, b))
     if a == b:
       continue
     if flag not in growable or not grows(a, b):

@@ -89,14 +89,16 @@ def legacy_settings(study: Study):
   return read
 
 
-def growable(study: Study) -> frozenset:
+def growable(study: Study) -> dict:
   """The settings flags ('--repeats') a --resume may grow in this study (`Study.grows`; by
-  default --repeats where the study offers the runner's protocol flags)."""
+  default --repeats where the study offers the runner's protocol flags), each mapped to the
+  value it has when left off the command line (a folder made with the default --target list
+  stores None and grows to a superset of that list), None where it has none."""
   dests = study.grows
   if dests is None:
     dests = {"repeats"} if "protocol" in study.groups and "repeats" not in study.hidden \
         else set()
-  return frozenset("--" + d.replace("_", "-") for d in dests)
+  return {"--" + d.replace("_", "-"): flags.default_of(study, d) for d in sorted(dests)}
 
 
 def growth_check(config):

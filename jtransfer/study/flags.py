@@ -88,6 +88,16 @@ def settings_flags(study, raw: Mapping[str, Any]) -> dict:
   return out
 
 
+def default_of(study, dest: str) -> Any:
+  """The value flag `dest` takes when absent, as a settings fingerprint holds it (a tuple as a
+  list), None when it has no declared default."""
+  for cls in _classes(study):
+    for f in cfg.flag_fields(cls):
+      if f.metadata["dest"] == dest and f.default is not dataclasses.MISSING:
+        return list(f.default) if isinstance(f.default, tuple) else f.default
+  return None
+
+
 def offers_bn(study) -> bool:
   """Whether the study's command line offers --bn (the protocol's flags, --bn not hidden)."""
   return "protocol" in study.groups and "bn" not in study.hidden
