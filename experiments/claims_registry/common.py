@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from jtransfer.protocol.registry import Untested
+from jtransfer.study import records as rec
 
 DIGITS, FMNIST = 898, 1500  # test images of the digits and fmnist:* targets (records' n_test)
 
@@ -13,10 +14,10 @@ def one_image(n: int, what: str) -> tuple[float, str]:
 
 
 def _wise_alpha1(records: list) -> set:
+  # records of either version (a grown folder holds version 2) as flat rows: arm, cell, draw
   return {(frozenset(dict(arch=r["arch"], target=r["target"], shots=r["shots"]).items()),
-           r["repeat"]) for r in records
-          if r.get("strategy") == "wise_ft" and r.get("role") == "eval"
-          and r.get("hp") == "alpha=1"}
+           r["repeat"]) for r in rec.rows(records)
+          if r.get("arm") == "wise_ft" and r.get("role") == "eval" and r.get("hp") == "alpha=1"}
 
 
 WISE_ALPHA1 = Untested("validation chose alpha = 1, so WiSE-FT is its fine-tuned end itself",
