@@ -16,9 +16,9 @@ from typing import Optional
 from jtransfer import models
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
-from jtransfer.sources import DEFAULT_LR, DEFAULT_SHAPE, DEFAULT_SOURCE, pretrain
+from jtransfer.sources import DEFAULT_SHAPE, DEFAULT_SOURCE, pretrain, recipe_for
 from jtransfer.study import edge
-from jtransfer.study.config import Devices, flag, json_object
+from jtransfer.study.config import Devices, flag, json_object, number
 from jtransfer.study.flags import command_config
 
 
@@ -45,7 +45,11 @@ class PretrainFlags(Devices):
   source: str = flag("--source", DEFAULT_SOURCE, "dataset spec, e.g. fmnist:0,2,3,4,6")
   epochs: float = flag("--epochs", 2.0, "training epochs")
   batch_size: int = flag("--batch-size", 128, "images per step")
-  lr: float = flag("--lr", DEFAULT_LR, "initial SGD learning rate")
+  lr: Optional[float] = flag("--lr", None, "initial learning rate (default: the optimizer's, "
+                            "SGD 0.05, AdamW 0.001)", parse=number("--lr"))
+  optimizer: Optional[str] = flag("--optimizer", None, "sgd or adamw (default: the arch's "
+                                  "recipe, AdamW for a transformer, else SGD)",
+                                  choices=("sgd", "adamw"))
   seed: int = flag("--seed", 0, "seeds the init and the batches")
   image_shape: tuple = flag("--image-shape", DEFAULT_SHAPE, "H,W,C",
                             cli=",".join(map(str, DEFAULT_SHAPE)), parse=_shape)
@@ -82,7 +86,9 @@ def _run(f: PretrainFlags) -> int:
   edge.apply_devices(f)
   # Before training: an --out holding anything is refused now, not after minutes of work.
   edge.open_model_dir(f.out, f.overwrite, f.quiet, check_only=True)
+  optimizer = f.optimizer or recipe_for(f.arch)
   source = pretrain(f.arch, f.source, epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
+                    optimizer=optimizer,
                     seed=f.seed, image_shape=f.image_shape, max_train=f.max_train,
                     log_path=f.out + ".metrics.jsonl", model_config=f.config,
                     checkpoint_dir=f.ckpt_dir, checkpoint_every=f.ckpt_every,
