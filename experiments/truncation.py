@@ -346,8 +346,12 @@ def make_report(summary: dict, plan: dict, source: dict, records: Sequence[dict]
                    f"{p['best_acc']:.4f} |")
   if summary.get("claims"):
     lines += [""] + claims.section(summary["claims"], {})
-    lines += ["Draws are the targets (each with its own fine-tuning runs): with two targets an "
-              "interval is wide. The rho claim's effect is rho x 100 minus 70.", ""]
+    n = len(summary["accuracy"])
+    lines += ["Draws are the targets (each with its own fine-tuning runs): " + (
+        "with two targets an interval is wide." if n == 2 else
+        f"{n} targets; targets that share classes (subsets of one dataset) are not "
+        "independent draws, so the interval is narrower than independent targets would "
+        "give.") + " The rho claim's effect is rho x 100 minus 70.", ""]
   return "\n".join(lines + [""])
 
 
