@@ -289,6 +289,9 @@ def test_truncation_differences_are_the_records(entry):
     for folder in ev.folders:
       by = defaultdict(list)
       for r in _json(folder, "results.json"):
+        if r.get("version") == 2:  # a grown folder's new targets: cell / extra / outcome
+          r = dict(target=r["cell"]["target"], S6=r["extra"]["S6"],
+                   test_acc=r["outcome"]["test_acc"])
         by[r["target"]].append(r)
       res = _claim(_json(folder, "summary.json"), entry.text)
       for draw, d in zip(res["cells"][0]["draws"], res["cells"][0]["diffs"]):

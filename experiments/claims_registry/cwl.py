@@ -5,6 +5,10 @@ from jtransfer.protocol.registry import DOSE, Evidence, Registered
 
 SWAPPED = "the swapped split (source fmnist:1,5,7,8,9, target fmnist:0,2,3,4,6)"
 REUSED = "the digits/fmnist k=10 runs of cwl_tables again (same keys): not new evidence"
+# Registered before its run (session 15): cwl_tables' grid on the embedded ViT, whose CWL is
+# one scale per output channel of every linear map of a block (docs/transformers.md).
+VIT = Evidence(("cwl_tables_vit_s28",), note="the embedded ViT (vit_s28, AdamW source): a "
+               "transformer, where CWL scales each linear map's output channels")
 SUP0 = "superiority: the paper says 'beats'; the interval must lie above 0"
 _res = one_image(DIGITS, "digits; the coarsest of the evidence's targets")
 _near = one_image(FMNIST, "fmnist:1,5,7,8,9, the near target")
@@ -23,7 +27,7 @@ CLAIMS = (
         SUPERIORITY, 0.0, SUP0, "weighting convolutions beats frozen convolutions",
         Evidence(("cwl_tables",)),
         (Evidence(("cwl_tables_swapped_k1_k10",), note=SWAPPED),
-         Evidence(("baselines_k10", "baselines_k10_fmnist"), note=REUSED)),
+         Evidence(("baselines_k10", "baselines_k10_fmnist"), note=REUSED), VIT),
         runs=("freeze_cwl", "freeze")),
     Registered(
         "cwl.more_without_bn", "CWL", "Table I, section 4",
@@ -37,13 +41,13 @@ CLAIMS = (
         "cwl.finetune_cwl_ge_finetune", "CWL", "Table II",
         "weighting layers do not make fine-tuning worse",
         NONINFERIORITY, *_res, "weighting convolutions does not hurt finetuning",
-        Evidence(("cwl_tables",)), (Evidence(("cwl_tables_swapped_k1_k10",), note=SWAPPED),),
+        Evidence(("cwl_tables",)), (Evidence(("cwl_tables_swapped_k1_k10",), note=SWAPPED), VIT),
         runs=("finetune_cwl", "finetune")),
     Registered(
         "cwl.finetune_gt_freeze_far", "CWL", "Table II, section 4",
         "on a target far from the source domain fine-tuning beats a frozen network",
         SUPERIORITY, 0.0, SUP0, "fine-tuning beats freezing on a far domain",
-        Evidence(("cwl_tables",)), (Evidence(("baselines_k10",), note=REUSED),),
+        Evidence(("cwl_tables",)), (Evidence(("baselines_k10",), note=REUSED), VIT),
         runs=("finetune", "freeze")),
     Registered(
         "cwl.freeze_ge_finetune_near", "CWL", "Table II, section 4",
@@ -51,7 +55,7 @@ CLAIMS = (
         NONINFERIORITY, *_near, "fine-tuning does not beat freezing on a near domain",
         Evidence(("cwl_tables",)),
         (Evidence(("cwl_tables_swapped_k1_k10",), note=SWAPPED),
-         Evidence(("baselines_k10_fmnist",), note=REUSED)),
+         Evidence(("baselines_k10_fmnist",), note=REUSED), VIT),
         runs=("freeze", "finetune")),
     Registered(
         "cwl.retrieval_freeze_cwl_ge_freeze", "CWL", "Table III",
