@@ -131,3 +131,28 @@ def test_film_with_zero_shift_is_cwl(case):
   assert got.keys() == want.keys()
   for path in want:
     np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]), err_msg=path)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("strategy", ["freeze_cwl", "finetune_cwl"])
+def test_cwl_folds_on_a_transformer_for_its_cost(case, strategy):
+  """CWL's scales on the Dense layers fold (`cwl.effective_params`, as `peft_cost` deploys a
+  run): kernel[:, k] and bias[k] times sigma_k, checked by hand, and no extra inference FLOPs.
+  (The study runner records every run's cost: a transformer's CWL run once stopped here.)"""
+  from jtransfer.methods import cwl, peft_cost
+  source = _source(case)
+  setup = transfer.get_strategy(strategy).build(source, 3, 10)
+  params, stats = setup.init(0)
+  rng = np.random.default_rng(2)
+  params = dict(params, cwl={u: jnp.asarray(rng.normal(1.0, 0.3, np.shape(s)), jnp.float32)
+                             for u, s in params["cwl"].items()})
+  folded = surgery.flatten(cwl.effective_params(params))
+  flat = surgery.flatten({k: v for k, v in params.items() if k != "cwl"})
+  assert folded.keys() == flat.keys()
+  for path, value in flat.items():
+    unit, _, name = path.rpartition("/")
+    sigma = params["cwl"].get(unit)
+    want = np.asarray(value) * np.asarray(sigma) if sigma is not None and name in (
+        "kernel", "bias") else np.asarray(value)
+    np.testing.assert_allclose(np.asarray(folded[path]), want, rtol=1e-6, err_msg=path)
+  assert peft_cost.peft_cost(setup, params, stats, source.input_shape).extra_flops == 0

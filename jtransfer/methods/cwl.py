@@ -132,10 +132,14 @@ def split_cwl(params: Mapping[str, Any]) -> tuple[dict, dict]:
 
 
 def effective_params(params: Mapping[str, Any]) -> dict:
-  """`apply_cwl` of a tree holding its scales under 'cwl' (identity if there is none)."""
+  """`apply_cwl` of a tree holding its scales under 'cwl' (identity if there is none); a
+  transformer's scales (on its Dense layers, `cwl_linear`) fold by `cwl_linear.apply_scales`."""
   if CWL_KEY not in params:
     return dict(params)
   scales, rest = split_cwl(params)
+  linear = set(cwl_linear.linear_units(rest))
+  if scales and set(scales) <= linear:
+    return cwl_linear.apply_scales(rest, scales)
   return apply_cwl(rest, scales)
 
 
