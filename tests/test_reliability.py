@@ -167,7 +167,8 @@ def test_a_source_at_chance_is_retrained_at_half_the_lr_then_refused(monkeypatch
   from jtransfer.methods import transfer
   calls = []
 
-  def fake(arch, spec, *, epochs, seed, progress, lr):
+  def fake(arch, spec, *, epochs, seed, progress, lr, optimizer):
+    assert optimizer == "sgd"  # a CNN's recipe (a transformer's is AdamW: test_source_recipe)
     calls.append(lr)
     acc = 0.2 if len(calls) < 3 else 0.9
     return transfer.Source(arch, {}, {}, (28, 28, 1), (0.0,), (1.0,),

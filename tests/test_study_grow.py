@@ -230,11 +230,20 @@ def test_runner_studies_with_their_own_arms_grow_alike(name, argv, tiny_source_d
 
 
 def test_truncation_folder_of_the_default_targets_grows_to_a_superset(tmp_path):
-  """A published truncation folder ran the default --target list (its run.json has no
-  --target): a resume naming those targets plus more grows it; one dropping a target is
-  refused with the folder left as it was."""
+  """A truncation folder made with the default --target list (run.json without --target, as
+  the published ones were before their growth): a resume naming those targets plus more grows
+  it; one dropping a target is refused with the folder left as it was."""
   d = str(tmp_path / "tr")
   shutil.copytree(os.path.join(ROOT, "published", "truncation_resnet_s"), d)
+  # as published before its growth to six targets: run.json's argv without --target
+  with open(os.path.join(d, "run.json")) as f:
+    run = json.load(f)
+  argv = run["argv"]
+  run["argv"] = [a for i, a in enumerate(argv)
+                 if a != "--target" and (i == 0 or argv[i - 1] != "--target")]
+  assert "--target" not in run["argv"] and "--arch" in run["argv"]
+  with open(os.path.join(d, "run.json"), "w") as f:
+    json.dump(run, f)
   before = _digest(d)
   base = ["--arch", "resnet_s", "--tune-extend", "1", "--out", d, "--resume", "--quiet"]
   with pytest.raises(InputError, match="--target"):
