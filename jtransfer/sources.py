@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import optax
 
-from jtransfer import models, weights
+from jtransfer import models, surgery, weights
 from jtransfer.data import Batches, augment, channel_stats, load_spec, parse_spec
 from jtransfer.errors import InputError
 from jtransfer.methods import transfer
@@ -62,16 +62,24 @@ def recipe_for(arch: str) -> str:
       else "sgd"
 
 
+def recipe(name: str) -> Recipe:
+  """The recipe `name` of `RECIPES`.
+
+  Raises:
+    InputError: an unknown name (one sentence naming the known ones).
+  """
+  if name not in RECIPES:
+    raise InputError(f"unknown pretraining optimizer {name!r}; expected one of "
+                     f"{', '.join(RECIPES)}")
+  return RECIPES[name]
+
+
 def _optimizer(name: str, lr, weight_decay: float, params):
   """The optax transform of recipe `name` at schedule `lr` (AdamW decays kernels only)."""
-  if name == "sgd":
+  if recipe(name).name == "sgd":
     return sgd(lr, momentum=0.9, weight_decay=weight_decay)
-  if name == "adamw":
-    from jtransfer import surgery
-    mask = surgery.map_with_path(lambda path, _: path.endswith("kernel"), params)
-    return optax.adamw(lr, weight_decay=weight_decay, mask=mask)
-  raise InputError(f"unknown pretraining optimizer {name!r}; expected one of "
-                   f"{', '.join(RECIPES)}")
+  mask = surgery.map_with_path(lambda path, _: path.endswith("kernel"), params)
+  return optax.adamw(lr, weight_decay=weight_decay, mask=mask)
 
 
 def pretrain(arch: str, source_spec: str = DEFAULT_SOURCE, *, epochs: float = 2.0,
@@ -101,14 +109,12 @@ def pretrain(arch: str, source_spec: str = DEFAULT_SOURCE, *, epochs: float = 2.
     augment_recipe: training augmentation (`jtransfer.data.augment`), drawn from each step's
       rng: the checkpointed state carries the rng, so a resumed run sees the same crops.
   """
-  if optimizer not in RECIPES:
-    raise InputError(f"unknown pretraining optimizer {optimizer!r}; expected one of "
-                     f"{', '.join(RECIPES)}")
-  lr = RECIPES[optimizer].lr if lr is None else lr
-  weight_decay = RECIPES[optimizer].weight_decay if weight_decay is None else weight_decay
+  chosen = recipe(optimizer)  # refused before anything is loaded
+  lr = chosen.lr if lr is None else lr
+  weight_decay = chosen.weight_decay if weight_decay is None else weight_decay
   check_schedule(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                  max_train=max_train)
-  recipe = augment.parse(augment_recipe)
+  augmentation = augment.parse(augment_recipe)
   data = load_spec(source_spec, tuple(image_shape), flag="--source")
   train = data.train
   if max_train is not None and len(train) > max_train:
@@ -125,7 +131,7 @@ def pretrain(arch: str, source_spec: str = DEFAULT_SOURCE, *, epochs: float = 2.
                         weight_decay, variables["params"])})
   state = init_state(variables["params"], variables.get("batch_stats", {}), tx, seed)
   step = make_train_step(augment.wrap_loss(transfer.ce_loss_fn(model, mean, std, bn_train=True),
-                                           recipe), tx)
+                                           augmentation), tx)
   t0 = time.time()
   ckpt = RunCheckpointer(checkpoint_dir, checkpoint_every) if checkpoint_dir else None
   try:
@@ -217,8 +223,8 @@ def source_for(arch: str, source_spec: str, *, epochs: float = 2.0, seed: int = 
       raise InputError(f"--source {source_spec} holds a {source.arch} model, not --arch {arch}")
     return source
   parse_spec(source_spec, flag="--source")
-  recipe = RECIPES[recipe_for(arch)]
-  path = cache_dir(arch, source_spec, epochs, seed, root, recipe.name)
+  chosen = recipe(recipe_for(arch))
+  path = cache_dir(arch, source_spec, epochs, seed, root, chosen.name)
   if os.path.isdir(path):
     source = transfer.load_source(path)
     if not learned(source):
@@ -226,11 +232,11 @@ def source_for(arch: str, source_spec: str, *, epochs: float = 2.0, seed: int = 
                        f"({source.meta['source_test_acc']:.3f}): delete it to pretrain again")
     return source
   print(f"[pretrain] no cached {arch} source for {source_spec}: training it once "
-        f"({epochs} epochs, {recipe.name}), cache {path}", file=sys.stderr)
-  lr = recipe.lr
+        f"({epochs} epochs, {chosen.name}), cache {path}", file=sys.stderr)
+  lr = chosen.lr
   for attempt in range(RETRIES + 1):
     source = pretrain(arch, source_spec, epochs=epochs, seed=seed, progress=progress, lr=lr,
-                      optimizer=recipe.name)
+                      optimizer=chosen.name)
     source.meta["lr"] = lr
     if learned(source):
       break
@@ -238,7 +244,7 @@ def source_for(arch: str, source_spec: str, *, epochs: float = 2.0, seed: int = 
           f"({source.meta['source_test_acc']:.3f}); retrying at lr {lr / 2:g}", file=sys.stderr)
     lr /= 2
   else:
-    raise InputError(f"pretraining {arch} on {source_spec} never learned (lr {recipe.lr:g} "
+    raise InputError(f"pretraining {arch} on {source_spec} never learned (lr {chosen.lr:g} "
                      f"down to {2 * lr:g}): pretrain it with experiments.pretrain and pass "
                      "--source ckpt:DIR")
   transfer.save_source(path, source)
