@@ -35,3 +35,16 @@ def test_bn_mode_smoke(tiny_source_dir, tmp_path):
   summary = json.loads((out / "summary.json").read_text())
   assert [c["claim"]["text"] for c in summary["claims"]] == [bn_mode.CLAIM_TEXT]
   assert "not_converged" in summary  # --cap-share 0.1 is this study's default
+
+
+@pytest.mark.parametrize("argv", [["--bn", "train"], ["--bn=frozen"], ["--bn"]])
+def test_bn_flag_is_refused_by_name(argv, tmp_path, capsys):
+  """The study's arms are the two modes, so it fixes --bn: any --bn is one sentence naming the
+  flag and the mode the study runs, exit 2, and no folder is made."""
+  out = str(tmp_path / "out")
+  with pytest.raises(SystemExit) as e:
+    bn_mode.main(argv + ["--out", out])
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert e.value.code == 2 and err.endswith(
+      "--bn is not a flag of experiments.bn_mode, which fixes it to frozen; drop --bn")
+  assert not (tmp_path / "out").exists()

@@ -128,7 +128,7 @@ class Study:
     plots: (summary, plan, folder) -> None.
     defaults: flag destination -> default as the command line writes it.
     groups: the shared flag groups the study offers ('cells', 'protocol', 'source',
-      'output'); hidden: destinations not offered.
+      'output'); hidden: destinations not offered (given, each is refused by name, exit 2).
     check: config -> None, raising InputError: the study's own flag rules.
     reduced_lrs: strategy name -> the 'reduced' LR grid of `--lrs reduced`.
     budget: (config, cell) -> (Budget or None, step cap) of the cell's runs (default: the

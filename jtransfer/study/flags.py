@@ -53,6 +53,23 @@ def _add(p: argparse.ArgumentParser, m: Mapping[str, Any], default: Any) -> None
   p.add_argument(m["flag"], **kw)
 
 
+class _Fixed(argparse.Action):
+  """A flag the study fixes (`Study.hidden`): given on the command line, one sentence and exit 2
+  (argparse's `error`), rather than argparse's bare "unrecognized arguments"."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    parser.error(f"{option_string} is not a flag of {self.metavar}, which {self.const}; "
+                 f"drop {option_string}")
+
+
+def _refuse(p: argparse.ArgumentParser, study, m: Mapping[str, Any]) -> None:
+  # A value the study declares is the one it runs with; otherwise the study runs its own way.
+  fixed = study.defaults.get(m["dest"])
+  p.add_argument(m["flag"], action=_Fixed, nargs="?", metavar=study.module,
+                 const="does not use it" if fixed is None else f"fixes it to {fixed}",
+                 dest="_fixed_" + m["dest"], help=argparse.SUPPRESS)
+
+
 def _classes(study) -> list[type]:
   return [GROUPS[g] for g in study.groups] + ([study.extra] if study.extra else [])
 
@@ -63,17 +80,22 @@ def parser(study) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   defaults = dict(study.defaults)
+  own = {f.metadata["flag"] for f in cfg.flag_fields(study.extra)} if study.extra else set()
   for cls in _classes(study):
     for f in cfg.flag_fields(cls):
       if f.metadata["dest"] in study.hidden and cls is not study.extra:
+        if f.metadata["flag"] not in own:  # the study's own flag of that name takes its place
+          _refuse(p, study, f.metadata)
         continue
       _add(p, f.metadata, defaults.get(f.metadata["dest"], f.metadata["cli"]))
   return p
 
 
 def raw_flags(study, argv: Optional[Sequence[str]]) -> dict:
-  """argv -> {dest: value as argparse gives it} (argparse exits 2 on a malformed flag)."""
-  return vars(parser(study).parse_args(argv))
+  """argv -> {dest: value as argparse gives it} (argparse exits 2 on a malformed flag or a flag
+  the study fixes)."""
+  return {k: v for k, v in vars(parser(study).parse_args(argv)).items()
+          if not k.startswith("_fixed_")}
 
 
 def settings_flags(study, raw: Mapping[str, Any]) -> dict:
