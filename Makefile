@@ -3,10 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?= -q -n 2 --durations=40
+# tcmalloc keeps the CPU step's freed buffers for reuse instead of faulting fresh pages in every
+# step (jtransfer/cpu_allocator.py, bench/MALLOC.md); an LD_PRELOAD of the caller's wins. Found
+# when the recipe runs, so the set-up that installs it serves the same `make` call.
+RUN := JAX_PLATFORMS=cpu TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776 \
+  LD_PRELOAD="$${LD_PRELOAD:-$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n 1)}"
 
-.PHONY: setup data demo test bench docs clean
+.PHONY: setup data malloc demo test bench docs clean
 
-setup: $(VENV)/.installed data
+setup: $(VENV)/.installed data malloc
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -26,16 +31,27 @@ data:
 	       "or set JTRANSFER_FMNIST_DIR to a directory holding its IDX files" >&2; exit 1; \
 	fi
 
+# Debian's libtcmalloc-minimal4, when it can be installed; without it the CLI edge tunes glibc's
+# malloc instead (jtransfer.cpu_allocator), so its absence is never an error.
+malloc:
+	@if ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && \
+	    apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1)) || \
+	  echo "libtcmalloc-minimal4 not installed: glibc's malloc, tuned (jtransfer/cpu_allocator.py)"; \
+	fi
+
 # The demo grid (experiments.fewshot's embedded default, a few minutes); its report ends with
 # the full grid's command (README, "The main command").
 demo: setup
-	JAX_PLATFORMS=cpu $(PY) -m experiments.fewshot --out results/fewshot --overwrite
+	$(RUN) $(PY) -m experiments.fewshot --out results/fewshot --overwrite
 
 test: setup
-	JAX_PLATFORMS=cpu $(PY) -m pytest $(PYTEST_ARGS)
+	$(RUN) $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	JAX_PLATFORMS=cpu $(PY) -m bench.run
+	$(RUN) $(PY) -m bench.run
 
 # API reference pages (HTML) for jtransfer from its docstrings; tests/test_docs.py builds the same
 # pages and fails on any pdoc warning.

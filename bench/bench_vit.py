@@ -16,12 +16,14 @@ finetune train step (`make_train_step`: forward, backward, Adam update, state do
 with float32 compute and once with bfloat16 compute (`dtype='bfloat16'`: params and optimiser
 state stay float32, `models.common.compute_dtype`). Memory is XLA's compiled memory analysis
 of the step (`bench.bench_peft.memory_bytes`), read from an ahead-of-time compile of abstract
-inputs, so it needs no step to run; --b16-repeats N > 0 also times N steps of each (median,
-round-robin).
+inputs, so it needs no step to run; --b16-repeats N > 0 also times N steps of each dtype in
+--b16-timed (float32 by default), and of timm's same model in that dtype (forward, backward,
+Adam; bfloat16 as CPU autocast), median, round-robin.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional, Sequence
 
 import jax
@@ -62,15 +64,55 @@ def b16_step(dtype: str, batch: int, concrete: bool, arch: str = "vit_b16",
   return compiled, state, data
 
 
-def b16_measure(batch: int, repeats: int, **step_args) -> dict:
+# timm's ViT-B/16 (`vit_base_patch16_224`'s graph): the model the JAX rows compute.
+B16_TIMM = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
+
+
+def timm_calls(batch: int, shape: Sequence[int] = B16_SHAPE, timm_args: Optional[dict] = None,
+               threads: int = 2) -> tuple:
+  """(timm's model, {label: call}) of timm's ViT train step on the same inputs: forward,
+  cross-entropy, backward and torch's Adam (foreach) step, in float32 and under CPU bfloat16
+  autocast (torch's mixed precision: matmuls in bfloat16, params, gradients and Adam state
+  float32, as the JAX bfloat16 row). `timm_args`: VisionTransformer's arguments (ViT-B/16's
+  by default)."""
+  import torch
+
+  from bench import tv_cpu
+  tv_cpu.torchvision_models()  # timm imports torchvision
+  from timm.models.vision_transformer import VisionTransformer
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  tm = VisionTransformer(in_chans=shape[-1], num_classes=1000, **(timm_args or B16_TIMM)).train()
+  opt = torch.optim.Adam(tm.parameters(), lr=1e-4)
+  x, y = torch.randn(batch, shape[-1], *shape[:2]), torch.randint(0, 1000, (batch,))
+
+  def step(bf16: bool) -> None:
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      loss = torch.nn.functional.cross_entropy(tm(x), y)
+    loss.backward()
+    opt.step()
+
+  return tm, {"timm float32": lambda: step(False),
+              "timm bfloat16 (autocast)": lambda: step(True)}
+
+
+TIMM_DTYPE = {"timm float32": "float32", "timm bfloat16 (autocast)": "bfloat16"}
+
+
+def b16_measure(batch: int, repeats: int, timm_args: Optional[dict] = None,
+                threads: int = 2, timed: Sequence[str] = B16_DTYPES, **step_args) -> dict:
   """{dtype: (memory_bytes of its compiled step, median step seconds or None)} for float32
-  and bfloat16 compute; steps are timed round-robin only when repeats > 0 (`step_args` go to
-  `b16_step`: a small arch for a test)."""
+  and bfloat16 compute; the `timed` dtypes' steps are timed round-robin when repeats > 0, and
+  then timm's same step in those dtypes too (`timm_calls`; rows with memory None).
+  `step_args` go to `b16_step` (a small arch for a test, with `timm_args` the same graph's
+  timm arguments)."""
   memory, calls = {}, {}
   for dtype in B16_DTYPES:
-    compiled, state, data = b16_step(dtype, batch, repeats > 0, **step_args)
+    run = repeats > 0 and dtype in timed
+    compiled, state, data = b16_step(dtype, batch, run, **step_args)
     memory[dtype] = memory_bytes(compiled)
-    if repeats > 0:
+    if run:
       holder = {"state": state}
 
       def call(compiled=compiled, holder=holder, data=data):
@@ -78,14 +120,19 @@ def b16_measure(batch: int, repeats: int, **step_args) -> dict:
         jax.block_until_ready(metrics["loss"])
 
       calls[dtype] = call
+  if repeats > 0:
+    reference = timm_calls(batch, step_args.get("shape", B16_SHAPE), timm_args, threads)[1]
+    calls.update({k: f for k, f in reference.items() if TIMM_DTYPE[k] in timed})
   times = round_robin_medians(calls, repeats) if repeats > 0 else {}
-  return {dtype: (m, times.get(dtype)) for dtype, m in memory.items()}
+  return {**{dtype: (m, times.get(dtype)) for dtype, m in memory.items()},
+          **{k: (None, t) for k, t in times.items() if k not in memory}}
 
 
 def b16_report(batch: int, repeats: int, argv: Optional[Sequence[str]], **step_args) -> str:
-  """The ViT-B/16 table of `b16_measure`: step time and XLA's memory of each dtype's step."""
+  """The ViT-B/16 table of `b16_measure`: step time and XLA's memory of each dtype's step,
+  timm's step times, and JAX / timm per dtype."""
   rows = b16_measure(batch, repeats, **step_args)
-  mib = lambda n: "-" if n is None else f"{n / MIB:,.0f}"
+  mib = lambda n: "-" if not n else f"{n / MIB:,.0f}"
   name = step_args.get("arch", "vit_b16")
   lines = [f"# {name} finetune train step, {tuple(step_args.get('shape', B16_SHAPE))} inputs, "
            f"batch {batch}", "",
@@ -93,10 +140,14 @@ def b16_report(batch: int, repeats: int, argv: Optional[Sequence[str]], **step_a
            "| compute dtype | median step (ms) | images/s | argument MiB | temp MiB | "
            "peak MiB |", "|---|---:|---:|---:|---:|---:|"]
   for dtype, (m, t) in rows.items():
+    m = m or {}
     lines.append(f"| {dtype} | {'-' if t is None else f'{1000 * t:.0f}'} | "
                  f"{'-' if t is None else f'{batch / t:.1f}'} | {mib(m.get('argument'))} | "
-                 f"{mib(m.get('temp'))} | {mib(peak_bytes(m))} |")
-  return "\n".join(lines + [""])
+                 f"{mib(m.get('temp'))} | {mib(peak_bytes(m) if m else None)} |")
+  pairs = [("float32", "timm float32"), ("bfloat16", "timm bfloat16 (autocast)")]
+  ratios = [f"{d}: JAX / timm {rows[d][1] / rows[t][1]:.2f}x the time" for d, t in pairs
+            if t in rows and rows[d][1] and rows[t][1]]
+  return "\n".join(lines + ([""] + ["; ".join(ratios)] if ratios else []) + [""])
 
 
 def main(argv=None) -> int:
@@ -109,10 +160,20 @@ def main(argv=None) -> int:
   p.add_argument("--b16", action="store_true", help="ViT-B/16 at 224 px instead (see above)")
   p.add_argument("--b16-batch", type=int, default=32)
   p.add_argument("--b16-repeats", type=int, default=0, help="0: memory only")
+  p.add_argument("--b16-timed", default="float32",
+                 help="the dtypes whose steps --b16-repeats times (comma-separated; float32, "
+                      "bfloat16): a CPU without bfloat16 matmuls (no AVX512-BF16/AMX) emulates "
+                      "them, and one timm autocast step ran over 4 minutes on this machine")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   if args.b16:
-    emit(b16_report(args.b16_batch, args.b16_repeats, argv), args.out)
+    timed = tuple(d for d in args.b16_timed.split(",") if d)
+    if not set(timed) <= set(B16_DTYPES):
+      print(f"error: --b16-timed {args.b16_timed!r}: expected some of {', '.join(B16_DTYPES)}",
+            file=sys.stderr)
+      return 2
+    emit(b16_report(args.b16_batch, args.b16_repeats, argv, threads=args.threads,
+                    timed=timed), args.out)
     return 0
 
   import torch
@@ -158,6 +219,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from jtransfer.compile_cache import enable_compilation_cache
-  enable_compilation_cache()  # before the first compilation
+  from jtransfer.cli_process import prepare
+  prepare()  # before the first compilation and the first step
   raise SystemExit(main())

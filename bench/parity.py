@@ -131,6 +131,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  from jtransfer.compile_cache import enable_compilation_cache
-  enable_compilation_cache()  # before the first compilation
+  from jtransfer.cli_process import prepare
+  prepare()  # before the first compilation and the first step
   sys.exit(main())

@@ -217,6 +217,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
   import sys
 
-  from jtransfer.compile_cache import enable_compilation_cache
-  enable_compilation_cache()  # before the first compilation
+  from jtransfer.cli_process import prepare
+  prepare()  # before the first compilation and the first step
   sys.exit(main())

@@ -3,6 +3,7 @@ formula over the target model's parameter tree, the memory columns against their
 and the CLI's report and refusals."""
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -162,6 +163,7 @@ def test_cli_refuses_bad_input(capsys):
 
 
 SMALL_VIT = dict(arch="vit_s28", shape=(28, 28, 1), overrides=TINY["vit_s28"])
+SMALL_TIMM = dict(img_size=28, patch_size=4, embed_dim=16, depth=2, num_heads=2)
 
 
 # 29 s on the loaded suite; bench/VIT.md's ViT-B/16 rows come from this path
@@ -181,8 +183,30 @@ def test_vit_b16_memory_path_on_a_small_vit():
 def test_vit_b16_timed_path_on_a_small_vit():
   from bench import bench_vit
   memory_only = bench_vit.b16_measure(2, 0, **SMALL_VIT)
-  timed = bench_vit.b16_measure(2, 1, **SMALL_VIT)
+  timed = bench_vit.b16_measure(2, 1, timm_args=SMALL_TIMM, **SMALL_VIT)
   for dtype, (m, t) in memory_only.items():
     assert m == timed[dtype][0] and timed[dtype][1] > 0  # same step, abstract or concrete
+  # timm's same step beside them: timed, no XLA memory
+  assert {k: m for k, (m, t) in timed.items() if k.startswith("timm")} == \
+      {"timm float32": None, "timm bfloat16 (autocast)": None}
+  assert all(t > 0 for _, t in timed.values())
   text = bench_vit.b16_report(2, 0, ["--b16"], **SMALL_VIT)
   assert "| float32 | - | - |" in text and "`python -m bench.bench_vit --b16`" in text
+  assert "timm" not in text  # memory only: nothing timed, no timm rows
+
+
+def test_timm_step_trains_the_same_graph():
+  """timm's side of the B/16 table on the small graph: one step changes the weights (Adam ran)
+  and the model has the JAX arch's parameter count (the same graph on both sides)."""
+  import torch
+
+  from bench import bench_vit
+  tm, calls = bench_vit.timm_calls(2, SMALL_VIT["shape"], SMALL_TIMM, threads=1)
+  before = [p.detach().clone() for p in tm.parameters()]
+  calls["timm float32"]()
+  after = list(tm.parameters())
+  assert any(not torch.equal(a, b) for a, b in zip(before, after))
+  model = models.get_model("vit_s28", 1000, **SMALL_VIT["overrides"])
+  variables = models.init_model(model, jax.random.PRNGKey(0), SMALL_VIT["shape"])
+  assert sum(p.numel() for p in after) == sum(
+      int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))

@@ -288,11 +288,12 @@ def main(study: Study, argv: Optional[Sequence[str]] = None) -> int:
     return INTERRUPTED
 
 def script(study: Study) -> None:
-  """`python -m experiments.X`: jax's persistent compilation cache turned on before the first
-  compilation (`jtransfer.compile_cache`), then `main` on the command line, exiting with its
-  code. The one `if __name__ == "__main__"` body of every declared study."""
-  from jtransfer.compile_cache import enable_compilation_cache
-  enable_compilation_cache()
+  """`python -m experiments.X`: the process prepared before the first compilation
+  (`jtransfer.cli_process`: compilation cache, CPU allocator), then `main` on the command
+  line, exiting with its code. The one `if __name__ == "__main__"` body of every declared
+  study."""
+  from jtransfer.cli_process import prepare
+  prepare()
   sys.exit(main(study))
 
 

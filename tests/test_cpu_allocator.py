@@ -1,0 +1,71 @@
+"""jtransfer.cpu_allocator: when the CLI edge restarts a command with tcmalloc, that it does so
+once, and that a step computes bit for bit the same values under either allocator."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jtransfer import cpu_allocator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIB = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+needs_tcmalloc = pytest.mark.skipif(cpu_allocator.tcmalloc_path() is None,
+                                    reason="libtcmalloc-minimal4 is not installed")
+
+
+@pytest.mark.parametrize("environ,argv,library,restart", [
+    ({}, ["python", "-m", "experiments.fewshot"], LIB, True),
+    ({}, ["python", "bench/run.py", "--tiny"], LIB, True),
+    ({"LD_PRELOAD": "/opt/libfoo.so"}, ["python", "-m", "x"], LIB, True),  # kept, then ours
+    ({}, ["python", "-m", "experiments.fewshot"], None, False),  # not installed
+    ({"JTRANSFER_MALLOC": "system"}, ["python", "-m", "x"], LIB, False),  # turned off
+    ({"LD_PRELOAD": LIB}, ["python", "-m", "x"], LIB, False),  # already there: never twice
+    ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, ["python", "-m", "x"], LIB, False),
+    ({}, ["python", "-c", "print(1)"], LIB, False),  # not a module or script command
+    ({}, ["python"], LIB, False),  # interactive
+])
+def test_restart_rule(environ, argv, library, restart):
+  env = cpu_allocator.restart_with_tcmalloc(environ, argv, library)
+  assert (env is not None) == restart
+  if restart:
+    assert env["LD_PRELOAD"].split()[-1] == LIB and cpu_allocator.preloaded(env) == "tcmalloc"
+    assert env["LD_PRELOAD"].startswith(environ.get("LD_PRELOAD", LIB))
+    assert env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == str(1 << 40)
+
+
+def _child(args, **env):
+  base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "JTRANSFER_MALLOC")}
+  out = subprocess.run([sys.executable, *args], env={**base, "JAX_PLATFORMS": "cpu", **env},
+                       cwd=REPO, capture_output=True, text=True, check=True)
+  return out.stdout.strip().splitlines()
+
+
+@needs_tcmalloc
+def test_cli_edge_restarts_once_with_tcmalloc():
+  assert _child(["-m", "jtransfer.cpu_allocator"]) == ["tcmalloc"]
+  assert _child(["-m", "jtransfer.cpu_allocator"], JTRANSFER_MALLOC="system") == ["system"]
+
+
+GRADIENTS = """
+import hashlib, jax, numpy as np, optax
+from jtransfer import models
+digest = hashlib.sha1()
+for arch, kw in [("resnet_s", dict(stage_widths=(8, 8, 16), stem_width=8)),
+                 ("vit_s28", dict(dim=16, depth=2, heads=2))]:
+  m = models.get_model(arch, 10, **kw)
+  v = models.init_model(m, jax.random.PRNGKey(0), (28, 28, 1))
+  x = np.random.default_rng(0).normal(size=(32, 28, 28, 1)).astype(np.float32)
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      models.apply_model(m, p, v.get("batch_stats"), x, train=False)[0], np.arange(32) % 10).mean()
+  for leaf in jax.tree.leaves(jax.jit(jax.grad(loss))(v["params"])):
+    digest.update(np.asarray(leaf).tobytes())
+print(digest.hexdigest())
+"""
+
+
+@needs_tcmalloc
+def test_gradients_are_bit_identical_under_either_allocator():
+  system = _child(["-c", GRADIENTS], JTRANSFER_MALLOC="system")
+  tcmalloc = _child(["-c", GRADIENTS], LD_PRELOAD=cpu_allocator.tcmalloc_path())
+  assert len(system) == 1 and system == tcmalloc
