@@ -5,7 +5,15 @@ from jtransfer.protocol.convergence import not_converged
 from jtransfer.protocol.registry import Evidence, Registered
 
 MAIN = Evidence(("delta_table_k10",))
-SECONDARY = (Evidence(("delta_table_swapped_k10",), note="the swapped split"),)
+# Registered before its run (session 16): delta_table_k10's grid on the embedded ViT, with
+# L2-FE's LR tuned like the other arms' knobs (`--l2fe-lrs 0.01,0.1 --cap-share 0.1`):
+#   python -m experiments.delta_table --arch vit_s28 --target digits --target fmnist:1,5,7,8,9
+#     --shots 10 --repeats 10 --tune-repeats 1 --cv-folds 0 --no-paper-grid
+#     --l2fe-lrs 0.01,0.1 --cap-share 0.1 --no-curves --out published/delta_table_vit_s28
+VIT = Evidence(("delta_table_vit_s28",), note="the embedded ViT (vit_s28, AdamW source): "
+               "feature maps are token x channel, the attention from ablating channels of "
+               "evenly spaced block outputs (methods/delta_tokens.py)")
+SECONDARY = (Evidence(("delta_table_swapped_k10",), note="the swapped split"), VIT)
 SUP0 = "superiority: Table 1 reports a gain; the interval must lie above 0"
 _res = one_image(DIGITS, "digits; the coarsest of the evidence's targets")
 
@@ -41,5 +49,6 @@ CLAIMS = (
         "DELTA lets the conv filters move farther from the pretrained start than L2-SP does",
         SUPERIORITY, 0.0, "superiority: Fig. 3 shows larger distances; above 0",
         "DELTA's filters move farther from the starting point than L2-SP's (effect: mean "
-        "conv-filter L2 distance x 100)", MAIN, SECONDARY, runs=("delta", "l2sp")),
+        "conv-filter L2 distance x 100)", MAIN, SECONDARY[:1],  # a ViT has no conv filters
+        runs=("delta", "l2sp")),
 )
