@@ -40,12 +40,12 @@ SHAPES = {"vit_s28": (96, 3, 384, 50, 128), "vit_b16": (768, 12, 3072, 197, 32)}
 
 def _jax_ops(model: str, batch: int, rng: np.random.Generator) -> dict:
   """{op: zero-argument call} of each op's jitted gradient in JAX."""
-  from jtransfer.models import vit
-  DIM, HEADS, HIDDEN, TOKENS, _ = SHAPES[model]
-  rows, hd = batch * TOKENS, DIM // HEADS
+  from jtransfer.models import attention, vit
+  dim, heads, hidden, tokens, _ = SHAPES[model]
+  rows, hd = batch * tokens, dim // heads
   f32 = lambda *s: jnp.asarray(rng.normal(size=s).astype(np.float32))
-  x, h = f32(rows, DIM), f32(rows, HIDDEN)
-  q, k, v = (f32(batch, TOKENS, HEADS, hd) for _ in range(3))
+  x, h = f32(rows, dim), f32(rows, hidden)
+  q, k, v = (f32(batch, tokens, heads, hd) for _ in range(3))
 
   def einsum_attention(q, k, v):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * hd ** -0.5
@@ -60,31 +60,23 @@ def _jax_ops(model: str, batch: int, rng: np.random.Generator) -> dict:
     g = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(len(args)))))
     return lambda: jax.block_until_ready(g(*args))
 
-  ops = {"qkv": dense(DIM, 3 * DIM), "proj": dense(DIM, DIM), "fc1": dense(DIM, HIDDEN),
-         "fc2": dense(HIDDEN, DIM),
-         "attention": grad(lambda q, k, v: jax.nn.dot_product_attention(
-             q, k, v, scale=hd ** -0.5), q, k, v),
-         "attention_einsum": grad(einsum_attention, q, k, v),
-         "gelu": grad(lambda h: jax.nn.gelu(h, approximate=False), h),
-         "layernorm": _jax_layernorm(x, f32)}
-  block, xb = vit.Block(HEADS, HIDDEN), x.reshape(batch, TOKENS, DIM)
-  params = block.init(jax.random.PRNGKey(0), xb)
-  g = jax.jit(jax.grad(lambda p, xb: jnp.sum(block.apply(p, xb)), argnums=(0, 1)))
-  ops["block"] = lambda: jax.block_until_ready(g(params, xb))
-  return ops
+  def module(m, inputs):
+    params = m.init(jax.random.PRNGKey(0), inputs)
+    g = jax.jit(jax.grad(lambda p, a: jnp.sum(m.apply(p, a)), argnums=(0, 1)))
+    return lambda: jax.block_until_ready(g(params, inputs))
 
-
-def _jax_layernorm(x, f32):
-  from jtransfer.models.attention import LayerNorm
-  ln = LayerNorm(1e-6)
-  params = ln.init(jax.random.PRNGKey(0), x)
-  g = jax.jit(jax.grad(lambda p, x: jnp.sum(ln.apply(p, x)), argnums=(0, 1)))
-  return lambda: jax.block_until_ready(g(params, x))
+  return {"qkv": dense(dim, 3 * dim), "proj": dense(dim, dim), "fc1": dense(dim, hidden),
+          "fc2": dense(hidden, dim),
+          "attention": grad(lambda q, k, v: jax.nn.dot_product_attention(
+              q, k, v, scale=hd ** -0.5), q, k, v),
+          "attention_einsum": grad(einsum_attention, q, k, v),
+          "gelu": grad(lambda h: jax.nn.gelu(h, approximate=False), h),
+          "layernorm": module(attention.LayerNorm(1e-6), x),
+          "block": module(vit.Block(heads, hidden), x.reshape(batch, tokens, dim))}
 
 
 def _torch_ops(model: str, batch: int, rng: np.random.Generator, threads: int) -> dict:
   """{op: zero-argument call} of each op's forward and backward in torch (timm's modules)."""
-  DIM, HEADS, HIDDEN, TOKENS, _ = SHAPES[model]
   import torch
 
   from bench import tv_cpu
@@ -92,7 +84,8 @@ def _torch_ops(model: str, batch: int, rng: np.random.Generator, threads: int) -
   from timm.models.vision_transformer import Block
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  rows, hd = batch * TOKENS, DIM // HEADS
+  dim, heads, hidden, tokens, _ = SHAPES[model]
+  rows, hd = batch * tokens, dim // heads
   t = lambda *s: torch.from_numpy(rng.normal(size=s).astype(np.float32)).requires_grad_()
 
   def backward(make):
@@ -104,13 +97,13 @@ def _torch_ops(model: str, batch: int, rng: np.random.Generator, threads: int) -
     lin, a = torch.nn.Linear(n_in, n_out), t(rows, n_in)
     return backward(lambda: lin(a))
 
-  x, h = t(rows, DIM), t(rows, HIDDEN)
+  x, h = t(rows, dim), t(rows, hidden)
   # torch's sdpa takes (batch, heads, tokens, head_dim): timm's layout after its permute
-  q, k, v = (t(batch, HEADS, TOKENS, hd) for _ in range(3))
-  ln, gelu = torch.nn.LayerNorm(DIM, eps=1e-6), torch.nn.GELU()
-  block, xb = Block(DIM, HEADS, mlp_ratio=HIDDEN / DIM, qkv_bias=True), t(batch, TOKENS, DIM)
-  return {"qkv": dense(DIM, 3 * DIM), "proj": dense(DIM, DIM), "fc1": dense(DIM, HIDDEN),
-          "fc2": dense(HIDDEN, DIM),
+  q, k, v = (t(batch, heads, tokens, hd) for _ in range(3))
+  ln, gelu = torch.nn.LayerNorm(dim, eps=1e-6), torch.nn.GELU()
+  block, xb = Block(dim, heads, mlp_ratio=hidden / dim, qkv_bias=True), t(batch, tokens, dim)
+  return {"qkv": dense(dim, 3 * dim), "proj": dense(dim, dim), "fc1": dense(dim, hidden),
+          "fc2": dense(hidden, dim),
           "attention": backward(lambda: torch.nn.functional.scaled_dot_product_attention(
               q, k, v)),
           "gelu": backward(lambda: gelu(h)), "layernorm": backward(lambda: ln(x)),

@@ -210,3 +210,23 @@ def test_timm_step_trains_the_same_graph():
   variables = models.init_model(model, jax.random.PRNGKey(0), SMALL_VIT["shape"])
   assert sum(p.numel() for p in after) == sum(
       int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+
+
+def test_vit_parts_report_on_a_tiny_batch():
+  """bench.bench_vit_parts end to end at batch 2: every op timed in JAX (and in torch where it
+  has a counterpart), and its JAX attention op is the einsum form's function."""
+  from bench import bench_vit_parts
+  text = bench_vit_parts.report("vit_s28", 2, 1, 1, ["--batch", "2"])
+  rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in text.splitlines()
+          if line.startswith("| ") and not line.startswith("| op")}
+  assert set(rows) == {"qkv", "proj", "fc1", "fc2", "attention", "attention_einsum", "gelu",
+                       "layernorm", "block"}
+  assert all(float(r[0]) > 0 for r in rows.values())
+  assert rows["attention_einsum"][1] == "-" and float(rows["block"][1]) > 0
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(2, 50, 3, 32)).astype(np.float32) for _ in range(3))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(32)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+  got = jax.nn.dot_product_attention(q, k, v, scale=32 ** -0.5)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
