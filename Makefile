@@ -6,8 +6,9 @@ PYTEST_ARGS ?= -q -n 2 --durations=40
 # tcmalloc keeps the CPU step's freed buffers for reuse instead of faulting fresh pages in every
 # step (jtransfer/cpu_allocator.py, bench/MALLOC.md); an LD_PRELOAD of the caller's wins. Found
 # when the recipe runs, so the set-up that installs it serves the same `make` call.
+MULTIARCH := $(shell python3 -c 'import sysconfig; print(sysconfig.get_config_var("MULTIARCH") or "*")')
 RUN := JAX_PLATFORMS=cpu TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776 \
-  LD_PRELOAD="$${LD_PRELOAD:-$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n 1)}"
+  LD_PRELOAD="$${LD_PRELOAD:-$$(ls /usr/lib/$(MULTIARCH)/libtcmalloc_minimal.so.4 2>/dev/null | head -n 1)}"
 
 .PHONY: setup data malloc demo test bench docs clean
 
@@ -31,16 +32,19 @@ data:
 	       "or set JTRANSFER_FMNIST_DIR to a directory holding its IDX files" >&2; exit 1; \
 	fi
 
-# Debian's libtcmalloc-minimal4, when it can be installed; without it the CLI edge tunes glibc's
-# malloc instead (jtransfer.cpu_allocator), so its absence is never an error.
-malloc:
-	@if ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then :; \
+# Debian's libtcmalloc-minimal4, when it can be installed (tried once: the stamp); without it
+# the commands run on glibc's malloc, slower but the same values, so its absence is no error.
+malloc: $(VENV)/.malloc-tried
+
+$(VENV)/.malloc-tried: | $(VENV)/.installed
+	@if ls /usr/lib/$(MULTIARCH)/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	  (apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null 2>&1 && \
 	    apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1)) || \
-	  echo "libtcmalloc-minimal4 not installed: glibc's malloc, tuned (jtransfer/cpu_allocator.py)"; \
+	  echo "libtcmalloc-minimal4 not installed: the commands use glibc's malloc (jtransfer/cpu_allocator.py)"; \
 	fi
+	@touch $@
 
 # The demo grid (experiments.fewshot's embedded default, a few minutes); its report ends with
 # the full grid's command (README, "The main command").

@@ -47,8 +47,12 @@ def settings() -> dict[str, dict]:
 def _child(args: list[str], env: dict, out: str) -> tuple[str, float, float]:
   """(the child's report, its minor page faults, its system seconds)."""
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
-  subprocess.run([sys.executable, *args, "--out", out], env={**env, "JAX_PLATFORMS": "cpu"},
-                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  done = subprocess.run([sys.executable, *args, "--out", out],
+                        env={**env, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, text=True)
+  if done.returncode:
+    raise RuntimeError(f"{' '.join(args)} exited with {done.returncode}: "
+                       f"{done.stderr.strip()[-2000:]}")
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   with open(out) as f:
     return f.read(), after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime
@@ -57,7 +61,7 @@ def _child(args: list[str], env: dict, out: str) -> tuple[str, float, float]:
 def parse_run(text: str) -> dict[str, float]:
   """bench.run's table -> {'<arch> jax': img/s, '<arch> torch': best torch img/s}."""
   out = {}
-  for m in re.finditer(r"^\| (\w+) \| finetune \| ([\d.]+) \|(?:[^|]*\|){4} ([\d.na]+) \| "
+  for m in re.finditer(r"^\| (\w+) \| finetune \| ([\d.]+) \|(?:[^|]*\|){3} ([\d.na]+) \| "
                        r"([\d.na]+) \|", text, re.M):
     arch, jax_rate = m.group(1), float(m.group(2))
     torch_rates = [float(v) for v in m.group(3, 4) if v != "nan"]

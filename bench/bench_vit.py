@@ -1,7 +1,7 @@
 """Forward+backward step time of the embedded ViT (`vit_s28`), JAX against timm, on this CPU;
 with --b16, ViT-B/16's train step at 224 px in float32 and bfloat16 (issue 30 item 6).
 
-  JAX_PLATFORMS=cpu python -m bench.bench_vit [--batch 128] [--repeats 5] [--threads 2]
+  JAX_PLATFORMS=cpu python -m bench.bench_vit [--batch 128] [--repeats 5] [--threads N]
   JAX_PLATFORMS=cpu python -m bench.bench_vit --b16 [--b16-batch 32] [--b16-repeats 0]
 
 The same graph on both sides: timm's `VisionTransformer(img_size=28, patch_size=4, in_chans=1,
@@ -23,6 +23,7 @@ Adam; bfloat16 as CPU autocast), median, round-robin.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -132,7 +133,7 @@ def b16_report(batch: int, repeats: int, argv: Optional[Sequence[str]], **step_a
   """The ViT-B/16 table of `b16_measure`: step time and XLA's memory of each dtype's step,
   timm's step times, and JAX / timm per dtype."""
   rows = b16_measure(batch, repeats, **step_args)
-  mib = lambda n: "-" if not n else f"{n / MIB:,.0f}"
+  mib = lambda n: "-" if n is None else f"{n / MIB:,.0f}"
   name = step_args.get("arch", "vit_b16")
   lines = [f"# {name} finetune train step, {tuple(step_args.get('shape', B16_SHAPE))} inputs, "
            f"batch {batch}", "",
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
   p.add_argument("--b16", action="store_true", help="ViT-B/16 at 224 px instead (see above)")
   p.add_argument("--b16-batch", type=int, default=32)
   p.add_argument("--b16-repeats", type=int, default=0, help="0: memory only")

@@ -3,7 +3,7 @@ and in torch at the shapes the block sees (issue 30 item 6, issue 32: bench/VIT.
 slower than timm's; this finds the op).
 
   JAX_PLATFORMS=cpu python -m bench.bench_vit_parts [--model vit_s28|vit_b16] [--batch N]
-      [--repeats 9] [--threads 2]
+      [--repeats 9] [--threads N (default: the cores)]
 
 Ops (vit_s28: 128 images -> 50 tokens of width 96, 3 heads of 32, MLP 384), each timed as the
 gradient of the sum of its output with respect to its inputs and parameters (`jax.jit(jax.grad)`
@@ -24,6 +24,7 @@ left out, and XLA fuses across ops in the whole block); the ratios per op say wh
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 from typing import Optional, Sequence
@@ -38,6 +39,13 @@ from bench.common import command, emit
 SHAPES = {"vit_s28": (96, 3, 384, 50, 128), "vit_b16": (768, 12, 3072, 197, 32)}
 
 
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(head_dim)) v over (batch, tokens, heads, head_dim), as two einsums
+  and a softmax: the 'attention_einsum' op."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
 def _jax_ops(model: str, batch: int, rng: np.random.Generator) -> dict:
   """{op: zero-argument call} of each op's jitted gradient in JAX."""
   from jtransfer.models import attention, vit
@@ -46,10 +54,6 @@ def _jax_ops(model: str, batch: int, rng: np.random.Generator) -> dict:
   f32 = lambda *s: jnp.asarray(rng.normal(size=s).astype(np.float32))
   x, h = f32(rows, dim), f32(rows, hidden)
   q, k, v = (f32(batch, tokens, heads, hd) for _ in range(3))
-
-  def einsum_attention(q, k, v):
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * hd ** -0.5
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
 
   def dense(n_in, n_out):
     w, b, a = f32(n_in, n_out), f32(n_out), f32(rows, n_in)
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
   p.add_argument("--model", choices=sorted(SHAPES), default="vit_s28")
   p.add_argument("--batch", type=int, default=None, help="default: the model's (SHAPES)")
   p.add_argument("--repeats", type=int, default=9)
-  p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   batch = args.batch or SHAPES[args.model][4]

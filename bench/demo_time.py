@@ -79,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs the few-shot study on `argv` with its phases timed; prints the breakdown."""
   argv = list(sys.argv[1:] if argv is None else argv)
   t_start = time.perf_counter()
-  from jtransfer import cli_process
-  cli_process.prepare()
+  from jtransfer import compile_cache
+  compile_cache.enable_compilation_cache()
   import jax
   totals: dict = collections.defaultdict(float)
   jax.monitoring.register_event_duration_secs_listener(
@@ -107,4 +107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from jtransfer import cpu_allocator
+  cpu_allocator.configure()  # restarts the command with tcmalloc first, where it applies
   sys.exit(main())

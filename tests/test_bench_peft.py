@@ -214,7 +214,7 @@ def test_timm_step_trains_the_same_graph():
 
 def test_vit_parts_report_on_a_tiny_batch():
   """bench.bench_vit_parts end to end at batch 2: every op timed in JAX (and in torch where it
-  has a counterpart), and its JAX attention op is the einsum form's function."""
+  has a counterpart); its two JAX attention ops compute numpy's attention."""
   from bench import bench_vit_parts
   text = bench_vit_parts.report("vit_s28", 2, 1, 1, ["--batch", "2"])
   rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in text.splitlines()
@@ -228,5 +228,6 @@ def test_vit_parts_report_on_a_tiny_batch():
   logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(32)
   p = np.exp(logits - logits.max(-1, keepdims=True))
   want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
-  got = jax.nn.dot_product_attention(q, k, v, scale=32 ** -0.5)
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  for got in (jax.nn.dot_product_attention(q, k, v, scale=32 ** -0.5),
+              bench_vit_parts.einsum_attention(q, k, v)):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

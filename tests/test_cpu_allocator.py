@@ -14,19 +14,31 @@ needs_tcmalloc = pytest.mark.skipif(cpu_allocator.tcmalloc_path() is None,
                                     reason="libtcmalloc-minimal4 is not installed")
 
 
-@pytest.mark.parametrize("environ,argv,library,restart", [
-    ({}, ["python", "-m", "experiments.fewshot"], LIB, True),
-    ({}, ["python", "bench/run.py", "--tiny"], LIB, True),
-    ({"LD_PRELOAD": "/opt/libfoo.so"}, ["python", "-m", "x"], LIB, True),  # kept, then ours
-    ({}, ["python", "-m", "experiments.fewshot"], None, False),  # not installed
-    ({"JTRANSFER_MALLOC": "system"}, ["python", "-m", "x"], LIB, False),  # turned off
-    ({"LD_PRELOAD": LIB}, ["python", "-m", "x"], LIB, False),  # already there: never twice
-    ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, ["python", "-m", "x"], LIB, False),
-    ({}, ["python", "-c", "print(1)"], LIB, False),  # not a module or script command
-    ({}, ["python"], LIB, False),  # interactive
+FEWSHOT = ("module", "experiments.fewshot")
+
+
+@pytest.mark.parametrize("environ,argv,library,running,restart", [
+    ({}, ["python", "-m", "experiments.fewshot"], LIB, FEWSHOT, True),
+    ({}, ["python", "-u", "-X", "dev", "-m", "experiments.fewshot"], LIB, FEWSHOT, True),
+    ({}, ["python", "-mexperiments.fewshot"], LIB, FEWSHOT, True),
+    ({}, ["python", "bench/run.py", "--tiny"], LIB, ("script", "bench/run.py"), True),
+    ({"LD_PRELOAD": "/opt/libfoo.so"}, ["python", "-m", "experiments.fewshot"], LIB, FEWSHOT,
+     True),  # the caller's preload kept, then ours
+    ({}, ["python", "-m", "experiments.fewshot"], None, FEWSHOT, False),  # not installed
+    ({"JTRANSFER_MALLOC": "system"}, ["python", "-m", "experiments.fewshot"], LIB, FEWSHOT,
+     False),  # turned off
+    ({"LD_PRELOAD": LIB}, ["python", "-m", "experiments.fewshot"], LIB, FEWSHOT,
+     False),  # already there: never twice
+    ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, ["python", "-m", "experiments.fewshot"], LIB,
+     FEWSHOT, False),
+    ({}, ["python", "-c", "print(1)"], LIB, None, False),  # not a module or script command
+    ({}, ["python"], LIB, None, False),  # interactive
+    # a host running a module's CLI in-process is not the module: never restart the host
+    ({}, ["python", "-m", "IPython"], LIB, FEWSHOT, False),
+    ({}, ["python", "-m", "pytest", "tests"], LIB, ("module", "bench.demo_time"), False),
 ])
-def test_restart_rule(environ, argv, library, restart):
-  env = cpu_allocator.restart_with_tcmalloc(environ, argv, library)
+def test_restart_rule(environ, argv, library, running, restart):
+  env = cpu_allocator.restart_with_tcmalloc(environ, argv, library, running)
   assert (env is not None) == restart
   if restart:
     assert env["LD_PRELOAD"].split()[-1] == LIB and cpu_allocator.preloaded(env) == "tcmalloc"
@@ -37,13 +49,16 @@ def test_restart_rule(environ, argv, library, restart):
 def _child(args, **env):
   base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "JTRANSFER_MALLOC")}
   out = subprocess.run([sys.executable, *args], env={**base, "JAX_PLATFORMS": "cpu", **env},
-                       cwd=REPO, capture_output=True, text=True, check=True)
+                       cwd=REPO, capture_output=True, text=True, check=True, timeout=120)
   return out.stdout.strip().splitlines()
 
 
 @needs_tcmalloc
 def test_cli_edge_restarts_once_with_tcmalloc():
+  """The restarted process has tcmalloc mapped (not only named in its environment)."""
   assert _child(["-m", "jtransfer.cpu_allocator"]) == ["tcmalloc"]
+  maps = _child(["-m", "jtransfer.cpu_allocator", "--maps"])
+  assert maps[0] == "tcmalloc" and "libtcmalloc" in maps[1]
   assert _child(["-m", "jtransfer.cpu_allocator"], JTRANSFER_MALLOC="system") == ["system"]
 
 

@@ -232,7 +232,7 @@ def test_records_version2_read_as_published(folder):
 
 
 @pytest.mark.parametrize("flag", [["--tuning", "nested"], ["--disjoint-tuning"],
-                                  ["--cap-share", "0.1"]])
+                                  ["--cap-share", "0.1"], ["--no-paper-grid"]])
 def test_runner_only_protocol_flags_are_refused(flag, capsys):
   """The pipeline runs its own grid: the grid runner's protocol flags would be ignored, so the
   parser refuses them (exit 2, one sentence naming the flag) rather than accept them silently."""

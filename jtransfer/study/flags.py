@@ -65,9 +65,12 @@ class _Fixed(argparse.Action):
 def _refuse(p: argparse.ArgumentParser, study, m: Mapping[str, Any]) -> None:
   # A value the study declares is the one it runs with; otherwise the study runs its own way.
   fixed = study.defaults.get(m["dest"])
-  p.add_argument(m["flag"], action=_Fixed, nargs="?", metavar=study.module,
-                 const="does not use it" if fixed is None else f"fixes it to {fixed}",
-                 dest="_fixed_" + m["dest"], help=argparse.SUPPRESS)
+  # a boolean flag has its --no- form too (argparse.BooleanOptionalAction)
+  names = [m["flag"]] + (["--no-" + m["flag"][2:]] if m["action"] == "bool" else [])
+  for name in names:
+    p.add_argument(name, action=_Fixed, nargs="?", metavar=study.module,
+                   const="does not use it" if fixed is None else f"fixes it to {fixed}",
+                   dest="_fixed_" + m["dest"], help=argparse.SUPPRESS)
 
 
 def _classes(study) -> list[type]:
