@@ -65,6 +65,19 @@ def b16_step(dtype: str, batch: int, concrete: bool, arch: str = "vit_b16",
   return compiled, state, data
 
 
+def timm_vit(threads: int):
+  """timm's `vision_transformer` module, torch at `threads` threads and seed 0 (torchvision,
+  which timm imports, has its CPU op schemas declared first: `bench.tv_cpu`)."""
+  import torch
+
+  from bench import tv_cpu
+  tv_cpu.torchvision_models()
+  from timm.models import vision_transformer
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  return vision_transformer
+
+
 # timm's ViT-B/16 (`vit_base_patch16_224`'s graph): the model the JAX rows compute.
 B16_TIMM = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
 
@@ -77,13 +90,8 @@ def timm_calls(batch: int, shape: Sequence[int] = B16_SHAPE, timm_args: Optional
   float32, as the JAX bfloat16 row). `timm_args`: VisionTransformer's arguments (ViT-B/16's
   by default)."""
   import torch
-
-  from bench import tv_cpu
-  tv_cpu.torchvision_models()  # timm imports torchvision
-  from timm.models.vision_transformer import VisionTransformer
-  torch.set_num_threads(threads)
-  torch.manual_seed(0)
-  tm = VisionTransformer(in_chans=shape[-1], num_classes=1000, **(timm_args or B16_TIMM)).train()
+  tm = timm_vit(threads).VisionTransformer(in_chans=shape[-1], num_classes=1000,
+                                          **(timm_args or B16_TIMM)).train()
   opt = torch.optim.Adam(tm.parameters(), lr=1e-4)
   x, y = torch.randn(batch, shape[-1], *shape[:2]), torch.randint(0, 1000, (batch,))
 
@@ -178,14 +186,9 @@ def main(argv=None) -> int:
     return 0
 
   import torch
-
-  from bench import tv_cpu
-  tv_cpu.torchvision_models()  # timm imports torchvision
-  from timm.models.vision_transformer import VisionTransformer
-  torch.set_num_threads(args.threads)
-  torch.manual_seed(0)
-  tm = VisionTransformer(img_size=28, patch_size=4, in_chans=1, embed_dim=96, depth=4,
-                         num_heads=3, num_classes=10).train()
+  tm = timm_vit(args.threads).VisionTransformer(img_size=28, patch_size=4, in_chans=1,
+                                                embed_dim=96, depth=4, num_heads=3,
+                                                num_classes=10).train()
   sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
   variables = weights.import_torchvision("vit_s28", sd)
   model = models.get_model("vit_s28", 10)

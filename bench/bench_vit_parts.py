@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import time
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import command, emit
+from bench.common import command, emit, round_robin_medians
 
 # (width, heads, MLP hidden, tokens, default batch) of each model's blocks (models/vit.py)
 SHAPES = {"vit_s28": (96, 3, 384, 50, 128), "vit_b16": (768, 12, 3072, 197, 32)}
@@ -83,11 +82,8 @@ def _torch_ops(model: str, batch: int, rng: np.random.Generator, threads: int) -
   """{op: zero-argument call} of each op's forward and backward in torch (timm's modules)."""
   import torch
 
-  from bench import tv_cpu
-  tv_cpu.torchvision_models()  # timm imports torchvision
-  from timm.models.vision_transformer import Block
-  torch.set_num_threads(threads)
-  torch.manual_seed(0)
+  from bench.bench_vit import timm_vit
+  Block = timm_vit(threads).Block
   dim, heads, hidden, tokens, _ = SHAPES[model]
   rows, hd = batch * tokens, dim // heads
   t = lambda *s: torch.from_numpy(rng.normal(size=s).astype(np.float32)).requires_grad_()
@@ -115,20 +111,21 @@ def _torch_ops(model: str, batch: int, rng: np.random.Generator, threads: int) -
 
 
 def timed_round_robin(calls: dict, repeats: int, warmup: int = 2) -> dict:
-  """{key: (median wall seconds, median system CPU seconds)} of each call, round-robin as
+  """{key: (median wall seconds, median system CPU seconds)} of each call, timed by
   `bench.common.round_robin_medians`; the system time (this process's, all threads) is the
   kernel's share: page faults of freshly mapped buffers show there."""
-  for call in calls.values():
-    for _ in range(warmup):
-      call()
-  order, wall, system = list(calls), {k: [] for k in calls}, {k: [] for k in calls}
-  for r in range(repeats):
-    for k in order[r % len(order):] + order[:r % len(order)]:
-      s0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
-      calls[k]()
-      wall[k].append(time.perf_counter() - t0)
-      system[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - s0)
-  return {k: (float(np.median(wall[k])), float(np.median(system[k]))) for k in calls}
+  system = {k: [] for k in calls}
+
+  def with_system(key):
+    def call():
+      s0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+      calls[key]()
+      system[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - s0)
+    return call
+
+  wall = round_robin_medians({k: with_system(k) for k in calls}, repeats, warmup)
+  # the warm-up calls come first: the last `repeats` are the timed ones
+  return {k: (wall[k], float(np.median(system[k][-repeats:]))) for k in calls}
 
 
 def measure(model: str, batch: int, repeats: int, threads: int) -> dict[str, tuple]:

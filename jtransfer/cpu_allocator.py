@@ -4,12 +4,12 @@ Why: XLA:CPU allocates each executable run's temporaries through malloc and free
 end of the run. glibc serves every block over its mmap threshold (at most 32 MiB) by mmap and
 returns it with munmap, so every train step faults all of its large temporaries in again, page
 by page, each zeroed by the kernel. tcmalloc keeps them. `python -m bench.bench_malloc`
-(bench/MALLOC.md) measured, idle, in two runs: minor page faults down from 2.1 M to 0.6 M, vit_s28's
-forward+backward 1.40-1.56x faster and vgg_s's finetune step 1.11-1.13x with tcmalloc preloaded
-(resnet_s's moved within the host's noise); ViT-B/16's train step 2.6x (bench/VIT.md). Telling
-glibc itself to keep freed memory (mallopt M_MMAP_MAX = 0 at the CLI edge) gained nothing in
-one run, so it is not done. The results are bit for bit the
-same: only where buffers live changes (tests/test_cpu_allocator.py).
+(bench/MALLOC.md) measured, idle, in two runs: minor page faults down from 2.1 M to 0.6 M,
+vit_s28's forward+backward 1.40-1.56x faster and vgg_s's finetune step 1.11-1.13x with tcmalloc
+preloaded (resnet_s's moved within the host's noise); ViT-B/16's train step 2.6x
+(bench/VIT.md). Telling glibc itself to keep freed memory (mallopt M_MMAP_MAX = 0 at the CLI
+edge) gained nothing in one run, so it is not done. The results are bit for bit the same: only
+where buffers live changes (tests/test_cpu_allocator.py).
 
 A preload must be in place when the process starts, so:
   * `make` sets LD_PRELOAD for the demo, the tests and the bench (`make setup` installs

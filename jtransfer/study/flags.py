@@ -53,24 +53,23 @@ def _add(p: argparse.ArgumentParser, m: Mapping[str, Any], default: Any) -> None
   p.add_argument(m["flag"], **kw)
 
 
-class _Fixed(argparse.Action):
-  """A flag the study fixes (`Study.hidden`): given on the command line, one sentence and exit 2
-  (argparse's `error`), rather than argparse's bare "unrecognized arguments"."""
-
-  def __call__(self, parser, namespace, values, option_string=None):
-    parser.error(f"{option_string} is not a flag of {self.metavar}, which {self.const}; "
-                 f"drop {option_string}")
-
-
 def _refuse(p: argparse.ArgumentParser, study, m: Mapping[str, Any]) -> None:
+  """Adds a flag the study fixes (`Study.hidden`) so that, given, it is one sentence and exit 2
+  (argparse's `error`) rather than argparse's bare "unrecognized arguments"; absent, it leaves
+  nothing in the parsed namespace."""
   # A value the study declares is the one it runs with; otherwise the study runs its own way.
   fixed = study.defaults.get(m["dest"])
+  why = "does not use it" if fixed is None else f"fixes it to {fixed}"
+
+  class Fixed(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+      parser.error(f"{option_string} is not a flag of {study.module}, which {why}; "
+                   f"drop {option_string}")
+
   # a boolean flag has its --no- form too (argparse.BooleanOptionalAction)
   names = [m["flag"]] + (["--no-" + m["flag"][2:]] if m["action"] == "bool" else [])
-  for name in names:
-    p.add_argument(name, action=_Fixed, nargs="?", metavar=study.module,
-                   const="does not use it" if fixed is None else f"fixes it to {fixed}",
-                   dest="_fixed_" + m["dest"], help=argparse.SUPPRESS)
+  p.add_argument(*names, action=Fixed, nargs="?", dest=m["dest"], default=argparse.SUPPRESS,
+                 help=argparse.SUPPRESS)
 
 
 def _classes(study) -> list[type]:
@@ -97,8 +96,7 @@ def parser(study) -> argparse.ArgumentParser:
 def raw_flags(study, argv: Optional[Sequence[str]]) -> dict:
   """argv -> {dest: value as argparse gives it} (argparse exits 2 on a malformed flag or a flag
   the study fixes)."""
-  return {k: v for k, v in vars(parser(study).parse_args(argv)).items()
-          if not k.startswith("_fixed_")}
+  return vars(parser(study).parse_args(argv))
 
 
 def settings_flags(study, raw: Mapping[str, Any]) -> dict:
