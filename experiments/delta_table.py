@@ -37,8 +37,10 @@ no alpha tuning, and the paper-grid rows use it too; `--alpha 0.001,0.01` sets t
 `--alpha-noatt`. The paper's alpha (0.01; 1e-4 for DELTA w/o ATT) gives the paper-grid rows.
 `--att-bn` sets BatchNorm in DELTA's attention probe (delta.ATT_BN_MODES; 'authors' =
 channel_eval.py). L2-FE has no knob to tune and at lr 0.01 stops at the 200-step cap in 13 of 20
-published runs: `--l2fe-lrs 0.01,0.1` tunes its LR like the other arms' knobs (same patience): the
-setting for a rerun.
+published runs: `--l2fe-lrs 0.01,0.1` tunes its LR like the other arms' knobs (same patience),
+and `--l2fe-steps 1000` gives it its own cap (a head on cached features costs ~1 ms a step;
+under the 200-step cap it still stopped at the cap in most runs at its tuned LR, under 1000 in
+none: published/delta_table_k10_l2fe).
 
 Cost. Per (arch, target, k) cell: tuning 5 folds x 3 alphas (plus extensions) for each of L2-SP,
 DELTA w/o ATT and DELTA (45+ runs, each of DELTA's computing its attention), one validation run
@@ -77,7 +79,7 @@ from jtransfer import models, sources, study
 from jtransfer.data import parse_spec, sample_kshot
 from jtransfer.errors import InputError
 from jtransfer.methods import delta, delta_study
-from jtransfer.protocol import claims
+from jtransfer.protocol import Budget, claims
 from jtransfer.study import fewshot as hooks
 from jtransfer.study import grid, runner
 from jtransfer.study import records as rec
@@ -126,6 +128,14 @@ def _number(flag: str):
     except ValueError:
       raise InputError(f"{flag} {text!r} is not a number") from None
   return parse
+
+
+def l2fe_budget(config) -> tuple:
+  """L2-FE's (Budget or None, step cap): --l2fe-steps with the protocol's patience and
+  validation interval, else the cell's (--steps)."""
+  p = config.protocol
+  cap = config.extra.l2fe_steps or p.steps
+  return Budget.from_flags(cap, p.eval_every, p.patience), cap
 
 
 def _schedules(text: str) -> tuple[str, ...]:
@@ -180,6 +190,11 @@ class Knobs:
       "edge like the other arms' knobs (e.g. 0.01,0.1: at 0.01 its head-only objective sits at "
       "the step cap in 13 of 20 published runs); default: --lrs", metavar="LR[,LR...]",
       parse=lambda t: delta_study.parse_alphas(t, "--l2fe-lrs", positive=True), added=True)
+  l2fe_steps: Optional[int] = study.flag(
+      "--l2fe-steps", None, "L2-FE's own step cap (its lr schedule spans it; patience and "
+      "validation as the other arms'): a head on cached features costs ~1 ms a step, and under "
+      "the 200-step cap it stops at the cap in most runs even at a tuned LR; default: --steps",
+      metavar="STEPS", parse=lambda t: delta_study.parse_steps(t, "--l2fe-steps"), added=True)
   curve_schedules: tuple[str, ...] = study.flag(
       "--curve-schedules", ("step", "exp"), "Fig. 2's schedules", cli="step,exp",
       parse=_schedules)
@@ -350,6 +365,10 @@ def recipe_text(plan) -> str:
              "alpha).")
   else:
     alpha = f" alpha (no tuning draws: the paper-row values): {'; '.join(grids)}."
+  k = plan.config.extra
+  if k.l2fe_steps and k.l2fe_steps != p.steps and "l2fe" in arms:
+    alpha += (f" L2-FE's own cap: {k.l2fe_steps} steps (--l2fe-steps; its lr schedule spans "
+              "it, patience as the others').")
   return (f"DELTA recipe: SGD momentum {config.momentum}, batch {p.batch_size} (a smaller "
           f"k-shot set is one batch), lr x0.1 at {config.decay_fraction:.0%} of the "
           f"{p.steps}-step cap ({config.schedule}); beta {config.beta:g}; L2 weight decay "
@@ -380,40 +399,9 @@ def make_report(plan, records: list[dict], folder: str = "") -> tuple[str, dict]
   text = f"{title}\n\n{recipe_text(plan)}\n{rest}"
   curves = read_curves(folder) if folder and curves_of(plan.config) else None
   if curves:
-    text = "\n".join([text.rstrip("\n"), ""] + curve_lines(curves))
+    text = "\n".join([text.rstrip("\n"), ""]
+                     + delta_study.curve_lines(curves, TITLES, CURVE_STRATEGIES))
   return text, summary
-
-
-def curve_lines(curves: dict) -> list[str]:
-  c = curves["config"]
-  lines = ["## Fig. 2: learning curves (learning_curves.png)", "",
-           f"{c['arch']} -> {c['target']}, k={c['shots']}, {c['steps']} iterations (fixed), "
-           f"lr {c['lr']:g}; "
-           + "; ".join(f"{TITLES[n]} {c['knobs'][n]['hp'] or 'no knobs'} "
-                       f"({c['knobs'][n]['origin']})"
-                       for n in CURVE_STRATEGIES if n in c.get("knobs", {})) + ".", "",
-           "| schedule | strategy | final train CE | final test acc (%) |",
-           "|---|---|---|---|"]
-  for key in (f"{s}|{n}" for s in c["schedules"] for n in CURVE_STRATEGIES):
-    cv = curves["curves"].get(key)
-    if cv is None:
-      continue
-    schedule, name = key.split("|")
-    ce = f"{cv['ce'][-1]:.4f}" if cv["ce"] else "-"
-    acc = f"{100 * cv['test_acc'][-1]:.1f}" if cv["test_acc"] else "-"
-    lines.append(f"| {schedule} | {TITLES[name]} | {ce} | {acc} |")
-  lines.append("")
-  d = curves["distances"]
-  if all(n in d for n in CURVE_STRATEGIES):
-    lines += ["## Fig. 3: filter distance from the starting point (filter_distance.png)", "",
-              "| stage | filters | median L2-SP | median DELTA | DELTA farther at the same rank |",
-              "|---|---|---|---|---|"]
-    for stage in d["l2sp"]:
-      a, b = np.asarray(d["l2sp"][stage]), np.asarray(d["delta"][stage])
-      lines.append(f"| {stage} | {len(a)} | {np.median(a):.4f} | {np.median(b):.4f} | "
-                   f"{np.mean(b > a):.0%} |")
-    lines.append("")
-  return lines
 
 
 def plots(summary: dict, plan, folder: str) -> None:
@@ -429,7 +417,9 @@ def plots(summary: dict, plan, folder: str) -> None:
 
 STUDY = study.Study(
     module="experiments.delta_table", title="# DELTA: Table 1, Fig. 2, Fig. 3 on the embedded "
-    "benchmark", arms=hooks.arms_with(STRATEGIES + BASELINES, TITLES), claims=CLAIMS,
+    "benchmark", arms=tuple(dataclasses.replace(a, budget=l2fe_budget) if a.name == "l2fe"
+                            else a for a in hooks.arms_with(STRATEGIES + BASELINES, TITLES)),
+    claims=CLAIMS,
     tables=(study.Table("Table 1 layout", STRATEGIES + BASELINES),), extra=Knobs,
     prepare=hooks.prepare(sources.study_source),
     check_data=hooks.check_data(sources.source_input_shape), check=check, arm_plan=arm_plan,

@@ -261,3 +261,23 @@ def test_l2fe_lrs_give_l2fe_a_tuned_lr_grid():
   for bad in ("0", "x", "0.1,0.1"):
     with pytest.raises(InputError, match="--l2fe-lrs"):
       lrs(["--l2fe-lrs", bad])
+
+
+def test_l2fe_steps_give_l2fe_its_own_cap(tiny_source_dir, tmp_path):
+  """--l2fe-steps: L2-FE's runs train to their own cap (patience 0: exactly that many steps),
+  the other arms to --steps; the records and the report's recipe say so; bad values refused."""
+  out = str(tmp_path / "cap")
+  argv = TINY + ["--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--out", out, "--no-curves",
+                 "--strategies", "l2fe,l2", "--patience", "0", "--repeats", "1",
+                 "--l2fe-steps", "7"]
+  assert delta_table.main(argv) == 0
+  with open(os.path.join(out, "results.json")) as f:
+    records = rec.rows(json.load(f))
+  caps = {(r["arm"], r["cap"], r["steps"]) for r in records}
+  assert caps == {("l2fe", 7, 7), ("l2", 4, 4)}
+  report = open(os.path.join(out, "report.md")).read()
+  assert "L2-FE's own cap: 7 steps" in report and "of the 4-step cap" in report
+  assert publish.check(out) == []
+  for bad in ("0", "x", "2.5"):
+    with pytest.raises(InputError, match="--l2fe-steps"):
+      flags.parse(delta_table.STUDY, TINY + ["--l2fe-steps", bad])

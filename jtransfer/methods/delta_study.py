@@ -49,6 +49,21 @@ def parse_alphas(text: Optional[str], flag: str, positive: bool = False
   return tuple(sorted(values))
 
 
+def parse_steps(text: str, flag: str) -> int:
+  """A step count >= 1.
+
+  Raises:
+    InputError: not a whole number, or below 1.
+  """
+  try:
+    n = int(text)
+  except ValueError:
+    raise InputError(f"{flag} {text!r} is not a whole number") from None
+  if n < 1:
+    raise InputError(f"{flag} must be at least 1, got {n}")
+  return n
+
+
 def alpha_knobs(strategy: transfer.Strategy, grid: Sequence[float]) -> tuple[dict, dict]:
   """(knob grids, knob defaults) of `strategy` with its alpha grid replaced by `grid`: one
   value is also the default (the paper-grid rows use it), several keep the strategy's own."""
@@ -196,3 +211,37 @@ def plot_distances(distances: dict, path: str, labels: Mapping[str, str]) -> Non
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def curve_lines(curves: dict, titles: Mapping[str, str], strategies: Sequence[str]) -> list[str]:
+  """The report's Fig. 2 table (final training CE and test accuracy per schedule and
+  strategy) and Fig. 3 table (median filter distance per stage), from curves.json."""
+  c = curves["config"]
+  lines = ["## Fig. 2: learning curves (learning_curves.png)", "",
+           f"{c['arch']} -> {c['target']}, k={c['shots']}, {c['steps']} iterations (fixed), "
+           f"lr {c['lr']:g}; "
+           + "; ".join(f"{titles[n]} {c['knobs'][n]['hp'] or 'no knobs'} "
+                       f"({c['knobs'][n]['origin']})"
+                       for n in strategies if n in c.get("knobs", {})) + ".", "",
+           "| schedule | strategy | final train CE | final test acc (%) |",
+           "|---|---|---|---|"]
+  for key in (f"{s}|{n}" for s in c["schedules"] for n in strategies):
+    cv = curves["curves"].get(key)
+    if cv is None:
+      continue
+    schedule, name = key.split("|")
+    ce = f"{cv['ce'][-1]:.4f}" if cv["ce"] else "-"
+    acc = f"{100 * cv['test_acc'][-1]:.1f}" if cv["test_acc"] else "-"
+    lines.append(f"| {schedule} | {titles[name]} | {ce} | {acc} |")
+  lines.append("")
+  d = curves["distances"]
+  if all(n in d for n in strategies):
+    lines += ["## Fig. 3: filter distance from the starting point (filter_distance.png)", "",
+              "| stage | filters | median L2-SP | median DELTA | DELTA farther at the same rank |",
+              "|---|---|---|---|---|"]
+    for stage in d["l2sp"]:
+      a, b = np.asarray(d["l2sp"][stage]), np.asarray(d["delta"][stage])
+      lines.append(f"| {stage} | {len(a)} | {np.median(a):.4f} | {np.median(b):.4f} | "
+                   f"{np.mean(b > a):.0%} |")
+    lines.append("")
+  return lines

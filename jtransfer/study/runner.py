@@ -162,11 +162,15 @@ def run(study: Study, config: Config, results: ResultsDir) -> list[dict]:
 
     chosen: dict = {}  # arm -> its tuned point in this cell (RunContext.chosen)
 
+    def arm_budget(arm) -> tuple[Optional[Budget], int]:
+      # An arm's own budget (`Arm.budget`: e.g. a head-only baseline's longer cap) or the cell's.
+      return arm.arm.budget(config) if arm.arm.budget else (budget, steps)
+
     def add(arm, draw, point, train_idx, val_idx, result, seconds):
       outcome = (dict(status="failed", error=str(result), test_acc=None, val_acc=None)
                  if isinstance(result, NonFiniteError) else dict(result))
       outcome.setdefault("status", "ok")
-      cap = arm.arm.budget(config)[1] if arm.arm.budget else steps
+      cap = arm_budget(arm)[1]
       extra = dict(n_train=int(len(train_idx)), n_val=int(len(val_idx)), cap=cap)
       if data is not None and hasattr(data, "test"):
         extra["n_test"] = len(data.test)
@@ -200,14 +204,14 @@ def run(study: Study, config: Config, results: ResultsDir) -> list[dict]:
                f"{progress.draw_label(draw.repeat, p.tune_draws, p.repeats)} {arm.name} "
                f"lr={point.get('lr', 0):g}")
       t0 = time.time()
+      b, cap = arm_budget(arm)
       try:
         if arm.arm.run is not None:
-          b, cap = arm.arm.budget(config) if arm.arm.budget else (budget, steps)
           ctx = RunContext(config, cell, data, draw, seed, train_idx, val_idx, b, cap,
                            progress.ticker(label, emit), found, chosen)
           out = arm.arm.run(ctx, point)
         else:
-          out = data.run(arm.name, train_idx, val_idx, point, seed, steps, budget,
+          out = data.run(arm.name, train_idx, val_idx, point, seed, cap, b,
                          test=draw.role == draws_lib.EVAL, on_step=progress.ticker(label, emit),
                          strategy=arm.arm.strategy_name)
       except NonFiniteError as e:
@@ -225,13 +229,14 @@ def run(study: Study, config: Config, results: ResultsDir) -> list[dict]:
                  for point in grid_lib.eval_points(plan, arm, tuned)
                  for i in (range(p.repeats) if slot is None else (slot,))]
       todo = [k for k in dict.fromkeys(todo) if k not in found]
-      if together > 1 and budget is None and len(todo) > 1 and arm.arm.run is None and \
-          not arm.knobs and data.batchable(arm.name, steps, arm.arm.strategy_name):
+      b, cap = arm_budget(arm)
+      if together > 1 and b is None and len(todo) > 1 and arm.arm.run is None and \
+          not arm.knobs and data.batchable(arm.name, cap, arm.arm.strategy_name):
         for i in range(0, len(todo), together):
           group = todo[i:i + together]
           jobs = [(*draws[k[3]][1:], dict(k[5])["lr"], draws[k[3]][0]) for k in group]
           t0 = time.time()
-          outs = data.run_many(arm.name, jobs, steps, arm.arm.strategy_name)
+          outs = data.run_many(arm.name, jobs, cap, arm.arm.strategy_name)
           seconds = (time.time() - t0) / len(group)
           for k, job, out in zip(group, jobs, outs):
             add(arm, draws_lib.Draw(k[2], k[3], k[4]), dict(k[5]), job[0], job[1], out, seconds)
