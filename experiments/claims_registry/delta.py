@@ -13,7 +13,7 @@ MAIN = Evidence(("delta_table_k10",))
 # most at the cap under 200 even at a tuned LR). The other arms are as in delta_table_k10.
 #   python -m experiments.delta_table --arch vgg_s,resnet_s --target digits
 #     --target fmnist:1,5,7,8,9 --shots 10 --repeats 10 --tune-repeats 1 --cv-folds 0
-#     --no-paper-grid --l2fe-lrs 0.01,0.1 --l2fe-steps 1000 --no-curves
+#     --no-paper-grid --l2fe-lrs 0.01,0.1 --l2fe-steps 1000 --cap-share 0.1 --no-curves
 #     --out published/delta_table_k10_l2fe
 L2FE = Evidence(("delta_table_k10_l2fe",))
 # Registered before its run (session 16; --l2fe-steps added in session 17, still before it):
