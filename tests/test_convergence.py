@@ -3,6 +3,8 @@ than 10% of evaluation runs is flagged in the report's tables, its claims read "
 and a registered claim about it reads "not tested" from the records."""
 import json
 
+import pytest
+
 from experiments import fewshot
 from jtransfer.protocol import claims, convergence
 from jtransfer.study import draws, records, report
@@ -32,6 +34,13 @@ def test_share_at_the_cap_by_hand():
   assert slots == {(frozenset(cell.items()), i) for i in range(10)}
   assert convergence.not_converged("a").slots(recs) == set()
   assert convergence.not_converged("b").slots(v2) == slots
+  # either side of a claim: a flagged arm marks the slots whichever position it has
+  assert convergence.not_converged("a", "b").slots(recs) == slots
+  assert convergence.not_converged("b", "a").slots(recs) == slots
+  assert convergence.not_converged("a", "c").slots(recs) == set()
+  assert "a or b's evaluation runs" in convergence.not_converged("a", "b").reason
+  with pytest.raises(ValueError):
+    convergence.not_converged()
 
 
 def test_a_claim_on_an_unconverged_arm_reads_not_tested():

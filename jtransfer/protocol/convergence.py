@@ -56,12 +56,16 @@ def flag_text(c: int, n: int) -> str:
   return f"not converged: {c}/{n} runs at the step cap"
 
 
-def not_converged(arm: str, share: float = CAP_SHARE) -> Untested:
-  """A registry detector: every (cell, draw) of a folder whose `arm` is flagged (so a claim
-  about the arm reads "not tested" there)."""
+def not_converged(*arms: str, share: float = CAP_SHARE) -> Untested:
+  """A registry detector: every (cell, draw) of a folder where one of `arms` is flagged (so a
+  claim comparing them reads "not tested" there: a comparison with an arm still learning at
+  its cap measures the budget, whichever side of the claim it is on)."""
+  if not arms:
+    raise ValueError("not_converged needs at least one arm")
+
   def slots(records: list) -> set:
-    if arm not in flagged(records, share):
-      return set()
-    return {(s[1], s[2]) for s in map(eval_stop, records) if s is not None and s[0] == arm}
-  return Untested(f"{arm}'s evaluation runs stop at their step cap in more than "
+    bad = set(arms) & set(flagged(records, share))
+    return {(s[1], s[2]) for s in map(eval_stop, records) if s is not None and s[0] in bad}
+  who = arms[0] if len(arms) == 1 else f"{', '.join(arms[:-1])} or {arms[-1]}"
+  return Untested(f"{who}'s evaluation runs stop at their step cap in more than "
                   f"{share:.0%} of runs (not converged)", slots)
