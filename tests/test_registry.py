@@ -67,7 +67,7 @@ def _draws(entry):
 def _verdict(kind, d, margin):
   """The rule of docs/protocol_verdicts.md, from scipy alone."""
   d = np.asarray(d, float)
-  if d.size and np.all(d == 0):
+  if d.size and np.all(d == 0) and kind != "regret":  # a perfect pick is not identical arms
     return "not tested", 1.0
   if d.size < 2:
     return "inconclusive", 1.0
@@ -82,7 +82,7 @@ def _verdict(kind, d, margin):
     rep, ref, p = lo > margin, hi < 0, p_gt(margin)
   elif kind in ("non-inferiority", "dose"):
     rep, ref, p = lo > -margin and hi >= 0, hi < -margin, p_gt(-margin)
-  elif kind == "threshold":
+  elif kind in ("threshold", "regret"):  # (regret: an interval below 0 is no block)
     rep, ref, p = lo > -margin, hi < -margin, p_gt(-margin)
   elif kind == "equivalence":  # two one-sided tests (TOST): inside both bounds
     p_lt = lambda c: 1.0 - p_gt(c) if sps.sem(d) else (0.0 if d.mean() < c else 1.0)

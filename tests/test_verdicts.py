@@ -8,6 +8,7 @@ from jtransfer.errors import InputError
 from jtransfer.protocol import claims, registry, stats
 
 SUP, NI, EQ, TH = claims.SUPERIORITY, claims.NONINFERIORITY, claims.EQUIVALENCE, claims.THRESHOLD
+RG = claims.REGRET
 
 
 def P(mean, lo, hi, n=10, ties=0):
@@ -32,6 +33,12 @@ def P(mean, lo, hi, n=10, ties=0):
     (SUP, P(0.0, 0.0, 0.0, ties=10), 0.0, "not tested"),
     (NI, P(0.0, 0.0, 0.0, ties=10), 0.01, "not tested"),
     (SUP, stats.paired([0.5], [0.4]), 0.0, "inconclusive"),
+    # regret (pick - best <= 0): the same interval as the wholly-below-0 NI case reproduces,
+    # a perfect pick (every difference 0) is reproduced, a large regret refuted
+    (RG, P(-0.001, -0.0016, -0.0004), 0.01, "reproduced"),
+    (RG, P(0.0, 0.0, 0.0, ties=10), 0.01, "reproduced"),
+    (RG, P(-0.23, -0.50, 0.04), 0.00111, "inconclusive"),  # truncation_resnet_s's S6 pick
+    (RG, P(-0.05, -0.08, -0.02), 0.01, "refuted"),
 ])
 def test_decide_hand_cases(kind, c, margin, want):
   assert claims.decide(kind, c, margin).verdict == want

@@ -21,6 +21,11 @@ interval lies above c exactly when that p is below 0.025. Kinds (margin M >= 0):
 - threshold (a statistic against a stated value, the arms' difference being statistic minus
   threshold): reproduced when the lower end is above -M (M = the claim's stated tolerance,
   0 for a strict '>'), refuted when the upper end is below -M.
+- regret (a selection rule's pick is as good as the best of its set; the difference is pick
+  minus best, <= 0 by construction): reproduced when the interval's lower end is above -M,
+  refuted when its upper end is below -M. An interval below 0 is the construction, not a
+  loss, and every difference 0 means the rule picked the best every time: reproduced (for
+  M > 0), never "not tested".
 - "not tested": every paired difference is exactly 0 (the two arms are the same model), so
   the data say nothing about the claim. The registry also reads "not tested" from records
   (alpha = 1, nothing pruned).
@@ -43,9 +48,9 @@ from jtransfer.protocol import stats
 
 REPRODUCED, REFUTED, INCONCLUSIVE, NOT_TESTED = (stats.REPRODUCED, stats.REFUTED,
                                                  stats.INCONCLUSIVE, "not tested")
-SUPERIORITY, NONINFERIORITY, EQUIVALENCE, THRESHOLD = (
-    "superiority", "non-inferiority", "equivalence", "threshold")
-KINDS = (SUPERIORITY, NONINFERIORITY, EQUIVALENCE, THRESHOLD)
+SUPERIORITY, NONINFERIORITY, EQUIVALENCE, THRESHOLD, REGRET = (
+    "superiority", "non-inferiority", "equivalence", "threshold", "regret")
+KINDS = (SUPERIORITY, NONINFERIORITY, EQUIVALENCE, THRESHOLD, REGRET)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,13 +118,13 @@ def decide(kind: str, c: stats.Paired, margin: float = 0.0) -> Decision:
     raise InputError(f"unknown claim kind {kind!r}: expected one of {', '.join(KINDS)}")
   if not margin >= 0:
     raise InputError(f"a claim's margin must be >= 0, got {margin}")
-  if c.n >= 1 and c.ties == c.n:
+  if c.n >= 1 and c.ties == c.n and kind != REGRET:
     return Decision(NOT_TESTED, 1.0, 1.0, reason="every paired difference is exactly 0")
   if c.n < 2 or math.isnan(c.lo):
     return Decision(INCONCLUSIVE, 1.0, 1.0, reason="fewer than 2 draws")
   if kind == SUPERIORITY:
     p_rep, p_ref = p_above(c, margin), p_below(c, 0.0)
-  elif kind in (NONINFERIORITY, THRESHOLD):
+  elif kind in (NONINFERIORITY, THRESHOLD, REGRET):
     p_rep, p_ref = p_above(c, -margin), p_below(c, -margin)
   else:  # equivalence: two one-sided tests inside, either side outside
     p_rep = max(p_above(c, -margin), p_below(c, margin))
