@@ -4,7 +4,11 @@ from jtransfer.protocol.claims import NONINFERIORITY, SUPERIORITY
 from jtransfer.protocol.registry import DOSE, Evidence, Registered
 
 SWAPPED = "the swapped split (source fmnist:1,5,7,8,9, target fmnist:0,2,3,4,6)"
-REUSED = "the digits/fmnist k=10 runs of cwl_tables again (same keys): not new evidence"
+# baselines_k10's draws 5-9 were run again by its own growth (26 of its 60 shared evaluation
+# records differ from cwl_tables' by rounding: another build of the source), the rest are the
+# same runs; either way the same draws of the same images.
+REUSED = ("the digits/fmnist k=10 cells of cwl_tables on the same draws (same keys; runs made "
+          "again where the folder grew on its own): not new evidence")
 # Registered before its run (session 15): cwl_tables' grid on the embedded ViT, whose CWL is
 # one scale per output channel of every linear map of a block (docs/transformers.md).
 VIT = Evidence(("cwl_tables_vit_s28",), note="the embedded ViT (vit_s28, AdamW source): a "

@@ -76,10 +76,15 @@ def _p(v: float) -> str:
   return "" if math.isnan(v) else f"{v:.2g}"
 
 
+def _pair(d: claims.Decision) -> str:
+  """The p of the test whose rejection reproduces the claim, and of the one that refutes it."""
+  return f"{_p(d.p_reproduce)} / {_p(d.p_refute)}"
+
+
 def registered_table(rows: Sequence[Mapping], root: str) -> list[str]:
   """One row per registered claim: its primary verdict, raw and Holm-adjusted."""
   out = ["| id | paper (where) | claim | kind, margin | verdict | effect: mean [95% CI] wins/N, "
-         "points | p (one-sided) | Holm-adjusted | note | primary evidence |",
+         "points | p (one-sided): reproduce / refute | Holm-adjusted | note | primary evidence |",
          "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     e = r["entry"]
@@ -97,7 +102,7 @@ def registered_table(rows: Sequence[Mapping], root: str) -> list[str]:
     p = r.get("p_adjusted")
     out.append(f"| {e.id} | {e.paper} ({e.stated}) | {e.statement} | {e.kind}, {_margin(e)} | "
                f"**{r['decision'].verdict}** | {_effect(r['paired'])} | "
-               f"{_p(r['decision'].p_reproduce) if p else ''} | {r['adjusted']} | "
+               f"{_pair(r['decision']) if p else ''} | {r['adjusted']} | "
                f"{_note(e, r)} | {links}{where} |")
   return out
 
