@@ -16,7 +16,7 @@ count: `jtransfer.study.edge.growth_check`), the command grows the published fol
 finished run is kept and only the new draws run (about half the runs of a fresh grid at 5 ->
 10). Otherwise, and as the alternative beside an in-place growth, `rerun` gives a fresh folder
 under the protocol the issue asks for (nested tuning, `--cap-share 0.1`, DELTA's `--l2fe-lrs
-0.01,0.1`; each only where the module takes the flag): those flags are settings of the resume
+0.01,0.1 --l2fe-steps 1000`; each only where the module takes the flag): those flags are settings of the resume
 fingerprint (jtransfer.protocol.outdir), so they cannot be added to a folder, and under nested
 tuning no shared-tuned run could be reused anyway. Both commands state the BatchNorm mode the
 folder ran (`--bn frozen` for a folder made before --bn; DELTA's table `--bn train`), since a
@@ -45,7 +45,8 @@ CORRELATION_FIELDS = ("target", "group")  # draw fields whose draws are targets 
 # (flag, value, modules): the protocol the issue asks a rerun to use; None = every module
 # that takes the flag.
 PROTOCOL = (("--tuning", "nested", None), ("--cap-share", "0.1", None),
-            ("--l2fe-lrs", "0.01,0.1", ("experiments.delta_table",)))
+            ("--l2fe-lrs", "0.01,0.1", ("experiments.delta_table",)),
+            ("--l2fe-steps", "1000", ("experiments.delta_table",)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,7 +359,8 @@ def render(audits: Sequence[ClaimAudit], found: Sequence[Rerun], notes: Sequence
           "the smaller one) and runs only the new draws. It keeps the folder's protocol: "
           "`--tuning nested` (each evaluation draw tuned on its own labelled pool), "
           "`--cap-share 0.1` (an arm at its step cap in over 10% of its runs reads not "
-          "converged) and delta_table's `--l2fe-lrs 0.01,0.1` (L2-FE tuned) are settings, "
+          "converged) and delta_table's `--l2fe-lrs 0.01,0.1 --l2fe-steps 1000` (L2-FE tuned, "
+          "with its own cap) are settings, "
           "which a resume cannot change, so the issue's protocol is the fresh-folder rerun "
           "given beside it (a nested rerun reuses no shared-tuned run). Cost: the folder's "
           "wall time per recorded run (run.json) times the estimated runs, on the machine "
