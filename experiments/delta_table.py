@@ -36,11 +36,12 @@ each extended by up to `--tune-extend` values at an edge. `--alpha 0.01` (one va
 no alpha tuning, and the paper-grid rows use it too; `--alpha 0.001,0.01` sets the grid. Same for
 `--alpha-noatt`. The paper's alpha (0.01; 1e-4 for DELTA w/o ATT) gives the paper-grid rows.
 `--att-bn` sets BatchNorm in DELTA's attention probe (delta.ATT_BN_MODES; 'authors' =
-channel_eval.py). L2-FE has no knob to tune and at lr 0.01 stops at the 200-step cap in 13 of 20
-published runs: `--l2fe-lrs 0.01,0.1` tunes its LR like the other arms' knobs (same patience),
+channel_eval.py). L2-FE has no knob to tune and at lr 0.01 stops at the 200-step cap in 25 of 40
+runs of published/delta_table_k10: `--l2fe-lrs 0.01,0.1` tunes its LR like the other arms' knobs (same patience),
 and `--l2fe-steps 1000` gives it its own cap (a head on cached features costs ~1 ms a step;
 under the 200-step cap it still stopped at the cap in most runs at its tuned LR, under 1000 in
-none: published/delta_table_k10_l2fe).
+none; docs/decisions.md). published/delta_table_k10_converged reruns the table so with
+`--steps 500`, where the other arms converge too.
 
 Cost. Per (arch, target, k) cell: tuning 5 folds x 3 alphas (plus extensions) for each of L2-SP,
 DELTA w/o ATT and DELTA (45+ runs, each of DELTA's computing its attention), one validation run
@@ -73,7 +74,6 @@ import time
 import types
 from typing import Optional, Sequence
 
-import numpy as np
 
 from jtransfer import models, sources, study
 from jtransfer.data import parse_spec, sample_kshot
@@ -188,7 +188,7 @@ class Knobs:
   l2fe_lrs: Optional[tuple[float, ...]] = study.flag(
       "--l2fe-lrs", None, "L2-FE's own LR grid, tuned on the tuning draws and extended at an "
       "edge like the other arms' knobs (e.g. 0.01,0.1: at 0.01 its head-only objective sits at "
-      "the step cap in 13 of 20 published runs); default: --lrs", metavar="LR[,LR...]",
+      "the step cap in 25 of 40 published runs); default: --lrs", metavar="LR[,LR...]",
       parse=lambda t: delta_study.parse_alphas(t, "--l2fe-lrs", positive=True), added=True)
   l2fe_steps: Optional[int] = study.flag(
       "--l2fe-steps", None, "L2-FE's own step cap (its lr schedule spans it; patience and "

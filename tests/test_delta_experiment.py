@@ -263,14 +263,24 @@ def test_l2fe_lrs_give_l2fe_a_tuned_lr_grid():
       lrs(["--l2fe-lrs", bad])
 
 
-def test_l2fe_steps_give_l2fe_its_own_cap(tiny_source_dir, tmp_path):
+def test_l2fe_steps_give_l2fe_its_own_cap(tiny_source_dir, tmp_path, monkeypatch):
   """--l2fe-steps: L2-FE's runs train to their own cap (patience 0: exactly that many steps),
-  the other arms to --steps; the records and the report's recipe say so; bad values refused."""
+  the other arms to --steps; the records and the report's recipe say so; bad values refused.
+  --batch-runs 2 trains L2-FE's two evaluation runs as one batched step (a head on frozen
+  features), so the batched path honours the arm's cap too; L2 trains kernels, one at a time."""
   out = str(tmp_path / "cap")
   argv = TINY + ["--source", f"ckpt:{tiny_source_dir('vgg_s')}", "--out", out, "--no-curves",
-                 "--strategies", "l2fe,l2", "--patience", "0", "--repeats", "1",
+                 "--strategies", "l2fe,l2", "--patience", "0", "--batch-runs", "2",
                  "--l2fe-steps", "7"]
+  from jtransfer.study.target import TargetRuns
+  batched, run_many = [], TargetRuns.run_many
+
+  def spy(self, name, jobs, steps, strategy=None):
+    batched.append((name, len(jobs), steps))
+    return run_many(self, name, jobs, steps, strategy)
+  monkeypatch.setattr(TargetRuns, "run_many", spy)
   assert delta_table.main(argv) == 0
+  assert batched == [("l2fe", 2, 7)]
   with open(os.path.join(out, "results.json")) as f:
     records = rec.rows(json.load(f))
   caps = {(r["arm"], r["cap"], r["steps"]) for r in records}

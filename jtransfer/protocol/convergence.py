@@ -4,8 +4,9 @@ A run under a patience budget stops either because its validation accuracy stopp
 ('patience') or because it reached the step cap ('cap'; `jtransfer.protocol.budget`). An arm
 whose evaluation runs reach the cap in more than `CAP_SHARE` of runs was still learning when
 the budget ended, so a comparison with it measures the budget, not the method (issue 29: L2-FE
-at the 200-step cap in 13 of 20 runs). Its report rows are flagged "not converged" and a
-registered claim about it reads "not tested" (`not_converged`, a registry `Untested`).
+at the 200-step cap in 25 of 40 runs of delta_table_k10). Its report rows are flagged "not
+converged" and a registered claim with it on either side reads "not tested" (`not_converged`,
+a registry `Untested`).
 Runs trained a fixed number of steps ('fixed') have no cap to hit and never count.
 
 Records may be version 1 (flat: 'strategy', 'role', 'repeat', 'stopped') or version 2

@@ -105,7 +105,9 @@ def _bounds(rule: str, margin: float) -> list[tuple[str, float]]:
     return [("lower", margin), ("upper", 0.0)]
   if rule == claims.EQUIVALENCE:
     return [("lower", -margin), ("upper", margin), ("upper", -margin), ("lower", margin)]
-  return [("lower", -margin), ("upper", -margin), ("upper", 0.0)]  # non-inferiority, threshold
+  if rule == claims.NONINFERIORITY:  # (an interval wholly below 0 never reproduces)
+    return [("lower", -margin), ("upper", -margin), ("upper", 0.0)]
+  return [("lower", -margin), ("upper", -margin)]  # threshold, regret
 
 
 def _shifted(p: stats.Paired, mean: float, half: float) -> stats.Paired:

@@ -15,8 +15,9 @@ count: `jtransfer.study.edge.growth_check`), the command grows the published fol
 (`grow`): the same flags with the larger count and `--resume` on the folder itself, so every
 finished run is kept and only the new draws run (about half the runs of a fresh grid at 5 ->
 10). Otherwise, and as the alternative beside an in-place growth, `rerun` gives a fresh folder
-under the protocol the issue asks for (nested tuning, `--cap-share 0.1`, DELTA's `--l2fe-lrs
-0.01,0.1 --l2fe-steps 1000`; each only where the module takes the flag): those flags are settings of the resume
+under the protocol the issue asks for (nested tuning, `--cap-share 0.1`, DELTA's
+`--l2fe-lrs 0.01,0.1 --l2fe-steps 1000 --steps 500`; each only where the module takes the
+flag): those flags are settings of the resume
 fingerprint (jtransfer.protocol.outdir), so they cannot be added to a folder, and under nested
 tuning no shared-tuned run could be reused anyway. Both commands state the BatchNorm mode the
 folder ran (`--bn frozen` for a folder made before --bn; DELTA's table `--bn train`), since a
@@ -46,7 +47,8 @@ CORRELATION_FIELDS = ("target", "group")  # draw fields whose draws are targets 
 # that takes the flag.
 PROTOCOL = (("--tuning", "nested", None), ("--cap-share", "0.1", None),
             ("--l2fe-lrs", "0.01,0.1", ("experiments.delta_table",)),
-            ("--l2fe-steps", "1000", ("experiments.delta_table",)))
+            ("--l2fe-steps", "1000", ("experiments.delta_table",)),
+            ("--steps", "500", ("experiments.delta_table",)))  # (its other arms converge)
 
 
 @dataclasses.dataclass(frozen=True)
