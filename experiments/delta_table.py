@@ -84,7 +84,7 @@ from jtransfer.study import fewshot as hooks
 from jtransfer.study import grid, runner
 from jtransfer.study import records as rec
 from jtransfer.study import report as skeleton
-from jtransfer.study.config import at_least, comma_list
+from jtransfer.study.config import at_least, comma_list, number
 from jtransfer.study.target import TargetRuns
 
 STRATEGIES = ("l2fe", "l2", "l2sp", "delta_noatt", "delta")
@@ -194,7 +194,8 @@ class Knobs:
       "--l2fe-steps", None, "L2-FE's own step cap (its lr schedule spans it; patience and "
       "validation as the other arms'): a head on cached features costs ~1 ms a step, and under "
       "the 200-step cap it stops at the cap in most runs even at a tuned LR; default: --steps",
-      metavar="STEPS", parse=lambda t: delta_study.parse_steps(t, "--l2fe-steps"), added=True)
+      metavar="STEPS", parse=number("--l2fe-steps", int), check=at_least(1, "--l2fe-steps"),
+      added=True)
   curve_schedules: tuple[str, ...] = study.flag(
       "--curve-schedules", ("step", "exp"), "Fig. 2's schedules", cli="step,exp",
       parse=_schedules)

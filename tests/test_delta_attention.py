@@ -161,14 +161,19 @@ def test_attention_bn_mode_is_honoured():
     delta.Config(att_bn="running").validate()
 
 
+def _probe_inputs(seed):
+  """(source, 2-class target model, its params and BN stats, 6 images, balanced labels)."""
+  source = tiny_source()
+  model = transfer.target_model(source, 2)
+  params, stats = transfer.init_target(source, model, 0)
+  return source, model, params, stats, uint8_images(6, seed=seed), np.array([0, 1] * 3)
+
+
 def test_authors_probe_moves_running_stats_by_torch_momentum():
   # One probe step over all 6 images: the stem's running mean becomes 0.9 * source mean + 0.1 *
   # the batch mean of the stem's raw conv output (torch momentum 0.1), which the ablation then
   # uses in eval mode.
-  source = tiny_source()
-  model = transfer.target_model(source, 2)
-  params, stats = transfer.init_target(source, model, 0)
-  images, labels = uint8_images(6, seed=4), np.array([0, 1, 0, 1, 0, 1])
+  source, model, params, stats, images, labels = _probe_inputs(seed=4)
   config = delta.Config(att_batch_size=6, att_head_epochs=1, att_head_min_steps=1)
   _, new_stats = delta.train_probe_bn_train(model, params, stats, images, labels, source.mean,
                                             source.std, config)
@@ -185,10 +190,7 @@ def test_authors_probe_closed_form_equals_the_step_loop():
   # Every probe batch holds all 6 images: 40 identical steps; the closed form (2 forwards)
   # must give the loop's head and running statistics.
   import dataclasses
-  source = tiny_source()
-  model = transfer.target_model(source, 2)
-  params, stats = transfer.init_target(source, model, 0)
-  images, labels = uint8_images(6, seed=5), np.array([0, 1, 0, 1, 0, 1])
+  source, model, params, stats, images, labels = _probe_inputs(seed=5)
   config = delta.Config(att_batch_size=8, att_head_epochs=1, att_head_min_steps=40)
   got = delta.train_probe_bn_train(model, params, stats, images, labels, source.mean,
                                    source.std, config)

@@ -49,21 +49,6 @@ def parse_alphas(text: Optional[str], flag: str, positive: bool = False
   return tuple(sorted(values))
 
 
-def parse_steps(text: str, flag: str) -> int:
-  """A step count >= 1.
-
-  Raises:
-    InputError: not a whole number, or below 1.
-  """
-  try:
-    n = int(text)
-  except ValueError:
-    raise InputError(f"{flag} {text!r} is not a whole number") from None
-  if n < 1:
-    raise InputError(f"{flag} must be at least 1, got {n}")
-  return n
-
-
 def alpha_knobs(strategy: transfer.Strategy, grid: Sequence[float]) -> tuple[dict, dict]:
   """(knob grids, knob defaults) of `strategy` with its alpha grid replaced by `grid`: one
   value is also the default (the paper-grid rows use it), several keep the strategy's own."""
