@@ -163,6 +163,9 @@ def evidence_table(entries: Sequence[registry.Registered], summaries: Mapping[st
   rows = []
   for folder in sorted(summaries):
     s = summaries[folder]
+    run = read_run(os.path.join(root, folder)) or {}
+    partial = (f"a partial grid ({run.get('records')} runs so far): a reading that may change"
+               if run.get("complete") is False else "")
     for res in s.get("claims", []) if isinstance(s, dict) else []:
       if not res.get("pooled"):
         continue
@@ -171,7 +174,7 @@ def evidence_table(entries: Sequence[registry.Registered], summaries: Mapping[st
       same = reused_from(e, folder, records, keys)
       cl = res["claim"]
       note = "; ".join(x for x in (
-          ev.note if not same else "",
+          partial, ev.note if not same else "",
           f"the same runs as {same}: not new evidence" if same else "", _note(e, r)) if x)
       rel = ">=" if cl["at_least"] else ">"
       text = cl["text"].replace("|", "\\|")
