@@ -143,7 +143,7 @@ def test_rerun_commands_state_the_old_mode(tmp_path):
   whose list shrinks as folders reach 10 draws)."""
   from jtransfer.study import draw_audit
   pub = os.path.join(ROOT, "..", "published")
-  for folder, mode in (("baselines_k10_fmnist", "frozen"), ("delta_table_k10", "train")):
+  for folder, mode in (("baselines_k10", "frozen"), ("delta_table_k10", "train")):
     assert "--bn" not in json.load(open(os.path.join(pub, folder, "run.json")))["argv"]
     command = draw_audit.rerun(os.path.join(pub, folder), "repeat", 5).command
     assert f" --bn {mode} " in command, command
