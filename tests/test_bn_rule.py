@@ -10,7 +10,7 @@ from jtransfer import api
 from jtransfer.errors import InputError
 from jtransfer.methods import bn_rule, delta, transfer
 from jtransfer.train import init_state, make_train_step
-from test_delta import _tiny_source
+from delta_helpers import tiny_source
 
 # The rule (bn_rule's docstring, docs/protocol.md): strategies that update the backbone's
 # kernels follow the mode asked for; the others keep the source's statistics.
@@ -57,7 +57,7 @@ def test_the_registry_follows_the_rule():
 
 
 def test_finetune_in_train_mode_is_finetune_bn():
-  source = _tiny_source("resnet_s")
+  source = tiny_source("resnet_s")
   batch = _batch(source)
   _, a = _steps("finetune", "train", source, batch, steps=3)
   _, b = _steps("finetune_bn", None, source, batch, steps=3)
@@ -78,7 +78,7 @@ _SAME_PATH = {"finetune_lowconv", "finetune_lrd", "last_k", "surgical", "l2", "d
 def test_following_strategies_honour_the_mode(name):
   """Under 'train' a step moves the running statistics; under 'frozen' they stay the source's,
   bit for bit."""
-  source = _tiny_source("resnet_s")
+  source = tiny_source("resnet_s")
   batch = _batch(source)
   start, trained = _steps(name, "train", source, batch)
   moved = [float(np.max(np.abs(np.asarray(x) - y))) for x, y in
@@ -90,7 +90,7 @@ def test_following_strategies_honour_the_mode(name):
 
 
 def test_bad_modes_are_one_sentence():
-  source = _tiny_source("resnet_s")
+  source = tiny_source("resnet_s")
   with pytest.raises(InputError, match="bn must be 'train' or 'frozen', got 'eval'"):
     transfer.get_strategy("finetune").build(source, 2, 10, bn="eval")
   with pytest.raises(InputError, match="has no knob 'bn_train'"):
@@ -103,7 +103,7 @@ def test_bad_modes_are_one_sentence():
 def test_api_trains_bn_by_default_and_says_so():
   """`api.fit`'s default is train mode for fine-tuning; a frozen-backbone strategy runs frozen
   whatever is asked, and the result says which mode each trained in."""
-  source = _tiny_source("resnet_s")
+  source = tiny_source("resnet_s")
   batch = _batch(source)
   data = (batch["image"], batch["label"])
   ft = api.fit(source, "finetune", data, lr=1e-3, budget=api.FixedSteps(1))
@@ -119,7 +119,7 @@ def test_api_trains_bn_by_default_and_says_so():
 def test_without_batchnorm_both_modes_are_one_network():
   """vgg_s has no BatchNorm (and no dropout in the target): fine-tuning it in either mode gives
   the same weights, bit for bit."""
-  source = _tiny_source("vgg_s")
+  source = tiny_source("vgg_s")
   batch = _batch(source)
   _, a = _steps("finetune", "train", source, batch, steps=2)
   _, b = _steps("finetune", "frozen", source, batch, steps=2)
