@@ -47,8 +47,9 @@ from jtransfer.data import load_spec, parse_spec
 from jtransfer.errors import InputError, NonFiniteError
 from jtransfer.methods import compact, compact_runs, transfer
 from jtransfer.methods.compact import KD, NEEDS_TEACHER, VARIANTS
-from jtransfer.protocol import Budget, tuning
+from jtransfer.protocol import tuning
 from jtransfer.study import records as rec
+from jtransfer.study import runner
 from jtransfer.study.config import at_least, flag, json_object, number
 from jtransfer.study.tables import float_list, positive_ints
 
@@ -296,11 +297,6 @@ def run_student(variant: str):
   return run
 
 
-def _budget(steps_of):
-  return lambda config: (Budget.from_flags(steps_of(config.extra), config.protocol.eval_every,
-                                           config.protocol.patience), steps_of(config.extra))
-
-
 def _arm(v: str) -> study.Arm:
   teacher = v == "teacher"
   return study.Arm(
@@ -308,7 +304,8 @@ def _arm(v: str) -> study.Arm:
       run=run_teacher if teacher else run_student(v),
       after=("teacher",) if v in NEEDS_TEACHER and not teacher else (),
       scales={"lam": tuning.odds_scale()} if v in KD else {},
-      budget=_budget((lambda k: k.teacher_steps) if teacher else (lambda k: k.student_steps)))
+      budget=runner.own_cap((lambda c: c.extra.teacher_steps) if teacher
+                            else (lambda c: c.extra.student_steps)))
 
 
 STUDY = study.Study(

@@ -37,8 +37,8 @@ no alpha tuning, and the paper-grid rows use it too; `--alpha 0.001,0.01` sets t
 `--alpha-noatt`. The paper's alpha (0.01; 1e-4 for DELTA w/o ATT) gives the paper-grid rows.
 `--att-bn` sets BatchNorm in DELTA's attention probe (delta.ATT_BN_MODES; 'authors' =
 channel_eval.py). L2-FE has no knob to tune and at lr 0.01 stops at the 200-step cap in 25 of 40
-runs of published/delta_table_k10: `--l2fe-lrs 0.01,0.1` tunes its LR like the other arms' knobs (same patience),
-and `--l2fe-steps 1000` gives it its own cap (a head on cached features costs ~1 ms a step;
+runs of published/delta_table_k10: `--l2fe-lrs 0.01,0.1` tunes its LR like the other arms'
+knobs (same patience), and `--l2fe-steps 1000` gives it its own cap (a head on cached features costs ~1 ms a step;
 under the 200-step cap it still stopped at the cap in most runs at its tuned LR, under 1000 in
 none; docs/decisions.md). published/delta_table_k10_converged reruns the table so with
 `--steps 500`, where the other arms converge too.
@@ -74,12 +74,11 @@ import time
 import types
 from typing import Optional, Sequence
 
-
 from jtransfer import models, sources, study
 from jtransfer.data import parse_spec, sample_kshot
 from jtransfer.errors import InputError
 from jtransfer.methods import delta, delta_study
-from jtransfer.protocol import Budget, claims
+from jtransfer.protocol import claims
 from jtransfer.study import fewshot as hooks
 from jtransfer.study import grid, runner
 from jtransfer.study import records as rec
@@ -96,6 +95,8 @@ TITLES = types.MappingProxyType({
     "delta": "DELTA", "bss": "BSS", "lpft": "LP-FT", "wise_ft": "WiSE-FT",
     "cotuning": "Co-Tuning"})
 CURVE_STRATEGIES = ("l2sp", "delta")
+# L2-FE's (Budget, cap): --l2fe-steps, else --steps, with the protocol's patience.
+L2FE_BUDGET = runner.own_cap(lambda config: config.extra.l2fe_steps)
 ALPHA_ARMS = ("l2sp", "delta", "delta_noatt")
 
 
@@ -128,14 +129,6 @@ def _number(flag: str):
     except ValueError:
       raise InputError(f"{flag} {text!r} is not a number") from None
   return parse
-
-
-def l2fe_budget(config) -> tuple:
-  """L2-FE's (Budget or None, step cap): --l2fe-steps with the protocol's patience and
-  validation interval, else the cell's (--steps)."""
-  p = config.protocol
-  cap = config.extra.l2fe_steps or p.steps
-  return Budget.from_flags(cap, p.eval_every, p.patience), cap
 
 
 def _schedules(text: str) -> tuple[str, ...]:
@@ -418,7 +411,7 @@ def plots(summary: dict, plan, folder: str) -> None:
 
 STUDY = study.Study(
     module="experiments.delta_table", title="# DELTA: Table 1, Fig. 2, Fig. 3 on the embedded "
-    "benchmark", arms=tuple(dataclasses.replace(a, budget=l2fe_budget) if a.name == "l2fe"
+    "benchmark", arms=tuple(dataclasses.replace(a, budget=L2FE_BUDGET) if a.name == "l2fe"
                             else a for a in hooks.arms_with(STRATEGIES + BASELINES, TITLES)),
     claims=CLAIMS,
     tables=(study.Table("Table 1 layout", STRATEGIES + BASELINES),), extra=Knobs,

@@ -51,6 +51,17 @@ def cell_budget(study: Study, config: Config, cell: dict) -> tuple[Optional[Budg
   return Budget.from_flags(p.steps, p.eval_every, p.patience), p.steps
 
 
+def own_cap(steps_of: Callable[[Config], Optional[int]]) -> Callable[[Config], tuple]:
+  """An `Arm.budget`: the step cap `steps_of(config)` (None: --steps) with the protocol's
+  patience and validation interval (e.g. a teacher's cap beside its students', or L2-FE's
+  beside the fine-tuned arms')."""
+  def budget(config: Config) -> tuple[Optional[Budget], int]:
+    p = config.protocol
+    cap = steps_of(config) or p.steps
+    return Budget.from_flags(cap, p.eval_every, p.patience), cap
+  return budget
+
+
 def emitter(config: Config) -> Optional[Callable[[str], None]]:
   """A stderr line printer, or None under --quiet."""
   if config.output.quiet:
