@@ -10,6 +10,7 @@ import pytest
 
 from jtransfer import models
 from jtransfer.models import common, gemm_conv
+from conv_helpers import loss_and_grads
 
 
 def _xla(x, kernel, strides, padding):
@@ -138,8 +139,10 @@ def _conv_fns(model, shape):
 
 def test_auto_follows_its_table_on_cpu(monkeypatch):
   """'auto' takes the GEMM where AUTO_GEMM says it measured faster (1x1 kernels), XLA's
-  convolution elsewhere (3x3, and any (kernel, stride) not in the table, e.g. 7x7)."""
+  convolution elsewhere (3x3, and any (kernel, stride) not in the table, e.g. 7x7). The native
+  kernel gradient is off here (its own choices: tests/test_ffi_conv.py)."""
   monkeypatch.delenv("JTRANSFER_CONV_IMPL", raising=False)
+  monkeypatch.setenv("JTRANSFER_NATIVE", "0")
   monkeypatch.setattr(gemm_conv, "CONV_IMPL", "auto")
   fns = _conv_fns(models.get_model("resnet_s", 5), (28, 28, 1))
   on_cpu = jax.default_backend() == "cpu"
@@ -168,33 +171,11 @@ class _Units(nn.Module):
     return common.ConvUnit(4, 1, 1, 0, relu=False, name="b")(x, train).mean(axis=(1, 2))
 
 
-def _loss_and_grads(model, shape, monkeypatch):
-  """{impl: (params, loss, grads)} of `model` built under CONV_IMPL 'xla' and 'gemm'."""
-  monkeypatch.delenv("JTRANSFER_CONV_IMPL", raising=False)
-  g = np.random.default_rng(2)
-  x = jnp.asarray(g.normal(size=(3, *shape)), jnp.float32)
-  y = jnp.asarray([0, 3, 1])
-  out = {}
-  for impl in ("xla", "gemm"):
-    monkeypatch.setattr(gemm_conv, "CONV_IMPL", impl)
-    v = jax.jit(lambda: models.init_model(model, jax.random.PRNGKey(0), shape))()
-
-    def loss(params):
-      logits = models.apply_model(model, params, v["batch_stats"], x, train=True)[0]
-      return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(3), y])
-
-    out[impl] = (v["params"], *jax.jit(jax.value_and_grad(loss))(v["params"]))
-  jax.tree.map(np.testing.assert_array_equal, out["xla"][0], out["gemm"][0])
-  np.testing.assert_allclose(out["gemm"][1], out["xla"][1], rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               out["gemm"][2], out["xla"][2])
-
-
 def test_conv_units_equal_under_both_implementations(monkeypatch):
   """Same params, loss and gradients with every dense conv through the GEMM or none."""
-  _loss_and_grads(_Units(), (9, 9, 2), monkeypatch)
+  loss_and_grads(_Units(), (9, 9, 2), monkeypatch)
 
 
 @pytest.mark.slow  # two resnet_s compiles: ~30 s idle, minutes on the shared cores
 def test_resnet_s_equal_under_both_implementations(monkeypatch):
-  _loss_and_grads(models.get_model("resnet_s", 5), (16, 16, 1), monkeypatch)
+  loss_and_grads(models.get_model("resnet_s", 5), (16, 16, 1), monkeypatch)

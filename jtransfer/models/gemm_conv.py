@@ -20,6 +20,11 @@ convolution as a generic backward-filter convolution, 1.5-3x slower than the pla
 for 3x3 kernels XLA's backward-filter convolution (a CHWN batch-as-feature convolution whose
 patches Eigen packs on the fly) beat every patch-GEMM form measured (in CPU time; the
 one-channel stems tie).
+
+The 3x3 layers with 32+ channels get a faster kernel gradient from outside XLA's ops: the
+native im2col + sgemm custom call of `ffi_conv`, built on first use; 'auto' routes those
+layers through this module's hook (`conv_fn`), which picks per call, from the input's shape,
+between the native kernel, the GEMM and XLA's (`kernel_gradient_impl`).
 """
 from __future__ import annotations
 
@@ -30,12 +35,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# 'auto' (the GEMM kernel gradient where AUTO_GEMM says so, on the CPU backend only; XLA's
-# convolution otherwise), 'gemm' (every dense conv) or 'xla' (never). A module-level switch, not a config
-# field, because all give the same function of the same params (as common.DEPTHWISE_IMPL);
-# the environment variable JTRANSFER_CONV_IMPL, when set, overrides it.
+from jtransfer.models import ffi_conv
+
+# 'auto' (on the CPU backend, the native kernel gradient where `takes_native` says so and it
+# is built, the GEMM where AUTO_GEMM says so, XLA's convolution otherwise), 'gemm' (the GEMM
+# on every dense conv), 'ffi' (the native kernel on every dense conv where it is built, else as
+# 'auto') or 'xla' (never). A module-level switch, not a config field, because all give the
+# same function of the same params (as common.DEPTHWISE_IMPL); the environment variable
+# JTRANSFER_CONV_IMPL, when set, overrides it.
 CONV_IMPL = "auto"
-IMPLS = ("auto", "gemm", "xla")
+IMPLS = ("auto", "gemm", "ffi", "xla")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Images per chunk of the patch matrix for kernels > 1x1: 16 x 28x28 x 9 x 32 floats = 14 MB,
 # inside the 32 MB last-level cache. Of 16/32/64, 16 took the least CPU time on 6 of the 10
@@ -78,6 +87,40 @@ def use_gemm_conv(kernel_size: Sequence[int], strides: Sequence[int] = (1, 1)) -
   return impl == "gemm"
 
 
+# 'auto' takes the native kernel gradient (ffi_conv) for 3x3 kernels with at least
+# NATIVE_MIN_CHANNELS input channels and NATIVE_MIN_POSITIONS output positions per image:
+# there it took 0.65-0.87x XLA's CPU time on every such layer of vgg_s / resnet_s (28x28 ..
+# 7x7 outputs, strides 1 and 2), and 1.02-1.16x on the two 4x4-output layers and 1.6x on
+# the one-channel stems (bench/FFI_FILTER.md, loaded; docs/decisions.md, "Dense-conv filter
+# gradients").
+NATIVE_MIN_CHANNELS = 32
+NATIVE_MIN_POSITIONS = 49
+
+
+def takes_native(kernel_hw: Sequence[int], in_channels: int, out_hw: Sequence[int]) -> bool:
+  """Whether 'auto' computes this conv's kernel gradient natively (when the kernel is built):
+  a 3x3 kernel, `NATIVE_MIN_CHANNELS`+ input channels, `NATIVE_MIN_POSITIONS`+ output
+  positions per image."""
+  return (tuple(kernel_hw) == (3, 3) and in_channels >= NATIVE_MIN_CHANNELS
+          and out_hw[0] * out_hw[1] >= NATIVE_MIN_POSITIONS)
+
+
+def kernel_gradient_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
+                         strides: Sequence[int], out_hw: Sequence[int]) -> str:
+  """'native', 'gemm' or 'xla': how the conv hook (`conv_general_dilated`) computes the kernel
+  gradient of an NHWC x HWIO conv of these shapes under the implementation in force."""
+  impl = conv_impl()
+  if impl == "xla":
+    return "xla"
+  if impl == "gemm":
+    return "gemm"
+  on_cpu = jax.default_backend() == "cpu"
+  if on_cpu and (impl == "ffi" or takes_native(kernel_shape[:2], x_shape[-1], out_hw)) \
+      and ffi_conv.available():
+    return "native"
+  return "gemm" if use_gemm_conv(kernel_shape[:2], strides) else "xla"
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, preferred_element_type=None):
@@ -94,11 +137,28 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
-  return dense_conv(lhs, rhs, window_strides, padding, precision)
+  strides, pads = _normalise(lhs, rhs, window_strides, padding)
+  out_hw = [(lhs.shape[1 + a] + sum(pads[a]) - rhs.shape[a]) // strides[a] + 1 for a in (0, 1)]
+  how = kernel_gradient_impl(lhs.shape, rhs.shape, strides, out_hw)
+  if how == "xla":
+    return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=_NHWC,
+                                    precision=precision)
+  return dense_conv(lhs, rhs, strides, pads, precision, kernel_grad=how)
+
+
+def _normalise(x, kernel, strides, padding):
+  """(strides, ((top, bottom), (left, right))) as int tuples; raises on negative padding."""
+  strides = tuple(int(s) for s in strides)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if min(min(p) for p in padding) < 0:
+    raise ValueError(f"dense_conv: negative padding {padding}")
+  return strides, padding
 
 
 def dense_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-               padding, precision=None) -> jax.Array:
+               padding, precision=None, kernel_grad: str = "gemm") -> jax.Array:
   """An NHWC x HWIO convolution, equal to `lax.conv_general_dilated` in value and gradients.
 
   Args:
@@ -107,19 +167,19 @@ def dense_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     strides: (sH, sW).
     padding: 'SAME', 'VALID' or ((top, bottom), (left, right)) (non-negative).
     precision: passed to XLA's convolution (forward and input gradient) and to the dot.
+    kernel_grad: how the kernel gradient is computed: 'gemm' (`kernel_gradient`), 'native'
+      (`ffi_conv.kernel_gradient`; requires `ffi_conv.available()`) or 'xla' (autodiff of
+      XLA's convolution).
 
   Returns:
     (N, OH, OW, O) in x's dtype. The kernel gradient accumulates in float32 (XLA's
     convolution of bfloat16 operands rounds it to bfloat16), then is cast to the kernel's
     dtype. A custom VJP: reverse mode only (set CONV_IMPL = 'xla' for jvp / jacfwd).
   """
-  strides = tuple(int(s) for s in strides)
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if min(min(p) for p in padding) < 0:
-    raise ValueError(f"dense_conv: negative padding {padding}")
-  return _dense(x, kernel, strides, padding, precision)
+  if kernel_grad not in ("gemm", "native", "xla"):
+    raise ValueError(f"dense_conv: kernel_grad {kernel_grad!r}: expected gemm, native or xla")
+  strides, padding = _normalise(x, kernel, strides, padding)
+  return _dense(x, kernel, strides, padding, precision, kernel_grad)
 
 
 def _forward(x, kernel, strides, padding, precision):
@@ -141,16 +201,26 @@ def patch_matrix(x: jax.Array, kernel_hw: tuple[int, int], strides: Sequence[int
   return patches.reshape(-1, patches.shape[-1])
 
 
-def _dense_fwd(x, kernel, strides, padding, precision):
+def _dense_primal(x, kernel, strides, padding, precision, kernel_grad):
+  del kernel_grad  # how the backward pass runs, not what the forward computes
+  return _forward(x, kernel, strides, padding, precision)
+
+
+def _dense_fwd(x, kernel, strides, padding, precision, kernel_grad):
   return _forward(x, kernel, strides, padding, precision), (x, kernel)
 
 
-def _dense_bwd(strides, padding, precision, res, g):
+def _dense_bwd(strides, padding, precision, kernel_grad, res, g):
   x, kernel = res
-  kh, kw, c, o = kernel.shape
+  if kernel_grad == "xla":
+    _, conv_vjp = jax.vjp(lambda v, k: _forward(v, k, strides, padding, precision), x, kernel)
+    return conv_vjp(g)
   _, conv_vjp = jax.vjp(lambda v: _forward(v, kernel, strides, padding, precision), x)
   (dx,) = conv_vjp(g)
-  dk = kernel_gradient(x, g, (kh, kw), strides, padding, precision)
+  if kernel_grad == "native":
+    dk = ffi_conv.kernel_gradient(x, g, kernel.shape[:2], strides, padding)
+  else:
+    dk = kernel_gradient(x, g, kernel.shape[:2], strides, padding, precision)
   return dx, dk.astype(kernel.dtype)
 
 
@@ -202,11 +272,17 @@ def kernel_gradient(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int],
   return acc.reshape(kh, kw, x.shape[-1], o)
 
 
-_dense = jax.custom_vjp(_forward, nondiff_argnums=(2, 3, 4))
+_dense = jax.custom_vjp(_dense_primal, nondiff_argnums=(2, 3, 4, 5))
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def conv_fn(kernel_size: Sequence[int], strides: Sequence[int] = (1, 1)) -> Optional[object]:
   """The `conv_general_dilated` for an nn.Conv of this kernel size and stride: this module's
-  when `use_gemm_conv`, else None (nn.Conv's default, lax's)."""
-  return conv_general_dilated if use_gemm_conv(kernel_size, strides) else None
+  when `use_gemm_conv` or when the native kernel gradient may apply (decided per call, from
+  the input's shape, by `kernel_gradient_impl`), else None (nn.Conv's default, lax's)."""
+  impl = conv_impl()
+  native = (impl == "ffi" or (impl == "auto" and tuple(int(k) for k in kernel_size) == (3, 3)))
+  if use_gemm_conv(kernel_size, strides) or (native and jax.default_backend() == "cpu"
+                                             and ffi_conv.available()):
+    return conv_general_dilated
+  return None

@@ -2,8 +2,9 @@
 // block of output rows, the block's im2col patches are built in a buffer that stays in the
 // core's L2 cache and multiplied into a float32 accumulator by a single-threaded sgemm
 // (the OpenBLAS that numpy bundles); images are split over `threads` std::threads, each with
-// its own accumulator, summed at the end. A measurement prototype for bench/bench_ffi_filter.py
-// (docs/decisions.md, "Dense-conv filter gradients"), not part of the library.
+// its own accumulator, summed at the end. Built on first use by jtransfer/models/ffi_conv.py
+// and taken by jtransfer/models/gemm_conv.py's 'auto' where it measured faster than XLA's
+// backward-filter convolution (docs/decisions.md, "Dense-conv filter gradients").
 //
 //   dk[i, j, c, o] = sum_{n, h, w} x[n, h*sh + i - pt, w*sw + j - pl, c] * dy[n, h, w, o]
 //

@@ -1,0 +1,172 @@
+"""The native kernel gradient (models.ffi_conv): built here, equal to XLA's convolution in
+value and both gradients, the shapes 'auto' gives it, and the fallback where it cannot be built.
+
+Skipped only where no C++ compiler is installed; with one, a failed build is a failure.
+"""
+import functools
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conv_helpers import loss_and_grads
+from jtransfer.models import ffi_conv, gemm_conv
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None or jax.default_backend() != "cpu",
+    reason="no C++ compiler to build the native kernel, or not on the CPU backend")
+
+
+@pytest.fixture(autouse=True)
+def _native_on(monkeypatch):
+  monkeypatch.delenv("JTRANSFER_NATIVE", raising=False)
+  monkeypatch.delenv("JTRANSFER_CONV_IMPL", raising=False)
+
+
+def _xla(x, kernel, strides, padding):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _value_and_grads(conv, x, kernel, strides, padding, cot):
+  y, vjp = jax.vjp(lambda a, b: conv(a, b, strides, padding), x, kernel)
+  return (y, *vjp(cot))
+
+
+def _native(x, kernel, strides, padding):
+  return gemm_conv.dense_conv(x, kernel, strides, padding, kernel_grad="native")
+
+
+def test_builds_and_registers():
+  assert ffi_conv.available()
+  assert os.path.isfile(ffi_conv.build())
+
+
+@pytest.mark.parametrize("k,stride,padding,shape", [
+    (1, 1, "VALID", (2, 6, 6, 4)), (1, 2, "SAME", (3, 7, 9, 5)),
+    (3, 1, "SAME", (2, 9, 8, 3)), (3, 2, "SAME", (1, 9, 7, 4)), (3, 2, "VALID", (2, 8, 9, 3)),
+    (3, 1, ((0, 1), (1, 0)), (1, 6, 5, 2)), (3, 1, "SAME", (5, 8, 8, 40)),
+    (7, 2, ((3, 3), (3, 3)), (2, 11, 9, 3)), (7, 1, "VALID", (1, 9, 10, 2)),
+])
+def test_equal_to_xla_in_value_and_both_gradients(k, stride, padding, shape):
+  g = np.random.default_rng(k * 10 + stride)
+  x = jnp.asarray(g.normal(size=shape), jnp.float32)
+  kernel = jnp.asarray(g.normal(size=(k, k, shape[-1], 6)), jnp.float32)
+  want_y = _xla(x, kernel, (stride, stride), padding)
+  cot = jnp.asarray(g.normal(size=want_y.shape), jnp.float32)
+  want = _value_and_grads(_xla, x, kernel, (stride, stride), padding, cot)
+  got = _value_and_grads(_native, x, kernel, (stride, stride), padding, cot)
+  for a, b in zip(got, want):
+    assert a.shape == b.shape and a.dtype == b.dtype
+  np.testing.assert_array_equal(got[0], want[0])  # XLA's forward and input gradient, as is
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_gradient_against_numpy():
+  """The formula in float64: dk[i, j, c, o] = sum x_pad[n, s*h+i, s*w+j, c] * dy[n, h, w, o],
+  with more images than threads (each thread's accumulator summed)."""
+  g = np.random.default_rng(4)
+  x, dy = g.normal(size=(5, 7, 6, 3)), g.normal(size=(5, 4, 3, 2))
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = np.zeros((3, 3, 3, 2))
+  for i in range(3):
+    for j in range(3):
+      want[i, j] = np.einsum("nhwc,nhwo->co", xp[:, i:i + 7:2, j:j + 5:2], dy)
+  got = jax.jit(lambda a, b: ffi_conv.kernel_gradient(a, b, (3, 3), (2, 2), ((1, 1), (1, 1))))(
+      jnp.asarray(x, jnp.float32), jnp.asarray(dy, jnp.float32))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_accumulates_in_float32():
+  """bfloat16 operands: the kernel gradient is the float32 sum rounded once to bfloat16."""
+  g = np.random.default_rng(5)
+  x = jnp.asarray(g.normal(size=(4, 8, 8, 32)), jnp.bfloat16)
+  kernel = jnp.asarray(g.normal(size=(3, 3, 32, 8)) * 0.1, jnp.bfloat16)
+  cot = jnp.asarray(g.normal(size=(4, 8, 8, 8)), jnp.bfloat16)
+  got = _value_and_grads(_native, x, kernel, (1, 1), "SAME", cot)[2]
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  exact = _value_and_grads(_xla, f32(x), f32(kernel), (1, 1), "SAME", f32(cot))[2]
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(f32(got), exact, rtol=2 ** -8, atol=1e-3)
+
+
+def test_auto_takes_it_where_measured_faster(monkeypatch):
+  """'auto': native for 3x3 kernels with 32+ input channels and 49+ output positions, the
+  GEMM for 1x1, XLA's elsewhere; 'ffi' everywhere; off under JTRANSFER_NATIVE=0 or 'xla'."""
+  impl = gemm_conv.kernel_gradient_impl
+  monkeypatch.setattr(gemm_conv, "CONV_IMPL", "auto")
+  assert impl((8, 28, 28, 32), (3, 3, 32, 32), (1, 1), (28, 28)) == "native"
+  assert impl((8, 14, 14, 32), (3, 3, 32, 64), (2, 2), (7, 7)) == "native"
+  assert impl((8, 28, 28, 1), (3, 3, 1, 32), (1, 1), (28, 28)) == "xla"  # the stem
+  assert impl((8, 7, 7, 64), (3, 3, 64, 128), (2, 2), (4, 4)) == "xla"  # 16 positions
+  assert impl((8, 14, 14, 32), (1, 1, 32, 64), (2, 2), (7, 7)) == "gemm"
+  monkeypatch.setattr(gemm_conv, "CONV_IMPL", "ffi")
+  assert impl((8, 7, 7, 64), (3, 3, 64, 128), (2, 2), (4, 4)) == "native"
+  assert impl((8, 14, 14, 32), (1, 1, 32, 64), (2, 2), (7, 7)) == "native"
+  monkeypatch.setenv("JTRANSFER_NATIVE", "0")
+  assert not ffi_conv.available()
+  assert impl((8, 28, 28, 32), (3, 3, 32, 32), (1, 1), (28, 28)) == "xla"
+  monkeypatch.delenv("JTRANSFER_NATIVE")
+  monkeypatch.setattr(gemm_conv, "CONV_IMPL", "xla")
+  assert impl((8, 28, 28, 32), (3, 3, 32, 32), (1, 1), (28, 28)) == "xla"
+  assert gemm_conv.conv_fn((3, 3)) is None
+
+
+def test_the_train_step_calls_it():
+  """A model's 3x3 conv with 32 channels at 8x8 lowers to the custom call under 'auto'."""
+  conv = nn.Conv(32, (3, 3), padding=((1, 1), (1, 1)),
+                 conv_general_dilated=gemm_conv.conv_fn((3, 3)))
+  x = jnp.ones((2, 8, 8, 32))
+  params = conv.init(jax.random.PRNGKey(0), x)
+  grad = jax.grad(lambda p: conv.apply(p, x).sum())
+  assert ffi_conv.TARGET in jax.jit(grad).lower(params).as_text()
+
+
+def test_under_vmap():
+  """train.batched vmaps whole runs: the custom call then runs once per member."""
+  g = np.random.default_rng(6)
+  x = jnp.asarray(g.normal(size=(3, 2, 8, 8, 32)), jnp.float32)
+  dy = jnp.asarray(g.normal(size=(3, 2, 8, 8, 4)), jnp.float32)
+  pads = ((1, 1), (1, 1))
+  got = jax.jit(jax.vmap(lambda a, b: ffi_conv.kernel_gradient(a, b, (3, 3), (1, 1), pads)))(
+      x, dy)
+  for i in range(3):
+    kernel = jnp.zeros((3, 3, 32, 4))
+    want = jax.vjp(lambda k: _xla(x[i], k, (1, 1), pads), kernel)[1](dy[i])[0]
+    np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-4)
+
+
+class _Net(nn.Module):
+  """A stem, a 3x3 layer that 'auto' gives the native kernel gradient, a 1x1 with BN."""
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    from jtransfer.models import common
+    x = common.ConvUnit(32, 3, 1, 1, use_bn=True, name="stem")(x, train)
+    x = common.ConvUnit(32, 3, 1, 1, use_bn=True, name="mid")(x, train)
+    return common.ConvUnit(4, 1, 1, 0, relu=False, name="out")(x, train).mean(axis=(1, 2))
+
+
+def test_model_equal_under_native_and_xla(monkeypatch):
+  """Same params, loss and gradients with the native kernel gradient as with XLA's."""
+  loss_and_grads(_Net(), (8, 8, 1), monkeypatch, impls=("xla", "auto", "ffi"))
+
+
+def test_a_failed_build_says_why(tmp_path, monkeypatch):
+  monkeypatch.setenv("CXX", "no-such-compiler-jtransfer")
+  with pytest.raises(RuntimeError, match="no C.. compiler"):
+    ffi_conv.build(str(tmp_path))
+  bad = tmp_path / "bad.cc"
+  bad.write_text("this is not C++\n")
+  monkeypatch.delenv("CXX")
+  monkeypatch.setattr(ffi_conv, "SOURCE", str(bad))
+  with pytest.raises(RuntimeError, match="could not build"):
+    ffi_conv.build(str(tmp_path))
+  assert not list(tmp_path.rglob("*.so"))  # no half-written library left behind
