@@ -14,10 +14,12 @@ are timed too, so `step - convolutions` is the time in everything else (elementw
 BN, reductions, the optimizer): the split that says whether a gap is in the convolution
 kernels or around them.
 
-The kernel gradient is timed twice in JAX, round-robin so that a load change hits both alike:
-XLA's backward-filter convolution (what every 3x3 layer used before `gemm_conv`'s table), and
-`jtransfer.models.gemm_conv`'s patch GEMM (chunked for kernels > 1x1); 'auto' is the one the
-model uses (gemm_conv.AUTO_GEMM, CONV_IMPL, JTRANSFER_CONV_IMPL), and the step sums take it.
+The kernel gradient is timed three times in JAX, round-robin so that a load change hits all
+alike: XLA's backward-filter convolution (what every 3x3 layer used before `gemm_conv`'s
+table), `jtransfer.models.gemm_conv`'s patch GEMM (chunked for kernels > 1x1) and the native
+im2col + sgemm kernel (`jtransfer.models.ffi_conv`, where it is built); 'auto' is the one the
+model uses (`gemm_conv.kernel_gradient_impl`, CONV_IMPL, JTRANSFER_CONV_IMPL,
+JTRANSFER_NATIVE), and the step sums take it.
 """
 from __future__ import annotations
 
@@ -34,10 +36,12 @@ from jax import lax
 from bench import run
 from bench.common import command, emit
 from jtransfer import models
-from jtransfer.models import gemm_conv
+from jtransfer.models import ffi_conv, gemm_conv
 from jtransfer.train.evaluate import interleaved_latency_ms, median_latency_ms
 
 SHAPE = (28, 28, 1)
+_HOWS = ("xla", "gemm", "native")  # jax_times' kernel-gradient columns, in order
+_LABEL = {"xla": "XLA", "gemm": "GEMM", "native": "native"}
 
 
 def conv_configs(arch: str, batch: int) -> list[tuple]:
@@ -65,24 +69,35 @@ def _jax_conv(strides, padding):
 
 
 def jax_times(x_shape, w_shape, strides, padding, runs: int) -> tuple[float, ...]:
-  """(forward, backward-data, backward-filter, backward-filter as a patch GEMM) ms of one
-  conv in JAX (the last is `models.gemm_conv`'s kernel gradient, timed beside XLA's)."""
+  """(forward, backward-data, backward-filter by XLA, by the patch GEMM, by the native
+  kernel) ms of one conv in JAX, the three kernel gradients interleaved; the native one is
+  nan where it is not built."""
   conv = _jax_conv(strides, padding)
-  gemm = lambda x, w: gemm_conv.dense_conv(x, w, strides, padding)
+  by = lambda how: lambda x, w: gemm_conv.dense_conv(x, w, strides, padding, kernel_grad=how)
   x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
   w = jax.random.normal(jax.random.PRNGKey(1), w_shape) * 0.1
   g = jnp.ones(jax.eval_shape(conv, x, w).shape)
   fwd = jax.jit(conv)
   data = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
   filt = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
-  filt_gemm = jax.jit(lambda x, w, g: jax.vjp(lambda w: gemm(x, w), w)[1](g)[0])
-  # the two kernel gradients interleaved: their ratio holds on a loaded machine
+  hows = ("gemm", "native") if ffi_conv.available() else ("gemm",)
+  kernel_grads = {how: jax.jit(lambda x, w, g, how=how: jax.vjp(lambda w: by(how)(x, w), w)[1](
+      g)[0]) for how in hows}
+  # the kernel gradients interleaved: their ratios hold on a loaded machine
   filters = interleaved_latency_ms(
       {"xla": lambda: jax.block_until_ready(filt(x, w, g)),
-       "gemm": lambda: jax.block_until_ready(filt_gemm(x, w, g))}, runs=runs, warmup=2)
+       **{how: (lambda f=f: jax.block_until_ready(f(x, w, g)))
+          for how, f in kernel_grads.items()}}, runs=runs, warmup=2)
   return (median_latency_ms(fwd, x, w, runs=runs, warmup=2),
           median_latency_ms(data, x, w, g, runs=runs, warmup=2),
-          filters["xla"], filters["gemm"])
+          filters["xla"], filters["gemm"], filters.get("native", float("nan")))
+
+
+def auto_pick(config) -> str:
+  """'xla', 'gemm' or 'native': the kernel gradient the model computes for this conv."""
+  x_shape, w_shape, strides, padding = config
+  out_hw = [(x_shape[1 + a] + sum(padding[a]) - w_shape[a]) // strides[a] + 1 for a in (0, 1)]
+  return gemm_conv.kernel_gradient_impl(x_shape, w_shape, strides, out_hw)
 
 
 def torch_times(x_shape, w_shape, strides, padding, runs: int) -> tuple[float, float, float]:
@@ -141,9 +156,9 @@ def main(argv=None) -> int:
   if args.tiny:
     args.batch, args.runs = 4, 2
   ops = ["| arch | input | kernel | stride | times in net | JAX fwd | JAX bwd-data | "
-         "JAX bwd-filter XLA (before) | JAX bwd-filter GEMM | GEMM / XLA | "
-         "JAX bwd-filter 'auto' (after) | torch fwd | torch bwd-data | torch bwd-filter |",
-         "|---" * 14 + "|"]
+         "JAX bwd-filter XLA (before) | JAX bwd-filter GEMM | JAX bwd-filter native | "
+         "GEMM / XLA | native / XLA | JAX bwd-filter 'auto' (after) | torch fwd | "
+         "torch bwd-data | torch bwd-filter |", "|---" * 16 + "|"]
   steps_tbl = ["| arch | step | JAX step ms | JAX convs ms | JAX rest ms | torch step ms | "
                "torch convs ms | torch rest ms |", "|---|---|---|---|---|---|---|---|"]
   for arch in args.archs.split(","):
@@ -155,21 +170,21 @@ def main(argv=None) -> int:
       if config not in timed:
         timed[config] = (jax_times(*config, args.runs), torch_times(*config, args.runs))
       data_needed = i > 0  # the first conv's input is the image: no input gradient
-      (fwd, data, w_xla, w_gemm), torch_t = timed[config]
-      # the kernel gradient the model computes (gemm_conv.CONV_IMPL / JTRANSFER_CONV_IMPL)
-      jax_t = (fwd, data, w_gemm if gemm_conv.use_gemm_conv(config[1][:2], config[2])
-               else w_xla)
+      (fwd, data, *kernel_grads), torch_t = timed[config]
+      # the kernel gradient the model computes (gemm_conv.kernel_gradient_impl)
+      jax_t = (fwd, data, dict(zip(_HOWS, kernel_grads))[auto_pick(config)])
       for lib, (f, d, w) in (("jax", jax_t), ("torch", torch_t)):
         sums[("finetune", lib)] += f + w + (d if data_needed else 0.0)
         sums[("freeze_cwl", lib)] += f + (d if data_needed else 0.0)
     for config, (j, t) in timed.items():
       x_shape, w_shape, strides, _ = config
-      picked = "GEMM" if gemm_conv.use_gemm_conv(w_shape[:2], strides) else "XLA"
-      after = j[3] if picked == "GEMM" else j[2]
+      picked = auto_pick(config)
+      after = dict(zip(_HOWS, j[2:]))[picked]
       ops.append(f"| {arch} | {'x'.join(map(str, x_shape))} | {'x'.join(map(str, w_shape))} | "
                  f"{strides[0]} | {configs.count(config)} | "
                  + " | ".join(f"{v:.2f}" for v in j) + f" | {j[3] / j[2]:.2f} | "
-                 f"{after:.2f} ({picked}) | " + " | ".join(f"{v:.2f}" for v in t) + " |")
+                 f"{j[4] / j[2]:.2f} | {after:.2f} ({_LABEL[picked]}) | "
+                 + " | ".join(f"{v:.2f}" for v in t) + " |")
       print(ops[-1], file=sys.stderr)
     if args.convs_only:
       continue
@@ -194,7 +209,7 @@ def main(argv=None) -> int:
              "faster layout) and the sum of their convolutions timed alone (PyTorch's in "
              "channels_last); 'rest' = step - convolutions:\n\n" + "\n".join(steps_tbl)
              + "\n\n")
-  text += (f"Each convolution alone, ms{mark} (median of {args.runs} calls; the two JAX "
+  text += (f"Each convolution alone, ms{mark} (median of {args.runs} calls; the JAX "
            "kernel gradients interleaved; 'auto' is the one the model computes):\n\n"
            + "\n".join(ops) + "\n")
   emit(text, args.out)
