@@ -127,6 +127,10 @@ def test_the_train_step_calls_it():
   params = conv.init(jax.random.PRNGKey(0), x)
   grad = jax.grad(lambda p: conv.apply(p, x).sum())
   assert ffi_conv.TARGET in jax.jit(grad).lower(params).as_text()
+  # A frozen kernel (Freeze+CWL's backbone) needs no kernel gradient: the compiled program
+  # drops the unused custom call.
+  grad_x = jax.grad(lambda v: conv.apply(params, v).sum())
+  assert ffi_conv.TARGET not in jax.jit(grad_x).lower(x).compile().as_text()
 
 
 def test_under_vmap():
