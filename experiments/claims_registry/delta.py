@@ -18,11 +18,12 @@ from jtransfer.protocol.registry import Evidence, Registered
 #     --no-curves --out published/delta_table_k10_converged
 MAIN = Evidence(("delta_table_k10_converged",))
 CAP200 = Evidence(("delta_table_k10",), note="cap 200, L2-FE at the untuned lr 0.01")
-# Registered before its run (session 16; --l2fe-steps added in session 17, still before it):
-# delta_table_k10's grid on the embedded ViT, with L2-FE converged as above:
+# Registered before its run (session 16; --l2fe-steps added in session 17 and --steps 500 in
+# session 18, both still before it, so that every arm has the cap under which the CNN arms
+# converged): delta_table_k10's grid on the embedded ViT, with L2-FE converged as above:
 #   python -m experiments.delta_table --arch vit_s28 --target digits --target fmnist:1,5,7,8,9
 #     --shots 10 --repeats 10 --tune-repeats 1 --cv-folds 0 --no-paper-grid
-#     --l2fe-lrs 0.01,0.1 --l2fe-steps 1000 --cap-share 0.1 --no-curves
+#     --l2fe-lrs 0.01,0.1 --steps 500 --l2fe-steps 1000 --cap-share 0.1 --no-curves
 #     --out published/delta_table_vit_s28
 VIT = Evidence(("delta_table_vit_s28",), note="the embedded ViT (vit_s28, AdamW source): "
                "feature maps are token x channel, the attention from ablating channels of "
