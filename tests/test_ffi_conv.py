@@ -113,7 +113,13 @@ def test_auto_takes_it_where_measured_faster(monkeypatch):
   monkeypatch.setenv("JTRANSFER_NATIVE", "0")
   assert not ffi_conv.available()
   assert impl((8, 28, 28, 32), (3, 3, 32, 32), (1, 1), (28, 28)) == "xla"
+  assert impl((8, 14, 14, 32), (1, 1, 32, 64), (2, 2), (7, 7)) == "gemm"  # 'ffi' falls back
   monkeypatch.delenv("JTRANSFER_NATIVE")
+  # several devices: no partitioning rule for the custom call, so never in a sharded step
+  monkeypatch.setattr(jax, "device_count", lambda: 2)
+  assert impl((8, 28, 28, 32), (3, 3, 32, 32), (1, 1), (28, 28)) == "xla"
+  monkeypatch.undo()
+  monkeypatch.delenv("JTRANSFER_CONV_IMPL", raising=False)
   monkeypatch.setattr(gemm_conv, "CONV_IMPL", "xla")
   assert impl((8, 28, 28, 32), (3, 3, 32, 32), (1, 1), (28, 28)) == "xla"
   assert gemm_conv.conv_fn((3, 3)) is None
@@ -131,6 +137,47 @@ def test_the_train_step_calls_it():
   # drops the unused custom call.
   grad_x = jax.grad(lambda v: conv.apply(params, v).sum())
   assert ffi_conv.TARGET not in jax.jit(grad_x).lower(x).compile().as_text()
+
+
+def test_gradient_of_the_gradient():
+  """Second order through the native kernel gradient equals XLA's (its own VJP is the conv's
+  input gradient and forward with the cotangent as kernel)."""
+  g = np.random.default_rng(7)
+  x = jnp.asarray(g.normal(size=(2, 7, 6, 3)), jnp.float32)
+  kernel = jnp.asarray(g.normal(size=(3, 3, 3, 4)), jnp.float32)
+
+  def second(conv):
+    def loss(k, v):
+      return jnp.sum(jnp.tanh(conv(v, k, (2, 1), ((1, 0), (2, 1)))))
+    return jax.jit(jax.grad(lambda v: jnp.sum(jax.grad(loss)(kernel, v) ** 2)))(x)
+
+  np.testing.assert_allclose(second(_native), second(_xla), rtol=1e-4, atol=1e-4)
+
+
+def test_empty_output_and_negative_padding():
+  x = jnp.ones((1, 2, 2, 4))
+  kernel = jnp.ones((3, 3, 4, 6))
+  got = _value_and_grads(_native, x, kernel, (1, 1), "VALID", jnp.ones((1, 0, 0, 6)))
+  assert got[0].shape == (1, 0, 0, 6) and not np.any(got[2])
+  crop = ((-1, 0), (0, 0))  # lax crops; the hook hands it over instead of refusing
+  np.testing.assert_array_equal(
+      gemm_conv.conv_general_dilated(jnp.ones((1, 6, 6, 4)), kernel, (1, 1), crop,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")),
+      _xla(jnp.ones((1, 6, 6, 4)), kernel, (1, 1), crop))
+
+
+def test_leaves_the_callers_blas_threads_alone():
+  """The kernel sets OpenBLAS to one thread for its own work and puts the calling thread's
+  setting back (XLA may run the custom call on Python's thread: numpy's next matmul there
+  would otherwise run single-threaded)."""
+  import ctypes
+  lib = ctypes.CDLL(ffi_conv._blas())
+  get = lib.scipy_openblas_get_num_threads64_
+  before = get()
+  x, dy = jnp.ones((1, 8, 8, 32)), jnp.ones((1, 8, 8, 4))
+  jax.block_until_ready(jax.jit(lambda a, b: ffi_conv.kernel_gradient(
+      a, b, (3, 3), (1, 1), ((1, 1), (1, 1))))(x, dy))
+  assert get() == before
 
 
 def test_under_vmap():

@@ -14,7 +14,10 @@ version, the BLAS and the CPU flags, so a copied cache never loads a library bui
 another machine), then registered with XLA once per process. Where it cannot be built (no
 compiler, no headers, a numpy without its bundled OpenBLAS) or `JTRANSFER_NATIVE=0`,
 `available()` is False and `gemm_conv` keeps XLA's kernel gradient: the same values to
-float32 rounding, so nothing but speed depends on it.
+float32 rounding. `gemm_conv` reads the switch when a step is traced, so a function already
+jitted keeps what it was traced with. The custom call has no partitioning rule: `gemm_conv`
+uses it only when jax sees one device (a sharded step would gather the batch onto every
+device).
 
 Reference for the API: jax's FFI tutorial (docs "Foreign function interface (FFI)",
 `jax.ffi.ffi_call`, `jax.ffi.register_ffi_target`).
@@ -99,9 +102,9 @@ def build(out_dir: Optional[str] = None) -> str:
   cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}",
          SOURCE, "-o", tmp, blas, f"-Wl,-rpath,{os.path.dirname(blas)}", "-lpthread"]
   try:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     os.replace(tmp, lib)
-  except (OSError, subprocess.CalledProcessError) as e:
+  except (OSError, subprocess.SubprocessError) as e:
     raise RuntimeError(f"could not build {SOURCE}: {getattr(e, 'stderr', None) or e}") from e
   finally:
     if os.path.exists(tmp):
@@ -138,24 +141,63 @@ def kernel_gradient(x: jax.Array, dy: jax.Array, kernel_hw: Sequence[int],
   """(kH, kW, C, O) float32 kernel gradient of an NHWC x HWIO convolution by the native
   kernel: dk[i, j, c, o] = sum over n, h, w of x_pad[n, s*h + i, s*w + j, c] * dy[n, h, w, o].
 
+  Differentiable again (reverse mode): dk is bilinear in (x, dy), so its VJP is the
+  convolution's own input gradient and forward pass with the cotangent as the kernel.
+
   Args:
-    x: (N, H, W, C) input (cast to float32).
-    dy: (N, OH, OW, O) output cotangent (cast to float32).
+    x: (N, H, W, C) input (computed in float32).
+    dy: (N, OH, OW, O) output cotangent (computed in float32).
     kernel_hw: (kH, kW).
     strides: (sH, sW).
-    padding: ((top, bottom), (left, right)), non-negative; bottom and right follow from OH
-      and OW.
+    padding: ((top, bottom), (left, right)), non-negative.
 
-  Requires `available()`: the custom call exists on the CPU backend only.
+  Raises:
+    RuntimeError: the kernel is not available here (`available()` is False).
   """
+  if not available():
+    raise RuntimeError("the native kernel gradient is not available here (JTRANSFER_NATIVE=0, "
+                       "not on the CPU backend, or it could not be built)")
+  hw, st = tuple(int(v) for v in kernel_hw), tuple(int(v) for v in strides)
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _bilinear(x, dy, hw, st, pads)
+
+
+def _call(x, dy, kernel_hw, strides, padding):
   (kh, kw), (sh, sw), ((pt, _), (pl, _)) = kernel_hw, strides, padding
   k = kh * kw * x.shape[-1]
-  rows = max(1, BLOCK_FLOATS // (dy.shape[2] * k))
+  rows = max(1, BLOCK_FLOATS // max(1, dy.shape[2] * k))
   i64 = np.int64
   out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], dy.shape[-1]), jnp.float32)
   # Under jax.vmap (train.batched runs several runs in one step) the custom call runs once
-  # per batch member: the kernel takes no batch dimension of its own.
+  # per batch member: the kernel takes no batch dimension of its own. The thread count is
+  # fixed when the step is traced.
   return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
       x.astype(jnp.float32), dy.astype(jnp.float32), kh=i64(kh), kw=i64(kw), sh=i64(sh),
-      sw=i64(sw), pt=i64(pt), pl=i64(pl), threads=i64(min(_threads(), x.shape[0])),
+      sw=i64(sw), pt=i64(pt), pl=i64(pl), threads=i64(min(_threads(), max(1, x.shape[0]))),
       rows=i64(rows))
+
+
+def _conv(x, kernel, strides, padding):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+_bilinear = jax.custom_vjp(_call, nondiff_argnums=(2, 3, 4))
+
+
+def _bilinear_fwd(x, dy, kernel_hw, strides, padding):
+  return _call(x, dy, kernel_hw, strides, padding), (x, dy)
+
+
+def _bilinear_bwd(kernel_hw, strides, padding, res, ck):
+  # <dk(x, dy), ck> = <conv(x, ck), dy>: the VJP in x is the conv's input gradient with ck as
+  # the kernel and dy as the output cotangent; in dy it is conv(x, ck).
+  x, dy = res
+  ck = ck.astype(jnp.float32)
+  x32 = x.astype(jnp.float32)
+  y, conv_vjp = jax.vjp(lambda v: _conv(v, ck, strides, padding), x32)
+  (dx,) = conv_vjp(dy.astype(jnp.float32))
+  return dx.astype(x.dtype), y.astype(dy.dtype)
+
+
+_bilinear.defvjp(_bilinear_fwd, _bilinear_bwd)

@@ -38,9 +38,9 @@ from jax import lax
 from jtransfer.models import ffi_conv
 
 # 'auto' (on the CPU backend, the native kernel gradient where `takes_native` says so and it
-# is built, the GEMM where AUTO_GEMM says so, XLA's convolution otherwise), 'gemm' (the GEMM
-# on every dense conv), 'ffi' (the native kernel on every dense conv where it is built, else as
-# 'auto') or 'xla' (never). A module-level switch, not a config field, because all give the
+# is built and jax sees one device, the GEMM where AUTO_GEMM says so, XLA's convolution
+# otherwise), 'gemm' (the GEMM on every dense conv), 'ffi' (the native kernel on every dense
+# conv where 'auto' could take it at all, else as 'auto') or 'xla' (never). A module-level switch, not a config field, because all give the
 # same function of the same params (as common.DEPTHWISE_IMPL); the environment variable
 # JTRANSFER_CONV_IMPL, when set, overrides it.
 CONV_IMPL = "auto"
@@ -80,7 +80,7 @@ def use_gemm_conv(kernel_size: Sequence[int], strides: Sequence[int] = (1, 1)) -
   """Whether a dense conv with this kernel size and stride computes its kernel gradient as a
   GEMM: 'gemm' always, 'xla' never, 'auto' where `AUTO_GEMM` says so on the CPU backend."""
   impl = conv_impl()
-  if impl == "auto":
+  if impl in ("auto", "ffi"):
     strides = tuple(int(v) for v in strides)
     key = (tuple(int(v) for v in kernel_size), strides[0] if len(set(strides)) == 1 else strides)
     return AUTO_GEMM.get(key, False) and jax.default_backend() == "cpu"
@@ -105,6 +105,12 @@ def takes_native(kernel_hw: Sequence[int], in_channels: int, out_hw: Sequence[in
           and out_hw[0] * out_hw[1] >= NATIVE_MIN_POSITIONS)
 
 
+def _native_possible() -> bool:
+  # One device only: the custom call has no partitioning rule, so under a sharded step XLA
+  # would gather the batch onto every device and repeat the whole kernel gradient there.
+  return jax.default_backend() == "cpu" and jax.device_count() == 1 and ffi_conv.available()
+
+
 def kernel_gradient_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
                          strides: Sequence[int], out_hw: Sequence[int]) -> str:
   """'native', 'gemm' or 'xla': how the conv hook (`conv_general_dilated`) computes the kernel
@@ -114,9 +120,8 @@ def kernel_gradient_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
     return "xla"
   if impl == "gemm":
     return "gemm"
-  on_cpu = jax.default_backend() == "cpu"
-  if on_cpu and (impl == "ffi" or takes_native(kernel_shape[:2], x_shape[-1], out_hw)) \
-      and ffi_conv.available():
+  if _native_possible() and (impl == "ffi" or takes_native(kernel_shape[:2], x_shape[-1],
+                                                            out_hw)):
     return "native"
   return "gemm" if use_gemm_conv(kernel_shape[:2], strides) else "xla"
 
@@ -138,6 +143,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         feature_group_count=feature_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
   strides, pads = _normalise(lhs, rhs, window_strides, padding)
+  if min(min(p) for p in pads) < 0:  # a crop: lax's own business
+    return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=_NHWC,
+                                    precision=precision)
   out_hw = [(lhs.shape[1 + a] + sum(pads[a]) - rhs.shape[a]) // strides[a] + 1 for a in (0, 1)]
   how = kernel_gradient_impl(lhs.shape, rhs.shape, strides, out_hw)
   if how == "xla":
@@ -147,14 +155,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 
 def _normalise(x, kernel, strides, padding):
-  """(strides, ((top, bottom), (left, right))) as int tuples; raises on negative padding."""
+  """(strides, ((top, bottom), (left, right))) as int tuples."""
   strides = tuple(int(s) for s in strides)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if min(min(p) for p in padding) < 0:
-    raise ValueError(f"dense_conv: negative padding {padding}")
-  return strides, padding
+  return strides, tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
 def dense_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -174,11 +179,14 @@ def dense_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   Returns:
     (N, OH, OW, O) in x's dtype. The kernel gradient accumulates in float32 (XLA's
     convolution of bfloat16 operands rounds it to bfloat16), then is cast to the kernel's
-    dtype. A custom VJP: reverse mode only (set CONV_IMPL = 'xla' for jvp / jacfwd).
+    dtype. A custom VJP: reverse mode only, gradients of gradients included (set
+    CONV_IMPL = 'xla', or JTRANSFER_CONV_IMPL=xla, for jvp / jacfwd).
   """
   if kernel_grad not in ("gemm", "native", "xla"):
     raise ValueError(f"dense_conv: kernel_grad {kernel_grad!r}: expected gemm, native or xla")
   strides, padding = _normalise(x, kernel, strides, padding)
+  if min(min(p) for p in padding) < 0:
+    raise ValueError(f"dense_conv: negative padding {padding}")
   return _dense(x, kernel, strides, padding, precision, kernel_grad)
 
 
@@ -282,7 +290,6 @@ def conv_fn(kernel_size: Sequence[int], strides: Sequence[int] = (1, 1)) -> Opti
   the input's shape, by `kernel_gradient_impl`), else None (nn.Conv's default, lax's)."""
   impl = conv_impl()
   native = (impl == "ffi" or (impl == "auto" and tuple(int(k) for k in kernel_size) == (3, 3)))
-  if use_gemm_conv(kernel_size, strides) or (native and jax.default_backend() == "cpu"
-                                             and ffi_conv.available()):
+  if use_gemm_conv(kernel_size, strides) or (native and _native_possible()):
     return conv_general_dilated
   return None

@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <new>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -39,15 +41,25 @@ static ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
   const float* xs = x.typed_data();
   const float* gs = dy.typed_data();
   threads = std::max<int64_t>(1, std::min(threads, n_img));
-  std::vector<std::vector<float>> accs(threads, std::vector<float>(k * o, 0.f));
+  // Every buffer is allocated here, before any thread starts: an allocation failure becomes
+  // an error XLA reports, never an exception escaping a worker thread (std::terminate).
+  std::vector<std::vector<float>> accs, bufs;
+  try {
+    accs.assign(threads, std::vector<float>(k * o, 0.f));
+    bufs.assign(threads, std::vector<float>(std::max<int64_t>(1, rows * ow * k)));
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "jtransfer_filter_grad: out of memory for its patch buffers");
+  }
   auto work = [&](int64_t t) {
-    openblas_set_num_threads_local(1);  // the threads here are the parallelism
-    std::vector<float> patches(rows * ow * k);
+    // The threads here are the parallelism; the caller's own setting (this may be XLA's or
+    // Python's thread) is put back afterwards.
+    const int before = openblas_set_num_threads_local(1);
     float* acc = accs[t].data();
     for (int64_t n = t; n < n_img; n += threads) {
       for (int64_t h0 = 0; h0 < oh; h0 += rows) {
         const int64_t h1 = std::min(oh, h0 + rows);
-        float* p = patches.data();
+        float* p = bufs[t].data();
         for (int64_t h = h0; h < h1; ++h)
           for (int64_t w = 0; w < ow; ++w)
             for (int64_t i = 0; i < kh; ++i) {
@@ -61,14 +73,21 @@ static ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
               }
             }
         // acc (k, o) += patches^T (k, pos) @ dy_block (pos, o)
-        scipy_cblas_sgemm64_(101, 112, 111, k, o, (h1 - h0) * ow, 1.f, patches.data(), k,
+        scipy_cblas_sgemm64_(101, 112, 111, k, o, (h1 - h0) * ow, 1.f, bufs[t].data(), k,
                              gs + (n * oh + h0) * ow * o, o, 1.f, acc, o);
       }
     }
+    openblas_set_num_threads_local(before > 0 ? before : 1);
   };
   std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  int64_t started = 1;
+  try {
+    for (; started < threads; ++started) pool.emplace_back(work, started);
+  } catch (const std::system_error&) {
+    // no more threads to be had: the shares of those not started run on this one
+  }
   work(0);
+  for (int64_t t = started; t < threads; ++t) work(t);
   for (auto& th : pool) th.join();
   float* out = dk->typed_data();
   std::memcpy(out, accs[0].data(), k * o * sizeof(float));
