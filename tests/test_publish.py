@@ -268,6 +268,29 @@ def test_folders_without_grid_keys_are_counted():
   assert "incomplete" in publish._count_problems(dict(complete=False, grid=grid), recs, {})[0]
 
 
+def test_a_grown_hand_counted_grid_is_complete_when_its_main_finishes(tmp_path):
+  """sparse_transfer grown from 5 to 10 --seeds under --resume: its main finishing means the
+  whole (grown) grid ran, so run.json says complete with the new count, not 'incomplete'
+  against the stale hand-written one; a snapshot (wall_s given) is still held to the count."""
+  from jtransfer.study import results as results_mod
+  out = tmp_path / "grown"
+  out.mkdir()
+  (out / "run.json").write_text(json.dumps(dict(
+      module="m", argv=[], command="", invocations=[], wall_s=0.0, complete=True, records=4,
+      grid={"eval_runs": 4, "from": "2 x 2"})))
+  pub = publish.Publisher("experiments.m", lambda a: a, lambda a: {},
+                          lambda recs, plan, args, folder: ("# report\n", {}))
+  recs = [dict(role="eval", i=i) for i in range(6)]
+  res = results_mod.ResultsDir(str(out), resume=True)
+  publish.save(res, pub, ["--seeds", "0,1,2"], recs, {}, {}, t0=0.0)
+  run = json.loads((out / "run.json").read_text())
+  assert run["complete"] is True and run["grid"]["eval_runs"] == 6
+  assert "grown grid" in run["grid"]["from"] and "count was 4: 2 x 2" in run["grid"]["from"]
+  (out / "run.json").write_text(json.dumps(dict(run, grid={"eval_runs": 8, "from": "2 x 4"})))
+  publish.save(res, pub, ["--seeds", "0,1,2,3"], recs, {}, {}, t0=0.0, wall_s=0.0)
+  assert json.loads((out / "run.json").read_text())["complete"] is False
+
+
 def test_a_partial_grid_decides_no_registered_claim(tmp_path):
   """A folder published from a stopped grid (run.json complete: false) still shows its rows as
   evidence, but the claims whose primary evidence it is read 'not tested yet', saying why."""

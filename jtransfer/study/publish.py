@@ -126,7 +126,12 @@ def save(results, publisher: Publisher, argv: Sequence[str] | None, records: lis
     missing = len(publisher.grid_keys(records, plan, args) - {publisher.key(r) for r in records})
   elif grid is not None and not (wall_s is None and grid.get("from") == COUNTED_AT_END):
     # a hand-written count of the evaluation grid (see `check`)
-    missing = grid["eval_runs"] - evaluation_runs(records, plan)
+    n = evaluation_runs(records, plan)
+    if wall_s is None and n > grid["eval_runs"]:
+      # the main finished a grid grown past the count (more --seeds): say so, not "incomplete"
+      grid = {"eval_runs": n, "from": f"{COUNTED_AT_END}, a grown grid (the hand-written "
+                                      f"count was {grid['eval_runs']}: {grid['from']})"}
+    missing = grid["eval_runs"] - n
   elif wall_s is None:
     # A module without grid keys saves from its main only once its whole grid has run (a
     # stopped grid is published by `snapshot`, which passes wall_s): the count it reached is
