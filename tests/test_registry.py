@@ -225,12 +225,16 @@ def _sparse_diff(records, a, b):
   """(cell, seed) -> a - b from sparse_transfer's raw records, paired here by (target, seed)
   and rate: Table 1's nets (transfer), Fig. 3's pruned nets (target_prune), the neuron-pruned
   net and the share of fc6 + fc7 neurons it removed (from its table's before/after counts)."""
-  ev = [r for r in records if r.get("role", "eval") == "eval" and r["kind"] != "source"]
-  net = {(r["target"], r["seed"], r["variant"]): r["test_acc"] for r in ev
-         if r["kind"] == "transfer"}
-  pruned = {(r["target"], r["rate"], r["seed"], r["knowledge"]): r["test_acc"] for r in ev
-            if r["kind"] == "target_prune"}
-  neuron = {(r["target"], r["seed"]): r for r in ev if r["kind"] == "neuron"}
+  from jtransfer.study import records as rec  # flat rows of version-1 and version-2 records
+  # version 1 names the piece in 'kind' (the net in 'arm'); version 2 only in 'arm'
+  kind = lambda r: r.get("kind") or {"sparse_target": "target_prune"}.get(r["arm"], r["arm"])
+  ev = [r for r in rec.rows(records) if r["role"] == "eval" and kind(r) != "source"]
+  net = {(r["target"], r["repeat"], r["arm"]): r["test_acc"] for r in ev
+         if kind(r) not in ("target_prune", "neuron")}
+  pruned = {(r["target"], r["rate"], r["repeat"], r["knowledge"]): r["test_acc"] for r in ev
+            if kind(r) == "target_prune"}
+  neuron = {(r["target"], r["repeat"]): r for r in ev if kind(r) == "neuron"}
+  assert len(net) == 4 * len(neuron) and len(pruned) == 8 * len(neuron)  # nothing lost
 
   def diff(cell, seed):
     t = cell["target"]
