@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 from bench.bench_convs import conv_configs
-from bench.common import command, emit
+from bench.common import command, emit, native_kernels
 from jtransfer.models import ffi_conv
 
 
@@ -68,19 +68,12 @@ def step_compare(arch: str, runs: int, batch: int) -> dict[str, tuple[float, flo
   on; 3 steps a round, the two alternating."""
   from bench import run
   steps = {}
-  before = os.environ.get("JTRANSFER_NATIVE")
-  try:
-    for name in ("xla", "native"):
-      os.environ["JTRANSFER_NATIVE"] = "0" if name == "xla" else "1"
+  for name in ("xla", "native"):
+    with native_kernels(name == "native"):
       step, state, data = run.jax_step(arch, "finetune", (28, 28, 1), batch)
       for _ in range(2):  # trace and compile with the variable set
         state, _ = step(state, data)
-      steps[name] = [step, jax.block_until_ready(state), data]
-  finally:
-    if before is None:
-      os.environ.pop("JTRANSFER_NATIVE", None)
-    else:
-      os.environ["JTRANSFER_NATIVE"] = before
+    steps[name] = [step, jax.block_until_ready(state), data]
   wall = {k: [] for k in steps}
   cpu = {k: [] for k in steps}
   for r in range(runs):

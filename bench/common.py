@@ -1,9 +1,26 @@
 """What every benchmark script does with its report."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Callable, Mapping, Optional, Sequence
+
+
+@contextlib.contextmanager
+def native_kernels(on: bool):
+  """Steps traced inside use (on) or skip (off) the native kernel gradient
+  (jtransfer.models.ffi_conv, via JTRANSFER_NATIVE, read when a step is traced); the
+  variable is put back after."""
+  before = os.environ.get("JTRANSFER_NATIVE")
+  os.environ["JTRANSFER_NATIVE"] = "1" if on else "0"
+  try:
+    yield
+  finally:
+    if before is None:
+      os.environ.pop("JTRANSFER_NATIVE", None)
+    else:
+      os.environ["JTRANSFER_NATIVE"] = before
 
 
 def command(module: str, argv: Optional[Sequence[str]]) -> str:
