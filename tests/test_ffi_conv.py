@@ -3,7 +3,6 @@ value and both gradients, the shapes 'auto' gives it, and the fallback where it 
 
 Skipped only where no C++ compiler is installed; with one, a failed build is a failure.
 """
-import functools
 import os
 import shutil
 
@@ -13,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conv_helpers import loss_and_grads
+from conv_helpers import (CASES, check_equal_to_xla, loss_and_grads, numpy_kernel_gradient,
+                          value_and_grads, xla_conv)
 from jtransfer.models import ffi_conv, gemm_conv
 
 pytestmark = pytest.mark.skipif(
@@ -27,15 +27,7 @@ def _native_on(monkeypatch):
   monkeypatch.delenv("JTRANSFER_CONV_IMPL", raising=False)
 
 
-def _xla(x, kernel, strides, padding):
-  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _value_and_grads(conv, x, kernel, strides, padding, cot):
-  y, vjp = jax.vjp(lambda a, b: conv(a, b, strides, padding), x, kernel)
-  return (y, *vjp(cot))
+_xla, _value_and_grads = xla_conv, value_and_grads
 
 
 def _native(x, kernel, strides, padding):
@@ -47,37 +39,15 @@ def test_builds_and_registers():
   assert os.path.isfile(ffi_conv.build())
 
 
-@pytest.mark.parametrize("k,stride,padding,shape", [
-    (1, 1, "VALID", (2, 6, 6, 4)), (1, 2, "SAME", (3, 7, 9, 5)),
-    (3, 1, "SAME", (2, 9, 8, 3)), (3, 2, "SAME", (1, 9, 7, 4)), (3, 2, "VALID", (2, 8, 9, 3)),
-    (3, 1, ((0, 1), (1, 0)), (1, 6, 5, 2)), (3, 1, "SAME", (5, 8, 8, 40)),
-    (7, 2, ((3, 3), (3, 3)), (2, 11, 9, 3)), (7, 1, "VALID", (1, 9, 10, 2)),
-])
+@pytest.mark.parametrize("k,stride,padding,shape", CASES)
 def test_equal_to_xla_in_value_and_both_gradients(k, stride, padding, shape):
-  g = np.random.default_rng(k * 10 + stride)
-  x = jnp.asarray(g.normal(size=shape), jnp.float32)
-  kernel = jnp.asarray(g.normal(size=(k, k, shape[-1], 6)), jnp.float32)
-  want_y = _xla(x, kernel, (stride, stride), padding)
-  cot = jnp.asarray(g.normal(size=want_y.shape), jnp.float32)
-  want = _value_and_grads(_xla, x, kernel, (stride, stride), padding, cot)
-  got = _value_and_grads(_native, x, kernel, (stride, stride), padding, cot)
-  for a, b in zip(got, want):
-    assert a.shape == b.shape and a.dtype == b.dtype
-  np.testing.assert_array_equal(got[0], want[0])  # XLA's forward and input gradient, as is
-  np.testing.assert_array_equal(got[1], want[1])
-  np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-4)
+  check_equal_to_xla(_native, k, stride, padding, shape)
 
 
 def test_kernel_gradient_against_numpy():
   """The formula in float64: dk[i, j, c, o] = sum x_pad[n, s*h+i, s*w+j, c] * dy[n, h, w, o],
   with more images than threads (each thread's accumulator summed)."""
-  g = np.random.default_rng(4)
-  x, dy = g.normal(size=(5, 7, 6, 3)), g.normal(size=(5, 4, 3, 2))
-  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  want = np.zeros((3, 3, 3, 2))
-  for i in range(3):
-    for j in range(3):
-      want[i, j] = np.einsum("nhwc,nhwo->co", xp[:, i:i + 7:2, j:j + 5:2], dy)
+  x, dy, want = numpy_kernel_gradient(5, 2, seed=4)
   got = jax.jit(lambda a, b: ffi_conv.kernel_gradient(a, b, (3, 3), (2, 2), ((1, 1), (1, 1))))(
       jnp.asarray(x, jnp.float32), jnp.asarray(dy, jnp.float32))
   assert got.dtype == jnp.float32

@@ -10,52 +10,22 @@ import pytest
 
 from jtransfer import models
 from jtransfer.models import common, gemm_conv
-from conv_helpers import loss_and_grads
+from conv_helpers import (CASES, check_equal_to_xla, loss_and_grads, numpy_kernel_gradient,
+                          value_and_grads, xla_conv)
 
 
-def _xla(x, kernel, strides, padding):
-  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+_xla, _value_and_grads = xla_conv, value_and_grads
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))  # one compile, not one per op
-def _value_and_grads(conv, x, kernel, strides, padding, cot):
-  y, vjp = jax.vjp(lambda a, b: conv(a, b, strides, padding), x, kernel)
-  return (y, *vjp(cot))
-
-
-@pytest.mark.parametrize("k,stride,padding,shape", [
-    (1, 1, "VALID", (2, 6, 6, 4)), (1, 2, "SAME", (3, 7, 9, 5)),
-    (1, 2, ((0, 0), (0, 0)), (1, 5, 5, 3)),
-    (3, 1, "SAME", (2, 9, 8, 3)), (3, 2, "SAME", (1, 9, 7, 4)), (3, 2, "VALID", (2, 8, 9, 3)),
-    (3, 2, ((1, 1), (1, 1)), (3, 7, 7, 5)), (3, 1, ((0, 1), (1, 0)), (1, 6, 5, 2)),
-    (7, 2, ((3, 3), (3, 3)), (2, 11, 9, 3)), (7, 1, "VALID", (1, 9, 10, 2)),
-])
+@pytest.mark.parametrize("k,stride,padding,shape", CASES)
 def test_equal_to_xla_in_value_and_both_gradients(k, stride, padding, shape):
-  g = np.random.default_rng(k * 10 + stride)
-  x = jnp.asarray(g.normal(size=shape), jnp.float32)
-  kernel = jnp.asarray(g.normal(size=(k, k, shape[-1], 6)), jnp.float32)
-  want_y = _xla(x, kernel, (stride, stride), padding)
-  cot = jnp.asarray(g.normal(size=want_y.shape), jnp.float32)
-  want = _value_and_grads(_xla, x, kernel, (stride, stride), padding, cot)
-  got = _value_and_grads(gemm_conv.dense_conv, x, kernel, (stride, stride), padding, cot)
-  for a, b in zip(got, want):
-    assert a.shape == b.shape and a.dtype == b.dtype
-  np.testing.assert_array_equal(got[0], want[0])  # the forward is XLA's convolution itself
-  np.testing.assert_array_equal(got[1], want[1])  # and so is the input gradient
-  np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-4)
+  check_equal_to_xla(gemm_conv.dense_conv, k, stride, padding, shape)
 
 
 def test_kernel_gradient_against_numpy():
   """The im2col formula itself, in float64: dk[i, j, c, o] = sum x_pad[n, s*h+i, s*w+j, c] *
   dy[n, h, w, o]."""
-  g = np.random.default_rng(3)
-  x, dy = g.normal(size=(2, 7, 6, 3)), g.normal(size=(2, 4, 3, 5))
-  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  want = np.zeros((3, 3, 3, 5))
-  for i in range(3):
-    for j in range(3):
-      want[i, j] = np.einsum("nhwc,nhwo->co", xp[:, i:i + 7:2, j:j + 5:2], dy)
+  x, dy, want = numpy_kernel_gradient(2, 5, seed=3)
   kernel = jnp.zeros((3, 3, 3, 5))
   _, vjp = jax.vjp(lambda k: gemm_conv.dense_conv(jnp.asarray(x, jnp.float32), k, (2, 2),
                                                   ((1, 1), (1, 1))), kernel)
