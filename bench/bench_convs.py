@@ -95,9 +95,7 @@ def jax_times(x_shape, w_shape, strides, padding, runs: int) -> tuple[float, ...
 
 def auto_pick(config) -> str:
   """'xla', 'gemm' or 'native': the kernel gradient the model computes for this conv."""
-  x_shape, w_shape, strides, padding = config
-  out_hw = [(x_shape[1 + a] + sum(padding[a]) - w_shape[a]) // strides[a] + 1 for a in (0, 1)]
-  return gemm_conv.kernel_gradient_impl(x_shape, w_shape, strides, out_hw)
+  return gemm_conv.kernel_gradient_impl(*config)
 
 
 def torch_times(x_shape, w_shape, strides, padding, runs: int) -> tuple[float, float, float]:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bench.bench_convs import conv_configs
+from bench.bench_convs import auto_pick, conv_configs
 from bench.common import command, emit, native_kernels
 from jtransfer.models import ffi_conv
 
@@ -89,14 +89,6 @@ def step_compare(arch: str, runs: int, batch: int) -> dict[str, tuple[float, flo
   return {k: (1e3 * float(np.median(wall[k])), 1e3 * float(np.median(cpu[k]))) for k in steps}
 
 
-def _auto(config) -> str:
-  """What `gemm_conv`'s 'auto' computes this conv's kernel gradient with."""
-  from jtransfer.models import gemm_conv
-  x_shape, w_shape, strides, padding = config
-  out_hw = [(x_shape[1 + a] + sum(padding[a]) - w_shape[a]) // strides[a] + 1 for a in (0, 1)]
-  return gemm_conv.kernel_gradient_impl(x_shape, w_shape, strides, out_hw)
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--archs", default="vgg_s,resnet_s")
@@ -125,7 +117,7 @@ def main(argv=None) -> int:
       rows.append(f"| {arch} | {'x'.join(map(str, x_shape))} | {'x'.join(map(str, w_shape))} | "
                   f"{strides[0]} | " + " | ".join(f"{t[k][0]:.2f}" for k in t) + " | "
                   + " | ".join(f"{t[k][1]:.2f}" for k in t)
-                  + f" | {t['native'][1] / t['xla'][1]:.2f} | {_auto(config)} |")
+                  + f" | {t['native'][1] / t['xla'][1]:.2f} | {auto_pick(config)} |")
       print(rows[-1], file=sys.stderr)
   step_rows = ["| arch | XLA step wall | native step wall | ratio | XLA step CPU | native step CPU | "
                "ratio |", "|---" * 7 + "|"]

@@ -67,31 +67,34 @@ def test_bfloat16_accumulates_in_float32():
   np.testing.assert_allclose(f32(got), exact, rtol=2 ** -8, atol=1e-3)
 
 
+_P0, _P1 = ((0, 0), (0, 0)), ((1, 1), (1, 1))  # 1x1 and 3x3 'same' padding
+
+
 def test_auto_takes_it_where_measured_faster(monkeypatch):
   """'auto': native for 3x3 kernels with 32+ input channels and 49+ output positions, the
   GEMM for 1x1, XLA's elsewhere; 'ffi' everywhere; off under JTRANSFER_NATIVE=0 or 'xla'."""
   impl = gemm_conv.kernel_gradient_impl
   monkeypatch.setattr(gemm_conv, "CONV_IMPL", "auto")
-  assert impl((8, 28, 28, 32), (3, 3, 32, 32), (1, 1), (28, 28)) == "native"
-  assert impl((8, 14, 14, 32), (3, 3, 32, 64), (2, 2), (7, 7)) == "native"
-  assert impl((8, 28, 28, 1), (3, 3, 1, 32), (1, 1), (28, 28)) == "xla"  # the stem
-  assert impl((8, 7, 7, 64), (3, 3, 64, 128), (2, 2), (4, 4)) == "xla"  # 16 positions
-  assert impl((8, 14, 14, 32), (1, 1, 32, 64), (2, 2), (7, 7)) == "gemm"
+  assert impl((8, 28, 28, 32), (3, 3, 32, 32), (1, 1), _P1) == "native"
+  assert impl((8, 14, 14, 32), (3, 3, 32, 64), (2, 2), _P1) == "native"
+  assert impl((8, 28, 28, 1), (3, 3, 1, 32), (1, 1), _P1) == "xla"  # the stem
+  assert impl((8, 7, 7, 64), (3, 3, 64, 128), (2, 2), _P1) == "xla"  # 16 positions
+  assert impl((8, 14, 14, 32), (1, 1, 32, 64), (2, 2), _P0) == "gemm"
   monkeypatch.setattr(gemm_conv, "CONV_IMPL", "ffi")
-  assert impl((8, 7, 7, 64), (3, 3, 64, 128), (2, 2), (4, 4)) == "native"
-  assert impl((8, 14, 14, 32), (1, 1, 32, 64), (2, 2), (7, 7)) == "native"
+  assert impl((8, 7, 7, 64), (3, 3, 64, 128), (2, 2), _P1) == "native"
+  assert impl((8, 14, 14, 32), (1, 1, 32, 64), (2, 2), _P0) == "native"
   monkeypatch.setenv("JTRANSFER_NATIVE", "0")
   assert not ffi_conv.available()
-  assert impl((8, 28, 28, 32), (3, 3, 32, 32), (1, 1), (28, 28)) == "xla"
-  assert impl((8, 14, 14, 32), (1, 1, 32, 64), (2, 2), (7, 7)) == "gemm"  # 'ffi' falls back
+  assert impl((8, 28, 28, 32), (3, 3, 32, 32), (1, 1), _P1) == "xla"
+  assert impl((8, 14, 14, 32), (1, 1, 32, 64), (2, 2), _P0) == "gemm"  # 'ffi' falls back
   monkeypatch.delenv("JTRANSFER_NATIVE")
   # several devices: no partitioning rule for the custom call, so never in a sharded step
   monkeypatch.setattr(jax, "device_count", lambda: 2)
-  assert impl((8, 28, 28, 32), (3, 3, 32, 32), (1, 1), (28, 28)) == "xla"
+  assert impl((8, 28, 28, 32), (3, 3, 32, 32), (1, 1), _P1) == "xla"
   monkeypatch.undo()
   monkeypatch.delenv("JTRANSFER_CONV_IMPL", raising=False)
   monkeypatch.setattr(gemm_conv, "CONV_IMPL", "xla")
-  assert impl((8, 28, 28, 32), (3, 3, 32, 32), (1, 1), (28, 28)) == "xla"
+  assert impl((8, 28, 28, 32), (3, 3, 32, 32), (1, 1), _P1) == "xla"
   assert gemm_conv.conv_fn((3, 3)) is None
 
 

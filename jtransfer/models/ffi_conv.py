@@ -52,8 +52,7 @@ def enabled() -> bool:
 
 
 def _blas() -> Optional[str]:
-  import numpy
-  found = glob.glob(os.path.join(os.path.dirname(os.path.dirname(numpy.__file__)),
+  found = glob.glob(os.path.join(os.path.dirname(os.path.dirname(np.__file__)),
                                  "numpy.libs", "libscipy_openblas64_*.so"))
   return found[0] if found else None
 

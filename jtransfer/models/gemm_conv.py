@@ -112,9 +112,12 @@ def _native_possible() -> bool:
 
 
 def kernel_gradient_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
-                         strides: Sequence[int], out_hw: Sequence[int]) -> str:
+                         strides: Sequence[int], padding) -> str:
   """'native', 'gemm' or 'xla': how the conv hook (`conv_general_dilated`) computes the kernel
-  gradient of an NHWC x HWIO conv of these shapes under the implementation in force."""
+  gradient of an NHWC x HWIO conv of these shapes, strides and ((top, bottom), (left, right))
+  padding under the implementation in force."""
+  out_hw = [(x_shape[1 + a] + sum(padding[a]) - kernel_shape[a]) // strides[a] + 1
+            for a in (0, 1)]
   impl = conv_impl()
   if impl == "xla":
     return "xla"
@@ -143,15 +146,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         feature_group_count=feature_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
   strides, pads = _normalise(lhs, rhs, window_strides, padding)
-  if min(min(p) for p in pads) < 0:  # a crop: lax's own business
-    return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=_NHWC,
-                                    precision=precision)
-  out_hw = [(lhs.shape[1 + a] + sum(pads[a]) - rhs.shape[a]) // strides[a] + 1 for a in (0, 1)]
-  how = kernel_gradient_impl(lhs.shape, rhs.shape, strides, out_hw)
+  # a crop (negative padding) is lax's own business, as is XLA's kernel gradient
+  how = "xla" if min(min(p) for p in pads) < 0 else kernel_gradient_impl(
+      lhs.shape, rhs.shape, strides, pads)
   if how == "xla":
-    return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=_NHWC,
-                                    precision=precision)
-  return dense_conv(lhs, rhs, strides, pads, precision, kernel_grad=how)
+    return _forward(lhs, rhs, strides, pads, precision)
+  return _dense(lhs, rhs, strides, pads, precision, how)
 
 
 def _normalise(x, kernel, strides, padding):
